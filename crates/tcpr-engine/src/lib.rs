@@ -1,1 +1,342 @@
+//! The tcpr engine: the only code that talks to the kernel.
+//!
+//! Life of a connection, in call order:
+//! 1. [`freeze`] a socket: its flow is locked (packets dropped both ways,
+//!    with a lease) and the socket enters repair mode;
+//! 2. [`Frozen::dump`] reads its complete state into a [`ConnectionImage`];
+//! 3. elsewhere, [`restore`] builds a new socket from the image, still in
+//!    repair mode, then [`Restored::resume`] brings it to life (repair off,
+//!    with a window probe so the peer answers at once);
+//! 4. at the source, [`Frozen::discard`] closes the original without a FIN or
+//!    RST, or [`Frozen::thaw`] rolls back so it carries on where it was.
+//!
+//! All `unsafe` lives in the private `sys` module. This crate does not move
+//! addresses, steer packets or talk to other hosts.
 
+pub mod diag;
+mod error;
+pub mod lock;
+mod restore;
+mod sys;
+
+pub use error::Error;
+pub use lock::{Flow, FlowLock, Netns, DEFAULT_LEASE};
+pub use restore::{restore, Restored};
+pub use sys::{enter_netns, raise_fd_limit, unshare_netns};
+pub use tcpr_image::ConnectionImage;
+
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
+use sys::Queue;
+use tcpr_image::{RepairWindow, Seq, SendQueue, SocketOptions, TcpOptions, TcpState};
+
+/// How to freeze.
+#[derive(Clone, Debug)]
+pub struct FreezeOptions {
+    /// Lock the flow (drop its packets) while frozen. Turn off only when
+    /// something else keeps packets away (tests of the engine alone, benches
+    /// of the floor).
+    pub lock: bool,
+    /// How long the lock lasts unless released.
+    pub lease: Duration,
+}
+
+impl Default for FreezeOptions {
+    fn default() -> Self {
+        FreezeOptions {
+            lock: true,
+            lease: DEFAULT_LEASE,
+        }
+    }
+}
+
+/// Takes a duplicate of fd `fd` of process `pid` (`pidfd_getfd`, which needs
+/// ptrace rights over the process).
+pub fn take_fd(pid: i32, fd: i32) -> Result<OwnedFd, Error> {
+    if pid <= 0 {
+        return Err(Error::NoSuchProcess(pid));
+    }
+    let pidfd = sys::pidfd_open(pid).map_err(|e| match e.raw_os_error() {
+        Some(libc::ESRCH) => Error::NoSuchProcess(pid),
+        _ => Error::kernel(format!("open process {pid}"), e),
+    })?;
+    sys::pidfd_getfd(pidfd.as_fd(), fd).map_err(|e| match e.raw_os_error() {
+        Some(libc::EBADF) => Error::NoSuchFd { pid, fd },
+        Some(libc::ESRCH) => Error::NoSuchProcess(pid),
+        Some(libc::EPERM) => Error::Permission(format!(
+            "cannot take fd {fd} of process {pid}: operation not permitted (ptrace rights over the process are needed: CAP_SYS_PTRACE or the same user with ptrace_scope 0)"
+        )),
+        _ => Error::kernel(format!("take fd {fd} of process {pid}"), e),
+    })
+}
+
+/// Checks that `fd` is a connected TCP socket and returns its flow and
+/// kernel state number.
+pub fn inspect_socket(fd: BorrowedFd<'_>) -> Result<(Flow, u8), Error> {
+    let (ty, domain, proto) = sys::socket_kind(fd).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ENOTSOCK) {
+            Error::NotTcp("the file descriptor is not a socket".into())
+        } else {
+            Error::kernel("read the socket type", e)
+        }
+    })?;
+    if ty != libc::SOCK_STREAM
+        || !(domain == libc::AF_INET || domain == libc::AF_INET6)
+        || proto != libc::IPPROTO_TCP
+    {
+        return Err(Error::NotTcp(format!(
+            "the socket is not a TCP socket (domain {domain}, type {ty}, protocol {proto})"
+        )));
+    }
+    let info = sys::tcp_info(fd).map_err(|e| Error::kernel("read TCP_INFO", e))?;
+    if TcpState::from_kernel_number(info.state).is_none() {
+        return Err(Error::UnsupportedState {
+            state: TcpState::kernel_name(info.state),
+        });
+    }
+    let local = sys::local_addr(fd).map_err(|e| Error::kernel("read the local address", e))?;
+    let peer = sys::peer_addr(fd).map_err(|e| Error::kernel("read the peer address", e))?;
+    Ok((Flow { local, peer }, info.state))
+}
+
+/// A socket in repair mode whose flow is locked. Consume it with
+/// [`Frozen::thaw`], [`Frozen::discard`] or [`Frozen::leave_frozen`];
+/// dropping it thaws.
+#[must_use = "dropping a Frozen socket thaws it"]
+#[derive(Debug)]
+pub struct Frozen {
+    sock: Option<OwnedFd>,
+    flow: Flow,
+    lock: Option<FlowLock>,
+}
+
+/// Freezes one socket: locks its flow, then turns repair mode on. On error
+/// nothing is left changed.
+pub fn freeze(sock: OwnedFd, opts: &FreezeOptions) -> Result<Frozen, Error> {
+    freeze_many(vec![sock], opts)?.pop().expect("one in, one out")
+}
+
+/// Freezes many sockets with one lock transaction. Every socket is checked
+/// before anything changes; a per-socket failure afterwards thaws that one
+/// and is reported in its slot.
+pub fn freeze_many(socks: Vec<OwnedFd>, opts: &FreezeOptions) -> Result<Vec<Result<Frozen, Error>>, Error> {
+    let mut flows = Vec::with_capacity(socks.len());
+    for s in &socks {
+        flows.push(inspect_socket(s.as_fd())?.0);
+    }
+    // All sockets of one call are taken to share the namespace of the first.
+    let mut lock = match (opts.lock, socks.first()) {
+        (true, Some(first)) => Some(FlowLock::acquire(&flows, Netns::of_socket(first.as_fd())?, opts.lease)?),
+        _ => None,
+    };
+    let mut out = Vec::with_capacity(socks.len());
+    for (sock, flow) in socks.into_iter().zip(flows) {
+        let my_lock = lock.as_mut().and_then(|l| l.split_off(&flow));
+        match sys::set_repair(sock.as_fd(), sys::REPAIR_ON) {
+            Ok(()) => out.push(Ok(Frozen {
+                sock: Some(sock),
+                flow,
+                lock: my_lock,
+            })),
+            Err(e) => {
+                drop(my_lock);
+                out.push(Err(Error::kernel(
+                    format!("turn on repair mode for {} -> {}", flow.local, flow.peer),
+                    e,
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl Frozen {
+    /// The frozen flow.
+    pub fn flow(&self) -> Flow {
+        self.flow
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_ref().expect("present until consumed").as_fd()
+    }
+
+    /// Reads the socket's complete state. The socket stays frozen.
+    pub fn dump(&self) -> Result<ConnectionImage, Error> {
+        dump_fd(self.fd(), self.flow)
+    }
+
+    /// Rolls back: releases the lock and turns repair mode off (with a window
+    /// probe); the connection carries on in place. Returns the socket.
+    pub fn thaw(mut self) -> Result<OwnedFd, Error> {
+        let sock = self.sock.take().expect("present until consumed");
+        if let Some(l) = self.lock.take() {
+            l.release()?;
+        }
+        sys::set_repair_queue(sock.as_fd(), Queue::No).map_err(|e| Error::kernel("leave repair queue", e))?;
+        sys::set_repair(sock.as_fd(), sys::REPAIR_OFF).map_err(|e| Error::kernel("turn off repair mode", e))?;
+        Ok(sock)
+    }
+
+    /// Makes the connection vanish here without a FIN or RST: disconnects the
+    /// socket in repair mode (also for other holders of the same socket).
+    /// Returns the flow lock, which must stay until the flow's packets can no
+    /// longer reach this host: release it, or `keep` it for its lease.
+    pub fn discard(mut self) -> Result<Option<FlowLock>, Error> {
+        let sock = self.sock.take().expect("present until consumed");
+        sys::disconnect(sock.as_fd()).map_err(|e| Error::kernel("disconnect the frozen socket", e))?;
+        drop(sock);
+        Ok(self.lock.take())
+    }
+
+    /// Closes only this handle: the socket stays frozen in any process that
+    /// still holds it, and the lock stays until its lease expires.
+    pub fn leave_frozen(mut self) {
+        drop(self.sock.take());
+        if let Some(l) = self.lock.take() {
+            l.keep();
+        }
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if let Some(sock) = self.sock.take() {
+            let _ = sys::set_repair_queue(sock.as_fd(), Queue::No);
+            let _ = sys::set_repair(sock.as_fd(), sys::REPAIR_OFF);
+        }
+        // The lock, if any, is released by its own Drop after repair is off.
+    }
+}
+
+fn k(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::kernel(what, e)
+}
+
+/// Reads the state of a socket already in repair mode.
+fn dump_fd(fd: BorrowedFd<'_>, flow: Flow) -> Result<ConnectionImage, Error> {
+    let info = sys::tcp_info(fd).map_err(k("read TCP_INFO"))?;
+    let state = TcpState::from_kernel_number(info.state).ok_or(Error::UnsupportedState {
+        state: TcpState::kernel_name(info.state),
+    })?;
+    let outq = sys::outq(fd).map_err(k("read the send queue size"))?;
+    let unsent_raw = sys::outq_unsent(fd).map_err(k("read the unsent queue size"))?;
+    let inq = sys::inq(fd).map_err(k("read the receive queue size"))?;
+
+    // Our FIN takes a sequence number but is not data (DESIGN.md, step 7).
+    let we_closed = u32::from(state.we_closed());
+    let fin_in_outq = u32::from(state.fin_unacked());
+    let send_len = outq.checked_sub(fin_in_outq).unwrap_or(outq);
+    let unsent_len = if state.we_closed() && unsent_raw > 0 {
+        unsent_raw - 1
+    } else {
+        unsent_raw
+    };
+
+    sys::set_repair_queue(fd, Queue::Recv).map_err(k("select the receive queue"))?;
+    let rcv_nxt = sys::queue_seq(fd).map_err(k("read the receive sequence"))?;
+    let recv_queue = sys::peek(fd, inq as usize).map_err(k("read the receive queue"))?;
+    sys::set_repair_queue(fd, Queue::Send).map_err(k("select the send queue"))?;
+    let write_seq = sys::queue_seq(fd).map_err(k("read the send sequence"))?;
+    let send_data = sys::peek(fd, send_len as usize).map_err(k("read the send queue"))?;
+    sys::set_repair_queue(fd, Queue::No).map_err(k("leave the repair queue"))?;
+    if recv_queue.len() != inq as usize || send_data.len() != send_len as usize {
+        return Err(Error::Inconsistent(format!(
+            "the queues of {} -> {} changed during the dump (receive {} of {inq}, send {} of {send_len} bytes)",
+            flow.local,
+            flow.peer,
+            recv_queue.len(),
+            send_data.len()
+        )));
+    }
+    let unsent_len = (unsent_len as usize).min(send_data.len());
+    let split = send_data.len() - unsent_len;
+    let send_queue = SendQueue {
+        sent: send_data[..split].to_vec(),
+        unsent: send_data[split..].to_vec(),
+    };
+
+    let mss = sys::get_int(fd, libc::SOL_TCP, libc::TCP_MAXSEG).map_err(k("read TCP_MAXSEG"))?;
+    let timestamp = sys::tcp_timestamp(fd).map_err(k("read TCP_TIMESTAMP"))?;
+    let w = sys::repair_window(fd).map_err(k("read TCP_REPAIR_WINDOW"))?;
+    let window_scaling = info.options & sys::TCPI_OPT_WSCALE != 0;
+    let img = ConnectionImage {
+        local: flow.local,
+        peer: flow.peer,
+        state,
+        send_seq: Seq(write_seq).sub(we_closed),
+        recv_seq: Seq(rcv_nxt).sub(u32::from(state.peer_closed())),
+        recv_queue,
+        send_queue,
+        options: TcpOptions {
+            mss: u16::try_from(mss).unwrap_or(u16::MAX).max(1),
+            sack: info.options & sys::TCPI_OPT_SACK != 0,
+            timestamps: info.options & sys::TCPI_OPT_TIMESTAMPS != 0,
+            window_scaling,
+            snd_wscale: if window_scaling { info.snd_wscale } else { 0 },
+            rcv_wscale: if window_scaling { info.rcv_wscale } else { 0 },
+        },
+        window: RepairWindow {
+            snd_wl1: w.snd_wl1,
+            snd_wnd: w.snd_wnd,
+            max_window: w.max_window,
+            rcv_wnd: w.rcv_wnd,
+            rcv_wup: w.rcv_wup,
+        },
+        timestamp,
+        socket_options: read_socket_options(fd, flow.local.is_ipv6()),
+        app_blob: Vec::new(),
+        dumped_at_unix_ns: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    };
+    img.validate()?;
+    Ok(img)
+}
+
+/// Reads the socket options tcpr carries. An option the kernel will not
+/// answer is left out (restored as the default).
+fn read_socket_options(fd: BorrowedFd<'_>, ipv6: bool) -> SocketOptions {
+    let int = |level, name| sys::get_int(fd, level, name).ok();
+    let u = |level, name| int(level, name).map(|v| v as u32);
+    let (tos, ttl) = if ipv6 {
+        (u(libc::SOL_IPV6, libc::IPV6_TCLASS), u(libc::SOL_IPV6, libc::IPV6_UNICAST_HOPS))
+    } else {
+        (u(libc::SOL_IP, libc::IP_TOS), u(libc::SOL_IP, libc::IP_TTL))
+    };
+    SocketOptions {
+        nodelay: int(libc::SOL_TCP, libc::TCP_NODELAY).map(|v| v != 0),
+        keepalive: int(libc::SOL_SOCKET, libc::SO_KEEPALIVE).map(|v| v != 0),
+        keepalive_idle_secs: u(libc::SOL_TCP, libc::TCP_KEEPIDLE),
+        keepalive_interval_secs: u(libc::SOL_TCP, libc::TCP_KEEPINTVL),
+        keepalive_count: u(libc::SOL_TCP, libc::TCP_KEEPCNT),
+        user_timeout_ms: u(libc::SOL_TCP, libc::TCP_USER_TIMEOUT),
+        congestion: sys::get_string(fd, libc::SOL_TCP, libc::TCP_CONGESTION).ok(),
+        notsent_lowat: u(libc::SOL_TCP, libc::TCP_NOTSENT_LOWAT),
+        // The kernel reports twice what was set (socket(7)); store what to set.
+        rcvbuf: u(libc::SOL_SOCKET, libc::SO_RCVBUF).map(|v| v / 2),
+        sndbuf: u(libc::SOL_SOCKET, libc::SO_SNDBUF).map(|v| v / 2),
+        mark: u(libc::SOL_SOCKET, libc::SO_MARK),
+        priority: u(libc::SOL_SOCKET, libc::SO_PRIORITY),
+        tos,
+        ttl,
+        linger_secs: sys::linger(fd)
+            .ok()
+            .filter(|l| l.l_onoff != 0)
+            .map(|l| l.l_linger as u32),
+    }
+}
+
+/// The flow of an image, for locks and messages.
+pub fn flow_of(img: &ConnectionImage) -> Flow {
+    Flow {
+        local: img.local,
+        peer: img.peer,
+    }
+}
+
+/// A short label for a flow: `local -> peer`.
+pub fn label(local: SocketAddr, peer: SocketAddr) -> String {
+    format!("{local} -> {peer}")
+}

@@ -1,0 +1,70 @@
+use std::io;
+use std::net::SocketAddr;
+
+/// What went wrong in the engine. Variants keep apart the kernel refusing,
+/// a bad image, missing privileges and caller misuse.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A system call failed.
+    #[error("cannot {what}: {source}")]
+    Kernel {
+        /// What tcpr was doing.
+        what: String,
+        /// The kernel's answer.
+        source: io::Error,
+    },
+    /// A privilege is missing.
+    #[error("{0}")]
+    Permission(String),
+    /// The fd is not a TCP socket.
+    #[error("{0}")]
+    NotTcp(String),
+    /// The socket is in a state repair mode cannot carry.
+    #[error("cannot freeze a socket in state {state}: only ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK and CLOSING can be moved")]
+    UnsupportedState {
+        /// The kernel's name of the state.
+        state: &'static str,
+    },
+    /// The connection's 4-tuple is taken on this host.
+    #[error("cannot restore {local} -> {peer}: this connection's address pair is already in use on this host")]
+    AddressInUse {
+        /// Our side.
+        local: SocketAddr,
+        /// The peer.
+        peer: SocketAddr,
+    },
+    /// The process does not exist.
+    #[error("no process with pid {0}")]
+    NoSuchProcess(i32),
+    /// The process has no such fd.
+    #[error("process {pid} has no open file descriptor {fd}")]
+    NoSuchFd {
+        /// The process.
+        pid: i32,
+        /// The fd number.
+        fd: i32,
+    },
+    /// The image is unusable.
+    #[error("bad image: {0}")]
+    BadImage(#[from] tcpr_image::ImageError),
+    /// The flow lock could not be set or cleared.
+    #[error("flow lock: {0}")]
+    Lock(String),
+    /// The socket changed under us, or the kernel answered inconsistently.
+    #[error("{0}")]
+    Inconsistent(String),
+}
+
+impl Error {
+    /// A kernel error while doing `what`; EPERM becomes [`Error::Permission`].
+    pub fn kernel(what: impl Into<String>, source: io::Error) -> Error {
+        let what = what.into();
+        if crate::sys::raw_os_error(&source) == Some(libc::EPERM) {
+            return Error::Permission(format!(
+                "cannot {what}: operation not permitted (CAP_NET_ADMIN over the socket's network namespace is needed)"
+            ));
+        }
+        Error::Kernel { what, source }
+    }
+}

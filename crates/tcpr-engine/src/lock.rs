@@ -1,0 +1,240 @@
+//! The flow lock: drops a frozen flow's packets in both directions on the
+//! source host, with a lease, so that it outlives the socket (a packet that
+//! meets no socket would be answered with a RST) and never leaks.
+//!
+//! One nftables table, `inet tcpr`, holds two sets keyed by
+//! `peer addr . peer port . local addr . local port` with per-element
+//! timeouts, and two rules (prerouting and output, priority -300, before
+//! conntrack) that drop matching packets. The table is created on first use
+//! and is otherwise static: per-flow state lives only in the set elements,
+//! which expire by themselves. We drive the `nft` command rather than speak
+//! nf_tables netlink by hand: a batch of 10,000 elements is one transaction
+//! either way, and libnftables' syntax is the documented interface.
+
+use crate::sys;
+use crate::Error;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// The default lease of a lock.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
+
+/// The nftables table tcpr owns.
+pub const TABLE: &str = "tcpr";
+
+/// One flow, as the lock keys it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Flow {
+    /// Our address and port.
+    pub local: SocketAddr,
+    /// The peer's address and port.
+    pub peer: SocketAddr,
+}
+
+impl Flow {
+    fn element(&self) -> String {
+        format!(
+            "{} . {} . {} . {}",
+            self.peer.ip(),
+            self.peer.port(),
+            self.local.ip(),
+            self.local.port()
+        )
+    }
+    fn set(&self) -> &'static str {
+        if self.local.is_ipv4() {
+            "flows4"
+        } else {
+            "flows6"
+        }
+    }
+}
+
+/// The network namespace the lock lives in: the one of the socket's, held
+/// open so that `nft` can be run inside it.
+#[derive(Debug)]
+pub struct Netns {
+    fd: Option<OwnedFd>,
+}
+
+impl Netns {
+    /// The namespace of the calling thread.
+    pub fn current() -> Netns {
+        Netns { fd: None }
+    }
+    /// The namespace a socket belongs to (`SIOCGSKNS`), or `current` when it
+    /// is the same as the caller's.
+    pub fn of_socket(sock: std::os::fd::BorrowedFd<'_>) -> Result<Netns, Error> {
+        let ns = sys::socket_netns(sock).map_err(|e| Error::kernel("read the socket's network namespace", e))?;
+        let mine = sys::open_path("/proc/thread-self/ns/net")
+            .and_then(|f| sys::fd_identity(f.as_fd()))
+            .ok();
+        let theirs = sys::fd_identity(ns.as_fd()).ok();
+        if mine.is_some() && mine == theirs {
+            return Ok(Netns::current());
+        }
+        Ok(Netns { fd: Some(ns) })
+    }
+    fn try_clone(&self) -> Netns {
+        Netns {
+            fd: self.fd.as_ref().and_then(|f| f.try_clone().ok()),
+        }
+    }
+}
+
+fn ruleset() -> String {
+    // `flush chain` then `add rule` in the same transaction keeps this
+    // idempotent without touching the set elements of other locks.
+    format!(
+        "add table inet {TABLE}
+add set inet {TABLE} flows4 {{ type ipv4_addr . inet_service . ipv4_addr . inet_service; flags timeout; }}
+add set inet {TABLE} flows6 {{ type ipv6_addr . inet_service . ipv6_addr . inet_service; flags timeout; }}
+add chain inet {TABLE} pre {{ type filter hook prerouting priority -300; policy accept; }}
+add chain inet {TABLE} out {{ type filter hook output priority -300; policy accept; }}
+flush chain inet {TABLE} pre
+flush chain inet {TABLE} out
+add rule inet {TABLE} pre ip saddr . tcp sport . ip daddr . tcp dport @flows4 drop
+add rule inet {TABLE} pre ip6 saddr . tcp sport . ip6 daddr . tcp dport @flows6 drop
+add rule inet {TABLE} out ip daddr . tcp dport . ip saddr . tcp sport @flows4 drop
+add rule inet {TABLE} out ip6 daddr . tcp dport . ip6 saddr . tcp sport @flows6 drop
+"
+    )
+}
+
+/// Runs an nft script in `ns`.
+fn nft(ns: &Netns, script: &str) -> Result<(), Error> {
+    let mut cmd = Command::new("nft");
+    cmd.arg("-f").arg("-").stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+    if let Some(fd) = &ns.fd {
+        sys::command_in_netns(&mut cmd, fd);
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::Lock("the `nft` command is not installed (Debian package nftables); it is needed to lock frozen flows".into())
+        } else {
+            Error::Lock(format!("cannot run nft: {e}"))
+        }
+    })?;
+    let mut stdin = child.stdin.take().expect("piped");
+    let write = stdin.write_all(script.as_bytes());
+    drop(stdin);
+    let out = child.wait_with_output().map_err(|e| Error::Lock(format!("nft: {e}")))?;
+    write.map_err(|e| Error::Lock(format!("writing to nft: {e}")))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let first = err.lines().find(|l| l.starts_with("Error")).unwrap_or(err.trim());
+        if err.contains("Operation not permitted") {
+            return Err(Error::Permission(
+                "nftables refused to change the ruleset: CAP_NET_ADMIN is needed to lock flows".into(),
+            ));
+        }
+        return Err(Error::Lock(format!("nft failed: {first}")));
+    }
+    Ok(())
+}
+
+/// A lock on one or many flows. Released on drop, unless [`FlowLock::keep`]
+/// hands it to its lease.
+#[must_use = "dropping a FlowLock releases it at once"]
+#[derive(Debug)]
+pub struct FlowLock {
+    flows: Vec<Flow>,
+    ns: Netns,
+    released: bool,
+}
+
+impl FlowLock {
+    /// Drops the packets of `flows` in `ns` until released or until `lease`
+    /// passes.
+    pub fn acquire(flows: &[Flow], ns: Netns, lease: Duration) -> Result<FlowLock, Error> {
+        let secs = lease.as_secs().max(1);
+        let mut script = ruleset();
+        for f in flows {
+            let _ = writeln!(
+                script,
+                "add element inet {TABLE} {} {{ {} timeout {secs}s }}",
+                f.set(),
+                f.element()
+            );
+        }
+        nft(&ns, &script)?;
+        tracing::debug!(flows = flows.len(), lease_secs = secs, "flows locked");
+        Ok(FlowLock {
+            flows: flows.to_vec(),
+            ns,
+            released: false,
+        })
+    }
+
+    /// The locked flows.
+    pub fn flows(&self) -> &[Flow] {
+        &self.flows
+    }
+
+    /// Releases the lock now.
+    pub fn release(mut self) -> Result<(), Error> {
+        self.released = true;
+        release_flows(&self.ns, &self.flows)
+    }
+
+    /// Splits one flow's lock off this one (for per-connection outcomes).
+    pub fn split_off(&mut self, flow: &Flow) -> Option<FlowLock> {
+        let i = self.flows.iter().position(|f| f == flow)?;
+        let f = self.flows.swap_remove(i);
+        Some(FlowLock {
+            flows: vec![f],
+            ns: self.ns.try_clone(),
+            released: false,
+        })
+    }
+
+    /// Leaves the lock in place until its lease expires (the process may exit).
+    pub fn keep(mut self) {
+        self.released = true;
+    }
+}
+
+impl Drop for FlowLock {
+    fn drop(&mut self) {
+        if !self.released {
+            if let Err(e) = release_flows(&self.ns, &self.flows) {
+                tracing::warn!("releasing a flow lock failed (its lease will expire it): {e}");
+            }
+        }
+    }
+}
+
+/// Removes `flows` from the lock sets of `ns`, present or not.
+pub fn release_flows(ns: &Netns, flows: &[Flow]) -> Result<(), Error> {
+    if flows.is_empty() {
+        return Ok(());
+    }
+    // `add` then `delete` in one transaction: deleting an absent element
+    // would fail the whole batch, and the element may have expired.
+    let mut script = ruleset();
+    for f in flows {
+        let _ = writeln!(script, "add element inet {TABLE} {} {{ {} timeout 1s }}", f.set(), f.element());
+        let _ = writeln!(script, "delete element inet {TABLE} {} {{ {} }}", f.set(), f.element());
+    }
+    nft(ns, &script)
+}
+
+/// How many flows are locked in the current namespace (for tests and `tcpr ls`).
+pub fn locked_flow_count() -> Result<usize, Error> {
+    let out = Command::new("nft")
+        .args(["-j", "list", "table", "inet", TABLE])
+        .output()
+        .map_err(|e| Error::Lock(format!("cannot run nft: {e}")))?;
+    if !out.status.success() {
+        // No table: nothing locked.
+        return Ok(0);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Count elements without a JSON dependency in the engine: each element of
+    // a concatenated key is an object with "elem".
+    Ok(text.matches("\"elem\"").count())
+}

@@ -1,0 +1,587 @@
+//! The syscall layer: the only module with `unsafe`. Three tiers, as in
+//! socket2: the `syscall!` helper turns `-1` into `io::Error`; the generic
+//! `getsockopt`/`setsockopt` whose contract ties `T` to the option; one safe
+//! wrapper per option. Every error carries the name of the call or option.
+
+use std::ffi::CString;
+use std::io;
+use std::mem::{size_of, zeroed, MaybeUninit};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+/// Calls a libc function and turns a `-1` return into the thread's errno.
+macro_rules! syscall {
+    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
+        // SAFETY: each call site documents why its arguments are valid.
+        let res = unsafe { libc::$fn($($arg),*) };
+        if res == -1 { Err(io::Error::last_os_error()) } else { Ok(res) }
+    }};
+}
+
+/// Adds the name of the failing operation to an error, keeping its kind.
+pub(crate) fn ctx(what: &'static str) -> impl FnOnce(io::Error) -> io::Error {
+    move |e| io::Error::new(e.kind(), Named { what, source: e })
+}
+
+/// An `io::Error` payload naming the call or option that failed.
+#[derive(Debug)]
+pub(crate) struct Named {
+    pub(crate) what: &'static str,
+    pub(crate) source: io::Error,
+}
+impl std::fmt::Display for Named {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.what, self.source)
+    }
+}
+impl std::error::Error for Named {}
+
+/// The raw OS error of an error made by [`ctx`] or directly by the OS.
+pub(crate) fn raw_os_error(e: &io::Error) -> Option<i32> {
+    e.raw_os_error().or_else(|| {
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<Named>())
+            .and_then(|n| n.source.raw_os_error())
+    })
+}
+
+// Option numbers from linux/tcp.h (DESIGN.md lists them).
+pub(crate) const TCP_REPAIR: i32 = 19;
+pub(crate) const TCP_REPAIR_QUEUE: i32 = 20;
+pub(crate) const TCP_QUEUE_SEQ: i32 = 21;
+pub(crate) const TCP_REPAIR_OPTIONS: i32 = 22;
+pub(crate) const TCP_TIMESTAMP: i32 = 24;
+pub(crate) const TCP_REPAIR_WINDOW: i32 = 29;
+pub(crate) const REPAIR_ON: i32 = 1;
+pub(crate) const REPAIR_OFF: i32 = 0;
+
+/// `TCP_REPAIR_QUEUE` values.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Queue {
+    No = 0,
+    Recv = 1,
+    Send = 2,
+}
+
+const SIOCINQ: libc::c_ulong = libc::FIONREAD;
+const SIOCOUTQ: libc::c_ulong = libc::TIOCOUTQ;
+const SIOCOUTQNSD: libc::c_ulong = 0x894B;
+const SIOCGSKNS: libc::c_ulong = 0x894C;
+
+/// Reads a socket option of type `T`; returns it and the length the kernel wrote.
+///
+/// # Safety
+/// `T` must be the type the kernel writes for `(level, name)` (or a byte
+/// buffer at least that large), valid for any bit pattern.
+unsafe fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<(T, usize)> {
+    let mut val = MaybeUninit::<T>::zeroed();
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: `val` is a writable buffer of `len` bytes owned by this frame;
+    // `len` is a valid pointer; the fd is borrowed and open.
+    syscall!(getsockopt(fd.as_raw_fd(), level, name, val.as_mut_ptr().cast(), &mut len))?;
+    // SAFETY: zero-initialised and `T` is valid for any bit pattern (contract).
+    Ok((unsafe { val.assume_init() }, len as usize))
+}
+
+/// Writes a socket option from `val`.
+///
+/// # Safety
+/// `T` must be the type the kernel reads for `(level, name)`.
+unsafe fn setsockopt<T>(fd: BorrowedFd<'_>, level: i32, name: i32, val: &T) -> io::Result<()> {
+    // SAFETY: `val` points to `size_of::<T>()` readable bytes for the call.
+    syscall!(setsockopt(
+        fd.as_raw_fd(),
+        level,
+        name,
+        (val as *const T).cast(),
+        size_of::<T>() as libc::socklen_t
+    ))?;
+    Ok(())
+}
+
+/// Reads an `int` socket option.
+pub(crate) fn get_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
+    // SAFETY: int options are read as a C int.
+    unsafe { getsockopt::<i32>(fd, level, name) }.map(|(v, _)| v)
+}
+
+/// Writes an `int` socket option.
+pub(crate) fn set_int(fd: BorrowedFd<'_>, level: i32, name: i32, val: i32) -> io::Result<()> {
+    // SAFETY: int options take a C int.
+    unsafe { setsockopt(fd, level, name, &val) }
+}
+
+pub(crate) fn set_repair(fd: BorrowedFd<'_>, mode: i32) -> io::Result<()> {
+    set_int(fd, libc::SOL_TCP, TCP_REPAIR, mode).map_err(ctx("TCP_REPAIR"))
+}
+
+pub(crate) fn set_repair_queue(fd: BorrowedFd<'_>, q: Queue) -> io::Result<()> {
+    set_int(fd, libc::SOL_TCP, TCP_REPAIR_QUEUE, q as i32).map_err(ctx("TCP_REPAIR_QUEUE"))
+}
+
+pub(crate) fn queue_seq(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    get_int(fd, libc::SOL_TCP, TCP_QUEUE_SEQ)
+        .map(|v| v as u32)
+        .map_err(ctx("TCP_QUEUE_SEQ"))
+}
+
+pub(crate) fn set_queue_seq(fd: BorrowedFd<'_>, seq: u32) -> io::Result<()> {
+    set_int(fd, libc::SOL_TCP, TCP_QUEUE_SEQ, seq as i32).map_err(ctx("TCP_QUEUE_SEQ"))
+}
+
+pub(crate) fn tcp_timestamp(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    get_int(fd, libc::SOL_TCP, TCP_TIMESTAMP)
+        .map(|v| v as u32)
+        .map_err(ctx("TCP_TIMESTAMP"))
+}
+
+pub(crate) fn set_tcp_timestamp(fd: BorrowedFd<'_>, ts: u32) -> io::Result<()> {
+    set_int(fd, libc::SOL_TCP, TCP_TIMESTAMP, ts as i32).map_err(ctx("TCP_TIMESTAMP"))
+}
+
+/// `struct tcp_repair_opt`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct RepairOpt {
+    pub(crate) code: u32,
+    pub(crate) val: u32,
+}
+
+pub(crate) fn set_repair_options(fd: BorrowedFd<'_>, opts: &[RepairOpt]) -> io::Result<()> {
+    // SAFETY: the kernel reads `len / sizeof(tcp_repair_opt)` entries from the
+    // slice, which is valid for `size_of_val(opts)` bytes.
+    syscall!(setsockopt(
+        fd.as_raw_fd(),
+        libc::SOL_TCP,
+        TCP_REPAIR_OPTIONS,
+        opts.as_ptr().cast(),
+        std::mem::size_of_val(opts) as libc::socklen_t
+    ))
+    .map(drop)
+    .map_err(ctx("TCP_REPAIR_OPTIONS"))
+}
+
+/// `struct tcp_repair_window`: five u32, 20 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub(crate) struct RepairWindowRaw {
+    pub(crate) snd_wl1: u32,
+    pub(crate) snd_wnd: u32,
+    pub(crate) max_window: u32,
+    pub(crate) rcv_wnd: u32,
+    pub(crate) rcv_wup: u32,
+}
+
+pub(crate) fn repair_window(fd: BorrowedFd<'_>) -> io::Result<RepairWindowRaw> {
+    // SAFETY: TCP_REPAIR_WINDOW writes a struct tcp_repair_window (five u32).
+    let (w, len) = unsafe { getsockopt::<RepairWindowRaw>(fd, libc::SOL_TCP, TCP_REPAIR_WINDOW) }
+        .map_err(ctx("TCP_REPAIR_WINDOW"))?;
+    if len != size_of::<RepairWindowRaw>() {
+        return Err(io::Error::other("TCP_REPAIR_WINDOW: short answer from the kernel"));
+    }
+    Ok(w)
+}
+
+pub(crate) fn set_repair_window(fd: BorrowedFd<'_>, w: &RepairWindowRaw) -> io::Result<()> {
+    // SAFETY: the kernel reads exactly a struct tcp_repair_window.
+    unsafe { setsockopt(fd, libc::SOL_TCP, TCP_REPAIR_WINDOW, w) }.map_err(ctx("TCP_REPAIR_WINDOW"))
+}
+
+/// The first bytes of `struct tcp_info` that tcpr needs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TcpInfo {
+    pub(crate) state: u8,
+    pub(crate) options: u8,
+    pub(crate) snd_wscale: u8,
+    pub(crate) rcv_wscale: u8,
+}
+pub(crate) const TCPI_OPT_TIMESTAMPS: u8 = 1;
+pub(crate) const TCPI_OPT_SACK: u8 = 2;
+pub(crate) const TCPI_OPT_WSCALE: u8 = 4;
+
+pub(crate) fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfo> {
+    // SAFETY: a byte buffer is valid for any bit pattern; the kernel writes at
+    // most its length.
+    let (buf, len) = unsafe { getsockopt::<[u8; 256]>(fd, libc::SOL_TCP, libc::TCP_INFO) }
+        .map_err(ctx("TCP_INFO"))?;
+    if len < 8 {
+        return Err(io::Error::other("TCP_INFO: short answer from the kernel"));
+    }
+    // Byte 6 holds two 4-bit fields; on the little- and big-endian ABIs Linux
+    // supports with GCC, the first declared (snd_wscale) is the low nibble on
+    // little-endian.
+    #[cfg(target_endian = "little")]
+    let (snd, rcv) = (buf[6] & 0xf, buf[6] >> 4);
+    #[cfg(target_endian = "big")]
+    let (snd, rcv) = (buf[6] >> 4, buf[6] & 0xf);
+    Ok(TcpInfo {
+        state: buf[0],
+        options: buf[5],
+        snd_wscale: snd,
+        rcv_wscale: rcv,
+    })
+}
+
+fn ioctl_int(fd: BorrowedFd<'_>, req: libc::c_ulong, what: &'static str) -> io::Result<u32> {
+    let mut v: libc::c_int = 0;
+    // SAFETY: these ioctls write one int to the pointer, which is valid.
+    syscall!(ioctl(fd.as_raw_fd(), req as _, &mut v as *mut libc::c_int)).map_err(ctx(what))?;
+    Ok(v as u32)
+}
+
+/// Bytes in the send queue, sent and unsent (our FIN counts one).
+pub(crate) fn outq(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    ioctl_int(fd, SIOCOUTQ, "SIOCOUTQ")
+}
+/// Bytes in the send queue not yet sent (our FIN counts one).
+pub(crate) fn outq_unsent(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    ioctl_int(fd, SIOCOUTQNSD, "SIOCOUTQNSD")
+}
+/// Bytes in the receive queue (the peer's FIN excluded).
+pub(crate) fn inq(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    ioctl_int(fd, SIOCINQ, "SIOCINQ")
+}
+
+/// A new fd for the network namespace of a socket.
+pub(crate) fn socket_netns(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: SIOCGSKNS takes no argument and returns a new fd.
+    let ns = syscall!(ioctl(fd.as_raw_fd(), SIOCGSKNS as _)).map_err(ctx("SIOCGSKNS"))?;
+    // SAFETY: the kernel just returned this fd to us; we own it.
+    Ok(unsafe { OwnedFd::from_raw_fd(ns) })
+}
+
+/// `recv(len + 1, MSG_PEEK | MSG_DONTWAIT)` on the selected repair queue.
+pub(crate) fn peek(fd: BorrowedFd<'_>, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len + 1];
+    // SAFETY: `buf` is writable for `buf.len()` bytes.
+    let n = syscall!(recv(
+        fd.as_raw_fd(),
+        buf.as_mut_ptr().cast(),
+        buf.len(),
+        libc::MSG_PEEK | libc::MSG_DONTWAIT
+    ));
+    let n = match n {
+        Ok(n) => n as usize,
+        Err(e) if len == 0 && e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(ctx("recv(MSG_PEEK)")(e)),
+    };
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// One `send(MSG_DONTWAIT | MSG_NOSIGNAL)`; returns the bytes taken.
+pub(crate) fn send_some(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
+    // SAFETY: `data` is readable for `data.len()` bytes.
+    syscall!(send(
+        fd.as_raw_fd(),
+        data.as_ptr().cast(),
+        data.len(),
+        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL
+    ))
+    .map(|n| n as usize)
+}
+
+/// Waits until `fd` is writable or `timeout_ms` passes; returns whether writable.
+pub(crate) fn wait_writable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = syscall!(poll(&mut p, 1, timeout_ms)).map_err(ctx("poll"))?;
+    Ok(n > 0)
+}
+
+pub(crate) fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain call on an open fd.
+    syscall!(shutdown(fd.as_raw_fd(), libc::SHUT_WR))
+        .map(drop)
+        .map_err(ctx("shutdown"))
+}
+
+/// A new TCP socket of the family of `addr`, close-on-exec.
+pub(crate) fn tcp_socket(ipv6: bool) -> io::Result<OwnedFd> {
+    let fam = if ipv6 { libc::AF_INET6 } else { libc::AF_INET };
+    // SAFETY: plain call; the result is a new fd we own.
+    let fd = syscall!(socket(fam, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)).map_err(ctx("socket"))?;
+    // SAFETY: fresh fd from socket(2).
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A sockaddr big enough for IPv4 and IPv6, and its length.
+pub(crate) fn to_sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data; all-zero is valid.
+    let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
+    let len = match a {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as _,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as _,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+pub(crate) fn from_sockaddr(ss: &libc::sockaddr_storage) -> io::Result<SocketAddr> {
+    match ss.ss_family as i32 {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let sin: libc::sockaddr_in = unsafe { std::ptr::read((ss as *const libc::sockaddr_storage).cast()) };
+            Ok(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let sin6: libc::sockaddr_in6 = unsafe { std::ptr::read((ss as *const libc::sockaddr_storage).cast()) };
+            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Ok(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        f => Err(io::Error::other(format!("not an IP socket (address family {f})"))),
+    }
+}
+
+pub(crate) fn bind(fd: BorrowedFd<'_>, a: SocketAddr) -> io::Result<()> {
+    let (ss, len) = to_sockaddr(a);
+    // SAFETY: `ss` holds a valid sockaddr of `len` bytes.
+    syscall!(bind(fd.as_raw_fd(), (&ss as *const libc::sockaddr_storage).cast(), len))
+        .map(drop)
+        .map_err(ctx("bind"))
+}
+
+pub(crate) fn connect(fd: BorrowedFd<'_>, a: SocketAddr) -> io::Result<()> {
+    let (ss, len) = to_sockaddr(a);
+    // SAFETY: `ss` holds a valid sockaddr of `len` bytes.
+    syscall!(connect(fd.as_raw_fd(), (&ss as *const libc::sockaddr_storage).cast(), len))
+        .map(drop)
+        .map_err(ctx("connect"))
+}
+
+/// `connect(AF_UNSPEC)`: disconnects the socket. In repair mode the kernel's
+/// `tcp_disconnect` sends neither FIN nor RST.
+pub(crate) fn disconnect(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: sockaddr is plain data; all-zero with AF_UNSPEC is valid.
+    let mut sa: libc::sockaddr = unsafe { zeroed() };
+    sa.sa_family = libc::AF_UNSPEC as _;
+    // SAFETY: `sa` is a valid sockaddr for the length passed.
+    syscall!(connect(fd.as_raw_fd(), &sa, size_of::<libc::sockaddr>() as libc::socklen_t))
+        .map(drop)
+        .map_err(ctx("connect(AF_UNSPEC)"))
+}
+
+fn name_of(fd: BorrowedFd<'_>, peer: bool) -> io::Result<SocketAddr> {
+    // SAFETY: plain data, all-zero is valid.
+    let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let p = (&mut ss as *mut libc::sockaddr_storage).cast();
+    if peer {
+        // SAFETY: `p` is writable for `len` bytes.
+        syscall!(getpeername(fd.as_raw_fd(), p, &mut len)).map_err(ctx("getpeername"))?;
+    } else {
+        // SAFETY: `p` is writable for `len` bytes.
+        syscall!(getsockname(fd.as_raw_fd(), p, &mut len)).map_err(ctx("getsockname"))?;
+    }
+    from_sockaddr(&ss)
+}
+
+pub(crate) fn local_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
+    name_of(fd, false)
+}
+pub(crate) fn peer_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
+    name_of(fd, true)
+}
+
+/// A string socket option (TCP_CONGESTION).
+pub(crate) fn get_string(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<String> {
+    // SAFETY: a byte buffer is valid for any bit pattern.
+    let (buf, len) = unsafe { getsockopt::<[u8; 64]>(fd, level, name) }?;
+    let s = &buf[..len.min(64)];
+    let end = s.iter().position(|&b| b == 0).unwrap_or(s.len());
+    Ok(String::from_utf8_lossy(&s[..end]).into_owned())
+}
+
+pub(crate) fn set_string(fd: BorrowedFd<'_>, level: i32, name: i32, v: &str) -> io::Result<()> {
+    // SAFETY: the kernel reads `v.len()` bytes from the pointer.
+    syscall!(setsockopt(fd.as_raw_fd(), level, name, v.as_ptr().cast(), v.len() as libc::socklen_t)).map(drop)
+}
+
+pub(crate) fn linger(fd: BorrowedFd<'_>) -> io::Result<libc::linger> {
+    // SAFETY: SO_LINGER writes a struct linger, plain data.
+    unsafe { getsockopt::<libc::linger>(fd, libc::SOL_SOCKET, libc::SO_LINGER) }.map(|(v, _)| v)
+}
+
+pub(crate) fn set_linger(fd: BorrowedFd<'_>, secs: i32) -> io::Result<()> {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: secs,
+    };
+    // SAFETY: SO_LINGER reads a struct linger.
+    unsafe { setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, &l) }
+}
+
+/// `pidfd_open(pid)`.
+pub(crate) fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with integer arguments; returns a new fd.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh fd from the kernel.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// `pidfd_getfd(pidfd, fd)`: a duplicate of another process's fd.
+pub(crate) fn pidfd_getfd(pidfd: BorrowedFd<'_>, target: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with integer arguments; returns a new fd.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh fd from the kernel, close-on-exec per pidfd_getfd(2).
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Moves the calling thread into the network namespace at `path` (such as
+/// `/run/netns/NAME` or `/proc/PID/ns/net`). Sockets the thread creates
+/// afterwards belong to that namespace.
+pub fn enter_netns(path: &str) -> io::Result<()> {
+    let ns = open_path(path).map_err(ctx("open the network namespace"))?;
+    syscall!(setns(ns.as_raw_fd(), libc::CLONE_NEWNET)).map(drop).map_err(ctx("setns"))
+}
+
+/// Makes `cmd` enter the network namespace `ns` in the child before exec.
+pub(crate) fn command_in_netns(cmd: &mut std::process::Command, ns: &OwnedFd) {
+    use std::os::unix::process::CommandExt;
+    let raw = ns.as_raw_fd();
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // setns(2), which is async-signal-safe; `raw` stays open in the parent for
+    // as long as the Command is alive (the caller holds `ns`).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(raw, libc::CLONE_NEWNET) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Device and inode of an fd (to tell namespaces apart).
+pub(crate) fn fd_identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    // SAFETY: plain data, all-zero is valid.
+    let mut st: libc::stat = unsafe { zeroed() };
+    // SAFETY: `st` is writable.
+    syscall!(fstat(fd.as_raw_fd(), &mut st)).map_err(ctx("fstat"))?;
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// Opens a path read-only, close-on-exec.
+pub(crate) fn open_path(path: &str) -> io::Result<OwnedFd> {
+    let c = CString::new(path).map_err(|_| io::Error::other("path contains NUL"))?;
+    // SAFETY: `c` is a valid NUL-terminated string.
+    let fd = syscall!(open(c.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC))?;
+    // SAFETY: fresh fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sends one raw IP packet (with its IP header, IPv4 `IP_HDRINCL` or IPv6
+/// `IPV6_HDRINCL`) to `dst`.
+pub(crate) fn send_raw_ip(packet: &[u8], dst: SocketAddr) -> io::Result<()> {
+    let v6 = dst.is_ipv6();
+    let fam = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+    // SAFETY: plain call, new fd.
+    let raw = syscall!(socket(fam, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_RAW)).map_err(ctx("socket(SOCK_RAW)"))?;
+    // SAFETY: fresh fd.
+    let raw = unsafe { OwnedFd::from_raw_fd(raw) };
+    // IPPROTO_RAW implies header-included on both families.
+    let (ss, len) = to_sockaddr(SocketAddr::new(dst.ip(), 0));
+    // SAFETY: `packet` is readable; `ss` holds a valid sockaddr of `len` bytes.
+    syscall!(sendto(
+        raw.as_raw_fd(),
+        packet.as_ptr().cast(),
+        packet.len(),
+        0,
+        (&ss as *const libc::sockaddr_storage).cast(),
+        len
+    ))
+    .map_err(ctx("sendto(raw)"))?;
+    Ok(())
+}
+
+/// Raises RLIMIT_NOFILE's soft limit to the hard limit; returns the new limit.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    // SAFETY: plain data.
+    let mut r: libc::rlimit = unsafe { zeroed() };
+    // SAFETY: `r` is writable.
+    syscall!(getrlimit(libc::RLIMIT_NOFILE, &mut r))?;
+    r.rlim_cur = r.rlim_max;
+    // SAFETY: `r` is a valid rlimit.
+    syscall!(setrlimit(libc::RLIMIT_NOFILE, &r))?;
+    Ok(r.rlim_cur)
+}
+
+/// Moves the calling thread into a new network namespace (with `lo` down).
+pub fn unshare_netns() -> io::Result<()> {
+    syscall!(unshare(libc::CLONE_NEWNET)).map(drop).map_err(ctx("unshare(CLONE_NEWNET)"))
+}
+
+/// The socket's type, domain and protocol (SO_TYPE, SO_DOMAIN, SO_PROTOCOL).
+pub(crate) fn socket_kind(fd: BorrowedFd<'_>) -> io::Result<(i32, i32, i32)> {
+    Ok((
+        get_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)?,
+        get_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)?,
+        get_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL)?,
+    ))
+}
+
+/// A netlink socket of `proto`, close-on-exec.
+pub(crate) fn netlink_socket(proto: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain call, new fd.
+    let fd = syscall!(socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, proto)).map_err(ctx("socket(AF_NETLINK)"))?;
+    // SAFETY: fresh fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `send` of a whole datagram.
+pub(crate) fn send_all(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<()> {
+    // SAFETY: `data` is readable for its length.
+    syscall!(send(fd.as_raw_fd(), data.as_ptr().cast(), data.len(), 0)).map_err(ctx("send"))?;
+    Ok(())
+}
+
+/// One `recv` into `buf`.
+pub(crate) fn recv_into(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is writable for its length.
+    syscall!(recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0))
+        .map(|n| n as usize)
+        .map_err(ctx("recv"))
+}
