@@ -22,14 +22,15 @@ mod sys;
 pub use error::Error;
 pub use lock::{Flow, FlowLock, Netns, DEFAULT_LEASE};
 pub use restore::{restore, Restored};
-pub use sys::{enter_netns, raise_fd_limit, unshare_netns};
+pub use sys::floor;
+pub use sys::{announce_ipv4, enter_netns, pass_socket, raise_fd_limit, unshare_netns};
 pub use tcpr_image::ConnectionImage;
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 use sys::Queue;
-use tcpr_image::{RepairWindow, Seq, SendQueue, SocketOptions, TcpOptions, TcpState};
+use tcpr_image::{RepairWindow, SendQueue, Seq, SocketOptions, TcpOptions, TcpState};
 
 /// How to freeze.
 #[derive(Clone, Debug)]
@@ -114,20 +115,29 @@ pub struct Frozen {
 /// Freezes one socket: locks its flow, then turns repair mode on. On error
 /// nothing is left changed.
 pub fn freeze(sock: OwnedFd, opts: &FreezeOptions) -> Result<Frozen, Error> {
-    freeze_many(vec![sock], opts)?.pop().expect("one in, one out")
+    freeze_many(vec![sock], opts)?
+        .pop()
+        .expect("one in, one out")
 }
 
 /// Freezes many sockets with one lock transaction. Every socket is checked
 /// before anything changes; a per-socket failure afterwards thaws that one
 /// and is reported in its slot.
-pub fn freeze_many(socks: Vec<OwnedFd>, opts: &FreezeOptions) -> Result<Vec<Result<Frozen, Error>>, Error> {
+pub fn freeze_many(
+    socks: Vec<OwnedFd>,
+    opts: &FreezeOptions,
+) -> Result<Vec<Result<Frozen, Error>>, Error> {
     let mut flows = Vec::with_capacity(socks.len());
     for s in &socks {
         flows.push(inspect_socket(s.as_fd())?.0);
     }
     // All sockets of one call are taken to share the namespace of the first.
     let mut lock = match (opts.lock, socks.first()) {
-        (true, Some(first)) => Some(FlowLock::acquire(&flows, Netns::of_socket(first.as_fd())?, opts.lease)?),
+        (true, Some(first)) => Some(FlowLock::acquire(
+            &flows,
+            Netns::of_socket(first.as_fd())?,
+            opts.lease,
+        )?),
         _ => None,
     };
     let mut out = Vec::with_capacity(socks.len());
@@ -173,8 +183,10 @@ impl Frozen {
         if let Some(l) = self.lock.take() {
             l.release()?;
         }
-        sys::set_repair_queue(sock.as_fd(), Queue::No).map_err(|e| Error::kernel("leave repair queue", e))?;
-        sys::set_repair(sock.as_fd(), sys::REPAIR_OFF).map_err(|e| Error::kernel("turn off repair mode", e))?;
+        sys::set_repair_queue(sock.as_fd(), Queue::No)
+            .map_err(|e| Error::kernel("leave repair queue", e))?;
+        sys::set_repair(sock.as_fd(), sys::REPAIR_OFF)
+            .map_err(|e| Error::kernel("turn off repair mode", e))?;
         Ok(sock)
     }
 
@@ -184,7 +196,8 @@ impl Frozen {
     /// longer reach this host: release it, or `keep` it for its lease.
     pub fn discard(mut self) -> Result<Option<FlowLock>, Error> {
         let sock = self.sock.take().expect("present until consumed");
-        sys::disconnect(sock.as_fd()).map_err(|e| Error::kernel("disconnect the frozen socket", e))?;
+        sys::disconnect(sock.as_fd())
+            .map_err(|e| Error::kernel("disconnect the frozen socket", e))?;
         drop(sock);
         Ok(self.lock.take())
     }
@@ -301,7 +314,10 @@ fn read_socket_options(fd: BorrowedFd<'_>, ipv6: bool) -> SocketOptions {
     let int = |level, name| sys::get_int(fd, level, name).ok();
     let u = |level, name| int(level, name).map(|v| v as u32);
     let (tos, ttl) = if ipv6 {
-        (u(libc::SOL_IPV6, libc::IPV6_TCLASS), u(libc::SOL_IPV6, libc::IPV6_UNICAST_HOPS))
+        (
+            u(libc::SOL_IPV6, libc::IPV6_TCLASS),
+            u(libc::SOL_IPV6, libc::IPV6_UNICAST_HOPS),
+        )
     } else {
         (u(libc::SOL_IP, libc::IP_TOS), u(libc::SOL_IP, libc::IP_TTL))
     };

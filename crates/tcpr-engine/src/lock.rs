@@ -69,7 +69,8 @@ impl Netns {
     /// The namespace a socket belongs to (`SIOCGSKNS`), or `current` when it
     /// is the same as the caller's.
     pub fn of_socket(sock: std::os::fd::BorrowedFd<'_>) -> Result<Netns, Error> {
-        let ns = sys::socket_netns(sock).map_err(|e| Error::kernel("read the socket's network namespace", e))?;
+        let ns = sys::socket_netns(sock)
+            .map_err(|e| Error::kernel("read the socket's network namespace", e))?;
         let mine = sys::open_path("/proc/thread-self/ns/net")
             .and_then(|f| sys::fd_identity(f.as_fd()))
             .ok();
@@ -108,7 +109,11 @@ add rule inet {TABLE} out ip6 daddr . tcp dport . ip6 saddr . tcp sport @flows6 
 /// Runs an nft script in `ns`.
 fn nft(ns: &Netns, script: &str) -> Result<(), Error> {
     let mut cmd = Command::new("nft");
-    cmd.arg("-f").arg("-").stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.arg("-f")
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     if let Some(fd) = &ns.fd {
         sys::command_in_netns(&mut cmd, fd);
     }
@@ -122,14 +127,20 @@ fn nft(ns: &Netns, script: &str) -> Result<(), Error> {
     let mut stdin = child.stdin.take().expect("piped");
     let write = stdin.write_all(script.as_bytes());
     drop(stdin);
-    let out = child.wait_with_output().map_err(|e| Error::Lock(format!("nft: {e}")))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| Error::Lock(format!("nft: {e}")))?;
     write.map_err(|e| Error::Lock(format!("writing to nft: {e}")))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        let first = err.lines().find(|l| l.starts_with("Error")).unwrap_or(err.trim());
+        let first = err
+            .lines()
+            .find(|l| l.starts_with("Error"))
+            .unwrap_or(err.trim());
         if err.contains("Operation not permitted") {
             return Err(Error::Permission(
-                "nftables refused to change the ruleset: CAP_NET_ADMIN is needed to lock flows".into(),
+                "nftables refused to change the ruleset: CAP_NET_ADMIN is needed to lock flows"
+                    .into(),
             ));
         }
         return Err(Error::Lock(format!("nft failed: {first}")));
@@ -217,8 +228,18 @@ pub fn release_flows(ns: &Netns, flows: &[Flow]) -> Result<(), Error> {
     // would fail the whole batch, and the element may have expired.
     let mut script = ruleset();
     for f in flows {
-        let _ = writeln!(script, "add element inet {TABLE} {} {{ {} timeout 1s }}", f.set(), f.element());
-        let _ = writeln!(script, "delete element inet {TABLE} {} {{ {} }}", f.set(), f.element());
+        let _ = writeln!(
+            script,
+            "add element inet {TABLE} {} {{ {} timeout 1s }}",
+            f.set(),
+            f.element()
+        );
+        let _ = writeln!(
+            script,
+            "delete element inet {TABLE} {} {{ {} }}",
+            f.set(),
+            f.element()
+        );
     }
     nft(ns, &script)
 }

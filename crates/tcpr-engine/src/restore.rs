@@ -53,15 +53,24 @@ fn fill(fd: BorrowedFd<'_>, data: &[u8], what: &'static str) -> Result<(), Error
                 off += n;
                 stalls = 0;
             }
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOMEM) | Some(libc::EAGAIN)) && stalls < 64 => {
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::ENOMEM) | Some(libc::EAGAIN))
+                    && stalls < 64 =>
+            {
                 stalls += 1;
                 chunk = (chunk / 2).max(1024);
                 // Make room: the buffer must hold what the original held.
                 let level = libc::SOL_SOCKET;
                 let (opt, cur) = if what == "queue the receive queue" {
-                    (SO_RCVBUFFORCE, sys::get_int(fd, level, libc::SO_RCVBUF).unwrap_or(0))
+                    (
+                        SO_RCVBUFFORCE,
+                        sys::get_int(fd, level, libc::SO_RCVBUF).unwrap_or(0),
+                    )
                 } else {
-                    (SO_SNDBUFFORCE, sys::get_int(fd, level, libc::SO_SNDBUF).unwrap_or(0))
+                    (
+                        SO_SNDBUFFORCE,
+                        sys::get_int(fd, level, libc::SO_SNDBUF).unwrap_or(0),
+                    )
                 };
                 let want = (cur.max(64 * 1024) as i64 * 2).min(i32::MAX as i64) as i32;
                 let _ = sys::set_int(fd, level, opt, want);
@@ -267,7 +276,13 @@ impl Restored {
         sys::set_repair_queue(fd, Queue::No).map_err(k("leave the repair queue"))?;
         let outq = sys::outq(fd).map_err(k("read the send queue size"))?;
         let snd_una = write_seq.wrapping_sub(outq);
-        let pkt = forge_fin(self.flow.peer, self.flow.local, fin.seq, snd_una, fin.window);
+        let pkt = forge_fin(
+            self.flow.peer,
+            self.flow.local,
+            fin.seq,
+            snd_una,
+            fin.window,
+        );
         sys::send_raw_ip(&pkt, self.flow.local).map_err(k("deliver the peer's FIN"))?;
         // The packet is processed on loopback; wait until the socket saw it.
         for _ in 0..200 {
@@ -299,23 +314,69 @@ impl Drop for Restored {
 fn apply_socket_options(fd: BorrowedFd<'_>, so: &SocketOptions, v6: bool) -> Result<(), Error> {
     let set = |level: i32, name: i32, v: Option<u32>, what: &'static str| -> Result<(), Error> {
         match v {
-            Some(v) => sys::set_int(fd, level, name, v as i32).map_err(|e| Error::kernel(format!("set {what}"), e)),
+            Some(v) => sys::set_int(fd, level, name, v as i32)
+                .map_err(|e| Error::kernel(format!("set {what}"), e)),
             None => Ok(()),
         }
     };
     let b = |v: Option<bool>| v.map(u32::from);
-    set(libc::SOL_TCP, libc::TCP_NODELAY, b(so.nodelay), "TCP_NODELAY")?;
-    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, b(so.keepalive), "SO_KEEPALIVE")?;
-    set(libc::SOL_TCP, libc::TCP_KEEPIDLE, so.keepalive_idle_secs, "TCP_KEEPIDLE")?;
-    set(libc::SOL_TCP, libc::TCP_KEEPINTVL, so.keepalive_interval_secs, "TCP_KEEPINTVL")?;
-    set(libc::SOL_TCP, libc::TCP_KEEPCNT, so.keepalive_count, "TCP_KEEPCNT")?;
-    set(libc::SOL_TCP, libc::TCP_USER_TIMEOUT, so.user_timeout_ms, "TCP_USER_TIMEOUT")?;
-    set(libc::SOL_TCP, libc::TCP_NOTSENT_LOWAT, so.notsent_lowat, "TCP_NOTSENT_LOWAT")?;
+    set(
+        libc::SOL_TCP,
+        libc::TCP_NODELAY,
+        b(so.nodelay),
+        "TCP_NODELAY",
+    )?;
+    set(
+        libc::SOL_SOCKET,
+        libc::SO_KEEPALIVE,
+        b(so.keepalive),
+        "SO_KEEPALIVE",
+    )?;
+    set(
+        libc::SOL_TCP,
+        libc::TCP_KEEPIDLE,
+        so.keepalive_idle_secs,
+        "TCP_KEEPIDLE",
+    )?;
+    set(
+        libc::SOL_TCP,
+        libc::TCP_KEEPINTVL,
+        so.keepalive_interval_secs,
+        "TCP_KEEPINTVL",
+    )?;
+    set(
+        libc::SOL_TCP,
+        libc::TCP_KEEPCNT,
+        so.keepalive_count,
+        "TCP_KEEPCNT",
+    )?;
+    set(
+        libc::SOL_TCP,
+        libc::TCP_USER_TIMEOUT,
+        so.user_timeout_ms,
+        "TCP_USER_TIMEOUT",
+    )?;
+    set(
+        libc::SOL_TCP,
+        libc::TCP_NOTSENT_LOWAT,
+        so.notsent_lowat,
+        "TCP_NOTSENT_LOWAT",
+    )?;
     set(libc::SOL_SOCKET, libc::SO_MARK, so.mark, "SO_MARK")?;
-    set(libc::SOL_SOCKET, libc::SO_PRIORITY, so.priority, "SO_PRIORITY")?;
+    set(
+        libc::SOL_SOCKET,
+        libc::SO_PRIORITY,
+        so.priority,
+        "SO_PRIORITY",
+    )?;
     if v6 {
         set(libc::SOL_IPV6, libc::IPV6_TCLASS, so.tos, "IPV6_TCLASS")?;
-        set(libc::SOL_IPV6, libc::IPV6_UNICAST_HOPS, so.ttl, "IPV6_UNICAST_HOPS")?;
+        set(
+            libc::SOL_IPV6,
+            libc::IPV6_UNICAST_HOPS,
+            so.ttl,
+            "IPV6_UNICAST_HOPS",
+        )?;
     } else {
         set(libc::SOL_IP, libc::IP_TOS, so.tos, "IP_TOS")?;
         set(libc::SOL_IP, libc::IP_TTL, so.ttl, "IP_TTL")?;
@@ -367,7 +428,13 @@ fn forge_fin(src: SocketAddr, dst: SocketAddr, seq: u32, ack: u32, window: u16) 
     let tcp_len = (tcp.len() as u16).to_be_bytes();
     match (src, dst) {
         (SocketAddr::V4(s), SocketAddr::V4(d)) => {
-            let pseudo = [&s.ip().octets()[..], &d.ip().octets()[..], &[0, 6], &tcp_len[..]].concat();
+            let pseudo = [
+                &s.ip().octets()[..],
+                &d.ip().octets()[..],
+                &[0, 6],
+                &tcp_len[..],
+            ]
+            .concat();
             let c = checksum(&[&pseudo, &tcp]);
             tcp[16..18].copy_from_slice(&c.to_be_bytes());
             let mut ip = [0u8; 20];
@@ -418,7 +485,13 @@ mod tests {
 
     #[test]
     fn forged_ipv4_fin_has_valid_checksums() {
-        let p = forge_fin("10.0.0.2:5000".parse().unwrap(), "10.0.0.1:80".parse().unwrap(), 7, 9, 100);
+        let p = forge_fin(
+            "10.0.0.2:5000".parse().unwrap(),
+            "10.0.0.1:80".parse().unwrap(),
+            7,
+            9,
+            100,
+        );
         assert_eq!(p.len(), 40);
         assert_eq!(checksum(&[&p[..20]]), 0);
         let pseudo = [&p[12..20], &[0, 6, 0, 20][..]].concat();

@@ -7,7 +7,10 @@ use tcpr_engine::{freeze, restore, FreezeOptions};
 
 fn private_netns() {
     tcpr_engine::unshare_netns().expect("unshare a network namespace (run as root)");
-    let st = Command::new("ip").args(["link", "set", "lo", "up"]).status().unwrap();
+    let st = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .unwrap();
     assert!(st.success());
 }
 
@@ -19,7 +22,10 @@ fn pair(addr: &str) -> (TcpStream, TcpStream) {
 }
 
 fn no_lock() -> FreezeOptions {
-    FreezeOptions { lock: false, ..Default::default() }
+    FreezeOptions {
+        lock: false,
+        ..Default::default()
+    }
 }
 
 fn round_trip(addr: &str) {
@@ -33,7 +39,10 @@ fn round_trip(addr: &str) {
     let frozen = freeze(server.try_clone().unwrap().into(), &no_lock()).unwrap();
     let img = frozen.dump().unwrap();
     assert_eq!(img.recv_queue, b"hello from client");
-    assert_eq!(tcpr_image::ConnectionImage::decode(&img.encode()).unwrap(), img);
+    assert_eq!(
+        tcpr_image::ConnectionImage::decode(&img.encode()).unwrap(),
+        img
+    );
     let lock = frozen.discard().unwrap();
     assert!(lock.is_none());
     drop(server);

@@ -301,7 +301,9 @@ impl ConnectionImage {
     /// Checks the invariants listed on the type.
     pub fn validate(&self) -> Result<(), ImageError> {
         if self.local.is_ipv4() != self.peer.is_ipv4() {
-            return Err(ImageError::Invalid("local and peer address families differ"));
+            return Err(ImageError::Invalid(
+                "local and peer address families differ",
+            ));
         }
         if self.local.port() == 0 || self.peer.port() == 0 {
             return Err(ImageError::Invalid("port 0"));
@@ -427,7 +429,8 @@ impl ConnectionImage {
         let o = p.options.ok_or(ImageError::Invalid("missing options"))?;
         let w = p.window.ok_or(ImageError::Invalid("missing window"))?;
         let s = p.socket_options.unwrap_or_default();
-        let small = |v: u32, what: &'static str| u8::try_from(v).map_err(|_| ImageError::Invalid(what));
+        let small =
+            |v: u32, what: &'static str| u8::try_from(v).map_err(|_| ImageError::Invalid(what));
         let img = ConnectionImage {
             local,
             peer,
@@ -506,11 +509,16 @@ fn endpoint_to_pb(a: SocketAddr) -> pb::Endpoint {
     }
 }
 
-fn endpoint_from_pb(e: Option<&pb::Endpoint>, which: &'static str) -> Result<SocketAddr, ImageError> {
+fn endpoint_from_pb(
+    e: Option<&pb::Endpoint>,
+    which: &'static str,
+) -> Result<SocketAddr, ImageError> {
     let e = e.ok_or(ImageError::Invalid(which))?;
     let port = u16::try_from(e.port).map_err(|_| ImageError::Invalid("port above 65535"))?;
     let ip = match e.addr.len() {
-        4 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(&e.addr[..]).expect("len 4"))),
+        4 => IpAddr::V4(Ipv4Addr::from(
+            <[u8; 4]>::try_from(&e.addr[..]).expect("len 4"),
+        )),
         16 => {
             let ip = Ipv6Addr::from(<[u8; 16]>::try_from(&e.addr[..]).expect("len 16"));
             return Ok(SocketAddr::V6(SocketAddrV6::new(ip, port, 0, e.scope_id)));
@@ -542,7 +550,9 @@ mod tests {
         img.peer = "[::1]:5".parse().unwrap();
         assert_eq!(
             ConnectionImage::decode(&img.encode()),
-            Err(ImageError::Invalid("local and peer address families differ"))
+            Err(ImageError::Invalid(
+                "local and peer address families differ"
+            ))
         );
         let mut img = ConnectionImage::example();
         img.options.rcv_wscale = 15;

@@ -1,1 +1,223 @@
+//! Throwaway hosts for tests and the demo: network namespaces joined by veth
+//! pairs to a bridge that lives in a namespace of its own, torn down on drop
+//! (and by [`cleanup_all`] from a signal handler). Names carry the process
+//! id and a counter, so labs in parallel tests never collide.
+//!
+//! This crate drives `ip` (iproute2) and `nft`; it does not touch the
+//! caller's own namespace beyond creating and deleting named ones.
 
+use anyhow::{bail, Context, Result};
+use std::net::IpAddr;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+/// Every namespace created by a live lab, for [`cleanup_all`].
+static LIVE: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Runs a command, failing with its stderr when it fails.
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{:?} failed: {}",
+            cmd,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+fn ip(args: &[&str]) -> Result<Output> {
+    run(Command::new("ip").args(args))
+}
+
+/// Deletes every namespace of every live lab of this process (for Ctrl-C).
+pub fn cleanup_all() {
+    let names = std::mem::take(&mut *LIVE.lock().unwrap_or_else(|e| e.into_inner()));
+    for n in names {
+        let _ = Command::new("ip").args(["netns", "del", &n]).output();
+    }
+}
+
+/// A set of hosts on one Ethernet segment.
+#[derive(Debug)]
+pub struct Lab {
+    prefix: String,
+    switch: String,
+    hosts: Vec<String>,
+}
+
+/// One host of a lab: a network namespace with `lo` and `eth0`.
+#[derive(Debug, Clone)]
+pub struct Host {
+    /// The namespace name (as `ip netns` knows it).
+    pub netns: String,
+}
+
+impl Host {
+    /// The namespace's path, for `setns`.
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.netns)
+    }
+    /// A command that runs inside this host.
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.netns, program]);
+        c
+    }
+    /// Runs `ip ARGS` in this host.
+    pub fn ip(&self, args: &[&str]) -> Result<Output> {
+        let mut c = Command::new("ip");
+        c.args(["-n", &self.netns]).args(args);
+        run(&mut c)
+    }
+    /// Adds an address (`addr/prefix`) to eth0 (IPv6 without DAD delay).
+    pub fn add_addr(&self, cidr: &str) -> Result<()> {
+        if cidr.contains(':') {
+            self.ip(&["addr", "add", cidr, "dev", "eth0", "nodad"])?;
+        } else {
+            self.ip(&["addr", "add", cidr, "dev", "eth0"])?;
+        }
+        Ok(())
+    }
+    /// Removes an address from eth0.
+    pub fn del_addr(&self, cidr: &str) -> Result<()> {
+        self.ip(&["addr", "del", cidr, "dev", "eth0"])?;
+        Ok(())
+    }
+    /// Announces an IPv4 address from eth0 with a gratuitous ARP.
+    pub fn announce(&self, addr: IpAddr) -> Result<()> {
+        let IpAddr::V4(v4) = addr else {
+            return Ok(());
+        };
+        self.within(|| tcpr_engine::announce_ipv4("eth0", v4).map_err(Into::into))
+    }
+    /// Runs `f` on a thread inside this host: sockets it creates live here.
+    pub fn within<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+        let path = self.path();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                tcpr_engine::enter_netns(&path).context("enter the host's namespace")?;
+                f()
+            })
+            .join()
+            .unwrap_or_else(|_| bail!("thread inside the host panicked"))
+        })
+    }
+    /// Drops `per_mille` of the TCP packets this host receives, at random
+    /// (nftables numgen: this kernel has no netem).
+    pub fn set_loss(&self, per_mille: u32) -> Result<()> {
+        let script = format!(
+            "add table inet netlab
+add chain inet netlab loss {{ type filter hook prerouting priority -400; policy accept; }}
+flush chain inet netlab loss
+add rule inet netlab loss meta l4proto tcp numgen random mod 1000 < {per_mille} drop
+"
+        );
+        nft_in(self, &script)
+    }
+    /// Removes the loss rule.
+    pub fn clear_loss(&self) -> Result<()> {
+        nft_in(self, "flush chain inet netlab loss\n")
+    }
+}
+
+fn nft_in(h: &Host, script: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = h
+        .cmd("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("run nft")?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("nft: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+impl Lab {
+    /// A new lab with an empty switch. `tag` (a few letters) shows in names.
+    pub fn new(tag: &str) -> Result<Lab> {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let prefix = format!("tcpr-{tag}-{}-{n}", std::process::id());
+        let switch = format!("{prefix}-sw");
+        let lab = Lab {
+            prefix,
+            switch: switch.clone(),
+            hosts: vec![],
+        };
+        lab.add_ns(&switch)?;
+        ip(&["-n", &switch, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &switch, "link", "set", "br0", "up"])?;
+        Ok(lab)
+    }
+
+    fn add_ns(&self, name: &str) -> Result<()> {
+        ip(&["netns", "add", name])?;
+        LIVE.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(name.to_string());
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    /// A new host plugged into the switch, with the given addresses on eth0.
+    pub fn host(&mut self, name: &str, addrs: &[&str]) -> Result<Host> {
+        let netns = format!("{}-{name}", self.prefix);
+        self.add_ns(&netns)?;
+        self.hosts.push(netns.clone());
+        let port = format!("p{}", self.hosts.len());
+        ip(&[
+            "-n",
+            &self.switch,
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns,
+        ])?;
+        ip(&[
+            "-n",
+            &self.switch,
+            "link",
+            "set",
+            &port,
+            "master",
+            "br0",
+            "up",
+        ])?;
+        let h = Host { netns };
+        h.ip(&["link", "set", "eth0", "up"])?;
+        for a in addrs {
+            h.add_addr(a)?;
+        }
+        Ok(h)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+        for n in self.hosts.iter().chain(std::iter::once(&self.switch)) {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+            live.retain(|x| x != n);
+        }
+    }
+}

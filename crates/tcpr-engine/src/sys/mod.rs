@@ -78,7 +78,13 @@ unsafe fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::
     let mut len = size_of::<T>() as libc::socklen_t;
     // SAFETY: `val` is a writable buffer of `len` bytes owned by this frame;
     // `len` is a valid pointer; the fd is borrowed and open.
-    syscall!(getsockopt(fd.as_raw_fd(), level, name, val.as_mut_ptr().cast(), &mut len))?;
+    syscall!(getsockopt(
+        fd.as_raw_fd(),
+        level,
+        name,
+        val.as_mut_ptr().cast(),
+        &mut len
+    ))?;
     // SAFETY: zero-initialised and `T` is valid for any bit pattern (contract).
     Ok((unsafe { val.assume_init() }, len as usize))
 }
@@ -177,7 +183,9 @@ pub(crate) fn repair_window(fd: BorrowedFd<'_>) -> io::Result<RepairWindowRaw> {
     let (w, len) = unsafe { getsockopt::<RepairWindowRaw>(fd, libc::SOL_TCP, TCP_REPAIR_WINDOW) }
         .map_err(ctx("TCP_REPAIR_WINDOW"))?;
     if len != size_of::<RepairWindowRaw>() {
-        return Err(io::Error::other("TCP_REPAIR_WINDOW: short answer from the kernel"));
+        return Err(io::Error::other(
+            "TCP_REPAIR_WINDOW: short answer from the kernel",
+        ));
     }
     Ok(w)
 }
@@ -304,7 +312,8 @@ pub(crate) fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
 pub(crate) fn tcp_socket(ipv6: bool) -> io::Result<OwnedFd> {
     let fam = if ipv6 { libc::AF_INET6 } else { libc::AF_INET };
     // SAFETY: plain call; the result is a new fd we own.
-    let fd = syscall!(socket(fam, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)).map_err(ctx("socket"))?;
+    let fd =
+        syscall!(socket(fam, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)).map_err(ctx("socket"))?;
     // SAFETY: fresh fd from socket(2).
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -349,7 +358,8 @@ pub(crate) fn from_sockaddr(ss: &libc::sockaddr_storage) -> io::Result<SocketAdd
     match ss.ss_family as i32 {
         libc::AF_INET => {
             // SAFETY: the family says the storage holds a sockaddr_in.
-            let sin: libc::sockaddr_in = unsafe { std::ptr::read((ss as *const libc::sockaddr_storage).cast()) };
+            let sin: libc::sockaddr_in =
+                unsafe { std::ptr::read((ss as *const libc::sockaddr_storage).cast()) };
             Ok(SocketAddr::V4(SocketAddrV4::new(
                 Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()),
                 u16::from_be(sin.sin_port),
@@ -357,7 +367,8 @@ pub(crate) fn from_sockaddr(ss: &libc::sockaddr_storage) -> io::Result<SocketAdd
         }
         libc::AF_INET6 => {
             // SAFETY: the family says the storage holds a sockaddr_in6.
-            let sin6: libc::sockaddr_in6 = unsafe { std::ptr::read((ss as *const libc::sockaddr_storage).cast()) };
+            let sin6: libc::sockaddr_in6 =
+                unsafe { std::ptr::read((ss as *const libc::sockaddr_storage).cast()) };
             let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
             Ok(SocketAddr::V6(SocketAddrV6::new(
                 ip,
@@ -366,24 +377,34 @@ pub(crate) fn from_sockaddr(ss: &libc::sockaddr_storage) -> io::Result<SocketAdd
                 sin6.sin6_scope_id,
             )))
         }
-        f => Err(io::Error::other(format!("not an IP socket (address family {f})"))),
+        f => Err(io::Error::other(format!(
+            "not an IP socket (address family {f})"
+        ))),
     }
 }
 
 pub(crate) fn bind(fd: BorrowedFd<'_>, a: SocketAddr) -> io::Result<()> {
     let (ss, len) = to_sockaddr(a);
     // SAFETY: `ss` holds a valid sockaddr of `len` bytes.
-    syscall!(bind(fd.as_raw_fd(), (&ss as *const libc::sockaddr_storage).cast(), len))
-        .map(drop)
-        .map_err(ctx("bind"))
+    syscall!(bind(
+        fd.as_raw_fd(),
+        (&ss as *const libc::sockaddr_storage).cast(),
+        len
+    ))
+    .map(drop)
+    .map_err(ctx("bind"))
 }
 
 pub(crate) fn connect(fd: BorrowedFd<'_>, a: SocketAddr) -> io::Result<()> {
     let (ss, len) = to_sockaddr(a);
     // SAFETY: `ss` holds a valid sockaddr of `len` bytes.
-    syscall!(connect(fd.as_raw_fd(), (&ss as *const libc::sockaddr_storage).cast(), len))
-        .map(drop)
-        .map_err(ctx("connect"))
+    syscall!(connect(
+        fd.as_raw_fd(),
+        (&ss as *const libc::sockaddr_storage).cast(),
+        len
+    ))
+    .map(drop)
+    .map_err(ctx("connect"))
 }
 
 /// `connect(AF_UNSPEC)`: disconnects the socket. In repair mode the kernel's
@@ -393,9 +414,13 @@ pub(crate) fn disconnect(fd: BorrowedFd<'_>) -> io::Result<()> {
     let mut sa: libc::sockaddr = unsafe { zeroed() };
     sa.sa_family = libc::AF_UNSPEC as _;
     // SAFETY: `sa` is a valid sockaddr for the length passed.
-    syscall!(connect(fd.as_raw_fd(), &sa, size_of::<libc::sockaddr>() as libc::socklen_t))
-        .map(drop)
-        .map_err(ctx("connect(AF_UNSPEC)"))
+    syscall!(connect(
+        fd.as_raw_fd(),
+        &sa,
+        size_of::<libc::sockaddr>() as libc::socklen_t
+    ))
+    .map(drop)
+    .map_err(ctx("connect(AF_UNSPEC)"))
 }
 
 fn name_of(fd: BorrowedFd<'_>, peer: bool) -> io::Result<SocketAddr> {
@@ -431,7 +456,14 @@ pub(crate) fn get_string(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Resul
 
 pub(crate) fn set_string(fd: BorrowedFd<'_>, level: i32, name: i32, v: &str) -> io::Result<()> {
     // SAFETY: the kernel reads `v.len()` bytes from the pointer.
-    syscall!(setsockopt(fd.as_raw_fd(), level, name, v.as_ptr().cast(), v.len() as libc::socklen_t)).map(drop)
+    syscall!(setsockopt(
+        fd.as_raw_fd(),
+        level,
+        name,
+        v.as_ptr().cast(),
+        v.len() as libc::socklen_t
+    ))
+    .map(drop)
 }
 
 pub(crate) fn linger(fd: BorrowedFd<'_>) -> io::Result<libc::linger> {
@@ -475,7 +507,9 @@ pub(crate) fn pidfd_getfd(pidfd: BorrowedFd<'_>, target: i32) -> io::Result<Owne
 /// afterwards belong to that namespace.
 pub fn enter_netns(path: &str) -> io::Result<()> {
     let ns = open_path(path).map_err(ctx("open the network namespace"))?;
-    syscall!(setns(ns.as_raw_fd(), libc::CLONE_NEWNET)).map(drop).map_err(ctx("setns"))
+    syscall!(setns(ns.as_raw_fd(), libc::CLONE_NEWNET))
+        .map(drop)
+        .map_err(ctx("setns"))
 }
 
 /// Makes `cmd` enter the network namespace `ns` in the child before exec.
@@ -519,7 +553,12 @@ pub(crate) fn send_raw_ip(packet: &[u8], dst: SocketAddr) -> io::Result<()> {
     let v6 = dst.is_ipv6();
     let fam = if v6 { libc::AF_INET6 } else { libc::AF_INET };
     // SAFETY: plain call, new fd.
-    let raw = syscall!(socket(fam, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_RAW)).map_err(ctx("socket(SOCK_RAW)"))?;
+    let raw = syscall!(socket(
+        fam,
+        libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+        libc::IPPROTO_RAW
+    ))
+    .map_err(ctx("socket(SOCK_RAW)"))?;
     // SAFETY: fresh fd.
     let raw = unsafe { OwnedFd::from_raw_fd(raw) };
     // IPPROTO_RAW implies header-included on both families.
@@ -551,7 +590,9 @@ pub fn raise_fd_limit() -> io::Result<u64> {
 
 /// Moves the calling thread into a new network namespace (with `lo` down).
 pub fn unshare_netns() -> io::Result<()> {
-    syscall!(unshare(libc::CLONE_NEWNET)).map(drop).map_err(ctx("unshare(CLONE_NEWNET)"))
+    syscall!(unshare(libc::CLONE_NEWNET))
+        .map(drop)
+        .map_err(ctx("unshare(CLONE_NEWNET)"))
 }
 
 /// The socket's type, domain and protocol (SO_TYPE, SO_DOMAIN, SO_PROTOCOL).
@@ -566,7 +607,12 @@ pub(crate) fn socket_kind(fd: BorrowedFd<'_>) -> io::Result<(i32, i32, i32)> {
 /// A netlink socket of `proto`, close-on-exec.
 pub(crate) fn netlink_socket(proto: i32) -> io::Result<OwnedFd> {
     // SAFETY: plain call, new fd.
-    let fd = syscall!(socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, proto)).map_err(ctx("socket(AF_NETLINK)"))?;
+    let fd = syscall!(socket(
+        libc::AF_NETLINK,
+        libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+        proto
+    ))
+    .map_err(ctx("socket(AF_NETLINK)"))?;
     // SAFETY: fresh fd.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -585,3 +631,100 @@ pub(crate) fn recv_into(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize>
         .map(|n| n as usize)
         .map_err(ctx("recv"))
 }
+
+/// Sends one gratuitous ARP request for `ip` out of interface `ifname` (in
+/// the calling thread's network namespace), so that neighbours update their
+/// caches at once after an address moved here (RFC 5227 §3 "ARP
+/// Announcement").
+pub fn announce_ipv4(ifname: &str, ip: Ipv4Addr) -> io::Result<()> {
+    const ETH_P_ARP: u16 = 0x0806;
+    let cname =
+        CString::new(ifname).map_err(|_| io::Error::other("interface name contains NUL"))?;
+    // SAFETY: `cname` is a valid NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    if ifindex == 0 {
+        return Err(ctx("if_nametoindex")(io::Error::last_os_error()));
+    }
+    // SAFETY: plain call, new fd.
+    let s = syscall!(socket(
+        libc::AF_PACKET,
+        libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+        i32::from(ETH_P_ARP.to_be())
+    ))
+    .map_err(ctx("socket(AF_PACKET)"))?;
+    // SAFETY: fresh fd.
+    let s = unsafe { OwnedFd::from_raw_fd(s) };
+    // SAFETY: plain data, all-zero is valid.
+    let mut ifr: libc::ifreq = unsafe { zeroed() };
+    for (d, b) in ifr
+        .ifr_name
+        .iter_mut()
+        .zip(ifname.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *d = b as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR reads the name from and writes the address into `ifr`.
+    syscall!(ioctl(
+        s.as_raw_fd(),
+        libc::SIOCGIFHWADDR as _,
+        &mut ifr as *mut libc::ifreq
+    ))
+    .map_err(ctx("SIOCGIFHWADDR"))?;
+    // SAFETY: after SIOCGIFHWADDR the union holds a sockaddr in ifru_hwaddr.
+    let hw = unsafe { ifr.ifr_ifru.ifru_hwaddr };
+    let mac: [u8; 6] = std::array::from_fn(|i| hw.sa_data[i] as u8);
+    let mut frame = Vec::with_capacity(42);
+    frame.extend_from_slice(&[0xff; 6]);
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&ETH_P_ARP.to_be_bytes());
+    frame.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]); // Ethernet, IPv4, request
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&ip.octets());
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&ip.octets());
+    // SAFETY: plain data, all-zero is valid.
+    let mut ll: libc::sockaddr_ll = unsafe { zeroed() };
+    ll.sll_family = libc::AF_PACKET as u16;
+    ll.sll_protocol = ETH_P_ARP.to_be();
+    ll.sll_ifindex = ifindex as i32;
+    ll.sll_halen = 6;
+    ll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    // SAFETY: `frame` is readable; `ll` is a valid sockaddr_ll of the given size.
+    syscall!(sendto(
+        s.as_raw_fd(),
+        frame.as_ptr().cast(),
+        frame.len(),
+        0,
+        (&ll as *const libc::sockaddr_ll).cast(),
+        size_of::<libc::sockaddr_ll>() as libc::socklen_t
+    ))
+    .map_err(ctx("sendto(AF_PACKET)"))?;
+    Ok(())
+}
+
+/// Puts `sock` on fd 3 of the child (and on 0 and 1 with `inetd`), for the
+/// systemd `Accept=yes` and inetd conventions.
+pub fn pass_socket(cmd: &mut std::process::Command, sock: &OwnedFd, inetd: bool) {
+    use std::os::unix::process::CommandExt;
+    let raw = sock.as_raw_fd();
+    // SAFETY: runs in the forked child before exec and only calls dup2(2) and
+    // fcntl(2), which are async-signal-safe; `raw` is open in the parent while
+    // the Command lives (the caller holds `sock`). dup2 clears FD_CLOEXEC on
+    // the new fd; when `raw` is already 3 we clear it by hand.
+    unsafe {
+        cmd.pre_exec(move || {
+            if raw == 3 {
+                if libc::fcntl(3, libc::F_SETFD, 0) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if libc::dup2(raw, 3) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            if inetd && (libc::dup2(3, 0) == -1 || libc::dup2(3, 1) == -1) {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+pub mod floor;
