@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""An echo service of the integration tests: plain sockets. It serves one
+connection, accepted (--listen) or inherited on fd 3 from `tcpr restore`
+(LISTEN_FDS). On "pause" (stdin) it stops touching the socket, writes the
+bytes it read but could not yet send to --state (they travel as the image's
+application blob) and answers "paused FD". Restored, it takes them back from
+TCPR_APP_BLOB_HEX and sends them first.
+Optional: "close" shuts down its sending side (half-close) after flushing.
+"""
+import argparse, os, selectors, socket, sys
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--listen")
+ap.add_argument("--port", type=int)
+ap.add_argument("--state")
+args = ap.parse_args()
+
+if args.listen:
+    fam = socket.AF_INET6 if ":" in args.listen else socket.AF_INET
+    ls = socket.socket(fam, socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind((args.listen, args.port))
+    ls.listen(1)
+    print("listening", flush=True)
+    conn, _ = ls.accept()
+    ls.close()
+else:
+    assert os.environ.get("LISTEN_FDS") == "1", "expected one socket from tcpr restore"
+    assert os.environ.get("LISTEN_PID") == str(os.getpid()), "LISTEN_PID is not ours"
+    conn = socket.socket(fileno=3)
+
+conn.setblocking(False)
+pending = bytearray(bytes.fromhex(os.environ.get("TCPR_APP_BLOB_HEX", "")))
+print("ready", conn.fileno(), flush=True)
+
+sel = selectors.DefaultSelector()
+sel.register(sys.stdin, selectors.EVENT_READ, "ctl")
+sel.register(conn, selectors.EVENT_READ | selectors.EVENT_WRITE, "conn")
+eof = False
+while True:
+    want = 0
+    if len(pending) < (1 << 20) and not eof:
+        want |= selectors.EVENT_READ
+    if pending:
+        want |= selectors.EVENT_WRITE
+    if want:
+        sel.modify(conn, want, "conn")
+    else:
+        sel.unregister(conn)
+    for key, ev in sel.select(timeout=0.5 if want else 0.05):
+        if key.data == "ctl":
+            cmd = sys.stdin.readline().strip()
+            if cmd == "pause" or cmd == "":
+                if args.state:
+                    with open(args.state, "wb") as f:
+                        f.write(pending)
+                print("paused", conn.fileno(), flush=True)
+                sys.stdin.read()  # wait to be killed
+                sys.exit(0)
+            continue
+        if ev & selectors.EVENT_READ:
+            try:
+                data = conn.recv(65536)
+            except BlockingIOError:
+                data = None
+            if data == b"":
+                eof = True
+            elif data:
+                pending.extend(data)
+        if ev & selectors.EVENT_WRITE and pending:
+            try:
+                n = conn.send(pending)
+                del pending[:n]
+            except BlockingIOError:
+                pass
+    if not want:
+        sel.register(conn, selectors.EVENT_READ, "conn")
