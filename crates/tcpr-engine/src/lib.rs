@@ -23,7 +23,10 @@ pub use error::Error;
 pub use lock::{Flow, FlowLock, Netns, DEFAULT_LEASE};
 pub use restore::{restore, Restored};
 pub use sys::floor;
-pub use sys::{announce_ipv4, enter_netns, pass_socket, raise_fd_limit, unshare_netns};
+pub use sys::{
+    announce, announce_ipv4, announce_ipv6, enter_netns, memfd_with, pass_socket, raise_fd_limit,
+    unshare_netns,
+};
 pub use tcpr_image::ConnectionImage;
 
 use std::net::SocketAddr;
@@ -277,8 +280,8 @@ fn dump_fd(fd: BorrowedFd<'_>, flow: Flow) -> Result<ConnectionImage, Error> {
         local: flow.local,
         peer: flow.peer,
         state,
-        send_seq: Seq(write_seq).sub(we_closed),
-        recv_seq: Seq(rcv_nxt).sub(u32::from(state.peer_closed())),
+        send_seq: Seq(write_seq).back(we_closed),
+        recv_seq: Seq(rcv_nxt).back(u32::from(state.peer_closed())),
         recv_queue,
         send_queue,
         options: TcpOptions {

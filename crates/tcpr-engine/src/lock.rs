@@ -255,7 +255,7 @@ pub fn locked_flow_count() -> Result<usize, Error> {
         return Ok(0);
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    // Count elements without a JSON dependency in the engine: each element of
-    // a concatenated key is an object with "elem".
-    Ok(text.matches("\"elem\"").count())
+    // Count elements without a JSON dependency in the engine: each element
+    // with a timeout is an object `{"elem": {...}}` inside the set's list.
+    Ok(text.matches("{\"elem\":").count())
 }

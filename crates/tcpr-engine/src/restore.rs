@@ -140,8 +140,8 @@ impl Restored {
             let _ = sys::set_int(fd, libc::SOL_SOCKET, SO_SNDBUFFORCE, v as i32);
         }
         // Sequence numbers are accepted only in CLOSE, so before connect.
-        let recv_start = img.recv_seq.sub(img.recv_queue.len() as u32);
-        let send_start = img.send_seq.sub(img.send_queue.len() as u32);
+        let recv_start = img.recv_seq.back(img.recv_queue.len() as u32);
+        let send_start = img.send_seq.back(img.send_queue.len() as u32);
         sys::set_repair_queue(fd, Queue::Recv).map_err(k("select the receive queue"))?;
         sys::set_queue_seq(fd, recv_start.0).map_err(k("set the receive sequence"))?;
         sys::set_repair_queue(fd, Queue::Send).map_err(k("select the send queue"))?;
@@ -208,7 +208,7 @@ impl Restored {
         if peer_fin {
             // rcv_nxt is one short of the peer's FIN, which is replayed on
             // resume; the kernel requires rcv_wup <= rcv_nxt.
-            if w.rcv_wup == img.recv_seq.add(1).0 {
+            if w.rcv_wup == img.recv_seq.forward(1).0 {
                 w.rcv_wup = w.rcv_wup.wrapping_sub(1);
                 w.rcv_wnd = w.rcv_wnd.saturating_add(1);
             }

@@ -37,11 +37,11 @@ pub struct Seq(pub u32);
 
 impl Seq {
     /// The sequence number `n` bytes later.
-    pub fn add(self, n: u32) -> Seq {
+    pub fn forward(self, n: u32) -> Seq {
         Seq(self.0.wrapping_add(n))
     }
     /// The sequence number `n` bytes earlier.
-    pub fn sub(self, n: u32) -> Seq {
+    pub fn back(self, n: u32) -> Seq {
         Seq(self.0.wrapping_sub(n))
     }
 }
@@ -540,8 +540,8 @@ mod tests {
 
     #[test]
     fn seq_wraps() {
-        assert_eq!(Seq(u32::MAX).add(2), Seq(1));
-        assert_eq!(Seq(1).sub(2), Seq(u32::MAX));
+        assert_eq!(Seq(u32::MAX).forward(2), Seq(1));
+        assert_eq!(Seq(1).back(2), Seq(u32::MAX));
     }
 
     #[test]

@@ -89,12 +89,9 @@ impl Host {
         self.ip(&["addr", "del", cidr, "dev", "eth0"])?;
         Ok(())
     }
-    /// Announces an IPv4 address from eth0 with a gratuitous ARP.
+    /// Announces an address from eth0 (gratuitous ARP or unsolicited NA).
     pub fn announce(&self, addr: IpAddr) -> Result<()> {
-        let IpAddr::V4(v4) = addr else {
-            return Ok(());
-        };
-        self.within(|| tcpr_engine::announce_ipv4("eth0", v4).map_err(Into::into))
+        self.within(|| tcpr_engine::announce("eth0", addr).map_err(Into::into))
     }
     /// Runs `f` on a thread inside this host: sockets it creates live here.
     pub fn within<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
@@ -111,11 +108,16 @@ impl Host {
     /// Drops `per_mille` of the TCP packets this host receives, at random
     /// (nftables numgen: this kernel has no netem).
     pub fn set_loss(&self, per_mille: u32) -> Result<()> {
+        let cond = if per_mille >= 1000 {
+            String::new()
+        } else {
+            format!("numgen random mod 1000 < {per_mille} ")
+        };
         let script = format!(
             "add table inet netlab
 add chain inet netlab loss {{ type filter hook prerouting priority -400; policy accept; }}
 flush chain inet netlab loss
-add rule inet netlab loss meta l4proto tcp numgen random mod 1000 < {per_mille} drop
+add rule inet netlab loss meta l4proto tcp {cond}drop
 "
         );
         nft_in(self, &script)

@@ -98,6 +98,16 @@ enum Cmd {
         #[arg(long, default_value_t = 2048)]
         rate_kib: u64,
     },
+    /// Announce an address that just moved here (gratuitous ARP for IPv4,
+    /// unsolicited neighbour advertisement for IPv6), so neighbours update
+    /// their caches at once.
+    Announce {
+        /// The interface that carries the address.
+        #[arg(long)]
+        dev: String,
+        /// The address.
+        addr: std::net::IpAddr,
+    },
     /// Benchmark freeze+dump and restore+resume against the bare-syscall floor.
     Bench {
         /// Connection counts to measure.
@@ -166,6 +176,11 @@ fn run(cmd: Cmd) -> Result<i32> {
             rate_kib * 1024,
         )
         .map(|()| 0),
+        Cmd::Announce { dev, addr } => {
+            tcpr_engine::announce(&dev, addr)
+                .with_context(|| format!("cannot announce {addr} on {dev}"))?;
+            Ok(0)
+        }
         Cmd::Bench { counts } => bench::run(&counts).map(|()| 0),
     }
 }
@@ -267,10 +282,18 @@ fn restore_and_run(file: &Path, inetd: bool, cmd: &[String]) -> Result<i32> {
         .env("LISTEN_FDNAMES", "connection")
         .env("TCPR_LOCAL", img.local.to_string())
         .env("TCPR_PEER", img.peer.to_string());
-    if !img.app_blob.is_empty() {
-        c.env("TCPR_APP_BLOB_HEX", hex(&img.app_blob));
-    }
-    tcpr_engine::pass_socket(&mut c, &sock, inetd);
+    // The blob goes on fd 4 from memory: payload never touches disk here.
+    let blob = if img.app_blob.is_empty() {
+        None
+    } else {
+        c.env("TCPR_APP_BLOB_FD", "4")
+            .env("TCPR_APP_BLOB_LEN", img.app_blob.len().to_string());
+        Some(
+            tcpr_engine::memfd_with("tcpr-app-blob", &img.app_blob)
+                .context("cannot hand over the application blob")?,
+        )
+    };
+    tcpr_engine::pass_socket(&mut c, &sock, inetd, blob.as_ref());
     let status = c
         .status()
         .with_context(|| format!("cannot run {}", cmd[0]))?;
@@ -279,10 +302,6 @@ fn restore_and_run(file: &Path, inetd: bool, cmd: &[String]) -> Result<i32> {
         use std::os::unix::process::ExitStatusExt;
         128 + status.signal().unwrap_or(0)
     }))
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn inspect(file: &Path, json: bool, data: bool) -> Result<i32> {

@@ -7,7 +7,7 @@ use std::ffi::CString;
 use std::io;
 use std::mem::{size_of, zeroed, MaybeUninit};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// Calls a libc function and turns a `-1` return into the thread's errno.
 macro_rules! syscall {
@@ -654,25 +654,7 @@ pub fn announce_ipv4(ifname: &str, ip: Ipv4Addr) -> io::Result<()> {
     .map_err(ctx("socket(AF_PACKET)"))?;
     // SAFETY: fresh fd.
     let s = unsafe { OwnedFd::from_raw_fd(s) };
-    // SAFETY: plain data, all-zero is valid.
-    let mut ifr: libc::ifreq = unsafe { zeroed() };
-    for (d, b) in ifr
-        .ifr_name
-        .iter_mut()
-        .zip(ifname.bytes().take(libc::IFNAMSIZ - 1))
-    {
-        *d = b as libc::c_char;
-    }
-    // SAFETY: SIOCGIFHWADDR reads the name from and writes the address into `ifr`.
-    syscall!(ioctl(
-        s.as_raw_fd(),
-        libc::SIOCGIFHWADDR as _,
-        &mut ifr as *mut libc::ifreq
-    ))
-    .map_err(ctx("SIOCGIFHWADDR"))?;
-    // SAFETY: after SIOCGIFHWADDR the union holds a sockaddr in ifru_hwaddr.
-    let hw = unsafe { ifr.ifr_ifru.ifru_hwaddr };
-    let mac: [u8; 6] = std::array::from_fn(|i| hw.sa_data[i] as u8);
+    let mac = hw_addr(ifname)?;
     let mut frame = Vec::with_capacity(42);
     frame.extend_from_slice(&[0xff; 6]);
     frame.extend_from_slice(&mac);
@@ -703,22 +685,32 @@ pub fn announce_ipv4(ifname: &str, ip: Ipv4Addr) -> io::Result<()> {
 }
 
 /// Puts `sock` on fd 3 of the child (and on 0 and 1 with `inetd`), for the
-/// systemd `Accept=yes` and inetd conventions.
-pub fn pass_socket(cmd: &mut std::process::Command, sock: &OwnedFd, inetd: bool) {
+/// systemd `Accept=yes` and inetd conventions, and `blob`, if any, on fd 4.
+pub fn pass_socket(
+    cmd: &mut std::process::Command,
+    sock: &OwnedFd,
+    inetd: bool,
+    blob: Option<&OwnedFd>,
+) {
     use std::os::unix::process::CommandExt;
     let raw = sock.as_raw_fd();
-    // SAFETY: runs in the forked child before exec and only calls dup2(2) and
-    // fcntl(2), which are async-signal-safe; `raw` is open in the parent while
-    // the Command lives (the caller holds `sock`). dup2 clears FD_CLOEXEC on
-    // the new fd; when `raw` is already 3 we clear it by hand.
+    let blob = blob.map(|b| b.as_raw_fd());
+    // SAFETY: runs in the forked child before exec and only calls dup/dup2(2)
+    // and fcntl(2), which are async-signal-safe; the fds are open in the
+    // parent while the Command lives (the caller holds them). The fds are
+    // first moved above 10 so that placing one cannot clobber the other;
+    // dup2 clears FD_CLOEXEC on the copies it makes.
     unsafe {
         cmd.pre_exec(move || {
-            if raw == 3 {
-                if libc::fcntl(3, libc::F_SETFD, 0) == -1 {
+            let high = libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, 10);
+            if high == -1 || libc::dup2(high, 3) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            if let Some(b) = blob {
+                let bh = libc::fcntl(b, libc::F_DUPFD_CLOEXEC, 10);
+                if bh == -1 || libc::dup2(bh, 4) == -1 {
                     return Err(io::Error::last_os_error());
                 }
-            } else if libc::dup2(raw, 3) == -1 {
-                return Err(io::Error::last_os_error());
             }
             if inetd && (libc::dup2(3, 0) == -1 || libc::dup2(3, 1) == -1) {
                 return Err(io::Error::last_os_error());
@@ -727,4 +719,130 @@ pub fn pass_socket(cmd: &mut std::process::Command, sock: &OwnedFd, inetd: bool)
         });
     }
 }
+
+/// An anonymous in-memory file holding `data`, positioned at its start:
+/// a way to hand bytes to a child without touching disk.
+pub fn memfd_with(name: &str, data: &[u8]) -> io::Result<OwnedFd> {
+    let cname = CString::new(name).map_err(|_| io::Error::other("name contains NUL"))?;
+    // SAFETY: `cname` is a valid NUL-terminated string; returns a new fd.
+    let fd =
+        syscall!(memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC)).map_err(ctx("memfd_create"))?;
+    // SAFETY: fresh fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut off = 0;
+    while off < data.len() {
+        // SAFETY: `data[off..]` is readable for its length.
+        let n = syscall!(write(
+            fd.as_raw_fd(),
+            data[off..].as_ptr().cast(),
+            data.len() - off
+        ))
+        .map_err(ctx("write"))?;
+        off += n as usize;
+    }
+    // SAFETY: plain call on an open fd.
+    syscall!(lseek(fd.as_raw_fd(), 0, libc::SEEK_SET)).map_err(ctx("lseek"))?;
+    Ok(fd)
+}
+
 pub mod floor;
+
+/// Sends one unsolicited neighbour advertisement for `ip` out of `ifname`
+/// to all nodes (RFC 4861 §7.2.6), with the Override flag, so that
+/// neighbours replace their cached link-layer address at once. `ip` must be
+/// assigned here (it is the source).
+pub fn announce_ipv6(ifname: &str, ip: Ipv6Addr) -> io::Result<()> {
+    let cname =
+        CString::new(ifname).map_err(|_| io::Error::other("interface name contains NUL"))?;
+    // SAFETY: `cname` is a valid NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    if ifindex == 0 {
+        return Err(ctx("if_nametoindex")(io::Error::last_os_error()));
+    }
+    let mac = hw_addr(ifname)?;
+    // SAFETY: plain call, new fd.
+    let s = syscall!(socket(
+        libc::AF_INET6,
+        libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+        libc::IPPROTO_ICMPV6
+    ))
+    .map_err(ctx("socket(ICMPv6)"))?;
+    // SAFETY: fresh fd.
+    let s = unsafe { OwnedFd::from_raw_fd(s) };
+    // Neighbour discovery messages must carry hop limit 255 (RFC 4861 §7.1.2).
+    set_int(s.as_fd(), libc::SOL_IPV6, libc::IPV6_MULTICAST_HOPS, 255)
+        .map_err(ctx("IPV6_MULTICAST_HOPS"))?;
+    set_int(
+        s.as_fd(),
+        libc::SOL_IPV6,
+        libc::IPV6_MULTICAST_IF,
+        ifindex as i32,
+    )
+    .map_err(ctx("IPV6_MULTICAST_IF"))?;
+    bind(s.as_fd(), SocketAddr::V6(SocketAddrV6::new(ip, 0, 0, 0)))?;
+    let mut msg = Vec::with_capacity(32);
+    msg.extend_from_slice(&[136, 0, 0, 0]); // NA; the kernel fills the checksum
+    msg.extend_from_slice(&0x2000_0000u32.to_be_bytes()); // Override
+    msg.extend_from_slice(&ip.octets());
+    msg.extend_from_slice(&[2, 1]); // target link-layer address, 8 bytes
+    msg.extend_from_slice(&mac);
+    let dst = SocketAddr::V6(SocketAddrV6::new(
+        Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1),
+        0,
+        0,
+        ifindex,
+    ));
+    let (ss, len) = to_sockaddr(dst);
+    // SAFETY: `msg` is readable; `ss` holds a valid sockaddr of `len` bytes.
+    syscall!(sendto(
+        s.as_raw_fd(),
+        msg.as_ptr().cast(),
+        msg.len(),
+        0,
+        (&ss as *const libc::sockaddr_storage).cast(),
+        len
+    ))
+    .map_err(ctx("sendto(ICMPv6)"))?;
+    Ok(())
+}
+
+/// The Ethernet address of `ifname` (SIOCGIFHWADDR).
+fn hw_addr(ifname: &str) -> io::Result<[u8; 6]> {
+    // SAFETY: plain call, new fd.
+    let s = syscall!(socket(
+        libc::AF_INET,
+        libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+        0
+    ))
+    .map_err(ctx("socket"))?;
+    // SAFETY: fresh fd.
+    let s = unsafe { OwnedFd::from_raw_fd(s) };
+    // SAFETY: plain data, all-zero is valid.
+    let mut ifr: libc::ifreq = unsafe { zeroed() };
+    for (d, b) in ifr
+        .ifr_name
+        .iter_mut()
+        .zip(ifname.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *d = b as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR reads the name from and writes the address into `ifr`.
+    syscall!(ioctl(
+        s.as_raw_fd(),
+        libc::SIOCGIFHWADDR as _,
+        &mut ifr as *mut libc::ifreq
+    ))
+    .map_err(ctx("SIOCGIFHWADDR"))?;
+    // SAFETY: after SIOCGIFHWADDR the union holds a sockaddr in ifru_hwaddr.
+    let hw = unsafe { ifr.ifr_ifru.ifru_hwaddr };
+    Ok(std::array::from_fn(|i| hw.sa_data[i] as u8))
+}
+
+/// Announces `ip` on `ifname`: gratuitous ARP for IPv4, unsolicited
+/// neighbour advertisement for IPv6.
+pub fn announce(ifname: &str, ip: std::net::IpAddr) -> io::Result<()> {
+    match ip {
+        std::net::IpAddr::V4(v4) => announce_ipv4(ifname, v4),
+        std::net::IpAddr::V6(v6) => announce_ipv6(ifname, v6),
+    }
+}

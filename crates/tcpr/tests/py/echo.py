@@ -3,9 +3,9 @@
 connection, accepted (--listen) or inherited on fd 3 from `tcpr restore`
 (LISTEN_FDS). On "pause" (stdin) it stops touching the socket, writes the
 bytes it read but could not yet send to --state (they travel as the image's
-application blob) and answers "paused FD". Restored, it takes them back from
-TCPR_APP_BLOB_HEX and sends them first.
-Optional: "close" shuts down its sending side (half-close) after flushing.
+application blob) and answers "paused FD"; "resume" then carries on.
+Restored, it takes the bytes back from TCPR_APP_BLOB_FD and sends them
+first.
 """
 import argparse, os, selectors, socket, sys
 
@@ -30,7 +30,11 @@ else:
     conn = socket.socket(fileno=3)
 
 conn.setblocking(False)
-pending = bytearray(bytes.fromhex(os.environ.get("TCPR_APP_BLOB_HEX", "")))
+pending = bytearray()
+if "TCPR_APP_BLOB_FD" in os.environ:
+    with os.fdopen(int(os.environ["TCPR_APP_BLOB_FD"]), "rb") as f:
+        pending.extend(f.read())
+    assert len(pending) == int(os.environ["TCPR_APP_BLOB_LEN"])
 print("ready", conn.fileno(), flush=True)
 
 sel = selectors.DefaultSelector()
@@ -55,8 +59,10 @@ while True:
                     with open(args.state, "wb") as f:
                         f.write(pending)
                 print("paused", conn.fileno(), flush=True)
-                sys.stdin.read()  # wait to be killed
-                sys.exit(0)
+                # Wait: "resume" carries on (after a snapshot), EOF exits.
+                if sys.stdin.readline().strip() != "resume":
+                    sys.exit(0)
+                print("resumed", flush=True)
             continue
         if ev & selectors.EVENT_READ:
             try:

@@ -6,17 +6,20 @@ and checks that every byte comes back, in order, unchanged.
 Commands on stdin: "stall" (stop reading), "unstall", "finish" (stop
 writing, wait for every echo, print a JSON verdict and exit).
 """
-import argparse, hashlib, json, random, socket, sys, threading, time
+import argparse, hashlib, json, random, select, socket, sys, threading, time
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--connect", required=True)
 ap.add_argument("--port", type=int, required=True)
 ap.add_argument("--rate", type=int, default=1 << 20, help="bytes per second")
 ap.add_argument("--seed", type=int, default=1)
+ap.add_argument("--rcvbuf", type=int, help="SO_RCVBUF, to make a zero window easy to reach")
 args = ap.parse_args()
 
 fam = socket.AF_INET6 if ":" in args.connect else socket.AF_INET
 s = socket.socket(fam, socket.SOCK_STREAM)
+if args.rcvbuf:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, args.rcvbuf)
 s.settimeout(10)
 s.connect((args.connect, args.port))
 s.settimeout(None)
@@ -51,18 +54,18 @@ def writer():
 
 def reader():
     last = time.monotonic()
-    s.settimeout(0.05)
     while True:
         if state["stall"]:
             time.sleep(0.01)
             last = time.monotonic()
             continue
         try:
+            # select, not a socket timeout: the writer shares the socket.
+            if not select.select([s], [], [], 0.05)[0]:
+                if state["stop"] and state["recv"] >= len(sent):
+                    return
+                continue
             data = s.recv(65536)
-        except socket.timeout:
-            if state["stop"] and state["recv"] >= len(sent):
-                return
-            continue
         except OSError as e:
             state["error"] = "recv: %s" % e
             return

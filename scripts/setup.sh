@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what tcpr needs on a fresh Debian machine (run as root) and builds it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+need=()
+command -v nft >/dev/null || need+=(nftables)
+command -v ip >/dev/null || need+=(iproute2)
+command -v python3 >/dev/null || need+=(python3)
+command -v setpriv >/dev/null || need+=(util-linux)
+command -v curl >/dev/null || need+=(curl)
+if [ ${#need[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+# Kernel modules the lock and the labs use (built in on some kernels).
+for m in nf_tables veth bridge; do modprobe -q "$m" 2>/dev/null || true; done
+cargo build --release --workspace --quiet
