@@ -158,3 +158,24 @@ proptest! {
         let _ = ConnectionImage::decode(&bytes);
     }
 }
+
+/// Every file of the fuzz seed corpus (and the regressions kept there)
+/// goes through the decoder without a panic; the valid ones round-trip.
+#[test]
+fn seed_corpus_decodes_without_panic() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/seeds/decode_image");
+    let mut n = 0;
+    let mut valid = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let bytes = std::fs::read(e.unwrap().path()).unwrap();
+        if let Ok(img) = ConnectionImage::decode(&bytes) {
+            assert_eq!(ConnectionImage::decode(&img.encode()).unwrap(), img);
+            valid += 1;
+        }
+        n += 1;
+    }
+    assert!(
+        n >= 5 && valid >= 2,
+        "seed corpus present: {n} files, {valid} valid"
+    );
+}

@@ -10,34 +10,108 @@ use std::time::{Duration, Instant};
 use tcpr_engine::{floor, freeze_many, restore, FreezeOptions};
 use tcpr_image::ConnectionImage;
 
-fn pairs(n: usize) -> Result<(Vec<TcpStream>, Vec<TcpStream>)> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
-    let mut clients = Vec::with_capacity(n);
-    let mut servers = Vec::with_capacity(n);
-    for _ in 0..n {
-        clients.push(TcpStream::connect(addr)?);
-        servers.push(l.accept()?.0);
-    }
-    Ok((clients, servers))
+/// The client ends live in a child process (`tcpr bench-peer`), so that each
+/// process holds at most one end of each connection: 10,000 connections
+/// then fit a 20,000-file limit.
+struct Peers {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
 }
 
-/// Every restored connection must still carry bytes both ways.
-fn check_alive(clients: &mut [TcpStream], restored: &mut [TcpStream]) -> Result<()> {
-    for (c, s) in clients.iter_mut().zip(restored.iter_mut()) {
+impl Peers {
+    fn line(&mut self) -> Result<String> {
+        use std::io::BufRead;
+        let mut l = String::new();
+        self.stdout.read_line(&mut l)?;
+        Ok(l.trim().to_string())
+    }
+}
+
+impl Drop for Peers {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pairs(n: usize) -> Result<(Peers, Vec<TcpStream>)> {
+    use std::process::{Command, Stdio};
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["bench-peer", &addr.to_string(), &n.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("start the bench peer")?;
+    let stdin = child.stdin.take().expect("piped");
+    let stdout = std::io::BufReader::new(child.stdout.take().expect("piped"));
+    let mut peers = Peers {
+        child,
+        stdin,
+        stdout,
+    };
+    let mut servers = Vec::with_capacity(n);
+    for _ in 0..n {
+        servers.push(l.accept()?.0);
+    }
+    if peers.line()? != "ready" {
+        bail!("the bench peer did not connect");
+    }
+    Ok((peers, servers))
+}
+
+/// Every restored connection must still carry a byte each way.
+fn check_alive(peers: &mut Peers, restored: &mut [TcpStream]) -> Result<()> {
+    for s in restored.iter_mut() {
         s.write_all(b"p")?;
-        c.write_all(b"q")?;
-        let mut b = [0u8; 1];
-        c.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        c.read_exact(&mut b)?;
-        if &b != b"p" {
-            bail!("a restored connection delivered the wrong byte");
-        }
+    }
+    writeln!(peers.stdin, "check")?;
+    let mut b = [0u8; 1];
+    for s in restored.iter_mut() {
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
         s.read_exact(&mut b)?;
         if &b != b"q" {
             bail!("a restored connection delivered the wrong byte");
         }
+    }
+    let verdict = peers.line()?;
+    if verdict != "ok" {
+        bail!("bench peer: {verdict}");
+    }
+    Ok(())
+}
+
+/// `tcpr bench-peer ADDR N`: the client side of the bench.
+pub fn peer(addr: &str, n: usize) -> Result<()> {
+    tcpr_engine::raise_fd_limit(n as u64 + 64)?;
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        conns.push(TcpStream::connect(addr)?);
+    }
+    println!("ready");
+    let mut line = String::new();
+    while std::io::stdin().read_line(&mut line)? > 0 {
+        let mut b = [0u8; 1];
+        let mut res = Ok(());
+        for c in conns.iter_mut() {
+            c.set_read_timeout(Some(Duration::from_secs(10)))?;
+            if let Err(e) = c.read_exact(&mut b) {
+                res = Err(e.to_string());
+                break;
+            }
+            if &b != b"p" {
+                res = Err("wrong byte".into());
+                break;
+            }
+            c.write_all(b"q")?;
+        }
+        match res {
+            Ok(()) => println!("ok"),
+            Err(e) => println!("error: {e}"),
+        }
+        line.clear();
     }
     Ok(())
 }
@@ -52,7 +126,7 @@ fn per_conn(d: Duration, n: usize) -> f64 {
 }
 
 fn tcpr_run(n: usize, lock: bool) -> Result<Row> {
-    let (mut clients, servers) = pairs(n)?;
+    let (mut peers, servers) = pairs(n)?;
     let socks: Vec<OwnedFd> = servers.into_iter().map(OwnedFd::from).collect();
     let opts = FreezeOptions {
         lock,
@@ -81,7 +155,7 @@ fn tcpr_run(n: usize, lock: bool) -> Result<Row> {
         restored.push(restore(&img)?.resume()?);
     }
     let restore_t = t.elapsed();
-    check_alive(&mut clients, &mut restored)?;
+    check_alive(&mut peers, &mut restored)?;
     Ok(Row {
         dump,
         restore: restore_t,
@@ -89,7 +163,7 @@ fn tcpr_run(n: usize, lock: bool) -> Result<Row> {
 }
 
 fn floor_run(n: usize) -> Result<Row> {
-    let (mut clients, servers) = pairs(n)?;
+    let (mut peers, servers) = pairs(n)?;
     let t = Instant::now();
     let states: Vec<_> = servers.iter().map(|s| floor::dump(s.as_raw_fd())).collect();
     let dump = t.elapsed();
@@ -100,7 +174,7 @@ fn floor_run(n: usize) -> Result<Row> {
         .map(|s| TcpStream::from(floor::restore(s)))
         .collect();
     let restore_t = t.elapsed();
-    check_alive(&mut clients, &mut restored)?;
+    check_alive(&mut peers, &mut restored)?;
     Ok(Row {
         dump,
         restore: restore_t,
@@ -116,7 +190,11 @@ pub fn run(counts: &[usize]) -> Result<()> {
         tcpr_engine::unshare_netns()
             .context("tcpr bench needs root (CAP_SYS_ADMIN) for a private network namespace")?;
         tcpr_netlab::run(std::process::Command::new("ip").args(["link", "set", "lo", "up"]))?;
-        tcpr_engine::raise_fd_limit()?;
+        let need = counts.iter().copied().max().unwrap_or(1) as u64 + 1024;
+        let got = tcpr_engine::raise_fd_limit(need)?;
+        if got < need {
+            bail!("tcpr bench needs {need} open files and may have only {got} (RLIMIT_NOFILE)");
+        }
         println!("per-connection cost, idle IPv4 connections on loopback (microseconds)");
         println!(
             "{:>7}  {:>12} {:>12} {:>12} {:>9}   {:>12} {:>12} {:>9}",

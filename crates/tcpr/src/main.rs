@@ -108,6 +108,9 @@ enum Cmd {
         /// The address.
         addr: std::net::IpAddr,
     },
+    /// The client side of `tcpr bench` (run by it).
+    #[command(hide = true)]
+    BenchPeer { addr: String, count: usize },
     /// Benchmark freeze+dump and restore+resume against the bare-syscall floor.
     Bench {
         /// Connection counts to measure.
@@ -181,6 +184,7 @@ fn run(cmd: Cmd) -> Result<i32> {
                 .with_context(|| format!("cannot announce {addr} on {dev}"))?;
             Ok(0)
         }
+        Cmd::BenchPeer { addr, count } => bench::peer(&addr, count).map(|()| 0),
         Cmd::Bench { counts } => bench::run(&counts).map(|()| 0),
     }
 }

@@ -576,12 +576,27 @@ pub(crate) fn send_raw_ip(packet: &[u8], dst: SocketAddr) -> io::Result<()> {
     Ok(())
 }
 
-/// Raises RLIMIT_NOFILE's soft limit to the hard limit; returns the new limit.
-pub fn raise_fd_limit() -> io::Result<u64> {
+/// Raises RLIMIT_NOFILE to at least `want` (raising the hard limit too when
+/// privileged, up to fs.nr_open); returns the new soft limit.
+pub fn raise_fd_limit(want: u64) -> io::Result<u64> {
     // SAFETY: plain data.
     let mut r: libc::rlimit = unsafe { zeroed() };
     // SAFETY: `r` is writable.
     syscall!(getrlimit(libc::RLIMIT_NOFILE, &mut r))?;
+    if r.rlim_max < want {
+        let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(r.rlim_max);
+        let raised = libc::rlimit {
+            rlim_cur: want.min(nr_open),
+            rlim_max: want.min(nr_open),
+        };
+        // SAFETY: `raised` is a valid rlimit.
+        if syscall!(setrlimit(libc::RLIMIT_NOFILE, &raised)).is_ok() {
+            return Ok(raised.rlim_cur);
+        }
+    }
     r.rlim_cur = r.rlim_max;
     // SAFETY: `r` is a valid rlimit.
     syscall!(setrlimit(libc::RLIMIT_NOFILE, &r))?;
