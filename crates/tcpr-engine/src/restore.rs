@@ -363,12 +363,6 @@ fn apply_socket_options(fd: BorrowedFd<'_>, so: &SocketOptions, v6: bool) -> Res
         "TCP_NOTSENT_LOWAT",
     )?;
     set(libc::SOL_SOCKET, libc::SO_MARK, so.mark, "SO_MARK")?;
-    set(
-        libc::SOL_SOCKET,
-        libc::SO_PRIORITY,
-        so.priority,
-        "SO_PRIORITY",
-    )?;
     if v6 {
         set(libc::SOL_IPV6, libc::IPV6_TCLASS, so.tos, "IPV6_TCLASS")?;
         set(
@@ -381,6 +375,8 @@ fn apply_socket_options(fd: BorrowedFd<'_>, so: &SocketOptions, v6: bool) -> Res
         set(libc::SOL_IP, libc::IP_TOS, so.tos, "IP_TOS")?;
         set(libc::SOL_IP, libc::IP_TTL, so.ttl, "IP_TTL")?;
     }
+    // After IP_TOS, which also sets the priority (ip(7)).
+    set(libc::SOL_SOCKET, libc::SO_PRIORITY, so.priority, "SO_PRIORITY")?;
     if let Some(cc) = &so.congestion {
         // An algorithm missing on this host is not fatal: the connection
         // carries on with the default one.
