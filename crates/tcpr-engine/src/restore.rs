@@ -376,7 +376,12 @@ fn apply_socket_options(fd: BorrowedFd<'_>, so: &SocketOptions, v6: bool) -> Res
         set(libc::SOL_IP, libc::IP_TTL, so.ttl, "IP_TTL")?;
     }
     // After IP_TOS, which also sets the priority (ip(7)).
-    set(libc::SOL_SOCKET, libc::SO_PRIORITY, so.priority, "SO_PRIORITY")?;
+    set(
+        libc::SOL_SOCKET,
+        libc::SO_PRIORITY,
+        so.priority,
+        "SO_PRIORITY",
+    )?;
     if let Some(cc) = &so.congestion {
         // An algorithm missing on this host is not fatal: the connection
         // carries on with the default one.

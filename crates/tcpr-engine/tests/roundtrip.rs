@@ -185,7 +185,10 @@ fn options_round_trip(addr: &str) {
     }
     // After IP_TOS, which also sets the priority.
     set(libc::SOL_SOCKET, libc::SO_PRIORITY, 5);
-    let l = libc::linger { l_onoff: 1, l_linger: 3 };
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 3,
+    };
     // SAFETY: test helper; `l` is a valid struct linger for the call.
     let r = unsafe {
         use std::os::fd::AsRawFd;
@@ -233,7 +236,10 @@ fn options_round_trip(addr: &str) {
     assert_eq!(again.socket_options, img.socket_options);
     assert_eq!(again.window.snd_wnd, img.window.snd_wnd);
     assert_eq!(again.window.rcv_wup, img.window.rcv_wup);
-    assert!(again.timestamp.wrapping_sub(img.timestamp) < 10_000, "TSval clock carried over");
+    assert!(
+        again.timestamp.wrapping_sub(img.timestamp) < 10_000,
+        "TSval clock carried over"
+    );
     let s = frozen.thaw().unwrap();
     let mut s = TcpStream::from(s);
     s.write_all(b"x").unwrap();
@@ -254,7 +260,12 @@ fn setsockopt_int(fd: std::os::fd::BorrowedFd<'_>, level: i32, name: i32, v: i32
             std::mem::size_of::<i32>() as libc::socklen_t,
         )
     };
-    assert_eq!(r, 0, "setsockopt {level}/{name}: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        r,
+        0,
+        "setsockopt {level}/{name}: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 #[test]
