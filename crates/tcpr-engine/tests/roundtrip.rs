@@ -278,3 +278,89 @@ fn socket_options_and_state_round_trip() {
     .join()
     .unwrap();
 }
+
+/// Drops, in this thread's namespace, every packet the client socket sends
+/// (marked, so that the engine's forged FIN from the "peer" still passes):
+/// the server's data and FIN then stay unacknowledged.
+fn drop_from(client: &TcpStream, on: bool) {
+    use std::io::Write as _;
+    use std::os::fd::AsFd;
+    let script = if on {
+        setsockopt_int(client.as_fd(), libc::SOL_SOCKET, libc::SO_MARK, 77);
+        "add table inet t\nadd chain inet t c { type filter hook output priority 0; }\nadd rule inet t c meta mark 77 drop\n"
+    } else {
+        "delete table inet t\n"
+    };
+    let mut nft = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(nft.wait().unwrap().success());
+}
+
+#[test]
+fn we_closed_fin_unacked_fin_wait1() {
+    std::thread::spawn(|| {
+        private_netns();
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let (mut client, mut server) = pair(addr);
+            drop_from(&client, true);
+            server.write_all(b"response").unwrap();
+            server.shutdown(std::net::Shutdown::Write).unwrap();
+            wait_state(&server, 4);
+            let (img, mut s2) = move_in_place(server);
+            assert_eq!(img.state, tcpr_image::TcpState::FinWait1);
+            assert_eq!(
+                img.send_queue.sent, b"response",
+                "in flight, FIN not counted as data"
+            );
+            drop_from(&client, false);
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).unwrap();
+            assert_eq!(got, b"response");
+            wait_state(&s2, 5);
+            client.write_all(b"still open this way").unwrap();
+            let mut buf = [0u8; 19];
+            s2.read_exact(&mut buf).unwrap();
+            assert_eq!(&buf, b"still open this way");
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
+fn both_closed_last_ack() {
+    std::thread::spawn(|| {
+        private_netns();
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let (mut client, mut server) = pair(addr);
+            client.write_all(b"request").unwrap();
+            client.shutdown(std::net::Shutdown::Write).unwrap();
+            wait_state(&server, 8);
+            drop_from(&client, true);
+            server.write_all(b"response").unwrap();
+            server.shutdown(std::net::Shutdown::Write).unwrap();
+            wait_state(&server, 9);
+            let (img, mut s2) = move_in_place(server);
+            assert_eq!(img.state, tcpr_image::TcpState::LastAck);
+            assert_eq!(img.recv_queue, b"request");
+            assert_eq!(img.send_queue.sent, b"response");
+            drop_from(&client, false);
+            let mut got = Vec::new();
+            s2.read_to_end(&mut got).unwrap();
+            assert_eq!(got, b"request");
+            let mut resp = Vec::new();
+            client.read_to_end(&mut resp).unwrap();
+            assert_eq!(resp, b"response");
+        }
+    })
+    .join()
+    .unwrap();
+}
