@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The test command: sets up, checks formatting and lints, runs every test
-# (unit, property, kernel integration in network namespaces), then the demo
-# and a short benchmark so their figures show in the log. Run as root.
+# (unit, property, kernel integration in network namespaces), after the demo
+# and the benchmark so their figures show in the log. Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-cargo test --workspace --release -- --test-threads=2
 ./target/release/tcpr demo --migrations 4 --interval 0.5
 ./target/release/tcpr bench --counts 1,100,10000
+cargo test --workspace --release -- --test-threads=2

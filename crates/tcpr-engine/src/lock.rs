@@ -80,6 +80,13 @@ impl Netns {
         }
         Ok(Netns { fd: Some(ns) })
     }
+    /// Device and inode of the namespace (`None`: the caller's own).
+    fn identity(&self) -> Option<(u64, u64)> {
+        self.fd
+            .as_ref()
+            .and_then(|f| sys::fd_identity(f.as_fd()).ok())
+    }
+
     fn try_clone(&self) -> Netns {
         Netns {
             fd: self.fd.as_ref().and_then(|f| f.try_clone().ok()),
@@ -190,6 +197,23 @@ impl FlowLock {
     pub fn release(mut self) -> Result<(), Error> {
         self.released = true;
         release_flows(&self.ns, &self.flows)
+    }
+
+    /// Releases many locks with one `nft` transaction per namespace.
+    pub fn release_many(locks: Vec<FlowLock>) -> Result<(), Error> {
+        let mut groups: Vec<(Option<(u64, u64)>, Netns, Vec<Flow>)> = Vec::new();
+        for mut l in locks {
+            l.released = true;
+            let id = l.ns.identity();
+            match groups.iter_mut().find(|g| g.0 == id) {
+                Some(g) => g.2.append(&mut l.flows),
+                None => groups.push((id, l.ns.try_clone(), std::mem::take(&mut l.flows))),
+            }
+        }
+        for (_, ns, flows) in groups {
+            release_flows(&ns, &flows)?;
+        }
+        Ok(())
     }
 
     /// Splits one flow's lock off this one (for per-connection outcomes).

@@ -145,9 +145,7 @@ fn tcpr_run(n: usize, lock: bool) -> Result<Row> {
     for f in frozen {
         locks.extend(f.discard()?);
     }
-    for l in locks {
-        l.release()?;
-    }
+    tcpr_engine::FlowLock::release_many(locks)?;
     let t = Instant::now();
     let mut restored = Vec::with_capacity(n);
     for b in &images {
