@@ -131,3 +131,52 @@ fn demo_cleans_up_on_ctrl_c() {
     assert_eq!(status.code(), Some(130));
     assert_eq!(listed(), 0, "no namespace of the demo is left");
 }
+
+/// A lock left by `dump` (connection left frozen) expires by itself.
+#[test]
+fn source_lock_expires_after_its_lease() {
+    let dir = tmpdir("lease");
+    let img = dir.join("l.img");
+    let mut lab = Lab::new("ls").unwrap();
+    let c = lab.host("c", &["10.84.0.1/24"]).unwrap();
+    let s = lab.host("s", &["10.84.0.2/24"]).unwrap();
+    let mut cmd = s.cmd("python3");
+    cmd.args([&py("echo.py"), "--listen", "10.84.0.2", "--port", "7"]);
+    let mut echo = Proc::spawn(cmd, "echo");
+    echo.expect("listening", Duration::from_secs(10));
+    let mut cmd = c.cmd("python3");
+    cmd.args(["-c", CLIENT, "10.84.0.2", "7"]);
+    let mut client = Proc::spawn(cmd, "client");
+    let fd = echo
+        .expect("ready", Duration::from_secs(10))
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    client.expect("echoed", Duration::from_secs(10));
+    echo.send("pause");
+    echo.expect("paused", Duration::from_secs(10));
+    let out = tcpr(
+        None,
+        &[
+            "dump",
+            "--pid",
+            &echo.pid().to_string(),
+            "--fd",
+            &fd,
+            "-o",
+            img.to_str().unwrap(),
+            "--lease",
+            "2",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(locked(&s), 1);
+    std::thread::sleep(Duration::from_millis(3500));
+    assert_eq!(locked(&s), 0, "the lease expired the lock");
+    let _ = std::fs::remove_dir_all(&dir);
+}
