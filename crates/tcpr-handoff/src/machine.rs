@@ -1,0 +1,609 @@
+//! The two ends of a handoff as pure state machines: no sockets, no clock,
+//! no kernel. Events go in (`handle_*`, with `now` as an argument), messages
+//! and actions come out (`poll_transmit`, `poll_action`, `poll_timeout`).
+//! The drivers in `agent` and `sender` do the I/O; the tests in this module
+//! run both ends against each other over every failure point.
+//!
+//! The guarantee: every connection ends either live at the source (thawed)
+//! or live at the agent (resumed), never both and never neither, whatever
+//! fails at a message boundary: a lost link, a timeout, a crashed agent, a
+//! crashed sender after COMMIT. The one outcome the sender cannot decide
+//! alone (COMMIT sent, no answer) is settled by a Query on a new channel;
+//! when the agent cannot be reached at all the connections stay frozen and
+//! locked (never duplicated) and the sender reports them as unknown.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+/// A connection's number within a batch.
+pub type ConnId = u32;
+
+/// Protocol messages, as the machines see them (images travel beside).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Msg {
+    /// Opens a batch.
+    Hello {
+        /// Batch identity.
+        batch: u64,
+        /// Connections in the batch.
+        total: u32,
+    },
+    /// Restore these (the driver attaches their images).
+    Prepare(Vec<ConnId>),
+    /// Per-connection restore outcomes.
+    Ready(Vec<(ConnId, Result<(), String>)>),
+    /// Resume and deliver these.
+    Commit(Vec<ConnId>),
+    /// Per-connection resume outcomes.
+    Committed(Vec<(ConnId, Result<(), String>)>),
+    /// Give up the batch.
+    Abort(String),
+}
+
+/// What the sender's driver must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SenderAction {
+    /// Send the flows of these connections to the agent's host.
+    Switch(Vec<ConnId>),
+    /// Undo the switch.
+    Unswitch,
+    /// Roll back: these carry on at the source.
+    Thaw(Vec<ConnId>),
+    /// The agent owns these: close the frozen copies silently.
+    Discard(Vec<ConnId>),
+    /// Ask the agent, on a new channel, what became of the batch.
+    Query,
+    /// Outcome unknown: leave these frozen and locked until the lease ends.
+    Hold(Vec<ConnId>),
+}
+
+/// Where a connection ended, from the sender's point of view.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fate {
+    /// Moved: live at the agent.
+    Moved,
+    /// Rolled back: live at the source.
+    RolledBack(String),
+    /// Unknown: frozen and locked at the source until the lease ends.
+    Unknown(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SenderState {
+    Preparing,
+    Switching,
+    Committing,
+    Querying,
+    Done,
+}
+
+/// The sending end.
+///
+/// Call order:
+/// 1. [`Sender::new`], then send everything [`Sender::poll_transmit`] gives;
+/// 2. feed replies to [`Sender::handle_message`], the result of a `Switch`
+///    action to [`Sender::handle_switched`], a lost link to
+///    [`Sender::handle_link_lost`], and the clock to [`Sender::handle_timeout`]
+///    when [`Sender::poll_timeout`] passes;
+/// 3. after a `Query` action, feed the answer to [`Sender::handle_status`];
+/// 4. perform every [`Sender::poll_action`]; stop when [`Sender::is_done`].
+#[derive(Debug)]
+pub struct Sender {
+    state: SenderState,
+    all: Vec<ConnId>,
+    awaiting: BTreeSet<ConnId>,
+    ready: BTreeSet<ConnId>,
+    fates: BTreeMap<ConnId, Fate>,
+    timeout: Duration,
+    deadline: Option<Instant>,
+    link_lost: bool,
+    switched: bool,
+    outbox: VecDeque<Msg>,
+    actions: VecDeque<SenderAction>,
+}
+
+impl Sender {
+    /// Starts a batch of `ids`; `timeout` bounds every wait for the agent.
+    pub fn new(batch: u64, ids: Vec<ConnId>, timeout: Duration, now: Instant) -> Sender {
+        let mut s = Sender {
+            state: SenderState::Preparing,
+            awaiting: ids.iter().copied().collect(),
+            all: ids.clone(),
+            ready: BTreeSet::new(),
+            fates: BTreeMap::new(),
+            timeout,
+            deadline: Some(now + timeout),
+            link_lost: false,
+            switched: false,
+            outbox: VecDeque::new(),
+            actions: VecDeque::new(),
+        };
+        s.outbox.push_back(Msg::Hello {
+            batch,
+            total: ids.len() as u32,
+        });
+        if ids.is_empty() {
+            s.state = SenderState::Done;
+            s.deadline = None;
+        } else {
+            s.outbox.push_back(Msg::Prepare(ids));
+        }
+        s
+    }
+
+    /// The next message to send.
+    pub fn poll_transmit(&mut self) -> Option<Msg> {
+        self.outbox.pop_front()
+    }
+    /// The next thing to do.
+    pub fn poll_action(&mut self) -> Option<SenderAction> {
+        self.actions.pop_front()
+    }
+    /// When [`Sender::handle_timeout`] is due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.deadline
+    }
+    /// True when every connection has its fate.
+    pub fn is_done(&self) -> bool {
+        self.state == SenderState::Done
+    }
+    /// The fate of each connection (complete once done).
+    pub fn fates(&self) -> &BTreeMap<ConnId, Fate> {
+        &self.fates
+    }
+
+    fn finish(&mut self) {
+        self.state = SenderState::Done;
+        self.deadline = None;
+    }
+
+    /// Rolls back everything that has no fate yet.
+    fn roll_back(&mut self, why: &str) {
+        let open: Vec<ConnId> = self
+            .all
+            .iter()
+            .copied()
+            .filter(|i| !self.fates.contains_key(i))
+            .collect();
+        if self.switched {
+            self.actions.push_back(SenderAction::Unswitch);
+            self.switched = false;
+        }
+        if !open.is_empty() {
+            self.actions.push_back(SenderAction::Thaw(open.clone()));
+        }
+        for i in open {
+            self.fates.insert(i, Fate::RolledBack(why.to_string()));
+        }
+        self.finish();
+    }
+
+    /// A message from the agent.
+    pub fn handle_message(&mut self, msg: Msg, now: Instant) {
+        match (self.state, msg) {
+            (SenderState::Preparing, Msg::Ready(outcomes)) => {
+                for (id, r) in outcomes {
+                    if !self.awaiting.remove(&id) {
+                        return self.protocol_error("READY for a connection not awaiting it");
+                    }
+                    match r {
+                        Ok(()) => {
+                            self.ready.insert(id);
+                        }
+                        Err(e) => {
+                            self.fates
+                                .insert(id, Fate::RolledBack(format!("agent refused: {e}")));
+                        }
+                    }
+                }
+                self.deadline = Some(now + self.timeout);
+                if self.awaiting.is_empty() {
+                    let refused: Vec<ConnId> = self.fates.keys().copied().collect();
+                    if !refused.is_empty() {
+                        self.actions.push_back(SenderAction::Thaw(refused));
+                    }
+                    if self.ready.is_empty() {
+                        self.outbox
+                            .push_back(Msg::Abort("nothing to commit".into()));
+                        self.finish();
+                    } else {
+                        self.state = SenderState::Switching;
+                        self.deadline = None;
+                        self.actions
+                            .push_back(SenderAction::Switch(self.ready.iter().copied().collect()));
+                    }
+                }
+            }
+            (SenderState::Committing, Msg::Committed(outcomes)) => {
+                let mut moved = vec![];
+                let mut failed = vec![];
+                for (id, r) in outcomes {
+                    if !self.ready.remove(&id) {
+                        return self.protocol_error("COMMITTED for a connection not committed");
+                    }
+                    match r {
+                        Ok(()) => {
+                            moved.push(id);
+                            self.fates.insert(id, Fate::Moved);
+                        }
+                        Err(e) => {
+                            failed.push(id);
+                            self.fates.insert(
+                                id,
+                                Fate::Unknown(format!("agent could not resume it: {e}")),
+                            );
+                        }
+                    }
+                }
+                if !moved.is_empty() {
+                    self.actions.push_back(SenderAction::Discard(moved));
+                }
+                if !failed.is_empty() {
+                    self.actions.push_back(SenderAction::Hold(failed));
+                }
+                if self.ready.is_empty() {
+                    self.finish();
+                }
+            }
+            (SenderState::Done, _) => {}
+            (_, Msg::Abort(reason)) if self.state != SenderState::Committing => {
+                self.roll_back(&format!("agent aborted: {reason}"));
+            }
+            (_, _) => self.protocol_error("unexpected message"),
+        }
+    }
+
+    fn protocol_error(&mut self, what: &str) {
+        match self.state {
+            // Before COMMIT nothing is decided: roll back.
+            SenderState::Preparing | SenderState::Switching => {
+                self.outbox.push_back(Msg::Abort(what.to_string()));
+                self.roll_back(&format!("protocol error: {what}"));
+            }
+            // After COMMIT the agent may own them: ask.
+            SenderState::Committing => self.start_query(),
+            SenderState::Querying | SenderState::Done => {}
+        }
+    }
+
+    /// The outcome of a `Switch` action.
+    pub fn handle_switched(&mut self, result: Result<(), String>, now: Instant) {
+        if self.state != SenderState::Switching {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                self.switched = true;
+                if self.link_lost {
+                    return self.roll_back("link to the agent lost");
+                }
+                self.state = SenderState::Committing;
+                self.outbox
+                    .push_back(Msg::Commit(self.ready.iter().copied().collect()));
+                self.deadline = Some(now + self.timeout);
+            }
+            Err(e) => {
+                // A switch may fail half-way: undo it whole.
+                self.switched = true;
+                self.outbox
+                    .push_back(Msg::Abort(format!("switch failed: {e}")));
+                self.roll_back(&format!("switch failed: {e}"));
+            }
+        }
+    }
+
+    fn start_query(&mut self) {
+        self.state = SenderState::Querying;
+        self.deadline = None;
+        self.actions.push_back(SenderAction::Query);
+    }
+
+    /// The link to the agent broke (EOF, reset, TLS error).
+    pub fn handle_link_lost(&mut self, _now: Instant) {
+        match self.state {
+            SenderState::Preparing => self.roll_back("link to the agent lost"),
+            SenderState::Switching => self.link_lost = true,
+            SenderState::Committing => self.start_query(),
+            SenderState::Querying | SenderState::Done => {}
+        }
+    }
+
+    /// The clock reached [`Sender::poll_timeout`].
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.deadline.is_none_or(|d| now < d) {
+            return;
+        }
+        match self.state {
+            SenderState::Preparing => {
+                self.outbox.push_back(Msg::Abort("timeout".into()));
+                self.roll_back("timed out waiting for the agent");
+            }
+            SenderState::Committing => self.start_query(),
+            _ => {}
+        }
+    }
+
+    /// The answer to a `Query`: `Ok(Some(ids))` when the agent committed
+    /// the batch; `Ok(None)` when it never did (it aborted, or its process is
+    /// gone: the connection was refused, so its restored sockets died with
+    /// it); `Err` when it could not be reached at all.
+    pub fn handle_status(&mut self, status: Result<Option<Vec<ConnId>>, String>) {
+        if self.state != SenderState::Querying {
+            return;
+        }
+        match status {
+            Ok(Some(committed)) => {
+                let committed: BTreeSet<ConnId> = committed.into_iter().collect();
+                let moved: Vec<ConnId> = self
+                    .ready
+                    .iter()
+                    .copied()
+                    .filter(|i| committed.contains(i))
+                    .collect();
+                let lost: Vec<ConnId> = self
+                    .ready
+                    .iter()
+                    .copied()
+                    .filter(|i| !committed.contains(i))
+                    .collect();
+                for &i in &moved {
+                    self.fates.insert(i, Fate::Moved);
+                }
+                if !moved.is_empty() {
+                    self.actions.push_back(SenderAction::Discard(moved));
+                }
+                if !lost.is_empty() {
+                    for &i in &lost {
+                        self.fates.insert(
+                            i,
+                            Fate::Unknown("agent committed the batch without it".into()),
+                        );
+                    }
+                    self.actions.push_back(SenderAction::Hold(lost));
+                }
+                self.ready.clear();
+                self.finish();
+            }
+            Ok(None) => self.roll_back("the agent never committed"),
+            Err(e) => {
+                let held: Vec<ConnId> = self.ready.iter().copied().collect();
+                for &i in &held {
+                    self.fates.insert(
+                        i,
+                        Fate::Unknown(format!("agent unreachable after COMMIT: {e}")),
+                    );
+                }
+                self.actions.push_back(SenderAction::Hold(held));
+                self.finish();
+            }
+        }
+    }
+}
+
+/// What the agent's driver must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentAction {
+    /// Restore these images (left in repair mode); report with
+    /// [`Agent::handle_restored`].
+    Restore(Vec<ConnId>),
+    /// Resume and deliver these; report with [`Agent::handle_resumed`].
+    Resume(Vec<ConnId>),
+    /// Close these restored sockets silently.
+    Discard(Vec<ConnId>),
+}
+
+/// What the agent knows of a batch, for Query.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BatchState {
+    /// Restored, awaiting COMMIT.
+    Prepared,
+    /// Committed: these ids were resumed.
+    Committed(Vec<ConnId>),
+    /// Given up.
+    Aborted,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AgentState {
+    AwaitHello,
+    Preparing,
+    Resuming,
+    Done,
+}
+
+/// The receiving end.
+///
+/// Call order: feed each message to [`Agent::handle_message`]; perform each
+/// [`Agent::poll_action`] and report its results; send each
+/// [`Agent::poll_transmit`]; on a lost link call [`Agent::handle_link_lost`];
+/// when [`Agent::poll_timeout`] passes call [`Agent::handle_timeout`].
+#[derive(Debug)]
+pub struct Agent {
+    state: AgentState,
+    batch: u64,
+    total: u32,
+    seen: BTreeSet<ConnId>,
+    restored: BTreeSet<ConnId>,
+    answered: usize,
+    timeout: Duration,
+    deadline: Option<Instant>,
+    outbox: VecDeque<Msg>,
+    actions: VecDeque<AgentAction>,
+    result: Option<BatchState>,
+}
+
+impl Agent {
+    /// A new session; `timeout` bounds the wait for each next message
+    /// before COMMIT.
+    pub fn new(timeout: Duration, now: Instant) -> Agent {
+        Agent {
+            state: AgentState::AwaitHello,
+            batch: 0,
+            total: 0,
+            seen: BTreeSet::new(),
+            restored: BTreeSet::new(),
+            answered: 0,
+            timeout,
+            deadline: Some(now + timeout),
+            outbox: VecDeque::new(),
+            actions: VecDeque::new(),
+            result: None,
+        }
+    }
+    /// The batch this session serves (after HELLO).
+    pub fn batch(&self) -> u64 {
+        self.batch
+    }
+    /// The next message to send.
+    pub fn poll_transmit(&mut self) -> Option<Msg> {
+        self.outbox.pop_front()
+    }
+    /// The next thing to do.
+    pub fn poll_action(&mut self) -> Option<AgentAction> {
+        self.actions.pop_front()
+    }
+    /// When [`Agent::handle_timeout`] is due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.deadline
+    }
+    /// The batch's state, for Query.
+    pub fn batch_state(&self) -> BatchState {
+        self.result.clone().unwrap_or(BatchState::Prepared)
+    }
+    /// True once the session has nothing more to do.
+    pub fn is_done(&self) -> bool {
+        self.state == AgentState::Done
+    }
+
+    fn abort(&mut self) {
+        let restored: Vec<ConnId> = std::mem::take(&mut self.restored).into_iter().collect();
+        if !restored.is_empty() {
+            self.actions.push_back(AgentAction::Discard(restored));
+        }
+        self.result = Some(BatchState::Aborted);
+        self.state = AgentState::Done;
+        self.deadline = None;
+    }
+
+    /// A message from the sender.
+    pub fn handle_message(&mut self, msg: Msg, now: Instant) {
+        match (self.state, msg) {
+            (AgentState::AwaitHello, Msg::Hello { batch, total }) => {
+                self.batch = batch;
+                self.total = total;
+                self.state = AgentState::Preparing;
+                self.deadline = Some(now + self.timeout);
+            }
+            (AgentState::Preparing, Msg::Prepare(ids)) => {
+                if ids.iter().any(|i| !self.seen.insert(*i))
+                    || self.seen.len() > self.total as usize
+                {
+                    self.outbox.push_back(Msg::Abort("bad PREPARE".into()));
+                    return self.abort();
+                }
+                self.deadline = Some(now + self.timeout);
+                self.actions.push_back(AgentAction::Restore(ids));
+            }
+            (AgentState::Preparing, Msg::Commit(ids)) => {
+                if self.answered < self.total as usize {
+                    self.outbox
+                        .push_back(Msg::Abort("COMMIT before every READY".into()));
+                    return self.abort();
+                }
+                let commit: BTreeSet<ConnId> = ids.into_iter().collect();
+                let resume: Vec<ConnId> = self.restored.intersection(&commit).copied().collect();
+                let discard: Vec<ConnId> = self.restored.difference(&commit).copied().collect();
+                if !discard.is_empty() {
+                    self.actions.push_back(AgentAction::Discard(discard));
+                }
+                let unknown: Vec<(ConnId, Result<(), String>)> = commit
+                    .difference(&self.restored)
+                    .map(|i| (*i, Err("not prepared".to_string())))
+                    .collect();
+                if !unknown.is_empty() {
+                    self.outbox.push_back(Msg::Committed(unknown));
+                }
+                self.restored.clear();
+                // The commit point: from here a Query answers "committed".
+                self.result = Some(BatchState::Committed(resume.clone()));
+                self.state = AgentState::Resuming;
+                self.deadline = None;
+                self.actions.push_back(AgentAction::Resume(resume));
+            }
+            (AgentState::Done | AgentState::Resuming, _) => {}
+            (_, _) => {
+                self.outbox
+                    .push_back(Msg::Abort("unexpected message".into()));
+                self.abort();
+            }
+        }
+    }
+
+    /// Results of a `Restore` action.
+    pub fn handle_restored(&mut self, outcomes: Vec<(ConnId, Result<(), String>)>) {
+        if self.state != AgentState::Preparing {
+            // Aborted meanwhile: throw away what was restored.
+            let late: Vec<ConnId> = outcomes
+                .iter()
+                .filter(|o| o.1.is_ok())
+                .map(|o| o.0)
+                .collect();
+            if !late.is_empty() {
+                self.actions.push_back(AgentAction::Discard(late));
+            }
+            return;
+        }
+        for (id, r) in &outcomes {
+            if r.is_ok() {
+                self.restored.insert(*id);
+            }
+        }
+        self.answered += outcomes.len();
+        self.outbox.push_back(Msg::Ready(outcomes));
+    }
+
+    /// Results of a `Resume` action.
+    pub fn handle_resumed(&mut self, outcomes: Vec<(ConnId, Result<(), String>)>) {
+        let ok: Vec<ConnId> = outcomes
+            .iter()
+            .filter(|o| o.1.is_ok())
+            .map(|o| o.0)
+            .collect();
+        self.result = Some(BatchState::Committed(ok));
+        self.outbox.push_back(Msg::Committed(outcomes));
+        self.state = AgentState::Done;
+    }
+
+    /// A Query for this batch from a new channel. A batch still waiting
+    /// for COMMIT is given up at once, so that a COMMIT still in flight can
+    /// no longer take effect: the answer is then final. Returns the
+    /// committed ids, or `None` when the batch did not commit.
+    pub fn handle_query(&mut self) -> Option<Vec<ConnId>> {
+        if matches!(self.state, AgentState::AwaitHello | AgentState::Preparing) {
+            self.abort();
+        }
+        match &self.result {
+            Some(BatchState::Committed(ids)) => Some(ids.clone()),
+            _ => None,
+        }
+    }
+
+    /// The link broke. Before COMMIT the batch is given up.
+    pub fn handle_link_lost(&mut self) {
+        if matches!(self.state, AgentState::AwaitHello | AgentState::Preparing) {
+            self.abort();
+        }
+    }
+
+    /// The clock reached [`Agent::poll_timeout`].
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.deadline.is_some_and(|d| now >= d)
+            && matches!(self.state, AgentState::AwaitHello | AgentState::Preparing)
+        {
+            self.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

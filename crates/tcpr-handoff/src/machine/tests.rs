@@ -1,0 +1,331 @@
+//! Both machines against each other over a simulated ordered link, with a
+//! fault injected at every step: every connection must end live at exactly
+//! one end (or, only when the agent is unreachable after COMMIT, held
+//! frozen at the source and never duplicated).
+
+use super::*;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    None,
+    /// The link breaks (both ends see it); the agent stays reachable for Query.
+    LinkCut,
+    /// The link breaks and the agent cannot be reached at all.
+    Partition,
+    /// The agent process dies (SIGKILL): restored sockets vanish, delivered
+    /// ones live on in their programs; Query is refused.
+    AgentCrash,
+    /// Nothing more arrives; both ends' timers fire.
+    Stall,
+    /// The traffic switch fails.
+    SwitchFails,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Src {
+    Frozen,
+    Live,
+    Gone,
+    Held,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dst {
+    None,
+    Restored,
+    Live,
+    Gone,
+}
+
+struct World {
+    src: Vec<Src>,
+    dst: Vec<Dst>,
+    switched: bool,
+}
+
+/// Runs one batch of `n` connections (ids in `refuse` are refused by the
+/// agent at restore) with `fault` at step `at`. Returns the world and the
+/// sender's fates.
+fn run(n: u32, refuse: &[u32], fault: Fault, at: usize) -> (World, BTreeMap<ConnId, Fate>) {
+    let t0 = Instant::now();
+    let timeout = Duration::from_secs(2);
+    let ids: Vec<ConnId> = (0..n).collect();
+    let mut s = Sender::new(7, ids, timeout, t0);
+    let mut a = Agent::new(timeout, t0);
+    let mut w = World {
+        src: vec![Src::Frozen; n as usize],
+        dst: vec![Dst::None; n as usize],
+        switched: false,
+    };
+    let mut s2a: VecDeque<Msg> = VecDeque::new();
+    let mut a2s: VecDeque<Msg> = VecDeque::new();
+    let mut link = true;
+    let mut agent_alive = true;
+    let mut reachable = true;
+    let mut stalled = false;
+    let mut now = t0;
+    let mut step = 0usize;
+    for _ in 0..10_000 {
+        if step == at && fault != Fault::None && fault != Fault::SwitchFails {
+            match fault {
+                Fault::LinkCut | Fault::Partition | Fault::AgentCrash => {
+                    if link {
+                        link = false;
+                        s2a.clear();
+                        a2s.clear();
+                        s.handle_link_lost(now);
+                        if fault == Fault::AgentCrash {
+                            agent_alive = false;
+                            for d in w.dst.iter_mut() {
+                                if *d == Dst::Restored {
+                                    *d = Dst::Gone;
+                                }
+                            }
+                        } else {
+                            a.handle_link_lost();
+                        }
+                        reachable = fault == Fault::LinkCut;
+                    }
+                }
+                Fault::Stall => stalled = true,
+                _ => {}
+            }
+        }
+        step += 1;
+        let mut progressed = false;
+        while let Some(m) = s.poll_transmit() {
+            if link {
+                s2a.push_back(m);
+            }
+        }
+        while let Some(act) = s.poll_action() {
+            progressed = true;
+            match act {
+                SenderAction::Switch(_) => {
+                    let fail = fault == Fault::SwitchFails;
+                    w.switched = !fail;
+                    s.handle_switched(if fail { Err("no".into()) } else { Ok(()) }, now);
+                }
+                SenderAction::Unswitch => w.switched = false,
+                SenderAction::Thaw(ids) => ids.iter().for_each(|&i| {
+                    assert_eq!(
+                        w.src[i as usize],
+                        Src::Frozen,
+                        "thaw of a non-frozen connection"
+                    );
+                    w.src[i as usize] = Src::Live
+                }),
+                SenderAction::Discard(ids) => ids.iter().for_each(|&i| {
+                    assert_eq!(w.src[i as usize], Src::Frozen);
+                    w.src[i as usize] = Src::Gone
+                }),
+                SenderAction::Hold(ids) => ids.iter().for_each(|&i| w.src[i as usize] = Src::Held),
+                SenderAction::Query => {
+                    let status = if !agent_alive {
+                        Ok(None)
+                    } else if !reachable {
+                        Err("unreachable".to_string())
+                    } else {
+                        Ok(a.handle_query())
+                    };
+                    s.handle_status(status);
+                }
+            }
+        }
+        if agent_alive {
+            while let Some(act) = a.poll_action() {
+                progressed = true;
+                match act {
+                    AgentAction::Restore(ids) => {
+                        let out = ids
+                            .iter()
+                            .map(|&i| {
+                                if refuse.contains(&i) {
+                                    (i, Err("not allowed".to_string()))
+                                } else {
+                                    w.dst[i as usize] = Dst::Restored;
+                                    (i, Ok(()))
+                                }
+                            })
+                            .collect();
+                        a.handle_restored(out);
+                    }
+                    AgentAction::Resume(ids) => {
+                        let out = ids
+                            .iter()
+                            .map(|&i| {
+                                assert_eq!(w.dst[i as usize], Dst::Restored);
+                                w.dst[i as usize] = Dst::Live;
+                                (i, Ok(()))
+                            })
+                            .collect();
+                        a.handle_resumed(out);
+                    }
+                    AgentAction::Discard(ids) => {
+                        ids.iter().for_each(|&i| w.dst[i as usize] = Dst::Gone)
+                    }
+                }
+            }
+            while let Some(m) = a.poll_transmit() {
+                if link {
+                    a2s.push_back(m);
+                }
+            }
+        }
+        if !stalled {
+            if let Some(m) = s2a.pop_front() {
+                progressed = true;
+                if agent_alive {
+                    a.handle_message(m, now);
+                }
+            } else if let Some(m) = a2s.pop_front() {
+                progressed = true;
+                s.handle_message(m, now);
+            }
+        }
+        if !progressed {
+            if s.is_done() && (a.is_done() || !agent_alive || !link) {
+                break;
+            }
+            // Nothing moves: let the clocks run out.
+            now += timeout * 2;
+            s.handle_timeout(now);
+            if agent_alive {
+                a.handle_timeout(now);
+            }
+            if s.is_done() && !link {
+                a.handle_link_lost();
+            }
+        }
+    }
+    assert!(s.is_done(), "sender finished ({fault:?} at {at})");
+    (w, s.fates().clone())
+}
+
+fn check(n: u32, refuse: &[u32], fault: Fault, at: usize) {
+    let (w, fates) = run(n, refuse, fault, at);
+    for i in 0..n as usize {
+        let live_src = w.src[i] == Src::Live;
+        let live_dst = w.dst[i] == Dst::Live;
+        let ctx = format!(
+            "conn {i}, {fault:?} at step {at}: src {:?} dst {:?} fate {:?}",
+            w.src[i],
+            w.dst[i],
+            fates.get(&(i as u32))
+        );
+        assert!(!(live_src && live_dst), "duplicated: {ctx}");
+        assert!(
+            w.dst[i] != Dst::Restored,
+            "left restored in repair mode at the agent: {ctx}"
+        );
+        match fates.get(&(i as u32)) {
+            Some(Fate::Moved) => assert!(live_dst && w.src[i] == Src::Gone, "{ctx}"),
+            Some(Fate::RolledBack(_)) => assert!(live_src && !live_dst, "{ctx}"),
+            Some(Fate::Unknown(_)) => {
+                assert_eq!(w.src[i], Src::Held, "{ctx}");
+                assert_eq!(
+                    fault,
+                    Fault::Partition,
+                    "unknown only when the agent is unreachable: {ctx}"
+                );
+            }
+            None => panic!("no fate: {ctx}"),
+        }
+        if fault != Fault::Partition {
+            assert!(live_src || live_dst, "lost: {ctx}");
+        }
+    }
+    if refuse.len() as u32 == n {
+        assert!(fates.values().all(|f| matches!(f, Fate::RolledBack(_))));
+    }
+    // Traffic is switched exactly when something moved.
+    let moved = fates.values().any(|f| *f == Fate::Moved);
+    if fault != Fault::Partition {
+        assert_eq!(
+            w.switched, moved,
+            "switch state matches the outcome ({fault:?} at {at})"
+        );
+    }
+}
+
+#[test]
+fn clean_batch_moves_everything() {
+    let (w, fates) = run(5, &[], Fault::None, 0);
+    assert!(fates.values().all(|f| *f == Fate::Moved));
+    assert!(w.dst.iter().all(|d| *d == Dst::Live));
+    assert!(w.switched);
+}
+
+#[test]
+fn refused_connections_roll_back_and_the_rest_move() {
+    let (w, fates) = run(4, &[1, 3], Fault::None, 0);
+    assert_eq!(fates[&0], Fate::Moved);
+    assert!(matches!(fates[&1], Fate::RolledBack(_)));
+    assert_eq!(w.src[1], Src::Live);
+    assert_eq!(w.dst[2], Dst::Live);
+}
+
+#[test]
+fn every_fault_at_every_step() {
+    let faults = [
+        Fault::LinkCut,
+        Fault::Partition,
+        Fault::AgentCrash,
+        Fault::Stall,
+        Fault::SwitchFails,
+        Fault::None,
+    ];
+    let mut runs = 0;
+    for n in [1u32, 3] {
+        for refuse in [&[][..], &[0][..], &[1][..]] {
+            if refuse.iter().any(|&r| r >= n) {
+                continue;
+            }
+            for fault in faults {
+                for at in 0..40 {
+                    check(n, refuse, fault, at);
+                    runs += 1;
+                }
+            }
+        }
+    }
+    assert!(runs > 1000);
+}
+
+#[test]
+fn agent_refuses_a_commit_before_every_ready() {
+    let now = Instant::now();
+    let mut a = Agent::new(Duration::from_secs(2), now);
+    a.handle_message(Msg::Hello { batch: 1, total: 2 }, now);
+    a.handle_message(Msg::Prepare(vec![0]), now);
+    assert_eq!(a.poll_action(), Some(AgentAction::Restore(vec![0])));
+    a.handle_restored(vec![(0, Ok(()))]);
+    a.handle_message(Msg::Commit(vec![0]), now);
+    assert_eq!(a.poll_action(), Some(AgentAction::Discard(vec![0])));
+    assert_eq!(a.batch_state(), BatchState::Aborted);
+}
+
+#[test]
+fn agent_times_out_and_discards() {
+    let now = Instant::now();
+    let mut a = Agent::new(Duration::from_secs(2), now);
+    a.handle_message(Msg::Hello { batch: 1, total: 1 }, now);
+    a.handle_message(Msg::Prepare(vec![0]), now);
+    a.poll_action();
+    a.handle_restored(vec![(0, Ok(()))]);
+    a.handle_timeout(now + Duration::from_secs(1));
+    assert!(!a.is_done());
+    a.handle_timeout(now + Duration::from_secs(3));
+    assert_eq!(a.poll_action(), Some(AgentAction::Discard(vec![0])));
+    assert!(a.is_done());
+}
+
+proptest::proptest! {
+    /// Random batch sizes, refusals, faults and fault points.
+    #[test]
+    fn random_schedules(n in 1u32..8, refuse_mask in 0u8.., fault in 0usize..6, at in 0usize..80) {
+        let refuse: Vec<u32> = (0..n).filter(|i| refuse_mask & (1 << i) != 0).collect();
+        let faults = [Fault::LinkCut, Fault::Partition, Fault::AgentCrash, Fault::Stall, Fault::SwitchFails, Fault::None];
+        check(n, &refuse, faults[fault], at);
+    }
+}
