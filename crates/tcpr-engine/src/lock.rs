@@ -201,7 +201,9 @@ impl FlowLock {
 
     /// Releases many locks with one `nft` transaction per namespace.
     pub fn release_many(locks: Vec<FlowLock>) -> Result<(), Error> {
-        let mut groups: Vec<(Option<(u64, u64)>, Netns, Vec<Flow>)> = Vec::new();
+        // (namespace identity, namespace, flows)
+        type Group = (Option<(u64, u64)>, Netns, Vec<Flow>);
+        let mut groups: Vec<Group> = Vec::new();
         for mut l in locks {
             l.released = true;
             let id = l.ns.identity();
