@@ -64,34 +64,30 @@ fn run(n: u32, refuse: &[u32], fault: Fault, at: usize) -> (World, BTreeMap<Conn
     let mut reachable = true;
     let mut stalled = false;
     let mut now = t0;
-    let mut step = 0usize;
-    for _ in 0..10_000 {
+    for step in 0..10_000usize {
         if step == at && fault != Fault::None && fault != Fault::SwitchFails {
             match fault {
-                Fault::LinkCut | Fault::Partition | Fault::AgentCrash => {
-                    if link {
-                        link = false;
-                        s2a.clear();
-                        a2s.clear();
-                        s.handle_link_lost(now);
-                        if fault == Fault::AgentCrash {
-                            agent_alive = false;
-                            for d in w.dst.iter_mut() {
-                                if *d == Dst::Restored {
-                                    *d = Dst::Gone;
-                                }
+                Fault::LinkCut | Fault::Partition | Fault::AgentCrash if link => {
+                    link = false;
+                    s2a.clear();
+                    a2s.clear();
+                    s.handle_link_lost(now);
+                    if fault == Fault::AgentCrash {
+                        agent_alive = false;
+                        for d in w.dst.iter_mut() {
+                            if *d == Dst::Restored {
+                                *d = Dst::Gone;
                             }
-                        } else {
-                            a.handle_link_lost();
                         }
-                        reachable = fault == Fault::LinkCut;
+                    } else {
+                        a.handle_link_lost();
                     }
+                    reachable = fault == Fault::LinkCut;
                 }
                 Fault::Stall => stalled = true,
                 _ => {}
             }
         }
-        step += 1;
         let mut progressed = false;
         while let Some(m) = s.poll_transmit() {
             if link {
