@@ -12,5 +12,6 @@
 //! This crate does not steer packets by itself: the sender switches traffic
 //! by moving an address or by a hook the caller supplies.
 
+pub mod auth;
 pub mod machine;
 pub mod wire;

@@ -1,0 +1,388 @@
+//! The handoff channel: TLS 1.3 (rustls), mutually authenticated.
+//!
+//! - **Certificates**: each end presents a certificate signed by the CA the
+//!   other trusts (the agent requires a client certificate).
+//! - **Pre-shared key**: rustls has no external-PSK mode, so each end uses a
+//!   throwaway self-signed certificate for encryption, and then both prove
+//!   they hold the key by exchanging HMAC-SHA256(key, role ‖ exporter), where
+//!   the exporter is keying material of *this* TLS session (RFC 5705/8446
+//!   §7.5). A man in the middle holds two different sessions and cannot
+//!   produce either MAC. The agent checks the client's MAC before it reads
+//!   any frame, so an unauthenticated peer never gets an image read.
+
+use hmac::{Hmac, Mac};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{ring as provider, CryptoProvider};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{
+    ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, ServerConfig,
+    ServerConnection, StreamOwned,
+};
+use rustls_pki_types::pem::PemObject;
+use sha2::Sha256;
+use std::io::{Read, Write};
+use std::net::{IpAddr, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+
+/// How the two ends prove who they are.
+#[derive(Clone)]
+pub enum Auth {
+    /// A shared secret (at least 16 bytes).
+    Psk(Arc<Vec<u8>>),
+    /// Mutual TLS: our chain and key, and the CA we trust for the other end.
+    Certs {
+        /// Our certificate chain.
+        chain: Vec<CertificateDer<'static>>,
+        /// Our private key.
+        key: Arc<PrivateKeyDer<'static>>,
+        /// The CA for the other end.
+        roots: Arc<RootCertStore>,
+    },
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Auth::Psk(_) => f.write_str("Auth::Psk(..)"),
+            Auth::Certs { .. } => f.write_str("Auth::Certs(..)"),
+        }
+    }
+}
+
+/// Why the channel could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// A key or certificate file is unusable.
+    #[error("{0}")]
+    Config(String),
+    /// The TLS handshake failed.
+    #[error("TLS handshake failed: {0}")]
+    Handshake(String),
+    /// The peer does not hold the pre-shared key.
+    #[error("the peer failed pre-shared-key authentication")]
+    BadKey,
+}
+
+/// A TLS stream, client or server side.
+pub enum Channel {
+    /// Our side connected.
+    Client(Box<StreamOwned<ClientConnection, TcpStream>>),
+    /// Our side accepted.
+    Server(Box<StreamOwned<ServerConnection, TcpStream>>),
+}
+
+impl Channel {
+    /// The TCP socket underneath (for timeouts).
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Channel::Client(s) => &s.sock,
+            Channel::Server(s) => &s.sock,
+        }
+    }
+    fn exporter(&self) -> Result<[u8; 32], AuthError> {
+        let r = match self {
+            Channel::Client(s) => {
+                s.conn
+                    .export_keying_material([0u8; 32], b"EXPORTER-tcpr-psk-v1", None)
+            }
+            Channel::Server(s) => {
+                s.conn
+                    .export_keying_material([0u8; 32], b"EXPORTER-tcpr-psk-v1", None)
+            }
+        };
+        r.map_err(|e| AuthError::Handshake(e.to_string()))
+    }
+}
+
+impl Read for Channel {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Channel::Client(s) => s.read(buf),
+            Channel::Server(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Channel {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Channel::Client(s) => s.write(buf),
+            Channel::Server(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Channel::Client(s) => s.flush(),
+            Channel::Server(s) => s.flush(),
+        }
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(provider::default_provider())
+}
+
+impl Auth {
+    /// A pre-shared key from a file (its bytes, surrounding whitespace
+    /// trimmed; at least 16 bytes).
+    pub fn psk_file(path: &Path) -> Result<Auth, AuthError> {
+        let raw = std::fs::read(path).map_err(|e| {
+            AuthError::Config(format!("cannot read the key file {}: {e}", path.display()))
+        })?;
+        let key = raw.trim_ascii().to_vec();
+        if key.len() < 16 {
+            return Err(AuthError::Config(format!(
+                "the key in {} is {} bytes; at least 16 are needed",
+                path.display(),
+                key.len()
+            )));
+        }
+        Ok(Auth::Psk(Arc::new(key)))
+    }
+
+    /// Mutual TLS from PEM files.
+    pub fn cert_files(cert: &Path, key: &Path, ca: &Path) -> Result<Auth, AuthError> {
+        let bad = |p: &Path, e: String| AuthError::Config(format!("{}: {e}", p.display()));
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .map_err(|e| bad(cert, e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(cert, e.to_string()))?;
+        if chain.is_empty() {
+            return Err(bad(cert, "no certificate in the file".into()));
+        }
+        let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, e.to_string()))?;
+        let mut roots = RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(ca).map_err(|e| bad(ca, e.to_string()))? {
+            roots
+                .add(c.map_err(|e| bad(ca, e.to_string()))?)
+                .map_err(|e| bad(ca, e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(bad(ca, "no CA certificate in the file".into()));
+        }
+        Ok(Auth::Certs {
+            chain,
+            key: Arc::new(key_der),
+            roots: Arc::new(roots),
+        })
+    }
+
+    fn ephemeral() -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), AuthError> {
+        let ck = rcgen::generate_simple_self_signed(vec!["tcpr-psk".to_string()])
+            .map_err(|e| AuthError::Config(e.to_string()))?;
+        let key = PrivateKeyDer::try_from(ck.key_pair.serialize_der())
+            .map_err(|e| AuthError::Config(e.to_string()))?;
+        Ok((vec![ck.cert.der().clone()], key))
+    }
+
+    /// The agent's TLS configuration.
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, AuthError> {
+        let b = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| AuthError::Config(e.to_string()))?;
+        let cfg = match self {
+            Auth::Psk(_) => {
+                let (chain, key) = Self::ephemeral()?;
+                b.with_no_client_auth().with_single_cert(chain, key)
+            }
+            Auth::Certs { chain, key, roots } => {
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    roots.clone(),
+                    provider(),
+                )
+                .build()
+                .map_err(|e| AuthError::Config(e.to_string()))?;
+                b.with_client_cert_verifier(verifier)
+                    .with_single_cert(chain.clone(), key.clone_key())
+            }
+        };
+        Ok(Arc::new(cfg.map_err(|e| AuthError::Config(e.to_string()))?))
+    }
+
+    /// The sender's TLS configuration.
+    pub fn client_config(&self) -> Result<Arc<ClientConfig>, AuthError> {
+        let b = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| AuthError::Config(e.to_string()))?;
+        let cfg = match self {
+            Auth::Psk(_) => b
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PskBoundVerifier(provider())))
+                .with_no_client_auth(),
+            Auth::Certs { chain, key, roots } => b
+                .with_root_certificates(roots.clone())
+                .with_client_auth_cert(chain.clone(), key.clone_key())
+                .map_err(|e| AuthError::Config(e.to_string()))?,
+        };
+        Ok(Arc::new(cfg))
+    }
+
+    /// Client side: TLS over `tcp` to the agent at `agent_ip`, then the PSK
+    /// proof when in PSK mode.
+    pub fn connect(
+        &self,
+        cfg: Arc<ClientConfig>,
+        agent_ip: IpAddr,
+        tcp: TcpStream,
+    ) -> Result<Channel, AuthError> {
+        let name = ServerName::IpAddress(agent_ip.into());
+        let conn =
+            ClientConnection::new(cfg, name).map_err(|e| AuthError::Handshake(e.to_string()))?;
+        let mut s = StreamOwned::new(conn, tcp);
+        while s.conn.is_handshaking() {
+            s.conn
+                .complete_io(&mut s.sock)
+                .map_err(|e| AuthError::Handshake(e.to_string()))?;
+        }
+        let mut ch = Channel::Client(Box::new(s));
+        if let Auth::Psk(key) = self {
+            let ex = ch.exporter()?;
+            ch.write_all(&mac(key, b"client", &ex))
+                .map_err(|e| AuthError::Handshake(e.to_string()))?;
+            ch.flush()
+                .map_err(|e| AuthError::Handshake(e.to_string()))?;
+            let mut theirs = [0u8; 32];
+            ch.read_exact(&mut theirs).map_err(|_| AuthError::BadKey)?;
+            verify(key, b"server", &ex, &theirs)?;
+        }
+        Ok(ch)
+    }
+
+    /// Agent side: TLS on an accepted socket, then the PSK proof when in
+    /// PSK mode. Nothing else is read before the peer is authenticated.
+    pub fn accept(&self, cfg: Arc<ServerConfig>, tcp: TcpStream) -> Result<Channel, AuthError> {
+        let conn = ServerConnection::new(cfg).map_err(|e| AuthError::Handshake(e.to_string()))?;
+        let mut s = StreamOwned::new(conn, tcp);
+        while s.conn.is_handshaking() {
+            s.conn
+                .complete_io(&mut s.sock)
+                .map_err(|e| AuthError::Handshake(e.to_string()))?;
+        }
+        let mut ch = Channel::Server(Box::new(s));
+        if let Auth::Psk(key) = self {
+            let ex = ch.exporter()?;
+            let mut theirs = [0u8; 32];
+            ch.read_exact(&mut theirs).map_err(|_| AuthError::BadKey)?;
+            verify(key, b"client", &ex, &theirs)?;
+            ch.write_all(&mac(key, b"server", &ex))
+                .map_err(|e| AuthError::Handshake(e.to_string()))?;
+            ch.flush()
+                .map_err(|e| AuthError::Handshake(e.to_string()))?;
+        }
+        Ok(ch)
+    }
+}
+
+fn mac(key: &[u8], role: &[u8], exporter: &[u8]) -> [u8; 32] {
+    let mut m = <Hmac<Sha256>>::new_from_slice(key).expect("HMAC takes any key length");
+    m.update(role);
+    m.update(exporter);
+    m.finalize().into_bytes().into()
+}
+
+fn verify(key: &[u8], role: &[u8], exporter: &[u8], theirs: &[u8; 32]) -> Result<(), AuthError> {
+    let mut m = <Hmac<Sha256>>::new_from_slice(key).expect("HMAC takes any key length");
+    m.update(role);
+    m.update(exporter);
+    // Constant-time comparison.
+    m.verify_slice(theirs).map_err(|_| AuthError::BadKey)
+}
+
+/// PSK mode's server-certificate check: any certificate is accepted (it is
+/// throwaway), but its handshake signatures are verified for real, and the
+/// session is then bound to the key by the exporter MACs.
+#[derive(Debug)]
+struct PskBoundVerifier(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for PskBoundVerifier {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn pair(
+        server: Auth,
+        client: Auth,
+    ) -> (Result<Channel, AuthError>, Result<Channel, AuthError>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let scfg = server.server_config().unwrap();
+        let h = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            server.accept(scfg, s)
+        });
+        let ccfg = client.client_config().unwrap();
+        let tcp = TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let c = client.connect(ccfg, addr.ip(), tcp);
+        (h.join().unwrap(), c)
+    }
+
+    #[test]
+    fn same_key_authenticates_and_carries_data() {
+        let k = Auth::Psk(Arc::new(b"0123456789abcdef-secret".to_vec()));
+        let (s, c) = pair(k.clone(), k);
+        let (mut s, mut c) = (s.unwrap(), c.unwrap());
+        c.write_all(b"ping").unwrap();
+        c.flush().unwrap();
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"ping");
+    }
+
+    #[test]
+    fn wrong_key_is_refused_on_both_sides() {
+        let (s, c) = pair(
+            Auth::Psk(Arc::new(b"0123456789abcdef-secret".to_vec())),
+            Auth::Psk(Arc::new(b"0123456789abcdef-other!".to_vec())),
+        );
+        assert!(matches!(s, Err(AuthError::BadKey)));
+        assert!(c.is_err());
+    }
+}
