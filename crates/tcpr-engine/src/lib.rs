@@ -25,7 +25,7 @@ pub use restore::{restore, Restored};
 pub use sys::floor;
 pub use sys::{
     announce, announce_ipv4, announce_ipv6, enter_netns, memfd_with, pass_socket, raise_fd_limit,
-    unshare_netns,
+    recv_with_fd, send_with_fd, unshare_netns,
 };
 pub use tcpr_image::ConnectionImage;
 

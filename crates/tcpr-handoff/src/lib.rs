@@ -13,5 +13,6 @@
 //! by moving an address or by a hook the caller supplies.
 
 pub mod auth;
+pub mod deliver;
 pub mod machine;
 pub mod wire;

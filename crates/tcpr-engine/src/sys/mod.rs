@@ -861,3 +861,86 @@ pub fn announce(ifname: &str, ip: std::net::IpAddr) -> io::Result<()> {
         std::net::IpAddr::V6(v6) => announce_ipv6(ifname, v6),
     }
 }
+
+/// Sends `data` on a unix stream socket with `fd` attached (SCM_RIGHTS).
+pub fn send_with_fd(sock: BorrowedFd<'_>, data: &[u8], fd: BorrowedFd<'_>) -> io::Result<()> {
+    let raw = fd.as_raw_fd();
+    // SAFETY: CMSG_SPACE is a pure computation on a constant size.
+    let space = unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) } as usize;
+    let mut cbuf = vec![0u8; space];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: plain data, all-zero is valid.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: msg_control points to `space` bytes, enough for one header
+    // carrying one fd; CMSG_FIRSTHDR/CMSG_DATA stay inside that buffer.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), raw);
+    }
+    // SAFETY: `msg` and everything it points to are valid for the call.
+    let n =
+        syscall!(sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)).map_err(ctx("sendmsg"))?;
+    if (n as usize) < data.len() {
+        // The rest goes without the fd.
+        let mut off = n as usize;
+        while off < data.len() {
+            // SAFETY: `data[off..]` is readable.
+            let m = syscall!(send(
+                sock.as_raw_fd(),
+                data[off..].as_ptr().cast(),
+                data.len() - off,
+                libc::MSG_NOSIGNAL
+            ))
+            .map_err(ctx("send"))?;
+            off += m as usize;
+        }
+    }
+    Ok(())
+}
+
+/// Receives into `buf` from a unix stream socket, with at most one fd
+/// attached (SCM_RIGHTS). Returns the bytes read and the fd, if any.
+pub fn recv_with_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
+    // SAFETY: CMSG_SPACE is a pure computation on a constant size.
+    let space = unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) } as usize;
+    let mut cbuf = vec![0u8; space];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: plain data, all-zero is valid.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: `msg` points to valid buffers of the given sizes.
+    let n = syscall!(recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC))
+        .map_err(ctx("recvmsg"))?;
+    let mut fd = None;
+    // SAFETY: the kernel filled msg_control with `msg_controllen` bytes;
+    // the CMSG_* macros walk inside it; an SCM_RIGHTS header with room for
+    // one fd carries a new fd that we now own.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        if !c.is_null()
+            && (*c).cmsg_level == libc::SOL_SOCKET
+            && (*c).cmsg_type == libc::SCM_RIGHTS
+            && (*c).cmsg_len as usize >= libc::CMSG_LEN(size_of::<RawFd>() as u32) as usize
+        {
+            let raw = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<RawFd>());
+            fd = Some(OwnedFd::from_raw_fd(raw));
+        }
+    }
+    Ok((n as usize, fd))
+}
