@@ -135,6 +135,10 @@ impl Sender {
     pub fn poll_transmit(&mut self) -> Option<Msg> {
         self.outbox.pop_front()
     }
+    /// True when a message waits in [`Sender::poll_transmit`].
+    pub fn poll_transmit_pending(&self) -> bool {
+        !self.outbox.is_empty() || !self.actions.is_empty()
+    }
     /// The next thing to do.
     pub fn poll_action(&mut self) -> Option<SenderAction> {
         self.actions.pop_front()

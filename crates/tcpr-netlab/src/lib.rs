@@ -39,6 +39,7 @@ fn ip(args: &[&str]) -> Result<Output> {
 pub fn cleanup_all() {
     let names = std::mem::take(&mut *LIVE.lock().unwrap_or_else(|e| e.into_inner()));
     for n in names {
+        kill_inside(&n);
         let _ = Command::new("ip").args(["netns", "del", &n]).output();
     }
 }
@@ -214,10 +215,20 @@ impl Lab {
     }
 }
 
+/// Kills every process still running inside namespace `ns`.
+fn kill_inside(ns: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = Command::new("kill").args(["-KILL", pid]).status();
+        }
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
         for n in self.hosts.iter().chain(std::iter::once(&self.switch)) {
+            kill_inside(n);
             let _ = Command::new("ip").args(["netns", "del", n]).output();
             live.retain(|x| x != n);
         }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod handoff;
 mod stream;
 
 use anyhow::{bail, Context, Result};
@@ -98,6 +99,10 @@ enum Cmd {
         #[arg(long, default_value_t = 2048)]
         rate_kib: u64,
     },
+    /// Receive connections from other hosts and deliver them here.
+    Agent(handoff::AgentArgs),
+    /// Move live connections of a process or address to an agent.
+    Migrate(handoff::MigrateArgs),
     /// Announce an address that just moved here (gratuitous ARP for IPv4,
     /// unsolicited neighbour advertisement for IPv6), so neighbours update
     /// their caches at once.
@@ -179,6 +184,8 @@ fn run(cmd: Cmd) -> Result<i32> {
             rate_kib * 1024,
         )
         .map(|()| 0),
+        Cmd::Agent(a) => handoff::agent(a),
+        Cmd::Migrate(m) => handoff::migrate(m),
         Cmd::Announce { dev, addr } => {
             tcpr_engine::announce(&dev, addr)
                 .with_context(|| format!("cannot announce {addr} on {dev}"))?;
@@ -277,30 +284,14 @@ fn restore_and_run(file: &Path, inetd: bool, cmd: &[String]) -> Result<i32> {
     let restored = restore(&img)?;
     let stream = restored.resume()?;
     let sock: std::os::fd::OwnedFd = stream.into();
-    // LISTEN_PID must be the child's own pid: a shell sets it just before exec.
-    let mut c = std::process::Command::new("/bin/sh");
-    c.arg("-c")
-        .arg("LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\"")
-        .args(cmd)
-        .env("LISTEN_FDS", "1")
-        .env("LISTEN_FDNAMES", "connection")
-        .env("TCPR_LOCAL", img.local.to_string())
-        .env("TCPR_PEER", img.peer.to_string());
-    // The blob goes on fd 4 from memory: payload never touches disk here.
-    let blob = if img.app_blob.is_empty() {
-        None
-    } else {
-        c.env("TCPR_APP_BLOB_FD", "4")
-            .env("TCPR_APP_BLOB_LEN", img.app_blob.len().to_string());
-        Some(
-            tcpr_engine::memfd_with("tcpr-app-blob", &img.app_blob)
-                .context("cannot hand over the application blob")?,
-        )
-    };
-    tcpr_engine::pass_socket(&mut c, &sock, inetd, blob.as_ref());
-    let status = c
-        .status()
-        .with_context(|| format!("cannot run {}", cmd[0]))?;
+    let mut c = tcpr_handoff::deliver::command_for(cmd);
+    let mut child =
+        tcpr_handoff::deliver::spawn(&mut c, &sock, &img.app_blob, img.local, img.peer, inetd)
+            .with_context(|| format!("cannot run {}", cmd[0]))?;
+    drop(c);
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for {}", cmd[0]))?;
     drop(sock);
     Ok(status.code().unwrap_or_else(|| {
         use std::os::unix::process::ExitStatusExt;

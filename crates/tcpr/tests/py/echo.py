@@ -13,6 +13,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--listen")
 ap.add_argument("--port", type=int)
 ap.add_argument("--state")
+ap.add_argument("--no-control", action="store_true", help="ignore stdin (run by an agent)")
 args = ap.parse_args()
 
 if args.listen:
@@ -38,7 +39,8 @@ if "TCPR_APP_BLOB_FD" in os.environ:
 print("ready", conn.fileno(), flush=True)
 
 sel = selectors.DefaultSelector()
-sel.register(sys.stdin, selectors.EVENT_READ, "ctl")
+if not args.no_control:
+    sel.register(sys.stdin, selectors.EVENT_READ, "ctl")
 sel.register(conn, selectors.EVENT_READ | selectors.EVENT_WRITE, "conn")
 eof = False
 while True:
@@ -54,6 +56,14 @@ while True:
     for key, ev in sel.select(timeout=0.5 if want else 0.05):
         if key.data == "ctl":
             cmd = sys.stdin.readline().strip()
+            if cmd == "flush":
+                # Hand every byte read to the kernel, then stop: nothing is
+                # left in this process, the socket's queues hold it all.
+                conn.setblocking(True)
+                conn.sendall(pending)
+                del pending[:]
+                conn.setblocking(False)
+                cmd = "pause"
             if cmd == "pause" or cmd == "":
                 if args.state:
                     with open(args.state, "wb") as f:

@@ -1,0 +1,212 @@
+//! `tcpr agent` and `tcpr migrate`.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tcpr_handoff::{AgentConfig, AgentServer, Auth, Delivery, MigrateOptions, Outgoing, Switch};
+
+/// How the two ends authenticate: a pre-shared key or mutual TLS.
+#[derive(Args, Debug)]
+pub struct AuthArgs {
+    /// A file holding a shared secret (at least 16 bytes).
+    #[arg(long, conflicts_with_all = ["cert", "key", "ca"])]
+    psk_file: Option<PathBuf>,
+    /// Our certificate chain (PEM), for mutual TLS.
+    #[arg(long, requires_all = ["key", "ca"])]
+    cert: Option<PathBuf>,
+    /// Our private key (PEM).
+    #[arg(long, requires_all = ["cert", "ca"])]
+    key: Option<PathBuf>,
+    /// The CA that signs the other end's certificate (PEM).
+    #[arg(long, requires_all = ["cert", "key"])]
+    ca: Option<PathBuf>,
+}
+
+impl AuthArgs {
+    fn auth(&self) -> Result<Auth> {
+        Ok(match (&self.psk_file, &self.cert, &self.key, &self.ca) {
+            (Some(p), ..) => Auth::psk_file(p)?,
+            (None, Some(c), Some(k), Some(ca)) => Auth::cert_files(c, k, ca)?,
+            _ => bail!(
+                "authentication is required: --psk-file FILE, or --cert FILE --key FILE --ca FILE"
+            ),
+        })
+    }
+}
+
+/// `tcpr agent`.
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// Address to listen on for senders.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Run this shell command line per delivered connection (fd 3,
+    /// LISTEN_FDS=1; application blob on fd 4).
+    #[arg(long, conflicts_with = "unix", required_unless_present = "unix")]
+    exec: Option<String>,
+    /// With --exec, also put the connection on stdin and stdout.
+    #[arg(long, requires = "exec")]
+    inetd: bool,
+    /// Pass connections to the application listening on this unix socket.
+    #[arg(long)]
+    unix: Option<PathBuf>,
+    #[command(flatten)]
+    auth: AuthArgs,
+    /// Local ADDR:PORT whose connections may be restored here (repeatable;
+    /// 0.0.0.0:PORT or [::]:PORT allows any address on that port).
+    #[arg(long, required = true)]
+    allow: Vec<SocketAddr>,
+    /// Seconds to wait for each next message before COMMIT.
+    #[arg(long, default_value_t = 2.0)]
+    timeout: f64,
+}
+
+/// `tcpr migrate`.
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// The agent.
+    #[arg(long)]
+    to: SocketAddr,
+    #[command(flatten)]
+    auth: AuthArgs,
+    /// Move the TCP connections of this process.
+    #[arg(long, conflicts_with = "local", required_unless_present = "local")]
+    pid: Option<i32>,
+    /// Only these fds of the process (repeatable); all of them by default.
+    #[arg(long, requires = "pid")]
+    fd: Vec<i32>,
+    /// Move every connection whose local address is ADDR:PORT.
+    #[arg(long)]
+    local: Option<SocketAddr>,
+    /// Move the service address too: removed here, added at the agent's
+    /// host and announced, as part of the commit (host evacuation).
+    #[arg(long, conflicts_with = "switch_cmd")]
+    move_address: bool,
+    /// Shell command that steers the flows to the agent's host, run before
+    /// COMMIT (with --unswitch-cmd to undo it on roll back).
+    #[arg(long, requires = "unswitch_cmd")]
+    switch_cmd: Option<String>,
+    /// Shell command that undoes --switch-cmd.
+    #[arg(long, requires = "switch_cmd")]
+    unswitch_cmd: Option<String>,
+    /// Seconds to wait for the agent at each step.
+    #[arg(long, default_value_t = 2.0)]
+    timeout: f64,
+    /// Seconds the source lock lasts when the outcome is unknown.
+    #[arg(long, default_value_t = 60)]
+    lease: u64,
+}
+
+fn secs(s: f64, what: &str) -> Result<Duration> {
+    if !(s.is_finite() && s > 0.0) {
+        bail!("{what} must be a positive number of seconds");
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
+pub fn agent(a: AgentArgs) -> Result<i32> {
+    let delivery = match (&a.exec, &a.unix) {
+        (Some(cmd), _) => Delivery::Exec {
+            command: cmd.clone(),
+            inetd: a.inetd,
+        },
+        (None, Some(p)) => Delivery::Unix(p.clone()),
+        (None, None) => bail!("say where connections go: --exec CMD or --unix PATH"),
+    };
+    let cfg = AgentConfig {
+        auth: a.auth.auth()?,
+        allow: a.allow.clone(),
+        timeout: secs(a.timeout, "--timeout")?,
+        delivery,
+    };
+    let server = AgentServer::bind(a.listen, cfg)?;
+    println!("tcpr agent listening on {}", server.local_addr()?);
+    std::io::Write::flush(&mut std::io::stdout())?;
+    server.run().context("the agent stopped")?;
+    Ok(0)
+}
+
+/// The fds to move: (pid, fd) pairs.
+fn select(m: &MigrateArgs) -> Result<Vec<(i32, i32)>> {
+    if let Some(pid) = m.pid {
+        if !m.fd.is_empty() {
+            return Ok(m.fd.iter().map(|&fd| (pid, fd)).collect());
+        }
+        let socks = tcpr_engine::diag::list(Some(pid))?;
+        let picked: Vec<(i32, i32)> = socks
+            .iter()
+            .filter(|e| e.dumpable().is_ok())
+            .filter_map(|e| e.owners.first().copied())
+            .collect();
+        if picked.is_empty() {
+            bail!("process {pid} holds no TCP connection that can be moved");
+        }
+        return Ok(picked);
+    }
+    let local = m.local.context("--pid or --local is required")?;
+    let socks = tcpr_engine::diag::list(None)?;
+    let picked: Vec<(i32, i32)> = socks
+        .iter()
+        .filter(|e| e.local == local && e.dumpable().is_ok())
+        .filter_map(|e| e.owners.first().copied())
+        .collect();
+    if picked.is_empty() {
+        bail!("no movable TCP connection has the local address {local}");
+    }
+    Ok(picked)
+}
+
+pub fn migrate(m: MigrateArgs) -> Result<i32> {
+    let auth = m.auth.auth()?;
+    let mut opts = MigrateOptions::new(m.to, auth);
+    opts.timeout = secs(m.timeout, "--timeout")?;
+    opts.lease = Duration::from_secs(m.lease.max(1));
+    opts.switch = match (&m.switch_cmd, &m.unswitch_cmd, m.move_address) {
+        (_, _, true) => Switch::MoveAddress,
+        (Some(s), Some(u), false) => Switch::Commands {
+            switch: s.clone(),
+            unswitch: u.clone(),
+        },
+        _ => Switch::Nothing,
+    };
+    let picked = select(&m)?;
+    let mut conns = Vec::with_capacity(picked.len());
+    for (pid, fd) in picked {
+        conns.push(Outgoing {
+            sock: tcpr_engine::take_fd(pid, fd)?,
+            blob: vec![],
+        });
+    }
+    let total = conns.len() as u64;
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} prepared")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(format!("moving to {}", m.to));
+    if total < 2 {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let started = std::time::Instant::now();
+    let report = tcpr_handoff::migrate(conns, &opts, &|p| bar.set_position(p.prepared as u64))?;
+    bar.finish_and_clear();
+    for (f, why) in &report.rolled_back {
+        eprintln!("rolled back {} -> {}: {why}", f.local, f.peer);
+    }
+    for (f, why) in &report.unknown {
+        eprintln!(
+            "unknown {} -> {}: {why} (left frozen and locked for {} s)",
+            f.local, f.peer, m.lease
+        );
+    }
+    println!(
+        "moved {}, rolled back {}, unknown {} in {:.1} ms",
+        report.moved.len(),
+        report.rolled_back.len(),
+        report.unknown.len(),
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    Ok(if report.all_moved() { 0 } else { 2 })
+}

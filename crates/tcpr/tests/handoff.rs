@@ -1,0 +1,444 @@
+//! Handoff between hosts (network namespaces): `tcpr agent` on one,
+//! `tcpr migrate` on the other, Python peers verifying every byte.
+
+mod common;
+use common::*;
+use std::path::PathBuf;
+use std::time::Duration;
+use tcpr_netlab::{Host, Lab};
+
+struct Net {
+    _lab: Lab,
+    c: Host,
+    a: Host,
+    b: Host,
+    n: u8,
+    key: PathBuf,
+    dir: PathBuf,
+}
+
+impl Net {
+    fn new(tag: &str, n: u8) -> Net {
+        let dir = tmpdir(tag);
+        let key = dir.join("psk");
+        std::fs::write(&key, "a shared secret for the handoff tests\n").unwrap();
+        let mut lab = Lab::new(tag).unwrap();
+        let c = lab.host("c", &[&format!("10.{n}.0.1/24")]).unwrap();
+        let a = lab
+            .host(
+                "a",
+                &[&format!("10.{n}.0.2/24"), &format!("10.{n}.0.100/24")],
+            )
+            .unwrap();
+        let b = lab.host("b", &[&format!("10.{n}.0.3/24")]).unwrap();
+        Net {
+            _lab: lab,
+            c,
+            a,
+            b,
+            n,
+            key,
+            dir,
+        }
+    }
+    fn svc(&self) -> String {
+        format!("10.{}.0.100", self.n)
+    }
+    fn agent_addr(&self) -> String {
+        format!("10.{}.0.3:7070", self.n)
+    }
+    fn agent(&self, delivery: &[&str], allow: &str, env: Option<(&str, &str)>) -> Proc {
+        let mut cmd = self.b.cmd(tcpr_bin());
+        cmd.args([
+            "agent",
+            "--listen",
+            &self.agent_addr(),
+            "--psk-file",
+            self.key.to_str().unwrap(),
+            "--allow",
+            allow,
+        ])
+        .args(delivery);
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        let mut p = Proc::spawn(cmd, "agent");
+        p.expect("tcpr agent listening", Duration::from_secs(10));
+        p
+    }
+    /// echo.py on a, a streaming peer on c; returns (echo, peer).
+    fn stream(&self) -> (Proc, Proc) {
+        let mut cmd = self.a.cmd("python3");
+        cmd.args([&py("echo.py"), "--listen", &self.svc(), "--port", "8080"]);
+        let mut echo = Proc::spawn(cmd, "echo");
+        echo.expect("listening", Duration::from_secs(10));
+        let mut cmd = self.c.cmd("python3");
+        cmd.args([
+            &py("peer.py"),
+            "--connect",
+            &self.svc(),
+            "--port",
+            "8080",
+            "--rate",
+            "1000000",
+        ]);
+        let mut peer = Proc::spawn(cmd, "peer");
+        peer.expect("connected", Duration::from_secs(10));
+        echo.expect("ready", Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(500));
+        echo.send("flush");
+        echo.expect("paused", Duration::from_secs(10));
+        (echo, peer)
+    }
+    fn migrate_cmd(&self, pid: i32, key: &std::path::Path) -> std::process::Command {
+        let mut cmd = self.a.cmd(tcpr_bin());
+        cmd.args([
+            "migrate",
+            "--to",
+            &self.agent_addr(),
+            "--psk-file",
+            key.to_str().unwrap(),
+            "--pid",
+            &pid.to_string(),
+            "--move-address",
+        ]);
+        cmd
+    }
+    fn has_svc(&self, h: &Host) -> bool {
+        let out = h.ip(&["-o", "addr", "show"]).unwrap();
+        String::from_utf8_lossy(&out.stdout).contains(&format!("{}/24", self.svc()))
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn verdict(peer: &mut Proc) -> serde_json::Value {
+    peer.send("finish");
+    serde_json::from_str(&peer.expect("{", Duration::from_secs(60))).unwrap()
+}
+
+fn assert_all_bytes(v: &serde_json::Value) {
+    assert!(v["error"].is_null(), "peer reports: {v}");
+    assert!(v["sent"].as_u64().unwrap() > 100_000, "traffic flowed: {v}");
+    assert_eq!(v["sent"], v["received"], "{v}");
+    if v.get("sha_sent").is_some() {
+        assert_eq!(v["sha_sent"], v["sha_received"], "{v}");
+    }
+}
+
+fn last_line(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_string()
+}
+
+fn agent_sockets_on(h: &Host, local: &str) -> usize {
+    let out = tcpr(Some(h), &["ls", "--json"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(local))
+        .count()
+}
+
+#[test]
+fn one_connection_moves_with_its_address() {
+    let net = Net::new("h1", 90);
+    let mut agent = net.agent(
+        &["--exec", &format!("python3 {} --no-control", py("echo.py"))],
+        &format!("{}:8080", net.svc()),
+        None,
+    );
+    let (mut echo, mut peer) = net.stream();
+    let out = net.migrate_cmd(echo.pid(), &net.key).output().unwrap();
+    assert!(
+        out.status.success(),
+        "migrate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        last_line(&out).starts_with("moved 1, rolled back 0, unknown 0"),
+        "{}",
+        last_line(&out)
+    );
+    agent.expect("ready 3", Duration::from_secs(10));
+    echo.kill();
+    assert!(
+        !net.has_svc(&net.a) && net.has_svc(&net.b),
+        "the address moved"
+    );
+    assert_eq!(locked(&net.a), 0, "the source lock is released");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_all_bytes(&verdict(&mut peer));
+}
+
+#[test]
+fn thousand_connections_move_in_one_batch() {
+    let net = Net::new("hk", 91);
+    let sock = net.dir.join("deliver.sock");
+    let mut recv = {
+        let mut cmd = net.b.cmd("python3");
+        cmd.args([&py("many.py"), "echo", "--unix", sock.to_str().unwrap()]);
+        Proc::spawn(cmd, "receiver")
+    };
+    recv.expect("listening", Duration::from_secs(10));
+    let _agent = net.agent(
+        &["--unix", sock.to_str().unwrap()],
+        &format!("{}:8080", net.svc()),
+        None,
+    );
+    let mut cmd = net.a.cmd("python3");
+    cmd.args([
+        &py("many.py"),
+        "echo",
+        "--listen",
+        &net.svc(),
+        "--port",
+        "8080",
+        "--count",
+        "1000",
+    ]);
+    let mut echo = Proc::spawn(cmd, "many echo");
+    echo.expect("listening", Duration::from_secs(10));
+    let mut cmd = net.c.cmd("python3");
+    cmd.args([
+        &py("many.py"),
+        "peer",
+        "--connect",
+        &net.svc(),
+        "--port",
+        "8080",
+        "--count",
+        "1000",
+    ]);
+    let mut peer = Proc::spawn(cmd, "many peer");
+    peer.expect("connected", Duration::from_secs(60));
+    echo.expect("ready 1000", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(1500));
+    echo.send("flush");
+    echo.expect("paused", Duration::from_secs(30));
+    let out = net.migrate_cmd(echo.pid(), &net.key).output().unwrap();
+    assert!(
+        out.status.success(),
+        "migrate: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        last_line(&out).starts_with("moved 1000, rolled back 0, unknown 0"),
+        "{}",
+        last_line(&out)
+    );
+    recv.expect("got 1000", Duration::from_secs(30));
+    echo.kill();
+    std::thread::sleep(Duration::from_millis(1500));
+    let v = verdict(&mut peer);
+    assert!(v["error"].is_null(), "{v}");
+    assert_eq!(
+        v["complete"], 1000,
+        "every connection echoed every byte: {v}"
+    );
+    assert_eq!(v["sent"], v["received"], "{v}");
+    assert_eq!(locked(&net.a), 0);
+}
+
+fn stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('T')
+        })
+        .unwrap_or(false)
+}
+
+fn wait_stopped(pid: i32) {
+    for _ in 0..500 {
+        if stopped(pid) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("the agent never reached its fault point");
+}
+
+fn signal(pid: i32, sig: &str) {
+    assert!(std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// The agent is SIGKILLed at each protocol step: every connection survives,
+/// rolled back at the source before COMMIT, carried on at the agent after.
+#[test]
+fn agent_killed_at_each_step() {
+    for (i, point) in ["hello", "restored", "ready", "committed"]
+        .iter()
+        .enumerate()
+    {
+        let net = Net::new(&format!("k{i}"), 92 + i as u8);
+        let mut agent = net.agent(
+            &["--exec", &format!("python3 {} --no-control", py("echo.py"))],
+            &format!("{}:8080", net.svc()),
+            Some(("TCPR_FAULT_STOP_AT", point)),
+        );
+        let (mut echo, mut peer) = net.stream();
+        let mig = net
+            .migrate_cmd(echo.pid(), &net.key)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_stopped(agent.pid());
+        signal(agent.pid(), "-KILL");
+        agent.kill();
+        let out = mig.wait_with_output().unwrap();
+        let line = last_line(&out);
+        if *point == "committed" {
+            assert!(
+                out.status.success(),
+                "{point}: {line} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(line.starts_with("moved 1,"), "{point}: {line}");
+            echo.kill();
+            assert!(net.has_svc(&net.b));
+        } else {
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{point}: {line} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                line.starts_with("moved 0, rolled back 1, unknown 0"),
+                "{point}: {line}"
+            );
+            assert!(
+                net.has_svc(&net.a) && !net.has_svc(&net.b),
+                "{point}: the address is back at the source"
+            );
+            echo.send("resume");
+            echo.expect("resumed", Duration::from_secs(10));
+            assert_eq!(
+                agent_sockets_on(&net.b, &format!("{}:8080", net.svc())),
+                0,
+                "{point}: nothing left at the agent"
+            );
+        }
+        assert_eq!(locked(&net.a), 0, "{point}: no lock left");
+        std::thread::sleep(Duration::from_millis(800));
+        assert_all_bytes(&verdict(&mut peer));
+    }
+}
+
+/// A stalled agent (timeout) and a cut link before COMMIT: rolled back.
+#[test]
+fn timeout_and_cut_link_roll_back() {
+    for (i, cut) in [false, true].into_iter().enumerate() {
+        let net = Net::new(&format!("t{i}"), 96 + i as u8);
+        let agent = net.agent(
+            &["--exec", &format!("python3 {} --no-control", py("echo.py"))],
+            &format!("{}:8080", net.svc()),
+            Some(("TCPR_FAULT_STOP_AT", "restored")),
+        );
+        let (mut echo, mut peer) = net.stream();
+        let mig = net
+            .migrate_cmd(echo.pid(), &net.key)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_stopped(agent.pid());
+        if cut {
+            // Both ways: nothing between the hosts gets through any more.
+            net.b.set_loss(1000).unwrap();
+            net.a.set_loss(1000).unwrap();
+            signal(agent.pid(), "-CONT");
+        }
+        let started = std::time::Instant::now();
+        let out = mig.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "cut {cut}: {err}");
+        assert!(
+            last_line(&out).starts_with("moved 0, rolled back 1, unknown 0"),
+            "cut {cut}: {} {err}",
+            last_line(&out)
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+        if cut {
+            net.b.clear_loss().unwrap();
+            net.a.clear_loss().unwrap();
+        } else {
+            signal(agent.pid(), "-CONT");
+        }
+        echo.send("resume");
+        echo.expect("resumed", Duration::from_secs(10));
+        // The agent gives up the batch by itself: nothing stays restored.
+        std::thread::sleep(Duration::from_millis(3000));
+        assert_eq!(agent_sockets_on(&net.b, &format!("{}:8080", net.svc())), 0);
+        assert_eq!(locked(&net.a), 0);
+        assert_all_bytes(&verdict(&mut peer));
+    }
+}
+
+/// A sender without the key, a stranger speaking garbage, and an image
+/// outside the allowlist are all refused; the connection carries on.
+#[test]
+fn unauthenticated_and_disallowed_are_refused() {
+    let net = Net::new("ua", 98);
+    let _agent = net.agent(&["--exec", "true"], &format!("{}:9999", net.svc()), None);
+    // A stranger: the agent closes on it (at most a TLS alert comes back).
+    let script = format!(
+        "import socket\ns=socket.create_connection(('10.{}.0.3',7070))\ns.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'*10)\ns.settimeout(5)\nn=0\ntry:\n  while True:\n    d=s.recv(100)\n    if not d: break\n    n+=len(d)\nexcept ConnectionResetError:\n  pass\nprint('closed', n)",
+        net.n
+    );
+    let out = net.c.cmd("python3").args(["-c", &script]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let n: usize = text
+        .trim()
+        .strip_prefix("closed ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(usize::MAX);
+    assert!(n < 64, "the agent closed on the stranger: {text}");
+
+    let (mut echo, mut peer) = net.stream();
+    let wrong = net.dir.join("wrong");
+    std::fs::write(&wrong, "not the secret the agent holds\n").unwrap();
+    let out = net.migrate_cmd(echo.pid(), &wrong).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        last_line(&out).starts_with("moved 0, rolled back 1"),
+        "{}",
+        last_line(&out)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rolled back"));
+
+    let out = net.migrate_cmd(echo.pid(), &net.key).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        last_line(&out).starts_with("moved 0, rolled back 1"),
+        "{}",
+        last_line(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("allowlist"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(net.has_svc(&net.a));
+    assert_eq!(locked(&net.a), 0);
+    echo.send("resume");
+    echo.expect("resumed", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_all_bytes(&verdict(&mut peer));
+}
