@@ -36,3 +36,107 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
 }
+
+/// Whether a connection handed off moved, or stayed here (rolled back).
+#[derive(Debug)]
+pub enum HandOff {
+    /// The agent owns it now.
+    Moved,
+    /// It stayed and carries on here, with why.
+    Stayed(std::net::TcpStream, String),
+    /// The agent may own it; it is frozen here until the lease ends.
+    Unknown(String),
+}
+
+/// Hands connections (each with its application blob) to an agent, in one
+/// batch. The result follows the input order.
+pub fn hand_off(
+    conns: Vec<(std::net::TcpStream, Vec<u8>)>,
+    opts: &MigrateOptions,
+) -> Result<Vec<HandOff>, Error> {
+    use std::os::fd::OwnedFd;
+    let mut keep = Vec::with_capacity(conns.len());
+    let mut out = Vec::with_capacity(conns.len());
+    for (s, blob) in conns {
+        let dup: OwnedFd = s
+            .try_clone()
+            .map_err(|e| tcpr_engine::Error::kernel("duplicate the socket", e))?
+            .into();
+        let flow = Flow {
+            local: s
+                .local_addr()
+                .map_err(|e| tcpr_engine::Error::kernel("read the local address", e))?,
+            peer: s
+                .peer_addr()
+                .map_err(|e| tcpr_engine::Error::kernel("read the peer address", e))?,
+        };
+        keep.push((flow, s));
+        out.push(Outgoing { sock: dup, blob });
+    }
+    let report = migrate(out, opts, &|_| {})?;
+    Ok(keep
+        .into_iter()
+        .map(|(flow, s)| {
+            if report.moved.contains(&flow) {
+                HandOff::Moved
+            } else if let Some((_, why)) = report.unknown.iter().find(|(f, _)| *f == flow) {
+                HandOff::Unknown(why.clone())
+            } else {
+                let why = report
+                    .rolled_back
+                    .iter()
+                    .find(|(f, _)| *f == flow)
+                    .map(|(_, w)| w.clone())
+                    .unwrap_or_else(|| "not moved".into());
+                HandOff::Stayed(s, why)
+            }
+        })
+        .collect())
+}
+
+use tcpr_engine::Flow;
+
+/// Connections handed to this process by other hosts (an agent running on
+/// a thread of its own, delivering in process).
+pub struct Incoming {
+    rx: std::sync::mpsc::Receiver<Delivered>,
+    addr: std::net::SocketAddr,
+}
+
+impl Incoming {
+    /// Listens for senders on `addr`; only connections whose local address
+    /// is in `allow` are taken.
+    pub fn bind(
+        addr: std::net::SocketAddr,
+        auth: Auth,
+        allow: Vec<std::net::SocketAddr>,
+    ) -> Result<Incoming, agent::AgentError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let server = AgentServer::bind(
+            addr,
+            AgentConfig {
+                auth,
+                allow,
+                timeout: std::time::Duration::from_secs(2),
+                delivery: Delivery::Channel(tx),
+            },
+        )?;
+        let addr = server
+            .local_addr()
+            .map_err(|source| agent::AgentError::Listen { addr, source })?;
+        std::thread::spawn(move || {
+            if let Err(e) = server.run() {
+                tracing::error!("handoff listener stopped: {e}");
+            }
+        });
+        Ok(Incoming { rx, addr })
+    }
+    /// The address senders connect to.
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+    /// The next connection handed over (blocks).
+    pub fn accept(&self) -> Option<Delivered> {
+        self.rx.recv().ok()
+    }
+}

@@ -1,0 +1,141 @@
+//! The rolling-upgrade example, for real: clients of the running instance
+//! are handed (with their line counters) to the new instance on SIGTERM.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use tcpr_netlab::Lab;
+
+fn example_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/rolling_upgrade")
+}
+
+const CLIENT: &str = r#"
+import socket, sys, time
+conns = [socket.create_connection(("10.99.0.100", 9000)) for _ in range(5)]
+files = [c.makefile("rb") for c in conns]
+def round(k):
+    for i, c in enumerate(conns):
+        c.sendall(b"line %d of client %d\n" % (k, i))
+    for i, f in enumerate(files):
+        got = f.readline()
+        want = b"%d line %d of client %d\n" % (k, k, i)
+        assert got == want, (got, want)
+for k in range(1, 21):
+    round(k)
+print("before", flush=True)
+sys.stdin.readline()
+for k in range(21, 41):
+    round(k)
+print("after ok", flush=True)
+"#;
+
+#[test]
+fn clients_survive_the_upgrade_with_their_state() {
+    let bin = example_bin();
+    assert!(bin.exists(), "example built at {}", bin.display());
+    let dir = std::env::temp_dir().join(format!("tcpr-upgrade-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("psk");
+    std::fs::write(&key, "rolling upgrade shared secret").unwrap();
+    let mut lab = Lab::new("ru").unwrap();
+    let c = lab.host("c", &["10.99.0.1/24"]).unwrap();
+    let old = lab
+        .host("old", &["10.99.0.2/24", "10.99.0.100/24"])
+        .unwrap();
+    let new = lab.host("new", &["10.99.0.3/24"]).unwrap();
+    let k = key.to_str().unwrap();
+
+    let mut receiver = new
+        .cmd(bin.to_str().unwrap())
+        .args([
+            "receive",
+            "--listen",
+            "10.99.0.3:7070",
+            "--psk-file",
+            k,
+            "--allow",
+            "10.99.0.100:9000",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut rout = BufReader::new(receiver.stdout.take().unwrap());
+    let mut line = String::new();
+    rout.read_line(&mut line).unwrap();
+    assert!(line.starts_with("receiving"), "{line}");
+
+    let mut server = old
+        .cmd(bin.to_str().unwrap())
+        .args([
+            "serve",
+            "--listen",
+            "10.99.0.100:9000",
+            "--handoff-to",
+            "10.99.0.3:7070",
+            "--psk-file",
+            k,
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sout = BufReader::new(server.stdout.take().unwrap());
+    line.clear();
+    sout.read_line(&mut line).unwrap();
+    assert!(line.starts_with("serving"), "{line}");
+
+    let mut client = c
+        .cmd("python3")
+        .args(["-c", CLIENT])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut cout = BufReader::new(client.stdout.take().unwrap());
+    line.clear();
+    cout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "before");
+
+    assert!(Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    line.clear();
+    sout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "handed off 5 of 5 clients");
+    let st = server.wait().unwrap();
+    assert!(
+        st.success(),
+        "the old instance exits once its clients moved"
+    );
+    for _ in 0..5 {
+        line.clear();
+        rout.read_line(&mut line).unwrap();
+        assert!(
+            line.starts_with("took over") && line.trim().ends_with("at line 20"),
+            "{line}"
+        );
+    }
+
+    let mut stdin = client.stdin.take().unwrap();
+    writeln!(stdin, "go").unwrap();
+    stdin.flush().unwrap();
+    line.clear();
+    cout.read_line(&mut line).unwrap();
+    assert_eq!(
+        line.trim(),
+        "after ok",
+        "the counters carried on after the upgrade"
+    );
+    assert!(client.wait().unwrap().success());
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+    std::thread::sleep(Duration::from_millis(10));
+    let _ = std::fs::remove_dir_all(&dir);
+}
