@@ -442,3 +442,110 @@ fn unauthenticated_and_disallowed_are_refused() {
     std::thread::sleep(Duration::from_millis(500));
     assert_all_bytes(&verdict(&mut peer));
 }
+
+/// PEM files of a CA and two leaves it signs (agent with an IP SAN, sender).
+fn certs(dir: &std::path::Path, tag: &str, agent_ip: &str) -> [PathBuf; 5] {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("tcpr test CA {tag}"));
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf = |san: &str| {
+        let k = KeyPair::generate().unwrap();
+        let c = CertificateParams::new(vec![san.to_string()])
+            .unwrap()
+            .signed_by(&k, &ca, &ca_key)
+            .unwrap();
+        (c.pem(), k.serialize_pem())
+    };
+    let (agent_cert, agent_key) = leaf(agent_ip);
+    let (sender_cert, sender_key) = leaf("tcpr-sender");
+    let files = [
+        (format!("{tag}-ca.pem"), ca.pem()),
+        (format!("{tag}-agent.pem"), agent_cert),
+        (format!("{tag}-agent.key"), agent_key),
+        (format!("{tag}-sender.pem"), sender_cert),
+        (format!("{tag}-sender.key"), sender_key),
+    ];
+    files.map(|(name, pem)| {
+        let p = dir.join(name);
+        std::fs::write(&p, pem).unwrap();
+        p
+    })
+}
+
+/// Mutual TLS: a sender with a certificate of the agent's CA moves its
+/// connection; one with a certificate of another CA is refused.
+#[test]
+fn mutual_tls_moves_and_refuses_strangers() {
+    let net = Net::new("tl", 89);
+    let [ca, agent_cert, agent_key, sender_cert, sender_key] = certs(&net.dir, "good", "10.89.0.3");
+    let [_, _, _, other_cert, other_key] = certs(&net.dir, "other", "10.89.0.3");
+    let s = |p: &PathBuf| p.to_str().unwrap().to_string();
+    let mut cmd = net.b.cmd(tcpr_bin());
+    cmd.args([
+        "agent",
+        "--listen",
+        &net.agent_addr(),
+        "--exec",
+        &format!("python3 {} --no-control", py("echo.py")),
+    ])
+    .args([
+        "--cert",
+        &s(&agent_cert),
+        "--key",
+        &s(&agent_key),
+        "--ca",
+        &s(&ca),
+    ])
+    .args(["--allow", &format!("{}:8080", net.svc())]);
+    let mut agent = Proc::spawn(cmd, "agent");
+    agent.expect("tcpr agent listening", Duration::from_secs(10));
+    let (mut echo, mut peer) = net.stream();
+    let migrate = |cert: &PathBuf, key: &PathBuf| {
+        net.a
+            .cmd(tcpr_bin())
+            .args([
+                "migrate",
+                "--to",
+                &net.agent_addr(),
+                "--pid",
+                &echo.pid().to_string(),
+                "--move-address",
+            ])
+            .args(["--cert", &s(cert), "--key", &s(key), "--ca", &s(&ca)])
+            .output()
+            .unwrap()
+    };
+    let out = migrate(&other_cert, &other_key);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        last_line(&out).starts_with("moved 0, rolled back 1"),
+        "{}",
+        last_line(&out)
+    );
+    assert!(net.has_svc(&net.a));
+    let out = migrate(&sender_cert, &sender_key);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        last_line(&out).starts_with("moved 1, rolled back 0, unknown 0"),
+        "{}",
+        last_line(&out)
+    );
+    agent.expect("ready 3", Duration::from_secs(10));
+    echo.kill();
+    std::thread::sleep(Duration::from_millis(800));
+    assert_all_bytes(&verdict(&mut peer));
+}
