@@ -1,6 +1,7 @@
 //! `tcpr`: checkpoint, restore and move live TCP connections.
 
 mod bench;
+mod bench_handoff;
 mod demo;
 mod handoff;
 mod stream;
@@ -113,6 +114,16 @@ enum Cmd {
         /// The address.
         addr: std::net::IpAddr,
     },
+    /// Benchmark handoffs between two namespace hosts: batches, and the
+    /// client-visible pause of a moved stream.
+    BenchHandoff {
+        /// Batch sizes to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,100,10000")]
+        counts: Vec<usize>,
+        /// Moves of the streaming connection.
+        #[arg(long, default_value_t = 100)]
+        moves: usize,
+    },
     /// The client side of `tcpr bench` (run by it).
     #[command(hide = true)]
     BenchPeer { addr: String, count: usize },
@@ -191,6 +202,7 @@ fn run(cmd: Cmd) -> Result<i32> {
                 .with_context(|| format!("cannot announce {addr} on {dev}"))?;
             Ok(0)
         }
+        Cmd::BenchHandoff { counts, moves } => bench_handoff::run(&counts, moves).map(|()| 0),
         Cmd::BenchPeer { addr, count } => bench::peer(&addr, count).map(|()| 0),
         Cmd::Bench { counts } => bench::run(&counts).map(|()| 0),
     }

@@ -1,0 +1,274 @@
+//! `tcpr bench-handoff`: the cost of moving 1, 100 and 10,000 connections
+//! between two hosts (network namespaces) through the whole handoff (TLS,
+//! PSK, freeze, prepare, address move, commit), and the client-visible
+//! pause of one streaming connection moved back and forth, against the
+//! same stream's longest gap with no move.
+
+use crate::stream;
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+use tcpr_handoff::{
+    hand_off, AgentConfig, AgentServer, Auth, Delivered, Delivery, HandOff, MigrateOptions, Switch,
+};
+use tcpr_netlab::{Host, Lab};
+
+const SVC: &str = "10.66.0.100";
+const PORT: u16 = 8080;
+
+/// Starts an agent inside `host`; delivered connections go to the channel.
+fn agent(host: &Host, listen: &str, auth: &Auth) -> Result<mpsc::Receiver<Delivered>> {
+    let (tx, rx) = mpsc::channel();
+    let cfg = AgentConfig {
+        auth: auth.clone(),
+        allow: vec![SocketAddr::new(SVC.parse()?, PORT)],
+        timeout: Duration::from_secs(5),
+        delivery: Delivery::Channel(tx),
+    };
+    let listen: SocketAddr = listen.parse()?;
+    let path = host.path();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    // The agent's threads inherit this thread's namespace.
+    std::thread::spawn(move || {
+        let r = tcpr_engine::enter_netns(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| AgentServer::bind(listen, cfg).map_err(anyhow::Error::from));
+        match r {
+            Ok(server) => {
+                let _ = ready_tx.send(Ok(()));
+                let _ = server.run();
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+            }
+        }
+    });
+    ready_rx.recv()??;
+    Ok(rx)
+}
+
+fn move_address(from: &Host, to: &Host) -> Result<()> {
+    from.del_addr(&format!("{SVC}/24"))?;
+    to.add_addr(&format!("{SVC}/24"))?;
+    to.announce(SVC.parse::<IpAddr>()?)
+}
+
+/// Moves `n` idle connections from `a` to `b`; returns the handoff time.
+fn batch(
+    lab_hosts: (&Host, &Host, &Host),
+    n: usize,
+    auth: &Auth,
+    delivered: &mpsc::Receiver<Delivered>,
+) -> Result<Duration> {
+    let (c, a, b) = lab_hosts;
+    let listener = a.within(|| Ok(TcpListener::bind((SVC, PORT))?))?;
+    let mut peer = c
+        .cmd(&std::env::current_exe()?.to_string_lossy())
+        .args(["bench-peer", &format!("{SVC}:{PORT}"), &n.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("start the bench peer")?;
+    let mut servers = Vec::with_capacity(n);
+    for _ in 0..n {
+        servers.push((listener.accept()?.0, vec![]));
+    }
+    drop(listener);
+    let mut line = String::new();
+    BufReader::new(peer.stdout.take().expect("piped")).read_line(&mut line)?;
+    if line.trim() != "ready" {
+        bail!("the bench peer did not connect");
+    }
+    let mut opts = MigrateOptions::new("10.66.0.3:7070".parse()?, auth.clone());
+    opts.switch = Switch::MoveAddress;
+    let t = Instant::now();
+    let results = a.within(|| Ok(hand_off(servers, &opts)?))?;
+    let took = t.elapsed();
+    let moved = results
+        .iter()
+        .filter(|r| matches!(r, HandOff::Moved))
+        .count();
+    // Drain the deliveries: closing them here keeps the fd count low.
+    let mut got = 0;
+    while got < moved {
+        delivered
+            .recv_timeout(Duration::from_secs(10))
+            .context("a moved connection was not delivered")?;
+        got += 1;
+    }
+    let _ = peer.kill();
+    let _ = peer.wait();
+    if moved != n {
+        bail!("only {moved} of {n} connections moved");
+    }
+    // Put the address back for the next round.
+    move_address(b, a)?;
+    Ok(took)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Runs the benchmark and prints its figures.
+pub fn run(counts: &[usize], moves: usize) -> Result<()> {
+    let need = counts.iter().copied().max().unwrap_or(1) as u64 + 1024;
+    let got = tcpr_engine::raise_fd_limit(need)?;
+    if got < need {
+        bail!("tcpr bench-handoff needs {need} open files and may have only {got} (RLIMIT_NOFILE)");
+    }
+    let mut lab = Lab::new("bh")?;
+    let c = lab.host("c", &["10.66.0.1/24"])?;
+    let a = lab.host("a", &["10.66.0.2/24", &format!("{SVC}/24")])?;
+    let b = lab.host("b", &["10.66.0.3/24"])?;
+    let auth = Auth::Psk(Arc::new(b"bench-handoff shared secret".to_vec()));
+    let to_b = agent(&b, "10.66.0.3:7070", &auth)?;
+    let to_a = agent(&a, "10.66.0.2:7070", &auth)?;
+
+    println!(
+        "handoff of idle connections between two namespace hosts (TLS 1.3 + PSK, address move)"
+    );
+    println!("{:>7}  {:>12} {:>16}", "conns", "total ms", "per conn us");
+    for &n in counts {
+        let t = batch((&c, &a, &b), n, &auth, &to_b)?;
+        println!(
+            "{:>7}  {:>12.1} {:>16.1}",
+            n,
+            ms(t),
+            t.as_secs_f64() * 1e6 / n as f64
+        );
+    }
+
+    // One stream, moved back and forth.
+    let rate = 4 << 20;
+    let listener = a.within(|| Ok(TcpListener::bind((SVC, PORT))?))?;
+    let client = c.within(|| Ok(TcpStream::connect((SVC, PORT))?))?;
+    let (server, _) = listener.accept()?;
+    drop(listener);
+    let stop = Arc::new(AtomicBool::new(false));
+    let gap = Arc::new(Mutex::new(Duration::ZERO));
+    let received = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (stop, gap, received) = (stop.clone(), gap.clone(), received.clone());
+        let mut client = client.try_clone()?;
+        client.set_read_timeout(Some(Duration::from_millis(20)))?;
+        std::thread::spawn(move || -> Result<()> {
+            let mut buf = vec![0u8; 65536];
+            let mut last = Instant::now();
+            while !stop.load(Ordering::SeqCst) {
+                match client.read(&mut buf) {
+                    Ok(0) => bail!("stream closed"),
+                    Ok(n) => {
+                        let off = received.load(Ordering::SeqCst);
+                        if let Some(bad) = stream::first_mismatch(0xbe, off, &buf[..n]) {
+                            bail!("byte {bad} corrupted");
+                        }
+                        received.fetch_add(n as u64, Ordering::SeqCst);
+                        let now = Instant::now();
+                        let mut g = gap.lock().unwrap_or_else(|e| e.into_inner());
+                        *g = (*g).max(now - last);
+                        last = now;
+                    }
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(())
+        })
+    };
+    // The writer: the "application", paused around each move.
+    let sent = Arc::new(AtomicU64::new(0));
+    let write_for = |mut s: TcpStream, dur: Duration| -> Result<TcpStream> {
+        let start = Instant::now();
+        let base = sent.load(Ordering::SeqCst);
+        let mut buf = vec![0u8; 16384];
+        while start.elapsed() < dur {
+            let due = base + (start.elapsed().as_secs_f64() * rate as f64) as u64;
+            let cur = sent.load(Ordering::SeqCst);
+            if cur >= due {
+                std::thread::sleep(Duration::from_micros(500));
+                continue;
+            }
+            let n = ((due - cur) as usize).min(buf.len());
+            stream::fill(0xbe, cur, &mut buf[..n]);
+            s.write_all(&buf[..n])?;
+            sent.fetch_add(n as u64, Ordering::SeqCst);
+        }
+        Ok(s)
+    };
+    let mut s = write_for(server, Duration::from_millis(1500))?;
+    let baseline = std::mem::take(&mut *gap.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut pauses = Vec::with_capacity(moves);
+    let (mut here, mut there) = (&a, &b);
+    let (mut here_rx, mut there_rx) = (&to_a, &to_b);
+    for i in 0..moves {
+        *gap.lock().unwrap_or_else(|e| e.into_inner()) = Duration::ZERO;
+        let to = if std::ptr::eq(there, &b) {
+            "10.66.0.3:7070"
+        } else {
+            "10.66.0.2:7070"
+        };
+        let mut opts = MigrateOptions::new(to.parse()?, auth.clone());
+        opts.switch = Switch::MoveAddress;
+        let r = here.within(|| Ok(hand_off(vec![(s, vec![])], &opts)?))?;
+        match r.into_iter().next() {
+            Some(HandOff::Moved) => {}
+            other => bail!("move {i} did not happen: {other:?}"),
+        }
+        let d = there_rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("delivery")?;
+        s = write_for(d.stream, Duration::from_millis(200))?;
+        pauses.push(std::mem::take(
+            &mut *gap.lock().unwrap_or_else(|e| e.into_inner()),
+        ));
+        std::mem::swap(&mut here, &mut there);
+        std::mem::swap(&mut here_rx, &mut there_rx);
+    }
+    // Let the reader catch up, then check every byte arrived.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while received.load(Ordering::SeqCst) < sent.load(Ordering::SeqCst) && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    stop.store(true, Ordering::SeqCst);
+    reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    let (got, total) = (received.load(Ordering::SeqCst), sent.load(Ordering::SeqCst));
+    if got != total {
+        bail!("the stream lost bytes: sent {total}, received {got}");
+    }
+    drop(s);
+    pauses.sort();
+    println!();
+    println!(
+        "one stream at {} MiB/s moved {moves} times between the hosts",
+        rate >> 20
+    );
+    println!(
+        "longest gap between bytes at the client, no move:   {:>8.2} ms",
+        ms(baseline)
+    );
+    println!(
+        "longest gap per move:  p50 {:>8.2} ms   p99 {:>8.2} ms   max {:>8.2} ms   (p50 / no-move = {:.1}x)",
+        ms(percentile(&pauses, 0.5)),
+        ms(percentile(&pauses, 0.99)),
+        ms(*pauses.last().unwrap_or(&Duration::ZERO)),
+        ms(percentile(&pauses, 0.5)) / ms(baseline).max(0.001)
+    );
+    println!("verified {got} bytes in order, none lost or corrupted");
+    drop(lab);
+    Ok(())
+}
