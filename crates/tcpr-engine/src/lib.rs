@@ -183,13 +183,25 @@ impl Frozen {
     /// probe); the connection carries on in place. Returns the socket.
     pub fn thaw(mut self) -> Result<OwnedFd, Error> {
         let sock = self.sock.take().expect("present until consumed");
+        // Release first, so the window probe's answer gets through; but a
+        // failed release must not keep the socket frozen: the connection
+        // carries on and the lock expires with its lease.
         if let Some(l) = self.lock.take() {
-            l.release()?;
+            if let Err(e) = l.release() {
+                tracing::warn!(
+                    "thawing {} -> {}: the lock stays until its lease ends: {e}",
+                    self.flow.local,
+                    self.flow.peer
+                );
+            }
         }
-        sys::set_repair_queue(sock.as_fd(), Queue::No)
-            .map_err(|e| Error::kernel("leave repair queue", e))?;
-        sys::set_repair(sock.as_fd(), sys::REPAIR_OFF)
-            .map_err(|e| Error::kernel("turn off repair mode", e))?;
+        if let Err(e) = sys::set_repair_queue(sock.as_fd(), Queue::No)
+            .and_then(|()| sys::set_repair(sock.as_fd(), sys::REPAIR_OFF))
+        {
+            // Put it back: Drop tries once more rather than closing it frozen.
+            self.sock = Some(sock);
+            return Err(Error::kernel("turn off repair mode", e));
+        }
         Ok(sock)
     }
 

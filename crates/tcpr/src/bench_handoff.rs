@@ -56,12 +56,15 @@ fn move_address(from: &Host, to: &Host) -> Result<()> {
     to.announce(SVC.parse::<IpAddr>()?)
 }
 
-/// Moves `n` idle connections from `a` to `b`; returns the handoff time.
+/// Moves `n` idle connections from `a` to `b`, whose agent (`tcpr agent`,
+/// a process of its own, so that each process holds one end of each
+/// connection) passes them to a sink that counts and closes them; returns
+/// the handoff time.
 fn batch(
     lab_hosts: (&Host, &Host, &Host),
     n: usize,
     auth: &Auth,
-    delivered: &mpsc::Receiver<Delivered>,
+    delivered: &mpsc::Receiver<()>,
 ) -> Result<Duration> {
     let (c, a, b) = lab_hosts;
     let listener = a.within(|| Ok(TcpListener::bind((SVC, PORT))?))?;
@@ -74,7 +77,11 @@ fn batch(
         .context("start the bench peer")?;
     let mut servers = Vec::with_capacity(n);
     for _ in 0..n {
-        servers.push((listener.accept()?.0, vec![]));
+        // Owned, not duplicated: 10,000 connections must fit the fd limit.
+        servers.push(tcpr_handoff::Outgoing {
+            sock: listener.accept()?.0.into(),
+            blob: vec![],
+        });
     }
     drop(listener);
     let mut line = String::new();
@@ -82,15 +89,12 @@ fn batch(
     if line.trim() != "ready" {
         bail!("the bench peer did not connect");
     }
-    let mut opts = MigrateOptions::new("10.66.0.3:7070".parse()?, auth.clone());
+    let mut opts = MigrateOptions::new("10.66.0.3:7071".parse()?, auth.clone());
     opts.switch = Switch::MoveAddress;
     let t = Instant::now();
-    let results = a.within(|| Ok(hand_off(servers, &opts)?))?;
+    let report = a.within(|| Ok(tcpr_handoff::migrate(servers, &opts, &|_| {})?))?;
     let took = t.elapsed();
-    let moved = results
-        .iter()
-        .filter(|r| matches!(r, HandOff::Moved))
-        .count();
+    let moved = report.moved.len();
     // Drain the deliveries: closing them here keeps the fd count low.
     let mut got = 0;
     while got < moved {
@@ -135,13 +139,53 @@ pub fn run(counts: &[usize], moves: usize) -> Result<()> {
     let auth = Auth::Psk(Arc::new(b"bench-handoff shared secret".to_vec()));
     let to_b = agent(&b, "10.66.0.3:7070", &auth)?;
     let to_a = agent(&a, "10.66.0.2:7070", &auth)?;
+    // The batch agent: a `tcpr agent` process in b delivering over a unix
+    // socket to a sink here that counts and closes.
+    let dir = std::env::temp_dir().join(format!("tcpr-bench-handoff-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let key = dir.join("psk");
+    std::fs::write(&key, "bench-handoff shared secret")?;
+    let sock_path = dir.join("sink.sock");
+    let sink = std::os::unix::net::UnixListener::bind(&sock_path)?;
+    let (sink_tx, sink_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for s in sink.incoming() {
+            let Ok(mut s) = s else { break };
+            if let Ok(Some(_d)) = tcpr_handoff::deliver::recv_unix(&mut s) {
+                let _ = sink_tx.send(());
+            }
+        }
+    });
+    let mut batch_agent = b
+        .cmd(&std::env::current_exe()?.to_string_lossy())
+        .args([
+            "agent",
+            "--listen",
+            "10.66.0.3:7071",
+            "--unix",
+            &sock_path.to_string_lossy(),
+        ])
+        .args([
+            "--psk-file",
+            &key.to_string_lossy(),
+            "--allow",
+            &format!("{SVC}:{PORT}"),
+            "--timeout",
+            "5",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("start the batch agent")?;
+    let mut line = String::new();
+    BufReader::new(batch_agent.stdout.take().expect("piped")).read_line(&mut line)?;
+    let batch_auth = Auth::psk_file(&key)?;
 
     println!(
         "handoff of idle connections between two namespace hosts (TLS 1.3 + PSK, address move)"
     );
     println!("{:>7}  {:>12} {:>16}", "conns", "total ms", "per conn us");
     for &n in counts {
-        let t = batch((&c, &a, &b), n, &auth, &to_b)?;
+        let t = batch((&c, &a, &b), n, &batch_auth, &sink_rx)?;
         println!(
             "{:>7}  {:>12.1} {:>16.1}",
             n,
@@ -269,6 +313,9 @@ pub fn run(counts: &[usize], moves: usize) -> Result<()> {
         ms(percentile(&pauses, 0.5)) / ms(baseline).max(0.001)
     );
     println!("verified {got} bytes in order, none lost or corrupted");
+    let _ = batch_agent.kill();
+    let _ = batch_agent.wait();
+    let _ = std::fs::remove_dir_all(&dir);
     drop(lab);
     Ok(())
 }
