@@ -13,39 +13,64 @@ struct Net {
     a: Host,
     b: Host,
     n: u8,
+    v6: bool,
     key: PathBuf,
     dir: PathBuf,
 }
 
 impl Net {
     fn new(tag: &str, n: u8) -> Net {
+        Net::build(tag, n, false)
+    }
+    fn new6(tag: &str, n: u8) -> Net {
+        Net::build(tag, n, true)
+    }
+    fn build(tag: &str, n: u8, v6: bool) -> Net {
         let dir = tmpdir(tag);
         let key = dir.join("psk");
         std::fs::write(&key, "a shared secret for the handoff tests\n").unwrap();
         let mut lab = Lab::new(tag).unwrap();
-        let c = lab.host("c", &[&format!("10.{n}.0.1/24")]).unwrap();
-        let a = lab
-            .host(
-                "a",
-                &[&format!("10.{n}.0.2/24"), &format!("10.{n}.0.100/24")],
-            )
-            .unwrap();
-        let b = lab.host("b", &[&format!("10.{n}.0.3/24")]).unwrap();
+        let addr = |h: u8| {
+            if v6 {
+                format!("fd00:{n}::{h}/64")
+            } else {
+                format!("10.{n}.0.{h}/24")
+            }
+        };
+        let c = lab.host("c", &[&addr(1)]).unwrap();
+        let a = lab.host("a", &[&addr(2), &addr(100)]).unwrap();
+        let b = lab.host("b", &[&addr(3)]).unwrap();
         Net {
             _lab: lab,
             c,
             a,
             b,
             n,
+            v6,
             key,
             dir,
         }
     }
     fn svc(&self) -> String {
-        format!("10.{}.0.100", self.n)
+        if self.v6 {
+            format!("fd00:{}::100", self.n)
+        } else {
+            format!("10.{}.0.100", self.n)
+        }
+    }
+    fn svc_port(&self, port: u16) -> String {
+        if self.v6 {
+            format!("[{}]:{port}", self.svc())
+        } else {
+            format!("{}:{port}", self.svc())
+        }
     }
     fn agent_addr(&self) -> String {
-        format!("10.{}.0.3:7070", self.n)
+        if self.v6 {
+            format!("[fd00:{}::3]:7070", self.n)
+        } else {
+            format!("10.{}.0.3:7070", self.n)
+        }
     }
     fn agent(&self, delivery: &[&str], allow: &str, env: Option<(&str, &str)>) -> Proc {
         let mut cmd = self.b.cmd(tcpr_bin());
@@ -106,7 +131,8 @@ impl Net {
     }
     fn has_svc(&self, h: &Host) -> bool {
         let out = h.ip(&["-o", "addr", "show"]).unwrap();
-        String::from_utf8_lossy(&out.stdout).contains(&format!("{}/24", self.svc()))
+        let plen = if self.v6 { 64 } else { 24 };
+        String::from_utf8_lossy(&out.stdout).contains(&format!("{}/{plen}", self.svc()))
     }
 }
 
@@ -148,10 +174,15 @@ fn agent_sockets_on(h: &Host, local: &str) -> usize {
 
 #[test]
 fn one_connection_moves_with_its_address() {
-    let net = Net::new("h1", 90);
+    for net in [Net::new("h1", 90), Net::new6("h6", 88)] {
+        one_connection(net);
+    }
+}
+
+fn one_connection(net: Net) {
     let mut agent = net.agent(
         &["--exec", &format!("python3 {} --no-control", py("echo.py"))],
-        &format!("{}:8080", net.svc()),
+        &net.svc_port(8080),
         None,
     );
     let (mut echo, mut peer) = net.stream();
