@@ -174,13 +174,15 @@ fn migrate(server: Server, from: &Host, to: &Host, rate: u64) -> Result<(Server,
     to.announce(SERVICE.parse::<IpAddr>()?)?;
     let stream = restored.resume()?;
     let pause = t0.elapsed();
+    // The application carries on first; clean-up comes after.
+    let st = ServerState::decode(&img.app_blob)?;
+    let server = Server::start(stream, st, rate)?;
     // The address has left `from`: a late packet there is no longer local
     // and cannot draw a RST, so the lock can go.
     if let Some(lock) = frozen.discard()? {
         lock.release()?;
     }
-    let st = ServerState::decode(&img.app_blob)?;
-    Ok((Server::start(stream, st, rate)?, pause, bytes.len()))
+    Ok((server, pause, bytes.len()))
 }
 
 /// Runs the demo.

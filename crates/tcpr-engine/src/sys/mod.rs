@@ -696,6 +696,10 @@ pub fn announce_ipv4(ifname: &str, ip: Ipv4Addr) -> io::Result<()> {
         size_of::<libc::sockaddr_ll>() as libc::socklen_t
     ))
     .map_err(ctx("sendto(AF_PACKET)"))?;
+    // Closing a packet socket waits for an RCU grace period
+    // (synchronize_net in packet_release), about 10 ms: the frame is already
+    // sent, so close it off the caller's path.
+    std::thread::spawn(move || drop(s));
     Ok(())
 }
 
