@@ -170,16 +170,24 @@ impl FlowLock {
     /// passes.
     pub fn acquire(flows: &[Flow], ns: Netns, lease: Duration) -> Result<FlowLock, Error> {
         let secs = lease.as_secs().max(1);
-        let mut script = ruleset();
+        let mut elements = String::new();
         for f in flows {
             let _ = writeln!(
-                script,
+                elements,
                 "add element inet {TABLE} {} {{ {} timeout {secs}s }}",
                 f.set(),
                 f.element()
             );
         }
-        nft(&ns, &script)?;
+        // Fast path: the table is there, only elements change (no rule
+        // churn, whose commit waits for an RCU grace period). Otherwise
+        // install the table, then add the elements.
+        if let Err(first) = nft(&ns, &elements) {
+            if matches!(first, Error::Permission(_)) {
+                return Err(first);
+            }
+            nft(&ns, &(ruleset() + &elements))?;
+        }
         tracing::debug!(flows = flows.len(), lease_secs = secs, "flows locked");
         Ok(FlowLock {
             flows: flows.to_vec(),
@@ -251,8 +259,9 @@ pub fn release_flows(ns: &Netns, flows: &[Flow]) -> Result<(), Error> {
         return Ok(());
     }
     // `add` then `delete` in one transaction: deleting an absent element
-    // would fail the whole batch, and the element may have expired.
-    let mut script = ruleset();
+    // would fail the whole batch, and the element may have expired. No
+    // table at all means nothing is locked.
+    let mut script = String::new();
     for f in flows {
         let _ = writeln!(
             script,
@@ -267,7 +276,12 @@ pub fn release_flows(ns: &Netns, flows: &[Flow]) -> Result<(), Error> {
             f.element()
         );
     }
-    nft(ns, &script)
+    match nft(ns, &script) {
+        Err(e @ Error::Permission(_)) => Err(e),
+        // No table yet: install it, which makes the batch valid.
+        Err(_) => nft(ns, &(ruleset() + &script)),
+        Ok(()) => Ok(()),
+    }
 }
 
 /// How many flows are locked in the current namespace (for tests and `tcpr ls`).

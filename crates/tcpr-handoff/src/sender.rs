@@ -169,6 +169,18 @@ pub fn migrate(
     let blobs: Vec<Vec<u8>> = conns.iter().map(|c| c.blob.clone()).collect();
     let socks: Vec<OwnedFd> = conns.into_iter().map(|c| c.sock).collect();
     let total = socks.len();
+    // The channel first: a handshake is not part of any connection's pause,
+    // and an unreachable or unauthenticated agent costs no freeze at all.
+    let ch = match connect(opts) {
+        Ok(ch) => ch,
+        Err(e) => {
+            for s in &socks {
+                let flow = tcpr_engine::inspect_socket(std::os::fd::AsFd::as_fd(s))?.0;
+                report.rolled_back.push((flow, e.clone()));
+            }
+            return Ok(report);
+        }
+    };
     let frozen = freeze_many(
         socks,
         &FreezeOptions {
@@ -221,7 +233,7 @@ pub fn migrate(
         }
     }
     let ids: Vec<ConnId> = d.frozen.keys().copied().collect();
-    let fates = d.run(ids, total, progress);
+    let fates = d.run(ids, total, ch, progress);
     for (id, fate) in fates {
         let flow = d.flows[&id];
         match fate {
@@ -242,6 +254,21 @@ pub fn migrate(
     Ok(report)
 }
 
+/// Opens the authenticated channel to the agent.
+fn connect(opts: &MigrateOptions) -> Result<Channel, String> {
+    let tcp = TcpStream::connect_timeout(&opts.to, opts.timeout)
+        .map_err(|e| format!("cannot reach the agent at {}: {e}", opts.to))?;
+    tcp.set_read_timeout(Some(opts.timeout))
+        .map_err(|e| e.to_string())?;
+    tcp.set_write_timeout(Some(opts.timeout * 4))
+        .map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    let cfg = opts.auth.client_config().map_err(|e| e.to_string())?;
+    opts.auth
+        .connect(cfg, opts.to.ip(), tcp)
+        .map_err(|e| format!("agent at {}: {e}", opts.to))
+}
+
 fn batch_id() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -251,25 +278,11 @@ fn batch_id() -> u64 {
 }
 
 impl Driver<'_> {
-    fn connect(&self) -> Result<Channel, String> {
-        let tcp = TcpStream::connect_timeout(&self.opts.to, self.opts.timeout)
-            .map_err(|e| format!("cannot reach the agent at {}: {e}", self.opts.to))?;
-        tcp.set_read_timeout(Some(self.opts.timeout))
-            .map_err(|e| e.to_string())?;
-        tcp.set_write_timeout(Some(self.opts.timeout * 4))
-            .map_err(|e| e.to_string())?;
-        let _ = tcp.set_nodelay(true);
-        let cfg = self.opts.auth.client_config().map_err(|e| e.to_string())?;
-        self.opts
-            .auth
-            .connect(cfg, self.opts.to.ip(), tcp)
-            .map_err(|e| format!("agent at {}: {e}", self.opts.to))
-    }
-
     fn run(
         &mut self,
         ids: Vec<ConnId>,
         total: usize,
+        ch: Channel,
         progress: &dyn Fn(Progress),
     ) -> BTreeMap<ConnId, Fate> {
         let now = Instant::now();
@@ -277,16 +290,7 @@ impl Driver<'_> {
         if ids.is_empty() {
             return BTreeMap::new();
         }
-        let mut ch = match self.connect() {
-            Ok(ch) => Some(ch),
-            Err(e) => {
-                tracing::warn!("{e}");
-                m.handle_link_lost(now);
-                // The reason shows in the fates.
-                let _ = e;
-                None
-            }
-        };
+        let mut ch = Some(ch);
         let mut prepared = 0usize;
         loop {
             // Send what the machine wants sent.
