@@ -443,6 +443,18 @@ fn unauthenticated_and_disallowed_are_refused() {
     assert!(n < 64, "the agent closed on the stranger: {text}");
 
     let (mut echo, mut peer) = net.stream();
+    // No agent at that port: nothing is even frozen.
+    let out = net
+        .a
+        .cmd(tcpr_bin())
+        .args(["migrate", "--to", &format!("10.{}.0.3:7999", net.n), "--psk-file", net.key.to_str().unwrap()])
+        .args(["--pid", &echo.pid().to_string(), "--move-address"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(last_line(&out).starts_with("moved 0, rolled back 1"), "{}", last_line(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the agent"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(locked(&net.a), 0);
     let wrong = net.dir.join("wrong");
     std::fs::write(&wrong, "not the secret the agent holds\n").unwrap();
     let out = net.migrate_cmd(echo.pid(), &wrong).output().unwrap();
