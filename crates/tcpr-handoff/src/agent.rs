@@ -155,15 +155,20 @@ impl AgentServer {
 }
 
 /// Fault injection for tests: when `TCPR_FAULT_STOP_AT` names this point,
-/// the agent stops itself (SIGSTOP) there, so that a test can kill it or cut
-/// its link at an exact protocol step. Points: `hello`, `restored` (before
-/// READY is sent), `ready` (after), `committed` (after COMMITTED is sent).
+/// the thread serving the batch holds there, so that a test can kill the
+/// agent or cut its link at an exact protocol step. On arrival it creates
+/// `$TCPR_FAULT_DIR/reached-POINT`; it goes on once
+/// `$TCPR_FAULT_DIR/release-POINT` exists. Points: `hello`, `restored`
+/// (before READY is sent), `ready` (after), `committed` (after COMMITTED).
 fn fault_point(name: &str) {
-    if std::env::var("TCPR_FAULT_STOP_AT").is_ok_and(|v| v == name) {
-        tracing::warn!("fault injection: stopping at {name}");
-        let _ = Command::new("kill")
-            .args(["-STOP", &std::process::id().to_string()])
-            .status();
+    if !std::env::var("TCPR_FAULT_STOP_AT").is_ok_and(|v| v == name) {
+        return;
+    }
+    let dir = PathBuf::from(std::env::var_os("TCPR_FAULT_DIR").unwrap_or_else(|| "/tmp".into()));
+    tracing::warn!("fault injection: holding at {name}");
+    let _ = std::fs::write(dir.join(format!("reached-{name}")), b"");
+    while !dir.join(format!("release-{name}")).exists() {
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

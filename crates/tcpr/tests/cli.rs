@@ -34,19 +34,11 @@ fn inetd_restore_runs_an_unmodified_program() {
     let c = lab.host("c", &["10.83.0.1/24"]).unwrap();
     let a = lab.host("a", &["10.83.0.2/24", "10.83.0.100/24"]).unwrap();
     let b = lab.host("b", &["10.83.0.3/24"]).unwrap();
-    let mut cmd = a.cmd("python3");
-    cmd.args([&py("echo.py"), "--listen", "10.83.0.100", "--port", "7"]);
-    let mut echo = Proc::spawn(cmd, "echo");
-    echo.expect("listening", Duration::from_secs(10));
+    let mut echo = echo_server(&a, "10.83.0.100", 7, &[]);
     let mut cmd = c.cmd("python3");
     cmd.args(["-c", CLIENT, "10.83.0.100", "7"]);
     let mut client = Proc::spawn(cmd, "client");
-    let fd = echo
-        .expect("ready", Duration::from_secs(10))
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .to_string();
+    let fd = ready_fd(&mut echo);
     client.expect("echoed", Duration::from_secs(10));
     echo.send("pause");
     echo.expect("paused", Duration::from_secs(10));
@@ -140,19 +132,11 @@ fn source_lock_expires_after_its_lease() {
     let mut lab = Lab::new("ls").unwrap();
     let c = lab.host("c", &["10.84.0.1/24"]).unwrap();
     let s = lab.host("s", &["10.84.0.2/24"]).unwrap();
-    let mut cmd = s.cmd("python3");
-    cmd.args([&py("echo.py"), "--listen", "10.84.0.2", "--port", "7"]);
-    let mut echo = Proc::spawn(cmd, "echo");
-    echo.expect("listening", Duration::from_secs(10));
+    let mut echo = echo_server(&s, "10.84.0.2", 7, &[]);
     let mut cmd = c.cmd("python3");
     cmd.args(["-c", CLIENT, "10.84.0.2", "7"]);
     let mut client = Proc::spawn(cmd, "client");
-    let fd = echo
-        .expect("ready", Duration::from_secs(10))
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .to_string();
+    let fd = ready_fd(&mut echo);
     client.expect("echoed", Duration::from_secs(10));
     echo.send("pause");
     echo.expect("paused", Duration::from_secs(10));

@@ -147,32 +147,9 @@ fn conn(tag: &str, net: u8) -> Conn {
     let mut lab = Lab::new(tag).unwrap();
     let c = lab.host("c", &[&format!("10.{net}.0.1/24")]).unwrap();
     let s = lab.host("s", &[&format!("10.{net}.0.2/24")]).unwrap();
-    let mut cmd = s.cmd("python3");
-    cmd.args([
-        &py("echo.py"),
-        "--listen",
-        &format!("10.{net}.0.2"),
-        "--port",
-        "7000",
-    ]);
-    let mut echo = Proc::spawn(cmd, "echo");
-    echo.expect("listening", Duration::from_secs(10));
-    let mut cmd = c.cmd("python3");
-    cmd.args([
-        &py("peer.py"),
-        "--connect",
-        &format!("10.{net}.0.2"),
-        "--port",
-        "7000",
-    ]);
-    let mut peer = Proc::spawn(cmd, "peer");
-    peer.expect("connected", Duration::from_secs(10));
-    let fd = echo
-        .expect("ready", Duration::from_secs(10))
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .to_string();
+    let mut echo = echo_server(&s, &format!("10.{net}.0.2"), 7000, &[]);
+    let peer = stream_peer(&c, &format!("10.{net}.0.2"), 7000, &[]);
+    let fd = ready_fd(&mut echo);
     Conn {
         _lab: lab,
         server: s,
@@ -180,15 +157,6 @@ fn conn(tag: &str, net: u8) -> Conn {
         peer,
         fd,
     }
-}
-
-fn finish_ok(peer: &mut Proc) {
-    peer.send("finish");
-    let v: serde_json::Value =
-        serde_json::from_str(&peer.expect("{", Duration::from_secs(60))).unwrap();
-    assert!(v["error"].is_null(), "peer reports: {v}");
-    assert_eq!(v["sent"], v["received"], "{v}");
-    assert_eq!(v["sha_sent"], v["sha_received"], "{v}");
 }
 
 fn tcp_sockets(host: &tcpr_netlab::Host) -> usize {
@@ -290,7 +258,7 @@ fn restore_onto_a_tuple_in_use_and_without_privilege() {
     assert_eq!(tcp_sockets(&c.server), before);
     assert_eq!(locked(&c.server), 0);
     std::thread::sleep(Duration::from_millis(300));
-    finish_ok(&mut c.peer);
+    assert_all_bytes(&verdict(&mut c.peer), 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -322,5 +290,5 @@ fn ls_shows_owners_and_dumpability() {
         "{text}"
     );
     assert_clean_failure(&tcpr(None, &["ls", "--pid", "4194305"]), "no process");
-    finish_ok(&mut c.peer);
+    assert_all_bytes(&verdict(&mut c.peer), 1);
 }

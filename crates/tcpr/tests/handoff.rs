@@ -85,7 +85,7 @@ impl Net {
         ])
         .args(delivery);
         if let Some((k, v)) = env {
-            cmd.env(k, v);
+            cmd.env(k, v).env("TCPR_FAULT_DIR", &self.dir);
         }
         let mut p = Proc::spawn(cmd, "agent");
         p.expect("tcpr agent listening", Duration::from_secs(10));
@@ -93,22 +93,8 @@ impl Net {
     }
     /// echo.py on a, a streaming peer on c; returns (echo, peer).
     fn stream(&self) -> (Proc, Proc) {
-        let mut cmd = self.a.cmd("python3");
-        cmd.args([&py("echo.py"), "--listen", &self.svc(), "--port", "8080"]);
-        let mut echo = Proc::spawn(cmd, "echo");
-        echo.expect("listening", Duration::from_secs(10));
-        let mut cmd = self.c.cmd("python3");
-        cmd.args([
-            &py("peer.py"),
-            "--connect",
-            &self.svc(),
-            "--port",
-            "8080",
-            "--rate",
-            "1000000",
-        ]);
-        let mut peer = Proc::spawn(cmd, "peer");
-        peer.expect("connected", Duration::from_secs(10));
+        let mut echo = echo_server(&self.a, &self.svc(), 8080, &[]);
+        let peer = stream_peer(&self.c, &self.svc(), 8080, &["--rate", "1000000"]);
         echo.expect("ready", Duration::from_secs(10));
         std::thread::sleep(Duration::from_millis(500));
         echo.send("flush");
@@ -142,18 +128,9 @@ impl Drop for Net {
     }
 }
 
-fn verdict(peer: &mut Proc) -> serde_json::Value {
-    peer.send("finish");
-    serde_json::from_str(&peer.expect("{", Duration::from_secs(60))).unwrap()
-}
-
-fn assert_all_bytes(v: &serde_json::Value) {
-    assert!(v["error"].is_null(), "peer reports: {v}");
-    assert!(v["sent"].as_u64().unwrap() > 100_000, "traffic flowed: {v}");
-    assert_eq!(v["sent"], v["received"], "{v}");
-    if v.get("sha_sent").is_some() {
-        assert_eq!(v["sha_sent"], v["sha_received"], "{v}");
-    }
+/// The command line an agent runs per delivered connection.
+fn echo_for_agent() -> String {
+    format!("python3 {} --no-control", py("echo.py"))
 }
 
 fn last_line(out: &std::process::Output) -> String {
@@ -180,11 +157,7 @@ fn one_connection_moves_with_its_address() {
 }
 
 fn one_connection(net: Net) {
-    let mut agent = net.agent(
-        &["--exec", &format!("python3 {} --no-control", py("echo.py"))],
-        &net.svc_port(8080),
-        None,
-    );
+    let mut agent = net.agent(&["--exec", &echo_for_agent()], &net.svc_port(8080), None);
     let (mut echo, mut peer) = net.stream();
     let out = net.migrate_cmd(echo.pid(), &net.key).output().unwrap();
     assert!(
@@ -205,7 +178,7 @@ fn one_connection(net: Net) {
     );
     assert_eq!(locked(&net.a), 0, "the source lock is released");
     std::thread::sleep(Duration::from_millis(1000));
-    assert_all_bytes(&verdict(&mut peer));
+    assert_all_bytes(&verdict(&mut peer), 100_000);
 }
 
 #[test]
@@ -278,26 +251,21 @@ fn thousand_connections_move_in_one_batch() {
     assert_eq!(locked(&net.a), 0);
 }
 
-fn stopped(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('T')
-        })
-        .unwrap_or(false)
-}
-
-fn wait_stopped(pid: i32) {
-    for _ in 0..500 {
-        if stopped(pid) {
+/// Waits until the agent holds at its fault point (see `TCPR_FAULT_STOP_AT`).
+fn wait_reached(net: &Net, point: &str) {
+    let f = net.dir.join(format!("reached-{point}"));
+    for _ in 0..1000 {
+        if f.exists() {
             return;
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(5));
     }
-    panic!("the agent never reached its fault point");
+    panic!("the agent never reached its fault point {point}");
+}
+
+/// Lets the agent go on from its fault point.
+fn release(net: &Net, point: &str) {
+    std::fs::write(net.dir.join(format!("release-{point}")), b"").unwrap();
 }
 
 fn signal(pid: i32, sig: &str) {
@@ -318,7 +286,7 @@ fn agent_killed_at_each_step() {
     {
         let net = Net::new(&format!("k{i}"), 92 + i as u8);
         let mut agent = net.agent(
-            &["--exec", &format!("python3 {} --no-control", py("echo.py"))],
+            &["--exec", &echo_for_agent()],
             &format!("{}:8080", net.svc()),
             Some(("TCPR_FAULT_STOP_AT", point)),
         );
@@ -329,7 +297,7 @@ fn agent_killed_at_each_step() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        wait_stopped(agent.pid());
+        wait_reached(&net, point);
         signal(agent.pid(), "-KILL");
         agent.kill();
         let out = mig.wait_with_output().unwrap();
@@ -368,7 +336,7 @@ fn agent_killed_at_each_step() {
         }
         assert_eq!(locked(&net.a), 0, "{point}: no lock left");
         std::thread::sleep(Duration::from_millis(800));
-        assert_all_bytes(&verdict(&mut peer));
+        assert_all_bytes(&verdict(&mut peer), 100_000);
     }
 }
 
@@ -377,8 +345,8 @@ fn agent_killed_at_each_step() {
 fn timeout_and_cut_link_roll_back() {
     for (i, cut) in [false, true].into_iter().enumerate() {
         let net = Net::new(&format!("t{i}"), 96 + i as u8);
-        let agent = net.agent(
-            &["--exec", &format!("python3 {} --no-control", py("echo.py"))],
+        let _agent = net.agent(
+            &["--exec", &echo_for_agent()],
             &format!("{}:8080", net.svc()),
             Some(("TCPR_FAULT_STOP_AT", "restored")),
         );
@@ -389,12 +357,12 @@ fn timeout_and_cut_link_roll_back() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        wait_stopped(agent.pid());
+        wait_reached(&net, "restored");
         if cut {
             // Both ways: nothing between the hosts gets through any more.
             net.b.set_loss(1000).unwrap();
             net.a.set_loss(1000).unwrap();
-            signal(agent.pid(), "-CONT");
+            release(&net, "restored");
         }
         let started = std::time::Instant::now();
         let out = mig.wait_with_output().unwrap();
@@ -410,7 +378,7 @@ fn timeout_and_cut_link_roll_back() {
             net.b.clear_loss().unwrap();
             net.a.clear_loss().unwrap();
         } else {
-            signal(agent.pid(), "-CONT");
+            release(&net, "restored");
         }
         echo.send("resume");
         echo.expect("resumed", Duration::from_secs(10));
@@ -418,7 +386,7 @@ fn timeout_and_cut_link_roll_back() {
         std::thread::sleep(Duration::from_millis(3000));
         assert_eq!(agent_sockets_on(&net.b, &format!("{}:8080", net.svc())), 0);
         assert_eq!(locked(&net.a), 0);
-        assert_all_bytes(&verdict(&mut peer));
+        assert_all_bytes(&verdict(&mut peer), 100_000);
     }
 }
 
@@ -447,13 +415,27 @@ fn unauthenticated_and_disallowed_are_refused() {
     let out = net
         .a
         .cmd(tcpr_bin())
-        .args(["migrate", "--to", &format!("10.{}.0.3:7999", net.n), "--psk-file", net.key.to_str().unwrap()])
+        .args([
+            "migrate",
+            "--to",
+            &format!("10.{}.0.3:7999", net.n),
+            "--psk-file",
+            net.key.to_str().unwrap(),
+        ])
         .args(["--pid", &echo.pid().to_string(), "--move-address"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(last_line(&out).starts_with("moved 0, rolled back 1"), "{}", last_line(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the agent"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        last_line(&out).starts_with("moved 0, rolled back 1"),
+        "{}",
+        last_line(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot reach the agent"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(locked(&net.a), 0);
     let wrong = net.dir.join("wrong");
     std::fs::write(&wrong, "not the secret the agent holds\n").unwrap();
@@ -483,7 +465,7 @@ fn unauthenticated_and_disallowed_are_refused() {
     echo.send("resume");
     echo.expect("resumed", Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(500));
-    assert_all_bytes(&verdict(&mut peer));
+    assert_all_bytes(&verdict(&mut peer), 100_000);
 }
 
 /// PEM files of a CA and two leaves it signs (agent with an IP SAN, sender).
@@ -534,7 +516,7 @@ fn mutual_tls_moves_and_refuses_strangers() {
         "--listen",
         &net.agent_addr(),
         "--exec",
-        &format!("python3 {} --no-control", py("echo.py")),
+        &echo_for_agent(),
     ])
     .args([
         "--cert",
@@ -590,5 +572,5 @@ fn mutual_tls_moves_and_refuses_strangers() {
     agent.expect("ready 3", Duration::from_secs(10));
     echo.kill();
     std::thread::sleep(Duration::from_millis(800));
-    assert_all_bytes(&verdict(&mut peer));
+    assert_all_bytes(&verdict(&mut peer), 100_000);
 }

@@ -45,39 +45,14 @@ fn migrate(tag: &str, sc: Scenario) {
     let ha = lab.host("a", &[a, &svc_cidr]).unwrap();
     let hb = lab.host("b", &[b]).unwrap();
 
-    let mut cmd = ha.cmd("python3");
-    cmd.args([
-        &py("echo.py"),
-        "--listen",
-        svc,
-        "--port",
-        "8080",
-        "--state",
-        state.to_str().unwrap(),
-    ]);
-    let mut echo = Proc::spawn(cmd, "echo");
-    echo.expect("listening", Duration::from_secs(10));
-    let mut cmd = client.cmd("python3");
-    cmd.args([
-        &py("peer.py"),
-        "--connect",
-        svc,
-        "--port",
-        "8080",
-        "--rate",
-        "2000000",
-    ]);
+    let mut echo = echo_server(&ha, svc, 8080, &["--state", state.to_str().unwrap()]);
+    let mut peer_args = vec!["--rate", "2000000"];
     if sc.stall {
-        cmd.args(["--rcvbuf", "16384"]);
+        // A small receive buffer makes a zero window easy to reach.
+        peer_args.extend(["--rcvbuf", "16384"]);
     }
-    let mut peer = Proc::spawn(cmd, "peer");
-    peer.expect("connected", Duration::from_secs(10));
-    let fd = echo
-        .expect("ready", Duration::from_secs(10))
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .to_string();
+    let mut peer = stream_peer(&client, svc, 8080, &peer_args);
+    let fd = ready_fd(&mut echo);
     std::thread::sleep(Duration::from_millis(700));
     if sc.stall {
         peer.send("stall");
@@ -177,16 +152,7 @@ fn migrate(tag: &str, sc: Scenario) {
         client.clear_loss().unwrap();
         hb.clear_loss().unwrap();
     }
-    peer.send("finish");
-    let verdict: serde_json::Value =
-        serde_json::from_str(&peer.expect("{", Duration::from_secs(60))).unwrap();
-    assert!(verdict["error"].is_null(), "peer reports: {verdict}");
-    assert!(
-        verdict["sent"].as_u64().unwrap() > 500_000,
-        "enough traffic: {verdict}"
-    );
-    assert_eq!(verdict["sent"], verdict["received"], "{verdict}");
-    assert_eq!(verdict["sha_sent"], verdict["sha_received"], "{verdict}");
+    assert_all_bytes(&verdict(&mut peer), 500_000);
     restored.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -256,20 +222,9 @@ fn snapshot_thaws_in_place() {
     let mut lab = Lab::new("sn").unwrap();
     let client = lab.host("c", &["10.78.0.1/24"]).unwrap();
     let server = lab.host("s", &["10.78.0.2/24"]).unwrap();
-    let mut cmd = server.cmd("python3");
-    cmd.args([&py("echo.py"), "--listen", "10.78.0.2", "--port", "9000"]);
-    let mut echo = Proc::spawn(cmd, "echo");
-    echo.expect("listening", Duration::from_secs(10));
-    let mut cmd = client.cmd("python3");
-    cmd.args([&py("peer.py"), "--connect", "10.78.0.2", "--port", "9000"]);
-    let mut peer = Proc::spawn(cmd, "peer");
-    peer.expect("connected", Duration::from_secs(10));
-    let fd = echo
-        .expect("ready", Duration::from_secs(10))
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .to_string();
+    let mut echo = echo_server(&server, "10.78.0.2", 9000, &[]);
+    let mut peer = stream_peer(&client, "10.78.0.2", 9000, &[]);
+    let fd = ready_fd(&mut echo);
     std::thread::sleep(Duration::from_millis(500));
     echo.send("pause");
     echo.expect("paused", Duration::from_secs(10));
@@ -298,11 +253,6 @@ fn snapshot_thaws_in_place() {
     echo.send("resume");
     echo.expect("resumed", Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(800));
-    peer.send("finish");
-    let verdict: serde_json::Value =
-        serde_json::from_str(&peer.expect("{", Duration::from_secs(60))).unwrap();
-    assert!(verdict["error"].is_null(), "peer reports: {verdict}");
-    assert_eq!(verdict["sent"], verdict["received"], "{verdict}");
-    assert_eq!(verdict["sha_sent"], verdict["sha_received"], "{verdict}");
+    assert_all_bytes(&verdict(&mut peer), 100_000);
     let _ = std::fs::remove_dir_all(&dir);
 }

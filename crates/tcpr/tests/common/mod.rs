@@ -138,3 +138,63 @@ pub fn locked(host: &tcpr_netlab::Host) -> usize {
     host.within(|| Ok(tcpr_engine::lock::locked_flow_count()?))
         .unwrap()
 }
+
+/// `echo.py` listening on `addr:port` inside `host` (extra arguments
+/// appended), once it listens.
+pub fn echo_server(host: &tcpr_netlab::Host, addr: &str, port: u16, extra: &[&str]) -> Proc {
+    let mut cmd = host.cmd("python3");
+    cmd.args([
+        py("echo.py").as_str(),
+        "--listen",
+        addr,
+        "--port",
+        &port.to_string(),
+    ])
+    .args(extra);
+    let mut echo = Proc::spawn(cmd, "echo");
+    echo.expect("listening", Duration::from_secs(10));
+    echo
+}
+
+/// `peer.py` streaming to `addr:port` from `host`, once connected.
+pub fn stream_peer(host: &tcpr_netlab::Host, addr: &str, port: u16, extra: &[&str]) -> Proc {
+    let mut cmd = host.cmd("python3");
+    cmd.args([
+        py("peer.py").as_str(),
+        "--connect",
+        addr,
+        "--port",
+        &port.to_string(),
+    ])
+    .args(extra);
+    let mut peer = Proc::spawn(cmd, "peer");
+    peer.expect("connected", Duration::from_secs(10));
+    peer
+}
+
+/// The fd number `echo.py` reports once its connection is up.
+pub fn ready_fd(echo: &mut Proc) -> String {
+    echo.expect("ready", Duration::from_secs(10))
+        .split_whitespace()
+        .nth(1)
+        .expect("ready FD")
+        .to_string()
+}
+
+/// Ends `peer.py`'s stream and returns its JSON verdict.
+pub fn verdict(peer: &mut Proc) -> serde_json::Value {
+    peer.send("finish");
+    serde_json::from_str(&peer.expect("{", Duration::from_secs(60))).unwrap()
+}
+
+/// Every byte sent came back, in order, unchanged (both checksums agree),
+/// and at least `min_sent` bytes flowed.
+pub fn assert_all_bytes(v: &serde_json::Value, min_sent: u64) {
+    assert!(v["error"].is_null(), "peer reports: {v}");
+    assert!(
+        v["sent"].as_u64().unwrap() >= min_sent,
+        "traffic flowed: {v}"
+    );
+    assert_eq!(v["sent"], v["received"], "{v}");
+    assert_eq!(v["sha_sent"], v["sha_received"], "{v}");
+}
