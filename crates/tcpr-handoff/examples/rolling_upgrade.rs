@@ -3,7 +3,11 @@
 //! client sees a dropped connection or a lost line.
 //!
 //! ```text
-//! # the new instance (on the host that is to take over):
+//! # on one host: the new instance takes the clients over a unix socket
+//! rolling_upgrade receive --local /run/svc.sock --service 0.0.0.0:9000
+//! rolling_upgrade serve --listen 0.0.0.0:9000 --handoff-local /run/svc.sock
+//!
+//! # across hosts: the new instance (on the host that is to take over):
 //! rolling_upgrade receive --listen 10.0.0.3:7070 --psk-file key --allow 10.0.0.100:9000
 //! # the running instance (holding the service address 10.0.0.100):
 //! rolling_upgrade serve --listen 10.0.0.100:9000 --handoff-to 10.0.0.3:7070 --psk-file key
@@ -21,7 +25,10 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
-use tcpr_handoff::{hand_off, Auth, HandOff, Incoming, MigrateOptions, Switch};
+use tcpr_handoff::{
+    hand_off, hand_off_local, Auth, Delivered, HandOff, Incoming, LocalIncoming, MigrateOptions,
+    Switch,
+};
 
 /// Per-connection state: lines answered, and bytes of an unfinished line.
 #[derive(Clone)]
@@ -79,27 +86,65 @@ fn arg(args: &[String], name: &str) -> Result<String> {
         .with_context(|| format!("missing {name}"))
 }
 
+fn take_over(d: Delivered) -> Result<()> {
+    let st = State::from_blob(&d.blob)?;
+    println!("took over {} at line {}", d.peer, st.lines);
+    std::thread::spawn(move || serve(d.stream, st, &AtomicBool::new(false)));
+    Ok(())
+}
+
+/// New clients, once the old instance has let go of the service port.
+fn accept_new(service: SocketAddr) {
+    std::thread::spawn(move || {
+        let listener = loop {
+            match TcpListener::bind(service) {
+                Ok(l) => break l,
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        println!("accepting new clients on {service}");
+        for s in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                serve(
+                    s,
+                    State {
+                        lines: 0,
+                        partial: vec![],
+                    },
+                    &AtomicBool::new(false),
+                )
+            });
+        }
+    });
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let auth = Auth::psk_file(&PathBuf::from(arg(&args, "--psk-file")?))?;
     match args.get(1).map(String::as_str) {
+        Some("receive") if args.iter().any(|a| a == "--local") => {
+            let incoming = LocalIncoming::bind(&PathBuf::from(arg(&args, "--local")?))?;
+            println!("receiving locally");
+            if let Ok(service) = arg(&args, "--service") {
+                accept_new(service.parse()?);
+            }
+            while let Some(d) = incoming.accept() {
+                take_over(d)?;
+            }
+            Ok(())
+        }
         Some("receive") => {
+            let auth = Auth::psk_file(&PathBuf::from(arg(&args, "--psk-file")?))?;
             let listen: SocketAddr = arg(&args, "--listen")?.parse()?;
             let allow: SocketAddr = arg(&args, "--allow")?.parse()?;
             let incoming = Incoming::bind(listen, auth, vec![allow])?;
             println!("receiving on {}", incoming.local_addr());
-            let never = Arc::new(AtomicBool::new(false));
             while let Some(d) = incoming.accept() {
-                let st = State::from_blob(&d.blob)?;
-                println!("took over {} at line {}", d.peer, st.lines);
-                let never = never.clone();
-                std::thread::spawn(move || serve(d.stream, st, &never));
+                take_over(d)?;
             }
             Ok(())
         }
         Some("serve") => {
             let listen: SocketAddr = arg(&args, "--listen")?.parse()?;
-            let to: SocketAddr = arg(&args, "--handoff-to")?.parse()?;
             let stop = Arc::new(AtomicBool::new(false));
             let s2 = stop.clone();
             ctrlc::set_handler(move || s2.store(true, Ordering::SeqCst))?;
@@ -133,10 +178,16 @@ fn main() -> Result<()> {
                     states.push(st);
                 }
             }
-            let mut opts = MigrateOptions::new(to, auth);
-            opts.switch = Switch::MoveAddress;
             let n = batch.len();
-            let results = hand_off(batch, &opts)?;
+            let results = if let Ok(path) = arg(&args, "--handoff-local") {
+                hand_off_local(&PathBuf::from(path), batch)
+            } else {
+                let to: SocketAddr = arg(&args, "--handoff-to")?.parse()?;
+                let auth = Auth::psk_file(&PathBuf::from(arg(&args, "--psk-file")?))?;
+                let mut opts = MigrateOptions::new(to, auth);
+                opts.switch = Switch::MoveAddress;
+                hand_off(batch, &opts)?
+            };
             let moved = results.iter().filter(|r| matches!(r, HandOff::Moved)).count();
             println!("handed off {moved} of {n} clients");
             // Clients that stayed are served here until they leave.
@@ -152,6 +203,9 @@ fn main() -> Result<()> {
             });
             Ok(())
         }
-        _ => bail!("usage: rolling_upgrade (serve --listen A --handoff-to B | receive --listen B --allow A) --psk-file F"),
+        _ => bail!(
+            "usage: rolling_upgrade serve --listen A (--handoff-local PATH | --handoff-to B --psk-file F)\n\
+             \x20      rolling_upgrade receive (--local PATH [--service A] | --listen B --allow A --psk-file F)"
+        ),
     }
 }

@@ -20,7 +20,9 @@
 //!   P  peer address
 //!   4  length B of the application blob
 //!   B  blob
-//! the fd rides on the first byte of the message
+//! the fd rides on the first byte of the message; the receiver answers
+//! one byte "k" once it holds the connection, and only then does the
+//! sender let go of it
 //! ```
 
 use std::io::{self, Read};
@@ -104,7 +106,16 @@ pub fn send_unix(
     m.extend_from_slice(p.as_bytes());
     m.extend_from_slice(&(blob.len() as u32).to_be_bytes());
     m.extend_from_slice(blob);
-    tcpr_engine::send_with_fd(to.as_fd(), &m, sock.as_fd())
+    tcpr_engine::send_with_fd(to.as_fd(), &m, sock.as_fd())?;
+    // The receiver's acknowledgement: until it comes, the connection is ours.
+    let mut ack = [0u8; 1];
+    let mut r = to;
+    r.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    r.read_exact(&mut ack)?;
+    if ack != *b"k" {
+        return Err(bad("acknowledgement"));
+    }
+    Ok(())
 }
 
 fn bad(what: &str) -> io::Error {
@@ -144,6 +155,7 @@ pub fn recv_unix(from: &mut UnixStream) -> io::Result<Option<Delivered>> {
     }
     let mut blob = vec![0u8; blen];
     from.read_exact(&mut blob)?;
+    std::io::Write::write_all(from, b"k")?;
     Ok(Some(Delivered {
         stream: TcpStream::from(fd),
         blob,
@@ -165,9 +177,10 @@ mod tests {
         let local = s.local_addr().unwrap();
         let (a, mut b) = UnixStream::pair().unwrap();
         let fd: OwnedFd = s.into();
-        send_unix(&a, &fd, b"state", local, peer).unwrap();
-        send_unix(&a, &fd, b"", local, peer).unwrap();
-        drop(a);
+        let sender = std::thread::spawn(move || {
+            send_unix(&a, &fd, b"state", local, peer).unwrap();
+            send_unix(&a, &fd, b"", local, peer).unwrap();
+        });
         let mut d = recv_unix(&mut b).unwrap().unwrap();
         assert_eq!(d.blob, b"state");
         assert_eq!(d.local, local);
@@ -178,6 +191,24 @@ mod tests {
         assert_eq!(&buf, b"via fd");
         let d2 = recv_unix(&mut b).unwrap().unwrap();
         assert!(d2.blob.is_empty());
+        sender.join().unwrap();
         assert!(recv_unix(&mut b).unwrap().is_none());
+    }
+}
+
+#[cfg(test)]
+mod ack_tests {
+    use super::*;
+
+    #[test]
+    fn a_receiver_that_never_acknowledges_leaves_the_connection_with_the_sender() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, peer) = l.accept().unwrap();
+        let local = s.local_addr().unwrap();
+        let (a, b) = UnixStream::pair().unwrap();
+        drop(b);
+        let fd: OwnedFd = s.into();
+        assert!(send_unix(&a, &fd, b"", local, peer).is_err());
     }
 }

@@ -140,3 +140,58 @@ impl Incoming {
         self.rx.recv().ok()
     }
 }
+
+/// Hands connections to another process on this host, over its unix socket
+/// at `path` ([`LocalIncoming`]). No freeze is needed: the socket itself is
+/// passed (SCM_RIGHTS) and this side lets go only once the receiver has
+/// acknowledged holding it, so a failure leaves the connection here. This
+/// is the tool for a rolling upgrade on one host; [`hand_off`] is the one
+/// across hosts.
+pub fn hand_off_local(
+    path: &std::path::Path,
+    conns: Vec<(std::net::TcpStream, Vec<u8>)>,
+) -> Vec<HandOff> {
+    conns
+        .into_iter()
+        .map(|(s, blob)| {
+            let sent = (|| -> std::io::Result<()> {
+                let to = std::os::unix::net::UnixStream::connect(path)?;
+                let fd = std::os::fd::OwnedFd::from(s.try_clone()?);
+                deliver::send_unix(&to, &fd, &blob, s.local_addr()?, s.peer_addr()?)
+            })();
+            match sent {
+                Ok(()) => HandOff::Moved,
+                Err(e) => HandOff::Stayed(s, format!("{}: {e}", path.display())),
+            }
+        })
+        .collect()
+}
+
+/// Connections handed to this process by another on the same host
+/// ([`hand_off_local`], or an agent's `--unix` delivery).
+pub struct LocalIncoming {
+    listener: std::os::unix::net::UnixListener,
+}
+
+impl LocalIncoming {
+    /// Listens on the unix socket `path` (replacing a stale one).
+    pub fn bind(path: &std::path::Path) -> std::io::Result<LocalIncoming> {
+        if path.exists() {
+            std::fs::remove_file(path)?;
+        }
+        Ok(LocalIncoming {
+            listener: std::os::unix::net::UnixListener::bind(path)?,
+        })
+    }
+    /// The next connection handed over (blocks); `None` if the listener fails.
+    pub fn accept(&self) -> Option<Delivered> {
+        loop {
+            let (mut s, _) = self.listener.accept().ok()?;
+            match deliver::recv_unix(&mut s) {
+                Ok(Some(d)) => return Some(d),
+                Ok(None) => continue,
+                Err(e) => tracing::warn!("bad delivery refused: {e}"),
+            }
+        }
+    }
+}

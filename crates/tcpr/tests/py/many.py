@@ -117,23 +117,34 @@ def want(st):
 
 
 def recv_delivery(u):
-    """One message of tcpr's unix delivery protocol, with its fd."""
-    buf = bytearray()
+    """One message of tcpr's unix delivery protocol, with its fd; answers
+    the acknowledgement byte once it holds the connection."""
     fd = None
-    while True:
-        data, fds, _, _ = socket.recv_fds(u, 65536, 1)
-        if fds:
-            fd = fds[0]
-        if not data:
-            break
-        buf.extend(data)
+    buf = bytearray()
+
+    def need(n):
+        nonlocal fd
+        while len(buf) < n:
+            data, fds, _, _ = socket.recv_fds(u, 65536, 1)
+            if fds:
+                fd = fds[0]
+            if not data:
+                raise EOFError("delivery message cut short")
+            buf.extend(data)
+
+    need(10)
     assert buf[:8] == b"TCPR-FD1", buf[:8]
-    i = 8
-    (ll,) = struct.unpack(">H", buf[i:i + 2]); i += 2 + ll
-    (pl,) = struct.unpack(">H", buf[i:i + 2]); i += 2 + pl
-    (bl,) = struct.unpack(">I", buf[i:i + 4]); i += 4
-    blob = bytes(buf[i:i + bl])
+    (ll,) = struct.unpack(">H", buf[8:10])
+    need(10 + ll + 2)
+    i = 10 + ll
+    (pl,) = struct.unpack(">H", buf[i:i + 2])
+    need(i + 2 + pl + 4)
+    i += 2 + pl
+    (bl,) = struct.unpack(">I", buf[i:i + 4])
+    need(i + 4 + bl)
+    blob = bytes(buf[i + 4:i + 4 + bl])
     assert fd is not None, "no fd attached"
+    u.sendall(b"k")
     return socket.socket(fileno=fd), blob
 
 
