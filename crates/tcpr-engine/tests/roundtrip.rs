@@ -283,25 +283,15 @@ fn socket_options_and_state_round_trip() {
 /// (marked, so that the engine's forged FIN from the "peer" still passes):
 /// the server's data and FIN then stay unacknowledged.
 fn drop_from(client: &TcpStream, on: bool) {
-    use std::io::Write as _;
     use std::os::fd::AsFd;
-    let script = if on {
+    if on {
         setsockopt_int(client.as_fd(), libc::SOL_SOCKET, libc::SO_MARK, 77);
-        "add table inet t\nadd chain inet t c { type filter hook output priority 0; }\nadd rule inet t c meta mark 77 drop\n"
+        nft_script(
+            "add table inet t\nadd chain inet t c { type filter hook output priority 0; }\nadd rule inet t c meta mark 77 drop\n",
+        );
     } else {
-        "delete table inet t\n"
-    };
-    let mut nft = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    nft.stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    assert!(nft.wait().unwrap().success());
+        nft_script("delete table inet t\n");
+    }
 }
 
 #[test]
@@ -359,6 +349,64 @@ fn both_closed_last_ack() {
             let mut resp = Vec::new();
             client.read_to_end(&mut resp).unwrap();
             assert_eq!(resp, b"response");
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+/// Runs an nft script in this thread's namespace.
+fn nft_script(script: &str) {
+    use std::io::Write as _;
+    let mut nft = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(nft.wait().unwrap().success(), "nft: {script}");
+}
+
+/// Simultaneous close: both FINs cross, neither is acknowledged yet.
+#[test]
+fn simultaneous_close_closing() {
+    use std::os::fd::AsFd;
+    std::thread::spawn(|| {
+        private_netns();
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let (mut client, mut server) = pair(addr);
+            setsockopt_int(client.as_fd(), libc::SOL_SOCKET, libc::SO_MARK, 77);
+            setsockopt_int(server.as_fd(), libc::SOL_SOCKET, libc::SO_MARK, 78);
+            // Nothing gets through either way: both FINs wait.
+            nft_script(
+                "add table inet t\nadd chain inet t c { type filter hook output priority 0; }\nadd rule inet t c meta mark 77 drop\nadd rule inet t c meta mark 78 drop\n",
+            );
+            server.write_all(b"server's last words").unwrap();
+            server.shutdown(std::net::Shutdown::Write).unwrap();
+            client.write_all(b"client's last words").unwrap();
+            client.shutdown(std::net::Shutdown::Write).unwrap();
+            // Let the client's data and FIN through, not the server's.
+            nft_script("flush chain inet t c\nadd rule inet t c meta mark 78 drop\n");
+            wait_state(&server, 11);
+            let (img, mut s2) = move_in_place(server);
+            assert_eq!(img.state, tcpr_image::TcpState::Closing, "{addr}");
+            assert_eq!(img.recv_queue, b"client's last words");
+            // An output drop makes TCP keep the segments unsent (the
+            // transmit failed): data and FIN wait in the unsent queue.
+            let queued = [&img.send_queue.sent[..], &img.send_queue.unsent[..]].concat();
+            assert_eq!(queued, b"server's last words", "FIN not counted as data");
+            // The restored socket keeps SO_MARK 78: still blocked; now open.
+            nft_script("delete table inet t\n");
+            let mut got = Vec::new();
+            s2.read_to_end(&mut got).unwrap();
+            assert_eq!(got, b"client's last words");
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).unwrap();
+            assert_eq!(got, b"server's last words");
         }
     })
     .join()
