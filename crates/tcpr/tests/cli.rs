@@ -40,25 +40,7 @@ fn inetd_restore_runs_an_unmodified_program() {
     let mut client = Proc::spawn(cmd, "client");
     let fd = ready_fd(&mut echo);
     client.expect("echoed", Duration::from_secs(10));
-    echo.send("pause");
-    echo.expect("paused", Duration::from_secs(10));
-    let out = tcpr(
-        None,
-        &[
-            "dump",
-            "--pid",
-            &echo.pid().to_string(),
-            "--fd",
-            &fd,
-            "-o",
-            img.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    pause_and_dump(&mut echo, &fd, &img, &[]);
     echo.kill();
     // Restore first (the address is not on b yet), then move the address.
     // `cat` echoes stdin to stdout: with --inetd both are the connection.
@@ -138,27 +120,7 @@ fn source_lock_expires_after_its_lease() {
     let mut client = Proc::spawn(cmd, "client");
     let fd = ready_fd(&mut echo);
     client.expect("echoed", Duration::from_secs(10));
-    echo.send("pause");
-    echo.expect("paused", Duration::from_secs(10));
-    let out = tcpr(
-        None,
-        &[
-            "dump",
-            "--pid",
-            &echo.pid().to_string(),
-            "--fd",
-            &fd,
-            "-o",
-            img.to_str().unwrap(),
-            "--lease",
-            "2",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    pause_and_dump(&mut echo, &fd, &img, &["--lease", "2"]);
     assert_eq!(locked(&s), 1);
     std::thread::sleep(Duration::from_millis(3500));
     assert_eq!(locked(&s), 0, "the lease expired the lock");

@@ -171,27 +171,7 @@ fn restore_onto_a_tuple_in_use_and_without_privilege() {
     let img = dir.join("snap.img");
     let mut c = conn("iu", 81);
     std::thread::sleep(Duration::from_millis(300));
-    c.echo.send("pause");
-    c.echo.expect("paused", Duration::from_secs(10));
-    let out = tcpr(
-        None,
-        &[
-            "dump",
-            "--pid",
-            &c.echo.pid().to_string(),
-            "--fd",
-            &c.fd,
-            "-o",
-            img.to_str().unwrap(),
-            "--leave",
-            "running",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    pause_and_dump(&mut c.echo, &c.fd, &img, &["--leave", "running"]);
     c.echo.send("resume");
     c.echo.expect("resumed", Duration::from_secs(10));
     let before = tcp_sockets(&c.server);

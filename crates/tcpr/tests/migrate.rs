@@ -226,27 +226,7 @@ fn snapshot_thaws_in_place() {
     let mut peer = stream_peer(&client, "10.78.0.2", 9000, &[]);
     let fd = ready_fd(&mut echo);
     std::thread::sleep(Duration::from_millis(500));
-    echo.send("pause");
-    echo.expect("paused", Duration::from_secs(10));
-    let out = tcpr(
-        None,
-        &[
-            "dump",
-            "--pid",
-            &echo.pid().to_string(),
-            "--fd",
-            &fd,
-            "-o",
-            img.to_str().unwrap(),
-            "--leave",
-            "running",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "dump: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    pause_and_dump(&mut echo, &fd, &img, &["--leave", "running"]);
     assert_eq!(locked(&server), 0, "a snapshot releases the lock");
     let v = json(&tcpr(None, &["inspect", "--json", img.to_str().unwrap()]));
     assert_eq!(v["state"], "ESTABLISHED");

@@ -198,3 +198,27 @@ pub fn assert_all_bytes(v: &serde_json::Value, min_sent: u64) {
     assert_eq!(v["sent"], v["received"], "{v}");
     assert_eq!(v["sha_sent"], v["sha_received"], "{v}");
 }
+
+/// Pauses `echo.py` and dumps its connection (`tcpr dump`, extra arguments
+/// appended); the dump must succeed.
+pub fn pause_and_dump(echo: &mut Proc, fd: &str, img: &std::path::Path, extra: &[&str]) {
+    echo.send("pause");
+    echo.expect("paused", Duration::from_secs(10));
+    let pid = echo.pid().to_string();
+    let mut args = vec![
+        "dump",
+        "--pid",
+        &pid,
+        "--fd",
+        fd,
+        "-o",
+        img.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let out = tcpr(None, &args);
+    assert!(
+        out.status.success(),
+        "dump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
