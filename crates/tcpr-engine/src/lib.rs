@@ -33,7 +33,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 use sys::Queue;
-use tcpr_image::{RepairWindow, SendQueue, Seq, SocketOptions, TcpOptions, TcpState};
+use tcpr_image::{SendQueue, Seq, SocketOptions, TcpOptions, TcpState};
 
 /// How to freeze.
 #[derive(Clone, Debug)]
@@ -304,13 +304,7 @@ fn dump_fd(fd: BorrowedFd<'_>, flow: Flow) -> Result<ConnectionImage, Error> {
             snd_wscale: if window_scaling { info.snd_wscale } else { 0 },
             rcv_wscale: if window_scaling { info.rcv_wscale } else { 0 },
         },
-        window: RepairWindow {
-            snd_wl1: w.snd_wl1,
-            snd_wnd: w.snd_wnd,
-            max_window: w.max_window,
-            rcv_wnd: w.rcv_wnd,
-            rcv_wup: w.rcv_wup,
-        },
+        window: w,
         timestamp,
         socket_options: read_socket_options(fd, flow.local.is_ipv6()),
         app_blob: Vec::new(),

@@ -218,14 +218,7 @@ impl Restored {
                 window: u16::try_from(img.window.snd_wnd >> shift).unwrap_or(u16::MAX),
             });
         }
-        let raw = sys::RepairWindowRaw {
-            snd_wl1: w.snd_wl1,
-            snd_wnd: w.snd_wnd,
-            max_window: w.max_window,
-            rcv_wnd: w.rcv_wnd,
-            rcv_wup: w.rcv_wup,
-        };
-        sys::set_repair_window(fd, &raw).map_err(k("set TCP_REPAIR_WINDOW"))?;
+        sys::set_repair_window(fd, w).map_err(k("set TCP_REPAIR_WINDOW"))?;
         apply_socket_options(fd, so, img.local.is_ipv6())?;
         Ok(())
     }

@@ -178,7 +178,31 @@ pub(crate) struct RepairWindowRaw {
     pub(crate) rcv_wup: u32,
 }
 
-pub(crate) fn repair_window(fd: BorrowedFd<'_>) -> io::Result<RepairWindowRaw> {
+impl From<RepairWindowRaw> for tcpr_image::RepairWindow {
+    fn from(w: RepairWindowRaw) -> Self {
+        tcpr_image::RepairWindow {
+            snd_wl1: w.snd_wl1,
+            snd_wnd: w.snd_wnd,
+            max_window: w.max_window,
+            rcv_wnd: w.rcv_wnd,
+            rcv_wup: w.rcv_wup,
+        }
+    }
+}
+
+impl From<tcpr_image::RepairWindow> for RepairWindowRaw {
+    fn from(w: tcpr_image::RepairWindow) -> Self {
+        RepairWindowRaw {
+            snd_wl1: w.snd_wl1,
+            snd_wnd: w.snd_wnd,
+            max_window: w.max_window,
+            rcv_wnd: w.rcv_wnd,
+            rcv_wup: w.rcv_wup,
+        }
+    }
+}
+
+pub(crate) fn repair_window(fd: BorrowedFd<'_>) -> io::Result<tcpr_image::RepairWindow> {
     // SAFETY: TCP_REPAIR_WINDOW writes a struct tcp_repair_window (five u32).
     let (w, len) = unsafe { getsockopt::<RepairWindowRaw>(fd, libc::SOL_TCP, TCP_REPAIR_WINDOW) }
         .map_err(ctx("TCP_REPAIR_WINDOW"))?;
@@ -187,12 +211,14 @@ pub(crate) fn repair_window(fd: BorrowedFd<'_>) -> io::Result<RepairWindowRaw> {
             "TCP_REPAIR_WINDOW: short answer from the kernel",
         ));
     }
-    Ok(w)
+    Ok(w.into())
 }
 
-pub(crate) fn set_repair_window(fd: BorrowedFd<'_>, w: &RepairWindowRaw) -> io::Result<()> {
+pub(crate) fn set_repair_window(fd: BorrowedFd<'_>, w: tcpr_image::RepairWindow) -> io::Result<()> {
+    let raw = RepairWindowRaw::from(w);
     // SAFETY: the kernel reads exactly a struct tcp_repair_window.
-    unsafe { setsockopt(fd, libc::SOL_TCP, TCP_REPAIR_WINDOW, w) }.map_err(ctx("TCP_REPAIR_WINDOW"))
+    unsafe { setsockopt(fd, libc::SOL_TCP, TCP_REPAIR_WINDOW, &raw) }
+        .map_err(ctx("TCP_REPAIR_WINDOW"))
 }
 
 /// The first bytes of `struct tcp_info` that tcpr needs.
