@@ -133,6 +133,16 @@ fn echo_for_agent() -> String {
     format!("python3 {} --no-control", py("echo.py"))
 }
 
+/// `tcpr migrate` exited 0 and its summary starts with `summary`.
+fn assert_migrated(out: &std::process::Output, summary: &str) {
+    assert!(
+        out.status.success(),
+        "migrate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(last_line(out).starts_with(summary), "{}", last_line(out));
+}
+
 fn last_line(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -160,16 +170,7 @@ fn one_connection(net: Net) {
     let mut agent = net.agent(&["--exec", &echo_for_agent()], &net.svc_port(8080), None);
     let (mut echo, mut peer) = net.stream();
     let out = net.migrate_cmd(echo.pid(), &net.key).output().unwrap();
-    assert!(
-        out.status.success(),
-        "migrate: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        last_line(&out).starts_with("moved 1, rolled back 0, unknown 0"),
-        "{}",
-        last_line(&out)
-    );
+    assert_migrated(&out, "moved 1, rolled back 0, unknown 0");
     agent.expect("ready 3", Duration::from_secs(10));
     echo.kill();
     assert!(
@@ -559,16 +560,7 @@ fn mutual_tls_moves_and_refuses_strangers() {
     );
     assert!(net.has_svc(&net.a));
     let out = migrate(&sender_cert, &sender_key);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        last_line(&out).starts_with("moved 1, rolled back 0, unknown 0"),
-        "{}",
-        last_line(&out)
-    );
+    assert_migrated(&out, "moved 1, rolled back 0, unknown 0");
     agent.expect("ready 3", Duration::from_secs(10));
     echo.kill();
     std::thread::sleep(Duration::from_millis(800));
