@@ -26,6 +26,8 @@ pub struct Restored {
     unsent: Vec<u8>,
     /// Our FIN comes after the unsent data (it was not sent at dump time).
     fin_after_unsent: bool,
+    /// Applied after the unsent data is queued (it gates sendmsg).
+    notsent_lowat: Option<u32>,
     /// The peer's FIN must be delivered to the socket (forged) on resume.
     peer_fin: Option<PeerFin>,
 }
@@ -40,9 +42,46 @@ fn k(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::kernel(what, e)
 }
 
-/// Queues `data` on the selected repair queue, in chunks: a large `send` can
-/// fail with ENOMEM, and a full buffer answers EAGAIN.
-fn fill(fd: BorrowedFd<'_>, data: &[u8], what: &'static str) -> Result<(), Error> {
+/// Which socket buffer a queue is charged to.
+#[derive(Clone, Copy)]
+enum Buf {
+    Recv,
+    Send,
+}
+
+impl Buf {
+    fn options(self) -> (i32, i32) {
+        match self {
+            Buf::Recv => (SO_RCVBUFFORCE, libc::SO_RCVBUF),
+            Buf::Send => (SO_SNDBUFFORCE, libc::SO_SNDBUF),
+        }
+    }
+
+    /// Sets the buffer to at least `want` bytes (`want` as `setsockopt`
+    /// takes it: the kernel doubles it for its own overhead). The buffer
+    /// never shrinks below what it is.
+    fn ensure(self, fd: BorrowedFd<'_>, want: usize) {
+        let (force, get) = self.options();
+        let cur = sys::get_int(fd, libc::SOL_SOCKET, get).unwrap_or(0).max(0) as usize / 2;
+        if want > cur {
+            let v = want.min(i32::MAX as usize / 2) as i32;
+            // Best effort: a refusal shows up as EAGAIN/ENOMEM in `fill`.
+            let _ = sys::set_int(fd, libc::SOL_SOCKET, force, v);
+        }
+    }
+}
+
+/// Room for a queue of `len` bytes beyond the data itself (skb overhead).
+fn room_for(len: usize) -> usize {
+    len + len / 4 + 64 * 1024
+}
+
+/// Queues `data` (on the selected repair queue, or as ordinary data once
+/// repair is off), in chunks: a large `send` can fail with ENOMEM, and a
+/// full buffer answers EAGAIN. A full buffer is made larger, never waited
+/// on: the original socket held this data, so the copy must hold it too,
+/// even while the peer offers a zero window.
+fn fill(fd: BorrowedFd<'_>, data: &[u8], buf: Buf, what: &'static str) -> Result<(), Error> {
     let mut off = 0;
     let mut chunk = 256 * 1024;
     let mut stalls = 0;
@@ -59,21 +98,9 @@ fn fill(fd: BorrowedFd<'_>, data: &[u8], what: &'static str) -> Result<(), Error
             {
                 stalls += 1;
                 chunk = (chunk / 2).max(1024);
-                // Make room: the buffer must hold what the original held.
-                let level = libc::SOL_SOCKET;
-                let (opt, cur) = if what == "queue the receive queue" {
-                    (
-                        SO_RCVBUFFORCE,
-                        sys::get_int(fd, level, libc::SO_RCVBUF).unwrap_or(0),
-                    )
-                } else {
-                    (
-                        SO_SNDBUFFORCE,
-                        sys::get_int(fd, level, libc::SO_SNDBUF).unwrap_or(0),
-                    )
-                };
-                let want = (cur.max(64 * 1024) as i64 * 2).min(i32::MAX as i64) as i32;
-                let _ = sys::set_int(fd, level, opt, want);
+                let (_, get) = buf.options();
+                let cur = sys::get_int(fd, libc::SOL_SOCKET, get).unwrap_or(0).max(0) as usize;
+                buf.ensure(fd, cur.max(64 * 1024) * 2);
             }
             Err(e) => return Err(Error::kernel(what, e)),
         }
@@ -107,6 +134,7 @@ pub fn restore(img: &ConnectionImage) -> Result<Restored, Error> {
         flow,
         unsent: img.send_queue.unsent.clone(),
         fin_after_unsent: false,
+        notsent_lowat: img.socket_options.notsent_lowat,
         peer_fin: None,
     };
     restored.build(img)?;
@@ -132,13 +160,18 @@ impl Restored {
 
     fn build_on(&mut self, fd: BorrowedFd<'_>, img: &ConnectionImage) -> Result<(), Error> {
         let so = &img.socket_options;
-        // Buffers first, so that the queues fit.
-        if let Some(v) = so.rcvbuf {
-            let _ = sys::set_int(fd, libc::SOL_SOCKET, SO_RCVBUFFORCE, v as i32);
-        }
-        if let Some(v) = so.sndbuf {
-            let _ = sys::set_int(fd, libc::SOL_SOCKET, SO_SNDBUFFORCE, v as i32);
-        }
+        // Buffers first, so that the queues fit. The original's buffer can
+        // be smaller than its queue (the kernel moderates sk_sndbuf to half
+        // the queued memory under pressure), so the queue sets the floor.
+        let send_len = img.send_queue.sent.len() + img.send_queue.unsent.len();
+        Buf::Recv.ensure(
+            fd,
+            (so.rcvbuf.unwrap_or(0) as usize).max(room_for(img.recv_queue.len())),
+        );
+        Buf::Send.ensure(
+            fd,
+            (so.sndbuf.unwrap_or(0) as usize).max(room_for(send_len)),
+        );
         // Sequence numbers are accepted only in CLOSE, so before connect.
         let recv_start = img.recv_seq.back(img.recv_queue.len() as u32);
         let send_start = img.send_seq.back(img.send_queue.len() as u32);
@@ -189,9 +222,9 @@ impl Restored {
         sys::set_repair_options(fd, &opts).map_err(k("set TCP_REPAIR_OPTIONS"))?;
 
         sys::set_repair_queue(fd, Queue::Recv).map_err(k("select the receive queue"))?;
-        fill(fd, &img.recv_queue, "queue the receive queue")?;
+        fill(fd, &img.recv_queue, Buf::Recv, "queue the receive queue")?;
         sys::set_repair_queue(fd, Queue::Send).map_err(k("select the send queue"))?;
-        fill(fd, &img.send_queue.sent, "queue the send queue")?;
+        fill(fd, &img.send_queue.sent, Buf::Send, "queue the send queue")?;
         // Our FIN, if it was already sent: replayed while the send queue is
         // selected, so the kernel marks it sent instead of transmitting it.
         let peer_fin = img.state.peer_closed();
@@ -238,20 +271,12 @@ impl Restored {
             self.sock = Some(sock);
             return Err(Error::kernel("turn off repair mode", e));
         }
-        let mut off = 0;
-        while off < self.unsent.len() {
-            match sys::send_some(fd, &self.unsent[off..]) {
-                Ok(n) => off += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if !sys::wait_writable(fd, 10_000).map_err(k("wait for the send buffer"))? {
-                        return Err(Error::Inconsistent(format!(
-                            "{} -> {}: the peer took none of the unsent data for 10 s",
-                            self.flow.local, self.flow.peer
-                        )));
-                    }
-                }
-                Err(e) => return Err(Error::kernel("send the unsent data", e)),
-            }
+        fill(fd, &self.unsent, Buf::Send, "queue the unsent data")?;
+        // TCP_NOTSENT_LOWAT gates sendmsg on the unsent bytes, so it is
+        // set only once they are queued.
+        if let Some(v) = self.notsent_lowat {
+            sys::set_int(fd, libc::SOL_TCP, libc::TCP_NOTSENT_LOWAT, v as i32)
+                .map_err(k("set TCP_NOTSENT_LOWAT"))?;
         }
         if self.fin_after_unsent {
             sys::shutdown_write(fd).map_err(k("replay our FIN"))?;
@@ -348,12 +373,6 @@ fn apply_socket_options(fd: BorrowedFd<'_>, so: &SocketOptions, v6: bool) -> Res
         libc::TCP_USER_TIMEOUT,
         so.user_timeout_ms,
         "TCP_USER_TIMEOUT",
-    )?;
-    set(
-        libc::SOL_TCP,
-        libc::TCP_NOTSENT_LOWAT,
-        so.notsent_lowat,
-        "TCP_NOTSENT_LOWAT",
     )?;
     set(libc::SOL_SOCKET, libc::SO_MARK, so.mark, "SO_MARK")?;
     if v6 {

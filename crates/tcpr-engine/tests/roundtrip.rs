@@ -268,6 +268,24 @@ fn setsockopt_int(fd: std::os::fd::BorrowedFd<'_>, level: i32, name: i32, v: i32
     );
 }
 
+fn getsockopt_int(fd: std::os::fd::BorrowedFd<'_>, level: i32, name: i32) -> i32 {
+    use std::os::fd::AsRawFd;
+    let mut v: i32 = 0;
+    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+    // SAFETY: test helper; `v` and `len` are valid for writes during the call.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut v as *mut i32).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0, "getsockopt {level}/{name}");
+    v
+}
+
 #[test]
 fn socket_options_and_state_round_trip() {
     std::thread::spawn(|| {
@@ -407,6 +425,61 @@ fn simultaneous_close_closing() {
             let mut got = Vec::new();
             client.read_to_end(&mut got).unwrap();
             assert_eq!(got, b"server's last words");
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+/// Unsent data under a zero window, more of it than the image's send buffer
+/// (the kernel moderates sk_sndbuf to half the queued memory under
+/// pressure) and more than TCP_NOTSENT_LOWAT: resume must queue it all at
+/// once, not wait for the peer, and keep the option.
+#[test]
+fn unsent_beyond_buffer_and_notsent_lowat() {
+    use std::os::fd::AsFd;
+    std::thread::spawn(|| {
+        private_netns();
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let (mut client, server) = pair(addr);
+            server.set_nonblocking(true).unwrap();
+            let mut sent = Vec::new();
+            let mut n = 0u32;
+            // The client reads nothing: its window closes, data piles up.
+            loop {
+                let chunk: Vec<u8> = (0..8192u32)
+                    .map(|i| (i.wrapping_mul(31) ^ n) as u8)
+                    .collect();
+                match (&server).write(&chunk) {
+                    Ok(k) => sent.extend_from_slice(&chunk[..k]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("write: {e}"),
+                }
+                n += 1;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            // Set once the data is queued, as an application may.
+            setsockopt_int(server.as_fd(), libc::SOL_TCP, libc::TCP_NOTSENT_LOWAT, 4096);
+            let frozen = freeze(server.into(), &no_lock()).unwrap();
+            let mut img = frozen.dump().unwrap();
+            frozen.discard().unwrap();
+            assert!(
+                img.send_queue.unsent.len() >= 256 * 1024,
+                "unsent at the dump: {}",
+                img.send_queue.unsent.len()
+            );
+            assert_eq!(img.socket_options.notsent_lowat, Some(4096));
+            // As a moderated buffer would have it: smaller than the queue.
+            img.socket_options.sndbuf = Some(4096);
+            // Before the fix this waited for the window and then failed.
+            let s2 = restore(&img).unwrap().resume().unwrap();
+            assert_eq!(
+                getsockopt_int(s2.as_fd(), libc::SOL_TCP, libc::TCP_NOTSENT_LOWAT),
+                4096
+            );
+            let mut got = vec![0u8; sent.len()];
+            client.read_exact(&mut got).unwrap();
+            assert!(got == sent, "the peer got every byte, in order");
         }
     })
     .join()

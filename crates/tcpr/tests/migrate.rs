@@ -46,17 +46,14 @@ fn migrate(tag: &str, sc: Scenario) {
     let hb = lab.host("b", &[b]).unwrap();
 
     let mut echo = echo_server(&ha, svc, 8080, &["--state", state.to_str().unwrap()]);
-    let mut peer_args = vec!["--rate", "2000000"];
-    if sc.stall {
-        // A small receive buffer makes a zero window easy to reach.
-        peer_args.extend(["--rcvbuf", "16384"]);
-    }
-    let mut peer = stream_peer(&client, svc, 8080, &peer_args);
+    let mut peer = stream_peer(&client, svc, 8080, &["--rate", "2000000"]);
     let fd = ready_fd(&mut echo);
     std::thread::sleep(Duration::from_millis(700));
     if sc.stall {
         peer.send("stall");
-        std::thread::sleep(Duration::from_millis(2000));
+        // The echo service stops reading only once its own buffer is full:
+        // wait for that rather than for a fixed time.
+        wait_full_queues(&ha, 8080, &client, Duration::from_secs(30));
     }
     if sc.blackhole {
         client.set_loss(1000).unwrap();

@@ -315,18 +315,6 @@ pub(crate) fn send_some(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
     .map(|n| n as usize)
 }
 
-/// Waits until `fd` is writable or `timeout_ms` passes; returns whether writable.
-pub(crate) fn wait_writable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    let n = syscall!(poll(&mut p, 1, timeout_ms)).map_err(ctx("poll"))?;
-    Ok(n > 0)
-}
-
 pub(crate) fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: plain call on an open fd.
     syscall!(shutdown(fd.as_raw_fd(), libc::SHUT_WR))

@@ -222,3 +222,54 @@ pub fn pause_and_dump(echo: &mut Proc, fd: &str, img: &std::path::Path, extra: &
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `ss` lines of the established TCP connections of `host` on local `port`.
+pub fn ss(host: &tcpr_netlab::Host, port: u16) -> String {
+    let out = host
+        .cmd("ss")
+        .args(["-Htni", "state", "established"])
+        .arg(format!("( sport = :{port} )"))
+        .output()
+        .expect("ss runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits until the connection on local `port` in `host` holds bytes in both
+/// its receive and its send queue (`ss` Recv-Q and Send-Q) and its peer
+/// offers a zero window, so a dump catches full queues whatever the
+/// machine's speed. Panics with what `ss`
+/// saw on both ends if that does not happen within `timeout`.
+pub fn wait_full_queues(
+    host: &tcpr_netlab::Host,
+    port: u16,
+    other: &tcpr_netlab::Host,
+    timeout: Duration,
+) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let seen = ss(host, port);
+        let queues: Vec<u64> = seen
+            .split_whitespace()
+            .take(2)
+            .filter_map(|q| q.parse().ok())
+            .collect();
+        // ss leaves snd_wnd out when it is zero.
+        let zero_window = seen
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("snd_wnd:"))
+            .is_none_or(|w| w == "0");
+        if queues.len() == 2 && queues[0] > 0 && queues[1] > 0 && zero_window {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            let peer = other
+                .cmd("ss")
+                .args(["-Htni", "state", "established"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            panic!("queues never filled on :{port}\nservice: {seen}\nclient: {peer}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
