@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 cargo fmt --all -- --check
-cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo clippy --workspace --all-targets --all-features --quiet -- -D warnings
 ./target/release/tcpr demo --migrations 4 --interval 0.5
 ./target/release/tcpr bench --counts 1,100,10000
 ./target/release/tcpr bench-handoff --counts 1,100,10000 --moves 100
-cargo test --workspace --release -- --test-threads=2
+cargo test --workspace --all-features --release -- --test-threads=2

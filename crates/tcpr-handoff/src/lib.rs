@@ -17,6 +17,8 @@ pub mod auth;
 pub mod deliver;
 pub mod machine;
 pub mod sender;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 pub mod wire;
 
 pub use agent::{AgentConfig, AgentServer, Delivery};
