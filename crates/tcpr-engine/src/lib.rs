@@ -16,6 +16,7 @@
 pub mod diag;
 mod error;
 pub mod lock;
+mod nfnl;
 mod restore;
 mod sys;
 

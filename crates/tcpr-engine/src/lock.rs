@@ -7,10 +7,12 @@
 //! timeouts, and two rules (prerouting and output, priority -300, before
 //! conntrack) that drop matching packets. The table is created on first use
 //! and is otherwise static: per-flow state lives only in the set elements,
-//! which expire by themselves. We drive the `nft` command rather than speak
-//! nf_tables netlink by hand: a batch of 10,000 elements is one transaction
-//! either way, and libnftables' syntax is the documented interface.
+//! which expire by themselves. The table is installed with the `nft`
+//! command (libnftables' syntax is the documented interface for rules);
+//! elements are added and deleted over nf_tables netlink (`nfnl.rs`), one
+//! transaction per call, falling back to `nft` when the table is missing.
 
+use crate::nfnl::{Batch, NlError, Op};
 use crate::sys;
 use crate::Error;
 use std::fmt::Write as _;
@@ -180,9 +182,13 @@ impl FlowLock {
             );
         }
         // Fast path: the table is there, only elements change (no rule
-        // churn, whose commit waits for an RCU grace period). Otherwise
-        // install the table, then add the elements.
-        if let Err(first) = nft(&ns, &elements) {
+        // churn, whose commit waits for an RCU grace period), over netlink.
+        // Otherwise install the table, then add the elements, with `nft`.
+        let mut batch = Batch::new();
+        for (set, group) in by_set(flows) {
+            batch.elements(TABLE, set, &group, Op::Add(secs * 1000));
+        }
+        if let Err(first) = fast(&ns, batch) {
             if matches!(first, Error::Permission(_)) {
                 return Err(first);
             }
@@ -276,11 +282,40 @@ pub fn release_flows(ns: &Netns, flows: &[Flow]) -> Result<(), Error> {
             f.element()
         );
     }
-    match nft(ns, &script) {
+    let mut batch = Batch::new();
+    for (set, group) in by_set(flows) {
+        batch.elements(TABLE, set, &group, Op::Add(1000));
+        batch.elements(TABLE, set, &group, Op::Delete);
+    }
+    match fast(ns, batch) {
         Err(e @ Error::Permission(_)) => Err(e),
         // No table yet: install it, which makes the batch valid.
         Err(_) => nft(ns, &(ruleset() + &script)),
         Ok(()) => Ok(()),
+    }
+}
+
+/// The flows of each lock set.
+fn by_set(flows: &[Flow]) -> Vec<(&'static str, Vec<Flow>)> {
+    let (v4, v6): (Vec<Flow>, Vec<Flow>) = flows.iter().partition(|f| f.local.is_ipv4());
+    [("flows4", v4), ("flows6", v6)]
+        .into_iter()
+        .filter(|(_, g)| !g.is_empty())
+        .collect()
+}
+
+/// Commits an element batch over netlink in `ns`.
+fn fast(ns: &Netns, batch: Batch) -> Result<(), Error> {
+    match crate::nfnl::commit(ns.fd.as_ref().map(|f| f.as_fd()), batch) {
+        Ok(()) => Ok(()),
+        Err(NlError::Refused(libc::EPERM)) => Err(Error::Permission(
+            "nftables refused to change the ruleset: CAP_NET_ADMIN is needed to lock flows".into(),
+        )),
+        Err(NlError::Refused(errno)) => Err(Error::Lock(format!(
+            "nf_tables refused the lock's elements: {}",
+            std::io::Error::from_raw_os_error(errno)
+        ))),
+        Err(NlError::Io(e)) => Err(Error::Lock(format!("nf_tables netlink: {e}"))),
     }
 }
 

@@ -1,25 +1,11 @@
 //! Engine round trips on the real kernel, each test in a network namespace
 //! of its own thread (TCP_REPAIR needs only CAP_NET_ADMIN there).
+mod common;
+use common::*;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::Command;
 use tcpr_engine::{freeze, restore, FreezeOptions};
-
-fn private_netns() {
-    tcpr_engine::unshare_netns().expect("unshare a network namespace (run as root)");
-    let st = Command::new("ip")
-        .args(["link", "set", "lo", "up"])
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
-
-fn pair(addr: &str) -> (TcpStream, TcpStream) {
-    let l = TcpListener::bind(addr).unwrap();
-    let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-    let (s, _) = l.accept().unwrap();
-    (c, s)
-}
 
 fn no_lock() -> FreezeOptions {
     FreezeOptions {
@@ -63,22 +49,16 @@ fn round_trip(addr: &str) {
 
 #[test]
 fn ipv4_round_trip() {
-    std::thread::spawn(|| {
-        private_netns();
+    in_private_netns(|| {
         round_trip("127.0.0.1:0");
-    })
-    .join()
-    .unwrap();
+    });
 }
 
 #[test]
 fn ipv6_round_trip() {
-    std::thread::spawn(|| {
-        private_netns();
+    in_private_netns(|| {
         round_trip("[::1]:0");
-    })
-    .join()
-    .unwrap();
+    });
 }
 
 /// Waits until the socket reaches kernel state `want`.
@@ -104,8 +84,7 @@ fn move_in_place(server: TcpStream) -> (tcpr_image::ConnectionImage, TcpStream) 
 
 #[test]
 fn we_closed_fin_wait2() {
-    std::thread::spawn(|| {
-        private_netns();
+    in_private_netns(|| {
         for addr in ["127.0.0.1:0", "[::1]:0"] {
             let (mut client, mut server) = pair(addr);
             server.write_all(b"last words").unwrap();
@@ -126,15 +105,12 @@ fn we_closed_fin_wait2() {
             s2.read_to_end(&mut rest).unwrap();
             assert!(rest.is_empty());
         }
-    })
-    .join()
-    .unwrap();
+    });
 }
 
 #[test]
 fn peer_closed_close_wait() {
-    std::thread::spawn(|| {
-        private_netns();
+    in_private_netns(|| {
         for addr in ["127.0.0.1:0", "[::1]:0"] {
             let (mut client, server) = pair(addr);
             client.write_all(b"request").unwrap();
@@ -152,9 +128,7 @@ fn peer_closed_close_wait() {
             client.read_to_end(&mut resp).unwrap();
             assert_eq!(resp, b"response");
         }
-    })
-    .join()
-    .unwrap();
+    });
 }
 
 /// Sets every carried socket option to a non-default value, moves the
@@ -288,13 +262,10 @@ fn getsockopt_int(fd: std::os::fd::BorrowedFd<'_>, level: i32, name: i32) -> i32
 
 #[test]
 fn socket_options_and_state_round_trip() {
-    std::thread::spawn(|| {
-        private_netns();
+    in_private_netns(|| {
         options_round_trip("127.0.0.1:0");
         options_round_trip("[::1]:0");
-    })
-    .join()
-    .unwrap();
+    });
 }
 
 /// Drops, in this thread's namespace, every packet the client socket sends
@@ -314,8 +285,7 @@ fn drop_from(client: &TcpStream, on: bool) {
 
 #[test]
 fn we_closed_fin_unacked_fin_wait1() {
-    std::thread::spawn(|| {
-        private_netns();
+    in_private_netns(|| {
         for addr in ["127.0.0.1:0", "[::1]:0"] {
             let (mut client, mut server) = pair(addr);
             drop_from(&client, true);
@@ -338,15 +308,12 @@ fn we_closed_fin_unacked_fin_wait1() {
             s2.read_exact(&mut buf).unwrap();
             assert_eq!(&buf, b"still open this way");
         }
-    })
-    .join()
-    .unwrap();
+    });
 }
 
 #[test]
 fn both_closed_last_ack() {
-    std::thread::spawn(|| {
-        private_netns();
+    in_private_netns(|| {
         for addr in ["127.0.0.1:0", "[::1]:0"] {
             let (mut client, mut server) = pair(addr);
             client.write_all(b"request").unwrap();
@@ -368,9 +335,7 @@ fn both_closed_last_ack() {
             client.read_to_end(&mut resp).unwrap();
             assert_eq!(resp, b"response");
         }
-    })
-    .join()
-    .unwrap();
+    });
 }
 
 /// Runs an nft script in this thread's namespace.
@@ -393,8 +358,7 @@ fn nft_script(script: &str) {
 #[test]
 fn simultaneous_close_closing() {
     use std::os::fd::AsFd;
-    std::thread::spawn(|| {
-        private_netns();
+    in_private_netns(|| {
         for addr in ["127.0.0.1:0", "[::1]:0"] {
             let (mut client, mut server) = pair(addr);
             setsockopt_int(client.as_fd(), libc::SOL_SOCKET, libc::SO_MARK, 77);
@@ -426,9 +390,7 @@ fn simultaneous_close_closing() {
             client.read_to_end(&mut got).unwrap();
             assert_eq!(got, b"server's last words");
         }
-    })
-    .join()
-    .unwrap();
+    });
 }
 
 /// Unsent data under a zero window, more of it than the image's send buffer
@@ -438,8 +400,7 @@ fn simultaneous_close_closing() {
 #[test]
 fn unsent_beyond_buffer_and_notsent_lowat() {
     use std::os::fd::AsFd;
-    std::thread::spawn(|| {
-        private_netns();
+    in_private_netns(|| {
         for addr in ["127.0.0.1:0", "[::1]:0"] {
             let (mut client, server) = pair(addr);
             server.set_nonblocking(true).unwrap();
@@ -481,7 +442,5 @@ fn unsent_beyond_buffer_and_notsent_lowat() {
             client.read_exact(&mut got).unwrap();
             assert!(got == sent, "the peer got every byte, in order");
         }
-    })
-    .join()
-    .unwrap();
+    });
 }

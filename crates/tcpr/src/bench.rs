@@ -179,6 +179,36 @@ fn floor_run(n: usize) -> Result<Row> {
     })
 }
 
+/// Runs `f` `reps` times; the row of median dump and median restore time.
+fn median(reps: usize, f: impl Fn() -> Result<Row>) -> Result<Row> {
+    let mut rows = (0..reps).map(|_| f()).collect::<Result<Vec<_>>>()?;
+    rows.sort_by_key(|r| r.dump);
+    let dump = rows[reps / 2].dump;
+    rows.sort_by_key(|r| r.restore);
+    Ok(Row {
+        dump,
+        restore: rows[reps / 2].restore,
+    })
+}
+
+/// The first lock in a namespace installs the nftables table (with `nft`);
+/// later ones only add set elements over netlink. Returns the first's cost.
+fn first_lock() -> Result<Duration> {
+    let flow = tcpr_engine::Flow {
+        local: "127.0.0.1:1".parse()?,
+        peer: "127.0.0.1:2".parse()?,
+    };
+    let t = Instant::now();
+    let lock = tcpr_engine::FlowLock::acquire(
+        &[flow],
+        tcpr_engine::Netns::current(),
+        Duration::from_secs(5),
+    )?;
+    let took = t.elapsed();
+    lock.release()?;
+    Ok(took)
+}
+
 /// Runs the benchmark and prints a table.
 pub fn run(counts: &[usize]) -> Result<()> {
     // A private namespace: nothing on the host is touched, and the lock's
@@ -193,7 +223,12 @@ pub fn run(counts: &[usize]) -> Result<()> {
         if got < need {
             bail!("tcpr bench needs {need} open files and may have only {got} (RLIMIT_NOFILE)");
         }
-        println!("per-connection cost, idle IPv4 connections on loopback (microseconds)");
+        let install = first_lock()?;
+        println!(
+            "first lock in a namespace (installs the nftables table with nft): {:.1} ms",
+            install.as_secs_f64() * 1e3
+        );
+        println!("per-connection cost, idle IPv4 connections on loopback (microseconds; median of up to 15 runs)");
         println!(
             "{:>7}  {:>12} {:>12} {:>12} {:>9}   {:>12} {:>12} {:>9}",
             "conns",
@@ -206,9 +241,10 @@ pub fn run(counts: &[usize]) -> Result<()> {
             "ratio"
         );
         for &n in &counts {
-            let locked = tcpr_run(n, true)?;
-            let bare = tcpr_run(n, false)?;
-            let fl = floor_run(n)?;
+            let reps = (1000 / n).clamp(1, 15) | 1;
+            let locked = median(reps, || tcpr_run(n, true))?;
+            let bare = median(reps, || tcpr_run(n, false))?;
+            let fl = median(reps, || floor_run(n))?;
             println!(
                 "{:>7}  {:>12.1} {:>12.1} {:>12.1} {:>8.2}x   {:>12.1} {:>12.1} {:>8.2}x",
                 n,

@@ -646,6 +646,44 @@ pub(crate) fn netlink_socket(proto: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// A netlink socket of `proto` in the network namespace `ns` (the
+/// caller's own when `None`): a socket belongs to the namespace it was
+/// created in, so it is created on a short-lived thread that entered `ns`.
+pub(crate) fn netlink_socket_in(ns: Option<BorrowedFd<'_>>, proto: i32) -> io::Result<OwnedFd> {
+    let Some(ns) = ns else {
+        return netlink_socket(proto);
+    };
+    let raw = ns.as_raw_fd();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            // SAFETY: `raw` is an open namespace fd borrowed for this scope;
+            // setns only changes this (throwaway) thread.
+            syscall!(setns(raw, libc::CLONE_NEWNET)).map_err(ctx("setns"))?;
+            netlink_socket(proto)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("netlink thread panicked")))
+    })
+}
+
+/// Sets `SO_RCVTIMEO`.
+pub(crate) fn set_recv_timeout(fd: BorrowedFd<'_>, t: std::time::Duration) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: t.as_secs() as libc::time_t,
+        tv_usec: t.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: `tv` is a valid timeval for the duration of the call.
+    syscall!(setsockopt(
+        fd.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_RCVTIMEO,
+        (&tv as *const libc::timeval).cast(),
+        size_of::<libc::timeval>() as libc::socklen_t
+    ))
+    .map(drop)
+    .map_err(ctx("setsockopt SO_RCVTIMEO"))
+}
+
 /// `send` of a whole datagram.
 pub(crate) fn send_all(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<()> {
     // SAFETY: `data` is readable for its length.

@@ -1,0 +1,282 @@
+//! nf_tables set elements over netlink: the lock's fast path.
+//!
+//! Once the `inet tcpr` table exists, locking and releasing flows only adds
+//! and deletes set elements. Doing that by running `nft` costs a process
+//! start and libnftables' cache load (about 5 ms) per call, which was most
+//! of the cost of freezing one connection. This module speaks the few
+//! nf_tables messages it needs (a batch of NEWSETELEM / DELSETELEM) on a
+//! netlink socket instead. It is written by hand because the crates that
+//! cover nf_tables are either GPL-3.0 (rustables, not usable in this
+//! Apache-2.0 project) or bind the C libnftnl; the messages are small and
+//! fixed. Installing the table and rules still goes through `nft`
+//! (`lock.rs`), once per namespace.
+
+use crate::lock::Flow;
+use crate::sys;
+use std::os::fd::{AsFd, BorrowedFd};
+
+const NETLINK_NETFILTER: i32 = 12;
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_DELSETELEM: u16 = 14;
+const NFPROTO_INET: u8 = 1;
+
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_CREATE: u16 = 0x400;
+const NLMSG_ERROR: u16 = 2;
+const NLA_F_NESTED: u16 = 1 << 15;
+
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
+const NFTA_DATA_VALUE: u16 = 1;
+
+const SOL_NETLINK: i32 = 270;
+const NETLINK_CAP_ACK: i32 = 10;
+
+/// An attribute's length is a u16: elements go in messages of at most this
+/// many bytes, all in one batch (one transaction).
+const MAX_ELEMENTS_BYTES: usize = 60_000;
+
+/// The set key of a flow, laid out as nf_tables registers hold the
+/// concatenation `peer addr . peer port . local addr . local port`: each
+/// part in network order, padded to 4 bytes.
+pub(crate) fn key(f: &Flow) -> Vec<u8> {
+    let mut k = Vec::with_capacity(40);
+    for a in [f.peer, f.local] {
+        match a.ip() {
+            std::net::IpAddr::V4(ip) => k.extend_from_slice(&ip.octets()),
+            std::net::IpAddr::V6(ip) => k.extend_from_slice(&ip.octets()),
+        }
+        k.extend_from_slice(&a.port().to_be_bytes());
+        k.extend_from_slice(&[0, 0]);
+    }
+    k
+}
+
+/// What to do with a flow's element.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Op {
+    /// Add it, expiring after this many milliseconds.
+    Add(u64),
+    /// Delete it (it must exist in the transaction).
+    Delete,
+}
+
+/// One nf_tables transaction under construction.
+pub(crate) struct Batch {
+    buf: Vec<u8>,
+    seq: u32,
+    acks: usize,
+}
+
+fn put_attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
+    let len = 4 + payload.len();
+    buf.extend_from_slice(&(len as u16).to_ne_bytes());
+    buf.extend_from_slice(&ty.to_ne_bytes());
+    buf.extend_from_slice(payload);
+    buf.resize(buf.len().next_multiple_of(4), 0);
+}
+
+/// Opens a nested attribute; [`end_nest`] writes its length.
+fn begin_nest(buf: &mut Vec<u8>, ty: u16) -> usize {
+    let at = buf.len();
+    buf.extend_from_slice(&[0, 0]);
+    buf.extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
+    at
+}
+
+fn end_nest(buf: &mut [u8], at: usize) {
+    let len = (buf.len() - at) as u16;
+    buf[at..at + 2].copy_from_slice(&len.to_ne_bytes());
+}
+
+impl Batch {
+    pub(crate) fn new() -> Batch {
+        let mut b = Batch {
+            buf: Vec::new(),
+            seq: 1,
+            acks: 0,
+        };
+        b.control(NFNL_MSG_BATCH_BEGIN);
+        b
+    }
+
+    /// Starts a message: nlmsghdr and nfgenmsg. Returns its offset.
+    fn header(&mut self, ty: u16, flags: u16, family: u8, res_id: u16) -> usize {
+        let at = self.buf.len();
+        self.buf.extend_from_slice(&[0; 4]); // length, written by `end`
+        self.buf.extend_from_slice(&ty.to_ne_bytes());
+        self.buf.extend_from_slice(&flags.to_ne_bytes());
+        self.buf.extend_from_slice(&self.seq.to_ne_bytes());
+        self.buf.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+        self.buf.push(family);
+        self.buf.push(0); // NFNETLINK_V0
+        self.buf.extend_from_slice(&res_id.to_be_bytes());
+        self.seq += 1;
+        at
+    }
+
+    fn end(&mut self, at: usize) {
+        let len = (self.buf.len() - at) as u32;
+        self.buf[at..at + 4].copy_from_slice(&len.to_ne_bytes());
+    }
+
+    fn control(&mut self, ty: u16) {
+        let at = self.header(ty, NLM_F_REQUEST, 0, NFNL_SUBSYS_NFTABLES);
+        self.end(at);
+    }
+
+    /// Adds or deletes the elements of `flows` in `table`'s set `set`.
+    pub(crate) fn elements(&mut self, table: &str, set: &str, flows: &[Flow], op: Op) {
+        let (ty, flags) = match op {
+            Op::Add(_) => (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK),
+            Op::Delete => (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK),
+        };
+        let mut rest = flows;
+        while !rest.is_empty() {
+            let msg = self.header(NFNL_SUBSYS_NFTABLES << 8 | ty, flags, NFPROTO_INET, 0);
+            put_attr(&mut self.buf, NFTA_SET_ELEM_LIST_TABLE, &nul(table));
+            put_attr(&mut self.buf, NFTA_SET_ELEM_LIST_SET, &nul(set));
+            let list = begin_nest(&mut self.buf, NFTA_SET_ELEM_LIST_ELEMENTS);
+            while let Some((f, more)) = rest.split_first() {
+                if self.buf.len() - list > MAX_ELEMENTS_BYTES {
+                    break;
+                }
+                let el = begin_nest(&mut self.buf, NFTA_LIST_ELEM);
+                let k = begin_nest(&mut self.buf, NFTA_SET_ELEM_KEY);
+                put_attr(&mut self.buf, NFTA_DATA_VALUE, &key(f));
+                end_nest(&mut self.buf, k);
+                if let Op::Add(ms) = op {
+                    put_attr(&mut self.buf, NFTA_SET_ELEM_TIMEOUT, &ms.to_be_bytes());
+                }
+                end_nest(&mut self.buf, el);
+                rest = more;
+            }
+            end_nest(&mut self.buf, list);
+            self.end(msg);
+            self.acks += 1;
+        }
+    }
+
+    /// The whole batch, and how many acknowledgements it asks for.
+    pub(crate) fn finish(mut self) -> (Vec<u8>, usize) {
+        self.control(NFNL_MSG_BATCH_END);
+        (self.buf, self.acks)
+    }
+}
+
+fn nul(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+/// Why a transaction failed.
+#[derive(Debug)]
+pub(crate) enum NlError {
+    /// The kernel refused a message (errno).
+    Refused(i32),
+    /// The socket failed.
+    Io(std::io::Error),
+}
+
+/// Sends a batch in the namespace `ns` (the caller's when `None`) and waits
+/// for every acknowledgement.
+pub(crate) fn commit(ns: Option<BorrowedFd<'_>>, batch: Batch) -> Result<(), NlError> {
+    let (msg, acks) = batch.finish();
+    if acks == 0 {
+        return Ok(());
+    }
+    let nl = sys::netlink_socket_in(ns, NETLINK_NETFILTER).map_err(NlError::Io)?;
+    let fd = nl.as_fd();
+    // Errors need not echo our (large) messages back.
+    let _ = sys::set_int(fd, SOL_NETLINK, NETLINK_CAP_ACK, 1);
+    // A netlink datagram must fit the socket's send buffer.
+    let want = i32::try_from(msg.len() + 4096).unwrap_or(i32::MAX / 2);
+    if sys::get_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF).unwrap_or(0) < want {
+        let _ = sys::set_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, want)
+            .or_else(|_| sys::set_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, want));
+    }
+    sys::set_recv_timeout(fd, std::time::Duration::from_secs(5)).map_err(NlError::Io)?;
+    sys::send_all(fd, &msg).map_err(NlError::Io)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut seen = 0;
+    while seen < acks {
+        let n = sys::recv_into(fd, &mut buf).map_err(NlError::Io)?;
+        let mut at = 0;
+        while at + 20 <= n {
+            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize;
+            let ty = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2 bytes"));
+            if len < 16 || at + len > n {
+                break;
+            }
+            if ty == NLMSG_ERROR {
+                let err = i32::from_ne_bytes(buf[at + 16..at + 20].try_into().expect("4 bytes"));
+                if err != 0 {
+                    return Err(NlError::Refused(-err));
+                }
+                seen += 1;
+            }
+            at += len.next_multiple_of(4);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_register_aligned() {
+        let f = Flow {
+            local: "10.0.0.2:80".parse().unwrap(),
+            peer: "10.0.0.1:40000".parse().unwrap(),
+        };
+        assert_eq!(
+            key(&f),
+            [10, 0, 0, 1, 0x9c, 0x40, 0, 0, 10, 0, 0, 2, 0, 80, 0, 0]
+        );
+        let f6 = Flow {
+            local: "[fd00::2]:443".parse().unwrap(),
+            peer: "[fd00::1]:1".parse().unwrap(),
+        };
+        assert_eq!(key(&f6).len(), 40);
+    }
+
+    #[test]
+    fn large_batches_split_into_messages_under_the_attribute_limit() {
+        let flows: Vec<Flow> = (0..5000u32)
+            .map(|i| Flow {
+                local: "[fd00::2]:443".parse().unwrap(),
+                peer: std::net::SocketAddr::new(
+                    std::net::Ipv6Addr::from(0xfd00_0000_0000_0000_0000_0000_0000_0000 | i as u128)
+                        .into(),
+                    1000,
+                ),
+            })
+            .collect();
+        let mut b = Batch::new();
+        b.elements("tcpr", "flows6", &flows, Op::Add(60_000));
+        let (buf, acks) = b.finish();
+        assert!(acks > 1, "split into {acks} messages");
+        // Walk the messages: every length fits, and they tile the buffer.
+        let mut at = 0;
+        let mut msgs = 0;
+        while at < buf.len() {
+            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
+            assert!((20..65_536).contains(&len), "message of {len} bytes");
+            at += len;
+            msgs += 1;
+        }
+        assert_eq!(at, buf.len());
+        assert_eq!(msgs, acks + 2, "begin, {acks} element messages, end");
+    }
+}
