@@ -20,6 +20,7 @@ const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_GETSETELEM: u16 = 13;
 const NFT_MSG_DELSETELEM: u16 = 14;
 const NFPROTO_INET: u8 = 1;
 
@@ -35,6 +36,7 @@ const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
+const NFTA_SET_ELEM_EXPIRATION: u16 = 5;
 const NFTA_DATA_VALUE: u16 = 1;
 
 const SOL_NETLINK: i32 = 270;
@@ -65,6 +67,12 @@ pub(crate) fn key(f: &Flow) -> Vec<u8> {
 pub(crate) enum Op {
     /// Add it, expiring after this many milliseconds.
     Add(u64),
+    /// Add it or update it, expiring in 1 ms (Linux 6.10+ updates the
+    /// expiry of an existing element; older kernels leave it unchanged).
+    /// An expiration of 0 would mean the whole timeout.
+    /// Unlike a delete, this commits without waiting for an RCU grace
+    /// period (10-30 ms).
+    Expire,
     /// Delete it (it must exist in the transaction).
     Delete,
 }
@@ -136,7 +144,9 @@ impl Batch {
     /// Adds or deletes the elements of `flows` in `table`'s set `set`.
     pub(crate) fn elements(&mut self, table: &str, set: &str, flows: &[Flow], op: Op) {
         let (ty, flags) = match op {
-            Op::Add(_) => (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK),
+            Op::Add(_) | Op::Expire => {
+                (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK)
+            }
             Op::Delete => (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK),
         };
         let mut rest = flows;
@@ -153,8 +163,18 @@ impl Batch {
                 let k = begin_nest(&mut self.buf, NFTA_SET_ELEM_KEY);
                 put_attr(&mut self.buf, NFTA_DATA_VALUE, &key(f));
                 end_nest(&mut self.buf, k);
-                if let Op::Add(ms) = op {
-                    put_attr(&mut self.buf, NFTA_SET_ELEM_TIMEOUT, &ms.to_be_bytes());
+                match op {
+                    Op::Add(ms) => {
+                        // The expiration too: updating an element that a
+                        // release just expired must renew it.
+                        put_attr(&mut self.buf, NFTA_SET_ELEM_TIMEOUT, &ms.to_be_bytes());
+                        put_attr(&mut self.buf, NFTA_SET_ELEM_EXPIRATION, &ms.to_be_bytes());
+                    }
+                    Op::Expire => {
+                        put_attr(&mut self.buf, NFTA_SET_ELEM_TIMEOUT, &1000u64.to_be_bytes());
+                        put_attr(&mut self.buf, NFTA_SET_ELEM_EXPIRATION, &1u64.to_be_bytes());
+                    }
+                    Op::Delete => {}
                 }
                 end_nest(&mut self.buf, el);
                 rest = more;
@@ -194,6 +214,48 @@ pub(crate) fn commit(ns: Option<BorrowedFd<'_>>, batch: Batch) -> Result<(), NlE
     if acks == 0 {
         return Ok(());
     }
+    exchange(ns, &msg, acks).map(drop)
+}
+
+/// Whether `flow`'s element is in `table`'s set `set` and not expired.
+pub(crate) fn element_present(
+    ns: Option<BorrowedFd<'_>>,
+    table: &str,
+    set: &str,
+    flow: &Flow,
+) -> Result<bool, NlError> {
+    // A GET is not a batch message: it goes alone.
+    let mut b = Batch {
+        buf: Vec::new(),
+        seq: 1,
+        acks: 0,
+    };
+    let msg = b.header(
+        NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETSETELEM,
+        NLM_F_REQUEST | NLM_F_ACK,
+        NFPROTO_INET,
+        0,
+    );
+    put_attr(&mut b.buf, NFTA_SET_ELEM_LIST_TABLE, &nul(table));
+    put_attr(&mut b.buf, NFTA_SET_ELEM_LIST_SET, &nul(set));
+    let list = begin_nest(&mut b.buf, NFTA_SET_ELEM_LIST_ELEMENTS);
+    let el = begin_nest(&mut b.buf, NFTA_LIST_ELEM);
+    let k = begin_nest(&mut b.buf, NFTA_SET_ELEM_KEY);
+    put_attr(&mut b.buf, NFTA_DATA_VALUE, &key(flow));
+    end_nest(&mut b.buf, k);
+    end_nest(&mut b.buf, el);
+    end_nest(&mut b.buf, list);
+    b.end(msg);
+    match exchange(ns, &b.buf, 1) {
+        Ok(data) => Ok(data > 0),
+        Err(NlError::Refused(libc::ENOENT)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Sends `msg` and reads until `acks` acknowledgements came; returns how
+/// many other (data) messages arrived on the way.
+fn exchange(ns: Option<BorrowedFd<'_>>, msg: &[u8], acks: usize) -> Result<usize, NlError> {
     let nl = sys::netlink_socket_in(ns, NETLINK_NETFILTER).map_err(NlError::Io)?;
     let fd = nl.as_fd();
     // Errors need not echo our (large) messages back.
@@ -205,9 +267,10 @@ pub(crate) fn commit(ns: Option<BorrowedFd<'_>>, batch: Batch) -> Result<(), NlE
             .or_else(|_| sys::set_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, want));
     }
     sys::set_recv_timeout(fd, std::time::Duration::from_secs(5)).map_err(NlError::Io)?;
-    sys::send_all(fd, &msg).map_err(NlError::Io)?;
+    sys::send_all(fd, msg).map_err(NlError::Io)?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut seen = 0;
+    let mut data = 0;
     while seen < acks {
         let n = sys::recv_into(fd, &mut buf).map_err(NlError::Io)?;
         let mut at = 0;
@@ -223,11 +286,13 @@ pub(crate) fn commit(ns: Option<BorrowedFd<'_>>, batch: Batch) -> Result<(), NlE
                     return Err(NlError::Refused(-err));
                 }
                 seen += 1;
+            } else {
+                data += 1;
             }
             at += len.next_multiple_of(4);
         }
     }
-    Ok(())
+    Ok(data)
 }
 
 #[cfg(test)]

@@ -56,10 +56,20 @@ fn netlink_elements_match_what_nft_lists() {
             "{l6}"
         );
         lock.release().unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(locked_flow_count().unwrap(), 1);
+        // Locked again at once after a release (as a retried move does):
+        // the element is renewed, not left to its 1 ms expiry.
+        let again = FlowLock::acquire(&[v4], Netns::current(), Duration::from_secs(90)).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(locked_flow_count().unwrap(), 2, "{}", nft_list("flows4"));
+        again.release().unwrap();
+        std::thread::sleep(Duration::from_millis(5));
         assert_eq!(locked_flow_count().unwrap(), 1);
         assert!(!nft_list("flows4").contains("198.51.100.7"));
         assert!(!nft_list("flows6").contains("2001:db8:ffff::7"));
         first.release().unwrap();
+        std::thread::sleep(Duration::from_millis(5));
         assert_eq!(locked_flow_count().unwrap(), 0);
         // Releasing what is no longer locked is not an error.
         tcpr_engine::lock::release_flows(&Netns::current(), &[v4, v6]).unwrap();

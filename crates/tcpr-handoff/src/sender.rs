@@ -169,6 +169,7 @@ pub fn migrate(
     let blobs: Vec<Vec<u8>> = conns.iter().map(|c| c.blob.clone()).collect();
     let socks: Vec<OwnedFd> = conns.into_iter().map(|c| c.sock).collect();
     let total = socks.len();
+    let started = Instant::now();
     // The channel first: a handshake is not part of any connection's pause,
     // and an unreachable or unauthenticated agent costs no freeze at all.
     let ch = match connect(opts) {
@@ -181,6 +182,7 @@ pub fn migrate(
             return Ok(report);
         }
     };
+    tracing::debug!(us = started.elapsed().as_micros(), "channel up");
     let frozen = freeze_many(
         socks,
         &FreezeOptions {
@@ -222,6 +224,7 @@ pub fn migrate(
             )),
         }
     }
+    tracing::debug!(us = started.elapsed().as_micros(), "frozen and dumped");
     if let Switch::MoveAddress = opts.switch {
         let ips: std::collections::BTreeSet<IpAddr> =
             d.flows.values().map(|f| f.local.ip()).collect();
@@ -234,6 +237,7 @@ pub fn migrate(
     }
     let ids: Vec<ConnId> = d.frozen.keys().copied().collect();
     let fates = d.run(ids, total, ch, progress);
+    tracing::debug!(us = started.elapsed().as_micros(), "protocol done");
     for (id, fate) in fates {
         let flow = d.flows[&id];
         match fate {
@@ -251,6 +255,7 @@ pub fn migrate(
     } else {
         locks.into_iter().for_each(FlowLock::keep);
     }
+    tracing::debug!(us = started.elapsed().as_micros(), "locks released");
     Ok(report)
 }
 
@@ -445,7 +450,9 @@ impl Driver<'_> {
     fn act(&mut self, a: SenderAction, m: &mut machine::Sender) {
         match a {
             SenderAction::Switch(ids) => {
+                tracing::debug!("all ready: switching");
                 let r = self.switch(&ids);
+                tracing::debug!("switched");
                 m.handle_switched(r, Instant::now());
             }
             SenderAction::Unswitch => {
