@@ -51,6 +51,9 @@ pub enum Error {
     /// The flow lock could not be set or cleared.
     #[error("flow lock: {0}")]
     Lock(String),
+    /// An address, interface or route asked for is not on this host.
+    #[error("{0}")]
+    NotFound(String),
     /// The socket changed under us, or the kernel answered inconsistently.
     #[error("{0}")]
     Inconsistent(String),

@@ -13,6 +13,7 @@
 //! All `unsafe` lives in the private `sys` module. This crate does not move
 //! addresses, steer packets or talk to other hosts.
 
+pub mod addr;
 pub mod diag;
 mod error;
 pub mod lock;

@@ -11,7 +11,6 @@ use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tcpr_engine::Restored;
@@ -466,47 +465,25 @@ fn deliver_one(d: &Delivery, stream: TcpStream, img: ConnectionImage) -> Result<
 
 /// Adds the service address here and announces it (host evacuation).
 fn take_address(mv: &pb::AddressMove, peer: Option<SocketAddr>) -> Result<(), String> {
-    let dev = if mv.dev.is_empty() {
-        let peer = peer.ok_or("no connection to find the interface from")?;
-        route_dev(peer.ip())?
-    } else {
-        mv.dev.clone()
-    };
-    let ip: IpAddr = mv
+    let (ip, prefix) = mv
         .cidr
-        .split('/')
-        .next()
-        .and_then(|a| a.parse().ok())
+        .split_once('/')
+        .and_then(|(a, p)| Some((a.parse::<IpAddr>().ok()?, p.parse::<u8>().ok()?)))
         .ok_or_else(|| format!("bad address {}", mv.cidr))?;
-    let mut args = vec!["addr", "add", mv.cidr.as_str(), "dev", dev.as_str()];
-    if ip.is_ipv6() {
-        args.push("nodad");
-    }
-    let out = Command::new("ip")
-        .args(&args)
-        .output()
-        .map_err(|e| e.to_string())?;
-    if !out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("exists") {
-        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
-    }
-    tcpr_engine::announce(&dev, ip).map_err(|e| e.to_string())
-}
-
-/// The interface of the route towards `ip`.
-pub fn route_dev(ip: IpAddr) -> Result<String, String> {
-    let out = Command::new("ip")
-        .args(["-o", "route", "get", &ip.to_string()])
-        .output()
-        .map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut it = text.split_whitespace();
-    while let Some(w) = it.next() {
-        if w == "dev" {
-            return it
-                .next()
-                .map(String::from)
-                .ok_or_else(|| "no device in route".to_string());
-        }
-    }
-    Err(format!("no route to {ip}"))
+    let (ifindex, ifname) = if mv.dev.is_empty() {
+        let peer = peer.ok_or("no connection to find the interface from")?;
+        tcpr_engine::addr::route_interface(peer.ip()).map_err(|e| e.to_string())?
+    } else {
+        let i = tcpr_engine::addr::interface_index(&mv.dev).map_err(|e| e.to_string())?;
+        (i, mv.dev.clone())
+    };
+    let held = tcpr_engine::addr::Assigned {
+        ip,
+        prefix_len: prefix,
+        ifindex,
+        ifname,
+    };
+    tcpr_engine::addr::add(&held)
+        .map_err(|e| format!("add {} on {}: {e}", held.cidr(), held.ifname))?;
+    tcpr_engine::announce(&held.ifname, ip).map_err(|e| e.to_string())
 }

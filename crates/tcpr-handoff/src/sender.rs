@@ -99,41 +99,6 @@ impl Report {
     }
 }
 
-/// The local address entry (`addr/prefix`, device) that holds `ip`.
-fn address_entry(ip: IpAddr) -> Result<(String, String), String> {
-    let out = Command::new("ip")
-        .args(["-o", "addr", "show"])
-        .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() > 3 && (f[2] == "inet" || f[2] == "inet6") {
-            if let Some((a, _)) = f[3].split_once('/') {
-                if a.parse::<IpAddr>().ok() == Some(ip) {
-                    return Ok((f[3].to_string(), f[1].trim_end_matches(':').to_string()));
-                }
-            }
-        }
-    }
-    Err(format!("{ip} is not assigned on this host"))
-}
-
-fn ip_cmd(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
 fn sh(cmd: &str) -> Result<(), String> {
     let st = Command::new("/bin/sh")
         .arg("-c")
@@ -152,7 +117,7 @@ struct Driver<'a> {
     frozen: BTreeMap<ConnId, Frozen>,
     images: BTreeMap<ConnId, Vec<u8>>,
     flows: BTreeMap<ConnId, Flow>,
-    moved_address: Option<(String, String)>,
+    moved_address: Option<tcpr_engine::addr::Assigned>,
     locks: Vec<FlowLock>,
     batch: u64,
 }
@@ -427,11 +392,11 @@ impl Driver<'_> {
             }
             Msg::Commit(_) => {
                 let mut w = wire::to_wire(msg);
-                if let (Some((cidr, _)), Some(pb::message::Kind::Commit(c))) =
+                if let (Some(moved), Some(pb::message::Kind::Commit(c))) =
                     (&self.moved_address, w.kind.as_mut())
                 {
                     c.add_address = Some(pb::AddressMove {
-                        cidr: cidr.clone(),
+                        cidr: moved.cidr(),
                         dev: String::new(),
                     });
                 }
@@ -504,9 +469,10 @@ impl Driver<'_> {
                     .and_then(|id| self.flows.get(id))
                     .map(|f| f.local.ip())
                     .ok_or("nothing to switch")?;
-                let (cidr, dev) = address_entry(ip)?;
-                ip_cmd(&["addr", "del", &cidr, "dev", &dev])?;
-                self.moved_address = Some((cidr, dev));
+                let held = tcpr_engine::addr::find(ip).map_err(|e| e.to_string())?;
+                tcpr_engine::addr::remove(&held)
+                    .map_err(|e| format!("remove {} from {}: {e}", held.cidr(), held.ifname))?;
+                self.moved_address = Some(held);
                 Ok(())
             }
         }
@@ -517,20 +483,12 @@ impl Driver<'_> {
             Switch::Nothing => Ok(()),
             Switch::Commands { unswitch, .. } => sh(unswitch),
             Switch::MoveAddress => {
-                let Some((cidr, dev)) = self.moved_address.take() else {
+                let Some(held) = self.moved_address.take() else {
                     return Ok(());
                 };
-                let mut args = vec!["addr", "add", cidr.as_str(), "dev", dev.as_str()];
-                if cidr.contains(':') {
-                    args.push("nodad");
-                }
-                ip_cmd(&args)?;
-                let ip: IpAddr = cidr
-                    .split('/')
-                    .next()
-                    .and_then(|a| a.parse().ok())
-                    .ok_or("bad address")?;
-                tcpr_engine::announce(&dev, ip).map_err(|e| e.to_string())
+                tcpr_engine::addr::add(&held)
+                    .map_err(|e| format!("put {} back on {}: {e}", held.cidr(), held.ifname))?;
+                tcpr_engine::announce(&held.ifname, held.ip).map_err(|e| e.to_string())
             }
         }
     }

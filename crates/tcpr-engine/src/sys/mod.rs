@@ -684,6 +684,30 @@ pub(crate) fn set_recv_timeout(fd: BorrowedFd<'_>, t: std::time::Duration) -> io
     .map_err(ctx("setsockopt SO_RCVTIMEO"))
 }
 
+/// The index of interface `name`.
+pub(crate) fn if_index(name: &str) -> io::Result<u32> {
+    let cname = CString::new(name).map_err(|_| io::Error::other("interface name contains NUL"))?;
+    // SAFETY: `cname` is a valid NUL-terminated string.
+    let i = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    if i == 0 {
+        return Err(ctx("if_nametoindex")(io::Error::last_os_error()));
+    }
+    Ok(i)
+}
+
+/// The name of interface `index`.
+pub(crate) fn if_name(index: u32) -> io::Result<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has IF_NAMESIZE bytes, as if_indextoname(3) requires.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return Err(ctx("if_indextoname")(io::Error::last_os_error()));
+    }
+    // SAFETY: on success `buf` holds a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Ok(name.to_string_lossy().into_owned())
+}
+
 /// `send` of a whole datagram.
 pub(crate) fn send_all(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<()> {
     // SAFETY: `data` is readable for its length.
@@ -705,13 +729,7 @@ pub(crate) fn recv_into(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize>
 /// Announcement").
 pub fn announce_ipv4(ifname: &str, ip: Ipv4Addr) -> io::Result<()> {
     const ETH_P_ARP: u16 = 0x0806;
-    let cname =
-        CString::new(ifname).map_err(|_| io::Error::other("interface name contains NUL"))?;
-    // SAFETY: `cname` is a valid NUL-terminated string.
-    let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
-    if ifindex == 0 {
-        return Err(ctx("if_nametoindex")(io::Error::last_os_error()));
-    }
+    let ifindex = if_index(ifname)?;
     // SAFETY: plain call, new fd.
     let s = syscall!(socket(
         libc::AF_PACKET,
@@ -823,13 +841,7 @@ pub mod floor;
 /// neighbours replace their cached link-layer address at once. `ip` must be
 /// assigned here (it is the source).
 pub fn announce_ipv6(ifname: &str, ip: Ipv6Addr) -> io::Result<()> {
-    let cname =
-        CString::new(ifname).map_err(|_| io::Error::other("interface name contains NUL"))?;
-    // SAFETY: `cname` is a valid NUL-terminated string.
-    let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
-    if ifindex == 0 {
-        return Err(ctx("if_nametoindex")(io::Error::last_os_error()));
-    }
+    let ifindex = if_index(ifname)?;
     let mac = hw_addr(ifname)?;
     // SAFETY: plain call, new fd.
     let s = syscall!(socket(
