@@ -157,6 +157,16 @@ fn nft(ns: &Netns, script: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Installs the lock's table in the caller's network namespace, if it is
+/// not there yet. Optional: the first lock does it otherwise, with one
+/// `nft` run (about 10 ms) in its critical path.
+pub fn prepare() -> Result<(), Error> {
+    if crate::nfnl::table_exists(TABLE).unwrap_or(false) {
+        return Ok(());
+    }
+    nft(&Netns::current(), &ruleset())
+}
+
 /// A lock on one or many flows. Released on drop, unless [`FlowLock::keep`]
 /// hands it to its lease.
 #[must_use = "dropping a FlowLock releases it at once"]

@@ -19,6 +19,7 @@ const NETLINK_NETFILTER: i32 = 12;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFT_MSG_GETTABLE: u16 = 1;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_GETSETELEM: u16 = 13;
 const NFT_MSG_DELSETELEM: u16 = 14;
@@ -30,6 +31,7 @@ const NLM_F_CREATE: u16 = 0x400;
 const NLMSG_ERROR: u16 = 2;
 const NLA_F_NESTED: u16 = 1 << 15;
 
+const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
@@ -215,6 +217,28 @@ pub(crate) fn commit(ns: Option<BorrowedFd<'_>>, batch: Batch) -> Result<(), NlE
         return Ok(());
     }
     exchange(ns, &msg, acks).map(drop)
+}
+
+/// Whether the `inet` table `table` exists in the caller's namespace.
+pub(crate) fn table_exists(table: &str) -> Result<bool, NlError> {
+    let mut b = Batch {
+        buf: Vec::new(),
+        seq: 1,
+        acks: 0,
+    };
+    let msg = b.header(
+        NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETTABLE,
+        NLM_F_REQUEST | NLM_F_ACK,
+        NFPROTO_INET,
+        0,
+    );
+    put_attr(&mut b.buf, NFTA_TABLE_NAME, &nul(table));
+    b.end(msg);
+    match exchange(None, &b.buf, 1) {
+        Ok(data) => Ok(data > 0),
+        Err(NlError::Refused(libc::ENOENT)) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Whether `flow`'s element is in `table`'s set `set` and not expired.

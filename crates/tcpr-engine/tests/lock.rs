@@ -107,3 +107,26 @@ fn netlink_lock_drops_the_flow_and_release_lets_it_through() {
         }
     });
 }
+
+#[test]
+fn prepare_installs_the_table_once() {
+    in_private_netns(|| {
+        let listed = || {
+            Command::new("nft")
+                .args(["list", "table", "inet", "tcpr"])
+                .output()
+                .unwrap()
+                .status
+                .success()
+        };
+        assert!(!listed(), "no table in a fresh namespace");
+        tcpr_engine::lock::prepare().unwrap();
+        assert!(listed());
+        // Idempotent, and it leaves existing locks alone.
+        let f = flow("10.2.2.1:80", "10.2.2.2:5000");
+        let lock = FlowLock::acquire(&[f], Netns::current(), Duration::from_secs(60)).unwrap();
+        tcpr_engine::lock::prepare().unwrap();
+        assert_eq!(locked_flow_count().unwrap(), 1);
+        lock.release().unwrap();
+    });
+}

@@ -112,6 +112,11 @@ impl AgentServer {
             .map_err(|e| AgentError::Config(e.to_string()))?;
         let listener =
             TcpListener::bind(addr).map_err(|source| AgentError::Listen { addr, source })?;
+        // Connections that arrive here may leave again later: install the
+        // lock's table now rather than in the first move's pause.
+        if let Err(e) = tcpr_engine::lock::prepare() {
+            tracing::warn!("the flow lock table could not be installed ahead: {e}");
+        }
         Ok(AgentServer {
             listener,
             shared: Arc::new(Shared {

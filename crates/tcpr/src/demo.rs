@@ -168,10 +168,22 @@ fn migrate(server: Server, from: &Host, to: &Host, rate: u64) -> Result<(Server,
     let bytes = img.encode();
     let img = ConnectionImage::decode(&bytes)?;
     let restored = to.within(|| Ok(restore(&img)?))?;
-    // Restored before the address arrives; then the address moves.
-    from.del_addr(&format!("{SERVICE}/24"))?;
-    to.add_addr(&format!("{SERVICE}/24"))?;
-    to.announce(SERVICE.parse::<IpAddr>()?)?;
+    // Restored before the address arrives; then the address moves (over
+    // rtnetlink, as `tcpr migrate --move-address` does it).
+    let ip: IpAddr = SERVICE.parse()?;
+    let held = from.within(|| {
+        let held = tcpr_engine::addr::find(ip)?;
+        tcpr_engine::addr::remove(&held)?;
+        Ok(held)
+    })?;
+    to.within(|| {
+        let ifindex = tcpr_engine::addr::interface_index(&held.ifname)?;
+        tcpr_engine::addr::add(&tcpr_engine::addr::Assigned {
+            ifindex,
+            ..held.clone()
+        })?;
+        Ok(tcpr_engine::announce(&held.ifname, ip)?)
+    })?;
     let stream = restored.resume()?;
     let pause = t0.elapsed();
     // The application carries on first; clean-up comes after.
@@ -203,6 +215,11 @@ pub fn run(migrations: u32, interval: Duration, rate: u64) -> Result<()> {
     let client = lab.host("client", &["10.77.0.1/24"])?;
     let a = lab.host("a", &["10.77.0.2/24", &format!("{SERVICE}/24")])?;
     let b = lab.host("b", &["10.77.0.3/24"])?;
+    // Each server host installs its lock table up front, as a host running
+    // `tcpr agent` does, so that no move pays for it.
+    for h in [&a, &b] {
+        h.within(|| Ok(tcpr_engine::lock::prepare()?))?;
+    }
     println!("hosts: client 10.77.0.1, host-a 10.77.0.2, host-b 10.77.0.3; service {SERVICE}:8080 on host-a");
 
     let listener = a.within(|| Ok(TcpListener::bind((SERVICE, 8080))?))?;
