@@ -221,24 +221,9 @@ pub(crate) fn commit(ns: Option<BorrowedFd<'_>>, batch: Batch) -> Result<(), NlE
 
 /// Whether the `inet` table `table` exists in the caller's namespace.
 pub(crate) fn table_exists(table: &str) -> Result<bool, NlError> {
-    let mut b = Batch {
-        buf: Vec::new(),
-        seq: 1,
-        acks: 0,
-    };
-    let msg = b.header(
-        NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETTABLE,
-        NLM_F_REQUEST | NLM_F_ACK,
-        NFPROTO_INET,
-        0,
-    );
-    put_attr(&mut b.buf, NFTA_TABLE_NAME, &nul(table));
-    b.end(msg);
-    match exchange(None, &b.buf, 1) {
-        Ok(data) => Ok(data > 0),
-        Err(NlError::Refused(libc::ENOENT)) => Ok(false),
-        Err(e) => Err(e),
-    }
+    exists(None, NFT_MSG_GETTABLE, |buf| {
+        put_attr(buf, NFTA_TABLE_NAME, &nul(table))
+    })
 }
 
 /// Whether `flow`'s element is in `table`'s set `set` and not expired.
@@ -248,27 +233,38 @@ pub(crate) fn element_present(
     set: &str,
     flow: &Flow,
 ) -> Result<bool, NlError> {
-    // A GET is not a batch message: it goes alone.
+    exists(ns, NFT_MSG_GETSETELEM, |buf| {
+        put_attr(buf, NFTA_SET_ELEM_LIST_TABLE, &nul(table));
+        put_attr(buf, NFTA_SET_ELEM_LIST_SET, &nul(set));
+        let list = begin_nest(buf, NFTA_SET_ELEM_LIST_ELEMENTS);
+        let el = begin_nest(buf, NFTA_LIST_ELEM);
+        let k = begin_nest(buf, NFTA_SET_ELEM_KEY);
+        put_attr(buf, NFTA_DATA_VALUE, &key(flow));
+        end_nest(buf, k);
+        end_nest(buf, el);
+        end_nest(buf, list);
+    })
+}
+
+/// Sends one GET message of type `ty` (attributes written by `attrs`) on
+/// its own (a GET is not a batch message): whether the object exists.
+fn exists(
+    ns: Option<BorrowedFd<'_>>,
+    ty: u16,
+    attrs: impl FnOnce(&mut Vec<u8>),
+) -> Result<bool, NlError> {
     let mut b = Batch {
         buf: Vec::new(),
         seq: 1,
         acks: 0,
     };
     let msg = b.header(
-        NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETSETELEM,
+        NFNL_SUBSYS_NFTABLES << 8 | ty,
         NLM_F_REQUEST | NLM_F_ACK,
         NFPROTO_INET,
         0,
     );
-    put_attr(&mut b.buf, NFTA_SET_ELEM_LIST_TABLE, &nul(table));
-    put_attr(&mut b.buf, NFTA_SET_ELEM_LIST_SET, &nul(set));
-    let list = begin_nest(&mut b.buf, NFTA_SET_ELEM_LIST_ELEMENTS);
-    let el = begin_nest(&mut b.buf, NFTA_LIST_ELEM);
-    let k = begin_nest(&mut b.buf, NFTA_SET_ELEM_KEY);
-    put_attr(&mut b.buf, NFTA_DATA_VALUE, &key(flow));
-    end_nest(&mut b.buf, k);
-    end_nest(&mut b.buf, el);
-    end_nest(&mut b.buf, list);
+    attrs(&mut b.buf);
     b.end(msg);
     match exchange(ns, &b.buf, 1) {
         Ok(data) => Ok(data > 0),
