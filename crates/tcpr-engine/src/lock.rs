@@ -223,8 +223,20 @@ impl FlowLock {
         release_flows(&self.ns, &self.flows)
     }
 
-    /// Releases many locks with one `nft` transaction per namespace.
+    /// Releases many locks with one transaction per namespace; the flows'
+    /// packets pass again when this returns.
     pub fn release_many(locks: Vec<FlowLock>) -> Result<(), Error> {
+        Self::release_grouped(locks, Effect::OnReturn)
+    }
+
+    /// Releases many locks that no longer matter promptly (their flows
+    /// moved away): the elements expire within a few milliseconds after
+    /// this returns, without waiting for it.
+    pub fn release_moved(locks: Vec<FlowLock>) -> Result<(), Error> {
+        Self::release_grouped(locks, Effect::Soon)
+    }
+
+    fn release_grouped(locks: Vec<FlowLock>, effect: Effect) -> Result<(), Error> {
         // (namespace identity, namespace, flows)
         type Group = (Option<(u64, u64)>, Netns, Vec<Flow>);
         let mut groups: Vec<Group> = Vec::new();
@@ -237,7 +249,7 @@ impl FlowLock {
             }
         }
         for (_, ns, flows) in groups {
-            release_flows(&ns, &flows)?;
+            release(&ns, &flows, effect)?;
         }
         Ok(())
     }
@@ -269,8 +281,22 @@ impl Drop for FlowLock {
     }
 }
 
-/// Removes `flows` from the lock sets of `ns`, present or not.
+/// When a release must have taken effect.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Effect {
+    /// When the call returns (a thawed flow must pass at once).
+    OnReturn,
+    /// Within a few milliseconds (the flow moved away).
+    Soon,
+}
+
+/// Removes `flows` from the lock sets of `ns`, present or not; their
+/// packets pass when this returns.
 pub fn release_flows(ns: &Netns, flows: &[Flow]) -> Result<(), Error> {
+    release(ns, flows, Effect::OnReturn)
+}
+
+fn release(ns: &Netns, flows: &[Flow], effect: Effect) -> Result<(), Error> {
     if flows.is_empty() {
         return Ok(());
     }
@@ -292,11 +318,11 @@ pub fn release_flows(ns: &Netns, flows: &[Flow]) -> Result<(), Error> {
             f.element()
         );
     }
-    // Fast path: expire the elements in place (in 1 ms), which commits at
-    // once; a delete would wait for an RCU grace period. Kernels before 6.10 do
-    // not update an existing element's expiry: the first release in a
-    // process checks, and if the element is still there every release
-    // deletes instead.
+    // Fast path: expire the elements in place (in 1 ms, rounded up to the
+    // next jiffies), which commits at once; a delete would wait for an RCU
+    // grace period (10-30 ms). Kernels before 6.10 do not update an
+    // existing element's expiry: the first release in a process watches
+    // the element go, and if it stays every release deletes instead.
     static EXPIRY_UPDATES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if EXPIRY_UPDATES.get() != Some(&false) {
         let mut batch = Batch::new();
@@ -306,16 +332,40 @@ pub fn release_flows(ns: &Netns, flows: &[Flow]) -> Result<(), Error> {
         match fast(ns, batch) {
             Err(e @ Error::Permission(_)) => return Err(e),
             Err(_) => {}
-            Ok(()) if EXPIRY_UPDATES.get().is_some() => return Ok(()),
+            Ok(()) if effect == Effect::Soon && EXPIRY_UPDATES.get() == Some(&true) => {
+                return Ok(())
+            }
             Ok(()) => {
-                // Past the 1 ms expiry.
-                std::thread::sleep(Duration::from_millis(3));
+                // All expire at the same jiffy: watch the first one go.
                 let f = &flows[0];
                 let nsfd = ns.fd.as_ref().map(|f| f.as_fd());
-                let stays = crate::nfnl::element_present(nsfd, TABLE, f.set(), f).unwrap_or(true);
-                let _ = EXPIRY_UPDATES.set(!stays);
-                if !stays {
-                    return Ok(());
+                let deadline = std::time::Instant::now() + Duration::from_millis(100);
+                loop {
+                    match crate::nfnl::element_present(nsfd, TABLE, f.set(), f) {
+                        Ok(false) => {
+                            let _ = EXPIRY_UPDATES.set(true);
+                            return Ok(());
+                        }
+                        Ok(true) if std::time::Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_micros(500));
+                        }
+                        Ok(true) => {
+                            if EXPIRY_UPDATES.set(false).is_ok() {
+                                tracing::warn!(
+                                    "this kernel does not update a lock element's expiry \
+                                     (Linux 6.10+ does): releases delete elements, which \
+                                     waits for an RCU grace period"
+                                );
+                            }
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(
+                                "cannot check a released lock element ({e:?}); deleting it"
+                            );
+                            break;
+                        }
+                    }
                 }
             }
         }

@@ -1,7 +1,7 @@
 //! The flow lock on the real kernel, each test in a network namespace of
 //! its own thread: elements added over netlink must be the ones `nft`
 //! itself would write (checked against its own listing), must drop the
-//! flow's packets, and must go away on release.
+//! flow's packets, and must be gone when a release returns.
 mod common;
 use common::*;
 use std::io::{Read, Write};
@@ -56,7 +56,6 @@ fn netlink_elements_match_what_nft_lists() {
             "{l6}"
         );
         lock.release().unwrap();
-        std::thread::sleep(Duration::from_millis(5));
         assert_eq!(locked_flow_count().unwrap(), 1);
         // Locked again at once after a release (as a retried move does):
         // the element is renewed, not left to its 1 ms expiry.
@@ -64,12 +63,10 @@ fn netlink_elements_match_what_nft_lists() {
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(locked_flow_count().unwrap(), 2, "{}", nft_list("flows4"));
         again.release().unwrap();
-        std::thread::sleep(Duration::from_millis(5));
         assert_eq!(locked_flow_count().unwrap(), 1);
         assert!(!nft_list("flows4").contains("198.51.100.7"));
         assert!(!nft_list("flows6").contains("2001:db8:ffff::7"));
         first.release().unwrap();
-        std::thread::sleep(Duration::from_millis(5));
         assert_eq!(locked_flow_count().unwrap(), 0);
         // Releasing what is no longer locked is not an error.
         tcpr_engine::lock::release_flows(&Netns::current(), &[v4, v6]).unwrap();
@@ -128,5 +125,28 @@ fn prepare_installs_the_table_once() {
         tcpr_engine::lock::prepare().unwrap();
         assert_eq!(locked_flow_count().unwrap(), 1);
         lock.release().unwrap();
+    });
+}
+
+#[test]
+fn moved_release_expires_within_milliseconds() {
+    in_private_netns(|| {
+        tcpr_engine::lock::prepare().unwrap();
+        let f = flow("10.3.3.1:80", "10.3.3.2:6000");
+        // The first release in a process learns whether expiry updates work.
+        FlowLock::acquire(&[f], Netns::current(), Duration::from_secs(60))
+            .unwrap()
+            .release()
+            .unwrap();
+        let lock = FlowLock::acquire(&[f], Netns::current(), Duration::from_secs(60)).unwrap();
+        FlowLock::release_moved(vec![lock]).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_millis(200);
+        while locked_flow_count().unwrap() != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the element never expired"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
     });
 }

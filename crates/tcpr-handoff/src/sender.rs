@@ -216,7 +216,7 @@ pub fn migrate(
     let release = !matches!(opts.switch, Switch::Nothing);
     let locks = std::mem::take(&mut d.locks);
     if release {
-        FlowLock::release_many(locks)?;
+        FlowLock::release_moved(locks)?;
     } else {
         locks.into_iter().for_each(FlowLock::keep);
     }

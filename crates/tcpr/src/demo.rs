@@ -192,7 +192,7 @@ fn migrate(server: Server, from: &Host, to: &Host, rate: u64) -> Result<(Server,
     // The address has left `from`: a late packet there is no longer local
     // and cannot draw a RST, so the lock can go.
     if let Some(lock) = frozen.discard()? {
-        lock.release()?;
+        tcpr_engine::FlowLock::release_moved(vec![lock])?;
     }
     Ok((server, pause, bytes.len()))
 }
