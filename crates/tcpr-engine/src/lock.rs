@@ -182,15 +182,6 @@ impl FlowLock {
     /// passes.
     pub fn acquire(flows: &[Flow], ns: Netns, lease: Duration) -> Result<FlowLock, Error> {
         let secs = lease.as_secs().max(1);
-        let mut elements = String::new();
-        for f in flows {
-            let _ = writeln!(
-                elements,
-                "add element inet {TABLE} {} {{ {} timeout {secs}s }}",
-                f.set(),
-                f.element()
-            );
-        }
         // Fast path: the table is there, only elements change (no rule
         // churn, whose commit waits for an RCU grace period), over netlink.
         // Otherwise install the table, then add the elements, with `nft`.
@@ -202,7 +193,7 @@ impl FlowLock {
             if matches!(first, Error::Permission(_)) {
                 return Err(first);
             }
-            nft(&ns, &(ruleset() + &elements))?;
+            nft(&ns, &(ruleset() + &script(flows, secs, false)))?;
         }
         tracing::debug!(flows = flows.len(), lease_secs = secs, "flows locked");
         Ok(FlowLock {
@@ -300,24 +291,6 @@ fn release(ns: &Netns, flows: &[Flow], effect: Effect) -> Result<(), Error> {
     if flows.is_empty() {
         return Ok(());
     }
-    // `add` then `delete` in one transaction: deleting an absent element
-    // would fail the whole batch, and the element may have expired. No
-    // table at all means nothing is locked.
-    let mut script = String::new();
-    for f in flows {
-        let _ = writeln!(
-            script,
-            "add element inet {TABLE} {} {{ {} timeout 1s }}",
-            f.set(),
-            f.element()
-        );
-        let _ = writeln!(
-            script,
-            "delete element inet {TABLE} {} {{ {} }}",
-            f.set(),
-            f.element()
-        );
-    }
     // Fast path: expire the elements in place (in 1 ms, rounded up to the
     // next jiffies), which commits at once; a delete would wait for an RCU
     // grace period (10-30 ms). Kernels before 6.10 do not update an
@@ -370,6 +343,8 @@ fn release(ns: &Netns, flows: &[Flow], effect: Effect) -> Result<(), Error> {
             }
         }
     }
+    // `add` then `delete` in one transaction: deleting an absent element
+    // would fail the whole batch, and the element may have expired.
     let mut batch = Batch::new();
     for (set, group) in by_set(flows) {
         batch.elements(TABLE, set, &group, Op::Add(1000));
@@ -378,9 +353,27 @@ fn release(ns: &Netns, flows: &[Flow], effect: Effect) -> Result<(), Error> {
     match fast(ns, batch) {
         Err(e @ Error::Permission(_)) => Err(e),
         // No table yet: install it, which makes the batch valid.
-        Err(_) => nft(ns, &(ruleset() + &script)),
+        Err(_) => nft(ns, &(ruleset() + &script(flows, 1, true))),
         Ok(()) => Ok(()),
     }
+}
+
+/// The `nft` script that adds `flows` with a timeout of `secs` (and, with
+/// `delete`, deletes them again in the same transaction): the slow path,
+/// when the table must be installed first.
+fn script(flows: &[Flow], secs: u64, delete: bool) -> String {
+    let mut out = String::new();
+    for f in flows {
+        let (set, el) = (f.set(), f.element());
+        let _ = writeln!(
+            out,
+            "add element inet {TABLE} {set} {{ {el} timeout {secs}s }}"
+        );
+        if delete {
+            let _ = writeln!(out, "delete element inet {TABLE} {set} {{ {el} }}");
+        }
+    }
+    out
 }
 
 /// The flows of each lock set.

@@ -57,13 +57,18 @@ impl Buf {
         }
     }
 
-    /// Sets the buffer to at least `want` bytes (`want` as `setsockopt`
-    /// takes it: the kernel doubles it for its own overhead). The buffer
-    /// never shrinks below what it is.
+    /// The buffer's size as `setsockopt` takes it (the kernel doubles it
+    /// for its own overhead, and `getsockopt` shows the doubled value).
+    fn current(self, fd: BorrowedFd<'_>) -> usize {
+        let (_, get) = self.options();
+        sys::get_int(fd, libc::SOL_SOCKET, get).unwrap_or(0).max(0) as usize / 2
+    }
+
+    /// Sets the buffer to at least `want` bytes (as `setsockopt` takes
+    /// it). The buffer never shrinks below what it is.
     fn ensure(self, fd: BorrowedFd<'_>, want: usize) {
-        let (force, get) = self.options();
-        let cur = sys::get_int(fd, libc::SOL_SOCKET, get).unwrap_or(0).max(0) as usize / 2;
-        if want > cur {
+        let (force, _) = self.options();
+        if want > self.current(fd) {
             let v = want.min(i32::MAX as usize / 2) as i32;
             // Best effort: a refusal shows up as EAGAIN/ENOMEM in `fill`.
             let _ = sys::set_int(fd, libc::SOL_SOCKET, force, v);
@@ -98,9 +103,7 @@ fn fill(fd: BorrowedFd<'_>, data: &[u8], buf: Buf, what: &'static str) -> Result
             {
                 stalls += 1;
                 chunk = (chunk / 2).max(1024);
-                let (_, get) = buf.options();
-                let cur = sys::get_int(fd, libc::SOL_SOCKET, get).unwrap_or(0).max(0) as usize;
-                buf.ensure(fd, cur.max(64 * 1024) * 2);
+                buf.ensure(fd, buf.current(fd).max(64 * 1024) * 2);
             }
             Err(e) => return Err(Error::kernel(what, e)),
         }
