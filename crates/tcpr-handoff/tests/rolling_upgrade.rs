@@ -41,6 +41,18 @@ if len(sys.argv) > 2:
 print("after ok", flush=True)
 "#;
 
+/// SIGTERM to the serving instance; it reports all five clients handed off.
+fn sigterm_hands_off_all(server: &std::process::Child, out: &mut impl BufRead) {
+    assert!(Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "handed off 5 of 5 clients");
+}
+
 #[test]
 fn clients_survive_the_upgrade_with_their_state() {
     let bin = example_bin();
@@ -107,14 +119,7 @@ fn clients_survive_the_upgrade_with_their_state() {
     cout.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "before");
 
-    assert!(Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-    line.clear();
-    sout.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "handed off 5 of 5 clients");
+    sigterm_hands_off_all(&server, &mut sout);
     let st = server.wait().unwrap();
     assert!(
         st.success(),
@@ -200,14 +205,7 @@ fn same_host_upgrade_passes_the_sockets() {
     rout.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "receiving locally");
 
-    assert!(Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-    line.clear();
-    sout.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "handed off 5 of 5 clients");
+    sigterm_hands_off_all(&server, &mut sout);
     assert!(server.wait().unwrap().success());
     let mut took = 0;
     while took < 5 {

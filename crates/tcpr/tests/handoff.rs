@@ -143,6 +143,19 @@ fn assert_migrated(out: &std::process::Output, summary: &str) {
     assert!(last_line(out).starts_with(summary), "{}", last_line(out));
 }
 
+/// `tcpr migrate` moved nothing: exit status 2, the one connection rolled
+/// back, and `why` in what it printed on stderr.
+fn assert_rolled_back(out: &std::process::Output, why: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        last_line(out).starts_with("moved 0, rolled back 1"),
+        "{}",
+        last_line(out)
+    );
+    assert!(stderr.contains(why), "{stderr}");
+}
+
 fn last_line(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -426,41 +439,15 @@ fn unauthenticated_and_disallowed_are_refused() {
         .args(["--pid", &echo.pid().to_string(), "--move-address"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        last_line(&out).starts_with("moved 0, rolled back 1"),
-        "{}",
-        last_line(&out)
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("cannot reach the agent"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_rolled_back(&out, "cannot reach the agent");
     assert_eq!(locked(&net.a), 0);
     let wrong = net.dir.join("wrong");
     std::fs::write(&wrong, "not the secret the agent holds\n").unwrap();
     let out = net.migrate_cmd(echo.pid(), &wrong).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        last_line(&out).starts_with("moved 0, rolled back 1"),
-        "{}",
-        last_line(&out)
-    );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("rolled back"));
+    assert_rolled_back(&out, "rolled back");
 
     let out = net.migrate_cmd(echo.pid(), &net.key).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        last_line(&out).starts_with("moved 0, rolled back 1"),
-        "{}",
-        last_line(&out)
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("allowlist"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_rolled_back(&out, "allowlist");
     assert!(net.has_svc(&net.a));
     assert_eq!(locked(&net.a), 0);
     echo.send("resume");
@@ -547,17 +534,7 @@ fn mutual_tls_moves_and_refuses_strangers() {
             .unwrap()
     };
     let out = migrate(&other_cert, &other_key);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        last_line(&out).starts_with("moved 0, rolled back 1"),
-        "{}",
-        last_line(&out)
-    );
+    assert_rolled_back(&out, "rolled back");
     assert!(net.has_svc(&net.a));
     let out = migrate(&sender_cert, &sender_key);
     assert_migrated(&out, "moved 1, rolled back 0, unknown 0");
