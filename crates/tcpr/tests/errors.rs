@@ -13,6 +13,15 @@ fn write(dir: &std::path::Path, name: &str, bytes: &[u8]) -> String {
     p.to_string_lossy().into_owned()
 }
 
+/// `setpriv` arguments: nobody, with no capabilities at all.
+const UNPRIVILEGED: [&str; 5] = [
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "--inh-caps=-all",
+    "--bounding-set=-all",
+];
+
 #[test]
 fn bad_image_files() {
     let dir = tmpdir("badimg");
@@ -198,14 +207,7 @@ fn restore_onto_a_tuple_in_use_and_without_privilege() {
     std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o644)).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut cmd = c.server.cmd("setpriv");
-    cmd.args([
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--inh-caps=-all",
-        "--bounding-set=-all",
-    ])
-    .args([
+    cmd.args(UNPRIVILEGED).args([
         tcpr_bin(),
         "restore",
         public.to_str().unwrap(),
@@ -215,14 +217,7 @@ fn restore_onto_a_tuple_in_use_and_without_privilege() {
     let out = cmd.output().unwrap();
     assert_clean_failure(&out, "CAP_NET_ADMIN");
     let mut cmd = Command::new("setpriv");
-    cmd.args([
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--inh-caps=-all",
-        "--bounding-set=-all",
-    ])
-    .args([
+    cmd.args(UNPRIVILEGED).args([
         tcpr_bin(),
         "dump",
         "--pid",
