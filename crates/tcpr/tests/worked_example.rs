@@ -1,0 +1,370 @@
+//! The README's worked example, run for real: curl downloads a 64 MiB file
+//! over HTTP/1.1 from `examples/resumable-download/server.py` on host a
+//! through the service address; mid-download the server is paused, its
+//! connection dumped with the server's state as the blob, and restored on
+//! host b under a new server process, while the address moves. curl must
+//! save the whole file, unchanged. The same move handed to `cat` (the
+//! connection without the application's state) must leave the download
+//! stuck after exactly the bytes the old server had written.
+
+mod common;
+use common::*;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+use tcpr_netlab::{Host, Lab};
+
+/// The size of the downloaded file.
+const FILE_LEN: usize = 64 << 20;
+/// Seed of the file's pseudo-random contents.
+const FILE_SEED: u64 = 0x7c9e_2024_d0d0_0001;
+/// curl's read rate: the whole file takes about 8 s, so the move lands
+/// mid-download, and the server outpaces curl, so its send queue holds
+/// bytes when it pauses.
+const CURL_RATE: &str = "8M";
+/// The client's largest receive buffer (`tcp_rmem` max): small, so its
+/// window fills and the server's bytes wait in the server's send queue.
+const CLIENT_RMEM: &str = "net.ipv4.tcp_rmem=4096 65536 262144";
+/// How much curl must have saved before the server is asked to pause.
+const PAUSE_AFTER: u64 = 4 << 20;
+/// curl gives up when it receives nothing for this long (`--speed-time`):
+/// the bounded wait that tells a stalled download from a slow one.
+const CURL_STALL_SECS: &str = "5";
+/// An upper bound on any one wait of these tests.
+const WAIT: Duration = Duration::from_secs(120);
+/// curl's exit status when `--speed-time` ran out.
+const CURL_OPERATION_TIMEDOUT: i32 = 28;
+const PORT: u16 = 8080;
+
+fn example_server() -> String {
+    format!(
+        "{}/../../examples/resumable-download/server.py",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// The file's bytes: splitmix64 output from `FILE_SEED`, so every run
+/// serves the same file without keeping 64 MiB in the repository.
+fn file_contents() -> Vec<u8> {
+    let mut state = FILE_SEED;
+    let mut out = Vec::with_capacity(FILE_LEN);
+    while out.len() < FILE_LEN {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out
+}
+
+/// Client c, server host a (which holds the service address), target host b.
+struct World {
+    _lab: Lab,
+    c: Host,
+    a: Host,
+    b: Host,
+    svc: String,
+    dir: PathBuf,
+    www: PathBuf,
+    state_dir: PathBuf,
+    saved: PathBuf,
+    image: PathBuf,
+    file: Vec<u8>,
+}
+
+impl World {
+    fn new(tag: &str, subnet: u8) -> World {
+        let dir = tmpdir(tag);
+        let (www, state_dir) = (dir.join("www"), dir.join("state"));
+        std::fs::create_dir_all(&www).unwrap();
+        std::fs::create_dir_all(&state_dir).unwrap();
+        let file = file_contents();
+        std::fs::write(www.join("big.bin"), &file).unwrap();
+        let mut lab = Lab::new(tag).unwrap();
+        let svc = format!("10.{subnet}.0.100");
+        let c = lab.host("c", &[&format!("10.{subnet}.0.1/24")]).unwrap();
+        let a = lab
+            .host("a", &[&format!("10.{subnet}.0.2/24"), &format!("{svc}/24")])
+            .unwrap();
+        let b = lab.host("b", &[&format!("10.{subnet}.0.3/24")]).unwrap();
+        let out = c.cmd("sysctl").args(["-qw", CLIENT_RMEM]).output().unwrap();
+        assert!(out.status.success(), "sysctl: {out:?}");
+        World {
+            _lab: lab,
+            c,
+            a,
+            b,
+            svc,
+            saved: dir.join("saved.bin"),
+            image: dir.join("conn.img"),
+            dir,
+            www,
+            state_dir,
+            file,
+        }
+    }
+
+    fn server_args(&self) -> Vec<String> {
+        vec![
+            "--root".into(),
+            self.www.to_str().unwrap().into(),
+            "--state-dir".into(),
+            self.state_dir.to_str().unwrap().into(),
+        ]
+    }
+
+    /// The example server listening on the service address on host a.
+    fn start_server(&self) -> Proc {
+        let mut cmd = self.a.cmd("python3");
+        cmd.arg(example_server())
+            .args(["--listen", &self.svc, "--port", &PORT.to_string()])
+            .args(self.server_args());
+        let mut server = Proc::spawn(cmd, "server on a");
+        server.expect("listening", Duration::from_secs(10));
+        server
+    }
+
+    /// curl on host c downloading the file through the service address.
+    fn start_curl(&self) -> Child {
+        self.c
+            .cmd("curl")
+            .args([
+                "--silent",
+                "--show-error",
+                "--fail",
+                "--limit-rate",
+                CURL_RATE,
+                "--speed-limit",
+                "1",
+                "--speed-time",
+                CURL_STALL_SECS,
+                "--max-time",
+                &WAIT.as_secs().to_string(),
+                "--output",
+                self.saved.to_str().unwrap(),
+            ])
+            .arg(format!("http://{}:{PORT}/big.bin", self.svc))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("curl runs (scripts/setup.sh installs it)")
+    }
+
+    fn saved_len(&self) -> u64 {
+        std::fs::metadata(&self.saved).map_or(0, |m| m.len())
+    }
+
+    /// Waits until curl has saved `len` bytes.
+    fn wait_saved(&self, len: u64, curl: &mut Child) {
+        let deadline = Instant::now() + WAIT;
+        while self.saved_len() < len {
+            if let Some(st) = curl.try_wait().unwrap() {
+                panic!("curl ended ({st}) after {} bytes", self.saved_len());
+            }
+            assert!(Instant::now() < deadline, "curl saved {} bytes", self.saved_len());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the server's connection holds bytes in its send queue
+    /// (`ss` Send-Q): bytes its `send` calls accepted that curl has not
+    /// acknowledged.
+    fn wait_send_queue(&self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let seen = ss(&self.a, PORT);
+            let send_q = seen.split_whitespace().nth(1).and_then(|q| q.parse::<u64>().ok());
+            if send_q.is_some_and(|q| q > 0) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no send queue on a: {seen}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Pauses the server mid-download, dumps its connection with the
+    /// state it wrote as the blob, and ends the server. Returns the number
+    /// of body bytes the server's `send` calls had accepted.
+    fn pause_dump_and_stop(&self, mut server: Proc) -> u64 {
+        let pid = server.pid().to_string();
+        let st = Command::new("kill")
+            .args(["-USR1", &pid])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        // "paused fd FD sent N of M bytes of /big.bin state PATH"
+        let line = server.expect("paused fd", Duration::from_secs(10));
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (fd, body_sent, state) = (words[2], words[4], words[words.len() - 1]);
+        let body_sent: u64 = body_sent.parse().unwrap();
+        assert!(
+            body_sent > 0 && body_sent < FILE_LEN as u64,
+            "paused mid-download: {line}"
+        );
+        let out = tcpr(
+            Some(&self.a),
+            &[
+                "dump",
+                "--pid",
+                &pid,
+                "--fd",
+                fd,
+                "--blob",
+                state,
+                "-o",
+                self.image.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "dump: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let img = json(&tcpr(
+            None,
+            &["inspect", "--json", self.image.to_str().unwrap()],
+        ));
+        assert!(
+            img["send_queue_len"].as_u64().unwrap() > 0,
+            "bytes the server wrote and curl has not acknowledged travel in the image: {img}"
+        );
+        assert_eq!(
+            img["app_blob_len"].as_u64().unwrap(),
+            std::fs::metadata(state).unwrap().len(),
+            "the server's state travels as the blob"
+        );
+        server.kill();
+        body_sent
+    }
+
+    /// Moves the service address from a to b, once the connection is
+    /// restored on b.
+    fn move_address(&self) {
+        let cidr = format!("{}/24", self.svc);
+        self.a.del_addr(&cidr).unwrap();
+        self.b.add_addr(&cidr).unwrap();
+        let out = tcpr(Some(&self.b), &["announce", "--dev", "eth0", &self.svc]);
+        assert!(
+            out.status.success(),
+            "announce: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Waits (at most `WAIT`) for `child` to exit.
+fn wait_exit(child: &mut Child, what: &str) -> ExitStatus {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what} did not end within {WAIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_default()
+}
+
+#[test]
+fn a_download_moved_mid_transfer_completes_intact() {
+    let w = World::new("wex", 71);
+    let server = w.start_server();
+    let mut curl = w.start_curl();
+    w.wait_saved(PAUSE_AFTER, &mut curl);
+    w.wait_send_queue();
+    let body_sent = w.pause_dump_and_stop(server);
+
+    // Restore on b before the address arrives (IP_TRANSPARENT), under a new
+    // server process that carries on from the state on fd 4.
+    let mut cmd = w.b.cmd(tcpr_bin());
+    cmd.args(["restore", w.image.to_str().unwrap(), "--", "python3"])
+        .arg(example_server())
+        .arg("--resume")
+        .args(w.server_args());
+    let mut resumed = Proc::spawn(cmd, "tcpr restore on b");
+    let line = resumed.expect("resumed", Duration::from_secs(10));
+    assert!(
+        line.contains(&format!("at {body_sent} of {FILE_LEN} bytes of /big.bin")),
+        "the new server starts where the old one stopped: {line}"
+    );
+    w.move_address();
+
+    let curl_status = wait_exit(&mut curl, "curl");
+    assert!(curl_status.success(), "curl: {curl_status}");
+    let saved = read(&w.saved);
+    assert_eq!(saved.len(), FILE_LEN, "curl saved the whole file");
+    assert_eq!(sha256(&saved), sha256(&w.file), "curl saved the file unchanged");
+    // curl closed the connection: the server ends, and restore with it.
+    let restore_status = wait_exit(&mut resumed.child, "tcpr restore");
+    assert_eq!(restore_status.code(), Some(0), "the resumed server exits 0");
+}
+
+#[test]
+fn cat_without_the_application_state_stalls_the_download() {
+    let w = World::new("wcat", 72);
+    let server = w.start_server();
+    let mut curl = w.start_curl();
+    w.wait_saved(PAUSE_AFTER, &mut curl);
+    w.wait_send_queue();
+    let body_sent = w.pause_dump_and_stop(server);
+
+    // The same connection handed to `cat`: it moves, queues and all, but
+    // nothing carries on the HTTP response.
+    let mut cmd = w.b.cmd(tcpr_bin());
+    cmd.args([
+        "restore",
+        "--inetd",
+        w.image.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        "echo restored >&2; exec cat",
+    ])
+    .stderr(Stdio::piped());
+    let mut restored = cmd.spawn().unwrap();
+    let mut err = std::io::BufReader::new(restored.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+    assert_eq!(line.trim(), "restored");
+    w.move_address();
+
+    // curl gives up after CURL_STALL_SECS without a byte.
+    let curl_status = wait_exit(&mut curl, "curl");
+    assert_eq!(
+        curl_status.code(),
+        Some(CURL_OPERATION_TIMEDOUT),
+        "curl stalled and gave up: {curl_status}"
+    );
+    let saved = read(&w.saved);
+    assert_eq!(
+        saved.len() as u64,
+        body_sent,
+        "curl got every byte the old server wrote (they moved in the image) and nothing more"
+    );
+    assert!(saved.len() < FILE_LEN, "the download is incomplete");
+    assert_eq!(
+        sha256(&saved),
+        sha256(&w.file[..saved.len()]),
+        "what arrived is the start of the file, unchanged"
+    );
+    // curl closed the connection: cat reads end of file and exits.
+    let restore_status = wait_exit(&mut restored, "tcpr restore");
+    assert_eq!(restore_status.code(), Some(0), "cat exits 0");
+}
