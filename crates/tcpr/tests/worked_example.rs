@@ -28,6 +28,10 @@ const CURL_RATE: &str = "8M";
 const CLIENT_RMEM: &str = "net.ipv4.tcp_rmem=4096 65536 262144";
 /// How much curl must have saved before the server is asked to pause.
 const PAUSE_AFTER: u64 = 4 << 20;
+/// How many bytes the server's send queue must hold before the pause:
+/// curl drains them at `CURL_RATE`, so the dump, a few ms later, still
+/// finds bytes there.
+const PAUSE_SEND_QUEUE: u64 = 512 << 10;
 /// curl gives up when it receives nothing for this long (`--speed-time`):
 /// the bounded wait that tells a stalled download from a slow one.
 const CURL_STALL_SECS: &str = "5";
@@ -167,15 +171,15 @@ impl World {
         }
     }
 
-    /// Waits until the server's connection holds bytes in its send queue
-    /// (`ss` Send-Q): bytes its `send` calls accepted that curl has not
+    /// Waits until the server's connection holds `PAUSE_SEND_QUEUE` bytes in
+    /// its send queue (`ss` Send-Q): bytes its `send` calls accepted that curl has not
     /// acknowledged.
     fn wait_send_queue(&self) {
         let deadline = Instant::now() + WAIT;
         loop {
             let seen = ss(&self.a, PORT);
             let send_q = seen.split_whitespace().nth(1).and_then(|q| q.parse::<u64>().ok());
-            if send_q.is_some_and(|q| q > 0) {
+            if send_q.is_some_and(|q| q >= PAUSE_SEND_QUEUE) {
                 return;
             }
             assert!(Instant::now() < deadline, "no send queue on a: {seen}");
