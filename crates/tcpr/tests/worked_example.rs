@@ -166,7 +166,11 @@ impl World {
             if let Some(st) = curl.try_wait().unwrap() {
                 panic!("curl ended ({st}) after {} bytes", self.saved_len());
             }
-            assert!(Instant::now() < deadline, "curl saved {} bytes", self.saved_len());
+            assert!(
+                Instant::now() < deadline,
+                "curl saved {} bytes",
+                self.saved_len()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -178,7 +182,10 @@ impl World {
         let deadline = Instant::now() + WAIT;
         loop {
             let seen = ss(&self.a, PORT);
-            let send_q = seen.split_whitespace().nth(1).and_then(|q| q.parse::<u64>().ok());
+            let send_q = seen
+                .split_whitespace()
+                .nth(1)
+                .and_then(|q| q.parse::<u64>().ok());
             if send_q.is_some_and(|q| q >= PAUSE_SEND_QUEUE) {
                 return;
             }
@@ -187,35 +194,41 @@ impl World {
         }
     }
 
-    /// Pauses the server mid-download, dumps its connection with the
-    /// state it wrote as the blob, and ends the server. Returns the number
-    /// of body bytes the server's `send` calls had accepted.
-    fn pause_dump_and_stop(&self, mut server: Proc) -> u64 {
-        let pid = server.pid().to_string();
+    /// Asks the server to pause (SIGUSR1) and reads what it reports.
+    fn pause(&self, server: &mut Proc) -> Pause {
         let st = Command::new("kill")
-            .args(["-USR1", &pid])
+            .args(["-USR1", &server.pid().to_string()])
             .status()
             .unwrap();
         assert!(st.success());
         // "paused fd FD sent N of M bytes of /big.bin state PATH"
         let line = server.expect("paused fd", Duration::from_secs(10));
         let words: Vec<&str> = line.split_whitespace().collect();
-        let (fd, body_sent, state) = (words[2], words[4], words[words.len() - 1]);
-        let body_sent: u64 = body_sent.parse().unwrap();
+        let pause = Pause {
+            fd: words[2].parse().unwrap(),
+            body_sent: words[4].parse().unwrap(),
+            state: PathBuf::from(words[words.len() - 1]),
+        };
         assert!(
-            body_sent > 0 && body_sent < FILE_LEN as u64,
+            pause.body_sent > 0 && pause.body_sent < FILE_LEN as u64,
             "paused mid-download: {line}"
         );
+        pause
+    }
+
+    /// Dumps the paused server's connection with the state it wrote as
+    /// the blob, and ends the server.
+    fn dump_and_stop(&self, mut server: Proc, pause: &Pause) {
         let out = tcpr(
             Some(&self.a),
             &[
                 "dump",
                 "--pid",
-                &pid,
+                &server.pid().to_string(),
                 "--fd",
-                fd,
+                &pause.fd.to_string(),
                 "--blob",
-                state,
+                pause.state.to_str().unwrap(),
                 "-o",
                 self.image.to_str().unwrap(),
             ],
@@ -235,11 +248,24 @@ impl World {
         );
         assert_eq!(
             img["app_blob_len"].as_u64().unwrap(),
-            std::fs::metadata(state).unwrap().len(),
+            std::fs::metadata(&pause.state).unwrap().len(),
             "the server's state travels as the blob"
         );
         server.kill();
-        body_sent
+    }
+
+    /// Waits for curl to end and checks that it saved the whole file,
+    /// unchanged.
+    fn assert_download_complete(&self, curl: &mut Child) {
+        let curl_status = wait_exit(curl, "curl");
+        assert!(curl_status.success(), "curl: {curl_status}");
+        let saved = read(&self.saved);
+        assert_eq!(saved.len(), FILE_LEN, "curl saved the whole file");
+        assert_eq!(
+            sha256(&saved),
+            sha256(&self.file),
+            "curl saved the file unchanged"
+        );
     }
 
     /// Moves the service address from a to b, once the connection is
@@ -261,6 +287,21 @@ impl Drop for World {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// What the server reported when it paused.
+struct Pause {
+    /// The connection's fd in the server.
+    fd: i32,
+    /// Body bytes the server's `send` calls accepted.
+    body_sent: u64,
+    /// The state file it wrote.
+    state: PathBuf,
+}
+
+/// "at N of M bytes of /big.bin", as the resumed server reports where it starts.
+fn resumed_at(pause: &Pause) -> String {
+    format!("at {} of {FILE_LEN} bytes of /big.bin", pause.body_sent)
 }
 
 /// Waits (at most `WAIT`) for `child` to exit.
@@ -289,11 +330,12 @@ fn read(path: &Path) -> Vec<u8> {
 #[test]
 fn a_download_moved_mid_transfer_completes_intact() {
     let w = World::new("wex", 71);
-    let server = w.start_server();
+    let mut server = w.start_server();
     let mut curl = w.start_curl();
     w.wait_saved(PAUSE_AFTER, &mut curl);
     w.wait_send_queue();
-    let body_sent = w.pause_dump_and_stop(server);
+    let pause = w.pause(&mut server);
+    w.dump_and_stop(server, &pause);
 
     // Restore on b before the address arrives (IP_TRANSPARENT), under a new
     // server process that carries on from the state on fd 4.
@@ -305,16 +347,11 @@ fn a_download_moved_mid_transfer_completes_intact() {
     let mut resumed = Proc::spawn(cmd, "tcpr restore on b");
     let line = resumed.expect("resumed", Duration::from_secs(10));
     assert!(
-        line.contains(&format!("at {body_sent} of {FILE_LEN} bytes of /big.bin")),
+        line.contains(&resumed_at(&pause)),
         "the new server starts where the old one stopped: {line}"
     );
     w.move_address();
-
-    let curl_status = wait_exit(&mut curl, "curl");
-    assert!(curl_status.success(), "curl: {curl_status}");
-    let saved = read(&w.saved);
-    assert_eq!(saved.len(), FILE_LEN, "curl saved the whole file");
-    assert_eq!(sha256(&saved), sha256(&w.file), "curl saved the file unchanged");
+    w.assert_download_complete(&mut curl);
     // curl closed the connection: the server ends, and restore with it.
     let restore_status = wait_exit(&mut resumed.child, "tcpr restore");
     assert_eq!(restore_status.code(), Some(0), "the resumed server exits 0");
@@ -323,11 +360,12 @@ fn a_download_moved_mid_transfer_completes_intact() {
 #[test]
 fn cat_without_the_application_state_stalls_the_download() {
     let w = World::new("wcat", 72);
-    let server = w.start_server();
+    let mut server = w.start_server();
     let mut curl = w.start_curl();
     w.wait_saved(PAUSE_AFTER, &mut curl);
     w.wait_send_queue();
-    let body_sent = w.pause_dump_and_stop(server);
+    let pause = w.pause(&mut server);
+    w.dump_and_stop(server, &pause);
 
     // The same connection handed to `cat`: it moves, queues and all, but
     // nothing carries on the HTTP response.
@@ -359,7 +397,7 @@ fn cat_without_the_application_state_stalls_the_download() {
     let saved = read(&w.saved);
     assert_eq!(
         saved.len() as u64,
-        body_sent,
+        pause.body_sent,
         "curl got every byte the old server wrote (they moved in the image) and nothing more"
     );
     assert!(saved.len() < FILE_LEN, "the download is incomplete");
@@ -371,4 +409,62 @@ fn cat_without_the_application_state_stalls_the_download() {
     // curl closed the connection: cat reads end of file and exits.
     let restore_status = wait_exit(&mut restored, "tcpr restore");
     assert_eq!(restore_status.code(), Some(0), "cat exits 0");
+}
+
+/// The agent route: the server's connection handed off with its state by
+/// the library (`hand_off`, as a server of your own would do it), and
+/// `tcpr agent --exec` running the resumed server with the same fds and
+/// environment as `tcpr restore`.
+#[test]
+fn the_agent_runs_the_resumed_server_with_the_state() {
+    let w = World::new("wag", 73);
+    let key = w.dir.join("psk");
+    std::fs::write(&key, "a shared secret for the worked example\n").unwrap();
+    let agent_addr = "10.73.0.3:7070";
+    let resume = format!(
+        "python3 {} --resume {}",
+        example_server(),
+        w.server_args().join(" ")
+    );
+    let mut agent = w.b.cmd(tcpr_bin());
+    agent.args([
+        "agent",
+        "--listen",
+        agent_addr,
+        "--psk-file",
+        key.to_str().unwrap(),
+        "--allow",
+        &format!("{}:{PORT}", w.svc),
+        "--exec",
+        &resume,
+    ]);
+    let mut agent = Proc::spawn(agent, "agent on b");
+    agent.expect("tcpr agent listening", Duration::from_secs(10));
+
+    let mut server = w.start_server();
+    let mut curl = w.start_curl();
+    w.wait_saved(PAUSE_AFTER, &mut curl);
+    w.wait_send_queue();
+    let pause = w.pause(&mut server);
+    let state = std::fs::read(&pause.state).unwrap();
+    let stream = std::net::TcpStream::from(tcpr_engine::take_fd(server.pid(), pause.fd).unwrap());
+    let handed =
+        w.a.within(|| {
+            let auth = tcpr_handoff::Auth::psk_file(&key)?;
+            let mut opts = tcpr_handoff::MigrateOptions::new(agent_addr.parse()?, auth);
+            opts.switch = tcpr_handoff::Switch::MoveAddress;
+            Ok(tcpr_handoff::hand_off(vec![(stream, state)], &opts)?)
+        })
+        .unwrap();
+    assert!(
+        matches!(handed[..], [tcpr_handoff::HandOff::Moved]),
+        "{handed:?}"
+    );
+    server.kill();
+    let line = agent.expect("resumed", Duration::from_secs(10));
+    assert!(
+        line.contains(&resumed_at(&pause)),
+        "the new server starts where the old one stopped: {line}"
+    );
+    w.assert_download_complete(&mut curl);
 }
