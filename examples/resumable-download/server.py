@@ -147,7 +147,11 @@ class Connection:
         try:
             while True:
                 if self.response is None:
-                    self.response = respond(self.read_request_head(), self.root)
+                    head = self.read_request_head()
+                    if head is None:
+                        self.response = error_response("431 Request Header Fields Too Large")
+                    else:
+                        self.response = respond(head, self.root)
                 self.send_response()
                 if not self.response.keep_alive:
                     self.sock.shutdown(socket.SHUT_WR)
@@ -164,7 +168,7 @@ class Connection:
     def read_request_head(self):
         while b"\r\n\r\n" not in self.unread:
             if len(self.unread) > MAX_REQUEST_HEAD:
-                return b"BAD"  # answered with 400
+                return None
             self.wait(select.POLLIN)
             data = self.sock.recv(CHUNK)
             if not data:
@@ -183,8 +187,8 @@ class Connection:
             return
         fd = os.open(os.path.join(self.root, r.name), os.O_RDONLY)
         try:
-            if os.fstat(fd).st_size < r.body_len:
-                raise Closed()  # the file shrank: end the connection, never send other bytes
+            if os.fstat(fd).st_size != r.body_len:
+                raise Closed()  # the file changed: end the connection rather than send other bytes
             while r.body_sent < r.body_len:
                 self.wait(select.POLLOUT)
                 chunk = os.pread(fd, min(CHUNK, r.body_len - r.body_sent), r.body_sent)
@@ -217,8 +221,8 @@ class Connection:
         print(f"paused fd {fd} sent {sent} state {path}", flush=True)
 
 
-def park():
-    """Holds the paused sockets (untouched) until the operator ends us."""
+def park(_connections):
+    """Holds the paused connections (open, untouched) until the operator ends us."""
     while True:
         signal.pause()
 
@@ -231,7 +235,10 @@ def listen_and_serve(args, wake):
     ls.listen(64)
     ls.setblocking(False)
     print(f"listening on {args.listen} port {args.port} pid {os.getpid()}", flush=True)
-    threads = []
+    # Every connection stays referenced here, paused ones included: a
+    # socket object that is garbage-collected is closed, and closing a
+    # paused connection would send its client a FIN before tcpr takes it.
+    live = []
     p = select.poll()
     p.register(ls, select.POLLIN)
     p.register(wake, select.POLLIN)
@@ -243,15 +250,16 @@ def listen_and_serve(args, wake):
             sock, _ = ls.accept()
         except BlockingIOError:
             continue
+        live = [(t, c) for t, c in live if t.is_alive()]
         conn = Connection(sock, args.root, wake, args.state_dir)
         t = threading.Thread(target=conn.serve, daemon=True)
         t.start()
-        threads.append(t)
+        live.append((t, conn))
     # Paused: new clients wait in the backlog; each connection writes its state.
-    for t in threads:
+    for t, _ in live:
         t.join()
     print(f"paused all, pid {os.getpid()}", flush=True)
-    park()
+    park(live)
 
 
 def resume(args, wake):
@@ -263,17 +271,21 @@ def resume(args, wake):
         blob = f.read()
     if len(blob) != int(os.environ["TCPR_APP_BLOB_LEN"]):
         sys.exit("server.py: the application state is cut short")
-    state = json.loads(blob)
-    if state.get("version") != STATE_VERSION:
-        sys.exit(f"server.py: unknown state version {state.get('version')}")
-    response = Response.from_state(state["response"]) if state["response"] else None
+    try:
+        state = json.loads(blob)
+        if state.get("version") != STATE_VERSION:
+            sys.exit(f"server.py: unknown state version {state.get('version')}")
+        response = Response.from_state(state["response"]) if state["response"] else None
+        unread = base64.b64decode(state["unread"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        sys.exit(f"server.py: the application state on fd 4 is not one this server wrote: {e!r}")
     sock = socket.socket(fileno=3)
-    conn = Connection(sock, args.root, wake, args.state_dir, base64.b64decode(state["unread"]), response)
+    conn = Connection(sock, args.root, wake, args.state_dir, unread, response)
     r = response
     at = f"{r.body_sent} of {r.body_len} bytes of /{r.name}" if r and r.name else "idle"
     print(f"resumed {os.environ.get('TCPR_PEER', '')} at {at} pid {os.getpid()}", flush=True)
     if conn.serve() == "paused":
-        park()  # moved again: the next process carries on
+        park([conn])  # moved again: the next process carries on
 
 
 def main():
