@@ -5,7 +5,9 @@
 //! host b under a new server process, while the address moves. curl must
 //! save the whole file, unchanged. The same move handed to `cat` (the
 //! connection without the application's state) must leave the download
-//! stuck after exactly the bytes the old server had written.
+//! stuck after exactly the bytes the old server had written. And through
+//! `tcpr agent --exec`, with the state handed off by the library, the
+//! download completes as well.
 
 mod common;
 use common::*;
@@ -131,8 +133,9 @@ impl World {
     }
 
     /// curl on host c downloading the file through the service address.
-    fn start_curl(&self) -> Child {
-        self.c
+    fn start_curl(&self) -> Reaped {
+        let child = self
+            .c
             .cmd("curl")
             .args([
                 "--silent",
@@ -152,7 +155,8 @@ impl World {
             .arg(format!("http://{}:{PORT}/big.bin", self.svc))
             .stdin(Stdio::null())
             .spawn()
-            .expect("curl runs (scripts/setup.sh installs it)")
+            .expect("curl runs (scripts/setup.sh installs it)");
+        Reaped(child)
     }
 
     fn saved_len(&self) -> u64 {
@@ -289,6 +293,16 @@ impl Drop for World {
     }
 }
 
+/// A child process killed and reaped when the test ends, even on a panic.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// What the server reported when it paused.
 struct Pause {
     /// The connection's fd in the server.
@@ -332,7 +346,7 @@ fn a_download_moved_mid_transfer_completes_intact() {
     let w = World::new("wex", 71);
     let mut server = w.start_server();
     let mut curl = w.start_curl();
-    w.wait_saved(PAUSE_AFTER, &mut curl);
+    w.wait_saved(PAUSE_AFTER, &mut curl.0);
     w.wait_send_queue();
     let pause = w.pause(&mut server);
     w.dump_and_stop(server, &pause);
@@ -351,7 +365,7 @@ fn a_download_moved_mid_transfer_completes_intact() {
         "the new server starts where the old one stopped: {line}"
     );
     w.move_address();
-    w.assert_download_complete(&mut curl);
+    w.assert_download_complete(&mut curl.0);
     // curl closed the connection: the server ends, and restore with it.
     let restore_status = wait_exit(&mut resumed.child, "tcpr restore");
     assert_eq!(restore_status.code(), Some(0), "the resumed server exits 0");
@@ -362,7 +376,7 @@ fn cat_without_the_application_state_stalls_the_download() {
     let w = World::new("wcat", 72);
     let mut server = w.start_server();
     let mut curl = w.start_curl();
-    w.wait_saved(PAUSE_AFTER, &mut curl);
+    w.wait_saved(PAUSE_AFTER, &mut curl.0);
     w.wait_send_queue();
     let pause = w.pause(&mut server);
     w.dump_and_stop(server, &pause);
@@ -380,15 +394,15 @@ fn cat_without_the_application_state_stalls_the_download() {
         "echo restored >&2; exec cat",
     ])
     .stderr(Stdio::piped());
-    let mut restored = cmd.spawn().unwrap();
-    let mut err = std::io::BufReader::new(restored.stderr.take().unwrap());
+    let mut restored = Reaped(cmd.spawn().unwrap());
+    let mut err = std::io::BufReader::new(restored.0.stderr.take().unwrap());
     let mut line = String::new();
     std::io::BufRead::read_line(&mut err, &mut line).unwrap();
     assert_eq!(line.trim(), "restored");
     w.move_address();
 
     // curl gives up after CURL_STALL_SECS without a byte.
-    let curl_status = wait_exit(&mut curl, "curl");
+    let curl_status = wait_exit(&mut curl.0, "curl");
     assert_eq!(
         curl_status.code(),
         Some(CURL_OPERATION_TIMEDOUT),
@@ -407,7 +421,7 @@ fn cat_without_the_application_state_stalls_the_download() {
         "what arrived is the start of the file, unchanged"
     );
     // curl closed the connection: cat reads end of file and exits.
-    let restore_status = wait_exit(&mut restored, "tcpr restore");
+    let restore_status = wait_exit(&mut restored.0, "tcpr restore");
     assert_eq!(restore_status.code(), Some(0), "cat exits 0");
 }
 
@@ -443,7 +457,7 @@ fn the_agent_runs_the_resumed_server_with_the_state() {
 
     let mut server = w.start_server();
     let mut curl = w.start_curl();
-    w.wait_saved(PAUSE_AFTER, &mut curl);
+    w.wait_saved(PAUSE_AFTER, &mut curl.0);
     w.wait_send_queue();
     let pause = w.pause(&mut server);
     let state = std::fs::read(&pause.state).unwrap();
@@ -466,5 +480,5 @@ fn the_agent_runs_the_resumed_server_with_the_state() {
         line.contains(&resumed_at(&pause)),
         "the new server starts where the old one stopped: {line}"
     );
-    w.assert_download_complete(&mut curl);
+    w.assert_download_complete(&mut curl.0);
 }
