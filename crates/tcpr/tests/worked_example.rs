@@ -30,9 +30,9 @@ const CURL_RATE: &str = "8M";
 const CLIENT_RMEM: &str = "net.ipv4.tcp_rmem=4096 65536 262144";
 /// How much curl must have saved before the server is asked to pause.
 const PAUSE_AFTER: u64 = 4 << 20;
-/// How many bytes the server's send queue must hold before the pause:
-/// curl drains them at `CURL_RATE`, so the dump, a few ms later, still
-/// finds bytes there.
+/// How many bytes the server's send queue must hold before the pause, so
+/// the image carries bytes the old server wrote and curl has not yet
+/// acknowledged.
 const PAUSE_SEND_QUEUE: u64 = 512 << 10;
 /// curl gives up when it receives nothing for this long (`--speed-time`):
 /// the bounded wait that tells a stalled download from a slow one.
@@ -200,11 +200,7 @@ impl World {
 
     /// Asks the server to pause (SIGUSR1) and reads what it reports.
     fn pause(&self, server: &mut Proc) -> Pause {
-        let st = Command::new("kill")
-            .args(["-USR1", &server.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
+        signal(server.pid(), "USR1");
         // "paused fd FD sent N of M bytes of /big.bin state PATH"
         let line = server.expect("paused fd", Duration::from_secs(10));
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -293,6 +289,28 @@ impl Drop for World {
     }
 }
 
+/// Sends `sig` (a name: "STOP") to process `pid`.
+fn signal(pid: i32, sig: &str) {
+    let st = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill -{sig} {pid}");
+}
+
+/// Stops curl (SIGSTOP) until the connection has left host a: its
+/// receive buffer fills and its window closes, so the server's send queue
+/// keeps what it holds (`PAUSE_SEND_QUEUE` or more) until the dump or the
+/// handoff reads it, however long that takes on a loaded machine.
+fn hold(curl: &Reaped) {
+    signal(curl.0.id() as i32, "STOP");
+}
+
+/// Lets curl read again (SIGCONT).
+fn release(curl: &Reaped) {
+    signal(curl.0.id() as i32, "CONT");
+}
+
 /// A child process killed and reaped when the test ends, even on a panic.
 struct Reaped(Child);
 
@@ -347,9 +365,11 @@ fn a_download_moved_mid_transfer_completes_intact() {
     let mut server = w.start_server();
     let mut curl = w.start_curl();
     w.wait_saved(PAUSE_AFTER, &mut curl.0);
+    hold(&curl);
     w.wait_send_queue();
     let pause = w.pause(&mut server);
     w.dump_and_stop(server, &pause);
+    release(&curl);
 
     // Restore on b before the address arrives (IP_TRANSPARENT), under a new
     // server process that carries on from the state on fd 4.
@@ -377,9 +397,11 @@ fn cat_without_the_application_state_stalls_the_download() {
     let mut server = w.start_server();
     let mut curl = w.start_curl();
     w.wait_saved(PAUSE_AFTER, &mut curl.0);
+    hold(&curl);
     w.wait_send_queue();
     let pause = w.pause(&mut server);
     w.dump_and_stop(server, &pause);
+    release(&curl);
 
     // The same connection handed to `cat`: it moves, queues and all, but
     // nothing carries on the HTTP response.
@@ -458,6 +480,7 @@ fn the_agent_runs_the_resumed_server_with_the_state() {
     let mut server = w.start_server();
     let mut curl = w.start_curl();
     w.wait_saved(PAUSE_AFTER, &mut curl.0);
+    hold(&curl);
     w.wait_send_queue();
     let pause = w.pause(&mut server);
     let state = std::fs::read(&pause.state).unwrap();
@@ -474,6 +497,7 @@ fn the_agent_runs_the_resumed_server_with_the_state() {
         matches!(handed[..], [tcpr_handoff::HandOff::Moved]),
         "{handed:?}"
     );
+    release(&curl);
     server.kill();
     let line = agent.expect("resumed", Duration::from_secs(10));
     assert!(
