@@ -167,11 +167,13 @@ pub fn migrate(
     for (i, (f, blob)) in frozen.into_iter().zip(blobs).enumerate() {
         let id = i as ConnId;
         match f {
-            Ok(f) => match f.dump() {
-                Ok(mut img) => {
-                    img.app_blob = blob;
+            Ok(f) => match f.dump().and_then(|mut img| {
+                img.app_blob = blob;
+                Ok(img.encode()?)
+            }) {
+                Ok(image) => {
                     d.flows.insert(id, f.flow());
-                    d.images.insert(id, img.encode());
+                    d.images.insert(id, image);
                     d.frozen.insert(id, f);
                 }
                 Err(e) => {

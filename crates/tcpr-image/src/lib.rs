@@ -10,7 +10,7 @@
 //! use tcpr_image::{ConnectionImage, TcpState};
 //! let mut img = ConnectionImage::example();
 //! img.state = TcpState::CloseWait;
-//! let bytes = img.encode();
+//! let bytes = img.encode().unwrap();
 //! let back = ConnectionImage::decode(&bytes).unwrap();
 //! assert_eq!(img, back);
 //! assert!(ConnectionImage::decode(&bytes[..bytes.len() - 1]).is_err());
@@ -268,10 +268,33 @@ pub struct ConnectionImage {
 }
 
 impl ConnectionImage {
-    /// Encodes the image: envelope plus protobuf body.
-    pub fn encode(&self) -> Vec<u8> {
+    /// Encodes the image: envelope plus protobuf body. What [`decode`]
+    /// would refuse is refused here, with the same error: an image that
+    /// breaks an invariant ([`validate`]) or whose body would exceed
+    /// [`format::MAX_BODY`].
+    ///
+    /// [`decode`]: ConnectionImage::decode
+    /// [`validate`]: ConnectionImage::validate
+    pub fn encode(&self) -> Result<Vec<u8>, ImageError> {
         use prost::Message;
-        format::seal(&self.to_pb().encode_to_vec())
+        self.validate()?;
+        let mut pb = self.to_pb_without_data();
+        // The body is at least the rest plus the queues and the blob: when
+        // that is already over the limit, refuse before copying them.
+        let at_least = [
+            self.recv_queue.len(),
+            self.send_queue.sent.len(),
+            self.send_queue.unsent.len(),
+            self.app_blob.len(),
+        ]
+        .iter()
+        .fold(pb.encoded_len(), |a, &b| a.saturating_add(b));
+        format::checked_body_len(at_least)?;
+        pb.recv_queue = self.recv_queue.clone();
+        pb.send_queue_sent = self.send_queue.sent.clone();
+        pb.send_queue_unsent = self.send_queue.unsent.clone();
+        pb.app_blob = self.app_blob.clone();
+        format::seal(&pb.encode_to_vec())
     }
 
     /// Decodes exactly one image from `bytes`; trailing bytes are an error.
@@ -365,7 +388,8 @@ impl ConnectionImage {
         }
     }
 
-    fn to_pb(&self) -> pb::ConnectionImage {
+    /// The protobuf message without the queues and the blob.
+    fn to_pb_without_data(&self) -> pb::ConnectionImage {
         let s = &self.socket_options;
         pb::ConnectionImage {
             local: Some(endpoint_to_pb(self.local)),
@@ -373,9 +397,9 @@ impl ConnectionImage {
             state: state_to_pb(self.state) as i32,
             send_seq: self.send_seq.0,
             recv_seq: self.recv_seq.0,
-            recv_queue: self.recv_queue.clone(),
-            send_queue_sent: self.send_queue.sent.clone(),
-            send_queue_unsent: self.send_queue.unsent.clone(),
+            recv_queue: vec![],
+            send_queue_sent: vec![],
+            send_queue_unsent: vec![],
             options: Some(pb::TcpOptions {
                 mss: self.options.mss.into(),
                 sack: self.options.sack,
@@ -409,7 +433,7 @@ impl ConnectionImage {
                 ttl: s.ttl,
                 linger_secs: s.linger_secs,
             }),
-            app_blob: self.app_blob.clone(),
+            app_blob: vec![],
             dumped_at_unix_ns: self.dumped_at_unix_ns,
         }
     }
@@ -535,7 +559,7 @@ mod tests {
     #[test]
     fn example_round_trips() {
         let img = ConnectionImage::example();
-        assert_eq!(ConnectionImage::decode(&img.encode()).unwrap(), img);
+        assert_eq!(ConnectionImage::decode(&img.encode().unwrap()).unwrap(), img);
     }
 
     #[test]
@@ -544,18 +568,62 @@ mod tests {
         assert_eq!(Seq(1).back(2), Seq(u32::MAX));
     }
 
+    /// The bytes `encode` would write without its checks.
+    fn sealed_unchecked(img: &ConnectionImage) -> Vec<u8> {
+        use prost::Message;
+        let mut pb = img.to_pb_without_data();
+        pb.recv_queue = img.recv_queue.clone();
+        pb.send_queue_sent = img.send_queue.sent.clone();
+        pb.send_queue_unsent = img.send_queue.unsent.clone();
+        pb.app_blob = img.app_blob.clone();
+        format::seal(&pb.encode_to_vec()).unwrap()
+    }
+
     #[test]
-    fn invalid_images_are_refused_on_decode() {
+    fn invalid_images_are_refused_by_encode_and_decode_alike() {
+        let mut families = ConnectionImage::example();
+        families.peer = "[::1]:5".parse().unwrap();
+        let mut wscale = ConnectionImage::example();
+        wscale.options.rcv_wscale = 15;
+        let mut port = ConnectionImage::example();
+        port.local.set_port(0);
+        for img in [families, wscale, port] {
+            let refused = img.encode().unwrap_err();
+            assert!(matches!(refused, ImageError::Invalid(_)), "{refused}");
+            assert_eq!(ConnectionImage::decode(&sealed_unchecked(&img)), Err(refused));
+        }
+    }
+
+    #[test]
+    fn an_image_over_the_body_limit_is_refused_by_encode() {
+        // Two 1 GiB queues: each within the invariants, together (with the
+        // rest of the message) over MAX_BODY, which decode refuses. Zeroed
+        // vectors are mapped lazily, so this costs no memory.
+        let gib = 1usize << 30;
         let mut img = ConnectionImage::example();
-        img.peer = "[::1]:5".parse().unwrap();
+        img.recv_queue = vec![0; gib];
+        img.send_queue.sent = vec![0; gib];
+        img.send_queue.unsent.clear();
+        assert!(img.validate().is_ok());
+        assert!(matches!(img.encode(), Err(ImageError::TooLarge(n)) if n > u64::from(format::MAX_BODY)));
+    }
+
+    #[test]
+    fn seal_refuses_a_body_over_the_limit_and_open_agrees_on_the_limit() {
+        let over = vec![0u8; format::MAX_BODY as usize + 1];
         assert_eq!(
-            ConnectionImage::decode(&img.encode()),
-            Err(ImageError::Invalid(
-                "local and peer address families differ"
-            ))
+            format::seal(&over),
+            Err(ImageError::TooLarge(u64::from(format::MAX_BODY) + 1))
         );
-        let mut img = ConnectionImage::example();
-        img.options.rcv_wscale = 15;
-        assert!(ConnectionImage::decode(&img.encode()).is_err());
+        // Past the length field's range: refused, not truncated or a panic.
+        let huge = vec![0u8; (1usize << 32) + 1];
+        assert!(matches!(format::seal(&huge), Err(ImageError::TooLarge(_))));
+        // A header announcing one byte more than the limit is refused too.
+        let mut header = format::seal(b"").unwrap();
+        header[8..12].copy_from_slice(&(format::MAX_BODY + 1).to_be_bytes());
+        assert_eq!(
+            format::open(&header),
+            Err(ImageError::TooLarge(u64::from(format::MAX_BODY) + 1))
+        );
     }
 }

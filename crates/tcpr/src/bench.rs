@@ -139,7 +139,7 @@ fn tcpr_run(n: usize, lock: bool) -> Result<Row> {
         .collect::<Result<Vec<_>, _>>()?;
     let images: Vec<Vec<u8>> = frozen
         .iter()
-        .map(|f| f.dump().map(|i| i.encode()))
+        .map(|f| f.dump().and_then(|i| Ok(i.encode()?)))
         .collect::<Result<_, _>>()?;
     let dump = t.elapsed();
     let mut locks = vec![];

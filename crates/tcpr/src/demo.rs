@@ -165,7 +165,7 @@ fn migrate(server: Server, from: &Host, to: &Host, rate: u64) -> Result<(Server,
     let mut img = frozen.dump()?;
     img.app_blob = st.encode();
     // Through the wire format, as it would travel between hosts.
-    let bytes = img.encode();
+    let bytes = img.encode()?;
     let img = ConnectionImage::decode(&bytes)?;
     let restored = to.within(|| Ok(restore(&img)?))?;
     // Restored before the address arrives; then the address moves (over

@@ -268,7 +268,7 @@ fn dump(
     // releases the lock: nothing is left changed.
     let mut img = frozen.dump()?;
     img.app_blob = blob;
-    write_private(output, &img.encode())?;
+    write_private(output, &img.encode()?)?;
     let flow = frozen.flow();
     match leave {
         Leave::Running => {
