@@ -103,10 +103,8 @@ fn request(msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessa
         let n = sys::recv_into(fd, &mut buf).map_err(kernel("read rtnetlink"))?;
         let mut at = 0;
         while at < n {
-            let m =
-                NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[at..n]).map_err(|e| {
-                    Error::kernel("parse rtnetlink", io::Error::other(e.to_string()))
-                })?;
+            let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[at..n])
+                .map_err(|e| Error::kernel("parse rtnetlink", io::Error::other(e.to_string())))?;
             let len = m.header.length as usize;
             match m.payload {
                 NetlinkPayload::InnerMessage(i) => got.push(i),

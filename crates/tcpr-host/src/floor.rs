@@ -63,8 +63,8 @@ pub fn dump(fd: BorrowedFd<'_>) -> io::Result<FloorState> {
     let peer = sys::socket_name(fd, true).map_err(step("getpeername"))?;
     set_tcp(fd, libc::TCP_REPAIR, REPAIR_ON, "TCP_REPAIR on")?;
     let mut info = [0u8; 256];
-    let got = sys::get_bytes(fd, libc::SOL_TCP, libc::TCP_INFO, &mut info)
-        .map_err(step("TCP_INFO"))?;
+    let got =
+        sys::get_bytes(fd, libc::SOL_TCP, libc::TCP_INFO, &mut info).map_err(step("TCP_INFO"))?;
     if got < TCP_INFO_LEN {
         return Err(step("TCP_INFO")(io::Error::other("short answer")));
     }
@@ -132,7 +132,12 @@ pub fn restore(st: &FloorState) -> io::Result<OwnedFd> {
     set_tcp(fd, libc::TCP_QUEUE_SEQ, st.send_seq as i32, "TCP_QUEUE_SEQ")?;
     sys::bind(fd, st.local).map_err(step("bind"))?;
     sys::connect(fd, st.peer).map_err(step("connect"))?;
-    set_tcp(fd, libc::TCP_TIMESTAMP, st.timestamp as i32, "TCP_TIMESTAMP")?;
+    set_tcp(
+        fd,
+        libc::TCP_TIMESTAMP,
+        st.timestamp as i32,
+        "TCP_TIMESTAMP",
+    )?;
     // `struct tcp_repair_opt { u32 code; u32 val; }` pairs, native endian.
     let mut opts = Vec::with_capacity(4 * 8);
     for (code, val) in [

@@ -35,10 +35,7 @@ fn add_find_route_remove() {
                 ifindex,
                 ifname: "d0".into(),
             };
-            assert!(matches!(
-                addr::find(want.ip),
-                Err(addr::Error::NotFound(_))
-            ));
+            assert!(matches!(addr::find(want.ip), Err(addr::Error::NotFound(_))));
             addr::add(&want).unwrap();
             // Already there: not an error.
             addr::add(&want).unwrap();

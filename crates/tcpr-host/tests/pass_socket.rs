@@ -54,6 +54,9 @@ fn a_blob_sitting_on_fd_3_lands_on_fd_4_and_the_socket_on_fd_3() {
         lines.next().unwrap_or(""),
     );
     assert!(fd3.starts_with("socket:["), "fd 3 of the child: {got:?}");
-    assert_eq!(fd4, "/memfd:tcpr-app-blob (deleted)", "fd 4 of the child: {got:?}");
+    assert_eq!(
+        fd4, "/memfd:tcpr-app-blob (deleted)",
+        "fd 4 of the child: {got:?}"
+    );
     assert_eq!(rest.as_bytes(), BLOB, "the blob read from fd 4: {got:?}");
 }

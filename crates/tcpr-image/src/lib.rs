@@ -16,6 +16,8 @@
 //! assert!(ConnectionImage::decode(&bytes[..bytes.len() - 1]).is_err());
 //! ```
 #![forbid(unsafe_code)]
+// Pure: no clock (the methods are listed in .clippy.toml).
+#![deny(clippy::disallowed_methods)]
 
 pub mod format;
 mod json;
@@ -559,7 +561,10 @@ mod tests {
     #[test]
     fn example_round_trips() {
         let img = ConnectionImage::example();
-        assert_eq!(ConnectionImage::decode(&img.encode().unwrap()).unwrap(), img);
+        assert_eq!(
+            ConnectionImage::decode(&img.encode().unwrap()).unwrap(),
+            img
+        );
     }
 
     #[test]
@@ -590,7 +595,10 @@ mod tests {
         for img in [families, wscale, port] {
             let refused = img.encode().unwrap_err();
             assert!(matches!(refused, ImageError::Invalid(_)), "{refused}");
-            assert_eq!(ConnectionImage::decode(&sealed_unchecked(&img)), Err(refused));
+            assert_eq!(
+                ConnectionImage::decode(&sealed_unchecked(&img)),
+                Err(refused)
+            );
         }
     }
 
@@ -605,7 +613,9 @@ mod tests {
         img.send_queue.sent = vec![0; gib];
         img.send_queue.unsent.clear();
         assert!(img.validate().is_ok());
-        assert!(matches!(img.encode(), Err(ImageError::TooLarge(n)) if n > u64::from(format::MAX_BODY)));
+        assert!(
+            matches!(img.encode(), Err(ImageError::TooLarge(n)) if n > u64::from(format::MAX_BODY))
+        );
     }
 
     #[test]

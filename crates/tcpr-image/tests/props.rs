@@ -173,7 +173,10 @@ fn seed_corpus_decodes_without_panic() {
     for e in std::fs::read_dir(dir).unwrap() {
         let bytes = std::fs::read(e.unwrap().path()).unwrap();
         if let Ok(img) = ConnectionImage::decode(&bytes) {
-            assert_eq!(ConnectionImage::decode(&img.encode().unwrap()).unwrap(), img);
+            assert_eq!(
+                ConnectionImage::decode(&img.encode().unwrap()).unwrap(),
+                img
+            );
             valid += 1;
         }
         n += 1;

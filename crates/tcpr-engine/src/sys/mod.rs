@@ -654,4 +654,3 @@ pub(crate) fn recv_into(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize>
         .map(|n| n as usize)
         .map_err(ctx("recv"))
 }
-

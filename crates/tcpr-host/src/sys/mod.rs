@@ -630,7 +630,8 @@ pub fn recv_with_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, 
         let mut c = libc::CMSG_FIRSTHDR(&msg);
         while !c.is_null() {
             if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let count = ((*c).cmsg_len as usize).saturating_sub(cmsg_len(0)) / size_of::<RawFd>();
+                let count =
+                    ((*c).cmsg_len as usize).saturating_sub(cmsg_len(0)) / size_of::<RawFd>();
                 let data = libc::CMSG_DATA(c).cast::<RawFd>();
                 for i in 0..count {
                     fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
