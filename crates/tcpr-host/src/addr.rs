@@ -124,7 +124,8 @@ fn request(msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessa
             if len == 0 {
                 break;
             }
-            at += len;
+            // Messages of a datagram are aligned to 4 bytes (NLMSG_ALIGN).
+            at += (len + 3) & !3;
         }
     }
 }
