@@ -46,13 +46,6 @@ pub(crate) fn raw_os_error(e: &io::Error) -> Option<i32> {
     })
 }
 
-/// Takes ownership of an fd the kernel just returned.
-fn owned(fd: RawFd) -> OwnedFd {
-    // SAFETY: every caller passes a fresh fd returned by a successful
-    // syscall that creates one; nothing else owns it.
-    unsafe { OwnedFd::from_raw_fd(fd) }
-}
-
 /// Writes an `int` socket option.
 pub(crate) fn set_int(fd: BorrowedFd<'_>, level: i32, name: i32, val: i32) -> io::Result<()> {
     // SAFETY: `val` is a C int readable for `size_of::<i32>()` bytes during
@@ -140,7 +133,9 @@ pub(crate) fn peek(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
 
 /// A new socket, close-on-exec.
 pub(crate) fn socket(domain: i32, ty: i32, proto: i32) -> io::Result<OwnedFd> {
-    syscall!(socket(domain, ty | libc::SOCK_CLOEXEC, proto)).map(owned)
+    let fd = syscall!(socket(domain, ty | libc::SOCK_CLOEXEC, proto))?;
+    // SAFETY: socket(2) just returned this fd; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// A sockaddr big enough for IPv4 and IPv6, and its length.
@@ -497,10 +492,10 @@ pub fn memfd_with(name: &str, data: &[u8]) -> io::Result<OwnedFd> {
     let cname = CString::new(name)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains NUL"))?;
     // SAFETY: `cname` is a valid NUL-terminated string; returns a new fd.
-    let fd = syscall!(memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC))
-        .map(owned)
-        .map_err(named("memfd_create"))?;
-    let mut file = std::fs::File::from(fd);
+    let fd =
+        syscall!(memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC)).map_err(named("memfd_create"))?;
+    // SAFETY: memfd_create(2) just returned this fd; nothing else owns it.
+    let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
     std::io::Write::write_all(&mut file, data)?;
     std::io::Seek::rewind(&mut file)?;
     Ok(file.into())
