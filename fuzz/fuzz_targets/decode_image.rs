@@ -6,7 +6,8 @@ use tcpr_image::ConnectionImage;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok((img, _rest)) = ConnectionImage::decode_prefix(data) {
-        let again = ConnectionImage::decode(&img.encode()).expect("re-encoded image decodes");
+        let again = ConnectionImage::decode(&img.encode().expect("a decoded image re-encodes"))
+            .expect("re-encoded image decodes");
         assert_eq!(again, img);
     }
 });

@@ -1,22 +1,28 @@
 //! Listing TCP connections with sock_diag netlink (`NETLINK_SOCK_DIAG`,
 //! `SOCK_DIAG_BY_FAMILY`), and finding which process holds each one.
 //!
-//! Written by hand: the request and answer are two fixed structs, and the
-//! netlink crates that cover sock_diag pull in an async runtime.
+//! The messages come from `netlink-packet-sock-diag`, on the same
+//! `netlink-packet-core` as the rest of our netlink code (no runtime: the
+//! crates that bring one are the socket crates, `netlink-proto` and
+//! `rtnetlink`); the socket is ours, from the `sys` layer.
 
 use crate::sys;
 use crate::Error;
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+};
+use netlink_packet_sock_diag::inet::{
+    ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags,
+};
+use netlink_packet_sock_diag::SockDiagMessage;
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use tcpr_image::TcpState;
 
-const NETLINK_SOCK_DIAG: i32 = 4;
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
+const NETLINK_SOCK_DIAG: i32 = libc::NETLINK_SOCK_DIAG;
+/// One read of answers: the kernel sends up to a page per part of a dump.
+const RECV_BUFFER: usize = 64 * 1024;
 
 /// One TCP socket of the namespace.
 #[derive(Clone, Debug)]
@@ -54,52 +60,44 @@ impl SocketEntry {
     }
 }
 
+/// A dump request for every TCP socket of `family`, in every state.
 fn request(family: u8) -> Vec<u8> {
-    let mut m = Vec::with_capacity(72);
-    let len: u32 = 16 + 56;
-    m.extend_from_slice(&len.to_ne_bytes());
-    m.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    m.extend_from_slice(&1u32.to_ne_bytes()); // seq
-    m.extend_from_slice(&0u32.to_ne_bytes()); // pid
-    m.push(family);
-    m.push(libc::IPPROTO_TCP as u8);
-    m.push(0); // no extensions
-    m.push(0);
-    m.extend_from_slice(&u32::MAX.to_ne_bytes()); // all states
-    m.extend_from_slice(&[0u8; 48]); // any socket id
-    m
-}
-
-fn addr(family: u8, raw: &[u8], port: u16) -> SocketAddr {
-    let ip = if family == libc::AF_INET as u8 {
-        IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = 1;
+    let socket_id = if family == libc::AF_INET6 as u8 {
+        SocketId::new_v6()
     } else {
-        let mut b = [0u8; 16];
-        b.copy_from_slice(&raw[..16]);
-        IpAddr::V6(Ipv6Addr::from(b))
+        SocketId::new_v4()
     };
-    SocketAddr::new(ip, port)
+    let mut packet = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: libc::IPPROTO_TCP as u8,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::all(),
+            socket_id,
+        })
+        .into(),
+    );
+    packet.finalize();
+    let mut out = vec![0u8; packet.buffer_len()];
+    packet.serialize(&mut out);
+    out
 }
 
-fn parse_msg(m: &[u8]) -> Option<SocketEntry> {
-    if m.len() < 72 {
-        return None;
-    }
-    let family = m[0];
-    let state = m[1];
-    let sport = u16::from_be_bytes([m[4], m[5]]);
-    let dport = u16::from_be_bytes([m[6], m[7]]);
-    let u32at = |i: usize| u32::from_ne_bytes([m[i], m[i + 1], m[i + 2], m[i + 3]]);
-    Some(SocketEntry {
-        local: addr(family, &m[8..24], sport),
-        peer: addr(family, &m[24..40], dport),
-        state,
-        recv_queue: u32at(56),
-        send_queue: u32at(60),
-        inode: u64::from(u32at(68)),
+fn entry(r: &InetResponse) -> SocketEntry {
+    let id = &r.header.socket_id;
+    SocketEntry {
+        local: SocketAddr::new(id.source_address, id.source_port),
+        peer: SocketAddr::new(id.destination_address, id.destination_port),
+        state: r.header.state,
+        recv_queue: r.header.recv_queue,
+        send_queue: r.header.send_queue,
+        inode: u64::from(r.header.inode),
         owners: vec![],
-    })
+    }
 }
 
 fn dump_family(family: u8) -> Result<Vec<SocketEntry>, Error> {
@@ -107,33 +105,40 @@ fn dump_family(family: u8) -> Result<Vec<SocketEntry>, Error> {
         sys::netlink_socket(NETLINK_SOCK_DIAG).map_err(|e| Error::kernel("open sock_diag", e))?;
     sys::send_all(nl.as_fd(), &request(family)).map_err(|e| Error::kernel("query sock_diag", e))?;
     let mut out = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; RECV_BUFFER];
     loop {
         let n =
             sys::recv_into(nl.as_fd(), &mut buf).map_err(|e| Error::kernel("read sock_diag", e))?;
-        let mut off = 0;
-        while off + 16 <= n {
-            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
-            let ty = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
-            if len < 16 || off + len > n {
-                return Err(Error::Inconsistent("malformed sock_diag answer".into()));
-            }
-            match ty {
-                NLMSG_DONE => return Ok(out),
-                NLMSG_ERROR => {
-                    let code =
-                        i32::from_ne_bytes(buf[off + 16..off + 20].try_into().expect("4 bytes"));
-                    return Err(Error::kernel(
-                        "list sockets with sock_diag",
-                        std::io::Error::from_raw_os_error(-code),
-                    ));
-                }
-                _ => out.extend(parse_msg(&buf[off + 16..off + len])),
-            }
-            off += (len + 3) & !3;
-        }
         if n == 0 {
             return Ok(out);
+        }
+        let mut at = 0;
+        while at < n {
+            let m = NetlinkMessage::<SockDiagMessage>::deserialize(&buf[at..n])
+                .map_err(|e| Error::Inconsistent(format!("malformed sock_diag answer: {e}")))?;
+            let len = m.header.length as usize;
+            match m.payload {
+                NetlinkPayload::Done(_) => return Ok(out),
+                NetlinkPayload::Error(e) => {
+                    if let Some(code) = e.code {
+                        return Err(Error::kernel(
+                            "list sockets with sock_diag",
+                            std::io::Error::from_raw_os_error(-code.get()),
+                        ));
+                    }
+                }
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                    out.push(entry(&r));
+                }
+                _ => {}
+            }
+            if len == 0 {
+                return Err(Error::Inconsistent(
+                    "malformed sock_diag answer: empty message".into(),
+                ));
+            }
+            // Messages of a datagram are aligned to 4 bytes (NLMSG_ALIGN).
+            at += (len + 3) & !3;
         }
     }
 }

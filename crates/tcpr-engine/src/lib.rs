@@ -11,9 +11,9 @@
 //!    RST, or [`Frozen::thaw`] rolls back so it carries on where it was.
 //!
 //! All `unsafe` lives in the private `sys` module. This crate does not move
-//! addresses, steer packets or talk to other hosts.
+//! addresses, announce them, pass fds to other processes (`tcpr-host` does
+//! those), steer packets or talk to other hosts.
 
-pub mod addr;
 pub mod diag;
 mod error;
 pub mod lock;
@@ -24,11 +24,6 @@ mod sys;
 pub use error::Error;
 pub use lock::{Flow, FlowLock, Netns, DEFAULT_LEASE};
 pub use restore::{restore, Restored};
-pub use sys::floor;
-pub use sys::{
-    announce, announce_ipv4, announce_ipv6, enter_netns, memfd_with, pass_socket, raise_fd_limit,
-    recv_with_fd, send_with_fd, unshare_netns,
-};
 pub use tcpr_image::ConnectionImage;
 
 use std::net::SocketAddr;

@@ -26,7 +26,7 @@ fn round_trip(addr: &str) {
     let img = frozen.dump().unwrap();
     assert_eq!(img.recv_queue, b"hello from client");
     assert_eq!(
-        tcpr_image::ConnectionImage::decode(&img.encode()).unwrap(),
+        tcpr_image::ConnectionImage::decode(&img.encode().unwrap()).unwrap(),
         img
     );
     let lock = frozen.discard().unwrap();

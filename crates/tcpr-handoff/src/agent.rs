@@ -477,18 +477,18 @@ fn take_address(mv: &pb::AddressMove, peer: Option<SocketAddr>) -> Result<(), St
         .ok_or_else(|| format!("bad address {}", mv.cidr))?;
     let (ifindex, ifname) = if mv.dev.is_empty() {
         let peer = peer.ok_or("no connection to find the interface from")?;
-        tcpr_engine::addr::route_interface(peer.ip()).map_err(|e| e.to_string())?
+        tcpr_host::addr::route_interface(peer.ip()).map_err(|e| e.to_string())?
     } else {
-        let i = tcpr_engine::addr::interface_index(&mv.dev).map_err(|e| e.to_string())?;
+        let i = tcpr_host::addr::interface_index(&mv.dev).map_err(|e| e.to_string())?;
         (i, mv.dev.clone())
     };
-    let held = tcpr_engine::addr::Assigned {
+    let held = tcpr_host::addr::Assigned {
         ip,
         prefix_len: prefix,
         ifindex,
         ifname,
     };
-    tcpr_engine::addr::add(&held)
+    tcpr_host::addr::add(&held)
         .map_err(|e| format!("add {} on {}: {e}", held.cidr(), held.ifname))?;
-    tcpr_engine::announce(&held.ifname, ip).map_err(|e| e.to_string())
+    tcpr_host::announce(&held.ifname, ip).map_err(|e| e.to_string())
 }

@@ -65,9 +65,9 @@ pub fn spawn(
     } else {
         cmd.env("TCPR_APP_BLOB_FD", "4")
             .env("TCPR_APP_BLOB_LEN", blob.len().to_string());
-        Some(tcpr_engine::memfd_with("tcpr-app-blob", blob)?)
+        Some(tcpr_host::memfd_with("tcpr-app-blob", blob)?)
     };
-    tcpr_engine::pass_socket(cmd, sock, inetd, blob_fd.as_ref());
+    tcpr_host::pass_socket(cmd, sock, inetd, blob_fd.as_ref())?;
     cmd.spawn()
 }
 
@@ -106,7 +106,7 @@ pub fn send_unix(
     m.extend_from_slice(p.as_bytes());
     m.extend_from_slice(&(blob.len() as u32).to_be_bytes());
     m.extend_from_slice(blob);
-    tcpr_engine::send_with_fd(to.as_fd(), &m, sock.as_fd())?;
+    tcpr_host::send_with_fd(to.as_fd(), &m, sock.as_fd())?;
     // The receiver's acknowledgement: until it comes, the connection is ours.
     let mut ack = [0u8; 1];
     let mut r = to;
@@ -129,7 +129,7 @@ fn bad(what: &str) -> io::Error {
 /// Returns `Ok(None)` at end of stream.
 pub fn recv_unix(from: &mut UnixStream) -> io::Result<Option<Delivered>> {
     let mut head = [0u8; 10];
-    let (n, fd) = tcpr_engine::recv_with_fd(from.as_fd(), &mut head)?;
+    let (n, fd) = tcpr_host::recv_with_fd(from.as_fd(), &mut head)?;
     if n == 0 {
         return Ok(None);
     }

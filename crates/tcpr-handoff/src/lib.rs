@@ -15,6 +15,8 @@
 pub mod agent;
 pub mod auth;
 pub mod deliver;
+// Pure: no clock (the methods are listed in .clippy.toml).
+#[deny(clippy::disallowed_methods)]
 pub mod machine;
 pub mod sender;
 #[cfg(feature = "tokio")]

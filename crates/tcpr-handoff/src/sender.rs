@@ -117,7 +117,7 @@ struct Driver<'a> {
     frozen: BTreeMap<ConnId, Frozen>,
     images: BTreeMap<ConnId, Vec<u8>>,
     flows: BTreeMap<ConnId, Flow>,
-    moved_address: Option<tcpr_engine::addr::Assigned>,
+    moved_address: Option<tcpr_host::addr::Assigned>,
     locks: Vec<FlowLock>,
     batch: u64,
 }
@@ -167,11 +167,13 @@ pub fn migrate(
     for (i, (f, blob)) in frozen.into_iter().zip(blobs).enumerate() {
         let id = i as ConnId;
         match f {
-            Ok(f) => match f.dump() {
-                Ok(mut img) => {
-                    img.app_blob = blob;
+            Ok(f) => match f.dump().and_then(|mut img| {
+                img.app_blob = blob;
+                Ok(img.encode()?)
+            }) {
+                Ok(image) => {
                     d.flows.insert(id, f.flow());
-                    d.images.insert(id, img.encode());
+                    d.images.insert(id, image);
                     d.frozen.insert(id, f);
                 }
                 Err(e) => {
@@ -469,8 +471,8 @@ impl Driver<'_> {
                     .and_then(|id| self.flows.get(id))
                     .map(|f| f.local.ip())
                     .ok_or("nothing to switch")?;
-                let held = tcpr_engine::addr::find(ip).map_err(|e| e.to_string())?;
-                tcpr_engine::addr::remove(&held)
+                let held = tcpr_host::addr::find(ip).map_err(|e| e.to_string())?;
+                tcpr_host::addr::remove(&held)
                     .map_err(|e| format!("remove {} from {}: {e}", held.cidr(), held.ifname))?;
                 self.moved_address = Some(held);
                 Ok(())
@@ -486,9 +488,9 @@ impl Driver<'_> {
                 let Some(held) = self.moved_address.take() else {
                     return Ok(());
                 };
-                tcpr_engine::addr::add(&held)
+                tcpr_host::addr::add(&held)
                     .map_err(|e| format!("put {} back on {}: {e}", held.cidr(), held.ifname))?;
-                tcpr_engine::announce(&held.ifname, held.ip).map_err(|e| e.to_string())
+                tcpr_host::announce(&held.ifname, held.ip).map_err(|e| e.to_string())
             }
         }
     }

@@ -44,9 +44,10 @@ pub enum ImageError {
     /// Reserved header bits are set.
     #[error("reserved header field is not zero")]
     Reserved,
-    /// The announced body length is above [`MAX_BODY`].
-    #[error("image body too large ({0} bytes)")]
-    TooLarge(u32),
+    /// The body length is above [`MAX_BODY`] (announced by a header, or
+    /// of an image being encoded).
+    #[error("image body too large ({0} bytes, at most 2 GiB)")]
+    TooLarge(u64),
     /// The body does not match its checksum: the file is corrupt.
     #[error("image checksum mismatch: the image is corrupt")]
     BadChecksum,
@@ -61,9 +62,10 @@ pub enum ImageError {
     Invalid(&'static str),
 }
 
-/// Wraps a body in the envelope.
-pub fn seal(body: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(body.len()).expect("image body below 4 GiB");
+/// Wraps a body in the envelope. A body above [`MAX_BODY`] is refused, as
+/// [`open`] would refuse it.
+pub fn seal(body: &[u8]) -> Result<Vec<u8>, ImageError> {
+    let len = checked_body_len(body.len())?;
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_be_bytes());
@@ -71,7 +73,15 @@ pub fn seal(body: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(&crc32fast::hash(body).to_be_bytes());
     out.extend_from_slice(body);
-    out
+    Ok(out)
+}
+
+/// `len` as the header's length field, if it is at most [`MAX_BODY`].
+pub(crate) fn checked_body_len(len: usize) -> Result<u32, ImageError> {
+    match u32::try_from(len) {
+        Ok(l) if l <= MAX_BODY => Ok(l),
+        _ => Err(ImageError::TooLarge(len as u64)),
+    }
 }
 
 /// Checks the envelope at the front of `bytes`; returns the version, the
@@ -97,7 +107,7 @@ pub fn open(bytes: &[u8]) -> Result<(u16, &[u8], &[u8]), ImageError> {
     }
     let len = be32(8);
     if len > MAX_BODY {
-        return Err(ImageError::TooLarge(len));
+        return Err(ImageError::TooLarge(u64::from(len)));
     }
     let end = HEADER_LEN + len as usize;
     if bytes.len() < end {

@@ -63,15 +63,6 @@ fn endpoint(a: SocketAddr) -> String {
     a.to_string()
 }
 
-fn hex(b: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        let _ = write!(s, "{x:02x}");
-    }
-    s
-}
-
 /// The JSON view of `img`; with `with_data`, queue contents and the blob are
 /// included as hex.
 pub fn to_json(img: &ConnectionImage, with_data: bool) -> serde_json::Value {
@@ -105,10 +96,10 @@ pub fn to_json(img: &ConnectionImage, with_data: bool) -> serde_json::Value {
         app_blob_len: img.app_blob.len(),
         dumped_at_unix_ns: img.dumped_at_unix_ns,
         data: with_data.then(|| DataView {
-            recv_queue_hex: hex(&img.recv_queue),
-            send_queue_sent_hex: hex(&img.send_queue.sent),
-            send_queue_unsent_hex: hex(&img.send_queue.unsent),
-            app_blob_hex: hex(&img.app_blob),
+            recv_queue_hex: hex::encode(&img.recv_queue),
+            send_queue_sent_hex: hex::encode(&img.send_queue.sent),
+            send_queue_unsent_hex: hex::encode(&img.send_queue.unsent),
+            app_blob_hex: hex::encode(&img.app_blob),
         }),
     };
     serde_json::to_value(view).expect("the view serializes")

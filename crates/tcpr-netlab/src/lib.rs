@@ -92,14 +92,14 @@ impl Host {
     }
     /// Announces an address from eth0 (gratuitous ARP or unsolicited NA).
     pub fn announce(&self, addr: IpAddr) -> Result<()> {
-        self.within(|| tcpr_engine::announce("eth0", addr).map_err(Into::into))
+        self.within(|| tcpr_host::announce("eth0", addr).map_err(Into::into))
     }
     /// Runs `f` on a thread inside this host: sockets it creates live here.
     pub fn within<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
         let path = self.path();
         std::thread::scope(|s| {
             s.spawn(move || {
-                tcpr_engine::enter_netns(&path).context("enter the host's namespace")?;
+                tcpr_host::enter_netns(&path).context("enter the host's namespace")?;
                 f()
             })
             .join()

@@ -5,9 +5,10 @@
 use anyhow::{bail, Context, Result};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
-use tcpr_engine::{floor, freeze_many, restore, FreezeOptions};
+use tcpr_engine::{freeze_many, restore, FreezeOptions};
+use tcpr_host::floor;
 use tcpr_image::ConnectionImage;
 
 /// The client ends live in a child process (`tcpr bench-peer`), so that each
@@ -85,7 +86,7 @@ fn check_alive(peers: &mut Peers, restored: &mut [TcpStream]) -> Result<()> {
 
 /// `tcpr bench-peer ADDR N`: the client side of the bench.
 pub fn peer(addr: &str, n: usize) -> Result<()> {
-    tcpr_engine::raise_fd_limit(n as u64 + 64)?;
+    tcpr_host::raise_fd_limit(n as u64 + 64)?;
     let mut conns = Vec::with_capacity(n);
     for _ in 0..n {
         conns.push(TcpStream::connect(addr)?);
@@ -138,7 +139,7 @@ fn tcpr_run(n: usize, lock: bool) -> Result<Row> {
         .collect::<Result<Vec<_>, _>>()?;
     let images: Vec<Vec<u8>> = frozen
         .iter()
-        .map(|f| f.dump().map(|i| i.encode()))
+        .map(|f| f.dump().and_then(|i| Ok(i.encode()?)))
         .collect::<Result<_, _>>()?;
     let dump = t.elapsed();
     let mut locks = vec![];
@@ -163,14 +164,17 @@ fn tcpr_run(n: usize, lock: bool) -> Result<Row> {
 fn floor_run(n: usize) -> Result<Row> {
     let (mut peers, servers) = pairs(n)?;
     let t = Instant::now();
-    let states: Vec<_> = servers.iter().map(|s| floor::dump(s.as_raw_fd())).collect();
+    let states = servers
+        .iter()
+        .map(|s| floor::dump(s.as_fd()))
+        .collect::<std::io::Result<Vec<_>>>()?;
     let dump = t.elapsed();
     drop(servers);
     let t = Instant::now();
     let mut restored: Vec<TcpStream> = states
         .iter()
-        .map(|s| TcpStream::from(floor::restore(s)))
-        .collect();
+        .map(|s| floor::restore(s).map(TcpStream::from))
+        .collect::<std::io::Result<_>>()?;
     let restore_t = t.elapsed();
     check_alive(&mut peers, &mut restored)?;
     Ok(Row {
@@ -205,11 +209,11 @@ pub fn run(counts: &[usize]) -> Result<()> {
     // nftables table disappears with it.
     let counts = counts.to_vec();
     let t = std::thread::spawn(move || -> Result<()> {
-        tcpr_engine::unshare_netns()
+        tcpr_host::unshare_netns()
             .context("tcpr bench needs root (CAP_SYS_ADMIN) for a private network namespace")?;
         tcpr_netlab::run(std::process::Command::new("ip").args(["link", "set", "lo", "up"]))?;
         let need = counts.iter().copied().max().unwrap_or(1) as u64 + 1024;
-        let got = tcpr_engine::raise_fd_limit(need)?;
+        let got = tcpr_host::raise_fd_limit(need)?;
         if got < need {
             bail!("tcpr bench needs {need} open files and may have only {got} (RLIMIT_NOFILE)");
         }

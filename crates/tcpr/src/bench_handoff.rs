@@ -33,7 +33,7 @@ fn agent(host: &Host, listen: &str, auth: &Auth) -> Result<mpsc::Receiver<Delive
     let (ready_tx, ready_rx) = mpsc::channel();
     // The agent's threads inherit this thread's namespace.
     std::thread::spawn(move || {
-        let r = tcpr_engine::enter_netns(&path)
+        let r = tcpr_host::enter_netns(&path)
             .map_err(anyhow::Error::from)
             .and_then(|()| AgentServer::bind(listen, cfg).map_err(anyhow::Error::from));
         match r {
@@ -133,7 +133,7 @@ fn ms(d: Duration) -> f64 {
 /// Runs the benchmark and prints its figures.
 pub fn run(counts: &[usize], moves: usize) -> Result<()> {
     let need = counts.iter().copied().max().unwrap_or(1) as u64 + 1024;
-    let got = tcpr_engine::raise_fd_limit(need)?;
+    let got = tcpr_host::raise_fd_limit(need)?;
     if got < need {
         bail!("tcpr bench-handoff needs {need} open files and may have only {got} (RLIMIT_NOFILE)");
     }

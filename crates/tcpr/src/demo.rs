@@ -165,24 +165,24 @@ fn migrate(server: Server, from: &Host, to: &Host, rate: u64) -> Result<(Server,
     let mut img = frozen.dump()?;
     img.app_blob = st.encode();
     // Through the wire format, as it would travel between hosts.
-    let bytes = img.encode();
+    let bytes = img.encode()?;
     let img = ConnectionImage::decode(&bytes)?;
     let restored = to.within(|| Ok(restore(&img)?))?;
     // Restored before the address arrives; then the address moves (over
     // rtnetlink, as `tcpr migrate --move-address` does it).
     let ip: IpAddr = SERVICE.parse()?;
     let held = from.within(|| {
-        let held = tcpr_engine::addr::find(ip)?;
-        tcpr_engine::addr::remove(&held)?;
+        let held = tcpr_host::addr::find(ip)?;
+        tcpr_host::addr::remove(&held)?;
         Ok(held)
     })?;
     to.within(|| {
-        let ifindex = tcpr_engine::addr::interface_index(&held.ifname)?;
-        tcpr_engine::addr::add(&tcpr_engine::addr::Assigned {
+        let ifindex = tcpr_host::addr::interface_index(&held.ifname)?;
+        tcpr_host::addr::add(&tcpr_host::addr::Assigned {
             ifindex,
             ..held.clone()
         })?;
-        Ok(tcpr_engine::announce(&held.ifname, ip)?)
+        Ok(tcpr_host::announce(&held.ifname, ip)?)
     })?;
     let stream = restored.resume()?;
     let pause = t0.elapsed();

@@ -1,5 +1,8 @@
 //! `tcpr`: checkpoint, restore and move live TCP connections.
 
+// A binary: `pub` in its modules reaches nothing outside the crate.
+#![allow(unreachable_pub)]
+
 mod bench;
 mod bench_handoff;
 mod demo;
@@ -198,7 +201,7 @@ fn run(cmd: Cmd) -> Result<i32> {
         Cmd::Agent(a) => handoff::agent(a),
         Cmd::Migrate(m) => handoff::migrate(m),
         Cmd::Announce { dev, addr } => {
-            tcpr_engine::announce(&dev, addr)
+            tcpr_host::announce(&dev, addr)
                 .with_context(|| format!("cannot announce {addr} on {dev}"))?;
             Ok(0)
         }
@@ -265,7 +268,7 @@ fn dump(
     // releases the lock: nothing is left changed.
     let mut img = frozen.dump()?;
     img.app_blob = blob;
-    write_private(output, &img.encode())?;
+    write_private(output, &img.encode()?)?;
     let flow = frozen.flow();
     match leave {
         Leave::Running => {

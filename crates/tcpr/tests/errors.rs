@@ -25,7 +25,7 @@ const UNPRIVILEGED: [&str; 5] = [
 #[test]
 fn bad_image_files() {
     let dir = tmpdir("badimg");
-    let good = ConnectionImage::example().encode();
+    let good = ConnectionImage::example().encode().unwrap();
     let mut corrupt = good.clone();
     *corrupt.last_mut().unwrap() ^= 0x40;
     let mut version = good.clone();

@@ -6,8 +6,8 @@ use std::process::Command;
 
 /// Moves the calling thread into a fresh network namespace with `lo` up
 /// (TCP_REPAIR and nftables need only CAP_NET_ADMIN there).
-pub fn private_netns() {
-    tcpr_engine::unshare_netns().expect("unshare a network namespace (run as root)");
+pub(crate) fn private_netns() {
+    tcpr_host::unshare_netns().expect("unshare a network namespace (run as root)");
     let st = Command::new("ip")
         .args(["link", "set", "lo", "up"])
         .status()
@@ -16,7 +16,7 @@ pub fn private_netns() {
 }
 
 /// Runs `f` on a thread of its own in a fresh network namespace.
-pub fn in_private_netns(f: impl FnOnce() + Send + 'static) {
+pub(crate) fn in_private_netns(f: impl FnOnce() + Send + 'static) {
     std::thread::spawn(move || {
         private_netns();
         f()
@@ -26,7 +26,7 @@ pub fn in_private_netns(f: impl FnOnce() + Send + 'static) {
 }
 
 /// A connected (client, server) pair on `addr` (port 0: any).
-pub fn pair(addr: &str) -> (TcpStream, TcpStream) {
+pub(crate) fn pair(addr: &str) -> (TcpStream, TcpStream) {
     let l = TcpListener::bind(addr).unwrap();
     let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
     let (s, _) = l.accept().unwrap();

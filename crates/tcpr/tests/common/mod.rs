@@ -1,6 +1,8 @@
 //! Helpers for the CLI integration tests: child processes with line-based
 //! control, and the tcpr binary.
 #![allow(dead_code)]
+// Helpers of an integration test: `pub` here reaches only the test crate.
+#![allow(unreachable_pub)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};

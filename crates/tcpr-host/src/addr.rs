@@ -4,7 +4,7 @@
 //! processes they cost 1-2 ms each, on the path of every moved connection's
 //! pause. Messages come from `netlink-packet-route`; the socket is ours.
 
-use crate::{sys, Error};
+use crate::sys;
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
     NLM_F_REQUEST,
@@ -14,10 +14,49 @@ use netlink_packet_route::address::{
 };
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use std::io;
 use std::net::IpAddr;
 use std::os::fd::AsFd;
+use std::time::Duration;
 
-const NETLINK_ROUTE: i32 = 0;
+const NETLINK_ROUTE: i32 = libc::NETLINK_ROUTE;
+/// How long a request waits for the kernel's answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// One read of answers: the kernel fills up to a page per message of a
+/// dump; 64 KiB holds many.
+const RECV_BUFFER: usize = 64 * 1024;
+
+/// What went wrong in an address operation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The kernel refused or failed.
+    #[error("cannot {what}: {source}")]
+    Kernel {
+        /// What tcpr was doing.
+        what: &'static str,
+        /// The kernel's answer.
+        source: io::Error,
+    },
+    /// The kernel refused for want of privilege.
+    #[error("cannot {what}: operation not permitted (CAP_NET_ADMIN over the network namespace is needed)")]
+    Permission {
+        /// What tcpr was doing.
+        what: &'static str,
+    },
+    /// The address, interface or route asked for is not on this host.
+    #[error("{0}")]
+    NotFound(String),
+}
+
+impl Error {
+    fn kernel(what: &'static str, source: io::Error) -> Error {
+        if sys::raw_os_error(&source) == Some(libc::EPERM) {
+            return Error::Permission { what };
+        }
+        Error::Kernel { what, source }
+    }
+}
 
 /// An address as assigned to an interface.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,7 +78,7 @@ impl Assigned {
     }
 }
 
-fn kernel(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+fn kernel(what: &'static str) -> impl FnOnce(io::Error) -> Error {
     move |e| Error::kernel(what, e)
 }
 
@@ -55,20 +94,17 @@ fn request(msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessa
     packet.finalize();
     let mut out = vec![0u8; packet.buffer_len()];
     packet.serialize(&mut out);
-    sys::set_recv_timeout(fd, std::time::Duration::from_secs(5))
-        .map_err(kernel("set an rtnetlink timeout"))?;
+    sys::set_recv_timeout(fd, ANSWER_TIMEOUT).map_err(kernel("set an rtnetlink timeout"))?;
     sys::send_all(fd, &out).map_err(kernel("send to rtnetlink"))?;
     let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
     let mut got = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; RECV_BUFFER];
     loop {
         let n = sys::recv_into(fd, &mut buf).map_err(kernel("read rtnetlink"))?;
         let mut at = 0;
         while at < n {
-            let m =
-                NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[at..n]).map_err(|e| {
-                    Error::kernel("parse rtnetlink", std::io::Error::other(e.to_string()))
-                })?;
+            let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[at..n])
+                .map_err(|e| Error::kernel("parse rtnetlink", io::Error::other(e.to_string())))?;
             let len = m.header.length as usize;
             match m.payload {
                 NetlinkPayload::InnerMessage(i) => got.push(i),
@@ -77,7 +113,7 @@ fn request(msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessa
                     Some(code) => {
                         return Err(Error::kernel(
                             "rtnetlink request",
-                            std::io::Error::from_raw_os_error(-code.get()),
+                            io::Error::from_raw_os_error(-code.get()),
                         ))
                     }
                     None if !dump => return Ok(got),
@@ -88,7 +124,8 @@ fn request(msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessa
             if len == 0 {
                 break;
             }
-            at += len;
+            // Messages of a datagram are aligned to 4 bytes (NLMSG_ALIGN).
+            at += (len + 3) & !3;
         }
     }
 }

@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use std::net::IpAddr;
 use std::process::Command;
-use tcpr_engine::addr::{self, Assigned};
+use tcpr_host::addr::{self, Assigned};
 
 fn ip(args: &[&str]) -> String {
     let out = Command::new("ip").args(args).output().unwrap();
@@ -35,10 +35,7 @@ fn add_find_route_remove() {
                 ifindex,
                 ifname: "d0".into(),
             };
-            assert!(matches!(
-                addr::find(want.ip),
-                Err(tcpr_engine::Error::NotFound(_))
-            ));
+            assert!(matches!(addr::find(want.ip), Err(addr::Error::NotFound(_))));
             addr::add(&want).unwrap();
             // Already there: not an error.
             addr::add(&want).unwrap();

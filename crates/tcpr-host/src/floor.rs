@@ -1,0 +1,159 @@
+//! The floor for benchmarks: the dump and restore syscall sequences of an
+//! idle connection with nothing else, no image, no lock and no state
+//! checks. `tcpr bench` compares the engine against this. Every call is
+//! still checked: a failure is an error naming the step, never a panic.
+
+use crate::sys;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+/// `TCP_REPAIR` modes (linux/tcp.h).
+const REPAIR_ON: i32 = 1;
+const REPAIR_OFF: i32 = 0;
+/// `TCP_REPAIR_QUEUE` values (linux/tcp.h).
+const QUEUE_NONE: i32 = 0;
+const QUEUE_RECV: i32 = 1;
+const QUEUE_SEND: i32 = 2;
+/// `TCP_REPAIR_OPTIONS` codes (the TCP option kinds, linux/tcp.h).
+const TCPOPT_MAXSEG: u32 = 2;
+const TCPOPT_WINDOW: u32 = 3;
+const TCPOPT_SACK_PERM: u32 = 4;
+const TCPOPT_TIMESTAMP: u32 = 8;
+/// `SIOCOUTQNSD` (linux/sockios.h): unsent bytes of the send queue.
+const SIOCOUTQNSD: libc::c_ulong = 0x894B;
+/// `struct tcp_info` bytes the floor reads: byte 6 holds both window scales.
+const TCP_INFO_LEN: usize = 8;
+const TCP_INFO_WSCALE_BYTE: usize = 6;
+/// `struct tcp_repair_window`: five u32.
+const REPAIR_WINDOW_LEN: usize = 20;
+
+/// What the floor's dump reads.
+#[derive(Clone, Copy, Debug)]
+pub struct FloorState {
+    local: SocketAddr,
+    peer: SocketAddr,
+    recv_seq: u32,
+    send_seq: u32,
+    mss: i32,
+    timestamp: u32,
+    window: [u8; REPAIR_WINDOW_LEN],
+    /// `snd_wscale | rcv_wscale << 16`, as TCP_REPAIR_OPTIONS takes it.
+    wscale: u32,
+}
+
+fn step(what: &'static str) -> impl FnOnce(io::Error) -> io::Error {
+    move |e| io::Error::new(e.kind(), format!("floor: {what}: {e}"))
+}
+
+fn set_tcp(fd: BorrowedFd<'_>, name: i32, v: i32, what: &'static str) -> io::Result<()> {
+    sys::set_int(fd, libc::SOL_TCP, name, v).map_err(step(what))
+}
+
+fn get_tcp(fd: BorrowedFd<'_>, name: i32, what: &'static str) -> io::Result<i32> {
+    sys::get_int(fd, libc::SOL_TCP, name).map_err(step(what))
+}
+
+/// Dumps an idle connection with bare syscalls and disconnects it silently.
+/// On error the socket may be left in repair mode; it is the caller's.
+pub fn dump(fd: BorrowedFd<'_>) -> io::Result<FloorState> {
+    // The addresses first: they tell a TCP socket from anything else before
+    // repair mode is touched.
+    let local = sys::socket_name(fd, false).map_err(step("getsockname"))?;
+    let peer = sys::socket_name(fd, true).map_err(step("getpeername"))?;
+    set_tcp(fd, libc::TCP_REPAIR, REPAIR_ON, "TCP_REPAIR on")?;
+    let mut info = [0u8; 256];
+    let got =
+        sys::get_bytes(fd, libc::SOL_TCP, libc::TCP_INFO, &mut info).map_err(step("TCP_INFO"))?;
+    if got < TCP_INFO_LEN {
+        return Err(step("TCP_INFO")(io::Error::other("short answer")));
+    }
+    // The engine reads the three queue sizes; so does the floor.
+    for (req, what) in [
+        (libc::TIOCOUTQ, "SIOCOUTQ"),
+        (SIOCOUTQNSD, "SIOCOUTQNSD"),
+        (libc::FIONREAD, "SIOCINQ"),
+    ] {
+        sys::ioctl_int(fd, req).map_err(step(what))?;
+    }
+    let recv_seq = queue_seq(fd, QUEUE_RECV)?;
+    let send_seq = queue_seq(fd, QUEUE_SEND)?;
+    set_tcp(fd, libc::TCP_REPAIR_QUEUE, QUEUE_NONE, "TCP_REPAIR_QUEUE")?;
+    let mss = get_tcp(fd, libc::TCP_MAXSEG, "TCP_MAXSEG")?;
+    let timestamp = get_tcp(fd, libc::TCP_TIMESTAMP, "TCP_TIMESTAMP")? as u32;
+    let mut window = [0u8; REPAIR_WINDOW_LEN];
+    let got = sys::get_bytes(fd, libc::SOL_TCP, libc::TCP_REPAIR_WINDOW, &mut window)
+        .map_err(step("TCP_REPAIR_WINDOW"))?;
+    if got != REPAIR_WINDOW_LEN {
+        return Err(step("TCP_REPAIR_WINDOW")(io::Error::other("short answer")));
+    }
+    sys::disconnect(fd).map_err(step("connect(AF_UNSPEC)"))?;
+    let scales = info[TCP_INFO_WSCALE_BYTE];
+    Ok(FloorState {
+        local,
+        peer,
+        recv_seq,
+        send_seq,
+        mss,
+        timestamp,
+        window,
+        wscale: u32::from(scales & 0xf) | u32::from(scales >> 4) << 16,
+    })
+}
+
+/// Selects a repair queue, reads its sequence number and peeks at it (the
+/// engine peeks at every queue; an idle connection's are empty).
+fn queue_seq(fd: BorrowedFd<'_>, queue: i32) -> io::Result<u32> {
+    set_tcp(fd, libc::TCP_REPAIR_QUEUE, queue, "TCP_REPAIR_QUEUE")?;
+    let seq = get_tcp(fd, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ")? as u32;
+    let mut one = [0u8; 1];
+    match sys::peek(fd, &mut one) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        Err(e) => return Err(step("recv(MSG_PEEK)")(e)),
+    }
+    Ok(seq)
+}
+
+/// Restores and resumes an idle connection with bare syscalls.
+pub fn restore(st: &FloorState) -> io::Result<OwnedFd> {
+    let (family, transparent) = if st.local.is_ipv6() {
+        (libc::AF_INET6, (libc::SOL_IPV6, libc::IPV6_TRANSPARENT))
+    } else {
+        (libc::AF_INET, (libc::SOL_IP, libc::IP_TRANSPARENT))
+    };
+    let sock = sys::socket(family, libc::SOCK_STREAM, 0).map_err(step("socket"))?;
+    let fd = sock.as_fd();
+    sys::set_int(fd, transparent.0, transparent.1, 1).map_err(step("IP_TRANSPARENT"))?;
+    set_tcp(fd, libc::TCP_REPAIR, REPAIR_ON, "TCP_REPAIR on")?;
+    set_tcp(fd, libc::TCP_REPAIR_QUEUE, QUEUE_RECV, "TCP_REPAIR_QUEUE")?;
+    set_tcp(fd, libc::TCP_QUEUE_SEQ, st.recv_seq as i32, "TCP_QUEUE_SEQ")?;
+    set_tcp(fd, libc::TCP_REPAIR_QUEUE, QUEUE_SEND, "TCP_REPAIR_QUEUE")?;
+    set_tcp(fd, libc::TCP_QUEUE_SEQ, st.send_seq as i32, "TCP_QUEUE_SEQ")?;
+    sys::bind(fd, st.local).map_err(step("bind"))?;
+    sys::connect(fd, st.peer).map_err(step("connect"))?;
+    set_tcp(
+        fd,
+        libc::TCP_TIMESTAMP,
+        st.timestamp as i32,
+        "TCP_TIMESTAMP",
+    )?;
+    // `struct tcp_repair_opt { u32 code; u32 val; }` pairs, native endian.
+    let mut opts = Vec::with_capacity(4 * 8);
+    for (code, val) in [
+        (TCPOPT_MAXSEG, st.mss as u32),
+        (TCPOPT_WINDOW, st.wscale),
+        (TCPOPT_SACK_PERM, 0),
+        (TCPOPT_TIMESTAMP, 0),
+    ] {
+        opts.extend_from_slice(&code.to_ne_bytes());
+        opts.extend_from_slice(&val.to_ne_bytes());
+    }
+    sys::set_bytes(fd, libc::SOL_TCP, libc::TCP_REPAIR_OPTIONS, &opts)
+        .map_err(step("TCP_REPAIR_OPTIONS"))?;
+    set_tcp(fd, libc::TCP_REPAIR_QUEUE, QUEUE_NONE, "TCP_REPAIR_QUEUE")?;
+    sys::set_bytes(fd, libc::SOL_TCP, libc::TCP_REPAIR_WINDOW, &st.window)
+        .map_err(step("TCP_REPAIR_WINDOW"))?;
+    set_tcp(fd, libc::TCP_REPAIR, REPAIR_OFF, "TCP_REPAIR off")?;
+    Ok(sock)
+}

@@ -1,0 +1,31 @@
+//! Host networking and process plumbing around repair: what a host does
+//! before and after `tcpr-engine` moves a connection, none of it TCP
+//! repair itself.
+//!
+//! - [`addr`]: service addresses over rtnetlink (find, add, remove, the
+//!   interface towards a destination), the `ip addr` steps of an address
+//!   move;
+//! - [`announce`]: gratuitous ARP / unsolicited neighbour advertisement
+//!   after an address arrived, built by the pure [`wire`] module;
+//! - fd plumbing for delivering a connection: [`send_with_fd`] /
+//!   [`recv_with_fd`] (SCM_RIGHTS), [`memfd_with`], [`pass_socket`] (the
+//!   systemd `Accept=yes` and inetd conventions for a child process);
+//! - [`enter_netns`], [`unshare_netns`], [`raise_fd_limit`];
+//! - [`floor`]: the bare-syscall dump and restore `tcpr bench` compares
+//!   the engine against.
+//!
+//! All `unsafe` lives in the private `sys` module. This crate does not
+//! freeze, dump or restore connections (the engine does), steer packets,
+//! or talk to other hosts.
+
+pub mod addr;
+mod announce;
+pub mod floor;
+mod sys;
+pub mod wire;
+
+pub use announce::{announce, announce_ipv4, announce_ipv6};
+pub use sys::{
+    enter_netns, memfd_with, pass_socket, raise_fd_limit, recv_with_fd, send_with_fd,
+    send_with_fds, unshare_netns, SCM_MAX_FD,
+};

@@ -1,0 +1,477 @@
+//! The syscall layer of the host crate: the only module with `unsafe`
+//! (with its `fd` part: fd passing). As in the engine's, a `syscall!`
+//! helper turns `-1` into `io::Error`, every error carries the name of the
+//! call, and everything above is safe.
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+/// Calls a libc function and turns a `-1` return into the thread's errno.
+macro_rules! syscall {
+    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
+        // SAFETY: each call site documents why its arguments are valid.
+        let res = unsafe { libc::$fn($($arg),*) };
+        if res == -1 { Err(io::Error::last_os_error()) } else { Ok(res) }
+    }};
+}
+
+mod fd;
+pub use fd::{memfd_with, pass_socket, recv_with_fd, send_with_fd, send_with_fds, SCM_MAX_FD};
+
+/// Adds the name of the failing operation to an error, keeping its kind
+/// (and its raw OS error reachable through [`raw_os_error`]).
+pub(crate) fn named(what: &'static str) -> impl FnOnce(io::Error) -> io::Error {
+    move |e| io::Error::new(e.kind(), Named { what, source: e })
+}
+
+/// An `io::Error` payload naming the call that failed.
+#[derive(Debug)]
+struct Named {
+    what: &'static str,
+    source: io::Error,
+}
+impl std::fmt::Display for Named {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.what, self.source)
+    }
+}
+impl std::error::Error for Named {}
+
+/// The raw OS error of an error made by [`named`] or directly by the OS.
+pub(crate) fn raw_os_error(e: &io::Error) -> Option<i32> {
+    e.raw_os_error().or_else(|| {
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<Named>())
+            .and_then(|n| n.source.raw_os_error())
+    })
+}
+
+/// Writes an `int` socket option.
+pub(crate) fn set_int(fd: BorrowedFd<'_>, level: i32, name: i32, val: i32) -> io::Result<()> {
+    // SAFETY: `val` is a C int readable for `size_of::<i32>()` bytes during
+    // the call; the options passed here all take an int.
+    syscall!(setsockopt(
+        fd.as_raw_fd(),
+        level,
+        name,
+        (&val as *const i32).cast(),
+        size_of::<i32>() as libc::socklen_t
+    ))
+    .map(drop)
+}
+
+/// Reads an `int` socket option.
+pub(crate) fn get_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
+    let mut val: i32 = 0;
+    let mut len = size_of::<i32>() as libc::socklen_t;
+    // SAFETY: `val` is writable for `len` bytes, `len` is a valid pointer;
+    // the options read here are ints.
+    syscall!(getsockopt(
+        fd.as_raw_fd(),
+        level,
+        name,
+        (&mut val as *mut i32).cast(),
+        &mut len
+    ))?;
+    Ok(val)
+}
+
+/// Reads a socket option into a plain byte buffer; returns the length the
+/// kernel wrote.
+pub(crate) fn get_bytes(
+    fd: BorrowedFd<'_>,
+    level: i32,
+    name: i32,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: `buf` is writable for `len` bytes; the kernel writes at most
+    // that many and reports how many in `len`.
+    syscall!(getsockopt(
+        fd.as_raw_fd(),
+        level,
+        name,
+        buf.as_mut_ptr().cast(),
+        &mut len
+    ))?;
+    Ok(len as usize)
+}
+
+/// Writes a socket option from a plain byte buffer.
+pub(crate) fn set_bytes(fd: BorrowedFd<'_>, level: i32, name: i32, val: &[u8]) -> io::Result<()> {
+    // SAFETY: `val` is readable for its length during the call.
+    syscall!(setsockopt(
+        fd.as_raw_fd(),
+        level,
+        name,
+        val.as_ptr().cast(),
+        val.len() as libc::socklen_t
+    ))
+    .map(drop)
+}
+
+/// One ioctl that writes an int.
+pub(crate) fn ioctl_int(fd: BorrowedFd<'_>, req: libc::c_ulong) -> io::Result<i32> {
+    let mut v: libc::c_int = 0;
+    // SAFETY: the requests passed here (SIOCINQ, SIOCOUTQ, SIOCOUTQNSD)
+    // write one int to the pointer, which is valid and writable.
+    syscall!(ioctl(fd.as_raw_fd(), req as _, &mut v as *mut libc::c_int))?;
+    Ok(v)
+}
+
+/// `recv(buf, MSG_PEEK | MSG_DONTWAIT)`.
+pub(crate) fn peek(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is writable for its length.
+    syscall!(recv(
+        fd.as_raw_fd(),
+        buf.as_mut_ptr().cast(),
+        buf.len(),
+        libc::MSG_PEEK | libc::MSG_DONTWAIT
+    ))
+    .map(|n| n as usize)
+}
+
+/// A new socket, close-on-exec.
+pub(crate) fn socket(domain: i32, ty: i32, proto: i32) -> io::Result<OwnedFd> {
+    let fd = syscall!(socket(domain, ty | libc::SOCK_CLOEXEC, proto))?;
+    // SAFETY: socket(2) just returned this fd; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A sockaddr big enough for IPv4 and IPv6, and its length.
+fn to_sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data; all-zero is valid.
+    let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
+    let len = match a {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as _,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as _,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+fn from_sockaddr(ss: &libc::sockaddr_storage) -> io::Result<SocketAddr> {
+    match ss.ss_family as i32 {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let sin: libc::sockaddr_in =
+                unsafe { std::ptr::read((ss as *const libc::sockaddr_storage).cast()) };
+            Ok(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let sin6: libc::sockaddr_in6 =
+                unsafe { std::ptr::read((ss as *const libc::sockaddr_storage).cast()) };
+            Ok(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        f => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("not an IP socket (address family {f})"),
+        )),
+    }
+}
+
+pub(crate) fn bind(fd: BorrowedFd<'_>, a: SocketAddr) -> io::Result<()> {
+    let (ss, len) = to_sockaddr(a);
+    // SAFETY: `ss` holds a valid sockaddr of `len` bytes.
+    syscall!(bind(
+        fd.as_raw_fd(),
+        (&ss as *const libc::sockaddr_storage).cast(),
+        len
+    ))
+    .map(drop)
+}
+
+pub(crate) fn connect(fd: BorrowedFd<'_>, a: SocketAddr) -> io::Result<()> {
+    let (ss, len) = to_sockaddr(a);
+    // SAFETY: `ss` holds a valid sockaddr of `len` bytes.
+    syscall!(connect(
+        fd.as_raw_fd(),
+        (&ss as *const libc::sockaddr_storage).cast(),
+        len
+    ))
+    .map(drop)
+}
+
+/// `connect(AF_UNSPEC)`: in repair mode the kernel's `tcp_disconnect` sends
+/// neither FIN nor RST.
+pub(crate) fn disconnect(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: sockaddr is plain data; all-zero with AF_UNSPEC is valid.
+    let mut sa: libc::sockaddr = unsafe { zeroed() };
+    sa.sa_family = libc::AF_UNSPEC as _;
+    // SAFETY: `sa` is a valid sockaddr for the length passed.
+    syscall!(connect(
+        fd.as_raw_fd(),
+        &sa,
+        size_of::<libc::sockaddr>() as libc::socklen_t
+    ))
+    .map(drop)
+}
+
+/// The local (`peer == false`) or peer address of a socket.
+pub(crate) fn socket_name(fd: BorrowedFd<'_>, peer: bool) -> io::Result<SocketAddr> {
+    // SAFETY: plain data, all-zero is valid.
+    let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let p = (&mut ss as *mut libc::sockaddr_storage).cast();
+    if peer {
+        // SAFETY: `p` is writable for `len` bytes.
+        syscall!(getpeername(fd.as_raw_fd(), p, &mut len))?;
+    } else {
+        // SAFETY: `p` is writable for `len` bytes.
+        syscall!(getsockname(fd.as_raw_fd(), p, &mut len))?;
+    }
+    from_sockaddr(&ss)
+}
+
+/// A netlink socket of `proto`, close-on-exec.
+pub(crate) fn netlink_socket(proto: i32) -> io::Result<OwnedFd> {
+    socket(libc::AF_NETLINK, libc::SOCK_DGRAM, proto).map_err(named("socket(AF_NETLINK)"))
+}
+
+/// Sets `SO_RCVTIMEO`.
+pub(crate) fn set_recv_timeout(fd: BorrowedFd<'_>, t: Duration) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_usec: t.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: `tv` is a valid timeval for the duration of the call.
+    syscall!(setsockopt(
+        fd.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_RCVTIMEO,
+        (&tv as *const libc::timeval).cast(),
+        size_of::<libc::timeval>() as libc::socklen_t
+    ))
+    .map(drop)
+    .map_err(named("setsockopt SO_RCVTIMEO"))
+}
+
+/// `send` of a whole datagram.
+pub(crate) fn send_all(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<()> {
+    // SAFETY: `data` is readable for its length.
+    syscall!(send(fd.as_raw_fd(), data.as_ptr().cast(), data.len(), 0)).map_err(named("send"))?;
+    Ok(())
+}
+
+/// One `recv` into `buf`.
+pub(crate) fn recv_into(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is writable for its length.
+    syscall!(recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0))
+        .map(|n| n as usize)
+        .map_err(named("recv"))
+}
+
+/// The index of interface `name`.
+pub(crate) fn if_index(name: &str) -> io::Result<u32> {
+    let cname = CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface name contains NUL"))?;
+    // SAFETY: `cname` is a valid NUL-terminated string.
+    let i = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    if i == 0 {
+        return Err(named("if_nametoindex")(io::Error::last_os_error()));
+    }
+    Ok(i)
+}
+
+/// The name of interface `index`.
+pub(crate) fn if_name(index: u32) -> io::Result<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has IF_NAMESIZE bytes, as if_indextoname(3) requires.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return Err(named("if_indextoname")(io::Error::last_os_error()));
+    }
+    // SAFETY: on success `buf` holds a NUL-terminated name.
+    let name = unsafe { CStr::from_ptr(buf.as_ptr()) };
+    Ok(name.to_string_lossy().into_owned())
+}
+
+/// The Ethernet address of `ifname` (SIOCGIFHWADDR).
+pub(crate) fn hw_addr(ifname: &str) -> io::Result<[u8; 6]> {
+    let s = socket(libc::AF_INET, libc::SOCK_DGRAM, 0).map_err(named("socket"))?;
+    // SAFETY: plain data, all-zero is valid.
+    let mut ifr: libc::ifreq = unsafe { zeroed() };
+    for (d, b) in ifr
+        .ifr_name
+        .iter_mut()
+        .zip(ifname.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *d = b as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR reads the name from and writes the address into `ifr`.
+    syscall!(ioctl(
+        s.as_raw_fd(),
+        libc::SIOCGIFHWADDR as _,
+        &mut ifr as *mut libc::ifreq
+    ))
+    .map_err(named("SIOCGIFHWADDR"))?;
+    // SAFETY: after SIOCGIFHWADDR the union holds a sockaddr in ifru_hwaddr.
+    let hw = unsafe { ifr.ifr_ifru.ifru_hwaddr };
+    Ok(std::array::from_fn(|i| hw.sa_data[i] as u8))
+}
+
+/// Sends one link-layer frame (with its Ethernet header) out of interface
+/// `ifindex` on a packet socket of `ethertype`.
+pub(crate) fn send_link_frame(
+    ifindex: u32,
+    ethertype: u16,
+    dst_mac: [u8; 6],
+    frame: &[u8],
+) -> io::Result<()> {
+    let s = socket(
+        libc::AF_PACKET,
+        libc::SOCK_RAW,
+        i32::from(ethertype.to_be()),
+    )
+    .map_err(named("socket(AF_PACKET)"))?;
+    // SAFETY: plain data, all-zero is valid.
+    let mut ll: libc::sockaddr_ll = unsafe { zeroed() };
+    ll.sll_family = libc::AF_PACKET as u16;
+    ll.sll_protocol = ethertype.to_be();
+    ll.sll_ifindex = i32::try_from(ifindex)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface index too large"))?;
+    ll.sll_halen = dst_mac.len() as u8;
+    ll.sll_addr[..dst_mac.len()].copy_from_slice(&dst_mac);
+    // SAFETY: `frame` is readable; `ll` is a valid sockaddr_ll of the given size.
+    syscall!(sendto(
+        s.as_raw_fd(),
+        frame.as_ptr().cast(),
+        frame.len(),
+        0,
+        (&ll as *const libc::sockaddr_ll).cast(),
+        size_of::<libc::sockaddr_ll>() as libc::socklen_t
+    ))
+    .map_err(named("sendto(AF_PACKET)"))?;
+    // Closing a packet socket waits for an RCU grace period
+    // (synchronize_net in packet_release), about 10 ms: the frame is already
+    // sent, so close it off the caller's path.
+    std::thread::spawn(move || drop(s));
+    Ok(())
+}
+
+/// Sends one ICMPv6 message from `src` to the link-scope multicast group
+/// `dst` out of interface `ifindex`, with hop limit 255 as neighbour
+/// discovery requires (RFC 4861 §7.1.2). The kernel computes the checksum
+/// of ICMPv6 raw sockets (RFC 3542 §3.1).
+pub(crate) fn send_icmpv6_multicast(
+    ifindex: u32,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    msg: &[u8],
+) -> io::Result<()> {
+    const ND_HOP_LIMIT: i32 = 255;
+    let s = socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_ICMPV6)
+        .map_err(named("socket(ICMPv6)"))?;
+    let ifindex_int = i32::try_from(ifindex)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface index too large"))?;
+    set_int(
+        s.as_fd(),
+        libc::SOL_IPV6,
+        libc::IPV6_MULTICAST_HOPS,
+        ND_HOP_LIMIT,
+    )
+    .map_err(named("IPV6_MULTICAST_HOPS"))?;
+    set_int(
+        s.as_fd(),
+        libc::SOL_IPV6,
+        libc::IPV6_MULTICAST_IF,
+        ifindex_int,
+    )
+    .map_err(named("IPV6_MULTICAST_IF"))?;
+    bind(s.as_fd(), SocketAddr::V6(SocketAddrV6::new(src, 0, 0, 0))).map_err(named("bind"))?;
+    let (ss, len) = to_sockaddr(SocketAddr::V6(SocketAddrV6::new(dst, 0, 0, ifindex)));
+    // SAFETY: `msg` is readable; `ss` holds a valid sockaddr of `len` bytes.
+    syscall!(sendto(
+        s.as_raw_fd(),
+        msg.as_ptr().cast(),
+        msg.len(),
+        0,
+        (&ss as *const libc::sockaddr_storage).cast(),
+        len
+    ))
+    .map_err(named("sendto(ICMPv6)"))?;
+    Ok(())
+}
+
+/// Moves the calling thread into the network namespace at `path` (such as
+/// `/run/netns/NAME` or `/proc/PID/ns/net`). Sockets the thread creates
+/// afterwards belong to that namespace.
+pub fn enter_netns(path: &str) -> io::Result<()> {
+    let ns = std::fs::File::open(path).map_err(named("open the network namespace"))?;
+    syscall!(setns(ns.as_raw_fd(), libc::CLONE_NEWNET))
+        .map(drop)
+        .map_err(named("setns"))
+}
+
+/// Moves the calling thread into a new network namespace (with `lo` down).
+pub fn unshare_netns() -> io::Result<()> {
+    syscall!(unshare(libc::CLONE_NEWNET))
+        .map(drop)
+        .map_err(named("unshare(CLONE_NEWNET)"))
+}
+
+/// Raises RLIMIT_NOFILE to at least `want` (raising the hard limit too when
+/// privileged, up to fs.nr_open); returns the new soft limit.
+pub fn raise_fd_limit(want: u64) -> io::Result<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `r` is writable.
+    syscall!(getrlimit(libc::RLIMIT_NOFILE, &mut r)).map_err(named("getrlimit"))?;
+    if r.rlim_max < want {
+        let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(r.rlim_max);
+        let raised = libc::rlimit {
+            rlim_cur: want.min(nr_open),
+            rlim_max: want.min(nr_open),
+        };
+        // SAFETY: `raised` is a valid rlimit.
+        if syscall!(setrlimit(libc::RLIMIT_NOFILE, &raised)).is_ok() {
+            return Ok(raised.rlim_cur);
+        }
+    }
+    r.rlim_cur = r.rlim_max;
+    // SAFETY: `r` is a valid rlimit.
+    syscall!(setrlimit(libc::RLIMIT_NOFILE, &r)).map_err(named("setrlimit"))?;
+    Ok(r.rlim_cur)
+}
