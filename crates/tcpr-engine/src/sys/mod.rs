@@ -1012,3 +1012,14 @@ pub fn recv_with_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, 
     }
     Ok((n as usize, fd))
 }
+
+// ---- cli additions ----
+
+/// Whether the socket is in repair mode. `do_tcp_getsockopt` answers
+/// `TCP_REPAIR` with `tp->repair` for anyone holding the socket: no
+/// capability is checked on reads.
+pub(crate) fn repair_mode(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    get_int(fd, libc::SOL_TCP, TCP_REPAIR)
+        .map(|mode| mode != REPAIR_OFF)
+        .map_err(ctx("read TCP_REPAIR"))
+}
