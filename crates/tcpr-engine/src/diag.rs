@@ -125,12 +125,10 @@ impl SocketEntry {
             });
         }
         match &self.frozen {
-            Fact::Yes => {
-                return Err(
-                    "frozen by an earlier dump or move (`tcpr thaw` if it was not restored elsewhere)"
-                        .into(),
-                )
-            }
+            Fact::Yes => return Err(
+                "frozen by an earlier dump or move (`tcpr thaw` if it was not restored elsewhere)"
+                    .into(),
+            ),
             Fact::Unknown(why) => return Err(format!("unknown: {why}")),
             Fact::No => {}
         }
@@ -266,7 +264,11 @@ fn socket_owners() -> Owners {
                 let t = target.to_string_lossy();
                 if let Some(ino) = t.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
                     if let Ok(ino) = ino.parse() {
-                        owners.by_inode.entry(ino).or_default().push(Owner { pid, fd });
+                        owners
+                            .by_inode
+                            .entry(ino)
+                            .or_default()
+                            .push(Owner { pid, fd });
                     }
                 }
             }

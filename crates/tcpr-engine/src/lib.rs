@@ -146,7 +146,11 @@ pub fn freeze(sock: OwnedFd, opts: &FreezeOptions) -> Result<Frozen, Error> {
 }
 
 /// [`freeze`], saying what to do with a socket that is frozen already.
-pub fn freeze_with(sock: OwnedFd, opts: &FreezeOptions, if_frozen: IfFrozen) -> Result<Frozen, Error> {
+pub fn freeze_with(
+    sock: OwnedFd,
+    opts: &FreezeOptions,
+    if_frozen: IfFrozen,
+) -> Result<Frozen, Error> {
     freeze_many_with(vec![sock], opts, if_frozen)?
         .pop()
         .expect("one in, one out")
@@ -354,7 +358,8 @@ fn dump_fd(fd: BorrowedFd<'_>, flow: Flow) -> Result<ConnectionImage, Error> {
     let recv_queue = sys::peek(fd, inq as usize).map_err(kernel_error("read the receive queue"))?;
     sys::set_repair_queue(fd, Queue::Send).map_err(kernel_error("select the send queue"))?;
     let write_seq = sys::queue_seq(fd).map_err(kernel_error("read the send sequence"))?;
-    let send_data = sys::peek(fd, send_len as usize).map_err(kernel_error("read the send queue"))?;
+    let send_data =
+        sys::peek(fd, send_len as usize).map_err(kernel_error("read the send queue"))?;
     sys::set_repair_queue(fd, Queue::No).map_err(kernel_error("leave the repair queue"))?;
     if recv_queue.len() != inq as usize || send_data.len() != send_len as usize {
         return Err(Error::Inconsistent(format!(
@@ -370,7 +375,8 @@ fn dump_fd(fd: BorrowedFd<'_>, flow: Flow) -> Result<ConnectionImage, Error> {
         unsent: send_data[split..].to_vec(),
     };
 
-    let mss = sys::get_int(fd, libc::SOL_TCP, libc::TCP_MAXSEG).map_err(kernel_error("read TCP_MAXSEG"))?;
+    let mss = sys::get_int(fd, libc::SOL_TCP, libc::TCP_MAXSEG)
+        .map_err(kernel_error("read TCP_MAXSEG"))?;
     let timestamp = sys::tcp_timestamp(fd).map_err(kernel_error("read TCP_TIMESTAMP"))?;
     let w = sys::repair_window(fd).map_err(kernel_error("read TCP_REPAIR_WINDOW"))?;
     let window_scaling = info.options & sys::TCPI_OPT_WSCALE != 0;

@@ -578,7 +578,10 @@ mod tests {
         assert_eq!(mapped.key(), plain.key());
         assert_eq!(mapped.element(), "10.0.0.1 . 40000 . 10.0.0.2 . 80");
         // The flow itself keeps the addresses as the application reads them.
-        assert_eq!(mapped.to_string(), "[::ffff:10.0.0.2]:80 -> [::ffff:10.0.0.1]:40000");
+        assert_eq!(
+            mapped.to_string(),
+            "[::ffff:10.0.0.2]:80 -> [::ffff:10.0.0.1]:40000"
+        );
     }
 
     #[test]

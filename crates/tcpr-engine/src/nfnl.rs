@@ -311,11 +311,8 @@ fn exchange(ns: Option<BorrowedFd<'_>>, msg: &[u8], acks: usize) -> Result<usize
             }
             if ty == NLMSG_ERROR {
                 let errno_at = at + NLMSG_HDR_BYTES;
-                let err = i32::from_ne_bytes(
-                    buf[errno_at..errno_at + 4]
-                        .try_into()
-                        .expect("4 bytes"),
-                );
+                let err =
+                    i32::from_ne_bytes(buf[errno_at..errno_at + 4].try_into().expect("4 bytes"));
                 if err != 0 {
                     return Err(NlError::Refused(-err));
                 }

@@ -55,7 +55,10 @@ fn a_mapped_flow_is_locked_as_ipv4() {
         );
         let v4 = nft_list("flows4");
         assert!(v4.contains(&element), "the IPv4 set holds {element}: {v4}");
-        assert!(!nft_list("flows6").contains("ffff"), "nothing mapped in the IPv6 set");
+        assert!(
+            !nft_list("flows6").contains("ffff"),
+            "nothing mapped in the IPv6 set"
+        );
         // The flow keeps the addresses as the application reads them.
         assert_eq!(frozen.flow().local, local);
         drop(frozen.thaw().unwrap());

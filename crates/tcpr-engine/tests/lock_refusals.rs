@@ -25,10 +25,18 @@ fn a_frozen_socket_is_refused_unless_taken() {
         assert!(matches!(err, Error::AlreadyFrozen { .. }), "{err}");
         let err = freeze_many(vec![s.try_clone().unwrap()], &FreezeOptions::default()).unwrap_err();
         assert!(matches!(err, Error::AlreadyFrozen { .. }), "{err}");
-        assert_eq!(locked_flow_count().unwrap(), 1, "the refusal changed no lock");
+        assert_eq!(
+            locked_flow_count().unwrap(),
+            1,
+            "the refusal changed no lock"
+        );
         // Taken on purpose, then dropped: it stays frozen and locked.
-        let again =
-            freeze_with(s.try_clone().unwrap(), &FreezeOptions::default(), IfFrozen::Take).unwrap();
+        let again = freeze_with(
+            s.try_clone().unwrap(),
+            &FreezeOptions::default(),
+            IfFrozen::Take,
+        )
+        .unwrap();
         again.dump().unwrap();
         drop(again);
         assert!(is_frozen(s.as_fd()).unwrap(), "a taken socket stays frozen");
@@ -40,7 +48,9 @@ fn a_frozen_socket_is_refused_unless_taken() {
         let mut server = std::net::TcpStream::from(s);
         c.write_all(b"ping").unwrap();
         let mut buf = [0u8; 4];
-        server.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         server.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"ping");
         server.write_all(b"pong").unwrap();
@@ -72,7 +82,10 @@ fn sockets_of_two_namespaces_are_refused() {
         private_netns();
         let err = freeze_many(vec![s1, s2], &FreezeOptions::default()).unwrap_err();
         assert!(matches!(err, Error::MixedNamespaces { .. }), "{err}");
-        assert!(err.to_string().contains("different network namespaces"), "{err}");
+        assert!(
+            err.to_string().contains("different network namespaces"),
+            "{err}"
+        );
     })
     .join()
     .unwrap();

@@ -239,7 +239,9 @@ fn bench_moves(arg: &str) -> Result<usize, String> {
 fn count_in(arg: &str, max: usize) -> Result<usize, String> {
     match arg.trim().parse::<usize>() {
         Ok(n) if (1..=max).contains(&n) => Ok(n),
-        _ => Err(format!("{arg} is out of range: give a whole number from 1 to {max}")),
+        _ => Err(format!(
+            "{arg} is out of range: give a whole number from 1 to {max}"
+        )),
     }
 }
 
