@@ -71,11 +71,9 @@ pub enum Error {
         flow: crate::Flow,
     },
     /// The sockets of one freeze belong to different network namespaces.
-    #[error("the sockets to freeze belong to different network namespaces ({first} and {other}): freeze each namespace's sockets in a call of its own")]
+    #[error("the sockets to freeze belong to different network namespaces ({other} is not in the first socket's): freeze each namespace's sockets in a call of its own")]
     MixedNamespaces {
-        /// A flow of the first socket's namespace.
-        first: crate::Flow,
-        /// A flow of another namespace.
+        /// A flow outside the first socket's namespace.
         other: crate::Flow,
     },
     /// A lock lease outside what the lock takes.

@@ -193,10 +193,7 @@ pub fn freeze_many_with(
         let want = ns.identity();
         for (s, flow) in socks.iter().zip(&flows).skip(1) {
             if Netns::of_socket(s.as_fd())?.identity() != want {
-                return Err(Error::MixedNamespaces {
-                    first: flows[0],
-                    other: *flow,
-                });
+                return Err(Error::MixedNamespaces { other: *flow });
             }
         }
     }

@@ -145,7 +145,9 @@ fn select(m: &MigrateArgs) -> Result<Vec<(i32, i32)>> {
         if !m.fd.is_empty() {
             for &fd in &m.fd {
                 let sock = tcpr_engine::take_fd(pid, fd)?;
-                if tcpr_engine::is_frozen(std::os::fd::AsFd::as_fd(&sock))? {
+                let sock = std::os::fd::AsFd::as_fd(&sock);
+                tcpr_engine::inspect_socket(sock)?;
+                if tcpr_engine::is_frozen(sock)? {
                     bail!("fd {fd} of process {pid} is frozen already (an earlier dump or move froze it, and it may live on elsewhere): moving it could make one connection two; `tcpr thaw --pid {pid} --fd {fd}` first if it was not restored elsewhere");
                 }
             }

@@ -16,6 +16,11 @@ fn psk(tag: &str) -> String {
     key.to_string_lossy().into_owned()
 }
 
+/// Removes the directory of a key made by [`psk`].
+fn forget(key: &str) {
+    let _ = std::fs::remove_dir_all(std::path::Path::new(key).parent().unwrap());
+}
+
 /// Each case: the arguments, and what the one-line error must say.
 fn assert_refused(cases: &[(&[&str], &str)]) {
     for (args, needle) in cases {
@@ -121,6 +126,7 @@ fn lock_leases_are_bounded() {
         assert_clean_failure(&tcpr(None, &args), "1..=86400");
     }
     assert!(!std::path::Path::new("/tmp/never").exists());
+    forget(&key);
 }
 
 #[test]
@@ -159,6 +165,7 @@ fn handoff_timeouts_are_bounded() {
         );
         assert_clean_failure(&out, "between 0.001 and 3600 seconds");
     }
+    forget(&key);
 }
 
 #[test]
@@ -196,4 +203,5 @@ fn migrate_refuses_fd_with_local() {
         ],
     );
     assert_clean_failure(&out, "give one or the other");
+    forget(&key);
 }
