@@ -586,7 +586,7 @@ fn inspect(file: &Path, json: bool, data: bool) -> Result<i32> {
     }
     let o = &img.options;
     let w = &img.window;
-    println!("connection  {} -> {}", img.local, img.peer);
+    println!("connection  {}", tcpr_engine::flow_of(&img));
     println!("state       {}", img.state);
     println!(
         "sequence    send {}  recv {}",
