@@ -36,6 +36,9 @@ pub(crate) mod bounds {
     /// Connections per benchmark batch (each is two sockets and a lock
     /// element; the fd limit is raised to fit).
     pub const MAX_BENCH_CONNECTIONS: usize = 100_000;
+    /// The largest application blob: half the image format's body limit
+    /// (`tcpr_image::format::MAX_BODY`), leaving the rest for the queues.
+    pub const MAX_BLOB_BYTES: u64 = tcpr_image::format::MAX_BODY as u64 / 2;
     /// Moves of the benchmark's stream.
     pub const MAX_BENCH_MOVES: usize = 100_000;
 
@@ -120,7 +123,8 @@ enum Cmd {
         /// it expires by itself after this.
         #[arg(long, default_value = "60", value_parser = bounds::lease)]
         lease: Duration,
-        /// A file whose bytes travel with the connection as its application blob.
+        /// A file whose bytes travel with the connection as its application
+        /// blob (at most 1024 MiB).
         #[arg(long)]
         blob: Option<PathBuf>,
         /// Dump a socket that is frozen already (an earlier dump or move left
@@ -350,7 +354,20 @@ fn run(cmd: Cmd) -> Result<i32> {
 }
 
 fn read_image(path: &Path) -> Result<ConnectionImage> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    use std::io::Read;
+    // No image is longer than its header and the largest body: read no more.
+    let max = (tcpr_image::format::HEADER_LEN as u64) + u64::from(tcpr_image::format::MAX_BODY);
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(max + 1).read_to_end(&mut bytes))
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.len() as u64 > max {
+        bail!(
+            "{} is not a usable image: it is longer than any image ({} bytes at most)",
+            path.display(),
+            max
+        );
+    }
     ConnectionImage::decode(&bytes)
         .with_context(|| format!("{} is not a usable image", path.display()))
 }
@@ -500,9 +517,7 @@ fn dump(args: &DumpArgs<'_>) -> Result<i32> {
         if_frozen,
     } = *args;
     let blob = match blob {
-        Some(p) => {
-            std::fs::read(p).with_context(|| format!("cannot read the blob {}", p.display()))?
-        }
+        Some(p) => read_blob(p)?,
         None => vec![],
     };
     // Before the socket is touched: a bad output path changes nothing.
@@ -542,6 +557,33 @@ fn dump(args: &DumpArgs<'_>) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// Reads an application blob of at most [`bounds::MAX_BLOB_BYTES`]: the
+/// image that carries it must stay under the format's body limit.
+fn read_blob(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let max = bounds::MAX_BLOB_BYTES;
+    let too_big = || {
+        anyhow::anyhow!(
+            "the blob {} is over {} MiB, the most an image carries",
+            path.display(),
+            max >> 20
+        )
+    };
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot read the blob {}", path.display()))?;
+    if file.metadata().map(|m| m.len()).unwrap_or(0) > max {
+        return Err(too_big());
+    }
+    let mut blob = Vec::new();
+    file.take(max + 1)
+        .read_to_end(&mut blob)
+        .with_context(|| format!("cannot read the blob {}", path.display()))?;
+    if blob.len() as u64 > max {
+        return Err(too_big());
+    }
+    Ok(blob)
 }
 
 fn thaw(pid: i32, fd: i32) -> Result<i32> {

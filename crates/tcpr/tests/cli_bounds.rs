@@ -205,3 +205,30 @@ fn migrate_refuses_fd_with_local() {
     assert_clean_failure(&out, "give one or the other");
     forget(&key);
 }
+
+#[test]
+fn blobs_over_the_image_limit_are_refused() {
+    let dir = tmpdir("bigblob");
+    let blob = dir.join("blob");
+    // Sparse: one byte over 1 GiB without writing it.
+    let f = std::fs::File::create(&blob).unwrap();
+    f.set_len((1 << 30) + 1).unwrap();
+    let img = dir.join("never.img");
+    let out = tcpr(
+        None,
+        &[
+            "dump",
+            "--pid",
+            "1",
+            "--fd",
+            "3",
+            "-o",
+            img.to_str().unwrap(),
+            "--blob",
+            blob.to_str().unwrap(),
+        ],
+    );
+    assert_clean_failure(&out, "over 1024 MiB");
+    assert!(!img.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
