@@ -185,18 +185,18 @@ pub fn freeze_many_with(
         already.push(frozen);
     }
     // One lock transaction goes to one namespace: that of the first socket.
-    let ns = match socks.first() {
-        Some(first) => Some(Netns::of_socket(first.as_fd())?),
-        None => None,
-    };
-    if let Some(ns) = &ns {
-        let want = ns.identity();
+    if let Some(first) = socks.first() {
+        let want = netns_id(first.as_fd())?;
         for (s, flow) in socks.iter().zip(&flows).skip(1) {
-            if Netns::of_socket(s.as_fd())?.identity() != want {
+            if netns_id(s.as_fd())? != want {
                 return Err(Error::MixedNamespaces { other: *flow });
             }
         }
     }
+    let ns = match socks.first() {
+        Some(first) => Some(Netns::of_socket(first.as_fd())?),
+        None => None,
+    };
     let mut lock = match ns {
         Some(ns) if opts.lock => Some(FlowLock::acquire(&flows, ns, opts.lease)?),
         _ => None,
@@ -221,6 +221,27 @@ pub fn freeze_many_with(
         }
     }
     Ok(out)
+}
+
+/// What tells a socket's network namespace apart: its cookie, or before
+/// Linux 5.14 the device and inode of the namespace (`SIOCGSKNS`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NetnsId {
+    Cookie(u64),
+    Inode { dev: u64, ino: u64 },
+}
+
+fn netns_id(fd: BorrowedFd<'_>) -> Result<NetnsId, Error> {
+    match sys::netns_cookie(fd) {
+        Ok(cookie) => Ok(NetnsId::Cookie(cookie)),
+        Err(_) => {
+            let ns = sys::socket_netns(fd)
+                .map_err(kernel_error("read the socket's network namespace"))?;
+            let (dev, ino) = sys::fd_identity(ns.as_fd())
+                .map_err(kernel_error("identify a network namespace"))?;
+            Ok(NetnsId::Inode { dev, ino })
+        }
+    }
 }
 
 /// Thaws a socket that an earlier dump or move left frozen (`tcpr thaw`):
