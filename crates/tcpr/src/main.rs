@@ -195,7 +195,11 @@ enum Cmd {
     },
     /// Receive connections from other hosts and deliver them here.
     Agent(handoff::AgentArgs),
-    /// Move live connections of a process or address to an agent.
+    /// Move live connections of a process or address to an agent. Frozen
+    /// sockets (an earlier dump or a move whose outcome was unknown left
+    /// them so; they may live on elsewhere) are never moved again: named
+    /// with --fd they are refused, listed they are left out with a note.
+    /// `tcpr thaw` them first if they were not restored elsewhere.
     Migrate(handoff::MigrateArgs),
     /// Announce an address that just moved here (gratuitous ARP for IPv4,
     /// unsolicited neighbour advertisement for IPv6), so neighbours update
