@@ -10,6 +10,11 @@
 //! 4. at the source, [`Frozen::discard`] closes the original without a FIN or
 //!    RST, or [`Frozen::thaw`] rolls back so it carries on where it was.
 //!
+//! A socket left frozen by an earlier process (a dump that left the source
+//! frozen, a move whose outcome was unknown) may live on elsewhere: a
+//! freeze refuses it unless told otherwise ([`IfFrozen`]), and
+//! [`thaw_frozen`] lets it carry on in place.
+//!
 //! All `unsafe` lives in the private `sys` module. This crate does not move
 //! addresses, steer packets or talk to other hosts.
 

@@ -4,7 +4,8 @@
 //!
 //! One nftables table, `inet tcpr`, holds two sets keyed by
 //! `peer addr . peer port . local addr . local port` with per-element
-//! timeouts, and two rules (prerouting and output, priority -300, before
+//! timeouts (one set per wire family: a dual-stack socket's IPv4-mapped
+//! flow goes into the IPv4 set, since its packets are IPv4), and two rules (prerouting and output, priority -300, before
 //! conntrack) that drop matching packets. The table is created on first use
 //! and is otherwise static: per-flow state lives only in the set elements,
 //! which expire by themselves. The table is installed with the `nft`
