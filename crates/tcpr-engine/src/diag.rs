@@ -1,5 +1,6 @@
 //! Listing TCP connections with sock_diag netlink (`NETLINK_SOCK_DIAG`,
-//! `SOCK_DIAG_BY_FAMILY`), and finding which process holds each one.
+//! `SOCK_DIAG_BY_FAMILY`), finding which process holds each one, and
+//! whether each is frozen (repair mode) or locked.
 //!
 //! The messages come from `netlink-packet-sock-diag`, on the same
 //! `netlink-packet-core` as the rest of our netlink code (no runtime: the
@@ -7,7 +8,7 @@
 //! `rtnetlink`); the socket is ours, from the `sys` layer.
 
 use crate::sys;
-use crate::Error;
+use crate::{Error, Flow, Netns};
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
 };
@@ -23,6 +24,44 @@ use tcpr_image::TcpState;
 const NETLINK_SOCK_DIAG: i32 = libc::NETLINK_SOCK_DIAG;
 /// One read of answers: the kernel sends up to a page per part of a dump.
 const RECV_BUFFER: usize = 64 * 1024;
+
+/// A process's handle on a socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// The process.
+    pub pid: i32,
+    /// The socket's fd number in it.
+    pub fd: i32,
+}
+
+/// Something `ls` looked up: yes, no, or unknown and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fact {
+    /// It is so.
+    Yes,
+    /// It is not.
+    No,
+    /// It could not be found out, for this reason.
+    Unknown(String),
+}
+
+impl Fact {
+    fn from_result(r: Result<bool, String>) -> Fact {
+        match r {
+            Ok(true) => Fact::Yes,
+            Ok(false) => Fact::No,
+            Err(why) => Fact::Unknown(why),
+        }
+    }
+    /// `Some(bool)` when known.
+    pub fn known(&self) -> Option<bool> {
+        match self {
+            Fact::Yes => Some(true),
+            Fact::No => Some(false),
+            Fact::Unknown(_) => None,
+        }
+    }
+}
 
 /// One TCP socket of the namespace.
 #[derive(Clone, Debug)]
@@ -40,7 +79,15 @@ pub struct SocketEntry {
     /// Socket inode.
     pub inode: u64,
     /// Processes and fds holding the socket.
-    pub owners: Vec<(i32, i32)>,
+    pub owners: Vec<Owner>,
+    /// Processes whose open files could not be read (other users' without
+    /// ptrace rights): an owner among them is not in `owners`.
+    pub hidden_processes: usize,
+    /// In repair mode: an earlier dump or move froze it (only for states
+    /// tcpr can carry).
+    pub frozen: Fact,
+    /// Its flow's element is in the lock (its packets are dropped).
+    pub locked: Fact,
 }
 
 impl SocketEntry {
@@ -48,19 +95,43 @@ impl SocketEntry {
     pub fn state_name(&self) -> &'static str {
         TcpState::kernel_name(self.state)
     }
+    /// The flow.
+    pub fn flow(&self) -> Flow {
+        Flow {
+            local: self.local,
+            peer: self.peer,
+        }
+    }
     /// Whether tcpr can dump it, and if not why.
-    pub fn dumpable(&self) -> Result<(), &'static str> {
+    pub fn dumpable(&self) -> Result<(), String> {
         if TcpState::from_kernel_number(self.state).is_none() {
-            return Err("state cannot be repaired");
+            return Err("state cannot be repaired".into());
         }
         if self.owners.is_empty() {
-            return Err("no process holds it");
+            return Err(if self.hidden_processes > 0 {
+                format!(
+                    "owner unknown: the open files of {} processes cannot be read (root or CAP_SYS_PTRACE is needed)",
+                    self.hidden_processes
+                )
+            } else {
+                "no process holds it".into()
+            });
+        }
+        match &self.frozen {
+            Fact::Yes => return Err(
+                "frozen by an earlier dump or move (`tcpr thaw` if it was not restored elsewhere)"
+                    .into(),
+            ),
+            Fact::Unknown(why) => return Err(format!("unknown: {why}")),
+            Fact::No => {}
+        }
+        if let Fact::Unknown(why) = &self.locked {
+            return Err(format!("unknown: {why}"));
         }
         Ok(())
     }
 }
 
-/// A dump request for every TCP socket of `family`, in every state.
 fn request(family: u8) -> Vec<u8> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
@@ -97,6 +168,9 @@ fn entry(r: &InetResponse) -> SocketEntry {
         send_queue: r.header.send_queue,
         inode: u64::from(r.header.inode),
         owners: vec![],
+        hidden_processes: 0,
+        frozen: Fact::Unknown("not looked up".into()),
+        locked: Fact::Unknown("not looked up".into()),
     }
 }
 
@@ -143,18 +217,35 @@ fn dump_family(family: u8) -> Result<Vec<SocketEntry>, Error> {
     }
 }
 
-/// Socket inode → (pid, fd) for every process we can see.
-fn socket_owners() -> HashMap<u64, Vec<(i32, i32)>> {
-    let mut map: HashMap<u64, Vec<(i32, i32)>> = HashMap::new();
+/// The sockets each process holds, as far as this process can see.
+struct Owners {
+    /// Socket inode → holders.
+    by_inode: HashMap<u64, Vec<Owner>>,
+    /// Processes whose fds could not be read, for want of permission.
+    hidden: Vec<i32>,
+}
+
+/// Socket inode → holders, for every process we can see.
+fn socket_owners() -> Owners {
+    let mut owners = Owners {
+        by_inode: HashMap::new(),
+        hidden: Vec::new(),
+    };
     let Ok(procs) = std::fs::read_dir("/proc") else {
-        return map;
+        return owners;
     };
     for p in procs.flatten() {
         let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
-        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
-            continue;
+        let fds = match std::fs::read_dir(p.path().join("fd")) {
+            Ok(fds) => fds,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                owners.hidden.push(pid);
+                continue;
+            }
+            // Gone meanwhile.
+            Err(_) => continue,
         };
         for f in fds.flatten() {
             let Some(fd) = f.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
@@ -164,36 +255,88 @@ fn socket_owners() -> HashMap<u64, Vec<(i32, i32)>> {
                 let t = target.to_string_lossy();
                 if let Some(ino) = t.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
                     if let Ok(ino) = ino.parse() {
-                        map.entry(ino).or_default().push((pid, fd));
+                        owners
+                            .by_inode
+                            .entry(ino)
+                            .or_default()
+                            .push(Owner { pid, fd });
                     }
                 }
             }
         }
     }
-    map
+    owners
 }
 
-/// All TCP sockets of the current network namespace, with their owners;
-/// with `pid`, only those that process holds.
+/// Whether the socket `owner` holds is in repair mode: takes a duplicate
+/// of it (ptrace rights over the process are needed).
+fn frozen(owner: Owner) -> Result<bool, String> {
+    let sock = crate::take_fd(owner.pid, owner.fd).map_err(|e| match e {
+        Error::Permission(_) => format!(
+            "no ptrace rights over process {} (root or CAP_SYS_PTRACE is needed)",
+            owner.pid
+        ),
+        other => other.to_string(),
+    })?;
+    crate::is_frozen(sock.as_fd()).map_err(|e| e.to_string())
+}
+
+/// Whether `flow` is locked in the current namespace.
+fn locked(flow: &Flow) -> Result<bool, String> {
+    crate::lock::is_locked(&Netns::current(), flow).map_err(|e| match e {
+        Error::Permission(_) => {
+            "CAP_NET_ADMIN over this network namespace is needed to read the lock (and to dump)"
+                .to_string()
+        }
+        other => other.to_string(),
+    })
+}
+
+/// All TCP sockets of the current network namespace, with their owners and
+/// whether each is frozen or locked; with `pid`, only those that process
+/// holds.
 pub fn list(pid: Option<i32>) -> Result<Vec<SocketEntry>, Error> {
     if let Some(p) = pid {
-        if !std::path::Path::new(&format!("/proc/{p}")).exists() {
-            return Err(Error::NoSuchProcess(p));
+        match std::fs::read_dir(format!("/proc/{p}/fd")) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NoSuchProcess(p))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(Error::Permission(format!(
+                    "cannot read the open files of process {p}: permission denied (its own user, root or CAP_SYS_PTRACE is needed)"
+                )))
+            }
+            Err(e) => return Err(Error::kernel(format!("read the open files of process {p}"), e)),
         }
     }
     let mut all = dump_family(libc::AF_INET as u8)?;
     all.extend(dump_family(libc::AF_INET6 as u8)?);
     let owners = socket_owners();
     for e in &mut all {
-        if let Some(o) = owners.get(&e.inode) {
+        if let Some(o) = owners.by_inode.get(&e.inode) {
             e.owners = o.clone();
         }
         if let Some(p) = pid {
-            e.owners.retain(|(op, _)| *op == p);
+            e.owners.retain(|o| o.pid == p);
         }
+        e.hidden_processes = owners.hidden.len();
     }
     if pid.is_some() {
         all.retain(|e| !e.owners.is_empty());
+    }
+    for e in &mut all {
+        // Only the states tcpr carries can be frozen or locked.
+        if TcpState::from_kernel_number(e.state).is_none() {
+            e.frozen = Fact::No;
+            e.locked = Fact::No;
+            continue;
+        }
+        e.frozen = match e.owners.first() {
+            Some(&owner) => Fact::from_result(frozen(owner)),
+            None => Fact::Unknown("no process we can see holds it".into()),
+        };
+        e.locked = Fact::from_result(locked(&e.flow()));
     }
     all.sort_by_key(|e| (e.local, e.peer));
     Ok(all)

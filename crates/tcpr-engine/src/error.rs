@@ -57,6 +57,33 @@ pub enum Error {
     /// The socket changed under us, or the kernel answered inconsistently.
     #[error("{0}")]
     Inconsistent(String),
+    /// The socket is in repair mode already: frozen by an earlier dump or
+    /// move, and perhaps restored elsewhere since.
+    #[error("{flow} is frozen already (an earlier dump or move froze it, and it may live on elsewhere): freezing it again could move one connection twice")]
+    AlreadyFrozen {
+        /// The frozen flow.
+        flow: crate::Flow,
+    },
+    /// The socket is not frozen (not in repair mode) and not locked.
+    #[error("{flow} is not frozen")]
+    NotFrozen {
+        /// The flow.
+        flow: crate::Flow,
+    },
+    /// The sockets of one freeze belong to different network namespaces.
+    #[error("the sockets to freeze belong to different network namespaces ({other} is not in the first socket's): freeze each namespace's sockets in a call of its own")]
+    MixedNamespaces {
+        /// A flow outside the first socket's namespace.
+        other: crate::Flow,
+    },
+    /// A lock lease outside what the lock takes.
+    #[error("a lock lease must be at least 1 ms and at most {} s, not {lease:?}", max.as_secs())]
+    LeaseOutOfRange {
+        /// The lease asked for.
+        lease: std::time::Duration,
+        /// The longest lease.
+        max: std::time::Duration,
+    },
 }
 
 impl Error {

@@ -10,6 +10,11 @@
 //! 4. at the source, [`Frozen::discard`] closes the original without a FIN or
 //!    RST, or [`Frozen::thaw`] rolls back so it carries on where it was.
 //!
+//! A socket left frozen by an earlier process (a dump that left the source
+//! frozen, a move whose outcome was unknown) may live on elsewhere: a
+//! freeze refuses it unless told otherwise ([`IfFrozen`]), and
+//! [`thaw_frozen`] lets it carry on in place.
+//!
 //! All `unsafe` lives in the private `sys` module. This crate does not move
 //! addresses, announce them, pass fds to other processes (`tcpr-host` does
 //! those), steer packets or talk to other hosts.
@@ -22,11 +27,10 @@ mod restore;
 mod sys;
 
 pub use error::Error;
-pub use lock::{Flow, FlowLock, Netns, DEFAULT_LEASE};
+pub use lock::{Flow, FlowLock, Netns, DEFAULT_LEASE, MAX_LEASE};
 pub use restore::{restore, Restored};
 pub use tcpr_image::ConnectionImage;
 
-use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 use sys::Queue;
@@ -110,55 +114,157 @@ pub struct Frozen {
     sock: Option<OwnedFd>,
     flow: Flow,
     lock: Option<FlowLock>,
+    /// It was frozen before this freeze ([`IfFrozen::Take`]): dropping it
+    /// leaves it as it was, frozen and locked.
+    was_frozen: bool,
 }
 
-/// Freezes one socket: locks its flow, then turns repair mode on. On error
-/// nothing is left changed.
+/// What a freeze does with a socket that is frozen already (in repair mode:
+/// an earlier dump left it frozen, or a move's outcome is unknown). Such a
+/// connection may live on elsewhere: moving it again would duplicate it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IfFrozen {
+    /// Refuse the whole call before anything changes
+    /// ([`Error::AlreadyFrozen`]).
+    Refuse,
+    /// Take it as it is (a retry the caller knows to be safe). It stays
+    /// frozen on every path: dropping its [`Frozen`] leaves it frozen and
+    /// locked for the lease instead of thawing it.
+    Take,
+}
+
+/// Whether a socket is in repair mode (`getsockopt(TCP_REPAIR)`, which
+/// needs no privilege).
+pub fn is_frozen(fd: BorrowedFd<'_>) -> Result<bool, Error> {
+    sys::repair_mode(fd).map_err(kernel_error("tell whether the socket is frozen"))
+}
+
+/// Freezes one socket: locks its flow, then turns repair mode on. Refuses a
+/// socket that is frozen already. On error nothing is left changed.
 pub fn freeze(sock: OwnedFd, opts: &FreezeOptions) -> Result<Frozen, Error> {
-    freeze_many(vec![sock], opts)?
+    freeze_with(sock, opts, IfFrozen::Refuse)
+}
+
+/// [`freeze`], saying what to do with a socket that is frozen already.
+pub fn freeze_with(
+    sock: OwnedFd,
+    opts: &FreezeOptions,
+    if_frozen: IfFrozen,
+) -> Result<Frozen, Error> {
+    freeze_many_with(vec![sock], opts, if_frozen)?
         .pop()
         .expect("one in, one out")
 }
 
 /// Freezes many sockets with one lock transaction. Every socket is checked
-/// before anything changes; a per-socket failure afterwards thaws that one
-/// and is reported in its slot.
+/// before anything changes (a connected TCP socket, not frozen already, all
+/// in one network namespace); a per-socket failure afterwards thaws that
+/// one and is reported in its slot.
 pub fn freeze_many(
     socks: Vec<OwnedFd>,
     opts: &FreezeOptions,
 ) -> Result<Vec<Result<Frozen, Error>>, Error> {
+    freeze_many_with(socks, opts, IfFrozen::Refuse)
+}
+
+/// [`freeze_many`], saying what to do with sockets that are frozen already.
+pub fn freeze_many_with(
+    socks: Vec<OwnedFd>,
+    opts: &FreezeOptions,
+    if_frozen: IfFrozen,
+) -> Result<Vec<Result<Frozen, Error>>, Error> {
     let mut flows = Vec::with_capacity(socks.len());
+    let mut already = Vec::with_capacity(socks.len());
     for s in &socks {
-        flows.push(inspect_socket(s.as_fd())?.0);
+        let flow = inspect_socket(s.as_fd())?.0;
+        let frozen = is_frozen(s.as_fd())?;
+        if frozen && if_frozen == IfFrozen::Refuse {
+            return Err(Error::AlreadyFrozen { flow });
+        }
+        flows.push(flow);
+        already.push(frozen);
     }
-    // All sockets of one call are taken to share the namespace of the first.
-    let mut lock = match (opts.lock, socks.first()) {
-        (true, Some(first)) => Some(FlowLock::acquire(
-            &flows,
-            Netns::of_socket(first.as_fd())?,
-            opts.lease,
-        )?),
+    // One lock transaction goes to one namespace: that of the first socket.
+    if let Some(first) = socks.first() {
+        let want = netns_id(first.as_fd())?;
+        for (s, flow) in socks.iter().zip(&flows).skip(1) {
+            if netns_id(s.as_fd())? != want {
+                return Err(Error::MixedNamespaces { other: *flow });
+            }
+        }
+    }
+    let ns = match socks.first() {
+        Some(first) => Some(Netns::of_socket(first.as_fd())?),
+        None => None,
+    };
+    let mut lock = match ns {
+        Some(ns) if opts.lock => Some(FlowLock::acquire(&flows, ns, opts.lease)?),
         _ => None,
     };
     let mut out = Vec::with_capacity(socks.len());
-    for (sock, flow) in socks.into_iter().zip(flows) {
+    for ((sock, flow), was_frozen) in socks.into_iter().zip(flows).zip(already) {
         let my_lock = lock.as_mut().and_then(|l| l.split_off(&flow));
         match sys::set_repair(sock.as_fd(), sys::REPAIR_ON) {
             Ok(()) => out.push(Ok(Frozen {
                 sock: Some(sock),
                 flow,
                 lock: my_lock,
+                was_frozen,
             })),
             Err(e) => {
                 drop(my_lock);
                 out.push(Err(Error::kernel(
-                    format!("turn on repair mode for {} -> {}", flow.local, flow.peer),
+                    format!("turn on repair mode for {flow}"),
                     e,
                 )));
             }
         }
     }
     Ok(out)
+}
+
+/// What tells a socket's network namespace apart: its cookie, or before
+/// Linux 5.14 the device and inode of the namespace (`SIOCGSKNS`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NetnsId {
+    Cookie(u64),
+    Inode { dev: u64, ino: u64 },
+}
+
+fn netns_id(fd: BorrowedFd<'_>) -> Result<NetnsId, Error> {
+    match sys::netns_cookie(fd) {
+        Ok(cookie) => Ok(NetnsId::Cookie(cookie)),
+        Err(_) => {
+            let ns = sys::socket_netns(fd)
+                .map_err(kernel_error("read the socket's network namespace"))?;
+            let (dev, ino) = sys::fd_identity(ns.as_fd())
+                .map_err(kernel_error("identify a network namespace"))?;
+            Ok(NetnsId::Inode { dev, ino })
+        }
+    }
+}
+
+/// Thaws a socket that an earlier dump or move left frozen (`tcpr thaw`):
+/// releases its flow's lock in the socket's namespace, then turns repair
+/// mode off with a window probe, so the connection carries on in place.
+/// Only for a connection that was not restored elsewhere: two live copies
+/// of one connection break it. Refuses a socket neither frozen nor locked.
+pub fn thaw_frozen(sock: OwnedFd) -> Result<Flow, Error> {
+    let flow = inspect_socket(sock.as_fd())?.0;
+    let frozen = is_frozen(sock.as_fd())?;
+    let ns = Netns::of_socket(sock.as_fd())?;
+    let locked = lock::is_locked(&ns, &flow)?;
+    if !frozen && !locked {
+        return Err(Error::NotFrozen { flow });
+    }
+    // Release first, so the window probe's answer gets through.
+    lock::release_flows(&ns, &[flow])?;
+    if frozen {
+        sys::set_repair_queue(sock.as_fd(), Queue::No)
+            .and_then(|()| sys::set_repair(sock.as_fd(), sys::REPAIR_OFF))
+            .map_err(kernel_error("turn off repair mode"))?;
+    }
+    Ok(flow)
 }
 
 impl Frozen {
@@ -186,9 +292,8 @@ impl Frozen {
         if let Some(l) = self.lock.take() {
             if let Err(e) = l.release() {
                 tracing::warn!(
-                    "thawing {} -> {}: the lock stays until its lease ends: {e}",
-                    self.flow.local,
-                    self.flow.peer
+                    "thawing {}: the lock stays until its lease ends: {e}",
+                    self.flow
                 );
             }
         }
@@ -226,6 +331,13 @@ impl Frozen {
 
 impl Drop for Frozen {
     fn drop(&mut self) {
+        if self.was_frozen {
+            // Leave it as the freeze found it: frozen, and locked for the lease.
+            if let Some(l) = self.lock.take() {
+                l.keep();
+            }
+            return;
+        }
         if let Some(sock) = self.sock.take() {
             let _ = sys::set_repair_queue(sock.as_fd(), Queue::No);
             let _ = sys::set_repair(sock.as_fd(), sys::REPAIR_OFF);
@@ -234,19 +346,20 @@ impl Drop for Frozen {
     }
 }
 
-fn k(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+/// Turns a syscall's error into an engine error saying what tcpr was doing.
+fn kernel_error(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::kernel(what, e)
 }
 
 /// Reads the state of a socket already in repair mode.
 fn dump_fd(fd: BorrowedFd<'_>, flow: Flow) -> Result<ConnectionImage, Error> {
-    let info = sys::tcp_info(fd).map_err(k("read TCP_INFO"))?;
+    let info = sys::tcp_info(fd).map_err(kernel_error("read TCP_INFO"))?;
     let state = TcpState::from_kernel_number(info.state).ok_or(Error::UnsupportedState {
         state: TcpState::kernel_name(info.state),
     })?;
-    let outq = sys::outq(fd).map_err(k("read the send queue size"))?;
-    let unsent_raw = sys::outq_unsent(fd).map_err(k("read the unsent queue size"))?;
-    let inq = sys::inq(fd).map_err(k("read the receive queue size"))?;
+    let outq = sys::outq(fd).map_err(kernel_error("read the send queue size"))?;
+    let unsent_raw = sys::outq_unsent(fd).map_err(kernel_error("read the unsent queue size"))?;
+    let inq = sys::inq(fd).map_err(kernel_error("read the receive queue size"))?;
 
     // Our FIN takes a sequence number but is not data (DESIGN.md, step 7).
     let we_closed = u32::from(state.we_closed());
@@ -258,18 +371,17 @@ fn dump_fd(fd: BorrowedFd<'_>, flow: Flow) -> Result<ConnectionImage, Error> {
         unsent_raw
     };
 
-    sys::set_repair_queue(fd, Queue::Recv).map_err(k("select the receive queue"))?;
-    let rcv_nxt = sys::queue_seq(fd).map_err(k("read the receive sequence"))?;
-    let recv_queue = sys::peek(fd, inq as usize).map_err(k("read the receive queue"))?;
-    sys::set_repair_queue(fd, Queue::Send).map_err(k("select the send queue"))?;
-    let write_seq = sys::queue_seq(fd).map_err(k("read the send sequence"))?;
-    let send_data = sys::peek(fd, send_len as usize).map_err(k("read the send queue"))?;
-    sys::set_repair_queue(fd, Queue::No).map_err(k("leave the repair queue"))?;
+    sys::set_repair_queue(fd, Queue::Recv).map_err(kernel_error("select the receive queue"))?;
+    let rcv_nxt = sys::queue_seq(fd).map_err(kernel_error("read the receive sequence"))?;
+    let recv_queue = sys::peek(fd, inq as usize).map_err(kernel_error("read the receive queue"))?;
+    sys::set_repair_queue(fd, Queue::Send).map_err(kernel_error("select the send queue"))?;
+    let write_seq = sys::queue_seq(fd).map_err(kernel_error("read the send sequence"))?;
+    let send_data =
+        sys::peek(fd, send_len as usize).map_err(kernel_error("read the send queue"))?;
+    sys::set_repair_queue(fd, Queue::No).map_err(kernel_error("leave the repair queue"))?;
     if recv_queue.len() != inq as usize || send_data.len() != send_len as usize {
         return Err(Error::Inconsistent(format!(
-            "the queues of {} -> {} changed during the dump (receive {} of {inq}, send {} of {send_len} bytes)",
-            flow.local,
-            flow.peer,
+            "the queues of {flow} changed during the dump (receive {} of {inq}, send {} of {send_len} bytes)",
             recv_queue.len(),
             send_data.len()
         )));
@@ -281,9 +393,10 @@ fn dump_fd(fd: BorrowedFd<'_>, flow: Flow) -> Result<ConnectionImage, Error> {
         unsent: send_data[split..].to_vec(),
     };
 
-    let mss = sys::get_int(fd, libc::SOL_TCP, libc::TCP_MAXSEG).map_err(k("read TCP_MAXSEG"))?;
-    let timestamp = sys::tcp_timestamp(fd).map_err(k("read TCP_TIMESTAMP"))?;
-    let w = sys::repair_window(fd).map_err(k("read TCP_REPAIR_WINDOW"))?;
+    let mss = sys::get_int(fd, libc::SOL_TCP, libc::TCP_MAXSEG)
+        .map_err(kernel_error("read TCP_MAXSEG"))?;
+    let timestamp = sys::tcp_timestamp(fd).map_err(kernel_error("read TCP_TIMESTAMP"))?;
+    let w = sys::repair_window(fd).map_err(kernel_error("read TCP_REPAIR_WINDOW"))?;
     let window_scaling = info.options & sys::TCPI_OPT_WSCALE != 0;
     let img = ConnectionImage {
         local: flow.local,
@@ -356,9 +469,4 @@ pub fn flow_of(img: &ConnectionImage) -> Flow {
         local: img.local,
         peer: img.peer,
     }
-}
-
-/// A short label for a flow: `local -> peer`.
-pub fn label(local: SocketAddr, peer: SocketAddr) -> String {
-    format!("{local} -> {peer}")
 }

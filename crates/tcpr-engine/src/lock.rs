@@ -4,7 +4,8 @@
 //!
 //! One nftables table, `inet tcpr`, holds two sets keyed by
 //! `peer addr . peer port . local addr . local port` with per-element
-//! timeouts, and two rules (prerouting and output, priority -300, before
+//! timeouts (one set per wire family: a dual-stack socket's IPv4-mapped
+//! flow goes into the IPv4 set, since its packets are IPv4), and two rules (prerouting and output, priority -300, before
 //! conntrack) that drop matching packets. The table is created on first use
 //! and is otherwise static: per-flow state lives only in the set elements,
 //! which expire by themselves. The table is installed with the `nft`
@@ -25,10 +26,32 @@ use std::time::Duration;
 /// The default lease of a lock.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
 
+/// The longest lease a lock takes: a day. A lock only has to outlast a
+/// move (seconds); a longer one keeps a flow dead long after it matters,
+/// and nf_tables refuses timeouts past its jiffies range (ERANGE).
+pub const MAX_LEASE: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The shortest lease: nf_tables counts element timeouts in milliseconds.
+pub const MIN_LEASE: Duration = Duration::from_millis(1);
+
+/// The timeout a released element is re-added with before its delete in the
+/// same transaction (deleting an absent element fails the whole batch).
+const READD_BEFORE_DELETE_MS: u64 = 1000;
+
+/// How long the first release in a process watches its element expire
+/// before deciding that this kernel does not update expiries.
+const EXPIRY_WATCH: Duration = Duration::from_millis(100);
+
+/// How often that watch looks.
+const EXPIRY_POLL: Duration = Duration::from_micros(500);
+
 /// The nftables table tcpr owns.
 pub const TABLE: &str = "tcpr";
 
-/// One flow, as the lock keys it.
+/// One flow: the addresses as the socket reads them. A dual-stack socket
+/// (AF_INET6, not `IPV6_V6ONLY`) talking to an IPv4 peer reads IPv4-mapped
+/// addresses (`::ffff:10.0.0.1`) although its packets on the wire are IPv4;
+/// [`Flow::wire`] gives the addresses its packets carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Flow {
     /// Our address and port.
@@ -37,22 +60,82 @@ pub struct Flow {
     pub peer: SocketAddr,
 }
 
+impl std::fmt::Display for Flow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} -> {}", self.local, self.peer)
+    }
+}
+
+/// Two nf_tables registers per IPv6 address and one per IPv4 address, plus
+/// one (padded) per port: the key of an IPv6 flow.
+const KEY_BYTES_V6: usize = 2 * (16 + 4);
+
+/// The lock's set for each wire family, and its nf_tables type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LockSet {
+    /// IPv4 packets (also those of IPv4-mapped flows).
+    V4,
+    /// IPv6 packets.
+    V6,
+}
+
+impl LockSet {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            LockSet::V4 => "flows4",
+            LockSet::V6 => "flows6",
+        }
+    }
+}
+
 impl Flow {
+    /// The flow as its packets carry it: IPv4-mapped IPv6 addresses become
+    /// IPv4 (a mapped socket's segments leave and arrive as IPv4, through
+    /// the kernel's `ipv6_mapped` operations), others are unchanged.
+    pub fn wire(&self) -> Flow {
+        let canon = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+        Flow {
+            local: canon(self.local),
+            peer: canon(self.peer),
+        }
+    }
+
+    /// The lock set that sees this flow's packets.
+    pub(crate) fn set(&self) -> LockSet {
+        if self.wire().local.is_ipv4() {
+            LockSet::V4
+        } else {
+            LockSet::V6
+        }
+    }
+
+    /// The set key, laid out as nf_tables registers hold the concatenation
+    /// `peer addr . peer port . local addr . local port` of the packets on
+    /// the wire: each part in network order, padded to 4 bytes.
+    pub(crate) fn key(&self) -> Vec<u8> {
+        let wire = self.wire();
+        let mut key = Vec::with_capacity(KEY_BYTES_V6);
+        for a in [wire.peer, wire.local] {
+            match a.ip() {
+                std::net::IpAddr::V4(ip) => key.extend_from_slice(&ip.octets()),
+                std::net::IpAddr::V6(ip) => key.extend_from_slice(&ip.octets()),
+            }
+            key.extend_from_slice(&a.port().to_be_bytes());
+            key.extend_from_slice(&[0, 0]);
+        }
+        key
+    }
+
+    /// The element in `nft` syntax.
     fn element(&self) -> String {
+        let wire = self.wire();
         format!(
             "{} . {} . {} . {}",
-            self.peer.ip(),
-            self.peer.port(),
-            self.local.ip(),
-            self.local.port()
+            wire.peer.ip(),
+            wire.peer.port(),
+            wire.local.ip(),
+            wire.local.port()
         )
-    }
-    fn set(&self) -> &'static str {
-        if self.local.is_ipv4() {
-            "flows4"
-        } else {
-            "flows6"
-        }
     }
 }
 
@@ -83,7 +166,7 @@ impl Netns {
         Ok(Netns { fd: Some(ns) })
     }
     /// Device and inode of the namespace (`None`: the caller's own).
-    fn identity(&self) -> Option<(u64, u64)> {
+    pub(crate) fn identity(&self) -> Option<(u64, u64)> {
         self.fd
             .as_ref()
             .and_then(|f| sys::fd_identity(f.as_fd()).ok())
@@ -181,21 +264,27 @@ impl FlowLock {
     /// Drops the packets of `flows` in `ns` until released or until `lease`
     /// passes.
     pub fn acquire(flows: &[Flow], ns: Netns, lease: Duration) -> Result<FlowLock, Error> {
-        let secs = lease.as_secs().max(1);
+        if !(MIN_LEASE..=MAX_LEASE).contains(&lease) {
+            return Err(Error::LeaseOutOfRange {
+                lease,
+                max: MAX_LEASE,
+            });
+        }
+        let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
         // Fast path: the table is there, only elements change (no rule
         // churn, whose commit waits for an RCU grace period), over netlink.
         // Otherwise install the table, then add the elements, with `nft`.
         let mut batch = Batch::new();
-        for (set, group) in by_set(flows) {
-            batch.elements(TABLE, set, &group, Op::Add(secs * 1000));
+        for (set, keys) in by_set(flows) {
+            batch.elements(TABLE, set.name(), &keys, Op::Add(lease_ms));
         }
         if let Err(first) = fast(&ns, batch) {
             if matches!(first, Error::Permission(_)) {
                 return Err(first);
             }
-            nft(&ns, &(ruleset() + &script(flows, secs, false)))?;
+            nft(&ns, &(ruleset() + &script(flows, lease_ms, false)))?;
         }
-        tracing::debug!(flows = flows.len(), lease_secs = secs, "flows locked");
+        tracing::debug!(flows = flows.len(), lease_ms, "flows locked");
         Ok(FlowLock {
             flows: flows.to_vec(),
             ns,
@@ -299,8 +388,8 @@ fn release(ns: &Netns, flows: &[Flow], effect: Effect) -> Result<(), Error> {
     static EXPIRY_UPDATES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if EXPIRY_UPDATES.get() != Some(&false) {
         let mut batch = Batch::new();
-        for (set, group) in by_set(flows) {
-            batch.elements(TABLE, set, &group, Op::Expire);
+        for (set, keys) in by_set(flows) {
+            batch.elements(TABLE, set.name(), &keys, Op::Expire);
         }
         match fast(ns, batch) {
             Err(e @ Error::Permission(_)) => return Err(e),
@@ -312,15 +401,15 @@ fn release(ns: &Netns, flows: &[Flow], effect: Effect) -> Result<(), Error> {
                 // All expire at the same jiffy: watch the first one go.
                 let f = &flows[0];
                 let nsfd = ns.fd.as_ref().map(|f| f.as_fd());
-                let deadline = std::time::Instant::now() + Duration::from_millis(100);
+                let deadline = std::time::Instant::now() + EXPIRY_WATCH;
                 loop {
-                    match crate::nfnl::element_present(nsfd, TABLE, f.set(), f) {
+                    match crate::nfnl::element_present(nsfd, TABLE, f.set().name(), &f.key()) {
                         Ok(false) => {
                             let _ = EXPIRY_UPDATES.set(true);
                             return Ok(());
                         }
                         Ok(true) if std::time::Instant::now() < deadline => {
-                            std::thread::sleep(Duration::from_micros(500));
+                            std::thread::sleep(EXPIRY_POLL);
                         }
                         Ok(true) => {
                             if EXPIRY_UPDATES.set(false).is_ok() {
@@ -346,28 +435,31 @@ fn release(ns: &Netns, flows: &[Flow], effect: Effect) -> Result<(), Error> {
     // `add` then `delete` in one transaction: deleting an absent element
     // would fail the whole batch, and the element may have expired.
     let mut batch = Batch::new();
-    for (set, group) in by_set(flows) {
-        batch.elements(TABLE, set, &group, Op::Add(1000));
-        batch.elements(TABLE, set, &group, Op::Delete);
+    for (set, keys) in by_set(flows) {
+        batch.elements(TABLE, set.name(), &keys, Op::Add(READD_BEFORE_DELETE_MS));
+        batch.elements(TABLE, set.name(), &keys, Op::Delete);
     }
     match fast(ns, batch) {
         Err(e @ Error::Permission(_)) => Err(e),
         // No table yet: install it, which makes the batch valid.
-        Err(_) => nft(ns, &(ruleset() + &script(flows, 1, true))),
+        Err(_) => nft(
+            ns,
+            &(ruleset() + &script(flows, READD_BEFORE_DELETE_MS, true)),
+        ),
         Ok(()) => Ok(()),
     }
 }
 
-/// The `nft` script that adds `flows` with a timeout of `secs` (and, with
-/// `delete`, deletes them again in the same transaction): the slow path,
-/// when the table must be installed first.
-fn script(flows: &[Flow], secs: u64, delete: bool) -> String {
+/// The `nft` script that adds `flows` with a timeout of `timeout_ms` (and,
+/// with `delete`, deletes them again in the same transaction): the slow
+/// path, when the table must be installed first.
+fn script(flows: &[Flow], timeout_ms: u64, delete: bool) -> String {
     let mut out = String::new();
     for f in flows {
-        let (set, el) = (f.set(), f.element());
+        let (set, el) = (f.set().name(), f.element());
         let _ = writeln!(
             out,
-            "add element inet {TABLE} {set} {{ {el} timeout {secs}s }}"
+            "add element inet {TABLE} {set} {{ {el} timeout {timeout_ms}ms }}"
         );
         if delete {
             let _ = writeln!(out, "delete element inet {TABLE} {set} {{ {el} }}");
@@ -376,12 +468,13 @@ fn script(flows: &[Flow], secs: u64, delete: bool) -> String {
     out
 }
 
-/// The flows of each lock set.
-fn by_set(flows: &[Flow]) -> Vec<(&'static str, Vec<Flow>)> {
-    let (v4, v6): (Vec<Flow>, Vec<Flow>) = flows.iter().partition(|f| f.local.is_ipv4());
-    [("flows4", v4), ("flows6", v6)]
+/// The keys of `flows`, by the lock set that sees their packets.
+fn by_set(flows: &[Flow]) -> Vec<(LockSet, Vec<Vec<u8>>)> {
+    let (v4, v6): (Vec<&Flow>, Vec<&Flow>) = flows.iter().partition(|f| f.set() == LockSet::V4);
+    [(LockSet::V4, v4), (LockSet::V6, v6)]
         .into_iter()
-        .filter(|(_, g)| !g.is_empty())
+        .filter(|(_, group)| !group.is_empty())
+        .map(|(set, group)| (set, group.into_iter().map(Flow::key).collect()))
         .collect()
 }
 
@@ -400,7 +493,8 @@ fn fast(ns: &Netns, batch: Batch) -> Result<(), Error> {
     }
 }
 
-/// How many flows are locked in the current namespace (for tests and `tcpr ls`).
+/// How many flows are locked in the current namespace (for tests and
+/// scripts), from `nft`'s JSON listing of the lock's table.
 pub fn locked_flow_count() -> Result<usize, Error> {
     let out = Command::new("nft")
         .args(["-j", "list", "table", "inet", TABLE])
@@ -410,8 +504,106 @@ pub fn locked_flow_count() -> Result<usize, Error> {
         // No table: nothing locked.
         return Ok(0);
     }
-    let text = String::from_utf8_lossy(&out.stdout);
-    // Count elements without a JSON dependency in the engine: each element
-    // with a timeout is an object `{"elem": {...}}` inside the set's list.
-    Ok(text.matches("{\"elem\":").count())
+    count_elements(&out.stdout)
+}
+
+/// The elements of the lock's sets in `nft -j` output: `{"nftables": [...,
+/// {"set": {"name": "flows4", "elem": [...]}}, ...]}`.
+fn count_elements(json: &[u8]) -> Result<usize, Error> {
+    let listing: serde_json::Value = serde_json::from_slice(json)
+        .map_err(|e| Error::Lock(format!("nft printed JSON tcpr cannot read: {e}")))?;
+    let objects = listing["nftables"]
+        .as_array()
+        .ok_or_else(|| Error::Lock("nft's JSON listing has no \"nftables\" array".into()))?;
+    Ok(objects
+        .iter()
+        .filter_map(|o| o.get("set"))
+        .filter(|set| {
+            [LockSet::V4, LockSet::V6]
+                .iter()
+                .any(|s| set["name"] == s.name())
+        })
+        .filter_map(|set| set["elem"].as_array())
+        .map(Vec::len)
+        .sum())
+}
+
+/// Whether `flow` is locked in `ns`: its element is in the lock's set and
+/// not expired (one nf_tables netlink request).
+pub fn is_locked(ns: &Netns, flow: &Flow) -> Result<bool, Error> {
+    let nsfd = ns.fd.as_ref().map(|f| f.as_fd());
+    match crate::nfnl::element_present(nsfd, TABLE, flow.set().name(), &flow.key()) {
+        Ok(present) => Ok(present),
+        Err(NlError::Refused(libc::EPERM)) => Err(Error::Permission(
+            "nftables refused to list the lock: CAP_NET_ADMIN is needed".into(),
+        )),
+        Err(NlError::Refused(errno)) => Err(Error::Lock(format!(
+            "nf_tables refused to look up a lock element: {}",
+            std::io::Error::from_raw_os_error(errno)
+        ))),
+        Err(NlError::Io(e)) => Err(Error::Lock(format!("nf_tables netlink: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(local: &str, peer: &str) -> Flow {
+        Flow {
+            local: local.parse().unwrap(),
+            peer: peer.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn keys_are_register_aligned() {
+        let f = flow("10.0.0.2:80", "10.0.0.1:40000");
+        assert_eq!(
+            f.key(),
+            [10, 0, 0, 1, 0x9c, 0x40, 0, 0, 10, 0, 0, 2, 0, 80, 0, 0]
+        );
+        assert_eq!(f.set(), LockSet::V4);
+        let f6 = flow("[fd00::2]:443", "[fd00::1]:1");
+        assert_eq!(f6.key().len(), KEY_BYTES_V6);
+        assert_eq!(f6.set(), LockSet::V6);
+    }
+
+    #[test]
+    fn mapped_flows_are_keyed_by_their_wire_family() {
+        // A dual-stack socket's IPv4 connection: its packets are IPv4.
+        let mapped = flow("[::ffff:10.0.0.2]:80", "[::ffff:10.0.0.1]:40000");
+        let plain = flow("10.0.0.2:80", "10.0.0.1:40000");
+        assert_eq!(mapped.wire(), plain);
+        assert_eq!(mapped.set(), LockSet::V4);
+        assert_eq!(mapped.key(), plain.key());
+        assert_eq!(mapped.element(), "10.0.0.1 . 40000 . 10.0.0.2 . 80");
+        // The flow itself keeps the addresses as the application reads them.
+        assert_eq!(
+            mapped.to_string(),
+            "[::ffff:10.0.0.2]:80 -> [::ffff:10.0.0.1]:40000"
+        );
+    }
+
+    #[test]
+    fn nft_json_elements_are_counted_per_lock_set() {
+        let listing = br#"{"nftables": [{"metainfo": {"json_schema_version": 1}},
+            {"table": {"family": "inet", "name": "tcpr", "handle": 1}},
+            {"set": {"family": "inet", "name": "flows4", "table": "tcpr",
+              "elem": [{"elem": {"val": {"concat": ["10.0.0.1", 1, "10.0.0.2", 2]}, "timeout": 60}},
+                       {"elem": {"val": {"concat": ["10.0.0.3", 1, "10.0.0.2", 2]}, "timeout": 60}}]}},
+            {"set": {"family": "inet", "name": "flows6", "table": "tcpr"}},
+            {"set": {"family": "inet", "name": "other", "table": "tcpr", "elem": [1, 2, 3]}}]}"#;
+        assert_eq!(count_elements(listing).unwrap(), 2);
+        assert!(count_elements(b"{}").is_err());
+        assert!(count_elements(b"not json").is_err());
+    }
+
+    #[test]
+    fn leases_outside_the_bounds_are_refused() {
+        for lease in [Duration::ZERO, MAX_LEASE + Duration::from_secs(1)] {
+            let err = FlowLock::acquire(&[], Netns::current(), lease).unwrap_err();
+            assert!(matches!(err, Error::LeaseOutOfRange { .. }), "{err}");
+        }
+    }
 }

@@ -11,7 +11,6 @@
 //! fixed. Installing the table and rules still goes through `nft`
 //! (`lock.rs`), once per namespace.
 
-use crate::lock::Flow;
 use crate::sys;
 use std::os::fd::{AsFd, BorrowedFd};
 
@@ -48,31 +47,38 @@ const NETLINK_CAP_ACK: i32 = 10;
 /// many bytes, all in one batch (one transaction).
 const MAX_ELEMENTS_BYTES: usize = 60_000;
 
-/// The set key of a flow, laid out as nf_tables registers hold the
-/// concatenation `peer addr . peer port . local addr . local port`: each
-/// part in network order, padded to 4 bytes.
-pub(crate) fn key(f: &Flow) -> Vec<u8> {
-    let mut k = Vec::with_capacity(40);
-    for a in [f.peer, f.local] {
-        match a.ip() {
-            std::net::IpAddr::V4(ip) => k.extend_from_slice(&ip.octets()),
-            std::net::IpAddr::V6(ip) => k.extend_from_slice(&ip.octets()),
-        }
-        k.extend_from_slice(&a.port().to_be_bytes());
-        k.extend_from_slice(&[0, 0]);
-    }
-    k
-}
+/// A released element: it expires after this many milliseconds (the
+/// shortest expiry; the kernel rounds it up to the next jiffy). An
+/// expiration of 0 would mean the whole timeout.
+const EXPIRED_EXPIRATION_MS: u64 = 1;
+
+/// The timeout written with it (at least the expiration).
+const EXPIRED_TIMEOUT_MS: u64 = 1000;
+
+/// The netlink header (`struct nlmsghdr`) and the nfnetlink one
+/// (`struct nfgenmsg`).
+const NLMSG_HDR_BYTES: usize = 16;
+
+/// An acknowledgement or error: the header, then the errno (`struct nlmsgerr`).
+const NLMSG_ERROR_BYTES: usize = NLMSG_HDR_BYTES + 4;
+
+/// The receive buffer for the kernel's answers.
+const RECV_BUFFER_BYTES: usize = 64 * 1024;
+
+/// Room beyond a batch that the socket's send buffer must have.
+const SEND_BUFFER_SLACK_BYTES: usize = 4096;
+
+/// How long to wait for the kernel's answer.
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What to do with a flow's element.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Op {
     /// Add it, expiring after this many milliseconds.
     Add(u64),
-    /// Add it or update it, expiring in 1 ms (Linux 6.10+ updates the
-    /// expiry of an existing element; older kernels leave it unchanged).
-    /// An expiration of 0 would mean the whole timeout.
-    /// Unlike a delete, this commits without waiting for an RCU grace
+    /// Add it or update it, expiring in [`EXPIRED_EXPIRATION_MS`] (Linux
+    /// 6.10+ updates the expiry of an existing element; older kernels leave
+    /// it unchanged). Unlike a delete, this commits without waiting for an RCU grace
     /// period (10-30 ms).
     Expire,
     /// Delete it (it must exist in the transaction).
@@ -143,27 +149,28 @@ impl Batch {
         self.end(at);
     }
 
-    /// Adds or deletes the elements of `flows` in `table`'s set `set`.
-    pub(crate) fn elements(&mut self, table: &str, set: &str, flows: &[Flow], op: Op) {
+    /// Adds or deletes the elements with `keys` (laid out as the set's
+    /// type; see `Flow::key`) in `table`'s set `set`.
+    pub(crate) fn elements(&mut self, table: &str, set: &str, keys: &[Vec<u8>], op: Op) {
         let (ty, flags) = match op {
             Op::Add(_) | Op::Expire => {
                 (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK)
             }
             Op::Delete => (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK),
         };
-        let mut rest = flows;
+        let mut rest = keys;
         while !rest.is_empty() {
             let msg = self.header(NFNL_SUBSYS_NFTABLES << 8 | ty, flags, NFPROTO_INET, 0);
             put_attr(&mut self.buf, NFTA_SET_ELEM_LIST_TABLE, &nul(table));
             put_attr(&mut self.buf, NFTA_SET_ELEM_LIST_SET, &nul(set));
             let list = begin_nest(&mut self.buf, NFTA_SET_ELEM_LIST_ELEMENTS);
-            while let Some((f, more)) = rest.split_first() {
+            while let Some((key, more)) = rest.split_first() {
                 if self.buf.len() - list > MAX_ELEMENTS_BYTES {
                     break;
                 }
                 let el = begin_nest(&mut self.buf, NFTA_LIST_ELEM);
                 let k = begin_nest(&mut self.buf, NFTA_SET_ELEM_KEY);
-                put_attr(&mut self.buf, NFTA_DATA_VALUE, &key(f));
+                put_attr(&mut self.buf, NFTA_DATA_VALUE, key);
                 end_nest(&mut self.buf, k);
                 match op {
                     Op::Add(ms) => {
@@ -173,8 +180,10 @@ impl Batch {
                         put_attr(&mut self.buf, NFTA_SET_ELEM_EXPIRATION, &ms.to_be_bytes());
                     }
                     Op::Expire => {
-                        put_attr(&mut self.buf, NFTA_SET_ELEM_TIMEOUT, &1000u64.to_be_bytes());
-                        put_attr(&mut self.buf, NFTA_SET_ELEM_EXPIRATION, &1u64.to_be_bytes());
+                        let timeout = EXPIRED_TIMEOUT_MS.to_be_bytes();
+                        let expiration = EXPIRED_EXPIRATION_MS.to_be_bytes();
+                        put_attr(&mut self.buf, NFTA_SET_ELEM_TIMEOUT, &timeout);
+                        put_attr(&mut self.buf, NFTA_SET_ELEM_EXPIRATION, &expiration);
                     }
                     Op::Delete => {}
                 }
@@ -226,12 +235,12 @@ pub(crate) fn table_exists(table: &str) -> Result<bool, NlError> {
     })
 }
 
-/// Whether `flow`'s element is in `table`'s set `set` and not expired.
+/// Whether the element with `key` is in `table`'s set `set` and not expired.
 pub(crate) fn element_present(
     ns: Option<BorrowedFd<'_>>,
     table: &str,
     set: &str,
-    flow: &Flow,
+    key: &[u8],
 ) -> Result<bool, NlError> {
     exists(ns, NFT_MSG_GETSETELEM, |buf| {
         put_attr(buf, NFTA_SET_ELEM_LIST_TABLE, &nul(table));
@@ -239,7 +248,7 @@ pub(crate) fn element_present(
         let list = begin_nest(buf, NFTA_SET_ELEM_LIST_ELEMENTS);
         let el = begin_nest(buf, NFTA_LIST_ELEM);
         let k = begin_nest(buf, NFTA_SET_ELEM_KEY);
-        put_attr(buf, NFTA_DATA_VALUE, &key(flow));
+        put_attr(buf, NFTA_DATA_VALUE, key);
         end_nest(buf, k);
         end_nest(buf, el);
         end_nest(buf, list);
@@ -281,27 +290,29 @@ fn exchange(ns: Option<BorrowedFd<'_>>, msg: &[u8], acks: usize) -> Result<usize
     // Errors need not echo our (large) messages back.
     let _ = sys::set_int(fd, SOL_NETLINK, NETLINK_CAP_ACK, 1);
     // A netlink datagram must fit the socket's send buffer.
-    let want = i32::try_from(msg.len() + 4096).unwrap_or(i32::MAX / 2);
+    let want = i32::try_from(msg.len() + SEND_BUFFER_SLACK_BYTES).unwrap_or(i32::MAX / 2);
     if sys::get_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF).unwrap_or(0) < want {
         let _ = sys::set_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, want)
             .or_else(|_| sys::set_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, want));
     }
-    sys::set_recv_timeout(fd, std::time::Duration::from_secs(5)).map_err(NlError::Io)?;
+    sys::set_recv_timeout(fd, ANSWER_TIMEOUT).map_err(NlError::Io)?;
     sys::send_all(fd, msg).map_err(NlError::Io)?;
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; RECV_BUFFER_BYTES];
     let mut seen = 0;
     let mut data = 0;
     while seen < acks {
         let n = sys::recv_into(fd, &mut buf).map_err(NlError::Io)?;
         let mut at = 0;
-        while at + 20 <= n {
+        while at + NLMSG_ERROR_BYTES <= n {
             let len = u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize;
             let ty = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2 bytes"));
-            if len < 16 || at + len > n {
+            if len < NLMSG_HDR_BYTES || at + len > n {
                 break;
             }
             if ty == NLMSG_ERROR {
-                let err = i32::from_ne_bytes(buf[at + 16..at + 20].try_into().expect("4 bytes"));
+                let errno_at = at + NLMSG_HDR_BYTES;
+                let err =
+                    i32::from_ne_bytes(buf[errno_at..errno_at + 4].try_into().expect("4 bytes"));
                 if err != 0 {
                     return Err(NlError::Refused(-err));
                 }
@@ -320,36 +331,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_are_register_aligned() {
-        let f = Flow {
-            local: "10.0.0.2:80".parse().unwrap(),
-            peer: "10.0.0.1:40000".parse().unwrap(),
-        };
-        assert_eq!(
-            key(&f),
-            [10, 0, 0, 1, 0x9c, 0x40, 0, 0, 10, 0, 0, 2, 0, 80, 0, 0]
-        );
-        let f6 = Flow {
-            local: "[fd00::2]:443".parse().unwrap(),
-            peer: "[fd00::1]:1".parse().unwrap(),
-        };
-        assert_eq!(key(&f6).len(), 40);
-    }
-
-    #[test]
     fn large_batches_split_into_messages_under_the_attribute_limit() {
-        let flows: Vec<Flow> = (0..5000u32)
-            .map(|i| Flow {
-                local: "[fd00::2]:443".parse().unwrap(),
-                peer: std::net::SocketAddr::new(
-                    std::net::Ipv6Addr::from(0xfd00_0000_0000_0000_0000_0000_0000_0000 | i as u128)
-                        .into(),
-                    1000,
-                ),
+        // IPv6 keys: two addresses and two padded ports.
+        let keys: Vec<Vec<u8>> = (0..5000u32)
+            .map(|i| {
+                let mut k = vec![0u8; 40];
+                k[..4].copy_from_slice(&i.to_be_bytes());
+                k
             })
             .collect();
         let mut b = Batch::new();
-        b.elements("tcpr", "flows6", &flows, Op::Add(60_000));
+        b.elements("tcpr", "flows6", &keys, Op::Add(60_000));
         let (buf, acks) = b.finish();
         assert!(acks > 1, "split into {acks} messages");
         // Walk the messages: every length fits, and they tile the buffer.

@@ -17,6 +17,19 @@ use tcpr_netlab::{Host, Lab};
 const C2S: u64 = 0xc11e;
 const S2C: u64 = 0x5e7e;
 const SERVICE: &str = "10.77.0.100";
+const SERVICE_PORT: u16 = 8080;
+/// The server state's encoding: two big-endian u64 counters.
+const STATE_BYTES: usize = 2 * std::mem::size_of::<u64>();
+/// The paced writer's chunk.
+const WRITE_CHUNK_BYTES: usize = 16 * 1024;
+/// The verifying reader's buffer.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// How long the reader waits before looking again at an idle socket.
+const READ_IDLE_WAIT: Duration = Duration::from_micros(200);
+/// How long the end of the demo waits for the last bytes to arrive.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The shell's exit status for a program ended by SIGINT.
+const EXIT_INTERRUPTED: i32 = 128 + libc::SIGINT;
 
 /// The server application's state; it travels as the image's blob.
 #[derive(Clone, Copy, Debug, Default)]
@@ -30,8 +43,11 @@ impl ServerState {
         [self.received.to_be_bytes(), self.sent.to_be_bytes()].concat()
     }
     fn decode(b: &[u8]) -> Result<ServerState> {
-        if b.len() != 16 {
-            bail!("application blob has {} bytes, expected 16", b.len());
+        if b.len() != STATE_BYTES {
+            bail!(
+                "application blob has {} bytes, expected {STATE_BYTES}",
+                b.len()
+            );
         }
         Ok(ServerState {
             received: u64::from_be_bytes(b[..8].try_into()?),
@@ -50,7 +66,7 @@ fn paced_write(
 ) -> Result<()> {
     let start = Instant::now();
     let base = off.load(Ordering::SeqCst);
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = vec![0u8; WRITE_CHUNK_BYTES];
     while !stop.load(Ordering::SeqCst) {
         let due = base + (start.elapsed().as_secs_f64() * rate as f64) as u64;
         let cur = off.load(Ordering::SeqCst);
@@ -82,7 +98,7 @@ fn verified_read(
     stop: &AtomicBool,
     gap: Option<&Mutex<Duration>>,
 ) -> Result<()> {
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; READ_BUFFER_BYTES];
     let mut last = Instant::now();
     while !stop.load(Ordering::SeqCst) {
         match sock.read(&mut buf) {
@@ -101,7 +117,7 @@ fn verified_read(
                 last = now;
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                std::thread::sleep(Duration::from_micros(200))
+                std::thread::sleep(READ_IDLE_WAIT)
             }
             Err(e) => return Err(e.into()),
         }
@@ -207,7 +223,7 @@ pub fn run(migrations: u32, interval: Duration, rate: u64) -> Result<()> {
     ctrlc::set_handler(|| {
         tcpr_netlab::cleanup_all();
         eprintln!("\ninterrupted: network namespaces removed");
-        std::process::exit(130);
+        std::process::exit(EXIT_INTERRUPTED);
     })
     .context("install the Ctrl-C handler")?;
 
@@ -222,8 +238,8 @@ pub fn run(migrations: u32, interval: Duration, rate: u64) -> Result<()> {
     }
     println!("hosts: client 10.77.0.1, host-a 10.77.0.2, host-b 10.77.0.3; service {SERVICE}:8080 on host-a");
 
-    let listener = a.within(|| Ok(TcpListener::bind((SERVICE, 8080))?))?;
-    let csock = client.within(|| Ok(TcpStream::connect((SERVICE, 8080))?))?;
+    let listener = a.within(|| Ok(TcpListener::bind((SERVICE, SERVICE_PORT))?))?;
+    let csock = client.within(|| Ok(TcpStream::connect((SERVICE, SERVICE_PORT))?))?;
     let (ssock, peer) = listener.accept()?;
     drop(listener);
     println!(
@@ -290,7 +306,7 @@ pub fn run(migrations: u32, interval: Duration, rate: u64) -> Result<()> {
         .join()
         .map_err(|_| anyhow::anyhow!("client writer panicked"))??;
     let total_c2s = c_sent.load(Ordering::SeqCst);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
     while server.received.load(Ordering::SeqCst) < total_c2s && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }

@@ -58,7 +58,7 @@ pub struct AgentArgs {
     /// 0.0.0.0:PORT or [::]:PORT allows any address on that port).
     #[arg(long, required = true)]
     allow: Vec<SocketAddr>,
-    /// Seconds to wait for each next message before COMMIT.
+    /// Seconds to wait for each next message before COMMIT (0.001 to 3600).
     #[arg(long, default_value_t = 2.0)]
     timeout: f64,
 }
@@ -91,19 +91,16 @@ pub struct MigrateArgs {
     /// Shell command that undoes --switch-cmd.
     #[arg(long, requires = "switch_cmd")]
     unswitch_cmd: Option<String>,
-    /// Seconds to wait for the agent at each step.
+    /// Seconds to wait for the agent at each step (0.001 to 3600).
     #[arg(long, default_value_t = 2.0)]
     timeout: f64,
-    /// Seconds the source lock lasts when the outcome is unknown.
-    #[arg(long, default_value_t = 60)]
+    /// Seconds the source lock lasts when the outcome is unknown (1 to 86400).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=crate::bounds::MAX_LEASE_SECS))]
     lease: u64,
 }
 
 fn secs(s: f64, what: &str) -> Result<Duration> {
-    if !(s.is_finite() && s > 0.0) {
-        bail!("{what} must be a positive number of seconds");
-    }
-    Ok(Duration::from_secs_f64(s))
+    crate::bounds::step_timeout(&s.to_string()).map_err(|e| anyhow::anyhow!("{what}: {e}"))
 }
 
 pub fn agent(a: AgentArgs) -> Result<i32> {
@@ -128,17 +125,45 @@ pub fn agent(a: AgentArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// The fds to move: (pid, fd) pairs.
+/// The fds to move: (pid, fd) pairs. Frozen sockets (an earlier dump or
+/// move froze them; they may live on elsewhere) are refused when named with
+/// --fd and left out, with a note, when listed.
 fn select(m: &MigrateArgs) -> Result<Vec<(i32, i32)>> {
+    if m.local.is_some() && !m.fd.is_empty() {
+        bail!("--fd selects fds of --pid; --local moves every connection with that local address: give one or the other");
+    }
+    let frozen_note = |frozen: &[String]| {
+        if !frozen.is_empty() {
+            eprintln!(
+                "left out {} frozen connection(s) (an earlier dump or move froze them; `tcpr ls` shows them): {}",
+                frozen.len(),
+                frozen.join(", ")
+            );
+        }
+    };
     if let Some(pid) = m.pid {
         if !m.fd.is_empty() {
+            for &fd in &m.fd {
+                let sock = tcpr_engine::take_fd(pid, fd)?;
+                let sock = std::os::fd::AsFd::as_fd(&sock);
+                tcpr_engine::inspect_socket(sock)?;
+                if tcpr_engine::is_frozen(sock)? {
+                    bail!("fd {fd} of process {pid} is frozen already (an earlier dump or move froze it, and it may live on elsewhere): moving it could make one connection two; `tcpr thaw --pid {pid} --fd {fd}` first if it was not restored elsewhere");
+                }
+            }
             return Ok(m.fd.iter().map(|&fd| (pid, fd)).collect());
         }
         let socks = tcpr_engine::diag::list(Some(pid))?;
+        let frozen: Vec<String> = socks
+            .iter()
+            .filter(|e| e.frozen == tcpr_engine::diag::Fact::Yes)
+            .map(|e| e.flow().to_string())
+            .collect();
+        frozen_note(&frozen);
         let picked: Vec<(i32, i32)> = socks
             .iter()
             .filter(|e| e.dumpable().is_ok())
-            .filter_map(|e| e.owners.first().copied())
+            .filter_map(|e| e.owners.first().map(|o| (o.pid, o.fd)))
             .collect();
         if picked.is_empty() {
             bail!("process {pid} holds no TCP connection that can be moved");
@@ -146,11 +171,20 @@ fn select(m: &MigrateArgs) -> Result<Vec<(i32, i32)>> {
         return Ok(picked);
     }
     let local = m.local.context("--pid or --local is required")?;
+    // A dual-stack socket reads its IPv4 address as ::ffff:a.b.c.d: compare
+    // addresses as they are on the wire.
+    let wire = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
     let socks = tcpr_engine::diag::list(None)?;
+    let frozen: Vec<String> = socks
+        .iter()
+        .filter(|e| wire(e.local) == wire(local) && e.frozen == tcpr_engine::diag::Fact::Yes)
+        .map(|e| e.flow().to_string())
+        .collect();
+    frozen_note(&frozen);
     let picked: Vec<(i32, i32)> = socks
         .iter()
-        .filter(|e| e.local == local && e.dumpable().is_ok())
-        .filter_map(|e| e.owners.first().copied())
+        .filter(|e| wire(e.local) == wire(local) && e.dumpable().is_ok())
+        .filter_map(|e| e.owners.first().map(|o| (o.pid, o.fd)))
         .collect();
     if picked.is_empty() {
         bail!("no movable TCP connection has the local address {local}");
@@ -162,7 +196,7 @@ pub fn migrate(m: MigrateArgs) -> Result<i32> {
     let auth = m.auth.auth()?;
     let mut opts = MigrateOptions::new(m.to, auth);
     opts.timeout = secs(m.timeout, "--timeout")?;
-    opts.lease = Duration::from_secs(m.lease.max(1));
+    opts.lease = Duration::from_secs(m.lease);
     opts.switch = match (&m.switch_cmd, &m.unswitch_cmd, m.move_address) {
         (_, _, true) => Switch::MoveAddress,
         (Some(s), Some(u), false) => Switch::Commands {

@@ -654,3 +654,28 @@ pub(crate) fn recv_into(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize>
         .map(|n| n as usize)
         .map_err(ctx("recv"))
 }
+
+// ---- cli additions ----
+
+/// Whether the socket is in repair mode. `do_tcp_getsockopt` answers
+/// `TCP_REPAIR` with `tp->repair` for anyone holding the socket: no
+/// capability is checked on reads.
+pub(crate) fn repair_mode(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    get_int(fd, libc::SOL_TCP, TCP_REPAIR)
+        .map(|mode| mode != REPAIR_OFF)
+        .map_err(ctx("read TCP_REPAIR"))
+}
+
+/// `SO_NETNS_COOKIE` (`asm-generic/socket.h`, Linux 5.14): a u64 naming the
+/// socket's network namespace, unique for the boot.
+const SO_NETNS_COOKIE: i32 = 71;
+
+/// The cookie of the socket's network namespace: one `getsockopt`, where
+/// `SIOCGSKNS` would open an fd per socket.
+pub(crate) fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: SO_NETNS_COOKIE is read as a u64 (`sock_gen_cookie` of the
+    // namespace, `put_user` of 8 bytes).
+    unsafe { getsockopt::<u64>(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE) }
+        .map(|(cookie, _)| cookie)
+        .map_err(ctx("read SO_NETNS_COOKIE"))
+}
