@@ -24,7 +24,8 @@ pub mod wire;
 pub use agent::{AgentConfig, AgentServer, Delivery};
 pub use auth::Auth;
 pub use deliver::Delivered;
-pub use sender::{migrate, MigrateOptions, Outgoing, Report, Switch};
+pub use machine::Framing;
+pub use sender::{migrate, MigrateOptions, Outgoing, Refused, Report, Switch};
 
 /// Errors of a handoff as a whole (per-connection outcomes are in the
 /// [`Report`]).
@@ -46,57 +47,63 @@ pub enum HandOff {
     Moved,
     /// It stayed and carries on here, with why.
     Stayed(std::net::TcpStream, String),
-    /// The agent may own it; it is frozen here until the lease ends.
-    Unknown(String),
+    /// The agent may own it; it is frozen here until the lease ends. The
+    /// stream is given back still frozen (repair mode): keep it, and thaw
+    /// it only once the agent is known not to hold the connection.
+    Unknown(std::net::TcpStream, String),
+}
+
+/// A handoff that did not start: nothing was changed and every stream is
+/// given back, in the input order, with its blob.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct HandOffError {
+    /// Why.
+    pub error: Error,
+    /// The streams, untouched.
+    pub conns: Vec<(std::net::TcpStream, Vec<u8>)>,
 }
 
 /// Hands connections (each with its application blob) to an agent, in one
-/// batch. The result follows the input order.
+/// batch. The result follows the input order; on error every stream comes
+/// back untouched in the [`HandOffError`].
 pub fn hand_off(
     conns: Vec<(std::net::TcpStream, Vec<u8>)>,
     opts: &MigrateOptions,
-) -> Result<Vec<HandOff>, Error> {
+) -> Result<Vec<HandOff>, HandOffError> {
     use std::os::fd::OwnedFd;
-    let mut keep = Vec::with_capacity(conns.len());
-    let mut out = Vec::with_capacity(conns.len());
-    for (s, blob) in conns {
-        let dup: OwnedFd = s
-            .try_clone()
-            .map_err(|e| tcpr_engine::Error::kernel("duplicate the socket", e))?
-            .into();
-        let flow = Flow {
-            local: s
-                .local_addr()
-                .map_err(|e| tcpr_engine::Error::kernel("read the local address", e))?,
-            peer: s
-                .peer_addr()
-                .map_err(|e| tcpr_engine::Error::kernel("read the peer address", e))?,
-        };
-        keep.push((flow, s));
-        out.push(Outgoing { sock: dup, blob });
-    }
-    let report = migrate(out, opts, &|_| {})?;
-    Ok(keep
+    let n = conns.len();
+    let out: Vec<Outgoing> = conns
         .into_iter()
-        .map(|(flow, s)| {
-            if report.moved.contains(&flow) {
-                HandOff::Moved
-            } else if let Some((_, why)) = report.unknown.iter().find(|(f, _)| *f == flow) {
-                HandOff::Unknown(why.clone())
-            } else {
-                let why = report
-                    .rolled_back
-                    .iter()
-                    .find(|(f, _)| *f == flow)
-                    .map(|(_, w)| w.clone())
-                    .unwrap_or_else(|| "not moved".into());
-                HandOff::Stayed(s, why)
-            }
+        .map(|(s, blob)| Outgoing {
+            sock: OwnedFd::from(s),
+            blob,
         })
+        .collect();
+    let report = migrate(out, opts, &|_| {}).map_err(|r| HandOffError {
+        error: r.error,
+        conns: r
+            .conns
+            .into_iter()
+            .map(|c| (std::net::TcpStream::from(c.sock), c.blob))
+            .collect(),
+    })?;
+    let mut results: Vec<Option<HandOff>> = (0..n).map(|_| None).collect();
+    for m in report.moved {
+        results[m.index] = Some(HandOff::Moved);
+    }
+    for r in report.rolled_back {
+        results[r.index] = Some(HandOff::Stayed(r.sock.into(), r.why));
+    }
+    for u in report.unknown {
+        results[u.index] = Some(HandOff::Unknown(u.sock.into(), u.why));
+    }
+    // `migrate` gives every connection exactly one outcome.
+    Ok(results
+        .into_iter()
+        .map(|r| r.unwrap_or(HandOff::Moved))
         .collect())
 }
-
-use tcpr_engine::Flow;
 
 /// Connections handed to this process by other hosts (an agent running on
 /// a thread of its own, delivering in process).
