@@ -251,6 +251,9 @@ fn run_shell_command(command: &str) -> Result<(), SwitchError> {
     }
 }
 
+/// Bytes gathered before a write to the TLS channel (one record is 16 KiB).
+const TLS_WRITE_BUFFER: usize = 64 << 10;
+
 /// One connection of the batch, from freeze to fate.
 struct Conn {
     /// The caller's socket (the frozen one is a duplicate).
@@ -580,21 +583,21 @@ impl Driver<'_> {
     /// the connections it names (an empty one for a dump that failed: the
     /// agent refuses it, and the machine has rolled it back already).
     fn send(&mut self, c: &mut Channel, msg: Msg) -> Result<(), WireError> {
-        let frame = match msg {
-            Msg::Prepare(ids) => pb::Message {
-                kind: Some(pb::message::Kind::Prepare(pb::Prepare {
-                    connections: ids
-                        .into_iter()
-                        .map(|id| pb::PreparedConnection {
-                            id,
-                            image: self.staged.remove(&id).unwrap_or_default(),
-                        })
-                        .collect(),
-                })),
-            },
-            other => wire::to_wire(&other),
-        };
-        wire::write_msg(c, &frame)?;
+        match msg {
+            Msg::Prepare(ids) => {
+                let images: Vec<(ConnId, Vec<u8>)> = ids
+                    .into_iter()
+                    .map(|id| (id, self.staged.remove(&id).unwrap_or_default()))
+                    .collect();
+                let refs: Vec<(ConnId, &[u8])> =
+                    images.iter().map(|(id, img)| (*id, &img[..])).collect();
+                // Headers and images in TLS records of a useful size.
+                let mut w = io::BufWriter::with_capacity(TLS_WRITE_BUFFER, &mut *c);
+                wire::write_prepare(&mut w, &refs)?;
+                w.flush()?;
+            }
+            other => wire::write_msg(c, &wire::to_wire(&other))?,
+        }
         c.flush()?;
         Ok(())
     }
