@@ -214,10 +214,11 @@ fn a_hundred_busy_connections_evacuate_in_one_command() {
         "about a megabyte queued on every connection: {queued:?}"
     );
     let (out, peak) = net.evacuate();
+    eprintln!("{total} bytes queued; the sender peaked at {peak} bytes");
     net.assert_evacuated(&out, COUNT, &mut recv);
     // The sender holds about a frame of images, not the batch.
     assert!(
-        peak < total / 3,
+        peak < total / 4,
         "the sender peaked at {peak} bytes for {total} bytes of queues"
     );
     server.kill();
