@@ -255,6 +255,12 @@ impl Sender {
         &self.fates
     }
 
+    /// One timeout from `now`; none when the timeout is beyond the clock's
+    /// range (a huge `--timeout` waits forever rather than overflowing).
+    fn deadline_after(&self, now: Instant) -> Option<Instant> {
+        now.checked_add(self.timeout)
+    }
+
     fn finish(&mut self) {
         self.state = SenderState::Done;
         self.deadline = None;
@@ -274,7 +280,7 @@ impl Sender {
                 self.awaiting.extend(frame.iter().copied());
                 self.in_flight += 1;
                 self.outbox.push_back(Msg::Prepare(frame));
-                self.deadline = Some(now + self.timeout);
+                self.deadline = self.deadline_after(now);
                 continue;
             }
             if self.dumping.is_some() {
@@ -404,7 +410,7 @@ impl Sender {
                 self.deadline = if self.awaiting.is_empty() {
                     None
                 } else {
-                    Some(now + self.timeout)
+                    self.deadline_after(now)
                 };
                 self.pump(now);
             }
@@ -473,7 +479,7 @@ impl Sender {
                     ids: self.ready.iter().copied().collect(),
                     take_address: moved_address,
                 });
-                self.deadline = Some(now + self.timeout);
+                self.deadline = self.deadline_after(now);
             }
             (SenderState::Switching, SwitchOutcome::Failed(e)) => {
                 // A switch may fail half-way: undo it whole.

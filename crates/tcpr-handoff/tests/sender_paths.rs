@@ -20,7 +20,9 @@ fn pattern(seed: u8) -> Vec<u8> {
 }
 
 fn auth() -> Auth {
-    Auth::Psk(std::sync::Arc::new(b"sender error path shared key".to_vec()))
+    Auth::Psk(std::sync::Arc::new(
+        b"sender error path shared key".to_vec(),
+    ))
 }
 
 /// c at .1, a at .2 and .100, b at .3 of 10.`net`.0.0/24.
@@ -28,7 +30,10 @@ fn hosts(tag: &str, net: u8) -> (Lab, Host, Host, Host) {
     let mut lab = Lab::new(tag).unwrap();
     let c = lab.host("c", &[&format!("10.{net}.0.1/24")]).unwrap();
     let a = lab
-        .host("a", &[&format!("10.{net}.0.2/24"), &format!("10.{net}.0.100/24")])
+        .host(
+            "a",
+            &[&format!("10.{net}.0.2/24"), &format!("10.{net}.0.100/24")],
+        )
         .unwrap();
     let b = lab.host("b", &[&format!("10.{net}.0.3/24")]).unwrap();
     (lab, c, a, b)
@@ -94,9 +99,7 @@ fn a_refused_batch_gives_every_stream_back() {
     agent_ready.recv().unwrap();
     let (up, up_rx) = mpsc::channel();
     let (go, go_rx) = mpsc::channel();
-    let listener = a
-        .within(|| Ok(TcpListener::bind("0.0.0.0:9200")?))
-        .unwrap();
+    let listener = a.within(|| Ok(TcpListener::bind("0.0.0.0:9200")?)).unwrap();
     std::thread::scope(|sc| {
         let c = &c;
         sc.spawn(move || {
@@ -118,10 +121,7 @@ fn a_refused_batch_gives_every_stream_back() {
             .within(|| Ok(hand_off(conns, &opts)))
             .unwrap()
             .expect_err("two local addresses cannot move with one address");
-        assert!(
-            err.to_string().contains("several local addresses"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("several local addresses"), "{err}");
         let mut back = err.conns;
         assert_eq!(back.len(), 2, "every stream comes back");
         go.send(()).unwrap();
@@ -141,15 +141,19 @@ fn a_refused_tokio_batch_gives_every_stream_back() {
     let (_lab, c, a, b) = hosts("st", 98);
     let agent: SocketAddr = "10.98.0.3:7072".parse().unwrap();
     let _incoming = b
-        .within(move || Ok(Incoming::bind(agent, auth(), vec!["0.0.0.0:9200".parse().unwrap()])?))
+        .within(move || {
+            Ok(Incoming::bind(
+                agent,
+                auth(),
+                vec!["0.0.0.0:9200".parse().unwrap()],
+            )?)
+        })
         .unwrap();
     let (up, up_rx) = mpsc::channel();
     let (go, go_rx) = mpsc::channel();
     std::thread::scope(|sc| {
         let c = &c;
-        let listener = a
-            .within(|| Ok(TcpListener::bind("0.0.0.0:9200")?))
-            .unwrap();
+        let listener = a.within(|| Ok(TcpListener::bind("0.0.0.0:9200")?)).unwrap();
         sc.spawn(move || {
             client(
                 c,
@@ -226,5 +230,42 @@ fn a_silent_agent_is_reported_as_silent() {
         );
         go.send(()).unwrap();
         echo_chunk(s).unwrap();
+    });
+}
+
+/// A timeout as large as a `Duration` holds moves a connection: every wait
+/// saturates instead of overflowing (it panicked at `timeout * 4`).
+#[test]
+fn a_huge_timeout_moves_a_connection() {
+    let (_lab, c, a, b) = hosts("sh", 100);
+    let agent: SocketAddr = "10.100.0.3:7072".parse().unwrap();
+    let incoming = b
+        .within(move || {
+            Ok(Incoming::bind(
+                agent,
+                auth(),
+                vec!["10.100.0.100:9200".parse().unwrap()],
+            )?)
+        })
+        .unwrap();
+    let (up, up_rx) = mpsc::channel();
+    let (go, go_rx) = mpsc::channel();
+    let listener = a
+        .within(|| Ok(TcpListener::bind("10.100.0.100:9200")?))
+        .unwrap();
+    std::thread::scope(|sc| {
+        let c = &c;
+        sc.spawn(move || client(c, vec!["10.100.0.100:9200".parse().unwrap()], up, go_rx));
+        up_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let conns = accept(&listener, 1);
+        let mut opts = MigrateOptions::new(agent, auth());
+        opts.timeout = Duration::MAX;
+        opts.switch = Switch::MoveAddress;
+        let r = a.within(|| Ok(hand_off(conns, &opts))).unwrap().unwrap();
+        assert!(matches!(r[..], [HandOff::Moved]), "{r:?}");
+        let mut d = incoming.accept().expect("the connection arrives");
+        assert_eq!(d.blob, b"blob");
+        go.send(()).unwrap();
+        echo_chunk(&mut d.stream).unwrap();
     });
 }

@@ -31,7 +31,10 @@ impl Evacuation {
         let mut lab = Lab::new(tag).unwrap();
         let c = lab.host("c", &[&format!("10.{n}.0.1/24")]).unwrap();
         let a = lab
-            .host("a", &[&format!("10.{n}.0.2/24"), &format!("10.{n}.0.100/24")])
+            .host(
+                "a",
+                &[&format!("10.{n}.0.2/24"), &format!("10.{n}.0.100/24")],
+            )
             .unwrap();
         let b = lab.host("b", &[&format!("10.{n}.0.3/24")]).unwrap();
         Evacuation {
@@ -174,7 +177,10 @@ impl Evacuation {
             "{stdout}"
         );
         recv.expect(&format!("got {count}"), Duration::from_secs(60));
-        assert!(!self.has_svc(&self.a) && self.has_svc(&self.b), "the address moved");
+        assert!(
+            !self.has_svc(&self.a) && self.has_svc(&self.b),
+            "the address moved"
+        );
         assert_eq!(locked(&self.a), 0, "the source locks are released");
     }
 }
@@ -190,7 +196,10 @@ fn assert_every_byte(client: &mut Proc, count: usize) -> serde_json::Value {
     let v: serde_json::Value =
         serde_json::from_str(&client.expect("{", Duration::from_secs(600))).unwrap();
     assert!(v["error"].is_null(), "client reports: {v}");
-    assert_eq!(v["complete"], count, "every connection echoed every byte: {v}");
+    assert_eq!(
+        v["complete"], count,
+        "every connection echoed every byte: {v}"
+    );
     assert_eq!(v["sent"], v["received"], "{v}");
     v
 }
