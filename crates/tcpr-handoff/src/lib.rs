@@ -88,21 +88,24 @@ pub fn hand_off(
             .map(|c| (std::net::TcpStream::from(c.sock), c.blob))
             .collect(),
     })?;
-    let mut results: Vec<Option<HandOff>> = (0..n).map(|_| None).collect();
-    for m in report.moved {
-        results[m.index] = Some(HandOff::Moved);
-    }
-    for r in report.rolled_back {
-        results[r.index] = Some(HandOff::Stayed(r.sock.into(), r.why));
-    }
-    for u in report.unknown {
-        results[u.index] = Some(HandOff::Unknown(u.sock.into(), u.why));
-    }
-    // `migrate` gives every connection exactly one outcome.
-    Ok(results
-        .into_iter()
-        .map(|r| r.unwrap_or(HandOff::Moved))
-        .collect())
+    // `migrate` gives each input exactly one outcome, by its index.
+    let mut results: Vec<(usize, HandOff)> = Vec::with_capacity(n);
+    results.extend(report.moved.into_iter().map(|m| (m.index, HandOff::Moved)));
+    results.extend(
+        report
+            .rolled_back
+            .into_iter()
+            .map(|r| (r.index, HandOff::Stayed(r.sock.into(), r.why))),
+    );
+    results.extend(
+        report
+            .unknown
+            .into_iter()
+            .map(|u| (u.index, HandOff::Unknown(u.sock.into(), u.why))),
+    );
+    results.sort_by_key(|(index, _)| *index);
+    debug_assert_eq!(results.len(), n);
+    Ok(results.into_iter().map(|(_, r)| r).collect())
 }
 
 /// Connections handed to this process by other hosts (an agent running on

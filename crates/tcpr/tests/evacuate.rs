@@ -191,6 +191,19 @@ impl Drop for Evacuation {
     }
 }
 
+/// A running process's peak resident memory, as /proc says.
+fn peak_rss(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM"))
+        .unwrap_or("VmHWM unknown")
+        .split_whitespace()
+        .skip(1)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn assert_every_byte(client: &mut Proc, count: usize) -> serde_json::Value {
     client.send("finish");
     let v: serde_json::Value =
@@ -213,7 +226,7 @@ fn assert_every_byte(client: &mut Proc, count: usize) -> serde_json::Value {
 fn a_hundred_busy_connections_evacuate_in_one_command() {
     const COUNT: usize = 100;
     let net = Evacuation::new("ev", 93);
-    let (mut recv, _agent) = net.receiver();
+    let (mut recv, agent) = net.receiver();
     let (mut server, mut client) = net.busy(COUNT, 1 << 20, 1 << 20, 512 << 10);
     let queued = net.queued();
     assert_eq!(queued.len(), COUNT, "every connection is up");
@@ -223,7 +236,10 @@ fn a_hundred_busy_connections_evacuate_in_one_command() {
         "about a megabyte queued on every connection: {queued:?}"
     );
     let (out, peak) = net.evacuate();
-    eprintln!("{total} bytes queued; the sender peaked at {peak} bytes");
+    eprintln!(
+        "{total} bytes queued; the sender peaked at {peak} bytes, the agent at {}",
+        peak_rss(agent.pid())
+    );
     net.assert_evacuated(&out, COUNT, &mut recv);
     // The sender holds about a frame of images, not the batch.
     assert!(
