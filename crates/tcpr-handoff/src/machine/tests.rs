@@ -678,6 +678,105 @@ fn chaos_agent_killed_after_delivery() {
     }
 }
 
+/// Drives a sender through PREPARE only, answering each frame as soon as
+/// `answer_after` frames wait; returns the frames in order and the most
+/// that were ever unanswered.
+fn frames_for(sizes: &[usize], framing: Framing, answer_after: usize) -> (Vec<Vec<ConnId>>, usize) {
+    let now = Instant::now();
+    let ids: Vec<ConnId> = (0..sizes.len() as u32).collect();
+    let mut s = Sender::new(1, ids, Duration::from_secs(2), framing, now);
+    let mut frames = vec![];
+    let mut unanswered: VecDeque<Vec<ConnId>> = VecDeque::new();
+    let mut most = 0;
+    loop {
+        let mut busy = false;
+        while let Some(m) = s.poll_transmit() {
+            busy = true;
+            if let Msg::Prepare(ids) = m {
+                frames.push(ids.clone());
+                unanswered.push_back(ids);
+                most = most.max(unanswered.len());
+            }
+        }
+        if let Some(a) = s.poll_action() {
+            busy = true;
+            match a {
+                SenderAction::Dump(id) => s.handle_dumped(id, Ok(sizes[id as usize]), now),
+                SenderAction::Switch(_) => return (frames, most),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        if !busy || unanswered.len() >= answer_after {
+            let Some(ids) = unanswered.pop_front() else {
+                panic!("stuck with nothing unanswered");
+            };
+            s.handle_message(
+                Msg::Ready(ids.into_iter().map(|i| (i, Ok(()))).collect()),
+                now,
+            );
+        }
+    }
+}
+
+#[test]
+fn frames_are_cut_by_size_and_by_count() {
+    let framing = Framing {
+        frame_bytes: 1_000,
+        frame_images: 3,
+        frames_in_flight: 8,
+    };
+    // By size: 400 + 400 fit, a third 400 does not.
+    let (frames, _) = frames_for(&[400, 400, 400, 400], framing, usize::MAX);
+    assert_eq!(frames, vec![vec![0, 1], vec![2, 3]]);
+    // By count.
+    let (frames, _) = frames_for(&[1; 7], framing, usize::MAX);
+    assert_eq!(frames, vec![vec![0, 1, 2], vec![3, 4, 5], vec![6]]);
+    // An image larger than a frame travels alone, whole.
+    let (frames, _) = frames_for(&[10, 5_000, 10], framing, usize::MAX);
+    assert_eq!(frames, vec![vec![0], vec![1], vec![2]]);
+}
+
+#[test]
+fn no_more_frames_than_the_window_are_unanswered() {
+    let framing = Framing {
+        frame_bytes: 100,
+        frame_images: 64,
+        frames_in_flight: 3,
+    };
+    // Never answered until the sender stops sending: at most 3 go out.
+    let (frames, most) = frames_for(&[100; 20], framing, usize::MAX);
+    assert_eq!(frames.len(), 20);
+    assert_eq!(most, 3);
+}
+
+/// The bug the chaos runs found, by hand: the agent gives up while the
+/// switch is under way. Nothing is thawed until the switch has finished,
+/// and then it is undone first.
+#[test]
+fn an_abort_while_switching_waits_for_the_switch_and_undoes_it_first() {
+    let now = Instant::now();
+    let mut s = new_sender(vec![0], Duration::from_secs(2), now);
+    assert_eq!(s.poll_action(), Some(SenderAction::Dump(0)));
+    s.handle_dumped(0, Ok(100), now);
+    assert!(matches!(s.poll_transmit(), Some(Msg::Hello { .. })));
+    assert_eq!(s.poll_transmit(), Some(Msg::Prepare(vec![0])));
+    s.handle_message(Msg::Ready(vec![(0, Ok(()))]), now);
+    assert_eq!(s.poll_action(), Some(SenderAction::Switch(vec![0])));
+    s.handle_message(Msg::Abort("timed out waiting for COMMIT".into()), now);
+    assert_eq!(s.poll_action(), None, "nothing thawed while switching");
+    assert!(!s.is_done());
+    s.handle_switched(
+        SwitchOutcome::Switched {
+            moved_address: None,
+        },
+        now,
+    );
+    assert_eq!(s.poll_action(), Some(SenderAction::Unswitch));
+    assert_eq!(s.poll_action(), Some(SenderAction::Thaw(vec![0])));
+    assert!(s.is_done());
+    assert!(matches!(s.fates()[&0], Fate::RolledBack(_)));
+}
+
 #[test]
 fn agent_refuses_a_commit_before_every_ready() {
     let now = Instant::now();
