@@ -4,17 +4,19 @@
 //! to cut PREPARE frames and when to commit; this module does the I/O.
 
 use crate::auth::{Auth, AuthError, Channel};
-use crate::machine::{
-    self, ConnId, Fate, Framing, Msg, SenderAction, ServiceAddress, SwitchOutcome,
-};
+use crate::machine::{self, ConnId, Fate, Framing, Msg, SenderAction, SwitchOutcome};
 use crate::wire::{self, pb, WireError};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
-use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 use tcpr_engine::{freeze_many, Flow, FlowLock, FreezeOptions, Frozen};
+
+mod report;
+mod switch;
+pub use report::{Moved, Progress, Refused, Report, RolledBack, Unknown};
+pub use switch::{Switch, SwitchError};
 
 /// One connection to move, with its application state.
 #[derive(Debug)]
@@ -25,23 +27,6 @@ pub struct Outgoing {
     pub sock: OwnedFd,
     /// Opaque application state that travels with it.
     pub blob: Vec<u8>,
-}
-
-/// How the flows' packets reach the agent's host once committed.
-#[derive(Debug, Clone)]
-pub enum Switch {
-    /// Something else takes care of it (or the test does).
-    Nothing,
-    /// The connections' local address moves: removed here, added at the
-    /// agent's host and announced there.
-    MoveAddress,
-    /// Shell commands: `switch` before COMMIT, `unswitch` on roll back.
-    Commands {
-        /// Run to send the flows to the agent.
-        switch: String,
-        /// Run to undo it.
-        unswitch: String,
-    },
 }
 
 /// Settings of one handoff.
@@ -75,90 +60,6 @@ impl MigrateOptions {
     }
 }
 
-/// Progress of a handoff, for a progress bar.
-#[derive(Debug, Clone, Copy)]
-pub struct Progress {
-    /// Connections in the batch.
-    pub total: usize,
-    /// Dumped and encoded so far.
-    pub dumped: usize,
-    /// Encoded image bytes so far.
-    pub dumped_bytes: u64,
-    /// Answered by READY.
-    pub prepared: usize,
-    /// Given a fate.
-    pub finished: usize,
-}
-
-/// A connection that is live at the agent.
-#[derive(Debug)]
-pub struct Moved {
-    /// Its place in the input.
-    pub index: usize,
-    /// The flow.
-    pub flow: Flow,
-}
-
-/// A connection that is live here again.
-#[derive(Debug)]
-pub struct RolledBack {
-    /// Its place in the input.
-    pub index: usize,
-    /// The flow.
-    pub flow: Flow,
-    /// Why it did not move.
-    pub why: String,
-    /// The socket handed in, given back.
-    pub sock: OwnedFd,
-}
-
-/// A connection that the agent may own: frozen and locked here until the
-/// lease ends.
-#[derive(Debug)]
-pub struct Unknown {
-    /// Its place in the input.
-    pub index: usize,
-    /// The flow.
-    pub flow: Flow,
-    /// What is known.
-    pub why: String,
-    /// The socket handed in, still in repair mode: thaw it (`tcpr thaw`)
-    /// only once the agent is known not to hold the connection.
-    pub sock: OwnedFd,
-}
-
-/// What became of each connection.
-#[derive(Debug, Default)]
-pub struct Report {
-    /// Live at the agent.
-    pub moved: Vec<Moved>,
-    /// Live here again, with why.
-    pub rolled_back: Vec<RolledBack>,
-    /// Frozen and locked here until the lease ends; the agent may own them.
-    pub unknown: Vec<Unknown>,
-    /// Things that went wrong without changing any connection's fate (a
-    /// moved flow's lock that stays until its lease ends).
-    pub warnings: Vec<String>,
-}
-
-impl Report {
-    /// True when every connection moved.
-    pub fn all_moved(&self) -> bool {
-        self.rolled_back.is_empty() && self.unknown.is_empty()
-    }
-}
-
-/// The handoff did not start: nothing was changed, and every connection is
-/// given back as it was handed in.
-#[derive(Debug, thiserror::Error)]
-#[error("{error}")]
-pub struct Refused {
-    /// Why.
-    pub error: crate::Error,
-    /// The connections, untouched.
-    pub conns: Vec<Outgoing>,
-}
-
 /// Why the channel to the agent could not be opened.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -187,68 +88,6 @@ pub enum ConnectError {
         /// Why.
         source: AuthError,
     },
-}
-
-/// Why a traffic switch (or its undoing) failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum SwitchError {
-    /// The command could not be started.
-    #[error("cannot run `{command}`: {source}")]
-    Spawn {
-        /// The command line.
-        command: String,
-        /// Why.
-        source: io::Error,
-    },
-    /// The command ran and failed.
-    #[error("`{command}` failed ({status})")]
-    Command {
-        /// The command line.
-        command: String,
-        /// How it ended.
-        status: ExitStatus,
-    },
-    /// The service address is not assigned here.
-    #[error("cannot find the service address {ip} on this host: {source}")]
-    FindAddress {
-        /// The address.
-        ip: IpAddr,
-        /// Why.
-        source: Box<tcpr_engine::Error>,
-    },
-    /// Removing, putting back or announcing the address failed.
-    #[error("cannot {what} {cidr} on {ifname}: {source}")]
-    Address {
-        /// "remove", "put back" or "announce".
-        what: &'static str,
-        /// The address.
-        cidr: String,
-        /// The interface.
-        ifname: String,
-        /// Why.
-        source: Box<tcpr_engine::Error>,
-    },
-}
-
-/// Runs `command` with `/bin/sh -c` and waits for it.
-fn run_shell_command(command: &str) -> Result<(), SwitchError> {
-    let status = Command::new("/bin/sh")
-        .arg("-c")
-        .arg(command)
-        .status()
-        .map_err(|source| SwitchError::Spawn {
-            command: command.to_string(),
-            source,
-        })?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(SwitchError::Command {
-            command: command.to_string(),
-            status,
-        })
-    }
 }
 
 /// Bytes gathered before a write to the TLS channel (one record is 16 KiB).
@@ -679,66 +518,6 @@ impl Driver<'_> {
         self.progress.dumped += 1;
         self.progress.dumped_bytes += len as u64;
         Ok(len)
-    }
-
-    /// Switches the flows; returns the service address it took off this
-    /// host, if any, for the agent to take on COMMIT.
-    fn switch(&mut self, ids: &[ConnId]) -> Result<Option<ServiceAddress>, SwitchError> {
-        match &self.opts.switch {
-            Switch::Nothing => Ok(None),
-            Switch::Commands { switch, .. } => run_shell_command(switch).map(|()| None),
-            Switch::MoveAddress => {
-                // `migrate` checked that the batch has one local address.
-                let Some(ip) = ids
-                    .first()
-                    .and_then(|id| self.conns.get(id))
-                    .map(|c| c.flow.local.ip())
-                else {
-                    return Ok(None);
-                };
-                let held =
-                    tcpr_engine::addr::find(ip).map_err(|source| SwitchError::FindAddress {
-                        ip,
-                        source: Box::new(source),
-                    })?;
-                tcpr_engine::addr::remove(&held).map_err(|source| SwitchError::Address {
-                    what: "remove",
-                    cidr: held.cidr(),
-                    ifname: held.ifname.clone(),
-                    source: Box::new(source),
-                })?;
-                let moved = ServiceAddress {
-                    ip: held.ip,
-                    prefix_len: held.prefix_len,
-                };
-                self.moved_address = Some(held);
-                Ok(Some(moved))
-            }
-        }
-    }
-
-    fn unswitch(&mut self) -> Result<(), SwitchError> {
-        match &self.opts.switch {
-            Switch::Nothing => Ok(()),
-            Switch::Commands { unswitch, .. } => run_shell_command(unswitch),
-            Switch::MoveAddress => {
-                let Some(held) = self.moved_address.take() else {
-                    return Ok(());
-                };
-                tcpr_engine::addr::add(&held).map_err(|source| SwitchError::Address {
-                    what: "put back",
-                    cidr: held.cidr(),
-                    ifname: held.ifname.clone(),
-                    source: Box::new(source),
-                })?;
-                tcpr_engine::announce(&held.ifname, held.ip).map_err(|e| SwitchError::Address {
-                    what: "announce",
-                    cidr: held.cidr(),
-                    ifname: held.ifname.clone(),
-                    source: Box::new(tcpr_engine::Error::kernel("announce the address", e)),
-                })
-            }
-        }
     }
 
     /// Asks the agent, on a new channel, what became of the batch. Retries
