@@ -49,8 +49,9 @@ pub enum HandOff {
     Stayed(std::net::TcpStream, String),
     /// The agent may own it; it is frozen here until the lease ends. The
     /// stream is given back still frozen (repair mode): keep it, and thaw
-    /// it only once the agent is known not to hold the connection.
-    Unknown(std::net::TcpStream, String),
+    /// it only once the agent is known not to hold the connection. `None`
+    /// when the batch was too large to keep a second handle per connection.
+    Unknown(Option<std::net::TcpStream>, String),
 }
 
 /// A handoff that did not start: nothing was changed and every stream is
@@ -91,17 +92,21 @@ pub fn hand_off(
     // `migrate` gives each input exactly one outcome, by its index.
     let mut results: Vec<(usize, HandOff)> = Vec::with_capacity(n);
     results.extend(report.moved.into_iter().map(|m| (m.index, HandOff::Moved)));
-    results.extend(
-        report
-            .rolled_back
-            .into_iter()
-            .map(|r| (r.index, HandOff::Stayed(r.sock.into(), r.why))),
-    );
+    results.extend(report.rolled_back.into_iter().map(|r| match r.sock {
+        Some(sock) => (r.index, HandOff::Stayed(sock.into(), r.why)),
+        None => (
+            r.index,
+            HandOff::Unknown(
+                None,
+                format!("{}; the socket could not be given back", r.why),
+            ),
+        ),
+    }));
     results.extend(
         report
             .unknown
             .into_iter()
-            .map(|u| (u.index, HandOff::Unknown(u.sock.into(), u.why))),
+            .map(|u| (u.index, HandOff::Unknown(u.sock.map(Into::into), u.why))),
     );
     results.sort_by_key(|(index, _)| *index);
     debug_assert_eq!(results.len(), n);

@@ -95,8 +95,10 @@ const TLS_WRITE_BUFFER: usize = 64 << 10;
 
 /// One connection of the batch, from freeze to fate.
 struct Conn {
-    /// The caller's socket (the frozen one is a duplicate).
-    sock: OwnedFd,
+    /// The caller's socket, kept beside the frozen duplicate when the open
+    /// file limit allows (see [`freeze_with_spares`]); else, once thawed,
+    /// the duplicate.
+    sock: Option<OwnedFd>,
     flow: Flow,
     blob: Vec<u8>,
     /// Input position.
@@ -153,25 +155,12 @@ pub fn migrate(
             });
         }
     }
-    let mut dups = Vec::with_capacity(conns.len());
-    for c in &conns {
-        match c.sock.try_clone() {
-            Ok(d) => dups.push(d),
-            Err(e) => {
-                return Err(Refused {
-                    error: tcpr_engine::Error::kernel("duplicate the socket", e).into(),
-                    conns,
-                })
-            }
-        }
-    }
     let mut report = Report::default();
     // The channel first: a handshake is not part of any connection's pause,
     // and an unreachable or unauthenticated agent costs no freeze at all.
     let ch = match connect(opts) {
         Ok(ch) => ch,
         Err(e) => {
-            drop(dups);
             let why = e.to_string();
             report.rolled_back = conns
                 .into_iter()
@@ -181,30 +170,31 @@ pub fn migrate(
                     index,
                     flow,
                     why: why.clone(),
-                    sock: c.sock,
+                    sock: Some(c.sock),
                 })
                 .collect();
             return Ok(report);
         }
     };
     tracing::debug!(us = started.elapsed().as_micros(), "channel up");
-    let frozen = match freeze_many(
-        dups,
-        &FreezeOptions {
-            lock: true,
-            lease: opts.lease,
-        },
-    ) {
+    let total = conns.len();
+    let (socks, blobs): (Vec<OwnedFd>, Vec<Vec<u8>>) =
+        conns.into_iter().map(|c| (c.sock, c.blob)).unzip();
+    let fo = FreezeOptions {
+        lock: true,
+        lease: opts.lease,
+    };
+    let frozen = match freeze_with_spares(socks, &fo) {
         Ok(f) => f,
-        // Checked before anything changed: the originals are untouched.
-        Err(e) => {
-            return Err(Refused {
-                error: e.into(),
-                conns,
-            })
+        Err((error, socks)) => {
+            let conns = socks
+                .into_iter()
+                .zip(blobs)
+                .map(|(sock, blob)| Outgoing { sock, blob })
+                .collect();
+            return Err(Refused { error, conns });
         }
     };
-    let total = conns.len();
     let mut d = Driver {
         opts,
         conns: BTreeMap::new(),
@@ -222,17 +212,17 @@ pub fn migrate(
             finished: 0,
         },
     };
-    for (index, ((c, flow), f)) in conns.into_iter().zip(flows).zip(frozen).enumerate() {
-        match f {
+    for (index, ((slot, blob), flow)) in frozen.into_iter().zip(blobs).zip(flows).enumerate() {
+        match slot.frozen {
             Ok(f) => {
                 let id = d.conns.len() as ConnId;
                 d.frozen.insert(id, f);
                 d.conns.insert(
                     id,
                     Conn {
-                        sock: c.sock,
+                        sock: slot.spare,
                         flow,
-                        blob: c.blob,
+                        blob,
                         index,
                     },
                 );
@@ -241,7 +231,7 @@ pub fn migrate(
                 index,
                 flow,
                 why: format!("cannot freeze it: {e}"),
-                sock: c.sock,
+                sock: slot.spare,
             }),
         }
     }
@@ -268,10 +258,14 @@ pub fn migrate(
             // frozen copy is thawed here and the connection stays.
             Fate::RolledBack("no outcome".into())
         });
+        let mut c = c;
         if let Some(f) = d.frozen.remove(&id) {
             // Only reached when a fate's action was never performed.
-            if let Err(e) = f.thaw() {
-                tracing::error!("thaw of {} failed: {e}", c.flow.local);
+            match f.thaw() {
+                Ok(fd) => {
+                    c.sock.get_or_insert(fd);
+                }
+                Err(e) => tracing::error!("thaw of {} failed: {e}", c.flow.local),
             }
         }
         match fate {
@@ -298,6 +292,132 @@ pub fn migrate(
     }
     report.rolled_back.sort_by_key(|r| r.index);
     Ok(report)
+}
+
+/// Open files kept free beyond what a batch needs.
+const FD_HEADROOM: u64 = 1024;
+
+/// Connections frozen per lock transaction when the process cannot hold a
+/// second handle for every connection of the batch.
+const FREEZE_CHUNK: usize = 512;
+
+/// One connection after the freeze.
+struct FreezeSlot {
+    /// The handle handed in, when kept beside the frozen duplicate.
+    spare: Option<OwnedFd>,
+    frozen: Result<Frozen, tcpr_engine::Error>,
+}
+
+/// Freezes duplicates of `socks`, so that the handles handed in survive
+/// every path: a failed freeze gives them back as they were, and one kept
+/// beside each frozen copy stays frozen for a retry when the outcome is
+/// unknown. That needs a second open file per connection; when the limit
+/// (raised once if it can be) does not allow it, the batch is frozen in
+/// chunks and the handle of each connection frozen is let go (the thawed
+/// duplicate goes back instead; a connection left unknown then stays
+/// frozen only in the handles held elsewhere). On error nothing is frozen
+/// and every handle comes back, in order.
+fn freeze_with_spares(
+    socks: Vec<OwnedFd>,
+    fo: &FreezeOptions,
+) -> Result<Vec<FreezeSlot>, (crate::Error, Vec<OwnedFd>)> {
+    let dups = match duplicate_all(&socks) {
+        Ok(Some(dups)) => dups,
+        Ok(None) => return freeze_in_chunks(socks, fo),
+        Err(e) => return Err((e, socks)),
+    };
+    match freeze_many(dups, fo) {
+        Ok(frozen) => Ok(socks
+            .into_iter()
+            .zip(frozen)
+            .map(|(s, frozen)| FreezeSlot {
+                spare: Some(s),
+                frozen,
+            })
+            .collect()),
+        // Checked before anything changed: the originals are untouched.
+        Err(e) => Err((e.into(), socks)),
+    }
+}
+
+/// Duplicates every socket; `None` when the open file limit does not allow
+/// it (after raising it once, with room for as many again: whatever the
+/// process does with the connections meanwhile, such as an agent in the
+/// same process restoring them).
+fn duplicate_all(socks: &[OwnedFd]) -> Result<Option<Vec<OwnedFd>>, crate::Error> {
+    let mut dups = Vec::with_capacity(socks.len());
+    let mut raised = false;
+    while let Some(s) = socks.get(dups.len()) {
+        match s.try_clone() {
+            Ok(d) => dups.push(d),
+            Err(e) if e.raw_os_error() == Some(libc::EMFILE) && !raised => {
+                raised = true;
+                // Every file the limit allows is open (nothing can be opened
+                // to count them): the limit is what is open.
+                let open = tcpr_engine::raise_fd_limit(0).unwrap_or(0);
+                let want = open + 2 * (socks.len() - dups.len()) as u64 + FD_HEADROOM;
+                if let Err(e) = tcpr_engine::raise_fd_limit(want) {
+                    tracing::warn!("cannot raise the open file limit to {want}: {e}");
+                }
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EMFILE) => return Ok(None),
+            Err(e) => {
+                return Err(tcpr_engine::Error::kernel("duplicate the socket", e).into());
+            }
+        }
+    }
+    Ok(Some(dups))
+}
+
+/// [`freeze_with_spares`] for a batch too large for two handles per
+/// connection: a chunk at a time, each chunk's handles let go once frozen.
+fn freeze_in_chunks(
+    socks: Vec<OwnedFd>,
+    fo: &FreezeOptions,
+) -> Result<Vec<FreezeSlot>, (crate::Error, Vec<OwnedFd>)> {
+    tracing::warn!(
+        "the open file limit allows no second handle per connection: freezing in chunks of {FREEZE_CHUNK}"
+    );
+    let total = socks.len();
+    let mut slots: Vec<FreezeSlot> = Vec::with_capacity(total);
+    let mut rest = socks.into_iter();
+    loop {
+        let chunk: Vec<OwnedFd> = rest.by_ref().take(FREEZE_CHUNK).collect();
+        if chunk.is_empty() {
+            return Ok(slots);
+        }
+        let failed: crate::Error = match chunk.iter().map(|s| s.try_clone()).collect() {
+            Ok(dups) => match freeze_many(dups, fo) {
+                Ok(frozen) => {
+                    for (original, frozen) in chunk.into_iter().zip(frozen) {
+                        let spare = match frozen {
+                            Ok(_) => None,
+                            Err(_) => Some(original),
+                        };
+                        slots.push(FreezeSlot { spare, frozen });
+                    }
+                    continue;
+                }
+                Err(e) => e.into(),
+            },
+            Err(e) => tcpr_engine::Error::kernel("duplicate the socket", e).into(),
+        };
+        // Undo the chunks frozen so far: every handle comes back, in order.
+        let mut back = Vec::with_capacity(total);
+        for slot in slots {
+            match (slot.spare, slot.frozen) {
+                (Some(s), _) => back.push(s),
+                (None, Ok(f)) => match f.thaw() {
+                    Ok(fd) => back.push(fd),
+                    Err(e) => tracing::error!("thaw failed while giving the batch up: {e}"),
+                },
+                (None, Err(_)) => {}
+            }
+        }
+        back.extend(chunk);
+        back.extend(rest);
+        return Err((failed, back));
+    }
 }
 
 /// Opens the authenticated channel to the agent.
@@ -468,9 +588,17 @@ impl Driver<'_> {
             SenderAction::Thaw(ids) => {
                 for id in ids {
                     if let Some(f) = self.frozen.remove(&id) {
-                        if let Err(e) = f.thaw() {
-                            tracing::error!("thaw failed: {e}");
-                            self.trouble.insert(id, format!("thaw failed: {e}"));
+                        match f.thaw() {
+                            // Without a spare handle, the thawed one goes back.
+                            Ok(fd) => {
+                                if let Some(c) = self.conns.get_mut(&id) {
+                                    c.sock.get_or_insert(fd);
+                                }
+                            }
+                            Err(e) => {
+                                tracing::error!("thaw failed: {e}");
+                                self.trouble.insert(id, format!("thaw failed: {e}"));
+                            }
                         }
                     }
                 }

@@ -38,8 +38,10 @@ pub struct RolledBack {
     pub flow: Flow,
     /// Why it did not move.
     pub why: String,
-    /// The socket handed in, given back.
-    pub sock: OwnedFd,
+    /// The socket handed in, given back (the same socket under another
+    /// number when the batch was too large to keep both handles; `None`
+    /// only when turning repair mode off failed).
+    pub sock: Option<OwnedFd>,
 }
 
 /// A connection that the agent may own: frozen and locked here until the
@@ -53,8 +55,10 @@ pub struct Unknown {
     /// What is known.
     pub why: String,
     /// The socket handed in, still in repair mode: thaw it (`tcpr thaw`)
-    /// only once the agent is known not to hold the connection.
-    pub sock: OwnedFd,
+    /// only once the agent is known not to hold the connection. `None`
+    /// when the batch was too large to keep a second handle per connection
+    /// (the socket stays frozen in the handles held elsewhere).
+    pub sock: Option<OwnedFd>,
 }
 
 /// What became of each connection.
