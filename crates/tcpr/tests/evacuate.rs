@@ -273,3 +273,75 @@ fn a_queue_larger_than_a_frame_moves() {
     let v = assert_every_byte(&mut client, COUNT);
     assert!(v["largest"].as_u64().unwrap() > BIG, "{v}");
 }
+
+/// A batch too large for the sender to hold two handles per connection
+/// (the open file limit is fixed below twice the batch, and cannot be
+/// raised without CAP_SYS_RESOURCE): it is frozen in chunks and moves whole,
+/// every byte checked.
+#[test]
+fn a_batch_larger_than_the_open_file_limit_allows_twice_moves() {
+    const COUNT: usize = 600;
+    // The sender takes one handle per connection, plus a few of its own;
+    // a second per connection does not fit, a chunk of 512 more does.
+    const NOFILE: usize = 1_200;
+    let net = Evacuation::new("en", 95);
+    let (mut recv, _agent) = net.receiver();
+    let mut cmd = net.a.cmd("python3");
+    cmd.args([
+        &py("many.py"),
+        "echo",
+        "--listen",
+        &net.svc(),
+        "--port",
+        &PORT.to_string(),
+        "--count",
+        &COUNT.to_string(),
+    ]);
+    let mut echo = Proc::spawn(cmd, "many echo");
+    echo.expect("listening", Duration::from_secs(10));
+    let mut cmd = net.c.cmd("python3");
+    cmd.args([
+        &py("many.py"),
+        "peer",
+        "--connect",
+        &net.svc(),
+        "--port",
+        &PORT.to_string(),
+        "--count",
+        &COUNT.to_string(),
+    ]);
+    let mut peer = Proc::spawn(cmd, "many peer");
+    peer.expect("connected", Duration::from_secs(60));
+    echo.expect(&format!("ready {COUNT}"), Duration::from_secs(60));
+    echo.send("flush");
+    echo.expect("paused", Duration::from_secs(30));
+    let out = net
+        .a
+        .cmd("setpriv")
+        .args([
+            "--bounding-set",
+            "-sys_resource",
+            "--inh-caps",
+            "-sys_resource",
+        ])
+        .arg("prlimit")
+        .arg(format!("--nofile={NOFILE}:{NOFILE}"))
+        .args([tcpr_bin(), "migrate", "--to"])
+        .arg(format!("10.{}.0.3:7070", net.n))
+        .args(["--psk-file", net.key.to_str().unwrap(), "--local"])
+        .arg(format!("{}:{PORT}", net.svc()))
+        .arg("--move-address")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("freezing in chunks"), "{stderr}");
+    net.assert_evacuated(&out, COUNT, &mut recv);
+    echo.kill();
+    let v = verdict(&mut peer);
+    assert!(v["error"].is_null(), "{v}");
+    assert_eq!(
+        v["complete"], COUNT,
+        "every connection echoed every byte: {v}"
+    );
+    assert_eq!(v["sent"], v["received"], "{v}");
+}
