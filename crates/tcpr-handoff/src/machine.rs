@@ -445,7 +445,9 @@ impl Sender {
                     self.finish();
                 }
             }
-            (SenderState::Done | SenderState::AbortingSwitch, _) => {}
+            // While querying, only the answer on the new channel decides: a
+            // late Abort on the old one must not thaw what the agent may own.
+            (SenderState::Done | SenderState::AbortingSwitch | SenderState::Querying, _) => {}
             (_, Msg::Abort(reason)) if self.state != SenderState::Committing => {
                 self.roll_back(&format!("agent aborted: {reason}"));
             }

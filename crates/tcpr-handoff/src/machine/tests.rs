@@ -404,6 +404,8 @@ fn run_chaos(seed: u64) -> (Chaos, World, BTreeMap<ConnId, Fate>, bool) {
     let mut stalled = false;
     // A Switch action under way: it completes at a later step.
     let mut switching = false;
+    // A Query action under way: answered at a later step.
+    let mut querying = false;
     // Dump failed: the agent gets no image for these.
     let mut withdrawn: Vec<ConnId> = vec![];
     let mut crashed_after_delivery = false;
@@ -484,14 +486,12 @@ fn run_chaos(seed: u64) -> (Chaos, World, BTreeMap<ConnId, Fate>, bool) {
                 }),
                 SenderAction::Hold(ids) => ids.iter().for_each(|&i| w.src[i as usize] = Src::Held),
                 SenderAction::Query => {
-                    let status = if !agent_alive {
-                        Ok(None)
-                    } else if !reachable {
-                        Err("unreachable".to_string())
-                    } else {
-                        Ok(a.handle_query())
-                    };
-                    s.handle_status(status);
+                    assert!(
+                        !querying,
+                        "a second Query while one is under way: {}",
+                        ctx(&c)
+                    );
+                    querying = true;
                 }
             }
         }
@@ -535,6 +535,20 @@ fn run_chaos(seed: u64) -> (Chaos, World, BTreeMap<ConnId, Fate>, bool) {
                 }
             }
         }
+        // A Query is answered at a random step, between messages on the
+        // old link.
+        if querying && rng.random_ratio(1, 3) {
+            querying = false;
+            let status = if !agent_alive {
+                Ok(None)
+            } else if !reachable {
+                Err("unreachable".to_string())
+            } else {
+                Ok(a.handle_query())
+            };
+            s.handle_status(status);
+            continue;
+        }
         // The switch completes at a random step, between messages.
         if switching && rng.random_ratio(1, 3) {
             switching = false;
@@ -574,12 +588,12 @@ fn run_chaos(seed: u64) -> (Chaos, World, BTreeMap<ConnId, Fate>, bool) {
             }
         }
         if !progressed || rng.random_range(0..100) < c.clock_jump_pct {
-            let quiet = s2a.is_empty() && a2s.is_empty() && !switching;
+            let quiet = s2a.is_empty() && a2s.is_empty() && !switching && !querying;
             if !progressed && quiet && s.is_done() && (a.is_done() || !agent_alive || !link) {
                 break;
             }
-            if !progressed && switching {
-                continue; // the switch completes on a later step
+            if !progressed && (switching || querying) {
+                continue; // completes on a later step
             }
             // Let the clocks run out.
             now += timeout * 2;
