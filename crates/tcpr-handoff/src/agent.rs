@@ -420,6 +420,12 @@ fn restore_one(shared: &Shared, s: &mut Session, id: ConnId) -> Result<(), Strin
     }
     let r = tcpr_engine::restore(img).map_err(|e| e.to_string())?;
     s.restored.insert(id, r);
+    // The queues are in the socket now (the unsent tail in `Restored`):
+    // keep only what delivery needs, so a batch is not held twice.
+    if let Some(Ok(img)) = s.images.get_mut(&id) {
+        img.recv_queue = Vec::new();
+        img.send_queue = Default::default();
+    }
     Ok(())
 }
 

@@ -63,6 +63,19 @@ pub enum AuthError {
     /// The peer does not hold the pre-shared key.
     #[error("the peer failed pre-shared-key authentication")]
     BadKey,
+    /// The peer accepted the connection and then did not answer in time
+    /// (the socket's read timeout passed).
+    #[error("no answer in time")]
+    TimedOut,
+}
+
+/// A failed read or write of the client's handshake: a timeout is the peer's
+/// silence, not a TLS failure.
+fn client_handshake_error(e: std::io::Error) -> AuthError {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => AuthError::TimedOut,
+        _ => AuthError::Handshake(e.to_string()),
+    }
 }
 
 /// A TLS stream, client or server side.
@@ -234,17 +247,21 @@ impl Auth {
         while s.conn.is_handshaking() {
             s.conn
                 .complete_io(&mut s.sock)
-                .map_err(|e| AuthError::Handshake(e.to_string()))?;
+                .map_err(client_handshake_error)?;
         }
         let mut ch = Channel::Client(Box::new(s));
         if let Auth::Psk(key) = self {
             let ex = ch.exporter()?;
             ch.write_all(&mac(key, b"client", &ex))
-                .map_err(|e| AuthError::Handshake(e.to_string()))?;
-            ch.flush()
-                .map_err(|e| AuthError::Handshake(e.to_string()))?;
+                .map_err(client_handshake_error)?;
+            ch.flush().map_err(client_handshake_error)?;
             let mut theirs = [0u8; 32];
-            ch.read_exact(&mut theirs).map_err(|_| AuthError::BadKey)?;
+            ch.read_exact(&mut theirs)
+                .map_err(|e| match client_handshake_error(e) {
+                    AuthError::TimedOut => AuthError::TimedOut,
+                    // The agent closes the channel when our proof is wrong.
+                    _ => AuthError::BadKey,
+                })?;
             verify(key, b"server", &ex, &theirs)?;
         }
         Ok(ch)

@@ -26,7 +26,8 @@ pub mod wire;
 pub use agent::{AgentConfig, AgentServer, Delivery};
 pub use auth::Auth;
 pub use deliver::Delivered;
-pub use sender::{migrate, MigrateOptions, Outgoing, Report, Switch};
+pub use machine::Framing;
+pub use sender::{migrate, MigrateOptions, Outgoing, Refused, Report, Switch};
 
 /// Errors of a handoff as a whole (per-connection outcomes are in the
 /// [`Report`]).
@@ -48,57 +49,71 @@ pub enum HandOff {
     Moved,
     /// It stayed and carries on here, with why.
     Stayed(std::net::TcpStream, String),
-    /// The agent may own it; it is frozen here until the lease ends.
-    Unknown(String),
+    /// The agent may own it; it is frozen here until the lease ends. The
+    /// stream is given back still frozen (repair mode): keep it, and thaw
+    /// it only once the agent is known not to hold the connection. `None`
+    /// when the batch was too large to keep a second handle per connection.
+    Unknown(Option<std::net::TcpStream>, String),
+}
+
+/// A handoff that did not start: nothing was changed and every stream is
+/// given back, in the input order, with its blob.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct HandOffError {
+    /// Why.
+    pub error: Error,
+    /// The streams, untouched.
+    pub conns: Vec<(std::net::TcpStream, Vec<u8>)>,
 }
 
 /// Hands connections (each with its application blob) to an agent, in one
-/// batch. The result follows the input order.
+/// batch. The result follows the input order; on error every stream comes
+/// back untouched in the [`HandOffError`].
 pub fn hand_off(
     conns: Vec<(std::net::TcpStream, Vec<u8>)>,
     opts: &MigrateOptions,
-) -> Result<Vec<HandOff>, Error> {
+) -> Result<Vec<HandOff>, HandOffError> {
     use std::os::fd::OwnedFd;
-    let mut keep = Vec::with_capacity(conns.len());
-    let mut out = Vec::with_capacity(conns.len());
-    for (s, blob) in conns {
-        let dup: OwnedFd = s
-            .try_clone()
-            .map_err(|e| tcpr_engine::Error::kernel("duplicate the socket", e))?
-            .into();
-        let flow = Flow {
-            local: s
-                .local_addr()
-                .map_err(|e| tcpr_engine::Error::kernel("read the local address", e))?,
-            peer: s
-                .peer_addr()
-                .map_err(|e| tcpr_engine::Error::kernel("read the peer address", e))?,
-        };
-        keep.push((flow, s));
-        out.push(Outgoing { sock: dup, blob });
-    }
-    let report = migrate(out, opts, &|_| {})?;
-    Ok(keep
+    let n = conns.len();
+    let out: Vec<Outgoing> = conns
         .into_iter()
-        .map(|(flow, s)| {
-            if report.moved.contains(&flow) {
-                HandOff::Moved
-            } else if let Some((_, why)) = report.unknown.iter().find(|(f, _)| *f == flow) {
-                HandOff::Unknown(why.clone())
-            } else {
-                let why = report
-                    .rolled_back
-                    .iter()
-                    .find(|(f, _)| *f == flow)
-                    .map(|(_, w)| w.clone())
-                    .unwrap_or_else(|| "not moved".into());
-                HandOff::Stayed(s, why)
-            }
+        .map(|(s, blob)| Outgoing {
+            sock: OwnedFd::from(s),
+            blob,
         })
-        .collect())
+        .collect();
+    let report = migrate(out, opts, &|_| {}).map_err(|r| HandOffError {
+        error: r.error,
+        conns: r
+            .conns
+            .into_iter()
+            .map(|c| (std::net::TcpStream::from(c.sock), c.blob))
+            .collect(),
+    })?;
+    // `migrate` gives each input exactly one outcome, by its index.
+    let mut results: Vec<(usize, HandOff)> = Vec::with_capacity(n);
+    results.extend(report.moved.into_iter().map(|m| (m.index, HandOff::Moved)));
+    results.extend(report.rolled_back.into_iter().map(|r| match r.sock {
+        Some(sock) => (r.index, HandOff::Stayed(sock.into(), r.why)),
+        None => (
+            r.index,
+            HandOff::Unknown(
+                None,
+                format!("{}; the socket could not be given back", r.why),
+            ),
+        ),
+    }));
+    results.extend(
+        report
+            .unknown
+            .into_iter()
+            .map(|u| (u.index, HandOff::Unknown(u.sock.map(Into::into), u.why))),
+    );
+    results.sort_by_key(|(index, _)| *index);
+    debug_assert_eq!(results.len(), n);
+    Ok(results.into_iter().map(|(_, r)| r).collect())
 }
-
-use tcpr_engine::Flow;
 
 /// Connections handed to this process by other hosts (an agent running on
 /// a thread of its own, delivering in process).

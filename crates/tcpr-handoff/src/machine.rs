@@ -32,18 +32,64 @@ pub enum Msg {
     Prepare(Vec<ConnId>),
     /// Per-connection restore outcomes.
     Ready(Vec<(ConnId, Result<(), String>)>),
-    /// Resume and deliver these.
-    Commit(Vec<ConnId>),
+    /// Resume and deliver these; take the service address first when the
+    /// sender's switch moved it.
+    Commit {
+        /// The connections to resume.
+        ids: Vec<ConnId>,
+        /// The address the sender removed, for the agent to add.
+        take_address: Option<ServiceAddress>,
+    },
     /// Per-connection resume outcomes.
     Committed(Vec<(ConnId, Result<(), String>)>),
     /// Give up the batch.
     Abort(String),
 }
 
+/// How a batch's images are cut into PREPARE frames. Frames are cut by size
+/// and by count, and only a few are unanswered at once, so that neither end
+/// holds more than a few frames of images whatever the batch's size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Framing {
+    /// Encoded image bytes per frame; an image larger than this travels
+    /// alone in a frame of its own size.
+    pub frame_bytes: usize,
+    /// Images per frame.
+    pub frame_images: usize,
+    /// PREPARE frames sent and not yet answered by READY.
+    pub frames_in_flight: usize,
+}
+
+impl Default for Framing {
+    /// 4 MiB or 64 images per frame, 8 frames unanswered: the agent
+    /// restores one frame while the next ones travel, and the sender holds
+    /// at most one frame being filled.
+    fn default() -> Framing {
+        Framing {
+            frame_bytes: 4 << 20,
+            frame_images: 64,
+            frames_in_flight: 8,
+        }
+    }
+}
+
+/// A service address that moves with the connections (`ip/prefix_len`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceAddress {
+    /// The address.
+    pub ip: std::net::IpAddr,
+    /// Its prefix length on the interface.
+    pub prefix_len: u8,
+}
+
 /// What the sender's driver must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SenderAction {
-    /// Send the flows of these connections to the agent's host.
+    /// Dump and encode this connection's image, keep it until a `Prepare`
+    /// names it, and report its size with [`Sender::handle_dumped`].
+    Dump(ConnId),
+    /// Send the flows of these connections to the agent's host; report with
+    /// [`Sender::handle_switched`] (now or later).
     Switch(Vec<ConnId>),
     /// Undo the switch.
     Unswitch,
@@ -68,10 +114,27 @@ pub enum Fate {
     Unknown(String),
 }
 
+/// The result of a `Switch` action.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SwitchOutcome {
+    /// The flows now go to the agent's host. When the switch took the
+    /// service address off this host, the agent must take it on COMMIT.
+    Switched {
+        /// The address removed here.
+        moved_address: Option<ServiceAddress>,
+    },
+    /// The switch failed, perhaps half-way (it is undone whole).
+    Failed(String),
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum SenderState {
     Preparing,
     Switching,
+    /// The batch is given up while a switch is under way: the roll back
+    /// waits for the switch to finish, so that it can be undone before any
+    /// connection is thawed.
+    AbortingSwitch,
     Committing,
     Querying,
     Done,
@@ -80,53 +143,89 @@ enum SenderState {
 /// The sending end.
 ///
 /// Call order:
-/// 1. [`Sender::new`], then send everything [`Sender::poll_transmit`] gives;
-/// 2. feed replies to [`Sender::handle_message`], the result of a `Switch`
-///    action to [`Sender::handle_switched`], a lost link to
-///    [`Sender::handle_link_lost`], and the clock to [`Sender::handle_timeout`]
-///    when [`Sender::poll_timeout`] passes;
+/// 1. [`Sender::new`]; send everything [`Sender::poll_transmit`] gives and
+///    perform every [`Sender::poll_action`] (a `Prepare` message names the
+///    images that `Dump` actions produced: attach them, and an empty image
+///    for an id whose dump failed);
+/// 2. feed each dump's size to [`Sender::handle_dumped`], replies to
+///    [`Sender::handle_message`], the result of a `Switch` action to
+///    [`Sender::handle_switched`] (it may come later, between messages), a
+///    lost link to [`Sender::handle_link_lost`], and the clock to
+///    [`Sender::handle_timeout`] when [`Sender::poll_timeout`] passes;
 /// 3. after a `Query` action, feed the answer to [`Sender::handle_status`];
-/// 4. perform every [`Sender::poll_action`]; stop when [`Sender::is_done`].
+/// 4. stop when [`Sender::is_done`].
 #[derive(Debug)]
 pub struct Sender {
     state: SenderState,
+    framing: Framing,
     all: Vec<ConnId>,
+    /// Not dumped yet, in order.
+    to_dump: VecDeque<ConnId>,
+    /// The `Dump` action under way.
+    dumping: Option<ConnId>,
+    /// Dumped, in the frame being filled, and its size.
+    filling: Vec<ConnId>,
+    filling_bytes: usize,
+    /// A full frame waiting for the window to open.
+    full_frame: Option<Vec<ConnId>>,
+    /// PREPARE frames unanswered.
+    in_flight: usize,
+    /// Sent in a PREPARE, no READY yet.
     awaiting: BTreeSet<ConnId>,
+    /// Dump failed: sent without an image so that the agent counts it, and
+    /// rolled back already.
+    withdrawn: BTreeSet<ConnId>,
     ready: BTreeSet<ConnId>,
     fates: BTreeMap<ConnId, Fate>,
     timeout: Duration,
     deadline: Option<Instant>,
     link_lost: bool,
     switched: bool,
+    /// Why the batch is given up, while a switch finishes.
+    abort_reason: Option<String>,
     outbox: VecDeque<Msg>,
     actions: VecDeque<SenderAction>,
 }
 
 impl Sender {
     /// Starts a batch of `ids`; `timeout` bounds every wait for the agent.
-    pub fn new(batch: u64, ids: Vec<ConnId>, timeout: Duration, now: Instant) -> Sender {
+    pub fn new(
+        batch: u64,
+        ids: Vec<ConnId>,
+        timeout: Duration,
+        framing: Framing,
+        now: Instant,
+    ) -> Sender {
         let mut s = Sender {
             state: SenderState::Preparing,
-            awaiting: ids.iter().copied().collect(),
+            framing,
+            to_dump: ids.iter().copied().collect(),
             all: ids.clone(),
+            dumping: None,
+            filling: vec![],
+            filling_bytes: 0,
+            full_frame: None,
+            in_flight: 0,
+            awaiting: BTreeSet::new(),
+            withdrawn: BTreeSet::new(),
             ready: BTreeSet::new(),
             fates: BTreeMap::new(),
             timeout,
-            deadline: Some(now + timeout),
+            deadline: None,
             link_lost: false,
             switched: false,
+            abort_reason: None,
             outbox: VecDeque::new(),
             actions: VecDeque::new(),
         };
         s.outbox.push_back(Msg::Hello {
             batch,
-            total: ids.len() as u32,
+            total: u32::try_from(ids.len()).unwrap_or(u32::MAX),
         });
         if ids.is_empty() {
-            s.state = SenderState::Done;
-            s.deadline = None;
+            s.finish();
         } else {
-            s.outbox.push_back(Msg::Prepare(ids));
+            s.pump(now);
         }
         s
     }
@@ -135,7 +234,7 @@ impl Sender {
     pub fn poll_transmit(&mut self) -> Option<Msg> {
         self.outbox.pop_front()
     }
-    /// True when a message waits in [`Sender::poll_transmit`].
+    /// True when a message or an action waits.
     pub fn poll_transmit_pending(&self) -> bool {
         !self.outbox.is_empty() || !self.actions.is_empty()
     }
@@ -156,13 +255,112 @@ impl Sender {
         &self.fates
     }
 
+    /// One timeout from `now`; none when the timeout is beyond the clock's
+    /// range (a huge `--timeout` waits forever rather than overflowing).
+    fn deadline_after(&self, now: Instant) -> Option<Instant> {
+        now.checked_add(self.timeout)
+    }
+
     fn finish(&mut self) {
         self.state = SenderState::Done;
         self.deadline = None;
     }
 
-    /// Rolls back everything that has no fate yet.
+    /// Sends what the window allows and asks for the next dump.
+    fn pump(&mut self, now: Instant) {
+        if self.state != SenderState::Preparing {
+            return;
+        }
+        loop {
+            if let Some(frame) = self.full_frame.take() {
+                if self.in_flight >= self.framing.frames_in_flight.max(1) {
+                    self.full_frame = Some(frame);
+                    return;
+                }
+                self.awaiting.extend(frame.iter().copied());
+                self.in_flight += 1;
+                self.outbox.push_back(Msg::Prepare(frame));
+                self.deadline = self.deadline_after(now);
+                continue;
+            }
+            if self.dumping.is_some() {
+                return;
+            }
+            if let Some(id) = self.to_dump.pop_front() {
+                self.dumping = Some(id);
+                self.actions.push_back(SenderAction::Dump(id));
+                return;
+            }
+            if !self.filling.is_empty() {
+                self.full_frame = Some(std::mem::take(&mut self.filling));
+                self.filling_bytes = 0;
+                continue;
+            }
+            if self.awaiting.is_empty() {
+                self.all_answered();
+            }
+            return;
+        }
+    }
+
+    /// Every image is answered: switch, or give up when nothing is ready.
+    fn all_answered(&mut self) {
+        if self.ready.is_empty() {
+            self.outbox
+                .push_back(Msg::Abort("nothing to commit".into()));
+            self.finish();
+        } else {
+            self.state = SenderState::Switching;
+            self.deadline = None;
+            self.actions
+                .push_back(SenderAction::Switch(self.ready.iter().copied().collect()));
+        }
+    }
+
+    /// The outcome of a `Dump` action: the encoded image's size, or why it
+    /// could not be dumped (that connection is rolled back at once).
+    pub fn handle_dumped(&mut self, id: ConnId, result: Result<usize, String>, now: Instant) {
+        if self.state != SenderState::Preparing || self.dumping != Some(id) {
+            return;
+        }
+        self.dumping = None;
+        let bytes = match result {
+            Ok(bytes) => bytes,
+            Err(why) => {
+                self.fates
+                    .insert(id, Fate::RolledBack(format!("dump failed: {why}")));
+                self.withdrawn.insert(id);
+                self.actions.push_back(SenderAction::Thaw(vec![id]));
+                0
+            }
+        };
+        let over_size = self.filling_bytes.saturating_add(bytes) > self.framing.frame_bytes;
+        let over_count = self.filling.len() >= self.framing.frame_images.max(1);
+        if !self.filling.is_empty() && (over_size || over_count) {
+            // `pump` asks for a dump only while no full frame waits.
+            self.full_frame = Some(std::mem::take(&mut self.filling));
+            self.filling_bytes = 0;
+        }
+        self.filling.push(id);
+        self.filling_bytes = self.filling_bytes.saturating_add(bytes);
+        self.pump(now);
+    }
+
+    /// Rolls back everything that has no fate yet. While a switch is under
+    /// way the roll back waits for its outcome: thawing a connection whose
+    /// packets are on their way to another host would lose it.
     fn roll_back(&mut self, why: &str) {
+        if self.state == SenderState::Switching {
+            self.state = SenderState::AbortingSwitch;
+            self.abort_reason = Some(why.to_string());
+            self.deadline = None;
+            return;
+        }
+        self.roll_back_now(why);
+    }
+
+    /// Rolls back everything that has no fate yet, with no switch under way.
+    fn roll_back_now(&mut self, why: &str) {
         let open: Vec<ConnId> = self
             .all
             .iter()
@@ -186,9 +384,14 @@ impl Sender {
     pub fn handle_message(&mut self, msg: Msg, now: Instant) {
         match (self.state, msg) {
             (SenderState::Preparing, Msg::Ready(outcomes)) => {
+                self.in_flight = self.in_flight.saturating_sub(1);
+                let mut refused = vec![];
                 for (id, r) in outcomes {
                     if !self.awaiting.remove(&id) {
                         return self.protocol_error("READY for a connection not awaiting it");
+                    }
+                    if self.withdrawn.contains(&id) {
+                        continue;
                     }
                     match r {
                         Ok(()) => {
@@ -197,26 +400,19 @@ impl Sender {
                         Err(e) => {
                             self.fates
                                 .insert(id, Fate::RolledBack(format!("agent refused: {e}")));
+                            refused.push(id);
                         }
                     }
                 }
-                self.deadline = Some(now + self.timeout);
-                if self.awaiting.is_empty() {
-                    let refused: Vec<ConnId> = self.fates.keys().copied().collect();
-                    if !refused.is_empty() {
-                        self.actions.push_back(SenderAction::Thaw(refused));
-                    }
-                    if self.ready.is_empty() {
-                        self.outbox
-                            .push_back(Msg::Abort("nothing to commit".into()));
-                        self.finish();
-                    } else {
-                        self.state = SenderState::Switching;
-                        self.deadline = None;
-                        self.actions
-                            .push_back(SenderAction::Switch(self.ready.iter().copied().collect()));
-                    }
+                if !refused.is_empty() {
+                    self.actions.push_back(SenderAction::Thaw(refused));
                 }
+                self.deadline = if self.awaiting.is_empty() {
+                    None
+                } else {
+                    self.deadline_after(now)
+                };
+                self.pump(now);
             }
             (SenderState::Committing, Msg::Committed(outcomes)) => {
                 let mut moved = vec![];
@@ -249,7 +445,9 @@ impl Sender {
                     self.finish();
                 }
             }
-            (SenderState::Done, _) => {}
+            // While querying, only the answer on the new channel decides: a
+            // late Abort on the old one must not thaw what the agent may own.
+            (SenderState::Done | SenderState::AbortingSwitch | SenderState::Querying, _) => {}
             (_, Msg::Abort(reason)) if self.state != SenderState::Committing => {
                 self.roll_back(&format!("agent aborted: {reason}"));
             }
@@ -266,33 +464,42 @@ impl Sender {
             }
             // After COMMIT the agent may own them: ask.
             SenderState::Committing => self.start_query(),
-            SenderState::Querying | SenderState::Done => {}
+            SenderState::AbortingSwitch | SenderState::Querying | SenderState::Done => {}
         }
     }
 
     /// The outcome of a `Switch` action.
-    pub fn handle_switched(&mut self, result: Result<(), String>, now: Instant) {
-        if self.state != SenderState::Switching {
-            return;
-        }
-        match result {
-            Ok(()) => {
+    pub fn handle_switched(&mut self, outcome: SwitchOutcome, now: Instant) {
+        match (self.state, outcome) {
+            (SenderState::Switching, SwitchOutcome::Switched { moved_address }) => {
                 self.switched = true;
                 if self.link_lost {
-                    return self.roll_back("link to the agent lost");
+                    return self.roll_back_now("link to the agent lost");
                 }
                 self.state = SenderState::Committing;
-                self.outbox
-                    .push_back(Msg::Commit(self.ready.iter().copied().collect()));
-                self.deadline = Some(now + self.timeout);
+                self.outbox.push_back(Msg::Commit {
+                    ids: self.ready.iter().copied().collect(),
+                    take_address: moved_address,
+                });
+                self.deadline = self.deadline_after(now);
             }
-            Err(e) => {
+            (SenderState::Switching, SwitchOutcome::Failed(e)) => {
                 // A switch may fail half-way: undo it whole.
                 self.switched = true;
                 self.outbox
                     .push_back(Msg::Abort(format!("switch failed: {e}")));
-                self.roll_back(&format!("switch failed: {e}"));
+                self.roll_back_now(&format!("switch failed: {e}"));
             }
+            (SenderState::AbortingSwitch, _) => {
+                // Succeeded or failed half-way: undo it whole, then thaw.
+                self.switched = true;
+                let why = self
+                    .abort_reason
+                    .take()
+                    .unwrap_or_else(|| "batch given up".into());
+                self.roll_back_now(&why);
+            }
+            _ => {}
         }
     }
 
@@ -308,7 +515,7 @@ impl Sender {
             SenderState::Preparing => self.roll_back("link to the agent lost"),
             SenderState::Switching => self.link_lost = true,
             SenderState::Committing => self.start_query(),
-            SenderState::Querying | SenderState::Done => {}
+            SenderState::AbortingSwitch | SenderState::Querying | SenderState::Done => {}
         }
     }
 
@@ -508,7 +715,7 @@ impl Agent {
                 self.deadline = Some(now + self.timeout);
                 self.actions.push_back(AgentAction::Restore(ids));
             }
-            (AgentState::Preparing, Msg::Commit(ids)) => {
+            (AgentState::Preparing, Msg::Commit { ids, .. }) => {
                 if self.answered < self.total as usize {
                     self.outbox
                         .push_back(Msg::Abort("COMMIT before every READY".into()));

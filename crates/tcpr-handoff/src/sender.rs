@@ -1,42 +1,32 @@
 //! The sender: freezes connections, prepares them at an agent, switches
 //! their traffic, commits, and discards or thaws its copies. A thin driver
-//! around [`crate::machine::Sender`].
+//! around [`crate::machine::Sender`]: the machine decides what to dump, how
+//! to cut PREPARE frames and when to commit; this module does the I/O.
 
-use crate::auth::{Auth, Channel};
-use crate::machine::{self, ConnId, Fate, Msg, SenderAction};
+use crate::auth::{Auth, AuthError, Channel};
+use crate::machine::{self, ConnId, Fate, Framing, Msg, SenderAction, SwitchOutcome};
 use crate::wire::{self, pb, WireError};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::os::fd::OwnedFd;
-use std::process::Command;
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 use tcpr_engine::{freeze_many, Flow, FlowLock, FreezeOptions, Frozen};
+
+mod report;
+mod switch;
+pub use report::{Moved, Progress, Refused, Report, RolledBack, Unknown};
+pub use switch::{Switch, SwitchError};
 
 /// One connection to move, with its application state.
 #[derive(Debug)]
 pub struct Outgoing {
-    /// The socket (a duplicate of the application's is fine).
+    /// The socket. The handoff freezes a duplicate of it, so this one can
+    /// be the application's only handle: it is given back in the
+    /// [`Report`] whenever the connection does not move.
     pub sock: OwnedFd,
     /// Opaque application state that travels with it.
     pub blob: Vec<u8>,
-}
-
-/// How the flows' packets reach the agent's host once committed.
-#[derive(Debug, Clone)]
-pub enum Switch {
-    /// Something else takes care of it (or the test does).
-    Nothing,
-    /// The connections' local address moves: removed here, added at the
-    /// agent's host and announced there.
-    MoveAddress,
-    /// Shell commands: `switch` before COMMIT, `unswitch` on roll back.
-    Commands {
-        /// Run to send the flows to the agent.
-        switch: String,
-        /// Run to undo it.
-        unswitch: String,
-    },
 }
 
 /// Settings of one handoff.
@@ -52,12 +42,12 @@ pub struct MigrateOptions {
     pub lease: Duration,
     /// How traffic moves.
     pub switch: Switch,
-    /// Images per PREPARE frame.
-    pub chunk: usize,
+    /// How images are cut into PREPARE frames.
+    pub framing: Framing,
 }
 
 impl MigrateOptions {
-    /// Defaults: 2 s timeout, 60 s lease, 64 images per frame.
+    /// Defaults: 2 s timeout, 60 s lease, [`Framing::default`].
     pub fn new(to: SocketAddr, auth: Auth) -> MigrateOptions {
         MigrateOptions {
             to,
@@ -65,180 +55,394 @@ impl MigrateOptions {
             timeout: Duration::from_secs(2),
             lease: tcpr_engine::DEFAULT_LEASE,
             switch: Switch::Nothing,
-            chunk: 64,
+            framing: Framing::default(),
         }
     }
 }
 
-/// Progress of a handoff, for a progress bar.
-#[derive(Debug, Clone, Copy)]
-pub struct Progress {
-    /// Connections in the batch.
-    pub total: usize,
-    /// Answered by READY.
-    pub prepared: usize,
-    /// Given a fate.
-    pub finished: usize,
+/// Why the channel to the agent could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// No TCP connection.
+    #[error("cannot reach the agent at {addr}: {source}")]
+    Unreachable {
+        /// The agent.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// Connected, but the agent never finished the handshake.
+    #[error("the agent at {addr} did not answer within {} s", after.as_secs_f64())]
+    Silent {
+        /// The agent.
+        addr: SocketAddr,
+        /// How long we waited for each answer.
+        after: Duration,
+    },
+    /// The handshake or the authentication failed.
+    #[error("agent at {addr}: {source}")]
+    Auth {
+        /// The agent.
+        addr: SocketAddr,
+        /// Why.
+        source: AuthError,
+    },
 }
 
-/// What became of each connection.
-#[derive(Debug, Default)]
-pub struct Report {
-    /// Live at the agent.
-    pub moved: Vec<Flow>,
-    /// Live here again, with why.
-    pub rolled_back: Vec<(Flow, String)>,
-    /// Frozen and locked here until the lease ends; the agent may own them.
-    pub unknown: Vec<(Flow, String)>,
-}
+/// Bytes gathered before a write to the TLS channel (one record is 16 KiB).
+const TLS_WRITE_BUFFER: usize = 64 << 10;
 
-impl Report {
-    /// True when every connection moved.
-    pub fn all_moved(&self) -> bool {
-        self.rolled_back.is_empty() && self.unknown.is_empty()
-    }
-}
-
-fn sh(cmd: &str) -> Result<(), String> {
-    let st = Command::new("/bin/sh")
-        .arg("-c")
-        .arg(cmd)
-        .status()
-        .map_err(|e| e.to_string())?;
-    if st.success() {
-        Ok(())
-    } else {
-        Err(format!("`{cmd}` failed ({st})"))
-    }
+/// One connection of the batch, from freeze to fate.
+struct Conn {
+    /// The caller's socket, kept beside the frozen duplicate when the open
+    /// file limit allows (see [`freeze_with_spares`]); else, once thawed,
+    /// the duplicate.
+    sock: Option<OwnedFd>,
+    flow: Flow,
+    blob: Vec<u8>,
+    /// Input position.
+    index: usize,
 }
 
 struct Driver<'a> {
     opts: &'a MigrateOptions,
+    conns: BTreeMap<ConnId, Conn>,
     frozen: BTreeMap<ConnId, Frozen>,
-    images: BTreeMap<ConnId, Vec<u8>>,
-    flows: BTreeMap<ConnId, Flow>,
+    /// Encoded images dumped and not yet sent (at most about a frame).
+    staged: BTreeMap<ConnId, Vec<u8>>,
+    /// Failures of thaw, discard or unswitch, for the report.
+    trouble: BTreeMap<ConnId, String>,
     moved_address: Option<tcpr_host::addr::Assigned>,
     locks: Vec<FlowLock>,
     batch: u64,
+    progress: Progress,
 }
 
 /// Moves `conns` to the agent. Every connection ends moved, rolled back
-/// (thawed here, lock released) or, only when the agent became unreachable
-/// after COMMIT, unknown (left frozen and locked until the lease ends).
+/// (thawed here, lock released, socket given back) or, only when the agent
+/// became unreachable after COMMIT, unknown (left frozen and locked until
+/// the lease ends, socket given back still frozen). When the batch cannot
+/// start, nothing is changed and the connections come back in [`Refused`].
 pub fn migrate(
     conns: Vec<Outgoing>,
     opts: &MigrateOptions,
     progress: &dyn Fn(Progress),
-) -> Result<Report, crate::Error> {
-    let mut report = Report::default();
-    let blobs: Vec<Vec<u8>> = conns.iter().map(|c| c.blob.clone()).collect();
-    let socks: Vec<OwnedFd> = conns.into_iter().map(|c| c.sock).collect();
-    let total = socks.len();
+) -> Result<Report, Refused> {
     let started = Instant::now();
+    // Everything that can refuse the batch is checked before any freeze.
+    let mut flows = Vec::with_capacity(conns.len());
+    for c in &conns {
+        match tcpr_engine::inspect_socket(c.sock.as_fd()) {
+            Ok((flow, _state)) => flows.push(flow),
+            Err(e) => {
+                return Err(Refused {
+                    error: e.into(),
+                    conns,
+                })
+            }
+        }
+    }
+    if let Switch::MoveAddress = opts.switch {
+        let ips: BTreeSet<IpAddr> = flows.iter().map(|f| f.wire().local.ip()).collect();
+        if ips.len() > 1 {
+            return Err(Refused {
+                error: crate::Error::Usage(
+                    "--move-address moves one address: the connections have several local addresses"
+                        .into(),
+                ),
+                conns,
+            });
+        }
+    }
+    let mut report = Report::default();
     // The channel first: a handshake is not part of any connection's pause,
     // and an unreachable or unauthenticated agent costs no freeze at all.
     let ch = match connect(opts) {
         Ok(ch) => ch,
         Err(e) => {
-            for s in &socks {
-                let flow = tcpr_engine::inspect_socket(std::os::fd::AsFd::as_fd(s))?.0;
-                report.rolled_back.push((flow, e.clone()));
-            }
+            let why = e.to_string();
+            report.rolled_back = conns
+                .into_iter()
+                .zip(flows)
+                .enumerate()
+                .map(|(index, (c, flow))| RolledBack {
+                    index,
+                    flow,
+                    why: why.clone(),
+                    sock: Some(c.sock),
+                })
+                .collect();
             return Ok(report);
         }
     };
     tracing::debug!(us = started.elapsed().as_micros(), "channel up");
-    let frozen = freeze_many(
-        socks,
-        &FreezeOptions {
-            lock: true,
-            lease: opts.lease,
-        },
-    )?;
+    let total = conns.len();
+    let (socks, blobs): (Vec<OwnedFd>, Vec<Vec<u8>>) =
+        conns.into_iter().map(|c| (c.sock, c.blob)).unzip();
+    let fo = FreezeOptions {
+        lock: true,
+        lease: opts.lease,
+    };
+    let frozen = match freeze_with_spares(socks, &fo) {
+        Ok(f) => f,
+        Err((error, socks)) => {
+            let conns = socks
+                .into_iter()
+                .zip(blobs)
+                .map(|(sock, blob)| Outgoing { sock, blob })
+                .collect();
+            return Err(Refused { error, conns });
+        }
+    };
     let mut d = Driver {
         opts,
+        conns: BTreeMap::new(),
         frozen: BTreeMap::new(),
-        images: BTreeMap::new(),
-        flows: BTreeMap::new(),
+        staged: BTreeMap::new(),
+        trouble: BTreeMap::new(),
         moved_address: None,
         locks: vec![],
         batch: batch_id(),
+        progress: Progress {
+            total,
+            dumped: 0,
+            dumped_bytes: 0,
+            prepared: 0,
+            finished: 0,
+        },
     };
-    for (i, (f, blob)) in frozen.into_iter().zip(blobs).enumerate() {
-        let id = i as ConnId;
-        match f {
-            Ok(f) => match f.dump().and_then(|mut img| {
-                img.app_blob = blob;
-                Ok(img.encode()?)
-            }) {
-                Ok(image) => {
-                    d.flows.insert(id, f.flow());
-                    d.images.insert(id, image);
-                    d.frozen.insert(id, f);
-                }
-                Err(e) => {
-                    let flow = f.flow();
-                    drop(f); // thaws
-                    report.rolled_back.push((flow, format!("dump failed: {e}")));
-                }
-            },
-            Err(e) => report.rolled_back.push((
-                Flow {
-                    local: SocketAddr::from(([0, 0, 0, 0], 0)),
-                    peer: SocketAddr::from(([0, 0, 0, 0], 0)),
-                },
-                e.to_string(),
-            )),
+    for (index, ((slot, blob), flow)) in frozen.into_iter().zip(blobs).zip(flows).enumerate() {
+        match slot.frozen {
+            Ok(f) => {
+                let id = d.conns.len() as ConnId;
+                d.frozen.insert(id, f);
+                d.conns.insert(
+                    id,
+                    Conn {
+                        sock: slot.spare,
+                        flow,
+                        blob,
+                        index,
+                    },
+                );
+            }
+            Err(e) => report.rolled_back.push(RolledBack {
+                index,
+                flow,
+                why: format!("cannot freeze it: {e}"),
+                sock: slot.spare,
+            }),
         }
     }
-    tracing::debug!(us = started.elapsed().as_micros(), "frozen and dumped");
-    if let Switch::MoveAddress = opts.switch {
-        let ips: std::collections::BTreeSet<IpAddr> =
-            d.flows.values().map(|f| f.local.ip()).collect();
-        if ips.len() > 1 {
-            return Err(crate::Error::Usage(
-                "--move-address moves one address: the connections have several local addresses"
-                    .into(),
-            ));
-        }
-    }
-    let ids: Vec<ConnId> = d.frozen.keys().copied().collect();
-    let fates = d.run(ids, total, ch, progress);
+    tracing::debug!(us = started.elapsed().as_micros(), "frozen");
+    let fates = d.run(ch, progress);
     tracing::debug!(us = started.elapsed().as_micros(), "protocol done");
-    for (id, fate) in fates {
-        let flow = d.flows[&id];
-        match fate {
-            Fate::Moved => report.moved.push(flow),
-            Fate::RolledBack(why) => report.rolled_back.push((flow, why)),
-            Fate::Unknown(why) => report.unknown.push((flow, why)),
-        }
-    }
     // Locks of moved flows: the traffic went elsewhere, release them;
     // with no switch at all they stay for their lease.
-    let release = !matches!(opts.switch, Switch::Nothing);
     let locks = std::mem::take(&mut d.locks);
-    if release {
-        FlowLock::release_moved(locks)?;
-    } else {
+    if matches!(opts.switch, Switch::Nothing) {
         locks.into_iter().for_each(FlowLock::keep);
+    } else if let Err(e) = FlowLock::release_moved(locks) {
+        // The connections have moved: a lock that stays only drops packets
+        // that no longer come here, until its lease ends.
+        report.warnings.push(format!(
+            "the locks of moved connections stay until their lease ends: {e}"
+        ));
     }
     tracing::debug!(us = started.elapsed().as_micros(), "locks released");
+    for (id, c) in std::mem::take(&mut d.conns) {
+        let trouble = d.trouble.remove(&id);
+        let fate = fates.get(&id).cloned().unwrap_or_else(|| {
+            // The machine gives every connection a fate; should it not, the
+            // frozen copy is thawed here and the connection stays.
+            Fate::RolledBack("no outcome".into())
+        });
+        let mut c = c;
+        if let Some(f) = d.frozen.remove(&id) {
+            // Only reached when a fate's action was never performed.
+            match f.thaw() {
+                Ok(fd) => {
+                    c.sock.get_or_insert(fd);
+                }
+                Err(e) => tracing::error!("thaw of {} failed: {e}", c.flow.local),
+            }
+        }
+        match fate {
+            Fate::Moved => report.moved.push(Moved {
+                index: c.index,
+                flow: c.flow,
+            }),
+            Fate::RolledBack(why) => report.rolled_back.push(RolledBack {
+                index: c.index,
+                flow: c.flow,
+                why: match trouble {
+                    Some(t) => format!("{why}; {t}"),
+                    None => why,
+                },
+                sock: c.sock,
+            }),
+            Fate::Unknown(why) => report.unknown.push(Unknown {
+                index: c.index,
+                flow: c.flow,
+                why,
+                sock: c.sock,
+            }),
+        }
+    }
+    report.rolled_back.sort_by_key(|r| r.index);
     Ok(report)
 }
 
+/// Open files kept free beyond what a batch needs.
+const FD_HEADROOM: u64 = 1024;
+
+/// Connections frozen per lock transaction when the process cannot hold a
+/// second handle for every connection of the batch.
+const FREEZE_CHUNK: usize = 512;
+
+/// One connection after the freeze.
+struct FreezeSlot {
+    /// The handle handed in, when kept beside the frozen duplicate.
+    spare: Option<OwnedFd>,
+    frozen: Result<Frozen, tcpr_engine::Error>,
+}
+
+/// Freezes duplicates of `socks`, so that the handles handed in survive
+/// every path: a failed freeze gives them back as they were, and one kept
+/// beside each frozen copy stays frozen for a retry when the outcome is
+/// unknown. That needs a second open file per connection; when the limit
+/// (raised once if it can be) does not allow it, the batch is frozen in
+/// chunks and the handle of each connection frozen is let go (the thawed
+/// duplicate goes back instead; a connection left unknown then stays
+/// frozen only in the handles held elsewhere). On error nothing is frozen
+/// and every handle comes back, in order.
+fn freeze_with_spares(
+    socks: Vec<OwnedFd>,
+    fo: &FreezeOptions,
+) -> Result<Vec<FreezeSlot>, (crate::Error, Vec<OwnedFd>)> {
+    let dups = match duplicate_all(&socks) {
+        Ok(Some(dups)) => dups,
+        Ok(None) => return freeze_in_chunks(socks, fo),
+        Err(e) => return Err((e, socks)),
+    };
+    match freeze_many(dups, fo) {
+        Ok(frozen) => Ok(socks
+            .into_iter()
+            .zip(frozen)
+            .map(|(s, frozen)| FreezeSlot {
+                spare: Some(s),
+                frozen,
+            })
+            .collect()),
+        // Checked before anything changed: the originals are untouched.
+        Err(e) => Err((e.into(), socks)),
+    }
+}
+
+/// Duplicates every socket; `None` when the open file limit does not allow
+/// it (after raising it once, with room for as many again: whatever the
+/// process does with the connections meanwhile, such as an agent in the
+/// same process restoring them).
+fn duplicate_all(socks: &[OwnedFd]) -> Result<Option<Vec<OwnedFd>>, crate::Error> {
+    let mut dups = Vec::with_capacity(socks.len());
+    let mut raised = false;
+    while let Some(s) = socks.get(dups.len()) {
+        match s.try_clone() {
+            Ok(d) => dups.push(d),
+            Err(e) if e.raw_os_error() == Some(libc::EMFILE) && !raised => {
+                raised = true;
+                // Every file the limit allows is open (nothing can be opened
+                // to count them): the limit is what is open.
+                let open = tcpr_host::raise_fd_limit(0).unwrap_or(0);
+                let want = open + 2 * (socks.len() - dups.len()) as u64 + FD_HEADROOM;
+                if let Err(e) = tcpr_host::raise_fd_limit(want) {
+                    tracing::warn!("cannot raise the open file limit to {want}: {e}");
+                }
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EMFILE) => return Ok(None),
+            Err(e) => {
+                return Err(tcpr_engine::Error::kernel("duplicate the socket", e).into());
+            }
+        }
+    }
+    Ok(Some(dups))
+}
+
+/// [`freeze_with_spares`] for a batch too large for two handles per
+/// connection: a chunk at a time, each chunk's handles let go once frozen.
+fn freeze_in_chunks(
+    socks: Vec<OwnedFd>,
+    fo: &FreezeOptions,
+) -> Result<Vec<FreezeSlot>, (crate::Error, Vec<OwnedFd>)> {
+    tracing::warn!(
+        "the open file limit allows no second handle per connection: freezing in chunks of {FREEZE_CHUNK}"
+    );
+    let total = socks.len();
+    let mut slots: Vec<FreezeSlot> = Vec::with_capacity(total);
+    let mut rest = socks.into_iter();
+    loop {
+        let chunk: Vec<OwnedFd> = rest.by_ref().take(FREEZE_CHUNK).collect();
+        if chunk.is_empty() {
+            return Ok(slots);
+        }
+        let failed: crate::Error = match chunk.iter().map(|s| s.try_clone()).collect() {
+            Ok(dups) => match freeze_many(dups, fo) {
+                Ok(frozen) => {
+                    for (original, frozen) in chunk.into_iter().zip(frozen) {
+                        let spare = match frozen {
+                            Ok(_) => None,
+                            Err(_) => Some(original),
+                        };
+                        slots.push(FreezeSlot { spare, frozen });
+                    }
+                    continue;
+                }
+                Err(e) => e.into(),
+            },
+            Err(e) => tcpr_engine::Error::kernel("duplicate the socket", e).into(),
+        };
+        // Undo the chunks frozen so far: every handle comes back, in order.
+        let mut back = Vec::with_capacity(total);
+        for slot in slots {
+            match (slot.spare, slot.frozen) {
+                (Some(s), _) => back.push(s),
+                (None, Ok(f)) => match f.thaw() {
+                    Ok(fd) => back.push(fd),
+                    Err(e) => tracing::error!("thaw failed while giving the batch up: {e}"),
+                },
+                (None, Err(_)) => {}
+            }
+        }
+        back.extend(chunk);
+        back.extend(rest);
+        return Err((failed, back));
+    }
+}
+
 /// Opens the authenticated channel to the agent.
-fn connect(opts: &MigrateOptions) -> Result<Channel, String> {
-    let tcp = TcpStream::connect_timeout(&opts.to, opts.timeout)
-        .map_err(|e| format!("cannot reach the agent at {}: {e}", opts.to))?;
+fn connect(opts: &MigrateOptions) -> Result<Channel, ConnectError> {
+    let addr = opts.to;
+    let unreachable = |source| ConnectError::Unreachable { addr, source };
+    let tcp = TcpStream::connect_timeout(&addr, opts.timeout).map_err(unreachable)?;
     tcp.set_read_timeout(Some(opts.timeout))
-        .map_err(|e| e.to_string())?;
-    tcp.set_write_timeout(Some(opts.timeout * 4))
-        .map_err(|e| e.to_string())?;
+        .map_err(unreachable)?;
+    tcp.set_write_timeout(Some(opts.timeout.saturating_mul(4)))
+        .map_err(unreachable)?;
     let _ = tcp.set_nodelay(true);
-    let cfg = opts.auth.client_config().map_err(|e| e.to_string())?;
+    let cfg = opts
+        .auth
+        .client_config()
+        .map_err(|source| ConnectError::Auth { addr, source })?;
     opts.auth
-        .connect(cfg, opts.to.ip(), tcp)
-        .map_err(|e| format!("agent at {}: {e}", opts.to))
+        .connect(cfg, addr.ip(), tcp)
+        .map_err(|source| match source {
+            AuthError::TimedOut => ConnectError::Silent {
+                addr,
+                after: opts.timeout,
+            },
+            source => ConnectError::Auth { addr, source },
+        })
 }
 
 fn batch_id() -> u64 {
@@ -250,38 +454,38 @@ fn batch_id() -> u64 {
 }
 
 impl Driver<'_> {
-    fn run(
-        &mut self,
-        ids: Vec<ConnId>,
-        total: usize,
-        ch: Channel,
-        progress: &dyn Fn(Progress),
-    ) -> BTreeMap<ConnId, Fate> {
-        let now = Instant::now();
-        let mut m = machine::Sender::new(self.batch, ids.clone(), self.opts.timeout, now);
+    fn run(&mut self, ch: Channel, progress: &dyn Fn(Progress)) -> BTreeMap<ConnId, Fate> {
+        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         if ids.is_empty() {
             return BTreeMap::new();
         }
+        let mut m = machine::Sender::new(
+            self.batch,
+            ids,
+            self.opts.timeout,
+            self.opts.framing,
+            Instant::now(),
+        );
         let mut ch = Some(ch);
-        let mut prepared = 0usize;
         loop {
-            // Send what the machine wants sent.
+            // Messages first, then one action: a frame goes out as soon as
+            // it is cut, so at most about one frame of images waits here.
             while let Some(msg) = m.poll_transmit() {
                 let Some(c) = ch.as_mut() else { continue };
-                if let Err(e) = self.send(c, &msg, &mut m, &mut prepared, total, progress) {
+                if let Err(e) = self.send(c, msg) {
                     tracing::info!("link lost while sending: {e}");
                     ch = None;
                     m.handle_link_lost(Instant::now());
                 }
             }
-            while let Some(a) = m.poll_action() {
-                self.act(a, &mut m);
+            if let Some(a) = m.poll_action() {
+                self.act(a, &mut m, ch.is_some());
+                self.progress.finished = m.fates().len();
+                progress(self.progress);
+                continue;
             }
             if m.is_done() {
                 break;
-            }
-            if m.poll_transmit_pending() {
-                continue;
             }
             // Wait for the agent.
             let Some(c) = ch.as_mut() else {
@@ -293,26 +497,20 @@ impl Driver<'_> {
                 m.handle_timeout(Instant::now());
                 continue;
             };
-            if let Some(d) = m.poll_timeout() {
-                let wait = d
-                    .saturating_duration_since(Instant::now())
-                    .max(Duration::from_millis(1));
-                let _ = c.tcp().set_read_timeout(Some(wait));
-            } else {
-                let _ = c.tcp().set_read_timeout(None);
-            }
+            let wait = m.poll_timeout().map(|d| {
+                d.saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1))
+            });
+            let _ = c.tcp().set_read_timeout(wait);
             match wire::read_msg(c) {
                 Ok(msg) => match wire::from_wire(msg) {
                     Ok(msg) => {
                         if let Msg::Ready(o) = &msg {
-                            prepared += o.len();
-                            progress(Progress {
-                                total,
-                                prepared,
-                                finished: m.fates().len(),
-                            });
+                            self.progress.prepared += o.len();
                         }
                         m.handle_message(msg, Instant::now());
+                        self.progress.finished = m.fates().len();
+                        progress(self.progress);
                     }
                     Err(e) => {
                         tracing::warn!("agent misbehaved: {e}");
@@ -335,103 +533,72 @@ impl Driver<'_> {
                 }
             }
         }
-        progress(Progress {
-            total,
-            prepared,
-            finished: m.fates().len(),
-        });
+        // Images of a batch given up mid-way.
+        self.staged.clear();
         m.fates().clone()
     }
 
-    /// Writes one machine message; PREPARE is split into frames of images,
-    /// with READY answers read in between so neither side's buffer fills.
-    fn send(
-        &mut self,
-        c: &mut Channel,
-        msg: &Msg,
-        m: &mut machine::Sender,
-        prepared: &mut usize,
-        total: usize,
-        progress: &dyn Fn(Progress),
-    ) -> Result<(), WireError> {
+    /// Writes one machine message; a PREPARE carries the staged images of
+    /// the connections it names (an empty one for a dump that failed: the
+    /// agent refuses it, and the machine has rolled it back already).
+    fn send(&mut self, c: &mut Channel, msg: Msg) -> Result<(), WireError> {
         match msg {
             Msg::Prepare(ids) => {
-                let mut in_flight = 0usize;
-                for chunk in ids.chunks(self.opts.chunk.max(1)) {
-                    let frame = pb::Message {
-                        kind: Some(pb::message::Kind::Prepare(pb::Prepare {
-                            connections: chunk
-                                .iter()
-                                .map(|&id| pb::PreparedConnection {
-                                    id,
-                                    image: self.images.get(&id).cloned().unwrap_or_default(),
-                                })
-                                .collect(),
-                        })),
-                    };
-                    wire::write_msg(c, &frame)?;
-                    c.flush()?;
-                    in_flight += 1;
-                    // Keep at most 8 frames unanswered.
-                    while in_flight >= 8 {
-                        let r = wire::from_wire(wire::read_msg(c)?)?;
-                        if let Msg::Ready(o) = &r {
-                            *prepared += o.len();
-                            in_flight -= 1;
-                            progress(Progress {
-                                total,
-                                prepared: *prepared,
-                                finished: 0,
-                            });
-                        }
-                        m.handle_message(r, Instant::now());
-                        if m.is_done() {
-                            return Ok(());
-                        }
-                    }
-                }
-                Ok(())
+                let images: Vec<(ConnId, Vec<u8>)> = ids
+                    .into_iter()
+                    .map(|id| (id, self.staged.remove(&id).unwrap_or_default()))
+                    .collect();
+                let refs: Vec<(ConnId, &[u8])> =
+                    images.iter().map(|(id, img)| (*id, &img[..])).collect();
+                // Headers and images in TLS records of a useful size.
+                let mut w = io::BufWriter::with_capacity(TLS_WRITE_BUFFER, &mut *c);
+                wire::write_prepare(&mut w, &refs)?;
+                w.flush()?;
             }
-            Msg::Commit(_) => {
-                let mut w = wire::to_wire(msg);
-                if let (Some(moved), Some(pb::message::Kind::Commit(c))) =
-                    (&self.moved_address, w.kind.as_mut())
-                {
-                    c.add_address = Some(pb::AddressMove {
-                        cidr: moved.cidr(),
-                        dev: String::new(),
-                    });
-                }
-                wire::write_msg(c, &w)?;
-                c.flush()?;
-                Ok(())
-            }
-            other => {
-                wire::write_msg(c, &wire::to_wire(other))?;
-                c.flush()?;
-                Ok(())
-            }
+            other => wire::write_msg(c, &wire::to_wire(&other))?,
         }
+        c.flush()?;
+        Ok(())
     }
 
-    fn act(&mut self, a: SenderAction, m: &mut machine::Sender) {
+    fn act(&mut self, a: SenderAction, m: &mut machine::Sender, linked: bool) {
         match a {
+            SenderAction::Dump(id) => {
+                let r = self.dump(id, linked);
+                m.handle_dumped(id, r, Instant::now());
+            }
             SenderAction::Switch(ids) => {
                 tracing::debug!("all ready: switching");
-                let r = self.switch(&ids);
+                let r = match self.switch(&ids) {
+                    Ok(moved_address) => SwitchOutcome::Switched { moved_address },
+                    Err(e) => SwitchOutcome::Failed(e.to_string()),
+                };
                 tracing::debug!("switched");
                 m.handle_switched(r, Instant::now());
             }
             SenderAction::Unswitch => {
                 if let Err(e) = self.unswitch() {
                     tracing::error!("could not undo the traffic switch: {e}");
+                    let why = format!("could not undo the traffic switch: {e}");
+                    for id in self.frozen.keys() {
+                        self.trouble.insert(*id, why.clone());
+                    }
                 }
             }
             SenderAction::Thaw(ids) => {
                 for id in ids {
                     if let Some(f) = self.frozen.remove(&id) {
-                        if let Err(e) = f.thaw() {
-                            tracing::error!("thaw failed: {e}");
+                        match f.thaw() {
+                            // Without a spare handle, the thawed one goes back.
+                            Ok(fd) => {
+                                if let Some(c) = self.conns.get_mut(&id) {
+                                    c.sock.get_or_insert(fd);
+                                }
+                            }
+                            Err(e) => {
+                                tracing::error!("thaw failed: {e}");
+                                self.trouble.insert(id, format!("thaw failed: {e}"));
+                            }
                         }
                     }
                 }
@@ -461,38 +628,24 @@ impl Driver<'_> {
         }
     }
 
-    fn switch(&mut self, ids: &[ConnId]) -> Result<(), String> {
-        match &self.opts.switch {
-            Switch::Nothing => Ok(()),
-            Switch::Commands { switch, .. } => sh(switch),
-            Switch::MoveAddress => {
-                let ip = ids
-                    .first()
-                    .and_then(|id| self.flows.get(id))
-                    .map(|f| f.local.ip())
-                    .ok_or("nothing to switch")?;
-                let held = tcpr_host::addr::find(ip).map_err(|e| e.to_string())?;
-                tcpr_host::addr::remove(&held)
-                    .map_err(|e| format!("remove {} from {}: {e}", held.cidr(), held.ifname))?;
-                self.moved_address = Some(held);
-                Ok(())
-            }
+    /// Dumps and encodes one image and stages it for its PREPARE frame.
+    /// Without a link the machine is rolling back: nothing is dumped.
+    fn dump(&mut self, id: ConnId, linked: bool) -> Result<usize, String> {
+        if !linked {
+            return Err("the link to the agent is lost".into());
         }
-    }
-
-    fn unswitch(&mut self) -> Result<(), String> {
-        match &self.opts.switch {
-            Switch::Nothing => Ok(()),
-            Switch::Commands { unswitch, .. } => sh(unswitch),
-            Switch::MoveAddress => {
-                let Some(held) = self.moved_address.take() else {
-                    return Ok(());
-                };
-                tcpr_host::addr::add(&held)
-                    .map_err(|e| format!("put {} back on {}: {e}", held.cidr(), held.ifname))?;
-                tcpr_host::announce(&held.ifname, held.ip).map_err(|e| e.to_string())
-            }
+        let f = self.frozen.get(&id).ok_or("not frozen")?;
+        let mut img = f.dump().map_err(|e| e.to_string())?;
+        if let Some(c) = self.conns.get_mut(&id) {
+            img.app_blob = std::mem::take(&mut c.blob);
         }
+        let bytes = img.encode().map_err(|e| e.to_string())?;
+        drop(img);
+        let len = bytes.len();
+        self.staged.insert(id, bytes);
+        self.progress.dumped += 1;
+        self.progress.dumped_bytes += len as u64;
+        Ok(len)
     }
 
     /// Asks the agent, on a new channel, what became of the batch. Retries

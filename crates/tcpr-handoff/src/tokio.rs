@@ -83,51 +83,70 @@ pub enum AsyncHandOff {
     Moved,
     /// It stayed and carries on here, with why.
     Stayed(tokio::net::TcpStream, String),
-    /// The agent may own it; it is frozen here until the lease ends.
-    Unknown(String),
+    /// The agent may own it; it is frozen here until the lease ends. The
+    /// stream is given back still frozen: keep it, and thaw it only once
+    /// the agent is known not to hold the connection.
+    Unknown(tokio::net::TcpStream, String),
 }
 
-fn to_std(s: tokio::net::TcpStream) -> Result<std::net::TcpStream, Error> {
-    let s = s
-        .into_std()
-        .map_err(|e| tcpr_engine::Error::kernel("take the stream from the runtime", e))?;
-    s.set_nonblocking(false)
-        .map_err(|e| tcpr_engine::Error::kernel("make the stream blocking", e))?;
-    Ok(s)
-}
-
-fn from_std(s: std::net::TcpStream, why: String) -> AsyncHandOff {
-    let back = s
-        .set_nonblocking(true)
-        .and_then(|()| tokio::net::TcpStream::from_std(s));
-    match back {
-        Ok(s) => AsyncHandOff::Stayed(s, why),
-        // The connection is still here but the runtime refused it: say so
-        // rather than drop it silently.
-        Err(e) => AsyncHandOff::Unknown(format!("{why}; back in the runtime: {e}")),
-    }
+/// A handoff that did not start (or whose task failed): every stream comes
+/// back, still registered with the runtime, with its blob.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct AsyncHandOffError {
+    /// Why.
+    pub error: Error,
+    /// The streams, in the input order.
+    pub conns: Vec<(tokio::net::TcpStream, Vec<u8>)>,
 }
 
 /// [`crate::hand_off`] for tokio streams: the handoff runs on tokio's
-/// blocking pool; streams that stay come back registered with the runtime.
-/// The streams must not be in use elsewhere while this runs.
+/// blocking pool on duplicates of the streams' sockets, so the streams
+/// themselves never leave the runtime and every one that stays comes back
+/// as it was. The streams must not be in use elsewhere while this runs.
 pub async fn hand_off(
     conns: Vec<(tokio::net::TcpStream, Vec<u8>)>,
     opts: MigrateOptions,
-) -> Result<Vec<AsyncHandOff>, Error> {
-    let mut std_conns = Vec::with_capacity(conns.len());
-    for (s, blob) in conns {
-        std_conns.push((to_std(s)?, blob));
+) -> Result<Vec<AsyncHandOff>, AsyncHandOffError> {
+    use std::os::fd::AsFd;
+    let mut dups = Vec::with_capacity(conns.len());
+    for (s, blob) in &conns {
+        match s.as_fd().try_clone_to_owned() {
+            // A duplicate shares the open file (and its O_NONBLOCK): the
+            // sender's calls on a frozen socket never block.
+            Ok(fd) => dups.push((std::net::TcpStream::from(fd), blob.clone())),
+            Err(e) => {
+                return Err(AsyncHandOffError {
+                    error: tcpr_engine::Error::kernel("duplicate the socket", e).into(),
+                    conns,
+                })
+            }
+        }
     }
-    let results = tokio::task::spawn_blocking(move || crate::hand_off(std_conns, &opts))
-        .await
-        .map_err(|e| Error::Usage(format!("the handoff task failed: {e}")))??;
-    Ok(results
+    let results = match tokio::task::spawn_blocking(move || crate::hand_off(dups, &opts)).await {
+        Ok(Ok(results)) => results,
+        Ok(Err(e)) => {
+            return Err(AsyncHandOffError {
+                error: e.error,
+                conns,
+            })
+        }
+        Err(e) => {
+            return Err(AsyncHandOffError {
+                error: Error::Usage(format!("the handoff task failed: {e}")),
+                conns,
+            })
+        }
+    };
+    Ok(conns
         .into_iter()
-        .map(|r| match r {
+        .zip(results)
+        .map(|((s, _blob), r)| match r {
+            // The sender disconnected the socket in repair mode: closing
+            // this handle sends nothing.
             HandOff::Moved => AsyncHandOff::Moved,
-            HandOff::Unknown(why) => AsyncHandOff::Unknown(why),
-            HandOff::Stayed(s, why) => from_std(s, why),
+            HandOff::Stayed(_dup, why) => AsyncHandOff::Stayed(s, why),
+            HandOff::Unknown(_dup, why) => AsyncHandOff::Unknown(s, why),
         })
         .collect())
 }

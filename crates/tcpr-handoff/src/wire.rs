@@ -1,8 +1,12 @@
 //! Framing: a 4-byte big-endian length, then one protobuf `Message`
 //! (`proto/tcpr_handoff_v1.proto`). Lengths above [`MAX_FRAME`] and bodies
 //! that do not decode are errors, never panics.
+//!
+//! The sender cuts a batch's images into PREPARE frames of a few MiB
+//! ([`crate::Framing`]); only an image larger than that travels alone in a
+//! larger frame.
 
-use crate::machine::{ConnId, Msg};
+use crate::machine::{ConnId, Msg, ServiceAddress};
 use prost::Message as _;
 use std::io::{self, Read, Write};
 
@@ -13,8 +17,23 @@ pub mod pb {
 
 /// Protocol version spoken by this build.
 pub const VERSION: u32 = 1;
-/// Largest frame accepted.
-pub const MAX_FRAME: usize = 64 << 20;
+/// Room in a frame around one image: the protobuf tags and lengths of the
+/// message, the connection id, the image's envelope.
+const FRAME_OVERHEAD: usize = 1 << 20;
+
+/// Largest frame accepted: one image of the largest size the image format
+/// allows ([`tcpr_image::format::MAX_BODY`]), whole. An image cannot be
+/// split across frames, because the agent restores a connection from its
+/// complete image (the kernel takes the queues, the sequence numbers and
+/// the window in one fixed order), so the limit per frame is the limit per
+/// image, deliberately. A reader grows its buffer as the bytes arrive, so
+/// an announced length costs nothing until the (authenticated) peer has
+/// sent that many bytes; frames are normally far smaller.
+pub const MAX_FRAME: usize =
+    tcpr_image::format::MAX_BODY as usize + tcpr_image::format::HEADER_LEN + FRAME_OVERHEAD;
+
+/// The buffer a reader starts a frame with; it grows as bytes arrive.
+const READ_CHUNK: usize = 1 << 20;
 
 /// Why a frame was refused.
 #[derive(Debug, thiserror::Error)]
@@ -40,8 +59,68 @@ pub fn write_msg(w: &mut impl Write, m: &pb::Message) -> Result<(), WireError> {
     if body.len() > MAX_FRAME {
         return Err(WireError::TooLarge(body.len()));
     }
-    w.write_all(&(body.len() as u32).to_be_bytes())?;
+    let len = u32::try_from(body.len()).map_err(|_| WireError::TooLarge(body.len()))?;
+    w.write_all(&len.to_be_bytes())?;
     w.write_all(&body)?;
+    Ok(())
+}
+
+/// Writes one PREPARE frame, each image from where it lies: the bytes are
+/// those of `write_msg` for `Message { prepare: Prepare { connections } }`,
+/// with the headers encoded by prost's primitives and the images never
+/// copied into one buffer (a frame can hold an image of hundreds of MiB).
+pub fn write_prepare(w: &mut impl Write, conns: &[(ConnId, &[u8])]) -> Result<(), WireError> {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
+    // Field numbers in proto/tcpr_handoff_v1.proto.
+    const MESSAGE_PREPARE: u32 = 2;
+    const PREPARE_CONNECTIONS: u32 = 1;
+    const CONNECTION_IMAGE: u32 = 2;
+    let length_delimited = |tag: u32, len: usize, buf: &mut Vec<u8>| {
+        encode_key(tag, WireType::LengthDelimited, buf);
+        encode_varint(len as u64, buf);
+    };
+    // Each connection's fields but its image's bytes (an empty image, the
+    // proto3 default, is not encoded at all).
+    let heads: Vec<Vec<u8>> = conns
+        .iter()
+        .map(|(id, image)| {
+            let mut head = pb::PreparedConnection {
+                id: *id,
+                image: vec![],
+            }
+            .encode_to_vec();
+            if !image.is_empty() {
+                length_delimited(CONNECTION_IMAGE, image.len(), &mut head);
+            }
+            head
+        })
+        .collect();
+    let field_len =
+        |len: usize| key_len(PREPARE_CONNECTIONS) + encoded_len_varint(len as u64) + len;
+    let prepare_len: usize = heads
+        .iter()
+        .zip(conns)
+        .map(|(head, (_, image))| field_len(head.len() + image.len()))
+        .sum();
+    let body_len = key_len(MESSAGE_PREPARE) + encoded_len_varint(prepare_len as u64) + prepare_len;
+    if body_len > MAX_FRAME {
+        return Err(WireError::TooLarge(body_len));
+    }
+    let len = u32::try_from(body_len).map_err(|_| WireError::TooLarge(body_len))?;
+    let mut head = len.to_be_bytes().to_vec();
+    length_delimited(MESSAGE_PREPARE, prepare_len, &mut head);
+    w.write_all(&head)?;
+    for (conn_head, (_, image)) in heads.iter().zip(conns) {
+        let mut field = vec![];
+        length_delimited(
+            PREPARE_CONNECTIONS,
+            conn_head.len() + image.len(),
+            &mut field,
+        );
+        w.write_all(&field)?;
+        w.write_all(conn_head)?;
+        w.write_all(image)?;
+    }
     Ok(())
 }
 
@@ -53,8 +132,11 @@ pub fn read_msg(r: &mut impl Read) -> Result<pb::Message, WireError> {
     if len > MAX_FRAME {
         return Err(WireError::TooLarge(len));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
+    let mut body = Vec::with_capacity(len.min(READ_CHUNK));
+    r.take(len as u64).read_to_end(&mut body)?;
+    if body.len() < len {
+        return Err(WireError::Io(io::ErrorKind::UnexpectedEof.into()));
+    }
     decode(&body)
 }
 
@@ -102,9 +184,12 @@ pub fn to_wire(m: &Msg) -> pb::Message {
         Msg::Ready(o) => Kind::Ready(pb::Ready {
             outcomes: outcomes(o),
         }),
-        Msg::Commit(ids) => Kind::Commit(pb::Commit {
+        Msg::Commit { ids, take_address } => Kind::Commit(pb::Commit {
             ids: ids.clone(),
-            add_address: None,
+            add_address: take_address.map(|a| pb::AddressMove {
+                cidr: format!("{}/{}", a.ip, a.prefix_len),
+                dev: String::new(),
+            }),
         }),
         Msg::Committed(o) => Kind::Committed(pb::Committed {
             outcomes: outcomes(o),
@@ -112,6 +197,24 @@ pub fn to_wire(m: &Msg) -> pb::Message {
         Msg::Abort(r) => Kind::Abort(pb::Abort { reason: r.clone() }),
     };
     pb::Message { kind: Some(kind) }
+}
+
+/// `addr/prefix` as a service address.
+fn parse_cidr(cidr: &str) -> Result<ServiceAddress, WireError> {
+    let (ip, prefix_len) = cidr.split_once('/').ok_or(WireError::Unexpected(
+        "an address to take without a prefix length",
+    ))?;
+    let ip: std::net::IpAddr = ip
+        .parse()
+        .map_err(|_| WireError::Unexpected("an address to take that is not an address"))?;
+    let prefix_len: u8 = prefix_len
+        .parse()
+        .ok()
+        .filter(|&p| p <= if ip.is_ipv4() { 32 } else { 128 })
+        .ok_or(WireError::Unexpected(
+            "an address to take with a bad prefix length",
+        ))?;
+    Ok(ServiceAddress { ip, prefix_len })
 }
 
 /// A wire message as a machine message (Query/Status are handled by the
@@ -130,7 +233,13 @@ pub fn from_wire(m: pb::Message) -> Result<Msg, WireError> {
         }
         Kind::Prepare(p) => Msg::Prepare(p.connections.iter().map(|c| c.id).collect()),
         Kind::Ready(r) => Msg::Ready(from_outcomes(r.outcomes)),
-        Kind::Commit(c) => Msg::Commit(c.ids),
+        Kind::Commit(c) => Msg::Commit {
+            ids: c.ids,
+            take_address: match c.add_address {
+                None => None,
+                Some(a) => Some(parse_cidr(&a.cidr)?),
+            },
+        },
         Kind::Committed(c) => Msg::Committed(from_outcomes(c.outcomes)),
         Kind::Abort(a) => Msg::Abort(a.reason),
         Kind::Query(_) => return Err(WireError::Unexpected("QUERY inside a batch")),
@@ -152,7 +261,8 @@ mod tests {
 
         #[test]
         fn messages_round_trip(ids in proptest::collection::vec(any::<u32>(), 0..20), reason in ".{0,20}") {
-            for m in [Msg::Commit(ids.clone()), Msg::Abort(reason.clone()),
+            for m in [Msg::Commit { ids: ids.clone(), take_address: None },
+                      Msg::Commit { ids: ids.clone(), take_address: Some(ServiceAddress { ip: [10, 0, 0, 100].into(), prefix_len: 24 }) }, Msg::Abort(reason.clone()),
                       Msg::Ready(ids.iter().map(|&i| (i, if i % 2 == 0 { Ok(()) } else { Err(reason.clone()) })).collect())] {
                 let mut buf = vec![];
                 write_msg(&mut buf, &to_wire(&m)).unwrap();
@@ -160,6 +270,41 @@ mod tests {
                 prop_assert_eq!(back, m);
             }
         }
+    }
+
+    proptest! {
+        #[test]
+        fn prepare_frames_are_those_of_prost(
+            conns in proptest::collection::vec(
+                (any::<u32>(), proptest::collection::vec(any::<u8>(), 0..300)), 0..6)
+        ) {
+            let mut ours = vec![];
+            let refs: Vec<(ConnId, &[u8])> = conns.iter().map(|(id, img)| (*id, &img[..])).collect();
+            write_prepare(&mut ours, &refs).unwrap();
+            let mut theirs = vec![];
+            let m = pb::Message {
+                kind: Some(pb::message::Kind::Prepare(pb::Prepare {
+                    connections: conns
+                        .iter()
+                        .map(|(id, img)| pb::PreparedConnection { id: *id, image: img.clone() })
+                        .collect(),
+                })),
+            };
+            write_msg(&mut theirs, &m).unwrap();
+            prop_assert_eq!(ours, theirs);
+        }
+    }
+
+    #[test]
+    fn a_frame_cut_short_is_an_error() {
+        let mut buf = vec![];
+        write_msg(&mut buf, &to_wire(&Msg::Abort("x".repeat(100)))).unwrap();
+        buf.truncate(buf.len() - 1);
+        assert!(matches!(read_msg(&mut &buf[..]), Err(WireError::Io(_))));
+        // An announced length far beyond the bytes sent allocates nothing
+        // up front and ends at the end of the input.
+        let lying = ((MAX_FRAME - 1) as u32).to_be_bytes();
+        assert!(matches!(read_msg(&mut &lying[..]), Err(WireError::Io(_))));
     }
 
     #[test]

@@ -192,6 +192,9 @@ fn select(m: &MigrateArgs) -> Result<Vec<(i32, i32)>> {
     Ok(picked)
 }
 
+/// Batches of at least this many connections get a progress bar.
+const PROGRESS_BAR_FROM: u64 = 16;
+
 pub fn migrate(m: MigrateArgs) -> Result<i32> {
     let auth = m.auth.auth()?;
     let mut opts = MigrateOptions::new(m.to, auth);
@@ -216,24 +219,39 @@ pub fn migrate(m: MigrateArgs) -> Result<i32> {
     let total = conns.len() as u64;
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} prepared")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg} [{bar:30}] {pos}/{len} prepared ({elapsed})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_message(format!("moving to {}", m.to));
-    if total < 2 {
+    // A bar for batches that take a while; indicatif draws nothing when
+    // stderr is not a terminal.
+    if total < PROGRESS_BAR_FROM {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let started = std::time::Instant::now();
-    let report = tcpr_handoff::migrate(conns, &opts, &|p| bar.set_position(p.prepared as u64))?;
+    let report = tcpr_handoff::migrate(conns, &opts, &|p| {
+        bar.set_position(p.prepared as u64);
+        bar.set_message(format!(
+            "moving to {}: {} of images",
+            m.to,
+            indicatif::HumanBytes(p.dumped_bytes)
+        ));
+    })
+    .map_err(|refused| refused.error)?;
     bar.finish_and_clear();
-    for (f, why) in &report.rolled_back {
-        eprintln!("rolled back {} -> {}: {why}", f.local, f.peer);
+    for r in &report.rolled_back {
+        eprintln!("rolled back {} -> {}: {}", r.flow.local, r.flow.peer, r.why);
     }
-    for (f, why) in &report.unknown {
+    for u in &report.unknown {
         eprintln!(
-            "unknown {} -> {}: {why} (left frozen and locked for {} s)",
-            f.local, f.peer, m.lease
+            "unknown {} -> {}: {} (left frozen and locked for {} s)",
+            u.flow.local, u.flow.peer, u.why, m.lease
         );
+    }
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
     }
     println!(
         "moved {}, rolled back {}, unknown {} in {:.1} ms",

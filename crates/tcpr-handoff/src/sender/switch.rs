@@ -1,0 +1,151 @@
+//! Switching the flows' traffic to the agent's host, and undoing it.
+
+use super::Driver;
+use crate::machine::{ConnId, ServiceAddress};
+use std::io;
+use std::net::IpAddr;
+use std::process::{Command, ExitStatus};
+
+/// How the flows' packets reach the agent's host once committed.
+#[derive(Debug, Clone)]
+pub enum Switch {
+    /// Something else takes care of it (or the test does).
+    Nothing,
+    /// The connections' local address moves: removed here, added at the
+    /// agent's host and announced there.
+    MoveAddress,
+    /// Shell commands: `switch` before COMMIT, `unswitch` on roll back.
+    Commands {
+        /// Run to send the flows to the agent.
+        switch: String,
+        /// Run to undo it.
+        unswitch: String,
+    },
+}
+
+/// Why a traffic switch (or its undoing) failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SwitchError {
+    /// The command could not be started.
+    #[error("cannot run `{command}`: {source}")]
+    Spawn {
+        /// The command line.
+        command: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// The command ran and failed.
+    #[error("`{command}` failed ({status})")]
+    Command {
+        /// The command line.
+        command: String,
+        /// How it ended.
+        status: ExitStatus,
+    },
+    /// The service address is not assigned here.
+    #[error("cannot find the service address {ip} on this host: {source}")]
+    FindAddress {
+        /// The address.
+        ip: IpAddr,
+        /// Why.
+        source: Box<tcpr_host::addr::Error>,
+    },
+    /// Removing, putting back or announcing the address failed.
+    #[error("cannot {what} {cidr} on {ifname}: {source}")]
+    Address {
+        /// "remove", "put back" or "announce".
+        what: &'static str,
+        /// The address.
+        cidr: String,
+        /// The interface.
+        ifname: String,
+        /// Why.
+        source: Box<tcpr_host::addr::Error>,
+    },
+}
+
+/// Runs `command` with `/bin/sh -c` and waits for it.
+fn run_shell_command(command: &str) -> Result<(), SwitchError> {
+    let status = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(command)
+        .status()
+        .map_err(|source| SwitchError::Spawn {
+            command: command.to_string(),
+            source,
+        })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(SwitchError::Command {
+            command: command.to_string(),
+            status,
+        })
+    }
+}
+
+impl Driver<'_> {
+    /// Switches the flows; returns the service address it took off this
+    /// host, if any, for the agent to take on COMMIT.
+    pub(super) fn switch(&mut self, ids: &[ConnId]) -> Result<Option<ServiceAddress>, SwitchError> {
+        match &self.opts.switch {
+            Switch::Nothing => Ok(None),
+            Switch::Commands { switch, .. } => run_shell_command(switch).map(|()| None),
+            Switch::MoveAddress => {
+                // `migrate` checked that the batch has one local address.
+                let Some(ip) = ids
+                    .first()
+                    .and_then(|id| self.conns.get(id))
+                    .map(|c| c.flow.wire().local.ip())
+                else {
+                    return Ok(None);
+                };
+                let held =
+                    tcpr_host::addr::find(ip).map_err(|source| SwitchError::FindAddress {
+                        ip,
+                        source: Box::new(source),
+                    })?;
+                tcpr_host::addr::remove(&held).map_err(|source| SwitchError::Address {
+                    what: "remove",
+                    cidr: held.cidr(),
+                    ifname: held.ifname.clone(),
+                    source: Box::new(source),
+                })?;
+                let moved = ServiceAddress {
+                    ip: held.ip,
+                    prefix_len: held.prefix_len,
+                };
+                self.moved_address = Some(held);
+                Ok(Some(moved))
+            }
+        }
+    }
+
+    pub(super) fn unswitch(&mut self) -> Result<(), SwitchError> {
+        match &self.opts.switch {
+            Switch::Nothing => Ok(()),
+            Switch::Commands { unswitch, .. } => run_shell_command(unswitch),
+            Switch::MoveAddress => {
+                let Some(held) = self.moved_address.take() else {
+                    return Ok(());
+                };
+                tcpr_host::addr::add(&held).map_err(|source| SwitchError::Address {
+                    what: "put back",
+                    cidr: held.cidr(),
+                    ifname: held.ifname.clone(),
+                    source: Box::new(source),
+                })?;
+                tcpr_host::announce(&held.ifname, held.ip).map_err(|e| SwitchError::Address {
+                    what: "announce",
+                    cidr: held.cidr(),
+                    ifname: held.ifname.clone(),
+                    source: Box::new(tcpr_host::addr::Error::Kernel {
+                        what: "announce the address",
+                        source: e,
+                    }),
+                })
+            }
+        }
+    }
+}
