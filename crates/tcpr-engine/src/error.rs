@@ -57,15 +57,68 @@ pub enum Error {
     /// The socket changed under us, or the kernel answered inconsistently.
     #[error("{0}")]
     Inconsistent(String),
+    /// A restored connection's unsent data could not all be queued: the
+    /// buffer this namespace allows was full and the peer did not
+    /// acknowledge enough in time. The restored socket was discarded
+    /// without a FIN or RST.
+    #[error("cannot restore {local} -> {peer}: only {queued} of {unsent} unsent bytes could be queued within {waited:?} (the send buffer is full and the peer is not acknowledging); the restored socket was discarded without a FIN or RST")]
+    UnsentNotQueued {
+        /// Our side.
+        local: SocketAddr,
+        /// The peer.
+        peer: SocketAddr,
+        /// Bytes queued before giving up.
+        queued: usize,
+        /// Bytes there were to queue.
+        unsent: usize,
+        /// How long restore waited for the peer.
+        waited: std::time::Duration,
+    },
+}
+
+/// What a refused (EPERM) operation needs, so that the message names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Need {
+    /// CAP_NET_ADMIN in the user namespace that owns the network namespace:
+    /// repair mode, routes and rules, nftables, SO_MARK.
+    NetAdmin,
+    /// CAP_NET_RAW over the network namespace: raw sockets.
+    NetRaw,
+}
+
+impl Need {
+    fn explain(self) -> &'static str {
+        match self {
+            Need::NetAdmin => "CAP_NET_ADMIN over the socket's network namespace is needed",
+            Need::NetRaw => "CAP_NET_RAW over the network namespace is needed to send a raw packet",
+        }
+    }
 }
 
 impl Error {
-    /// A kernel error while doing `what`; EPERM becomes [`Error::Permission`].
+    /// A kernel error while doing `what`, an operation on a socket or on
+    /// the network namespace's configuration (repair mode, socket options,
+    /// routes, nftables): an EPERM becomes [`Error::Permission`] naming
+    /// CAP_NET_ADMIN. For an operation that needs something else, the
+    /// engine uses [`Error::kernel_needing`].
     pub fn kernel(what: impl Into<String>, source: io::Error) -> Error {
+        Error::kernel_needing(what, Need::NetAdmin, source)
+    }
+
+    /// A kernel error while doing `what`, an operation that needs `need`:
+    /// an EPERM (or EACCES, which raw sockets answer) becomes
+    /// [`Error::Permission`] naming it.
+    pub(crate) fn kernel_needing(what: impl Into<String>, need: Need, source: io::Error) -> Error {
         let what = what.into();
-        if crate::sys::raw_os_error(&source) == Some(libc::EPERM) {
+        let refused = match crate::sys::raw_os_error(&source) {
+            Some(libc::EPERM) => true,
+            Some(libc::EACCES) => need != Need::NetAdmin,
+            _ => false,
+        };
+        if refused {
             return Error::Permission(format!(
-                "cannot {what}: operation not permitted (CAP_NET_ADMIN over the socket's network namespace is needed)"
+                "cannot {what}: operation not permitted ({})",
+                need.explain()
             ));
         }
         Error::Kernel { what, source }
