@@ -202,6 +202,11 @@ fn fill(
         }
         match patience {
             Patience::Until(deadline) => {
+                tracing::debug!(
+                    queued = off,
+                    total = data.len(),
+                    "the send buffer is full and cannot grow: waiting for the peer"
+                );
                 let left = deadline.saturating_duration_since(Instant::now());
                 let writable = !left.is_zero()
                     && sys::wait_writable(fd, left)

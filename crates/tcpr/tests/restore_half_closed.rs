@@ -2,7 +2,7 @@
 //! IPv4 and IPv6, moved from host a to host b with the service address:
 //! `tcpr restore` runs on b BEFORE the address moves there (the order of
 //! every move with an address switch), and through the agent (`tcpr agent`
-//! + `tcpr migrate --move-address`). Every byte of the request and the
+//! with `tcpr migrate --move-address`). Every byte of the request and the
 //! response is checked, the close completes, and b sends no RST.
 
 mod common;

@@ -1,0 +1,186 @@
+//! Rootless restore of a large unsent queue: as an ordinary user (nobody,
+//! no capabilities) inside `unshare -Urn`, a loopback connection streaming
+//! both ways is dumped while its peer is not reading (megabytes queued and
+//! unsent), its owner exits, and `tcpr restore` brings it back. Forcing a
+//! buffer size (SO_SNDBUFFORCE) needs CAP_NET_ADMIN in the initial user
+//! namespace, which this user lacks: restore must queue what this
+//! namespace allows and feed the rest as the peer acknowledges. Every byte
+//! is checked both ways.
+
+mod common;
+use common::*;
+use std::process::Command;
+use std::time::Duration;
+
+/// `setpriv` arguments: nobody, with no capabilities at all (the user
+/// namespace gives it capabilities over its own namespaces only).
+const UNPRIVILEGED: [&str; 5] = [
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "--inh-caps=-all",
+    "--bounding-set=-all",
+];
+
+/// A user and network namespace owned by nobody, kept alive by a process
+/// that waits on its stdin.
+struct Userns {
+    keeper: Proc,
+}
+
+impl Userns {
+    fn new() -> Userns {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(UNPRIVILEGED).args([
+            "unshare",
+            "-Urn",
+            "sh",
+            "-c",
+            "ip link set lo up && echo up && exec cat",
+        ]);
+        let mut keeper = Proc::spawn(cmd, "user namespace");
+        keeper.expect("up", Duration::from_secs(10));
+        Userns { keeper }
+    }
+
+    /// `program` run by nobody inside the namespaces (root there, mapped
+    /// to nobody outside).
+    fn cmd(&self, program: &str) -> Command {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(UNPRIVILEGED).args([
+            "nsenter",
+            "--preserve-credentials",
+            "-U",
+            "-n",
+            "-t",
+            &self.keeper.pid().to_string(),
+            "--",
+            program,
+        ]);
+        cmd
+    }
+
+    /// The `Send-Q` of the established connection on local `port`.
+    fn send_queue(&self, port: u16) -> u64 {
+        let out = self
+            .cmd("ss")
+            .args(["-Htn", "state", "established"])
+            .arg(format!("( sport = :{port} )"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .and_then(|q| q.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Kills the child processes of `pid` (by their ids).
+fn kill_children(pid: i32) {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    for child in children.split_whitespace() {
+        let _ = Command::new("kill").args(["-KILL", child]).status();
+    }
+}
+
+/// Bytes that must sit in the server's send queue at the dump (about as
+/// much as an autotuned loopback socket queues here is 2.8 MB).
+const UNSENT_AT_DUMP: u64 = 2 << 20;
+
+#[test]
+fn rootless_restore_of_megabytes_of_unsent_data() {
+    let dir = tmpdir("rootless");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let img = dir.join("r.img");
+    let state = dir.join("state");
+    let ns = Userns::new();
+
+    let mut cmd = ns.cmd("python3");
+    cmd.args([
+        &py("echo.py"),
+        "--listen",
+        "127.0.0.1",
+        "--port",
+        "7000",
+        "--state",
+        state.to_str().unwrap(),
+    ]);
+    let mut echo = Proc::spawn(cmd, "echo");
+    echo.expect("listening", Duration::from_secs(10));
+    let mut cmd = ns.cmd("python3");
+    cmd.args([
+        &py("peer.py"),
+        "--connect",
+        "127.0.0.1",
+        "--port",
+        "7000",
+        "--rate",
+        "50000000",
+    ]);
+    let mut peer = Proc::spawn(cmd, "peer");
+    peer.expect("connected", Duration::from_secs(10));
+    let fd = ready_fd(&mut echo);
+    // The peer stops reading: the echo's answers pile up unsent.
+    peer.send("stall");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while ns.send_queue(7000) < UNSENT_AT_DUMP {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the send queue never reached {UNSENT_AT_DUMP} bytes: {}",
+            ns.send_queue(7000)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    echo.send("pause");
+    echo.expect("paused", Duration::from_secs(10));
+    let out = ns
+        .cmd(tcpr_bin())
+        .args([
+            "dump",
+            "--pid",
+            &echo.pid().to_string(),
+            "--fd",
+            &fd,
+            "-o",
+            img.to_str().unwrap(),
+            "--blob",
+            state.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inspect = tcpr(None, &["inspect", "--json", img.to_str().unwrap()]);
+    let v = json(&inspect);
+    assert!(
+        v["unsent_len"].as_u64().unwrap() >= UNSENT_AT_DUMP / 2,
+        "megabytes unsent at the dump: {v}"
+    );
+    echo.kill();
+
+    let mut cmd = ns.cmd(tcpr_bin());
+    cmd.args([
+        "restore",
+        img.to_str().unwrap(),
+        "--",
+        "python3",
+        &py("echo.py"),
+        "--no-control",
+    ]);
+    let mut restored = Proc::spawn(cmd, "tcpr restore");
+    // The peer reads again: what did not fit the buffer is fed as it
+    // acknowledges, before the program gets the socket.
+    peer.send("unstall");
+    restored.expect("ready", Duration::from_secs(60));
+    assert_all_bytes(&verdict(&mut peer), UNSENT_AT_DUMP);
+    // The program tcpr restore runs serves until killed.
+    kill_children(restored.pid());
+    drop(ns);
+    let _ = std::fs::remove_dir_all(&dir);
+}
