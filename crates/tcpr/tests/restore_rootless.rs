@@ -60,6 +60,14 @@ impl Userns {
         cmd
     }
 
+    /// `program` run by root, in the namespace's network namespace only (it
+    /// keeps its capabilities in the initial user namespace).
+    fn root_cmd(&self, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.args(["-n", "-t", &self.keeper.pid().to_string(), "--", program]);
+        cmd
+    }
+
     /// The `Send-Q` of the established connection on local `port`.
     fn send_queue(&self, port: u16) -> u64 {
         let out = self
@@ -181,6 +189,96 @@ fn rootless_restore_of_megabytes_of_unsent_data() {
     assert_all_bytes(&verdict(&mut peer), UNSENT_AT_DUMP);
     // The program tcpr restore runs serves until killed.
     kill_children(restored.pid());
+    drop(ns);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// More unsent data than an unprivileged namespace may buffer at all: the
+/// original (a privileged process) forced its send buffer to hold 16 MiB,
+/// while here SO_SNDBUF stops at twice net.core.wmem_max. The restore
+/// queues what fits and feeds the rest as the peer acknowledges, before
+/// the program gets the socket.
+#[test]
+fn rootless_restore_feeds_more_than_the_buffer_allows() {
+    const RESPONSE_LEN: &str = "16777216";
+    let dir = tmpdir("rootless-feed");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let img = dir.join("f.img");
+    let ns = Userns::new();
+    let args = |role: &str| -> Vec<String> {
+        [
+            py("bigqueue.py").as_str(),
+            "--role",
+            role,
+            "--addr",
+            "127.0.0.1",
+            "--port",
+            "7001",
+            "--bytes",
+            RESPONSE_LEN,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let mut cmd = ns.root_cmd("python3");
+    cmd.args(args("server"));
+    let mut server = Proc::spawn(cmd, "server");
+    server.expect("listening", Duration::from_secs(10));
+    let mut cmd = ns.cmd("python3");
+    cmd.args(args("client"));
+    let mut client = Proc::spawn(cmd, "client");
+    client.expect("connected", Duration::from_secs(10));
+    let fd = server
+        .expect("written", Duration::from_secs(30))
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let out = tcpr(
+        None,
+        &[
+            "dump",
+            "--pid",
+            &server.pid().to_string(),
+            "--fd",
+            &fd,
+            "-o",
+            img.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "dump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let v = json(&tcpr(None, &["inspect", "--json", img.to_str().unwrap()]));
+    assert!(
+        v["unsent_len"].as_u64().unwrap() > 12 << 20,
+        "more unsent than an unprivileged buffer holds: {v}"
+    );
+    server.kill();
+
+    let mut cmd = ns.cmd(tcpr_bin());
+    cmd.args([
+        "restore",
+        img.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        "echo started; read line",
+    ]);
+    let mut restored = Proc::spawn(cmd, "tcpr restore");
+    client.send("read");
+    restored.expect("started", Duration::from_secs(60));
+    let v: serde_json::Value =
+        serde_json::from_str(&client.expect("{", Duration::from_secs(60))).unwrap();
+    assert!(v["error"].is_null(), "{v}");
+    assert_eq!(v["received"], v["expected"], "{v}");
+    assert_eq!(v["intact"], true, "{v}");
+    drop(restored);
     drop(ns);
     let _ = std::fs::remove_dir_all(&dir);
 }
