@@ -63,6 +63,11 @@ enum Cmd {
         /// Also put the connection on stdin and stdout (inetd convention).
         #[arg(long)]
         inetd: bool,
+        /// Seconds to wait for the peer to acknowledge enough that the
+        /// unsent data fits the send buffer (in an unprivileged namespace,
+        /// which caps the buffer); on timeout nothing is sent to the peer.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        unsent_timeout: u64,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
@@ -182,7 +187,12 @@ fn run(cmd: Cmd) -> Result<i32> {
             Duration::from_secs(lease),
             blob.as_deref(),
         ),
-        Cmd::Restore { file, inetd, cmd } => restore_and_run(&file, inetd, &cmd),
+        Cmd::Restore {
+            file,
+            inetd,
+            unsent_timeout,
+            cmd,
+        } => restore_and_run(&file, inetd, Duration::from_secs(unsent_timeout), &cmd),
         Cmd::Inspect { file, json, data } => inspect(&file, json, data),
         Cmd::Ls { pid, json } => ls(pid, json),
         Cmd::Demo {
@@ -291,12 +301,18 @@ fn dump(
     Ok(0)
 }
 
-fn restore_and_run(file: &Path, inetd: bool, cmd: &[String]) -> Result<i32> {
+fn restore_and_run(
+    file: &Path,
+    inetd: bool,
+    unsent_timeout: Duration,
+    cmd: &[String],
+) -> Result<i32> {
     let img = read_image(file)?;
     // Everything that can fail is checked before the connection comes to
     // life: once resumed, closing it would end it with a FIN or RST.
     find_program(&cmd[0])?;
-    let restored = restore(&img)?;
+    let mut restored = restore(&img)?;
+    restored.set_unsent_timeout(unsent_timeout);
     let stream = restored.resume()?;
     let sock: std::os::fd::OwnedFd = stream.into();
     let mut c = tcpr_handoff::deliver::command_for(cmd);

@@ -198,14 +198,10 @@ fn rootless_restore_of_megabytes_of_unsent_data() {
 /// while here SO_SNDBUF stops at twice net.core.wmem_max. The restore
 /// queues what fits and feeds the rest as the peer acknowledges, before
 /// the program gets the socket.
-#[test]
-fn rootless_restore_feeds_more_than_the_buffer_allows() {
-    const RESPONSE_LEN: &str = "16777216";
-    let dir = tmpdir("rootless-feed");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let img = dir.join("f.img");
-    let ns = Userns::new();
+/// A connection whose server (privileged, its send buffer forced large)
+/// queued 16 MiB that its client has not read, dumped to `img` and its
+/// server gone. Returns the client, which reads on "read".
+fn big_unsent_queue(ns: &Userns, img: &std::path::Path, port: u16) -> Proc {
     let args = |role: &str| -> Vec<String> {
         [
             py("bigqueue.py").as_str(),
@@ -214,9 +210,9 @@ fn rootless_restore_feeds_more_than_the_buffer_allows() {
             "--addr",
             "127.0.0.1",
             "--port",
-            "7001",
+            &port.to_string(),
             "--bytes",
-            RESPONSE_LEN,
+            "16777216",
         ]
         .map(String::from)
         .to_vec()
@@ -252,25 +248,69 @@ fn rootless_restore_feeds_more_than_the_buffer_allows() {
         "dump: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o644)).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(img, std::fs::Permissions::from_mode(0o644)).unwrap();
     let v = json(&tcpr(None, &["inspect", "--json", img.to_str().unwrap()]));
     assert!(
         v["unsent_len"].as_u64().unwrap() > 12 << 20,
         "more unsent than an unprivileged buffer holds: {v}"
     );
     server.kill();
+    client
+}
 
+/// `tcpr restore IMG -- sh` run by nobody in the namespace (extra
+/// arguments before the image); the shell says "started" once it has the
+/// connection.
+fn restore_cmd(ns: &Userns, img: &std::path::Path, extra: &[&str]) -> Command {
     let mut cmd = ns.cmd(tcpr_bin());
-    cmd.args([
-        "restore",
+    cmd.arg("restore").args(extra).args([
         img.to_str().unwrap(),
         "--",
         "sh",
         "-c",
         "echo started; read line",
     ]);
-    let mut restored = Proc::spawn(cmd, "tcpr restore");
+    cmd
+}
+
+/// The client read the whole response, intact, with no error (a RST
+/// would have been one).
+fn assert_response_intact(client: &mut Proc) {
+    client.send("read");
+    let v: serde_json::Value =
+        serde_json::from_str(&client.expect("{", Duration::from_secs(60))).unwrap();
+    assert!(v["error"].is_null(), "{v}");
+    assert_eq!(v["received"], v["expected"], "{v}");
+    assert_eq!(v["intact"], true, "{v}");
+}
+
+/// Flows locked in the namespace's network namespace.
+fn locked_in(ns: &Userns) -> usize {
+    let path = format!("/proc/{}/ns/net", ns.keeper.pid());
+    std::thread::spawn(move || {
+        tcpr_engine::enter_netns(&path).unwrap();
+        tcpr_engine::lock::locked_flow_count().unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
+/// More unsent data than an unprivileged namespace may buffer at all: the
+/// original (a privileged process) forced its send buffer to hold 16 MiB,
+/// while here SO_SNDBUF stops at twice net.core.wmem_max. The restore
+/// queues what fits and feeds the rest as the peer acknowledges, before
+/// the program gets the socket.
+#[test]
+fn rootless_restore_feeds_more_than_the_buffer_allows() {
+    let dir = tmpdir("rootless-feed");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let img = dir.join("f.img");
+    let ns = Userns::new();
+    let mut client = big_unsent_queue(&ns, &img, 7001);
+    let mut restored = Proc::spawn(restore_cmd(&ns, &img, &[]), "tcpr restore");
+    // Restore waits for room; the client reads, which makes it.
     client.send("read");
     restored.expect("started", Duration::from_secs(60));
     let v: serde_json::Value =
@@ -278,6 +318,37 @@ fn rootless_restore_feeds_more_than_the_buffer_allows() {
     assert!(v["error"].is_null(), "{v}");
     assert_eq!(v["received"], v["expected"], "{v}");
     assert_eq!(v["intact"], true, "{v}");
+    drop(restored);
+    drop(ns);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A restore that cannot finish (the peer reads nothing within the unsent
+/// timeout) fails with a clear error and sends nothing to the peer: the
+/// flow is locked for the lease so its packets meet no RST, and the same
+/// image restores again once the peer reads.
+#[test]
+fn a_rootless_restore_that_times_out_can_be_done_again() {
+    let dir = tmpdir("rootless-retry");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let img = dir.join("t.img");
+    let ns = Userns::new();
+    let mut client = big_unsent_queue(&ns, &img, 7002);
+    let out = restore_cmd(&ns, &img, &["--unsent-timeout", "1"])
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, "without a FIN or RST");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("started"),
+        "the program never got the socket"
+    );
+    assert_eq!(locked_in(&ns), 1, "the flow is locked after the failure");
+    // Once the peer reads, the same image is restored again, whole.
+    let mut restored = Proc::spawn(restore_cmd(&ns, &img, &[]), "tcpr restore");
+    assert_response_intact(&mut client);
+    restored.expect("started", Duration::from_secs(60));
+    assert_eq!(locked_in(&ns), 0, "the retry took the flow over");
     drop(restored);
     drop(ns);
     let _ = std::fs::remove_dir_all(&dir);
