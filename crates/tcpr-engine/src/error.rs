@@ -124,3 +124,32 @@ impl Error {
         Error::Kernel { what, source }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused() -> io::Error {
+        io::Error::from_raw_os_error(libc::EPERM)
+    }
+
+    #[test]
+    fn a_refusal_names_what_the_operation_needs() {
+        let repair = Error::kernel("turn on repair mode", refused()).to_string();
+        assert!(repair.contains("CAP_NET_ADMIN"), "{repair}");
+        let raw = Error::kernel_needing("send a raw packet", Need::NetRaw, refused()).to_string();
+        assert!(
+            raw.contains("CAP_NET_RAW") && !raw.contains("CAP_NET_ADMIN"),
+            "{raw}"
+        );
+        // Raw sockets answer EACCES too.
+        let raw = Error::kernel_needing(
+            "send a raw packet",
+            Need::NetRaw,
+            io::Error::from_raw_os_error(libc::EACCES),
+        );
+        assert!(matches!(raw, Error::Permission(_)), "{raw}");
+        let other = Error::kernel("bind", io::Error::from_raw_os_error(libc::EINVAL));
+        assert!(matches!(other, Error::Kernel { .. }), "{other}");
+    }
+}
