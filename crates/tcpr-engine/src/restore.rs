@@ -33,8 +33,9 @@ const MAX_CHUNK: usize = 256 * 1024;
 const MIN_CHUNK: usize = 1024;
 /// The smallest buffer the growth doubles from.
 const MIN_BUFFER: usize = 64 * 1024;
-/// The lock nftables sets of lock.rs, for finding a flow's element.
-const LOCK_SETS: [&str; 2] = ["flows4", "flows6"];
+/// The lock's nftables sets (lock.rs), for finding a flow's element.
+const LOCK_SET_IPV4: &str = "flows4";
+const LOCK_SET_IPV6: &str = "flows6";
 
 /// A restored socket, still in repair mode: it sends nothing yet. Call
 /// [`Restored::resume`] once the flow's packets can reach this host, or
@@ -574,11 +575,16 @@ impl Drop for Restored {
 /// processes of one host). Its packets then reach the restored socket at
 /// once rather than when the lease ends. Returns whether there was one.
 fn release_local_lock(flow: Flow) -> Result<bool, Error> {
-    // Two netlink GETs when there is a table; none of them change anything.
-    if !crate::nfnl::table_exists(lock::TABLE).unwrap_or(false) {
-        return Ok(false);
-    }
-    let held = LOCK_SETS
+    // One netlink GET in the common case (a missing table or set answers
+    // "absent"): this runs on every resume, also an agent's thousands.
+    // An IPv4-mapped flow's element may be keyed by its wire family or by
+    // its socket's: both are looked for.
+    let sets: &[&str] = match (flow.local.ip(), wire::wire_ip(flow.local.ip())) {
+        (std::net::IpAddr::V6(_), std::net::IpAddr::V4(_)) => &[LOCK_SET_IPV4, LOCK_SET_IPV6],
+        (std::net::IpAddr::V4(_), _) => &[LOCK_SET_IPV4],
+        (std::net::IpAddr::V6(_), _) => &[LOCK_SET_IPV6],
+    };
+    let held = sets
         .iter()
         .any(|set| crate::nfnl::element_present(None, lock::TABLE, set, &flow).unwrap_or(false));
     if !held {
