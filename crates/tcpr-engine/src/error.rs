@@ -84,17 +84,99 @@ pub enum Error {
         /// The longest lease.
         max: std::time::Duration,
     },
+    /// A restored connection's unsent data could not all be queued: the
+    /// buffer this namespace allows was full and the peer did not
+    /// acknowledge enough in time. The restored socket was discarded
+    /// without a FIN or RST.
+    #[error("cannot restore {local} -> {peer}: only {queued} of {unsent} unsent bytes could be queued within {waited:?} (the send buffer is full and the peer is not acknowledging); the restored socket was discarded without a FIN or RST")]
+    UnsentNotQueued {
+        /// Our side.
+        local: SocketAddr,
+        /// The peer.
+        peer: SocketAddr,
+        /// Bytes queued before giving up.
+        queued: usize,
+        /// Bytes there were to queue.
+        unsent: usize,
+        /// How long restore waited for the peer.
+        waited: std::time::Duration,
+    },
+}
+
+/// What a refused (EPERM) operation needs, so that the message names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Need {
+    /// CAP_NET_ADMIN in the user namespace that owns the network namespace:
+    /// repair mode, routes and rules, nftables, SO_MARK.
+    NetAdmin,
+    /// CAP_NET_RAW over the network namespace: raw sockets.
+    NetRaw,
+}
+
+impl Need {
+    fn explain(self) -> &'static str {
+        match self {
+            Need::NetAdmin => "CAP_NET_ADMIN over the socket's network namespace is needed",
+            Need::NetRaw => "CAP_NET_RAW over the network namespace is needed to send a raw packet",
+        }
+    }
 }
 
 impl Error {
-    /// A kernel error while doing `what`; EPERM becomes [`Error::Permission`].
+    /// A kernel error while doing `what`, an operation on a socket or on
+    /// the network namespace's configuration (repair mode, socket options,
+    /// routes, nftables): an EPERM becomes [`Error::Permission`] naming
+    /// CAP_NET_ADMIN. For an operation that needs something else, the
+    /// engine uses [`Error::kernel_needing`].
     pub fn kernel(what: impl Into<String>, source: io::Error) -> Error {
+        Error::kernel_needing(what, Need::NetAdmin, source)
+    }
+
+    /// A kernel error while doing `what`, an operation that needs `need`:
+    /// an EPERM (or EACCES, which raw sockets answer) becomes
+    /// [`Error::Permission`] naming it.
+    pub(crate) fn kernel_needing(what: impl Into<String>, need: Need, source: io::Error) -> Error {
         let what = what.into();
-        if crate::sys::raw_os_error(&source) == Some(libc::EPERM) {
+        let refused = match crate::sys::raw_os_error(&source) {
+            Some(libc::EPERM) => true,
+            Some(libc::EACCES) => need != Need::NetAdmin,
+            _ => false,
+        };
+        if refused {
             return Error::Permission(format!(
-                "cannot {what}: operation not permitted (CAP_NET_ADMIN over the socket's network namespace is needed)"
+                "cannot {what}: operation not permitted ({})",
+                need.explain()
             ));
         }
         Error::Kernel { what, source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused() -> io::Error {
+        io::Error::from_raw_os_error(libc::EPERM)
+    }
+
+    #[test]
+    fn a_refusal_names_what_the_operation_needs() {
+        let repair = Error::kernel("turn on repair mode", refused()).to_string();
+        assert!(repair.contains("CAP_NET_ADMIN"), "{repair}");
+        let raw = Error::kernel_needing("send a raw packet", Need::NetRaw, refused()).to_string();
+        assert!(
+            raw.contains("CAP_NET_RAW") && !raw.contains("CAP_NET_ADMIN"),
+            "{raw}"
+        );
+        // Raw sockets answer EACCES too.
+        let raw = Error::kernel_needing(
+            "send a raw packet",
+            Need::NetRaw,
+            io::Error::from_raw_os_error(libc::EACCES),
+        );
+        assert!(matches!(raw, Error::Permission(_)), "{raw}");
+        let other = Error::kernel("bind", io::Error::from_raw_os_error(libc::EINVAL));
+        assert!(matches!(other, Error::Kernel { .. }), "{other}");
     }
 }

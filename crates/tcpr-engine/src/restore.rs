@@ -1,19 +1,33 @@
 //! Restore: build a socket from an image, in the order the kernel enforces
 //! (DESIGN.md, "Restore"), leave it in repair mode, and resume it later.
 
+mod local_route;
+mod queue;
+mod wire;
+
+use crate::error::Need;
+use crate::lock::{self, FlowLock, Netns};
 use crate::sys::{self, Queue, RepairOpt};
 use crate::{Error, Flow};
-use std::net::{SocketAddr, TcpStream};
+use local_route::LocalRoute;
+use queue::{fill, fill_repair_queue, room_for, Buf, FillError, Patience};
+use std::net::TcpStream;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use tcpr_image::{ConnectionImage, SocketOptions};
+use std::time::{Duration, Instant};
+use tcpr_image::{ConnectionImage, SocketOptions, TcpState};
 
 const TCPOPT_MSS: u32 = 2;
 const TCPOPT_WINDOW: u32 = 3;
 const TCPOPT_SACK_PERM: u32 = 4;
 const TCPOPT_TIMESTAMP: u32 = 8;
 const IPV6_TRANSPARENT: i32 = 75;
-const SO_SNDBUFFORCE: i32 = 32;
-const SO_RCVBUFFORCE: i32 = 33;
+
+/// How long [`Restored::resume`] waits, by default, for the peer to
+/// acknowledge enough that the unsent data fits the send buffer.
+pub const UNSENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the socket may take to process the forged FIN (it is
+/// processed on loopback, normally before `sendto` returns).
+const PEER_FIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A restored socket, still in repair mode: it sends nothing yet. Call
 /// [`Restored::resume`] once the flow's packets can reach this host, or
@@ -29,86 +43,32 @@ pub struct Restored {
     /// Applied after the unsent data is queued (it gates sendmsg).
     notsent_lowat: Option<u32>,
     /// The peer's FIN must be delivered to the socket (forged) on resume.
-    peer_fin: Option<PeerFin>,
+    peer_fin: Option<PendingPeerFin>,
+    /// How long resume waits for room for the unsent data.
+    unsent_timeout: Duration,
 }
 
+/// The peer's FIN, as the image knows it; its ACK is read at delivery.
 #[derive(Debug, Clone, Copy)]
-struct PeerFin {
+struct PendingPeerFin {
     seq: u32,
+    /// The peer's window, scaled down by its shift (as a segment has it).
     window: u16,
 }
 
-fn k(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+/// How far [`Restored::resume`] got, for undoing it on failure.
+#[derive(Debug, Default, Clone, Copy)]
+struct Progress {
+    /// This namespace's lock on the flow was released: its packets pass.
+    lock_released: bool,
+    /// Repair mode is off: the socket sends and answers.
+    live: bool,
+}
+
+/// An error converter for a kernel call doing `what` (a socket operation:
+/// an EPERM names CAP_NET_ADMIN).
+fn kernel_error(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::kernel(what, e)
-}
-
-/// Which socket buffer a queue is charged to.
-#[derive(Clone, Copy)]
-enum Buf {
-    Recv,
-    Send,
-}
-
-impl Buf {
-    fn options(self) -> (i32, i32) {
-        match self {
-            Buf::Recv => (SO_RCVBUFFORCE, libc::SO_RCVBUF),
-            Buf::Send => (SO_SNDBUFFORCE, libc::SO_SNDBUF),
-        }
-    }
-
-    /// The buffer's size as `setsockopt` takes it (the kernel doubles it
-    /// for its own overhead, and `getsockopt` shows the doubled value).
-    fn current(self, fd: BorrowedFd<'_>) -> usize {
-        let (_, get) = self.options();
-        sys::get_int(fd, libc::SOL_SOCKET, get).unwrap_or(0).max(0) as usize / 2
-    }
-
-    /// Sets the buffer to at least `want` bytes (as `setsockopt` takes
-    /// it). The buffer never shrinks below what it is.
-    fn ensure(self, fd: BorrowedFd<'_>, want: usize) {
-        let (force, _) = self.options();
-        if want > self.current(fd) {
-            let v = want.min(i32::MAX as usize / 2) as i32;
-            // Best effort: a refusal shows up as EAGAIN/ENOMEM in `fill`.
-            let _ = sys::set_int(fd, libc::SOL_SOCKET, force, v);
-        }
-    }
-}
-
-/// Room for a queue of `len` bytes beyond the data itself (skb overhead).
-fn room_for(len: usize) -> usize {
-    len + len / 4 + 64 * 1024
-}
-
-/// Queues `data` (on the selected repair queue, or as ordinary data once
-/// repair is off), in chunks: a large `send` can fail with ENOMEM, and a
-/// full buffer answers EAGAIN. A full buffer is made larger, never waited
-/// on: the original socket held this data, so the copy must hold it too,
-/// even while the peer offers a zero window.
-fn fill(fd: BorrowedFd<'_>, data: &[u8], buf: Buf, what: &'static str) -> Result<(), Error> {
-    let mut off = 0;
-    let mut chunk = 256 * 1024;
-    let mut stalls = 0;
-    while off < data.len() {
-        let end = (off + chunk).min(data.len());
-        match sys::send_some(fd, &data[off..end]) {
-            Ok(n) => {
-                off += n;
-                stalls = 0;
-            }
-            Err(e)
-                if matches!(e.raw_os_error(), Some(libc::ENOMEM) | Some(libc::EAGAIN))
-                    && stalls < 64 =>
-            {
-                stalls += 1;
-                chunk = (chunk / 2).max(1024);
-                buf.ensure(fd, buf.current(fd).max(64 * 1024) * 2);
-            }
-            Err(e) => return Err(Error::kernel(what, e)),
-        }
-    }
-    Ok(())
 }
 
 /// Builds a socket from `img`, in repair mode. Works while the local address
@@ -121,7 +81,7 @@ pub fn restore(img: &ConnectionImage) -> Result<Restored, Error> {
         peer: img.peer,
     };
     let v6 = img.local.is_ipv6();
-    let sock = sys::tcp_socket(v6).map_err(k("create a socket"))?;
+    let sock = sys::tcp_socket(v6).map_err(kernel_error("create a socket"))?;
     let fd = sock.as_fd();
     // The local address need not be ours yet: output routing accepts a
     // non-local source only with IP_TRANSPARENT (freebind is not enough).
@@ -130,8 +90,8 @@ pub fn restore(img: &ConnectionImage) -> Result<Restored, Error> {
     } else {
         sys::set_int(fd, libc::SOL_IP, libc::IP_TRANSPARENT, 1)
     };
-    r.map_err(k("set IP_TRANSPARENT"))?;
-    sys::set_repair(fd, sys::REPAIR_ON).map_err(k("turn on repair mode"))?;
+    r.map_err(kernel_error("set IP_TRANSPARENT"))?;
+    sys::set_repair(fd, sys::REPAIR_ON).map_err(kernel_error("turn on repair mode"))?;
     let mut restored = Restored {
         sock: Some(sock),
         flow,
@@ -139,19 +99,24 @@ pub fn restore(img: &ConnectionImage) -> Result<Restored, Error> {
         fin_after_unsent: false,
         notsent_lowat: img.socket_options.notsent_lowat,
         peer_fin: None,
+        unsent_timeout: UNSENT_TIMEOUT,
     };
     restored.build(img)?;
     Ok(restored)
 }
 
 impl Restored {
-    fn fd(&self) -> BorrowedFd<'_> {
-        self.sock.as_ref().expect("present until consumed").as_fd()
-    }
-
     /// The restored flow.
     pub fn flow(&self) -> Flow {
         self.flow
+    }
+
+    /// How long [`Restored::resume`] may wait for the peer to acknowledge
+    /// enough that the unsent data fits the send buffer (only where the
+    /// buffer cannot be forced large enough: an unprivileged user
+    /// namespace). [`UNSENT_TIMEOUT`] unless set.
+    pub fn set_unsent_timeout(&mut self, timeout: Duration) {
+        self.unsent_timeout = timeout;
     }
 
     fn build(&mut self, img: &ConnectionImage) -> Result<(), Error> {
@@ -178,10 +143,10 @@ impl Restored {
         // Sequence numbers are accepted only in CLOSE, so before connect.
         let recv_start = img.recv_seq.back(img.recv_queue.len() as u32);
         let send_start = img.send_seq.back(img.send_queue.len() as u32);
-        sys::set_repair_queue(fd, Queue::Recv).map_err(k("select the receive queue"))?;
-        sys::set_queue_seq(fd, recv_start.0).map_err(k("set the receive sequence"))?;
-        sys::set_repair_queue(fd, Queue::Send).map_err(k("select the send queue"))?;
-        sys::set_queue_seq(fd, send_start.0).map_err(k("set the send sequence"))?;
+        sys::set_repair_queue(fd, Queue::Recv).map_err(kernel_error("select the receive queue"))?;
+        sys::set_queue_seq(fd, recv_start.0).map_err(kernel_error("set the receive sequence"))?;
+        sys::set_repair_queue(fd, Queue::Send).map_err(kernel_error("select the send queue"))?;
+        sys::set_queue_seq(fd, send_start.0).map_err(kernel_error("set the send sequence"))?;
 
         let in_use = |e: std::io::Error| match sys::raw_os_error(&e) {
             Some(libc::EADDRINUSE) | Some(libc::EADDRNOTAVAIL) => Error::AddressInUse {
@@ -197,7 +162,7 @@ impl Restored {
 
         let o = &img.options;
         if o.timestamps {
-            sys::set_tcp_timestamp(fd, img.timestamp).map_err(k("set TCP_TIMESTAMP"))?;
+            sys::set_tcp_timestamp(fd, img.timestamp).map_err(kernel_error("set TCP_TIMESTAMP"))?;
         }
         // Only in ESTABLISHED and, since Linux 6.2, before any data is queued.
         let mut opts = vec![RepairOpt {
@@ -222,23 +187,23 @@ impl Restored {
                 val: 0,
             });
         }
-        sys::set_repair_options(fd, &opts).map_err(k("set TCP_REPAIR_OPTIONS"))?;
+        sys::set_repair_options(fd, &opts).map_err(kernel_error("set TCP_REPAIR_OPTIONS"))?;
 
-        sys::set_repair_queue(fd, Queue::Recv).map_err(k("select the receive queue"))?;
-        fill(fd, &img.recv_queue, Buf::Recv, "queue the receive queue")?;
-        sys::set_repair_queue(fd, Queue::Send).map_err(k("select the send queue"))?;
-        fill(fd, &img.send_queue.sent, Buf::Send, "queue the send queue")?;
+        sys::set_repair_queue(fd, Queue::Recv).map_err(kernel_error("select the receive queue"))?;
+        fill_repair_queue(fd, &img.recv_queue, Buf::Recv, "queue the receive queue")?;
+        sys::set_repair_queue(fd, Queue::Send).map_err(kernel_error("select the send queue"))?;
+        fill_repair_queue(fd, &img.send_queue.sent, Buf::Send, "queue the send queue")?;
         // Our FIN, if it was already sent: replayed while the send queue is
         // selected, so the kernel marks it sent instead of transmitting it.
         let peer_fin = img.state.peer_closed();
         if img.state.we_closed() {
             if img.send_queue.unsent.is_empty() && !peer_fin {
-                sys::shutdown_write(fd).map_err(k("replay our FIN"))?;
+                sys::shutdown_write(fd).map_err(kernel_error("replay our FIN"))?;
             } else {
                 self.fin_after_unsent = true;
             }
         }
-        sys::set_repair_queue(fd, Queue::No).map_err(k("leave the repair queue"))?;
+        sys::set_repair_queue(fd, Queue::No).map_err(kernel_error("leave the repair queue"))?;
 
         let mut w = img.window;
         if peer_fin {
@@ -249,74 +214,165 @@ impl Restored {
                 w.rcv_wnd = w.rcv_wnd.saturating_add(1);
             }
             let shift = if o.window_scaling { o.snd_wscale } else { 0 };
-            self.peer_fin = Some(PeerFin {
+            self.peer_fin = Some(PendingPeerFin {
                 seq: img.recv_seq.0,
                 window: u16::try_from(img.window.snd_wnd >> shift).unwrap_or(u16::MAX),
             });
         }
-        sys::set_repair_window(fd, w).map_err(k("set TCP_REPAIR_WINDOW"))?;
+        sys::set_repair_window(fd, w).map_err(kernel_error("set TCP_REPAIR_WINDOW"))?;
         apply_socket_options(fd, so, img.local.is_ipv6())?;
         Ok(())
     }
 
-    /// Brings the connection to life: delivers the peer's FIN if it had
-    /// closed, turns repair mode off (the kernel sends a window probe, so the
-    /// peer answers at once), queues the unsent data and replays our FIN if
-    /// it was not yet sent. The local address must be reachable by now.
+    /// Brings the connection to life and returns it, ready for the
+    /// application:
+    /// 1. if the flow is locked in this network namespace (a restore on the
+    ///    host it was dumped on, such as a process upgrade), releases that
+    ///    lock, so the flow is taken over at once instead of after the lease;
+    /// 2. delivers the peer's FIN if it had closed (whether or not the local
+    ///    address is assigned here yet: see `local_route`);
+    /// 3. turns repair mode off (the kernel sends a window probe, so the
+    ///    peer answers at once);
+    /// 4. queues the unsent data; where the send buffer cannot be made
+    ///    large enough (an unprivileged namespace), feeds it as the peer
+    ///    acknowledges, for up to the unsent timeout;
+    /// 5. replays our FIN if it was not yet sent.
+    ///
+    /// On failure the socket is closed without a FIN or RST (in repair
+    /// mode), and if its flow's packets could reach it by then, the flow
+    /// is locked here for [`lock::DEFAULT_LEASE`] so that they meet no
+    /// RST either: the image can be restored again.
     pub fn resume(mut self) -> Result<TcpStream, Error> {
-        if let Some(fin) = self.peer_fin {
-            self.deliver_peer_fin(fin)?;
-        }
         let sock = self.sock.take().expect("present until consumed");
-        let fd = sock.as_fd();
-        if let Err(e) = sys::set_repair(fd, sys::REPAIR_OFF) {
-            // Put it back so Drop discards it silently.
-            self.sock = Some(sock);
-            return Err(Error::kernel("turn off repair mode", e));
+        let mut progress = Progress::default();
+        match self.bring_up(sock.as_fd(), &mut progress) {
+            Ok(()) => Ok(TcpStream::from(sock)),
+            Err(e) => {
+                self.abandon(sock, progress);
+                Err(e)
+            }
         }
-        fill(fd, &self.unsent, Buf::Send, "queue the unsent data")?;
+    }
+
+    fn bring_up(&self, fd: BorrowedFd<'_>, progress: &mut Progress) -> Result<(), Error> {
+        progress.lock_released = release_local_lock(self.flow)?;
+        if let Some(fin) = self.peer_fin {
+            self.deliver_peer_fin(fd, fin)?;
+        }
+        sys::set_repair(fd, sys::REPAIR_OFF).map_err(kernel_error("turn off repair mode"))?;
+        progress.live = true;
+        let deadline = Instant::now() + self.unsent_timeout;
+        fill(
+            fd,
+            &self.unsent,
+            Buf::Send,
+            Patience::Until(deadline),
+            "queue the unsent data",
+        )
+        .map_err(|e| match e {
+            FillError::Kernel(e) => e,
+            FillError::Full { queued } => Error::UnsentNotQueued {
+                local: self.flow.local,
+                peer: self.flow.peer,
+                queued,
+                unsent: self.unsent.len(),
+                waited: self.unsent_timeout,
+            },
+        })?;
         // TCP_NOTSENT_LOWAT gates sendmsg on the unsent bytes, so it is
         // set only once they are queued.
         if let Some(v) = self.notsent_lowat {
             sys::set_int(fd, libc::SOL_TCP, libc::TCP_NOTSENT_LOWAT, v as i32)
-                .map_err(k("set TCP_NOTSENT_LOWAT"))?;
+                .map_err(kernel_error("set TCP_NOTSENT_LOWAT"))?;
         }
         if self.fin_after_unsent {
-            sys::shutdown_write(fd).map_err(k("replay our FIN"))?;
+            sys::shutdown_write(fd).map_err(kernel_error("replay our FIN"))?;
         }
-        Ok(TcpStream::from(sock))
+        Ok(())
+    }
+
+    /// Closes a socket whose resume failed, sending nothing: repair mode
+    /// goes back on (closing in repair mode sends neither FIN nor RST), and
+    /// if the flow's packets could reach this host, the flow is locked
+    /// here first, so that none meets a missing socket and draws a RST.
+    fn abandon(&self, sock: OwnedFd, progress: Progress) {
+        let flow = self.flow;
+        if progress.lock_released || progress.live {
+            match FlowLock::acquire(&[flow], Netns::current(), lock::DEFAULT_LEASE) {
+                Ok(l) => l.keep(),
+                Err(e) => tracing::warn!(
+                    "{} -> {}: cannot lock the flow after a failed resume ({e}); \
+                     its next packet here may draw a RST",
+                    flow.local,
+                    flow.peer
+                ),
+            }
+        }
+        if progress.live {
+            if let Err(e) = sys::set_repair(sock.as_fd(), sys::REPAIR_ON) {
+                // Closing a live socket would send a FIN or a RST: keep it
+                // open instead, so the connection is not ended from here.
+                tracing::error!(
+                    "{} -> {}: cannot turn repair mode back on after a failed resume ({e}); \
+                     the socket is left open rather than closed with a FIN or RST",
+                    flow.local,
+                    flow.peer
+                );
+                std::mem::forget(sock);
+                return;
+            }
+        }
+        drop(sock);
     }
 
     /// Delivers a forged FIN|ACK from the peer to the restored socket (there
     /// is no socket call for "the peer closed"). Its ACK must be current
-    /// (snd_una now) and it carries no timestamp option.
-    fn deliver_peer_fin(&self, fin: PeerFin) -> Result<(), Error> {
-        let fd = self.fd();
-        sys::set_repair_queue(fd, Queue::Send).map_err(k("select the send queue"))?;
-        let write_seq = sys::queue_seq(fd).map_err(k("read the send sequence"))?;
-        sys::set_repair_queue(fd, Queue::No).map_err(k("leave the repair queue"))?;
-        let outq = sys::outq(fd).map_err(k("read the send queue size"))?;
+    /// (snd_una now) and it carries no timestamp option. It reaches the
+    /// socket through a local route for marked packets (`local_route`), so
+    /// the local address need not be assigned here yet.
+    fn deliver_peer_fin(&self, fd: BorrowedFd<'_>, fin: PendingPeerFin) -> Result<(), Error> {
+        sys::set_repair_queue(fd, Queue::Send).map_err(kernel_error("select the send queue"))?;
+        let write_seq = sys::queue_seq(fd).map_err(kernel_error("read the send sequence"))?;
+        sys::set_repair_queue(fd, Queue::No).map_err(kernel_error("leave the repair queue"))?;
+        let outq = sys::outq(fd).map_err(kernel_error("read the send queue size"))?;
         let snd_una = write_seq.wrapping_sub(outq);
-        let pkt = forge_fin(
-            self.flow.peer,
-            self.flow.local,
-            fin.seq,
-            snd_una,
-            fin.window,
-        );
-        sys::send_raw_ip(&pkt, self.flow.local).map_err(k("deliver the peer's FIN"))?;
-        // The packet is processed on loopback; wait until the socket saw it.
-        for _ in 0..200 {
-            let st = sys::tcp_info(fd).map_err(k("read TCP_INFO"))?.state;
-            if st != 1 {
+        let packet = wire::PeerFin {
+            from: self.flow.peer,
+            to: self.flow.local,
+            seq: fin.seq,
+            ack: snd_una,
+            window: fin.window,
+        }
+        .packet()
+        .map_err(|e| {
+            Error::Inconsistent(format!(
+                "{} -> {}: cannot forge the peer's FIN: {e:?}",
+                self.flow.local, self.flow.peer
+            ))
+        })?;
+        let to = wire::wire_ip(self.flow.local.ip());
+        let route = LocalRoute::install(to.is_ipv6())?;
+        sys::send_raw_ip_marked(&packet, to, route.mark()).map_err(|e| {
+            Error::kernel_needing("deliver the peer's FIN from a raw socket", Need::NetRaw, e)
+        })?;
+        drop(route);
+        let established = TcpState::Established.kernel_number();
+        let deadline = Instant::now() + PEER_FIN_TIMEOUT;
+        loop {
+            let state = sys::tcp_info(fd)
+                .map_err(kernel_error("read TCP_INFO"))?
+                .state;
+            if state != established {
                 return Ok(());
             }
-            std::thread::sleep(std::time::Duration::from_millis(1));
+            if Instant::now() >= deadline {
+                return Err(Error::Inconsistent(format!(
+                    "{} -> {}: the socket did not take the replayed FIN of the peer within {PEER_FIN_TIMEOUT:?}",
+                    self.flow.local, self.flow.peer
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(200));
         }
-        Err(Error::Inconsistent(format!(
-            "{} -> {}: the socket did not take the replayed FIN of the peer (is the local address assigned?)",
-            self.flow.local, self.flow.peer
-        )))
     }
 
     /// Closes the socket while in repair mode: no FIN, no RST.
@@ -330,6 +386,28 @@ impl Drop for Restored {
         // Closing in repair mode sends nothing.
         drop(self.sock.take());
     }
+}
+
+/// Releases the lock on `flow` if this network namespace holds one (the
+/// flow was dumped here: a process upgrade, or a handoff between two
+/// processes of one host). Its packets then reach the restored socket at
+/// once rather than when the lease ends. Returns whether there was one.
+fn release_local_lock(flow: Flow) -> Result<bool, Error> {
+    // One netlink GET in the common case (a missing table or set answers
+    // "absent"): this runs on every resume, also an agent's thousands.
+    // The lock keys a flow by its wire family (an IPv4-mapped flow as IPv4).
+    let held = lock::is_locked(&Netns::current(), &flow).unwrap_or(false);
+    if !held {
+        return Ok(false);
+    }
+    lock::release_flows(&Netns::current(), &[flow]).map_err(|e| {
+        Error::Lock(format!(
+            "{} -> {}: cannot release this namespace's lock on the flow to take it over: {e}",
+            flow.local, flow.peer
+        ))
+    })?;
+    tracing::debug!(local = %flow.local, peer = %flow.peer, "took over the flow's local lock");
+    Ok(true)
 }
 
 fn apply_socket_options(fd: BorrowedFd<'_>, so: &SocketOptions, v6: bool) -> Result<(), Error> {
@@ -405,113 +483,7 @@ fn apply_socket_options(fd: BorrowedFd<'_>, so: &SocketOptions, v6: bool) -> Res
         }
     }
     if let Some(l) = so.linger_secs {
-        sys::set_linger(fd, l as i32).map_err(k("set SO_LINGER"))?;
+        sys::set_linger(fd, l as i32).map_err(kernel_error("set SO_LINGER"))?;
     }
     Ok(())
-}
-
-/// Internet checksum (RFC 1071) over `chunks`, as one byte string.
-fn checksum(chunks: &[&[u8]]) -> u16 {
-    let mut sum: u32 = 0;
-    let mut odd: Option<u8> = None;
-    for c in chunks {
-        for &b in c.iter() {
-            match odd.take() {
-                Some(hi) => sum += u32::from(u16::from_be_bytes([hi, b])),
-                None => odd = Some(b),
-            }
-        }
-    }
-    if let Some(hi) = odd {
-        sum += u32::from(u16::from_be_bytes([hi, 0]));
-    }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// An IP packet carrying a bare TCP FIN|ACK from `src` to `dst`.
-fn forge_fin(src: SocketAddr, dst: SocketAddr, seq: u32, ack: u32, window: u16) -> Vec<u8> {
-    let mut tcp = [0u8; 20];
-    tcp[0..2].copy_from_slice(&src.port().to_be_bytes());
-    tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
-    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
-    tcp[8..12].copy_from_slice(&ack.to_be_bytes());
-    tcp[12] = 5 << 4; // data offset: 20 bytes, no options
-    tcp[13] = 0x11; // FIN | ACK
-    tcp[14..16].copy_from_slice(&window.to_be_bytes());
-    let tcp_len = (tcp.len() as u16).to_be_bytes();
-    match (src, dst) {
-        (SocketAddr::V4(s), SocketAddr::V4(d)) => {
-            let pseudo = [
-                &s.ip().octets()[..],
-                &d.ip().octets()[..],
-                &[0, 6],
-                &tcp_len[..],
-            ]
-            .concat();
-            let c = checksum(&[&pseudo, &tcp]);
-            tcp[16..18].copy_from_slice(&c.to_be_bytes());
-            let mut ip = [0u8; 20];
-            ip[0] = 0x45;
-            ip[2..4].copy_from_slice(&40u16.to_be_bytes());
-            ip[6] = 0x40; // don't fragment
-            ip[8] = 64;
-            ip[9] = 6;
-            ip[12..16].copy_from_slice(&s.ip().octets());
-            ip[16..20].copy_from_slice(&d.ip().octets());
-            let c = checksum(&[&ip]);
-            ip[10..12].copy_from_slice(&c.to_be_bytes());
-            [&ip[..], &tcp[..]].concat()
-        }
-        (SocketAddr::V6(s), SocketAddr::V6(d)) => {
-            let pseudo = [
-                &s.ip().octets()[..],
-                &d.ip().octets()[..],
-                &[0, 0, 0, 20],
-                &[0, 0, 0, 6],
-            ]
-            .concat();
-            let c = checksum(&[&pseudo, &tcp]);
-            tcp[16..18].copy_from_slice(&c.to_be_bytes());
-            let mut ip = [0u8; 40];
-            ip[0] = 0x60;
-            ip[4..6].copy_from_slice(&20u16.to_be_bytes());
-            ip[6] = 6;
-            ip[7] = 64;
-            ip[8..24].copy_from_slice(&s.ip().octets());
-            ip[24..40].copy_from_slice(&d.ip().octets());
-            [&ip[..], &tcp[..]].concat()
-        }
-        _ => unreachable!("validated images have one address family"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn checksum_matches_rfc1071_example() {
-        // RFC 1071 §3: the sum of these words is 0xddf2.
-        let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
-        assert_eq!(checksum(&[&data]), !0xddf2);
-    }
-
-    #[test]
-    fn forged_ipv4_fin_has_valid_checksums() {
-        let p = forge_fin(
-            "10.0.0.2:5000".parse().unwrap(),
-            "10.0.0.1:80".parse().unwrap(),
-            7,
-            9,
-            100,
-        );
-        assert_eq!(p.len(), 40);
-        assert_eq!(checksum(&[&p[..20]]), 0);
-        let pseudo = [&p[12..20], &[0, 6, 0, 20][..]].concat();
-        assert_eq!(checksum(&[&pseudo, &p[20..]]), 0);
-        assert_eq!(p[33], 0x11);
-    }
 }

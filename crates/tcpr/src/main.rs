@@ -155,6 +155,11 @@ enum Cmd {
         /// Also put the connection on stdin and stdout (inetd convention).
         #[arg(long)]
         inetd: bool,
+        /// Seconds to wait for the peer to acknowledge enough that the
+        /// unsent data fits the send buffer (in an unprivileged namespace,
+        /// which caps the buffer); on timeout nothing is sent to the peer.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        unsent_timeout: u64,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
@@ -339,7 +344,12 @@ fn run(cmd: Cmd) -> Result<i32> {
             },
         }),
         Cmd::Thaw { pid, fd } => thaw(pid, fd),
-        Cmd::Restore { file, inetd, cmd } => restore_and_run(&file, inetd, &cmd),
+        Cmd::Restore {
+            file,
+            inetd,
+            unsent_timeout,
+            cmd,
+        } => restore_and_run(&file, inetd, Duration::from_secs(unsent_timeout), &cmd),
         Cmd::Inspect { file, json, data } => inspect(&file, json, data),
         Cmd::Ls { pid, json } => ls(pid, json),
         Cmd::Demo {
@@ -601,16 +611,28 @@ fn thaw(pid: i32, fd: i32) -> Result<i32> {
     Ok(0)
 }
 
-fn restore_and_run(file: &Path, inetd: bool, cmd: &[String]) -> Result<i32> {
+fn restore_and_run(
+    file: &Path,
+    inetd: bool,
+    unsent_timeout: Duration,
+    cmd: &[String],
+) -> Result<i32> {
     let img = read_image(file)?;
-    let restored = restore(&img)?;
+    // Everything that can fail is checked before the connection comes to
+    // life: once resumed, closing it would end it with a FIN or RST.
+    find_program(&cmd[0])?;
+    let mut restored = restore(&img)?;
+    restored.set_unsent_timeout(unsent_timeout);
     let stream = restored.resume()?;
     let sock: std::os::fd::OwnedFd = stream.into();
     let mut c = tcpr_handoff::deliver::command_for(cmd);
-    let mut child =
-        tcpr_handoff::deliver::spawn(&mut c, &sock, &img.app_blob, img.local, img.peer, inetd)
-            .with_context(|| format!("cannot run {}", cmd[0]))?;
+    let spawned =
+        tcpr_handoff::deliver::spawn(&mut c, &sock, &img.app_blob, img.local, img.peer, inetd);
     drop(c);
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => return Err(set_aside(sock, &img, file, e)),
+    };
     let status = child
         .wait()
         .with_context(|| format!("waiting for {}", cmd[0]))?;
@@ -619,6 +641,61 @@ fn restore_and_run(file: &Path, inetd: bool, cmd: &[String]) -> Result<i32> {
         use std::os::unix::process::ExitStatusExt;
         128 + status.signal().unwrap_or(0)
     }))
+}
+
+/// The path `program` runs from (`$PATH` searched as `execvp` does), or a
+/// clear error naming it.
+fn find_program(program: &str) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |p: &Path| {
+        p.metadata()
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        if runnable(&p) {
+            return Ok(p);
+        }
+        bail!("cannot run {program}: no such executable file; nothing was restored");
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| runnable(p))
+        .with_context(|| format!("cannot run {program}: not found in PATH; nothing was restored"))
+}
+
+/// The program could not be started after the connection was resumed:
+/// freezes it again (locked for the default lease, so the peer's packets
+/// meet no RST) and writes its current state next to the image, so that
+/// it can be restored again; closing it frozen sends nothing.
+fn set_aside(
+    sock: std::os::fd::OwnedFd,
+    img: &ConnectionImage,
+    file: &Path,
+    spawn_error: std::io::Error,
+) -> anyhow::Error {
+    let retry = file.with_extension("retry.img");
+    let saved = freeze_with(sock, &FreezeOptions::default(), IfFrozen::Refuse)
+        .map_err(anyhow::Error::from)
+        .and_then(|frozen| {
+            let mut now = frozen.dump()?;
+            now.app_blob = img.app_blob.clone();
+            Output::open(&retry)?.write(&now.encode()?)?;
+            frozen.leave_frozen();
+            Ok(())
+        });
+    match saved {
+        Ok(()) => anyhow::anyhow!(
+            "cannot start the program ({spawn_error}); the connection was frozen again and saved to {}: restore that image within {} s",
+            retry.display(),
+            tcpr_engine::DEFAULT_LEASE.as_secs()
+        ),
+        Err(e) => anyhow::anyhow!(
+            "cannot start the program ({spawn_error}), and cannot set the connection aside: {e:#}"
+        ),
+    }
 }
 
 fn inspect(file: &Path, json: bool, data: bool) -> Result<i32> {

@@ -7,7 +7,7 @@ use std::ffi::CString;
 use std::io;
 use std::mem::{size_of, zeroed, MaybeUninit};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// Calls a libc function and turns a `-1` return into the thread's errno.
 macro_rules! syscall {
@@ -551,35 +551,6 @@ pub(crate) fn open_path(path: &str) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Sends one raw IP packet (with its IP header, IPv4 `IP_HDRINCL` or IPv6
-/// `IPV6_HDRINCL`) to `dst`.
-pub(crate) fn send_raw_ip(packet: &[u8], dst: SocketAddr) -> io::Result<()> {
-    let v6 = dst.is_ipv6();
-    let fam = if v6 { libc::AF_INET6 } else { libc::AF_INET };
-    // SAFETY: plain call, new fd.
-    let raw = syscall!(socket(
-        fam,
-        libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-        libc::IPPROTO_RAW
-    ))
-    .map_err(ctx("socket(SOCK_RAW)"))?;
-    // SAFETY: fresh fd.
-    let raw = unsafe { OwnedFd::from_raw_fd(raw) };
-    // IPPROTO_RAW implies header-included on both families.
-    let (ss, len) = to_sockaddr(SocketAddr::new(dst.ip(), 0));
-    // SAFETY: `packet` is readable; `ss` holds a valid sockaddr of `len` bytes.
-    syscall!(sendto(
-        raw.as_raw_fd(),
-        packet.as_ptr().cast(),
-        packet.len(),
-        0,
-        (&ss as *const libc::sockaddr_storage).cast(),
-        len
-    ))
-    .map_err(ctx("sendto(raw)"))?;
-    Ok(())
-}
-
 /// The socket's type, domain and protocol (SO_TYPE, SO_DOMAIN, SO_PROTOCOL).
 pub(crate) fn socket_kind(fd: BorrowedFd<'_>) -> io::Result<(i32, i32, i32)> {
     Ok((
@@ -678,4 +649,62 @@ pub(crate) fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     unsafe { getsockopt::<u64>(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE) }
         .map(|(cookie, _)| cookie)
         .map_err(ctx("read SO_NETNS_COOKIE"))
+}
+
+// ---- restore additions ----
+
+/// Sends one raw IP packet (its IP header included: `IPPROTO_RAW` implies
+/// `IP_HDRINCL` / `IPV6_HDRINCL`) to `dst`, from a socket carrying
+/// `SO_MARK` `mark`, so that policy routing can pick its route.
+pub(crate) fn send_raw_ip_marked(
+    packet: &[u8],
+    dst: std::net::IpAddr,
+    mark: u32,
+) -> io::Result<()> {
+    let fam = if dst.is_ipv6() {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    };
+    // SAFETY: plain call, new fd.
+    let raw = syscall!(socket(
+        fam,
+        libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+        libc::IPPROTO_RAW
+    ))
+    .map_err(ctx("socket(SOCK_RAW)"))?;
+    // SAFETY: fresh fd.
+    let raw = unsafe { OwnedFd::from_raw_fd(raw) };
+    set_int(raw.as_fd(), libc::SOL_SOCKET, libc::SO_MARK, mark as i32).map_err(ctx("SO_MARK"))?;
+    let (ss, len) = to_sockaddr(SocketAddr::new(dst, 0));
+    // SAFETY: `packet` is readable; `ss` holds a valid sockaddr of `len` bytes.
+    syscall!(sendto(
+        raw.as_raw_fd(),
+        packet.as_ptr().cast(),
+        packet.len(),
+        0,
+        (&ss as *const libc::sockaddr_storage).cast(),
+        len
+    ))
+    .map_err(ctx("sendto(raw)"))?;
+    Ok(())
+}
+
+/// Waits until `fd` is writable (`POLLOUT`) or `timeout` passes; returns
+/// whether it is writable. An error condition on the socket counts as
+/// writable: the next `send` reports it.
+pub(crate) fn wait_writable(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: `p` is one valid pollfd for the duration of the call.
+    let n = match syscall!(poll(&mut p, 1, ms)) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+        Err(e) => return Err(ctx("poll")(e)),
+    };
+    Ok(n > 0)
 }
