@@ -23,7 +23,7 @@ mod sys;
 
 pub use error::Error;
 pub use lock::{Flow, FlowLock, Netns, DEFAULT_LEASE};
-pub use restore::{restore, Restored};
+pub use restore::{close_silently, restore, Restored};
 pub use sys::floor;
 pub use sys::{
     announce, announce_ipv4, announce_ipv6, enter_netns, memfd_with, pass_socket, raise_fd_limit,

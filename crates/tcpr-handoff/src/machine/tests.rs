@@ -118,7 +118,16 @@ fn run(n: u32, refuse: &[u32], fault: Fault, at: usize) -> (World, BTreeMap<Conn
                 SenderAction::Hold(ids) => ids.iter().for_each(|&i| w.src[i as usize] = Src::Held),
                 SenderAction::Query => {
                     let status = if !agent_alive {
-                        Ok(None)
+                        // A restarted agent answers from its journal: the
+                        // batch committed with what it delivered, or (only
+                        // prepared) nothing resumed, the restored sockets
+                        // died with the process.
+                        Ok(match a.batch_state() {
+                            BatchState::Committed(_) => BatchStatus::Committed(
+                                (0..n).filter(|&i| w.dst[i as usize] == Dst::Live).collect(),
+                            ),
+                            _ => BatchStatus::NotResumed,
+                        })
                     } else if !reachable {
                         Err("unreachable".to_string())
                     } else {

@@ -1,0 +1,221 @@
+//! The agent's journal: what became of each batch, on disk, so that an
+//! agent restarted after a crash still answers QUERY truthfully.
+//!
+//! One file per batch, `batch-<id in hex>.log`, of text lines appended in
+//! this order:
+//!
+//! ```text
+//! prepared            before READY; fsync'd (file and directory)
+//! commit 0,1,2        COMMIT taken, before the address or any socket is
+//!                     touched; fsync'd
+//! delivered 1         one line per connection, once the application
+//!                     holds it; fsync'd together before COMMITTED
+//! aborted             the COMMIT was refused after its `commit` line
+//!                     (nothing was resumed); fsync'd
+//! ```
+//!
+//! A restarted agent reads it as: no file, no record (the journal may be
+//! lost): [`BatchStatus::Unknown`]; `prepared` alone, or `aborted`: nothing
+//! was resumed, the restored sockets died silently with the old process
+//! (repair mode): [`BatchStatus::NotResumed`]; `commit`: the delivered
+//! ones moved, any other may have been resumed and lost:
+//! [`BatchStatus::Committed`]. A line is written whole or not at all as far
+//! as a killed process is concerned (it sits in the page cache); the
+//! fsyncs keep the decision points through a crash of the host. A torn
+//! last line (no newline) is ignored.
+
+use crate::machine::{BatchStatus, ConnId};
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Batch files kept; the oldest go first.
+const KEPT_BATCHES: usize = 4096;
+
+/// The journal directory.
+#[derive(Debug)]
+pub(crate) struct Journal {
+    dir: PathBuf,
+    /// Batch files in the order they were made (for pruning).
+    files: Mutex<VecDeque<PathBuf>>,
+}
+
+/// The open record of one batch.
+#[derive(Debug)]
+pub(crate) struct BatchLog {
+    file: File,
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Journal {
+    /// Opens (creating it, mode 0700) the journal directory.
+    pub(crate) fn open(dir: &Path) -> Result<Journal, String> {
+        let what = |e: io::Error| format!("journal {}: {e}", dir.display());
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(what)?;
+        let mut files: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)
+            .map_err(what)?
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                let n = e.file_name();
+                let n = n.to_string_lossy();
+                n.starts_with("batch-") && n.ends_with(".log")
+            })
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        files.sort();
+        // Proves now, not at the first batch, that records can be written.
+        let probe = dir.join(".writable");
+        File::create(&probe).map_err(what)?;
+        let _ = std::fs::remove_file(&probe);
+        Ok(Journal {
+            dir: dir.to_path_buf(),
+            files: Mutex::new(files.into_iter().map(|(_, p)| p).collect()),
+        })
+    }
+
+    fn path(&self, batch: u64) -> PathBuf {
+        self.dir.join(format!("batch-{batch:016x}.log"))
+    }
+
+    /// Starts the record of a batch: `prepared`, durable before READY.
+    pub(crate) fn begin(&self, batch: u64) -> io::Result<BatchLog> {
+        let path = self.path(batch);
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)?;
+        file.write_all(b"prepared\n")?;
+        file.sync_all()?;
+        sync_dir(&self.dir)?;
+        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        files.push_back(path);
+        while files.len() > KEPT_BATCHES {
+            if let Some(old) = files.pop_front() {
+                let _ = std::fs::remove_file(old);
+            }
+        }
+        Ok(BatchLog { file })
+    }
+
+    /// What the journal says of a batch.
+    pub(crate) fn status(&self, batch: u64) -> BatchStatus {
+        let Ok(text) = std::fs::read_to_string(self.path(batch)) else {
+            return BatchStatus::Unknown;
+        };
+        parse(&text)
+    }
+}
+
+/// Reads a batch file (see the module docs).
+fn parse(text: &str) -> BatchStatus {
+    let mut prepared = false;
+    let mut committed = false;
+    let mut aborted = false;
+    let mut delivered = Vec::new();
+    // Only whole lines: a torn last line was never written as far as the
+    // protocol is concerned.
+    let whole = match text.rfind('\n') {
+        Some(end) => &text[..end],
+        None => "",
+    };
+    for line in whole.lines() {
+        let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+        match word {
+            "prepared" => prepared = true,
+            "commit" => committed = true,
+            "aborted" => aborted = true,
+            "delivered" => {
+                if let Ok(id) = rest.parse::<ConnId>() {
+                    delivered.push(id);
+                }
+            }
+            _ => {}
+        }
+    }
+    if aborted && delivered.is_empty() {
+        BatchStatus::NotResumed
+    } else if committed {
+        BatchStatus::Committed(delivered)
+    } else if prepared {
+        BatchStatus::NotResumed
+    } else {
+        BatchStatus::Unknown
+    }
+}
+
+impl BatchLog {
+    /// `commit`, durable before anything is touched for it.
+    pub(crate) fn commit(&mut self, ids: &[ConnId]) -> io::Result<()> {
+        let list: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+        writeln!(self.file, "commit {}", list.join(","))?;
+        self.file.sync_data()
+    }
+    /// `delivered ID` (made durable by [`BatchLog::sync`]).
+    pub(crate) fn delivered(&mut self, id: ConnId) -> io::Result<()> {
+        writeln!(self.file, "delivered {id}")
+    }
+    /// `aborted`: the COMMIT was refused, nothing was resumed.
+    pub(crate) fn aborted(&mut self) -> io::Result<()> {
+        self.file.write_all(b"aborted\n")?;
+        self.file.sync_data()
+    }
+    /// Makes every line so far durable.
+    pub(crate) fn sync(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_read_back_as_the_protocol_needs() {
+        assert_eq!(parse(""), BatchStatus::Unknown);
+        assert_eq!(parse("prepared\n"), BatchStatus::NotResumed);
+        assert_eq!(
+            parse("prepared\ncommit 0,1\n"),
+            BatchStatus::Committed(vec![])
+        );
+        assert_eq!(
+            parse("prepared\ncommit 0,1\ndelivered 1\n"),
+            BatchStatus::Committed(vec![1])
+        );
+        // A torn last line does not count.
+        assert_eq!(
+            parse("prepared\ncommit 0,1\ndelivered 1\ndeliv"),
+            BatchStatus::Committed(vec![1])
+        );
+        assert_eq!(parse("prepared\ncommi"), BatchStatus::NotResumed);
+        assert_eq!(
+            parse("prepared\ncommit 0\naborted\n"),
+            BatchStatus::NotResumed
+        );
+    }
+
+    #[test]
+    fn a_batch_is_found_again_by_a_new_journal() {
+        let dir = std::env::temp_dir().join(format!("tcpr-journal-{}", std::process::id()));
+        let j = Journal::open(&dir).unwrap();
+        let mut log = j.begin(42).unwrap();
+        assert_eq!(j.status(42), BatchStatus::NotResumed);
+        log.commit(&[0, 1]).unwrap();
+        log.delivered(0).unwrap();
+        drop(log);
+        let again = Journal::open(&dir).unwrap();
+        assert_eq!(again.status(42), BatchStatus::Committed(vec![0]));
+        assert_eq!(again.status(43), BatchStatus::Unknown);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
