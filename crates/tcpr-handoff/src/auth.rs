@@ -272,9 +272,14 @@ impl Auth {
         let conn = ServerConnection::new(cfg).map_err(|e| AuthError::Handshake(e.to_string()))?;
         let mut s = StreamOwned::new(conn, tcp);
         while s.conn.is_handshaking() {
-            bound_by(&s.sock, deadline)?;
+            // complete_io reads until a whole record is in: every read
+            // must see the deadline, not only the first.
+            let mut io = UntilDeadline {
+                sock: &s.sock,
+                deadline,
+            };
             s.conn
-                .complete_io(&mut s.sock)
+                .complete_io(&mut io)
                 .map_err(|e| handshake_error(e, deadline))?;
         }
         let mut ch = Channel::Server(Box::new(s));
@@ -298,6 +303,32 @@ impl Auth {
                 .map_err(|e| AuthError::Handshake(e.to_string()))?;
         }
         Ok(ch)
+    }
+}
+
+/// A socket whose every read and write is bounded by what is left before a
+/// deadline.
+struct UntilDeadline<'a> {
+    sock: &'a TcpStream,
+    deadline: Option<Instant>,
+}
+
+impl Read for UntilDeadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        bound_by(self.sock, self.deadline).map_err(std::io::Error::other)?;
+        let mut sock = self.sock;
+        sock.read(buf)
+    }
+}
+
+impl Write for UntilDeadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        bound_by(self.sock, self.deadline).map_err(std::io::Error::other)?;
+        let mut sock = self.sock;
+        sock.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
