@@ -26,7 +26,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tcpr_engine::Restored;
+use tcpr_engine::{Flow, FlowLock, Restored};
 use tcpr_image::ConnectionImage;
 
 /// Where restored connections go.
@@ -129,6 +129,18 @@ struct Session {
     /// Unix delivery: connected before READY, used for the first delivery.
     unix_first: Option<UnixStream>,
     log: Option<BatchLog>,
+    /// The restored flows' packets are dropped here until they are
+    /// resumed: should this process die first, its restored sockets go
+    /// with it, and a packet meeting no socket would draw a RST.
+    locks: Vec<FlowLock>,
+}
+
+/// A connection resumed, not yet delivered.
+struct Resumed {
+    id: ConnId,
+    stream: TcpStream,
+    img: ConnectionImage,
+    unix: Option<UnixStream>,
 }
 
 /// Recent batches by id, and their order of arrival (for eviction).
@@ -301,7 +313,8 @@ fn out_of_resources(e: &io::Error) -> bool {
 /// agent or cut its link at an exact protocol step. On arrival it creates
 /// `$TCPR_FAULT_DIR/reached-POINT`; it goes on once
 /// `$TCPR_FAULT_DIR/release-POINT` exists. Points: `hello`, `restored`
-/// (before READY is sent), `ready` (after), `delivered` (every connection
+/// (before READY is sent), `ready` (after), `taken` (COMMIT journaled and
+/// the address taken, nothing resumed yet), `delivered` (every connection
 /// delivered and journaled, COMMITTED not yet sent), `committed` (after
 /// COMMITTED).
 fn fault_point(name: &str) {
@@ -374,10 +387,35 @@ fn query(shared: &Shared, batch: u64) -> BatchStatus {
             run_discards(shared, &mut s);
             status
         }
-        None => shared
-            .journal
-            .as_ref()
-            .map_or(BatchStatus::Unknown, |j| j.status(batch)),
+        None => match &shared.journal {
+            Some(j) => from_journal(j, batch),
+            None => BatchStatus::Unknown,
+        },
+    }
+}
+
+/// A batch's status after a restart. One that committed but resumed
+/// nothing may have taken its address here: it is given back before the
+/// sender is told it may roll back (and put the address back at home).
+fn from_journal(j: &Journal, batch: u64) -> BatchStatus {
+    let recorded = j.status(batch);
+    let Some(ip) = recorded.give_back else {
+        return recorded.status;
+    };
+    let given_back = match tcpr_engine::addr::find(ip) {
+        Ok(held) => tcpr_engine::addr::remove(&held).map_err(|e| e.to_string()),
+        Err(tcpr_engine::Error::NotFound(_)) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    };
+    match given_back.and_then(|()| j.mark_aborted(batch).map_err(|e| e.to_string())) {
+        Ok(()) => {
+            tracing::info!(batch, "gave back {ip}, taken for a batch that resumed nothing");
+            recorded.status
+        }
+        Err(e) => {
+            tracing::error!(batch, "cannot give back {ip}: {e}");
+            BatchStatus::Unknown
+        }
     }
 }
 
@@ -394,10 +432,45 @@ fn run_discards(shared: &Shared, s: &mut Session) {
 }
 
 fn discard(shared: &Shared, s: &mut Session, ids: Vec<ConnId>) {
+    let mut unlocked = Vec::new();
     for id in ids {
         if let Some(r) = s.restored.remove(&id) {
+            let flow = r.flow();
             r.discard();
             lock(&shared.stats).discarded += 1;
+            unlocked.extend(s.locks.iter_mut().find_map(|l| l.split_off(&flow)));
+        }
+    }
+    s.locks.retain(|l| !l.flows().is_empty());
+    // Their flows go back to the sender: the lock here no longer matters.
+    if let Err(e) = FlowLock::release_moved(unlocked) {
+        tracing::warn!("cannot release the lock of discarded flows: {e}");
+    }
+}
+
+/// Locks the flows of the connections just restored (see
+/// [`Session::locks`]); when that fails they are discarded and refused.
+fn lock_restored(shared: &Shared, s: &mut Session, out: &mut [(ConnId, Result<(), String>)]) {
+    let flows: Vec<Flow> = out
+        .iter()
+        .filter(|(_, r)| r.is_ok())
+        .filter_map(|(id, _)| s.restored.get(id).map(Restored::flow))
+        .collect();
+    if flows.is_empty() {
+        return;
+    }
+    let ns = tcpr_engine::Netns::current();
+    match FlowLock::acquire(&flows, ns, tcpr_engine::DEFAULT_LEASE) {
+        Ok(l) => s.locks.push(l),
+        Err(e) => {
+            let why = format!("cannot lock the restored flow: {e}");
+            for (id, r) in out.iter_mut().filter(|(_, r)| r.is_ok()) {
+                if let Some(restored) = s.restored.remove(id) {
+                    restored.discard();
+                    lock(&shared.stats).discarded += 1;
+                }
+                *r = Err(why.clone());
+            }
         }
     }
 }
@@ -425,6 +498,7 @@ fn batch(shared: &Arc<Shared>, ch: Channel, hello: pb::Message) -> Result<(), Wi
         checked: None,
         unix_first: None,
         log: None,
+        locks: Vec::new(),
     }));
     let r = batch_loop(shared, ch, &sess, id);
     if r.is_err() {
@@ -518,7 +592,7 @@ fn drive(shared: &Shared, s: &mut Session, ch: &mut Channel) -> Result<(), WireE
             match a {
                 AgentAction::Restore(ids) => {
                     let ready = before_ready(shared, s);
-                    let out = ids
+                    let mut out: Vec<(ConnId, Result<(), String>)> = ids
                         .iter()
                         .map(|&id| {
                             let r = match &ready {
@@ -528,15 +602,28 @@ fn drive(shared: &Shared, s: &mut Session, ch: &mut Channel) -> Result<(), WireE
                             (id, r)
                         })
                         .collect();
+                    lock_restored(shared, s, &mut out);
                     s.m.handle_restored(out);
                     fault_point("restored");
                 }
                 AgentAction::Resume(ids) => match take_over(shared, s, &ids) {
                     Ok(()) => {
-                        let out = ids
-                            .iter()
-                            .map(|&id| (id, resume_one(shared, s, id)))
-                            .collect();
+                        let mut out = Vec::with_capacity(ids.len());
+                        let mut live = Vec::with_capacity(ids.len());
+                        for &id in &ids {
+                            match resume_one(shared, s, id) {
+                                Ok(r) => live.push(r),
+                                Err(e) => out.push((id, Err(e))),
+                            }
+                        }
+                        // The resumed sockets take their packets from here.
+                        if let Err(e) = FlowLock::release_many(std::mem::take(&mut s.locks)) {
+                            tracing::error!("cannot release the lock of resumed flows: {e}");
+                        }
+                        for r in live {
+                            let id = r.id;
+                            out.push((id, deliver_resumed(shared, s, r)));
+                        }
                         if let Some(Err(e)) = s.log.as_mut().map(BatchLog::sync) {
                             tracing::error!("the journal could not be synced: {e}");
                         }
@@ -622,16 +709,26 @@ fn take_over(shared: &Shared, s: &mut Session, ids: &[ConnId]) -> Result<(), Str
         }
     }
     if let Some(log) = s.log.as_mut() {
-        log.commit(ids)
+        log.commit(ids, address.as_ref().map(|a| a.ip))
             .map_err(|e| format!("cannot write the agent's journal: {e}"))?;
     }
-    if let Some(held) = address {
-        if let Err(e) = take_address(&held) {
+    if let Some(held) = &address {
+        if let Err(e) = take_address(held) {
             if let Some(Err(je)) = s.log.as_mut().map(BatchLog::aborted) {
                 tracing::error!("the journal could not record the refused commit: {je}");
             }
             return Err(e);
         }
+    }
+    fault_point("taken");
+    if let Some(Err(e)) = s.log.as_mut().map(BatchLog::resuming) {
+        // Nothing is resumed yet: give the address back and refuse.
+        if let Some(held) = &address {
+            if let Err(re) = tcpr_engine::addr::remove(held) {
+                tracing::error!("cannot give back {}: {re}", held.cidr());
+            }
+        }
+        return Err(format!("cannot write the agent's journal: {e}"));
     }
     Ok(())
 }
@@ -713,7 +810,7 @@ fn restore_one(shared: &Shared, s: &mut Session, id: ConnId) -> Result<(), Strin
     Ok(())
 }
 
-fn resume_one(shared: &Shared, s: &mut Session, id: ConnId) -> Result<(), String> {
+fn resume_one(shared: &Shared, s: &mut Session, id: ConnId) -> Result<Resumed, String> {
     let r = s.restored.remove(&id).ok_or("not restored")?;
     let Some(Ok(img)) = s.images.remove(&id) else {
         r.discard();
@@ -736,11 +833,20 @@ fn resume_one(shared: &Shared, s: &mut Session, id: ConnId) -> Result<(), String
         _ => None,
     };
     let stream = r.resume().map_err(|e| e.to_string())?;
-    deliver_one(&shared.cfg.delivery, stream, img, unix.as_ref()).inspect_err(|_| {
+    Ok(Resumed {
+        id,
+        stream,
+        img,
+        unix,
+    })
+}
+
+fn deliver_resumed(shared: &Shared, s: &mut Session, r: Resumed) -> Result<(), String> {
+    deliver_one(&shared.cfg.delivery, r.stream, r.img, r.unix.as_ref()).inspect_err(|_| {
         lock(&shared.stats).undelivered += 1;
     })?;
     lock(&shared.stats).delivered += 1;
-    if let Some(Err(e)) = s.log.as_mut().map(|l| l.delivered(id)) {
+    if let Some(Err(e)) = s.log.as_mut().map(|l| l.delivered(r.id)) {
         tracing::error!("the journal could not record a delivery: {e}");
     }
     Ok(())

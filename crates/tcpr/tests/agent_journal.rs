@@ -82,12 +82,15 @@ fn agent_killed_at_each_step_and_restarted_on_its_journal() {
         // COMMIT may be on its way: the restarted agent's journal says
         // the batch was only prepared, so nothing was resumed.
         ("ready", Ends::AtTheSource),
+        // The address taken, nothing resumed: the restarted agent gives
+        // the address back before it says so.
+        ("taken", Ends::AtTheSource),
         // Delivered, COMMITTED never sent: the journal says delivered.
         ("delivered", Ends::AtTheAgent),
         ("committed", Ends::AtTheAgent),
     ];
     for (i, (point, ends)) in expected.into_iter().enumerate() {
-        assert_eq!(killed_at(point, 60 + i as u8, true), ends, "{point}");
+        assert_eq!(killed_at(point, 160 + i as u8, true), ends, "{point}");
     }
 }
 

@@ -5,20 +5,24 @@
 //! this order:
 //!
 //! ```text
-//! prepared            before READY; fsync'd (file and directory)
-//! commit 0,1,2        COMMIT taken, before the address or any socket is
-//!                     touched; fsync'd
-//! delivered 1         one line per connection, once the application
-//!                     holds it; fsync'd together before COMMITTED
-//! aborted             the COMMIT was refused after its `commit` line
-//!                     (nothing was resumed); fsync'd
+//! prepared              before READY; fsync'd (file and directory)
+//! commit 0,1,2 [take IP] COMMIT taken, before the address (IP, when the
+//!                       sender moves one) or any socket is touched; fsync'd
+//! resuming              the address is taken, the first resume is next;
+//!                       fsync'd
+//! delivered 1           one line per connection, once the application
+//!                       holds it; fsync'd together before COMMITTED
+//! aborted               the COMMIT was refused (nothing was resumed, no
+//!                       address kept); fsync'd
 //! ```
 //!
 //! A restarted agent reads it as: no file, no record (the journal may be
 //! lost): [`BatchStatus::Unknown`]; `prepared` alone, or `aborted`: nothing
 //! was resumed, the restored sockets died silently with the old process
-//! (repair mode): [`BatchStatus::NotResumed`]; `commit`: the delivered
-//! ones moved, any other may have been resumed and lost:
+//! (repair mode): [`BatchStatus::NotResumed`]; `commit` without `resuming`:
+//! nothing was resumed either, but the address may have been taken and
+//! must be given back first ([`Recorded::give_back`]); `resuming`: the
+//! delivered ones moved, any other may have been resumed and lost:
 //! [`BatchStatus::Committed`]. A line is written whole or not at all as far
 //! as a killed process is concerned (it sits in the page cache); the
 //! fsyncs keep the decision points through a crash of the host. A torn
@@ -26,6 +30,7 @@
 
 use crate::machine::{BatchStatus, ConnId};
 use std::collections::VecDeque;
+use std::net::IpAddr;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::DirBuilderExt;
@@ -41,6 +46,17 @@ pub(crate) struct Journal {
     dir: PathBuf,
     /// Batch files in the order they were made (for pruning).
     files: Mutex<VecDeque<PathBuf>>,
+}
+
+/// What the journal says of a batch.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Recorded {
+    /// The answer to a Query.
+    pub(crate) status: BatchStatus,
+    /// An address the batch may have taken while nothing was resumed: it
+    /// must leave this host before the sender may roll back (and take it
+    /// back), or the answer is [`BatchStatus::Unknown`].
+    pub(crate) give_back: Option<IpAddr>,
 }
 
 /// The open record of one batch.
@@ -109,19 +125,32 @@ impl Journal {
     }
 
     /// What the journal says of a batch.
-    pub(crate) fn status(&self, batch: u64) -> BatchStatus {
-        let Ok(text) = std::fs::read_to_string(self.path(batch)) else {
-            return BatchStatus::Unknown;
-        };
-        parse(&text)
+    pub(crate) fn status(&self, batch: u64) -> Recorded {
+        match std::fs::read_to_string(self.path(batch)) {
+            Ok(text) => parse(&text),
+            Err(_) => Recorded {
+                status: BatchStatus::Unknown,
+                give_back: None,
+            },
+        }
+    }
+
+    /// Records that a batch read back as committed-but-not-resumed was
+    /// given up (its address given back).
+    pub(crate) fn mark_aborted(&self, batch: u64) -> io::Result<()> {
+        let mut file = OpenOptions::new().append(true).open(self.path(batch))?;
+        file.write_all(b"aborted\n")?;
+        file.sync_data()
     }
 }
 
 /// Reads a batch file (see the module docs).
-fn parse(text: &str) -> BatchStatus {
+fn parse(text: &str) -> Recorded {
     let mut prepared = false;
     let mut committed = false;
+    let mut resuming = false;
     let mut aborted = false;
+    let mut taken = None;
     let mut delivered = Vec::new();
     // Only whole lines: a torn last line was never written as far as the
     // protocol is concerned.
@@ -133,7 +162,13 @@ fn parse(text: &str) -> BatchStatus {
         let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
         match word {
             "prepared" => prepared = true,
-            "commit" => committed = true,
+            "commit" => {
+                committed = true;
+                taken = rest
+                    .split_once(" take ")
+                    .and_then(|(_, ip)| ip.parse::<IpAddr>().ok());
+            }
+            "resuming" => resuming = true,
             "aborted" => aborted = true,
             "delivered" => {
                 if let Ok(id) = rest.parse::<ConnId>() {
@@ -143,22 +178,33 @@ fn parse(text: &str) -> BatchStatus {
             _ => {}
         }
     }
-    if aborted && delivered.is_empty() {
-        BatchStatus::NotResumed
+    let (status, give_back) = if aborted && !resuming {
+        (BatchStatus::NotResumed, None)
+    } else if resuming {
+        (BatchStatus::Committed(delivered), None)
     } else if committed {
-        BatchStatus::Committed(delivered)
+        (BatchStatus::NotResumed, taken)
     } else if prepared {
-        BatchStatus::NotResumed
+        (BatchStatus::NotResumed, None)
     } else {
-        BatchStatus::Unknown
-    }
+        (BatchStatus::Unknown, None)
+    };
+    Recorded { status, give_back }
 }
 
 impl BatchLog {
     /// `commit`, durable before anything is touched for it.
-    pub(crate) fn commit(&mut self, ids: &[ConnId]) -> io::Result<()> {
+    pub(crate) fn commit(&mut self, ids: &[ConnId], take: Option<IpAddr>) -> io::Result<()> {
         let list: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
-        writeln!(self.file, "commit {}", list.join(","))?;
+        match take {
+            Some(ip) => writeln!(self.file, "commit {} take {ip}", list.join(","))?,
+            None => writeln!(self.file, "commit {}", list.join(","))?,
+        }
+        self.file.sync_data()
+    }
+    /// `resuming`, durable before the first connection is resumed.
+    pub(crate) fn resuming(&mut self) -> io::Result<()> {
+        self.file.write_all(b"resuming\n")?;
         self.file.sync_data()
     }
     /// `delivered ID` (made durable by [`BatchLog::sync`]).
@@ -180,28 +226,39 @@ impl BatchLog {
 mod tests {
     use super::*;
 
+    fn read(text: &str) -> (BatchStatus, Option<IpAddr>) {
+        let r = parse(text);
+        (r.status, r.give_back)
+    }
+
     #[test]
     fn records_read_back_as_the_protocol_needs() {
-        assert_eq!(parse(""), BatchStatus::Unknown);
-        assert_eq!(parse("prepared\n"), BatchStatus::NotResumed);
+        let ip: IpAddr = "10.0.0.100".parse().unwrap();
+        assert_eq!(read(""), (BatchStatus::Unknown, None));
+        assert_eq!(read("prepared\n"), (BatchStatus::NotResumed, None));
+        // Committed, nothing resumed yet: the address goes back first.
         assert_eq!(
-            parse("prepared\ncommit 0,1\n"),
-            BatchStatus::Committed(vec![])
+            read("prepared\ncommit 0,1 take 10.0.0.100\n"),
+            (BatchStatus::NotResumed, Some(ip))
         );
         assert_eq!(
-            parse("prepared\ncommit 0,1\ndelivered 1\n"),
-            BatchStatus::Committed(vec![1])
+            read("prepared\ncommit 0,1 take 10.0.0.100\naborted\n"),
+            (BatchStatus::NotResumed, None)
+        );
+        assert_eq!(
+            read("prepared\ncommit 0,1\nresuming\n"),
+            (BatchStatus::Committed(vec![]), None)
+        );
+        assert_eq!(
+            read("prepared\ncommit 0,1 take 10.0.0.100\nresuming\ndelivered 1\n"),
+            (BatchStatus::Committed(vec![1]), None)
         );
         // A torn last line does not count.
         assert_eq!(
-            parse("prepared\ncommit 0,1\ndelivered 1\ndeliv"),
-            BatchStatus::Committed(vec![1])
+            read("prepared\ncommit 0,1\nresuming\ndelivered 1\ndeliv"),
+            (BatchStatus::Committed(vec![1]), None)
         );
-        assert_eq!(parse("prepared\ncommi"), BatchStatus::NotResumed);
-        assert_eq!(
-            parse("prepared\ncommit 0\naborted\n"),
-            BatchStatus::NotResumed
-        );
+        assert_eq!(read("prepared\ncommi"), (BatchStatus::NotResumed, None));
     }
 
     #[test]
@@ -209,13 +266,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tcpr-journal-{}", std::process::id()));
         let j = Journal::open(&dir).unwrap();
         let mut log = j.begin(42).unwrap();
-        assert_eq!(j.status(42), BatchStatus::NotResumed);
-        log.commit(&[0, 1]).unwrap();
+        assert_eq!(j.status(42).status, BatchStatus::NotResumed);
+        log.commit(&[0, 1], None).unwrap();
+        log.resuming().unwrap();
         log.delivered(0).unwrap();
         drop(log);
         let again = Journal::open(&dir).unwrap();
-        assert_eq!(again.status(42), BatchStatus::Committed(vec![0]));
-        assert_eq!(again.status(43), BatchStatus::Unknown);
+        assert_eq!(again.status(42).status, BatchStatus::Committed(vec![0]));
+        assert_eq!(again.status(43).status, BatchStatus::Unknown);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
