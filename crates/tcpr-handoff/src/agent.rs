@@ -352,7 +352,8 @@ fn serve(shared: &Arc<Shared>, tcp: TcpStream, ticket: u64) -> Result<(), WireEr
         }
     };
     ch.tcp().set_read_timeout(Some(timeout))?;
-    ch.tcp().set_write_timeout(Some(timeout.saturating_mul(4)))?;
+    ch.tcp()
+        .set_write_timeout(Some(timeout.saturating_mul(4)))?;
     let first = wire::read_msg(&mut ch)?;
     match first.kind {
         Some(pb::message::Kind::Query(q)) => {
@@ -409,7 +410,10 @@ fn from_journal(j: &Journal, batch: u64) -> BatchStatus {
     };
     match given_back.and_then(|()| j.mark_aborted(batch).map_err(|e| e.to_string())) {
         Ok(()) => {
-            tracing::info!(batch, "gave back {ip}, taken for a batch that resumed nothing");
+            tracing::info!(
+                batch,
+                "gave back {ip}, taken for a batch that resumed nothing"
+            );
             recorded.status
         }
         Err(e) => {
@@ -785,7 +789,10 @@ fn take_address(held: &tcpr_engine::addr::Assigned) -> Result<(), String> {
     })?;
     if let Err(e) = tcpr_engine::announce(&held.ifname, held.ip) {
         if let Err(re) = tcpr_engine::addr::remove(held) {
-            tracing::error!("cannot give back {} after a failed announce: {re}", held.cidr());
+            tracing::error!(
+                "cannot give back {} after a failed announce: {re}",
+                held.cidr()
+            );
         }
         return Err(format!("cannot announce {}: {e}", held.ip));
     }

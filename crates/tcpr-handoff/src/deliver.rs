@@ -311,8 +311,8 @@ mod ack_tests {
             let _ = (&b).read_to_end(&mut rest);
         });
         let fd: OwnedFd = s.into();
-        let err = send_unix_within(&a, &fd, b"", local, peer, Duration::from_millis(200))
-            .unwrap_err();
+        let err =
+            send_unix_within(&a, &fd, b"", local, peer, Duration::from_millis(200)).unwrap_err();
         assert!(
             matches!(
                 err.kind(),

@@ -50,7 +50,14 @@ fn a_trickling_handshake_meets_its_deadline() {
     let net = Net::new("fd", 80);
     let allow = net.svc_port(8080);
     let _agent = net.agent(
-        &["--exec", &echo_for_agent(), "--allow", &allow, "--timeout", "1"],
+        &[
+            "--exec",
+            &echo_for_agent(),
+            "--allow",
+            &allow,
+            "--timeout",
+            "1",
+        ],
         None,
     );
     let mut t = trickler(&net, 1, "0.25", "40", None);
@@ -70,7 +77,14 @@ fn a_real_handoff_succeeds_under_a_flood_of_handshakes() {
     let net = Net::new("ff", 81);
     let allow = net.svc_port(8080);
     let agent = net.agent(
-        &["--exec", &echo_for_agent(), "--allow", &allow, "--max-handshakes", "32"],
+        &[
+            "--exec",
+            &echo_for_agent(),
+            "--allow",
+            &allow,
+            "--max-handshakes",
+            "32",
+        ],
         None,
     );
     let (mut echo, mut peer) = net.stream();
@@ -91,7 +105,10 @@ fn a_real_handoff_succeeds_under_a_flood_of_handshakes() {
     t.send("stop");
     let v: serde_json::Value =
         serde_json::from_str(&t.expect("{", Duration::from_secs(30))).unwrap();
-    assert!(v["closed"].as_u64().unwrap() > 0, "handshakes were dropped: {v}");
+    assert!(
+        v["closed"].as_u64().unwrap() > 0,
+        "handshakes were dropped: {v}"
+    );
     std::thread::sleep(Duration::from_millis(800));
     assert_all_bytes(&verdict(&mut peer), 100_000);
 }
@@ -141,5 +158,8 @@ fn running_out_of_descriptors_does_not_stop_the_agent() {
     echo.kill();
     std::thread::sleep(Duration::from_millis(800));
     assert_all_bytes(&verdict(&mut peer), 100_000);
-    assert!(agent.child.try_wait().unwrap().is_none(), "the agent runs on");
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "the agent runs on"
+    );
 }

@@ -38,7 +38,10 @@ fn must_end(mut cmd: Command) -> Output {
 /// After a refused batch: the address is still at the source only, nothing
 /// of the connection at the agent's host, and it carries on at the source.
 fn carries_on_at_the_source(net: &Net, echo: &mut Proc, peer: &mut Proc) {
-    assert!(net.has_svc(&net.a) && !net.has_svc(&net.b), "address stayed");
+    assert!(
+        net.has_svc(&net.a) && !net.has_svc(&net.b),
+        "address stayed"
+    );
     assert_eq!(net.service_sockets(&net.b), Vec::<String>::new());
     assert_eq!(locked(&net.a), 0);
     echo.send("resume");
@@ -107,6 +110,10 @@ fn an_agent_without_a_delivery_target_does_not_start() {
     assert_clean_failure(&out, "command not found");
     let out = agent(&["--exec", "/nonexistent/serve"]);
     assert_clean_failure(&out, "no such executable");
+    for huge in ["1e20", "nan", "0"] {
+        let out = agent(&["--exec", "cat", "--timeout", huge]);
+        assert_clean_failure(&out, "--timeout");
+    }
     let out = agent(&["--unix", sock.to_str().unwrap(), "--inetd"]);
     assert!(!out.status.success());
     assert!(

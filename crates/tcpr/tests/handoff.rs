@@ -296,10 +296,7 @@ fn signal(pid: i32, sig: &str) {
 /// restarted agent can say: see agent_journal.rs.)
 #[test]
 fn agent_killed_at_each_step() {
-    for (i, point) in ["hello", "restored", "committed"]
-        .iter()
-        .enumerate()
-    {
+    for (i, point) in ["hello", "restored", "committed"].iter().enumerate() {
         let net = Net::new(&format!("k{i}"), 92 + i as u8);
         let mut agent = net.agent(
             &["--exec", &echo_for_agent()],

@@ -30,9 +30,9 @@
 
 use crate::machine::{BatchStatus, ConnId};
 use std::collections::VecDeque;
-use std::net::IpAddr;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::net::IpAddr;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;

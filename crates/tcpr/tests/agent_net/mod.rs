@@ -121,8 +121,14 @@ impl Net {
             if let Ok(Some(st)) = migrate.try_wait() {
                 let mut out = String::new();
                 for pipe in [
-                    migrate.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read>),
-                    migrate.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read>),
+                    migrate
+                        .stdout
+                        .take()
+                        .map(|p| Box::new(p) as Box<dyn std::io::Read>),
+                    migrate
+                        .stderr
+                        .take()
+                        .map(|p| Box::new(p) as Box<dyn std::io::Read>),
                 ]
                 .into_iter()
                 .flatten()
@@ -188,12 +194,7 @@ pub fn assert_rolled_back(out: &Output, why: &str) {
 }
 
 pub fn assert_moved(out: &Output) {
-    assert!(
-        out.status.success(),
-        "{} {}",
-        last_line(out),
-        stderr(out)
-    );
+    assert!(out.status.success(), "{} {}", last_line(out), stderr(out));
     assert!(
         last_line(out).starts_with("moved 1, rolled back 0, unknown 0"),
         "{} {}",
