@@ -39,6 +39,9 @@ use std::sync::Mutex;
 
 /// Batch files kept; the oldest go first.
 const KEPT_BATCHES: usize = 4096;
+/// Age after which a batch file goes: a sender asks within its timeout
+/// (seconds), so an hour is plenty, and a busy agent's journal stays small.
+const KEPT_FOR: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The journal directory.
 #[derive(Debug)]
@@ -116,7 +119,12 @@ impl Journal {
         sync_dir(&self.dir)?;
         let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
         files.push_back(path);
-        while files.len() > KEPT_BATCHES {
+        let stale = |p: &PathBuf| {
+            std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > KEPT_FOR))
+        };
+        while files.len() > KEPT_BATCHES || files.front().is_some_and(stale) {
             if let Some(old) = files.pop_front() {
                 let _ = std::fs::remove_file(old);
             }
