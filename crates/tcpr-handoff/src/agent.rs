@@ -30,7 +30,6 @@ use takeover::{
     before_ready, deliver_resumed, discard, lock_restored, restore_one, resume_one, take_over,
     Session,
 };
-use tcpr_engine::FlowLock;
 use tcpr_image::ConnectionImage;
 
 /// Where restored connections go.
@@ -552,10 +551,6 @@ fn drive(shared: &Shared, s: &mut Session, ch: &mut Channel) -> Result<(), WireE
                                 Ok(r) => live.push(r),
                                 Err(e) => out.push((id, Err(e))),
                             }
-                        }
-                        // The resumed sockets take their packets from here.
-                        if let Err(e) = FlowLock::release_many(std::mem::take(&mut s.locks)) {
-                            tracing::error!("cannot release the lock of resumed flows: {e}");
                         }
                         for r in live {
                             let id = r.id;

@@ -28,9 +28,11 @@ pub(super) struct Session {
     /// Unix delivery: connected before READY, used for the first delivery.
     pub(super) unix_first: Option<UnixStream>,
     pub(super) log: Option<BatchLog>,
-    /// The restored flows' packets are dropped here until they are
-    /// resumed: should this process die first, its restored sockets go
-    /// with it, and a packet meeting no socket would draw a RST.
+    /// The restored flows' packets are dropped here until the take-over
+    /// is about to resume them (with a journal only): should this process
+    /// die first, its restored sockets go with it, and a packet meeting no
+    /// socket would draw a RST before a restarted agent could hand the
+    /// batch back.
     pub(super) locks: Vec<FlowLock>,
 }
 
@@ -71,7 +73,10 @@ pub(super) fn lock_restored(
         .filter(|(_, r)| r.is_ok())
         .filter_map(|(id, _)| s.restored.get(id).map(Restored::flow))
         .collect();
-    if flows.is_empty() {
+    // Without a journal nobody could answer for a batch after this
+    // process died: the sender holds it as unknown either way, and an
+    // in-process agent's delivered connections die with it too.
+    if flows.is_empty() || shared.journal.is_none() {
         return;
     }
     let ns = tcpr_engine::Netns::current();
@@ -153,7 +158,27 @@ pub(super) fn take_over(shared: &Shared, s: &mut Session, ids: &[ConnId]) -> Res
         }
     }
     fault_point("taken");
-    if let Some(Err(e)) = s.log.as_mut().map(BatchLog::resuming) {
+    // The lock goes now (its release waits until the element stopped
+    // matching, about a jiffy), while `resuming` is made durable: the
+    // resumed sockets need their packets from the first window probe on.
+    let locks = std::mem::take(&mut s.locks);
+    let log = &mut s.log;
+    let journaled = if locks.is_empty() {
+        log.as_mut().map(BatchLog::resuming)
+    } else {
+        let (released, journaled) = std::thread::scope(|scope| {
+            let release = scope.spawn(move || FlowLock::release_many(locks));
+            let journaled = log.as_mut().map(BatchLog::resuming);
+            (release.join(), journaled)
+        });
+        match released {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("cannot release the lock of the flows to resume: {e}"),
+            Err(_) => tracing::error!("the lock release panicked"),
+        }
+        journaled
+    };
+    if let Some(Err(e)) = journaled {
         // Nothing is resumed yet: give the address back and refuse.
         if let Some(held) = &address {
             if let Err(re) = tcpr_engine::addr::remove(held) {
