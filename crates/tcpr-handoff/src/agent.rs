@@ -18,7 +18,7 @@ use crate::deliver::{self, Delivered};
 use crate::machine::{self, AgentAction, BatchStatus, ConnId};
 use crate::wire::{self, pb, WireError};
 use admission::Admission;
-use journal::{BatchLog, Journal};
+use journal::Journal;
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -555,9 +555,6 @@ fn drive(shared: &Shared, s: &mut Session, ch: &mut Channel) -> Result<(), WireE
                         for r in live {
                             let id = r.id;
                             out.push((id, deliver_resumed(shared, s, r)));
-                        }
-                        if let Some(Err(e)) = s.log.as_mut().map(BatchLog::sync) {
-                            tracing::error!("the journal could not be synced: {e}");
                         }
                         fault_point("delivered");
                         s.m.handle_resumed(out);

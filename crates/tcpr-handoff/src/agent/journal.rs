@@ -5,15 +5,15 @@
 //! this order:
 //!
 //! ```text
-//! prepared              before READY; fsync'd (file and directory)
+//! prepared               before READY
 //! commit 0,1,2 [take IP] COMMIT taken, before the address (IP, when the
-//!                       sender moves one) or any socket is touched; fsync'd
-//! resuming              the address is taken, the first resume is next;
-//!                       fsync'd
-//! delivered 1           one line per connection, once the application
-//!                       holds it; fsync'd together before COMMITTED
-//! aborted               the COMMIT was refused (nothing was resumed, no
-//!                       address kept); fsync'd
+//!                        sender moves one) or any socket is touched
+//! resuming               the address is taken, the first resume is next;
+//!                        fsync'd (file and directory), with all above
+//! delivered 1            one line per connection, once the application
+//!                        holds it
+//! aborted                the COMMIT was refused (nothing was resumed, no
+//!                        address kept); fsync'd
 //! ```
 //!
 //! A restarted agent reads it as: no file, no record (the journal may be
@@ -24,9 +24,14 @@
 //! must be given back first ([`Recorded::give_back`]); `resuming`: the
 //! delivered ones moved, any other may have been resumed and lost:
 //! [`BatchStatus::Committed`]. A line is written whole or not at all as far
-//! as a killed process is concerned (it sits in the page cache); the
-//! fsyncs keep the decision points through a crash of the host. A torn
-//! last line (no newline) is ignored.
+//! as a killed process is concerned (it sits in the page cache), so every
+//! line counts after the agent's death. One fsync per batch, before the
+//! first resume, keeps the one point that matters through a crash of the
+//! host: every socket of the batch dies with the host, and a line lost
+//! before `resuming` only turns an answer into `Unknown` (no roll back),
+//! while `resuming` lost would let the sender roll back a connection the
+//! agent had already resumed and spoken on. A torn last line (no newline)
+//! is ignored.
 
 use crate::machine::{BatchStatus, ConnId};
 use std::collections::VecDeque;
@@ -115,8 +120,6 @@ impl Journal {
             .write(true)
             .open(&path)?;
         file.write_all(b"prepared\n")?;
-        file.sync_all()?;
-        sync_dir(&self.dir)?;
         let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
         files.push_back(path);
         let stale = |p: &PathBuf| {
@@ -201,31 +204,29 @@ fn parse(text: &str) -> Recorded {
 }
 
 impl BatchLog {
-    /// `commit`, durable before anything is touched for it.
+    /// `commit`, before anything is touched for it.
     pub(crate) fn commit(&mut self, ids: &[ConnId], take: Option<IpAddr>) -> io::Result<()> {
         let list: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
         match take {
             Some(ip) => writeln!(self.file, "commit {} take {ip}", list.join(","))?,
             None => writeln!(self.file, "commit {}", list.join(","))?,
         }
-        self.file.sync_data()
+        Ok(())
     }
-    /// `resuming`, durable before the first connection is resumed.
-    pub(crate) fn resuming(&mut self) -> io::Result<()> {
+    /// `resuming`, durable (with every line before it, and the file's
+    /// name) before the first connection is resumed.
+    pub(crate) fn resuming(&mut self, journal: &Journal) -> io::Result<()> {
         self.file.write_all(b"resuming\n")?;
-        self.file.sync_data()
+        self.file.sync_data()?;
+        sync_dir(&journal.dir)
     }
-    /// `delivered ID` (made durable by [`BatchLog::sync`]).
+    /// `delivered ID`.
     pub(crate) fn delivered(&mut self, id: ConnId) -> io::Result<()> {
         writeln!(self.file, "delivered {id}")
     }
     /// `aborted`: the COMMIT was refused, nothing was resumed.
     pub(crate) fn aborted(&mut self) -> io::Result<()> {
         self.file.write_all(b"aborted\n")?;
-        self.file.sync_data()
-    }
-    /// Makes every line so far durable.
-    pub(crate) fn sync(&mut self) -> io::Result<()> {
         self.file.sync_data()
     }
 }
@@ -276,7 +277,7 @@ mod tests {
         let mut log = j.begin(42).unwrap();
         assert_eq!(j.status(42).status, BatchStatus::NotResumed);
         log.commit(&[0, 1], None).unwrap();
-        log.resuming().unwrap();
+        log.resuming(&j).unwrap();
         log.delivered(0).unwrap();
         drop(log);
         let again = Journal::open(&dir).unwrap();

@@ -163,12 +163,17 @@ pub(super) fn take_over(shared: &Shared, s: &mut Session, ids: &[ConnId]) -> Res
     // resumed sockets need their packets from the first window probe on.
     let locks = std::mem::take(&mut s.locks);
     let log = &mut s.log;
+    let journal = shared.journal.as_ref();
+    let mut resuming = || match (log.as_mut(), journal) {
+        (Some(log), Some(j)) => Some(log.resuming(j)),
+        _ => None,
+    };
     let journaled = if locks.is_empty() {
-        log.as_mut().map(BatchLog::resuming)
+        resuming()
     } else {
         let (released, journaled) = std::thread::scope(|scope| {
             let release = scope.spawn(move || FlowLock::release_many(locks));
-            let journaled = log.as_mut().map(BatchLog::resuming);
+            let journaled = resuming();
             (release.join(), journaled)
         });
         match released {
