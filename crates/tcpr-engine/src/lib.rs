@@ -28,7 +28,7 @@ mod sys;
 
 pub use error::Error;
 pub use lock::{Flow, FlowLock, Netns, DEFAULT_LEASE, MAX_LEASE};
-pub use restore::{restore, Restored, UNSENT_TIMEOUT};
+pub use restore::{close_silently, restore, Restored, UNSENT_TIMEOUT};
 pub use tcpr_image::ConnectionImage;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};

@@ -381,6 +381,16 @@ impl Restored {
     }
 }
 
+/// Closes a live connection without a FIN or a RST: repair mode goes back
+/// on first, and a socket closed in repair mode sends nothing (`__tcp_close`
+/// hands a repair-mode socket to `tcp_disconnect`, which skips the reset).
+/// For a connection resumed but not delivered: its peer sees silence, never
+/// a clean end of stream that would pass for a complete response.
+pub fn close_silently(sock: std::os::fd::OwnedFd) -> Result<(), Error> {
+    sys::set_repair(sock.as_fd(), sys::REPAIR_ON)
+        .map_err(|e| Error::kernel("turn repair mode back on to close silently", e))
+}
+
 impl Drop for Restored {
     fn drop(&mut self) {
         // Closing in repair mode sends nothing.

@@ -1,19 +1,35 @@
 //! The agent: accepts authenticated senders, restores the connections they
-//! prepare (only those its allowlist names), and on COMMIT resumes and
-//! delivers them. A thin driver around [`crate::machine::Agent`].
+//! prepare (only those its allowlist names), and on COMMIT takes them over
+//! (delivery target checked, commit journaled, service address taken),
+//! resumes and delivers them. A thin driver around [`crate::machine::Agent`].
+//!
+//! What an unauthenticated client can cost it is bounded: each handshake
+//! has one deadline for the whole of it, at most
+//! [`AgentConfig::max_handshakes`] run at once (the oldest is dropped for a
+//! new one), and a failed `accept` (out of file descriptors) is logged and
+//! waited out, never the end of the agent.
+
+mod admission;
+mod journal;
+mod takeover;
 
 use crate::auth::{Auth, Channel};
 use crate::deliver::{self, Delivered};
-use crate::machine::{self, AgentAction, ConnId};
+use crate::machine::{self, AgentAction, BatchStatus, ConnId};
 use crate::wire::{self, pb, WireError};
+use admission::Admission;
+use journal::Journal;
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tcpr_engine::Restored;
+use takeover::{
+    before_ready, deliver_resumed, discard, lock_restored, restore_one, resume_one, take_over,
+    Session,
+};
 use tcpr_image::ConnectionImage;
 
 /// Where restored connections go.
@@ -32,18 +48,52 @@ pub enum Delivery {
     Channel(std::sync::mpsc::Sender<Delivered>),
 }
 
+/// Unauthenticated handshakes in flight, by default.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 64;
+
 /// The agent's settings.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     /// How senders authenticate.
     pub auth: Auth,
     /// Local addresses (and ports) whose connections may be restored here.
-    /// An image for any other local address is refused.
+    /// An image for any other local address is refused. They also bound
+    /// the service addresses a sender may ask this host to take: only an
+    /// address an entry names exactly (`0.0.0.0:PORT` and `[::]:PORT`
+    /// allow connections on any address, never taking one).
     pub allow: Vec<SocketAddr>,
-    /// How long to wait for each next message before COMMIT.
+    /// How long to wait for each next message before COMMIT; also the
+    /// deadline of a whole authentication handshake.
     pub timeout: Duration,
     /// Where connections go.
     pub delivery: Delivery,
+    /// Directory of the journal that lets an agent restarted after a crash
+    /// answer what became of a batch; `None`: no journal (a restarted
+    /// agent then knows no batch, and senders report `unknown`).
+    pub journal: Option<PathBuf>,
+    /// Unauthenticated handshakes allowed in flight at once.
+    pub max_handshakes: usize,
+}
+
+impl AgentConfig {
+    /// Settings with a 2 s timeout, no journal and
+    /// [`DEFAULT_MAX_HANDSHAKES`].
+    pub fn new(auth: Auth, allow: Vec<SocketAddr>, delivery: Delivery) -> AgentConfig {
+        AgentConfig {
+            auth,
+            allow,
+            timeout: Duration::from_secs(2),
+            delivery,
+            journal: None,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+        }
+    }
+
+    /// True when an entry of the allowlist names `ip` itself.
+    fn may_take(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        !ip.is_unspecified() && self.allow.iter().any(|a| a.ip().to_canonical() == ip)
+    }
 }
 
 /// Counters, for tests and logs.
@@ -53,26 +103,43 @@ pub struct Stats {
     pub refused_auth: u64,
     /// Images refused by the allowlist.
     pub refused_allowlist: u64,
+    /// Batches refused because they asked for an address outside the
+    /// allowlist.
+    pub refused_address: u64,
+    /// COMMITs refused before anything was resumed.
+    pub refused_commit: u64,
     /// Connections delivered.
     pub delivered: u64,
     /// Connections discarded (batch aborted).
     pub discarded: u64,
-}
-
-struct Session {
-    m: machine::Agent,
-    images: HashMap<ConnId, Result<ConnectionImage, String>>,
-    restored: HashMap<ConnId, Restored>,
+    /// Connections resumed but not delivered (closed silently).
+    pub undelivered: u64,
+    /// Handshakes dropped to make room for newer ones.
+    pub evicted_handshakes: u64,
+    /// `accept` failures waited out.
+    pub accept_errors: u64,
 }
 
 /// Recent batches by id, and their order of arrival (for eviction).
-type Batches = (HashMap<u64, Arc<Mutex<Session>>>, VecDeque<u64>);
+#[derive(Default)]
+struct Batches {
+    by_id: HashMap<u64, Arc<Mutex<Session>>>,
+    order: VecDeque<u64>,
+}
+
+/// Batches kept in memory for Query.
+const KEPT_BATCHES: usize = 4096;
+/// The pause after a failed `accept`: the error (EMFILE, ENOBUFS) lasts
+/// until handshakes end, which the admission hurries along.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 
 struct Shared {
     cfg: AgentConfig,
     tls: Arc<rustls::ServerConfig>,
     batches: Mutex<Batches>,
     stats: Mutex<Stats>,
+    journal: Option<Journal>,
+    admission: Admission,
 }
 
 /// A bound agent.
@@ -98,14 +165,38 @@ pub enum AgentError {
     },
 }
 
+/// Checks that connections can reach `delivery` now: the program of an
+/// exec line resolves, something listens at a unix path.
+fn check_delivery(delivery: &Delivery) -> Result<Option<UnixStream>, String> {
+    match delivery {
+        Delivery::Exec { command, .. } => deliver::resolve_exec(command).map(|_| None),
+        Delivery::Unix(path) => deliver::connect_unix(path).map(Some),
+        Delivery::Channel(_) => Ok(None),
+    }
+}
+
 impl AgentServer {
-    /// Binds the agent's listening socket.
+    /// Binds the agent's listening socket, once its delivery target and
+    /// its journal are usable.
     pub fn bind(addr: SocketAddr, cfg: AgentConfig) -> Result<AgentServer, AgentError> {
         if cfg.allow.is_empty() {
             return Err(AgentError::Config(
                 "the allowlist is empty: name the local ADDR:PORT of the connections this agent may take (--allow)".into(),
             ));
         }
+        if cfg.max_handshakes == 0 {
+            return Err(AgentError::Config(
+                "at least one handshake must be allowed at a time".into(),
+            ));
+        }
+        // The probe connection closes empty: receivers read that as nothing.
+        check_delivery(&cfg.delivery).map_err(AgentError::Config)?;
+        let journal = cfg
+            .journal
+            .as_deref()
+            .map(Journal::open)
+            .transpose()
+            .map_err(AgentError::Config)?;
         let tls = cfg
             .auth
             .server_config()
@@ -120,10 +211,12 @@ impl AgentServer {
         Ok(AgentServer {
             listener,
             shared: Arc::new(Shared {
+                admission: Admission::new(cfg.max_handshakes),
                 cfg,
                 tls,
-                batches: Mutex::new((HashMap::new(), VecDeque::new())),
+                batches: Mutex::new(Batches::default()),
                 stats: Mutex::new(Stats::default()),
+                journal,
             }),
         })
     }
@@ -135,27 +228,61 @@ impl AgentServer {
 
     /// A copy of the counters.
     pub fn stats(&self) -> Stats {
-        self.shared
-            .stats
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(&self.shared.stats).clone()
     }
 
-    /// Serves senders until the listener fails; one thread per channel.
+    /// Serves senders, one thread per channel. A failed `accept` never
+    /// ends it: the error is logged, and once out of file descriptors the
+    /// oldest handshake in flight is dropped to free one.
     pub fn run(&self) -> io::Result<()> {
+        let mut last_logged: Option<Instant> = None;
         loop {
-            let (tcp, from) = self.listener.accept()?;
-            let shared = self.shared.clone();
-            std::thread::spawn(move || {
-                let span = tracing::info_span!("handoff", %from);
-                let _g = span.enter();
-                if let Err(e) = serve(&shared, tcp) {
-                    tracing::warn!("channel from {from} ended: {e}");
+            let (tcp, from) = match self.listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    lock(&self.shared.stats).accept_errors += 1;
+                    if last_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        tracing::warn!("accept failed (waiting it out): {e}");
+                        last_logged = Some(Instant::now());
+                    }
+                    if out_of_resources(&e) && self.shared.admission.evict_oldest() {
+                        lock(&self.shared.stats).evicted_handshakes += 1;
+                    }
+                    std::thread::sleep(ACCEPT_BACKOFF);
+                    continue;
                 }
-            });
+            };
+            let Some(ticket) = self.shared.admission.admit(&tcp) else {
+                // Not even a descriptor to track it: drop it.
+                continue;
+            };
+            if ticket.evicted {
+                lock(&self.shared.stats).evicted_handshakes += 1;
+            }
+            let shared = self.shared.clone();
+            let id = ticket.id;
+            let spawned = std::thread::Builder::new()
+                .name("tcpr-handoff".into())
+                .spawn(move || {
+                    let span = tracing::info_span!("handoff", %from);
+                    let _g = span.enter();
+                    if let Err(e) = serve(&shared, tcp, id) {
+                        tracing::warn!("channel from {from} ended: {e}");
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!("cannot start a thread for {from}: {e}");
+                self.shared.admission.done(id);
+            }
         }
     }
+}
+
+fn out_of_resources(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 /// Fault injection for tests: when `TCPR_FAULT_STOP_AT` names this point,
@@ -163,7 +290,10 @@ impl AgentServer {
 /// agent or cut its link at an exact protocol step. On arrival it creates
 /// `$TCPR_FAULT_DIR/reached-POINT`; it goes on once
 /// `$TCPR_FAULT_DIR/release-POINT` exists. Points: `hello`, `restored`
-/// (before READY is sent), `ready` (after), `committed` (after COMMITTED).
+/// (before READY is sent), `ready` (after), `taken` (COMMIT journaled and
+/// the address taken, nothing resumed yet), `delivered` (every connection
+/// delivered and journaled, COMMITTED not yet sent), `committed` (after
+/// COMMITTED).
 fn fault_point(name: &str) {
     if !std::env::var("TCPR_FAULT_STOP_AT").is_ok_and(|v| v == name) {
         return;
@@ -180,12 +310,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn serve(shared: &Arc<Shared>, tcp: TcpStream) -> Result<(), WireError> {
+fn serve(shared: &Arc<Shared>, tcp: TcpStream, ticket: u64) -> Result<(), WireError> {
     let timeout = shared.cfg.timeout;
-    tcp.set_read_timeout(Some(timeout))?;
-    tcp.set_write_timeout(Some(timeout * 4))?;
     let _ = tcp.set_nodelay(true);
-    let mut ch = match shared.cfg.auth.accept(shared.tls.clone(), tcp) {
+    // One deadline for the whole handshake, however the bytes trickle in.
+    let deadline = Instant::now().checked_add(timeout);
+    let accepted = shared
+        .cfg
+        .auth
+        .accept_until(shared.tls.clone(), tcp, deadline);
+    shared.admission.done(ticket);
+    let mut ch = match accepted {
         Ok(ch) => ch,
         Err(e) => {
             lock(&shared.stats).refused_auth += 1;
@@ -193,38 +328,20 @@ fn serve(shared: &Arc<Shared>, tcp: TcpStream) -> Result<(), WireError> {
             return Ok(());
         }
     };
+    ch.tcp().set_read_timeout(Some(timeout))?;
+    ch.tcp()
+        .set_write_timeout(Some(timeout.saturating_mul(4)))?;
     let first = wire::read_msg(&mut ch)?;
     match first.kind {
         Some(pb::message::Kind::Query(q)) => {
-            let sess = lock(&shared.batches).0.get(&q.batch).cloned();
-            let status = match sess {
-                None => pb::Status {
-                    batch: q.batch,
-                    state: 0,
-                    committed_ids: vec![],
-                },
-                Some(sess) => {
-                    let mut s = lock(&sess);
-                    let committed = s.m.handle_query();
-                    drive(shared, &mut s, &mut ch)?;
-                    match committed {
-                        Some(ids) => pb::Status {
-                            batch: q.batch,
-                            state: 2,
-                            committed_ids: ids,
-                        },
-                        None => pb::Status {
-                            batch: q.batch,
-                            state: 3,
-                            committed_ids: vec![],
-                        },
-                    }
-                }
-            };
+            let status = query(shared, q.batch);
+            tracing::info!(batch = q.batch, ?status, "answered a query");
             wire::write_msg(
                 &mut ch,
                 &pb::Message {
-                    kind: Some(pb::message::Kind::Status(status)),
+                    kind: Some(pb::message::Kind::Status(wire::status_to_wire(
+                        q.batch, &status,
+                    ))),
                 },
             )?;
             ch.flush()?;
@@ -237,25 +354,73 @@ fn serve(shared: &Arc<Shared>, tcp: TcpStream) -> Result<(), WireError> {
     }
 }
 
-/// Gives up a session after an I/O error: the machine aborts (before
-/// COMMIT) and the restored sockets are closed silently.
-fn give_up(shared: &Shared, sess: &Mutex<Session>) {
-    let mut s = lock(sess);
-    s.m.handle_link_lost();
+/// What became of a batch: from memory while this process has it, from
+/// the journal after a restart.
+fn query(shared: &Shared, batch: u64) -> BatchStatus {
+    let sess = lock(&shared.batches).by_id.get(&batch).cloned();
+    match sess {
+        Some(sess) => {
+            let mut s = lock(&sess);
+            let status = s.m.handle_query();
+            run_discards(shared, &mut s);
+            status
+        }
+        None => match &shared.journal {
+            Some(j) => from_journal(j, batch),
+            None => BatchStatus::Unknown,
+        },
+    }
+}
+
+/// A batch's status after a restart. One that committed but resumed
+/// nothing may have taken its address here: it is given back before the
+/// sender is told it may roll back (and put the address back at home).
+fn from_journal(j: &Journal, batch: u64) -> BatchStatus {
+    let recorded = j.status(batch);
+    let Some(ip) = recorded.give_back else {
+        return recorded.status;
+    };
+    let given_back = match tcpr_host::addr::find(ip) {
+        Ok(held) => tcpr_host::addr::remove(&held).map_err(|e| e.to_string()),
+        Err(tcpr_host::addr::Error::NotFound(_)) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    };
+    match given_back.and_then(|()| j.mark_aborted(batch).map_err(|e| e.to_string())) {
+        Ok(()) => {
+            tracing::info!(
+                batch,
+                "gave back {ip}, taken for a batch that resumed nothing"
+            );
+            recorded.status
+        }
+        Err(e) => {
+            tracing::error!(batch, "cannot give back {ip}: {e}");
+            BatchStatus::Unknown
+        }
+    }
+}
+
+/// Performs the machine's discards when nothing can be sent any more.
+fn run_discards(shared: &Shared, s: &mut Session) {
     while let Some(a) = s.m.poll_action() {
         if let AgentAction::Discard(ids) = a {
-            for id in ids {
-                if let Some(r) = s.restored.remove(&id) {
-                    r.discard();
-                    lock(&shared.stats).discarded += 1;
-                }
-            }
+            discard(shared, s, ids);
         }
     }
     while s.m.poll_transmit().is_some() {}
+    // A unix connection held for this batch closes empty.
+    s.unix_first = None;
 }
 
 fn batch(shared: &Arc<Shared>, ch: Channel, hello: pb::Message) -> Result<(), WireError> {
+    let take_ip = match &hello.kind {
+        Some(pb::message::Kind::Hello(h)) if !h.take_address.is_empty() => Some(
+            h.take_address
+                .parse::<IpAddr>()
+                .map_err(|_| format!("bad address to take: {:?}", h.take_address)),
+        ),
+        _ => None,
+    };
     let now = Instant::now();
     let mut m = machine::Agent::new(shared.cfg.timeout, now);
     m.handle_message(wire::from_wire(hello)?, now);
@@ -265,10 +430,18 @@ fn batch(shared: &Arc<Shared>, ch: Channel, hello: pb::Message) -> Result<(), Wi
         m,
         images: HashMap::new(),
         restored: HashMap::new(),
+        take_ip,
+        add_address: None,
+        checked: None,
+        unix_first: None,
+        log: None,
+        locks: Vec::new(),
     }));
     let r = batch_loop(shared, ch, &sess, id);
     if r.is_err() {
-        give_up(shared, &sess);
+        let mut s = lock(&sess);
+        s.m.handle_link_lost();
+        run_discards(shared, &mut s);
     }
     r
 }
@@ -282,11 +455,11 @@ fn batch_loop(
     {
         // Remember recent batches for Query (bounded).
         let mut b = lock(&shared.batches);
-        b.0.insert(id, sess.clone());
-        b.1.push_back(id);
-        while b.1.len() > 4096 {
-            if let Some(old) = b.1.pop_front() {
-                b.0.remove(&old);
+        b.by_id.insert(id, sess.clone());
+        b.order.push_back(id);
+        while b.order.len() > KEPT_BATCHES {
+            if let Some(old) = b.order.pop_front() {
+                b.by_id.remove(&old);
             }
         }
     }
@@ -295,6 +468,7 @@ fn batch_loop(
             let mut s = lock(sess);
             drive(shared, &mut s, &mut ch)?;
             if s.m.is_done() {
+                s.unix_first = None;
                 return Ok(());
             }
             s.m.poll_timeout()
@@ -317,16 +491,7 @@ fn batch_loop(
                     }
                 }
                 if let Some(pb::message::Kind::Commit(c)) = &msg.kind {
-                    if let Some(mv) = &c.add_address {
-                        if let Err(e) = take_address(
-                            mv,
-                            s.images
-                                .values()
-                                .find_map(|i| i.as_ref().ok().map(|i| i.peer)),
-                        ) {
-                            tracing::error!("cannot take the service address {}: {e}", mv.cidr);
-                        }
-                    }
+                    s.add_address = c.add_address.clone();
                 }
                 match wire::from_wire(msg) {
                     Ok(m) => s.m.handle_message(m, now),
@@ -348,7 +513,7 @@ fn batch_loop(
                 tracing::info!("link lost: {e}");
                 s.m.handle_link_lost();
                 // Run the resulting discards; nothing can be sent any more.
-                let _ = drive(shared, &mut s, &mut ch);
+                run_discards(shared, &mut s);
                 return Ok(());
             }
         }
@@ -363,28 +528,46 @@ fn drive(shared: &Shared, s: &mut Session, ch: &mut Channel) -> Result<(), WireE
             busy = true;
             match a {
                 AgentAction::Restore(ids) => {
-                    let out = ids
+                    let ready = before_ready(shared, s);
+                    let mut out: Vec<(ConnId, Result<(), String>)> = ids
                         .iter()
-                        .map(|&id| (id, restore_one(shared, s, id)))
+                        .map(|&id| {
+                            let r = match &ready {
+                                Ok(()) => restore_one(shared, s, id),
+                                Err(e) => Err(e.clone()),
+                            };
+                            (id, r)
+                        })
                         .collect();
+                    lock_restored(shared, s, &mut out);
                     s.m.handle_restored(out);
                     fault_point("restored");
                 }
-                AgentAction::Resume(ids) => {
-                    let out = ids
-                        .iter()
-                        .map(|&id| (id, resume_one(shared, s, id)))
-                        .collect();
-                    s.m.handle_resumed(out);
-                }
-                AgentAction::Discard(ids) => {
-                    for id in ids {
-                        if let Some(r) = s.restored.remove(&id) {
-                            r.discard();
-                            lock(&shared.stats).discarded += 1;
+                AgentAction::Resume(ids) => match take_over(shared, s, &ids) {
+                    Ok(()) => {
+                        let mut out = Vec::with_capacity(ids.len());
+                        let mut live = Vec::with_capacity(ids.len());
+                        for &id in &ids {
+                            match resume_one(shared, s, id) {
+                                Ok(r) => live.push(r),
+                                Err(e) => out.push((id, Err(e))),
+                            }
                         }
+                        for r in live {
+                            let id = r.id;
+                            out.push((id, deliver_resumed(shared, s, r)));
+                        }
+                        fault_point("delivered");
+                        s.m.handle_resumed(out);
                     }
-                }
+                    Err(reason) => {
+                        tracing::warn!("COMMIT refused, nothing resumed: {reason}");
+                        lock(&shared.stats).refused_commit += 1;
+                        s.unix_first = None;
+                        s.m.handle_commit_refused(ids, reason);
+                    }
+                },
+                AgentAction::Discard(ids) => discard(shared, s, ids),
             }
         }
         while let Some(msg) = s.m.poll_transmit() {
@@ -403,98 +586,4 @@ fn drive(shared: &Shared, s: &mut Session, ch: &mut Channel) -> Result<(), WireE
     }
     ch.flush()?;
     Ok(())
-}
-
-fn restore_one(shared: &Shared, s: &mut Session, id: ConnId) -> Result<(), String> {
-    let img = match s.images.get(&id) {
-        Some(Ok(img)) => img,
-        Some(Err(e)) => return Err(e.clone()),
-        None => return Err("no image".into()),
-    };
-    let allowed = shared.cfg.allow.iter().any(|a| {
-        a.port() == img.local.port() && (a.ip() == img.local.ip() || a.ip().is_unspecified())
-    });
-    if !allowed {
-        lock(&shared.stats).refused_allowlist += 1;
-        return Err(format!("{} is not in this agent's allowlist", img.local));
-    }
-    let r = tcpr_engine::restore(img).map_err(|e| e.to_string())?;
-    s.restored.insert(id, r);
-    // The queues are in the socket now (the unsent tail in `Restored`):
-    // keep only what delivery needs, so a batch is not held twice.
-    if let Some(Ok(img)) = s.images.get_mut(&id) {
-        img.recv_queue = Vec::new();
-        img.send_queue = Default::default();
-    }
-    Ok(())
-}
-
-fn resume_one(shared: &Shared, s: &mut Session, id: ConnId) -> Result<(), String> {
-    let r = s.restored.remove(&id).ok_or("not restored")?;
-    let img = s
-        .images
-        .remove(&id)
-        .and_then(|i| i.ok())
-        .ok_or("no image")?;
-    let stream = r.resume().map_err(|e| e.to_string())?;
-    deliver_one(&shared.cfg.delivery, stream, img)?;
-    lock(&shared.stats).delivered += 1;
-    Ok(())
-}
-
-fn deliver_one(d: &Delivery, stream: TcpStream, img: ConnectionImage) -> Result<(), String> {
-    match d {
-        Delivery::Channel(tx) => tx
-            .send(Delivered {
-                stream,
-                blob: img.app_blob,
-                local: img.local,
-                peer: img.peer,
-            })
-            .map_err(|_| "the application stopped accepting connections".to_string()),
-        Delivery::Exec { command, inetd } => {
-            let fd: OwnedFd = stream.into();
-            let mut cmd = deliver::shell_command(command);
-            let mut child =
-                deliver::spawn(&mut cmd, &fd, &img.app_blob, img.local, img.peer, *inetd)
-                    .map_err(|e| format!("cannot run {command}: {e}"))?;
-            // Reap it when it ends; the connection lives in the child.
-            std::thread::spawn(move || {
-                let _ = child.wait();
-            });
-            Ok(())
-        }
-        Delivery::Unix(path) => {
-            let fd: OwnedFd = stream.into();
-            let to = std::os::unix::net::UnixStream::connect(path)
-                .map_err(|e| format!("cannot reach the application at {}: {e}", path.display()))?;
-            deliver::send_unix(&to, &fd, &img.app_blob, img.local, img.peer)
-                .map_err(|e| e.to_string())
-        }
-    }
-}
-
-/// Adds the service address here and announces it (host evacuation).
-fn take_address(mv: &pb::AddressMove, peer: Option<SocketAddr>) -> Result<(), String> {
-    let (ip, prefix) = mv
-        .cidr
-        .split_once('/')
-        .and_then(|(a, p)| Some((a.parse::<IpAddr>().ok()?, p.parse::<u8>().ok()?)))
-        .ok_or_else(|| format!("bad address {}", mv.cidr))?;
-    let (ifindex, ifname) = if mv.dev.is_empty() {
-        let peer = peer.ok_or("no connection to find the interface from")?;
-        tcpr_host::addr::route_interface(peer.ip()).map_err(|e| e.to_string())?
-    } else {
-        let i = tcpr_host::addr::interface_index(&mv.dev).map_err(|e| e.to_string())?;
-        (i, mv.dev.clone())
-    };
-    let held = tcpr_host::addr::Assigned {
-        ip,
-        prefix_len: prefix,
-        ifindex,
-        ifname,
-    };
-    tcpr_host::addr::add(&held)
-        .map_err(|e| format!("add {} on {}: {e}", held.cidr(), held.ifname))?;
-    tcpr_host::announce(&held.ifname, ip).map_err(|e| e.to_string())
 }

@@ -24,6 +24,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// How the two ends prove who they are.
 #[derive(Clone)]
@@ -269,19 +270,49 @@ impl Auth {
 
     /// Agent side: TLS on an accepted socket, then the PSK proof when in
     /// PSK mode. Nothing else is read before the peer is authenticated.
+    /// The socket's own timeouts bound each read; see
+    /// [`Auth::accept_until`] for a bound on the whole handshake.
     pub fn accept(&self, cfg: Arc<ServerConfig>, tcp: TcpStream) -> Result<Channel, AuthError> {
+        self.accept_until(cfg, tcp, None)
+    }
+
+    /// [`Auth::accept`] that gives up once `deadline` passes, however the
+    /// peer spaces its bytes: a timeout per read alone lets a client that
+    /// sends one byte a second hold the agent for as long as it likes.
+    /// The socket's timeouts are left set for the remaining time.
+    pub fn accept_until(
+        &self,
+        cfg: Arc<ServerConfig>,
+        tcp: TcpStream,
+        deadline: Option<Instant>,
+    ) -> Result<Channel, AuthError> {
         let conn = ServerConnection::new(cfg).map_err(|e| AuthError::Handshake(e.to_string()))?;
         let mut s = StreamOwned::new(conn, tcp);
         while s.conn.is_handshaking() {
+            // complete_io reads until a whole record is in: every read
+            // must see the deadline, not only the first.
+            let mut io = UntilDeadline {
+                sock: &s.sock,
+                deadline,
+            };
             s.conn
-                .complete_io(&mut s.sock)
-                .map_err(|e| AuthError::Handshake(e.to_string()))?;
+                .complete_io(&mut io)
+                .map_err(|e| handshake_error(e, deadline))?;
         }
         let mut ch = Channel::Server(Box::new(s));
         if let Auth::Psk(key) = self {
             let ex = ch.exporter()?;
             let mut theirs = [0u8; 32];
-            ch.read_exact(&mut theirs).map_err(|_| AuthError::BadKey)?;
+            let mut got = 0;
+            while got < theirs.len() {
+                bound_by(ch.tcp(), deadline)?;
+                match ch.read(&mut theirs[got..]) {
+                    Ok(0) => return Err(AuthError::BadKey),
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(handshake_error(e, deadline)),
+                }
+            }
             verify(key, b"client", &ex, &theirs)?;
             ch.write_all(&mac(key, b"server", &ex))
                 .map_err(|e| AuthError::Handshake(e.to_string()))?;
@@ -289,6 +320,57 @@ impl Auth {
                 .map_err(|e| AuthError::Handshake(e.to_string()))?;
         }
         Ok(ch)
+    }
+}
+
+/// A socket whose every read and write is bounded by what is left before a
+/// deadline.
+struct UntilDeadline<'a> {
+    sock: &'a TcpStream,
+    deadline: Option<Instant>,
+}
+
+impl Read for UntilDeadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        bound_by(self.sock, self.deadline).map_err(std::io::Error::other)?;
+        let mut sock = self.sock;
+        sock.read(buf)
+    }
+}
+
+impl Write for UntilDeadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        bound_by(self.sock, self.deadline).map_err(std::io::Error::other)?;
+        let mut sock = self.sock;
+        sock.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Sets the socket's timeouts to what is left before `deadline`, or fails
+/// once it has passed.
+fn bound_by(tcp: &TcpStream, deadline: Option<Instant>) -> Result<(), AuthError> {
+    let Some(deadline) = deadline else {
+        return Ok(());
+    };
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(AuthError::Handshake(
+            "the peer did not complete the handshake in time".into(),
+        ));
+    }
+    tcp.set_read_timeout(Some(left))
+        .and_then(|()| tcp.set_write_timeout(Some(left)))
+        .map_err(|e| AuthError::Handshake(e.to_string()))
+}
+
+fn handshake_error(e: std::io::Error, deadline: Option<Instant>) -> AuthError {
+    if deadline.is_some_and(|d| Instant::now() >= d) {
+        AuthError::Handshake("the peer did not complete the handshake in time".into())
+    } else {
+        AuthError::Handshake(e.to_string())
     }
 }
 

@@ -24,12 +24,24 @@
 //! one byte "k" once it holds the connection, and only then does the
 //! sender let go of it
 //! ```
+//!
+//! A connection closed before its first byte carries nothing: the agent
+//! opens one at start to check that the application listens, and holds
+//! one from each batch's PREPARE (for its first connection), which it
+//! closes empty when the batch is given up. [`recv_unix`] reads it as end
+//! of stream.
 
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::time::Duration;
+
+/// How long the application has to acknowledge a connection sent over its
+/// unix socket before the agent takes it back.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A connection handed to an application.
 #[derive(Debug)]
@@ -89,13 +101,26 @@ pub fn shell_command(line: &str) -> Command {
     c
 }
 
-/// Sends one connection over a unix stream socket.
+/// Sends one connection over a unix stream socket; the receiver has
+/// [`ACK_TIMEOUT`] to acknowledge it.
 pub fn send_unix(
     to: &UnixStream,
     sock: &OwnedFd,
     blob: &[u8],
     local: SocketAddr,
     peer: SocketAddr,
+) -> io::Result<()> {
+    send_unix_within(to, sock, blob, local, peer, ACK_TIMEOUT)
+}
+
+/// [`send_unix`] with the time the receiver has to acknowledge.
+pub fn send_unix_within(
+    to: &UnixStream,
+    sock: &OwnedFd,
+    blob: &[u8],
+    local: SocketAddr,
+    peer: SocketAddr,
+    ack_timeout: Duration,
 ) -> io::Result<()> {
     let (l, p) = (local.to_string(), peer.to_string());
     let mut m = Vec::with_capacity(16 + l.len() + p.len() + blob.len());
@@ -110,12 +135,76 @@ pub fn send_unix(
     // The receiver's acknowledgement: until it comes, the connection is ours.
     let mut ack = [0u8; 1];
     let mut r = to;
-    r.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    r.set_read_timeout(Some(ack_timeout))?;
     r.read_exact(&mut ack)?;
     if ack != *b"k" {
         return Err(bad("acknowledgement"));
     }
     Ok(())
+}
+
+/// Connects to the application's unix socket: proves that something
+/// listens there before any connection is resumed for it.
+pub fn connect_unix(path: &Path) -> Result<UnixStream, String> {
+    UnixStream::connect(path).map_err(|e| {
+        format!(
+            "nothing accepts connections at {}: {e} (start the application first)",
+            path.display()
+        )
+    })
+}
+
+/// True when a connection from [`connect_unix`] still reaches a living
+/// application (its end is neither closed nor reset).
+pub fn unix_alive(to: &UnixStream) -> bool {
+    let mut one = [0u8; 1];
+    if to.set_nonblocking(true).is_err() {
+        return false;
+    }
+    // The application says nothing before our message: a byte to read
+    // means it closed (or misbehaves).
+    let mut r = to;
+    let alive = matches!(r.read(&mut one), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+    alive && to.set_nonblocking(false).is_ok()
+}
+
+/// The program a shell command line of the agent's `--exec` runs, found
+/// as the shell will find it (`exec WORD`: leading `NAME=value`
+/// assignments skipped, then a path, or a name searched in `PATH`). A
+/// command that would not run is refused here, before any connection is
+/// resumed for it: the shell would fail only after the connection is in
+/// its hands, and its exit would close the connection with a FIN.
+pub fn resolve_exec(line: &str) -> Result<PathBuf, String> {
+    let words = shlex::split(line)
+        .ok_or_else(|| format!("cannot parse the command line {line:?} (unbalanced quotes?)"))?;
+    let is_assignment = |w: &str| {
+        w.split_once('=').is_some_and(|(name, _)| {
+            !name.is_empty()
+                && !name.starts_with(|c: char| c.is_ascii_digit())
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+    };
+    let program = words
+        .iter()
+        .find(|w| !is_assignment(w))
+        .ok_or_else(|| format!("the command line {line:?} names no program"))?;
+    let runnable = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        return if runnable(&p) {
+            Ok(p)
+        } else {
+            Err(format!("{program}: no such executable file"))
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| runnable(p))
+        .ok_or_else(|| format!("{program}: command not found in PATH"))
 }
 
 fn bad(what: &str) -> io::Error {
@@ -199,16 +288,64 @@ mod tests {
 #[cfg(test)]
 mod ack_tests {
     use super::*;
+    use std::io::Write;
 
+    /// The receiver takes the whole message and the fd, then says nothing:
+    /// the sender gives up after [`ACK_TIMEOUT`] with a timeout (not a
+    /// broken pipe), and still holds its copy of the connection.
     #[test]
     fn a_receiver_that_never_acknowledges_leaves_the_connection_with_the_sender() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let _c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (s, peer) = l.accept().unwrap();
         let local = s.local_addr().unwrap();
         let (a, b) = UnixStream::pair().unwrap();
-        drop(b);
+        // A receiver that reads the message (fd included) and never answers.
+        let (got_tx, got_rx) = std::sync::mpsc::channel();
+        let silent = std::thread::spawn(move || {
+            let mut head = [0u8; 10];
+            let (n, fd) = tcpr_host::recv_with_fd(b.as_fd(), &mut head).unwrap();
+            got_tx.send((n, fd.is_some())).unwrap();
+            // Keep the socket open, and silent, until the sender gave up.
+            let mut rest = Vec::new();
+            let _ = (&b).read_to_end(&mut rest);
+        });
         let fd: OwnedFd = s.into();
-        assert!(send_unix(&a, &fd, b"", local, peer).is_err());
+        let err =
+            send_unix_within(&a, &fd, b"", local, peer, Duration::from_millis(200)).unwrap_err();
+        assert!(
+            matches!(
+                err.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            "the acknowledgement timed out: {err:?}"
+        );
+        let (n, had_fd) = got_rx.recv().unwrap();
+        assert!(n > 0 && had_fd, "the receiver got the message and the fd");
+        // The sender's copy still carries the connection.
+        let mut stream = TcpStream::from(fd);
+        stream.write_all(b"still here").unwrap();
+        let mut buf = [0u8; 10];
+        c.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"still here");
+        drop(a);
+        silent.join().unwrap();
+    }
+
+    #[test]
+    fn exec_commands_resolve_like_the_shell() {
+        assert!(resolve_exec("cat").is_ok());
+        assert!(resolve_exec("FOO=1 BAR='a b' cat -u").is_ok());
+        assert!(resolve_exec("/bin/sh -c true").is_ok());
+        for bad in [
+            "no-such-program-tcpr --flag",
+            "/nonexistent/prog",
+            "FOO=1",
+            "",
+            "cat 'unbalanced",
+            "/etc/passwd",
+        ] {
+            assert!(resolve_exec(bad).is_err(), "{bad:?} is refused");
+        }
     }
 }

@@ -131,15 +131,7 @@ impl Incoming {
         allow: Vec<std::net::SocketAddr>,
     ) -> Result<Incoming, agent::AgentError> {
         let (tx, rx) = std::sync::mpsc::channel();
-        let server = AgentServer::bind(
-            addr,
-            AgentConfig {
-                auth,
-                allow,
-                timeout: std::time::Duration::from_secs(2),
-                delivery: Delivery::Channel(tx),
-            },
-        )?;
+        let server = AgentServer::bind(addr, AgentConfig::new(auth, allow, Delivery::Channel(tx)))?;
         let addr = server
             .local_addr()
             .map_err(|source| agent::AgentError::Listen { addr, source })?;

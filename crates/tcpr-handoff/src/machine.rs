@@ -44,6 +44,25 @@ pub enum Msg {
     Committed(Vec<(ConnId, Result<(), String>)>),
     /// Give up the batch.
     Abort(String),
+    /// The agent's answer to COMMIT when it resumed none of the batch: its
+    /// restored sockets are closed silently and any address it took for
+    /// the batch is given back, so the sender switches back and thaws.
+    CommitRefused(String),
+}
+
+/// What the agent says became of a batch: the answer to a Query, from its
+/// memory or, after a restart, from its journal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BatchStatus {
+    /// No record of the batch (never heard of it, or its journal is lost):
+    /// nobody can tell whether anything was resumed.
+    Unknown,
+    /// Committed: these were resumed and delivered; any other connection
+    /// of the batch may have been resumed and lost.
+    Committed(Vec<ConnId>),
+    /// Nothing of the batch was resumed and nothing of it is left at the
+    /// agent: the sender may roll back.
+    NotResumed,
 }
 
 /// How a batch's images are cut into PREPARE frames. Frames are cut by size
@@ -451,6 +470,13 @@ impl Sender {
             (_, Msg::Abort(reason)) if self.state != SenderState::Committing => {
                 self.roll_back(&format!("agent aborted: {reason}"));
             }
+            // The agent says for sure that it resumed none of them.
+            (
+                SenderState::Preparing | SenderState::Switching | SenderState::Committing,
+                Msg::CommitRefused(reason),
+            ) => {
+                self.roll_back(&format!("agent did not resume them: {reason}"));
+            }
             (_, _) => self.protocol_error("unexpected message"),
         }
     }
@@ -534,16 +560,16 @@ impl Sender {
         }
     }
 
-    /// The answer to a `Query`: `Ok(Some(ids))` when the agent committed
-    /// the batch; `Ok(None)` when it never did (it aborted, or its process is
-    /// gone: the connection was refused, so its restored sockets died with
-    /// it); `Err` when it could not be reached at all.
-    pub fn handle_status(&mut self, status: Result<Option<Vec<ConnId>>, String>) {
+    /// The answer to a `Query`, or `Err` when the agent could not be asked
+    /// (an agent that does not answer after COMMIT may have delivered the
+    /// connections before it died: only its word, [`BatchStatus::NotResumed`],
+    /// allows a roll back).
+    pub fn handle_status(&mut self, status: Result<BatchStatus, String>) {
         if self.state != SenderState::Querying {
             return;
         }
         match status {
-            Ok(Some(committed)) => {
+            Ok(BatchStatus::Committed(committed)) => {
                 let committed: BTreeSet<ConnId> = committed.into_iter().collect();
                 let moved: Vec<ConnId> = self
                     .ready
@@ -575,19 +601,24 @@ impl Sender {
                 self.ready.clear();
                 self.finish();
             }
-            Ok(None) => self.roll_back("the agent never committed"),
-            Err(e) => {
-                let held: Vec<ConnId> = self.ready.iter().copied().collect();
-                for &i in &held {
-                    self.fates.insert(
-                        i,
-                        Fate::Unknown(format!("agent unreachable after COMMIT: {e}")),
-                    );
-                }
-                self.actions.push_back(SenderAction::Hold(held));
-                self.finish();
+            Ok(BatchStatus::NotResumed) => self.roll_back("the agent resumed none of them"),
+            Ok(BatchStatus::Unknown) => {
+                self.hold_ready("the agent has no record of the batch after COMMIT")
             }
+            Err(e) => self.hold_ready(&format!("agent unreachable after COMMIT: {e}")),
         }
+    }
+
+    /// Leaves every connection still awaiting its fate frozen and locked.
+    fn hold_ready(&mut self, why: &str) {
+        let held: Vec<ConnId> = std::mem::take(&mut self.ready).into_iter().collect();
+        for &i in &held {
+            self.fates.insert(i, Fate::Unknown(why.to_string()));
+        }
+        if !held.is_empty() {
+            self.actions.push_back(SenderAction::Hold(held));
+        }
+        self.finish();
     }
 }
 
@@ -597,7 +628,11 @@ pub enum AgentAction {
     /// Restore these images (left in repair mode); report with
     /// [`Agent::handle_restored`].
     Restore(Vec<ConnId>),
-    /// Resume and deliver these; report with [`Agent::handle_resumed`].
+    /// Take the batch over (check the delivery target, journal the commit,
+    /// take the service address), then resume and deliver these; report
+    /// with [`Agent::handle_resumed`], or with
+    /// [`Agent::handle_commit_refused`] when the take-over failed before
+    /// anything was resumed.
     Resume(Vec<ConnId>),
     /// Close these restored sockets silently.
     Discard(Vec<ConnId>),
@@ -655,7 +690,7 @@ impl Agent {
             restored: BTreeSet::new(),
             answered: 0,
             timeout,
-            deadline: Some(now + timeout),
+            deadline: now.checked_add(timeout),
             outbox: VecDeque::new(),
             actions: VecDeque::new(),
             result: None,
@@ -703,7 +738,7 @@ impl Agent {
                 self.batch = batch;
                 self.total = total;
                 self.state = AgentState::Preparing;
-                self.deadline = Some(now + self.timeout);
+                self.deadline = now.checked_add(self.timeout);
             }
             (AgentState::Preparing, Msg::Prepare(ids)) => {
                 if ids.iter().any(|i| !self.seen.insert(*i))
@@ -712,7 +747,7 @@ impl Agent {
                     self.outbox.push_back(Msg::Abort("bad PREPARE".into()));
                     return self.abort();
                 }
-                self.deadline = Some(now + self.timeout);
+                self.deadline = now.checked_add(self.timeout);
                 self.actions.push_back(AgentAction::Restore(ids));
             }
             (AgentState::Preparing, Msg::Commit { ids, .. }) => {
@@ -785,17 +820,35 @@ impl Agent {
         self.state = AgentState::Done;
     }
 
+    /// The take-over after COMMIT failed before anything was resumed (the
+    /// address could not be taken, the delivery target is gone): nothing is
+    /// resumed, every restored socket of the batch is closed silently, and
+    /// the sender is told so that it can switch back and thaw.
+    pub fn handle_commit_refused(&mut self, ids: Vec<ConnId>, reason: String) {
+        if self.state != AgentState::Resuming {
+            return;
+        }
+        if !ids.is_empty() {
+            self.actions.push_back(AgentAction::Discard(ids));
+        }
+        self.outbox.push_back(Msg::CommitRefused(reason));
+        self.result = Some(BatchState::Aborted);
+        self.state = AgentState::Done;
+    }
+
     /// A Query for this batch from a new channel. A batch still waiting
     /// for COMMIT is given up at once, so that a COMMIT still in flight can
-    /// no longer take effect: the answer is then final. Returns the
-    /// committed ids, or `None` when the batch did not commit.
-    pub fn handle_query(&mut self) -> Option<Vec<ConnId>> {
+    /// no longer take effect: the answer is then final.
+    pub fn handle_query(&mut self) -> BatchStatus {
         if matches!(self.state, AgentState::AwaitHello | AgentState::Preparing) {
             self.abort();
         }
         match &self.result {
-            Some(BatchState::Committed(ids)) => Some(ids.clone()),
-            _ => None,
+            Some(BatchState::Committed(ids)) => BatchStatus::Committed(ids.clone()),
+            Some(BatchState::Aborted) => BatchStatus::NotResumed,
+            // Not reachable: a session is only asked between its steps,
+            // and by then it has committed or been given up.
+            Some(BatchState::Prepared) | None => BatchStatus::Unknown,
         }
     }
 

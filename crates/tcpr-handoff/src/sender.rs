@@ -555,6 +555,18 @@ impl Driver<'_> {
                 wire::write_prepare(&mut w, &refs)?;
                 w.flush()?;
             }
+            Msg::Hello { .. } => {
+                let mut w = wire::to_wire(&msg);
+                if let (Switch::MoveAddress, Some(pb::message::Kind::Hello(h))) =
+                    (&self.opts.switch, w.kind.as_mut())
+                {
+                    // The agent checks before READY that it may take it.
+                    if let Some(conn) = self.conns.values().next() {
+                        h.take_address = conn.flow.wire().local.ip().to_string();
+                    }
+                }
+                wire::write_msg(c, &w)?;
+            }
             other => wire::write_msg(c, &wire::to_wire(&other))?,
         }
         c.flush()?;
@@ -650,13 +662,15 @@ impl Driver<'_> {
 
     /// Asks the agent, on a new channel, what became of the batch. Retries
     /// for one timeout: a dying agent may still accept a connection it then
-    /// resets. A refused connection means its process is gone.
-    fn query(&self) -> Result<Option<Vec<ConnId>>, String> {
-        let deadline = Instant::now() + self.opts.timeout;
+    /// resets, and a restarted one answers from its journal once it
+    /// listens again. An agent that cannot be asked is not an answer: it
+    /// may have delivered the connections before it went away.
+    fn query(&self) -> Result<machine::BatchStatus, String> {
+        let deadline = Instant::now().checked_add(self.opts.timeout);
         loop {
             match self.query_once() {
                 Ok(r) => return Ok(r),
-                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(e) if deadline.is_none_or(|d| Instant::now() >= d) => return Err(e),
                 Err(e) => {
                     tracing::info!("query failed, retrying: {e}");
                     std::thread::sleep(Duration::from_millis(100));
@@ -665,13 +679,9 @@ impl Driver<'_> {
         }
     }
 
-    fn query_once(&self) -> Result<Option<Vec<ConnId>>, String> {
-        let tcp = match TcpStream::connect_timeout(&self.opts.to, self.opts.timeout) {
-            Ok(t) => t,
-            // The agent's process is gone: its restored sockets died with it.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(None),
-            Err(e) => return Err(format!("cannot reach the agent: {e}")),
-        };
+    fn query_once(&self) -> Result<machine::BatchStatus, String> {
+        let tcp = TcpStream::connect_timeout(&self.opts.to, self.opts.timeout)
+            .map_err(|e| format!("cannot reach the agent: {e}"))?;
         tcp.set_read_timeout(Some(self.opts.timeout))
             .map_err(|e| e.to_string())?;
         let cfg = self.opts.auth.client_config().map_err(|e| e.to_string())?;
@@ -686,8 +696,9 @@ impl Driver<'_> {
         wire::write_msg(&mut ch, &q).map_err(|e| e.to_string())?;
         ch.flush().map_err(|e| e.to_string())?;
         match wire::read_msg(&mut ch).map_err(|e| e.to_string())?.kind {
-            Some(pb::message::Kind::Status(s)) if s.state == 2 => Ok(Some(s.committed_ids)),
-            Some(pb::message::Kind::Status(_)) => Ok(None),
+            Some(pb::message::Kind::Status(s)) if s.batch == self.batch => {
+                Ok(wire::status_from_wire(s))
+            }
             _ => Err("the agent answered QUERY with something else".into()),
         }
     }

@@ -6,7 +6,7 @@
 //! ([`crate::Framing`]); only an image larger than that travels alone in a
 //! larger frame.
 
-use crate::machine::{ConnId, Msg, ServiceAddress};
+use crate::machine::{BatchStatus, ConnId, Msg, ServiceAddress};
 use prost::Message as _;
 use std::io::{self, Read, Write};
 
@@ -174,6 +174,7 @@ pub fn to_wire(m: &Msg) -> pb::Message {
             version: VERSION,
             batch: *batch,
             total: *total,
+            take_address: String::new(),
         }),
         Msg::Prepare(ids) => Kind::Prepare(pb::Prepare {
             connections: ids
@@ -195,6 +196,7 @@ pub fn to_wire(m: &Msg) -> pb::Message {
             outcomes: outcomes(o),
         }),
         Msg::Abort(r) => Kind::Abort(pb::Abort { reason: r.clone() }),
+        Msg::CommitRefused(r) => Kind::CommitRefused(pb::CommitRefused { reason: r.clone() }),
     };
     pb::Message { kind: Some(kind) }
 }
@@ -242,9 +244,35 @@ pub fn from_wire(m: pb::Message) -> Result<Msg, WireError> {
         },
         Kind::Committed(c) => Msg::Committed(from_outcomes(c.outcomes)),
         Kind::Abort(a) => Msg::Abort(a.reason),
+        Kind::CommitRefused(r) => Msg::CommitRefused(r.reason),
         Kind::Query(_) => return Err(WireError::Unexpected("QUERY inside a batch")),
         Kind::Status(_) => return Err(WireError::Unexpected("STATUS inside a batch")),
     })
+}
+
+/// A batch's status as the wire carries it.
+pub fn status_to_wire(batch: u64, status: &BatchStatus) -> pb::Status {
+    let (state, committed_ids) = match status {
+        BatchStatus::Unknown => (pb::BatchStatus::Unknown, vec![]),
+        BatchStatus::Committed(ids) => (pb::BatchStatus::Committed, ids.clone()),
+        BatchStatus::NotResumed => (pb::BatchStatus::NotResumed, vec![]),
+    };
+    pb::Status {
+        batch,
+        state: state.into(),
+        committed_ids,
+    }
+}
+
+/// A batch's status from the wire. A value this build does not know, or
+/// PREPARED (which an agent never answers: a Query gives such a batch up),
+/// reads as unknown: it never allows a roll back.
+pub fn status_from_wire(s: pb::Status) -> BatchStatus {
+    match pb::BatchStatus::try_from(s.state) {
+        Ok(pb::BatchStatus::Committed) => BatchStatus::Committed(s.committed_ids),
+        Ok(pb::BatchStatus::NotResumed) => BatchStatus::NotResumed,
+        Ok(pb::BatchStatus::Unknown | pb::BatchStatus::Prepared) | Err(_) => BatchStatus::Unknown,
+    }
 }
 
 #[cfg(test)]

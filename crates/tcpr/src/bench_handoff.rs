@@ -22,12 +22,12 @@ const PORT: u16 = 8080;
 /// Starts an agent inside `host`; delivered connections go to the channel.
 fn agent(host: &Host, listen: &str, auth: &Auth) -> Result<mpsc::Receiver<Delivered>> {
     let (tx, rx) = mpsc::channel();
-    let cfg = AgentConfig {
-        auth: auth.clone(),
-        allow: vec![SocketAddr::new(SVC.parse()?, PORT)],
-        timeout: Duration::from_secs(5),
-        delivery: Delivery::Channel(tx),
-    };
+    let mut cfg = AgentConfig::new(
+        auth.clone(),
+        vec![SocketAddr::new(SVC.parse()?, PORT)],
+        Delivery::Channel(tx),
+    );
+    cfg.timeout = Duration::from_secs(5);
     let listen: SocketAddr = listen.parse()?;
     let path = host.path();
     let (ready_tx, ready_rx) = mpsc::channel();

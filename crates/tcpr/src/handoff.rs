@@ -47,7 +47,7 @@ pub struct AgentArgs {
     #[arg(long, conflicts_with = "unix", required_unless_present = "unix")]
     exec: Option<String>,
     /// With --exec, also put the connection on stdin and stdout.
-    #[arg(long, requires = "exec")]
+    #[arg(long, requires = "exec", conflicts_with = "unix")]
     inetd: bool,
     /// Pass connections to the application listening on this unix socket.
     #[arg(long)]
@@ -55,13 +55,33 @@ pub struct AgentArgs {
     #[command(flatten)]
     auth: AuthArgs,
     /// Local ADDR:PORT whose connections may be restored here (repeatable;
-    /// 0.0.0.0:PORT or [::]:PORT allows any address on that port).
+    /// 0.0.0.0:PORT or [::]:PORT allows any address on that port). A
+    /// sender moving its service address here (migrate --move-address) may
+    /// only move an address an entry names exactly.
     #[arg(long, required = true)]
     allow: Vec<SocketAddr>,
-    /// Seconds to wait for each next message before COMMIT (0.001 to 3600).
+    /// Seconds to wait for each next message before COMMIT (0.001 to 3600);
+    /// also the deadline of a sender's whole authentication handshake.
     #[arg(long, default_value_t = 2.0)]
     timeout: f64,
+    /// Directory of the journal (one small file per batch) from which an
+    /// agent restarted after a crash tells senders what became of their
+    /// connections.
+    #[arg(long, default_value = "/var/lib/tcpr", conflicts_with = "no_journal")]
+    journal: PathBuf,
+    /// Keep no journal: after a restart, senders that were waiting for
+    /// this agent report their connections unknown.
+    #[arg(long)]
+    no_journal: bool,
+    /// Unauthenticated handshakes served at once (the oldest is dropped
+    /// for a new one).
+    #[arg(long, default_value_t = tcpr_handoff::agent::DEFAULT_MAX_HANDSHAKES)]
+    max_handshakes: usize,
 }
+
+/// The longest `agent --timeout` (an hour): longer waits only keep
+/// restored sockets and unauthenticated peers around.
+const MAX_AGENT_TIMEOUT_SECS: f64 = 3600.0;
 
 /// `tcpr migrate`.
 #[derive(Args, Debug)]
@@ -112,12 +132,16 @@ pub fn agent(a: AgentArgs) -> Result<i32> {
         (None, Some(p)) => Delivery::Unix(p.clone()),
         (None, None) => bail!("say where connections go: --exec CMD or --unix PATH"),
     };
-    let cfg = AgentConfig {
-        auth: a.auth.auth()?,
-        allow: a.allow.clone(),
-        timeout: secs(a.timeout, "--timeout")?,
-        delivery,
-    };
+    if a.timeout > MAX_AGENT_TIMEOUT_SECS {
+        bail!("--timeout is at most {MAX_AGENT_TIMEOUT_SECS} seconds");
+    }
+    if a.max_handshakes == 0 {
+        bail!("--max-handshakes must be at least 1");
+    }
+    let mut cfg = AgentConfig::new(a.auth.auth()?, a.allow.clone(), delivery);
+    cfg.timeout = secs(a.timeout, "--timeout")?;
+    cfg.journal = (!a.no_journal).then(|| a.journal.clone());
+    cfg.max_handshakes = a.max_handshakes;
     let server = AgentServer::bind(a.listen, cfg)?;
     println!("tcpr agent listening on {}", server.local_addr()?);
     std::io::Write::flush(&mut std::io::stdout())?;

@@ -227,7 +227,6 @@ fn dual_stack_migrate_local_with_a_steering_hook() {
 }
 
 #[test]
-#[ignore = "needs the wire address in sender.rs (Switch::MoveAddress) and agent.rs (take_address): see the cli helper's report"]
 fn dual_stack_migrate_pid_with_its_address() {
     migrate_through_agent("dp", |_, echo| {
         vec![

@@ -292,12 +292,11 @@ fn signal(pid: i32, sig: &str) {
 
 /// The agent is SIGKILLed at each protocol step: every connection survives,
 /// rolled back at the source before COMMIT, carried on at the agent after.
+/// (Killed once COMMIT may be on its way, "ready" and "delivered", only a
+/// restarted agent can say: see agent_journal.rs.)
 #[test]
 fn agent_killed_at_each_step() {
-    for (i, point) in ["hello", "restored", "ready", "committed"]
-        .iter()
-        .enumerate()
-    {
+    for (i, point) in ["hello", "restored", "committed"].iter().enumerate() {
         let net = Net::new(&format!("k{i}"), 92 + i as u8);
         let mut agent = net.agent(
             &["--exec", &echo_for_agent()],

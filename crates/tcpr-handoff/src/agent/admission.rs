@@ -1,0 +1,147 @@
+//! A bound on unauthenticated handshakes in flight. Each holds a thread
+//! and two descriptors until it authenticates or its deadline passes; when
+//! a new one would pass the bound, the oldest is shut down (and its end
+//! awaited) instead of the new one being refused, so that clients that
+//! trickle bytes to hold slots cannot keep a real sender out: a sender
+//! needs its slot only for the few milliseconds its handshake takes.
+
+use std::collections::VecDeque;
+use std::net::{Shutdown, TcpStream};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+struct InFlight {
+    id: u64,
+    /// A second handle on the socket, to shut it down from here.
+    sock: TcpStream,
+    /// Shut down; its thread is on its way out.
+    evicted: bool,
+}
+
+impl InFlight {
+    fn evict(&mut self) {
+        let _ = self.sock.shutdown(Shutdown::Both);
+        self.evicted = true;
+    }
+}
+
+/// How long to wait for an evicted handshake's thread before looking
+/// again (a shut down socket wakes its reader at once).
+const EVICTION_WAIT: Duration = Duration::from_millis(50);
+
+#[derive(Default)]
+struct Slots {
+    next_id: u64,
+    open: VecDeque<InFlight>,
+}
+
+/// The handshakes in flight.
+pub(super) struct Admission {
+    max: usize,
+    slots: Mutex<Slots>,
+    freed: Condvar,
+}
+
+/// A handshake admitted.
+pub(super) struct Ticket {
+    /// Give it back with [`Admission::done`].
+    pub(super) id: u64,
+    /// An older handshake was dropped to make room.
+    pub(super) evicted: bool,
+}
+
+impl Admission {
+    pub(super) fn new(max: usize) -> Admission {
+        Admission {
+            max,
+            slots: Mutex::new(Slots::default()),
+            freed: Condvar::new(),
+        }
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Admits a new handshake on `tcp`; when full, shuts the oldest down
+    /// and waits until its thread has let go of its slot. `None` when not
+    /// even a handle to track it can be had (out of descriptors): the
+    /// caller drops the connection.
+    pub(super) fn admit(&self, tcp: &TcpStream) -> Option<Ticket> {
+        let sock = tcp.try_clone().ok()?;
+        let mut slots = self.slots();
+        let mut evicted = false;
+        while slots.open.len() >= self.max {
+            if let Some(old) = slots.open.iter_mut().find(|h| !h.evicted) {
+                old.evict();
+                evicted = true;
+            }
+            slots = self
+                .freed
+                .wait_timeout(slots, EVICTION_WAIT)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let id = slots.next_id;
+        slots.next_id += 1;
+        slots.open.push_back(InFlight {
+            id,
+            sock,
+            evicted: false,
+        });
+        Some(Ticket { id, evicted })
+    }
+
+    /// The handshake `id` ended (authenticated, refused or timed out).
+    pub(super) fn done(&self, id: u64) {
+        self.slots().open.retain(|h| h.id != id);
+        self.freed.notify_all();
+    }
+
+    /// Shuts the oldest handshake down (its thread then ends and frees its
+    /// descriptors); false when none is left to shut down.
+    pub(super) fn evict_oldest(&self) -> bool {
+        match self.slots().open.iter_mut().find(|h| !h.evicted) {
+            Some(old) => {
+                old.evict();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::TcpListener;
+
+    #[test]
+    fn the_oldest_handshake_makes_room_for_a_new_one() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = Admission::new(2);
+        let mut clients = vec![];
+        let mut served = vec![];
+        for _ in 0..3 {
+            clients.push(TcpStream::connect(l.local_addr().unwrap()).unwrap());
+            served.push(l.accept().unwrap().0);
+        }
+        let t0 = a.admit(&served[0]).unwrap();
+        let t1 = a.admit(&served[1]).unwrap();
+        assert!(!t0.evicted && !t1.evicted);
+        let t2 = std::thread::scope(|scope| {
+            let third = scope.spawn(|| a.admit(&served[2]).unwrap());
+            // The oldest was shut down: its client reads the end of stream,
+            // and its thread gives its slot back.
+            let mut buf = [0u8; 1];
+            assert_eq!(clients[0].read(&mut buf).unwrap(), 0);
+            a.done(t0.id);
+            third.join().unwrap()
+        });
+        assert!(t2.evicted);
+        a.done(t1.id);
+        a.done(t2.id);
+        assert!(!a.evict_oldest(), "nothing left in flight");
+    }
+}

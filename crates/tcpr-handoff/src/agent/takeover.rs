@@ -1,0 +1,385 @@
+//! What the agent does with a batch's connections: restores them and
+//! locks their flows, checks before READY that it could take them over,
+//! takes them over at COMMIT (delivery target, journal, service address),
+//! resumes and delivers them, or discards them silently.
+
+use super::journal::BatchLog;
+use super::{check_delivery, fault_point, lock, Delivery, Shared};
+use crate::deliver::{self, Delivered};
+use crate::machine::{self, ConnId};
+use crate::wire::pb;
+use std::collections::HashMap;
+use std::net::{IpAddr, TcpStream};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use tcpr_engine::{Flow, FlowLock, Restored};
+use tcpr_image::ConnectionImage;
+
+pub(super) struct Session {
+    pub(super) m: machine::Agent,
+    pub(super) images: HashMap<ConnId, Result<ConnectionImage, String>>,
+    pub(super) restored: HashMap<ConnId, Restored>,
+    /// The address the sender said (in HELLO) it will ask us to take.
+    pub(super) take_ip: Option<Result<IpAddr, String>>,
+    /// The address COMMIT asks us to take.
+    pub(super) add_address: Option<pb::AddressMove>,
+    /// The checks made once before the first READY.
+    pub(super) checked: Option<Result<(), String>>,
+    /// Unix delivery: connected before READY, used for the first delivery.
+    pub(super) unix_first: Option<UnixStream>,
+    pub(super) log: Option<BatchLog>,
+    /// The restored flows' packets are dropped here until the take-over
+    /// is about to resume them (with a journal only): should this process
+    /// die first, its restored sockets go with it, and a packet meeting no
+    /// socket would draw a RST before a restarted agent could hand the
+    /// batch back.
+    pub(super) locks: Vec<FlowLock>,
+}
+
+/// A connection resumed, not yet delivered.
+pub(super) struct Resumed {
+    pub(super) id: ConnId,
+    stream: TcpStream,
+    img: ConnectionImage,
+    unix: Option<UnixStream>,
+}
+
+pub(super) fn discard(shared: &Shared, s: &mut Session, ids: Vec<ConnId>) {
+    let mut unlocked = Vec::new();
+    for id in ids {
+        if let Some(r) = s.restored.remove(&id) {
+            let flow = r.flow();
+            r.discard();
+            lock(&shared.stats).discarded += 1;
+            unlocked.extend(s.locks.iter_mut().find_map(|l| l.split_off(&flow)));
+        }
+    }
+    s.locks.retain(|l| !l.flows().is_empty());
+    // Their flows go back to the sender: the lock here no longer matters.
+    if let Err(e) = FlowLock::release_moved(unlocked) {
+        tracing::warn!("cannot release the lock of discarded flows: {e}");
+    }
+}
+
+/// Locks the flows of the connections just restored (see
+/// [`Session::locks`]); when that fails they are discarded and refused.
+pub(super) fn lock_restored(
+    shared: &Shared,
+    s: &mut Session,
+    out: &mut [(ConnId, Result<(), String>)],
+) {
+    let flows: Vec<Flow> = out
+        .iter()
+        .filter(|(_, r)| r.is_ok())
+        .filter_map(|(id, _)| s.restored.get(id).map(Restored::flow))
+        .collect();
+    // Without a journal nobody could answer for a batch after this
+    // process died: the sender holds it as unknown either way, and an
+    // in-process agent's delivered connections die with it too.
+    if flows.is_empty() || shared.journal.is_none() {
+        return;
+    }
+    let ns = tcpr_engine::Netns::current();
+    match FlowLock::acquire(&flows, ns, tcpr_engine::DEFAULT_LEASE) {
+        Ok(l) => s.locks.push(l),
+        Err(e) => {
+            let why = format!("cannot lock the restored flow: {e}");
+            for (id, r) in out.iter_mut().filter(|(_, r)| r.is_ok()) {
+                if let Some(restored) = s.restored.remove(id) {
+                    restored.discard();
+                    lock(&shared.stats).discarded += 1;
+                }
+                *r = Err(why.clone());
+            }
+        }
+    }
+}
+
+/// The checks made once per batch before its first READY, so that a
+/// batch this agent could not take over is refused while the sender can
+/// still roll back: the address it will ask for is one we may take, the
+/// delivery target is there, the journal records the batch.
+pub(super) fn before_ready(shared: &Shared, s: &mut Session) -> Result<(), String> {
+    if let Some(done) = &s.checked {
+        return done.clone();
+    }
+    let r = (|| {
+        if let Some(ip) = &s.take_ip {
+            let ip = ip.clone()?;
+            if !shared.cfg.may_take(ip) {
+                lock(&shared.stats).refused_address += 1;
+                return Err(format!(
+                    "this agent may not take the address {ip} (no --allow entry names it)"
+                ));
+            }
+        }
+        s.unix_first = check_delivery(&shared.cfg.delivery)?;
+        if let Some(j) = &shared.journal {
+            let log = j
+                .begin(s.m.batch())
+                .map_err(|e| format!("cannot write the agent's journal: {e}"))?;
+            s.log = Some(log);
+        }
+        Ok(())
+    })();
+    s.checked = Some(r.clone());
+    r
+}
+
+/// The take-over at COMMIT, before anything is resumed: the delivery
+/// target is still there, the address asked for is one we may take, the
+/// commit is journaled, the address is taken. An error leaves nothing
+/// changed here (the address is given back if it was taken half-way).
+pub(super) fn take_over(shared: &Shared, s: &mut Session, ids: &[ConnId]) -> Result<(), String> {
+    let address = match s.add_address.take() {
+        Some(mv) => Some(address_to_take(shared, s, &mv)?),
+        None => None,
+    };
+    match &shared.cfg.delivery {
+        Delivery::Unix(path) => {
+            if !s.unix_first.as_ref().is_some_and(deliver::unix_alive) {
+                s.unix_first = Some(deliver::connect_unix(path)?);
+            }
+        }
+        d => {
+            check_delivery(d)?;
+        }
+    }
+    if let Some(log) = s.log.as_mut() {
+        log.commit(ids, address.as_ref().map(|a| a.ip))
+            .map_err(|e| format!("cannot write the agent's journal: {e}"))?;
+    }
+    if let Some(held) = &address {
+        if let Err(e) = take_address(held) {
+            if let Some(Err(je)) = s.log.as_mut().map(BatchLog::aborted) {
+                tracing::error!("the journal could not record the refused commit: {je}");
+            }
+            return Err(e);
+        }
+    }
+    fault_point("taken");
+    // The lock goes now (its release waits until the element stopped
+    // matching, about a jiffy), while `resuming` is made durable: the
+    // resumed sockets need their packets from the first window probe on.
+    let locks = std::mem::take(&mut s.locks);
+    let log = &mut s.log;
+    let journal = shared.journal.as_ref();
+    let mut resuming = || match (log.as_mut(), journal) {
+        (Some(log), Some(j)) => Some(log.resuming(j)),
+        _ => None,
+    };
+    let journaled = if locks.is_empty() {
+        resuming()
+    } else {
+        let (released, journaled) = std::thread::scope(|scope| {
+            let release = scope.spawn(move || FlowLock::release_many(locks));
+            let journaled = resuming();
+            (release.join(), journaled)
+        });
+        match released {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("cannot release the lock of the flows to resume: {e}"),
+            Err(_) => tracing::error!("the lock release panicked"),
+        }
+        journaled
+    };
+    if let Some(Err(e)) = journaled {
+        // Nothing is resumed yet: give the address back and refuse.
+        if let Some(held) = &address {
+            if let Err(re) = tcpr_host::addr::remove(held) {
+                tracing::error!("cannot give back {}: {re}", held.cidr());
+            }
+        }
+        return Err(format!("cannot write the agent's journal: {e}"));
+    }
+    Ok(())
+}
+
+/// The address a COMMIT asks for, if this agent may take it.
+pub(super) fn address_to_take(
+    shared: &Shared,
+    s: &Session,
+    mv: &pb::AddressMove,
+) -> Result<tcpr_host::addr::Assigned, String> {
+    let (ip, prefix_len) = mv
+        .cidr
+        .split_once('/')
+        .and_then(|(a, p)| Some((a.parse::<IpAddr>().ok()?, p.parse::<u8>().ok()?)))
+        .filter(|(ip, p)| *p <= if ip.is_ipv4() { 32 } else { 128 })
+        .ok_or_else(|| format!("bad address to take: {:?}", mv.cidr))?;
+    if !shared.cfg.may_take(ip) {
+        lock(&shared.stats).refused_address += 1;
+        return Err(format!(
+            "this agent may not take the address {ip} (no --allow entry names it)"
+        ));
+    }
+    if !mv.dev.is_empty() {
+        return Err(format!(
+            "the sender named the interface {:?}: this agent chooses it itself",
+            mv.dev
+        ));
+    }
+    // The interface that reaches the connections' peers.
+    let peer = s
+        .images
+        .values()
+        .find_map(|i| i.as_ref().ok().map(|i| i.peer))
+        .ok_or("no connection to find the interface from")?;
+    let (ifindex, ifname) =
+        tcpr_host::addr::route_interface(peer.ip().to_canonical()).map_err(|e| e.to_string())?;
+    Ok(tcpr_host::addr::Assigned {
+        ip,
+        prefix_len,
+        ifindex,
+        ifname,
+    })
+}
+
+/// Adds the service address here and announces it (host evacuation); on
+/// failure nothing of it stays.
+pub(super) fn take_address(held: &tcpr_host::addr::Assigned) -> Result<(), String> {
+    tcpr_host::addr::add(held).map_err(|e| {
+        format!(
+            "cannot take the service address {} on {}: {e}",
+            held.cidr(),
+            held.ifname
+        )
+    })?;
+    if let Err(e) = tcpr_host::announce(&held.ifname, held.ip) {
+        if let Err(re) = tcpr_host::addr::remove(held) {
+            tracing::error!(
+                "cannot give back {} after a failed announce: {re}",
+                held.cidr()
+            );
+        }
+        return Err(format!("cannot announce {}: {e}", held.ip));
+    }
+    Ok(())
+}
+
+pub(super) fn restore_one(shared: &Shared, s: &mut Session, id: ConnId) -> Result<(), String> {
+    let img = match s.images.get(&id) {
+        Some(Ok(img)) => img,
+        Some(Err(e)) => return Err(e.clone()),
+        None => return Err("no image".into()),
+    };
+    // An IPv4-mapped image (a dual-stack server) matches its IPv4 entry.
+    let local_ip = img.local.ip().to_canonical();
+    let allowed = shared.cfg.allow.iter().any(|a| {
+        a.port() == img.local.port()
+            && (a.ip().to_canonical() == local_ip || a.ip().is_unspecified())
+    });
+    if !allowed {
+        lock(&shared.stats).refused_allowlist += 1;
+        return Err(format!("{} is not in this agent's allowlist", img.local));
+    }
+    let r = tcpr_engine::restore(img).map_err(|e| e.to_string())?;
+    s.restored.insert(id, r);
+    // The queues are in the socket now (the unsent tail in `Restored`):
+    // keep only what delivery needs, so a batch is not held twice.
+    if let Some(Ok(img)) = s.images.get_mut(&id) {
+        img.recv_queue = Vec::new();
+        img.send_queue = Default::default();
+    }
+    Ok(())
+}
+
+pub(super) fn resume_one(shared: &Shared, s: &mut Session, id: ConnId) -> Result<Resumed, String> {
+    let r = s.restored.remove(&id).ok_or("not restored")?;
+    let Some(Ok(img)) = s.images.remove(&id) else {
+        r.discard();
+        return Err("no image".into());
+    };
+    // The unix target is reached before the connection is resumed: if
+    // nothing takes it, it is still in repair mode and closes silently.
+    let unix = match &shared.cfg.delivery {
+        Delivery::Unix(path) => match s.unix_first.take() {
+            Some(to) => Some(to),
+            None => match deliver::connect_unix(path) {
+                Ok(to) => Some(to),
+                Err(e) => {
+                    r.discard();
+                    lock(&shared.stats).discarded += 1;
+                    return Err(format!("not resumed: {e}"));
+                }
+            },
+        },
+        _ => None,
+    };
+    let stream = r.resume().map_err(|e| e.to_string())?;
+    Ok(Resumed {
+        id,
+        stream,
+        img,
+        unix,
+    })
+}
+
+pub(super) fn deliver_resumed(shared: &Shared, s: &mut Session, r: Resumed) -> Result<(), String> {
+    deliver_one(&shared.cfg.delivery, r.stream, r.img, r.unix.as_ref()).inspect_err(|_| {
+        lock(&shared.stats).undelivered += 1;
+    })?;
+    lock(&shared.stats).delivered += 1;
+    if let Some(Err(e)) = s.log.as_mut().map(|l| l.delivered(r.id)) {
+        tracing::error!("the journal could not record a delivery: {e}");
+    }
+    Ok(())
+}
+
+/// Hands a resumed connection over. One that cannot be handed over is
+/// closed silently (repair mode back on: no FIN its peer could take for
+/// the end of a complete response) and reported.
+pub(super) fn deliver_one(
+    d: &Delivery,
+    stream: TcpStream,
+    img: ConnectionImage,
+    unix: Option<&UnixStream>,
+) -> Result<(), String> {
+    let fail = |fd: OwnedFd, why: String| -> Result<(), String> {
+        match tcpr_engine::close_silently(fd) {
+            Ok(()) => Err(format!("resumed but not delivered, closed silently: {why}")),
+            Err(e) => Err(format!("resumed but not delivered ({why}); {e}")),
+        }
+    };
+    match d {
+        Delivery::Channel(tx) => {
+            let delivered = Delivered {
+                stream,
+                blob: img.app_blob,
+                local: img.local,
+                peer: img.peer,
+            };
+            match tx.send(delivered) {
+                Ok(()) => Ok(()),
+                Err(back) => fail(
+                    back.0.stream.into(),
+                    "the application stopped accepting connections".into(),
+                ),
+            }
+        }
+        Delivery::Exec { command, inetd } => {
+            let fd: OwnedFd = stream.into();
+            let mut cmd = deliver::shell_command(command);
+            match deliver::spawn(&mut cmd, &fd, &img.app_blob, img.local, img.peer, *inetd) {
+                Ok(mut child) => {
+                    // Reap it when it ends; the connection lives in the child.
+                    std::thread::spawn(move || {
+                        let _ = child.wait();
+                    });
+                    Ok(())
+                }
+                Err(e) => fail(fd, format!("cannot run {command}: {e}")),
+            }
+        }
+        Delivery::Unix(path) => {
+            let fd: OwnedFd = stream.into();
+            let Some(to) = unix else {
+                return fail(fd, "no connection to the application".into());
+            };
+            match deliver::send_unix(to, &fd, &img.app_blob, img.local, img.peer) {
+                Ok(()) => Ok(()),
+                Err(e) => fail(fd, format!("the application at {}: {e}", path.display())),
+            }
+        }
+    }
+}
