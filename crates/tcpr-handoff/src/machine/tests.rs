@@ -865,29 +865,36 @@ fn to_commit(n: u32) -> (Sender, Agent, Instant) {
     let timeout = Duration::from_secs(2);
     let mut s = Sender::new(9, (0..n).collect(), timeout, Framing::default(), now);
     let mut a = Agent::new(timeout, now);
-    while let Some(m) = s.poll_transmit() {
-        a.handle_message(m, now);
-    }
-    while let Some(act) = a.poll_action() {
-        if let AgentAction::Restore(ids) = act {
-            a.handle_restored(ids.into_iter().map(|i| (i, Ok(()))).collect());
+    for _ in 0..1_000 {
+        while let Some(act) = s.poll_action() {
+            match act {
+                SenderAction::Dump(id) => s.handle_dumped(id, Ok(100), now),
+                SenderAction::Switch(_) => s.handle_switched(
+                    SwitchOutcome::Switched {
+                        moved_address: None,
+                    },
+                    now,
+                ),
+                other => panic!("unexpected {other:?} before COMMIT"),
+            }
+        }
+        while let Some(m) = s.poll_transmit() {
+            let commit = matches!(m, Msg::Commit { .. });
+            a.handle_message(m, now);
+            if commit {
+                return (s, a, now);
+            }
+        }
+        while let Some(act) = a.poll_action() {
+            if let AgentAction::Restore(ids) = act {
+                a.handle_restored(ids.into_iter().map(|i| (i, Ok(()))).collect());
+            }
+        }
+        while let Some(m) = a.poll_transmit() {
+            s.handle_message(m, now);
         }
     }
-    while let Some(m) = a.poll_transmit() {
-        s.handle_message(m, now);
-    }
-    let switch = s.poll_action().expect("a switch once all are ready");
-    assert!(matches!(switch, SenderAction::Switch(_)));
-    s.handle_switched(
-        SwitchOutcome::Switched {
-            moved_address: None,
-        },
-        now,
-    );
-    let commit = s.poll_transmit().expect("COMMIT");
-    assert!(matches!(commit, Msg::Commit { .. }));
-    a.handle_message(commit, now);
-    (s, a, now)
+    panic!("the sender never sent COMMIT")
 }
 
 /// The agent cannot take the batch over (address, delivery target): it
