@@ -5,6 +5,9 @@
 // The simulation's clock starts from a real instant; the machines do not read it.
 #![allow(clippy::disallowed_methods)]
 
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
 use super::*;
 
 /// Small frames, so that even a few connections take several PREPAREs

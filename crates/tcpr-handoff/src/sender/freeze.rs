@@ -1,0 +1,132 @@
+//! Freezing the batch: duplicates of the caller's sockets are frozen so
+//! that the handles handed in survive every path, a chunk at a time when
+//! the open file limit allows no second handle per connection.
+
+use std::os::fd::OwnedFd;
+use tcpr_engine::{freeze_many, FreezeOptions, Frozen};
+
+/// Open files kept free beyond what a batch needs.
+const FD_HEADROOM: u64 = 1024;
+
+/// Connections frozen per lock transaction when the process cannot hold a
+/// second handle for every connection of the batch.
+const FREEZE_CHUNK: usize = 512;
+
+/// One connection after the freeze.
+pub(super) struct FreezeSlot {
+    /// The handle handed in, when kept beside the frozen duplicate.
+    pub(super) spare: Option<OwnedFd>,
+    pub(super) frozen: Result<Frozen, tcpr_engine::Error>,
+}
+
+/// Freezes duplicates of `socks`, so that the handles handed in survive
+/// every path: a failed freeze gives them back as they were, and one kept
+/// beside each frozen copy stays frozen for a retry when the outcome is
+/// unknown. That needs a second open file per connection; when the limit
+/// (raised once if it can be) does not allow it, the batch is frozen in
+/// chunks and the handle of each connection frozen is let go (the thawed
+/// duplicate goes back instead; a connection left unknown then stays
+/// frozen only in the handles held elsewhere). On error nothing is frozen
+/// and every handle comes back, in order.
+pub(super) fn freeze_with_spares(
+    socks: Vec<OwnedFd>,
+    fo: &FreezeOptions,
+) -> Result<Vec<FreezeSlot>, (crate::Error, Vec<OwnedFd>)> {
+    let dups = match duplicate_all(&socks) {
+        Ok(Some(dups)) => dups,
+        Ok(None) => return freeze_in_chunks(socks, fo),
+        Err(e) => return Err((e, socks)),
+    };
+    match freeze_many(dups, fo) {
+        Ok(frozen) => Ok(socks
+            .into_iter()
+            .zip(frozen)
+            .map(|(s, frozen)| FreezeSlot {
+                spare: Some(s),
+                frozen,
+            })
+            .collect()),
+        // Checked before anything changed: the originals are untouched.
+        Err(e) => Err((e.into(), socks)),
+    }
+}
+
+/// Duplicates every socket; `None` when the open file limit does not allow
+/// it (after raising it once, with room for as many again: whatever the
+/// process does with the connections meanwhile, such as an agent in the
+/// same process restoring them).
+fn duplicate_all(socks: &[OwnedFd]) -> Result<Option<Vec<OwnedFd>>, crate::Error> {
+    let mut dups = Vec::with_capacity(socks.len());
+    let mut raised = false;
+    while let Some(s) = socks.get(dups.len()) {
+        match s.try_clone() {
+            Ok(d) => dups.push(d),
+            Err(e) if e.raw_os_error() == Some(libc::EMFILE) && !raised => {
+                raised = true;
+                // Every file the limit allows is open (nothing can be opened
+                // to count them): the limit is what is open.
+                let open = tcpr_host::raise_fd_limit(0).unwrap_or(0);
+                let want = open + 2 * (socks.len() - dups.len()) as u64 + FD_HEADROOM;
+                if let Err(e) = tcpr_host::raise_fd_limit(want) {
+                    tracing::warn!("cannot raise the open file limit to {want}: {e}");
+                }
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EMFILE) => return Ok(None),
+            Err(e) => {
+                return Err(tcpr_engine::Error::kernel("duplicate the socket", e).into());
+            }
+        }
+    }
+    Ok(Some(dups))
+}
+
+/// [`freeze_with_spares`] for a batch too large for two handles per
+/// connection: a chunk at a time, each chunk's handles let go once frozen.
+fn freeze_in_chunks(
+    socks: Vec<OwnedFd>,
+    fo: &FreezeOptions,
+) -> Result<Vec<FreezeSlot>, (crate::Error, Vec<OwnedFd>)> {
+    tracing::warn!(
+        "the open file limit allows no second handle per connection: freezing in chunks of {FREEZE_CHUNK}"
+    );
+    let total = socks.len();
+    let mut slots: Vec<FreezeSlot> = Vec::with_capacity(total);
+    let mut rest = socks.into_iter();
+    loop {
+        let chunk: Vec<OwnedFd> = rest.by_ref().take(FREEZE_CHUNK).collect();
+        if chunk.is_empty() {
+            return Ok(slots);
+        }
+        let failed: crate::Error = match chunk.iter().map(|s| s.try_clone()).collect() {
+            Ok(dups) => match freeze_many(dups, fo) {
+                Ok(frozen) => {
+                    for (original, frozen) in chunk.into_iter().zip(frozen) {
+                        let spare = match frozen {
+                            Ok(_) => None,
+                            Err(_) => Some(original),
+                        };
+                        slots.push(FreezeSlot { spare, frozen });
+                    }
+                    continue;
+                }
+                Err(e) => e.into(),
+            },
+            Err(e) => tcpr_engine::Error::kernel("duplicate the socket", e).into(),
+        };
+        // Undo the chunks frozen so far: every handle comes back, in order.
+        let mut back = Vec::with_capacity(total);
+        for slot in slots {
+            match (slot.spare, slot.frozen) {
+                (Some(s), _) => back.push(s),
+                (None, Ok(f)) => match f.thaw() {
+                    Ok(fd) => back.push(fd),
+                    Err(e) => tracing::error!("thaw failed while giving the batch up: {e}"),
+                },
+                (None, Err(_)) => {}
+            }
+        }
+        back.extend(chunk);
+        back.extend(rest);
+        return Err((failed, back));
+    }
+}
