@@ -79,10 +79,6 @@ pub struct AgentArgs {
     max_handshakes: usize,
 }
 
-/// The longest `agent --timeout` (an hour): longer waits only keep
-/// restored sockets and unauthenticated peers around.
-const MAX_AGENT_TIMEOUT_SECS: f64 = 3600.0;
-
 /// `tcpr migrate`.
 #[derive(Args, Debug)]
 pub struct MigrateArgs {
@@ -132,9 +128,6 @@ pub fn agent(a: AgentArgs) -> Result<i32> {
         (None, Some(p)) => Delivery::Unix(p.clone()),
         (None, None) => bail!("say where connections go: --exec CMD or --unix PATH"),
     };
-    if a.timeout > MAX_AGENT_TIMEOUT_SECS {
-        bail!("--timeout is at most {MAX_AGENT_TIMEOUT_SECS} seconds");
-    }
     if a.max_handshakes == 0 {
         bail!("--max-handshakes must be at least 1");
     }
