@@ -155,6 +155,10 @@ fn agent(n: &Net, key: &std::path::Path) -> Proc {
         key.to_str().unwrap(),
         "--allow",
         "[::]:8080",
+        // A port-wide entry never lets a sender move an address here: the
+        // service address is named as itself for --move-address.
+        "--allow",
+        "10.66.0.100:8080",
         "--exec",
         &format!("python3 {} --no-control", py("echo.py")),
     ]);
