@@ -127,7 +127,7 @@ impl Error {
     /// the network namespace's configuration (repair mode, socket options,
     /// routes, nftables): an EPERM becomes [`Error::Permission`] naming
     /// CAP_NET_ADMIN. For an operation that needs something else, the
-    /// engine uses [`Error::kernel_needing`].
+    /// engine uses `Error::kernel_needing`, which names the need.
     pub fn kernel(what: impl Into<String>, source: io::Error) -> Error {
         Error::kernel_needing(what, Need::NetAdmin, source)
     }

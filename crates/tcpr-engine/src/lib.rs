@@ -4,7 +4,7 @@
 //! 1. [`freeze`] a socket: its flow is locked (packets dropped both ways,
 //!    with a lease) and the socket enters repair mode;
 //! 2. [`Frozen::dump`] reads its complete state into a [`ConnectionImage`];
-//! 3. elsewhere, [`restore`] builds a new socket from the image, still in
+//! 3. elsewhere, [`restore()`] builds a new socket from the image, still in
 //!    repair mode, then [`Restored::resume`] brings it to life (repair off,
 //!    with a window probe so the peer answers at once);
 //! 4. at the source, [`Frozen::discard`] closes the original without a FIN or

@@ -317,19 +317,27 @@ impl FlowLock {
     }
 
     fn release_grouped(locks: Vec<FlowLock>, effect: Effect) -> Result<(), Error> {
-        // (namespace identity, namespace, flows)
-        type Group = (Option<(u64, u64)>, Netns, Vec<Flow>);
+        /// The flows of one network namespace.
+        struct Group {
+            identity: Option<(u64, u64)>,
+            ns: Netns,
+            flows: Vec<Flow>,
+        }
         let mut groups: Vec<Group> = Vec::new();
         for mut l in locks {
             l.released = true;
-            let id = l.ns.identity();
-            match groups.iter_mut().find(|g| g.0 == id) {
-                Some(g) => g.2.append(&mut l.flows),
-                None => groups.push((id, l.ns.try_clone(), std::mem::take(&mut l.flows))),
+            let identity = l.ns.identity();
+            match groups.iter_mut().find(|g| g.identity == identity) {
+                Some(g) => g.flows.append(&mut l.flows),
+                None => groups.push(Group {
+                    identity,
+                    ns: l.ns.try_clone(),
+                    flows: std::mem::take(&mut l.flows),
+                }),
             }
         }
-        for (_, ns, flows) in groups {
-            release(&ns, &flows, effect)?;
+        for g in groups {
+            release(&g.ns, &g.flows, effect)?;
         }
         Ok(())
     }

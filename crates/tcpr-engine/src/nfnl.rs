@@ -12,6 +12,9 @@
 //! (`lock.rs`), once per namespace.
 
 use crate::sys;
+// The netlink constants come from the crate the rest of our netlink code
+// (sock_diag, rtnetlink) is built on; only nf_tables' own numbers are here.
+use netlink_packet_core::{NLA_F_NESTED, NLMSG_ERROR, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST};
 use std::os::fd::{AsFd, BorrowedFd};
 
 const NETLINK_NETFILTER: i32 = 12;
@@ -23,12 +26,6 @@ const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_GETSETELEM: u16 = 13;
 const NFT_MSG_DELSETELEM: u16 = 14;
 const NFPROTO_INET: u8 = 1;
-
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_CREATE: u16 = 0x400;
-const NLMSG_ERROR: u16 = 2;
-const NLA_F_NESTED: u16 = 1 << 15;
 
 const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;

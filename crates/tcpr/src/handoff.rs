@@ -55,7 +55,7 @@ pub struct AgentArgs {
     #[command(flatten)]
     auth: AuthArgs,
     /// Local ADDR:PORT whose connections may be restored here (repeatable;
-    /// 0.0.0.0:PORT or [::]:PORT allows any address on that port). A
+    /// `0.0.0.0:PORT` or `[::]:PORT` allows any address on that port). A
     /// sender moving its service address here (migrate --move-address) may
     /// only move an address an entry names exactly.
     #[arg(long, required = true)]

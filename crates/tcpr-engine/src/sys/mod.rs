@@ -19,7 +19,7 @@ macro_rules! syscall {
 }
 
 /// Adds the name of the failing operation to an error, keeping its kind.
-pub(crate) fn ctx(what: &'static str) -> impl FnOnce(io::Error) -> io::Error {
+pub(crate) fn named(what: &'static str) -> impl FnOnce(io::Error) -> io::Error {
     move |e| io::Error::new(e.kind(), Named { what, source: e })
 }
 
@@ -36,7 +36,7 @@ impl std::fmt::Display for Named {
 }
 impl std::error::Error for Named {}
 
-/// The raw OS error of an error made by [`ctx`] or directly by the OS.
+/// The raw OS error of an error made by [`named`] or directly by the OS.
 pub(crate) fn raw_os_error(e: &io::Error) -> Option<i32> {
     e.raw_os_error().or_else(|| {
         e.get_ref()
@@ -118,31 +118,31 @@ pub(crate) fn set_int(fd: BorrowedFd<'_>, level: i32, name: i32, val: i32) -> io
 }
 
 pub(crate) fn set_repair(fd: BorrowedFd<'_>, mode: i32) -> io::Result<()> {
-    set_int(fd, libc::SOL_TCP, TCP_REPAIR, mode).map_err(ctx("TCP_REPAIR"))
+    set_int(fd, libc::SOL_TCP, TCP_REPAIR, mode).map_err(named("TCP_REPAIR"))
 }
 
 pub(crate) fn set_repair_queue(fd: BorrowedFd<'_>, q: Queue) -> io::Result<()> {
-    set_int(fd, libc::SOL_TCP, TCP_REPAIR_QUEUE, q as i32).map_err(ctx("TCP_REPAIR_QUEUE"))
+    set_int(fd, libc::SOL_TCP, TCP_REPAIR_QUEUE, q as i32).map_err(named("TCP_REPAIR_QUEUE"))
 }
 
 pub(crate) fn queue_seq(fd: BorrowedFd<'_>) -> io::Result<u32> {
     get_int(fd, libc::SOL_TCP, TCP_QUEUE_SEQ)
         .map(|v| v as u32)
-        .map_err(ctx("TCP_QUEUE_SEQ"))
+        .map_err(named("TCP_QUEUE_SEQ"))
 }
 
 pub(crate) fn set_queue_seq(fd: BorrowedFd<'_>, seq: u32) -> io::Result<()> {
-    set_int(fd, libc::SOL_TCP, TCP_QUEUE_SEQ, seq as i32).map_err(ctx("TCP_QUEUE_SEQ"))
+    set_int(fd, libc::SOL_TCP, TCP_QUEUE_SEQ, seq as i32).map_err(named("TCP_QUEUE_SEQ"))
 }
 
 pub(crate) fn tcp_timestamp(fd: BorrowedFd<'_>) -> io::Result<u32> {
     get_int(fd, libc::SOL_TCP, TCP_TIMESTAMP)
         .map(|v| v as u32)
-        .map_err(ctx("TCP_TIMESTAMP"))
+        .map_err(named("TCP_TIMESTAMP"))
 }
 
 pub(crate) fn set_tcp_timestamp(fd: BorrowedFd<'_>, ts: u32) -> io::Result<()> {
-    set_int(fd, libc::SOL_TCP, TCP_TIMESTAMP, ts as i32).map_err(ctx("TCP_TIMESTAMP"))
+    set_int(fd, libc::SOL_TCP, TCP_TIMESTAMP, ts as i32).map_err(named("TCP_TIMESTAMP"))
 }
 
 /// `struct tcp_repair_opt`.
@@ -164,7 +164,7 @@ pub(crate) fn set_repair_options(fd: BorrowedFd<'_>, opts: &[RepairOpt]) -> io::
         std::mem::size_of_val(opts) as libc::socklen_t
     ))
     .map(drop)
-    .map_err(ctx("TCP_REPAIR_OPTIONS"))
+    .map_err(named("TCP_REPAIR_OPTIONS"))
 }
 
 /// `struct tcp_repair_window`: five u32, 20 bytes.
@@ -205,7 +205,7 @@ impl From<tcpr_image::RepairWindow> for RepairWindowRaw {
 pub(crate) fn repair_window(fd: BorrowedFd<'_>) -> io::Result<tcpr_image::RepairWindow> {
     // SAFETY: TCP_REPAIR_WINDOW writes a struct tcp_repair_window (five u32).
     let (w, len) = unsafe { getsockopt::<RepairWindowRaw>(fd, libc::SOL_TCP, TCP_REPAIR_WINDOW) }
-        .map_err(ctx("TCP_REPAIR_WINDOW"))?;
+        .map_err(named("TCP_REPAIR_WINDOW"))?;
     if len != size_of::<RepairWindowRaw>() {
         return Err(io::Error::other(
             "TCP_REPAIR_WINDOW: short answer from the kernel",
@@ -218,7 +218,7 @@ pub(crate) fn set_repair_window(fd: BorrowedFd<'_>, w: tcpr_image::RepairWindow)
     let raw = RepairWindowRaw::from(w);
     // SAFETY: the kernel reads exactly a struct tcp_repair_window.
     unsafe { setsockopt(fd, libc::SOL_TCP, TCP_REPAIR_WINDOW, &raw) }
-        .map_err(ctx("TCP_REPAIR_WINDOW"))
+        .map_err(named("TCP_REPAIR_WINDOW"))
 }
 
 /// The first bytes of `struct tcp_info` that tcpr needs.
@@ -237,7 +237,7 @@ pub(crate) fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfo> {
     // SAFETY: a byte buffer is valid for any bit pattern; the kernel writes at
     // most its length.
     let (buf, len) = unsafe { getsockopt::<[u8; 256]>(fd, libc::SOL_TCP, libc::TCP_INFO) }
-        .map_err(ctx("TCP_INFO"))?;
+        .map_err(named("TCP_INFO"))?;
     if len < 8 {
         return Err(io::Error::other("TCP_INFO: short answer from the kernel"));
     }
@@ -259,7 +259,7 @@ pub(crate) fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfo> {
 fn ioctl_int(fd: BorrowedFd<'_>, req: libc::c_ulong, what: &'static str) -> io::Result<u32> {
     let mut v: libc::c_int = 0;
     // SAFETY: these ioctls write one int to the pointer, which is valid.
-    syscall!(ioctl(fd.as_raw_fd(), req as _, &mut v as *mut libc::c_int)).map_err(ctx(what))?;
+    syscall!(ioctl(fd.as_raw_fd(), req as _, &mut v as *mut libc::c_int)).map_err(named(what))?;
     Ok(v as u32)
 }
 
@@ -279,7 +279,7 @@ pub(crate) fn inq(fd: BorrowedFd<'_>) -> io::Result<u32> {
 /// A new fd for the network namespace of a socket.
 pub(crate) fn socket_netns(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     // SAFETY: SIOCGSKNS takes no argument and returns a new fd.
-    let ns = syscall!(ioctl(fd.as_raw_fd(), SIOCGSKNS as _)).map_err(ctx("SIOCGSKNS"))?;
+    let ns = syscall!(ioctl(fd.as_raw_fd(), SIOCGSKNS as _)).map_err(named("SIOCGSKNS"))?;
     // SAFETY: the kernel just returned this fd to us; we own it.
     Ok(unsafe { OwnedFd::from_raw_fd(ns) })
 }
@@ -297,7 +297,7 @@ pub(crate) fn peek(fd: BorrowedFd<'_>, len: usize) -> io::Result<Vec<u8>> {
     let n = match n {
         Ok(n) => n as usize,
         Err(e) if len == 0 && e.kind() == io::ErrorKind::WouldBlock => 0,
-        Err(e) => return Err(ctx("recv(MSG_PEEK)")(e)),
+        Err(e) => return Err(named("recv(MSG_PEEK)")(e)),
     };
     buf.truncate(n);
     Ok(buf)
@@ -319,15 +319,15 @@ pub(crate) fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: plain call on an open fd.
     syscall!(shutdown(fd.as_raw_fd(), libc::SHUT_WR))
         .map(drop)
-        .map_err(ctx("shutdown"))
+        .map_err(named("shutdown"))
 }
 
 /// A new TCP socket of the family of `addr`, close-on-exec.
 pub(crate) fn tcp_socket(ipv6: bool) -> io::Result<OwnedFd> {
     let fam = if ipv6 { libc::AF_INET6 } else { libc::AF_INET };
     // SAFETY: plain call; the result is a new fd we own.
-    let fd =
-        syscall!(socket(fam, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)).map_err(ctx("socket"))?;
+    let fd = syscall!(socket(fam, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0))
+        .map_err(named("socket"))?;
     // SAFETY: fresh fd from socket(2).
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -406,7 +406,7 @@ pub(crate) fn bind(fd: BorrowedFd<'_>, a: SocketAddr) -> io::Result<()> {
         len
     ))
     .map(drop)
-    .map_err(ctx("bind"))
+    .map_err(named("bind"))
 }
 
 pub(crate) fn connect(fd: BorrowedFd<'_>, a: SocketAddr) -> io::Result<()> {
@@ -418,7 +418,7 @@ pub(crate) fn connect(fd: BorrowedFd<'_>, a: SocketAddr) -> io::Result<()> {
         len
     ))
     .map(drop)
-    .map_err(ctx("connect"))
+    .map_err(named("connect"))
 }
 
 /// `connect(AF_UNSPEC)`: disconnects the socket. In repair mode the kernel's
@@ -434,7 +434,7 @@ pub(crate) fn disconnect(fd: BorrowedFd<'_>) -> io::Result<()> {
         size_of::<libc::sockaddr>() as libc::socklen_t
     ))
     .map(drop)
-    .map_err(ctx("connect(AF_UNSPEC)"))
+    .map_err(named("connect(AF_UNSPEC)"))
 }
 
 fn name_of(fd: BorrowedFd<'_>, peer: bool) -> io::Result<SocketAddr> {
@@ -444,10 +444,10 @@ fn name_of(fd: BorrowedFd<'_>, peer: bool) -> io::Result<SocketAddr> {
     let p = (&mut ss as *mut libc::sockaddr_storage).cast();
     if peer {
         // SAFETY: `p` is writable for `len` bytes.
-        syscall!(getpeername(fd.as_raw_fd(), p, &mut len)).map_err(ctx("getpeername"))?;
+        syscall!(getpeername(fd.as_raw_fd(), p, &mut len)).map_err(named("getpeername"))?;
     } else {
         // SAFETY: `p` is writable for `len` bytes.
-        syscall!(getsockname(fd.as_raw_fd(), p, &mut len)).map_err(ctx("getsockname"))?;
+        syscall!(getsockname(fd.as_raw_fd(), p, &mut len)).map_err(named("getsockname"))?;
     }
     from_sockaddr(&ss)
 }
@@ -538,7 +538,7 @@ pub(crate) fn fd_identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     // SAFETY: plain data, all-zero is valid.
     let mut st: libc::stat = unsafe { zeroed() };
     // SAFETY: `st` is writable.
-    syscall!(fstat(fd.as_raw_fd(), &mut st)).map_err(ctx("fstat"))?;
+    syscall!(fstat(fd.as_raw_fd(), &mut st)).map_err(named("fstat"))?;
     Ok((st.st_dev, st.st_ino))
 }
 
@@ -568,7 +568,7 @@ pub(crate) fn netlink_socket(proto: i32) -> io::Result<OwnedFd> {
         libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
         proto
     ))
-    .map_err(ctx("socket(AF_NETLINK)"))?;
+    .map_err(named("socket(AF_NETLINK)"))?;
     // SAFETY: fresh fd.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -585,7 +585,7 @@ pub(crate) fn netlink_socket_in(ns: Option<BorrowedFd<'_>>, proto: i32) -> io::R
         s.spawn(move || {
             // SAFETY: `raw` is an open namespace fd borrowed for this scope;
             // setns only changes this (throwaway) thread.
-            syscall!(setns(raw, libc::CLONE_NEWNET)).map_err(ctx("setns"))?;
+            syscall!(setns(raw, libc::CLONE_NEWNET)).map_err(named("setns"))?;
             netlink_socket(proto)
         })
         .join()
@@ -608,13 +608,13 @@ pub(crate) fn set_recv_timeout(fd: BorrowedFd<'_>, t: std::time::Duration) -> io
         size_of::<libc::timeval>() as libc::socklen_t
     ))
     .map(drop)
-    .map_err(ctx("setsockopt SO_RCVTIMEO"))
+    .map_err(named("setsockopt SO_RCVTIMEO"))
 }
 
 /// `send` of a whole datagram.
 pub(crate) fn send_all(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<()> {
     // SAFETY: `data` is readable for its length.
-    syscall!(send(fd.as_raw_fd(), data.as_ptr().cast(), data.len(), 0)).map_err(ctx("send"))?;
+    syscall!(send(fd.as_raw_fd(), data.as_ptr().cast(), data.len(), 0)).map_err(named("send"))?;
     Ok(())
 }
 
@@ -623,7 +623,7 @@ pub(crate) fn recv_into(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize>
     // SAFETY: `buf` is writable for its length.
     syscall!(recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0))
         .map(|n| n as usize)
-        .map_err(ctx("recv"))
+        .map_err(named("recv"))
 }
 
 // ---- cli additions ----
@@ -634,7 +634,7 @@ pub(crate) fn recv_into(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize>
 pub(crate) fn repair_mode(fd: BorrowedFd<'_>) -> io::Result<bool> {
     get_int(fd, libc::SOL_TCP, TCP_REPAIR)
         .map(|mode| mode != REPAIR_OFF)
-        .map_err(ctx("read TCP_REPAIR"))
+        .map_err(named("read TCP_REPAIR"))
 }
 
 /// `SO_NETNS_COOKIE` (`asm-generic/socket.h`, Linux 5.14): a u64 naming the
@@ -648,7 +648,7 @@ pub(crate) fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     // namespace, `put_user` of 8 bytes).
     unsafe { getsockopt::<u64>(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE) }
         .map(|(cookie, _)| cookie)
-        .map_err(ctx("read SO_NETNS_COOKIE"))
+        .map_err(named("read SO_NETNS_COOKIE"))
 }
 
 // ---- restore additions ----
@@ -672,10 +672,10 @@ pub(crate) fn send_raw_ip_marked(
         libc::SOCK_RAW | libc::SOCK_CLOEXEC,
         libc::IPPROTO_RAW
     ))
-    .map_err(ctx("socket(SOCK_RAW)"))?;
+    .map_err(named("socket(SOCK_RAW)"))?;
     // SAFETY: fresh fd.
     let raw = unsafe { OwnedFd::from_raw_fd(raw) };
-    set_int(raw.as_fd(), libc::SOL_SOCKET, libc::SO_MARK, mark as i32).map_err(ctx("SO_MARK"))?;
+    set_int(raw.as_fd(), libc::SOL_SOCKET, libc::SO_MARK, mark as i32).map_err(named("SO_MARK"))?;
     let (ss, len) = to_sockaddr(SocketAddr::new(dst, 0));
     // SAFETY: `packet` is readable; `ss` holds a valid sockaddr of `len` bytes.
     syscall!(sendto(
@@ -686,7 +686,7 @@ pub(crate) fn send_raw_ip_marked(
         (&ss as *const libc::sockaddr_storage).cast(),
         len
     ))
-    .map_err(ctx("sendto(raw)"))?;
+    .map_err(named("sendto(raw)"))?;
     Ok(())
 }
 
@@ -704,7 +704,7 @@ pub(crate) fn wait_writable(fd: BorrowedFd<'_>, timeout: std::time::Duration) ->
     let n = match syscall!(poll(&mut p, 1, ms)) {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-        Err(e) => return Err(ctx("poll")(e)),
+        Err(e) => return Err(named("poll")(e)),
     };
     Ok(n > 0)
 }
