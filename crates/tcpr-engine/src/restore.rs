@@ -255,7 +255,7 @@ impl Restored {
     }
 
     fn bring_up(&self, fd: BorrowedFd<'_>, progress: &mut Progress) -> Result<(), Error> {
-        progress.lock_released = release_local_lock(self.flow)?;
+        progress.lock_released = release_local_lock(fd, self.flow)?;
         if let Some(fin) = self.peer_fin {
             self.deliver_peer_fin(fd, fin)?;
         }
@@ -298,7 +298,9 @@ impl Restored {
     fn abandon(&self, sock: OwnedFd, progress: Progress) {
         let flow = self.flow;
         if progress.lock_released || progress.live {
-            match FlowLock::acquire(&[flow], Netns::current(), lock::DEFAULT_LEASE) {
+            // The socket's namespace: resume may run on a thread elsewhere.
+            let ns = Netns::of_socket(sock.as_fd()).unwrap_or_else(|_| Netns::current());
+            match FlowLock::acquire(&[flow], ns, lock::DEFAULT_LEASE) {
                 Ok(l) => l.keep(),
                 Err(e) => tracing::warn!(
                     "{} -> {}: cannot lock the flow after a failed resume ({e}); \
@@ -402,15 +404,18 @@ impl Drop for Restored {
 /// flow was dumped here: a process upgrade, or a handoff between two
 /// processes of one host). Its packets then reach the restored socket at
 /// once rather than when the lease ends. Returns whether there was one.
-fn release_local_lock(flow: Flow) -> Result<bool, Error> {
+fn release_local_lock(fd: BorrowedFd<'_>, flow: Flow) -> Result<bool, Error> {
+    // The socket's namespace, not the calling thread's: a caller may
+    // restore inside a namespace and resume from outside it.
+    let ns = Netns::of_socket(fd)?;
     // One netlink GET in the common case (a missing table or set answers
     // "absent"): this runs on every resume, also an agent's thousands.
     // The lock keys a flow by its wire family (an IPv4-mapped flow as IPv4).
-    let held = lock::is_locked(&Netns::current(), &flow).unwrap_or(false);
+    let held = lock::is_locked(&ns, &flow).unwrap_or(false);
     if !held {
         return Ok(false);
     }
-    lock::release_flows(&Netns::current(), &[flow]).map_err(|e| {
+    lock::release_flows(&ns, &[flow]).map_err(|e| {
         Error::Lock(format!(
             "{} -> {}: cannot release this namespace's lock on the flow to take it over: {e}",
             flow.local, flow.peer

@@ -545,17 +545,16 @@ fn drive(shared: &Shared, s: &mut Session, ch: &mut Channel) -> Result<(), WireE
                 }
                 AgentAction::Resume(ids) => match take_over(shared, s, &ids) {
                     Ok(()) => {
+                        // Each connection is delivered as soon as it is
+                        // resumed: a unix receiver takes one connection at
+                        // a time, so connecting a batch's worth of unix
+                        // sockets first would fill its listen backlog and
+                        // block (10,000 connections stalled for seconds).
                         let mut out = Vec::with_capacity(ids.len());
-                        let mut live = Vec::with_capacity(ids.len());
                         for &id in &ids {
-                            match resume_one(shared, s, id) {
-                                Ok(r) => live.push(r),
-                                Err(e) => out.push((id, Err(e))),
-                            }
-                        }
-                        for r in live {
-                            let id = r.id;
-                            out.push((id, deliver_resumed(shared, s, r)));
+                            let outcome = resume_one(shared, s, id)
+                                .and_then(|r| deliver_resumed(shared, s, r));
+                            out.push((id, outcome));
                         }
                         fault_point("delivered");
                         s.m.handle_resumed(out);

@@ -106,7 +106,18 @@ fn batch(
     let _ = peer.kill();
     let _ = peer.wait();
     if moved != n {
-        bail!("only {moved} of {n} connections moved");
+        let why = report
+            .rolled_back
+            .first()
+            .map(|r| format!("rolled back: {}", r.why))
+            .or_else(|| {
+                report
+                    .unknown
+                    .first()
+                    .map(|u| format!("unknown: {}", u.why))
+            })
+            .unwrap_or_default();
+        bail!("only {moved} of {n} connections moved; the first other one {why}");
     }
     // Put the address back for the next round.
     move_address(b, a)?;

@@ -1,17 +1,24 @@
 //! A bound on unauthenticated handshakes in flight. Each holds a thread
 //! and two descriptors until it authenticates or its deadline passes; when
-//! a new one would pass the bound, the oldest is shut down (and its end
+//! a new one would pass the bound, an old one is shut down (and its end
 //! awaited) instead of the new one being refused, so that clients that
 //! trickle bytes to hold slots cannot keep a real sender out: a sender
 //! needs its slot only for the few milliseconds its handshake takes.
+//!
+//! The one shut down is the oldest of the source address that holds the
+//! most slots: a flood from one address, even one that reconnects faster
+//! than a handshake completes, only ever evicts its own handshakes, never
+//! a sender's from another host.
 
-use std::collections::VecDeque;
-use std::net::{Shutdown, TcpStream};
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Shutdown, TcpStream};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 struct InFlight {
     id: u64,
+    /// Where it comes from (unspecified when the kernel cannot say).
+    source: IpAddr,
     /// A second handle on the socket, to shut it down from here.
     sock: TcpStream,
     /// Shut down; its thread is on its way out.
@@ -33,6 +40,29 @@ const EVICTION_WAIT: Duration = Duration::from_millis(50);
 struct Slots {
     next_id: u64,
     open: VecDeque<InFlight>,
+}
+
+impl Slots {
+    /// The handshake to shut down for room: the oldest one not shut down
+    /// yet of the source with the most such handshakes, counting the
+    /// `newcomer` waiting for a slot (so that a flood's new connection
+    /// evicts one of the flood's own).
+    fn victim(&mut self, newcomer: Option<IpAddr>) -> Option<&mut InFlight> {
+        let mut per_source: HashMap<IpAddr, usize> = HashMap::new();
+        for source in self
+            .open
+            .iter()
+            .filter(|h| !h.evicted)
+            .map(|h| h.source)
+            .chain(newcomer)
+        {
+            *per_source.entry(source).or_default() += 1;
+        }
+        let most = per_source.values().copied().max()?;
+        self.open
+            .iter_mut()
+            .find(|h| !h.evicted && per_source[&h.source] == most)
+    }
 }
 
 /// The handshakes in flight.
@@ -69,10 +99,14 @@ impl Admission {
     /// caller drops the connection.
     pub(super) fn admit(&self, tcp: &TcpStream) -> Option<Ticket> {
         let sock = tcp.try_clone().ok()?;
+        let source = tcp
+            .peer_addr()
+            .map(|a| a.ip().to_canonical())
+            .unwrap_or(IpAddr::from([0u8; 16]));
         let mut slots = self.slots();
         let mut evicted = false;
         while slots.open.len() >= self.max {
-            if let Some(old) = slots.open.iter_mut().find(|h| !h.evicted) {
+            if let Some(old) = slots.victim(Some(source)) {
                 old.evict();
                 evicted = true;
             }
@@ -86,6 +120,7 @@ impl Admission {
         slots.next_id += 1;
         slots.open.push_back(InFlight {
             id,
+            source,
             sock,
             evicted: false,
         });
@@ -101,7 +136,7 @@ impl Admission {
     /// Shuts the oldest handshake down (its thread then ends and frees its
     /// descriptors); false when none is left to shut down.
     pub(super) fn evict_oldest(&self) -> bool {
-        match self.slots().open.iter_mut().find(|h| !h.evicted) {
+        match self.slots().victim(None) {
             Some(old) => {
                 old.evict();
                 true
@@ -143,5 +178,32 @@ mod tests {
         a.done(t1.id);
         a.done(t2.id);
         assert!(!a.evict_oldest(), "nothing left in flight");
+    }
+
+    #[test]
+    fn a_flood_from_one_source_evicts_only_its_own_handshakes() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let sock = l.accept().unwrap().0;
+        let sender: IpAddr = "10.0.0.2".parse().unwrap();
+        let flood: IpAddr = "10.0.0.9".parse().unwrap();
+        let mut slots = Slots::default();
+        // The sender's handshake is the oldest; the flood holds the rest.
+        for (id, source) in [(0, sender), (1, flood), (2, flood)] {
+            slots.open.push_back(InFlight {
+                id,
+                source,
+                sock: sock.try_clone().unwrap(),
+                evicted: false,
+            });
+        }
+        assert_eq!(slots.victim(Some(flood)).map(|h| h.id), Some(1));
+        assert_eq!(slots.victim(None).map(|h| h.id), Some(1));
+        // Evicting goes on through the flood's own before the sender's.
+        slots.victim(Some(flood)).unwrap().evicted = true;
+        assert_eq!(slots.victim(Some(flood)).map(|h| h.id), Some(2));
+        slots.victim(Some(flood)).unwrap().evicted = true;
+        // Only now, one each: the oldest goes.
+        assert_eq!(slots.victim(Some(flood)).map(|h| h.id), Some(0));
     }
 }
