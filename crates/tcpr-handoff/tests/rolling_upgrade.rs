@@ -147,7 +147,6 @@ fn clients_survive_the_upgrade_with_their_state() {
     assert!(client.wait().unwrap().success());
     let _ = receiver.kill();
     let _ = receiver.wait();
-    std::thread::sleep(Duration::from_millis(10));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
