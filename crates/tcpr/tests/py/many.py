@@ -45,6 +45,7 @@ def peer():
     turn = 0
     last_send = 0.0
     deadline = None
+    ctl = b""
     while True:
         now = time.monotonic()
         if not stop and now - last_send > 0.002:
@@ -64,17 +65,23 @@ def peer():
             last_send = now
         for key, _ in sel.select(timeout=0.002):
             if key.data is None:
-                line = sys.stdin.readline().strip()
-                if line == "mark":
-                    for st in conns:
-                        st["mark"] = st["recv"]
-                elif line == "progress":
-                    flowing = sum(1 for st in conns if st["recv"] > st["mark"])
-                    print("progress", flowing, error or "", flush=True)
-                elif line in ("finish", ""):
-                    stop = True
-                    deadline = time.monotonic() + 30
-                    sel.unregister(sys.stdin)
+                # os.read, not readline: lines that arrive together must not
+                # wait in Python's buffer, where select cannot see them.
+                chunk = os.read(sys.stdin.fileno(), 4096)
+                ctl += chunk if chunk else b"finish\n"
+                while b"\n" in ctl and not stop:
+                    raw, ctl = ctl.split(b"\n", 1)
+                    line = raw.decode().strip()
+                    if line == "mark":
+                        for st in conns:
+                            st["mark"] = st["recv"]
+                    elif line == "progress":
+                        flowing = sum(1 for st in conns if st["recv"] > st["mark"])
+                        print("progress", flowing, error or "", flush=True)
+                    elif line in ("finish", ""):
+                        stop = True
+                        deadline = time.monotonic() + 30
+                        sel.unregister(sys.stdin)
                 continue
             st = key.data
             try:
