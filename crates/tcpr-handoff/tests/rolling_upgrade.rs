@@ -3,7 +3,6 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 use tcpr_netlab::Lab;
 
 fn example_bin() -> std::path::PathBuf {
