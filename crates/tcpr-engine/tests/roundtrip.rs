@@ -23,11 +23,11 @@ fn round_trip(addr: &str) {
     // Unread data sits in the server's receive queue at the dump, and the
     // client has acknowledged the server's bytes (nothing left in flight).
     wait_until(
-        "17 bytes in the server's receive queue, its send queue acknowledged",
+        "the client's bytes in the server's receive queue, its send queue acknowledged",
         WAIT,
         || {
             let e = diag_entry(&server);
-            e.recv_queue == 17 && e.send_queue == 0
+            e.recv_queue as usize == b"hello from client".len() && e.send_queue == 0
         },
     );
     let frozen = freeze(server.try_clone().unwrap().into(), &no_lock()).unwrap();
