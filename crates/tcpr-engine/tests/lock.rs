@@ -60,6 +60,8 @@ fn netlink_elements_match_what_nft_lists() {
         // Locked again at once after a release (as a retried move does):
         // the element is renewed, not left to its 1 ms expiry.
         let again = FlowLock::acquire(&[v4], Netns::current(), Duration::from_secs(90)).unwrap();
+        // Not a wait: outlasts the released element's 1 ms expiry, to show
+        // the element was renewed.
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(locked_flow_count().unwrap(), 2, "{}", nft_list("flows4"));
         again.release().unwrap();

@@ -20,8 +20,16 @@ fn round_trip(addr: &str) {
     server.write_all(b"hi from server").unwrap();
     let mut buf = [0u8; 14];
     client.read_exact(&mut buf).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(20));
-    // Unread data sits in the server's receive queue at the dump.
+    // Unread data sits in the server's receive queue at the dump, and the
+    // client has acknowledged the server's bytes (nothing left in flight).
+    wait_until(
+        "the client's bytes in the server's receive queue, its send queue acknowledged",
+        WAIT,
+        || {
+            let e = diag_entry(&server);
+            e.recv_queue as usize == b"hello from client".len() && e.send_queue == 0
+        },
+    );
     let frozen = freeze(server.try_clone().unwrap().into(), &no_lock()).unwrap();
     let img = frozen.dump().unwrap();
     assert_eq!(img.recv_queue, b"hello from client");
@@ -61,18 +69,6 @@ fn ipv6_round_trip() {
     });
 }
 
-/// Waits until the socket reaches kernel state `want`.
-fn wait_state(s: &TcpStream, want: u8) {
-    use std::os::fd::AsFd;
-    for _ in 0..500 {
-        if tcpr_engine::inspect_socket(s.as_fd()).unwrap().1 == want {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    panic!("socket never reached state {want}");
-}
-
 /// Moves the server side of `(client, server)` to a new socket in place.
 fn move_in_place(server: TcpStream) -> (tcpr_image::ConnectionImage, TcpStream) {
     let frozen = freeze(server.into(), &no_lock()).unwrap();
@@ -92,7 +88,7 @@ fn we_closed_fin_wait2() {
             let mut got = Vec::new();
             client.read_to_end(&mut got).unwrap();
             assert_eq!(got, b"last words");
-            wait_state(&server, 5);
+            wait_state(&server, tcpr_image::TcpState::FinWait2);
             let (img, mut s2) = move_in_place(server);
             assert_eq!(img.state, tcpr_image::TcpState::FinWait2);
             // The open direction still works after the move.
@@ -115,7 +111,7 @@ fn peer_closed_close_wait() {
             let (mut client, server) = pair(addr);
             client.write_all(b"request").unwrap();
             client.shutdown(std::net::Shutdown::Write).unwrap();
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            wait_state(&server, tcpr_image::TcpState::CloseWait);
             let (img, mut s2) = move_in_place(server);
             assert_eq!(img.state, tcpr_image::TcpState::CloseWait);
             assert_eq!(img.recv_queue, b"request");
@@ -291,7 +287,7 @@ fn we_closed_fin_unacked_fin_wait1() {
             drop_from(&client, true);
             server.write_all(b"response").unwrap();
             server.shutdown(std::net::Shutdown::Write).unwrap();
-            wait_state(&server, 4);
+            wait_state(&server, tcpr_image::TcpState::FinWait1);
             let (img, mut s2) = move_in_place(server);
             assert_eq!(img.state, tcpr_image::TcpState::FinWait1);
             assert_eq!(
@@ -302,7 +298,7 @@ fn we_closed_fin_unacked_fin_wait1() {
             let mut got = Vec::new();
             client.read_to_end(&mut got).unwrap();
             assert_eq!(got, b"response");
-            wait_state(&s2, 5);
+            wait_state(&s2, tcpr_image::TcpState::FinWait2);
             client.write_all(b"still open this way").unwrap();
             let mut buf = [0u8; 19];
             s2.read_exact(&mut buf).unwrap();
@@ -318,11 +314,11 @@ fn both_closed_last_ack() {
             let (mut client, mut server) = pair(addr);
             client.write_all(b"request").unwrap();
             client.shutdown(std::net::Shutdown::Write).unwrap();
-            wait_state(&server, 8);
+            wait_state(&server, tcpr_image::TcpState::CloseWait);
             drop_from(&client, true);
             server.write_all(b"response").unwrap();
             server.shutdown(std::net::Shutdown::Write).unwrap();
-            wait_state(&server, 9);
+            wait_state(&server, tcpr_image::TcpState::LastAck);
             let (img, mut s2) = move_in_place(server);
             assert_eq!(img.state, tcpr_image::TcpState::LastAck);
             assert_eq!(img.recv_queue, b"request");
@@ -373,7 +369,7 @@ fn simultaneous_close_closing() {
             client.shutdown(std::net::Shutdown::Write).unwrap();
             // Let the client's data and FIN through, not the server's.
             nft_script("flush chain inet t c\nadd rule inet t c meta mark 78 drop\n");
-            wait_state(&server, 11);
+            wait_state(&server, tcpr_image::TcpState::Closing);
             let (img, mut s2) = move_in_place(server);
             assert_eq!(img.state, tcpr_image::TcpState::Closing, "{addr}");
             assert_eq!(img.recv_queue, b"client's last words");
@@ -397,6 +393,23 @@ fn simultaneous_close_closing() {
 /// (the kernel moderates sk_sndbuf to half the queued memory under
 /// pressure) and more than TCP_NOTSENT_LOWAT: resume must queue it all at
 /// once, not wait for the peer, and keep the option.
+/// Whether the established connection on local `port` sees a zero window
+/// from its peer (`ss` leaves `snd_wnd` out when it is zero, or on kernels
+/// that do not report it).
+fn zero_window(port: u16) -> bool {
+    let out = Command::new("ss")
+        .args(["-Htni", "state", "established"])
+        .arg(format!("( sport = :{port} )"))
+        .output()
+        .unwrap();
+    let seen = String::from_utf8_lossy(&out.stdout);
+    !seen.is_empty()
+        && seen
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("snd_wnd:"))
+            .is_none_or(|w| w == "0")
+}
+
 #[test]
 fn unsent_beyond_buffer_and_notsent_lowat() {
     use std::os::fd::AsFd;
@@ -418,7 +431,9 @@ fn unsent_beyond_buffer_and_notsent_lowat() {
                 }
                 n += 1;
             }
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            wait_until("the client's window closes", WAIT, || {
+                zero_window(server.local_addr().unwrap().port())
+            });
             // Set once the data is queued, as an application may.
             setsockopt_int(server.as_fd(), libc::SOL_TCP, libc::TCP_NOTSENT_LOWAT, 4096);
             let frozen = freeze(server.into(), &no_lock()).unwrap();

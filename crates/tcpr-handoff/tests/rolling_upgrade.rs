@@ -3,7 +3,6 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 use tcpr_netlab::Lab;
 
 fn example_bin() -> std::path::PathBuf {
@@ -147,7 +146,6 @@ fn clients_survive_the_upgrade_with_their_state() {
     assert!(client.wait().unwrap().success());
     let _ = receiver.kill();
     let _ = receiver.wait();
-    std::thread::sleep(Duration::from_millis(10));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -92,6 +92,7 @@ fn a_real_handoff_succeeds_under_a_flood_of_handshakes() {
     t.expect("open 1100", Duration::from_secs(60));
     let busiest = (0..20)
         .map(|_| {
+            // Not a wait: samples the thread count across a second of flood.
             std::thread::sleep(Duration::from_millis(50));
             threads_of(agent.pid())
         })
@@ -109,7 +110,7 @@ fn a_real_handoff_succeeds_under_a_flood_of_handshakes() {
         v["closed"].as_u64().unwrap() > 0,
         "handshakes were dropped: {v}"
     );
-    std::thread::sleep(Duration::from_millis(800));
+    wait_echoes(&mut peer, 100_000);
     assert_all_bytes(&verdict(&mut peer), 100_000);
 }
 
@@ -141,6 +142,7 @@ fn running_out_of_descriptors_does_not_stop_the_agent() {
     t.expect("open 300", Duration::from_secs(60));
     // Let the flood go on for a while: the agent must still be there.
     for _ in 0..20 {
+        // Not a wait: the agent must outlast two seconds of EMFILE.
         std::thread::sleep(Duration::from_millis(100));
         assert!(
             agent.child.try_wait().unwrap().is_none(),
@@ -156,7 +158,7 @@ fn running_out_of_descriptors_does_not_stop_the_agent() {
     let out = net.migrate(echo.pid(), &[]);
     assert_moved(&out);
     echo.kill();
-    std::thread::sleep(Duration::from_millis(800));
+    wait_echoes(&mut peer, 100_000);
     assert_all_bytes(&verdict(&mut peer), 100_000);
     assert!(
         agent.child.try_wait().unwrap().is_none(),

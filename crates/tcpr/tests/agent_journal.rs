@@ -69,7 +69,7 @@ fn killed_at(point: &str, n: u8, restart: bool) -> Ends {
         Ends::AtTheSource
     };
     assert_eq!(locked(&net.a), 0, "{point}: no lock left");
-    std::thread::sleep(Duration::from_millis(800));
+    wait_echoes(&mut peer, 100_000);
     assert_all_bytes(&verdict(&mut peer), 100_000);
     ends
 }
@@ -126,7 +126,7 @@ fn an_agent_gone_after_commit_means_unknown_never_a_roll_back() {
     // frozen and locked.
     assert!(net.has_svc(&net.b) && !net.has_svc(&net.a));
     assert_eq!(locked(&net.a), 1, "the source copy stays locked");
-    std::thread::sleep(Duration::from_millis(800));
+    wait_echoes(&mut peer, 100_000);
     assert_all_bytes(&verdict(&mut peer), 100_000);
     echo.kill();
 }

@@ -46,7 +46,7 @@ fn carries_on_at_the_source(net: &Net, echo: &mut Proc, peer: &mut Proc) {
     assert_eq!(locked(&net.a), 0);
     echo.send("resume");
     echo.expect("resumed", Duration::from_secs(10));
-    std::thread::sleep(Duration::from_millis(500));
+    wait_echoes(peer, 100_000);
     assert_all_bytes(&verdict(peer), 100_000);
 }
 

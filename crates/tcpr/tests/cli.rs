@@ -122,7 +122,11 @@ fn source_lock_expires_after_its_lease() {
     client.expect("echoed", Duration::from_secs(10));
     pause_and_dump(&mut echo, &fd, &img, &["--lease", "2"]);
     assert_eq!(locked(&s), 1);
-    std::thread::sleep(Duration::from_millis(3500));
+    wait_until(
+        "the 2 s lease expires the lock",
+        Duration::from_secs(30),
+        || locked(&s) == 0,
+    );
     assert_eq!(locked(&s), 0, "the lease expired the lock");
     let _ = std::fs::remove_dir_all(&dir);
 }

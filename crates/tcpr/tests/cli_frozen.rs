@@ -201,7 +201,7 @@ fn a_dumped_and_restored_connection_is_not_moved_again() {
         "still frozen"
     );
 
-    std::thread::sleep(Duration::from_millis(500));
+    wait_echoes(&mut peer, 10_000);
     assert_all_bytes(&verdict(&mut peer), 10_000);
     restored.kill();
     let _ = std::fs::remove_dir_all(&dir);

@@ -179,7 +179,7 @@ fn restore_onto_a_tuple_in_use_and_without_privilege() {
     let dir = tmpdir("inuse");
     let img = dir.join("snap.img");
     let mut c = conn("iu", 81);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_echoes(&mut c.peer, FLOWING);
     pause_and_dump(&mut c.echo, &c.fd, &img, &["--leave", "running"]);
     c.echo.send("resume");
     c.echo.expect("resumed", Duration::from_secs(10));
@@ -232,7 +232,7 @@ fn restore_onto_a_tuple_in_use_and_without_privilege() {
     // Nothing changed: same sockets, no lock, and the connection carries on.
     assert_eq!(tcp_sockets(&c.server), before);
     assert_eq!(locked(&c.server), 0);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_echoes(&mut c.peer, FLOWING);
     assert_all_bytes(&verdict(&mut c.peer), 1);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -94,9 +94,9 @@ impl Net {
     /// echo.py on a, a streaming peer on c; returns (echo, peer).
     fn stream(&self) -> (Proc, Proc) {
         let mut echo = echo_server(&self.a, &self.svc(), 8080, &[]);
-        let peer = stream_peer(&self.c, &self.svc(), 8080, &["--rate", "1000000"]);
+        let mut peer = stream_peer(&self.c, &self.svc(), 8080, &["--rate", "1000000"]);
         echo.expect("ready", Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(500));
+        wait_echoes(&mut peer, FLOWING);
         echo.send("flush");
         echo.expect("paused", Duration::from_secs(10));
         (echo, peer)
@@ -191,7 +191,7 @@ fn one_connection(net: Net) {
         "the address moved"
     );
     assert_eq!(locked(&net.a), 0, "the source lock is released");
-    std::thread::sleep(Duration::from_millis(1000));
+    wait_echoes(&mut peer, 100_000);
     assert_all_bytes(&verdict(&mut peer), 100_000);
 }
 
@@ -237,7 +237,7 @@ fn thousand_connections_move_in_one_batch() {
     let mut peer = Proc::spawn(cmd, "many peer");
     peer.expect("connected", Duration::from_secs(60));
     echo.expect("ready 1000", Duration::from_secs(60));
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_all_echo(&mut peer, 1000);
     echo.send("flush");
     echo.expect("paused", Duration::from_secs(30));
     let out = net.migrate_cmd(echo.pid(), &net.key).output().unwrap();
@@ -254,7 +254,8 @@ fn thousand_connections_move_in_one_batch() {
     );
     recv.expect("got 1000", Duration::from_secs(30));
     echo.kill();
-    std::thread::sleep(Duration::from_millis(1500));
+    peer.send("mark");
+    wait_all_echo(&mut peer, 1000);
     let v = verdict(&mut peer);
     assert!(v["error"].is_null(), "{v}");
     assert_eq!(
@@ -263,6 +264,29 @@ fn thousand_connections_move_in_one_batch() {
     );
     assert_eq!(v["sent"], v["received"], "{v}");
     assert_eq!(locked(&net.a), 0);
+}
+
+/// Waits until each of `many.py peer`'s `count` connections has had echoes
+/// since its last "mark" (or its start): every one carries traffic end to
+/// end.
+fn wait_all_echo(peer: &mut Proc, count: usize) {
+    let mut flowing = 0;
+    let deadline = std::time::Instant::now() + ECHO_TIMEOUT;
+    while flowing < count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {flowing} of {count} connections echo within {ECHO_TIMEOUT:?}"
+        );
+        peer.send("progress");
+        let line = peer.expect("progress ", Duration::from_secs(10));
+        let mut fields = line.split_whitespace().skip(1);
+        flowing = fields.next().and_then(|k| k.parse().ok()).unwrap_or(0);
+        let error: Vec<&str> = fields.collect();
+        assert!(error.is_empty(), "many peer reports: {}", error.join(" "));
+        if flowing < count {
+            std::thread::sleep(POLL);
+        }
+    }
 }
 
 /// Waits until the agent holds at its fault point (see `TCPR_FAULT_STOP_AT`).
@@ -348,7 +372,7 @@ fn agent_killed_at_each_step() {
             );
         }
         assert_eq!(locked(&net.a), 0, "{point}: no lock left");
-        std::thread::sleep(Duration::from_millis(800));
+        wait_echoes(&mut peer, 100_000);
         assert_all_bytes(&verdict(&mut peer), 100_000);
     }
 }
@@ -396,7 +420,11 @@ fn timeout_and_cut_link_roll_back() {
         echo.send("resume");
         echo.expect("resumed", Duration::from_secs(10));
         // The agent gives up the batch by itself: nothing stays restored.
-        std::thread::sleep(Duration::from_millis(3000));
+        wait_until(
+            "the agent gives up the restored batch",
+            Duration::from_secs(30),
+            || agent_sockets_on(&net.b, &format!("{}:8080", net.svc())) == 0,
+        );
         assert_eq!(agent_sockets_on(&net.b, &format!("{}:8080", net.svc())), 0);
         assert_eq!(locked(&net.a), 0);
         assert_all_bytes(&verdict(&mut peer), 100_000);
@@ -451,7 +479,7 @@ fn unauthenticated_and_disallowed_are_refused() {
     assert_eq!(locked(&net.a), 0);
     echo.send("resume");
     echo.expect("resumed", Duration::from_secs(10));
-    std::thread::sleep(Duration::from_millis(500));
+    wait_echoes(&mut peer, 100_000);
     assert_all_bytes(&verdict(&mut peer), 100_000);
 }
 
@@ -539,6 +567,6 @@ fn mutual_tls_moves_and_refuses_strangers() {
     assert_migrated(&out, "moved 1, rolled back 0, unknown 0");
     agent.expect("ready 3", Duration::from_secs(10));
     echo.kill();
-    std::thread::sleep(Duration::from_millis(800));
+    wait_echoes(&mut peer, 100_000);
     assert_all_bytes(&verdict(&mut peer), 100_000);
 }

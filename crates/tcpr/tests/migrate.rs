@@ -48,7 +48,7 @@ fn migrate(tag: &str, sc: Scenario) {
     let mut echo = echo_server(&ha, svc, 8080, &["--state", state.to_str().unwrap()]);
     let mut peer = stream_peer(&client, svc, 8080, &["--rate", "2000000"]);
     let fd = ready_fd(&mut echo);
-    std::thread::sleep(Duration::from_millis(700));
+    wait_echoes(&mut peer, FLOWING);
     if sc.stall {
         peer.send("stall");
         // The echo service stops reading only once its own buffer is full:
@@ -57,7 +57,16 @@ fn migrate(tag: &str, sc: Scenario) {
     }
     if sc.blackhole {
         client.set_loss(1000).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
+        wait_until(
+            "data in flight to the client (ss unacked)",
+            ECHO_TIMEOUT,
+            || {
+                ss(&ha, 8080)
+                    .split_whitespace()
+                    .filter_map(|f| f.strip_prefix("unacked:"))
+                    .any(|n| n != "0")
+            },
+        );
     }
     echo.send("pause");
     echo.expect("paused", Duration::from_secs(10));
@@ -117,6 +126,8 @@ fn migrate(tag: &str, sc: Scenario) {
     // drawing a RST out of the source host.
     echo.kill();
     assert_eq!(locked(&ha), 1, "the flow is locked at the source");
+    // Not a wait: the peer's segments meet the ownerless, locked flow for a
+    // while; a RST drawn meanwhile would show in the verdict.
     std::thread::sleep(Duration::from_millis(300));
 
     // Restore on the new host before the address arrives, then move it.
@@ -144,7 +155,9 @@ fn migrate(tag: &str, sc: Scenario) {
     if sc.stall {
         peer.send("unstall");
     }
-    std::thread::sleep(Duration::from_millis(1500));
+    // Every byte sent before the move and more come back through the new
+    // host (500_000 echoed: the least the verdict below wants sent).
+    wait_echoes(&mut peer, 500_000);
     if sc.loss > 0 {
         client.clear_loss().unwrap();
         hb.clear_loss().unwrap();
@@ -222,14 +235,14 @@ fn snapshot_thaws_in_place() {
     let mut echo = echo_server(&server, "10.78.0.2", 9000, &[]);
     let mut peer = stream_peer(&client, "10.78.0.2", 9000, &[]);
     let fd = ready_fd(&mut echo);
-    std::thread::sleep(Duration::from_millis(500));
+    wait_echoes(&mut peer, FLOWING);
     pause_and_dump(&mut echo, &fd, &img, &["--leave", "running"]);
     assert_eq!(locked(&server), 0, "a snapshot releases the lock");
     let v = json(&tcpr(None, &["inspect", "--json", img.to_str().unwrap()]));
     assert_eq!(v["state"], "ESTABLISHED");
     echo.send("resume");
     echo.expect("resumed", Duration::from_secs(10));
-    std::thread::sleep(Duration::from_millis(800));
+    wait_echoes(&mut peer, 100_000);
     assert_all_bytes(&verdict(&mut peer), 100_000);
     let _ = std::fs::remove_dir_all(&dir);
 }

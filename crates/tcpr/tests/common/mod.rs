@@ -7,7 +7,26 @@
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::sync::mpsc::{channel, Receiver};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How often the waits below look again.
+pub const POLL: Duration = Duration::from_millis(20);
+/// Echoed bytes that show a stream flows end to end (a few segments' worth
+/// at the peers' rates).
+pub const FLOWING: u64 = 64 * 1024;
+/// How long a stream may take to show `wait_echoes`'s bytes (slow machine,
+/// random loss).
+pub const ECHO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Polls `ready` until it holds; fails the test naming `what` if it does not
+/// within `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        std::thread::sleep(POLL);
+    }
+}
 
 pub fn tcpr_bin() -> &'static str {
     env!("CARGO_BIN_EXE_tcpr")
@@ -183,6 +202,51 @@ pub fn ready_fd(echo: &mut Proc) -> String {
         .to_string()
 }
 
+/// What `peer.py` reports of its stream so far.
+#[derive(Debug)]
+pub struct Progress {
+    /// Bytes handed to its socket.
+    pub sent: u64,
+    /// Bytes echoed back (each checked).
+    pub received: u64,
+}
+
+/// Asks `peer.py` how far its stream got; fails the test if the peer saw
+/// an error (reset, a byte that differs).
+pub fn progress(peer: &mut Proc) -> Progress {
+    peer.send("progress");
+    let line = peer.expect("progress ", Duration::from_secs(10));
+    let mut fields = line.splitn(4, ' ').skip(1);
+    let mut count = || -> u64 {
+        fields
+            .next()
+            .and_then(|f| f.parse().ok())
+            .unwrap_or_else(|| panic!("peer: bad progress line {line:?}"))
+    };
+    let (sent, received) = (count(), count());
+    let error = fields.next().unwrap_or("").trim();
+    assert!(error.is_empty(), "peer reports: {error}");
+    Progress { sent, received }
+}
+
+/// Waits until `peer.py` has back every byte it had sent when called, and
+/// `more` beyond: the stream flows end to end from here on.
+pub fn wait_echoes(peer: &mut Proc, more: u64) {
+    let want = progress(peer).sent + more;
+    let deadline = Instant::now() + ECHO_TIMEOUT;
+    loop {
+        let got = progress(peer).received;
+        if got >= want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stream stalled: {got} bytes echoed, {want} awaited within {ECHO_TIMEOUT:?}"
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
 /// Ends `peer.py`'s stream and returns its JSON verdict.
 pub fn verdict(peer: &mut Proc) -> serde_json::Value {
     peer.send("finish");
@@ -272,6 +336,6 @@ pub fn wait_full_queues(
                 .unwrap_or_default();
             panic!("queues never filled on :{port}\nservice: {seen}\nclient: {peer}");
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(POLL);
     }
 }

@@ -68,6 +68,7 @@ def server():
                     # Hold the sockets untouched until killed.
                     while sys.stdin.readline():
                         pass
+                    # Not a wait: holds the sockets until the test kills us.
                     time.sleep(3600)
                 continue
             st = key.data
@@ -149,6 +150,7 @@ def client():
                 if time.monotonic() > deadline:
                     ok = False
                     break
+                # Poll interval of the wait for the acknowledgements.
                 time.sleep(0.01)
             print("sent" if ok else "stuck", flush=True)
         elif words[0] == "finish":

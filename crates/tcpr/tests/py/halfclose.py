@@ -52,6 +52,7 @@ def client():
         while True:
             due = (time.monotonic() - start) * args.rate
             if state["received"] > due:
+                # Pacing reads to --rate, not a wait for some state.
                 time.sleep(0.005)
                 continue
             try:

@@ -4,7 +4,9 @@
   many.py peer --connect ADDR --port P --count N
       opens N connections, sends seeded random bytes on all of them and
       checks every echoed byte; "finish" on stdin stops sending, waits for
-      every echo and prints a JSON verdict.
+      every echo and prints a JSON verdict; "mark" notes how far each
+      connection got; "progress" prints "progress K [ERROR]", K the
+      connections with echoes since the last mark (or the start).
   many.py echo --listen ADDR --port P --count N
       accepts N connections and echoes them; "flush" on stdin hands every
       byte read to the kernel and stops touching the sockets ("paused");
@@ -33,7 +35,7 @@ def peer():
     for _ in range(args.count):
         s = socket.create_connection((args.connect, args.port))
         s.setblocking(False)
-        st = {"sock": s, "sent": bytearray(), "recv": 0}
+        st = {"sock": s, "sent": bytearray(), "recv": 0, "mark": 0}
         conns.append(st)
         sel.register(s, selectors.EVENT_READ, st)
     sel.register(sys.stdin, selectors.EVENT_READ, None)
@@ -43,6 +45,7 @@ def peer():
     turn = 0
     last_send = 0.0
     deadline = None
+    ctl = b""
     while True:
         now = time.monotonic()
         if not stop and now - last_send > 0.002:
@@ -62,11 +65,23 @@ def peer():
             last_send = now
         for key, _ in sel.select(timeout=0.002):
             if key.data is None:
-                line = sys.stdin.readline().strip()
-                if line in ("finish", ""):
-                    stop = True
-                    deadline = time.monotonic() + 30
-                    sel.unregister(sys.stdin)
+                # os.read, not readline: lines that arrive together must not
+                # wait in Python's buffer, where select cannot see them.
+                chunk = os.read(sys.stdin.fileno(), 4096)
+                ctl += chunk if chunk else b"finish\n"
+                while b"\n" in ctl and not stop:
+                    raw, ctl = ctl.split(b"\n", 1)
+                    line = raw.decode().strip()
+                    if line == "mark":
+                        for st in conns:
+                            st["mark"] = st["recv"]
+                    elif line == "progress":
+                        flowing = sum(1 for st in conns if st["recv"] > st["mark"])
+                        print("progress", flowing, error or "", flush=True)
+                    elif line in ("finish", ""):
+                        stop = True
+                        deadline = time.monotonic() + 30
+                        sel.unregister(sys.stdin)
                 continue
             st = key.data
             try:

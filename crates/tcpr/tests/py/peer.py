@@ -3,8 +3,10 @@
 independently of tcpr. It streams seeded random bytes to an echo service
 and checks that every byte comes back, in order, unchanged.
 
-Commands on stdin: "stall" (stop reading), "unstall", "finish" (stop
-writing, wait for every echo, print a JSON verdict and exit).
+Commands on stdin: "stall" (stop reading), "unstall", "progress" (print
+"progress SENT RECEIVED [ERROR]": bytes handed to the socket and bytes
+echoed back so far), "finish" (stop writing, wait for every echo, print a
+JSON verdict and exit).
 """
 import argparse, hashlib, json, random, select, socket, sys, threading, time
 
@@ -38,6 +40,7 @@ def writer():
     while not state["stop"]:
         due = int((time.monotonic() - start) * args.rate)
         if due <= total:
+            # Pacing to --rate, not a wait for some state.
             time.sleep(0.002)
             continue
         chunk = rng.randbytes(min(due - total, 32768))
@@ -56,6 +59,8 @@ def reader():
     last = time.monotonic()
     while True:
         if state["stall"]:
+            # Stalled on purpose (the peer's window must close); checks for
+            # "unstall" between naps.
             time.sleep(0.01)
             last = time.monotonic()
             continue
@@ -95,12 +100,17 @@ for line in sys.stdin:
         state["stall"] = True
     elif cmd == "unstall":
         state["stall"] = False
+    elif cmd == "progress":
+        with lock:
+            n = len(sent)
+        print("progress", n, state["recv"], state["error"] or "", flush=True)
     elif cmd == "finish":
         break
 state["stop"] = True
 tw.join()
 deadline = time.monotonic() + 30
 while state["recv"] < len(sent) and state["error"] is None and time.monotonic() < deadline:
+    # Polls for the last echoes (the verdict reports any that never came).
     time.sleep(0.01)
 print(json.dumps({
     "sent": len(sent),
