@@ -59,8 +59,8 @@ fn get_tcp(fd: BorrowedFd<'_>, name: i32, what: &'static str) -> io::Result<i32>
 pub fn dump(fd: BorrowedFd<'_>) -> io::Result<FloorState> {
     // The addresses first: they tell a TCP socket from anything else before
     // repair mode is touched.
-    let local = sys::socket_name(fd, false).map_err(step("getsockname"))?;
-    let peer = sys::socket_name(fd, true).map_err(step("getpeername"))?;
+    let local = sys::local_addr(fd).map_err(step("getsockname"))?;
+    let peer = sys::peer_addr(fd).map_err(step("getpeername"))?;
     set_tcp(fd, libc::TCP_REPAIR, REPAIR_ON, "TCP_REPAIR on")?;
     let mut info = [0u8; 256];
     let got =

@@ -11,10 +11,12 @@
 //!   [`recv_with_fd`] (SCM_RIGHTS), [`memfd_with`], [`pass_socket`] (the
 //!   systemd `Accept=yes` and inetd conventions for a child process);
 //! - [`enter_netns`], [`unshare_netns`], [`raise_fd_limit`];
+//! - [`sock`]: the generic socket calls (int options, bind, connect,
+//!   addresses, netlink sockets, send/recv) the engine shares;
 //! - [`floor`]: the bare-syscall dump and restore `tcpr bench` compares
 //!   the engine against.
 //!
-//! All `unsafe` lives in the private `sys` module. This crate does not
+//! All `unsafe` lives in the `sys` module (public only through [`sock`]). This crate does not
 //! freeze, dump or restore connections (the engine does), steer packets,
 //! or talk to other hosts.
 
@@ -23,6 +25,8 @@ mod announce;
 pub mod floor;
 mod sys;
 pub mod wire;
+
+pub use sys::sock;
 
 pub use announce::{announce, announce_ipv4, announce_ipv6};
 pub use sys::{

@@ -2,11 +2,14 @@
 //! socket2: the `syscall!` helper turns `-1` into `io::Error`; the generic
 //! `getsockopt`/`setsockopt` whose contract ties `T` to the option; one safe
 //! wrapper per option. Every error carries the name of the call or option.
+//! The generic socket calls (int options, bind, connect, addresses, netlink
+//! sockets, send/recv) are `tcpr_host::sock`'s; this layer keeps what is
+//! TCP-repair specific.
 
 use std::ffi::CString;
 use std::io;
 use std::mem::{size_of, zeroed, MaybeUninit};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// Calls a libc function and turns a `-1` return into the thread's errno.
@@ -18,32 +21,13 @@ macro_rules! syscall {
     }};
 }
 
-/// Adds the name of the failing operation to an error, keeping its kind.
-pub(crate) fn named(what: &'static str) -> impl FnOnce(io::Error) -> io::Error {
-    move |e| io::Error::new(e.kind(), Named { what, source: e })
-}
-
-/// An `io::Error` payload naming the call or option that failed.
-#[derive(Debug)]
-pub(crate) struct Named {
-    pub(crate) what: &'static str,
-    pub(crate) source: io::Error,
-}
-impl std::fmt::Display for Named {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.what, self.source)
-    }
-}
-impl std::error::Error for Named {}
-
-/// The raw OS error of an error made by [`named`] or directly by the OS.
-pub(crate) fn raw_os_error(e: &io::Error) -> Option<i32> {
-    e.raw_os_error().or_else(|| {
-        e.get_ref()
-            .and_then(|inner| inner.downcast_ref::<Named>())
-            .and_then(|n| n.source.raw_os_error())
-    })
-}
+// The generic socket calls live in `tcpr_host::sock`; this layer adds the
+// TCP-repair specific ones and names errors as the engine reports them.
+use tcpr_host::sock;
+pub(crate) use tcpr_host::sock::{
+    get_int, named, netlink_socket, raw_os_error, recv_into, send_all, set_int, set_recv_timeout,
+    to_sockaddr,
+};
 
 // Option numbers from linux/tcp.h (DESIGN.md lists them).
 pub(crate) const TCP_REPAIR: i32 = 19;
@@ -103,18 +87,6 @@ unsafe fn setsockopt<T>(fd: BorrowedFd<'_>, level: i32, name: i32, val: &T) -> i
         size_of::<T>() as libc::socklen_t
     ))?;
     Ok(())
-}
-
-/// Reads an `int` socket option.
-pub(crate) fn get_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
-    // SAFETY: int options are read as a C int.
-    unsafe { getsockopt::<i32>(fd, level, name) }.map(|(v, _)| v)
-}
-
-/// Writes an `int` socket option.
-pub(crate) fn set_int(fd: BorrowedFd<'_>, level: i32, name: i32, val: i32) -> io::Result<()> {
-    // SAFETY: int options take a C int.
-    unsafe { setsockopt(fd, level, name, &val) }
 }
 
 pub(crate) fn set_repair(fd: BorrowedFd<'_>, mode: i32) -> io::Result<()> {
@@ -325,138 +297,28 @@ pub(crate) fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// A new TCP socket of the family of `addr`, close-on-exec.
 pub(crate) fn tcp_socket(ipv6: bool) -> io::Result<OwnedFd> {
     let fam = if ipv6 { libc::AF_INET6 } else { libc::AF_INET };
-    // SAFETY: plain call; the result is a new fd we own.
-    let fd = syscall!(socket(fam, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0))
-        .map_err(named("socket"))?;
-    // SAFETY: fresh fd from socket(2).
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// A sockaddr big enough for IPv4 and IPv6, and its length.
-pub(crate) fn to_sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: sockaddr_storage is plain data; all-zero is valid.
-    let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
-    let len = match a {
-        SocketAddr::V4(v4) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as _,
-                sin_port: v4.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
-            size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(v6) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as _,
-                sin6_port: v6.port().to_be(),
-                sin6_flowinfo: v6.flowinfo(),
-                sin6_addr: libc::in6_addr {
-                    s6_addr: v6.ip().octets(),
-                },
-                sin6_scope_id: v6.scope_id(),
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
-            size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (ss, len as libc::socklen_t)
-}
-
-pub(crate) fn from_sockaddr(ss: &libc::sockaddr_storage) -> io::Result<SocketAddr> {
-    match ss.ss_family as i32 {
-        libc::AF_INET => {
-            // SAFETY: the family says the storage holds a sockaddr_in.
-            let sin: libc::sockaddr_in =
-                unsafe { std::ptr::read((ss as *const libc::sockaddr_storage).cast()) };
-            Ok(SocketAddr::V4(SocketAddrV4::new(
-                Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()),
-                u16::from_be(sin.sin_port),
-            )))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says the storage holds a sockaddr_in6.
-            let sin6: libc::sockaddr_in6 =
-                unsafe { std::ptr::read((ss as *const libc::sockaddr_storage).cast()) };
-            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-            Ok(SocketAddr::V6(SocketAddrV6::new(
-                ip,
-                u16::from_be(sin6.sin6_port),
-                sin6.sin6_flowinfo,
-                sin6.sin6_scope_id,
-            )))
-        }
-        f => Err(io::Error::other(format!(
-            "not an IP socket (address family {f})"
-        ))),
-    }
+    sock::socket(fam, libc::SOCK_STREAM, 0).map_err(named("socket"))
 }
 
 pub(crate) fn bind(fd: BorrowedFd<'_>, a: SocketAddr) -> io::Result<()> {
-    let (ss, len) = to_sockaddr(a);
-    // SAFETY: `ss` holds a valid sockaddr of `len` bytes.
-    syscall!(bind(
-        fd.as_raw_fd(),
-        (&ss as *const libc::sockaddr_storage).cast(),
-        len
-    ))
-    .map(drop)
-    .map_err(named("bind"))
+    sock::bind(fd, a).map_err(named("bind"))
 }
 
 pub(crate) fn connect(fd: BorrowedFd<'_>, a: SocketAddr) -> io::Result<()> {
-    let (ss, len) = to_sockaddr(a);
-    // SAFETY: `ss` holds a valid sockaddr of `len` bytes.
-    syscall!(connect(
-        fd.as_raw_fd(),
-        (&ss as *const libc::sockaddr_storage).cast(),
-        len
-    ))
-    .map(drop)
-    .map_err(named("connect"))
+    sock::connect(fd, a).map_err(named("connect"))
 }
 
 /// `connect(AF_UNSPEC)`: disconnects the socket. In repair mode the kernel's
 /// `tcp_disconnect` sends neither FIN nor RST.
 pub(crate) fn disconnect(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: sockaddr is plain data; all-zero with AF_UNSPEC is valid.
-    let mut sa: libc::sockaddr = unsafe { zeroed() };
-    sa.sa_family = libc::AF_UNSPEC as _;
-    // SAFETY: `sa` is a valid sockaddr for the length passed.
-    syscall!(connect(
-        fd.as_raw_fd(),
-        &sa,
-        size_of::<libc::sockaddr>() as libc::socklen_t
-    ))
-    .map(drop)
-    .map_err(named("connect(AF_UNSPEC)"))
-}
-
-fn name_of(fd: BorrowedFd<'_>, peer: bool) -> io::Result<SocketAddr> {
-    // SAFETY: plain data, all-zero is valid.
-    let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
-    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    let p = (&mut ss as *mut libc::sockaddr_storage).cast();
-    if peer {
-        // SAFETY: `p` is writable for `len` bytes.
-        syscall!(getpeername(fd.as_raw_fd(), p, &mut len)).map_err(named("getpeername"))?;
-    } else {
-        // SAFETY: `p` is writable for `len` bytes.
-        syscall!(getsockname(fd.as_raw_fd(), p, &mut len)).map_err(named("getsockname"))?;
-    }
-    from_sockaddr(&ss)
+    sock::disconnect(fd).map_err(named("connect(AF_UNSPEC)"))
 }
 
 pub(crate) fn local_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
-    name_of(fd, false)
+    sock::local_addr(fd).map_err(named("getsockname"))
 }
 pub(crate) fn peer_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
-    name_of(fd, true)
+    sock::peer_addr(fd).map_err(named("getpeername"))
 }
 
 /// A string socket option (TCP_CONGESTION).
@@ -560,19 +422,6 @@ pub(crate) fn socket_kind(fd: BorrowedFd<'_>) -> io::Result<(i32, i32, i32)> {
     ))
 }
 
-/// A netlink socket of `proto`, close-on-exec.
-pub(crate) fn netlink_socket(proto: i32) -> io::Result<OwnedFd> {
-    // SAFETY: plain call, new fd.
-    let fd = syscall!(socket(
-        libc::AF_NETLINK,
-        libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-        proto
-    ))
-    .map_err(named("socket(AF_NETLINK)"))?;
-    // SAFETY: fresh fd.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 /// A netlink socket of `proto` in the network namespace `ns` (the
 /// caller's own when `None`): a socket belongs to the namespace it was
 /// created in, so it is created on a short-lived thread that entered `ns`.
@@ -591,39 +440,6 @@ pub(crate) fn netlink_socket_in(ns: Option<BorrowedFd<'_>>, proto: i32) -> io::R
         .join()
         .unwrap_or_else(|_| Err(io::Error::other("netlink thread panicked")))
     })
-}
-
-/// Sets `SO_RCVTIMEO`.
-pub(crate) fn set_recv_timeout(fd: BorrowedFd<'_>, t: std::time::Duration) -> io::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: t.as_secs() as libc::time_t,
-        tv_usec: t.subsec_micros() as libc::suseconds_t,
-    };
-    // SAFETY: `tv` is a valid timeval for the duration of the call.
-    syscall!(setsockopt(
-        fd.as_raw_fd(),
-        libc::SOL_SOCKET,
-        libc::SO_RCVTIMEO,
-        (&tv as *const libc::timeval).cast(),
-        size_of::<libc::timeval>() as libc::socklen_t
-    ))
-    .map(drop)
-    .map_err(named("setsockopt SO_RCVTIMEO"))
-}
-
-/// `send` of a whole datagram.
-pub(crate) fn send_all(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<()> {
-    // SAFETY: `data` is readable for its length.
-    syscall!(send(fd.as_raw_fd(), data.as_ptr().cast(), data.len(), 0)).map_err(named("send"))?;
-    Ok(())
-}
-
-/// One `recv` into `buf`.
-pub(crate) fn recv_into(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is writable for its length.
-    syscall!(recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0))
-        .map(|n| n as usize)
-        .map_err(named("recv"))
 }
 
 // ---- cli additions ----
@@ -666,15 +482,8 @@ pub(crate) fn send_raw_ip_marked(
     } else {
         libc::AF_INET
     };
-    // SAFETY: plain call, new fd.
-    let raw = syscall!(socket(
-        fam,
-        libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-        libc::IPPROTO_RAW
-    ))
-    .map_err(named("socket(SOCK_RAW)"))?;
-    // SAFETY: fresh fd.
-    let raw = unsafe { OwnedFd::from_raw_fd(raw) };
+    let raw =
+        sock::socket(fam, libc::SOCK_RAW, libc::IPPROTO_RAW).map_err(named("socket(SOCK_RAW)"))?;
     set_int(raw.as_fd(), libc::SOL_SOCKET, libc::SO_MARK, mark as i32).map_err(named("SO_MARK"))?;
     let (ss, len) = to_sockaddr(SocketAddr::new(dst, 0));
     // SAFETY: `packet` is readable; `ss` holds a valid sockaddr of `len` bytes.

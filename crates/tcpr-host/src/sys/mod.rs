@@ -1,14 +1,14 @@
 //! The syscall layer of the host crate: the only module with `unsafe`
-//! (with its `fd` part: fd passing). As in the engine's, a `syscall!`
+//! (with its `fd` part, fd passing, and its public `sock` part, the generic
+//! socket calls the engine shares). As in the engine's, a `syscall!`
 //! helper turns `-1` into `io::Error`, every error carries the name of the
 //! call, and everything above is safe.
 
 use std::ffi::{CStr, CString};
 use std::io;
 use std::mem::{size_of, zeroed};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::time::Duration;
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 /// Calls a libc function and turns a `-1` return into the thread's errno.
 macro_rules! syscall {
@@ -20,65 +20,12 @@ macro_rules! syscall {
 }
 
 mod fd;
+pub mod sock;
 pub use fd::{memfd_with, pass_socket, recv_with_fd, send_with_fd, send_with_fds, SCM_MAX_FD};
-
-/// Adds the name of the failing operation to an error, keeping its kind
-/// (and its raw OS error reachable through [`raw_os_error`]).
-pub(crate) fn named(what: &'static str) -> impl FnOnce(io::Error) -> io::Error {
-    move |e| io::Error::new(e.kind(), Named { what, source: e })
-}
-
-/// An `io::Error` payload naming the call that failed.
-#[derive(Debug)]
-struct Named {
-    what: &'static str,
-    source: io::Error,
-}
-impl std::fmt::Display for Named {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.what, self.source)
-    }
-}
-impl std::error::Error for Named {}
-
-/// The raw OS error of an error made by [`named`] or directly by the OS.
-pub(crate) fn raw_os_error(e: &io::Error) -> Option<i32> {
-    e.raw_os_error().or_else(|| {
-        e.get_ref()
-            .and_then(|inner| inner.downcast_ref::<Named>())
-            .and_then(|n| n.source.raw_os_error())
-    })
-}
-
-/// Writes an `int` socket option.
-pub(crate) fn set_int(fd: BorrowedFd<'_>, level: i32, name: i32, val: i32) -> io::Result<()> {
-    // SAFETY: `val` is a C int readable for `size_of::<i32>()` bytes during
-    // the call; the options passed here all take an int.
-    syscall!(setsockopt(
-        fd.as_raw_fd(),
-        level,
-        name,
-        (&val as *const i32).cast(),
-        size_of::<i32>() as libc::socklen_t
-    ))
-    .map(drop)
-}
-
-/// Reads an `int` socket option.
-pub(crate) fn get_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
-    let mut val: i32 = 0;
-    let mut len = size_of::<i32>() as libc::socklen_t;
-    // SAFETY: `val` is writable for `len` bytes, `len` is a valid pointer;
-    // the options read here are ints.
-    syscall!(getsockopt(
-        fd.as_raw_fd(),
-        level,
-        name,
-        (&mut val as *mut i32).cast(),
-        &mut len
-    ))?;
-    Ok(val)
-}
+pub(crate) use sock::{
+    bind, connect, disconnect, get_int, local_addr, named, netlink_socket, peer_addr, raw_os_error,
+    recv_into, send_all, set_int, set_recv_timeout, socket, to_sockaddr,
+};
 
 /// Reads a socket option into a plain byte buffer; returns the length the
 /// kernel wrote.
@@ -133,169 +80,6 @@ pub(crate) fn peek(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
         libc::MSG_PEEK | libc::MSG_DONTWAIT
     ))
     .map(|n| n as usize)
-}
-
-/// A new socket, close-on-exec.
-pub(crate) fn socket(domain: i32, ty: i32, proto: i32) -> io::Result<OwnedFd> {
-    let fd = syscall!(socket(domain, ty | libc::SOCK_CLOEXEC, proto))?;
-    // SAFETY: socket(2) just returned this fd; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// A sockaddr big enough for IPv4 and IPv6, and its length.
-fn to_sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: sockaddr_storage is plain data; all-zero is valid.
-    let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
-    let len = match a {
-        SocketAddr::V4(v4) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as _,
-                sin_port: v4.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
-            size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(v6) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as _,
-                sin6_port: v6.port().to_be(),
-                sin6_flowinfo: v6.flowinfo(),
-                sin6_addr: libc::in6_addr {
-                    s6_addr: v6.ip().octets(),
-                },
-                sin6_scope_id: v6.scope_id(),
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
-            size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (ss, len as libc::socklen_t)
-}
-
-fn from_sockaddr(ss: &libc::sockaddr_storage) -> io::Result<SocketAddr> {
-    match ss.ss_family as i32 {
-        libc::AF_INET => {
-            // SAFETY: the family says the storage holds a sockaddr_in.
-            let sin: libc::sockaddr_in =
-                unsafe { std::ptr::read((ss as *const libc::sockaddr_storage).cast()) };
-            Ok(SocketAddr::V4(SocketAddrV4::new(
-                Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()),
-                u16::from_be(sin.sin_port),
-            )))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says the storage holds a sockaddr_in6.
-            let sin6: libc::sockaddr_in6 =
-                unsafe { std::ptr::read((ss as *const libc::sockaddr_storage).cast()) };
-            Ok(SocketAddr::V6(SocketAddrV6::new(
-                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
-                u16::from_be(sin6.sin6_port),
-                sin6.sin6_flowinfo,
-                sin6.sin6_scope_id,
-            )))
-        }
-        f => Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("not an IP socket (address family {f})"),
-        )),
-    }
-}
-
-pub(crate) fn bind(fd: BorrowedFd<'_>, a: SocketAddr) -> io::Result<()> {
-    let (ss, len) = to_sockaddr(a);
-    // SAFETY: `ss` holds a valid sockaddr of `len` bytes.
-    syscall!(bind(
-        fd.as_raw_fd(),
-        (&ss as *const libc::sockaddr_storage).cast(),
-        len
-    ))
-    .map(drop)
-}
-
-pub(crate) fn connect(fd: BorrowedFd<'_>, a: SocketAddr) -> io::Result<()> {
-    let (ss, len) = to_sockaddr(a);
-    // SAFETY: `ss` holds a valid sockaddr of `len` bytes.
-    syscall!(connect(
-        fd.as_raw_fd(),
-        (&ss as *const libc::sockaddr_storage).cast(),
-        len
-    ))
-    .map(drop)
-}
-
-/// `connect(AF_UNSPEC)`: in repair mode the kernel's `tcp_disconnect` sends
-/// neither FIN nor RST.
-pub(crate) fn disconnect(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: sockaddr is plain data; all-zero with AF_UNSPEC is valid.
-    let mut sa: libc::sockaddr = unsafe { zeroed() };
-    sa.sa_family = libc::AF_UNSPEC as _;
-    // SAFETY: `sa` is a valid sockaddr for the length passed.
-    syscall!(connect(
-        fd.as_raw_fd(),
-        &sa,
-        size_of::<libc::sockaddr>() as libc::socklen_t
-    ))
-    .map(drop)
-}
-
-/// The local (`peer == false`) or peer address of a socket.
-pub(crate) fn socket_name(fd: BorrowedFd<'_>, peer: bool) -> io::Result<SocketAddr> {
-    // SAFETY: plain data, all-zero is valid.
-    let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
-    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    let p = (&mut ss as *mut libc::sockaddr_storage).cast();
-    if peer {
-        // SAFETY: `p` is writable for `len` bytes.
-        syscall!(getpeername(fd.as_raw_fd(), p, &mut len))?;
-    } else {
-        // SAFETY: `p` is writable for `len` bytes.
-        syscall!(getsockname(fd.as_raw_fd(), p, &mut len))?;
-    }
-    from_sockaddr(&ss)
-}
-
-/// A netlink socket of `proto`, close-on-exec.
-pub(crate) fn netlink_socket(proto: i32) -> io::Result<OwnedFd> {
-    socket(libc::AF_NETLINK, libc::SOCK_DGRAM, proto).map_err(named("socket(AF_NETLINK)"))
-}
-
-/// Sets `SO_RCVTIMEO`.
-pub(crate) fn set_recv_timeout(fd: BorrowedFd<'_>, t: Duration) -> io::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(libc::time_t::MAX),
-        tv_usec: t.subsec_micros() as libc::suseconds_t,
-    };
-    // SAFETY: `tv` is a valid timeval for the duration of the call.
-    syscall!(setsockopt(
-        fd.as_raw_fd(),
-        libc::SOL_SOCKET,
-        libc::SO_RCVTIMEO,
-        (&tv as *const libc::timeval).cast(),
-        size_of::<libc::timeval>() as libc::socklen_t
-    ))
-    .map(drop)
-    .map_err(named("setsockopt SO_RCVTIMEO"))
-}
-
-/// `send` of a whole datagram.
-pub(crate) fn send_all(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<()> {
-    // SAFETY: `data` is readable for its length.
-    syscall!(send(fd.as_raw_fd(), data.as_ptr().cast(), data.len(), 0)).map_err(named("send"))?;
-    Ok(())
-}
-
-/// One `recv` into `buf`.
-pub(crate) fn recv_into(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is writable for its length.
-    syscall!(recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0))
-        .map(|n| n as usize)
-        .map_err(named("recv"))
 }
 
 /// The index of interface `name`.
