@@ -75,3 +75,46 @@ fn resume_takes_over_the_lock_before_replaying_the_peers_fin() {
         }
     });
 }
+
+/// Resume may run on a thread outside the socket's namespace (a caller
+/// that restores inside a host's namespace and resumes from its own): the
+/// lock taken over is the one of the socket's namespace.
+#[test]
+fn resume_from_another_namespace_takes_over_the_sockets_own_lock() {
+    use std::sync::mpsc;
+    in_private_netns(|| {
+        let (to_main, from_host) = mpsc::channel();
+        let (ask, asked) = mpsc::channel::<()>();
+        let (answer, answered) = mpsc::channel();
+        let host = std::thread::spawn(move || {
+            private_netns();
+            let (client, server) = pair("127.0.0.1:0");
+            let frozen = freeze(server.into(), &FreezeOptions::default()).unwrap();
+            let img = frozen.dump().unwrap();
+            frozen.discard().unwrap().expect("locked").keep();
+            to_main.send((client, restore(&img).unwrap())).unwrap();
+            asked.recv().unwrap();
+            answer
+                .send(tcpr_engine::lock::locked_flow_count().unwrap())
+                .unwrap();
+        });
+        let (mut client, restored) = from_host.recv().unwrap();
+        // This thread's namespace has no lock table at all.
+        let mut s2 = restored.resume().unwrap();
+        ask.send(()).unwrap();
+        assert_eq!(
+            answered.recv().unwrap(),
+            0,
+            "resume released the lock of the socket's namespace"
+        );
+        host.join().unwrap();
+        client.write_all(b"after").unwrap();
+        let mut got = [0u8; 5];
+        s2.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"after");
+        s2.write_all(b"answer").unwrap();
+        let mut got = [0u8; 6];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"answer");
+    });
+}
