@@ -49,7 +49,10 @@ impl Drop for Net {
 /// echo.py listening on `::` (dual-stack) in `a`, and an IPv4 client in
 /// `c` streaming to the service address; returns (echo, peer, echo's fd).
 fn dual_stack_stream(n: &Net) -> (Proc, Proc, String) {
-    let mut echo = echo_server(&n.a, "::", 8080, &[]);
+    // Bytes echo.py has read but not yet sent are its state: on "pause" it
+    // writes them to --state, and the dump carries them as the blob.
+    let state = n.dir.join("echo-state");
+    let mut echo = echo_server(&n.a, "::", 8080, &["--state", state.to_str().unwrap()]);
     let peer = stream_peer(&n.c, SVC, 8080, &["--rate", "1000000"]);
     let fd = ready_fd(&mut echo);
     let rows = ls_json(&n.a);
@@ -105,7 +108,13 @@ fn dual_stack_dump_and_restore() {
     let n = net("ds");
     let img = n.dir.join("c.img");
     let (mut echo, mut peer, fd) = dual_stack_stream(&n);
-    pause_and_dump(&mut echo, &fd, &img, &["--lease", "30"]);
+    let state = n.dir.join("echo-state");
+    pause_and_dump(
+        &mut echo,
+        &fd,
+        &img,
+        &["--lease", "30", "--blob", state.to_str().unwrap()],
+    );
     let v = json(&tcpr(None, &["inspect", "--json", img.to_str().unwrap()]));
     assert_eq!(
         v["local"], MAPPED_LOCAL,
