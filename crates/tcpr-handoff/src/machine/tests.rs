@@ -60,6 +60,33 @@ struct World {
     switched: bool,
 }
 
+/// The answer a sender's Query gets. A crashed agent is restarted and
+/// answers from its journal: its `resuming` line is written before the
+/// first resume, so the batch committed with what it delivered, or
+/// (`prepared` only) nothing was resumed and the restored sockets died
+/// silently with the process.
+fn query_answer(
+    w: &World,
+    a: &mut Agent,
+    agent_alive: bool,
+    reachable: bool,
+) -> Result<BatchStatus, String> {
+    if !agent_alive {
+        let live: Vec<ConnId> = (0..w.dst.len() as ConnId)
+            .filter(|&i| w.dst[i as usize] == Dst::Live)
+            .collect();
+        Ok(if live.is_empty() {
+            BatchStatus::NotResumed
+        } else {
+            BatchStatus::Committed(live)
+        })
+    } else if !reachable {
+        Err("unreachable".to_string())
+    } else {
+        Ok(a.handle_query())
+    }
+}
+
 /// Runs one batch of `n` connections (ids in `refuse` are refused by the
 /// agent at restore) with `fault` at step `at`. Returns the world and the
 /// sender's fates.
@@ -144,24 +171,7 @@ fn run(n: u32, refuse: &[u32], fault: Fault, at: usize) -> (World, BTreeMap<Conn
                 }),
                 SenderAction::Hold(ids) => ids.iter().for_each(|&i| w.src[i as usize] = Src::Held),
                 SenderAction::Query => {
-                    let status = if !agent_alive {
-                        // A restarted agent answers from its journal: its
-                        // `commit` line is written as the resumes begin, so
-                        // the batch committed with what it delivered, or
-                        // (only `prepared`) nothing was resumed and the
-                        // restored sockets died silently with the process.
-                        let live: Vec<ConnId> =
-                            (0..n).filter(|&i| w.dst[i as usize] == Dst::Live).collect();
-                        Ok(if live.is_empty() {
-                            BatchStatus::NotResumed
-                        } else {
-                            BatchStatus::Committed(live)
-                        })
-                    } else if !reachable {
-                        Err("unreachable".to_string())
-                    } else {
-                        Ok(a.handle_query())
-                    };
+                    let status = query_answer(&w, &mut a, agent_alive, reachable);
                     s.handle_status(status);
                 }
             }
@@ -555,22 +565,7 @@ fn run_chaos(seed: u64) -> (Chaos, World, BTreeMap<ConnId, Fate>, bool) {
         // old link.
         if querying && rng.random_ratio(1, 3) {
             querying = false;
-            let status = if !agent_alive {
-                // A restarted agent answers from its journal: the batch
-                // committed with what it delivered, or nothing was resumed
-                // and the restored sockets died silently with the process.
-                let live: Vec<ConnId> =
-                    (0..n).filter(|&i| w.dst[i as usize] == Dst::Live).collect();
-                Ok(if live.is_empty() {
-                    BatchStatus::NotResumed
-                } else {
-                    BatchStatus::Committed(live)
-                })
-            } else if !reachable {
-                Err("unreachable".to_string())
-            } else {
-                Ok(a.handle_query())
-            };
+            let status = query_answer(&w, &mut a, agent_alive, reachable);
             s.handle_status(status);
             continue;
         }
