@@ -1,0 +1,74 @@
+//! Steering: after a connection was handed off, its client's packets still
+//! reach the front host (they are addressed to the virtual address). A
+//! steering datapath on the front forwards each such flow's packets, at L2,
+//! to the backend host that now owns the connection; the backend answers
+//! the client directly from the VIP (direct server return).
+//!
+//! The balancer sees only the [`Steering`] trait; the datapath behind it is
+//! chosen at run time.
+//!
+//! This crate does not hand connections off (`tcpr-handoff` does) and does
+//! not prepare the backend host (the agent's `--vip` does).
+
+use std::net::{IpAddr, SocketAddr};
+
+/// One flow to steer: the packets from `client` to `vip` go to `backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SteeredFlow {
+    /// The client's address and port, as the front host sees them.
+    pub client: SocketAddr,
+    /// The virtual address and port the client connected to.
+    pub vip: SocketAddr,
+    /// The backend host's address on the front's link: the next hop the
+    /// flow's packets are forwarded to, unchanged but for the L2 header.
+    pub backend: IpAddr,
+}
+
+/// Why a steering call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SteerError {
+    /// The table is full: the caller proxies the connection instead.
+    #[error("steering table full ({capacity} flows)")]
+    Full {
+        /// The table's capacity, in flows.
+        capacity: usize,
+    },
+    /// The datapath cannot steer this flow (another family, no route to
+    /// the backend on a steered interface, ...).
+    #[error("cannot steer {client} → {vip}: {reason}")]
+    Unsupported {
+        /// The flow's client.
+        client: SocketAddr,
+        /// The flow's virtual address.
+        vip: SocketAddr,
+        /// What is missing.
+        reason: String,
+    },
+    /// The kernel refused.
+    #[error("steering datapath: {0}")]
+    Kernel(#[from] std::io::Error),
+}
+
+/// A steering datapath on the front host.
+///
+/// Contract (the balancer relies on it):
+/// 1. `steer` returns only once the flow's next packet will be forwarded
+///    (microseconds: no process is spawned, no timer waited for);
+/// 2. an entry goes by itself when its flow ends (the client's FIN or RST
+///    seen, then a short linger) or idles out, so a balancer that crashes
+///    leaks nothing for long;
+/// 3. `unsteer` removes an entry at once (a handoff rolled back);
+/// 4. dropping the datapath removes what it installed.
+pub trait Steering: Send + Sync {
+    /// Forwards `flow`'s packets to its backend from now on.
+    fn steer(&self, flow: &SteeredFlow) -> Result<(), SteerError>;
+    /// Stops forwarding the flow from `client` to `vip` (absent is fine).
+    fn unsteer(&self, client: SocketAddr, vip: SocketAddr) -> Result<(), SteerError>;
+    /// The flows steered now (the `tcpr_balance_flows_active` gauge).
+    fn active(&self) -> Result<usize, SteerError>;
+    /// The most flows it steers at once.
+    fn capacity(&self) -> usize;
+    /// The datapath's name, for logs and metrics ("nftables-netdev", ...).
+    fn name(&self) -> &'static str;
+}
