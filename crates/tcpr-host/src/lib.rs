@@ -14,7 +14,9 @@
 //! - [`sock`]: the generic socket calls (int options, bind, connect,
 //!   addresses, netlink sockets, send/recv) the engine shares;
 //! - [`floor`]: the bare-syscall dump and restore `tcpr bench` compares
-//!   the engine against.
+//!   the engine against;
+//! - [`nfnl`]: nf_tables set and map elements over netlink (the engine's
+//!   flow lock, the balancer's steering maps).
 //!
 //! All `unsafe` lives in the `sys` module (public only through [`sock`]). This crate does not
 //! freeze, dump or restore connections (the engine does), steer packets,
@@ -23,6 +25,7 @@
 pub mod addr;
 mod announce;
 pub mod floor;
+pub mod nfnl;
 mod sys;
 pub mod wire;
 
