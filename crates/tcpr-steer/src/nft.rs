@@ -141,15 +141,28 @@ impl NftConfig {
         let mut s = format!(
             "table netdev {table} {{}}\ndelete table netdev {table}\ntable netdev {table} {{\n"
         );
-        for (v, addr, ip, proto) in [
-            ("4", "ipv4_addr", "ip", "ip"),
-            ("6", "ipv6_addr", "ip6", "ip6"),
+        // IPv4: the 4-tuple as a concatenation. IPv6: nft 1.0.6 cannot
+        // write a dynamic update of a map whose key is a concatenation
+        // longer than 16 bytes (it aborts in netlink_linearize), so the
+        // key is one raw load of 36 bytes: source and destination address
+        // (bytes 8-39 of the IPv6 header) and the two ports (the first 4
+        // bytes after it: TCP right after the fixed header, which the
+        // ingress rule checks with `ip6 nexthdr tcp`).
+        for (v, key_type, mark_type, key, proto) in [
+            (
+                "4",
+                "type ipv4_addr . inet_service . ipv4_addr . inet_service",
+                "mark",
+                "ip saddr . tcp sport . ip daddr . tcp dport",
+                "ip",
+            ),
+            ("6", "typeof @nh,64,288", "meta mark", "@nh,64,288", "ip6"),
         ] {
-            let key = format!("{ip} saddr . tcp sport . {ip} daddr . tcp dport");
             let fwd = format!("fwd {proto} to meta mark map @backends{v} device \"{device}\"");
+            let addr = if v == "4" { "ipv4_addr" } else { "ipv6_addr" };
             s += &format!(
-                "  map flows{v} {{ type {addr} . inet_service . {addr} . inet_service : mark; flags dynamic,timeout; size {capacity}; }}
-  set closing{v} {{ type {addr} . inet_service . {addr} . inet_service; flags dynamic,timeout; timeout {linger}ms; size {capacity}; }}
+                "  map flows{v} {{ {key_type} : {mark_type}; flags dynamic,timeout; size {capacity}; }}
+  set closing{v} {{ {key_type}; flags dynamic,timeout; timeout {linger}ms; size {capacity}; }}
   map backends{v} {{ type mark : {addr}; }}
   chain steered{v} {{
     {key} @closing{v} {fwd}
@@ -165,7 +178,7 @@ impl NftConfig {
             "  chain ingress {{
     type filter hook ingress device \"{device}\" priority {INGRESS_PRIORITY}; policy accept;
     meta protocol ip meta l4proto tcp meta mark set ip saddr . tcp sport . ip daddr . tcp dport map @flows4 goto steered4
-    meta protocol ip6 meta l4proto tcp meta mark set ip6 saddr . tcp sport . ip6 daddr . tcp dport map @flows6 goto steered6
+    meta protocol ip6 ip6 nexthdr tcp meta mark set @nh,64,288 map @flows6 goto steered6
   }}
 }}
 "
@@ -208,6 +221,16 @@ impl NftSteering {
         Ok(s)
     }
 
+    /// Whether the flow from `client` to `vip` is steered now (its entry
+    /// is present and not expired).
+    pub fn is_steered(&self, client: SocketAddr, vip: SocketAddr) -> Result<bool, SteerError> {
+        let Some((client, vip, v4)) = on_wire(client, vip) else {
+            return Ok(false);
+        };
+        nfnl::element_present(self.ns(), self.sets(v4).flows, &flow_key(client, vip))
+            .map_err(|e| self.refused(e))
+    }
+
     /// The settings it runs with.
     pub fn config(&self) -> &NftConfig {
         &self.cfg
@@ -248,6 +271,27 @@ impl NftSteering {
             (Ok(ours), Ok(here)) if same(&ours, &here) => None,
             _ => Some(self.netns.as_fd()),
         }
+    }
+
+    /// Runs `f` in the datapath's namespace: here when the calling thread
+    /// is in it, else on a thread that enters it (entering must not move
+    /// the caller's thread).
+    fn within<T: Send>(
+        &self,
+        f: impl FnOnce() -> Result<T, SteerError> + Send,
+    ) -> Result<T, SteerError> {
+        if self.ns().is_none() {
+            return f();
+        }
+        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&self.netns));
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                tcpr_host::enter_netns(&path)?;
+                f()
+            })
+            .join()
+        })
+        .unwrap_or_else(|_| Err(invalid("a thread of the steering datapath panicked")))
     }
 
     /// Runs an `nft` script in the datapath's namespace.
@@ -366,15 +410,24 @@ fn ip_bytes(ip: IpAddr) -> Vec<u8> {
     }
 }
 
-/// `client addr . client port . vip addr . vip port` as nf_tables
-/// registers hold the concatenation: each part in network order, padded
-/// to 4 bytes.
+/// The key of a flow, as the rules load it from a client's packet. IPv4:
+/// `client addr . client port . vip addr . vip port`, as nf_tables
+/// registers hold a concatenation (each part in network order, padded to
+/// 4 bytes). IPv6: the 36 bytes from the source address on (client
+/// address, VIP address, client port, VIP port, unpadded).
 fn flow_key(client: SocketAddr, vip: SocketAddr) -> Vec<u8> {
     let mut key = Vec::with_capacity(40);
-    for a in [client, vip] {
-        key.extend_from_slice(&ip_bytes(a.ip()));
-        key.extend_from_slice(&a.port().to_be_bytes());
-        key.extend_from_slice(&[0, 0]);
+    if client.is_ipv4() {
+        for a in [client, vip] {
+            key.extend_from_slice(&ip_bytes(a.ip()));
+            key.extend_from_slice(&a.port().to_be_bytes());
+            key.extend_from_slice(&[0, 0]);
+        }
+    } else {
+        key.extend_from_slice(&ip_bytes(client.ip()));
+        key.extend_from_slice(&ip_bytes(vip.ip()));
+        key.extend_from_slice(&client.port().to_be_bytes());
+        key.extend_from_slice(&vip.port().to_be_bytes());
     }
     key
 }
@@ -415,9 +468,9 @@ impl Steering for NftSteering {
             None => {
                 // Forwarded at L2 out of our interface: the backend must be
                 // on its link.
-                let (_, ifname) = tcpr_host::addr::route_interface(backend).map_err(|e| {
-                    unsupported(format!("no route to the backend {backend}: {e}"))
-                })?;
+                let (_, ifname) = self
+                    .within(|| tcpr_host::addr::route_interface(backend).map_err(|e| invalid(&e.to_string())))
+                    .map_err(|e| unsupported(format!("no route to the backend {backend}: {e}")))?;
                 if ifname != self.cfg.device {
                     return Err(unsupported(format!(
                         "the backend {backend} is reached by {ifname}, not by {} (L2 steering needs the backend on the front's link)",
@@ -481,7 +534,7 @@ impl Steering for NftSteering {
 impl Drop for NftSteering {
     fn drop(&mut self) {
         let table = self.cfg.table.clone();
-        if let Err(e) = self.nft(&format!("destroy table netdev {table}\n")) {
+        if let Err(e) = self.nft(&format!("delete table netdev {table}\n")) {
             eprintln!("tcpr-steer: cannot delete the table netdev {table}: {e}");
         }
     }
@@ -499,7 +552,7 @@ mod tests {
             [10, 0, 0, 1, 0x9c, 0x40, 0, 0, 10, 0, 0, 100, 0, 80, 0, 0].to_vec()
         );
         let k = flow_key("[fd00::1]:1".parse().unwrap(), "[fd00::100]:80".parse().unwrap());
-        assert_eq!(k.len(), 40);
+        assert_eq!(k.len(), 36);
     }
 
     #[test]
