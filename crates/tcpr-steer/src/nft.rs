@@ -33,7 +33,7 @@
 //! changes only the expiry of an element that exists). The mark of a
 //! forwarded packet does not leave the host.
 
-use crate::{SteerError, SteeredFlow, Steering};
+use crate::{rule, SteerError, SteeredFlow, Steering};
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -160,15 +160,32 @@ impl NftConfig {
         ] {
             let fwd = format!("fwd {proto} to meta mark map @backends{v} device \"{device}\"");
             let addr = if v == "4" { "ipv4_addr" } else { "ipv6_addr" };
+            // The renewals: inline for IPv4; for IPv6 in chains of their
+            // own, whose one rule `rule.rs` writes (see there why).
+            let (linger_update, idle_update) = if v == "4" {
+                (
+                    format!("update @flows4 {{ {key} timeout {linger}ms : meta mark }}"),
+                    format!("update @flows4 {{ {key} timeout {idle}ms : meta mark }}"),
+                )
+            } else {
+                ("jump linger6".to_string(), "jump renew6".to_string())
+            };
             s += &format!(
                 "  map flows{v} {{ {key_type} : {mark_type}; flags dynamic,timeout; size {capacity}; }}
   set closing{v} {{ {key_type}; flags dynamic,timeout; timeout {linger}ms; size {capacity}; }}
   map backends{v} {{ type mark : {addr}; }}
-  chain steered{v} {{
+"
+            );
+            if v == "6" {
+                s += "  chain linger6 {\n  }\n  chain renew6 {\n  }\n";
+            }
+            s += &format!(
+                "  chain steered{v} {{
     {key} @closing{v} {fwd}
     tcp flags & (fin | rst) != 0 add @closing{v} {{ {key} }}
-    tcp flags & (fin | rst) != 0 update @flows{v} {{ {key} timeout {linger}ms : meta mark }} {fwd}
-    update @flows{v} {{ {key} timeout {idle}ms : meta mark }}
+    tcp flags & (fin | rst) != 0 {linger_update}
+    tcp flags & (fin | rst) != 0 {fwd}
+    {idle_update}
     {fwd}
   }}
 "
@@ -218,6 +235,22 @@ impl NftSteering {
             backends: Mutex::new(HashMap::new()),
         };
         s.nft(&s.cfg.ruleset())?;
+        let renewals = [
+            rule::Renew {
+                table: &s.cfg.table,
+                chain: "linger6",
+                set: "flows6",
+                timeout: s.cfg.linger,
+            },
+            rule::Renew {
+                table: &s.cfg.table,
+                chain: "renew6",
+                set: "flows6",
+                timeout: s.cfg.idle,
+            },
+        ];
+        // Dropping `s` on error deletes the table.
+        rule::append(s.ns(), &renewals)?;
         Ok(s)
     }
 

@@ -329,16 +329,19 @@ fn idle_and_unsteered_entries_go() {
     cfg.idle = Duration::from_millis(500);
     let steering = net.steering(cfg);
     let idle = flow(CLIENT4, 40001, VIP4, BACKEND4);
+    let idle6 = flow(CLIENT6, 40001, VIP6, BACKEND6);
     let removed = flow(CLIENT6, 40002, VIP6, BACKEND6);
-    steering.steer(&idle).unwrap();
-    steering.steer(&removed).unwrap();
-    assert!(steering.is_steered(idle.client, idle.vip).unwrap());
+    for f in [&idle, &idle6, &removed] {
+        steering.steer(f).unwrap();
+        assert!(steering.is_steered(f.client, f.vip).unwrap());
+    }
     steering.unsteer(removed.client, removed.vip).unwrap();
     assert!(!steering.is_steered(removed.client, removed.vip).unwrap());
     // Absent is fine.
     steering.unsteer(removed.client, removed.vip).unwrap();
-    wait_for("the idle entry to go", Duration::from_secs(20), || {
+    wait_for("the idle entries to go", Duration::from_secs(20), || {
         !steering.is_steered(idle.client, idle.vip).unwrap()
+            && !steering.is_steered(idle6.client, idle6.vip).unwrap()
     });
 }
 
