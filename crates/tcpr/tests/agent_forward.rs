@@ -1,0 +1,311 @@
+//! The agent's backend side for servers that know nothing of tcpr:
+//! `--forward HOST:PORT [--proxy-protocol v1|v2]` relays each delivered
+//! connection to a local server (splice), after a PROXY header naming the
+//! real client; `--vip ADDR` prepares a direct-server-return backend (the
+//! VIP on lo, ARP suppressed) and undoes it on exit.
+
+mod agent_net;
+mod common;
+use agent_net::*;
+use common::*;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Bytes each way.
+const STREAM_BYTES: usize = 8 << 20 | 12_345;
+/// What the server writes after reading the client's end: the client must
+/// still read it (its FIN closed one direction only).
+const AFTER_EOF: &str = "written after the client's FIN";
+
+/// The server behind --forward: skips connections that close empty (the
+/// agent's reachability probes), reads the PROXY header (v1 or v2) of the
+/// first real one, echoes everything until the client's end of stream,
+/// writes AFTER_EOF, ends its own stream, and prints what it saw.
+const SERVER: &str = r#"
+import hashlib, json, socket, struct, sys
+port, version, after = int(sys.argv[1]), sys.argv[2], sys.argv[3].encode()
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", port))
+l.listen(16)
+print("listening", flush=True)
+def exact(c, n):
+    b = b""
+    while len(b) < n:
+        more = c.recv(n - len(b))
+        if not more:
+            return None
+        b += more
+    return b
+while True:
+    c, _ = l.accept()
+    if version == "v1":
+        line = b""
+        while not line.endswith(b"\r\n"):
+            ch = c.recv(1)
+            if not ch:
+                break
+            line += ch
+        if not line:
+            c.close(); continue
+        parts = line.decode().split()
+        assert parts[0] == "PROXY", line
+        hdr = {"proto": parts[1], "src": "%s:%s" % (parts[2], parts[4]), "dst": "%s:%s" % (parts[3], parts[5])}
+    else:
+        head = exact(c, 16)
+        if head is None:
+            c.close(); continue
+        assert head[:12] == b"\r\n\r\n\x00\r\nQUIT\n", head
+        assert head[12] == 0x21, head
+        fam, length = head[13], struct.unpack("!H", head[14:16])[0]
+        body = exact(c, length)
+        assert fam == 0x11 and length == 12, (fam, length)
+        src, dst = socket.inet_ntoa(body[0:4]), socket.inet_ntoa(body[4:8])
+        sport, dport = struct.unpack("!HH", body[8:12])
+        hdr = {"proto": "TCP4", "src": "%s:%d" % (src, sport), "dst": "%s:%d" % (dst, dport)}
+    h = hashlib.sha256()
+    n = 0
+    while True:
+        b = c.recv(1 << 16)
+        if not b:
+            break
+        h.update(b)
+        n += len(b)
+        c.sendall(b)
+    c.sendall(after)
+    c.shutdown(socket.SHUT_WR)
+    rest = c.recv(1)
+    c.close()
+    hdr.update({"echoed": n, "sha256": h.hexdigest(), "closed_after": rest == b""})
+    print(json.dumps(hdr), flush=True)
+    break
+"#;
+
+/// The service on host a: accepts one connection and never reads it, so
+/// what the client sends waits in its queues and travels in the image.
+const HOLDER: &str = r#"
+import socket, sys, time
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind((sys.argv[1], int(sys.argv[2])))
+l.listen(1)
+print("listening", flush=True)
+c, peer = l.accept()
+print("accepted %s:%d" % peer, flush=True)
+time.sleep(3600)
+"#;
+
+/// The client: sends STREAM_BYTES of random data, ends its stream, and
+/// reads until the server's end; prints the comparison.
+const CLIENT: &str = r#"
+import hashlib, json, os, socket, sys, threading
+host, port, n, after = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].encode()
+c = socket.create_connection((host, port))
+c.settimeout(120)
+print("connected %s:%d" % c.getsockname(), flush=True)
+data = os.urandom(n)
+def send():
+    c.sendall(data)
+    c.shutdown(socket.SHUT_WR)
+t = threading.Thread(target=send)
+t.start()
+got = bytearray()
+while True:
+    b = c.recv(1 << 16)
+    if not b:
+        break
+    got += b
+t.join()
+print(json.dumps({"sent": n, "received": len(got),
+    "echo_intact": bytes(got[:n]) == data,
+    "after_eof": bytes(got[n:]) == after,
+    "sha256": hashlib.sha256(data).hexdigest()}), flush=True)
+"#;
+
+fn forwarded_stream(tag: &str, n: u8, version: &str) {
+    let net = Net::new(tag, n);
+    let server_port = "9000";
+    let mut server = {
+        let mut c = net.b.cmd("python3");
+        c.args(["-c", SERVER, server_port, version, AFTER_EOF]);
+        Proc::spawn(c, "server")
+    };
+    server.expect("listening", Duration::from_secs(10));
+    let _agent = net.agent(
+        &[
+            "--forward",
+            &format!("127.0.0.1:{server_port}"),
+            "--proxy-protocol",
+            version,
+            "--allow",
+            &net.svc_port(8080),
+        ],
+        None,
+    );
+    let mut holder = {
+        let mut c = net.a.cmd("python3");
+        c.args(["-c", HOLDER, &net.svc(), "8080"]);
+        Proc::spawn(c, "holder")
+    };
+    holder.expect("listening", Duration::from_secs(10));
+    let mut client = {
+        let mut c = net.c.cmd("python3");
+        c.args([
+            "-c",
+            CLIENT,
+            &net.svc(),
+            "8080",
+            &STREAM_BYTES.to_string(),
+            AFTER_EOF,
+        ]);
+        Proc::spawn(c, "client")
+    };
+    let client_addr = client
+        .expect("connected", Duration::from_secs(10))
+        .trim_start_matches("connected ")
+        .to_string();
+    holder.expect("accepted", Duration::from_secs(10));
+    let out = net.migrate(holder.pid(), &[]);
+    assert_moved(&out);
+    let seen: serde_json::Value =
+        serde_json::from_str(&server.expect("{", Duration::from_secs(120))).unwrap();
+    let done: serde_json::Value =
+        serde_json::from_str(&client.expect("{", Duration::from_secs(120))).unwrap();
+    // The PROXY header names the real client and the address it reached.
+    assert_eq!(seen["proto"], "TCP4");
+    assert_eq!(seen["src"], client_addr.as_str());
+    assert_eq!(seen["dst"], net.svc_port(8080).as_str());
+    // Every byte both ways, and each half-close passed on: the server saw
+    // the client's end after all its bytes, wrote on, and the client read
+    // that and then the server's end.
+    assert_eq!(seen["echoed"], STREAM_BYTES);
+    assert_eq!(seen["sha256"], done["sha256"]);
+    assert_eq!(done["received"], STREAM_BYTES + AFTER_EOF.len());
+    assert_eq!(done["echo_intact"], true);
+    assert_eq!(done["after_eof"], true);
+    assert_eq!(seen["closed_after"], true);
+}
+
+#[test]
+fn a_forwarded_connection_carries_a_proxy_v2_header_and_both_streams() {
+    forwarded_stream("fw2", 81, "v2");
+}
+
+#[test]
+fn a_forwarded_connection_carries_a_proxy_v1_header_and_both_streams() {
+    forwarded_stream("fw1", 82, "v1");
+}
+
+/// A server that is not there: the agent does not start; one that goes
+/// away after the start: the batch is refused before READY and the
+/// connection stays where it was.
+#[test]
+fn a_forward_target_that_refuses_is_caught_before_the_commit() {
+    let net = Net::new("fwr", 83);
+    let out = Command::new("ip")
+        .args(["netns", "exec", &net.b.netns, tcpr_bin()])
+        .args(["agent", "--listen", &net.agent_addr(), "--psk-file"])
+        .arg(&net.key)
+        .args(["--no-journal", "--allow", &net.svc_port(8080)])
+        .args(["--forward", "127.0.0.1:9001"])
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, "does not accept connections");
+
+    let mut server = {
+        let mut c = net.b.cmd("python3");
+        c.args(["-c", SERVER, "9001", "v1", AFTER_EOF]);
+        Proc::spawn(c, "server")
+    };
+    server.expect("listening", Duration::from_secs(10));
+    let _agent = net.agent(
+        &["--forward", "127.0.0.1:9001", "--allow", &net.svc_port(8080)],
+        None,
+    );
+    server.kill();
+    let (mut echo, mut peer) = net.stream();
+    let out = net.migrate(echo.pid(), &[]);
+    assert_rolled_back(&out, "does not accept connections");
+    echo.send("resume");
+    echo.expect("resumed", Duration::from_secs(10));
+    wait_echoes(&mut peer, 100_000);
+    assert_all_bytes(&verdict(&mut peer), 100_000);
+}
+
+fn lo_addrs(h: &tcpr_netlab::Host) -> String {
+    String::from_utf8_lossy(&h.ip(&["-o", "addr", "show", "dev", "lo"]).unwrap().stdout).into_owned()
+}
+
+fn sysctl(h: &tcpr_netlab::Host, name: &str) -> String {
+    let out = h.cmd("sysctl").args(["-n", name]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `--vip`: the VIPs on lo (/32 and /128), ARP suppressed, all undone
+/// when the agent is stopped by SIGTERM; a VIP already on a link is
+/// refused with nothing changed.
+#[test]
+fn vips_go_on_lo_with_arp_suppressed_and_are_undone_on_exit() {
+    let net = Net::new("vip", 84);
+    let vip4 = format!("10.{}.0.200", net.n);
+    let vip6 = format!("fd00:{}::200", net.n);
+    let before = (
+        lo_addrs(&net.b),
+        sysctl(&net.b, "net.ipv4.conf.all.arp_ignore"),
+        sysctl(&net.b, "net.ipv4.conf.all.arp_announce"),
+    );
+    assert!(!before.0.contains(&vip4));
+    assert_eq!((before.1.as_str(), before.2.as_str()), ("0", "0"));
+
+    // A VIP that is on eth0 (the agent host's own address here).
+    let on_link = format!("10.{}.0.3", net.n);
+    let out = net
+        .agent_cmd(&["--exec", "cat", "--vip", &vip4, "--vip", &on_link])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, "not the loopback");
+    assert_eq!(lo_addrs(&net.b), before.0, "nothing added");
+    assert_eq!(sysctl(&net.b, "net.ipv4.conf.all.arp_ignore"), "0");
+
+    let agent = net.agent(&["--exec", "cat", "--vip", &vip4, "--vip", &vip6], None);
+    let lo = lo_addrs(&net.b);
+    assert!(lo.contains(&format!("{vip4}/32")), "{lo}");
+    assert!(lo.contains(&format!("{vip6}/128")), "{lo}");
+    assert_eq!(sysctl(&net.b, "net.ipv4.conf.all.arp_ignore"), "1");
+    assert_eq!(sysctl(&net.b, "net.ipv4.conf.all.arp_announce"), "2");
+    // The host does not answer ARP for the VIP: the client cannot reach it.
+    let arping = net
+        .c
+        .cmd("python3")
+        .args([
+            "-c",
+            "import socket,sys\ns=socket.socket()\ns.settimeout(3)\ntry:\n s.connect((sys.argv[1], 7))\n print('reached')\nexcept Exception as e:\n print('unreachable', type(e).__name__)",
+            &vip4,
+        ])
+        .output()
+        .unwrap();
+    let arping = String::from_utf8_lossy(&arping.stdout);
+    assert!(arping.starts_with("unreachable"), "{arping}");
+
+    let pid = agent.pid().to_string();
+    let st = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut agent = agent;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = agent.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the agent did not stop on SIGTERM");
+        std::thread::sleep(POLL);
+    };
+    assert!(status.success(), "{status}");
+    assert_eq!(lo_addrs(&net.b), before.0, "the VIPs are gone");
+    assert_eq!(sysctl(&net.b, "net.ipv4.conf.all.arp_ignore"), before.1);
+    assert_eq!(sysctl(&net.b, "net.ipv4.conf.all.arp_announce"), before.2);
+}
