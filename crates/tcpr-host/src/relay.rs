@@ -238,3 +238,79 @@ fn abort(socks: &[TcpStream; 2], f: Failure, carried: Relayed) -> RelayError {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    /// A connected pair over loopback: (the end we keep, the accepted end).
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        (a, b)
+    }
+
+    /// client ↔ relay ↔ server: `client` and `server` are ours, the relay
+    /// runs on a thread.
+    fn relayed() -> (
+        TcpStream,
+        TcpStream,
+        std::thread::JoinHandle<Result<Relayed, RelayError>>,
+    ) {
+        let (client, client_side) = pair();
+        let (server_side, server) = pair();
+        let relay = std::thread::spawn(move || relay(client_side, server_side));
+        (client, server, relay)
+    }
+
+    fn pattern(n: usize, seed: u8) -> Vec<u8> {
+        (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    }
+
+    #[test]
+    fn bytes_and_half_closes_pass_both_ways() {
+        let (mut client, mut server, relay) = relayed();
+        let (up, down) = (pattern(3 << 20, 1), pattern(2 << 20, 7));
+        let up2 = up.clone();
+        let mut c2 = client.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            c2.write_all(&up2).unwrap();
+            c2.shutdown(Shutdown::Write).unwrap();
+        });
+        let mut got_up = Vec::new();
+        server.read_to_end(&mut got_up).unwrap();
+        assert_eq!(got_up, up, "the client's bytes, then its end of stream");
+        // The server writes after the client's half-close.
+        server.write_all(&down).unwrap();
+        server.shutdown(Shutdown::Write).unwrap();
+        let mut got_down = Vec::new();
+        client.read_to_end(&mut got_down).unwrap();
+        assert_eq!(got_down, down);
+        writer.join().unwrap();
+        let carried = relay.join().unwrap().unwrap();
+        assert_eq!(carried.first_to_second, up.len() as u64);
+        assert_eq!(carried.second_to_first, down.len() as u64);
+    }
+
+    #[test]
+    fn a_reset_on_one_side_resets_the_other() {
+        let (client, mut server, relay) = relayed();
+        (&client).write_all(b"hello").unwrap();
+        let mut five = [0u8; 5];
+        server.read_exact(&mut five).unwrap();
+        splice::reset_on_close(client.as_fd()).unwrap();
+        drop(client);
+        let err = relay.join().unwrap().unwrap_err();
+        assert_eq!(err.side, "first");
+        let mut rest = Vec::new();
+        let read = server.read_to_end(&mut rest);
+        assert_eq!(
+            read.map_err(|e| e.kind()),
+            Err(io::ErrorKind::ConnectionReset),
+            "the server sees a reset, not a clean end"
+        );
+    }
+}
