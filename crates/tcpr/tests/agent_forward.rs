@@ -219,7 +219,12 @@ fn a_forward_target_that_refuses_is_caught_before_the_commit() {
     };
     server.expect("listening", Duration::from_secs(10));
     let _agent = net.agent(
-        &["--forward", "127.0.0.1:9001", "--allow", &net.svc_port(8080)],
+        &[
+            "--forward",
+            "127.0.0.1:9001",
+            "--allow",
+            &net.svc_port(8080),
+        ],
         None,
     );
     server.kill();
@@ -233,7 +238,8 @@ fn a_forward_target_that_refuses_is_caught_before_the_commit() {
 }
 
 fn lo_addrs(h: &tcpr_netlab::Host) -> String {
-    String::from_utf8_lossy(&h.ip(&["-o", "addr", "show", "dev", "lo"]).unwrap().stdout).into_owned()
+    String::from_utf8_lossy(&h.ip(&["-o", "addr", "show", "dev", "lo"]).unwrap().stdout)
+        .into_owned()
 }
 
 fn sysctl(h: &tcpr_netlab::Host, name: &str) -> String {
@@ -290,10 +296,7 @@ fn vips_go_on_lo_with_arp_suppressed_and_are_undone_on_exit() {
     assert!(arping.starts_with("unreachable"), "{arping}");
 
     let pid = agent.pid().to_string();
-    let st = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
+    let st = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(st.success());
     let mut agent = agent;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -301,7 +304,10 @@ fn vips_go_on_lo_with_arp_suppressed_and_are_undone_on_exit() {
         if let Some(st) = agent.child.try_wait().unwrap() {
             break st;
         }
-        assert!(Instant::now() < deadline, "the agent did not stop on SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not stop on SIGTERM"
+        );
         std::thread::sleep(POLL);
     };
     assert!(status.success(), "{status}");
