@@ -315,3 +315,121 @@ fn vips_go_on_lo_with_arp_suppressed_and_are_undone_on_exit() {
     assert_eq!(sysctl(&net.b, "net.ipv4.conf.all.arp_ignore"), before.1);
     assert_eq!(sysctl(&net.b, "net.ipv4.conf.all.arp_announce"), before.2);
 }
+
+fn link_bytes(h: &tcpr_netlab::Host, dir: &str) -> u64 {
+    let out = h
+        .cmd("cat")
+        .arg(format!("/sys/class/net/eth0/statistics/{dir}_bytes"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// The whole backend side of direct server return: the service address
+/// of host a is the VIP; the agent on b holds it on lo (`--vip`), restores
+/// the connection with the VIP as its local address, and forwards it to
+/// its server with the PROXY header. The switch between READY and COMMIT
+/// is a steering entry on a (the nf_tables datapath, added by the
+/// migrate's switch hook): after it the client's packets cross a's link to
+/// b without reaching a's stack, and b answers the client directly, so a
+/// carries the upload but not the echo.
+#[test]
+fn a_connection_to_the_vip_is_steered_to_a_vip_agent_and_forwarded() {
+    let net = Net::new("dsr", 85);
+    let vip = net.svc();
+    let backend = format!("10.{}.0.3", net.n);
+    let mut server = {
+        let mut c = net.b.cmd("python3");
+        c.args(["-c", SERVER, "9002", "v1", AFTER_EOF]);
+        Proc::spawn(c, "server")
+    };
+    server.expect("listening", Duration::from_secs(10));
+    let _agent = net.agent(
+        &[
+            "--forward",
+            "127.0.0.1:9002",
+            "--proxy-protocol",
+            "v1",
+            "--vip",
+            &vip,
+        ],
+        None,
+    );
+    let steering = net
+        .a
+        .within(|| {
+            tcpr_steer::NftSteering::install(tcpr_steer::NftConfig::new("eth0")).map_err(Into::into)
+        })
+        .unwrap();
+    let mut holder = {
+        let mut c = net.a.cmd("python3");
+        c.args(["-c", HOLDER, &vip, "8080"]);
+        Proc::spawn(c, "holder")
+    };
+    holder.expect("listening", Duration::from_secs(10));
+    let mut client = {
+        let mut c = net.c.cmd("python3");
+        c.args([
+            "-c",
+            CLIENT,
+            &vip,
+            "8080",
+            &STREAM_BYTES.to_string(),
+            AFTER_EOF,
+        ]);
+        Proc::spawn(c, "client")
+    };
+    let client_addr = client
+        .expect("connected", Duration::from_secs(10))
+        .trim_start_matches("connected ")
+        .to_string();
+    holder.expect("accepted", Duration::from_secs(10));
+    let (client_ip, client_port) = client_addr.split_once(':').unwrap();
+    // The hook a balancer's `Steering::steer` stands for, as nft commands.
+    let table = "netdev tcpr_steer";
+    let switch = format!(
+        "nft add element {table} backends4 '{{ 0x1 : {backend} }}' && \
+         nft add element {table} flows4 '{{ {client_ip} . {client_port} . {vip} . 8080 timeout 1h expires 1h : 0x1 }}'"
+    );
+    let unswitch = format!(
+        "nft delete element {table} flows4 '{{ {client_ip} . {client_port} . {vip} . 8080 }}'"
+    );
+    let (rx_before, tx_before) = (link_bytes(&net.a, "rx"), link_bytes(&net.a, "tx"));
+    let out = net
+        .a
+        .cmd(tcpr_bin())
+        .args(["migrate", "--to", &net.agent_addr(), "--psk-file"])
+        .arg(&net.key)
+        .args(["--pid", &holder.pid().to_string()])
+        .args(["--switch-cmd", &switch, "--unswitch-cmd", &unswitch])
+        .output()
+        .unwrap();
+    assert_moved(&out);
+    let client_sa: std::net::SocketAddr = client_addr.parse().unwrap();
+    let vip_sa: std::net::SocketAddr = net.svc_port(8080).parse().unwrap();
+    assert!(tcpr_steer::NftSteering::is_steered(&steering, client_sa, vip_sa).unwrap());
+    let seen: serde_json::Value =
+        serde_json::from_str(&server.expect("{", Duration::from_secs(120))).unwrap();
+    let done: serde_json::Value =
+        serde_json::from_str(&client.expect("{", Duration::from_secs(120))).unwrap();
+    assert_eq!(seen["src"], client_addr.as_str());
+    assert_eq!(seen["dst"], net.svc_port(8080).as_str(), "the VIP");
+    assert_eq!(seen["sha256"], done["sha256"]);
+    assert_eq!(done["echo_intact"], true);
+    assert_eq!(done["after_eof"], true);
+    // a received the upload (and forwarded it), not the echo: with the
+    // echo through a, both counters would pass twice the stream.
+    let (rx, tx) = (
+        link_bytes(&net.a, "rx") - rx_before,
+        link_bytes(&net.a, "tx") - tx_before,
+    );
+    let stream = STREAM_BYTES as u64;
+    assert!(
+        rx < stream * 3 / 2 && tx < stream * 3 / 2,
+        "host a carried rx {rx} tx {tx} bytes for a {stream}-byte echo"
+    );
+    // The client's FIN, then the linger: the entry goes.
+    wait_until("the steering entry to go", Duration::from_secs(30), || {
+        !tcpr_steer::NftSteering::is_steered(&steering, client_sa, vip_sa).unwrap()
+    });
+}
