@@ -99,7 +99,13 @@ impl AgentConfig {
     /// True when an entry of the allowlist names `ip` itself.
     fn may_take(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
-        !ip.is_unspecified() && self.allow.iter().any(|a| a.ip().to_canonical() == ip)
+        // A port-0 entry is a VIP of direct server return (`--vip`): it
+        // lives on lo and must never be taken onto a link.
+        !ip.is_unspecified()
+            && self
+                .allow
+                .iter()
+                .any(|a| a.port() != 0 && a.ip().to_canonical() == ip)
     }
 }
 

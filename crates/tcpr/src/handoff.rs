@@ -186,6 +186,12 @@ fn serve_vips(vips: &[IpAddr]) -> Result<VipsHeld> {
     if vips.is_empty() {
         return Ok(held);
     }
+    if let Some(bad) = vips
+        .iter()
+        .find(|ip| ip.is_unspecified() || ip.is_loopback() || ip.is_multicast())
+    {
+        bail!("--vip {bad}: a VIP is a unicast address clients connect to");
+    }
     let prepared = tcpr_host::vip::prepare(vips)?;
     eprintln!(
         "tcpr agent: serving {} on lo (ARP suppressed)",
