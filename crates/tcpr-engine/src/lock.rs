@@ -15,16 +15,19 @@
 //! change over nf_tables netlink ([`tcpr_host::nfnl`]), one transaction per
 //! call, falling back to `nft` when the table is missing.
 //!
-//! Every change takes effect when its transaction commits, in
-//! microseconds, because it only *adds* elements or deletes absent ones
-//! (removing a present element makes the commit wait for an RCU grace
-//! period, 8-30 ms): a lock adds the flow to `flows` for the lease and
-//! destroys its `unlocked` element (absent unless released in the last
-//! [`UNLOCKED_TIMEOUT`]); a release adds it to `unlocked` for
-//! [`UNLOCKED_TIMEOUT`] and updates its `flows` element to expire in 1 ms,
-//! well before the `unlocked` one. Kernels without DESTROYSETELEM (Linux
-//! 6.3) or element expiry updates (Linux 6.10), detected once per process
-//! (`mode`), delete elements instead, as before the `unlocked` sets.
+//! Every change takes effect when its transaction commits, and the call
+//! returns microseconds later, because it only *adds* elements, updates
+//! their expiry, or destroys absent ones. Removing a present element also
+//! commits at once, but the transaction then holds the element until an
+//! RCU grace period has passed, and closing the netlink socket
+//! (`NETLINK_URELEASE`) waits for that (8-30 ms). So a lock adds the flow
+//! to `flows` for the lease and destroys its `unlocked` element (absent
+//! unless released in the last [`UNLOCKED_TIMEOUT`] or so); a release adds
+//! it to `unlocked` for [`UNLOCKED_TIMEOUT`] (plus 10 µs per flow of the
+//! batch) and updates its `flows` element to expire in 1 ms, before the
+//! `unlocked` one. Kernels without DESTROYSETELEM (Linux 6.3) or element
+//! expiry updates (Linux 6.10), detected once per process (`mode`), delete
+//! elements instead, as before the `unlocked` sets.
 
 use crate::sys;
 use crate::Error;
@@ -63,11 +66,24 @@ const EXPIRED_EXPIRATION: Duration = Duration::from_millis(1);
 /// The timeout written with it (at least the expiration).
 const EXPIRED_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// How long a released flow stays in the `unlocked` set: longer than its
-/// `flows` element takes to expire (1 ms, rounded up to the next jiffy: at
-/// most 10 ms at HZ=100), short enough that a relock rarely finds it there
-/// (destroying a present element waits for an RCU grace period).
-pub const UNLOCKED_TIMEOUT: Duration = Duration::from_millis(50);
+/// How long a released flow stays in the `unlocked` set, at least: longer
+/// than its `flows` element takes to expire (1 ms, rounded up to the next
+/// jiffy: at most 10 ms at HZ=100; two jiffies there), short enough that a
+/// relock rarely finds it there: removing a present element makes the
+/// close of the netlink socket wait for an RCU grace period (8-30 ms; the
+/// lock is in force before that, when the commit is acknowledged).
+pub const UNLOCKED_TIMEOUT: Duration = Duration::from_millis(20);
+
+/// Added to [`UNLOCKED_TIMEOUT`] per released flow: a new `unlocked`
+/// element's expiry counts from when the kernel parses it, a `flows`
+/// element's updated expiry from the commit, after the whole batch (about
+/// 4 µs per flow here).
+const UNLOCKED_PER_FLOW: Duration = Duration::from_micros(10);
+
+/// How long the `unlocked` elements of a release of `flows` flows last.
+fn unlocked_timeout(flows: usize) -> Duration {
+    UNLOCKED_TIMEOUT + UNLOCKED_PER_FLOW * u32::try_from(flows).unwrap_or(u32::MAX)
+}
 
 /// The nftables table tcpr owns.
 pub const TABLE: &str = "tcpr";
@@ -466,10 +482,11 @@ pub fn release_flows(ns: &Netns, flows: &[Flow]) -> Result<(), Error> {
     if probe {
         mode::probe(&mut batch);
     }
+    let unlocked_for = unlocked_timeout(flows.len());
     for (set, elements) in by_set(flows) {
         let shadow = Op::AddExpiring {
-            timeout: UNLOCKED_TIMEOUT,
-            expires_in: UNLOCKED_TIMEOUT,
+            timeout: unlocked_for,
+            expires_in: unlocked_for,
         };
         batch.elements(set.unlocked(), &elements, shadow);
         let expire = Op::AddExpiring {
@@ -498,7 +515,8 @@ fn prepare_in(ns: &Netns) -> Result<(), Error> {
 }
 
 /// Removes `flows` from the lock sets of `ns`, present or not; their
-/// packets pass when this returns, after an RCU grace period.
+/// packets pass when this returns, after an RCU grace period (the close of
+/// the netlink socket waits for it).
 fn delete(ns: &Netns, flows: &[Flow]) -> Result<(), Error> {
     // `add` then `delete` in one transaction: deleting an absent element
     // would fail the whole batch, and the element may have expired.
@@ -520,7 +538,8 @@ fn delete(ns: &Netns, flows: &[Flow]) -> Result<(), Error> {
 
 /// The transaction that locks `flows` for `lease_ms`: adds them to the
 /// lock sets and, unless this kernel deletes, destroys their `unlocked`
-/// elements (absent but for a release in the last [`UNLOCKED_TIMEOUT`]).
+/// elements (absent but for a release in the last [`UNLOCKED_TIMEOUT`]
+/// or so).
 fn lock_batch(flows: &[Flow], lease_ms: u64, mode: Mode) -> Batch {
     let mut batch = Batch::new();
     for (set, elements) in by_set(flows) {
