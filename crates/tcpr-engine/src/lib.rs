@@ -192,12 +192,11 @@ pub fn freeze_many_with(
             }
         }
     }
-    let ns = match socks.first() {
-        Some(first) => Some(Netns::of_socket(first.as_fd())?),
-        None => None,
-    };
-    let mut lock = match ns {
-        Some(ns) if opts.lock => Some(FlowLock::acquire(&flows, ns, opts.lease)?),
+    let mut lock = match socks.first() {
+        Some(first) if opts.lock => {
+            let ns = Netns::of_socket(first.as_fd())?;
+            Some(FlowLock::acquire(&flows, ns, opts.lease)?)
+        }
         _ => None,
     };
     let mut out = Vec::with_capacity(socks.len());

@@ -2,27 +2,46 @@
 //! source host, with a lease, so that it outlives the socket (a packet that
 //! meets no socket would be answered with a RST) and never leaks.
 //!
-//! One nftables table, `inet tcpr`, holds two sets keyed by
-//! `peer addr . peer port . local addr . local port` with per-element
-//! timeouts (one set per wire family: a dual-stack socket's IPv4-mapped
-//! flow goes into the IPv4 set, since its packets are IPv4), and two rules (prerouting and output, priority -300, before
-//! conntrack) that drop matching packets. The table is created on first use
-//! and is otherwise static: per-flow state lives only in the set elements,
-//! which expire by themselves. The table is installed with the `nft`
-//! command (libnftables' syntax is the documented interface for rules);
-//! elements are added and deleted over nf_tables netlink
-//! ([`tcpr_host::nfnl`]), one transaction per call, falling back to `nft`
-//! when the table is missing.
+//! One nftables table, `inet tcpr`, holds per wire family (a dual-stack
+//! socket's IPv4-mapped flow counts as IPv4, since its packets are IPv4)
+//! two sets keyed by `peer addr . peer port . local addr . local port`
+//! with per-element timeouts: `flows4`/`flows6` (locked) and
+//! `unlocked4`/`unlocked6` (released), and two rules (prerouting and
+//! output, priority -300, before conntrack) that drop a packet whose flow
+//! is locked and not released. The table is created on first use and is
+//! otherwise static: per-flow state lives only in the set elements, which
+//! expire by themselves. The table is installed with the `nft` command
+//! (libnftables' syntax is the documented interface for rules); elements
+//! change over nf_tables netlink ([`tcpr_host::nfnl`]), one transaction per
+//! call, falling back to `nft` when the table is missing.
+//!
+//! Every change takes effect when its transaction commits, and the call
+//! returns microseconds later, because it only *adds* elements, updates
+//! their expiry, or destroys absent ones. Removing a present element also
+//! commits at once, but the transaction then holds the element until an
+//! RCU grace period has passed, and closing the netlink socket
+//! (`NETLINK_URELEASE`) waits for that (8-30 ms). So a lock adds the flow
+//! to `flows` for the lease and destroys its `unlocked` element (absent
+//! unless released in the last [`UNLOCKED_TIMEOUT`] or so); a release adds
+//! it to `unlocked` for [`UNLOCKED_TIMEOUT`] (plus 10 µs per flow of the
+//! batch) and updates its `flows` element to expire in 1 ms, before the
+//! `unlocked` one. Kernels without DESTROYSETELEM (Linux 6.3) or element
+//! expiry updates (Linux 6.10), detected once per process (`mode`), delete
+//! elements instead, as before the `unlocked` sets.
 
 use crate::sys;
 use crate::Error;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use tcpr_host::nfnl::{self, Batch, Element, Family, NlError, Op, SetRef};
+
+mod mode;
+use mode::Mode;
+pub use mode::LEGACY_ENV;
 
 /// The default lease of a lock.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
@@ -47,12 +66,24 @@ const EXPIRED_EXPIRATION: Duration = Duration::from_millis(1);
 /// The timeout written with it (at least the expiration).
 const EXPIRED_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// How long the first release in a process watches its element expire
-/// before deciding that this kernel does not update expiries.
-const EXPIRY_WATCH: Duration = Duration::from_millis(100);
+/// How long a released flow stays in the `unlocked` set, at least: longer
+/// than its `flows` element takes to expire (1 ms, rounded up to the next
+/// jiffy: at most 10 ms at HZ=100; two jiffies there), short enough that a
+/// relock rarely finds it there: removing a present element makes the
+/// close of the netlink socket wait for an RCU grace period (8-30 ms; the
+/// lock is in force before that, when the commit is acknowledged).
+pub const UNLOCKED_TIMEOUT: Duration = Duration::from_millis(20);
 
-/// How often that watch looks.
-const EXPIRY_POLL: Duration = Duration::from_micros(500);
+/// Added to [`UNLOCKED_TIMEOUT`] per released flow: a new `unlocked`
+/// element's expiry counts from when the kernel parses it, a `flows`
+/// element's updated expiry from the commit, after the whole batch (about
+/// 4 µs per flow here).
+const UNLOCKED_PER_FLOW: Duration = Duration::from_micros(10);
+
+/// How long the `unlocked` elements of a release of `flows` flows last.
+fn unlocked_timeout(flows: usize) -> Duration {
+    UNLOCKED_TIMEOUT + UNLOCKED_PER_FLOW * u32::try_from(flows).unwrap_or(u32::MAX)
+}
 
 /// The nftables table tcpr owns.
 pub const TABLE: &str = "tcpr";
@@ -96,12 +127,28 @@ impl LockSet {
         }
     }
 
-    /// The set in the lock's table.
+    /// The name of the set of released flows.
+    fn unlocked_name(self) -> &'static str {
+        match self {
+            LockSet::V4 => "unlocked4",
+            LockSet::V6 => "unlocked6",
+        }
+    }
+
+    /// The set of locked flows in the lock's table.
     pub(crate) fn set_ref(self) -> SetRef<'static> {
         SetRef {
             family: Family::Inet,
             table: TABLE,
             set: self.name(),
+        }
+    }
+
+    /// The set of released flows.
+    fn unlocked(self) -> SetRef<'static> {
+        SetRef {
+            set: self.unlocked_name(),
+            ..self.set_ref()
         }
     }
 }
@@ -199,19 +246,32 @@ impl Netns {
 
 fn ruleset() -> String {
     // `flush chain` then `add rule` in the same transaction keeps this
-    // idempotent without touching the set elements of other locks.
+    // idempotent without touching the set elements of other locks, and
+    // replaces the rules of an older layout (no `unlocked` sets).
+    let flow4 = "ipv4_addr . inet_service . ipv4_addr . inet_service";
+    let flow6 = "ipv6_addr . inet_service . ipv6_addr . inet_service";
+    let (pre4, out4) = (
+        "ip saddr . tcp sport . ip daddr . tcp dport",
+        "ip daddr . tcp dport . ip saddr . tcp sport",
+    );
+    let (pre6, out6) = (
+        "ip6 saddr . tcp sport . ip6 daddr . tcp dport",
+        "ip6 daddr . tcp dport . ip6 saddr . tcp sport",
+    );
     format!(
         "add table inet {TABLE}
-add set inet {TABLE} flows4 {{ type ipv4_addr . inet_service . ipv4_addr . inet_service; flags timeout; }}
-add set inet {TABLE} flows6 {{ type ipv6_addr . inet_service . ipv6_addr . inet_service; flags timeout; }}
+add set inet {TABLE} flows4 {{ type {flow4}; flags timeout; }}
+add set inet {TABLE} flows6 {{ type {flow6}; flags timeout; }}
+add set inet {TABLE} unlocked4 {{ type {flow4}; flags timeout; }}
+add set inet {TABLE} unlocked6 {{ type {flow6}; flags timeout; }}
 add chain inet {TABLE} pre {{ type filter hook prerouting priority -300; policy accept; }}
 add chain inet {TABLE} out {{ type filter hook output priority -300; policy accept; }}
 flush chain inet {TABLE} pre
 flush chain inet {TABLE} out
-add rule inet {TABLE} pre ip saddr . tcp sport . ip daddr . tcp dport @flows4 drop
-add rule inet {TABLE} pre ip6 saddr . tcp sport . ip6 daddr . tcp dport @flows6 drop
-add rule inet {TABLE} out ip daddr . tcp dport . ip saddr . tcp sport @flows4 drop
-add rule inet {TABLE} out ip6 daddr . tcp dport . ip6 saddr . tcp sport @flows6 drop
+add rule inet {TABLE} pre {pre4} @flows4 {pre4} != @unlocked4 drop
+add rule inet {TABLE} pre {pre6} @flows6 {pre6} != @unlocked6 drop
+add rule inet {TABLE} out {out4} @flows4 {out4} != @unlocked4 drop
+add rule inet {TABLE} out {out6} @flows6 {out6} != @unlocked6 drop
 "
     )
 }
@@ -259,10 +319,16 @@ fn nft(ns: &Netns, script: &str) -> Result<(), Error> {
 }
 
 /// Installs the lock's table in the caller's network namespace, if it is
-/// not there yet. Optional: the first lock does it otherwise, with one
-/// `nft` run (about 10 ms) in its critical path.
+/// not there yet, or upgrades a table of an older layout (no `unlocked`
+/// sets; its rules are replaced). Optional: the first lock does it
+/// otherwise, with one `nft` run (about 10 ms) in its critical path.
 pub fn prepare() -> Result<(), Error> {
-    if nfnl::table_exists(None, Family::Inet, TABLE).unwrap_or(false) {
+    let current = nfnl::Socket::open(None).and_then(|nl| {
+        Ok(nl.table_exists(Family::Inet, TABLE)?
+            && nl.set_exists(LockSet::V4.unlocked())?
+            && nl.set_exists(LockSet::V6.unlocked())?)
+    });
+    if current.unwrap_or(false) {
         return Ok(());
     }
     nft(&Netns::current(), &ruleset())
@@ -290,17 +356,29 @@ impl FlowLock {
         }
         let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
         // Fast path: the table is there, only elements change (no rule
-        // churn, whose commit waits for an RCU grace period), over netlink.
-        // Otherwise install the table, then add the elements, with `nft`.
-        let mut batch = Batch::new();
-        for (set, keys) in by_set(flows) {
-            batch.elements(set.set_ref(), &keys, add_op(lease_ms));
+        // churn), over netlink. Otherwise install the table, then add the
+        // elements, with `nft`.
+        let mut locked = fast(&ns, lock_batch(flows, lease_ms, mode::current()));
+        if let Err(Failure::Unsupported(_)) = locked {
+            // No DESTROYSETELEM: lock without it, as before the `unlocked` sets.
+            mode::fall_back("it refuses DESTROYSETELEM (Linux 6.3+)");
+            locked = fast(&ns, lock_batch(flows, lease_ms, Mode::Delete));
         }
-        if let Err(first) = fast(&ns, batch) {
-            if matches!(first, Error::Permission(_)) {
-                return Err(first);
+        match locked {
+            Ok(()) => {}
+            Err(Failure::Failed(e @ Error::Permission(_))) => return Err(e),
+            Err(_) => {
+                nft(&ns, &(ruleset() + &script(flows, lease_ms, false)))?;
+                // The table was there but refused the batch: a released
+                // element may still shadow the lock.
+                if mode::current() != Mode::Delete {
+                    let mut batch = Batch::new();
+                    for (set, elements) in by_set(flows) {
+                        batch.elements(set.unlocked(), &elements, Op::Destroy);
+                    }
+                    fast(&ns, batch)?;
+                }
             }
-            nft(&ns, &(ruleset() + &script(flows, lease_ms, false)))?;
         }
         tracing::debug!(flows = flows.len(), lease_ms, "flows locked");
         Ok(FlowLock {
@@ -324,17 +402,16 @@ impl FlowLock {
     /// Releases many locks with one transaction per namespace; the flows'
     /// packets pass again when this returns.
     pub fn release_many(locks: Vec<FlowLock>) -> Result<(), Error> {
-        Self::release_grouped(locks, Effect::OnReturn)
+        Self::release_grouped(locks)
     }
 
-    /// Releases many locks that no longer matter promptly (their flows
-    /// moved away): the elements expire within a few milliseconds after
-    /// this returns, without waiting for it.
+    /// Releases many locks whose flows moved away: the same as
+    /// [`FlowLock::release_many`] (a release takes effect when it returns).
     pub fn release_moved(locks: Vec<FlowLock>) -> Result<(), Error> {
-        Self::release_grouped(locks, Effect::Soon)
+        Self::release_grouped(locks)
     }
 
-    fn release_grouped(locks: Vec<FlowLock>, effect: Effect) -> Result<(), Error> {
+    fn release_grouped(locks: Vec<FlowLock>) -> Result<(), Error> {
         /// The flows of one network namespace.
         struct Group {
             identity: Option<(u64, u64)>,
@@ -355,7 +432,7 @@ impl FlowLock {
             }
         }
         for g in groups {
-            release(&g.ns, &g.flows, effect)?;
+            release_flows(&g.ns, &g.flows)?;
         }
         Ok(())
     }
@@ -387,90 +464,69 @@ impl Drop for FlowLock {
     }
 }
 
-/// When a release must have taken effect.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Effect {
-    /// When the call returns (a thawed flow must pass at once).
-    OnReturn,
-    /// Within a few milliseconds (the flow moved away).
-    Soon,
-}
-
-/// Removes `flows` from the lock sets of `ns`, present or not; their
-/// packets pass when this returns.
+/// Releases `flows` in `ns`, locked or not: their packets pass when this
+/// returns.
 pub fn release_flows(ns: &Netns, flows: &[Flow]) -> Result<(), Error> {
-    release(ns, flows, Effect::OnReturn)
-}
-
-fn release(ns: &Netns, flows: &[Flow], effect: Effect) -> Result<(), Error> {
     if flows.is_empty() {
         return Ok(());
     }
-    // Fast path: expire the elements in place (in 1 ms, rounded up to the
-    // next jiffies), which commits at once; a delete would wait for an RCU
-    // grace period (10-30 ms). Kernels before 6.10 do not update an
-    // existing element's expiry: the first release in a process watches
-    // the element go, and if it stays every release deletes instead.
-    static EXPIRY_UPDATES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if EXPIRY_UPDATES.get() != Some(&false) {
-        let mut batch = Batch::new();
-        for (set, keys) in by_set(flows) {
-            let expire = Op::AddExpiring {
-                timeout: EXPIRED_TIMEOUT,
-                expires_in: EXPIRED_EXPIRATION,
-            };
-            batch.elements(set.set_ref(), &keys, expire);
-        }
-        match fast(ns, batch) {
-            Err(e @ Error::Permission(_)) => return Err(e),
-            Err(_) => {}
-            Ok(()) if effect == Effect::Soon && EXPIRY_UPDATES.get() == Some(&true) => {
-                return Ok(())
-            }
-            Ok(()) => {
-                // All expire at the same jiffy: watch the first one go.
-                let f = &flows[0];
-                let nsfd = ns.fd.as_ref().map(|f| f.as_fd());
-                let deadline = std::time::Instant::now() + EXPIRY_WATCH;
-                loop {
-                    match nfnl::element_present(nsfd, f.set().set_ref(), &f.key()) {
-                        Ok(false) => {
-                            let _ = EXPIRY_UPDATES.set(true);
-                            return Ok(());
-                        }
-                        Ok(true) if std::time::Instant::now() < deadline => {
-                            std::thread::sleep(EXPIRY_POLL);
-                        }
-                        Ok(true) => {
-                            if EXPIRY_UPDATES.set(false).is_ok() {
-                                tracing::warn!(
-                                    "this kernel does not update a lock element's expiry \
-                                     (Linux 6.10+ does): releases delete elements, which \
-                                     waits for an RCU grace period"
-                                );
-                            }
-                            break;
-                        }
-                        Err(e) => {
-                            tracing::warn!(
-                                "cannot check a released lock element ({e:?}); deleting it"
-                            );
-                            break;
-                        }
-                    }
-                }
-            }
-        }
+    if mode::current() == Mode::Delete {
+        return delete(ns, flows);
     }
+    let probe = mode::current() == Mode::Unknown;
+    if probe {
+        // The probe element must exist to show whether its expiry updates.
+        fast(ns, mode::probe_setup()).or_else(|_| prepare_in(ns))?;
+    }
+    let mut batch = Batch::new();
+    if probe {
+        mode::probe(&mut batch);
+    }
+    let unlocked_for = unlocked_timeout(flows.len());
+    for (set, elements) in by_set(flows) {
+        let shadow = Op::AddExpiring {
+            timeout: unlocked_for,
+            expires_in: unlocked_for,
+        };
+        batch.elements(set.unlocked(), &elements, shadow);
+        let expire = Op::AddExpiring {
+            timeout: EXPIRED_TIMEOUT,
+            expires_in: EXPIRED_EXPIRATION,
+        };
+        batch.elements(set.set_ref(), &elements, expire);
+    }
+    match fast(ns, batch) {
+        Err(Failure::Failed(e @ Error::Permission(_))) => Err(e),
+        Err(Failure::Unsupported(_)) => {
+            mode::fall_back("it refuses DESTROYSETELEM (Linux 6.3+)");
+            delete(ns, flows)
+        }
+        // An older table (no `unlocked` set) or none: delete, which works
+        // with both; the next lock or `prepare` upgrades the table.
+        Err(_) => delete(ns, flows),
+        Ok(()) if probe && !mode::confirm(ns) => delete(ns, flows),
+        Ok(()) => Ok(()),
+    }
+}
+
+/// Installs the table in `ns`.
+fn prepare_in(ns: &Netns) -> Result<(), Error> {
+    nft(ns, &ruleset())
+}
+
+/// Removes `flows` from the lock sets of `ns`, present or not; their
+/// packets pass when this returns, after an RCU grace period (the close of
+/// the netlink socket waits for it).
+fn delete(ns: &Netns, flows: &[Flow]) -> Result<(), Error> {
     // `add` then `delete` in one transaction: deleting an absent element
     // would fail the whole batch, and the element may have expired.
     let mut batch = Batch::new();
-    for (set, keys) in by_set(flows) {
-        batch.elements(set.set_ref(), &keys, add_op(READD_BEFORE_DELETE_MS));
-        batch.elements(set.set_ref(), &keys, Op::Delete);
+    for (set, elements) in by_set(flows) {
+        batch.elements(set.set_ref(), &elements, add_op(READD_BEFORE_DELETE_MS));
+        batch.elements(set.set_ref(), &elements, Op::Delete);
     }
     match fast(ns, batch) {
-        Err(e @ Error::Permission(_)) => Err(e),
+        Err(Failure::Failed(e @ Error::Permission(_))) => Err(e),
         // No table yet: install it, which makes the batch valid.
         Err(_) => nft(
             ns,
@@ -478,6 +534,21 @@ fn release(ns: &Netns, flows: &[Flow], effect: Effect) -> Result<(), Error> {
         ),
         Ok(()) => Ok(()),
     }
+}
+
+/// The transaction that locks `flows` for `lease_ms`: adds them to the
+/// lock sets and, unless this kernel deletes, destroys their `unlocked`
+/// elements (absent but for a release in the last [`UNLOCKED_TIMEOUT`]
+/// or so).
+fn lock_batch(flows: &[Flow], lease_ms: u64, mode: Mode) -> Batch {
+    let mut batch = Batch::new();
+    for (set, elements) in by_set(flows) {
+        batch.elements(set.set_ref(), &elements, add_op(lease_ms));
+        if mode != Mode::Delete {
+            batch.elements(set.unlocked(), &elements, Op::Destroy);
+        }
+    }
+    batch
 }
 
 /// The `nft` script that adds `flows` with a timeout of `timeout_ms` (and,
@@ -520,18 +591,45 @@ fn by_set(flows: &[Flow]) -> Vec<(LockSet, Vec<Element>)> {
         .collect()
 }
 
+/// Why a netlink transaction of the lock failed.
+#[derive(Debug)]
+enum Failure {
+    /// The kernel does not know a message (DESTROYSETELEM before Linux
+    /// 6.3 answers EINVAL): its errno.
+    Unsupported(i32),
+    /// Anything else.
+    Failed(Error),
+}
+
+impl From<Failure> for Error {
+    fn from(f: Failure) -> Error {
+        match f {
+            Failure::Unsupported(errno) => Error::Lock(format!(
+                "nf_tables refused the lock's elements: {}",
+                std::io::Error::from_raw_os_error(errno)
+            )),
+            Failure::Failed(e) => e,
+        }
+    }
+}
+
 /// Commits an element batch over netlink in `ns`.
-fn fast(ns: &Netns, batch: Batch) -> Result<(), Error> {
+fn fast(ns: &Netns, batch: Batch) -> Result<(), Failure> {
     match nfnl::commit(ns.fd.as_ref().map(|f| f.as_fd()), batch) {
         Ok(()) => Ok(()),
-        Err(NlError::Refused(libc::EPERM)) => Err(Error::Permission(
+        Err(NlError::Refused(libc::EPERM)) => Err(Failure::Failed(Error::Permission(
             "nftables refused to change the ruleset: CAP_NET_ADMIN is needed to lock flows".into(),
-        )),
-        Err(NlError::Refused(errno)) => Err(Error::Lock(format!(
+        ))),
+        Err(NlError::Refused(errno @ (libc::EINVAL | libc::EOPNOTSUPP))) => {
+            Err(Failure::Unsupported(errno))
+        }
+        Err(NlError::Refused(errno)) => Err(Failure::Failed(Error::Lock(format!(
             "nf_tables refused the lock's elements: {}",
             std::io::Error::from_raw_os_error(errno)
-        ))),
-        Err(NlError::Io(e)) => Err(Error::Lock(format!("nf_tables netlink: {e}"))),
+        )))),
+        Err(NlError::Io(e)) => Err(Failure::Failed(Error::Lock(format!(
+            "nf_tables netlink: {e}"
+        )))),
     }
 }
 
@@ -549,42 +647,98 @@ pub fn locked_flow_count() -> Result<usize, Error> {
     count_elements(&out.stdout)
 }
 
-/// The elements of the lock's sets in `nft -j` output: `{"nftables": [...,
-/// {"set": {"name": "flows4", "elem": [...]}}, ...]}`.
+/// The locked flows in `nft -j` output: `{"nftables": [..., {"set":
+/// {"name": "flows4", "elem": [...]}}, ...]}`, less those also in the
+/// family's `unlocked` set (released, their lock element expiring).
 fn count_elements(json: &[u8]) -> Result<usize, Error> {
     let listing: serde_json::Value = serde_json::from_slice(json)
         .map_err(|e| Error::Lock(format!("nft printed JSON tcpr cannot read: {e}")))?;
     let objects = listing["nftables"]
         .as_array()
         .ok_or_else(|| Error::Lock("nft's JSON listing has no \"nftables\" array".into()))?;
-    Ok(objects
+    // An element is `{"elem": {"val": V, "timeout": ...}}` or plainly V.
+    let values = |name: &str| -> Vec<&serde_json::Value> {
+        objects
+            .iter()
+            .filter_map(|o| o.get("set"))
+            .filter(|set| set["name"] == name)
+            .filter_map(|set| set["elem"].as_array())
+            .flatten()
+            .map(|e| e.get("elem").and_then(|e| e.get("val")).unwrap_or(e))
+            .collect()
+    };
+    Ok([LockSet::V4, LockSet::V6]
         .iter()
-        .filter_map(|o| o.get("set"))
-        .filter(|set| {
-            [LockSet::V4, LockSet::V6]
-                .iter()
-                .any(|s| set["name"] == s.name())
+        .map(|s| {
+            let released = values(s.unlocked_name());
+            values(s.name())
+                .into_iter()
+                .filter(|v| !released.contains(v))
+                .count()
         })
-        .filter_map(|set| set["elem"].as_array())
-        .map(Vec::len)
         .sum())
 }
 
 /// Whether `flow` is locked in `ns`: its element is in the lock's set and
-/// not expired (one nf_tables netlink request).
+/// not expired, and it is not released (one or two nf_tables netlink
+/// requests).
 pub fn is_locked(ns: &Netns, flow: &Flow) -> Result<bool, Error> {
     let nsfd = ns.fd.as_ref().map(|f| f.as_fd());
-    match nfnl::element_present(nsfd, flow.set().set_ref(), &flow.key()) {
-        Ok(present) => Ok(present),
-        Err(NlError::Refused(libc::EPERM)) => Err(Error::Permission(
-            "nftables refused to list the lock: CAP_NET_ADMIN is needed".into(),
-        )),
-        Err(NlError::Refused(errno)) => Err(Error::Lock(format!(
+    nfnl::Socket::open(nsfd)
+        .and_then(|nl| held(&nl, flow))
+        .map_err(lookup_error)
+}
+
+/// Whether `flow` is locked, asked on `nl`.
+fn held(nl: &nfnl::Socket, flow: &Flow) -> Result<bool, NlError> {
+    let (set, key) = (flow.set(), flow.key());
+    // A missing table or set answers "absent".
+    Ok(nl.element(set.set_ref(), &key)?.is_some() && nl.element(set.unlocked(), &key)?.is_none())
+}
+
+fn lookup_error(e: NlError) -> Error {
+    match e {
+        NlError::Refused(libc::EPERM) => {
+            Error::Permission("nftables refused to list the lock: CAP_NET_ADMIN is needed".into())
+        }
+        NlError::Refused(errno) => Error::Lock(format!(
             "nf_tables refused to look up a lock element: {}",
             std::io::Error::from_raw_os_error(errno)
-        ))),
-        Err(NlError::Io(e)) => Err(Error::Lock(format!("nf_tables netlink: {e}"))),
+        )),
+        NlError::Io(e) => Error::Lock(format!("nf_tables netlink: {e}")),
     }
+}
+
+/// Releases this namespace's lock on `flow`, the flow of the socket `sock`,
+/// if it holds one (the flow was dumped here), so that its packets reach
+/// the restored socket at once. Returns whether there was one. Looks in the
+/// socket's namespace, which need not be the calling thread's; when it is
+/// (compared by namespace cookie), this costs one netlink GET on a socket
+/// of the calling thread.
+pub(crate) fn take_over(sock: BorrowedFd<'_>, flow: &Flow) -> Result<bool, Error> {
+    // Errors of the lookup count as "not held": the lease ends it.
+    let Ok(here) = nfnl::Socket::open(None) else {
+        return Ok(false);
+    };
+    let same = match (sys::netns_cookie(sock), here.netns_cookie()) {
+        (Ok(theirs), Ok(mine)) => theirs == mine,
+        _ => false,
+    };
+    let (nl, ns) = if same {
+        (here, Netns::current())
+    } else {
+        let ns = Netns::of_socket(sock)?;
+        let nsfd = ns.fd.as_ref().map(|f| f.as_fd());
+        let Ok(nl) = nfnl::Socket::open(nsfd) else {
+            return Ok(false);
+        };
+        (nl, ns)
+    };
+    if !held(&nl, flow).unwrap_or(false) {
+        return Ok(false);
+    }
+    release_flows(&ns, &[*flow])?;
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -406,23 +406,20 @@ impl Drop for Restored {
 /// once rather than when the lease ends. Returns whether there was one.
 fn release_local_lock(fd: BorrowedFd<'_>, flow: Flow) -> Result<bool, Error> {
     // The socket's namespace, not the calling thread's: a caller may
-    // restore inside a namespace and resume from outside it.
-    let ns = Netns::of_socket(fd)?;
-    // One netlink GET in the common case (a missing table or set answers
-    // "absent"): this runs on every resume, also an agent's thousands.
-    // The lock keys a flow by its wire family (an IPv4-mapped flow as IPv4).
-    let held = lock::is_locked(&ns, &flow).unwrap_or(false);
-    if !held {
-        return Ok(false);
-    }
-    lock::release_flows(&ns, &[flow]).map_err(|e| {
+    // restore inside a namespace and resume from outside it. One netlink
+    // GET in the common case (a missing table or set answers "absent"):
+    // this runs on every resume, also an agent's thousands. The lock keys
+    // a flow by its wire family (an IPv4-mapped flow as IPv4).
+    let held = lock::take_over(fd, &flow).map_err(|e| {
         Error::Lock(format!(
             "{} -> {}: cannot release this namespace's lock on the flow to take it over: {e}",
             flow.local, flow.peer
         ))
     })?;
-    tracing::debug!(local = %flow.local, peer = %flow.peer, "took over the flow's local lock");
-    Ok(true)
+    if held {
+        tracing::debug!(local = %flow.local, peer = %flow.peer, "took over the flow's local lock");
+    }
+    Ok(held)
 }
 
 fn apply_socket_options(fd: BorrowedFd<'_>, so: &SocketOptions, v6: bool) -> Result<(), Error> {

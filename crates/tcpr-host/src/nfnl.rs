@@ -28,6 +28,7 @@ const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 // `enum nf_tables_msg_types` (linux/netfilter/nf_tables.h).
 const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_GETSET: u16 = 10;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_GETSETELEM: u16 = 13;
 const NFT_MSG_DELSETELEM: u16 = 14;
@@ -35,6 +36,8 @@ const NFT_MSG_DELSETELEM: u16 = 14;
 const NFT_MSG_DESTROYSETELEM: u16 = 30;
 
 const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
@@ -55,6 +58,17 @@ const MAX_ELEMENTS_BYTES: usize = 60_000;
 /// The netlink header (`struct nlmsghdr`); the nfnetlink one (`struct
 /// nfgenmsg`, whose first byte is the family) follows it.
 const NLMSG_HDR_BYTES: usize = 16;
+
+/// `struct nfgenmsg`: family, version, resource id.
+const NFGENMSG_BYTES: usize = 4;
+
+/// The type bits of an attribute's type (the rest are the nested and
+/// byte-order flags).
+const NLA_TYPE_MASK: u16 = 0x3fff;
+
+/// A netlink socket's default send buffer (`net.core.wmem_default` is
+/// 212992 bytes): smaller batches need no check.
+const DEFAULT_SEND_BUFFER_BYTES: usize = 64 * 1024;
 
 /// An acknowledgement or error: the header, then the errno (`struct nlmsgerr`).
 const NLMSG_ERROR_BYTES: usize = NLMSG_HDR_BYTES + 4;
@@ -320,15 +334,200 @@ pub enum NlError {
     Io(std::io::Error),
 }
 
+/// A netlink socket for nf_tables requests in one network namespace: open
+/// one to send several requests, or use the free functions, which open one
+/// per call.
+#[derive(Debug)]
+pub struct Socket {
+    fd: std::os::fd::OwnedFd,
+}
+
+/// An element as the kernel lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listed {
+    /// How long until it expires (`None`: it has no timeout).
+    pub expires_in: Option<Duration>,
+}
+
+impl Socket {
+    /// A socket in the network namespace `ns` (the caller's when `None`).
+    pub fn open(ns: Option<BorrowedFd<'_>>) -> Result<Socket, NlError> {
+        let fd = sock::netlink_socket_in(ns, NETLINK_NETFILTER).map_err(NlError::Io)?;
+        // Errors need not echo our (large) messages back.
+        let _ = sock::set_int(fd.as_fd(), SOL_NETLINK, NETLINK_CAP_ACK, 1);
+        sock::set_recv_timeout(fd.as_fd(), ANSWER_TIMEOUT).map_err(NlError::Io)?;
+        Ok(Socket { fd })
+    }
+
+    /// The cookie of the socket's network namespace (`SO_NETNS_COOKIE`),
+    /// to compare with another socket's.
+    pub fn netns_cookie(&self) -> Result<u64, NlError> {
+        sock::netns_cookie(self.fd.as_fd()).map_err(NlError::Io)
+    }
+
+    /// Sends a batch and waits for every acknowledgement: the transaction
+    /// has committed (or failed as a whole) when this returns.
+    pub fn commit(&self, batch: Batch) -> Result<(), NlError> {
+        let (msg, acks) = batch.finish();
+        if acks == 0 {
+            return Ok(());
+        }
+        self.exchange(&msg, acks).map(drop)
+    }
+
+    /// Whether the table `table` of `family` exists.
+    pub fn table_exists(&self, family: Family, table: &str) -> Result<bool, NlError> {
+        let answer = self.get(family, NFT_MSG_GETTABLE, |buf| {
+            put_attr(buf, NFTA_TABLE_NAME, &nul(table))
+        })?;
+        Ok(answer.is_some())
+    }
+
+    /// Whether the set `set` exists.
+    pub fn set_exists(&self, set: SetRef<'_>) -> Result<bool, NlError> {
+        let answer = self.get(set.family, NFT_MSG_GETSET, |buf| {
+            put_attr(buf, NFTA_SET_TABLE, &nul(set.table));
+            put_attr(buf, NFTA_SET_NAME, &nul(set.set));
+        })?;
+        Ok(answer.is_some())
+    }
+
+    /// The element with `key` in `set`, unless absent or expired.
+    pub fn element(&self, set: SetRef<'_>, key: &[u8]) -> Result<Option<Listed>, NlError> {
+        let answer = self.get(set.family, NFT_MSG_GETSETELEM, |buf| {
+            put_attr(buf, NFTA_SET_ELEM_LIST_TABLE, &nul(set.table));
+            put_attr(buf, NFTA_SET_ELEM_LIST_SET, &nul(set.set));
+            let list = begin_nest(buf, NFTA_SET_ELEM_LIST_ELEMENTS);
+            let el = begin_nest(buf, NFTA_LIST_ELEM);
+            put_data(buf, NFTA_SET_ELEM_KEY, key);
+            end_nest(buf, el);
+            end_nest(buf, list);
+        })?;
+        Ok(answer.map(|msg| {
+            // NFTA_SET_ELEM_LIST_ELEMENTS > NFTA_LIST_ELEM > the element's
+            // attributes; the expiration is the time left, in ms.
+            let expires_in = attr(&msg, NFTA_SET_ELEM_LIST_ELEMENTS)
+                .and_then(|list| attr(list, NFTA_LIST_ELEM))
+                .and_then(|el| attr(el, NFTA_SET_ELEM_EXPIRATION))
+                .and_then(|ms| <[u8; 8]>::try_from(ms).ok())
+                .map(|ms| Duration::from_millis(u64::from_be_bytes(ms)));
+            Listed { expires_in }
+        }))
+    }
+
+    /// Sends one GET message of type `ty` (attributes written by `attrs`)
+    /// on its own (a GET is not a batch message). Returns the attributes of
+    /// the answer, or `None` when the object does not exist.
+    fn get(
+        &self,
+        family: Family,
+        ty: u16,
+        attrs: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<Option<Vec<u8>>, NlError> {
+        let mut b = Batch::bare();
+        let msg = b.header(
+            NFNL_SUBSYS_NFTABLES << 8 | ty,
+            NLM_F_REQUEST | NLM_F_ACK,
+            family.nfproto(),
+            0,
+        );
+        attrs(&mut b.buf);
+        b.end(msg);
+        match self.exchange(&b.buf, 1) {
+            Ok(mut answers) => Ok(answers.pop()),
+            Err(NlError::Refused(libc::ENOENT)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends `msg` and reads until `acks` acknowledgements came; returns
+    /// the attributes of the other (data) messages that arrived on the way.
+    /// Answers are matched by sequence number: the messages of `msg` carry
+    /// 1, 2, ...; anything else (an answer to an earlier request that
+    /// timed out) is skipped.
+    fn exchange(&self, msg: &[u8], acks: usize) -> Result<Vec<Vec<u8>>, NlError> {
+        let fd = self.fd.as_fd();
+        // A netlink datagram must fit the socket's send buffer.
+        if msg.len() > DEFAULT_SEND_BUFFER_BYTES {
+            let want = i32::try_from(msg.len() + SEND_BUFFER_SLACK_BYTES).unwrap_or(i32::MAX / 2);
+            if sock::get_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF).unwrap_or(0) < want {
+                let _ = sock::set_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, want)
+                    .or_else(|_| sock::set_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, want));
+            }
+        }
+        let last_seq = count_messages(msg) as u32;
+        sock::send_all(fd, msg).map_err(NlError::Io)?;
+        let mut buf = vec![0u8; RECV_BUFFER_BYTES];
+        let mut seen = 0;
+        let mut data = Vec::new();
+        while seen < acks {
+            let n = sock::recv_into(fd, &mut buf).map_err(NlError::Io)?;
+            let mut at = 0;
+            while at + NLMSG_ERROR_BYTES <= n {
+                let word = |i: usize| buf[at + i..at + i + 4].try_into().expect("4 bytes");
+                let len = u32::from_ne_bytes(word(0)) as usize;
+                let ty = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2 bytes"));
+                let seq = u32::from_ne_bytes(word(8));
+                if len < NLMSG_HDR_BYTES || at + len > n {
+                    break;
+                }
+                if !(1..=last_seq).contains(&seq) {
+                    // Not ours: an answer to an earlier request.
+                } else if ty == NLMSG_ERROR {
+                    let err = i32::from_ne_bytes(word(NLMSG_HDR_BYTES));
+                    if err != 0 {
+                        return Err(NlError::Refused(-err));
+                    }
+                    seen += 1;
+                } else if len >= NLMSG_HDR_BYTES + NFGENMSG_BYTES {
+                    data.push(buf[at + NLMSG_HDR_BYTES + NFGENMSG_BYTES..at + len].to_vec());
+                }
+                at += len.next_multiple_of(4);
+            }
+        }
+        Ok(data)
+    }
+}
+
+/// How many netlink messages `msg` holds.
+fn count_messages(msg: &[u8]) -> usize {
+    let mut at = 0;
+    let mut count = 0;
+    while at + 4 <= msg.len() {
+        let len = u32::from_ne_bytes(msg[at..at + 4].try_into().expect("4 bytes")) as usize;
+        if len < NLMSG_HDR_BYTES {
+            break;
+        }
+        at += len.next_multiple_of(4);
+        count += 1;
+    }
+    count
+}
+
+/// The payload of the first attribute of type `ty` among `attrs`.
+fn attr(attrs: &[u8], ty: u16) -> Option<&[u8]> {
+    let mut at = 0;
+    while at + 4 <= attrs.len() {
+        let len = u16::from_ne_bytes([attrs[at], attrs[at + 1]]) as usize;
+        let this = u16::from_ne_bytes([attrs[at + 2], attrs[at + 3]]) & NLA_TYPE_MASK;
+        if len < 4 || at + len > attrs.len() {
+            return None;
+        }
+        if this == ty {
+            return Some(&attrs[at + 4..at + len]);
+        }
+        at += len.next_multiple_of(4);
+    }
+    None
+}
+
 /// Sends a batch in the network namespace `ns` (the caller's when `None`)
-/// and waits for every acknowledgement: the transaction has committed (or
-/// failed as a whole) when this returns.
+/// on a socket of its own and waits for every acknowledgement.
 pub fn commit(ns: Option<BorrowedFd<'_>>, batch: Batch) -> Result<(), NlError> {
-    let (msg, acks) = batch.finish();
-    if acks == 0 {
+    if batch.is_empty() {
         return Ok(());
     }
-    exchange(ns, &msg, acks).map(drop)
+    Socket::open(ns)?.commit(batch)
 }
 
 /// Whether the table `table` of `family` exists in the namespace `ns` (the
@@ -338,9 +537,7 @@ pub fn table_exists(
     family: Family,
     table: &str,
 ) -> Result<bool, NlError> {
-    exists(ns, family, NFT_MSG_GETTABLE, |buf| {
-        put_attr(buf, NFTA_TABLE_NAME, &nul(table))
-    })
+    Socket::open(ns)?.table_exists(family, table)
 }
 
 /// Whether the element with `key` is in `set` and not expired.
@@ -349,83 +546,7 @@ pub fn element_present(
     set: SetRef<'_>,
     key: &[u8],
 ) -> Result<bool, NlError> {
-    exists(ns, set.family, NFT_MSG_GETSETELEM, |buf| {
-        put_attr(buf, NFTA_SET_ELEM_LIST_TABLE, &nul(set.table));
-        put_attr(buf, NFTA_SET_ELEM_LIST_SET, &nul(set.set));
-        let list = begin_nest(buf, NFTA_SET_ELEM_LIST_ELEMENTS);
-        let el = begin_nest(buf, NFTA_LIST_ELEM);
-        put_data(buf, NFTA_SET_ELEM_KEY, key);
-        end_nest(buf, el);
-        end_nest(buf, list);
-    })
-}
-
-/// Sends one GET message of type `ty` (attributes written by `attrs`) on
-/// its own (a GET is not a batch message): whether the object exists.
-fn exists(
-    ns: Option<BorrowedFd<'_>>,
-    family: Family,
-    ty: u16,
-    attrs: impl FnOnce(&mut Vec<u8>),
-) -> Result<bool, NlError> {
-    let mut b = Batch::bare();
-    let msg = b.header(
-        NFNL_SUBSYS_NFTABLES << 8 | ty,
-        NLM_F_REQUEST | NLM_F_ACK,
-        family.nfproto(),
-        0,
-    );
-    attrs(&mut b.buf);
-    b.end(msg);
-    match exchange(ns, &b.buf, 1) {
-        Ok(data) => Ok(data > 0),
-        Err(NlError::Refused(libc::ENOENT)) => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
-/// Sends `msg` and reads until `acks` acknowledgements came; returns how
-/// many other (data) messages arrived on the way.
-fn exchange(ns: Option<BorrowedFd<'_>>, msg: &[u8], acks: usize) -> Result<usize, NlError> {
-    let nl = sock::netlink_socket_in(ns, NETLINK_NETFILTER).map_err(NlError::Io)?;
-    let fd = nl.as_fd();
-    // Errors need not echo our (large) messages back.
-    let _ = sock::set_int(fd, SOL_NETLINK, NETLINK_CAP_ACK, 1);
-    // A netlink datagram must fit the socket's send buffer.
-    let want = i32::try_from(msg.len() + SEND_BUFFER_SLACK_BYTES).unwrap_or(i32::MAX / 2);
-    if sock::get_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF).unwrap_or(0) < want {
-        let _ = sock::set_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, want)
-            .or_else(|_| sock::set_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, want));
-    }
-    sock::set_recv_timeout(fd, ANSWER_TIMEOUT).map_err(NlError::Io)?;
-    sock::send_all(fd, msg).map_err(NlError::Io)?;
-    let mut buf = vec![0u8; RECV_BUFFER_BYTES];
-    let mut seen = 0;
-    let mut data = 0;
-    while seen < acks {
-        let n = sock::recv_into(fd, &mut buf).map_err(NlError::Io)?;
-        let mut at = 0;
-        while at + NLMSG_ERROR_BYTES <= n {
-            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize;
-            let ty = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2 bytes"));
-            if len < NLMSG_HDR_BYTES || at + len > n {
-                break;
-            }
-            if ty == NLMSG_ERROR {
-                let errno_at = at + NLMSG_HDR_BYTES;
-                let err =
-                    i32::from_ne_bytes(buf[errno_at..errno_at + 4].try_into().expect("4 bytes"));
-                if err != 0 {
-                    return Err(NlError::Refused(-err));
-                }
-                seen += 1;
-            } else {
-                data += 1;
-            }
-            at += len.next_multiple_of(4);
-        }
-    }
-    Ok(data)
+    Ok(Socket::open(ns)?.element(set, key)?.is_some())
 }
 
 #[cfg(test)]

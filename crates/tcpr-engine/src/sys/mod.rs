@@ -25,8 +25,8 @@ macro_rules! syscall {
 // TCP-repair specific ones and names errors as the engine reports them.
 use tcpr_host::sock;
 pub(crate) use tcpr_host::sock::{
-    get_int, named, netlink_socket, raw_os_error, recv_into, send_all, set_int, set_recv_timeout,
-    to_sockaddr,
+    get_int, named, netlink_socket, netns_cookie, raw_os_error, recv_into, send_all, set_int,
+    set_recv_timeout, to_sockaddr,
 };
 
 // Option numbers from linux/tcp.h (DESIGN.md lists them).
@@ -431,20 +431,6 @@ pub(crate) fn repair_mode(fd: BorrowedFd<'_>) -> io::Result<bool> {
     get_int(fd, libc::SOL_TCP, TCP_REPAIR)
         .map(|mode| mode != REPAIR_OFF)
         .map_err(named("read TCP_REPAIR"))
-}
-
-/// `SO_NETNS_COOKIE` (`asm-generic/socket.h`, Linux 5.14): a u64 naming the
-/// socket's network namespace, unique for the boot.
-const SO_NETNS_COOKIE: i32 = 71;
-
-/// The cookie of the socket's network namespace: one `getsockopt`, where
-/// `SIOCGSKNS` would open an fd per socket.
-pub(crate) fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    // SAFETY: SO_NETNS_COOKIE is read as a u64 (`sock_gen_cookie` of the
-    // namespace, `put_user` of 8 bytes).
-    unsafe { getsockopt::<u64>(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE) }
-        .map(|(cookie, _)| cookie)
-        .map_err(named("read SO_NETNS_COOKIE"))
 }
 
 // ---- restore additions ----

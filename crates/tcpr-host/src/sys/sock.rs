@@ -263,3 +263,25 @@ pub fn netlink_socket_in(ns: Option<BorrowedFd<'_>>, proto: i32) -> io::Result<O
         .unwrap_or_else(|_| Err(io::Error::other("netlink thread panicked")))
     })
 }
+
+/// `SO_NETNS_COOKIE` (`asm-generic/socket.h`, Linux 5.14): a u64 naming the
+/// socket's network namespace, unique for the boot.
+const SO_NETNS_COOKIE: i32 = 71;
+
+/// The cookie of a socket's network namespace (any socket, netlink ones
+/// too): one `getsockopt`, where `SIOCGSKNS` would open an fd.
+pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` is writable for `len` bytes and `len` is a valid
+    // pointer; the kernel writes a u64 (`sock_gen_cookie` of the namespace).
+    syscall!(getsockopt(
+        fd.as_raw_fd(),
+        libc::SOL_SOCKET,
+        SO_NETNS_COOKIE,
+        (&mut cookie as *mut u64).cast(),
+        &mut len
+    ))
+    .map_err(named("read SO_NETNS_COOKIE"))?;
+    Ok(cookie)
+}
