@@ -331,12 +331,7 @@ impl NftSteering {
 
     /// Runs an `nft` script in the datapath's namespace.
     fn nft(&self, script: &str) -> Result<(), SteerError> {
-        let path = format!(
-            "/proc/self/fd/{}",
-            std::os::fd::AsRawFd::as_raw_fd(&self.netns)
-        );
-        let run = || -> Result<(), SteerError> {
-            tcpr_host::enter_netns(&path)?;
+        self.within(|| {
             let mut child = Command::new("nft")
                 .args(["-f", "-"])
                 .stdin(Stdio::piped())
@@ -361,11 +356,7 @@ impl NftSteering {
                 ))));
             }
             written.map_err(SteerError::Kernel)
-        };
-        // A thread of its own: entering the namespace must not move the
-        // caller's thread.
-        std::thread::scope(|s| s.spawn(run).join())
-            .unwrap_or_else(|_| Err(invalid("the nft thread panicked")))
+        })
     }
 
     /// Adds `backend` to the backends map in `batch`, under a new id.
@@ -393,38 +384,9 @@ impl NftSteering {
         }
     }
 
-    /// Flows in one family's map, as `nft` lists them.
+    /// Live flows in one family's map.
     fn count(&self, set: &str) -> Result<usize, SteerError> {
-        let path = format!(
-            "/proc/self/fd/{}",
-            std::os::fd::AsRawFd::as_raw_fd(&self.netns)
-        );
-        let table = self.cfg.table.clone();
-        let set = set.to_string();
-        let run = move || -> Result<usize, SteerError> {
-            tcpr_host::enter_netns(&path)?;
-            let out = Command::new("nft")
-                .args(["-j", "list", "map", "netdev", &table, &set])
-                .stderr(Stdio::piped())
-                .output()?;
-            if !out.status.success() {
-                return Err(SteerError::Kernel(std::io::Error::other(format!(
-                    "nft: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ))));
-            }
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-                .map_err(|e| SteerError::Kernel(std::io::Error::other(e)))?;
-            Ok(v["nftables"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|o| o["map"]["elem"].as_array())
-                .map(Vec::len)
-                .sum())
-        };
-        std::thread::scope(|s| s.spawn(run).join())
-            .unwrap_or_else(|_| Err(invalid("the nft thread panicked")))
+        rule::count(self.ns(), &self.cfg.table, set).map_err(SteerError::Kernel)
     }
 }
 

@@ -14,7 +14,8 @@
 //!   meta load mark => reg32 9
 //!   dynset update reg_key reg32 0 set SET sreg_data reg32 9 timeout T
 //! ```
-//! Elements themselves go through [`tcpr_host::nfnl`].
+//! Elements themselves go through [`tcpr_host::nfnl`]; [`count`] counts a
+//! set's live elements with one GETSETELEM dump (the steering gauge).
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -26,6 +27,17 @@ const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_GETSETELEM: u16 = 13;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_DONE: u16 = 3;
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+/// The netlink header and the nfgenmsg after it.
+const NFNL_HDR_BYTES: usize = NLMSG_HDR_BYTES + 4;
+/// A dump answer's datagrams: the kernel fills up to this much.
+const DUMP_BUFFER_BYTES: usize = 256 * 1024;
 const NFPROTO_NETDEV: u8 = 5;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
@@ -197,6 +209,87 @@ pub(crate) fn append(ns: Option<BorrowedFd<'_>>, rules: &[Renew<'_>]) -> io::Res
         }
     }
     Ok(())
+}
+
+/// The attributes in `buf` as (type without flags, payload).
+fn attributes(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
+        let ty = u16::from_ne_bytes([buf[2], buf[3]]) & !NLA_F_NESTED;
+        if len < 4 || len > buf.len() {
+            return None;
+        }
+        let payload = &buf[4..len];
+        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
+        Some((ty, payload))
+    })
+}
+
+/// Elements in the NEWSETELEM messages of a dump datagram; `None` once
+/// the dump is done.
+fn count_datagram(buf: &[u8]) -> io::Result<Option<usize>> {
+    let mut at = 0;
+    let mut n = 0;
+    while at + NLMSG_HDR_BYTES <= buf.len() {
+        let len = u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let ty = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2 bytes"));
+        if len < NLMSG_HDR_BYTES || at + len > buf.len() {
+            break;
+        }
+        match ty {
+            NLMSG_DONE => return Ok(None),
+            NLMSG_ERROR => {
+                let e = at + NLMSG_HDR_BYTES;
+                let errno = i32::from_ne_bytes(buf[e..e + 4].try_into().expect("4 bytes"));
+                if errno != 0 {
+                    return Err(io::Error::from_raw_os_error(-errno));
+                }
+            }
+            t if t == NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWSETELEM && len >= NFNL_HDR_BYTES => {
+                n += attributes(&buf[at + NFNL_HDR_BYTES..at + len])
+                    .filter(|(ty, _)| *ty == NFTA_SET_ELEM_LIST_ELEMENTS)
+                    .map(|(_, list)| attributes(list).count())
+                    .sum::<usize>();
+            }
+            _ => {}
+        }
+        at += len.next_multiple_of(4);
+    }
+    Ok(Some(n))
+}
+
+/// The live (not expired) elements of the set `set` of the netdev table
+/// `table`, in the namespace `ns` (the calling thread's when `None`).
+pub(crate) fn count(ns: Option<BorrowedFd<'_>>, table: &str, set: &str) -> io::Result<usize> {
+    let nl = sock::netlink_socket_in(ns, NETLINK_NETFILTER)?;
+    let fd = nl.as_fd();
+    sock::set_recv_timeout(fd, ANSWER_TIMEOUT)?;
+    let mut req = Vec::new();
+    let ty = NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETSETELEM;
+    message(
+        &mut req,
+        ty,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        NFPROTO_NETDEV,
+        1,
+        |b| {
+            attr(b, NFTA_SET_ELEM_LIST_TABLE, &text(table));
+            attr(b, NFTA_SET_ELEM_LIST_SET, &text(set));
+        },
+    );
+    sock::send_all(fd, &req)?;
+    let mut buf = vec![0u8; DUMP_BUFFER_BYTES];
+    let mut total = 0;
+    loop {
+        let n = sock::recv_into(fd, &mut buf)?;
+        match count_datagram(&buf[..n])? {
+            Some(k) => total += k,
+            None => return Ok(total),
+        }
+    }
 }
 
 #[cfg(test)]
