@@ -161,7 +161,10 @@ fn defaults_balance_hash_and_round_robin_spelling() {
 
 #[test]
 fn certs_and_relative_paths_resolve_against_the_file_folder() {
-    let text = format!("[agents]\ncert = \"balancer.pem\"\nkey = \"/keys/balancer.key\"\nca = \"ca.pem\"\n{}", with_listener(""));
+    let text = format!(
+        "[agents]\ncert = \"balancer.pem\"\nkey = \"/keys/balancer.key\"\nca = \"ca.pem\"\n{}",
+        with_listener("")
+    );
     assert_eq!(
         parse(&text).unwrap().agents,
         AgentsAuth::Certs {
@@ -234,7 +237,8 @@ fn unknown_protocol_and_balance() {
         error(&text),
         format!("{FILE}:4:12: unknown variant `udp`, expected one of `http`, `tls`, `tcp`")
     );
-    let text = with_listener("").replace("name = \"red\"\n", "name = \"red\"\nbalance = \"random\"\n");
+    let text =
+        with_listener("").replace("name = \"red\"\n", "name = \"red\"\nbalance = \"random\"\n");
     assert_eq!(
         error(&text),
         format!("{FILE}:9:11: unknown variant `random`, expected one of `hash`, `round-robin`, `least-conn`")
@@ -244,7 +248,10 @@ fn unknown_protocol_and_balance() {
 #[test]
 fn missing_key() {
     let text = with_listener("").replace("protocol = \"http\"\n", "");
-    assert_eq!(error(&text), format!("{FILE}:1:1: missing field `protocol`"));
+    assert_eq!(
+        error(&text),
+        format!("{FILE}:1:1: missing field `protocol`")
+    );
 }
 
 #[test]
@@ -264,7 +271,10 @@ fn bad_addresses() {
         error(&text),
         format!("{FILE}:9:23: bad server address \"10.0.0.3:0\": a destination needs a specific IP and a port other than 0")
     );
-    let text = format!("[metrics]\nlisten = \"localhost:9100\"\n{}", with_listener(""));
+    let text = format!(
+        "[metrics]\nlisten = \"localhost:9100\"\n{}",
+        with_listener("")
+    );
     assert_eq!(
         error(&text),
         format!("{FILE}:2:10: bad metrics listen address \"localhost:9100\": expected IP:PORT, as 10.0.0.1:80 or [fd00::1]:80")
@@ -304,7 +314,9 @@ fn duplicate_bind_addresses() {
     let second = "[[listener]]\nname = \"api\"\nbind = [\"10.0.0.100:81\", \"10.0.0.100:80\"]\nprotocol = \"tcp\"\ndefault_pool = \"red\"\n";
     assert_eq!(
         error(&with_listener(second)),
-        format!("{FILE}:8:26: bind address 10.0.0.100:80 is already used by listener \"web\" (at 3:9)")
+        format!(
+            "{FILE}:8:26: bind address 10.0.0.100:80 is already used by listener \"web\" (at 3:9)"
+        )
     );
     // The wildcard address of the family covers every address.
     let second = "[[listener]]\nname = \"api\"\nbind = [\"0.0.0.0:80\"]\nprotocol = \"tcp\"\ndefault_pool = \"red\"\n";
@@ -313,10 +325,15 @@ fn duplicate_bind_addresses() {
         format!("{FILE}:8:9: bind address 0.0.0.0:80 is already used by listener \"web\" (at 3:9)")
     );
     // The metrics address too.
-    let text = format!("[metrics]\nlisten = \"10.0.0.100:80\"\n{}", with_listener(""));
+    let text = format!(
+        "[metrics]\nlisten = \"10.0.0.100:80\"\n{}",
+        with_listener("")
+    );
     assert_eq!(
         error(&text),
-        format!("{FILE}:5:9: bind address 10.0.0.100:80 is already used by [metrics] listen (at 2:10)")
+        format!(
+            "{FILE}:5:9: bind address 10.0.0.100:80 is already used by [metrics] listen (at 2:10)"
+        )
     );
     // Other family, other port, or port 0: no conflict.
     let second = "[[listener]]\nname = \"api\"\nbind = [\"[::]:80\", \"10.0.0.100:81\", \"127.0.0.1:0\", \"127.0.0.1:0\"]\nprotocol = \"tcp\"\ndefault_pool = \"red\"\n";
@@ -360,8 +377,10 @@ fn duplicate_member() {
 
 #[test]
 fn path_prefix_on_a_non_http_listener() {
-    let text = with_listener("[[listener.route]]\nhost = \"a.example\"\npath_prefix = \"/api\"\npool = \"red\"\n")
-        .replace("protocol = \"http\"", "protocol = \"tls\"");
+    let text = with_listener(
+        "[[listener.route]]\nhost = \"a.example\"\npath_prefix = \"/api\"\npool = \"red\"\n",
+    )
+    .replace("protocol = \"http\"", "protocol = \"tls\"");
     assert_eq!(
         error(&text),
         format!("{FILE}:8:15: path_prefix needs an http listener (this one is tls)")
@@ -412,11 +431,26 @@ fn bad_host_patterns() {
 #[test]
 fn limits() {
     for (line, message) in [
-        ("head_timeout_ms = 0", "6:19: head_timeout_ms 0 out of range: expected 1..=600000"),
-        ("head_timeout_ms = 600001", "6:19: head_timeout_ms 600001 out of range: expected 1..=600000"),
-        ("max_head_bytes = 255", "6:18: max_head_bytes 255 out of range: expected 256..=1048576"),
-        ("max_head_bytes = 1048577", "6:18: max_head_bytes 1048577 out of range: expected 256..=1048576"),
-        ("max_head_bytes = -1", "6:18: max_head_bytes -1 out of range: expected 256..=1048576"),
+        (
+            "head_timeout_ms = 0",
+            "6:19: head_timeout_ms 0 out of range: expected 1..=600000",
+        ),
+        (
+            "head_timeout_ms = 600001",
+            "6:19: head_timeout_ms 600001 out of range: expected 1..=600000",
+        ),
+        (
+            "max_head_bytes = 255",
+            "6:18: max_head_bytes 255 out of range: expected 256..=1048576",
+        ),
+        (
+            "max_head_bytes = 1048577",
+            "6:18: max_head_bytes 1048577 out of range: expected 256..=1048576",
+        ),
+        (
+            "max_head_bytes = -1",
+            "6:18: max_head_bytes -1 out of range: expected 256..=1048576",
+        ),
     ] {
         assert_eq!(
             error(&with_listener(&format!("{line}\n"))),
@@ -435,8 +469,12 @@ fn limits() {
 
 #[test]
 fn empty_pool_and_empty_names() {
-    let text = with_listener("").replace("members = [{ server = \"10.0.0.3:8080\" }]", "members = []");
-    assert_eq!(error(&text), format!("{FILE}:9:11: pool \"red\" has no members"));
+    let text =
+        with_listener("").replace("members = [{ server = \"10.0.0.3:8080\" }]", "members = []");
+    assert_eq!(
+        error(&text),
+        format!("{FILE}:9:11: pool \"red\" has no members")
+    );
     let text = with_listener("").replace("name = \"web\"", "name = \"\"");
     assert_eq!(error(&text), format!("{FILE}:2:8: empty listener name"));
 }
@@ -453,12 +491,18 @@ fn an_agent_needs_the_agents_table() {
 
 #[test]
 fn agents_table_must_be_whole() {
-    let text = format!("[agents]\ncert = \"c.pem\"\nkey = \"k.pem\"\n{}", with_listener(""));
+    let text = format!(
+        "[agents]\ncert = \"c.pem\"\nkey = \"k.pem\"\n{}",
+        with_listener("")
+    );
     assert_eq!(
         error(&text),
         format!("{FILE}:1:1: [agents] has no ca: cert + key + ca go together")
     );
-    let text = format!("[agents]\npsk_file = \"psk\"\nca = \"ca.pem\"\n{}", with_listener(""));
+    let text = format!(
+        "[agents]\npsk_file = \"psk\"\nca = \"ca.pem\"\n{}",
+        with_listener("")
+    );
     assert_eq!(
         error(&text),
         format!("{FILE}:3:6: [agents] takes psk_file or cert + key + ca, not both (ca given with psk_file)")
@@ -489,7 +533,9 @@ fn the_first_error_in_the_file_is_reported() {
 
 #[test]
 fn columns_count_characters_not_bytes() {
-    let text = with_listener("").replace("name = \"web\"", "name = \"wéb\" # é").replace("default_pool = \"red\"", "default_pool = \"rød\"");
+    let text = with_listener("")
+        .replace("name = \"web\"", "name = \"wéb\" # é")
+        .replace("default_pool = \"red\"", "default_pool = \"rød\"");
     assert_eq!(
         error(&text),
         format!("{FILE}:5:16: unknown pool \"rød\" (known pools: \"red\")")
