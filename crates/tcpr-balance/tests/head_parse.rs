@@ -2,6 +2,7 @@
 //! s_client`, written live by rustls), on every byte split of them, on
 //! hand-made bad ones, and on arbitrary bytes.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use proptest::prelude::*;
@@ -532,6 +533,38 @@ fn alerts_are_fatal_tls_records() {
 
 // -------------------------------------------------------------- properties
 
+/// What the fuzz targets check: never `Incomplete` once the limit is
+/// reached, and an answer other than `Incomplete` does not change when more
+/// bytes arrive.
+fn check_final_answers(protocol: Protocol, bytes: &[u8]) {
+    for max in [256, MAX] {
+        let whole = head::parse(protocol, bytes, max);
+        if bytes.len() >= max {
+            assert_ne!(whole, Err(HeadError::Incomplete));
+        }
+        for cut in 0..bytes.len() {
+            let prefix = head::parse(protocol, &bytes[..cut], max);
+            if prefix != Err(HeadError::Incomplete) {
+                assert_eq!(prefix, whole, "after {cut} of {} bytes", bytes.len());
+            }
+        }
+    }
+}
+
+/// The fuzz seeds (and any crash input added to them) on stable Rust.
+#[test]
+fn fuzz_seeds_keep_their_answers() {
+    let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds");
+    for (folder, protocol) in [("http_head", Protocol::Http), ("tls_head", Protocol::Tls)] {
+        let mut count = 0;
+        for entry in std::fs::read_dir(seeds.join(folder)).unwrap() {
+            check_final_answers(protocol, &std::fs::read(entry.unwrap().path()).unwrap());
+            count += 1;
+        }
+        assert!(count >= 5, "{folder} has {count} seeds");
+    }
+}
+
 /// A valid HTTP/1.1 head: method, origin-form path, Host, more fields.
 fn arbitrary_http_head() -> impl Strategy<Value = (Vec<u8>, Head)> {
     (
@@ -607,7 +640,11 @@ proptest! {
         for protocol in [Protocol::Http, Protocol::Tls] {
             let result = head::parse(protocol, &bytes, max);
             if bytes.len() >= max {
-                prop_assert_ne!(result, Err(HeadError::Incomplete));
+                prop_assert_ne!(result.clone(), Err(HeadError::Incomplete));
+            }
+            let prefix = head::parse(protocol, &bytes[..bytes.len() / 2], max);
+            if prefix != Err(HeadError::Incomplete) {
+                prop_assert_eq!(prefix, result);
             }
         }
     }

@@ -9,19 +9,15 @@ use crate::route::normalize_host;
 /// The most header fields a head may have.
 pub const MAX_HEADER_FIELDS: usize = 128;
 
-/// The first line of the HTTP/2 connection preface (RFC 9113 §3.4): a
-/// client speaking HTTP/2 with prior knowledge.
-const HTTP2_PREFACE_LINE: &[u8] = b"PRI * HTTP/2.0\r\n";
+/// The start of the HTTP/2 connection preface (RFC 9113 §3.4), as far as
+/// it differs from an HTTP/1.x request line: a client speaking HTTP/2 with
+/// prior knowledge.
+const HTTP2_PREFACE_START: &[u8] = b"PRI * HTTP/2";
 
 /// Reads an HTTP/1.x request head from the first `max_head_bytes` of
 /// `bytes`.
 pub fn parse(bytes: &[u8], max_head_bytes: usize) -> Result<Head, HeadError> {
     let window = &bytes[..bytes.len().min(max_head_bytes)];
-    if window.starts_with(HTTP2_PREFACE_LINE) {
-        return Err(HeadError::Malformed(String::from(
-            "HTTP/2 prior-knowledge preface (PRI * HTTP/2.0): this listener reads HTTP/1.x only",
-        )));
-    }
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADER_FIELDS];
     let mut request = httparse::Request::new(&mut fields);
     match request.parse(window) {
@@ -30,6 +26,13 @@ pub fn parse(bytes: &[u8], max_head_bytes: usize) -> Result<Head, HeadError> {
         Err(httparse::Error::TooManyHeaders) => {
             return Err(HeadError::Malformed(format!(
                 "more than {MAX_HEADER_FIELDS} header fields"
+            )))
+        }
+        // httparse refuses the preface at its version, "2": name it then,
+        // so the answer is the same however many bytes have arrived.
+        Err(_) if window.starts_with(HTTP2_PREFACE_START) => {
+            return Err(HeadError::Malformed(String::from(
+                "HTTP/2 prior-knowledge preface (PRI * HTTP/2.0): this listener reads HTTP/1.x only",
             )))
         }
         Err(error) => return Err(HeadError::Malformed(format!("HTTP/1.x: {error}"))),
