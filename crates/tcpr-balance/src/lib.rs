@@ -16,15 +16,16 @@
 //! - [`metrics`]: the counters and histogram, rendered in the Prometheus
 //!   text format, and a parser for that text.
 //!
-//! What is not here: listening, peeking, health checks, the handoff, the
-//! fallback proxy and the steering datapath (the runtime in
-//! `crates/tcpr/src/balance.rs` and the crates `tcpr-handoff`, `tcpr-steer`).
+//! What these modules do not do: listen, peek, check health, hand off,
+//! proxy, or steer packets. The runtime modules written beside them in this
+//! crate (`runtime`, `proxy`, `health`, `serve_metrics`) do the I/O, with
+//! `tcpr-handoff` and `tcpr-steer`; the CLI is `crates/tcpr/src/balance.rs`.
 //! The head parsers do not decrypt anything and do not validate a request
 //! beyond what routing needs: the backend reads the same bytes and answers
 //! them itself.
 //!
 //! ```
-//! use tcpr_balance::{config::Config, head, route::Router};
+//! use tcpr_balance::{config::Config, head, pool::Pool, route::Router};
 //! use std::path::Path;
 //! let text = r#"
 //! [[listener]]
@@ -48,6 +49,15 @@
 //! let bytes = b"GET /x HTTP/1.1\r\nHost: www.Red.example:8080\r\n\r\n";
 //! let request = head::parse(listener.protocol, bytes, listener.max_head_bytes).unwrap();
 //! assert_eq!(router.pick(&request), Some("red"));
+//! let red = Pool::new(&config.pools[0]);
+//! let client = "192.0.2.7:51234".parse().unwrap();
+//! let member = red.pick(client, &|_| true).unwrap();
+//! assert_eq!(red.member(member).server, Some("10.0.0.3:8080".parse().unwrap()));
+//! // A head cut short is not an answer yet: peek again.
+//! assert_eq!(
+//!     head::parse(listener.protocol, &bytes[..20], listener.max_head_bytes),
+//!     Err(head::HeadError::Incomplete)
+//! );
 //! ```
 #![forbid(unsafe_code)]
 
