@@ -6,6 +6,7 @@
 //!
 //! | name | type | labels | counts |
 //! |---|---|---|---|
+//! | `tcpr_balance_connections_total` | counter | listener | connections accepted |
 //! | `tcpr_balance_handoffs_total` | counter | pool, member | connections handed off to a member's agent |
 //! | `tcpr_balance_fallbacks_total` | counter | pool, member | handoffs that failed or rolled back, then proxied to the member's server |
 //! | `tcpr_balance_proxied_total` | counter | pool, member | connections proxied from the start (member without agent) |
@@ -28,6 +29,8 @@ pub const HANDOFF_SECONDS_BUCKETS: [f64; 13] = [
 
 /// Metric names, for the runtime and `tcpr balance status`.
 pub mod names {
+    /// Counter {listener}: connections accepted.
+    pub const CONNECTIONS: &str = "tcpr_balance_connections_total";
     /// Counter {pool, member}: connections handed off.
     pub const HANDOFFS: &str = "tcpr_balance_handoffs_total";
     /// Counter {pool, member}: handoffs that fell back to the proxy.
@@ -91,6 +94,7 @@ struct Histogram {
 
 #[derive(Debug, Default)]
 struct Counters {
+    connections: BTreeMap<String, u64>,
     handoffs: BTreeMap<PoolMember, u64>,
     fallbacks: BTreeMap<PoolMember, u64>,
     proxied: BTreeMap<PoolMember, u64>,
@@ -132,6 +136,23 @@ impl Metrics {
             .handoff_seconds
             .entry(pool.to_string())
             .or_default();
+    }
+
+    /// Shows `listener` with zero connections before its first.
+    pub fn register_listener(&self, listener: &str) {
+        self.counters()
+            .connections
+            .entry(listener.to_string())
+            .or_default();
+    }
+
+    /// `listener` accepted a connection.
+    pub fn accepted(&self, listener: &str) {
+        *self
+            .counters()
+            .connections
+            .entry(listener.to_string())
+            .or_default() += 1;
     }
 
     /// A connection was handed off to `member` of `pool` in `seconds`.
@@ -207,6 +228,20 @@ impl Metrics {
     pub fn render(&self) -> String {
         let counters = self.counters();
         let mut text = String::new();
+        header(
+            &mut text,
+            names::CONNECTIONS,
+            "Connections accepted.",
+            "counter",
+        );
+        for (listener, value) in &counters.connections {
+            sample(
+                &mut text,
+                names::CONNECTIONS,
+                &[("listener", listener)],
+                *value as f64,
+            );
+        }
         let per_member = [
             (
                 names::HANDOFFS,

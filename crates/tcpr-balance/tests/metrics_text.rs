@@ -23,6 +23,7 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64>
 fn every_fixed_name_has_help_and_type_even_before_any_event() {
     let text = Metrics::new().render();
     for (name, kind) in [
+        (names::CONNECTIONS, "counter"),
         (names::HANDOFFS, "counter"),
         (names::FALLBACKS, "counter"),
         (names::PROXIED, "counter"),
@@ -43,6 +44,9 @@ fn every_fixed_name_has_help_and_type_even_before_any_event() {
 #[test]
 fn events_render_and_parse_back() {
     let metrics = Metrics::new();
+    metrics.register_listener("web");
+    metrics.register_listener("tls");
+    metrics.accepted("web");
     metrics.register_member("red", "10.0.0.3:7700");
     metrics.register_member("red", "10.0.0.4:7700");
     metrics.handoff_ok("red", "10.0.0.3:7700", 0.0007);
@@ -62,6 +66,14 @@ fn events_render_and_parse_back() {
 
     let text = metrics.render();
     let samples = try_parse_metrics(&text).unwrap();
+    assert_eq!(
+        value(&samples, names::CONNECTIONS, &[("listener", "web")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&samples, names::CONNECTIONS, &[("listener", "tls")]),
+        Some(0.0)
+    );
     let red3 = [("pool", "red"), ("member", "10.0.0.3:7700")];
     let red4 = [("pool", "red"), ("member", "10.0.0.4:7700")];
     assert_eq!(value(&samples, names::HANDOFFS, &red3), Some(4.0));
