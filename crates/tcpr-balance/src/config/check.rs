@@ -173,6 +173,30 @@ impl Checker<'_> {
         }
     }
 
+    /// A `kind` (listener, pool) name must be non-empty and unique.
+    fn unique_name<'r>(
+        &self,
+        name: &'r Spanned<String>,
+        kind: &str,
+        seen: &mut HashMap<&'r str, Range<usize>>,
+        errors: &mut Errors,
+    ) {
+        let text = name.get_ref().as_str();
+        if text.is_empty() {
+            errors.push(self.error(name.span(), format!("empty {kind} name")));
+        } else if let Some(first) = seen.get(text) {
+            errors.push(self.error(
+                name.span(),
+                format!(
+                    "duplicate {kind} name \"{text}\" (first at {})",
+                    self.at(first)
+                ),
+            ));
+        } else {
+            seen.insert(text, name.span());
+        }
+    }
+
     fn check_agents(&self, agents: &Spanned<RawAgents>, errors: &mut Errors) -> AgentsAuth {
         let table = agents.get_ref();
         let path = |value: &Spanned<String>, errors: &mut Errors| {
@@ -238,19 +262,7 @@ impl Checker<'_> {
         for pool in raw {
             let pool = pool.get_ref();
             let name = pool.name.get_ref();
-            if name.is_empty() {
-                errors.push(self.error(pool.name.span(), "empty pool name"));
-            } else if let Some(first) = seen.get(name.as_str()) {
-                errors.push(self.error(
-                    pool.name.span(),
-                    format!(
-                        "duplicate pool name \"{name}\" (first at {})",
-                        self.at(first)
-                    ),
-                ));
-            } else {
-                seen.insert(name, pool.name.span());
-            }
+            self.unique_name(&pool.name, "pool", &mut seen, errors);
             if pool.members.get_ref().is_empty() {
                 errors.push(self.error(
                     pool.members.span(),
@@ -366,19 +378,7 @@ impl Checker<'_> {
         for spanned in raw {
             let listener = spanned.get_ref();
             let name = listener.name.get_ref();
-            if name.is_empty() {
-                errors.push(self.error(listener.name.span(), "empty listener name"));
-            } else if let Some(first) = seen.get(name.as_str()) {
-                errors.push(self.error(
-                    listener.name.span(),
-                    format!(
-                        "duplicate listener name \"{name}\" (first at {})",
-                        self.at(first)
-                    ),
-                ));
-            } else {
-                seen.insert(name, listener.name.span());
-            }
+            self.unique_name(&listener.name, "listener", &mut seen, errors);
 
             if listener.bind.get_ref().is_empty() {
                 errors.push(self.error(
