@@ -476,7 +476,13 @@ pub fn release_flows(ns: &Netns, flows: &[Flow]) -> Result<(), Error> {
     let probe = mode::current() == Mode::Unknown;
     if probe {
         // The probe element must exist to show whether its expiry updates.
-        fast(ns, mode::probe_setup()).or_else(|_| prepare_in(ns))?;
+        if let Err(e) = fast(ns, mode::probe_setup()) {
+            if let Failure::Failed(e @ Error::Permission(_)) = e {
+                return Err(e);
+            }
+            prepare_in(ns)?;
+            fast(ns, mode::probe_setup())?;
+        }
     }
     let mut batch = Batch::new();
     if probe {
@@ -503,6 +509,7 @@ pub fn release_flows(ns: &Netns, flows: &[Flow]) -> Result<(), Error> {
         }
         // An older table (no `unlocked` set) or none: delete, which works
         // with both; the next lock or `prepare` upgrades the table.
+        Err(_) if probe => delete(ns, &[flows, &[mode::probe_flow()]].concat()),
         Err(_) => delete(ns, flows),
         Ok(()) if probe && !mode::confirm(ns) => delete(ns, flows),
         Ok(()) => Ok(()),
@@ -667,13 +674,15 @@ fn count_elements(json: &[u8]) -> Result<usize, Error> {
             .map(|e| e.get("elem").and_then(|e| e.get("val")).unwrap_or(e))
             .collect()
     };
+    // The probe of a process's first release (`mode`) is no lock.
+    let probe = serde_json::json!({"concat": ["0.0.0.0", 0, "0.0.0.0", 0]});
     Ok([LockSet::V4, LockSet::V6]
         .iter()
         .map(|s| {
             let released = values(s.unlocked_name());
             values(s.name())
                 .into_iter()
-                .filter(|v| !released.contains(v))
+                .filter(|v| !released.contains(v) && **v != probe)
                 .count()
         })
         .sum())

@@ -79,7 +79,7 @@ pub(crate) fn fall_back(why: &str) {
 }
 
 /// A flow no packet carries.
-fn probe_flow() -> Flow {
+pub(crate) fn probe_flow() -> Flow {
     let zero = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0);
     Flow {
         local: zero,

@@ -49,6 +49,15 @@ fn nft_json_elements_are_counted_per_lock_set() {
             {"set": {"family": "inet", "name": "flows6", "table": "tcpr"}},
             {"set": {"family": "inet", "name": "other", "table": "tcpr", "elem": [1, 2, 3]}}]}"#;
     assert_eq!(count_elements(listing).unwrap(), 2);
+    // Released flows (also in `unlocked`) and the mode probe are not locked.
+    let released = br#"{"nftables": [
+            {"set": {"name": "flows4", "elem": [
+              {"elem": {"val": {"concat": ["10.0.0.1", 1, "10.0.0.2", 2]}, "timeout": 60}},
+              {"elem": {"val": {"concat": ["10.0.0.3", 1, "10.0.0.2", 2]}, "timeout": 60}},
+              {"elem": {"val": {"concat": ["0.0.0.0", 0, "0.0.0.0", 0]}, "timeout": 1}}]}},
+            {"set": {"name": "unlocked4", "elem": [
+              {"elem": {"val": {"concat": ["10.0.0.1", 1, "10.0.0.2", 2]}, "timeout": 1}}]}}]}"#;
+    assert_eq!(count_elements(released).unwrap(), 1);
     assert!(count_elements(b"{}").is_err());
     assert!(count_elements(b"not json").is_err());
 }
