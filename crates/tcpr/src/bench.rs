@@ -2,11 +2,11 @@
 //! idle connections, against the same syscall sequence as bare libc calls
 //! (the floor), in a private network namespace on loopback.
 
+use crate::report::Samples;
 use anyhow::{bail, Context, Result};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
-use crate::report::Samples;
 use std::time::{Duration, Instant};
 use tcpr_engine::{freeze_many, restore, Flow, FlowLock, FreezeOptions, Netns};
 use tcpr_host::floor;
@@ -263,6 +263,10 @@ impl EnginePlan {
 
 /// Flows per lock call in the lock benchmark: one connection, and a batch.
 const LOCK_BATCHES: [usize; 2] = [1, 100];
+/// Ports of the lock benchmark's made-up flows: each batch size has its
+/// own local ports, each cycle its own peer port.
+const LOCK_LOCAL_PORTS: [u16; 2] = [20_000, 30_000];
+const LOCK_PEER_PORT: u16 = 40_000;
 
 /// The datapath [`FlowLock`] uses. nf_tables sets are its only one today;
 /// a second one (BPF) reports itself here when it lands.
@@ -270,17 +274,19 @@ fn lock_datapath() -> String {
     "nftables".into()
 }
 
-/// Acquires and releases a lock on `flows` distinct flows `cycles` times.
-fn lock_row(flows: usize, cycles: usize) -> Result<LockRow> {
+/// Acquires and releases a lock on `flows` distinct flows `cycles` times,
+/// new flows each time (a flow just released may still be in the set
+/// until its element expires: locking it again is another operation).
+fn lock_row(flows: usize, cycles: usize, first_port: u16) -> Result<LockRow> {
     let local: std::net::IpAddr = [127, 0, 0, 1].into();
-    let batch: Vec<Flow> = (0..flows)
-        .map(|i| Flow {
-            local: std::net::SocketAddr::new(local, 20_000 + i as u16),
-            peer: std::net::SocketAddr::new(local, 40_000),
-        })
-        .collect();
     let (mut acquire, mut release) = (Vec::new(), Vec::new());
-    for _ in 0..cycles {
+    for cycle in 0..cycles {
+        let batch: Vec<Flow> = (0..flows)
+            .map(|i| Flow {
+                local: std::net::SocketAddr::new(local, first_port + i as u16),
+                peer: std::net::SocketAddr::new(local, LOCK_PEER_PORT + cycle as u16),
+            })
+            .collect();
         let t = Instant::now();
         let lock = FlowLock::acquire(&batch, Netns::current(), tcpr_engine::DEFAULT_LEASE)?;
         acquire.push(t.elapsed());
@@ -348,9 +354,9 @@ fn measure_here(plan: &EnginePlan, tick: &dyn Fn(&str)) -> Result<EngineFigures>
     }
     let mut locks = Vec::new();
     if plan.lock_cycles > 0 {
-        for flows in LOCK_BATCHES {
+        for (flows, first_port) in LOCK_BATCHES.into_iter().zip(LOCK_LOCAL_PORTS) {
             tick(&format!("lock: {flows} flows"));
-            locks.push(lock_row(flows, plan.lock_cycles)?);
+            locks.push(lock_row(flows, plan.lock_cycles, first_port)?);
         }
     }
     Ok(EngineFigures {

@@ -14,6 +14,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use tcpr_handoff::{
     hand_off, AgentConfig, AgentServer, Auth, Delivered, Delivery, HandOff, MigrateOptions, Switch,
+    Timings,
 };
 use tcpr_netlab::{Host, Lab};
 
@@ -60,13 +61,13 @@ fn move_address(from: &Host, to: &Host) -> Result<()> {
 /// Moves `n` idle connections from `a` to `b`, whose agent (`tcpr agent`,
 /// a process of its own, so that each process holds one end of each
 /// connection) passes them to a sink that counts and closes them; returns
-/// the handoff time.
+/// the handoff time and the sender's split of it.
 fn batch(
     lab_hosts: (&Host, &Host, &Host),
     n: usize,
     auth: &Auth,
     delivered: &mpsc::Receiver<()>,
-) -> Result<Duration> {
+) -> Result<(Duration, Timings)> {
     let (c, a, b) = lab_hosts;
     let listener = a.within(|| Ok(TcpListener::bind((SVC, PORT))?))?;
     let mut peer = c
@@ -95,6 +96,7 @@ fn batch(
     let t = Instant::now();
     let report = a.within(|| Ok(tcpr_handoff::migrate(servers, &opts, &|_| {})?))?;
     let took = t.elapsed();
+    let timings = report.timings;
     let moved = report.moved.len();
     // Drain the deliveries: closing them here keeps the fd count low.
     let mut got = 0;
@@ -122,7 +124,7 @@ fn batch(
     }
     // Put the address back for the next round.
     move_address(b, a)?;
-    Ok(took)
+    Ok((took, timings))
 }
 
 /// The pause before a handoff of `n` connections, after the one before.
@@ -137,6 +139,21 @@ pub struct BatchRow {
     pub conns: usize,
     /// The whole handoff, from the call to its report.
     pub total_ms: Samples,
+    /// The sender's split of it, phase by phase (see [`Timings`]).
+    pub phases_ms: Vec<(&'static str, Samples)>,
+}
+
+/// The phases of [`Timings`], named as the report shows them.
+fn phases(runs: &[Timings]) -> Vec<(&'static str, Samples)> {
+    let col = |f: fn(&Timings) -> Duration| Samples::ms(&runs.iter().map(f).collect::<Vec<_>>());
+    vec![
+        ("connect (TLS)", col(|t| t.connect)),
+        ("freeze", col(|t| t.freeze)),
+        ("prepare (dump, send, agent restores)", col(|t| t.prepare)),
+        ("switch (address move)", col(|t| t.switch)),
+        ("commit (agent resumes and delivers)", col(|t| t.commit)),
+        ("release source locks", col(|t| t.release)),
+    ]
 }
 
 /// One stream moved back and forth, and the same stream not moved.
@@ -240,7 +257,10 @@ pub fn run(counts: &[usize], moves: usize) -> Result<()> {
         s.moved_gap_ms.max(),
         s.p50_ratio
     );
-    println!("verified {} bytes in order, none lost or corrupted", s.verified_bytes);
+    println!(
+        "verified {} bytes in order, none lost or corrupted",
+        s.verified_bytes
+    );
     Ok(())
 }
 
@@ -302,7 +322,7 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
     BufReader::new(batch_agent.stdout.take().expect("piped")).read_line(&mut line)?;
     let batch_auth = Auth::psk_file(&key)?;
 
-    let first = batch((&c, &a, &b), 1, &batch_auth, &sink_rx)?;
+    let (first, _) = batch((&c, &a, &b), 1, &batch_auth, &sink_rx)?;
     let mut batches = Vec::new();
     for &n in counts {
         // Each handoff on a settled host: the previous one's aftermath
@@ -315,9 +335,11 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
                 batch((&c, &a, &b), n, &batch_auth, &sink_rx)
             })
             .collect::<Result<Vec<_>>>()?;
+        let (totals, timings): (Vec<Duration>, Vec<Timings>) = runs.into_iter().unzip();
         batches.push(BatchRow {
             conns: n,
-            total_ms: Samples::ms(&runs),
+            total_ms: Samples::ms(&totals),
+            phases_ms: phases(&timings),
         });
     }
 

@@ -409,7 +409,9 @@ mod tests {
         let mut other = j.begin(7).unwrap();
         assert_eq!(j.status(42).status, BatchStatus::NotResumed);
         log.commit(&[0, 1], None).unwrap();
-        other.commit(&[0], Some("10.0.0.9".parse().unwrap())).unwrap();
+        other
+            .commit(&[0], Some("10.0.0.9".parse().unwrap()))
+            .unwrap();
         log.resuming(&j).unwrap();
         log.delivered(0).unwrap();
         drop(log);
@@ -419,10 +421,7 @@ mod tests {
         assert_eq!(again.status(43).status, BatchStatus::Unknown);
         // The restarted agent gives 7's address back and records it in
         // its own segment; both segments are read.
-        assert_eq!(
-            again.status(7).give_back,
-            Some("10.0.0.9".parse().unwrap())
-        );
+        assert_eq!(again.status(7).give_back, Some("10.0.0.9".parse().unwrap()));
         again.mark_aborted(7).unwrap();
         assert_eq!(
             again.status(7),

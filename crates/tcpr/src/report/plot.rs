@@ -46,6 +46,7 @@ pub(super) fn load_font() -> Result<()> {
 /// File names of the plots, relative to the report.
 pub(super) struct Plots {
     pub(super) engine: String,
+    pub(super) engine_ratio: String,
     pub(super) lock: String,
     pub(super) handoff: String,
     pub(super) gaps: String,
@@ -55,11 +56,13 @@ pub(super) struct Plots {
 pub(super) fn draw_all(dir: &Path, e: &EngineFigures, h: &HandoffFigures) -> Result<Plots> {
     let plots = Plots {
         engine: "engine.png".into(),
+        engine_ratio: "engine-ratio.png".into(),
         lock: "lock.png".into(),
         handoff: "handoff.png".into(),
         gaps: "gaps.png".into(),
     };
     engine(&dir.join(&plots.engine), e).context("engine plot")?;
+    engine_ratio(&dir.join(&plots.engine_ratio), e).context("engine ratio plot")?;
     lock(&dir.join(&plots.lock), e).context("lock plot")?;
     handoff(&dir.join(&plots.handoff), h).context("handoff plot")?;
     gaps(&dir.join(&plots.gaps), h).context("gap plot")?;
@@ -123,7 +126,9 @@ fn spread_chart(
             ))
             .map_err(err)?
             .label(s.name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
         chart
             .draw_series(s.points.iter().map(|(x, v)| {
                 ErrorBar::new_vertical(*x, v.min(), v.median(), v.max(), color.filled(), CAP_PX)
@@ -154,7 +159,7 @@ fn spread_chart(
 
 /// A tick label: few digits whatever the magnitude.
 fn short(v: f64) -> String {
-    if v >= 100.0 {
+    if v >= 100.0 || (v >= 1.0 && v.fract() == 0.0) {
         format!("{v:.0}")
     } else if v >= 1.0 {
         format!("{v:.1}")
@@ -214,6 +219,36 @@ fn engine(path: &Path, e: &EngineFigures) -> Result<()> {
     )
 }
 
+fn engine_ratio(path: &Path, e: &EngineFigures) -> Result<()> {
+    spread_chart(
+        path,
+        "tcpr against the floor, ratio within each run",
+        "connections per run",
+        "tcpr / floor (per-run ratio)",
+        &[
+            Series {
+                name: "freeze+dump / floor",
+                color: BLUE,
+                points: e
+                    .rows
+                    .iter()
+                    .map(|r| (r.conns as f64, &r.dump_ratio))
+                    .collect(),
+            },
+            Series {
+                name: "restore+resume / floor",
+                color: RGBColor(0, 140, 0),
+                points: e
+                    .rows
+                    .iter()
+                    .map(|r| (r.conns as f64, &r.restore_ratio))
+                    .collect(),
+            },
+        ],
+        Some(("goal: 1.3x at 100 and 10,000", super::goals::FLOOR_RATIO)),
+    )
+}
+
 fn handoff(path: &Path, h: &HandoffFigures) -> Result<()> {
     spread_chart(
         path,
@@ -229,10 +264,7 @@ fn handoff(path: &Path, h: &HandoffFigures) -> Result<()> {
                 .map(|b| (b.conns as f64, &b.total_ms))
                 .collect(),
         }],
-        Some((
-            "goal: 10,000 in 0.5 s",
-            super::goals::HANDOFF_10K_MS,
-        )),
+        Some(("goal: 10,000 in 0.5 s", super::goals::HANDOFF_10K_MS)),
     )
 }
 
@@ -278,7 +310,9 @@ fn cdf_chart(
             .draw_series(LineSeries::new(steps, color.stroke_width(2)))
             .map_err(err)?
             .label(format!("{name}: p50 {}", short(s.median())))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
     }
     chart
         .configure_series_labels()
@@ -320,7 +354,11 @@ fn lock(path: &Path, e: &EngineFigures) -> Result<()> {
     for l in &e.locks {
         for (what, s) in [("acquire", &l.acquire_us), ("release", &l.release_us)] {
             let color = COLORS[series.len() % COLORS.len()];
-            series.push((format!("{} {what}, {} flows", l.datapath, l.flows), color, s));
+            let flows = match l.flows {
+                1 => "1 flow".to_string(),
+                n => format!("{n} flows"),
+            };
+            series.push((format!("{} {what}, {flows}", l.datapath), color, s));
         }
     }
     cdf_chart(
