@@ -148,7 +148,25 @@ impl Segment {
         segment.write_ahead()?;
         sync_dir(dir)?;
         segment.closed.push_back(path);
+        segment.prune();
         Ok(segment)
+    }
+
+    /// Removes the oldest segments beyond [`KEPT_SEGMENTS`], and those
+    /// older than [`KEPT_FOR`]; the newest (this process's) always stays.
+    fn prune(&mut self) {
+        let stale = |p: &PathBuf| {
+            std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > KEPT_FOR))
+        };
+        while self.closed.len() > KEPT_SEGMENTS
+            || (self.closed.len() > 1 && self.closed.front().is_some_and(stale))
+        {
+            if let Some(old) = self.closed.pop_front() {
+                let _ = std::fs::remove_file(old);
+            }
+        }
     }
 
     /// Writes the next [`WRITE_AHEAD`] bytes as zeros and makes them
@@ -173,19 +191,6 @@ impl Segment {
         }
         let closed = std::mem::take(&mut self.closed);
         *self = Segment::create(&self.dir, closed)?;
-        let stale = |p: &PathBuf| {
-            std::fs::metadata(p)
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > KEPT_FOR))
-        };
-        // The newest (this one) always stays.
-        while self.closed.len() > KEPT_SEGMENTS
-            || (self.closed.len() > 1 && self.closed.front().is_some_and(stale))
-        {
-            if let Some(old) = self.closed.pop_front() {
-                let _ = std::fs::remove_file(old);
-            }
-        }
         Ok(())
     }
 
@@ -392,8 +397,16 @@ mod tests {
 
     #[test]
     fn only_whole_lines_of_the_batch_count() {
-        let seg = b"000000000000002a prepared\n000000000000002b prepared\n\
-000000000000002a commit 0,1\n000000000000002a resu\0\0\0\n\0\0\0\0000000000000002a resuming";
+        let seg = [
+            &b"000000000000002a prepared\n000000000000002b prepared\n"[..],
+            b"000000000000002a commit 0,1\n000000000000002a resu",
+            &[0; 3],
+            b"\n",
+            &[0; 3],
+            b"000000000000002a resuming",
+        ]
+        .concat();
+        let seg = &seg[..];
         // The other batch's lines, the half-written line (NULs of space
         // never written) and the torn last line (no newline) do not count.
         assert_eq!(lines_of(seg, 42), vec!["prepared", "commit 0,1"]);
@@ -453,6 +466,11 @@ mod tests {
         assert_eq!(segments(&dir).unwrap().len(), 2);
         assert_eq!(j.status(1).status, BatchStatus::NotResumed);
         assert_eq!(j.status(2).status, BatchStatus::NotResumed);
+        // Agents restarted again and again keep a bounded journal.
+        for _ in 0..KEPT_SEGMENTS + 2 {
+            Journal::open(&dir).unwrap();
+        }
+        assert_eq!(segments(&dir).unwrap().len(), KEPT_SEGMENTS);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
