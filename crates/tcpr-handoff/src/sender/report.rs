@@ -66,7 +66,8 @@ pub struct Unknown {
 /// (zero for a phase not reached).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Timings {
-    /// TCP connect and TLS handshake with the agent, before any freeze.
+    /// Checking the batch (one look at each socket), then the TCP connect
+    /// and TLS handshake with the agent, before any freeze.
     pub connect: Duration,
     /// Duplicating and freezing the batch, its flows locked.
     pub freeze: Duration,

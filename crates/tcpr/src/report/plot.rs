@@ -299,6 +299,8 @@ fn cdf_chart(
         .configure_mesh()
         .x_desc(x_label)
         .y_desc("fraction of samples ≤ x")
+        // More than the powers of ten: the samples often span less.
+        .x_labels(12)
         .label_style((FAMILY, LABEL_PX))
         .x_label_formatter(&|v| short(*v))
         .draw()
