@@ -17,7 +17,7 @@ mod freeze;
 mod report;
 mod switch;
 use freeze::freeze_with_spares;
-pub use report::{Moved, Progress, Refused, Report, RolledBack, Unknown};
+pub use report::{Moved, Progress, Refused, Report, RolledBack, Timings, Unknown};
 pub use switch::{Switch, SwitchError};
 
 /// One connection to move, with its application state.
@@ -119,6 +119,9 @@ struct Driver<'a> {
     locks: Vec<FlowLock>,
     batch: u64,
     progress: Progress,
+    /// When every READY was in and the switch began, and when it ended.
+    switch_started: Option<Instant>,
+    switched: Option<Instant>,
 }
 
 /// Moves `conns` to the agent. Every connection ends moved, rolled back
@@ -178,6 +181,8 @@ pub fn migrate(
             return Ok(report);
         }
     };
+    let channel_up = Instant::now();
+    report.timings.connect = channel_up - started;
     tracing::debug!(us = started.elapsed().as_micros(), "channel up");
     let total = conns.len();
     let (socks, blobs): (Vec<OwnedFd>, Vec<Vec<u8>>) =
@@ -206,6 +211,8 @@ pub fn migrate(
         moved_address: None,
         locks: vec![],
         batch: batch_id(),
+        switch_started: None,
+        switched: None,
         progress: Progress {
             total,
             dumped: 0,
@@ -237,8 +244,20 @@ pub fn migrate(
             }),
         }
     }
+    let frozen_at = Instant::now();
+    report.timings.freeze = frozen_at - channel_up;
     tracing::debug!(us = started.elapsed().as_micros(), "frozen");
     let fates = d.run(ch, progress);
+    let done = Instant::now();
+    let t = &mut report.timings;
+    match (d.switch_started, d.switched) {
+        (Some(from), Some(to)) => {
+            t.prepare = from - frozen_at;
+            t.switch = to - from;
+            t.commit = done - to;
+        }
+        _ => t.prepare = done - frozen_at,
+    }
     tracing::debug!(us = started.elapsed().as_micros(), "protocol done");
     // Locks of moved flows: the traffic went elsewhere, release them;
     // with no switch at all they stay for their lease.
@@ -252,6 +271,7 @@ pub fn migrate(
             "the locks of moved connections stay until their lease ends: {e}"
         ));
     }
+    report.timings.release = done.elapsed();
     tracing::debug!(us = started.elapsed().as_micros(), "locks released");
     for (id, c) in std::mem::take(&mut d.conns) {
         let trouble = d.trouble.remove(&id);
@@ -457,10 +477,12 @@ impl Driver<'_> {
             }
             SenderAction::Switch(ids) => {
                 tracing::debug!("all ready: switching");
+                self.switch_started = Some(Instant::now());
                 let r = match self.switch(&ids) {
                     Ok(moved_address) => SwitchOutcome::Switched { moved_address },
                     Err(e) => SwitchOutcome::Failed(e.to_string()),
                 };
+                self.switched = Some(Instant::now());
                 tracing::debug!("switched");
                 m.handle_switched(r, Instant::now());
             }

@@ -2,12 +2,13 @@
 //! idle connections, against the same syscall sequence as bare libc calls
 //! (the floor), in a private network namespace on loopback.
 
+use crate::report::Samples;
 use anyhow::{bail, Context, Result};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
-use tcpr_engine::{freeze_many, restore, FreezeOptions};
+use tcpr_engine::{freeze_many, restore, Flow, FlowLock, FreezeOptions, Netns};
 use tcpr_host::floor;
 use tcpr_image::ConnectionImage;
 
@@ -117,12 +118,13 @@ pub fn peer(addr: &str, n: usize) -> Result<()> {
     Ok(())
 }
 
+/// One run's totals over its `n` connections.
 struct Row {
     dump: Duration,
     restore: Duration,
 }
 
-fn per_conn(d: Duration, n: usize) -> f64 {
+fn per_conn_us(d: Duration, n: usize) -> f64 {
     d.as_secs_f64() * 1e6 / n as f64
 }
 
@@ -146,7 +148,7 @@ fn tcpr_run(n: usize, lock: bool) -> Result<Row> {
     for f in frozen {
         locks.extend(f.discard()?);
     }
-    tcpr_engine::FlowLock::release_many(locks)?;
+    FlowLock::release_many(locks)?;
     let t = Instant::now();
     let mut restored = Vec::with_capacity(n);
     for b in &images {
@@ -183,78 +185,233 @@ fn floor_run(n: usize) -> Result<Row> {
     })
 }
 
-/// Runs `f` `reps` times; the row of median dump and median restore time.
-fn median(reps: usize, f: impl Fn() -> Result<Row>) -> Result<Row> {
-    let mut rows = (0..reps).map(|_| f()).collect::<Result<Vec<_>>>()?;
-    rows.sort_by_key(|r| r.dump);
-    let dump = rows[reps / 2].dump;
-    rows.sort_by_key(|r| r.restore);
-    Ok(Row {
-        dump,
-        restore: rows[reps / 2].restore,
+/// The engine's figures at one connection count, per connection, over
+/// several runs. Each run measures tcpr with the lock, tcpr without it and
+/// the floor back to back, so each ratio compares runs of the same minute.
+#[derive(Debug, Clone)]
+pub struct EngineRow {
+    /// Connections per run.
+    pub conns: usize,
+    /// Freeze (with the lock) + dump + encode.
+    pub dump_locked_us: Samples,
+    /// Freeze (no lock) + dump + encode.
+    pub dump_us: Samples,
+    /// The floor's dump: the same syscalls as bare libc calls.
+    pub floor_dump_us: Samples,
+    /// Decode + restore + resume.
+    pub restore_us: Samples,
+    /// The floor's restore.
+    pub floor_restore_us: Samples,
+    /// `dump_us / floor_dump_us`, per run.
+    pub dump_ratio: Samples,
+    /// `restore_us / floor_restore_us`, per run.
+    pub restore_ratio: Samples,
+}
+
+/// Latency of the flow lock through [`FlowLock`], one call at a time.
+#[derive(Debug, Clone)]
+pub struct LockRow {
+    /// The datapath that held the lock.
+    pub datapath: String,
+    /// Flows per call.
+    pub flows: usize,
+    /// [`FlowLock::acquire`] until it returns.
+    pub acquire_us: Samples,
+    /// [`FlowLock::release`] (or `release_many`) until it returns: the
+    /// packets pass again from then on.
+    pub release_us: Samples,
+}
+
+/// Everything `tcpr bench` measures.
+#[derive(Debug, Clone)]
+pub struct EngineFigures {
+    /// The one-time install of the lock's table in a namespace.
+    pub lock_table_install: Duration,
+    /// One row per connection count.
+    pub rows: Vec<EngineRow>,
+    /// Lock and unlock latency (empty when not asked for).
+    pub locks: Vec<LockRow>,
+}
+
+/// How many runs, and of what.
+#[derive(Debug, Clone)]
+pub struct EnginePlan {
+    /// Connection counts.
+    pub counts: Vec<usize>,
+    /// Runs per count at least (the CLI's table uses fewer for big counts).
+    pub min_reps: usize,
+    /// Lock/unlock cycles per batch size; 0: no lock benchmark.
+    pub lock_cycles: usize,
+}
+
+impl EnginePlan {
+    /// Runs at `n` connections: up to 15 for small counts, odd.
+    pub fn reps(&self, n: usize) -> usize {
+        ((1000 / n).clamp(1, 15) | 1).max(self.min_reps)
+    }
+
+    /// Steps [`measure`] reports through its `tick`.
+    pub fn steps(&self) -> usize {
+        let runs: usize = self.counts.iter().map(|&n| self.reps(n)).sum();
+        runs + if self.lock_cycles > 0 {
+            LOCK_BATCHES.len()
+        } else {
+            0
+        }
+    }
+}
+
+/// Flows per lock call in the lock benchmark: one connection, and a batch.
+const LOCK_BATCHES: [usize; 2] = [1, 100];
+/// Ports of the lock benchmark's made-up flows: each batch size has its
+/// own local ports, each cycle its own peer port.
+const LOCK_LOCAL_PORTS: [u16; 2] = [20_000, 30_000];
+const LOCK_PEER_PORT: u16 = 40_000;
+
+/// The datapath [`FlowLock`] uses. nf_tables sets are its only one today;
+/// a second one (BPF) reports itself here when it lands.
+fn lock_datapath() -> String {
+    "nftables".into()
+}
+
+/// Acquires and releases a lock on `flows` distinct flows `cycles` times,
+/// new flows each time (a flow just released may still be in the set
+/// until its element expires: locking it again is another operation).
+fn lock_row(flows: usize, cycles: usize, first_port: u16) -> Result<LockRow> {
+    let local: std::net::IpAddr = [127, 0, 0, 1].into();
+    let (mut acquire, mut release) = (Vec::new(), Vec::new());
+    for cycle in 0..cycles {
+        let batch: Vec<Flow> = (0..flows)
+            .map(|i| Flow {
+                local: std::net::SocketAddr::new(local, first_port + i as u16),
+                peer: std::net::SocketAddr::new(local, LOCK_PEER_PORT + cycle as u16),
+            })
+            .collect();
+        let t = Instant::now();
+        let lock = FlowLock::acquire(&batch, Netns::current(), tcpr_engine::DEFAULT_LEASE)?;
+        acquire.push(t.elapsed());
+        let t = Instant::now();
+        lock.release()?;
+        release.push(t.elapsed());
+    }
+    let us = |d: &[Duration]| Samples::new(d.iter().map(|d| d.as_secs_f64() * 1e6).collect());
+    Ok(LockRow {
+        datapath: lock_datapath(),
+        flows,
+        acquire_us: us(&acquire),
+        release_us: us(&release),
     })
 }
 
-/// Installs the lock's nftables table (with `nft`), as a serving host does
-/// once; later locks only add set elements over netlink. Returns its cost.
-fn first_lock() -> Result<Duration> {
+/// Runs the engine benchmark in a private network namespace; `tick` is
+/// called once per step (see [`EnginePlan::steps`]).
+pub fn measure(plan: &EnginePlan, tick: &(dyn Fn(&str) + Sync)) -> Result<EngineFigures> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| measure_here(plan, tick))
+            .join()
+            .map_err(|_| anyhow::anyhow!("bench thread panicked"))?
+    })
+}
+
+fn measure_here(plan: &EnginePlan, tick: &dyn Fn(&str)) -> Result<EngineFigures> {
+    // A private namespace: nothing on the host is touched, and the lock's
+    // nftables table disappears with it.
+    tcpr_host::unshare_netns()
+        .context("tcpr bench needs root (CAP_SYS_ADMIN) for a private network namespace")?;
+    tcpr_netlab::run(std::process::Command::new("ip").args(["link", "set", "lo", "up"]))?;
+    let need = plan.counts.iter().copied().max().unwrap_or(1) as u64 + 1024;
+    let got = tcpr_host::raise_fd_limit(need)?;
+    if got < need {
+        bail!("tcpr bench needs {need} open files and may have only {got} (RLIMIT_NOFILE)");
+    }
+    // Installs the lock's nftables table (with `nft`), as a serving host
+    // does once; later locks only add set elements over netlink.
     let t = Instant::now();
     tcpr_engine::lock::prepare()?;
-    Ok(t.elapsed())
+    let lock_table_install = t.elapsed();
+    let mut rows = Vec::new();
+    for &n in &plan.counts {
+        let mut runs = Vec::new();
+        for _ in 0..plan.reps(n) {
+            tick(&format!("engine: {n} connections"));
+            let locked = tcpr_run(n, true)?;
+            let bare = tcpr_run(n, false)?;
+            let floor = floor_run(n)?;
+            runs.push((locked, bare, floor));
+        }
+        let col = |f: &dyn Fn(&(Row, Row, Row)) -> f64| Samples::new(runs.iter().map(f).collect());
+        rows.push(EngineRow {
+            conns: n,
+            dump_locked_us: col(&|r| per_conn_us(r.0.dump, n)),
+            dump_us: col(&|r| per_conn_us(r.1.dump, n)),
+            floor_dump_us: col(&|r| per_conn_us(r.2.dump, n)),
+            restore_us: col(&|r| per_conn_us(r.1.restore, n)),
+            floor_restore_us: col(&|r| per_conn_us(r.2.restore, n)),
+            dump_ratio: col(&|r| r.1.dump.as_secs_f64() / r.2.dump.as_secs_f64()),
+            restore_ratio: col(&|r| r.1.restore.as_secs_f64() / r.2.restore.as_secs_f64()),
+        });
+    }
+    let mut locks = Vec::new();
+    if plan.lock_cycles > 0 {
+        for (flows, first_port) in LOCK_BATCHES.into_iter().zip(LOCK_LOCAL_PORTS) {
+            tick(&format!("lock: {flows} flows"));
+            locks.push(lock_row(flows, plan.lock_cycles, first_port)?);
+        }
+    }
+    Ok(EngineFigures {
+        lock_table_install,
+        rows,
+        locks,
+    })
+}
+
+/// `tcpr bench`: the table, or with `report` the whole report.
+pub fn main(counts: &[usize], report: Option<&std::path::Path>) -> Result<()> {
+    match report {
+        Some(dir) => crate::report::run(dir, counts),
+        None => run(counts),
+    }
 }
 
 /// Runs the benchmark and prints a table.
-pub fn run(counts: &[usize]) -> Result<()> {
-    // A private namespace: nothing on the host is touched, and the lock's
-    // nftables table disappears with it.
-    let counts = counts.to_vec();
-    let t = std::thread::spawn(move || -> Result<()> {
-        tcpr_host::unshare_netns()
-            .context("tcpr bench needs root (CAP_SYS_ADMIN) for a private network namespace")?;
-        tcpr_netlab::run(std::process::Command::new("ip").args(["link", "set", "lo", "up"]))?;
-        let need = counts.iter().copied().max().unwrap_or(1) as u64 + 1024;
-        let got = tcpr_host::raise_fd_limit(need)?;
-        if got < need {
-            bail!("tcpr bench needs {need} open files and may have only {got} (RLIMIT_NOFILE)");
-        }
-        let install = first_lock()?;
+fn run(counts: &[usize]) -> Result<()> {
+    let plan = EnginePlan {
+        counts: counts.to_vec(),
+        min_reps: 1,
+        lock_cycles: 0,
+    };
+    let figures = measure(&plan, &|_| {})?;
+    println!(
+        "lock table installed once per namespace (nft, tcpr_engine::lock::prepare): {:.1} ms",
+        figures.lock_table_install.as_secs_f64() * 1e3
+    );
+    println!("per-connection cost, idle IPv4 connections on loopback (microseconds; median of up to 15 runs)");
+    println!(
+        "{:>7}  {:>12} {:>12} {:>12} {:>9}   {:>12} {:>12} {:>9}",
+        "conns",
+        "dump+lock",
+        "dump nolock",
+        "floor dump",
+        "ratio",
+        "restore",
+        "floor rest.",
+        "ratio"
+    );
+    for r in &figures.rows {
         println!(
-            "lock table installed once per namespace (nft, tcpr_engine::lock::prepare): {:.1} ms",
-            install.as_secs_f64() * 1e3
+            "{:>7}  {:>12.1} {:>12.1} {:>12.1} {:>8.2}x   {:>12.1} {:>12.1} {:>8.2}x",
+            r.conns,
+            r.dump_locked_us.median(),
+            r.dump_us.median(),
+            r.floor_dump_us.median(),
+            r.dump_ratio.median(),
+            r.restore_us.median(),
+            r.floor_restore_us.median(),
+            r.restore_ratio.median(),
         );
-        println!("per-connection cost, idle IPv4 connections on loopback (microseconds; median of up to 15 runs)");
-        println!(
-            "{:>7}  {:>12} {:>12} {:>12} {:>9}   {:>12} {:>12} {:>9}",
-            "conns",
-            "dump+lock",
-            "dump nolock",
-            "floor dump",
-            "ratio",
-            "restore",
-            "floor rest.",
-            "ratio"
-        );
-        for &n in &counts {
-            let reps = (1000 / n).clamp(1, 15) | 1;
-            let locked = median(reps, || tcpr_run(n, true))?;
-            let bare = median(reps, || tcpr_run(n, false))?;
-            let fl = median(reps, || floor_run(n))?;
-            println!(
-                "{:>7}  {:>12.1} {:>12.1} {:>12.1} {:>8.2}x   {:>12.1} {:>12.1} {:>8.2}x",
-                n,
-                per_conn(locked.dump, n),
-                per_conn(bare.dump, n),
-                per_conn(fl.dump, n),
-                per_conn(bare.dump, n) / per_conn(fl.dump, n),
-                per_conn(bare.restore, n),
-                per_conn(fl.restore, n),
-                per_conn(bare.restore, n) / per_conn(fl.restore, n),
-            );
-        }
-        println!("dump = freeze + dump + encode; restore = decode + restore + resume; ratio = tcpr without lock / floor");
-        println!("every restored connection was checked to carry a byte each way");
-        Ok(())
-    });
-    t.join()
-        .map_err(|_| anyhow::anyhow!("bench thread panicked"))?
+    }
+    println!("dump = freeze + dump + encode; restore = decode + restore + resume; ratio = tcpr without lock / floor, median of the runs' own ratios");
+    println!("every restored connection was checked to carry a byte each way");
+    Ok(())
 }

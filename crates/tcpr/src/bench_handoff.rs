@@ -4,6 +4,7 @@
 //! pause of one streaming connection moved back and forth, against the
 //! same stream's longest gap with no move.
 
+use crate::report::Samples;
 use crate::stream;
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
@@ -13,6 +14,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use tcpr_handoff::{
     hand_off, AgentConfig, AgentServer, Auth, Delivered, Delivery, HandOff, MigrateOptions, Switch,
+    Timings,
 };
 use tcpr_netlab::{Host, Lab};
 
@@ -59,13 +61,13 @@ fn move_address(from: &Host, to: &Host) -> Result<()> {
 /// Moves `n` idle connections from `a` to `b`, whose agent (`tcpr agent`,
 /// a process of its own, so that each process holds one end of each
 /// connection) passes them to a sink that counts and closes them; returns
-/// the handoff time.
+/// the handoff time and the sender's split of it.
 fn batch(
     lab_hosts: (&Host, &Host, &Host),
     n: usize,
     auth: &Auth,
     delivered: &mpsc::Receiver<()>,
-) -> Result<Duration> {
+) -> Result<(Duration, Timings)> {
     let (c, a, b) = lab_hosts;
     let listener = a.within(|| Ok(TcpListener::bind((SVC, PORT))?))?;
     let mut peer = c
@@ -94,6 +96,7 @@ fn batch(
     let t = Instant::now();
     let report = a.within(|| Ok(tcpr_handoff::migrate(servers, &opts, &|_| {})?))?;
     let took = t.elapsed();
+    let timings = report.timings;
     let moved = report.moved.len();
     // Drain the deliveries: closing them here keeps the fd count low.
     let mut got = 0;
@@ -121,7 +124,7 @@ fn batch(
     }
     // Put the address back for the next round.
     move_address(b, a)?;
-    Ok(took)
+    Ok((took, timings))
 }
 
 /// The pause before a handoff of `n` connections, after the one before.
@@ -129,20 +132,143 @@ fn settle(n: usize) -> Duration {
     Duration::from_millis(50 + (n as u64 / 10).min(1000))
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
+/// Batch handoffs at one size, over several runs.
+#[derive(Debug, Clone)]
+pub struct BatchRow {
+    /// Connections per handoff.
+    pub conns: usize,
+    /// The whole handoff, from the call to its report.
+    pub total_ms: Samples,
+    /// The sender's split of it, phase by phase (see [`Timings`]).
+    pub phases_ms: Vec<(&'static str, Samples)>,
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
+/// The phases of [`Timings`], named as the report shows them.
+fn phases(runs: &[Timings]) -> Vec<(&'static str, Samples)> {
+    let col = |f: fn(&Timings) -> Duration| Samples::ms(&runs.iter().map(f).collect::<Vec<_>>());
+    vec![
+        ("checks, connect (TLS)", col(|t| t.connect)),
+        ("freeze", col(|t| t.freeze)),
+        ("prepare (dump, send, agent restores)", col(|t| t.prepare)),
+        ("switch (address move)", col(|t| t.switch)),
+        ("commit (agent resumes and delivers)", col(|t| t.commit)),
+        ("release source locks", col(|t| t.release)),
+    ]
 }
+
+/// One stream moved back and forth, and the same stream not moved.
+#[derive(Debug, Clone)]
+pub struct StreamFigures {
+    /// The writer's rate.
+    pub rate_bytes_per_s: u64,
+    /// Longest gap between bytes at the client per window with a move.
+    pub moved_gap_ms: Samples,
+    /// The same, per window of the same length with no move; the windows
+    /// alternate with the moved ones in the same run.
+    pub unmoved_gap_ms: Samples,
+    /// `moved p50 / unmoved p50`.
+    pub p50_ratio: f64,
+    /// Bytes verified in order at the client.
+    pub verified_bytes: u64,
+}
+
+/// Everything `tcpr bench-handoff` measures.
+#[derive(Debug, Clone)]
+pub struct HandoffFigures {
+    /// The first handoff from a host, which installs its lock table.
+    pub first_ms: f64,
+    /// One row per batch size.
+    pub batches: Vec<BatchRow>,
+    /// The moved stream.
+    pub stream: StreamFigures,
+}
+
+/// How many runs, and of what.
+#[derive(Debug, Clone)]
+pub struct HandoffPlan {
+    /// Batch sizes.
+    pub counts: Vec<usize>,
+    /// Runs per batch size at least.
+    pub min_reps: usize,
+    /// Moves of the stream.
+    pub moves: usize,
+}
+
+impl HandoffPlan {
+    /// Runs of a batch of `n`: up to 9 for small batches, odd.
+    pub fn reps(&self, n: usize) -> usize {
+        ((100 / n).clamp(1, 9) | 1).max(self.min_reps)
+    }
+
+    /// Steps [`measure`] reports through its `tick`.
+    pub fn steps(&self) -> usize {
+        self.counts.iter().map(|&n| self.reps(n)).sum::<usize>() + self.moves
+    }
+}
+
+/// Windows of writing measured per move (and per unmoved window).
+pub const WINDOW: Duration = Duration::from_millis(200);
 
 /// Runs the benchmark and prints its figures.
 pub fn run(counts: &[usize], moves: usize) -> Result<()> {
+    let plan = HandoffPlan {
+        counts: counts.to_vec(),
+        min_reps: 1,
+        moves,
+    };
+    let f = measure(&plan, &|_| {})?;
+    println!(
+        "handoff of idle connections between two namespace hosts (TLS 1.3 + PSK, address move)"
+    );
+    // The first handoff from a host installs its lock table (one `nft`
+    // run); a serving host pays that once, so it is shown on its own.
+    println!(
+        "first handoff from a host (installs its nftables lock table): {:.1} ms",
+        f.first_ms
+    );
+    println!(
+        "{:>7}  {:>12} {:>16}   (median of up to 9 runs)",
+        "conns", "total ms", "per conn us"
+    );
+    for r in &f.batches {
+        println!(
+            "{:>7}  {:>12.1} {:>16.1}",
+            r.conns,
+            r.total_ms.median(),
+            r.total_ms.median() * 1e3 / r.conns as f64
+        );
+    }
+    let s = &f.stream;
+    println!();
+    println!(
+        "one stream at {} MiB/s moved {moves} times between the hosts",
+        s.rate_bytes_per_s >> 20
+    );
+    println!(
+        "longest gap between bytes at the client per 200 ms window, no move: p50 {:>6.2} ms   p99 {:>6.2} ms   ({} windows, between the moves)",
+        s.unmoved_gap_ms.median(),
+        s.unmoved_gap_ms.quantile(0.99),
+        s.unmoved_gap_ms.len()
+    );
+    println!(
+        "longest gap per move (its window):  p50 {:>8.2} ms   p99 {:>8.2} ms   max {:>8.2} ms   (p50 / no-move p50 = {:.1}x)",
+        s.moved_gap_ms.median(),
+        s.moved_gap_ms.quantile(0.99),
+        s.moved_gap_ms.max(),
+        s.p50_ratio
+    );
+    println!(
+        "verified {} bytes in order, none lost or corrupted",
+        s.verified_bytes
+    );
+    Ok(())
+}
+
+/// Runs the benchmark; `tick` is called once per step (see
+/// [`HandoffPlan::steps`]).
+pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures> {
+    let counts = &plan.counts[..];
+    let moves = plan.moves;
     let need = counts.iter().copied().max().unwrap_or(1) as u64 + 1024;
     let got = tcpr_host::raise_fd_limit(need)?;
     if got < need {
@@ -196,39 +322,25 @@ pub fn run(counts: &[usize], moves: usize) -> Result<()> {
     BufReader::new(batch_agent.stdout.take().expect("piped")).read_line(&mut line)?;
     let batch_auth = Auth::psk_file(&key)?;
 
-    println!(
-        "handoff of idle connections between two namespace hosts (TLS 1.3 + PSK, address move)"
-    );
-    // The first handoff from a host installs its lock table (one `nft`
-    // run); a serving host pays that once, so it is shown on its own.
-    let first = batch((&c, &a, &b), 1, &batch_auth, &sink_rx)?;
-    println!(
-        "first handoff from a host (installs its nftables lock table): {:.1} ms",
-        ms(first)
-    );
-    println!(
-        "{:>7}  {:>12} {:>16}   (median of up to 9 runs)",
-        "conns", "total ms", "per conn us"
-    );
+    let (first, _) = batch((&c, &a, &b), 1, &batch_auth, &sink_rx)?;
+    let mut batches = Vec::new();
     for &n in counts {
-        let reps = (100 / n).clamp(1, 9) | 1;
         // Each handoff on a settled host: the previous one's aftermath
         // (closing thousands of sockets, deferred nf_tables and packet
         // socket clean-up) is not part of the next one's cost.
-        let mut runs = (0..reps)
+        let runs = (0..plan.reps(n))
             .map(|_| {
+                tick(&format!("handoff: {n} connections"));
                 std::thread::sleep(settle(n));
                 batch((&c, &a, &b), n, &batch_auth, &sink_rx)
             })
             .collect::<Result<Vec<_>>>()?;
-        runs.sort();
-        let t = runs[reps / 2];
-        println!(
-            "{:>7}  {:>12.1} {:>16.1}",
-            n,
-            ms(t),
-            t.as_secs_f64() * 1e6 / n as f64
-        );
+        let (totals, timings): (Vec<Duration>, Vec<Timings>) = runs.into_iter().unzip();
+        batches.push(BatchRow {
+            conns: n,
+            total_ms: Samples::ms(&totals),
+            phases_ms: phases(&timings),
+        });
     }
 
     // One stream, moved back and forth.
@@ -289,23 +401,19 @@ pub fn run(counts: &[usize], moves: usize) -> Result<()> {
         }
         Ok(s)
     };
-    // The baseline: the same stream in windows of the same length as a
-    // move's (200 ms of writing), with no move.
+    let take_gap = || std::mem::take(&mut *gap.lock().unwrap_or_else(|e| e.into_inner()));
     let mut s = write_for(server, Duration::from_millis(300))?;
-    let mut baseline = Vec::new();
-    for _ in 0..moves.clamp(1, 20) {
-        *gap.lock().unwrap_or_else(|e| e.into_inner()) = Duration::ZERO;
-        s = write_for(s, Duration::from_millis(200))?;
-        baseline.push(std::mem::take(
-            &mut *gap.lock().unwrap_or_else(|e| e.into_inner()),
-        ));
-    }
-    baseline.sort();
+    let mut baseline = Vec::with_capacity(moves);
     let mut pauses = Vec::with_capacity(moves);
     let (mut here, mut there) = (&a, &b);
     let (mut here_rx, mut there_rx) = (&to_a, &to_b);
     for i in 0..moves {
-        *gap.lock().unwrap_or_else(|e| e.into_inner()) = Duration::ZERO;
+        tick(&format!("stream: move {} of {moves}", i + 1));
+        // The baseline: the same stream in a window of the same length as
+        // a move's, with no move, just before it (the same minute's noise).
+        take_gap();
+        s = write_for(s, WINDOW)?;
+        baseline.push(take_gap());
         let to = if std::ptr::eq(there, &b) {
             "10.66.0.3:7070"
         } else {
@@ -321,10 +429,8 @@ pub fn run(counts: &[usize], moves: usize) -> Result<()> {
         let d = there_rx
             .recv_timeout(Duration::from_secs(10))
             .context("delivery")?;
-        s = write_for(d.stream, Duration::from_millis(200))?;
-        pauses.push(std::mem::take(
-            &mut *gap.lock().unwrap_or_else(|e| e.into_inner()),
-        ));
+        s = write_for(d.stream, WINDOW)?;
+        pauses.push(take_gap());
         std::mem::swap(&mut here, &mut there);
         std::mem::swap(&mut here_rx, &mut there_rx);
     }
@@ -343,29 +449,21 @@ pub fn run(counts: &[usize], moves: usize) -> Result<()> {
         bail!("the stream lost bytes: sent {total}, received {got}");
     }
     drop(s);
-    pauses.sort();
-    println!();
-    println!(
-        "one stream at {} MiB/s moved {moves} times between the hosts",
-        rate >> 20
-    );
-    println!(
-        "longest gap between bytes at the client per 200 ms window, no move: p50 {:>6.2} ms   p99 {:>6.2} ms   ({} windows)",
-        ms(percentile(&baseline, 0.5)),
-        ms(percentile(&baseline, 0.99)),
-        baseline.len()
-    );
-    println!(
-        "longest gap per move (its window):  p50 {:>8.2} ms   p99 {:>8.2} ms   max {:>8.2} ms   (p50 / no-move p50 = {:.1}x)",
-        ms(percentile(&pauses, 0.5)),
-        ms(percentile(&pauses, 0.99)),
-        ms(*pauses.last().unwrap_or(&Duration::ZERO)),
-        ms(percentile(&pauses, 0.5)) / ms(percentile(&baseline, 0.5)).max(0.001)
-    );
-    println!("verified {got} bytes in order, none lost or corrupted");
+    let (moved_gap_ms, unmoved_gap_ms) = (Samples::ms(&pauses), Samples::ms(&baseline));
+    let p50_ratio = moved_gap_ms.median() / unmoved_gap_ms.median().max(0.001);
     let _ = batch_agent.kill();
     let _ = batch_agent.wait();
     let _ = std::fs::remove_dir_all(&dir);
     drop(lab);
-    Ok(())
+    Ok(HandoffFigures {
+        first_ms: first.as_secs_f64() * 1e3,
+        batches,
+        stream: StreamFigures {
+            rate_bytes_per_s: rate,
+            moved_gap_ms,
+            unmoved_gap_ms,
+            p50_ratio,
+            verified_bytes: got,
+        },
+    })
 }

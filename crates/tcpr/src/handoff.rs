@@ -78,7 +78,7 @@ pub struct AgentArgs {
     /// also the deadline of a sender's whole authentication handshake.
     #[arg(long, default_value_t = 2.0)]
     timeout: f64,
-    /// Directory of the journal (one small file per batch) from which an
+    /// Directory of the journal (a few lines per batch) from which an
     /// agent restarted after a crash tells senders what became of their
     /// connections.
     #[arg(long, default_value = "/var/lib/tcpr", conflicts_with = "no_journal")]

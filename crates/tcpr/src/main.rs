@@ -10,6 +10,7 @@ mod dump;
 mod handoff;
 mod inspect;
 mod ls;
+mod report;
 mod restore_cmd;
 mod stream;
 
@@ -247,6 +248,10 @@ enum Cmd {
         /// Connection counts to measure (each 1 to 100000).
         #[arg(long, value_delimiter = ',', default_value = "1,100,10000", value_parser = bench_count)]
         counts: Vec<usize>,
+        /// Run the engine, handoff and lock benchmarks and write
+        /// DIR/report.md with PNG plots.
+        #[arg(long, value_name = "DIR")]
+        report: Option<std::path::PathBuf>,
     },
 }
 
@@ -372,7 +377,7 @@ fn run(cmd: Cmd) -> Result<i32> {
         }
         Cmd::BenchHandoff { counts, moves } => bench_handoff::run(&counts, moves).map(|()| 0),
         Cmd::BenchPeer { addr, count } => bench::peer(&addr, count).map(|()| 0),
-        Cmd::Bench { counts } => bench::run(&counts).map(|()| 0),
+        Cmd::Bench { counts, report } => bench::main(&counts, report.as_deref()).map(|()| 0),
     }
 }
 

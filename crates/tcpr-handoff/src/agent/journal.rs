@@ -1,59 +1,94 @@
 //! The agent's journal: what became of each batch, on disk, so that an
 //! agent restarted after a crash still answers QUERY truthfully.
 //!
-//! One file per batch, `batch-<id in hex>.log`, of text lines appended in
-//! this order:
+//! Each agent process writes one segment file, `journal-<start>-<pid>.log`,
+//! of text lines, each naming its batch (16 hex digits). A batch's lines
+//! come in this order:
 //!
 //! ```text
-//! prepared               before READY
-//! commit 0,1,2 [take IP] COMMIT taken, before the address (IP, when the
-//!                        sender moves one) or any socket is touched
-//! resuming               the address is taken, the first resume is next;
-//!                        fsync'd (file and directory), with all above
-//! delivered 1            one line per connection, once the application
-//!                        holds it
-//! aborted                the COMMIT was refused (nothing was resumed, no
-//!                        address kept); fsync'd
+//! <batch> prepared               before READY
+//! <batch> commit 0,1,2 [take IP] COMMIT taken, before the address (IP, when
+//!                                the sender moves one) or any socket is
+//!                                touched
+//! <batch> resuming               the address is taken, the first resume is
+//!                                next; fdatasync'd, with all above
+//! <batch> delivered 1            one line per connection, once the
+//!                                application holds it
+//! <batch> aborted                the COMMIT was refused (nothing was
+//!                                resumed, no address kept); fdatasync'd
 //! ```
 //!
-//! A restarted agent reads it as: no file, no record (the journal may be
-//! lost): [`BatchStatus::Unknown`]; `prepared` alone, or `aborted`: nothing
-//! was resumed, the restored sockets died silently with the old process
+//! A restarted agent reads every segment and takes a batch's lines from
+//! all of them: no line, no record (the journal may be lost):
+//! [`BatchStatus::Unknown`]; `prepared` alone, or `aborted`: nothing was
+//! resumed, the restored sockets died silently with the old process
 //! (repair mode): [`BatchStatus::NotResumed`]; `commit` without `resuming`:
 //! nothing was resumed either, but the address may have been taken and
 //! must be given back first ([`Recorded::give_back`]); `resuming`: the
 //! delivered ones moved, any other may have been resumed and lost:
 //! [`BatchStatus::Committed`]. A line is written whole or not at all as far
 //! as a killed process is concerned (it sits in the page cache), so every
-//! line counts after the agent's death. One fsync per batch, before the
-//! first resume, keeps the one point that matters through a crash of the
-//! host: every socket of the batch dies with the host, and a line lost
-//! before `resuming` only turns an answer into `Unknown` (no roll back),
-//! while `resuming` lost would let the sender roll back a connection the
-//! agent had already resumed and spoken on. A torn last line (no newline)
-//! is ignored.
+//! line counts after the agent's death.
+//!
+//! One flush per batch, before the first resume, keeps the one point that
+//! matters through a crash of the host: every socket of the batch dies
+//! with the host, and a line lost before `resuming` only turns an answer
+//! into `Unknown` (no roll back), while `resuming` lost would let the
+//! sender roll back a connection the agent had already resumed and spoken
+//! on. That flush is made cheap: a segment is written ahead as zeros and
+//! made durable (file and directory) before any batch uses that space, so
+//! the lines of a batch overwrite blocks that exist on disk, in a file
+//! whose size and name are durable already. `fdatasync` then writes the
+//! data blocks alone, with no file system journal commit for the size or
+//! the name (ext4 measured on a 2-core VM: 4 ms, against 8 ms for an
+//! append and 4 ms more for the directory). Space that was never written
+//! reads as NUL bytes: a line holding a NUL, and bytes after the last
+//! newline (a torn line), are ignored.
 
 use crate::machine::{BatchStatus, ConnId};
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read};
 use std::net::IpAddr;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-/// Batch files kept; the oldest go first.
-const KEPT_BATCHES: usize = 4096;
-/// Age after which a batch file goes: a sender asks within its timeout
-/// (seconds), so an hour is plenty, and a busy agent's journal stays small.
+/// Bytes written ahead as zeros and made durable at a time.
+const WRITE_AHEAD: u64 = 1 << 20;
+/// Durable space a batch finds ahead of it when it begins: its `prepared`,
+/// `commit` and `resuming` lines fit with room for the batches beside it.
+/// (Its `delivered` lines need no flush and may go past it.)
+const RESERVE_PER_BATCH: u64 = 64 << 10;
+/// A segment past this size is closed and a new one started.
+const SEGMENT_BYTES: u64 = 16 << 20;
+/// Segments kept; the oldest go first.
+const KEPT_SEGMENTS: usize = 8;
+/// Age after which a closed segment goes: a sender asks within its
+/// timeout (seconds), so an hour is plenty.
 const KEPT_FOR: std::time::Duration = std::time::Duration::from_secs(3600);
+
+const SEGMENT_PREFIX: &str = "journal-";
+const SEGMENT_SUFFIX: &str = ".log";
 
 /// The journal directory.
 #[derive(Debug)]
 pub(crate) struct Journal {
     dir: PathBuf,
-    /// Batch files in the order they were made (for pruning).
-    files: Mutex<VecDeque<PathBuf>>,
+    segment: Arc<Mutex<Segment>>,
+}
+
+/// The segment this process writes.
+#[derive(Debug)]
+struct Segment {
+    dir: PathBuf,
+    file: Arc<File>,
+    /// Where the next line goes.
+    next: u64,
+    /// Zeros are durable on disk up to here.
+    durable_end: u64,
+    /// Segments of this directory, oldest first (for pruning).
+    closed: VecDeque<PathBuf>,
 }
 
 /// What the journal says of a batch.
@@ -70,15 +105,107 @@ pub(crate) struct Recorded {
 /// The open record of one batch.
 #[derive(Debug)]
 pub(crate) struct BatchLog {
-    file: File,
+    batch: u64,
+    segment: Arc<Mutex<Segment>>,
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+fn is_segment(name: &str) -> bool {
+    name.starts_with(SEGMENT_PREFIX) && name.ends_with(SEGMENT_SUFFIX)
+}
+
+fn lock(segment: &Mutex<Segment>) -> std::sync::MutexGuard<'_, Segment> {
+    segment.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Segment {
+    /// Starts a new segment: created, written ahead and durable, name
+    /// included, before any record goes in.
+    fn create(dir: &Path, closed: VecDeque<PathBuf>) -> io::Result<Segment> {
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let path = dir.join(format!(
+            "{SEGMENT_PREFIX}{started:032x}-{}{SEGMENT_SUFFIX}",
+            std::process::id()
+        ));
+        let file = OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .read(true)
+            .open(&path)?;
+        let mut segment = Segment {
+            dir: dir.to_path_buf(),
+            file: Arc::new(file),
+            next: 0,
+            durable_end: 0,
+            closed,
+        };
+        segment.write_ahead()?;
+        sync_dir(dir)?;
+        segment.closed.push_back(path);
+        segment.prune();
+        Ok(segment)
+    }
+
+    /// Removes the oldest segments beyond [`KEPT_SEGMENTS`], and those
+    /// older than [`KEPT_FOR`]; the newest (this process's) always stays.
+    fn prune(&mut self) {
+        let stale = |p: &PathBuf| {
+            std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > KEPT_FOR))
+        };
+        while self.closed.len() > KEPT_SEGMENTS
+            || (self.closed.len() > 1 && self.closed.front().is_some_and(stale))
+        {
+            if let Some(old) = self.closed.pop_front() {
+                let _ = std::fs::remove_file(old);
+            }
+        }
+    }
+
+    /// Writes the next [`WRITE_AHEAD`] bytes as zeros and makes them
+    /// durable (size and blocks).
+    fn write_ahead(&mut self) -> io::Result<()> {
+        let from = self.durable_end.max(self.next);
+        let zeros = vec![0u8; WRITE_AHEAD as usize];
+        self.file.write_all_at(&zeros, from)?;
+        self.file.sync_all()?;
+        self.durable_end = from + WRITE_AHEAD;
+        Ok(())
+    }
+
+    /// Makes sure a batch beginning now finds durable space ahead; past a
+    /// segment's size, moves to a new segment and prunes old ones.
+    fn reserve(&mut self) -> io::Result<()> {
+        if self.next + RESERVE_PER_BATCH <= self.durable_end {
+            return Ok(());
+        }
+        if self.durable_end < SEGMENT_BYTES {
+            return self.write_ahead();
+        }
+        let closed = std::mem::take(&mut self.closed);
+        *self = Segment::create(&self.dir, closed)?;
+        Ok(())
+    }
+
+    /// Writes one line of `batch`; the file it went to, for a flush.
+    fn line(&mut self, batch: u64, text: &str) -> io::Result<Arc<File>> {
+        let line = format!("{batch:016x} {text}\n");
+        self.file.write_all_at(line.as_bytes(), self.next)?;
+        self.next += line.len() as u64;
+        Ok(self.file.clone())
+    }
+}
+
 impl Journal {
-    /// Opens (creating it, mode 0700) the journal directory.
+    /// Opens (creating it, mode 0700) the journal directory, and starts
+    /// this process's segment.
     pub(crate) fn open(dir: &Path) -> Result<Journal, String> {
         let what = |e: io::Error| format!("journal {}: {e}", dir.display());
         std::fs::DirBuilder::new()
@@ -86,90 +213,89 @@ impl Journal {
             .mode(0o700)
             .create(dir)
             .map_err(what)?;
-        let mut files: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)
-            .map_err(what)?
-            .filter_map(|e| e.ok())
-            .filter(|e| {
-                let n = e.file_name();
-                let n = n.to_string_lossy();
-                n.starts_with("batch-") && n.ends_with(".log")
-            })
-            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-            .collect();
-        files.sort();
+        let mut segments: Vec<PathBuf> = segments(dir).map_err(what)?;
+        // Names start with their creation time: sorted, oldest first.
+        segments.sort();
         // Proves now, not at the first batch, that records can be written.
-        let probe = dir.join(".writable");
-        File::create(&probe).map_err(what)?;
-        let _ = std::fs::remove_file(&probe);
+        let segment = Segment::create(dir, segments.into()).map_err(what)?;
         Ok(Journal {
             dir: dir.to_path_buf(),
-            files: Mutex::new(files.into_iter().map(|(_, p)| p).collect()),
+            segment: Arc::new(Mutex::new(segment)),
         })
     }
 
-    fn path(&self, batch: u64) -> PathBuf {
-        self.dir.join(format!("batch-{batch:016x}.log"))
-    }
-
-    /// Starts the record of a batch: `prepared`, durable before READY.
+    /// Starts the record of a batch: `prepared`, before READY.
     pub(crate) fn begin(&self, batch: u64) -> io::Result<BatchLog> {
-        let path = self.path(batch);
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&path)?;
-        file.write_all(b"prepared\n")?;
-        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
-        files.push_back(path);
-        let stale = |p: &PathBuf| {
-            std::fs::metadata(p)
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > KEPT_FOR))
-        };
-        while files.len() > KEPT_BATCHES || files.front().is_some_and(stale) {
-            if let Some(old) = files.pop_front() {
-                let _ = std::fs::remove_file(old);
-            }
-        }
-        Ok(BatchLog { file })
+        let mut segment = lock(&self.segment);
+        segment.reserve()?;
+        segment.line(batch, "prepared")?;
+        Ok(BatchLog {
+            batch,
+            segment: self.segment.clone(),
+        })
     }
 
     /// What the journal says of a batch.
     pub(crate) fn status(&self, batch: u64) -> Recorded {
-        match std::fs::read_to_string(self.path(batch)) {
-            Ok(text) => parse(&text),
-            Err(_) => Recorded {
-                status: BatchStatus::Unknown,
-                give_back: None,
-            },
+        let mut lines = Vec::new();
+        for path in segments(&self.dir).unwrap_or_default() {
+            let mut bytes = Vec::new();
+            if File::open(&path)
+                .and_then(|mut f| f.read_to_end(&mut bytes))
+                .is_ok()
+            {
+                lines.extend(lines_of(&bytes, batch));
+            }
         }
+        parse(&lines)
     }
 
     /// Records that a batch read back as committed-but-not-resumed was
     /// given up (its address given back).
     pub(crate) fn mark_aborted(&self, batch: u64) -> io::Result<()> {
-        let mut file = OpenOptions::new().append(true).open(self.path(batch))?;
-        file.write_all(b"aborted\n")?;
-        file.sync_data()
+        let mut segment = lock(&self.segment);
+        segment.reserve()?;
+        segment.line(batch, "aborted")?.sync_data()
     }
 }
 
-/// Reads a batch file (see the module docs).
-fn parse(text: &str) -> Recorded {
+/// The segment files of `dir`.
+fn segments(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    Ok(std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter(|e| is_segment(&e.file_name().to_string_lossy()))
+        .map(|e| e.path())
+        .collect())
+}
+
+/// The whole lines of `batch` in a segment, without the batch: a line
+/// with a NUL (space never written, or half written) and the bytes after
+/// the last newline (a torn line) were never written as far as the
+/// protocol is concerned.
+fn lines_of(bytes: &[u8], batch: u64) -> Vec<String> {
+    let whole = match bytes.iter().rposition(|&b| b == b'\n') {
+        Some(end) => &bytes[..end],
+        None => &[][..],
+    };
+    let key = format!("{batch:016x} ");
+    whole
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.contains(&0))
+        .filter_map(|l| std::str::from_utf8(l).ok())
+        .filter_map(|l| l.strip_prefix(&key))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Reads the lines of one batch (see the module docs).
+fn parse(lines: &[String]) -> Recorded {
     let mut prepared = false;
     let mut committed = false;
     let mut resuming = false;
     let mut aborted = false;
     let mut taken = None;
     let mut delivered = Vec::new();
-    // Only whole lines: a torn last line was never written as far as the
-    // protocol is concerned.
-    let whole = match text.rfind('\n') {
-        Some(end) => &text[..end],
-        None => "",
-    };
-    for line in whole.lines() {
+    for line in lines {
         let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
         match word {
             "prepared" => prepared = true,
@@ -204,30 +330,34 @@ fn parse(text: &str) -> Recorded {
 }
 
 impl BatchLog {
+    fn line(&mut self, text: &str) -> io::Result<Arc<File>> {
+        lock(&self.segment).line(self.batch, text)
+    }
+
     /// `commit`, before anything is touched for it.
     pub(crate) fn commit(&mut self, ids: &[ConnId], take: Option<IpAddr>) -> io::Result<()> {
         let list: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
-        match take {
-            Some(ip) => writeln!(self.file, "commit {} take {ip}", list.join(","))?,
-            None => writeln!(self.file, "commit {}", list.join(","))?,
-        }
-        Ok(())
+        let text = match take {
+            Some(ip) => format!("commit {} take {ip}", list.join(",")),
+            None => format!("commit {}", list.join(",")),
+        };
+        self.line(&text).map(drop)
     }
-    /// `resuming`, durable (with every line before it, and the file's
-    /// name) before the first connection is resumed.
-    pub(crate) fn resuming(&mut self, journal: &Journal) -> io::Result<()> {
-        self.file.write_all(b"resuming\n")?;
-        self.file.sync_data()?;
-        sync_dir(&journal.dir)
+    /// `resuming`, durable with every line before it before the first
+    /// connection is resumed. The segment's name and size are durable
+    /// already: the data blocks are all that is flushed.
+    pub(crate) fn resuming(&mut self, _journal: &Journal) -> io::Result<()> {
+        // The flush runs outside the segment's lock: other batches keep
+        // writing meanwhile.
+        self.line("resuming")?.sync_data()
     }
     /// `delivered ID`.
     pub(crate) fn delivered(&mut self, id: ConnId) -> io::Result<()> {
-        writeln!(self.file, "delivered {id}")
+        self.line(&format!("delivered {id}")).map(drop)
     }
     /// `aborted`: the COMMIT was refused, nothing was resumed.
     pub(crate) fn aborted(&mut self) -> io::Result<()> {
-        self.file.write_all(b"aborted\n")?;
-        self.file.sync_data()
+        self.line("aborted")?.sync_data()
     }
 }
 
@@ -236,7 +366,8 @@ mod tests {
     use super::*;
 
     fn read(text: &str) -> (BatchStatus, Option<IpAddr>) {
-        let r = parse(text);
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        let r = parse(&lines);
         (r.status, r.give_back)
     }
 
@@ -262,12 +393,25 @@ mod tests {
             read("prepared\ncommit 0,1 take 10.0.0.100\nresuming\ndelivered 1\n"),
             (BatchStatus::Committed(vec![1]), None)
         );
-        // A torn last line does not count.
-        assert_eq!(
-            read("prepared\ncommit 0,1\nresuming\ndelivered 1\ndeliv"),
-            (BatchStatus::Committed(vec![1]), None)
-        );
-        assert_eq!(read("prepared\ncommi"), (BatchStatus::NotResumed, None));
+    }
+
+    #[test]
+    fn only_whole_lines_of_the_batch_count() {
+        let seg = [
+            &b"000000000000002a prepared\n000000000000002b prepared\n"[..],
+            b"000000000000002a commit 0,1\n000000000000002a resu",
+            &[0; 3],
+            b"\n",
+            &[0; 3],
+            b"000000000000002a resuming",
+        ]
+        .concat();
+        let seg = &seg[..];
+        // The other batch's lines, the half-written line (NULs of space
+        // never written) and the torn last line (no newline) do not count.
+        assert_eq!(lines_of(seg, 42), vec!["prepared", "commit 0,1"]);
+        assert_eq!(lines_of(seg, 43), vec!["prepared"]);
+        assert_eq!(lines_of(&[0u8; 64], 42), Vec::<String>::new());
     }
 
     #[test]
@@ -275,14 +419,58 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tcpr-journal-{}", std::process::id()));
         let j = Journal::open(&dir).unwrap();
         let mut log = j.begin(42).unwrap();
+        let mut other = j.begin(7).unwrap();
         assert_eq!(j.status(42).status, BatchStatus::NotResumed);
         log.commit(&[0, 1], None).unwrap();
+        other
+            .commit(&[0], Some("10.0.0.9".parse().unwrap()))
+            .unwrap();
         log.resuming(&j).unwrap();
         log.delivered(0).unwrap();
         drop(log);
+        drop(other);
         let again = Journal::open(&dir).unwrap();
         assert_eq!(again.status(42).status, BatchStatus::Committed(vec![0]));
         assert_eq!(again.status(43).status, BatchStatus::Unknown);
+        // The restarted agent gives 7's address back and records it in
+        // its own segment; both segments are read.
+        assert_eq!(again.status(7).give_back, Some("10.0.0.9".parse().unwrap()));
+        again.mark_aborted(7).unwrap();
+        assert_eq!(
+            again.status(7),
+            Recorded {
+                status: BatchStatus::NotResumed,
+                give_back: None
+            }
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn segments_are_written_ahead_and_rotated() {
+        let dir = std::env::temp_dir().join(format!("tcpr-journal-rot-{}", std::process::id()));
+        let j = Journal::open(&dir).unwrap();
+        {
+            let s = lock(&j.segment);
+            assert_eq!(s.durable_end, WRITE_AHEAD);
+            assert_eq!(s.file.metadata().unwrap().len(), WRITE_AHEAD);
+        }
+        // Fill the segment past its size: a new one starts, and the
+        // batches of both are still found.
+        let first = j.begin(1).unwrap();
+        drop(first);
+        lock(&j.segment).next = SEGMENT_BYTES;
+        lock(&j.segment).durable_end = SEGMENT_BYTES;
+        let second = j.begin(2).unwrap();
+        drop(second);
+        assert_eq!(segments(&dir).unwrap().len(), 2);
+        assert_eq!(j.status(1).status, BatchStatus::NotResumed);
+        assert_eq!(j.status(2).status, BatchStatus::NotResumed);
+        // Agents restarted again and again keep a bounded journal.
+        for _ in 0..KEPT_SEGMENTS + 2 {
+            Journal::open(&dir).unwrap();
+        }
+        assert_eq!(segments(&dir).unwrap().len(), KEPT_SEGMENTS);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

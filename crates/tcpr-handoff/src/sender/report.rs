@@ -3,6 +3,7 @@
 
 use super::Outgoing;
 use std::os::fd::OwnedFd;
+use std::time::Duration;
 use tcpr_engine::Flow;
 
 /// Progress of a handoff, for a progress bar.
@@ -61,6 +62,27 @@ pub struct Unknown {
     pub sock: Option<OwnedFd>,
 }
 
+/// Where a handoff's time went, phase by phase, as the sender saw it
+/// (zero for a phase not reached).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    /// Checking the batch (one look at each socket), then the TCP connect
+    /// and TLS handshake with the agent, before any freeze.
+    pub connect: Duration,
+    /// Duplicating and freezing the batch, its flows locked.
+    pub freeze: Duration,
+    /// Dumping and sending the images while the agent restores them,
+    /// until every READY (or the batch is given up).
+    pub prepare: Duration,
+    /// Moving the traffic (address move or steering).
+    pub switch: Duration,
+    /// COMMIT until the batch is done: the agent's take-over (journal,
+    /// lock release), its resumes and deliveries, COMMITTED, our discards.
+    pub commit: Duration,
+    /// Releasing the source locks of moved flows.
+    pub release: Duration,
+}
+
 /// What became of each connection.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -73,6 +95,8 @@ pub struct Report {
     /// Things that went wrong without changing any connection's fate (a
     /// moved flow's lock that stays until its lease ends).
     pub warnings: Vec<String>,
+    /// Where the time went.
+    pub timings: Timings,
 }
 
 impl Report {
