@@ -10,6 +10,7 @@ mod dump;
 mod handoff;
 mod inspect;
 mod ls;
+mod privs;
 mod restore_cmd;
 mod stream;
 
@@ -327,6 +328,7 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 fn run(cmd: Cmd) -> Result<i32> {
+    privs::check(&cmd)?;
     match cmd {
         Cmd::Dump {
             pid,
