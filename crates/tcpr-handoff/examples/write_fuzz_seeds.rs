@@ -28,7 +28,9 @@ fn script(dumps_fail: bool, switch_fails: bool, moves_address: bool) -> u8 {
 }
 
 fn main() {
-    let dir = std::env::args().nth(1).expect("usage: write_fuzz_seeds DIR");
+    let dir = std::env::args()
+        .nth(1)
+        .expect("usage: write_fuzz_seeds DIR");
     let v4 = ConnectionImage::example();
     let mut v6 = ConnectionImage::example();
     v6.local = "[fd00::1]:443".parse().unwrap();
@@ -122,7 +124,10 @@ fn main() {
             "one-refused-one-not-dumped",
             [
                 vec![script(true, false, false)],
-                frame(&Msg::Ready(vec![(0, Ok(())), (2, Err("EADDRINUSE".into()))])),
+                frame(&Msg::Ready(vec![
+                    (0, Ok(())),
+                    (2, Err("EADDRINUSE".into())),
+                ])),
                 frame(&Msg::Committed(ok(&[0]))),
             ]
             .concat(),
@@ -181,7 +186,8 @@ fn main() {
     // A ClientHello as a sender opens with, for the agent's TLS server.
     let client_hello = {
         let auth = tcpr_handoff::Auth::Psk(Arc::new(b"seed-pre-shared-key".to_vec()));
-        let name = rustls::pki_types::ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into());
+        let name =
+            rustls::pki_types::ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into());
         let mut conn = rustls::ClientConnection::new(auth.client_config().unwrap(), name).unwrap();
         let mut out = vec![];
         conn.write_tls(&mut out).unwrap();

@@ -13,7 +13,8 @@
 use crate::auth::{Auth, AuthError};
 use crate::deliver;
 use crate::machine::{
-    Agent, AgentAction, BatchStatus, ConnId, Fate, Framing, Msg, Sender, SenderAction, SwitchOutcome,
+    Agent, AgentAction, BatchStatus, ConnId, Fate, Framing, Msg, Sender, SenderAction,
+    SwitchOutcome,
 };
 use crate::wire::{self, pb};
 use std::collections::{BTreeMap, BTreeSet};
@@ -393,7 +394,8 @@ pub fn psk_exchange(input: &[u8]) {
         PskSide::AgentBeforeTls | PskSide::AgentReadsMac => {
             let (tcp, _) = listener.accept().expect("the fuzzing client connects");
             let deadline = Instant::now() + TIMEOUT;
-            cfg.auth.accept_until(cfg.server.clone(), tcp, Some(deadline))
+            cfg.auth
+                .accept_until(cfg.server.clone(), tcp, Some(deadline))
         }
         PskSide::SenderReadsMac => {
             let tcp = TcpStream::connect(addr).expect("the fuzzing agent listens");
@@ -444,7 +446,9 @@ pub fn status_frame(batch: u64, status: &BatchStatus) -> Vec<u8> {
     wire::write_msg(
         &mut out,
         &pb::Message {
-            kind: Some(pb::message::Kind::Status(wire::status_to_wire(batch, status))),
+            kind: Some(pb::message::Kind::Status(wire::status_to_wire(
+                batch, status,
+            ))),
         },
     )
     .expect("a status frame");
@@ -473,15 +477,13 @@ pub fn unix_message(
     blob: &[u8],
 ) -> Vec<u8> {
     let (agent, application) = UnixStream::pair().expect("a socket pair");
-    let connection: std::os::fd::OwnedFd = std::fs::File::open("/dev/null")
-        .expect("/dev/null")
-        .into();
+    let connection: std::os::fd::OwnedFd =
+        std::fs::File::open("/dev/null").expect("/dev/null").into();
     let blob = blob.to_vec();
     let sender =
         std::thread::spawn(move || deliver::send_unix(&agent, &connection, &blob, local, peer));
     let mut message = vec![0u8; UNIX_INPUT_MAX];
-    let (n, _fd) =
-        tcpr_host::recv_with_fd(application.as_fd(), &mut message).expect("the message");
+    let (n, _fd) = tcpr_host::recv_with_fd(application.as_fd(), &mut message).expect("the message");
     message.truncate(n);
     (&application).write_all(b"k").expect("the acknowledgement");
     sender.join().expect("the sender").expect("sent");

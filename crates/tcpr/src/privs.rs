@@ -178,7 +178,8 @@ fn needs(cmd: &Cmd) -> Needs {
 /// `cmd` needs: one line names everything missing and why.
 pub fn check(cmd: &Cmd) -> Result<()> {
     let needs = needs(cmd);
-    let have = caps::read(None, CapSet::Effective).context("cannot read this process's capabilities")?;
+    let have =
+        caps::read(None, CapSet::Effective).context("cannot read this process's capabilities")?;
     let mut missing: Vec<String> = needs
         .caps
         .iter()
@@ -220,7 +221,10 @@ fn ptrace_refused(pid: i32) -> Option<String> {
             .collect()
     };
     let (uids, gids) = (ids("Uid:")?, ids("Gid:")?);
-    let (uid, gid) = (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw());
+    let (uid, gid) = (
+        nix::unistd::getuid().as_raw(),
+        nix::unistd::getgid().as_raw(),
+    );
     if uids.iter().all(|&u| u == uid) && gids.iter().all(|&g| g == gid) {
         return None;
     }
@@ -265,7 +269,8 @@ pub fn become_user(user: &str, keep: &CapsHashSet) -> Result<()> {
     // The bounding set needs CAP_SETPCAP to shrink: before the uid changes.
     for cap in caps::read(None, CapSet::Bounding).with_context(|| fail("read the bounding set"))? {
         if !keep.contains(&cap) {
-            caps::drop(None, CapSet::Bounding, cap).with_context(|| fail("shrink the bounding set"))?;
+            caps::drop(None, CapSet::Bounding, cap)
+                .with_context(|| fail("shrink the bounding set"))?;
         }
     }
     // Without keep-caps the kernel clears the permitted set when the last

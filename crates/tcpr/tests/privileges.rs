@@ -84,14 +84,26 @@ fn without_capabilities_each_subcommand_fails_at_start_and_changes_nothing() {
             "running",
         ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o644)).unwrap();
     let pid = echo.pid().to_string();
     let out_img = dir.join("never.img");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
-            vec!["dump", "--pid", &pid, "--fd", &fd, "-o", out_img.to_str().unwrap()],
+            vec![
+                "dump",
+                "--pid",
+                &pid,
+                "--fd",
+                &fd,
+                "-o",
+                out_img.to_str().unwrap(),
+            ],
             "`tcpr dump` needs CAP_NET_ADMIN",
         ),
         (
@@ -128,7 +140,10 @@ fn without_capabilities_each_subcommand_fails_at_start_and_changes_nothing() {
             ],
             "`tcpr agent` needs CAP_NET_ADMIN",
         ),
-        (vec!["announce", "--dev", "eth0", "10.77.0.1"], "CAP_NET_RAW"),
+        (
+            vec!["announce", "--dev", "eth0", "10.77.0.1"],
+            "CAP_NET_RAW",
+        ),
         (vec!["demo", "--migrations", "1"], "CAP_SYS_ADMIN"),
         (vec!["bench", "--counts", "1"], "CAP_SYS_ADMIN"),
     ];
@@ -143,11 +158,19 @@ fn without_capabilities_each_subcommand_fails_at_start_and_changes_nothing() {
     }
     assert!(!out_img.exists(), "dump wrote nothing");
     // Nothing listens on the agent's port, the address is where it was.
-    let listening = h.cmd("ss").args(["-Hltn", "( sport = :7070 )"]).output().unwrap();
+    let listening = h
+        .cmd("ss")
+        .args(["-Hltn", "( sport = :7070 )"])
+        .output()
+        .unwrap();
     assert!(listening.stdout.is_empty(), "the agent bound its port");
     // What needs nothing works for anyone.
     let out = tcpr_unprivileged(&h, &["inspect", img.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     ls_entry(&tcpr_unprivileged(&h, &["ls", "--json"]), 7100);
     // And the stream still flows, every byte intact.
     wait_echoes(&mut peer, FLOWING);
@@ -208,18 +231,37 @@ fn an_ordinary_user_dumps_thaws_restores_and_lists_inside_a_user_namespace() {
     // ls: the connection, its owner, dumpable.
     let entry = ls_entry(&tcpr_in(&ns, &["ls", "--json", "--pid", &pid]), PORT);
     assert_eq!(entry["dumpable"], true, "{entry}");
-    assert_eq!(entry["owners"][0]["pid"].as_i64(), Some(i64::from(echo.pid())));
+    assert_eq!(
+        entry["owners"][0]["pid"].as_i64(),
+        Some(i64::from(echo.pid()))
+    );
 
     // dump leaves it frozen and locked; thaw gives it back.
     echo.send("pause");
     echo.expect("paused", Duration::from_secs(10));
-    let dump = ["dump", "--pid", &pid, "--fd", &fd, "-o", img.to_str().unwrap()];
+    let dump = [
+        "dump",
+        "--pid",
+        &pid,
+        "--fd",
+        &fd,
+        "-o",
+        img.to_str().unwrap(),
+    ];
     tcpr_in(&ns, &dump);
     let entry = ls_entry(&tcpr_in(&ns, &["ls", "--json"]), PORT);
-    assert_eq!((&entry["frozen"], &entry["locked"]), (&true.into(), &true.into()), "{entry}");
+    assert_eq!(
+        (&entry["frozen"], &entry["locked"]),
+        (&true.into(), &true.into()),
+        "{entry}"
+    );
     tcpr_in(&ns, &["thaw", "--pid", &pid, "--fd", &fd]);
     let entry = ls_entry(&tcpr_in(&ns, &["ls", "--json"]), PORT);
-    assert_eq!((&entry["frozen"], &entry["locked"]), (&false.into(), &false.into()), "{entry}");
+    assert_eq!(
+        (&entry["frozen"], &entry["locked"]),
+        (&false.into(), &false.into()),
+        "{entry}"
+    );
     echo.send("resume");
     wait_echoes(&mut peer, FLOWING);
 
@@ -292,7 +334,13 @@ fn the_agent_runs_as_its_user_with_two_capabilities_and_still_takes_a_handoff() 
     let mut agent = Proc::spawn(cmd, "agent");
     agent.expect("tcpr agent listening", Duration::from_secs(10));
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
-    let ids = |key: &str| status.lines().find(|l| l.starts_with(key)).unwrap().to_string();
+    let ids = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap()
+            .to_string()
+    };
     assert_eq!(
         ids("Uid:").split_whitespace().skip(1).collect::<Vec<_>>(),
         ["65534"; 4],
