@@ -173,6 +173,19 @@ fn main() {
             ]
             .concat(),
         ),
+        // Found by sender_reads: a COMMITTED naming a connection not
+        // committed, after one that moved, left that one without a
+        // Discard (its frozen copy was thawed while the agent ran it).
+        (
+            "regression-committed-naming-a-stranger-thawed-a-moved-connection",
+            [
+                vec![script(false, false, false)],
+                frame(&Msg::Ready(ok(&[0, 1, 2]))),
+                frame(&Msg::Committed(ok(&[0, 99]))),
+                status_frame(7, &BatchStatus::Committed(vec![0, 1, 2])),
+            ]
+            .concat(),
+        ),
         (
             "agent-aborts",
             [
