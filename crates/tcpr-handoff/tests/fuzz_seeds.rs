@@ -72,7 +72,13 @@ mod sender_machine {
 
     /// A sender of connections 0 and 1 whose images are dumped and sent.
     fn prepared(now: Instant) -> Sender {
-        let mut s = Sender::new(1, vec![0, 1], Duration::from_secs(5), Framing::default(), now);
+        let mut s = Sender::new(
+            1,
+            vec![0, 1],
+            Duration::from_secs(5),
+            Framing::default(),
+            now,
+        );
         while let Some(a) = s.poll_action() {
             if let SenderAction::Dump(id) = a {
                 s.handle_dumped(id, Ok(10), now);
@@ -112,10 +118,17 @@ mod sender_machine {
         let mut s = prepared(now);
         s.handle_message(Msg::Ready(vec![(0, Ok(())), (1, Ok(()))]), now);
         assert!(actions(&mut s).contains(&SenderAction::Switch(vec![0, 1])));
-        s.handle_switched(SwitchOutcome::Switched { moved_address: None }, now);
+        s.handle_switched(
+            SwitchOutcome::Switched {
+                moved_address: None,
+            },
+            now,
+        );
         s.handle_message(Msg::Committed(vec![(0, Ok(())), (7, Ok(()))]), now);
         assert_eq!(actions(&mut s), [SenderAction::Query]);
-        s.handle_status(Ok(tcpr_handoff::machine::BatchStatus::Committed(vec![0, 1])));
+        s.handle_status(Ok(tcpr_handoff::machine::BatchStatus::Committed(vec![
+            0, 1,
+        ])));
         assert_eq!(actions(&mut s), [SenderAction::Discard(vec![0, 1])]);
         assert!(s.fates().values().all(|f| *f == Fate::Moved));
     }

@@ -59,7 +59,7 @@ const BIND_LOW_PORT: Need = Need {
     why: "a port below net.ipv4.ip_unprivileged_port_start",
 };
 
-fn needs(cmd: &Cmd) -> Needs {
+fn needs(cmd: &Cmd, have: &CapsHashSet) -> Needs {
     let (subcommand, caps, ptrace) = match cmd {
         Cmd::Dump { pid, leave, .. } => {
             let why = match leave {
@@ -78,10 +78,13 @@ fn needs(cmd: &Cmd) -> Needs {
                 cap: Capability::CAP_NET_ADMIN,
                 why: "TCP_REPAIR, IP_TRANSPARENT and a local route",
             }];
-            // The image decides the rest; one that does not read is
-            // reported by restore itself.
-            if let Some(img) = std::fs::read(file)
-                .ok()
+            // The image decides the rest (read here only when one of them
+            // is missing); one that does not read is reported by restore.
+            let may_lack = !have.contains(&Capability::CAP_NET_RAW)
+                || !have.contains(&Capability::CAP_NET_BIND_SERVICE);
+            if let Some(img) = may_lack
+                .then(|| std::fs::read(file).ok())
+                .flatten()
                 .and_then(|b| tcpr_image::ConnectionImage::decode(&b).ok())
             {
                 if img.state.peer_closed() {
@@ -177,9 +180,9 @@ fn needs(cmd: &Cmd) -> Needs {
 /// Checks, before anything is touched, that this process holds what
 /// `cmd` needs: one line names everything missing and why.
 pub fn check(cmd: &Cmd) -> Result<()> {
-    let needs = needs(cmd);
     let have =
         caps::read(None, CapSet::Effective).context("cannot read this process's capabilities")?;
+    let needs = needs(cmd, &have);
     let mut missing: Vec<String> = needs
         .caps
         .iter()
