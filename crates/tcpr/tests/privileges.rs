@@ -24,6 +24,20 @@ fn shared_tmpdir(tag: &str) -> std::path::PathBuf {
     dir
 }
 
+/// The privileged port of the service in the no-capability test.
+const SERVICE_PORT: u16 = 80;
+
+/// `setpriv` arguments: nobody with CAP_NET_ADMIN only (ambient, so that
+/// it survives the exec of tcpr).
+const NET_ADMIN_ONLY: [&str; 6] = [
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "--inh-caps=-all,+net_admin",
+    "--ambient-caps=+net_admin",
+    "--bounding-set=-all,+net_admin",
+];
+
 /// `tcpr ARGS` as nobody without capabilities, in `host`'s network
 /// namespace (outside any user namespace).
 fn tcpr_unprivileged(host: &Host, args: &[&str]) -> Output {
@@ -64,8 +78,9 @@ fn without_capabilities_each_subcommand_fails_at_start_and_changes_nothing() {
     let mut lab = Lab::new("np").unwrap();
     let h = lab.host("h", &["10.77.0.1/24"]).unwrap();
     h.ip(&["link", "set", "lo", "up"]).unwrap();
-    let mut echo = echo_server(&h, "127.0.0.1", 7100, &[]);
-    let mut peer = stream_peer(&h, "127.0.0.1", 7100, &[]);
+    // A privileged port: restoring it needs CAP_NET_BIND_SERVICE too.
+    let mut echo = echo_server(&h, "127.0.0.1", SERVICE_PORT, &[]);
+    let mut peer = stream_peer(&h, "127.0.0.1", SERVICE_PORT, &[]);
     let fd = ready_fd(&mut echo);
     wait_echoes(&mut peer, FLOWING);
     // A real image (a snapshot: the connection carries on) for restore.
@@ -136,7 +151,7 @@ fn without_capabilities_each_subcommand_fails_at_start_and_changes_nothing() {
                 "--psk-file",
                 key.to_str().unwrap(),
                 "--allow",
-                "10.77.0.1:7100",
+                "10.77.0.1:80",
             ],
             "`tcpr agent` needs CAP_NET_ADMIN",
         ),
@@ -151,12 +166,25 @@ fn without_capabilities_each_subcommand_fails_at_start_and_changes_nothing() {
         let out = tcpr_unprivileged(&h, args);
         assert_clean_failure(&out, needle);
         // The connection is untouched: not frozen, not locked, not taken.
-        let entry = ls_entry(&tcpr(Some(&h), &["ls", "--json"]), 7100);
+        let entry = ls_entry(&tcpr(Some(&h), &["ls", "--json"]), SERVICE_PORT);
         assert_eq!(entry["frozen"], false, "{args:?} froze it: {entry}");
         assert_eq!(entry["locked"], false, "{args:?} locked it: {entry}");
         assert_eq!(locked(&h), 0, "{args:?} left a lock");
     }
     assert!(!out_img.exists(), "dump wrote nothing");
+    // With CAP_NET_ADMIN alone, restore names only what it still lacks
+    // for this image: its local port is privileged.
+    let mut cmd = h.cmd("setpriv");
+    cmd.args(NET_ADMIN_ONLY)
+        .arg(tcpr_bin())
+        .args(["restore", img.to_str().unwrap(), "--", "true"]);
+    let out = cmd.output().unwrap();
+    assert_clean_failure(&out, "`tcpr restore` needs CAP_NET_BIND_SERVICE");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("CAP_NET_ADMIN"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Nothing listens on the agent's port, the address is where it was.
     let listening = h
         .cmd("ss")
@@ -171,7 +199,7 @@ fn without_capabilities_each_subcommand_fails_at_start_and_changes_nothing() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    ls_entry(&tcpr_unprivileged(&h, &["ls", "--json"]), 7100);
+    ls_entry(&tcpr_unprivileged(&h, &["ls", "--json"]), SERVICE_PORT);
     // And the stream still flows, every byte intact.
     wait_echoes(&mut peer, FLOWING);
     assert_all_bytes(&verdict(&mut peer), FLOWING);
