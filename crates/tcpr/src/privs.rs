@@ -202,7 +202,7 @@ pub fn check(cmd: &Cmd) -> Result<()> {
         return Ok(());
     }
     bail!(
-        "`tcpr {}` needs {}, which this process lacks: run it as root, or grant them (setcap, systemd AmbientCapabilities=, or inside `unshare -Urn`)",
+        "`tcpr {}` is not permitted: it needs {}, which this process lacks: run it as root, or grant them (setcap, systemd AmbientCapabilities=, or inside `unshare -Urn`)",
         needs.subcommand,
         missing.join(", ")
     )

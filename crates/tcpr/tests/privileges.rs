@@ -119,15 +119,15 @@ fn without_capabilities_each_subcommand_fails_at_start_and_changes_nothing() {
                 "-o",
                 out_img.to_str().unwrap(),
             ],
-            "`tcpr dump` needs CAP_NET_ADMIN",
+            "`tcpr dump` is not permitted: it needs CAP_NET_ADMIN",
         ),
         (
             vec!["thaw", "--pid", &pid, "--fd", &fd],
-            "`tcpr thaw` needs CAP_NET_ADMIN",
+            "`tcpr thaw` is not permitted: it needs CAP_NET_ADMIN",
         ),
         (
             vec!["restore", img.to_str().unwrap(), "--", "true"],
-            "`tcpr restore` needs CAP_NET_ADMIN",
+            "`tcpr restore` is not permitted: it needs CAP_NET_ADMIN",
         ),
         (
             vec![
@@ -139,7 +139,7 @@ fn without_capabilities_each_subcommand_fails_at_start_and_changes_nothing() {
                 "--pid",
                 &pid,
             ],
-            "`tcpr migrate` needs CAP_NET_ADMIN",
+            "`tcpr migrate` is not permitted: it needs CAP_NET_ADMIN",
         ),
         (
             vec![
@@ -153,7 +153,7 @@ fn without_capabilities_each_subcommand_fails_at_start_and_changes_nothing() {
                 "--allow",
                 "10.77.0.1:80",
             ],
-            "`tcpr agent` needs CAP_NET_ADMIN",
+            "`tcpr agent` is not permitted: it needs CAP_NET_ADMIN",
         ),
         (
             vec!["announce", "--dev", "eth0", "10.77.0.1"],
@@ -179,7 +179,7 @@ fn without_capabilities_each_subcommand_fails_at_start_and_changes_nothing() {
         .arg(tcpr_bin())
         .args(["restore", img.to_str().unwrap(), "--", "true"]);
     let out = cmd.output().unwrap();
-    assert_clean_failure(&out, "`tcpr restore` needs CAP_NET_BIND_SERVICE");
+    assert_clean_failure(&out, "`tcpr restore` is not permitted: it needs CAP_NET_BIND_SERVICE");
     assert!(
         !String::from_utf8_lossy(&out.stderr).contains("CAP_NET_ADMIN"),
         "{}",
