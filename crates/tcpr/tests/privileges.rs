@@ -179,7 +179,10 @@ fn without_capabilities_each_subcommand_fails_at_start_and_changes_nothing() {
         .arg(tcpr_bin())
         .args(["restore", img.to_str().unwrap(), "--", "true"]);
     let out = cmd.output().unwrap();
-    assert_clean_failure(&out, "`tcpr restore` is not permitted: it needs CAP_NET_BIND_SERVICE");
+    assert_clean_failure(
+        &out,
+        "`tcpr restore` is not permitted: it needs CAP_NET_BIND_SERVICE",
+    );
     assert!(
         !String::from_utf8_lossy(&out.stderr).contains("CAP_NET_ADMIN"),
         "{}",
