@@ -15,6 +15,9 @@
 pub mod agent;
 pub mod auth;
 pub mod deliver;
+/// Entry points of the fuzz targets (`fuzz/`); not an API.
+#[doc(hidden)]
+pub mod fuzzing;
 // Pure: no clock (the methods are listed in .clippy.toml).
 #[deny(clippy::disallowed_methods)]
 pub mod machine;

@@ -41,7 +41,7 @@ impl AuthArgs {
 pub struct AgentArgs {
     /// Address to listen on for senders.
     #[arg(long)]
-    listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// Run this shell command line per delivered connection (fd 3,
     /// LISTEN_FDS=1; application blob on fd 4).
     #[arg(long, conflicts_with_all = ["unix", "forward"], required_unless_present_any = ["unix", "forward"])]
@@ -73,7 +73,7 @@ pub struct AgentArgs {
     /// sender moving its service address here (migrate --move-address) may
     /// only move an address an entry names exactly.
     #[arg(long, required_unless_present = "vip")]
-    allow: Vec<SocketAddr>,
+    pub(crate) allow: Vec<SocketAddr>,
     /// Seconds to wait for each next message before COMMIT (0.001 to 3600);
     /// also the deadline of a sender's whole authentication handshake.
     #[arg(long, default_value_t = 2.0)]
@@ -91,6 +91,11 @@ pub struct AgentArgs {
     /// for a new one).
     #[arg(long, default_value_t = tcpr_handoff::agent::DEFAULT_MAX_HANDSHAKES)]
     max_handshakes: usize,
+    /// Once listening, run as this user, keeping only CAP_NET_ADMIN and
+    /// CAP_NET_RAW (and CAP_NET_BIND_SERVICE for a privileged port). The
+    /// journal directory must be writable by it.
+    #[arg(long)]
+    pub(crate) user: Option<String>,
 }
 
 /// `tcpr migrate`.
@@ -103,7 +108,7 @@ pub struct MigrateArgs {
     auth: AuthArgs,
     /// Move the TCP connections of this process.
     #[arg(long, conflicts_with = "local", required_unless_present = "local")]
-    pid: Option<i32>,
+    pub(crate) pid: Option<i32>,
     /// Only these fds of the process (repeatable); all of them by default.
     #[arg(long, requires = "pid")]
     fd: Vec<i32>,
@@ -113,7 +118,7 @@ pub struct MigrateArgs {
     /// Move the service address too: removed here, added at the agent's
     /// host and announced, as part of the commit (host evacuation).
     #[arg(long, conflicts_with = "switch_cmd")]
-    move_address: bool,
+    pub(crate) move_address: bool,
     /// Shell command that steers the flows to the agent's host, run before
     /// COMMIT (with --unswitch-cmd to undo it on roll back).
     #[arg(long, requires = "unswitch_cmd")]
@@ -162,6 +167,12 @@ pub fn agent(a: AgentArgs) -> Result<i32> {
     cfg.max_handshakes = a.max_handshakes;
     let vips = serve_vips(&a.vip)?;
     let server = AgentServer::bind(a.listen, cfg)?;
+    if let Some(user) = &a.user {
+        crate::privs::become_user(user, &crate::privs::agent_keeps(a.listen, &a.allow))?;
+        if !a.no_journal {
+            crate::privs::check_writable(&a.journal, user)?;
+        }
+    }
     println!("tcpr agent listening on {}", server.local_addr()?);
     std::io::Write::flush(&mut std::io::stdout())?;
     let stopped = server.run().context("the agent stopped");

@@ -10,6 +10,7 @@ mod dump;
 mod handoff;
 mod inspect;
 mod ls;
+mod privs;
 mod report;
 mod restore_cmd;
 mod stream;
@@ -332,6 +333,7 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 fn run(cmd: Cmd) -> Result<i32> {
+    privs::check(&cmd)?;
     match cmd {
         Cmd::Dump {
             pid,

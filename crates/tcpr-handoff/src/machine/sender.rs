@@ -298,12 +298,15 @@ impl Sender {
     pub fn handle_message(&mut self, msg: Msg, now: Instant) {
         match (self.state, msg) {
             (SenderState::Preparing, Msg::Ready(outcomes)) => {
+                // Checked whole before anything is recorded: a fate given
+                // before the error would have no action (never thawed).
+                if !all_distinct_in(&outcomes, &self.awaiting) {
+                    return self.protocol_error("READY for a connection not awaiting it");
+                }
                 self.in_flight = self.in_flight.saturating_sub(1);
                 let mut refused = vec![];
                 for (id, r) in outcomes {
-                    if !self.awaiting.remove(&id) {
-                        return self.protocol_error("READY for a connection not awaiting it");
-                    }
+                    self.awaiting.remove(&id);
                     if self.withdrawn.contains(&id) {
                         continue;
                     }
@@ -329,12 +332,16 @@ impl Sender {
                 self.pump(now);
             }
             (SenderState::Committing, Msg::Committed(outcomes)) => {
+                // Checked whole first: one moved before the error would
+                // get no Discard, and its frozen copy would be thawed
+                // while the agent runs it (one connection, two ends).
+                if !all_distinct_in(&outcomes, &self.ready) {
+                    return self.protocol_error("COMMITTED for a connection not committed");
+                }
                 let mut moved = vec![];
                 let mut failed = vec![];
                 for (id, r) in outcomes {
-                    if !self.ready.remove(&id) {
-                        return self.protocol_error("COMMITTED for a connection not committed");
-                    }
+                    self.ready.remove(&id);
                     match r {
                         Ok(()) => {
                             moved.push(id);
@@ -515,4 +522,13 @@ impl Sender {
         }
         self.finish();
     }
+}
+
+/// True when the outcomes name each connection once, and only ones in
+/// `expected`.
+fn all_distinct_in(outcomes: &[(ConnId, Result<(), String>)], expected: &BTreeSet<ConnId>) -> bool {
+    let mut named = BTreeSet::new();
+    outcomes
+        .iter()
+        .all(|(id, _)| expected.contains(id) && named.insert(*id))
 }

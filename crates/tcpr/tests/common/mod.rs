@@ -339,3 +339,84 @@ pub fn wait_full_queues(
         std::thread::sleep(POLL);
     }
 }
+
+/// `setpriv` arguments: nobody, with no capabilities at all (the user
+/// namespace gives it capabilities over its own namespaces only).
+pub const UNPRIVILEGED: [&str; 5] = [
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "--inh-caps=-all",
+    "--bounding-set=-all",
+];
+
+/// A user and network namespace owned by nobody, kept alive by a process
+/// that waits on its stdin.
+pub struct Userns {
+    pub keeper: Proc,
+}
+
+impl Userns {
+    pub fn new() -> Userns {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(UNPRIVILEGED).args([
+            "unshare",
+            "-Urn",
+            "sh",
+            "-c",
+            "ip link set lo up && echo up && exec cat",
+        ]);
+        let mut keeper = Proc::spawn(cmd, "user namespace");
+        keeper.expect("up", Duration::from_secs(10));
+        Userns { keeper }
+    }
+
+    /// `program` run by nobody inside the namespaces (root there, mapped
+    /// to nobody outside).
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(UNPRIVILEGED).args([
+            "nsenter",
+            "--preserve-credentials",
+            "-U",
+            "-n",
+            "-t",
+            &self.keeper.pid().to_string(),
+            "--",
+            program,
+        ]);
+        cmd
+    }
+
+    /// `program` run by root, in the namespace's network namespace only (it
+    /// keeps its capabilities in the initial user namespace).
+    pub fn root_cmd(&self, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.args(["-n", "-t", &self.keeper.pid().to_string(), "--", program]);
+        cmd
+    }
+
+    /// The `Send-Q` of the established connection on local `port`.
+    pub fn send_queue(&self, port: u16) -> u64 {
+        let out = self
+            .cmd("ss")
+            .args(["-Htn", "state", "established"])
+            .arg(format!("( sport = :{port} )"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .and_then(|q| q.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Kills the child processes of `pid` (by their ids).
+pub fn kill_children(pid: i32) {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    for child in children.split_whitespace() {
+        let _ = Command::new("kill").args(["-KILL", child]).status();
+    }
+}
