@@ -11,6 +11,7 @@ mod handoff;
 mod inspect;
 mod ls;
 mod restore_cmd;
+mod soak;
 mod stream;
 
 use anyhow::{Context, Result};
@@ -242,6 +243,10 @@ enum Cmd {
         #[arg(value_parser = bench_count)]
         count: usize,
     },
+    /// Soak: many connections streaming both ways, moved back and forth
+    /// between two namespace hosts at random while faults are injected;
+    /// exits 0 only when nothing was lost, duplicated or left behind.
+    Soak(soak::SoakArgs),
     /// Benchmark freeze+dump and restore+resume against the bare-syscall floor.
     Bench {
         /// Connection counts to measure (each 1 to 100000).
@@ -373,6 +378,7 @@ fn run(cmd: Cmd) -> Result<i32> {
         Cmd::BenchHandoff { counts, moves } => bench_handoff::run(&counts, moves).map(|()| 0),
         Cmd::BenchPeer { addr, count } => bench::peer(&addr, count).map(|()| 0),
         Cmd::Bench { counts } => bench::run(&counts).map(|()| 0),
+        Cmd::Soak(a) => soak::run(a),
     }
 }
 
