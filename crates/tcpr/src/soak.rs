@@ -31,6 +31,7 @@ use rand::SeedableRng;
 use schedule::{Ambient, MoveFault, Schedule, Step};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tcpr_handoff::{hand_off, Auth, HandOff, MigrateOptions, Switch};
 use tcpr_netlab::{Host, Lab};
@@ -62,6 +63,8 @@ const RESOLVE_WAIT: Duration = Duration::from_secs(6);
 const FINISH_WAIT_SECS: u64 = 30;
 /// Steps between two looks at the client's counters.
 const STATS_EVERY_STEPS: u64 = 25;
+/// How often an armed agent's fault point is looked for.
+const FAULT_POINT_POLL: Duration = Duration::from_micros(500);
 /// The PSK both ends use.
 const PSK: &str = "tcpr soak: a shared secret of the two hosts";
 
@@ -83,6 +86,11 @@ pub struct SoakArgs {
     /// printed, so that a failing run can be replayed).
     #[arg(long)]
     seed: Option<u64>,
+    /// Also kill agents at random moments, not only at the protocol's
+    /// fault points: this reaches the window between an agent's resume of
+    /// a connection and its delivery, where a kill loses the connection.
+    #[arg(long)]
+    kill_anytime: bool,
     /// Test only: reset one connection on purpose, to show that the check
     /// catches a lost connection.
     #[arg(long, hide = true)]
@@ -182,6 +190,10 @@ struct Mover {
     hosts: [Host; 2],
     agents: [Agent; 2],
     auth: Auth,
+    /// Where agents armed at a fault point say they reached it.
+    fault_dir: std::path::PathBuf,
+    /// Agents armed so far (each gets a directory of its own).
+    armed: AtomicU64,
 }
 
 struct Soak {
@@ -225,7 +237,7 @@ pub fn run(args: SoakArgs) -> Result<i32> {
             d.as_secs_f64()
         ),
         Until::Moves(m) => format!("tcpr soak --connections {n} --moves {m} --seed {seed}"),
-    };
+    } + if args.kill_anytime { " --kill-anytime" } else { "" };
     println!("soak: {replay}");
     ctrlc::set_handler(|| {
         tcpr_netlab::cleanup_all();
@@ -237,7 +249,7 @@ pub fn run(args: SoakArgs) -> Result<i32> {
 
     let dir = std::env::temp_dir().join(format!("tcpr-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let result = soak(n, until, seed, args.sabotage, &dir, &replay);
+    let result = soak(n, until, seed, &args, &dir, &replay);
     if matches!(result, Ok(0)) {
         let _ = std::fs::remove_dir_all(&dir);
     } else {
@@ -250,7 +262,7 @@ fn soak(
     n: usize,
     until: Until,
     seed: u64,
-    sabotage: bool,
+    args: &SoakArgs,
     dir: &std::path::Path,
     replay: &str,
 ) -> Result<i32> {
@@ -327,6 +339,8 @@ fn soak(
             hosts: [a.clone(), b.clone()],
             agents: [agent_a, agent_b],
             auth,
+            fault_dir: dir.to_path_buf(),
+            armed: AtomicU64::new(0),
         },
         hosts: [a.clone(), b.clone()],
         deliveries,
@@ -334,14 +348,14 @@ fn soak(
         counts: Counts::default(),
         problems: vec![],
     };
-    let mut schedule = Schedule::new(SmallRng::seed_from_u64(seed), n);
+    let mut schedule = Schedule::new(SmallRng::seed_from_u64(seed), n, args.kill_anytime);
     let hosts_for_loss = [client.clone(), a.clone(), b.clone()];
     let progress = indicatif::ProgressBar::new_spinner();
     progress.enable_steady_tick(Duration::from_millis(200));
     let started = Instant::now();
     let mut step_no = 0u64;
     let mut alive = n;
-    let mut sabotaged = !sabotage;
+    let mut sabotaged = !args.sabotage;
     loop {
         let done = match until {
             Until::Elapsed(d) => started.elapsed() >= d,
@@ -421,6 +435,10 @@ fn soak(
 /// What the soak leaves behind (all must be zero).
 #[derive(Debug, Default)]
 struct Leftovers {
+    /// Lock elements at the end, before their leases ran out (those of
+    /// killed agents: a restarted agent does not release them).
+    expiring_locks: usize,
+    /// Lock elements still there after the longest lease.
     locks: usize,
     rules: usize,
     policy_rules: usize,
@@ -465,8 +483,20 @@ impl Soak {
     /// The step's moves: one, or two at once (racing).
     fn moves(&mut self, step: &Step, step_no: u64) -> Result<()> {
         let mut started = vec![];
+        let mut targets = vec![];
         for m in &step.moves {
             let c = &mut self.conns[m.conn];
+            // A kill meant for one move's protocol step must not land at a
+            // random moment of another's: a move racing a kill goes to the
+            // other agent, or waits.
+            let to = c.at.other();
+            let kills = |f: &MoveFault| !matches!(f, MoveFault::None | MoveFault::CutLink { .. });
+            if targets
+                .iter()
+                .any(|(t, f)| *t == to && (kills(f) || kills(&m.fault)))
+            {
+                continue;
+            }
             if !matches!(c.holder, Holder::Live(_)) {
                 continue;
             }
@@ -479,7 +509,26 @@ impl Soak {
                 continue;
             }
             self.counts.attempted += 1;
+            targets.push((to, m.fault));
             started.push((m.conn, m.fault, c.at, stopped.sock, stopped.state));
+        }
+        // Agents are armed before any move starts: a restart must not cut
+        // a racing move short.
+        let mut armed = vec![];
+        for (_, fault, from, _, _) in &started {
+            armed.push(match fault {
+                MoveFault::KillAtStep { point } => {
+                    let dir = self.mover.fault_dir.join(format!(
+                        "fault-{}",
+                        self.mover.armed.fetch_add(1, Ordering::SeqCst)
+                    ));
+                    std::fs::create_dir_all(&dir)?;
+                    let name = schedule::AGENT_FAULT_POINTS[*point];
+                    self.mover.agents[from.other().index()].arm(name, &dir)?;
+                    Some(dir.join(format!("reached-{name}")))
+                }
+                _ => None,
+            });
         }
         if started.len() > 1 {
             self.counts.races += 1;
@@ -487,10 +536,11 @@ impl Soak {
         let outcomes: Vec<_> = std::thread::scope(|scope| {
             let handles: Vec<_> = started
                 .into_iter()
-                .map(|(i, fault, from, sock, state)| {
+                .zip(armed)
+                .map(|((i, fault, from, sock, state), reached)| {
                     let me = &self.mover;
                     scope.spawn(move || {
-                        let r = me.attempt(from, sock, &state, fault);
+                        let r = me.attempt(from, sock, &state, fault, reached.as_deref());
                         (i, fault, from, state, r)
                     })
                 })
@@ -519,6 +569,7 @@ impl Soak {
         step_no: u64,
     ) -> Result<()> {
         let to = from.other();
+        tracing::debug!(conn = i, from = from.name(), %fault, step = step_no, "move");
         let ip = self.conns[i].ip;
         let (holder, at, outcome) = match r {
             Attempt::Done(HandOff::Moved) => {
@@ -608,6 +659,19 @@ impl Soak {
             return Ok((self.adopt(d)?, to, "delivered: moved".into()));
         }
         self.counts.unknown_stayed += 1;
+        // The restarted agent keeps the lock its dead self took for the
+        // restored copy until the lease ends; the address is about to
+        // leave, so it goes now (an operator resolving the outcome does
+        // the same).
+        if let Some(s) = &sock {
+            let flow = tcpr_engine::inspect_socket(std::os::fd::AsFd::as_fd(s))?.0;
+            let _ = self.host(to).within(|| {
+                Ok(tcpr_engine::lock::release_flows(
+                    &tcpr_engine::Netns::current(),
+                    &[flow],
+                )?)
+            });
+        }
         let cidr = format!("{ip}/16");
         if agents::addresses(self.host(to))?.contains(&ip) {
             self.host(to).del_addr(&cidr)?;
@@ -670,6 +734,9 @@ impl Soak {
         // its lease.
         let deadline = Instant::now() + tcpr_engine::DEFAULT_LEASE.max(LEASE) + Duration::from_secs(2);
         for h in &self.hosts {
+            l.expiring_locks += h.within(|| Ok(tcpr_engine::lock::locked_flow_count()?))?;
+        }
+        for h in &self.hosts {
             loop {
                 let n = h.within(|| Ok(tcpr_engine::lock::locked_flow_count()?))?;
                 if n == 0 || Instant::now() >= deadline {
@@ -708,6 +775,7 @@ impl Soak {
         let n = self.conns.len();
         let alive = finals.iter().filter(|v| v.ok()).count();
         let verified: u64 = finals.iter().map(|v| v.verified).sum();
+        let sent: u64 = finals.iter().map(|v| v.sent).sum();
         let resets = finals.iter().filter(|v| v.state == "reset").count();
         let corrupt = finals.iter().filter(|v| v.state == "corrupt").count();
         let duplicates = self.counts.duplicates + corrupt as u64;
@@ -743,7 +811,7 @@ impl Soak {
         }
         let k = &self.counts;
         println!(
-            "soak: seed {seed}, {n} connections, {:.0} s: moves attempted {} / committed {} / rolled back {} / unknown {} (resolved: {} moved, {} stayed); connections alive {alive}/{n}; bytes verified {verified} each way; RSTs seen by clients {resets}; duplicates {duplicates}; left behind: locks {}, rules {}, policy rules {}, misplaced addresses {}; faults: agent kills {}, link cuts {}, loss periods {}, zero windows {}, half-closes {}, racing moves {}",
+            "soak: seed {seed}, {n} connections, {:.0} s: moves attempted {} / committed {} / rolled back {} / unknown {} (resolved: {} moved, {} stayed); connections alive {alive}/{n}; bytes verified {verified} of {sent} sent, each way; RSTs seen by clients {resets}; duplicates {duplicates}; left behind: locks {} (and {} that expired by their lease), rules {}, policy rules {}, misplaced addresses {}; faults: agent kills {}, link cuts {}, loss periods {}, zero windows {}, half-closes {}, racing moves {}",
             elapsed.as_secs_f64(),
             k.attempted,
             k.committed,
@@ -752,6 +820,7 @@ impl Soak {
             k.unknown_moved,
             k.unknown_stayed,
             left.locks,
+            left.expiring_locks.saturating_sub(left.locks),
             left.rules,
             left.policy_rules,
             left.misplaced_addresses,
@@ -788,6 +857,7 @@ impl Mover {
         sock: TcpStream,
         state: &EchoState,
         fault: MoveFault,
+        reached: Option<&std::path::Path>,
     ) -> (Attempt, u64, u64) {
         let to = from.other();
         let mut opts = MigrateOptions::new(
@@ -798,9 +868,11 @@ impl Mover {
         opts.timeout = STEP_TIMEOUT;
         opts.lease = LEASE;
         let blob = state.encode();
+        let done = AtomicBool::new(false);
         std::thread::scope(|scope| {
-            let injector = scope.spawn(|| self.inject(to, fault));
+            let injector = scope.spawn(|| self.inject(to, fault, reached, &done));
             let r = self.hosts[from.index()].within(|| Ok(hand_off(vec![(sock, blob)], &opts)));
+            done.store(true, Ordering::SeqCst);
             let (kills, cuts) = injector.join().unwrap_or((0, 0));
             let attempt = match r {
                 Ok(Ok(mut v)) => match v.pop() {
@@ -818,10 +890,30 @@ impl Mover {
     }
 
     /// The fault of one move, at its moment.
-    fn inject(&self, to: Side, fault: MoveFault) -> (u64, u64) {
+    fn inject(
+        &self,
+        to: Side,
+        fault: MoveFault,
+        reached: Option<&std::path::Path>,
+        done: &AtomicBool,
+    ) -> (u64, u64) {
         match fault {
             MoveFault::None => (0, 0),
-            MoveFault::KillAgent { after } => {
+            MoveFault::KillAtStep { .. } => {
+                let Some(reached) = reached else {
+                    return (0, 0);
+                };
+                while !reached.exists() && !done.load(Ordering::SeqCst) {
+                    std::thread::sleep(FAULT_POINT_POLL);
+                }
+                let hit = reached.exists();
+                // Killed there, or (not reached) disarmed.
+                if let Err(e) = self.agents[to.index()].crash_and_restart() {
+                    tracing::error!("restart the agent: {e:#}");
+                }
+                (u64::from(hit), 0)
+            }
+            MoveFault::KillAnytime { after } => {
                 std::thread::sleep(after);
                 if let Err(e) = self.agents[to.index()].crash_and_restart() {
                     tracing::error!("restart the agent: {e:#}");
@@ -831,7 +923,8 @@ impl Mover {
             MoveFault::CutLink { after, mend_after } => {
                 std::thread::sleep(after);
                 let host = &self.hosts[to.index()];
-                if agents::cut_link(host, AGENT_PORT).is_err() {
+                if let Err(e) = agents::cut_link(host, AGENT_PORT) {
+                    tracing::error!("cut the link: {e:#}");
                     return (0, 0);
                 }
                 std::thread::sleep(mend_after);

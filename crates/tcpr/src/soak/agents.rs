@@ -57,21 +57,29 @@ impl Agent {
             log: dir.join(format!("agent-{name}.log")),
             running: Mutex::new(None),
         };
-        agent.spawn()?;
+        agent.spawn(None)?;
         Ok(agent)
     }
 
-    fn spawn(&self) -> Result<()> {
+    /// Starts the process; with `stop_at`, it holds at that fault point of
+    /// the protocol (`TCPR_FAULT_STOP_AT`, see `tcpr_handoff::agent`) and
+    /// says so with a file in the directory given.
+    fn spawn(&self, stop_at: Option<(&str, &Path)>) -> Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .with_context(|| format!("open {}", self.log.display()))?;
         // `ip netns exec` execs the program in place: the child is the agent.
-        let mut child = self
-            .host
-            .cmd(&std::env::current_exe()?.to_string_lossy())
-            .args(&self.args)
+        let mut cmd = self.host.cmd(&std::env::current_exe()?.to_string_lossy());
+        cmd.args(&self.args)
+            .env_remove("TCPR_FAULT_STOP_AT")
+            .env_remove("TCPR_FAULT_DIR");
+        if let Some((point, dir)) = stop_at {
+            cmd.env("TCPR_FAULT_STOP_AT", point)
+                .env("TCPR_FAULT_DIR", dir);
+        }
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -97,7 +105,14 @@ impl Agent {
     /// on the same journal.
     pub fn crash_and_restart(&self) -> Result<()> {
         self.kill();
-        self.spawn()
+        self.spawn(None)
+    }
+
+    /// Restarts the agent so that it holds at fault point `point` of the
+    /// next batch, announcing it with `dir/reached-POINT`.
+    pub fn arm(&self, point: &str, dir: &Path) -> Result<()> {
+        self.kill();
+        self.spawn(Some((point, dir)))
     }
 
     /// Kills it for good.

@@ -27,8 +27,15 @@ const HALF_CLOSED_SHARE: usize = 4;
 const RACE_CHANCE: f64 = 0.12;
 /// Chance that a move's destination agent is killed during it.
 const KILL_CHANCE: f64 = 0.10;
-/// When the kill comes, after the move starts (a move takes a few ms).
+/// With `--kill-anytime`, the share of the kills that come at a random
+/// moment rather than at a protocol step.
+const ANYTIME_SHARE: f64 = 0.5;
+/// When such a kill comes, after the move starts (a move takes a few ms).
 const KILL_AFTER_MICROS: std::ops::Range<u64> = 0..4000;
+/// The agent's fault points (`TCPR_FAULT_STOP_AT` in
+/// `tcpr_handoff::agent`), in protocol order.
+pub const AGENT_FAULT_POINTS: [&str; 6] =
+    ["hello", "restored", "ready", "taken", "delivered", "committed"];
 /// Chance that the control link to the destination is cut during a move.
 const CUT_CHANCE: f64 = 0.06;
 /// When the cut comes, after the move starts.
@@ -57,10 +64,13 @@ pub enum Ambient {
 #[derive(Debug, Clone, Copy)]
 pub enum MoveFault {
     None,
+    /// The destination agent is killed (SIGKILL) when it reaches this
+    /// fault point of the protocol (an index of [`AGENT_FAULT_POINTS`]),
+    /// and restarted on its journal.
+    KillAtStep { point: usize },
     /// The destination agent is killed (SIGKILL) and restarted this long
-    /// after the move starts: it lands on whatever protocol step is under
-    /// way then.
-    KillAgent { after: Duration },
+    /// after the move starts: it lands on whatever it is doing then.
+    KillAnytime { after: Duration },
     /// The control link to the destination is cut then, for a while.
     CutLink { after: Duration, mend_after: Duration },
 }
@@ -69,7 +79,12 @@ impl fmt::Display for MoveFault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             MoveFault::None => write!(f, "none"),
-            MoveFault::KillAgent { after } => write!(
+            MoveFault::KillAtStep { point } => write!(
+                f,
+                "destination agent killed at protocol step {:?}",
+                AGENT_FAULT_POINTS[*point]
+            ),
+            MoveFault::KillAnytime { after } => write!(
                 f,
                 "destination agent killed {:.2} ms into the move",
                 after.as_secs_f64() * 1e3
@@ -104,6 +119,7 @@ pub struct Step {
 pub struct Schedule {
     rng: SmallRng,
     n: usize,
+    kill_anytime: bool,
     /// The host losing packets, and the step the loss ends.
     loss: Option<(usize, u64)>,
     /// Connections not read, with the step they are read again.
@@ -112,20 +128,15 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    pub fn new(rng: SmallRng, n: usize) -> Schedule {
+    pub fn new(rng: SmallRng, n: usize, kill_anytime: bool) -> Schedule {
         Schedule {
             rng,
             n,
+            kill_anytime,
             loss: None,
             paused: BTreeMap::new(),
             half_closed: BTreeSet::new(),
         }
-    }
-
-    /// Every connection the client stopped reading and still does not
-    /// read.
-    pub fn paused(&self) -> impl Iterator<Item = usize> + '_ {
-        self.paused.keys().copied()
     }
 
     pub fn next(&mut self, step: u64) -> Step {
@@ -189,8 +200,14 @@ impl Schedule {
     fn fault(&mut self) -> MoveFault {
         let roll: f64 = self.rng.random_range(0.0..1.0);
         if roll < KILL_CHANCE {
-            MoveFault::KillAgent {
-                after: Duration::from_micros(self.rng.random_range(KILL_AFTER_MICROS)),
+            if self.kill_anytime && self.rng.random_bool(ANYTIME_SHARE) {
+                MoveFault::KillAnytime {
+                    after: Duration::from_micros(self.rng.random_range(KILL_AFTER_MICROS)),
+                }
+            } else {
+                MoveFault::KillAtStep {
+                    point: self.rng.random_range(0..AGENT_FAULT_POINTS.len()),
+                }
             }
         } else if roll < KILL_CHANCE + CUT_CHANCE {
             MoveFault::CutLink {
@@ -199,6 +216,37 @@ impl Schedule {
             }
         } else {
             MoveFault::None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    /// A seed replays its schedule, and every kind of fault comes up.
+    #[test]
+    fn a_seed_replays_and_every_fault_comes_up() {
+        let draw = |seed| {
+            let mut s = Schedule::new(SmallRng::seed_from_u64(seed), 10, true);
+            (1..=2000).map(|i| format!("{:?}", s.next(i))).collect::<Vec<_>>()
+        };
+        let one = draw(1);
+        assert_eq!(one, draw(1));
+        assert_ne!(one, draw(2));
+        let all = one.concat();
+        for kind in [
+            "KillAtStep",
+            "KillAnytime",
+            "CutLink",
+            "LossOn",
+            "LossOff",
+            "Pause",
+            "Resume",
+            "HalfClose",
+        ] {
+            assert!(all.contains(kind), "{kind} never drawn");
         }
     }
 }
