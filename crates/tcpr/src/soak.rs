@@ -361,7 +361,9 @@ fn soak(
             Until::Elapsed(d) => started.elapsed() >= d,
             Until::Moves(m) => s.counts.attempted >= m,
         };
-        if done {
+        // Nothing left to move ends it too (the report says why).
+        let movable = s.conns.iter().any(|c| matches!(c.holder, Holder::Live(_)));
+        if done || !movable {
             break;
         }
         let quarter = match until {
@@ -435,10 +437,10 @@ fn soak(
 /// What the soak leaves behind (all must be zero).
 #[derive(Debug, Default)]
 struct Leftovers {
-    /// Lock elements at the end, before their leases ran out (those of
+    /// Lock elements at the end that expire by their lease (those of
     /// killed agents: a restarted agent does not release them).
     expiring_locks: usize,
-    /// Lock elements still there after the longest lease.
+    /// Lock elements that would never expire.
     locks: usize,
     rules: usize,
     policy_rules: usize,
@@ -730,21 +732,10 @@ impl Soak {
 
     fn leftovers(&self, ips: &[IpAddr]) -> Result<Leftovers> {
         let mut l = Leftovers::default();
-        // A lock an unknown outcome or a killed agent left expires with
-        // its lease.
-        let deadline = Instant::now() + tcpr_engine::DEFAULT_LEASE.max(LEASE) + Duration::from_secs(2);
         for h in &self.hosts {
-            l.expiring_locks += h.within(|| Ok(tcpr_engine::lock::locked_flow_count()?))?;
-        }
-        for h in &self.hosts {
-            loop {
-                let n = h.within(|| Ok(tcpr_engine::lock::locked_flow_count()?))?;
-                if n == 0 || Instant::now() >= deadline {
-                    l.locks += n;
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            let locks = agents::lock_elements(h)?;
+            l.expiring_locks += locks.expiring;
+            l.locks += locks.permanent;
             l.rules += agents::stray_rules(h)?;
             l.policy_rules += agents::extra_policy_rules(h)?;
         }
@@ -811,7 +802,7 @@ impl Soak {
         }
         let k = &self.counts;
         println!(
-            "soak: seed {seed}, {n} connections, {:.0} s: moves attempted {} / committed {} / rolled back {} / unknown {} (resolved: {} moved, {} stayed); connections alive {alive}/{n}; bytes verified {verified} of {sent} sent, each way; RSTs seen by clients {resets}; duplicates {duplicates}; left behind: locks {} (and {} that expired by their lease), rules {}, policy rules {}, misplaced addresses {}; faults: agent kills {}, link cuts {}, loss periods {}, zero windows {}, half-closes {}, racing moves {}",
+            "soak: seed {seed}, {n} connections, {:.0} s: moves attempted {} / committed {} / rolled back {} / unknown {} (resolved: {} moved, {} stayed); connections alive {alive}/{n}; bytes verified {verified} of {sent} sent, each way; RSTs seen by clients {resets}; duplicates {duplicates}; left behind: locks {} (and {} expiring by their lease), rules {}, policy rules {}, misplaced addresses {}; faults: agent kills {}, link cuts {}, loss periods {}, zero windows {}, half-closes {}, racing moves {}",
             elapsed.as_secs_f64(),
             k.attempted,
             k.committed,
@@ -820,7 +811,7 @@ impl Soak {
             k.unknown_moved,
             k.unknown_stayed,
             left.locks,
-            left.expiring_locks.saturating_sub(left.locks),
+            left.expiring_locks,
             left.rules,
             left.policy_rules,
             left.misplaced_addresses,

@@ -290,3 +290,41 @@ pub fn addresses(host: &Host) -> Result<Vec<IpAddr>> {
         })
         .collect())
 }
+
+/// The elements of tcpr's lock sets in `host`: how many carry a timeout
+/// (they expire by their lease) and how many do not (they never would).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LockElements {
+    pub expiring: usize,
+    pub permanent: usize,
+}
+
+/// Counts `host`'s lock elements.
+pub fn lock_elements(host: &Host) -> Result<LockElements> {
+    let mut n = LockElements::default();
+    let out = host
+        .cmd("nft")
+        .args(["-j", "list", "table", "inet", tcpr_engine::lock::TABLE])
+        .output()
+        .context("run nft")?;
+    if !out.status.success() {
+        // No table: nothing locked.
+        return Ok(n);
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("nft -j")?;
+    let sets = v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o.get("set"));
+    for elem in sets.filter_map(|s| s["elem"].as_array()).flatten() {
+        // With a timeout, nft prints {"elem": {"val": ..., "timeout": T,
+        // "expires": E}}; without, the bare value.
+        if elem["elem"].get("expires").is_some() || elem["elem"].get("timeout").is_some() {
+            n.expiring += 1;
+        } else {
+            n.permanent += 1;
+        }
+    }
+    Ok(n)
+}

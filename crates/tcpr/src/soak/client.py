@@ -21,6 +21,7 @@ else). Usage: client.py SEED RATE_BYTES_PER_SEC PORT ADDR...
 
 import hashlib
 import json
+import os
 import selectors
 import socket
 import sys
@@ -83,7 +84,10 @@ def main():
     print(json.dumps({"ready": len(conns)}), flush=True)
 
     sel = selectors.DefaultSelector()
-    sel.register(sys.stdin, selectors.EVENT_READ)
+    # Commands are read from fd 0 directly: a buffered readline could hold
+    # a second line where select() no longer sees it.
+    sel.register(0, selectors.EVENT_READ)
+    pending = b""
     finishing_until = None
     sending = True
     while True:
@@ -137,11 +141,15 @@ def main():
                         c.fail("short", f"{c.sent - c.verified} bytes sent were never echoed")
                 print(json.dumps({"conns": [c.report() for c in conns]}), flush=True)
                 return
+        lines = []
         for key, _ in sel.select(timeout=0.005):
-            line = sys.stdin.readline()
-            if not line:
+            chunk = os.read(0, 4096)
+            if not chunk:
                 return
-            words = line.split()
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+        for line in lines:
+            words = line.decode().split()
             if not words:
                 continue
             cmd = words[0]
