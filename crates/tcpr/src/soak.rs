@@ -237,7 +237,11 @@ pub fn run(args: SoakArgs) -> Result<i32> {
             d.as_secs_f64()
         ),
         Until::Moves(m) => format!("tcpr soak --connections {n} --moves {m} --seed {seed}"),
-    } + if args.kill_anytime { " --kill-anytime" } else { "" };
+    } + if args.kill_anytime {
+        " --kill-anytime"
+    } else {
+        ""
+    };
     println!("soak: {replay}");
     ctrlc::set_handler(|| {
         tcpr_netlab::cleanup_all();
@@ -253,7 +257,10 @@ pub fn run(args: SoakArgs) -> Result<i32> {
     if matches!(result, Ok(0)) {
         let _ = std::fs::remove_dir_all(&dir);
     } else {
-        eprintln!("the agents' logs and journals are kept in {}", dir.display());
+        eprintln!(
+            "the agents' logs and journals are kept in {}",
+            dir.display()
+        );
     }
     result
 }
@@ -379,8 +386,8 @@ fn soak(
             s.ambient(amb, &mut peer, &hosts_for_loss)?;
         }
         s.moves(&step, step_no)?;
-        if step_no % STATS_EVERY_STEPS == 0 {
-            alive = s.look(&mut peer.stats()?, step_no);
+        if step_no.is_multiple_of(STATS_EVERY_STEPS) {
+            alive = s.look(&peer.stats()?, step_no);
         }
         progress.set_message(format!(
             "{:.0}s moves {} (committed {} / rolled back {} / unknown {}) alive {alive}/{n} | kills {} cuts {} loss {} zero-win {} half-closed {} races {}",
@@ -851,10 +858,8 @@ impl Mover {
         reached: Option<&std::path::Path>,
     ) -> (Attempt, u64, u64) {
         let to = from.other();
-        let mut opts = MigrateOptions::new(
-            SocketAddr::new(agent_ip(to), AGENT_PORT),
-            self.auth.clone(),
-        );
+        let mut opts =
+            MigrateOptions::new(SocketAddr::new(agent_ip(to), AGENT_PORT), self.auth.clone());
         opts.switch = Switch::MoveAddress;
         opts.timeout = STEP_TIMEOUT;
         opts.lease = LEASE;
@@ -926,7 +931,6 @@ impl Mover {
             }
         }
     }
-
 }
 
 /// A handoff's result, before it is taken in.

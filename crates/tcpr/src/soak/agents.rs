@@ -37,7 +37,9 @@ impl Agent {
             "--listen".into(),
             listen.to_string(),
             "--unix".into(),
-            dir.join(format!("{name}.sock")).to_string_lossy().into_owned(),
+            dir.join(format!("{name}.sock"))
+                .to_string_lossy()
+                .into_owned(),
             "--psk-file".into(),
             dir.join("psk").to_string_lossy().into_owned(),
             "--journal".into(),
@@ -147,8 +149,8 @@ impl Deliveries {
     pub fn listen(paths: &[PathBuf]) -> Result<Deliveries> {
         let (tx, rx) = mpsc::channel();
         for p in paths {
-            let incoming = LocalIncoming::bind(p)
-                .with_context(|| format!("listen on {}", p.display()))?;
+            let incoming =
+                LocalIncoming::bind(p).with_context(|| format!("listen on {}", p.display()))?;
             let tx = tx.clone();
             std::thread::spawn(move || {
                 while let Some(d) = incoming.accept() {

@@ -34,8 +34,14 @@ const ANYTIME_SHARE: f64 = 0.5;
 const KILL_AFTER_MICROS: std::ops::Range<u64> = 0..4000;
 /// The agent's fault points (`TCPR_FAULT_STOP_AT` in
 /// `tcpr_handoff::agent`), in protocol order.
-pub const AGENT_FAULT_POINTS: [&str; 6] =
-    ["hello", "restored", "ready", "taken", "delivered", "committed"];
+pub const AGENT_FAULT_POINTS: [&str; 6] = [
+    "hello",
+    "restored",
+    "ready",
+    "taken",
+    "delivered",
+    "committed",
+];
 /// Chance that the control link to the destination is cut during a move.
 const CUT_CHANCE: f64 = 0.06;
 /// When the cut comes, after the move starts.
@@ -67,12 +73,19 @@ pub enum MoveFault {
     /// The destination agent is killed (SIGKILL) when it reaches this
     /// fault point of the protocol (an index of [`AGENT_FAULT_POINTS`]),
     /// and restarted on its journal.
-    KillAtStep { point: usize },
+    KillAtStep {
+        point: usize,
+    },
     /// The destination agent is killed (SIGKILL) and restarted this long
     /// after the move starts: it lands on whatever it is doing then.
-    KillAnytime { after: Duration },
+    KillAnytime {
+        after: Duration,
+    },
     /// The control link to the destination is cut then, for a while.
-    CutLink { after: Duration, mend_after: Duration },
+    CutLink {
+        after: Duration,
+        mend_after: Duration,
+    },
 }
 
 impl fmt::Display for MoveFault {
@@ -167,8 +180,8 @@ impl Schedule {
         if self.rng.random_bool(ZERO_WINDOW_CHANCE) {
             let i = self.rng.random_range(0..self.n);
             let until = step + self.rng.random_range(ZERO_WINDOW_STEPS);
-            if !self.paused.contains_key(&i) {
-                self.paused.insert(i, until);
+            if let std::collections::btree_map::Entry::Vacant(e) = self.paused.entry(i) {
+                e.insert(until);
                 ambient.push(Ambient::Pause(i));
             }
         }
@@ -230,7 +243,9 @@ mod tests {
     fn a_seed_replays_and_every_fault_comes_up() {
         let draw = |seed| {
             let mut s = Schedule::new(SmallRng::seed_from_u64(seed), 10, true);
-            (1..=2000).map(|i| format!("{:?}", s.next(i))).collect::<Vec<_>>()
+            (1..=2000)
+                .map(|i| format!("{:?}", s.next(i)))
+                .collect::<Vec<_>>()
         };
         let one = draw(1);
         assert_eq!(one, draw(1));
