@@ -63,6 +63,9 @@ const RESOLVE_WAIT: Duration = Duration::from_secs(6);
 const FINISH_WAIT_SECS: u64 = 30;
 /// Steps between two looks at the client's counters.
 const STATS_EVERY_STEPS: u64 = 25;
+/// How long an echo may take to write back what it holds before a move
+/// that carries no blob.
+const DRAIN_WAIT: Duration = Duration::from_millis(200);
 /// How often an armed agent's fault point is looked for.
 const FAULT_POINT_POLL: Duration = Duration::from_micros(500);
 /// The PSK both ends use.
@@ -182,6 +185,7 @@ struct Counts {
     zero_windows: u64,
     half_closes: u64,
     races: u64,
+    sender_kills: u64,
     duplicates: u64,
 }
 
@@ -512,14 +516,26 @@ impl Soak {
             let Holder::Live(echo) = std::mem::replace(&mut c.holder, Holder::Moving) else {
                 unreachable!("matched Live above");
             };
-            let stopped = echo.stop();
+            let mut fault = m.fault;
+            let stopped = match fault {
+                // `tcpr migrate` carries no blob: the echo drains first,
+                // and a move it cannot drain for goes in process.
+                MoveFault::KillSender { .. } => {
+                    let stopped = echo.drain(DRAIN_WAIT);
+                    if !stopped.state.pending.is_empty() {
+                        fault = MoveFault::None;
+                    }
+                    stopped
+                }
+                _ => echo.stop(),
+            };
             if let Some(e) = stopped.error {
                 c.holder = Holder::Gone(format!("the echo failed: {e}"));
                 continue;
             }
             self.counts.attempted += 1;
-            targets.push((to, m.fault));
-            started.push((m.conn, m.fault, c.at, stopped.sock, stopped.state));
+            targets.push((to, fault));
+            started.push((m.conn, fault, c.at, stopped.sock, stopped.state));
         }
         // Agents are armed before any move starts: a restart must not cut
         // a racing move short.
@@ -610,8 +626,17 @@ impl Soak {
             }
             Attempt::Done(HandOff::Unknown(sock, why)) => {
                 self.counts.unknown += 1;
-                let (h, at, how) = self.resolve(ip, from, sock, state)?;
+                let (h, at, how) = self
+                    .resolve(ip, from, sock, state)
+                    .unwrap_or_else(|e| unresolved(from, &e));
                 (h, at, format!("unknown ({why}); {how}"))
+            }
+            Attempt::SenderKilled(sock) => {
+                self.counts.sender_kills += 1;
+                let (h, at, how) = self
+                    .after_sender_killed(ip, from, sock, state)
+                    .unwrap_or_else(|e| unresolved(from, &e));
+                (h, at, format!("sender killed; {how}"))
             }
             Attempt::Failed(why) => (Holder::Gone(why.clone()), from, why),
         };
@@ -702,6 +727,69 @@ impl Soak {
             from,
             "not delivered: thawed at the source".into(),
         ))
+    }
+
+    /// After a killed sender: delivered at the destination, the move
+    /// happened; otherwise the connection is taken back here, thawed if
+    /// the sender froze it, with its address.
+    fn after_sender_killed(
+        &mut self,
+        ip: IpAddr,
+        from: Side,
+        sock: TcpStream,
+        state: EchoState,
+    ) -> Result<(Holder, Side, String)> {
+        use std::os::fd::AsFd;
+        let Ok((flow, _)) = tcpr_engine::inspect_socket(sock.as_fd()) else {
+            // Closed: a sender that saw its move commit closes its copy
+            // (silently, in repair mode), which is this socket too.
+            return Ok(match self.deliveries.wait_for(ip, RESOLVE_WAIT) {
+                Some(d) => {
+                    self.counts.committed += 1;
+                    (self.adopt(d)?, from.other(), "delivered: moved".into())
+                }
+                None => (
+                    Holder::Gone("the sender closed it, and it was not delivered".into()),
+                    from,
+                    "closed here, not delivered".into(),
+                ),
+            });
+        };
+        let frozen = tcpr_engine::is_frozen(sock.as_fd())?;
+        let ns = tcpr_engine::Netns::of_socket(sock.as_fd())?;
+        let locked = tcpr_engine::lock::is_locked(&ns, &flow)?;
+        if !frozen && !locked && agents::addresses(self.host(from))?.contains(&ip) {
+            self.counts.rolled_back += 1;
+            return Ok((
+                Holder::Live(Echo::start(sock, state)?),
+                from,
+                "nothing frozen, or rolled back".into(),
+            ));
+        }
+        if frozen || locked {
+            // Resolved as an unknown outcome is.
+            self.counts.unknown += 1;
+            return self.resolve(ip, from, Some(sock), state);
+        }
+        // Not frozen, address gone: killed between the switch and the
+        // roll back, or after a commit.
+        match self.deliveries.wait_for(ip, RESOLVE_WAIT) {
+            Some(d) => {
+                self.counts.committed += 1;
+                drop(sock);
+                Ok((self.adopt(d)?, from.other(), "delivered: moved".into()))
+            }
+            None => {
+                self.counts.rolled_back += 1;
+                self.host(from).add_addr(&format!("{ip}/16"))?;
+                self.host(from).announce(ip)?;
+                Ok((
+                    Holder::Live(Echo::start(sock, state)?),
+                    from,
+                    "not frozen, address put back".into(),
+                ))
+            }
+        }
     }
 
     /// Resets one connection on purpose (`--sabotage`): its echo stops,
@@ -809,7 +897,7 @@ impl Soak {
         }
         let k = &self.counts;
         println!(
-            "soak: seed {seed}, {n} connections, {:.0} s: moves attempted {} / committed {} / rolled back {} / unknown {} (resolved: {} moved, {} stayed); connections alive {alive}/{n}; bytes verified {verified} of {sent} sent, each way; RSTs seen by clients {resets}; duplicates {duplicates}; left behind: locks {} (and {} expiring by their lease), rules {}, policy rules {}, misplaced addresses {}; faults: agent kills {}, link cuts {}, loss periods {}, zero windows {}, half-closes {}, racing moves {}",
+            "soak: seed {seed}, {n} connections, {:.0} s: moves attempted {} / committed {} / rolled back {} / unknown {} (resolved: {} moved, {} stayed); connections alive {alive}/{n}; bytes verified {verified} of {sent} sent, each way; RSTs seen by clients {resets}; duplicates {duplicates}; left behind: locks {} (and {} expiring by their lease), rules {}, policy rules {}, misplaced addresses {}; faults: agent kills {}, link cuts {}, loss periods {}, zero windows {}, half-closes {}, racing moves {}, sender kills {}",
             elapsed.as_secs_f64(),
             k.attempted,
             k.committed,
@@ -828,6 +916,7 @@ impl Soak {
             k.zero_windows,
             k.half_closes,
             k.races,
+            k.sender_kills,
         );
         let clean = alive == n
             && duplicates == 0
@@ -863,6 +952,9 @@ impl Mover {
         opts.switch = Switch::MoveAddress;
         opts.timeout = STEP_TIMEOUT;
         opts.lease = LEASE;
+        if let MoveFault::KillSender { after } = fault {
+            return (self.killed_sender(from, sock, after), 0, 0);
+        }
         let blob = state.encode();
         let done = AtomicBool::new(false);
         std::thread::scope(|scope| {
@@ -885,6 +977,42 @@ impl Mover {
         })
     }
 
+    /// A move made by a `tcpr migrate` process that is killed `after` it
+    /// starts; the socket stays ours throughout (migrate takes a duplicate
+    /// by pidfd), so whatever the kill left is resolved here.
+    fn killed_sender(&self, from: Side, sock: TcpStream, after: Duration) -> Attempt {
+        use std::os::fd::AsRawFd;
+        let to = from.other();
+        let exe = match std::env::current_exe() {
+            Ok(exe) => exe,
+            Err(e) => return Attempt::Refused(sock, format!("cannot find tcpr itself: {e}")),
+        };
+        let spawned = self.hosts[from.index()]
+            .cmd(&exe.to_string_lossy())
+            .args(["migrate", "--to"])
+            .arg(SocketAddr::new(agent_ip(to), AGENT_PORT).to_string())
+            .arg("--psk-file")
+            .arg(self.fault_dir.join("psk"))
+            .args(["--pid", &std::process::id().to_string()])
+            .args(["--fd", &sock.as_raw_fd().to_string()])
+            .args(["--move-address", "--timeout"])
+            .arg(STEP_TIMEOUT.as_secs_f64().to_string())
+            .args(["--lease", &LEASE.as_secs().to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        match spawned {
+            Ok(mut child) => {
+                std::thread::sleep(after);
+                // Child::kill sends SIGKILL.
+                let _ = child.kill();
+                let _ = child.wait();
+                Attempt::SenderKilled(sock)
+            }
+            Err(e) => Attempt::Refused(sock, format!("cannot start tcpr migrate: {e}")),
+        }
+    }
+
     /// The fault of one move, at its moment.
     fn inject(
         &self,
@@ -894,7 +1022,7 @@ impl Mover {
         done: &AtomicBool,
     ) -> (u64, u64) {
         match fault {
-            MoveFault::None => (0, 0),
+            MoveFault::None | MoveFault::KillSender { .. } => (0, 0),
             MoveFault::KillAtStep { .. } => {
                 let Some(reached) = reached else {
                     return (0, 0);
@@ -940,6 +1068,15 @@ enum Attempt {
     Refused(TcpStream, String),
     /// Something outside the handoff failed (entering the namespace).
     Failed(String),
+    /// The sender process was killed; the socket is ours, in whatever
+    /// state the kill left it.
+    SenderKilled(TcpStream),
+}
+
+/// A resolution that failed: the connection counts as lost, with why.
+fn unresolved(from: Side, e: &anyhow::Error) -> (Holder, Side, String) {
+    let why = format!("could not be resolved: {e:#}");
+    (Holder::Gone(why.clone()), from, why)
 }
 
 fn agent_ip(side: Side) -> IpAddr {

@@ -37,10 +37,11 @@ impl EchoState {
         b.extend_from_slice(&self.pending);
         b
     }
-    /// The state a blob carries.
+    /// The state a blob carries. No blob is no state: `tcpr migrate`
+    /// carries none, and the echo drains before such a move.
     pub fn decode(blob: &[u8]) -> Result<EchoState> {
         let Some((&flag, pending)) = blob.split_first() else {
-            bail!("the connection arrived without the echo's blob");
+            return Ok(EchoState::default());
         };
         if flag > BLOB_EOF {
             bail!("the echo's blob starts with {flag}, not a half-close flag");
@@ -56,6 +57,7 @@ impl EchoState {
 #[derive(Debug)]
 pub struct Echo {
     stop: Arc<AtomicBool>,
+    drain: Arc<AtomicBool>,
     thread: JoinHandle<Stopped>,
 }
 
@@ -75,9 +77,24 @@ impl Echo {
     pub fn start(sock: TcpStream, state: EchoState) -> Result<Echo> {
         sock.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || run(sock, state, &flag));
-        Ok(Echo { stop, thread })
+        let drain = Arc::new(AtomicBool::new(false));
+        let (flag, drain_flag) = (stop.clone(), drain.clone());
+        let thread = std::thread::spawn(move || run(sock, state, &flag, &drain_flag));
+        Ok(Echo {
+            stop,
+            drain,
+            thread,
+        })
+    }
+    /// Stops reading, writes back what it holds (for up to `wait`: a
+    /// client that does not read keeps it), then stops.
+    pub fn drain(self, wait: Duration) -> Stopped {
+        self.drain.store(true, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + wait;
+        while !self.thread.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(IDLE_WAIT);
+        }
+        self.stop()
     }
     /// Stops the echo and hands back the socket and its state.
     pub fn stop(self) -> Stopped {
@@ -90,12 +107,21 @@ impl Echo {
     }
 }
 
-fn run(mut sock: TcpStream, mut state: EchoState, stop: &AtomicBool) -> Stopped {
+fn run(
+    mut sock: TcpStream,
+    mut state: EchoState,
+    stop: &AtomicBool,
+    drain: &AtomicBool,
+) -> Stopped {
     let mut buf = vec![0u8; READ_BYTES];
     let mut error = None;
     while !stop.load(Ordering::SeqCst) && error.is_none() {
+        let draining = drain.load(Ordering::SeqCst);
+        if draining && state.pending.is_empty() {
+            break;
+        }
         let mut progressed = false;
-        if !state.eof && state.pending.len() < MAX_PENDING_BYTES {
+        if !draining && !state.eof && state.pending.len() < MAX_PENDING_BYTES {
             let room = (MAX_PENDING_BYTES - state.pending.len()).min(buf.len());
             match sock.read(&mut buf[..room]) {
                 Ok(0) => {

@@ -48,6 +48,11 @@ const CUT_CHANCE: f64 = 0.06;
 const CUT_AFTER_MICROS: std::ops::Range<u64> = 0..3000;
 /// How long it lasts.
 const CUT_MILLIS: std::ops::Range<u64> = 50..2500;
+/// Chance that the sender (a `tcpr migrate` process for this move) is
+/// killed during the move.
+const SENDER_KILL_CHANCE: f64 = 0.04;
+/// When it is killed, after it starts (it starts in a few ms).
+const SENDER_KILL_AFTER_MICROS: std::ops::Range<u64> = 0..20_000;
 /// The streaming time between steps.
 const STEP_PAUSE_MILLIS: std::ops::Range<u64> = 0..15;
 
@@ -86,6 +91,12 @@ pub enum MoveFault {
         after: Duration,
         mend_after: Duration,
     },
+    /// The move is made by a `tcpr migrate` process (the connection's
+    /// socket taken from this process by pidfd), killed (SIGKILL) this
+    /// long after it starts: the source side's process exits mid-move.
+    KillSender {
+        after: Duration,
+    },
 }
 
 impl fmt::Display for MoveFault {
@@ -100,6 +111,11 @@ impl fmt::Display for MoveFault {
             MoveFault::KillAnytime { after } => write!(
                 f,
                 "destination agent killed {:.2} ms into the move",
+                after.as_secs_f64() * 1e3
+            ),
+            MoveFault::KillSender { after } => write!(
+                f,
+                "sender process killed {:.2} ms after it started",
                 after.as_secs_f64() * 1e3
             ),
             MoveFault::CutLink { after, mend_after } => write!(
@@ -227,6 +243,10 @@ impl Schedule {
                 after: Duration::from_micros(self.rng.random_range(CUT_AFTER_MICROS)),
                 mend_after: Duration::from_millis(self.rng.random_range(CUT_MILLIS)),
             }
+        } else if roll < KILL_CHANCE + CUT_CHANCE + SENDER_KILL_CHANCE {
+            MoveFault::KillSender {
+                after: Duration::from_micros(self.rng.random_range(SENDER_KILL_AFTER_MICROS)),
+            }
         } else {
             MoveFault::None
         }
@@ -255,6 +275,7 @@ mod tests {
             "KillAtStep",
             "KillAnytime",
             "CutLink",
+            "KillSender",
             "LossOn",
             "LossOff",
             "Pause",
