@@ -235,17 +235,19 @@ pub fn run(args: SoakArgs) -> Result<i32> {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1)
     });
-    let replay = match until {
+    let mut replay = match until {
         Until::Elapsed(d) => format!(
             "tcpr soak --connections {n} --duration {} --seed {seed}",
             d.as_secs_f64()
         ),
         Until::Moves(m) => format!("tcpr soak --connections {n} --moves {m} --seed {seed}"),
-    } + if args.kill_anytime {
-        " --kill-anytime"
-    } else {
-        ""
     };
+    if args.kill_anytime {
+        replay.push_str(" --kill-anytime");
+    }
+    if args.sabotage {
+        replay.push_str(" --sabotage");
+    }
     println!("soak: {replay}");
     ctrlc::set_handler(|| {
         tcpr_netlab::cleanup_all();

@@ -78,6 +78,13 @@ fn the_check_names_a_connection_that_really_is_lost() {
         "5",
         "--sabotage",
     ]);
+    // A failed soak keeps the agents' logs for a look; not this one's.
+    if let Some(dir) = err
+        .lines()
+        .find_map(|l| l.strip_prefix("the agents' logs and journals are kept in "))
+    {
+        let _ = std::fs::remove_dir_all(dir.trim());
+    }
     let s = summary(&out);
     assert_ne!(code, 0, "a reset connection went unnoticed:\n{out}\n{err}");
     assert!(s.contains("connections alive 3/4"), "{s}");
