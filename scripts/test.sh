@@ -10,4 +10,5 @@ cargo clippy --workspace --all-targets --all-features --quiet -- -D warnings
 ./target/release/tcpr demo --migrations 4 --interval 0.5
 ./target/release/tcpr bench --counts 1,100,10000
 ./target/release/tcpr bench-handoff --counts 1,100,10000 --moves 100
+./target/release/tcpr soak --duration 60
 cargo test --workspace --all-features --release -- --test-threads=2

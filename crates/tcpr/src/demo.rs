@@ -29,7 +29,7 @@ const READ_IDLE_WAIT: Duration = Duration::from_micros(200);
 /// How long the end of the demo waits for the last bytes to arrive.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The shell's exit status for a program ended by SIGINT.
-const EXIT_INTERRUPTED: i32 = 128 + libc::SIGINT;
+pub(crate) const EXIT_INTERRUPTED: i32 = 128 + libc::SIGINT;
 
 /// The server application's state; it travels as the image's blob.
 #[derive(Clone, Copy, Debug, Default)]
@@ -352,7 +352,7 @@ pub fn run(migrations: u32, interval: Duration, rate: u64) -> Result<()> {
     Ok(())
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

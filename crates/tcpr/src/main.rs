@@ -13,6 +13,7 @@ mod ls;
 mod privs;
 mod report;
 mod restore_cmd;
+mod soak;
 mod stream;
 
 use anyhow::{Context, Result};
@@ -244,6 +245,10 @@ enum Cmd {
         #[arg(value_parser = bench_count)]
         count: usize,
     },
+    /// Soak: many connections streaming both ways, moved back and forth
+    /// between two namespace hosts at random while faults are injected;
+    /// exits 0 only when nothing was lost, duplicated or left behind.
+    Soak(soak::SoakArgs),
     /// Benchmark freeze+dump and restore+resume against the bare-syscall floor.
     Bench {
         /// Connection counts to measure (each 1 to 100000).
@@ -380,6 +385,7 @@ fn run(cmd: Cmd) -> Result<i32> {
         Cmd::BenchHandoff { counts, moves } => bench_handoff::run(&counts, moves).map(|()| 0),
         Cmd::BenchPeer { addr, count } => bench::peer(&addr, count).map(|()| 0),
         Cmd::Bench { counts, report } => bench::main(&counts, report.as_deref()).map(|()| 0),
+        Cmd::Soak(a) => soak::run(a),
     }
 }
 
