@@ -146,10 +146,11 @@ fn needs(cmd: &Cmd, have: &CapsHashSet) -> Needs {
             }],
             None,
         ),
-        Cmd::Demo { .. } | Cmd::Bench { .. } | Cmd::BenchHandoff { .. } => {
+        Cmd::Demo { .. } | Cmd::Bench { .. } | Cmd::BenchHandoff { .. } | Cmd::Soak(_) => {
             let subcommand = match cmd {
                 Cmd::Demo { .. } => "demo",
                 Cmd::Bench { .. } => "bench",
+                Cmd::Soak(_) => "soak",
                 _ => "bench-handoff",
             };
             let caps = vec![
