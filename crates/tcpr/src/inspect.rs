@@ -2,6 +2,7 @@
 //! `tcpr restore`.
 
 use anyhow::{bail, Context, Result};
+use std::io::Write;
 use std::path::Path;
 use tcpr_image::ConnectionImage;
 
@@ -26,11 +27,13 @@ pub(crate) fn read_image(path: &Path) -> Result<ConnectionImage> {
 
 pub(crate) fn inspect(file: &Path, json: bool, data: bool) -> Result<i32> {
     let img = read_image(file)?;
+    let mut out = std::io::stdout().lock();
     if json {
-        println!(
+        writeln!(
+            out,
             "{}",
             serde_json::to_string_pretty(&tcpr_image::to_json(&img, data))?
-        );
+        )?;
         return Ok(0);
     }
     if data {
@@ -38,20 +41,23 @@ pub(crate) fn inspect(file: &Path, json: bool, data: bool) -> Result<i32> {
     }
     let o = &img.options;
     let w = &img.window;
-    println!("connection  {}", tcpr_engine::flow_of(&img));
-    println!("state       {}", img.state);
-    println!(
+    writeln!(out, "connection  {}", tcpr_engine::flow_of(&img))?;
+    writeln!(out, "state       {}", img.state)?;
+    writeln!(
+        out,
         "sequence    send {}  recv {}",
         img.send_seq.0, img.recv_seq.0
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "queues      send {} bytes ({} sent, {} unsent)  recv {} bytes",
         img.send_queue.len(),
         img.send_queue.sent.len(),
         img.send_queue.unsent.len(),
         img.recv_queue.len()
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "options     mss {}  wscale {}  sack {}  timestamps {}",
         o.mss,
         if o.window_scaling {
@@ -61,11 +67,12 @@ pub(crate) fn inspect(file: &Path, json: bool, data: bool) -> Result<i32> {
         },
         o.sack,
         o.timestamps
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "window      snd_wl1 {} snd_wnd {} max_window {} rcv_wnd {} rcv_wup {}",
         w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup
-    );
-    println!("app blob    {} bytes", img.app_blob.len());
+    )?;
+    writeln!(out, "app blob    {} bytes", img.app_blob.len())?;
     Ok(0)
 }

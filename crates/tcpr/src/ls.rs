@@ -2,6 +2,7 @@
 //! whether each is frozen, locked and dumpable.
 
 use anyhow::Result;
+use std::io::Write;
 use tcpr_engine::diag::Fact;
 
 /// How `ls` shows a fact: yes, no, or `?` when unknown.
@@ -15,11 +16,13 @@ fn fact_cell(f: &Fact) -> &'static str {
 
 pub(crate) fn ls(pid: Option<i32>, json: bool) -> Result<i32> {
     let entries = tcpr_engine::diag::list(pid)?;
+    let mut out = std::io::stdout().lock();
     if !json {
-        println!(
+        writeln!(
+            out,
             "{:<44} {:<44} {:<12} {:>8} {:>8}  {:<18} {:<6} {:<6} DUMPABLE",
             "LOCAL", "PEER", "STATE", "RECV-Q", "SEND-Q", "OWNER(PID/FD)", "FROZEN", "LOCKED"
-        );
+        )?;
     }
     for e in entries {
         let owners = e
@@ -34,7 +37,8 @@ pub(crate) fn ls(pid: Option<i32>, json: bool) -> Result<i32> {
                 Fact::Unknown(why) => Some(why.clone()),
                 _ => None,
             };
-            println!(
+            writeln!(
+                out,
                 "{}",
                 serde_json::json!({
                     "local": e.local.to_string(), "peer": e.peer.to_string(), "state": e.state_name(),
@@ -44,9 +48,10 @@ pub(crate) fn ls(pid: Option<i32>, json: bool) -> Result<i32> {
                     "locked": e.locked.known(), "locked_unknown": unknown(&e.locked),
                     "dumpable": dumpable.is_ok(), "not_dumpable_because": dumpable.err(),
                 })
-            );
+            )?;
         } else {
-            println!(
+            writeln!(
+                out,
                 "{:<44} {:<44} {:<12} {:>8} {:>8}  {:<18} {:<6} {:<6} {}",
                 e.local.to_string(),
                 e.peer.to_string(),
@@ -65,7 +70,7 @@ pub(crate) fn ls(pid: Option<i32>, json: bool) -> Result<i32> {
                     Ok(()) => "yes".to_string(),
                     Err(why) => format!("no: {why}"),
                 }
-            );
+            )?;
         }
     }
     Ok(0)

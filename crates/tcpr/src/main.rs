@@ -294,11 +294,23 @@ fn main() {
     };
     match run(cli.cmd) {
         Ok(code) => std::process::exit(code),
+        // `tcpr ls | head`: the reader left; what it wanted, it has.
+        Err(e) if reader_left(&e) => std::process::exit(0),
         Err(e) => {
             eprintln!("tcpr: {}", one_line(&e));
             std::process::exit(1);
         }
     }
+}
+
+/// Whether the error is standard output's reader having gone (EPIPE).
+/// Rust ignores SIGPIPE, so a closed pipe comes back as this error.
+fn reader_left(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// Help and version go to standard output as clap prints them; a bad

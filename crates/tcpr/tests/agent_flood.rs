@@ -98,8 +98,12 @@ fn a_real_handoff_succeeds_under_a_flood_of_handshakes() {
         })
         .max()
         .unwrap();
-    // 32 handshakes, the main thread, and a few for an exec'd child's reaper.
-    assert!(busiest <= 32 + 4, "the agent ran {busiest} threads");
+    // 32 handshakes, the main thread, the sender's channel, an exec'd
+    // child's reaper, and threads that gave their slot back and are still
+    // on their way out (a slot is freed before its thread ends: under a
+    // loaded machine a few linger; 38 was seen). Without the bound the
+    // flood's 1,100 connections would each hold one.
+    assert!(busiest <= 32 + 16, "the agent ran {busiest} threads");
     let out = net.migrate(echo.pid(), &[]);
     assert_moved(&out);
     echo.kill();

@@ -130,3 +130,42 @@ fn source_lock_expires_after_its_lease() {
     assert_eq!(locked(&s), 0, "the lease expired the lock");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `tcpr ls | head -1` on a host with more connections than one pipe
+/// read: the reader leaves early and tcpr ends quietly (it panicked on
+/// the closed pipe: Rust ignores SIGPIPE, so `println!` met EPIPE).
+#[test]
+fn ls_into_a_reader_that_leaves_early_ends_quietly() {
+    let mut lab = Lab::new("lshead").unwrap();
+    let host = lab.host("h", &["10.91.0.1/24"]).unwrap();
+    // 900 listeners in one process: more lines than a pipe holds (64 KiB).
+    let mut listeners = Proc::spawn(
+        {
+            let mut c = host.cmd("python3");
+            c.args([
+                "-c",
+                "import socket,sys\nls=[]\nfor p in range(20000,20900):\n    s=socket.socket(); s.bind(('127.0.0.1',p)); s.listen(); ls.append(s)\nprint('up', flush=True)\nsys.stdin.readline()",
+            ]);
+            c
+        },
+        "listeners",
+    );
+    listeners.expect("up", Duration::from_secs(20));
+    let piped = host
+        .cmd("bash")
+        .args([
+            "-c",
+            &format!("{} ls | head -1; exit ${{PIPESTATUS[0]}}", tcpr_bin()),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(
+        piped.status.success(),
+        "tcpr ls exited {:?}: {stderr}",
+        piped.status
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(String::from_utf8_lossy(&piped.stdout).starts_with("LOCAL"));
+    listeners.kill();
+}
