@@ -65,6 +65,9 @@ pub struct Delivered {
 
 const MAGIC: &[u8; 8] = b"TCPR-FD1";
 
+/// What [`recv_unix`] reserves for a blob before its bytes arrive.
+const BLOB_PREALLOCATION_BYTES: usize = 64 << 10;
+
 /// Runs `cmd` (a shell command line) with the connection on fd 3 (and on
 /// stdin/stdout with `inetd`) and the blob on fd 4.
 pub fn spawn(
@@ -129,16 +132,7 @@ pub fn send_unix_within(
     peer: SocketAddr,
     ack_timeout: Duration,
 ) -> io::Result<()> {
-    let (l, p) = (local.to_string(), peer.to_string());
-    let mut m = Vec::with_capacity(16 + l.len() + p.len() + blob.len());
-    m.extend_from_slice(MAGIC);
-    m.extend_from_slice(&(l.len() as u16).to_be_bytes());
-    m.extend_from_slice(l.as_bytes());
-    m.extend_from_slice(&(p.len() as u16).to_be_bytes());
-    m.extend_from_slice(p.as_bytes());
-    m.extend_from_slice(&(blob.len() as u32).to_be_bytes());
-    m.extend_from_slice(blob);
-    tcpr_host::send_with_fd(to.as_fd(), &m, sock.as_fd())?;
+    tcpr_host::send_with_fd(to.as_fd(), &unix_message(blob, local, peer), sock.as_fd())?;
     // The receiver's acknowledgement: until it comes, the connection is ours.
     let mut ack = [0u8; 1];
     let mut r = to;
@@ -148,6 +142,20 @@ pub fn send_unix_within(
         return Err(bad("acknowledgement"));
     }
     Ok(())
+}
+
+/// The message [`send_unix`] sends with the descriptor.
+fn unix_message(blob: &[u8], local: SocketAddr, peer: SocketAddr) -> Vec<u8> {
+    let (l, p) = (local.to_string(), peer.to_string());
+    let mut m = Vec::with_capacity(16 + l.len() + p.len() + blob.len());
+    m.extend_from_slice(MAGIC);
+    m.extend_from_slice(&(l.len() as u16).to_be_bytes());
+    m.extend_from_slice(l.as_bytes());
+    m.extend_from_slice(&(p.len() as u16).to_be_bytes());
+    m.extend_from_slice(p.as_bytes());
+    m.extend_from_slice(&(blob.len() as u32).to_be_bytes());
+    m.extend_from_slice(blob);
+    m
 }
 
 /// Connects to the application's unix socket: proves that something
@@ -354,14 +362,29 @@ pub fn recv_unix(from: &mut UnixStream) -> io::Result<Option<Delivered>> {
     if blen > 1 << 30 {
         return Err(bad("blob length"));
     }
-    let mut blob = vec![0u8; blen];
-    from.read_exact(&mut blob)?;
-    std::io::Write::write_all(from, b"k")?;
+    // Grown as the bytes arrive: a length alone (up to 1 GiB) reserves
+    // nothing.
+    let mut blob = Vec::with_capacity(blen.min(BLOB_PREALLOCATION_BYTES));
+    if (&mut *from).take(blen as u64).read_to_end(&mut blob)? != blen {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    let local = local.parse().map_err(|_| bad("local address"))?;
+    let peer = peer.parse().map_err(|_| bad("peer address"))?;
+    // Until the acknowledgement is read, the agent holds the connection
+    // too, and closes it silently if we fail. From here it is live and
+    // ours: an agent that died before reading the acknowledgement (EPIPE)
+    // must not make us drop it, as nothing else holds it any more (the
+    // restarted agent reports it unknown; it lives on here).
+    if let Err(e) = std::io::Write::write_all(from, b"k") {
+        tracing::warn!(
+            "kept a delivered connection whose agent did not take the acknowledgement: {e}"
+        );
+    }
     Ok(Some(Delivered {
         stream: TcpStream::from(fd),
         blob,
-        local: local.parse().map_err(|_| bad("local address"))?,
-        peer: peer.parse().map_err(|_| bad("peer address"))?,
+        local,
+        peer,
     }))
 }
 
@@ -369,6 +392,54 @@ pub fn recv_unix(from: &mut UnixStream) -> io::Result<Option<Delivered>> {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// An agent killed after sending a connection and before reading the
+    /// acknowledgement: the receiver holds the only descriptor left and
+    /// keeps the connection (it closed it, losing the connection, when the
+    /// acknowledgement could not be written).
+    #[test]
+    fn a_connection_whose_agent_died_before_the_acknowledgement_is_kept() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, peer) = l.accept().unwrap();
+        let local = s.local_addr().unwrap();
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let fd: OwnedFd = s.into();
+        tcpr_host::send_with_fd(a.as_fd(), &unix_message(b"state", local, peer), fd.as_fd())
+            .unwrap();
+        // The agent dies: its end and its descriptor close.
+        drop((a, fd));
+        let mut d = recv_unix(&mut b).unwrap().expect("the connection");
+        assert_eq!(d.blob, b"state");
+        d.stream.write_all(b"alive").unwrap();
+        let mut buf = [0u8; 5];
+        c.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"alive");
+        c.write_all(b"both ways").unwrap();
+        let mut buf = [0u8; 9];
+        d.stream.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"both ways");
+    }
+
+    /// A blob length alone reserves nothing: a message announcing 1 GiB
+    /// and then ending is an error without a 1 GiB allocation.
+    #[test]
+    fn an_announced_blob_is_not_reserved_before_it_arrives() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, peer) = l.accept().unwrap();
+        let local = s.local_addr().unwrap();
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut m = unix_message(b"", local, peer);
+        let at = m.len() - 4;
+        m[at..].copy_from_slice(&(1u32 << 30).to_be_bytes());
+        tcpr_host::send_with_fd(a.as_fd(), &m, s.as_fd()).unwrap();
+        drop(a);
+        let e = recv_unix(&mut b)
+            .err()
+            .expect("a truncated blob is an error");
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
 
     #[test]
     fn unix_delivery_round_trip() {
