@@ -13,6 +13,11 @@
 //! - [`enter_netns`], [`unshare_netns`], [`raise_fd_limit`];
 //! - [`sock`]: the generic socket calls (int options, bind, connect,
 //!   addresses, netlink sockets, send/recv) the engine shares;
+//! - [`relay`]: a zero-copy (splice) relay between two TCP connections,
+//!   passing half-closes and resets on; [`proxy_header`]: the PROXY
+//!   protocol header (v1, v2) a relay writes first;
+//! - [`vip`]: a direct-server-return backend's VIP on the loopback, with
+//!   ARP suppressed for it;
 //! - [`floor`]: the bare-syscall dump and restore `tcpr bench` compares
 //!   the engine against.
 //!
@@ -23,7 +28,10 @@
 pub mod addr;
 mod announce;
 pub mod floor;
+pub mod proxy_header;
+pub mod relay;
 mod sys;
+pub mod vip;
 pub mod wire;
 
 pub use sys::sock;

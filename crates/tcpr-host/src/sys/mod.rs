@@ -21,6 +21,7 @@ macro_rules! syscall {
 
 mod fd;
 pub mod sock;
+pub(crate) mod splice;
 pub use fd::{memfd_with, pass_socket, recv_with_fd, send_with_fd, send_with_fds, SCM_MAX_FD};
 pub(crate) use sock::{
     bind, connect, disconnect, get_int, local_addr, named, netlink_socket, peer_addr, raw_os_error,
