@@ -3,6 +3,7 @@
 // A binary: `pub` in its modules reaches nothing outside the crate.
 #![allow(unreachable_pub)]
 
+mod balance;
 mod bench;
 mod bench_handoff;
 mod demo;
@@ -207,6 +208,9 @@ enum Cmd {
               value_parser = clap::value_parser!(u64).range(1..=bounds::MAX_DEMO_RATE_KIB))]
         rate_kib: u64,
     },
+    /// L7 load balancer: peek at each request head, hand the connection to
+    /// its backend's agent and steer its packets there (or proxy it).
+    Balance(balance::BalanceArgs),
     /// Receive connections from other hosts and deliver them here.
     Agent(handoff::AgentArgs),
     /// Move live connections of a process or address to an agent. Frozen
@@ -363,6 +367,7 @@ fn run(cmd: Cmd) -> Result<i32> {
             interval,
             rate_kib,
         } => demo::run(migrations, interval, rate_kib * KIB).map(|()| 0),
+        Cmd::Balance(b) => balance::run(b),
         Cmd::Agent(a) => handoff::agent(a),
         Cmd::Migrate(m) => handoff::migrate(m),
         Cmd::Announce { dev, addr } => {

@@ -1,0 +1,107 @@
+//! `tcpr balance`: the L7 load balancer (runtime in `tcpr_balance::runtime`).
+
+use anyhow::{Context, Result};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tcpr_balance::runtime::{self, Options};
+use tcpr_balance::Config;
+
+/// `tcpr balance`.
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BalanceArgs {
+    /// Run with this config file (SIGHUP reads it again, SIGTERM drains).
+    #[arg(long, conflicts_with = "check", required_unless_present = "check")]
+    config: Option<PathBuf>,
+    /// Check this config file: exit 0 when valid, else print
+    /// `FILE:LINE:COL: what is wrong` and exit 1.
+    #[arg(long)]
+    check: Option<PathBuf>,
+    /// Seconds to wait for each answer of an agent during a handoff
+    /// (0.001 to 3600).
+    #[arg(long, default_value = "2", value_parser = crate::bounds::step_timeout)]
+    handoff_timeout: Duration,
+    /// Steer no flow: proxy every connection (for comparison, or a front
+    /// host without a steering datapath).
+    #[arg(long)]
+    no_steering: bool,
+    #[command(subcommand)]
+    cmd: Option<BalanceCmd>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum BalanceCmd {
+    /// Print a running balancer's metrics for people.
+    Status {
+        /// Its `[metrics] listen` address.
+        #[arg(long)]
+        metrics: SocketAddr,
+    },
+}
+
+/// Runs `tcpr balance`; the exit status.
+pub fn run(args: BalanceArgs) -> Result<i32> {
+    if let Some(BalanceCmd::Status { metrics }) = args.cmd {
+        return status(metrics).map(|()| 0);
+    }
+    if let Some(file) = args.check {
+        return Ok(match Config::load(&file) {
+            Ok(_) => 0,
+            Err(e) => {
+                eprintln!("{e}");
+                1
+            }
+        });
+    }
+    let config_path = args.config.context("--config FILE is required")?;
+    let steering = if args.no_steering {
+        None
+    } else {
+        Some(open_steering()?)
+    };
+    runtime::run(Options {
+        config_path,
+        steering,
+        handoff_timeout: args.handoff_timeout,
+    })?;
+    Ok(0)
+}
+
+fn open_steering() -> Result<Arc<dyn tcpr_steer::Steering>> {
+    anyhow::bail!("no steering datapath is built in yet: run with --no-steering")
+}
+
+/// Prints the metrics as a table: one row per sample.
+fn status(addr: SocketAddr) -> Result<()> {
+    let text = tcpr_balance::serve_metrics::fetch(addr)
+        .with_context(|| format!("cannot read the metrics at {addr}"))?;
+    let samples = tcpr_balance::parse_metrics(&text);
+    let rows: Vec<(String, String)> = samples
+        .iter()
+        .map(|s| {
+            let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let name = if labels.is_empty() {
+                s.name.clone()
+            } else {
+                format!("{}{{{}}}", s.name, labels.join(","))
+            };
+            (name, format_value(s.value))
+        })
+        .collect();
+    let width = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    println!("{:<width$}  VALUE", "METRIC");
+    for (name, value) in rows {
+        println!("{name:<width$}  {value}");
+    }
+    Ok(())
+}
+
+fn format_value(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.6}")
+    }
+}
