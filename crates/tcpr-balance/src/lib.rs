@@ -1,0 +1,69 @@
+//! The pure core of `tcpr balance`, an L7 load balancer that peeks at a
+//! connection's request head, picks a pool and a member, and hands the live
+//! connection to that member's agent (or proxies it to the member's server
+//! when a handoff is impossible).
+//!
+//! What is here, all without sockets or a clock (time comes in as an
+//! argument):
+//! - [`config`]: the TOML config file, checked whole: every error is
+//!   `FILE:LINE:COL: what is wrong`, pointing at the offending key or value.
+//! - [`head`]: the request head a listener peeks at: HTTP/1.x (method, path,
+//!   `Host`) or a TLS ClientHello (SNI, ALPN), with `Incomplete` until the
+//!   head is whole, and the canned HTTP error responses and TLS alerts.
+//! - [`route`]: which pool a head goes to.
+//! - [`pool`]: which member of a pool a client goes to (consistent hash,
+//!   weighted round-robin, weighted least-connections).
+//! - [`metrics`]: the counters and histogram, rendered in the Prometheus
+//!   text format, and a parser for that text.
+//!
+//! What is not here: listening, peeking, health checks, the handoff, the
+//! fallback proxy and the steering datapath (the runtime in
+//! `crates/tcpr/src/balance.rs` and the crates `tcpr-handoff`, `tcpr-steer`).
+//! The head parsers do not decrypt anything and do not validate a request
+//! beyond what routing needs: the backend reads the same bytes and answers
+//! them itself.
+//!
+//! ```
+//! use tcpr_balance::{config::Config, head, route::Router};
+//! use std::path::Path;
+//! let text = r#"
+//! [[listener]]
+//! name = "web"
+//! bind = ["127.0.0.1:8080"]
+//! protocol = "http"
+//! default_pool = "blue"
+//! [[listener.route]]
+//! host = "*.red.example"
+//! pool = "red"
+//! [[pool]]
+//! name = "red"
+//! members = [{ server = "10.0.0.3:8080" }]
+//! [[pool]]
+//! name = "blue"
+//! members = [{ server = "10.0.0.4:8080" }]
+//! "#;
+//! let config = Config::parse(text, Path::new("balance.toml")).unwrap();
+//! let listener = &config.listeners[0];
+//! let router = Router::new(listener);
+//! let bytes = b"GET /x HTTP/1.1\r\nHost: www.Red.example:8080\r\n\r\n";
+//! let request = head::parse(listener.protocol, bytes, listener.max_head_bytes).unwrap();
+//! assert_eq!(router.pick(&request), Some("red"));
+//! ```
+#![forbid(unsafe_code)]
+// Pure: no clock (the methods are listed in .clippy.toml).
+#![deny(clippy::disallowed_methods)]
+
+pub mod config;
+pub mod head;
+pub mod metrics;
+pub mod pool;
+pub mod route;
+
+pub use config::{
+    AgentsAuth, BalanceMethod, Config, ConfigError, HostPattern, Listener, MemberConfig,
+    MetricsConfig, PoolConfig, Protocol, Route,
+};
+pub use head::{Head, HeadError};
+pub use metrics::{parse_metrics, HeadErrorKind, Metrics, Sample};
+pub use pool::{MemberId, Pool};
+pub use route::Router;
