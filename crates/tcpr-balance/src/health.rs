@@ -60,7 +60,7 @@ impl Health {
 
     /// Checks every target at once (one thread each, all bounded by
     /// [`CHECK_TIMEOUT`]) and records the results.
-    pub fn check(&self, targets: &[Target], auth: &Auth) {
+    pub fn check(&self, targets: &[Target], auth: Option<&Auth>) {
         std::thread::scope(|s| {
             for &t in targets {
                 s.spawn(move || self.set(t, probe(t, auth)));
@@ -70,9 +70,11 @@ impl Health {
 }
 
 /// One check of one target.
-fn probe(target: Target, auth: &Auth) -> bool {
+fn probe(target: Target, auth: Option<&Auth>) -> bool {
     match target {
         Target::Server(addr) => TcpStream::connect_timeout(&addr, CHECK_TIMEOUT).is_ok(),
+        // Without credentials no handoff is tried: the agent is not used.
+        Target::Agent(_) if auth.is_none() => false,
         Target::Agent(addr) => {
             let handshake = || -> Result<(), String> {
                 let tcp =
@@ -81,6 +83,7 @@ fn probe(target: Target, auth: &Auth) -> bool {
                     .map_err(|e| e.to_string())?;
                 tcp.set_write_timeout(Some(CHECK_TIMEOUT))
                     .map_err(|e| e.to_string())?;
+                let auth = auth.ok_or("no credentials")?;
                 let cfg = auth.client_config().map_err(|e| e.to_string())?;
                 auth.connect(cfg, addr.ip(), tcp)
                     .map(drop)

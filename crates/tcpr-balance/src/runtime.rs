@@ -89,15 +89,18 @@ struct Active {
     config: Config,
     routers: HashMap<String, Router>,
     pools: HashMap<String, Pool>,
-    auth: Auth,
+    /// How to authenticate to agents (none: every connection is proxied).
+    auth: Option<Auth>,
 }
 
 impl Active {
     fn build(config: Config) -> Result<Active, StartError> {
         let auth = match &config.agents {
-            AgentsAuth::Psk { psk_file } => Auth::psk_file(psk_file),
-            AgentsAuth::Certs { cert, key, ca } => Auth::cert_files(cert, key, ca),
+            AgentsAuth::Psk { psk_file } => Some(Auth::psk_file(psk_file)),
+            AgentsAuth::Certs { cert, key, ca } => Some(Auth::cert_files(cert, key, ca)),
+            AgentsAuth::None => None,
         }
+        .transpose()
         .map_err(|e| StartError::Auth(e.to_string()))?;
         let routers = config
             .listeners
@@ -119,7 +122,11 @@ impl Active {
 
     /// The listener (and its router) that owns the address `bind`.
     fn listener_for(&self, bind: SocketAddr) -> Option<(&Listener, &Router)> {
-        let l = self.config.listeners.iter().find(|l| l.bind.contains(&bind))?;
+        let l = self
+            .config
+            .listeners
+            .iter()
+            .find(|l| l.bind.contains(&bind))?;
         Some((l, self.routers.get(&l.name)?))
     }
 
@@ -242,10 +249,12 @@ pub fn run(opts: Options) -> Result<(), StartError> {
     })?;
     let config = Config::load(&opts.config_path)?;
     let metrics_listen = config.metrics.as_ref().map(|m| m.listen);
+    let metrics = Metrics::new();
     let active = Active::build(config)?;
+    register_members(&metrics, &active);
     let shared = Arc::new(Shared {
         active: RwLock::new(Arc::new(active)),
-        metrics: Metrics::default(),
+        metrics,
         health: Health::default(),
         steering: opts.steering,
         handoff_timeout: opts.handoff_timeout,
@@ -263,9 +272,8 @@ pub fn run(opts: Options) -> Result<(), StartError> {
             }
             s.metrics.render()
         });
-        let bound = crate::serve_metrics::serve(addr, render).map_err(|source| {
-            StartError::Listen { addr, source }
-        })?;
+        let bound = crate::serve_metrics::serve(addr, render)
+            .map_err(|source| StartError::Listen { addr, source })?;
         println!("tcpr balance metrics on {bound}");
     }
     let mut listeners: HashMap<SocketAddr, Bound> = HashMap::new();
@@ -313,6 +321,15 @@ pub fn run(opts: Options) -> Result<(), StartError> {
     Ok(())
 }
 
+/// Every member shows in the metrics from the start, with zero counts.
+fn register_members(metrics: &Metrics, active: &Active) {
+    for (name, pool) in &active.pools {
+        for (_, m) in pool.members() {
+            metrics.register_member(name, &m.label());
+        }
+    }
+}
+
 /// Reads the config again: new listeners open, removed ones close, those
 /// whose address is unchanged keep their socket (and its backlog); no
 /// connection in flight is touched. A bad file changes nothing.
@@ -334,6 +351,7 @@ fn reload(
         }
     };
     let binds = active.binds();
+    register_members(&shared.metrics, &active);
     *shared.active.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(active);
     let gone: Vec<SocketAddr> = listeners
         .keys()
@@ -454,7 +472,12 @@ fn peek_head(stream: &TcpStream, l: &Listener) -> Result<Head, HeadFailure> {
         let n = match stream.peek(&mut buf) {
             Ok(0) => break Err(HeadFailure::Gone),
             Ok(n) => n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 break Err(HeadFailure::Timeout)
             }
             Err(_) => break Err(HeadFailure::Gone),
@@ -515,9 +538,17 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, bind: Socket
         Ok(h) => h,
         Err(f) => {
             let (kind, status, why) = match f {
-                HeadFailure::Timeout => (HeadErrorKind::Timeout, HTTP_REQUEST_TIMEOUT, "timed out".to_string()),
+                HeadFailure::Timeout => (
+                    HeadErrorKind::Timeout,
+                    HTTP_REQUEST_TIMEOUT,
+                    "timed out".to_string(),
+                ),
                 HeadFailure::Malformed(w) => (HeadErrorKind::Malformed, HTTP_BAD_REQUEST, w),
-                HeadFailure::TooLarge => (HeadErrorKind::TooLarge, HTTP_HEADER_TOO_LARGE, "too large".to_string()),
+                HeadFailure::TooLarge => (
+                    HeadErrorKind::TooLarge,
+                    HTTP_HEADER_TOO_LARGE,
+                    "too large".to_string(),
+                ),
                 HeadFailure::Gone => {
                     shared.metrics.failure("client_gone");
                     return;
@@ -532,12 +563,22 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, bind: Socket
     let Some(pool_name) = router.pick(&head) else {
         tracing::info!("{peer} on {}: no route for {head:?}", listener.name);
         shared.metrics.failure("no_route");
-        refuse(stream, listener.protocol, HTTP_NOT_FOUND, ALERT_UNRECOGNIZED_NAME);
+        refuse(
+            stream,
+            listener.protocol,
+            HTTP_NOT_FOUND,
+            ALERT_UNRECOGNIZED_NAME,
+        );
         return;
     };
     let Some(pool) = active.pools.get(pool_name) else {
         shared.metrics.failure("no_route");
-        refuse(stream, listener.protocol, HTTP_NOT_FOUND, ALERT_UNRECOGNIZED_NAME);
+        refuse(
+            stream,
+            listener.protocol,
+            HTTP_NOT_FOUND,
+            ALERT_UNRECOGNIZED_NAME,
+        );
         return;
     };
     let health = &shared.health;
@@ -549,14 +590,19 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, bind: Socket
     let Some(id) = pool.pick(peer, &usable) else {
         tracing::warn!("{peer}: no member of pool {pool_name} is up");
         shared.metrics.failure("no_member");
-        refuse(stream, listener.protocol, HTTP_UNAVAILABLE, ALERT_INTERNAL_ERROR);
+        refuse(
+            stream,
+            listener.protocol,
+            HTTP_UNAVAILABLE,
+            ALERT_INTERNAL_ERROR,
+        );
         return;
     };
     let member = pool.member(id);
     let agent = member
         .agent
         .filter(|a| health.is_up(Target::Agent(*a)))
-        .filter(|_| shared.steering.is_some());
+        .filter(|_| shared.steering.is_some() && active.auth.is_some());
     match agent {
         Some(agent) => {
             let job = Job {
@@ -567,7 +613,14 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, bind: Socket
                 busy,
             };
             if let Err(mpsc::SendError(job)) = batcher(shared, agent).send(job) {
-                fallback(shared, job.stream, &job.pool, job.member, "the agent's batcher stopped", job.busy);
+                fallback(
+                    shared,
+                    job.stream,
+                    &job.pool,
+                    job.member,
+                    "the agent's batcher stopped",
+                    job.busy,
+                );
             }
         }
         None => {
@@ -658,13 +711,20 @@ impl TrafficHook for SteerHook {
 
 fn hand_off_batch(shared: &Arc<Shared>, agent: SocketAddr, batch: Vec<Job>) {
     let active = shared.active();
-    let Some(steering) = shared.steering.clone() else {
+    let (Some(steering), Some(auth)) = (shared.steering.clone(), active.auth.clone()) else {
         for j in batch {
-            fallback(shared, j.stream, &j.pool, j.member, "no steering", j.busy);
+            fallback(
+                shared,
+                j.stream,
+                &j.pool,
+                j.member,
+                "no steering or no [agents]",
+                j.busy,
+            );
         }
         return;
     };
-    let mut opts = MigrateOptions::new(agent, active.auth.clone());
+    let mut opts = MigrateOptions::new(agent, auth);
     opts.timeout = shared.handoff_timeout;
     opts.switch = Switch::Hook(Arc::new(SteerHook {
         steering,
@@ -688,7 +748,14 @@ fn hand_off_batch(shared: &Arc<Shared>, agent: SocketAddr, batch: Vec<Job>) {
             shared.metrics.failure("handoff_refused");
             drop(e.conns);
             for j in rest {
-                fallback(shared, j.stream, &j.pool, j.member, "handoff refused", j.busy);
+                fallback(
+                    shared,
+                    j.stream,
+                    &j.pool,
+                    j.member,
+                    "handoff refused",
+                    j.busy,
+                );
             }
             return;
         }
@@ -717,7 +784,9 @@ fn hand_off_batch(shared: &Arc<Shared>, agent: SocketAddr, batch: Vec<Job>) {
                 fallback(shared, j.stream, &j.pool, j.member, &why, j.busy);
             }
             HandOff::Unknown(dup, why) => {
-                tracing::error!("handoff to {agent} ended unknown, the connection stays frozen: {why}");
+                tracing::error!(
+                    "handoff to {agent} ended unknown, the connection stays frozen: {why}"
+                );
                 shared.metrics.failure("unknown");
                 drop(dup);
                 shared
@@ -732,7 +801,14 @@ fn hand_off_batch(shared: &Arc<Shared>, agent: SocketAddr, batch: Vec<Job>) {
 
 /// Proxies a connection to its member's server, or another up member's,
 /// so the client is served anyway; answers 503 / closes when none is.
-fn fallback(shared: &Arc<Shared>, client: TcpStream, pool: &str, member: MemberId, why: &str, busy: Busy) {
+fn fallback(
+    shared: &Arc<Shared>,
+    client: TcpStream,
+    pool: &str,
+    member: MemberId,
+    why: &str,
+    busy: Busy,
+) {
     let active = shared.active();
     let Some(p) = active.pools.get(pool) else {
         shared.metrics.failure("no_server");
@@ -741,7 +817,7 @@ fn fallback(shared: &Arc<Shared>, client: TcpStream, pool: &str, member: MemberI
     let first = p.member(member).server.into_iter();
     let others = p
         .members()
-        .filter_map(|m| m.server)
+        .filter_map(|(_, m)| m.server)
         .filter(|s| Some(*s) != p.member(member).server);
     let mut server = None;
     for addr in first.chain(others) {
@@ -772,7 +848,13 @@ fn fallback(shared: &Arc<Shared>, client: TcpStream, pool: &str, member: MemberI
         return;
     };
     tracing::debug!("proxying to {:?} ({why})", server.peer_addr());
-    shared.metrics.fallback(pool, &p.member(member).label());
+    let m = p.member(member);
+    if m.agent.is_some() {
+        // A handoff failed or was impossible (agent down, no steering).
+        shared.metrics.fallback(pool, &m.label());
+    } else {
+        shared.metrics.proxied(pool, &m.label());
+    }
     let spawned = std::thread::Builder::new()
         .name("relay".into())
         .spawn(move || {
@@ -793,7 +875,14 @@ fn start_health(shared: &Arc<Shared>) {
         .name("health".into())
         .spawn(move || loop {
             let active = s.active();
-            s.health.check(&active.targets(), &active.auth);
+            s.health.check(&active.targets(), active.auth.as_ref());
+            for (name, pool) in &active.pools {
+                for (_, m) in pool.members() {
+                    let up = m.agent.is_some_and(|a| s.health.is_up(Target::Agent(a)))
+                        || m.server.is_some_and(|a| s.health.is_up(Target::Server(a)));
+                    s.metrics.set_member_up(name, &m.label(), up);
+                }
+            }
             drop(active);
             let now = Instant::now();
             s.unknown

@@ -131,7 +131,10 @@ mod tests {
             sa(&format!("[{all}]:65535")),
             sa(&format!("[{all}]:65535")),
         );
-        assert_eq!(h, format!("PROXY TCP6 {all} {all} 65535 65535\r\n").as_bytes());
+        assert_eq!(
+            h,
+            format!("PROXY TCP6 {all} {all} 65535 65535\r\n").as_bytes()
+        );
         assert_eq!(h.len(), 104);
     }
 

@@ -108,11 +108,7 @@ impl Direction {
                 }
             }
             if self.in_pipe > 0 {
-                match splice::splice(
-                    self.pipe.read.as_fd(),
-                    socks[self.to].as_fd(),
-                    self.in_pipe,
-                ) {
+                match splice::splice(self.pipe.read.as_fd(), socks[self.to].as_fd(), self.in_pipe) {
                     Ok(n) => {
                         self.in_pipe -= n;
                         self.carried += n as u64;
@@ -174,7 +170,13 @@ pub fn relay(first: TcpStream, second: TcpStream) -> Result<Relayed, RelayError>
     };
     let mut dirs = match setup() {
         Ok(d) => d,
-        Err(e) => return Err(abort(&socks, Failure { side: 0, error: e }, Relayed::default())),
+        Err(e) => {
+            return Err(abort(
+                &socks,
+                Failure { side: 0, error: e },
+                Relayed::default(),
+            ))
+        }
     };
     loop {
         for d in dirs.iter_mut() {
@@ -237,4 +239,3 @@ fn abort(socks: &[TcpStream; 2], f: Failure, carried: Relayed) -> RelayError {
         carried,
     }
 }
-

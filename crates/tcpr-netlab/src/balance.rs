@@ -73,7 +73,18 @@ impl BalanceLab {
     pub fn addr(&self, family: Family, h: u8) -> IpAddr {
         match family {
             Family::V4 => IpAddr::V4(Ipv4Addr::new(10, self.net, 0, h)),
-            Family::V6 => IpAddr::V6(Ipv6Addr::new(0xfd00, self.net.into(), 0, 0, 0, 0, 0, h.into())),
+            // The groups are written in decimal digits, as in `new`'s
+            // addresses: `fd00:140::3` is the group 0x140.
+            Family::V6 => IpAddr::V6(Ipv6Addr::new(
+                0xfd00,
+                decimal_digits_as_hex(self.net),
+                0,
+                0,
+                0,
+                0,
+                0,
+                decimal_digits_as_hex(h),
+            )),
         }
     }
     /// The VIP in `family`.
@@ -93,6 +104,11 @@ impl BalanceLab {
     pub fn backend_sock(&self, family: Family, i: usize, port: u16) -> SocketAddr {
         SocketAddr::new(self.backend_addr(family, i), port)
     }
+}
+
+/// `n`'s decimal digits read as hex digits (`140` → `0x140`).
+fn decimal_digits_as_hex(n: u8) -> u16 {
+    u16::from(n / 100) << 8 | u16::from(n / 10 % 10) << 4 | u16::from(n % 10)
 }
 
 impl Host {

@@ -17,7 +17,8 @@ pub(crate) struct Pipe {
 pub(crate) fn pipe() -> io::Result<Pipe> {
     let mut fds: [libc::c_int; 2] = [-1, -1];
     // SAFETY: `fds` is writable for the two ints pipe2(2) writes.
-    syscall!(pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK)).map_err(named("pipe2"))?;
+    syscall!(pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK))
+        .map_err(named("pipe2"))?;
     // SAFETY: on success both fds are open and owned by nobody else.
     let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     Ok(Pipe { read, write })
@@ -61,7 +62,12 @@ pub(crate) fn set_pipe_size(pipe: BorrowedFd<'_>, bytes: usize) -> io::Result<us
 pub(crate) fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
     // SAFETY: `fds` is a valid, writable array of `fds.len()` pollfd
     // structs for the duration of the call.
-    syscall!(poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms)).map(|n| n as usize)
+    syscall!(poll(
+        fds.as_mut_ptr(),
+        fds.len() as libc::nfds_t,
+        timeout_ms
+    ))
+    .map(|n| n as usize)
 }
 
 /// `SO_LINGER {on, 0}`: the socket's close sends a RST instead of a FIN
