@@ -22,7 +22,6 @@
 pub mod diag;
 mod error;
 pub mod lock;
-mod nfnl;
 mod restore;
 mod sys;
 

@@ -10,10 +10,10 @@
 //! and is otherwise static: per-flow state lives only in the set elements,
 //! which expire by themselves. The table is installed with the `nft`
 //! command (libnftables' syntax is the documented interface for rules);
-//! elements are added and deleted over nf_tables netlink (`nfnl.rs`), one
-//! transaction per call, falling back to `nft` when the table is missing.
+//! elements are added and deleted over nf_tables netlink
+//! ([`tcpr_host::nfnl`]), one transaction per call, falling back to `nft`
+//! when the table is missing.
 
-use crate::nfnl::{Batch, NlError, Op};
 use crate::sys;
 use crate::Error;
 use std::fmt::Write as _;
@@ -22,6 +22,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::time::Duration;
+use tcpr_host::nfnl::{self, Batch, Element, Family, NlError, Op, SetRef};
 
 /// The default lease of a lock.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
@@ -37,6 +38,14 @@ pub const MIN_LEASE: Duration = Duration::from_millis(1);
 /// The timeout a released element is re-added with before its delete in the
 /// same transaction (deleting an absent element fails the whole batch).
 const READD_BEFORE_DELETE_MS: u64 = 1000;
+
+/// A released element expires after this long (the shortest expiry; the
+/// kernel rounds it up to the next jiffy). An expiration of 0 would mean
+/// the whole timeout.
+const EXPIRED_EXPIRATION: Duration = Duration::from_millis(1);
+
+/// The timeout written with it (at least the expiration).
+const EXPIRED_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long the first release in a process watches its element expire
 /// before deciding that this kernel does not update expiries.
@@ -84,6 +93,15 @@ impl LockSet {
         match self {
             LockSet::V4 => "flows4",
             LockSet::V6 => "flows6",
+        }
+    }
+
+    /// The set in the lock's table.
+    pub(crate) fn set_ref(self) -> SetRef<'static> {
+        SetRef {
+            family: Family::Inet,
+            table: TABLE,
+            set: self.name(),
         }
     }
 }
@@ -244,7 +262,7 @@ fn nft(ns: &Netns, script: &str) -> Result<(), Error> {
 /// not there yet. Optional: the first lock does it otherwise, with one
 /// `nft` run (about 10 ms) in its critical path.
 pub fn prepare() -> Result<(), Error> {
-    if crate::nfnl::table_exists(TABLE).unwrap_or(false) {
+    if nfnl::table_exists(None, Family::Inet, TABLE).unwrap_or(false) {
         return Ok(());
     }
     nft(&Netns::current(), &ruleset())
@@ -276,7 +294,7 @@ impl FlowLock {
         // Otherwise install the table, then add the elements, with `nft`.
         let mut batch = Batch::new();
         for (set, keys) in by_set(flows) {
-            batch.elements(TABLE, set.name(), &keys, Op::Add(lease_ms));
+            batch.elements(set.set_ref(), &keys, add_op(lease_ms));
         }
         if let Err(first) = fast(&ns, batch) {
             if matches!(first, Error::Permission(_)) {
@@ -397,7 +415,11 @@ fn release(ns: &Netns, flows: &[Flow], effect: Effect) -> Result<(), Error> {
     if EXPIRY_UPDATES.get() != Some(&false) {
         let mut batch = Batch::new();
         for (set, keys) in by_set(flows) {
-            batch.elements(TABLE, set.name(), &keys, Op::Expire);
+            let expire = Op::AddExpiring {
+                timeout: EXPIRED_TIMEOUT,
+                expires_in: EXPIRED_EXPIRATION,
+            };
+            batch.elements(set.set_ref(), &keys, expire);
         }
         match fast(ns, batch) {
             Err(e @ Error::Permission(_)) => return Err(e),
@@ -411,7 +433,7 @@ fn release(ns: &Netns, flows: &[Flow], effect: Effect) -> Result<(), Error> {
                 let nsfd = ns.fd.as_ref().map(|f| f.as_fd());
                 let deadline = std::time::Instant::now() + EXPIRY_WATCH;
                 loop {
-                    match crate::nfnl::element_present(nsfd, TABLE, f.set().name(), &f.key()) {
+                    match nfnl::element_present(nsfd, f.set().set_ref(), &f.key()) {
                         Ok(false) => {
                             let _ = EXPIRY_UPDATES.set(true);
                             return Ok(());
@@ -444,8 +466,8 @@ fn release(ns: &Netns, flows: &[Flow], effect: Effect) -> Result<(), Error> {
     // would fail the whole batch, and the element may have expired.
     let mut batch = Batch::new();
     for (set, keys) in by_set(flows) {
-        batch.elements(TABLE, set.name(), &keys, Op::Add(READD_BEFORE_DELETE_MS));
-        batch.elements(TABLE, set.name(), &keys, Op::Delete);
+        batch.elements(set.set_ref(), &keys, add_op(READD_BEFORE_DELETE_MS));
+        batch.elements(set.set_ref(), &keys, Op::Delete);
     }
     match fast(ns, batch) {
         Err(e @ Error::Permission(_)) => Err(e),
@@ -476,19 +498,31 @@ fn script(flows: &[Flow], timeout_ms: u64, delete: bool) -> String {
     out
 }
 
-/// The keys of `flows`, by the lock set that sees their packets.
-fn by_set(flows: &[Flow]) -> Vec<(LockSet, Vec<Vec<u8>>)> {
+/// Adds elements that expire after `ms` milliseconds.
+fn add_op(ms: u64) -> Op {
+    let lease = Duration::from_millis(ms);
+    Op::AddExpiring {
+        timeout: lease,
+        expires_in: lease,
+    }
+}
+
+/// The elements of `flows`, by the lock set that sees their packets.
+fn by_set(flows: &[Flow]) -> Vec<(LockSet, Vec<Element>)> {
     let (v4, v6): (Vec<&Flow>, Vec<&Flow>) = flows.iter().partition(|f| f.set() == LockSet::V4);
     [(LockSet::V4, v4), (LockSet::V6, v6)]
         .into_iter()
         .filter(|(_, group)| !group.is_empty())
-        .map(|(set, group)| (set, group.into_iter().map(Flow::key).collect()))
+        .map(|(set, group)| {
+            let elements = group.into_iter().map(|f| Element::key(f.key())).collect();
+            (set, elements)
+        })
         .collect()
 }
 
 /// Commits an element batch over netlink in `ns`.
 fn fast(ns: &Netns, batch: Batch) -> Result<(), Error> {
-    match crate::nfnl::commit(ns.fd.as_ref().map(|f| f.as_fd()), batch) {
+    match nfnl::commit(ns.fd.as_ref().map(|f| f.as_fd()), batch) {
         Ok(()) => Ok(()),
         Err(NlError::Refused(libc::EPERM)) => Err(Error::Permission(
             "nftables refused to change the ruleset: CAP_NET_ADMIN is needed to lock flows".into(),
@@ -540,7 +574,7 @@ fn count_elements(json: &[u8]) -> Result<usize, Error> {
 /// not expired (one nf_tables netlink request).
 pub fn is_locked(ns: &Netns, flow: &Flow) -> Result<bool, Error> {
     let nsfd = ns.fd.as_ref().map(|f| f.as_fd());
-    match crate::nfnl::element_present(nsfd, TABLE, flow.set().name(), &flow.key()) {
+    match nfnl::element_present(nsfd, flow.set().set_ref(), &flow.key()) {
         Ok(present) => Ok(present),
         Err(NlError::Refused(libc::EPERM)) => Err(Error::Permission(
             "nftables refused to list the lock: CAP_NET_ADMIN is needed".into(),

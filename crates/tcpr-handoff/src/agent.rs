@@ -14,7 +14,7 @@ mod journal;
 mod takeover;
 
 use crate::auth::{Auth, Channel};
-use crate::deliver::{self, Delivered};
+use crate::deliver::{self, Delivered, Reached};
 use crate::machine::{self, AgentAction, BatchStatus, ConnId};
 use crate::wire::{self, pb, WireError};
 use admission::Admission;
@@ -22,7 +22,6 @@ use journal::Journal;
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,6 +45,14 @@ pub enum Delivery {
     Unix(PathBuf),
     /// Hand to this process (library use).
     Channel(std::sync::mpsc::Sender<Delivered>),
+    /// Relay to a server (see [`crate::deliver`]), the PROXY protocol
+    /// header first if `proxy` names a version.
+    Forward {
+        /// The server, usually local.
+        server: SocketAddr,
+        /// The PROXY protocol version the server expects, if any.
+        proxy: Option<tcpr_host::proxy_header::ProxyVersion>,
+    },
 }
 
 /// Unauthenticated handshakes in flight, by default.
@@ -166,11 +173,15 @@ pub enum AgentError {
 }
 
 /// Checks that connections can reach `delivery` now: the program of an
-/// exec line resolves, something listens at a unix path.
-fn check_delivery(delivery: &Delivery) -> Result<Option<UnixStream>, String> {
+/// exec line resolves, something listens at a unix path, a forward
+/// server accepts.
+fn check_delivery(delivery: &Delivery) -> Result<Option<Reached>, String> {
     match delivery {
         Delivery::Exec { command, .. } => deliver::resolve_exec(command).map(|_| None),
-        Delivery::Unix(path) => deliver::connect_unix(path).map(Some),
+        Delivery::Unix(path) => deliver::connect_unix(path).map(|u| Some(Reached::Unix(u))),
+        Delivery::Forward { server, .. } => {
+            deliver::connect_forward(*server).map(|s| Some(Reached::Forward(s)))
+        }
         Delivery::Channel(_) => Ok(None),
     }
 }
@@ -409,7 +420,7 @@ fn run_discards(shared: &Shared, s: &mut Session) {
     }
     while s.m.poll_transmit().is_some() {}
     // A unix connection held for this batch closes empty.
-    s.unix_first = None;
+    s.target_first = None;
 }
 
 fn batch(shared: &Arc<Shared>, ch: Channel, hello: pb::Message) -> Result<(), WireError> {
@@ -433,7 +444,7 @@ fn batch(shared: &Arc<Shared>, ch: Channel, hello: pb::Message) -> Result<(), Wi
         take_ip,
         add_address: None,
         checked: None,
-        unix_first: None,
+        target_first: None,
         log: None,
         locks: Vec::new(),
     }));
@@ -468,7 +479,7 @@ fn batch_loop(
             let mut s = lock(sess);
             drive(shared, &mut s, &mut ch)?;
             if s.m.is_done() {
-                s.unix_first = None;
+                s.target_first = None;
                 return Ok(());
             }
             s.m.poll_timeout()
@@ -562,7 +573,7 @@ fn drive(shared: &Shared, s: &mut Session, ch: &mut Channel) -> Result<(), WireE
                     Err(reason) => {
                         tracing::warn!("COMMIT refused, nothing resumed: {reason}");
                         lock(&shared.stats).refused_commit += 1;
-                        s.unix_first = None;
+                        s.target_first = None;
                         s.m.handle_commit_refused(ids, reason);
                     }
                 },

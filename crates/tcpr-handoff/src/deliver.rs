@@ -10,6 +10,13 @@
 //! - **Unix socket**: the agent connects to the application's unix stream
 //!   socket and sends, per connection, one message (format below) with the
 //!   connection's fd attached as SCM_RIGHTS; [`recv_unix`] is the client.
+//! - **Forward** (for unmodified servers): the agent connects to a local
+//!   server per connection, writes a PROXY protocol header (v1 or v2, if
+//!   asked: the client's address as source, the restored connection's
+//!   local address, the VIP, as destination), and relays both ways with
+//!   splice(2) ([`tcpr_host::relay`]): zero copy, half-closes and resets
+//!   passed on. The server is connected before the connection is resumed,
+//!   so one that refuses leaves the connection in repair mode (silent).
 //!
 //! ```text
 //! unix delivery message, all integers big-endian:
@@ -205,6 +212,111 @@ pub fn resolve_exec(line: &str) -> Result<PathBuf, String> {
         .map(|d| d.join(program))
         .find(|p| runnable(p))
         .ok_or_else(|| format!("{program}: command not found in PATH"))
+}
+
+/// A delivery target reached before a connection is resumed for it.
+#[derive(Debug)]
+pub enum Reached {
+    /// The application's unix socket ([`connect_unix`]).
+    Unix(UnixStream),
+    /// A connection to the forward target ([`connect_forward`]).
+    Forward(TcpStream),
+}
+
+impl Reached {
+    /// True when the target still takes connections: a unix receiver says
+    /// nothing before our message; a server connection is neither closed
+    /// nor reset (bytes it sent first, a banner, stay queued for the
+    /// client).
+    pub fn alive(&self) -> bool {
+        match self {
+            Reached::Unix(to) => unix_alive(to),
+            Reached::Forward(to) => {
+                let mut one = [0u8; 1];
+                if to.set_nonblocking(true).is_err() {
+                    return false;
+                }
+                let open = match to.peek(&mut one) {
+                    Ok(n) => n > 0,
+                    Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+                };
+                open && to.set_nonblocking(false).is_ok()
+            }
+        }
+    }
+}
+
+/// How long connecting to a forward target may take: it is a local
+/// server, and the connection waits in repair mode meanwhile.
+pub const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Connects to the server of `--forward`: proves that it accepts before
+/// any connection is resumed for it.
+pub fn connect_forward(server: SocketAddr) -> Result<TcpStream, String> {
+    let s = TcpStream::connect_timeout(&server, FORWARD_CONNECT_TIMEOUT).map_err(|e| {
+        format!("the server {server} does not accept connections: {e} (start it first)")
+    })?;
+    // The relay writes what it reads at once: no Nagle delay on the way.
+    s.set_nodelay(true)
+        .map_err(|e| format!("the server {server}: {e}"))?;
+    Ok(s)
+}
+
+/// Writes the PROXY header (if any) for the connection from `peer` to
+/// `local` to `server`, before the connection is resumed.
+pub fn announce_forward(
+    server: &TcpStream,
+    proxy: Option<tcpr_host::proxy_header::ProxyVersion>,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> io::Result<()> {
+    if let Some(version) = proxy {
+        let header = tcpr_host::proxy_header::proxy_header(version, peer, local);
+        std::io::Write::write_all(&mut &*server, &header)?;
+    }
+    Ok(())
+}
+
+/// Relays between a resumed connection and its server on a thread of its
+/// own until both have closed (see [`tcpr_host::relay`]). When no thread
+/// can be made, the client connection is given back with the error.
+pub fn forward(
+    client: TcpStream,
+    server: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), (TcpStream, io::Error)> {
+    // The pair waits here until the thread takes it: a failed spawn drops
+    // its closure, and the connection must not close with it (a FIN).
+    let pair = std::sync::Arc::new(std::sync::Mutex::new(Some((client, server))));
+    let for_thread = pair.clone();
+    let spawned = std::thread::Builder::new()
+        .name("tcpr-forward".into())
+        .spawn(move || {
+            let taken = for_thread.lock().ok().and_then(|mut p| p.take());
+            let Some((client, server)) = taken else {
+                return;
+            };
+            match tcpr_host::relay::relay(client, server) {
+                Ok(r) => tracing::debug!(
+                    %peer,
+                    to_server = r.first_to_second,
+                    to_client = r.second_to_first,
+                    "forwarded connection closed"
+                ),
+                Err(e) => tracing::info!(%peer, "forwarded connection ended: {e}"),
+            }
+        });
+    match spawned {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let back = pair.lock().ok().and_then(|mut p| p.take());
+            match back {
+                Some((client, _server)) => Err((client, e)),
+                // The thread took it after all.
+                None => Ok(()),
+            }
+        }
+    }
 }
 
 fn bad(what: &str) -> io::Error {

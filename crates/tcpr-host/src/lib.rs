@@ -19,7 +19,9 @@
 //! - [`vip`]: a direct-server-return backend's VIP on the loopback, with
 //!   ARP suppressed for it;
 //! - [`floor`]: the bare-syscall dump and restore `tcpr bench` compares
-//!   the engine against.
+//!   the engine against;
+//! - [`nfnl`]: nf_tables set and map elements over netlink (the engine's
+//!   flow lock, the balancer's steering maps).
 //!
 //! All `unsafe` lives in the `sys` module (public only through [`sock`]). This crate does not
 //! freeze, dump or restore connections (the engine does), steer packets,
@@ -28,6 +30,7 @@
 pub mod addr;
 mod announce;
 pub mod floor;
+pub mod nfnl;
 pub mod proxy_header;
 pub mod relay;
 mod sys;

@@ -72,3 +72,6 @@ pub trait Steering: Send + Sync {
     /// The datapath's name, for logs and metrics ("nftables-netdev", ...).
     fn name(&self) -> &'static str;
 }
+
+pub mod nft;
+pub use nft::{NftConfig, NftSteering};

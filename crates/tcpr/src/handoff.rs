@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 use tcpr_handoff::{AgentConfig, AgentServer, Auth, Delivery, MigrateOptions, Outgoing, Switch};
@@ -44,21 +44,35 @@ pub struct AgentArgs {
     listen: SocketAddr,
     /// Run this shell command line per delivered connection (fd 3,
     /// LISTEN_FDS=1; application blob on fd 4).
-    #[arg(long, conflicts_with = "unix", required_unless_present = "unix")]
+    #[arg(long, conflicts_with_all = ["unix", "forward"], required_unless_present_any = ["unix", "forward"])]
     exec: Option<String>,
     /// With --exec, also put the connection on stdin and stdout.
     #[arg(long, requires = "exec", conflicts_with = "unix")]
     inetd: bool,
     /// Pass connections to the application listening on this unix socket.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "forward")]
     unix: Option<PathBuf>,
+    /// Relay each connection (splice, zero copy) to this server, for
+    /// servers that know nothing of tcpr.
+    #[arg(long, value_name = "HOST:PORT", value_parser = resolve_server)]
+    forward: Option<SocketAddr>,
+    /// With --forward, first write a PROXY protocol header (v1 text or v2
+    /// binary) with the client's address.
+    #[arg(long, requires = "forward", value_name = "v1|v2")]
+    proxy_protocol: Option<tcpr_host::proxy_header::ProxyVersion>,
+    /// A virtual address this host serves by direct server return
+    /// (repeatable, IPv4 or IPv6): put on the loopback with ARP for it
+    /// suppressed while the agent runs; connections to it on any port
+    /// may be restored here.
+    #[arg(long, value_name = "ADDR")]
+    vip: Vec<IpAddr>,
     #[command(flatten)]
     auth: AuthArgs,
     /// Local ADDR:PORT whose connections may be restored here (repeatable;
     /// `0.0.0.0:PORT` or `[::]:PORT` allows any address on that port). A
     /// sender moving its service address here (migrate --move-address) may
     /// only move an address an entry names exactly.
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "vip")]
     allow: Vec<SocketAddr>,
     /// Seconds to wait for each next message before COMMIT (0.001 to 3600);
     /// also the deadline of a sender's whole authentication handshake.
@@ -126,20 +140,77 @@ pub fn agent(a: AgentArgs) -> Result<i32> {
             inetd: a.inetd,
         },
         (None, Some(p)) => Delivery::Unix(p.clone()),
-        (None, None) => bail!("say where connections go: --exec CMD or --unix PATH"),
+        (None, None) => match a.forward {
+            Some(server) => Delivery::Forward {
+                server,
+                proxy: a.proxy_protocol,
+            },
+            None => bail!(
+                "say where connections go: --exec CMD, --unix PATH or --forward HOST:PORT"
+            ),
+        },
     };
     if a.max_handshakes == 0 {
         bail!("--max-handshakes must be at least 1");
     }
-    let mut cfg = AgentConfig::new(a.auth.auth()?, a.allow.clone(), delivery);
+    // Connections to a VIP, on any port (port 0 in the allowlist).
+    let mut allow = a.allow.clone();
+    allow.extend(a.vip.iter().map(|&ip| SocketAddr::new(ip, 0)));
+    let mut cfg = AgentConfig::new(a.auth.auth()?, allow, delivery);
     cfg.timeout = secs(a.timeout, "--timeout")?;
     cfg.journal = (!a.no_journal).then(|| a.journal.clone());
     cfg.max_handshakes = a.max_handshakes;
+    let vips = serve_vips(&a.vip)?;
     let server = AgentServer::bind(a.listen, cfg)?;
     println!("tcpr agent listening on {}", server.local_addr()?);
     std::io::Write::flush(&mut std::io::stdout())?;
-    server.run().context("the agent stopped")?;
+    let stopped = server.run().context("the agent stopped");
+    drop(vips);
+    stopped?;
     Ok(0)
+}
+
+/// `--forward HOST:PORT`: the first address the name resolves to.
+fn resolve_server(s: &str) -> Result<SocketAddr, String> {
+    s.to_socket_addrs()
+        .map_err(|e| format!("{s}: {e} (HOST:PORT, such as 127.0.0.1:8080)"))?
+        .next()
+        .ok_or_else(|| format!("{s} resolves to no address"))
+}
+
+/// `--vip`: the VIPs on the loopback, ARP suppressed, until the agent
+/// ends: normally, or by SIGINT / SIGTERM, whose handler undoes them and
+/// exits.
+fn serve_vips(vips: &[IpAddr]) -> Result<VipsHeld> {
+    let held = VipsHeld(std::sync::Arc::new(std::sync::Mutex::new(None)));
+    if vips.is_empty() {
+        return Ok(held);
+    }
+    let prepared = tcpr_host::vip::prepare(vips)?;
+    eprintln!(
+        "tcpr agent: serving {} on lo (ARP suppressed)",
+        vips.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    );
+    *held.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(prepared);
+    let on_signal = held.0.clone();
+    ctrlc::set_handler(move || {
+        // Dropping the guard removes the VIPs and restores the sysctls.
+        drop(on_signal.lock().unwrap_or_else(|e| e.into_inner()).take());
+        std::process::exit(0);
+    })
+    .context("cannot handle SIGINT/SIGTERM (the VIPs would stay)")?;
+    Ok(held)
+}
+
+/// The VIPs, shared with the signal handler; undone when dropped (the
+/// agent's normal end, an error, a panic) or by the handler, whichever
+/// comes first.
+struct VipsHeld(std::sync::Arc<std::sync::Mutex<Option<tcpr_host::vip::Vips>>>);
+
+impl Drop for VipsHeld {
+    fn drop(&mut self) {
+        drop(self.0.lock().unwrap_or_else(|e| e.into_inner()).take());
+    }
 }
 
 /// The fds to move: (pid, fd) pairs. Frozen sockets (an earlier dump or

@@ -422,26 +422,6 @@ pub(crate) fn socket_kind(fd: BorrowedFd<'_>) -> io::Result<(i32, i32, i32)> {
     ))
 }
 
-/// A netlink socket of `proto` in the network namespace `ns` (the
-/// caller's own when `None`): a socket belongs to the namespace it was
-/// created in, so it is created on a short-lived thread that entered `ns`.
-pub(crate) fn netlink_socket_in(ns: Option<BorrowedFd<'_>>, proto: i32) -> io::Result<OwnedFd> {
-    let Some(ns) = ns else {
-        return netlink_socket(proto);
-    };
-    let raw = ns.as_raw_fd();
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            // SAFETY: `raw` is an open namespace fd borrowed for this scope;
-            // setns only changes this (throwaway) thread.
-            syscall!(setns(raw, libc::CLONE_NEWNET)).map_err(named("setns"))?;
-            netlink_socket(proto)
-        })
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("netlink thread panicked")))
-    })
-}
-
 // ---- cli additions ----
 
 /// Whether the socket is in repair mode. `do_tcp_getsockopt` answers

@@ -5,13 +5,12 @@
 
 use super::journal::BatchLog;
 use super::{check_delivery, fault_point, lock, Delivery, Shared};
-use crate::deliver::{self, Delivered};
+use crate::deliver::{self, Delivered, Reached};
 use crate::machine::{self, ConnId};
 use crate::wire::pb;
 use std::collections::HashMap;
 use std::net::{IpAddr, TcpStream};
 use std::os::fd::OwnedFd;
-use std::os::unix::net::UnixStream;
 use tcpr_engine::{Flow, FlowLock, Restored};
 use tcpr_image::ConnectionImage;
 
@@ -25,8 +24,9 @@ pub(super) struct Session {
     pub(super) add_address: Option<pb::AddressMove>,
     /// The checks made once before the first READY.
     pub(super) checked: Option<Result<(), String>>,
-    /// Unix delivery: connected before READY, used for the first delivery.
-    pub(super) unix_first: Option<UnixStream>,
+    /// Unix or forward delivery: connected before READY, used for the
+    /// first delivery.
+    pub(super) target_first: Option<Reached>,
     pub(super) log: Option<BatchLog>,
     /// The restored flows' packets are dropped here until the take-over
     /// is about to resume them (with a journal only): should this process
@@ -41,7 +41,7 @@ pub(super) struct Resumed {
     pub(super) id: ConnId,
     stream: TcpStream,
     img: ConnectionImage,
-    unix: Option<UnixStream>,
+    target: Option<Reached>,
 }
 
 pub(super) fn discard(shared: &Shared, s: &mut Session, ids: Vec<ConnId>) {
@@ -113,7 +113,7 @@ pub(super) fn before_ready(shared: &Shared, s: &mut Session) -> Result<(), Strin
                 ));
             }
         }
-        s.unix_first = check_delivery(&shared.cfg.delivery)?;
+        s.target_first = check_delivery(&shared.cfg.delivery)?;
         if let Some(j) = &shared.journal {
             let log = j
                 .begin(s.m.batch())
@@ -136,9 +136,9 @@ pub(super) fn take_over(shared: &Shared, s: &mut Session, ids: &[ConnId]) -> Res
         None => None,
     };
     match &shared.cfg.delivery {
-        Delivery::Unix(path) => {
-            if !s.unix_first.as_ref().is_some_and(deliver::unix_alive) {
-                s.unix_first = Some(deliver::connect_unix(path)?);
+        Delivery::Unix(_) | Delivery::Forward { .. } => {
+            if !s.target_first.as_ref().is_some_and(Reached::alive) {
+                s.target_first = check_delivery(&shared.cfg.delivery)?;
             }
         }
         d => {
@@ -266,7 +266,8 @@ pub(super) fn restore_one(shared: &Shared, s: &mut Session, id: ConnId) -> Resul
     // An IPv4-mapped image (a dual-stack server) matches its IPv4 entry.
     let local_ip = img.local.ip().to_canonical();
     let allowed = shared.cfg.allow.iter().any(|a| {
-        a.port() == img.local.port()
+        // Port 0: any port of that address (a VIP of `tcpr agent --vip`).
+        (a.port() == img.local.port() || (a.port() == 0 && !a.ip().is_unspecified()))
             && (a.ip().to_canonical() == local_ip || a.ip().is_unspecified())
     });
     if !allowed {
@@ -290,20 +291,33 @@ pub(super) fn resume_one(shared: &Shared, s: &mut Session, id: ConnId) -> Result
         r.discard();
         return Err("no image".into());
     };
-    // The unix target is reached before the connection is resumed: if
-    // nothing takes it, it is still in repair mode and closes silently.
-    let unix = match &shared.cfg.delivery {
-        Delivery::Unix(path) => match s.unix_first.take() {
-            Some(to) => Some(to),
-            None => match deliver::connect_unix(path) {
+    // A unix or forward target is reached (and the PROXY header written)
+    // before the connection is resumed: if nothing takes it, it is still
+    // in repair mode and closes silently.
+    let target = match &shared.cfg.delivery {
+        Delivery::Unix(_) | Delivery::Forward { .. } => {
+            let reached = match s.target_first.take() {
+                Some(to) => Ok(to),
+                None => check_delivery(&shared.cfg.delivery)
+                    .and_then(|to| to.ok_or_else(|| "no delivery target".to_string())),
+            };
+            let announced = reached.and_then(|to| match (&to, &shared.cfg.delivery) {
+                (Reached::Forward(server), Delivery::Forward { proxy, .. }) => {
+                    deliver::announce_forward(server, *proxy, img.peer, img.local)
+                        .map(|()| to)
+                        .map_err(|e| format!("cannot write the PROXY header: {e}"))
+                }
+                _ => Ok(to),
+            });
+            match announced {
                 Ok(to) => Some(to),
                 Err(e) => {
                     r.discard();
                     lock(&shared.stats).discarded += 1;
                     return Err(format!("not resumed: {e}"));
                 }
-            },
-        },
+            }
+        }
         _ => None,
     };
     let stream = r.resume().map_err(|e| e.to_string())?;
@@ -311,12 +325,12 @@ pub(super) fn resume_one(shared: &Shared, s: &mut Session, id: ConnId) -> Result
         id,
         stream,
         img,
-        unix,
+        target,
     })
 }
 
 pub(super) fn deliver_resumed(shared: &Shared, s: &mut Session, r: Resumed) -> Result<(), String> {
-    deliver_one(&shared.cfg.delivery, r.stream, r.img, r.unix.as_ref()).inspect_err(|_| {
+    deliver_one(&shared.cfg.delivery, r.stream, r.img, r.target).inspect_err(|_| {
         lock(&shared.stats).undelivered += 1;
     })?;
     lock(&shared.stats).delivered += 1;
@@ -333,7 +347,7 @@ pub(super) fn deliver_one(
     d: &Delivery,
     stream: TcpStream,
     img: ConnectionImage,
-    unix: Option<&UnixStream>,
+    target: Option<Reached>,
 ) -> Result<(), String> {
     let fail = |fd: OwnedFd, why: String| -> Result<(), String> {
         match tcpr_engine::close_silently(fd) {
@@ -373,13 +387,21 @@ pub(super) fn deliver_one(
         }
         Delivery::Unix(path) => {
             let fd: OwnedFd = stream.into();
-            let Some(to) = unix else {
+            let Some(Reached::Unix(to)) = target else {
                 return fail(fd, "no connection to the application".into());
             };
-            match deliver::send_unix(to, &fd, &img.app_blob, img.local, img.peer) {
+            match deliver::send_unix(&to, &fd, &img.app_blob, img.local, img.peer) {
                 Ok(()) => Ok(()),
                 Err(e) => fail(fd, format!("the application at {}: {e}", path.display())),
             }
+        }
+        Delivery::Forward { server, .. } => {
+            let Some(Reached::Forward(to)) = target else {
+                return fail(stream.into(), "no connection to the server".into());
+            };
+            deliver::forward(stream, to, img.peer).or_else(|(stream, e)| {
+                fail(stream.into(), format!("cannot relay to {server}: {e}"))
+            })
         }
     }
 }

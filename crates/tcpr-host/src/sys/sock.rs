@@ -243,3 +243,23 @@ pub fn recv_into(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
         .map(|n| n as usize)
         .map_err(named("recv"))
 }
+
+/// A netlink socket of `proto` in the network namespace `ns` (the
+/// caller's own when `None`): a socket belongs to the namespace it was
+/// created in, so it is created on a short-lived thread that entered `ns`.
+pub fn netlink_socket_in(ns: Option<BorrowedFd<'_>>, proto: i32) -> io::Result<OwnedFd> {
+    let Some(ns) = ns else {
+        return netlink_socket(proto);
+    };
+    let raw = ns.as_raw_fd();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            // SAFETY: `raw` is an open namespace fd borrowed for this scope;
+            // setns only changes this (throwaway) thread.
+            syscall!(setns(raw, libc::CLONE_NEWNET)).map_err(named("setns"))?;
+            netlink_socket(proto)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("netlink thread panicked")))
+    })
+}

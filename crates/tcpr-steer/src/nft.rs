@@ -1,0 +1,531 @@
+//! The nf_tables datapath: a netdev-family table on the front's interface,
+//! whose ingress chain forwards a steered flow's packets to its backend
+//! with `fwd ip to ... device` (neighbour output: the packet leaves
+//! unchanged but for its Ethernet header, before the front's IP stack
+//! sees it).
+//!
+//! ```text
+//! table netdev TABLE
+//!   map flows4/6   client addr . client port . vip addr . vip port
+//!                    → backend id (a mark)      flags dynamic,timeout; size CAP
+//!   set closing4/6 same key                       timeout LINGER; size CAP
+//!   map backends4/6  backend id → backend address (one per backend)
+//!   chain ingress (hook ingress device DEV priority -500):
+//!     tcp: meta mark set KEY map @flows  goto steered    (one hash lookup)
+//!   chain steered:
+//!     KEY @closing                 fwd to meta mark map @backends   (no refresh)
+//!     FIN or RST: add @closing { KEY }; update @flows { KEY timeout LINGER }; fwd
+//!     otherwise:  update @flows { KEY timeout IDLE }; fwd
+//! ```
+//!
+//! Per packet: two or three hash lookups and one expiry write, O(1). An
+//! entry is one NEWSETELEM over nf_tables netlink ([`tcpr_host::nfnl`]),
+//! with the idle timeout as its expiry; the packet path renews it, cuts it
+//! to the linger at the client's FIN or RST (the `closing` set keeps the
+//! flow's last ACKs from renewing it again), and the kernel's set garbage
+//! collector removes it. The map's `size` is the cap: an add beyond it is
+//! refused (ENFILE), which [`Steering::steer`] reports as
+//! [`SteerError::Full`].
+//!
+//! The backend id goes through `meta mark` because a dynamic update must
+//! write a value to a map's element and nf_tables takes it from a register:
+//! the id the lookup put in the mark is written back unchanged (an update
+//! changes only the expiry of an element that exists). The mark of a
+//! forwarded packet does not leave the host.
+
+use crate::{SteerError, SteeredFlow, Steering};
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+use tcpr_host::nfnl::{self, Batch, Element, Family, Op, SetRef};
+
+/// The datapath's settings.
+#[derive(Debug, Clone)]
+pub struct NftConfig {
+    /// The front's interface: the VIP's packets arrive on it, and steered
+    /// ones leave by it to their backend on the same link.
+    pub device: String,
+    /// The nf_tables table (netdev family) this datapath owns; one that
+    /// exists already (left by a crashed balancer) is replaced.
+    pub table: String,
+    /// The most flows steered at once, per address family.
+    pub capacity: usize,
+    /// An entry whose flow sends nothing for this long goes. A live
+    /// connection idle for longer would lose its steering (its next packet
+    /// reaches the front's stack, which resets it): keep it above the
+    /// longest idle time of the served protocol.
+    pub idle: Duration,
+    /// How long an entry stays after the client's FIN or RST, for the
+    /// flow's last ACKs and retransmissions.
+    pub linger: Duration,
+}
+
+/// Default cap per address family.
+pub const DEFAULT_CAPACITY: usize = 1 << 16;
+/// Default idle timeout: an hour (HTTP keep-alive and most idle TCP
+/// sessions end well before).
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(3600);
+/// Default linger after the client's FIN or RST: a few retransmission
+/// timeouts.
+pub const DEFAULT_LINGER: Duration = Duration::from_secs(5);
+/// The ingress priority: before anything else of the host sees the packet.
+const INGRESS_PRIORITY: i32 = -500;
+/// nf_tables keeps timeouts in milliseconds, rounded to jiffies: shorter
+/// ones would round to nothing.
+const MIN_TIMEOUT: Duration = Duration::from_millis(10);
+/// nf_tables refuses a timeout beyond `U32_MAX` jiffies (about 49 days at
+/// HZ=1000); a day is well inside it.
+const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
+
+impl NftConfig {
+    /// Defaults for `device`: table `tcpr_steer`, [`DEFAULT_CAPACITY`],
+    /// [`DEFAULT_IDLE`], [`DEFAULT_LINGER`].
+    pub fn new(device: &str) -> NftConfig {
+        NftConfig {
+            device: device.into(),
+            table: "tcpr_steer".into(),
+            capacity: DEFAULT_CAPACITY,
+            idle: DEFAULT_IDLE,
+            linger: DEFAULT_LINGER,
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let plain = |s: &str| {
+            !s.is_empty()
+                && s.len() < IFNAMSIZ
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        };
+        if !plain(&self.device) {
+            return Err(format!("bad interface name {:?}", self.device));
+        }
+        if self.table.is_empty()
+            || !self
+                .table
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err(format!(
+                "bad table name {:?} (letters, digits, _)",
+                self.table
+            ));
+        }
+        if self.capacity == 0 || self.capacity > u32::MAX as usize {
+            return Err(format!("capacity {} out of range", self.capacity));
+        }
+        for (what, t) in [("idle timeout", self.idle), ("linger", self.linger)] {
+            if !(MIN_TIMEOUT..=MAX_TIMEOUT).contains(&t) {
+                return Err(format!(
+                    "{what} {t:?} out of range ({MIN_TIMEOUT:?} to {MAX_TIMEOUT:?})"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The table, sets and rules, in `nft` syntax: replaces a table of the
+    /// same name in one transaction.
+    fn ruleset(&self) -> String {
+        let NftConfig {
+            device,
+            table,
+            capacity,
+            ..
+        } = self;
+        let (idle, linger) = (self.idle.as_millis(), self.linger.as_millis());
+        let mut s = format!(
+            "table netdev {table} {{}}\ndelete table netdev {table}\ntable netdev {table} {{\n"
+        );
+        for (v, addr, ip, proto) in [
+            ("4", "ipv4_addr", "ip", "ip"),
+            ("6", "ipv6_addr", "ip6", "ip6"),
+        ] {
+            let key = format!("{ip} saddr . tcp sport . {ip} daddr . tcp dport");
+            let fwd = format!("fwd {proto} to meta mark map @backends{v} device \"{device}\"");
+            s += &format!(
+                "  map flows{v} {{ type {addr} . inet_service . {addr} . inet_service : mark; flags dynamic,timeout; size {capacity}; }}
+  set closing{v} {{ type {addr} . inet_service . {addr} . inet_service; flags dynamic,timeout; timeout {linger}ms; size {capacity}; }}
+  map backends{v} {{ type mark : {addr}; }}
+  chain steered{v} {{
+    {key} @closing{v} {fwd}
+    tcp flags & (fin | rst) != 0 add @closing{v} {{ {key} }}
+    tcp flags & (fin | rst) != 0 update @flows{v} {{ {key} timeout {linger}ms : meta mark }} {fwd}
+    update @flows{v} {{ {key} timeout {idle}ms : meta mark }}
+    {fwd}
+  }}
+"
+            );
+        }
+        s += &format!(
+            "  chain ingress {{
+    type filter hook ingress device \"{device}\" priority {INGRESS_PRIORITY}; policy accept;
+    meta protocol ip meta l4proto tcp meta mark set ip saddr . tcp sport . ip daddr . tcp dport map @flows4 goto steered4
+    meta protocol ip6 meta l4proto tcp meta mark set ip6 saddr . tcp sport . ip6 daddr . tcp dport map @flows6 goto steered6
+  }}
+}}
+"
+        );
+        s
+    }
+}
+
+/// The nf_tables steering datapath of one interface (see the module doc).
+/// Dropping it deletes its table, and with it every entry.
+#[derive(Debug)]
+pub struct NftSteering {
+    cfg: NftConfig,
+    /// The network namespace it was installed in (the creating thread's):
+    /// entries go there whichever thread steers.
+    netns: std::fs::File,
+    /// Backend address → its id (the map value), installed in `backends`.
+    backends: Mutex<HashMap<IpAddr, u32>>,
+}
+
+/// The IPv4 or IPv6 sets of the table.
+struct Sets<'a> {
+    flows: SetRef<'a>,
+    closing: SetRef<'a>,
+    backends: SetRef<'a>,
+}
+
+impl NftSteering {
+    /// Installs the table on `cfg.device` in the calling thread's network
+    /// namespace (one `nft` run).
+    pub fn install(cfg: NftConfig) -> Result<NftSteering, SteerError> {
+        cfg.check().map_err(|e| invalid(&e))?;
+        let netns = std::fs::File::open("/proc/thread-self/ns/net")?;
+        let s = NftSteering {
+            cfg,
+            netns,
+            backends: Mutex::new(HashMap::new()),
+        };
+        s.nft(&s.cfg.ruleset())?;
+        Ok(s)
+    }
+
+    /// The settings it runs with.
+    pub fn config(&self) -> &NftConfig {
+        &self.cfg
+    }
+
+    fn sets(&self, v4: bool) -> Sets<'_> {
+        let set = |name: &'static str| SetRef {
+            family: Family::Netdev,
+            table: &self.cfg.table,
+            set: name,
+        };
+        if v4 {
+            Sets {
+                flows: set("flows4"),
+                closing: set("closing4"),
+                backends: set("backends4"),
+            }
+        } else {
+            Sets {
+                flows: set("flows6"),
+                closing: set("closing6"),
+                backends: set("backends6"),
+            }
+        }
+    }
+
+    /// The namespace to pass to nfnl: none when the calling thread is in
+    /// it already (saves a thread per call).
+    fn ns(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::unix::fs::MetadataExt;
+        let same = |a: &std::fs::Metadata, b: &std::fs::Metadata| {
+            a.dev() == b.dev() && a.ino() == b.ino()
+        };
+        match (
+            self.netns.metadata(),
+            std::fs::metadata("/proc/thread-self/ns/net"),
+        ) {
+            (Ok(ours), Ok(here)) if same(&ours, &here) => None,
+            _ => Some(self.netns.as_fd()),
+        }
+    }
+
+    /// Runs an `nft` script in the datapath's namespace.
+    fn nft(&self, script: &str) -> Result<(), SteerError> {
+        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&self.netns));
+        let run = || -> Result<(), SteerError> {
+            tcpr_host::enter_netns(&path)?;
+            let mut child = Command::new("nft")
+                .args(["-f", "-"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        invalid("the `nft` command is not installed (Debian package nftables)")
+                    } else {
+                        SteerError::Kernel(e)
+                    }
+                })?;
+            let mut stdin = child.stdin.take().expect("piped");
+            let written = stdin.write_all(script.as_bytes());
+            drop(stdin);
+            let out = child.wait_with_output()?;
+            if !out.status.success() {
+                return Err(SteerError::Kernel(std::io::Error::other(format!(
+                    "nft: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))));
+            }
+            written.map_err(SteerError::Kernel)
+        };
+        // A thread of its own: entering the namespace must not move the
+        // caller's thread.
+        std::thread::scope(|s| s.spawn(run).join())
+            .unwrap_or_else(|_| Err(invalid("the nft thread panicked")))
+    }
+
+    /// Adds `backend` to the backends map in `batch`, under a new id.
+    fn install_backend(&self, backend: IpAddr, id: u32, batch: &mut Batch) {
+        let sets = self.sets(backend.is_ipv4());
+        batch.elements(
+            sets.backends,
+            &[Element {
+                key: id.to_ne_bytes().to_vec(),
+                data: Some(ip_bytes(backend)),
+            }],
+            Op::Add,
+        );
+    }
+
+    fn refused(&self, e: nfnl::NlError) -> SteerError {
+        match e {
+            nfnl::NlError::Refused(ENFILE) => SteerError::Full {
+                capacity: self.cfg.capacity,
+            },
+            nfnl::NlError::Refused(errno) => {
+                SteerError::Kernel(std::io::Error::from_raw_os_error(errno))
+            }
+            nfnl::NlError::Io(e) => SteerError::Kernel(e),
+        }
+    }
+
+    /// Flows in one family's map, as `nft` lists them.
+    fn count(&self, set: &str) -> Result<usize, SteerError> {
+        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&self.netns));
+        let table = self.cfg.table.clone();
+        let set = set.to_string();
+        let run = move || -> Result<usize, SteerError> {
+            tcpr_host::enter_netns(&path)?;
+            let out = Command::new("nft")
+                .args(["-j", "list", "map", "netdev", &table, &set])
+                .stderr(Stdio::piped())
+                .output()?;
+            if !out.status.success() {
+                return Err(SteerError::Kernel(std::io::Error::other(format!(
+                    "nft: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))));
+            }
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .map_err(|e| SteerError::Kernel(std::io::Error::other(e)))?;
+            Ok(v["nftables"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|o| o["map"]["elem"].as_array())
+                .map(Vec::len)
+                .sum())
+        };
+        std::thread::scope(|s| s.spawn(run).join())
+            .unwrap_or_else(|_| Err(invalid("the nft thread panicked")))
+    }
+}
+
+/// The errno nf_tables answers an add to a full set with (`size`).
+const ENFILE: i32 = 23;
+/// Interface names are shorter than this (linux/if.h IFNAMSIZ).
+const IFNAMSIZ: usize = 16;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn invalid(why: &str) -> SteerError {
+    SteerError::Kernel(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        why.to_string(),
+    ))
+}
+
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v) => v.octets().to_vec(),
+        IpAddr::V6(v) => v.octets().to_vec(),
+    }
+}
+
+/// `client addr . client port . vip addr . vip port` as nf_tables
+/// registers hold the concatenation: each part in network order, padded
+/// to 4 bytes.
+fn flow_key(client: SocketAddr, vip: SocketAddr) -> Vec<u8> {
+    let mut key = Vec::with_capacity(40);
+    for a in [client, vip] {
+        key.extend_from_slice(&ip_bytes(a.ip()));
+        key.extend_from_slice(&a.port().to_be_bytes());
+        key.extend_from_slice(&[0, 0]);
+    }
+    key
+}
+
+/// The flow's addresses as they are on the wire (`::ffff:` mapped
+/// addresses are IPv4), and whether that is IPv4; `None` when the client
+/// and the VIP are of different families.
+fn on_wire(client: SocketAddr, vip: SocketAddr) -> Option<(SocketAddr, SocketAddr, bool)> {
+    let wire = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    let (c, v) = (wire(client), wire(vip));
+    (c.is_ipv4() == v.is_ipv4()).then_some((c, v, c.is_ipv4()))
+}
+
+impl Steering for NftSteering {
+    fn steer(&self, flow: &SteeredFlow) -> Result<(), SteerError> {
+        let unsupported = |reason: String| SteerError::Unsupported {
+            client: flow.client,
+            vip: flow.vip,
+            reason,
+        };
+        let (client, vip, v4) = on_wire(flow.client, flow.vip)
+            .ok_or_else(|| unsupported("the client and the VIP are of different families".into()))?;
+        let backend = flow.backend.to_canonical();
+        if backend.is_ipv4() != v4 {
+            return Err(unsupported(format!(
+                "the backend {backend} is not of the flow's family"
+            )));
+        }
+        let mut batch = Batch::new();
+        // A new backend's id is taken and installed under the lock, so two
+        // flows to two new backends cannot share one.
+        let mut known = Some(lock(&self.backends));
+        let id = match known.as_ref().and_then(|k| k.get(&backend).copied()) {
+            Some(id) => {
+                known = None;
+                id
+            }
+            None => {
+                // Forwarded at L2 out of our interface: the backend must be
+                // on its link.
+                let (_, ifname) = tcpr_host::addr::route_interface(backend).map_err(|e| {
+                    unsupported(format!("no route to the backend {backend}: {e}"))
+                })?;
+                if ifname != self.cfg.device {
+                    return Err(unsupported(format!(
+                        "the backend {backend} is reached by {ifname}, not by {} (L2 steering needs the backend on the front's link)",
+                        self.cfg.device
+                    )));
+                }
+                let count = known.as_ref().map_or(0, |k| k.len());
+                let id = u32::try_from(count + 1).map_err(|_| invalid("too many backends"))?;
+                self.install_backend(backend, id, &mut batch);
+                id
+            }
+        };
+        let sets = self.sets(v4);
+        let key = flow_key(client, vip);
+        // A tuple reused within the linger of its previous flow must not
+        // start out closing.
+        batch.elements(sets.closing, &[Element::key(key.clone())], Op::Destroy);
+        batch.elements(
+            sets.flows,
+            &[Element {
+                key,
+                data: Some(id.to_ne_bytes().to_vec()),
+            }],
+            Op::AddExpiring {
+                timeout: self.cfg.idle,
+                expires_in: self.cfg.idle,
+            },
+        );
+        nfnl::commit(self.ns(), batch).map_err(|e| self.refused(e))?;
+        if let Some(known) = known.as_mut() {
+            known.insert(backend, id);
+        }
+        Ok(())
+    }
+
+    fn unsteer(&self, client: SocketAddr, vip: SocketAddr) -> Result<(), SteerError> {
+        let Some((client, vip, v4)) = on_wire(client, vip) else {
+            return Ok(());
+        };
+        let sets = self.sets(v4);
+        let key = flow_key(client, vip);
+        let mut batch = Batch::new();
+        batch.elements(sets.flows, &[Element::key(key.clone())], Op::Destroy);
+        batch.elements(sets.closing, &[Element::key(key)], Op::Destroy);
+        nfnl::commit(self.ns(), batch).map_err(|e| self.refused(e))
+    }
+
+    fn active(&self) -> Result<usize, SteerError> {
+        Ok(self.count("flows4")? + self.count("flows6")?)
+    }
+
+    fn capacity(&self) -> usize {
+        self.cfg.capacity
+    }
+
+    fn name(&self) -> &'static str {
+        "nftables-netdev"
+    }
+}
+
+impl Drop for NftSteering {
+    fn drop(&mut self) {
+        let table = self.cfg.table.clone();
+        if let Err(e) = self.nft(&format!("destroy table netdev {table}\n")) {
+            eprintln!("tcpr-steer: cannot delete the table netdev {table}: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_register_layout() {
+        let k = flow_key("10.0.0.1:40000".parse().unwrap(), "10.0.0.100:80".parse().unwrap());
+        assert_eq!(
+            k,
+            [10, 0, 0, 1, 0x9c, 0x40, 0, 0, 10, 0, 0, 100, 0, 80, 0, 0].to_vec()
+        );
+        let k = flow_key("[fd00::1]:1".parse().unwrap(), "[fd00::100]:80".parse().unwrap());
+        assert_eq!(k.len(), 40);
+    }
+
+    #[test]
+    fn mapped_flows_are_ipv4_and_mixed_ones_refused() {
+        let (c, v, v4) = on_wire(
+            "[::ffff:10.0.0.1]:5".parse().unwrap(),
+            "10.0.0.100:80".parse().unwrap(),
+        )
+        .unwrap();
+        assert!(v4 && c.is_ipv4() && v.is_ipv4());
+        assert!(on_wire("10.0.0.1:5".parse().unwrap(), "[fd00::1]:80".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        let mut c = NftConfig::new("eth0");
+        assert!(c.check().is_ok());
+        c.table = "a b".into();
+        assert!(c.check().is_err());
+        let mut c = NftConfig::new("eth0\"; flush ruleset");
+        assert!(c.check().is_err());
+        c = NftConfig::new("eth0");
+        c.capacity = 0;
+        assert!(c.check().is_err());
+        c = NftConfig::new("eth0");
+        c.linger = Duration::ZERO;
+        assert!(c.check().is_err());
+    }
+}
