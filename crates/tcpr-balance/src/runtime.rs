@@ -483,9 +483,14 @@ fn peek_head(stream: &TcpStream, l: &Listener) -> Result<Head, HeadFailure> {
             Err(_) => break Err(HeadFailure::Gone),
         };
         if n == seen {
-            // Woken with no new byte: the client half-closed (its FIN ends
-            // the wait whatever SO_RCVLOWAT says) before its head was whole.
-            break Err(HeadFailure::Gone);
+            // No new byte: at the deadline a blocking recv returns what it
+            // has (SO_RCVTIMEO with bytes copied); before it, only the
+            // client's FIN ends the wait whatever SO_RCVLOWAT says.
+            break Err(if Instant::now() >= deadline {
+                HeadFailure::Timeout
+            } else {
+                HeadFailure::Gone
+            });
         }
         seen = n;
         match head::parse(l.protocol, &buf[..n], l.max_head_bytes) {

@@ -27,6 +27,19 @@ pub struct BalanceArgs {
     /// host without a steering datapath).
     #[arg(long)]
     no_steering: bool,
+    /// The interface the VIPs' packets arrive on and steered flows leave
+    /// by (default: the one holding the first listener's first address).
+    #[arg(long)]
+    steer_device: Option<String>,
+    /// Flows steered at once at most, per address family; beyond it
+    /// connections are proxied.
+    #[arg(long, default_value_t = tcpr_steer::nft::DEFAULT_CAPACITY as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    steer_capacity: u32,
+    /// Seconds after the client's FIN or RST a steering entry stays (for
+    /// the flow's last ACKs); 0.01 to 3600.
+    #[arg(long, default_value = "5", value_parser = linger)]
+    steer_linger: Duration,
     #[command(subcommand)]
     cmd: Option<BalanceCmd>,
 }
@@ -55,11 +68,11 @@ pub fn run(args: BalanceArgs) -> Result<i32> {
             }
         });
     }
-    let config_path = args.config.context("--config FILE is required")?;
+    let config_path = args.config.clone().context("--config FILE is required")?;
     let steering = if args.no_steering {
         None
     } else {
-        Some(open_steering()?)
+        Some(open_steering(&args, &config_path)?)
     };
     runtime::run(Options {
         config_path,
@@ -69,8 +82,41 @@ pub fn run(args: BalanceArgs) -> Result<i32> {
     Ok(0)
 }
 
-fn open_steering() -> Result<Arc<dyn tcpr_steer::Steering>> {
-    anyhow::bail!("no steering datapath is built in yet: run with --no-steering")
+fn linger(arg: &str) -> Result<Duration, String> {
+    crate::bounds::seconds(arg, 0.01, 3600.0)
+}
+
+/// The nf_tables netdev datapath on the VIPs' interface.
+fn open_steering(
+    args: &BalanceArgs,
+    config_path: &std::path::Path,
+) -> Result<Arc<dyn tcpr_steer::Steering>> {
+    let device = match &args.steer_device {
+        Some(d) => d.clone(),
+        None => {
+            let config = Config::load(config_path)?;
+            let first = config
+                .listeners
+                .iter()
+                .flat_map(|l| l.bind.iter())
+                .next()
+                .context("the config has no listening address")?;
+            tcpr_host::addr::find(first.ip())
+                .with_context(|| {
+                    format!(
+                        "cannot find the interface of {}: give --steer-device",
+                        first.ip()
+                    )
+                })?
+                .ifname
+        }
+    };
+    let mut cfg = tcpr_steer::nft::NftConfig::new(&device);
+    cfg.capacity = args.steer_capacity as usize;
+    cfg.linger = args.steer_linger;
+    let steering = tcpr_steer::nft::NftSteering::install(cfg)
+        .with_context(|| format!("cannot install the steering datapath on {device}"))?;
+    Ok(Arc::new(steering))
 }
 
 /// Prints the metrics as a table: one row per sample.

@@ -145,9 +145,9 @@ pub fn agent(a: AgentArgs) -> Result<i32> {
                 server,
                 proxy: a.proxy_protocol,
             },
-            None => bail!(
-                "say where connections go: --exec CMD, --unix PATH or --forward HOST:PORT"
-            ),
+            None => {
+                bail!("say where connections go: --exec CMD, --unix PATH or --forward HOST:PORT")
+            }
         },
     };
     if a.max_handshakes == 0 {
@@ -189,7 +189,10 @@ fn serve_vips(vips: &[IpAddr]) -> Result<VipsHeld> {
     let prepared = tcpr_host::vip::prepare(vips)?;
     eprintln!(
         "tcpr agent: serving {} on lo (ARP suppressed)",
-        vips.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        vips.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     *held.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(prepared);
     let on_signal = held.0.clone();

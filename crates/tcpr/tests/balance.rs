@@ -35,3 +35,16 @@ fn routes_by_host_and_sni_when_proxying() {
     assert_eq!(bed.metric("tcpr_balance_proxied_total"), 8.0);
     assert_eq!(bed.metric("tcpr_balance_handoffs_total"), 0.0);
 }
+
+#[test]
+fn hands_off_by_host_and_sni() {
+    let mut bed = Bed::new("bh", 141);
+    bed.start_servers();
+    bed.start_agents();
+    let config = bed.config_text(true);
+    bed.start_balancer(&config, &[]);
+    assert_routes(&bed);
+    assert_eq!(bed.metric("tcpr_balance_handoffs_total"), 8.0);
+    assert_eq!(bed.metric("tcpr_balance_fallbacks_total"), 0.0);
+    assert_eq!(bed.metric("tcpr_balance_proxied_total"), 0.0);
+}
