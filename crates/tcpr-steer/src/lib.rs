@@ -74,4 +74,5 @@ pub trait Steering: Send + Sync {
 }
 
 pub mod nft;
+mod rule;
 pub use nft::{NftConfig, NftSteering};

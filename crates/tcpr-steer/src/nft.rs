@@ -33,7 +33,7 @@
 //! changes only the expiry of an element that exists). The mark of a
 //! forwarded packet does not leave the host.
 
-use crate::{SteerError, SteeredFlow, Steering};
+use crate::{rule, SteerError, SteeredFlow, Steering};
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -141,21 +141,51 @@ impl NftConfig {
         let mut s = format!(
             "table netdev {table} {{}}\ndelete table netdev {table}\ntable netdev {table} {{\n"
         );
-        for (v, addr, ip, proto) in [
-            ("4", "ipv4_addr", "ip", "ip"),
-            ("6", "ipv6_addr", "ip6", "ip6"),
+        // IPv4: the 4-tuple as a concatenation. IPv6: nft 1.0.6 cannot
+        // write a dynamic update of a map whose key is a concatenation
+        // longer than 16 bytes (it aborts in netlink_linearize), so the
+        // key is one raw load of 36 bytes: source and destination address
+        // (bytes 8-39 of the IPv6 header) and the two ports (the first 4
+        // bytes after it: TCP right after the fixed header, which the
+        // ingress rule checks with `ip6 nexthdr tcp`).
+        for (v, key_type, mark_type, key, proto) in [
+            (
+                "4",
+                "type ipv4_addr . inet_service . ipv4_addr . inet_service",
+                "mark",
+                "ip saddr . tcp sport . ip daddr . tcp dport",
+                "ip",
+            ),
+            ("6", "typeof @nh,64,288", "meta mark", "@nh,64,288", "ip6"),
         ] {
-            let key = format!("{ip} saddr . tcp sport . {ip} daddr . tcp dport");
             let fwd = format!("fwd {proto} to meta mark map @backends{v} device \"{device}\"");
+            let addr = if v == "4" { "ipv4_addr" } else { "ipv6_addr" };
+            // The renewals: inline for IPv4; for IPv6 in chains of their
+            // own, whose one rule `rule.rs` writes (see there why).
+            let (linger_update, idle_update) = if v == "4" {
+                (
+                    format!("update @flows4 {{ {key} timeout {linger}ms : meta mark }}"),
+                    format!("update @flows4 {{ {key} timeout {idle}ms : meta mark }}"),
+                )
+            } else {
+                ("jump linger6".to_string(), "jump renew6".to_string())
+            };
             s += &format!(
-                "  map flows{v} {{ type {addr} . inet_service . {addr} . inet_service : mark; flags dynamic,timeout; size {capacity}; }}
-  set closing{v} {{ type {addr} . inet_service . {addr} . inet_service; flags dynamic,timeout; timeout {linger}ms; size {capacity}; }}
+                "  map flows{v} {{ {key_type} : {mark_type}; flags dynamic,timeout; size {capacity}; }}
+  set closing{v} {{ {key_type}; flags dynamic,timeout; timeout {linger}ms; size {capacity}; }}
   map backends{v} {{ type mark : {addr}; }}
-  chain steered{v} {{
+"
+            );
+            if v == "6" {
+                s += "  chain linger6 {\n  }\n  chain renew6 {\n  }\n";
+            }
+            s += &format!(
+                "  chain steered{v} {{
     {key} @closing{v} {fwd}
     tcp flags & (fin | rst) != 0 add @closing{v} {{ {key} }}
-    tcp flags & (fin | rst) != 0 update @flows{v} {{ {key} timeout {linger}ms : meta mark }} {fwd}
-    update @flows{v} {{ {key} timeout {idle}ms : meta mark }}
+    tcp flags & (fin | rst) != 0 {linger_update}
+    tcp flags & (fin | rst) != 0 {fwd}
+    {idle_update}
     {fwd}
   }}
 "
@@ -165,7 +195,7 @@ impl NftConfig {
             "  chain ingress {{
     type filter hook ingress device \"{device}\" priority {INGRESS_PRIORITY}; policy accept;
     meta protocol ip meta l4proto tcp meta mark set ip saddr . tcp sport . ip daddr . tcp dport map @flows4 goto steered4
-    meta protocol ip6 meta l4proto tcp meta mark set ip6 saddr . tcp sport . ip6 daddr . tcp dport map @flows6 goto steered6
+    meta protocol ip6 ip6 nexthdr tcp meta mark set @nh,64,288 map @flows6 goto steered6
   }}
 }}
 "
@@ -205,7 +235,33 @@ impl NftSteering {
             backends: Mutex::new(HashMap::new()),
         };
         s.nft(&s.cfg.ruleset())?;
+        let renewals = [
+            rule::Renew {
+                table: &s.cfg.table,
+                chain: "linger6",
+                set: "flows6",
+                timeout: s.cfg.linger,
+            },
+            rule::Renew {
+                table: &s.cfg.table,
+                chain: "renew6",
+                set: "flows6",
+                timeout: s.cfg.idle,
+            },
+        ];
+        // Dropping `s` on error deletes the table.
+        rule::append(s.ns(), &renewals)?;
         Ok(s)
+    }
+
+    /// Whether the flow from `client` to `vip` is steered now (its entry
+    /// is present and not expired).
+    pub fn is_steered(&self, client: SocketAddr, vip: SocketAddr) -> Result<bool, SteerError> {
+        let Some((client, vip, v4)) = on_wire(client, vip) else {
+            return Ok(false);
+        };
+        nfnl::element_present(self.ns(), self.sets(v4).flows, &flow_key(client, vip))
+            .map_err(|e| self.refused(e))
     }
 
     /// The settings it runs with.
@@ -238,8 +294,9 @@ impl NftSteering {
     /// it already (saves a thread per call).
     fn ns(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         use std::os::unix::fs::MetadataExt;
-        let same =
-            |a: &std::fs::Metadata, b: &std::fs::Metadata| a.dev() == b.dev() && a.ino() == b.ino();
+        let same = |a: &std::fs::Metadata, b: &std::fs::Metadata| {
+            a.dev() == b.dev() && a.ino() == b.ino()
+        };
         match (
             self.netns.metadata(),
             std::fs::metadata("/proc/thread-self/ns/net"),
@@ -249,12 +306,30 @@ impl NftSteering {
         }
     }
 
+    /// Runs `f` in the datapath's namespace: here when the calling thread
+    /// is in it, else on a thread that enters it (entering must not move
+    /// the caller's thread).
+    fn within<T: Send>(
+        &self,
+        f: impl FnOnce() -> Result<T, SteerError> + Send,
+    ) -> Result<T, SteerError> {
+        if self.ns().is_none() {
+            return f();
+        }
+        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&self.netns));
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                tcpr_host::enter_netns(&path)?;
+                f()
+            })
+            .join()
+        })
+        .unwrap_or_else(|_| Err(invalid("a thread of the steering datapath panicked")))
+    }
+
     /// Runs an `nft` script in the datapath's namespace.
     fn nft(&self, script: &str) -> Result<(), SteerError> {
-        let path = format!(
-            "/proc/self/fd/{}",
-            std::os::fd::AsRawFd::as_raw_fd(&self.netns)
-        );
+        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&self.netns));
         let run = || -> Result<(), SteerError> {
             tcpr_host::enter_netns(&path)?;
             let mut child = Command::new("nft")
@@ -315,10 +390,7 @@ impl NftSteering {
 
     /// Flows in one family's map, as `nft` lists them.
     fn count(&self, set: &str) -> Result<usize, SteerError> {
-        let path = format!(
-            "/proc/self/fd/{}",
-            std::os::fd::AsRawFd::as_raw_fd(&self.netns)
-        );
+        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&self.netns));
         let table = self.cfg.table.clone();
         let set = set.to_string();
         let run = move || -> Result<usize, SteerError> {
@@ -371,15 +443,24 @@ fn ip_bytes(ip: IpAddr) -> Vec<u8> {
     }
 }
 
-/// `client addr . client port . vip addr . vip port` as nf_tables
-/// registers hold the concatenation: each part in network order, padded
-/// to 4 bytes.
+/// The key of a flow, as the rules load it from a client's packet. IPv4:
+/// `client addr . client port . vip addr . vip port`, as nf_tables
+/// registers hold a concatenation (each part in network order, padded to
+/// 4 bytes). IPv6: the 36 bytes from the source address on (client
+/// address, VIP address, client port, VIP port, unpadded).
 fn flow_key(client: SocketAddr, vip: SocketAddr) -> Vec<u8> {
     let mut key = Vec::with_capacity(40);
-    for a in [client, vip] {
-        key.extend_from_slice(&ip_bytes(a.ip()));
-        key.extend_from_slice(&a.port().to_be_bytes());
-        key.extend_from_slice(&[0, 0]);
+    if client.is_ipv4() {
+        for a in [client, vip] {
+            key.extend_from_slice(&ip_bytes(a.ip()));
+            key.extend_from_slice(&a.port().to_be_bytes());
+            key.extend_from_slice(&[0, 0]);
+        }
+    } else {
+        key.extend_from_slice(&ip_bytes(client.ip()));
+        key.extend_from_slice(&ip_bytes(vip.ip()));
+        key.extend_from_slice(&client.port().to_be_bytes());
+        key.extend_from_slice(&vip.port().to_be_bytes());
     }
     key
 }
@@ -400,9 +481,8 @@ impl Steering for NftSteering {
             vip: flow.vip,
             reason,
         };
-        let (client, vip, v4) = on_wire(flow.client, flow.vip).ok_or_else(|| {
-            unsupported("the client and the VIP are of different families".into())
-        })?;
+        let (client, vip, v4) = on_wire(flow.client, flow.vip)
+            .ok_or_else(|| unsupported("the client and the VIP are of different families".into()))?;
         let backend = flow.backend.to_canonical();
         if backend.is_ipv4() != v4 {
             return Err(unsupported(format!(
@@ -421,7 +501,8 @@ impl Steering for NftSteering {
             None => {
                 // Forwarded at L2 out of our interface: the backend must be
                 // on its link.
-                let (_, ifname) = tcpr_host::addr::route_interface(backend)
+                let (_, ifname) = self
+                    .within(|| tcpr_host::addr::route_interface(backend).map_err(|e| invalid(&e.to_string())))
                     .map_err(|e| unsupported(format!("no route to the backend {backend}: {e}")))?;
                 if ifname != self.cfg.device {
                     return Err(unsupported(format!(
@@ -486,7 +567,7 @@ impl Steering for NftSteering {
 impl Drop for NftSteering {
     fn drop(&mut self) {
         let table = self.cfg.table.clone();
-        if let Err(e) = self.nft(&format!("destroy table netdev {table}\n")) {
+        if let Err(e) = self.nft(&format!("delete table netdev {table}\n")) {
             eprintln!("tcpr-steer: cannot delete the table netdev {table}: {e}");
         }
     }
@@ -498,19 +579,13 @@ mod tests {
 
     #[test]
     fn keys_are_register_layout() {
-        let k = flow_key(
-            "10.0.0.1:40000".parse().unwrap(),
-            "10.0.0.100:80".parse().unwrap(),
-        );
+        let k = flow_key("10.0.0.1:40000".parse().unwrap(), "10.0.0.100:80".parse().unwrap());
         assert_eq!(
             k,
             [10, 0, 0, 1, 0x9c, 0x40, 0, 0, 10, 0, 0, 100, 0, 80, 0, 0].to_vec()
         );
-        let k = flow_key(
-            "[fd00::1]:1".parse().unwrap(),
-            "[fd00::100]:80".parse().unwrap(),
-        );
-        assert_eq!(k.len(), 40);
+        let k = flow_key("[fd00::1]:1".parse().unwrap(), "[fd00::100]:80".parse().unwrap());
+        assert_eq!(k.len(), 36);
     }
 
     #[test]
@@ -521,11 +596,7 @@ mod tests {
         )
         .unwrap();
         assert!(v4 && c.is_ipv4() && v.is_ipv4());
-        assert!(on_wire(
-            "10.0.0.1:5".parse().unwrap(),
-            "[fd00::1]:80".parse().unwrap()
-        )
-        .is_none());
+        assert!(on_wire("10.0.0.1:5".parse().unwrap(), "[fd00::1]:80".parse().unwrap()).is_none());
     }
 
     #[test]

@@ -1,0 +1,422 @@
+//! The nf_tables steering datapath against the real kernel: a client, a
+//! front host that holds the VIP, and a backend with the VIP on its
+//! loopback, on one bridge. The backend listens on the VIP itself; the
+//! client connects to the VIP. Unsteered, the SYN would meet the front's
+//! stack (no listener: a RST); steered, the whole connection runs between
+//! client and backend, and the front only forwards the client's packets.
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+use tcpr_netlab::{Host, Lab};
+use tcpr_steer::{NftConfig, NftSteering, SteerError, SteeredFlow, Steering};
+
+const VIP4: &str = "10.9.0.100";
+const VIP6: &str = "fd00:9::100";
+const BACKEND4: &str = "10.9.0.3";
+const BACKEND6: &str = "fd00:9::3";
+const CLIENT4: &str = "10.9.0.1";
+const CLIENT6: &str = "fd00:9::1";
+const PORT: u16 = 80;
+/// Client ports: distinct per test of this process.
+static NEXT_PORT: AtomicU16 = AtomicU16::new(41000);
+
+/// The backend's server: one connection; reads a decimal length line,
+/// sends that many random bytes, then reads until the client's end
+/// (FIN, or RST), and prints what it sent.
+const SERVER: &str = r#"
+import hashlib, json, os, socket, sys
+fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+l = socket.socket(fam, socket.SOCK_STREAM)
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind((sys.argv[1], int(sys.argv[2])))
+l.listen(8)
+print("listening", flush=True)
+c, peer = l.accept()
+f = c.makefile("rb")
+n = int(f.readline())
+h = hashlib.sha256()
+left = n
+while left:
+    b = os.urandom(min(left, 1 << 16))
+    c.sendall(b)
+    h.update(b)
+    left -= len(b)
+try:
+    rest = c.recv(1)
+    end = "fin" if rest == b"" else "data"
+except ConnectionResetError:
+    end = "rst"
+print(json.dumps({"peer": peer[0], "peer_port": peer[1], "sent": n, "sha256": h.hexdigest(), "end": end}), flush=True)
+"#;
+
+/// The client: connects from a fixed port to the VIP, asks for N bytes,
+/// reads them, then closes with a FIN or (`rst`) a RST.
+const CLIENT: &str = r#"
+import hashlib, json, socket, struct, sys
+src, sport, vip, port, n, close = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+fam = socket.AF_INET6 if ":" in vip else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((src, sport))
+s.settimeout(30)
+s.connect((vip, port))
+s.sendall(b"%d\n" % n)
+h = hashlib.sha256()
+got = 0
+while got < n:
+    b = s.recv(1 << 16)
+    if not b:
+        break
+    h.update(b)
+    got += len(b)
+if close == "rst":
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()
+print(json.dumps({"got": got, "sha256": h.hexdigest()}), flush=True)
+"#;
+
+struct Net {
+    _lab: Lab,
+    client: Host,
+    front: Host,
+    backend: Host,
+}
+
+fn sh(h: &Host, line: &str) -> String {
+    let out = h.cmd("sh").args(["-c", line]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{line}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl Net {
+    fn new(tag: &str) -> Net {
+        let mut lab = Lab::new(tag).unwrap();
+        let client = lab
+            .host("c", &[&format!("{CLIENT4}/24"), &format!("{CLIENT6}/64")])
+            .unwrap();
+        let front = lab
+            .host(
+                "f",
+                &[
+                    "10.9.0.2/24",
+                    &format!("{VIP4}/24"),
+                    "fd00:9::2/64",
+                    &format!("{VIP6}/64"),
+                ],
+            )
+            .unwrap();
+        let backend = lab
+            .host("b", &[&format!("{BACKEND4}/24"), &format!("{BACKEND6}/64")])
+            .unwrap();
+        // Direct server return on the backend: the VIP on lo, never
+        // claimed on the link.
+        backend
+            .ip(&["addr", "add", &format!("{VIP4}/32"), "dev", "lo"])
+            .unwrap();
+        backend
+            .ip(&["addr", "add", &format!("{VIP6}/128"), "dev", "lo"])
+            .unwrap();
+        sh(
+            &backend,
+            "sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2",
+        );
+        Net {
+            _lab: lab,
+            client,
+            front,
+            backend,
+        }
+    }
+
+    fn steering(&self, cfg: NftConfig) -> NftSteering {
+        self.front
+            .within(|| NftSteering::install(cfg).map_err(Into::into))
+            .unwrap()
+    }
+
+    /// TCP segments the front's own stack received (IPv4 and IPv6 share
+    /// the TCP MIB).
+    fn front_tcp_in(&self) -> u64 {
+        let snmp = sh(&self.front, "cat /proc/net/snmp");
+        let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+        let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
+        let i = names
+            .split_whitespace()
+            .position(|n| n == "InSegs")
+            .unwrap();
+        values.split_whitespace().nth(i).unwrap().parse().unwrap()
+    }
+
+    fn front_bytes(&self, dir: &str) -> u64 {
+        sh(
+            &self.front,
+            &format!("cat /sys/class/net/eth0/statistics/{dir}_bytes"),
+        )
+        .trim()
+        .parse()
+        .unwrap()
+    }
+
+    fn server(&self, vip: &str) -> std::process::Child {
+        let mut c = self
+            .backend
+            .cmd("python3")
+            .args(["-c", SERVER, vip, &PORT.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(c.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "listening");
+        c
+    }
+
+    fn client(&self, src: &str, sport: u16, vip: &str, n: u64, close: &str) -> Command {
+        let mut c = self.client.cmd("python3");
+        c.args([
+            "-c",
+            CLIENT,
+            src,
+            &sport.to_string(),
+            vip,
+            &PORT.to_string(),
+            &n.to_string(),
+            close,
+        ]);
+        c
+    }
+}
+
+fn json_line(out: &[u8]) -> serde_json::Value {
+    let text = String::from_utf8_lossy(out);
+    serde_json::from_str(text.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+fn flow(client: &str, sport: u16, vip: &str, backend: &str) -> SteeredFlow {
+    let sa = |ip: &str, port: u16| SocketAddr::new(ip.parse().unwrap(), port);
+    SteeredFlow {
+        client: sa(client, sport),
+        vip: sa(vip, PORT),
+        backend: backend.parse().unwrap(),
+    }
+}
+
+/// Polls `cond` every few ms until true, failing after `limit` (a bound
+/// against hanging, not a timing claim).
+fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A download of 8 MiB through the VIP, and the client's FIN or RST.
+/// Checks: every byte arrives (hash), the front's stack never saw a
+/// segment, the front's interface carried a small fraction of the bytes
+/// (only the client's packets, forwarded), and the entry goes after the
+/// client's end plus the linger, not before it was used.
+fn steered_download(v6: bool, close: &str) {
+    let net = Net::new(if v6 { "s6" } else { "s4" });
+    let (client, vip, backend) = if v6 {
+        (CLIENT6, VIP6, BACKEND6)
+    } else {
+        (CLIENT4, VIP4, BACKEND4)
+    };
+    let mut cfg = NftConfig::new("eth0");
+    cfg.linger = Duration::from_millis(300);
+    let steering = net.steering(cfg);
+    let sport = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+    let f = flow(client, sport, vip, backend);
+    steering.steer(&f).unwrap();
+    assert!(steering.is_steered(f.client, f.vip).unwrap());
+    assert_eq!(steering.active().unwrap(), 1);
+
+    let server = net.server(vip);
+    let (in_before, tx_before, rx_before) = (
+        net.front_tcp_in(),
+        net.front_bytes("tx"),
+        net.front_bytes("rx"),
+    );
+    const N: u64 = 8 << 20;
+    let out = net.client(client, sport, vip, N, close).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = json_line(&out.stdout);
+    let sent = json_line(&server.wait_with_output().unwrap().stdout);
+    assert_eq!(got["got"], N);
+    assert_eq!(got["sha256"], sent["sha256"], "every byte, in order");
+    assert_eq!(sent["peer"], client, "the backend saw the client itself");
+    assert_eq!(sent["peer_port"], sport);
+    assert_eq!(sent["end"], if close == "rst" { "rst" } else { "fin" });
+    assert_eq!(
+        net.front_tcp_in() - in_before,
+        0,
+        "the front's TCP stack received none of the flow's segments"
+    );
+    let (tx, rx) = (
+        net.front_bytes("tx") - tx_before,
+        net.front_bytes("rx") - rx_before,
+    );
+    assert!(
+        tx < N / 8 && rx < N / 8,
+        "the front carried only the client's packets: tx {tx} rx {rx} of a {N}-byte download"
+    );
+    // The client's FIN or RST cut the entry to the linger (the idle
+    // timeout is an hour).
+    let start = Instant::now();
+    while steering.is_steered(f.client, f.vip).unwrap() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the entry did not go after the client's end: {}",
+            sh(&net.front, "nft list table netdev tcpr_steer")
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(steering.active().unwrap(), 0);
+}
+
+#[test]
+fn a_steered_flow_reaches_the_backend_which_answers_directly_ipv4() {
+    steered_download(false, "fin");
+}
+
+#[test]
+fn a_steered_flow_reaches_the_backend_which_answers_directly_ipv6() {
+    steered_download(true, "fin");
+}
+
+#[test]
+fn an_entry_goes_after_the_clients_rst() {
+    steered_download(false, "rst");
+}
+
+/// Without an entry the same connection meets the front's stack: the
+/// test above would fail on a datapath that forwards nothing.
+#[test]
+fn an_unsteered_flow_meets_the_front() {
+    let net = Net::new("su");
+    let _steering = net.steering(NftConfig::new("eth0"));
+    let server = net.server(VIP4);
+    let before = net.front_tcp_in();
+    let sport = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+    let out = net.client(CLIENT4, sport, VIP4, 1000, "fin").output().unwrap();
+    assert!(!out.status.success(), "refused by the front");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ConnectionRefused"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(net.front_tcp_in() > before);
+    drop(server);
+}
+
+/// An entry whose flow sends nothing goes after the idle timeout; one
+/// removed by `unsteer` goes at once.
+#[test]
+fn idle_and_unsteered_entries_go() {
+    let net = Net::new("si");
+    let mut cfg = NftConfig::new("eth0");
+    cfg.idle = Duration::from_millis(500);
+    let steering = net.steering(cfg);
+    let idle = flow(CLIENT4, 40001, VIP4, BACKEND4);
+    let idle6 = flow(CLIENT6, 40001, VIP6, BACKEND6);
+    let removed = flow(CLIENT6, 40002, VIP6, BACKEND6);
+    for f in [&idle, &idle6, &removed] {
+        steering.steer(f).unwrap();
+        assert!(steering.is_steered(f.client, f.vip).unwrap());
+    }
+    steering.unsteer(removed.client, removed.vip).unwrap();
+    assert!(!steering.is_steered(removed.client, removed.vip).unwrap());
+    // Absent is fine.
+    steering.unsteer(removed.client, removed.vip).unwrap();
+    wait_for("the idle entries to go", Duration::from_secs(20), || {
+        !steering.is_steered(idle.client, idle.vip).unwrap()
+            && !steering.is_steered(idle6.client, idle6.vip).unwrap()
+    });
+}
+
+/// The cap: a full map refuses with `Full` and takes entries again once
+/// one went. Prints what an insert costs.
+#[test]
+fn a_full_table_refuses_with_full() {
+    const CAP: usize = 1000;
+    let net = Net::new("sf");
+    let mut cfg = NftConfig::new("eth0");
+    cfg.capacity = CAP;
+    let steering = net.steering(cfg);
+    let flows: Vec<SteeredFlow> = (0..CAP as u16)
+        .map(|i| flow(CLIENT4, 10_000 + i, VIP4, BACKEND4))
+        .collect();
+    // Inserted from a thread inside the front's namespace, as a balancer
+    // running there does.
+    let per_insert = net
+        .front
+        .within(|| {
+            let start = Instant::now();
+            for f in &flows {
+                steering.steer(f)?;
+            }
+            Ok(start.elapsed() / CAP as u32)
+        })
+        .unwrap();
+    println!("steer: {per_insert:?} per insert (one netlink transaction each)");
+    assert_eq!(steering.active().unwrap(), CAP);
+    let one_more = flow(CLIENT4, 9_999, VIP4, BACKEND4);
+    match steering.steer(&one_more) {
+        Err(SteerError::Full { capacity }) => assert_eq!(capacity, CAP),
+        other => panic!("expected Full, got {other:?}"),
+    }
+    assert!(!steering.is_steered(one_more.client, one_more.vip).unwrap());
+    steering.unsteer(flows[0].client, flows[0].vip).unwrap();
+    steering.steer(&one_more).unwrap();
+    assert!(steering.is_steered(one_more.client, one_more.vip).unwrap());
+}
+
+/// Dropping the datapath removes its table: no rule, no entry left.
+#[test]
+fn nothing_is_left_after_drop() {
+    let net = Net::new("sd");
+    let steering = net.steering(NftConfig::new("eth0"));
+    steering.steer(&flow(CLIENT4, 40003, VIP4, BACKEND4)).unwrap();
+    steering.steer(&flow(CLIENT6, 40004, VIP6, BACKEND6)).unwrap();
+    assert!(sh(&net.front, "nft list ruleset").contains("tcpr_steer"));
+    drop(steering);
+    assert_eq!(sh(&net.front, "nft list ruleset").trim(), "");
+}
+
+/// Flows it cannot steer are refused with the reason, nothing installed.
+#[test]
+fn flows_it_cannot_steer_are_refused() {
+    let net = Net::new("sx");
+    let steering = net.steering(NftConfig::new("eth0"));
+    let mixed = SteeredFlow {
+        backend: BACKEND6.parse().unwrap(),
+        ..flow(CLIENT4, 40005, VIP4, BACKEND4)
+    };
+    assert!(matches!(
+        steering.steer(&mixed),
+        Err(SteerError::Unsupported { .. })
+    ));
+    let off_link = flow(CLIENT4, 40006, VIP4, "192.0.2.1");
+    let r = steering.steer(&off_link);
+    assert!(matches!(r, Err(SteerError::Unsupported { .. })), "{r:?}");
+    assert_eq!(steering.active().unwrap(), 0);
+    let bad = NftConfig {
+        table: "no spaces".into(),
+        ..NftConfig::new("eth0")
+    };
+    assert!(net
+        .front
+        .within(|| NftSteering::install(bad).map_err(Into::into))
+        .is_err());
+}
