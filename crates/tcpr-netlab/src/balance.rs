@@ -54,9 +54,13 @@ impl BalanceLab {
         };
         let client = host(&mut lab, "client", CLIENT_HOST)?;
         let front = host(&mut lab, "front", FRONT_HOST)?;
-        for cidr in cidrs(VIP_HOST) {
-            front.add_addr(&cidr)?;
-        }
+        let [vip4, vip6] = cidrs(VIP_HOST);
+        front.add_addr(&vip4)?;
+        // Deprecated (preferred_lft 0): it takes connections but is never
+        // picked as the source of the front's own (RFC 6724 rule 3), so
+        // the front reaches the backends from its own address, not from
+        // the VIP they hold on their loopback.
+        front.ip(&["addr", "add", &vip6, "dev", "eth0", "nodad", "preferred_lft", "0"])?;
         let backends = (0..backends)
             .map(|i| host(&mut lab, &format!("b{i}"), FIRST_BACKEND_HOST + i))
             .collect::<Result<Vec<_>>>()?;

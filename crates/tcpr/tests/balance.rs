@@ -44,7 +44,15 @@ fn hands_off_by_host_and_sni() {
     let config = bed.config_text(true);
     bed.start_balancer(&config, &[]);
     assert_routes(&bed);
-    assert_eq!(bed.metric("tcpr_balance_handoffs_total"), 8.0);
+    assert_eq!(
+        bed.metric("tcpr_balance_handoffs_total"),
+        8.0,
+        "{:?}",
+        bed.metrics()
+            .iter()
+            .filter(|s| s.name.contains("failures") || s.name.contains("fallbacks"))
+            .collect::<Vec<_>>()
+    );
     assert_eq!(bed.metric("tcpr_balance_fallbacks_total"), 0.0);
     assert_eq!(bed.metric("tcpr_balance_proxied_total"), 0.0);
 }

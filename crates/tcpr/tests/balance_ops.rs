@@ -271,7 +271,7 @@ fn status_prints_the_metrics_as_a_table() {
     assert!(text.lines().next().unwrap().starts_with("METRIC"), "{text}");
     let row = text
         .lines()
-        .find(|l| l.starts_with("tcpr_balance_proxied_total{") && l.contains("pool=b0"))
+        .find(|l| l.starts_with("tcpr_balance_proxied_total{") && l.contains("pool=b0}"))
         .unwrap_or_else(|| panic!("{text}"));
     assert!(row.trim_end().ends_with(" 1"), "{row}");
 }

@@ -91,87 +91,80 @@ impl Bed {
         }
     }
 
-    /// On every backend, an agent per server: it owns the VIPs (on its
-    /// loopback) and forwards each connection to its local server.
+    /// On every backend, an agent per server and address family: it owns
+    /// the VIPs (on its loopback) and forwards each connection to its
+    /// local server.
     pub fn start_agents(&mut self) {
         let mut all = vec![];
         for i in 0..self.lab.backends.len() {
-            all.push(
-                [
+            let mut agents = vec![];
+            for family in [Family::V4, Family::V6] {
+                for (agent, server, vip_port) in [
                     (AGENT_HTTP_PORT, SERVER_HTTP_PORT, HTTP_PORT),
                     (AGENT_HTTPS_PORT, SERVER_HTTPS_PORT, HTTPS_PORT),
-                ]
-                .iter()
-                .map(|&(agent, server, vip_port)| self.agent(i, agent, server, vip_port))
-                .collect(),
-            );
+                ] {
+                    let listen = self.lab.backend_sock(family, i, agent);
+                    agents.push(self.agent(i, listen, server, vip_port));
+                }
+            }
+            all.push(agents);
         }
         self.agents = all;
     }
 
-    pub fn agent(&self, i: usize, port: u16, server: u16, vip_port: u16) -> Proc {
+    pub fn agent(&self, i: usize, listen: SocketAddr, server: u16, vip_port: u16) -> Proc {
         let h = &self.lab.backends[i];
         let mut cmd = h.cmd(tcpr_bin());
-        cmd.args([
-            "agent",
-            "--listen",
-            &sock(self.lab.backend_addr(Family::V4, i), port),
-        ])
-        .args(["--psk-file", self.psk.to_str().unwrap(), "--no-journal"])
-        .args(["--forward", &format!("127.0.0.1:{server}")]);
+        cmd.args(["agent", "--listen", &listen.to_string()])
+            .args(["--psk-file", self.psk.to_str().unwrap(), "--no-journal"])
+            .args(["--forward", &format!("127.0.0.1:{server}")]);
         for f in [Family::V4, Family::V6] {
             cmd.args(["--allow", &sock(self.lab.vip(f), vip_port)]);
             // The agents of one host share the VIPs: the second finds them
             // there and leaves them to the first.
             cmd.args(["--vip", &self.lab.vip(f).to_string()]);
         }
-        let mut p = Proc::spawn(cmd, &format!("agent b{i}:{port}"));
+        let mut p = Proc::spawn(cmd, &format!("agent b{i} {listen}"));
         p.expect("tcpr agent listening", START);
         p
     }
 
     /// The config: host a.example to backend 0, b.example to backend 1,
     /// over HTTP (Host) and TLS (SNI), on both VIPs. With `agents`, each
-    /// member has its agent and its server; without, its server only.
+    /// member has its agent and its server; without, its server only. A
+    /// member's agent address is also the next hop its steered flows are
+    /// forwarded to, so the IPv6 listeners have pools of their own whose
+    /// agents are named by their IPv6 addresses.
     pub fn config_text(&self, agents: bool) -> String {
         let l = &self.lab;
-        let binds = |port| {
-            [Family::V4, Family::V6]
-                .map(|f| format!("{:?}", sock(l.vip(f), port)))
-                .join(", ")
-        };
         let mut t = String::new();
         if agents {
             t += &format!("[agents]\npsk_file = {:?}\n\n", self.psk.to_str().unwrap());
         }
         t += &format!("[metrics]\nlisten = {METRICS:?}\n\n");
-        for (name, proto, port, suffix) in [
-            ("web", "http", HTTP_PORT, ""),
-            ("tls", "tls", HTTPS_PORT, "-tls"),
-        ] {
-            t += &format!(
-                "[[listener]]\nname = {name:?}\nbind = [{}]\nprotocol = {proto:?}\nhead_timeout_ms = 2000\n\n",
-                binds(port)
-            );
-            for (i, host) in HOSTS.iter().enumerate() {
-                t += &format!("[[listener.route]]\nhost = {host:?}\npool = \"b{i}{suffix}\"\n\n");
-            }
-        }
-        for i in 0..l.backends.len() {
-            for (suffix, agent, server) in [
-                ("", AGENT_HTTP_PORT, SERVER_HTTP_PORT),
-                ("-tls", AGENT_HTTPS_PORT, SERVER_HTTPS_PORT),
-            ] {
-                let ip = l.backend_addr(Family::V4, i);
-                let agent = if agents {
-                    format!("agent = {:?}, ", sock(ip, agent))
-                } else {
-                    String::new()
-                };
+        for (family, fam) in [(Family::V4, ""), (Family::V6, "-v6")] {
+            for (name, proto, port, tls) in [("web", "http", HTTP_PORT, ""), ("tls", "tls", HTTPS_PORT, "-tls")] {
                 t += &format!(
-                    "[[pool]]\nname = \"b{i}{suffix}\"\nmembers = [ {{ {agent}server = {:?} }} ]\n\n",
-                    sock(ip, server)
+                    "[[listener]]\nname = \"{name}{fam}\"\nbind = [{:?}]\nprotocol = {proto:?}\nhead_timeout_ms = 2000\n\n",
+                    sock(l.vip(family), port)
                 );
+                for (i, host) in HOSTS.iter().enumerate() {
+                    t += &format!("[[listener.route]]\nhost = {host:?}\npool = \"b{i}{tls}{fam}\"\n\n");
+                }
+            }
+            for i in 0..l.backends.len() {
+                for (tls, agent, server) in [("", AGENT_HTTP_PORT, SERVER_HTTP_PORT), ("-tls", AGENT_HTTPS_PORT, SERVER_HTTPS_PORT)] {
+                    let ip = l.backend_addr(family, i);
+                    let agent = if agents {
+                        format!("agent = {:?}, ", sock(ip, agent))
+                    } else {
+                        String::new()
+                    };
+                    t += &format!(
+                        "[[pool]]\nname = \"b{i}{tls}{fam}\"\nmembers = [ {{ {agent}server = {:?} }} ]\n\n",
+                        sock(ip, server)
+                    );
+                }
             }
         }
         t
@@ -191,7 +184,7 @@ impl Bed {
     /// curl on the client host; its output.
     pub fn curl(&self, args: &[&str]) -> Output {
         let mut c = self.lab.client.cmd("curl");
-        c.args(["-sS", "--max-time", "60"]).args(args);
+        c.args(["-sS", "--fail", "--max-time", "60"]).args(args);
         c.output().unwrap()
     }
 
