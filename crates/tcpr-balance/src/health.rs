@@ -85,9 +85,16 @@ fn probe(target: Target, auth: Option<&Auth>) -> bool {
                     .map_err(|e| e.to_string())?;
                 let auth = auth.ok_or("no credentials")?;
                 let cfg = auth.client_config().map_err(|e| e.to_string())?;
-                auth.connect(cfg, addr.ip(), tcp)
-                    .map(drop)
-                    .map_err(|e| e.to_string())
+                let ch = auth
+                    .connect(cfg, addr.ip(), tcp)
+                    .map_err(|e| e.to_string())?;
+                // A clean end (close_notify), so the agent logs no broken
+                // channel once a second per balancer.
+                if let tcpr_handoff::auth::Channel::Client(mut s) = ch {
+                    s.conn.send_close_notify();
+                    let _ = std::io::Write::flush(&mut s);
+                }
+                Ok(())
             };
             match handshake() {
                 Ok(()) => true,
