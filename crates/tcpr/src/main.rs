@@ -7,6 +7,7 @@ mod balance;
 mod bench;
 mod bench_handoff;
 mod demo;
+mod demo_balance;
 mod dump;
 mod handoff;
 mod inspect;
@@ -207,6 +208,9 @@ enum Cmd {
         #[arg(long, default_value_t = 2048,
               value_parser = clap::value_parser!(u64).range(1..=bounds::MAX_DEMO_RATE_KIB))]
         rate_kib: u64,
+        /// Another show instead (`tcpr demo balance`).
+        #[command(subcommand)]
+        show: Option<demo_balance::DemoShow>,
     },
     /// L7 load balancer: peek at each request head, hand the connection to
     /// its backend's agent and steer its packets there (or proxy it).
@@ -363,9 +367,13 @@ fn run(cmd: Cmd) -> Result<i32> {
         Cmd::Inspect { file, json, data } => inspect(&file, json, data),
         Cmd::Ls { pid, json } => ls(pid, json),
         Cmd::Demo {
+            show: Some(show), ..
+        } => demo_balance::run_show(show).map(|()| 0),
+        Cmd::Demo {
             migrations,
             interval,
             rate_kib,
+            show: None,
         } => demo::run(migrations, interval, rate_kib * KIB).map(|()| 0),
         Cmd::Balance(b) => balance::run(b),
         Cmd::Agent(a) => handoff::agent(a),

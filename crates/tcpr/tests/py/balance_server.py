@@ -2,6 +2,7 @@
 """A backend for the balancer tests: HTTP/1.1 (keep-alive), optionally TLS.
 
 GET /who          -> this server's name and the client address it saw
+GET /name         -> this server's name (the same length however it came)
 GET /bytes/N      -> N bytes of a fixed pseudo-random stream
 --digest N        -> print the SHA-256 of the first N bytes of that stream
 """
@@ -31,7 +32,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def do_GET(self):
-        if self.path == "/who" or self.path.startswith("/api"):
+        if self.path == "/name":
+            body = f"{self.server.name}\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif self.path == "/who" or self.path.startswith("/api"):
             body = f"{self.server.name} {self.path} {self.client_address[0]}\n".encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
