@@ -15,9 +15,9 @@ use tcpr_netlab::Host;
 
 /// The demo's network number (10.N.0.0/24, fd00:N::/64).
 const NET: u8 = 78;
-const SERVER_PORT: u16 = 8080;
+pub(crate) const SERVER_PORT: u16 = 8080;
 const AGENT_PORT: u16 = 7700;
-const VIP_PORT: u16 = 80;
+pub(crate) const VIP_PORT: u16 = 80;
 const HOSTS: [&str; 2] = ["a.example", "b.example"];
 /// The response body repeats this many bytes of the test stream.
 const BLOCK_BYTES: usize = 1 << 20;
@@ -43,7 +43,7 @@ pub fn run(mib: u64) -> Result<()> {
 }
 
 /// A child process killed when dropped.
-struct Running(Child);
+pub(crate) struct Running(pub(crate) Child);
 impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -52,7 +52,7 @@ impl Drop for Running {
 }
 
 /// Starts `cmd` and waits for a line of its stdout starting with `ready`.
-fn start(mut cmd: Command, ready: &str) -> Result<Running> {
+pub(crate) fn start(mut cmd: Command, ready: &str) -> Result<Running> {
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -74,7 +74,12 @@ fn start(mut cmd: Command, ready: &str) -> Result<Running> {
     Ok(running)
 }
 
-fn show(lab: &BalanceLab, dir: &std::path::Path, mib: u64) -> Result<()> {
+/// Backends (an HTTP server and an agent each) and the balancer's config,
+/// written to `dir`; returns the agents and the config file.
+pub(crate) fn start_backends(
+    lab: &BalanceLab,
+    dir: &std::path::Path,
+) -> Result<(Vec<Running>, std::path::PathBuf)> {
     let exe = std::env::current_exe()?;
     let psk = dir.join("psk");
     std::fs::write(&psk, "the balancer demo's shared secret\n")?;
@@ -108,10 +113,27 @@ fn show(lab: &BalanceLab, dir: &std::path::Path, mib: u64) -> Result<()> {
     }
     let config_path = dir.join("balance.toml");
     std::fs::write(&config_path, &config)?;
-    println!("== config ({})\n{config}", config_path.display());
+    Ok((keep, config_path))
+}
+
+/// `tcpr balance --config CONFIG` on the front host, started.
+pub(crate) fn start_balancer(lab: &BalanceLab, config: &std::path::Path) -> Result<Running> {
+    let exe = std::env::current_exe()?;
     let mut balancer = lab.front.cmd(exe.to_str().context("exe path")?);
-    balancer.args(["balance", "--config", config_path.to_str().context("path")?]);
-    keep.push(start(balancer, "tcpr balance ready")?);
+    balancer.args(["balance", "--config", config.to_str().context("path")?]);
+    start(balancer, "tcpr balance ready")
+}
+
+fn show(lab: &BalanceLab, dir: &std::path::Path, mib: u64) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let vip = lab.vip(Family::V4);
+    let (mut keep, config_path) = start_backends(lab, dir)?;
+    println!(
+        "== config ({})\n{}",
+        config_path.display(),
+        std::fs::read_to_string(&config_path)?
+    );
+    keep.push(start_balancer(lab, &config_path)?);
     println!("== requests by Host, through the VIP {vip}:{VIP_PORT}");
     for host in HOSTS {
         let out = lab

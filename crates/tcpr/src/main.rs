@@ -5,6 +5,7 @@
 
 mod balance;
 mod bench;
+mod bench_balance;
 mod bench_handoff;
 mod demo;
 mod demo_balance;
@@ -243,6 +244,13 @@ enum Cmd {
         #[arg(long, default_value_t = 100, value_parser = bench_moves)]
         moves: usize,
     },
+    /// Benchmark `tcpr balance` against HAProxy in namespace hosts (needs
+    /// wrk and haproxy).
+    BenchBalance {
+        /// Seconds per load (1 to 3600).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=3600))]
+        seconds: u32,
+    },
     /// The client side of `tcpr bench` (run by it).
     #[command(hide = true)]
     BenchPeer {
@@ -384,6 +392,7 @@ fn run(cmd: Cmd) -> Result<i32> {
             Ok(0)
         }
         Cmd::BenchHandoff { counts, moves } => bench_handoff::run(&counts, moves).map(|()| 0),
+        Cmd::BenchBalance { seconds } => bench_balance::run(seconds).map(|()| 0),
         Cmd::BenchPeer { addr, count } => bench::peer(&addr, count).map(|()| 0),
         Cmd::Bench { counts } => bench::run(&counts).map(|()| 0),
     }
