@@ -60,7 +60,16 @@ impl BalanceLab {
         // picked as the source of the front's own (RFC 6724 rule 3), so
         // the front reaches the backends from its own address, not from
         // the VIP they hold on their loopback.
-        front.ip(&["addr", "add", &vip6, "dev", "eth0", "nodad", "preferred_lft", "0"])?;
+        front.ip(&[
+            "addr",
+            "add",
+            &vip6,
+            "dev",
+            "eth0",
+            "nodad",
+            "preferred_lft",
+            "0",
+        ])?;
         let backends = (0..backends)
             .map(|i| host(&mut lab, &format!("b{i}"), FIRST_BACKEND_HOST + i))
             .collect::<Result<Vec<_>>>()?;

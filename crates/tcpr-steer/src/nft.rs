@@ -294,9 +294,8 @@ impl NftSteering {
     /// it already (saves a thread per call).
     fn ns(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         use std::os::unix::fs::MetadataExt;
-        let same = |a: &std::fs::Metadata, b: &std::fs::Metadata| {
-            a.dev() == b.dev() && a.ino() == b.ino()
-        };
+        let same =
+            |a: &std::fs::Metadata, b: &std::fs::Metadata| a.dev() == b.dev() && a.ino() == b.ino();
         match (
             self.netns.metadata(),
             std::fs::metadata("/proc/thread-self/ns/net"),
@@ -316,7 +315,10 @@ impl NftSteering {
         if self.ns().is_none() {
             return f();
         }
-        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&self.netns));
+        let path = format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&self.netns)
+        );
         std::thread::scope(|s| {
             s.spawn(move || {
                 tcpr_host::enter_netns(&path)?;
@@ -329,7 +331,10 @@ impl NftSteering {
 
     /// Runs an `nft` script in the datapath's namespace.
     fn nft(&self, script: &str) -> Result<(), SteerError> {
-        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&self.netns));
+        let path = format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&self.netns)
+        );
         let run = || -> Result<(), SteerError> {
             tcpr_host::enter_netns(&path)?;
             let mut child = Command::new("nft")
@@ -390,7 +395,10 @@ impl NftSteering {
 
     /// Flows in one family's map, as `nft` lists them.
     fn count(&self, set: &str) -> Result<usize, SteerError> {
-        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&self.netns));
+        let path = format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&self.netns)
+        );
         let table = self.cfg.table.clone();
         let set = set.to_string();
         let run = move || -> Result<usize, SteerError> {
@@ -481,8 +489,9 @@ impl Steering for NftSteering {
             vip: flow.vip,
             reason,
         };
-        let (client, vip, v4) = on_wire(flow.client, flow.vip)
-            .ok_or_else(|| unsupported("the client and the VIP are of different families".into()))?;
+        let (client, vip, v4) = on_wire(flow.client, flow.vip).ok_or_else(|| {
+            unsupported("the client and the VIP are of different families".into())
+        })?;
         let backend = flow.backend.to_canonical();
         if backend.is_ipv4() != v4 {
             return Err(unsupported(format!(
@@ -502,7 +511,10 @@ impl Steering for NftSteering {
                 // Forwarded at L2 out of our interface: the backend must be
                 // on its link.
                 let (_, ifname) = self
-                    .within(|| tcpr_host::addr::route_interface(backend).map_err(|e| invalid(&e.to_string())))
+                    .within(|| {
+                        tcpr_host::addr::route_interface(backend)
+                            .map_err(|e| invalid(&e.to_string()))
+                    })
                     .map_err(|e| unsupported(format!("no route to the backend {backend}: {e}")))?;
                 if ifname != self.cfg.device {
                     return Err(unsupported(format!(
@@ -579,12 +591,18 @@ mod tests {
 
     #[test]
     fn keys_are_register_layout() {
-        let k = flow_key("10.0.0.1:40000".parse().unwrap(), "10.0.0.100:80".parse().unwrap());
+        let k = flow_key(
+            "10.0.0.1:40000".parse().unwrap(),
+            "10.0.0.100:80".parse().unwrap(),
+        );
         assert_eq!(
             k,
             [10, 0, 0, 1, 0x9c, 0x40, 0, 0, 10, 0, 0, 100, 0, 80, 0, 0].to_vec()
         );
-        let k = flow_key("[fd00::1]:1".parse().unwrap(), "[fd00::100]:80".parse().unwrap());
+        let k = flow_key(
+            "[fd00::1]:1".parse().unwrap(),
+            "[fd00::100]:80".parse().unwrap(),
+        );
         assert_eq!(k.len(), 36);
     }
 
@@ -596,7 +614,11 @@ mod tests {
         )
         .unwrap();
         assert!(v4 && c.is_ipv4() && v.is_ipv4());
-        assert!(on_wire("10.0.0.1:5".parse().unwrap(), "[fd00::1]:80".parse().unwrap()).is_none());
+        assert!(on_wire(
+            "10.0.0.1:5".parse().unwrap(),
+            "[fd00::1]:80".parse().unwrap()
+        )
+        .is_none());
     }
 
     #[test]

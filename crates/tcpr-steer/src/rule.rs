@@ -104,7 +104,14 @@ fn expr(buf: &mut Vec<u8>, name: &str, data: impl FnOnce(&mut Vec<u8>)) {
 }
 
 /// One netlink message: header, nfgenmsg, attributes.
-fn message(buf: &mut Vec<u8>, ty: u16, flags: u16, family: u8, seq: u32, body: impl FnOnce(&mut Vec<u8>)) {
+fn message(
+    buf: &mut Vec<u8>,
+    ty: u16,
+    flags: u16,
+    family: u8,
+    seq: u32,
+    body: impl FnOnce(&mut Vec<u8>),
+) {
     let at = buf.len();
     buf.extend_from_slice(&[0; 4]);
     buf.extend_from_slice(&ty.to_ne_bytes());
@@ -132,7 +139,11 @@ fn batch(rules: &[Renew<'_>]) -> Vec<u8> {
             nested(b, NFTA_RULE_EXPRESSIONS, |b| {
                 expr(b, "payload", |b| {
                     attr(b, NFTA_PAYLOAD_DREG, &REG32_00.to_be_bytes());
-                    attr(b, NFTA_PAYLOAD_BASE, &NFT_PAYLOAD_NETWORK_HEADER.to_be_bytes());
+                    attr(
+                        b,
+                        NFTA_PAYLOAD_BASE,
+                        &NFT_PAYLOAD_NETWORK_HEADER.to_be_bytes(),
+                    );
                     attr(b, NFTA_PAYLOAD_OFFSET, &KEY6_OFFSET.to_be_bytes());
                     attr(b, NFTA_PAYLOAD_LEN, &KEY6_BYTES.to_be_bytes());
                 });

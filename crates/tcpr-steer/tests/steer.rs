@@ -199,7 +199,8 @@ impl Net {
 
 fn json_line(out: &[u8]) -> serde_json::Value {
     let text = String::from_utf8_lossy(out);
-    serde_json::from_str(text.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {text}"))
+    serde_json::from_str(text.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{e}: {text}"))
 }
 
 fn flow(client: &str, sport: u16, vip: &str, backend: &str) -> SteeredFlow {
@@ -250,7 +251,11 @@ fn steered_download(v6: bool, close: &str) {
     );
     const N: u64 = 8 << 20;
     let out = net.client(client, sport, vip, N, close).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let got = json_line(&out.stdout);
     let sent = json_line(&server.wait_with_output().unwrap().stdout);
     assert_eq!(got["got"], N);
@@ -309,7 +314,10 @@ fn an_unsteered_flow_meets_the_front() {
     let server = net.server(VIP4);
     let before = net.front_tcp_in();
     let sport = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
-    let out = net.client(CLIENT4, sport, VIP4, 1000, "fin").output().unwrap();
+    let out = net
+        .client(CLIENT4, sport, VIP4, 1000, "fin")
+        .output()
+        .unwrap();
     assert!(!out.status.success(), "refused by the front");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("ConnectionRefused"),
@@ -387,8 +395,12 @@ fn a_full_table_refuses_with_full() {
 fn nothing_is_left_after_drop() {
     let net = Net::new("sd");
     let steering = net.steering(NftConfig::new("eth0"));
-    steering.steer(&flow(CLIENT4, 40003, VIP4, BACKEND4)).unwrap();
-    steering.steer(&flow(CLIENT6, 40004, VIP6, BACKEND6)).unwrap();
+    steering
+        .steer(&flow(CLIENT4, 40003, VIP4, BACKEND4))
+        .unwrap();
+    steering
+        .steer(&flow(CLIENT6, 40004, VIP6, BACKEND6))
+        .unwrap();
     assert!(sh(&net.front, "nft list ruleset").contains("tcpr_steer"));
     drop(steering);
     assert_eq!(sh(&net.front, "nft list ruleset").trim(), "");

@@ -124,8 +124,10 @@ fn status(addr: SocketAddr) -> Result<()> {
     let text = tcpr_balance::serve_metrics::fetch(addr)
         .with_context(|| format!("cannot read the metrics at {addr}"))?;
     let samples = tcpr_balance::parse_metrics(&text);
+    // Histogram buckets are for machines; people read the sum and count.
     let rows: Vec<(String, String)> = samples
         .iter()
+        .filter(|s| !s.name.ends_with("_bucket"))
         .map(|s| {
             let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             let name = if labels.is_empty() {

@@ -106,7 +106,15 @@ fn compare(lab: &BalanceLab, dir: &std::path::Path, seconds: u32) -> Result<()> 
     }
     println!(
         "{:<24} {:>12} {:>12} {:>7} {:>10} {:>10} {:>12} {:>12} {:>9}",
-        "load", "haproxy r/s", "tcpr r/s", "ratio", "hap p99ms", "tcpr p99", "hap s/GiB", "tcpr s/GiB", "cpu ratio"
+        "load",
+        "haproxy r/s",
+        "tcpr r/s",
+        "ratio",
+        "hap p99ms",
+        "tcpr p99",
+        "hap s/GiB",
+        "tcpr s/GiB",
+        "cpu ratio"
     );
     for (name, h, t) in table {
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
@@ -145,7 +153,15 @@ fn wait_port(lab: &BalanceLab) -> Result<()> {
         let ok = lab
             .client
             .cmd("curl")
-            .args(["-s", "-o", "/dev/null", "--max-time", "1", "-H", "Host: a.example"])
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "1",
+                "-H",
+                "Host: a.example",
+            ])
             .arg(format!("http://{vip}/name"))
             .status()?
             .success();
@@ -165,7 +181,10 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // `rest` starts at field 3.
     let field = |n: usize| -> Result<f64> {
-        Ok(fields.get(n - 3).context("short /proc stat")?.parse::<f64>()?)
+        Ok(fields
+            .get(n - 3)
+            .context("short /proc stat")?
+            .parse::<f64>()?)
     };
     let ticks = tick_rate();
     Ok((field(STAT_UTIME_FIELD)? + field(STAT_STIME_FIELD)?) / ticks)
@@ -189,7 +208,9 @@ fn measure(lab: &BalanceLab, pid: u32, load: &Load, seconds: u32) -> Result<Run>
     if load.close {
         wrk.args(["-H", "Connection: close"]);
     }
-    let out = wrk.arg(format!("http://{vip}:{VIP_PORT}{}", load.path)).output()?;
+    let out = wrk
+        .arg(format!("http://{vip}:{VIP_PORT}{}", load.path))
+        .output()?;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     if !out.status.success() {
         bail!("wrk: {}{}", text, String::from_utf8_lossy(&out.stderr));
@@ -216,7 +237,11 @@ fn measure(lab: &BalanceLab, pid: u32, load: &Load, seconds: u32) -> Result<Run>
         requests_per_sec: rps,
         p99_ms,
         bytes_per_sec: bytes / f64::from(seconds),
-        front_cpu_per_gib: if bytes > 0.0 { cpu / (bytes / GIB) } else { 0.0 },
+        front_cpu_per_gib: if bytes > 0.0 {
+            cpu / (bytes / GIB)
+        } else {
+            0.0
+        },
     })
 }
 
@@ -242,4 +267,3 @@ fn parse_latency_ms(s: &str) -> f64 {
         f64::NAN
     }
 }
-

@@ -90,7 +90,11 @@ pub(crate) fn start_backends(
         serve_http(h, format!("backend-{i}"))?;
         let mut agent = h.cmd(exe.to_str().context("exe path")?);
         agent
-            .args(["agent", "--listen", &lab.backend_sock(v4, i, AGENT_PORT).to_string()])
+            .args([
+                "agent",
+                "--listen",
+                &lab.backend_sock(v4, i, AGENT_PORT).to_string(),
+            ])
             .args(["--psk-file", psk.to_str().context("path")?, "--no-journal"])
             .args(["--forward", &format!("127.0.0.1:{SERVER_PORT}")])
             .args(["--allow", &SocketAddr::new(vip, VIP_PORT).to_string()])
@@ -155,7 +159,9 @@ fn show(lab: &BalanceLab, dir: &std::path::Path, mib: u64) -> Result<()> {
     let (front_tx, client_rx) = (lab.front.tx_bytes("eth0")?, lab.client.rx_bytes("eth0")?);
     let started = Instant::now();
     let bytes = mib * MIB;
-    let got = lab.client.within(|| download(SocketAddr::new(vip, VIP_PORT), bytes))?;
+    let got = lab
+        .client
+        .within(|| download(SocketAddr::new(vip, VIP_PORT), bytes))?;
     let secs = started.elapsed().as_secs_f64();
     let front_tx = lab.front.tx_bytes("eth0")? - front_tx;
     let client_rx = lab.client.rx_bytes("eth0")? - client_rx;
@@ -173,7 +179,10 @@ fn show(lab: &BalanceLab, dir: &std::path::Path, mib: u64) -> Result<()> {
         .cmd(exe.to_str().context("exe path")?)
         .args(["balance", "status", "--metrics", "127.0.0.1:9100"])
         .output()?;
-    println!("== tcpr balance status\n{}", String::from_utf8_lossy(&status.stdout));
+    println!(
+        "== tcpr balance status\n{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
     drop(keep);
     Ok(())
 }
@@ -241,7 +250,11 @@ fn answer(conn: TcpStream, name: &str, block: &[u8]) {
             })
         } else {
             let body = format!("{name}\n");
-            write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+            write!(
+                out,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
         };
         if sent.is_err() {
             return;
@@ -252,7 +265,10 @@ fn answer(conn: TcpStream, name: &str, block: &[u8]) {
 /// Downloads `/bytes/N` from b.example through `vip` and checks each byte.
 fn download(vip: SocketAddr, n: u64) -> Result<u64> {
     let mut s = TcpStream::connect(vip)?;
-    write!(s, "GET /bytes/{n} HTTP/1.1\r\nHost: b.example\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET /bytes/{n} HTTP/1.1\r\nHost: b.example\r\nConnection: close\r\n\r\n"
+    )?;
     let mut reader = BufReader::with_capacity(BLOCK_BYTES, s);
     let mut line = String::new();
     reader.read_line(&mut line)?;

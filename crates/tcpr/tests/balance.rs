@@ -87,19 +87,35 @@ fn big_download_bypasses_the_front() {
             .lab
             .client
             .cmd("python3")
-            .args([&py("balance_client.py"), "download", &vip, "80", "b.example"])
+            .args([
+                &py("balance_client.py"),
+                "download",
+                &vip,
+                "80",
+                "b.example",
+            ])
             .arg(format!("/bytes/{BIG}"))
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{BIG} {want}"));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("{BIG} {want}")
+        );
         let front_tx = bed.lab.front.tx_bytes("eth0").unwrap() - tx_before;
         let client_rx = bed.lab.client.rx_bytes("eth0").unwrap() - rx_before;
         println!("{family:?}: client received {client_rx} bytes, the front transmitted {front_tx}");
         assert!(client_rx >= BIG);
         // What the front sends is the client's ACKs forwarded to the
         // backend: under one percent of the response.
-        assert!(front_tx < BIG / 100, "the front transmitted {front_tx} bytes");
+        assert!(
+            front_tx < BIG / 100,
+            "the front transmitted {front_tx} bytes"
+        );
     }
     assert_eq!(bed.metric("tcpr_balance_handoffs_total"), 2.0);
 }
@@ -122,7 +138,11 @@ fn an_agent_killed_mid_run_fails_no_request() {
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(text.contains("Failed requests:        0"), "{text}");
         assert!(!text.contains("Non-2xx"), "{text}");
     };
@@ -157,7 +177,11 @@ fn ten_thousand_connections_leave_no_steering_entry() {
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(text.contains("Complete requests:      5000"), "{text}");
         assert!(text.contains("Failed requests:        0"), "{text}");
     }
@@ -167,7 +191,9 @@ fn ten_thousand_connections_leave_no_steering_entry() {
     let fell_back = bed.metric("tcpr_balance_fallbacks_total");
     assert_eq!(handed + fell_back, 10_000.0);
     assert!(handed >= 9_000.0, "{handed}");
-    common::wait_until("every steering entry is gone", std::time::Duration::from_secs(30), || {
-        bed.metric("tcpr_balance_flows_active") == 0.0
-    });
+    common::wait_until(
+        "every steering entry is gone",
+        std::time::Duration::from_secs(30),
+        || bed.metric("tcpr_balance_flows_active") == 0.0,
+    );
 }

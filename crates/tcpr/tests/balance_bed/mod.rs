@@ -143,17 +143,25 @@ impl Bed {
         }
         t += &format!("[metrics]\nlisten = {METRICS:?}\n\n");
         for (family, fam) in [(Family::V4, ""), (Family::V6, "-v6")] {
-            for (name, proto, port, tls) in [("web", "http", HTTP_PORT, ""), ("tls", "tls", HTTPS_PORT, "-tls")] {
+            for (name, proto, port, tls) in [
+                ("web", "http", HTTP_PORT, ""),
+                ("tls", "tls", HTTPS_PORT, "-tls"),
+            ] {
                 t += &format!(
                     "[[listener]]\nname = \"{name}{fam}\"\nbind = [{:?}]\nprotocol = {proto:?}\nhead_timeout_ms = 2000\n\n",
                     sock(l.vip(family), port)
                 );
                 for (i, host) in HOSTS.iter().enumerate() {
-                    t += &format!("[[listener.route]]\nhost = {host:?}\npool = \"b{i}{tls}{fam}\"\n\n");
+                    t += &format!(
+                        "[[listener.route]]\nhost = {host:?}\npool = \"b{i}{tls}{fam}\"\n\n"
+                    );
                 }
             }
             for i in 0..l.backends.len() {
-                for (tls, agent, server) in [("", AGENT_HTTP_PORT, SERVER_HTTP_PORT), ("-tls", AGENT_HTTPS_PORT, SERVER_HTTPS_PORT)] {
+                for (tls, agent, server) in [
+                    ("", AGENT_HTTP_PORT, SERVER_HTTP_PORT),
+                    ("-tls", AGENT_HTTPS_PORT, SERVER_HTTPS_PORT),
+                ] {
                     let ip = l.backend_addr(family, i);
                     let agent = if agents {
                         format!("agent = {:?}, ", sock(ip, agent))
