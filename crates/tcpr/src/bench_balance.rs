@@ -138,7 +138,7 @@ fn compare(lab: &BalanceLab, dir: &std::path::Path, seconds: u32) -> Result<()> 
 fn haproxy_config(lab: &BalanceLab) -> String {
     let v4 = Family::V4;
     format!(
-        "global\n  maxconn 20000\n\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n\
+        "global\n  maxconn 4000\n\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n\
          frontend web\n  bind {vip}:{VIP_PORT}\n  acl a hdr(host) -i a.example\n  acl b hdr(host) -i b.example\n  use_backend p0 if a\n  use_backend p1 if b\n\n\
          backend p0\n  server s0 {s0}\n\nbackend p1\n  server s1 {s1}\n",
         vip = lab.vip(v4),

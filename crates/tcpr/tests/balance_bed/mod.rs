@@ -26,7 +26,7 @@ pub const METRICS: &str = "127.0.0.1:9100";
 /// The host names routed to backend 0 and 1.
 pub const HOSTS: [&str; 2] = ["a.example", "b.example"];
 /// How long a process may take to say it is ready.
-pub const START: Duration = Duration::from_secs(20);
+pub const START: Duration = Duration::from_secs(60);
 
 pub struct Bed {
     pub lab: BalanceLab,
