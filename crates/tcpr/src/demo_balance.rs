@@ -223,6 +223,7 @@ fn serve_http(host: &Host, name: String) -> Result<()> {
 }
 
 fn answer(conn: TcpStream, name: &str, block: &[u8]) {
+    let _ = conn.set_nodelay(true);
     let mut reader = BufReader::new(&conn);
     loop {
         let mut request = String::new();
@@ -237,9 +238,12 @@ fn answer(conn: TcpStream, name: &str, block: &[u8]) {
         }
         let path = request.split_whitespace().nth(1).unwrap_or("/");
         let mut out = &conn;
+        // Each head in one write: `write!` on a socket makes a write per
+        // piece, and Nagle with the client's delayed ACK stalls the last.
         let sent = if let Some(n) = path.strip_prefix("/bytes/") {
             let n: u64 = n.parse().unwrap_or(0);
-            write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n").and_then(|()| {
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n");
+            out.write_all(head.as_bytes()).and_then(|()| {
                 let mut left = n;
                 while left > 0 {
                     let chunk = left.min(block.len() as u64) as usize;
@@ -250,11 +254,11 @@ fn answer(conn: TcpStream, name: &str, block: &[u8]) {
             })
         } else {
             let body = format!("{name}\n");
-            write!(
-                out,
+            let response = format!(
                 "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()
-            )
+            );
+            out.write_all(response.as_bytes())
         };
         if sent.is_err() {
             return;
