@@ -860,6 +860,9 @@ fn fallback(
     } else {
         shared.metrics.proxied(pool, &m.label());
     }
+    // A relay cannot know message boundaries: no Nagle wait on either side.
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
     let spawned = std::thread::Builder::new()
         .name("relay".into())
         .spawn(move || {
