@@ -230,11 +230,13 @@ fn answer(conn: TcpStream, name: &str, block: &[u8]) {
         if reader.read_line(&mut request).unwrap_or(0) == 0 {
             return;
         }
+        let mut close = false;
         loop {
             let mut h = String::new();
             if reader.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
                 break;
             }
+            close |= h.to_ascii_lowercase().starts_with("connection: close");
         }
         let path = request.split_whitespace().nth(1).unwrap_or("/");
         let mut out = &conn;
@@ -260,7 +262,7 @@ fn answer(conn: TcpStream, name: &str, block: &[u8]) {
             );
             out.write_all(response.as_bytes())
         };
-        if sent.is_err() {
+        if sent.is_err() || close {
             return;
         }
     }
