@@ -74,6 +74,15 @@ pub mod pool;
 #[deny(clippy::disallowed_methods)]
 pub mod route;
 
+// The runtime: sockets, threads and the clock (no `unsafe`: nix wraps the
+// calls std lacks).
+#[allow(clippy::disallowed_methods)]
+pub mod health;
+#[allow(clippy::disallowed_methods)]
+pub mod runtime;
+#[allow(clippy::disallowed_methods)]
+pub mod serve_metrics;
+
 pub use config::{
     AgentsAuth, BalanceMethod, Config, ConfigError, HostPattern, Listener, MemberConfig,
     MetricsConfig, PoolConfig, Protocol, Route,

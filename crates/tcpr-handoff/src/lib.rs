@@ -30,7 +30,9 @@ pub use agent::{AgentConfig, AgentServer, Delivery};
 pub use auth::Auth;
 pub use deliver::Delivered;
 pub use machine::Framing;
-pub use sender::{migrate, MigrateOptions, Outgoing, Refused, Report, Switch, Timings};
+pub use sender::{
+    migrate, MigrateOptions, Outgoing, Refused, Report, Switch, Timings, TrafficHook,
+};
 
 /// Errors of a handoff as a whole (per-connection outcomes are in the
 /// [`Report`]).

@@ -18,7 +18,7 @@ mod report;
 mod switch;
 use freeze::freeze_with_spares;
 pub use report::{Moved, Progress, Refused, Report, RolledBack, Timings, Unknown};
-pub use switch::{Switch, SwitchError};
+pub use switch::{Switch, SwitchError, TrafficHook};
 
 /// One connection to move, with its application state.
 #[derive(Debug)]
@@ -116,6 +116,8 @@ struct Driver<'a> {
     /// Failures of thaw, discard or unswitch, for the report.
     trouble: BTreeMap<ConnId, String>,
     moved_address: Option<tcpr_host::addr::Assigned>,
+    /// The flows a [`Switch::Hook`] switched, for its undoing.
+    hooked: Vec<Flow>,
     locks: Vec<FlowLock>,
     batch: u64,
     progress: Progress,
@@ -209,6 +211,7 @@ pub fn migrate(
         staged: BTreeMap::new(),
         trouble: BTreeMap::new(),
         moved_address: None,
+        hooked: vec![],
         locks: vec![],
         batch: batch_id(),
         switch_started: None,

@@ -6,6 +6,8 @@
 //! This crate drives `ip` (iproute2) and `nft`; it does not touch the
 //! caller's own namespace beyond creating and deleting named ones.
 
+pub mod balance;
+
 use anyhow::{bail, Context, Result};
 use std::net::IpAddr;
 use std::process::{Command, Output};

@@ -3,9 +3,12 @@
 // A binary: `pub` in its modules reaches nothing outside the crate.
 #![allow(unreachable_pub)]
 
+mod balance;
 mod bench;
+mod bench_balance;
 mod bench_handoff;
 mod demo;
+mod demo_balance;
 mod dump;
 mod handoff;
 mod inspect;
@@ -209,7 +212,13 @@ enum Cmd {
         #[arg(long, default_value_t = 2048,
               value_parser = clap::value_parser!(u64).range(1..=bounds::MAX_DEMO_RATE_KIB))]
         rate_kib: u64,
+        /// Another show instead (`tcpr demo balance`).
+        #[command(subcommand)]
+        show: Option<demo_balance::DemoShow>,
     },
+    /// L7 load balancer: peek at each request head, hand the connection to
+    /// its backend's agent and steer its packets there (or proxy it).
+    Balance(balance::BalanceArgs),
     /// Receive connections from other hosts and deliver them here.
     Agent(handoff::AgentArgs),
     /// Move live connections of a process or address to an agent. Frozen
@@ -237,6 +246,13 @@ enum Cmd {
         /// Moves of the streaming connection (1 to 100000).
         #[arg(long, default_value_t = 100, value_parser = bench_moves)]
         moves: usize,
+    },
+    /// Benchmark `tcpr balance` against HAProxy in namespace hosts (needs
+    /// wrk and haproxy).
+    BenchBalance {
+        /// Seconds per load (1 to 3600).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=3600))]
+        seconds: u32,
     },
     /// The client side of `tcpr bench` (run by it).
     #[command(hide = true)]
@@ -383,10 +399,15 @@ fn run(cmd: Cmd) -> Result<i32> {
         Cmd::Inspect { file, json, data } => inspect(&file, json, data),
         Cmd::Ls { pid, json } => ls(pid, json),
         Cmd::Demo {
+            show: Some(show), ..
+        } => demo_balance::run_show(show).map(|()| 0),
+        Cmd::Demo {
             migrations,
             interval,
             rate_kib,
+            show: None,
         } => demo::run(migrations, interval, rate_kib * KIB).map(|()| 0),
+        Cmd::Balance(b) => balance::run(b),
         Cmd::Agent(a) => handoff::agent(a),
         Cmd::Migrate(m) => handoff::migrate(m),
         Cmd::Announce { dev, addr } => {
@@ -395,6 +416,7 @@ fn run(cmd: Cmd) -> Result<i32> {
             Ok(0)
         }
         Cmd::BenchHandoff { counts, moves } => bench_handoff::run(&counts, moves).map(|()| 0),
+        Cmd::BenchBalance { seconds } => bench_balance::run(seconds).map(|()| 0),
         Cmd::BenchPeer { addr, count } => bench::peer(&addr, count).map(|()| 0),
         Cmd::Bench { counts, report } => bench::main(&counts, report.as_deref()).map(|()| 0),
         Cmd::Soak(a) => soak::run(a),

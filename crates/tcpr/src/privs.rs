@@ -146,11 +146,25 @@ fn needs(cmd: &Cmd, have: &CapsHashSet) -> Needs {
             }],
             None,
         ),
-        Cmd::Demo { .. } | Cmd::Bench { .. } | Cmd::BenchHandoff { .. } | Cmd::Soak(_) => {
+        Cmd::Balance(b) if b.runs() => (
+            "balance",
+            vec![Need {
+                cap: Capability::CAP_NET_ADMIN,
+                why: "TCP_REPAIR to hand connections off, and the steering table",
+            }],
+            None,
+        ),
+        Cmd::Balance(_) => ("", vec![], None),
+        Cmd::Demo { .. }
+        | Cmd::Bench { .. }
+        | Cmd::BenchHandoff { .. }
+        | Cmd::BenchBalance { .. }
+        | Cmd::Soak(_) => {
             let subcommand = match cmd {
                 Cmd::Demo { .. } => "demo",
                 Cmd::Bench { .. } => "bench",
                 Cmd::Soak(_) => "soak",
+                Cmd::BenchBalance { .. } => "bench-balance",
                 _ => "bench-handoff",
             };
             let caps = vec![

@@ -5,6 +5,19 @@ use crate::machine::{ConnId, ServiceAddress};
 use std::io;
 use std::net::IpAddr;
 use std::process::{Command, ExitStatus};
+use std::sync::Arc;
+use tcpr_engine::Flow;
+
+/// A caller's own traffic switch, run in process: `switch` once every
+/// connection of the batch is READY at the agent and before COMMIT, and
+/// `unswitch` when the batch rolls back after it. Both get the flows as
+/// the wire sees them (`local` is the address the peer connected to).
+pub trait TrafficHook: Send + Sync + std::fmt::Debug {
+    /// Sends the flows' packets to the agent's host from now on.
+    fn switch(&self, flows: &[Flow]) -> Result<(), String>;
+    /// Undoes [`TrafficHook::switch`] (flows never switched are fine).
+    fn unswitch(&self, flows: &[Flow]) -> Result<(), String>;
+}
 
 /// How the flows' packets reach the agent's host once committed.
 #[derive(Debug, Clone)]
@@ -21,6 +34,8 @@ pub enum Switch {
         /// Run to undo it.
         unswitch: String,
     },
+    /// A hook of the caller's (a load balancer's steering datapath).
+    Hook(Arc<dyn TrafficHook>),
 }
 
 /// Why a traffic switch (or its undoing) failed.
@@ -43,6 +58,9 @@ pub enum SwitchError {
         /// How it ended.
         status: ExitStatus,
     },
+    /// The caller's hook failed.
+    #[error("traffic switch: {0}")]
+    Hook(String),
     /// The service address is not assigned here.
     #[error("cannot find the service address {ip} on this host: {source}")]
     FindAddress {
@@ -92,6 +110,12 @@ impl Driver<'_> {
         match &self.opts.switch {
             Switch::Nothing => Ok(None),
             Switch::Commands { switch, .. } => run_shell_command(switch).map(|()| None),
+            Switch::Hook(hook) => {
+                let flows = self.wire_flows(ids);
+                hook.switch(&flows).map_err(SwitchError::Hook)?;
+                self.hooked = flows;
+                Ok(None)
+            }
             Switch::MoveAddress => {
                 // `migrate` checked that the batch has one local address.
                 let Some(ip) = ids
@@ -122,10 +146,21 @@ impl Driver<'_> {
         }
     }
 
+    fn wire_flows(&self, ids: &[ConnId]) -> Vec<Flow> {
+        ids.iter()
+            .filter_map(|id| self.conns.get(id))
+            .map(|c| c.flow.wire())
+            .collect()
+    }
+
     pub(super) fn unswitch(&mut self) -> Result<(), SwitchError> {
         match &self.opts.switch {
             Switch::Nothing => Ok(()),
             Switch::Commands { unswitch, .. } => run_shell_command(unswitch),
+            Switch::Hook(hook) => {
+                let flows = std::mem::take(&mut self.hooked);
+                hook.unswitch(&flows).map_err(SwitchError::Hook)
+            }
             Switch::MoveAddress => {
                 let Some(held) = self.moved_address.take() else {
                     return Ok(());

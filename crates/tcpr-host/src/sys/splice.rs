@@ -24,13 +24,15 @@ pub(crate) fn pipe() -> io::Result<Pipe> {
     Ok(Pipe { read, write })
 }
 
-/// `splice(from, NULL, to, NULL, len, SPLICE_F_MOVE | SPLICE_F_NONBLOCK |
-/// SPLICE_F_MORE)`: moves up to `len` bytes without copying them through
-/// userspace. One of the two fds must be a pipe (splice(2)); `Ok(0)` is
+/// `splice(from, NULL, to, NULL, len, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)`:
+/// moves up to `len` bytes without copying them through userspace. No
+/// SPLICE_F_MORE: into a socket it is MSG_MORE, which holds the last
+/// partial segment of a reply back (about 200 ms per direction of every
+/// request/response exchange) waiting for data a relay cannot promise. One of the two fds must be a pipe (splice(2)); `Ok(0)` is
 /// the end of the input. The non-blocking flag covers the pipe; a socket
 /// follows its own O_NONBLOCK (tcp_splice_read reads the file's flags).
 pub(crate) fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
-    let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MORE;
+    let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK;
     // SAFETY: both fds are open for the call (borrowed); null offsets make
     // the kernel use (and advance) the files' own positions, which splice(2)
     // requires for pipes and sockets; no memory of ours is passed.

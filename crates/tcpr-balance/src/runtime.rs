@@ -1,0 +1,905 @@
+//! The balancer at work: listeners, the head peek, the decision, the
+//! handoff with steering, the fallback proxy, health checks, SIGHUP reload
+//! and SIGTERM drain.
+//!
+//! Threads: one per listening address (accept), one per connection until
+//! it is decided (its head peek never waits on another's), one per agent
+//! that hands off in batches whatever connections were decided for it
+//! while its previous batch ran, two per proxied connection (splice each
+//! way), one for health checks, one for the metrics endpoint; the calling
+//! thread waits for signals.
+
+use crate::health::{Health, Target, CHECK_INTERVAL};
+use crate::{
+    config, head, AgentsAuth, Config, Head, HeadError, HeadErrorKind, Listener, MemberId, Metrics,
+    Pool, Protocol, Router,
+};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, Signal};
+use std::collections::{BTreeSet, HashMap};
+use std::io::{self, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tcpr_handoff::{Auth, HandOff, MigrateOptions, Switch, TrafficHook};
+use tcpr_steer::{SteeredFlow, Steering};
+
+/// How often an idle accept loop looks at its stop flag.
+const ACCEPT_WAKEUP: Duration = Duration::from_millis(200);
+/// Connections handed to one agent in one batch at most.
+const MAX_BATCH: usize = 256;
+/// How long a fallback waits for a server's connection.
+const SERVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// TLS alert `unrecognized_name` (RFC 6066): no route for this SNI.
+const ALERT_UNRECOGNIZED_NAME: u8 = 112;
+/// TLS alert `internal_error` (RFC 8446): no member can take it.
+const ALERT_INTERNAL_ERROR: u8 = 80;
+/// HTTP statuses the balancer answers itself.
+const HTTP_REQUEST_TIMEOUT: u16 = 408;
+const HTTP_BAD_REQUEST: u16 = 400;
+const HTTP_HEADER_TOO_LARGE: u16 = 431;
+const HTTP_NOT_FOUND: u16 = 404;
+const HTTP_UNAVAILABLE: u16 = 503;
+
+/// How the balancer runs.
+pub struct Options {
+    /// The config file (read again on SIGHUP).
+    pub config_path: PathBuf,
+    /// The steering datapath; without one every connection is proxied (a
+    /// handed-off flow whose packets still reach this host would stall).
+    pub steering: Option<Arc<dyn Steering>>,
+    /// Bound of every wait for an agent during a handoff.
+    pub handoff_timeout: Duration,
+}
+
+/// Why the balancer could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The config file.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// The agents' credentials.
+    #[error("[agents]: {0}")]
+    Auth(String),
+    /// A listening address.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// Anything else the kernel refused.
+    #[error("{what}: {source}")]
+    Kernel {
+        /// What was tried.
+        what: &'static str,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+/// One loaded config, with what is built from it.
+struct Active {
+    config: Config,
+    routers: HashMap<String, Router>,
+    pools: HashMap<String, Pool>,
+    /// How to authenticate to agents (none: every connection is proxied).
+    auth: Option<Auth>,
+}
+
+impl Active {
+    fn build(config: Config) -> Result<Active, StartError> {
+        let auth = match &config.agents {
+            AgentsAuth::Psk { psk_file } => Some(Auth::psk_file(psk_file)),
+            AgentsAuth::Certs { cert, key, ca } => Some(Auth::cert_files(cert, key, ca)),
+            AgentsAuth::None => None,
+        }
+        .transpose()
+        .map_err(|e| StartError::Auth(e.to_string()))?;
+        let routers = config
+            .listeners
+            .iter()
+            .map(|l| (l.name.clone(), Router::new(l)))
+            .collect();
+        let pools = config
+            .pools
+            .iter()
+            .map(|p| (p.name.clone(), Pool::new(p)))
+            .collect();
+        Ok(Active {
+            config,
+            routers,
+            pools,
+            auth,
+        })
+    }
+
+    /// The listener (and its router) that owns the address `bind`.
+    fn listener_for(&self, bind: SocketAddr) -> Option<(&Listener, &Router)> {
+        let l = self
+            .config
+            .listeners
+            .iter()
+            .find(|l| l.bind.contains(&bind))?;
+        Some((l, self.routers.get(&l.name)?))
+    }
+
+    fn binds(&self) -> BTreeSet<SocketAddr> {
+        self.config
+            .listeners
+            .iter()
+            .flat_map(|l| l.bind.iter().copied())
+            .collect()
+    }
+
+    /// Everything the health checks look at.
+    fn targets(&self) -> Vec<Target> {
+        let mut t: BTreeSet<(u8, SocketAddr)> = BTreeSet::new();
+        for p in &self.config.pools {
+            for m in &p.members {
+                if let Some(a) = m.agent {
+                    t.insert((0, a));
+                }
+                if let Some(s) = m.server {
+                    t.insert((1, s));
+                }
+            }
+        }
+        t.into_iter()
+            .map(|(kind, a)| {
+                if kind == 0 {
+                    Target::Agent(a)
+                } else {
+                    Target::Server(a)
+                }
+            })
+            .collect()
+    }
+}
+
+/// Work not finished yet (heads, handoffs, relays): SIGTERM waits for it.
+#[derive(Default)]
+struct InFlight {
+    count: Mutex<usize>,
+    done: Condvar,
+}
+
+/// One unit of [`InFlight`] work; dropping it finishes it.
+struct Busy(Arc<Shared>);
+
+impl Busy {
+    fn new(shared: &Arc<Shared>) -> Busy {
+        *shared
+            .in_flight
+            .count
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) += 1;
+        Busy(Arc::clone(shared))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut n = self
+            .0
+            .in_flight
+            .count
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *n -= 1;
+        if *n == 0 {
+            self.0.in_flight.done.notify_all();
+        }
+    }
+}
+
+/// A connection decided for an agent, waiting for its batch.
+struct Job {
+    stream: TcpStream,
+    pool: String,
+    member: MemberId,
+    decided: Instant,
+    busy: Busy,
+}
+
+struct Shared {
+    active: RwLock<Arc<Active>>,
+    metrics: Metrics,
+    health: Health,
+    steering: Option<Arc<dyn Steering>>,
+    handoff_timeout: Duration,
+    in_flight: InFlight,
+    /// One batching thread per agent, fed through its channel.
+    agents: Mutex<HashMap<SocketAddr, mpsc::Sender<Job>>>,
+    /// Connections whose handoff ended unknown: kept frozen here until
+    /// their lock's lease ends (the agent may own them).
+    unknown: Mutex<Vec<(Instant, TcpStream)>>,
+}
+
+impl Shared {
+    fn active(&self) -> Arc<Active> {
+        Arc::clone(&self.active.read().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// A listening address and its accept thread.
+struct Bound {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+/// Runs the balancer until SIGTERM (or SIGINT) has drained it. Prints
+/// `tcpr balance listening on ADDR` per address, then `tcpr balance ready`.
+pub fn run(opts: Options) -> Result<(), StartError> {
+    // Blocked before any thread starts, so every thread inherits the mask
+    // and only `sigwait` below sees them.
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT] {
+        signals.add(s);
+    }
+    signals.thread_block().map_err(|e| StartError::Kernel {
+        what: "block signals",
+        source: e.into(),
+    })?;
+    let config = Config::load(&opts.config_path)?;
+    let metrics_listen = config.metrics.as_ref().map(|m| m.listen);
+    let metrics = Metrics::new();
+    let active = Active::build(config)?;
+    register_members(&metrics, &active);
+    let shared = Arc::new(Shared {
+        active: RwLock::new(Arc::new(active)),
+        metrics,
+        health: Health::default(),
+        steering: opts.steering,
+        handoff_timeout: opts.handoff_timeout,
+        in_flight: InFlight::default(),
+        agents: Mutex::new(HashMap::new()),
+        unknown: Mutex::new(Vec::new()),
+    });
+    if let Some(addr) = metrics_listen {
+        let s = Arc::clone(&shared);
+        let render = Arc::new(move || {
+            if let Some(st) = &s.steering {
+                if let Ok(n) = st.active() {
+                    s.metrics.set_flows_active(n as u64);
+                }
+            }
+            s.metrics.render()
+        });
+        let bound = crate::serve_metrics::serve(addr, render)
+            .map_err(|source| StartError::Listen { addr, source })?;
+        println!("tcpr balance metrics on {bound}");
+    }
+    let mut listeners: HashMap<SocketAddr, Bound> = HashMap::new();
+    for addr in shared.active().binds() {
+        let b = listen(&shared, addr)?;
+        listeners.insert(addr, b);
+    }
+    start_health(&shared);
+    match &shared.steering {
+        Some(s) => tracing::info!("steering by {}", s.name()),
+        None => tracing::warn!("no steering datapath: every connection is proxied"),
+    }
+    println!("tcpr balance ready");
+    let _ = io::stdout().flush();
+    loop {
+        let sig = signals.wait().map_err(|e| StartError::Kernel {
+            what: "wait for signals",
+            source: e.into(),
+        })?;
+        match sig {
+            Signal::SIGHUP => reload(&shared, &opts.config_path, &mut listeners),
+            _ => break,
+        }
+    }
+    tracing::info!("draining: no new connections; waiting for those in flight");
+    println!("tcpr balance draining");
+    let _ = io::stdout().flush();
+    for (_, b) in listeners.drain() {
+        stop(b);
+    }
+    let mut n = shared
+        .in_flight
+        .count
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    while *n > 0 {
+        n = shared
+            .in_flight
+            .done
+            .wait(n)
+            .unwrap_or_else(|e| e.into_inner());
+    }
+    drop(n);
+    println!("tcpr balance drained");
+    Ok(())
+}
+
+/// Every member shows in the metrics from the start, with zero counts.
+fn register_members(metrics: &Metrics, active: &Active) {
+    for (name, pool) in &active.pools {
+        for (_, m) in pool.members() {
+            metrics.register_member(name, &m.label());
+        }
+    }
+}
+
+/// Reads the config again: new listeners open, removed ones close, those
+/// whose address is unchanged keep their socket (and its backlog); no
+/// connection in flight is touched. A bad file changes nothing.
+fn reload(
+    shared: &Arc<Shared>,
+    path: &std::path::Path,
+    listeners: &mut HashMap<SocketAddr, Bound>,
+) {
+    let active = match Config::load(path)
+        .map_err(StartError::from)
+        .and_then(Active::build)
+    {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!("reload refused, the running config stays: {e}");
+            println!("tcpr balance reload failed: {e}");
+            let _ = io::stdout().flush();
+            return;
+        }
+    };
+    let binds = active.binds();
+    register_members(&shared.metrics, &active);
+    *shared.active.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(active);
+    let gone: Vec<SocketAddr> = listeners
+        .keys()
+        .filter(|a| !binds.contains(a))
+        .copied()
+        .collect();
+    for a in gone {
+        if let Some(b) = listeners.remove(&a) {
+            stop(b);
+            tracing::info!("stopped listening on {a}");
+        }
+    }
+    for a in binds {
+        if listeners.contains_key(&a) {
+            continue;
+        }
+        match listen(shared, a) {
+            Ok(b) => {
+                listeners.insert(a, b);
+            }
+            Err(e) => tracing::error!("{e}"),
+        }
+    }
+    println!("tcpr balance reloaded");
+    let _ = io::stdout().flush();
+}
+
+fn listen(shared: &Arc<Shared>, addr: SocketAddr) -> Result<Bound, StartError> {
+    let listener = TcpListener::bind(addr).map_err(|source| StartError::Listen { addr, source })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| StartError::Listen { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| StartError::Listen { addr, source })?;
+    println!("tcpr balance listening on {bound}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (s, st) = (Arc::clone(shared), Arc::clone(&stop));
+    let thread = std::thread::Builder::new()
+        .name(format!("accept {addr}"))
+        .spawn(move || accept_loop(&s, &listener, addr, &st))
+        .map_err(|source| StartError::Kernel {
+            what: "start a thread",
+            source,
+        })?;
+    Ok(Bound { stop, thread })
+}
+
+/// Stops an accept loop: it takes what is already in its backlog, then
+/// closes the socket.
+fn stop(b: Bound) {
+    b.stop.store(true, Ordering::SeqCst);
+    let _ = b.thread.join();
+}
+
+fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener, bind: SocketAddr, stop: &AtomicBool) {
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                let busy = Busy::new(shared);
+                let s = Arc::clone(shared);
+                let spawned = std::thread::Builder::new()
+                    .name("head".into())
+                    .spawn(move || serve(&s, stream, peer, bind, busy));
+                if let Err(e) = spawned {
+                    tracing::error!("cannot start a connection thread: {e}");
+                    shared.metrics.failure("thread");
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // The backlog is empty: the one moment stopping loses nothing.
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+                let wakeup = PollTimeout::try_from(ACCEPT_WAKEUP).unwrap_or(PollTimeout::MAX);
+                let _ = nix::poll::poll(&mut fds, wakeup);
+            }
+            Err(e) => {
+                // ECONNABORTED, EMFILE, ...: this one is lost, the next may not be.
+                tracing::warn!("accept on {bind}: {e}");
+                shared.metrics.failure("accept");
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// Why a head was not read.
+enum HeadFailure {
+    Timeout,
+    Malformed(String),
+    TooLarge,
+    /// The client closed or reset before its head was whole.
+    Gone,
+}
+
+/// Peeks at the head until it parses, without consuming a byte: what is
+/// peeked stays in the receive queue and travels in the image.
+fn peek_head(stream: &TcpStream, l: &Listener) -> Result<Head, HeadFailure> {
+    if l.protocol == Protocol::Tcp {
+        return Ok(Head::Tcp);
+    }
+    let deadline = Instant::now() + l.head_timeout;
+    let mut buf = vec![0u8; l.max_head_bytes + 1];
+    let mut seen = 0usize;
+    let result = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break Err(HeadFailure::Timeout);
+        }
+        if stream.set_read_timeout(Some(left)).is_err() {
+            break Err(HeadFailure::Gone);
+        }
+        let n = match stream.peek(&mut buf) {
+            Ok(0) => break Err(HeadFailure::Gone),
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                break Err(HeadFailure::Timeout)
+            }
+            Err(_) => break Err(HeadFailure::Gone),
+        };
+        if n == seen {
+            // No new byte: at the deadline a blocking recv returns what it
+            // has (SO_RCVTIMEO with bytes copied); before it, only the
+            // client's FIN ends the wait whatever SO_RCVLOWAT says.
+            break Err(if Instant::now() >= deadline {
+                HeadFailure::Timeout
+            } else {
+                HeadFailure::Gone
+            });
+        }
+        seen = n;
+        match head::parse(l.protocol, &buf[..n], l.max_head_bytes) {
+            Ok(h) => break Ok(h),
+            Err(HeadError::Incomplete) if n > l.max_head_bytes => break Err(HeadFailure::TooLarge),
+            Err(HeadError::Incomplete) => {
+                // The next peek returns once one more byte is in (or at the
+                // deadline): SO_RCVLOWAT bounds a blocking recv's wait.
+                if set_rcvlowat(stream, n + 1).is_err() {
+                    break Err(HeadFailure::Gone);
+                }
+            }
+            Err(HeadError::Malformed(why)) => break Err(HeadFailure::Malformed(why)),
+            Err(HeadError::TooLarge) => break Err(HeadFailure::TooLarge),
+        }
+    };
+    // Back to the defaults: the image, a relay and the backend see the
+    // socket as accept() gave it.
+    let _ = set_rcvlowat(stream, 1);
+    let _ = stream.set_read_timeout(None);
+    result
+}
+
+fn set_rcvlowat(stream: &TcpStream, bytes: usize) -> io::Result<()> {
+    let bytes = i32::try_from(bytes).unwrap_or(i32::MAX);
+    tcpr_host::sock::set_int(stream.as_fd(), libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
+}
+
+/// Answers the client itself and closes: an HTTP error, a TLS alert, or
+/// nothing (tcp).
+fn refuse(mut stream: TcpStream, protocol: Protocol, status: u16, alert: u8) {
+    let _ = stream.set_write_timeout(Some(SERVER_CONNECT_TIMEOUT));
+    let _ = match protocol {
+        Protocol::Http => stream.write_all(head::http_error_response(status)),
+        Protocol::Tls => stream.write_all(&head::tls_alert(alert)),
+        Protocol::Tcp => Ok(()),
+    };
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+/// One accepted connection: peek, decide, hand off or proxy.
+fn serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, bind: SocketAddr, busy: Busy) {
+    let active = shared.active();
+    let Some((listener, router)) = active.listener_for(bind) else {
+        // Its listener went away in a reload while it was being accepted.
+        shared.metrics.failure("no_listener");
+        return;
+    };
+    let head = match peek_head(&stream, listener) {
+        Ok(h) => h,
+        Err(f) => {
+            let (kind, status, why) = match f {
+                HeadFailure::Timeout => (
+                    HeadErrorKind::Timeout,
+                    HTTP_REQUEST_TIMEOUT,
+                    "timed out".to_string(),
+                ),
+                HeadFailure::Malformed(w) => (HeadErrorKind::Malformed, HTTP_BAD_REQUEST, w),
+                HeadFailure::TooLarge => (
+                    HeadErrorKind::TooLarge,
+                    HTTP_HEADER_TOO_LARGE,
+                    "too large".to_string(),
+                ),
+                HeadFailure::Gone => {
+                    shared.metrics.failure("client_gone");
+                    return;
+                }
+            };
+            tracing::info!("{peer} on {}: head {why}", listener.name);
+            shared.metrics.head_error(kind);
+            refuse(stream, listener.protocol, status, ALERT_INTERNAL_ERROR);
+            return;
+        }
+    };
+    let Some(pool_name) = router.pick(&head) else {
+        tracing::info!("{peer} on {}: no route for {head:?}", listener.name);
+        shared.metrics.failure("no_route");
+        refuse(
+            stream,
+            listener.protocol,
+            HTTP_NOT_FOUND,
+            ALERT_UNRECOGNIZED_NAME,
+        );
+        return;
+    };
+    let Some(pool) = active.pools.get(pool_name) else {
+        shared.metrics.failure("no_route");
+        refuse(
+            stream,
+            listener.protocol,
+            HTTP_NOT_FOUND,
+            ALERT_UNRECOGNIZED_NAME,
+        );
+        return;
+    };
+    let health = &shared.health;
+    let usable = |id: MemberId| {
+        let m = pool.member(id);
+        m.agent.is_some_and(|a| health.is_up(Target::Agent(a)))
+            || m.server.is_some_and(|s| health.is_up(Target::Server(s)))
+    };
+    let Some(id) = pool.pick(peer, &usable) else {
+        tracing::warn!("{peer}: no member of pool {pool_name} is up");
+        shared.metrics.failure("no_member");
+        refuse(
+            stream,
+            listener.protocol,
+            HTTP_UNAVAILABLE,
+            ALERT_INTERNAL_ERROR,
+        );
+        return;
+    };
+    let member = pool.member(id);
+    let agent = member
+        .agent
+        .filter(|a| health.is_up(Target::Agent(*a)))
+        .filter(|_| shared.steering.is_some() && active.auth.is_some());
+    match agent {
+        Some(agent) => {
+            let job = Job {
+                stream,
+                pool: pool_name.to_string(),
+                member: id,
+                decided: Instant::now(),
+                busy,
+            };
+            if let Err(mpsc::SendError(job)) = batcher(shared, agent).send(job) {
+                fallback(
+                    shared,
+                    job.stream,
+                    &job.pool,
+                    job.member,
+                    "the agent's batcher stopped",
+                    job.busy,
+                );
+            }
+        }
+        None => {
+            let why = if member.agent.is_none() {
+                "the member has no agent"
+            } else {
+                "its agent is down or there is no steering"
+            };
+            fallback(shared, stream, pool_name, id, why, busy);
+        }
+    }
+}
+
+/// The channel to the batching thread of `agent` (started on first use).
+fn batcher(shared: &Arc<Shared>, agent: SocketAddr) -> mpsc::Sender<Job> {
+    let mut agents = shared.agents.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(tx) = agents.get(&agent) {
+        return tx.clone();
+    }
+    let (tx, rx) = mpsc::channel::<Job>();
+    let s = Arc::clone(shared);
+    let spawned = std::thread::Builder::new()
+        .name(format!("handoff {agent}"))
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(j) => batch.push(j),
+                        Err(_) => break,
+                    }
+                }
+                hand_off_batch(&s, agent, batch);
+            }
+        });
+    if let Err(e) = spawned {
+        // The sender is dropped with `rx`: the caller proxies instead.
+        tracing::error!("cannot start the batcher of {agent}: {e}");
+        return tx;
+    }
+    agents.insert(agent, tx.clone());
+    tx
+}
+
+/// The steering datapath as the handoff's traffic switch: each flow is
+/// steered to the agent's host between READY and COMMIT, and unsteered if
+/// the batch rolls back.
+struct SteerHook {
+    steering: Arc<dyn Steering>,
+    backend: IpAddr,
+}
+
+impl std::fmt::Debug for SteerHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} to {}", self.steering.name(), self.backend)
+    }
+}
+
+impl TrafficHook for SteerHook {
+    fn switch(&self, flows: &[tcpr_engine::Flow]) -> Result<(), String> {
+        for (done, f) in flows.iter().enumerate() {
+            let flow = SteeredFlow {
+                client: f.peer,
+                vip: f.local,
+                backend: self.backend,
+            };
+            if let Err(e) = self.steering.steer(&flow) {
+                // All or none: the batch rolls back as one.
+                let _ = self.unswitch(&flows[..done]);
+                return Err(e.to_string());
+            }
+        }
+        Ok(())
+    }
+    fn unswitch(&self, flows: &[tcpr_engine::Flow]) -> Result<(), String> {
+        let errors: Vec<String> = flows
+            .iter()
+            .filter_map(|f| self.steering.unsteer(f.peer, f.local).err())
+            .map(|e| e.to_string())
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+}
+
+fn hand_off_batch(shared: &Arc<Shared>, agent: SocketAddr, batch: Vec<Job>) {
+    let active = shared.active();
+    let (Some(steering), Some(auth)) = (shared.steering.clone(), active.auth.clone()) else {
+        for j in batch {
+            fallback(
+                shared,
+                j.stream,
+                &j.pool,
+                j.member,
+                "no steering or no [agents]",
+                j.busy,
+            );
+        }
+        return;
+    };
+    let mut opts = MigrateOptions::new(agent, auth);
+    opts.timeout = shared.handoff_timeout;
+    opts.switch = Switch::Hook(Arc::new(SteerHook {
+        steering,
+        backend: agent.ip(),
+    }));
+    let mut conns = Vec::with_capacity(batch.len());
+    let mut rest = Vec::with_capacity(batch.len());
+    for j in batch {
+        match j.stream.try_clone() {
+            Ok(dup) => {
+                conns.push((dup, Vec::new()));
+                rest.push(j);
+            }
+            Err(e) => fallback(shared, j.stream, &j.pool, j.member, &e.to_string(), j.busy),
+        }
+    }
+    let results = match tcpr_handoff::hand_off(conns, &opts) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("handoff to {agent} refused: {}", e.error);
+            shared.metrics.failure("handoff_refused");
+            drop(e.conns);
+            for j in rest {
+                fallback(
+                    shared,
+                    j.stream,
+                    &j.pool,
+                    j.member,
+                    "handoff refused",
+                    j.busy,
+                );
+            }
+            return;
+        }
+    };
+    for (j, r) in rest.into_iter().zip(results) {
+        let label = active
+            .pools
+            .get(&j.pool)
+            .map(|p| p.member(j.member).label())
+            .unwrap_or_default();
+        match r {
+            HandOff::Moved => {
+                // The sender disconnected the socket in repair mode: closing
+                // our handle sends nothing to the client.
+                shared
+                    .metrics
+                    .handoff_ok(&j.pool, &label, j.decided.elapsed().as_secs_f64());
+            }
+            HandOff::Stayed(dup, why) => {
+                tracing::info!("handoff to {agent} rolled back: {why}");
+                if why.contains("cannot reach the agent") || why.contains("did not answer") {
+                    shared.health.set(Target::Agent(agent), false);
+                }
+                shared.metrics.failure("rolled_back");
+                drop(dup);
+                fallback(shared, j.stream, &j.pool, j.member, &why, j.busy);
+            }
+            HandOff::Unknown(dup, why) => {
+                tracing::error!(
+                    "handoff to {agent} ended unknown, the connection stays frozen: {why}"
+                );
+                shared.metrics.failure("unknown");
+                drop(dup);
+                shared
+                    .unknown
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((Instant::now() + tcpr_engine::DEFAULT_LEASE, j.stream));
+            }
+        }
+    }
+}
+
+/// Proxies a connection to its member's server, or another up member's,
+/// so the client is served anyway; answers 503 / closes when none is.
+fn fallback(
+    shared: &Arc<Shared>,
+    client: TcpStream,
+    pool: &str,
+    member: MemberId,
+    why: &str,
+    busy: Busy,
+) {
+    let active = shared.active();
+    let Some(p) = active.pools.get(pool) else {
+        shared.metrics.failure("no_server");
+        return;
+    };
+    let first = p.member(member).server.into_iter();
+    let others = p
+        .members()
+        .filter_map(|(_, m)| m.server)
+        .filter(|s| Some(*s) != p.member(member).server);
+    let mut server = None;
+    for addr in first.chain(others) {
+        if !shared.health.is_up(Target::Server(addr)) {
+            continue;
+        }
+        match TcpStream::connect_timeout(&addr, SERVER_CONNECT_TIMEOUT) {
+            Ok(s) => {
+                server = Some(s);
+                break;
+            }
+            Err(e) => {
+                tracing::warn!("server {addr}: {e}");
+                shared.health.set(Target::Server(addr), false);
+            }
+        }
+    }
+    let Some(server) = server else {
+        tracing::warn!("{pool}: no server to proxy to ({why})");
+        shared.metrics.failure("no_server");
+        let protocol = active
+            .config
+            .listeners
+            .iter()
+            .find(|l| client.local_addr().is_ok_and(|a| l.bind.contains(&a)))
+            .map_or(Protocol::Tcp, |l| l.protocol);
+        refuse(client, protocol, HTTP_UNAVAILABLE, ALERT_INTERNAL_ERROR);
+        return;
+    };
+    tracing::debug!("proxying to {:?} ({why})", server.peer_addr());
+    let m = p.member(member);
+    if m.agent.is_some() {
+        // A handoff failed or was impossible (agent down, no steering).
+        shared.metrics.fallback(pool, &m.label());
+    } else {
+        shared.metrics.proxied(pool, &m.label());
+    }
+    // A relay cannot know message boundaries: no Nagle wait on either side.
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let spawned = std::thread::Builder::new()
+        .name("relay".into())
+        .spawn(move || {
+            if let Err(e) = tcpr_host::relay::relay(client, server) {
+                tracing::debug!("relay ended: {e}");
+            }
+            drop(busy);
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start a relay thread: {e}");
+        shared.metrics.failure("thread");
+    }
+}
+
+fn start_health(shared: &Arc<Shared>) {
+    let s = Arc::clone(shared);
+    let spawned = std::thread::Builder::new()
+        .name("health".into())
+        .spawn(move || loop {
+            let active = s.active();
+            s.health.check(&active.targets(), active.auth.as_ref());
+            for (name, pool) in &active.pools {
+                for (_, m) in pool.members() {
+                    let up = m.agent.is_some_and(|a| s.health.is_up(Target::Agent(a)))
+                        || m.server.is_some_and(|a| s.health.is_up(Target::Server(a)));
+                    s.metrics.set_member_up(name, &m.label(), up);
+                }
+            }
+            drop(active);
+            let now = Instant::now();
+            s.unknown
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|(until, _)| *until > now);
+            std::thread::sleep(CHECK_INTERVAL);
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the health checks: {e}");
+    }
+}

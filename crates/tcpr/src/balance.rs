@@ -1,0 +1,162 @@
+//! `tcpr balance`: the L7 load balancer (runtime in `tcpr_balance::runtime`).
+
+use anyhow::{Context, Result};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tcpr_balance::runtime::{self, Options};
+use tcpr_balance::Config;
+
+/// `tcpr balance`.
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BalanceArgs {
+    /// Run with this config file (SIGHUP reads it again, SIGTERM drains).
+    #[arg(long, conflicts_with = "check", required_unless_present = "check")]
+    config: Option<PathBuf>,
+    /// Check this config file: exit 0 when valid, else print
+    /// `FILE:LINE:COL: what is wrong` and exit 1.
+    #[arg(long)]
+    check: Option<PathBuf>,
+    /// Seconds to wait for each answer of an agent during a handoff
+    /// (0.001 to 3600).
+    #[arg(long, default_value = "2", value_parser = crate::bounds::step_timeout)]
+    handoff_timeout: Duration,
+    /// Steer no flow: proxy every connection (for comparison, or a front
+    /// host without a steering datapath).
+    #[arg(long)]
+    no_steering: bool,
+    /// The interface the VIPs' packets arrive on and steered flows leave
+    /// by (default: the one holding the first listener's first address).
+    #[arg(long)]
+    steer_device: Option<String>,
+    /// Flows steered at once at most, per address family; beyond it
+    /// connections are proxied.
+    #[arg(long, default_value_t = tcpr_steer::nft::DEFAULT_CAPACITY as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    steer_capacity: u32,
+    /// Seconds after the client's FIN or RST a steering entry stays (for
+    /// the flow's last ACKs); 0.01 to 3600.
+    #[arg(long, default_value = "5", value_parser = linger)]
+    steer_linger: Duration,
+    #[command(subcommand)]
+    cmd: Option<BalanceCmd>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum BalanceCmd {
+    /// Print a running balancer's metrics for people.
+    Status {
+        /// Its `[metrics] listen` address.
+        #[arg(long)]
+        metrics: SocketAddr,
+    },
+}
+
+impl BalanceArgs {
+    /// Whether it runs a balancer (`--check` and `status` only read).
+    pub(crate) fn runs(&self) -> bool {
+        self.cmd.is_none() && self.check.is_none()
+    }
+}
+
+/// Runs `tcpr balance`; the exit status.
+pub fn run(args: BalanceArgs) -> Result<i32> {
+    if let Some(BalanceCmd::Status { metrics }) = args.cmd {
+        return status(metrics).map(|()| 0);
+    }
+    if let Some(file) = args.check {
+        return Ok(match Config::load(&file) {
+            Ok(_) => 0,
+            Err(e) => {
+                eprintln!("{e}");
+                1
+            }
+        });
+    }
+    let config_path = args.config.clone().context("--config FILE is required")?;
+    let steering = if args.no_steering {
+        None
+    } else {
+        Some(open_steering(&args, &config_path)?)
+    };
+    runtime::run(Options {
+        config_path,
+        steering,
+        handoff_timeout: args.handoff_timeout,
+    })?;
+    Ok(0)
+}
+
+fn linger(arg: &str) -> Result<Duration, String> {
+    crate::bounds::seconds(arg, 0.01, 3600.0)
+}
+
+/// The nf_tables netdev datapath on the VIPs' interface.
+fn open_steering(
+    args: &BalanceArgs,
+    config_path: &std::path::Path,
+) -> Result<Arc<dyn tcpr_steer::Steering>> {
+    let device = match &args.steer_device {
+        Some(d) => d.clone(),
+        None => {
+            let config = Config::load(config_path)?;
+            let first = config
+                .listeners
+                .iter()
+                .flat_map(|l| l.bind.iter())
+                .next()
+                .context("the config has no listening address")?;
+            tcpr_host::addr::find(first.ip())
+                .with_context(|| {
+                    format!(
+                        "cannot find the interface of {}: give --steer-device",
+                        first.ip()
+                    )
+                })?
+                .ifname
+        }
+    };
+    let mut cfg = tcpr_steer::nft::NftConfig::new(&device);
+    cfg.capacity = args.steer_capacity as usize;
+    cfg.linger = args.steer_linger;
+    let steering = tcpr_steer::nft::NftSteering::install(cfg)
+        .with_context(|| format!("cannot install the steering datapath on {device}"))?;
+    Ok(Arc::new(steering))
+}
+
+/// Prints the metrics as a table: one row per sample.
+fn status(addr: SocketAddr) -> Result<()> {
+    let text = tcpr_balance::serve_metrics::fetch(addr)
+        .with_context(|| format!("cannot read the metrics at {addr}"))?;
+    let samples = tcpr_balance::parse_metrics(&text);
+    // Histogram buckets are for machines; people read the sum and count.
+    let rows: Vec<(String, String)> = samples
+        .iter()
+        .filter(|s| !s.name.ends_with("_bucket"))
+        .map(|s| {
+            let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let name = if labels.is_empty() {
+                s.name.clone()
+            } else {
+                format!("{}{{{}}}", s.name, labels.join(","))
+            };
+            (name, format_value(s.value))
+        })
+        .collect();
+    let width = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    println!("{:<width$}  VALUE", "METRIC");
+    for (name, value) in rows {
+        println!("{name:<width$}  {value}");
+    }
+    Ok(())
+}
+
+fn format_value(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.6}")
+    }
+}

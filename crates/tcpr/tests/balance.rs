@@ -1,0 +1,199 @@
+//! `tcpr balance` in network namespaces: a client, the front host, two
+//! backends; curl for HTTP by Host and HTTPS by SNI.
+
+#[path = "balance_bed/mod.rs"]
+mod balance_bed;
+mod common;
+use balance_bed::*;
+use common::py;
+use tcpr_netlab::balance::Family;
+
+/// Requests for each host land on its backend, over HTTP and HTTPS, on
+/// both VIPs; `who` answers "bN PATH CLIENT-IP".
+fn assert_routes(bed: &Bed) {
+    for family in [Family::V4, Family::V6] {
+        for https in [false, true] {
+            for (i, host) in HOSTS.iter().enumerate() {
+                let body = bed.get(family, https, host, "/who");
+                assert!(
+                    body.starts_with(&format!("b{i} /who ")),
+                    "{host} over {} via {family:?}: {body:?}",
+                    if https { "https" } else { "http" }
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn routes_by_host_and_sni_when_proxying() {
+    let mut bed = Bed::new("bp", 140);
+    bed.start_servers();
+    let config = bed.config_text(false);
+    bed.start_balancer(&config, &["--no-steering"]);
+    assert_routes(&bed);
+    // 2 families x 2 protocols x 2 hosts, all proxied.
+    assert_eq!(bed.metric("tcpr_balance_proxied_total"), 8.0);
+    assert_eq!(bed.metric("tcpr_balance_handoffs_total"), 0.0);
+}
+
+#[test]
+fn hands_off_by_host_and_sni() {
+    let mut bed = Bed::new("bh", 141);
+    bed.start_servers();
+    bed.start_agents();
+    let config = bed.config_text(true);
+    bed.start_balancer(&config, &[]);
+    assert_routes(&bed);
+    assert_eq!(
+        bed.metric("tcpr_balance_handoffs_total"),
+        8.0,
+        "{:?}",
+        bed.metrics()
+            .iter()
+            .filter(|s| s.name.contains("failures") || s.name.contains("fallbacks"))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(bed.metric("tcpr_balance_fallbacks_total"), 0.0);
+    assert_eq!(bed.metric("tcpr_balance_proxied_total"), 0.0);
+}
+
+/// The SHA-256 of the first `n` bytes of the servers' stream.
+fn expected_digest(n: u64) -> String {
+    let out = std::process::Command::new("python3")
+        .args([&py("balance_server.py"), "--digest", &n.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Bytes of the big download: at least 256 MiB.
+const BIG: u64 = 256 << 20;
+
+#[test]
+fn big_download_bypasses_the_front() {
+    let mut bed = Bed::new("bbig", 145);
+    bed.start_servers();
+    bed.start_agents();
+    let config = bed.config_text(true);
+    bed.start_balancer(&config, &[]);
+    let want = expected_digest(BIG);
+    for family in [Family::V4, Family::V6] {
+        let tx_before = bed.lab.front.tx_bytes("eth0").unwrap();
+        let rx_before = bed.lab.client.rx_bytes("eth0").unwrap();
+        let vip = bed.lab.vip(family).to_string();
+        let out = bed
+            .lab
+            .client
+            .cmd("python3")
+            .args([
+                &py("balance_client.py"),
+                "download",
+                &vip,
+                "80",
+                "b.example",
+            ])
+            .arg(format!("/bytes/{BIG}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("{BIG} {want}")
+        );
+        let front_tx = bed.lab.front.tx_bytes("eth0").unwrap() - tx_before;
+        let client_rx = bed.lab.client.rx_bytes("eth0").unwrap() - rx_before;
+        println!("{family:?}: client received {client_rx} bytes, the front transmitted {front_tx}");
+        assert!(client_rx >= BIG);
+        // What the front sends is the client's ACKs forwarded to the
+        // backend: under one percent of the response.
+        assert!(
+            front_tx < BIG / 100,
+            "the front transmitted {front_tx} bytes"
+        );
+    }
+    assert_eq!(bed.metric("tcpr_balance_handoffs_total"), 2.0);
+}
+
+#[test]
+fn an_agent_killed_mid_run_fails_no_request() {
+    let mut bed = Bed::new("bkill", 146);
+    bed.start_servers();
+    bed.start_agents();
+    let config = bed.config_text(true);
+    bed.start_balancer(&config, &[]);
+    let vip = bed.lab.vip(Family::V4).to_string();
+    let run = |n: &str| {
+        let out = bed
+            .lab
+            .client
+            .cmd("ab")
+            .args(["-q", "-n", n, "-c", "4", "-H", "Host: a.example"])
+            .arg(format!("http://{vip}/name"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("Failed requests:        0"), "{text}");
+        assert!(!text.contains("Non-2xx"), "{text}");
+    };
+    run("300");
+    let handed = bed.metric("tcpr_balance_handoffs_total");
+    assert!(handed >= 300.0, "{handed}");
+    // Backend 0's IPv4 HTTP agent dies; the balancer does not know yet.
+    bed.agents[0][0].kill();
+    run("300");
+    // Those that met the dead agent were proxied to its server.
+    assert!(bed.metric("tcpr_balance_fallbacks_total") >= 1.0);
+}
+
+#[test]
+fn ten_thousand_connections_leave_no_steering_entry() {
+    let mut bed = Bed::new("bmany", 147);
+    bed.start_servers();
+    bed.start_agents();
+    let config = bed.config_text(true);
+    bed.start_balancer(&config, &["--steer-linger", "0.2"]);
+    for family in [Family::V4, Family::V6] {
+        let vip = match bed.lab.vip(family) {
+            std::net::IpAddr::V6(v) => format!("[{v}]"),
+            v => v.to_string(),
+        };
+        let out = bed
+            .lab
+            .client
+            .cmd("ab")
+            .args(["-q", "-n", "5000", "-c", "8", "-H", "Host: b.example"])
+            .arg(format!("http://{vip}/name"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("Complete requests:      5000"), "{text}");
+        assert!(text.contains("Failed requests:        0"), "{text}");
+    }
+    // Each was handed off, or (an agent slow to answer on this loaded
+    // machine) rolled back and proxied: every one was served.
+    let handed = bed.metric("tcpr_balance_handoffs_total");
+    let fell_back = bed.metric("tcpr_balance_fallbacks_total");
+    assert_eq!(handed + fell_back, 10_000.0);
+    assert!(handed >= 9_000.0, "{handed}");
+    common::wait_until(
+        "every steering entry is gone",
+        std::time::Duration::from_secs(30),
+        || bed.metric("tcpr_balance_flows_active") == 0.0,
+    );
+}
