@@ -158,30 +158,15 @@ pub(super) fn take_over(shared: &Shared, s: &mut Session, ids: &[ConnId]) -> Res
         }
     }
     fault_point("taken");
-    // The lock goes now (its release waits until the element stopped
-    // matching, about a jiffy), while `resuming` is made durable: the
-    // resumed sockets need their packets from the first window probe on.
-    let locks = std::mem::take(&mut s.locks);
-    let log = &mut s.log;
-    let journal = shared.journal.as_ref();
-    let mut resuming = || match (log.as_mut(), journal) {
+    // The restored flows stay locked here: each connection's lock goes in
+    // its own `resume` (the engine releases a lock this namespace holds on
+    // the flow, microseconds before the socket goes live). Released for
+    // the whole batch up front, a flow whose agent died before resuming it
+    // met no socket here and drew a RST (`tcpr soak --kill-anytime`); held,
+    // its packets are dropped until the sender thaws its copy.
+    let journaled = match (s.log.as_mut(), shared.journal.as_ref()) {
         (Some(log), Some(j)) => Some(log.resuming(j)),
         _ => None,
-    };
-    let journaled = if locks.is_empty() {
-        resuming()
-    } else {
-        let (released, journaled) = std::thread::scope(|scope| {
-            let release = scope.spawn(move || FlowLock::release_many(locks));
-            let journaled = resuming();
-            (release.join(), journaled)
-        });
-        match released {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!("cannot release the lock of the flows to resume: {e}"),
-            Err(_) => tracing::error!("the lock release panicked"),
-        }
-        journaled
     };
     if let Some(Err(e)) = journaled {
         // Nothing is resumed yet: give the address back and refuse.
