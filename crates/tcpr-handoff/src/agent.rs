@@ -348,7 +348,14 @@ fn serve(shared: &Arc<Shared>, tcp: TcpStream, ticket: u64) -> Result<(), WireEr
     ch.tcp().set_read_timeout(Some(timeout))?;
     ch.tcp()
         .set_write_timeout(Some(timeout.saturating_mul(4)))?;
-    let first = wire::read_msg(&mut ch)?;
+    let first = match wire::read_msg(&mut ch) {
+        // Authenticated, then closed: a balancer's health check.
+        Err(WireError::Closed) => {
+            tracing::debug!("an authenticated channel closed before its first message");
+            return Ok(());
+        }
+        read => read?,
+    };
     match first.kind {
         Some(pb::message::Kind::Query(q)) => {
             let status = query(shared, q.batch);

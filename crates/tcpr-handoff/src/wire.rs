@@ -39,9 +39,13 @@ const READ_CHUNK: usize = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum WireError {
-    /// The link failed or closed.
+    /// The link failed, or closed inside a frame.
     #[error("link: {0}")]
     Io(#[from] io::Error),
+    /// The peer closed the link between frames: a clean end (a health
+    /// check that only proves the handshake ends this way).
+    #[error("link closed by the peer")]
+    Closed,
     /// The frame is larger than [`MAX_FRAME`].
     #[error("frame of {0} bytes is over the limit")]
     TooLarge(usize),
@@ -127,7 +131,18 @@ pub fn write_prepare(w: &mut impl Write, conns: &[(ConnId, &[u8])]) -> Result<()
 /// Reads one message.
 pub fn read_msg(r: &mut impl Read) -> Result<pb::Message, WireError> {
     let mut len = [0u8; 4];
-    r.read_exact(&mut len)?;
+    // The first byte alone tells a clean end from a frame cut short.
+    let first = loop {
+        match r.read(&mut len[..1]) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if first == 0 {
+        return Err(WireError::Closed);
+    }
+    r.read_exact(&mut len[1..])?;
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_FRAME {
         return Err(WireError::TooLarge(len));
@@ -333,6 +348,18 @@ mod tests {
         // up front and ends at the end of the input.
         let lying = ((MAX_FRAME - 1) as u32).to_be_bytes();
         assert!(matches!(read_msg(&mut &lying[..]), Err(WireError::Io(_))));
+        // Two bytes of a length: cut short too, not a clean end.
+        assert!(matches!(read_msg(&mut &lying[..2]), Err(WireError::Io(_))));
+    }
+
+    #[test]
+    fn an_end_between_frames_is_a_clean_close() {
+        assert!(matches!(read_msg(&mut &[][..]), Err(WireError::Closed)));
+        let mut buf = vec![];
+        write_msg(&mut buf, &to_wire(&Msg::Abort("x".into()))).unwrap();
+        let mut r = &buf[..];
+        assert!(read_msg(&mut r).is_ok());
+        assert!(matches!(read_msg(&mut r), Err(WireError::Closed)));
     }
 
     #[test]
