@@ -126,15 +126,42 @@ fn why_not(w: &mut String, m: &machine::Machine, engine: &EngineFigures, handoff
             .max_by(|a, b| a.1.median().total_cmp(&b.1.median()))
             .map(|(n, s)| (*n, s.median()))
             .unwrap_or(("", 0.0));
+        // What the phase does, where it is known to dominate.
+        let what = if name.starts_with("commit") {
+            " After COMMIT the agent resumes each connection and hands it to the receiving \
+             application; the sender waits for COMMITTED."
+        } else if name.starts_with("freeze") {
+            " Freezing duplicates every socket first (fd limit permitting: in chunks \
+             otherwise) and sets repair mode on each."
+        } else {
+            ""
+        };
         notes.push(format!(
             "{} connections take {:.0} ms; the largest phase is *{name}*: {:.0} ms, {:.0} µs per \
-             connection. After COMMIT the agent resumes and delivers one connection at a time \
-             (over a unix socket: a connect, a resume, a sendmsg with the descriptor and a wait \
-             for the receiver's acknowledgement each); the sender waits for COMMITTED.",
+             connection.{what}",
             big.conns,
             big.total_ms.median(),
             slowest,
             slowest * 1e3 / big.conns as f64
+        ));
+    }
+    if let Some(row) = engine.rows.iter().find(|r| {
+        r.conns >= 100
+            && (r.dump_ratio.median() > goals::FLOOR_RATIO
+                || r.restore_ratio.median() > goals::FLOOR_RATIO)
+    }) {
+        // The syscall counts are from `strace -c -f` of one dump and one
+        // restore (2026-12-02): they change only with the code, not per run.
+        notes.push(format!(
+            "At {} connections tcpr costs {:.2}x (dump) and {:.2}x (restore) the floor. The floor \
+             makes the bare repair calls (13 syscalls per connection for a dump); the engine \
+             also saves and restores every socket option the image keeps (31 per dump, by \
+             `strace -c`), checks the socket's state and namespace, and builds the image. \
+             Those calls are what makes a restored socket behave like the original; they are \
+             kept on purpose.",
+            row.conns,
+            row.dump_ratio.median(),
+            row.restore_ratio.median()
         ));
     }
     if notes.is_empty() {
