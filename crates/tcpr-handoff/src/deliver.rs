@@ -129,6 +129,22 @@ pub fn send_unix_within(
     peer: SocketAddr,
     ack_timeout: Duration,
 ) -> io::Result<()> {
+    send_unix_message(to, sock, blob, local, peer)?;
+    await_unix_ack(to, ack_timeout)
+}
+
+/// The first half of [`send_unix`]: sends the message with the
+/// connection's fd attached, and does not wait. The connection is still
+/// the sender's until [`await_unix_ack`] returns `Ok`: a sender that
+/// pipelines (sends on several unix connections before reading their
+/// acknowledgements) holds each one until then.
+pub fn send_unix_message(
+    to: &UnixStream,
+    sock: &OwnedFd,
+    blob: &[u8],
+    local: SocketAddr,
+    peer: SocketAddr,
+) -> io::Result<()> {
     let (l, p) = (local.to_string(), peer.to_string());
     let mut m = Vec::with_capacity(16 + l.len() + p.len() + blob.len());
     m.extend_from_slice(MAGIC);
@@ -138,17 +154,27 @@ pub fn send_unix_within(
     m.extend_from_slice(p.as_bytes());
     m.extend_from_slice(&(blob.len() as u32).to_be_bytes());
     m.extend_from_slice(blob);
-    tcpr_host::send_with_fd(to.as_fd(), &m, sock.as_fd())?;
-    // The receiver's acknowledgement: until it comes, the connection is ours.
+    tcpr_host::send_with_fd(to.as_fd(), &m, sock.as_fd())
+}
+
+/// The second half of [`send_unix`]: waits up to `ack_timeout` for the
+/// receiver's acknowledgement of the message sent on `to`. Until it
+/// comes, the connection is the sender's.
+pub fn await_unix_ack(to: &UnixStream, ack_timeout: Duration) -> io::Result<()> {
     let mut ack = [0u8; 1];
     let mut r = to;
-    r.set_read_timeout(Some(ack_timeout))?;
+    // A zero timeout means none at all to the socket: wait a little instead.
+    r.set_read_timeout(Some(ack_timeout.max(MIN_ACK_WAIT)))?;
     r.read_exact(&mut ack)?;
     if ack != *b"k" {
         return Err(bad("acknowledgement"));
     }
     Ok(())
 }
+
+/// The least [`await_unix_ack`] waits (`SO_RCVTIMEO` of zero is no
+/// timeout).
+const MIN_ACK_WAIT: Duration = Duration::from_millis(1);
 
 /// Connects to the application's unix socket: proves that something
 /// listens there before any connection is resumed for it.
