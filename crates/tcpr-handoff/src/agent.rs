@@ -563,6 +563,15 @@ fn resume_and_deliver(
 ) -> Vec<(ConnId, Result<(), String>)> {
     let mut out = Vec::with_capacity(ids.len());
     let mut unacknowledged: VecDeque<Unacknowledged> = VecDeque::new();
+    // A receiver takes its connections in turn: each has the whole
+    // acknowledgement timeout from when the one before was settled, not
+    // from its send, so a slow receiver is given what it had unpipelined.
+    let mut settled = Instant::now();
+    let mut confirm = |s: &mut Session, u: Unacknowledged| {
+        let outcome = confirm_delivery(shared, s, settled, u);
+        settled = Instant::now();
+        outcome
+    };
     for &id in ids {
         match resume_one(shared, s, id).and_then(|r| deliver_resumed(shared, s, r)) {
             Ok(Some(sent)) => unacknowledged.push_back(sent),
@@ -571,12 +580,12 @@ fn resume_and_deliver(
         }
         while unacknowledged.len() >= UNACKNOWLEDGED_MAX {
             if let Some(u) = unacknowledged.pop_front() {
-                out.push((u.id, confirm_delivery(shared, s, u)));
+                out.push((u.id, confirm(s, u)));
             }
         }
     }
     for u in unacknowledged {
-        out.push((u.id, confirm_delivery(shared, s, u)));
+        out.push((u.id, confirm(s, u)));
     }
     out
 }

@@ -365,18 +365,24 @@ pub fn recv_unix(from: &mut UnixStream) -> io::Result<Option<Delivered>> {
         return Err(bad("magic"));
     }
     let fd = fd.ok_or_else(|| bad("no file descriptor attached"))?;
-    fn read_str(from: &mut UnixStream, len: usize) -> io::Result<String> {
-        let mut b = vec![0u8; len];
-        from.read_exact(&mut b)?;
-        String::from_utf8(b).map_err(|_| bad("address text"))
-    }
-    let local = read_str(from, u16::from_be_bytes([head[8], head[9]]) as usize)?;
-    let mut two = [0u8; 2];
-    from.read_exact(&mut two)?;
-    let peer = read_str(from, u16::from_be_bytes(two) as usize)?;
-    let mut four = [0u8; 4];
-    from.read_exact(&mut four)?;
-    let blen = u32::from_be_bytes(four) as usize;
+    // Each read takes a field and the length of the next one: exactly the
+    // message's bytes (a next message on the stream is left unread), in
+    // three reads rather than five.
+    let text = |b: Vec<u8>| String::from_utf8(b).map_err(|_| bad("address text"));
+    let local_len = u16::from_be_bytes([head[8], head[9]]) as usize;
+    let mut local_and_len = vec![0u8; local_len + 2];
+    from.read_exact(&mut local_and_len)?;
+    let peer_len = u16::from_be_bytes([local_and_len[local_len], local_and_len[local_len + 1]]);
+    local_and_len.truncate(local_len);
+    let local = text(local_and_len)?;
+    let peer_len = peer_len as usize;
+    let mut peer_and_len = vec![0u8; peer_len + 4];
+    from.read_exact(&mut peer_and_len)?;
+    let mut blob_len = [0u8; 4];
+    blob_len.copy_from_slice(&peer_and_len[peer_len..]);
+    peer_and_len.truncate(peer_len);
+    let peer = text(peer_and_len)?;
+    let blen = u32::from_be_bytes(blob_len) as usize;
     if blen > 1 << 30 {
         return Err(bad("blob length"));
     }

@@ -360,7 +360,8 @@ pub(super) struct Unacknowledged {
     pub(super) id: ConnId,
     to: UnixStream,
     fd: OwnedFd,
-    /// The receiver has [`deliver::ACK_TIMEOUT`] from here.
+    /// The receiver's acknowledgement timeout runs from here at the
+    /// earliest.
     sent_at: Instant,
 }
 
@@ -392,15 +393,19 @@ pub(super) fn deliver_resumed(
     }
 }
 
-/// Waits for the receiver's acknowledgement of a unix delivery: the
-/// connection is delivered then (and journaled), or closed silently and
-/// reported, as when it was sent alone.
+/// Waits for the receiver's acknowledgement of a unix delivery, until
+/// [`deliver::ACK_TIMEOUT`] after the later of its send and `turn` (when
+/// the receiver was done with the one before): the connection is
+/// delivered then (and journaled), or closed silently and reported, as
+/// when it was sent alone.
 pub(super) fn confirm_delivery(
     shared: &Shared,
     s: &mut Session,
+    turn: Instant,
     u: Unacknowledged,
 ) -> Result<(), String> {
-    let left = deliver::ACK_TIMEOUT.saturating_sub(u.sent_at.elapsed());
+    let since = u.sent_at.max(turn);
+    let left = deliver::ACK_TIMEOUT.saturating_sub(since.elapsed());
     match deliver::await_unix_ack(&u.to, left) {
         Ok(()) => {
             delivered(shared, s, u.id);
