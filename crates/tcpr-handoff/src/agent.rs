@@ -443,10 +443,7 @@ fn batch(shared: &Arc<Shared>, ch: Channel, hello: pb::Message) -> Result<(), Wi
     m.handle_message(wire::from_wire(hello)?, now);
     let id = m.batch();
     fault_point("hello");
-    let sender_elsewhere = ch
-        .tcp()
-        .peer_addr()
-        .is_ok_and(takeover::sender_elsewhere);
+    let sender_elsewhere = ch.tcp().peer_addr().is_ok_and(takeover::sender_elsewhere);
     let sess = Arc::new(Mutex::new(Session {
         m,
         images: HashMap::new(),

@@ -21,7 +21,9 @@ const CONNECTIONS: usize = 8;
 const CHUNK: usize = 1024;
 
 fn auth() -> Auth {
-    Auth::Psk(std::sync::Arc::new(b"unix pipeline test shared key".to_vec()))
+    Auth::Psk(std::sync::Arc::new(
+        b"unix pipeline test shared key".to_vec(),
+    ))
 }
 
 fn pattern(seed: usize) -> Vec<u8> {

@@ -464,9 +464,8 @@ pub(super) fn deliver_one(
     img: ConnectionImage,
     target: Option<Reached>,
 ) -> Result<Handed, String> {
-    let fail = |fd: OwnedFd, why: String| -> Result<Handed, String> {
-        Err(close_undelivered(fd, why))
-    };
+    let fail =
+        |fd: OwnedFd, why: String| -> Result<Handed, String> { Err(close_undelivered(fd, why)) };
     match d {
         Delivery::Channel(tx) => {
             let delivered = Delivered {
