@@ -46,6 +46,19 @@ pub struct Restored {
     peer_fin: Option<PendingPeerFin>,
     /// How long resume waits for room for the unsent data.
     unsent_timeout: Duration,
+    /// Whether resume looks for this namespace's lock on the flow (see
+    /// [`Restored::set_no_local_lock`]).
+    local_lock: LocalLock,
+}
+
+/// What [`Restored::resume`] knows of a lock on the flow in the socket's
+/// network namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LocalLock {
+    /// There may be one (the flow was dumped here): look, and release it.
+    MayBeHeld,
+    /// The caller knows there is none: do not look.
+    NoneHeld,
 }
 
 /// The peer's FIN, as the image knows it; its ACK is read at delivery.
@@ -100,6 +113,7 @@ pub fn restore(img: &ConnectionImage) -> Result<Restored, Error> {
         notsent_lowat: img.socket_options.notsent_lowat,
         peer_fin: None,
         unsent_timeout: UNSENT_TIMEOUT,
+        local_lock: LocalLock::MayBeHeld,
     };
     restored.build(img)?;
     Ok(restored)
@@ -117,6 +131,18 @@ impl Restored {
     /// namespace). [`UNSENT_TIMEOUT`] unless set.
     pub fn set_unsent_timeout(&mut self, timeout: Duration) {
         self.unsent_timeout = timeout;
+    }
+
+    /// Tells [`Restored::resume`] that the socket's network namespace
+    /// holds no lock on the flow, so it skips looking for one (a netlink
+    /// socket and one or two nf_tables requests per connection: most of
+    /// an agent's resume of a large batch). For a caller that knows the
+    /// connection was dumped in another namespace (an agent whose sender
+    /// is on another host) and released its own locks on the flow; a lock
+    /// left here by someone else would then hold the flow's packets until
+    /// its lease ends.
+    pub fn set_no_local_lock(&mut self) {
+        self.local_lock = LocalLock::NoneHeld;
     }
 
     fn build(&mut self, img: &ConnectionImage) -> Result<(), Error> {
@@ -228,7 +254,8 @@ impl Restored {
     /// application:
     /// 1. if the flow is locked in this network namespace (a restore on the
     ///    host it was dumped on, such as a process upgrade), releases that
-    ///    lock, so the flow is taken over at once instead of after the lease;
+    ///    lock, so the flow is taken over at once instead of after the lease
+    ///    (unless told there is none: [`Restored::set_no_local_lock`]);
     /// 2. delivers the peer's FIN if it had closed (whether or not the local
     ///    address is assigned here yet: see `local_route`);
     /// 3. turns repair mode off (the kernel sends a window probe, so the
@@ -255,7 +282,10 @@ impl Restored {
     }
 
     fn bring_up(&self, fd: BorrowedFd<'_>, progress: &mut Progress) -> Result<(), Error> {
-        progress.lock_released = release_local_lock(fd, self.flow)?;
+        progress.lock_released = match self.local_lock {
+            LocalLock::MayBeHeld => release_local_lock(fd, self.flow)?,
+            LocalLock::NoneHeld => false,
+        };
         if let Some(fin) = self.peer_fin {
             self.deliver_peer_fin(fd, fin)?;
         }

@@ -26,8 +26,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use takeover::{
-    before_ready, deliver_resumed, discard, lock_restored, restore_one, resume_one, take_over,
-    Session,
+    before_ready, confirm_delivery, deliver_resumed, discard, lock_restored, restore_one,
+    resume_one, take_over, Session, Unacknowledged,
 };
 use tcpr_image::ConnectionImage;
 
@@ -450,6 +450,7 @@ fn batch(shared: &Arc<Shared>, ch: Channel, hello: pb::Message) -> Result<(), Wi
     m.handle_message(wire::from_wire(hello)?, now);
     let id = m.batch();
     fault_point("hello");
+    let sender_elsewhere = ch.tcp().peer_addr().is_ok_and(takeover::sender_elsewhere);
     let sess = Arc::new(Mutex::new(Session {
         m,
         images: HashMap::new(),
@@ -460,6 +461,7 @@ fn batch(shared: &Arc<Shared>, ch: Channel, hello: pb::Message) -> Result<(), Wi
         target_first: None,
         log: None,
         locks: Vec::new(),
+        sender_elsewhere,
     }));
     let r = batch_loop(shared, ch, &sess, id);
     if r.is_err() {
@@ -544,6 +546,54 @@ fn batch_loop(
     }
 }
 
+/// Unix deliveries sent and not yet acknowledged, at most: the agent
+/// resumes and sends the next connections while the receiver takes these.
+/// Each holds a unix connection the receiver has not necessarily
+/// accepted yet, so this stays well below a listen backlog (a receiver
+/// taking one connection at a time on a backlog of 64 is tested).
+const UNACKNOWLEDGED_MAX: usize = 16;
+
+/// Resumes and delivers a committed batch. Each connection is delivered
+/// as soon as it is resumed: a unix receiver takes one connection at a
+/// time, so connecting a batch's worth of unix sockets first would fill
+/// its listen backlog and block (10,000 connections stalled for seconds).
+/// Unix deliveries are pipelined: up to [`UNACKNOWLEDGED_MAX`] are in
+/// the receiver's hands before their acknowledgements are read, each
+/// still the agent's until its own comes.
+fn resume_and_deliver(
+    shared: &Shared,
+    s: &mut Session,
+    ids: &[ConnId],
+) -> Vec<(ConnId, Result<(), String>)> {
+    let mut out = Vec::with_capacity(ids.len());
+    let mut unacknowledged: VecDeque<Unacknowledged> = VecDeque::new();
+    // A receiver takes its connections in turn: each has the whole
+    // acknowledgement timeout from when the one before was settled, not
+    // from its send, so a slow receiver is given what it had unpipelined.
+    let mut settled = Instant::now();
+    let mut confirm = |s: &mut Session, u: Unacknowledged| {
+        let outcome = confirm_delivery(shared, s, settled, u);
+        settled = Instant::now();
+        outcome
+    };
+    for &id in ids {
+        match resume_one(shared, s, id).and_then(|r| deliver_resumed(shared, s, r)) {
+            Ok(Some(sent)) => unacknowledged.push_back(sent),
+            Ok(None) => out.push((id, Ok(()))),
+            Err(e) => out.push((id, Err(e))),
+        }
+        while unacknowledged.len() >= UNACKNOWLEDGED_MAX {
+            if let Some(u) = unacknowledged.pop_front() {
+                out.push((u.id, confirm(s, u)));
+            }
+        }
+    }
+    for u in unacknowledged {
+        out.push((u.id, confirm(s, u)));
+    }
+    out
+}
+
 /// Performs the machine's actions and sends its messages.
 fn drive(shared: &Shared, s: &mut Session, ch: &mut Channel) -> Result<(), WireError> {
     loop {
@@ -569,16 +619,14 @@ fn drive(shared: &Shared, s: &mut Session, ch: &mut Channel) -> Result<(), WireE
                 }
                 AgentAction::Resume(ids) => match take_over(shared, s, &ids) {
                     Ok(()) => {
-                        // Each connection is delivered as soon as it is
-                        // resumed: a unix receiver takes one connection at
-                        // a time, so connecting a batch's worth of unix
-                        // sockets first would fill its listen backlog and
-                        // block (10,000 connections stalled for seconds).
-                        let mut out = Vec::with_capacity(ids.len());
-                        for &id in &ids {
-                            let outcome = resume_one(shared, s, id)
-                                .and_then(|r| deliver_resumed(shared, s, r));
-                            out.push((id, outcome));
+                        let out = resume_and_deliver(shared, s, &ids);
+                        // Each resumed flow's lock went in `resume_one`;
+                        // one not resumed stays dropped here until its
+                        // lease ends (no socket: a packet would draw a
+                        // RST). Dropped, the guards would release them,
+                        // and later locks of a flow that moved on.
+                        for l in std::mem::take(&mut s.locks) {
+                            l.keep();
                         }
                         fault_point("delivered");
                         s.m.handle_resumed(out);

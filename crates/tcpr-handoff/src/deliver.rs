@@ -132,11 +132,33 @@ pub fn send_unix_within(
     peer: SocketAddr,
     ack_timeout: Duration,
 ) -> io::Result<()> {
-    tcpr_host::send_with_fd(to.as_fd(), &unix_message(blob, local, peer), sock.as_fd())?;
-    // The receiver's acknowledgement: until it comes, the connection is ours.
+    send_unix_message(to, sock, blob, local, peer)?;
+    await_unix_ack(to, ack_timeout)
+}
+
+/// The first half of [`send_unix`]: sends the message with the
+/// connection's fd attached, and does not wait. The connection is still
+/// the sender's until [`await_unix_ack`] returns `Ok`: a sender that
+/// pipelines (sends on several unix connections before reading their
+/// acknowledgements) holds each one until then.
+pub fn send_unix_message(
+    to: &UnixStream,
+    sock: &OwnedFd,
+    blob: &[u8],
+    local: SocketAddr,
+    peer: SocketAddr,
+) -> io::Result<()> {
+    tcpr_host::send_with_fd(to.as_fd(), &unix_message(blob, local, peer), sock.as_fd())
+}
+
+/// The second half of [`send_unix`]: waits up to `ack_timeout` for the
+/// receiver's acknowledgement of the message sent on `to`. Until it
+/// comes, the connection is the sender's.
+pub fn await_unix_ack(to: &UnixStream, ack_timeout: Duration) -> io::Result<()> {
     let mut ack = [0u8; 1];
     let mut r = to;
-    r.set_read_timeout(Some(ack_timeout))?;
+    // A zero timeout means none at all to the socket: wait a little instead.
+    r.set_read_timeout(Some(ack_timeout.max(MIN_ACK_WAIT)))?;
     r.read_exact(&mut ack)?;
     if ack != *b"k" {
         return Err(bad("acknowledgement"));
@@ -157,6 +179,10 @@ fn unix_message(blob: &[u8], local: SocketAddr, peer: SocketAddr) -> Vec<u8> {
     m.extend_from_slice(blob);
     m
 }
+
+/// The least [`await_unix_ack`] waits (`SO_RCVTIMEO` of zero is no
+/// timeout).
+const MIN_ACK_WAIT: Duration = Duration::from_millis(1);
 
 /// Connects to the application's unix socket: proves that something
 /// listens there before any connection is resumed for it.
@@ -347,18 +373,24 @@ pub fn recv_unix(from: &mut UnixStream) -> io::Result<Option<Delivered>> {
         return Err(bad("magic"));
     }
     let fd = fd.ok_or_else(|| bad("no file descriptor attached"))?;
-    fn read_str(from: &mut UnixStream, len: usize) -> io::Result<String> {
-        let mut b = vec![0u8; len];
-        from.read_exact(&mut b)?;
-        String::from_utf8(b).map_err(|_| bad("address text"))
-    }
-    let local = read_str(from, u16::from_be_bytes([head[8], head[9]]) as usize)?;
-    let mut two = [0u8; 2];
-    from.read_exact(&mut two)?;
-    let peer = read_str(from, u16::from_be_bytes(two) as usize)?;
-    let mut four = [0u8; 4];
-    from.read_exact(&mut four)?;
-    let blen = u32::from_be_bytes(four) as usize;
+    // Each read takes a field and the length of the next one: exactly the
+    // message's bytes (a next message on the stream is left unread), in
+    // three reads rather than five.
+    let text = |b: Vec<u8>| String::from_utf8(b).map_err(|_| bad("address text"));
+    let local_len = u16::from_be_bytes([head[8], head[9]]) as usize;
+    let mut local_and_len = vec![0u8; local_len + 2];
+    from.read_exact(&mut local_and_len)?;
+    let peer_len = u16::from_be_bytes([local_and_len[local_len], local_and_len[local_len + 1]]);
+    local_and_len.truncate(local_len);
+    let local = text(local_and_len)?;
+    let peer_len = peer_len as usize;
+    let mut peer_and_len = vec![0u8; peer_len + 4];
+    from.read_exact(&mut peer_and_len)?;
+    let mut blob_len = [0u8; 4];
+    blob_len.copy_from_slice(&peer_and_len[peer_len..]);
+    peer_and_len.truncate(peer_len);
+    let peer = text(peer_and_len)?;
+    let blen = u32::from_be_bytes(blob_len) as usize;
     if blen > 1 << 30 {
         return Err(bad("blob length"));
     }

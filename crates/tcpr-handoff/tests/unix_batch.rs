@@ -1,16 +1,24 @@
-//! A batch larger than a unix receiver's listen backlog, delivered to an
-//! application that takes one connection at a time (as `deliver::recv_unix`
-//! clients do): every connection moves and carries on. The agent once
-//! connected a unix socket per connection for the whole batch before
-//! delivering any, which filled the receiver's backlog and stalled the
-//! batch past the sender's timeout (every connection `unknown`).
+//! Batches delivered over a unix socket to applications that read it in
+//! two ways; every connection moves and carries on.
+//!
+//! - A batch larger than a unix receiver's listen backlog, delivered to an
+//!   application that takes one connection at a time (as
+//!   `deliver::recv_unix` clients do). The agent once connected a unix
+//!   socket per connection for the whole batch before delivering any,
+//!   which filled the receiver's backlog and stalled the batch past the
+//!   sender's timeout (every connection `unknown`).
+//! - Unix delivery is pipelined: a receiver that accepts a whole batch's
+//!   unix connections before reading any message gets every connection.
+//!   The agent once waited for each acknowledgement before connecting for
+//!   the next connection, so such a receiver waited on an accept that
+//!   never came, and the first connection's acknowledgement timed out.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixListener;
 use std::sync::mpsc;
 use std::time::Duration;
-use tcpr_handoff::{deliver, Switch};
+use tcpr_handoff::{deliver, Delivered, Switch};
 use tcpr_handoff::{hand_off, AgentConfig, AgentServer, Auth, Delivery, HandOff, MigrateOptions};
 use tcpr_netlab::Lab;
 
@@ -19,6 +27,8 @@ use tcpr_netlab::Lab;
 /// delivering blocks on a full backlog.
 const CONNECTIONS: usize = 300;
 const UNIX_BACKLOG: usize = 64;
+/// Fewer than the agent keeps unacknowledged.
+const PIPELINED_CONNECTIONS: usize = 8;
 const CHUNK: usize = 4096;
 
 fn auth() -> Auth {
@@ -29,41 +39,56 @@ fn pattern(seed: usize) -> Vec<u8> {
     (0..CHUNK).map(|i| (i * 31 + seed * 7) as u8).collect()
 }
 
-#[test]
-fn a_batch_larger_than_the_unix_backlog_reaches_a_one_at_a_time_receiver() {
-    const { assert!(CONNECTIONS > UNIX_BACKLOG) };
-    let mut lab = Lab::new("ub").unwrap();
-    let c = lab.host("c", &["10.93.0.1/24"]).unwrap();
-    let a = lab.host("a", &["10.93.0.2/24", "10.93.0.100/24"]).unwrap();
-    let b = lab.host("b", &["10.93.0.3/24"]).unwrap();
-    let service: SocketAddr = "10.93.0.100:8080".parse().unwrap();
+/// Where the application listens, and how it reads its unix socket.
+struct Receiver {
+    /// The namespace's `net.core.somaxconn` when it binds, if set.
+    unix_backlog: Option<usize>,
+    /// Takes the listener and sends every connection delivered on it.
+    receive: Box<dyn FnOnce(UnixListener, mpsc::Sender<Delivered>) + Send>,
+}
 
-    // The application on b: takes one delivered connection at a time and
-    // echoes one chunk on each from a thread of its own.
-    let dir = std::env::temp_dir().join(format!("tcpr-unix-batch-{}", std::process::id()));
+/// Moves `connections` connections from host a to an agent on host b
+/// (network `10.N.0.0/24`) that delivers them over a unix socket to
+/// `receiver`; each delivered connection echoes one chunk, which its
+/// client on host c checks byte for byte.
+fn batch_to_unix_receiver(name: &str, net: u8, connections: usize, receiver: Receiver) {
+    let mut lab = Lab::new(name).unwrap();
+    let addr = |host: u8| format!("10.{net}.0.{host}");
+    let c = lab.host("c", &[&format!("{}/24", addr(1))]).unwrap();
+    let a = lab
+        .host(
+            "a",
+            &[&format!("{}/24", addr(2)), &format!("{}/24", addr(100))],
+        )
+        .unwrap();
+    let b = lab.host("b", &[&format!("{}/24", addr(3))]).unwrap();
+    let service: SocketAddr = format!("{}:8080", addr(100)).parse().unwrap();
+    let agent_addr: SocketAddr = format!("{}:7070", addr(3)).parse().unwrap();
+
+    let dir = std::env::temp_dir().join(format!("tcpr-unix-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("app.sock");
-    // The listen backlog is capped by the namespace's somaxconn when the
-    // listener is made: make it in b, with a small one.
-    let sysctl = b
-        .cmd("sysctl")
-        .args(["-q", "-w", &format!("net.core.somaxconn={UNIX_BACKLOG}")])
-        .status()
-        .unwrap();
-    assert!(sysctl.success(), "set somaxconn in b");
+    if let Some(backlog) = receiver.unix_backlog {
+        // The listen backlog is capped by the namespace's somaxconn when
+        // the listener is made: make it in b, with a small one.
+        let sysctl = b
+            .cmd("sysctl")
+            .args(["-q", "-w", &format!("net.core.somaxconn={backlog}")])
+            .status()
+            .unwrap();
+        assert!(sysctl.success(), "set somaxconn in b");
+    }
     let app_path = path.clone();
     let app = b
         .within(move || Ok(UnixListener::bind(&app_path)?))
         .unwrap();
-    let (delivered_tx, delivered_rx) = mpsc::channel();
+    let (delivered_tx, delivered_rx) = mpsc::channel::<Delivered>();
+    let (echoed_tx, echoed_rx) = mpsc::channel();
+    std::thread::spawn(move || (receiver.receive)(app, delivered_tx));
+    // Each delivered connection echoes one chunk on a thread of its own.
     std::thread::spawn(move || {
-        for s in app.incoming() {
-            let Ok(mut s) = s else { break };
-            // The agent's probes carry nothing.
-            let Ok(Some(d)) = deliver::recv_unix(&mut s) else {
-                continue;
-            };
-            let tx = delivered_tx.clone();
+        for d in delivered_rx {
+            let tx = echoed_tx.clone();
             std::thread::spawn(move || {
                 let mut stream = d.stream;
                 let mut buf = vec![0u8; CHUNK];
@@ -83,7 +108,7 @@ fn a_batch_larger_than_the_unix_backlog_reaches_a_one_at_a_time_receiver() {
         tcpr_host::enter_netns(&b_path).unwrap();
         let mut cfg = AgentConfig::new(auth(), vec![service], Delivery::Unix(agent_path));
         cfg.timeout = Duration::from_secs(2);
-        let agent = AgentServer::bind("10.93.0.3:7070".parse().unwrap(), cfg).unwrap();
+        let agent = AgentServer::bind(agent_addr, cfg).unwrap();
         let _ = agent.run();
     });
 
@@ -93,7 +118,7 @@ fn a_batch_larger_than_the_unix_backlog_reaches_a_one_at_a_time_receiver() {
     let client = std::thread::spawn(move || {
         c.within(move || {
             let mut socks = vec![];
-            for _ in 0..CONNECTIONS {
+            for _ in 0..connections {
                 let s = TcpStream::connect(service)?;
                 s.set_read_timeout(Some(Duration::from_secs(30)))?;
                 socks.push(s);
@@ -110,13 +135,13 @@ fn a_batch_larger_than_the_unix_backlog_reaches_a_one_at_a_time_receiver() {
             Ok(())
         })
     });
-    let conns: Vec<(TcpStream, Vec<u8>)> = (0..CONNECTIONS)
+    let conns: Vec<(TcpStream, Vec<u8>)> = (0..connections)
         .map(|_| (listener.accept().unwrap().0, b"state".to_vec()))
         .collect();
     drop(listener);
     let outcomes = a
         .within(move || {
-            let mut opts = MigrateOptions::new("10.93.0.3:7070".parse()?, auth());
+            let mut opts = MigrateOptions::new(agent_addr, auth());
             opts.switch = Switch::MoveAddress;
             hand_off(conns, &opts).map_err(|e| anyhow::anyhow!("{e}"))
         })
@@ -127,17 +152,62 @@ fn a_batch_larger_than_the_unix_backlog_reaches_a_one_at_a_time_receiver() {
         .count();
     let first_other = outcomes.iter().find(|o| !matches!(o, HandOff::Moved));
     assert_eq!(
-        moved, CONNECTIONS,
+        moved, connections,
         "every connection moves; the first other: {first_other:?}"
     );
     go_tx.send(()).unwrap();
     client.join().unwrap().unwrap();
-    for i in 0..CONNECTIONS {
-        let echoed = delivered_rx
+    for i in 0..connections {
+        let echoed = echoed_rx
             .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|e| panic!("delivered connection {i} of {CONNECTIONS}: {e}"));
+            .unwrap_or_else(|e| panic!("delivered connection {i} of {connections}: {e}"));
         assert_eq!(echoed, Ok(()), "a delivered connection echoed its chunk");
     }
     let _ = std::fs::remove_dir_all(&dir);
     drop(lab);
+}
+
+#[test]
+fn a_batch_larger_than_the_unix_backlog_reaches_a_one_at_a_time_receiver() {
+    const { assert!(CONNECTIONS > UNIX_BACKLOG) };
+    let receiver = Receiver {
+        unix_backlog: Some(UNIX_BACKLOG),
+        receive: Box::new(|app, delivered| {
+            for s in app.incoming() {
+                let Ok(mut s) = s else { break };
+                // The agent's probes carry nothing.
+                if let Ok(Some(d)) = deliver::recv_unix(&mut s) {
+                    let _ = delivered.send(d);
+                }
+            }
+        }),
+    };
+    batch_to_unix_receiver("ub", 93, CONNECTIONS, receiver);
+}
+
+#[test]
+fn a_receiver_that_accepts_the_whole_batch_before_reading_gets_every_connection() {
+    let receiver = Receiver {
+        unix_backlog: None,
+        receive: Box::new(|app, delivered| {
+            let mut got = 0;
+            while got < PIPELINED_CONNECTIONS {
+                // Accept as many unix connections as connections are
+                // missing (the agent's probes among them carry nothing)...
+                let mut pending = Vec::new();
+                while pending.len() < PIPELINED_CONNECTIONS - got {
+                    let Ok((s, _)) = app.accept() else { return };
+                    pending.push(s);
+                }
+                // ...then read them.
+                for mut s in pending {
+                    if let Ok(Some(d)) = deliver::recv_unix(&mut s) {
+                        got += 1;
+                        let _ = delivered.send(d);
+                    }
+                }
+            }
+        }),
+    };
+    batch_to_unix_receiver("up", 94, PIPELINED_CONNECTIONS, receiver);
 }

@@ -11,6 +11,8 @@ use crate::wire::pb;
 use std::collections::HashMap;
 use std::net::{IpAddr, TcpStream};
 use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::time::Instant;
 use tcpr_engine::{Flow, FlowLock, Restored};
 use tcpr_image::ConnectionImage;
 
@@ -34,6 +36,26 @@ pub(super) struct Session {
     /// socket would draw a RST before a restarted agent could hand the
     /// batch back.
     pub(super) locks: Vec<FlowLock>,
+    /// The sender's host is not this network namespace (see
+    /// [`sender_elsewhere`]): no lock of its can be here.
+    pub(super) sender_elsewhere: bool,
+}
+
+/// True when `sender`, the address a sender's channel comes from, is not
+/// an address of this network namespace: the sender runs in another, and
+/// the locks it took on the batch's flows are there, not here. Then the
+/// only locks here on those flows are the agent's own, released by
+/// `resume_one` right before each resume, and resume need not look for one
+/// per connection ([`tcpr_engine::Restored::set_no_local_lock`]). Binding
+/// to an address fails with EADDRNOTAVAIL exactly when it is not assigned
+/// here (ip(7)); any other answer counts as "here", which only costs the
+/// look-up.
+pub(super) fn sender_elsewhere(sender: std::net::SocketAddr) -> bool {
+    let ip = sender.ip().to_canonical();
+    match std::net::UdpSocket::bind((ip, 0)) {
+        Ok(_) => false,
+        Err(e) => e.raw_os_error() == Some(libc::EADDRNOTAVAIL),
+    }
 }
 
 /// A connection resumed, not yet delivered.
@@ -159,8 +181,7 @@ pub(super) fn take_over(shared: &Shared, s: &mut Session, ids: &[ConnId]) -> Res
     }
     fault_point("taken");
     // The restored flows stay locked here: each connection's lock goes in
-    // its own `resume` (the engine releases a lock this namespace holds on
-    // the flow, microseconds before the socket goes live). Released for
+    // `resume_one`, microseconds before its socket goes live. Released for
     // the whole batch up front, a flow whose agent died before resuming it
     // met no socket here and drew a RST (`tcpr soak --kill-anytime`); held,
     // its packets are dropped until the sender thaws its copy.
@@ -271,7 +292,18 @@ pub(super) fn restore_one(shared: &Shared, s: &mut Session, id: ConnId) -> Resul
 }
 
 pub(super) fn resume_one(shared: &Shared, s: &mut Session, id: ConnId) -> Result<Resumed, String> {
-    let r = s.restored.remove(&id).ok_or("not restored")?;
+    let mut r = s.restored.remove(&id).ok_or("not restored")?;
+    // This agent's own lock on the flow (`lock_restored`) goes now,
+    // microseconds before the socket is live, not for the whole batch
+    // before the first resume: an agent killed in between left flows with
+    // no lock and no socket here, and their clients' packets drew RSTs.
+    let released_here = s.locks.is_empty()
+        || tcpr_engine::lock::release_flows(&tcpr_engine::Netns::current(), &[r.flow()])
+            .inspect_err(|e| tracing::warn!("cannot release the restored flow's lock: {e}"))
+            .is_ok();
+    if s.sender_elsewhere && released_here {
+        r.set_no_local_lock();
+    }
     let Some(Ok(img)) = s.images.remove(&id) else {
         r.discard();
         return Err("no image".into());
@@ -314,32 +346,118 @@ pub(super) fn resume_one(shared: &Shared, s: &mut Session, id: ConnId) -> Result
     })
 }
 
-pub(super) fn deliver_resumed(shared: &Shared, s: &mut Session, r: Resumed) -> Result<(), String> {
-    deliver_one(&shared.cfg.delivery, r.stream, r.img, r.target).inspect_err(|_| {
-        lock(&shared.stats).undelivered += 1;
-    })?;
-    lock(&shared.stats).delivered += 1;
-    if let Some(Err(e)) = s.log.as_mut().map(|l| l.delivered(r.id)) {
-        tracing::error!("the journal could not record a delivery: {e}");
-    }
-    Ok(())
+/// A connection sent to a unix receiver that has not acknowledged it yet:
+/// it is still ours (see [`deliver::await_unix_ack`]).
+pub(super) struct Unacknowledged {
+    pub(super) id: ConnId,
+    to: UnixStream,
+    fd: OwnedFd,
+    /// The receiver's acknowledgement timeout runs from here at the
+    /// earliest.
+    sent_at: Instant,
 }
 
-/// Hands a resumed connection over. One that cannot be handed over is
-/// closed silently (repair mode back on: no FIN its peer could take for
-/// the end of a complete response) and reported.
+/// Hands a resumed connection over. A unix delivery comes back
+/// unacknowledged (`Ok(Some)`): [`confirm_delivery`] waits for the
+/// receiver, so that the next connections can be resumed and sent
+/// meanwhile. Any other is delivered (and journaled) on return.
+pub(super) fn deliver_resumed(
+    shared: &Shared,
+    s: &mut Session,
+    r: Resumed,
+) -> Result<Option<Unacknowledged>, String> {
+    let id = r.id;
+    match deliver_one(&shared.cfg.delivery, r.stream, r.img, r.target) {
+        Ok(Handed::Delivered) => {
+            delivered(shared, s, id);
+            Ok(None)
+        }
+        Ok(Handed::Sent { to, fd }) => Ok(Some(Unacknowledged {
+            id,
+            to,
+            fd,
+            sent_at: Instant::now(),
+        })),
+        Err(e) => {
+            lock(&shared.stats).undelivered += 1;
+            Err(e)
+        }
+    }
+}
+
+/// Waits for the receiver's acknowledgement of a unix delivery, until
+/// [`deliver::ACK_TIMEOUT`] after the later of its send and `turn` (when
+/// the receiver was done with the one before): the connection is
+/// delivered then (and journaled), or closed silently and reported, as
+/// when it was sent alone.
+pub(super) fn confirm_delivery(
+    shared: &Shared,
+    s: &mut Session,
+    turn: Instant,
+    u: Unacknowledged,
+) -> Result<(), String> {
+    let since = u.sent_at.max(turn);
+    let left = deliver::ACK_TIMEOUT.saturating_sub(since.elapsed());
+    match deliver::await_unix_ack(&u.to, left) {
+        Ok(()) => {
+            delivered(shared, s, u.id);
+            Ok(())
+        }
+        Err(e) => {
+            lock(&shared.stats).undelivered += 1;
+            let path = match &shared.cfg.delivery {
+                Delivery::Unix(path) => path.display().to_string(),
+                _ => String::new(),
+            };
+            Err(close_undelivered(
+                u.fd,
+                format!("the application at {path}: {e}"),
+            ))
+        }
+    }
+}
+
+fn delivered(shared: &Shared, s: &mut Session, id: ConnId) {
+    lock(&shared.stats).delivered += 1;
+    if let Some(Err(e)) = s.log.as_mut().map(|l| l.delivered(id)) {
+        tracing::error!("the journal could not record a delivery: {e}");
+    }
+}
+
+/// How a resumed connection was handed over.
+pub(super) enum Handed {
+    /// The application (or the program, or the relay) holds it.
+    Delivered,
+    /// Sent to a unix receiver, not acknowledged yet: still ours.
+    Sent {
+        /// The unix connection the acknowledgement comes on.
+        to: UnixStream,
+        /// Our handle on the connection.
+        fd: OwnedFd,
+    },
+}
+
+/// Closes a resumed connection that was not handed over silently (repair
+/// mode back on: no FIN its peer could take for the end of a complete
+/// response); returns the error to report.
+fn close_undelivered(fd: OwnedFd, why: String) -> String {
+    match tcpr_engine::close_silently(fd) {
+        Ok(()) => format!("resumed but not delivered, closed silently: {why}"),
+        Err(e) => format!("resumed but not delivered ({why}); {e}"),
+    }
+}
+
+/// Hands a resumed connection over; to a unix receiver, it is only sent
+/// (see [`Handed::Sent`]). One that cannot be handed over is closed
+/// silently (see [`close_undelivered`]) and reported.
 pub(super) fn deliver_one(
     d: &Delivery,
     stream: TcpStream,
     img: ConnectionImage,
     target: Option<Reached>,
-) -> Result<(), String> {
-    let fail = |fd: OwnedFd, why: String| -> Result<(), String> {
-        match tcpr_engine::close_silently(fd) {
-            Ok(()) => Err(format!("resumed but not delivered, closed silently: {why}")),
-            Err(e) => Err(format!("resumed but not delivered ({why}); {e}")),
-        }
-    };
+) -> Result<Handed, String> {
+    let fail =
+        |fd: OwnedFd, why: String| -> Result<Handed, String> { Err(close_undelivered(fd, why)) };
     match d {
         Delivery::Channel(tx) => {
             let delivered = Delivered {
@@ -349,7 +467,7 @@ pub(super) fn deliver_one(
                 peer: img.peer,
             };
             match tx.send(delivered) {
-                Ok(()) => Ok(()),
+                Ok(()) => Ok(Handed::Delivered),
                 Err(back) => fail(
                     back.0.stream.into(),
                     "the application stopped accepting connections".into(),
@@ -365,7 +483,7 @@ pub(super) fn deliver_one(
                     std::thread::spawn(move || {
                         let _ = child.wait();
                     });
-                    Ok(())
+                    Ok(Handed::Delivered)
                 }
                 Err(e) => fail(fd, format!("cannot run {command}: {e}")),
             }
@@ -375,8 +493,8 @@ pub(super) fn deliver_one(
             let Some(Reached::Unix(to)) = target else {
                 return fail(fd, "no connection to the application".into());
             };
-            match deliver::send_unix(&to, &fd, &img.app_blob, img.local, img.peer) {
-                Ok(()) => Ok(()),
+            match deliver::send_unix_message(&to, &fd, &img.app_blob, img.local, img.peer) {
+                Ok(()) => Ok(Handed::Sent { to, fd }),
                 Err(e) => fail(fd, format!("the application at {}: {e}", path.display())),
             }
         }
@@ -384,9 +502,11 @@ pub(super) fn deliver_one(
             let Some(Reached::Forward(to)) = target else {
                 return fail(stream.into(), "no connection to the server".into());
             };
-            deliver::forward(stream, to, img.peer).or_else(|(stream, e)| {
-                fail(stream.into(), format!("cannot relay to {server}: {e}"))
-            })
+            deliver::forward(stream, to, img.peer)
+                .map(|()| Handed::Delivered)
+                .or_else(|(stream, e)| {
+                    fail(stream.into(), format!("cannot relay to {server}: {e}"))
+                })
         }
     }
 }

@@ -8,8 +8,10 @@ use tcpr_engine::{freeze_many, FreezeOptions, Frozen};
 /// Open files kept free beyond what a batch needs.
 const FD_HEADROOM: u64 = 1024;
 
-/// Connections frozen per lock transaction when the process cannot hold a
-/// second handle for every connection of the batch.
+/// Connections frozen per lock transaction, at least, when the process
+/// cannot hold a second handle for every connection of the batch: a chunk
+/// is as large as the open files left allow (a batch of 10,000 under a
+/// limit of 20,000 goes in two chunks rather than twenty).
 const FREEZE_CHUNK: usize = 512;
 
 /// One connection after the freeze.
@@ -33,8 +35,11 @@ pub(super) fn freeze_with_spares(
     fo: &FreezeOptions,
 ) -> Result<Vec<FreezeSlot>, (crate::Error, Vec<OwnedFd>)> {
     let dups = match duplicate_all(&socks) {
-        Ok(Some(dups)) => dups,
-        Ok(None) => return freeze_in_chunks(socks, fo),
+        Ok(Duplicates::All(dups)) => dups,
+        Ok(Duplicates::Room(room)) => {
+            let chunk = room.saturating_sub(FD_HEADROOM as usize).max(FREEZE_CHUNK);
+            return freeze_in_chunks(socks, fo, chunk);
+        }
         Err(e) => return Err((e, socks)),
     };
     match freeze_many(dups, fo) {
@@ -51,11 +56,20 @@ pub(super) fn freeze_with_spares(
     }
 }
 
-/// Duplicates every socket; `None` when the open file limit does not allow
-/// it (after raising it once, with room for as many again: whatever the
+/// What [`duplicate_all`] could do.
+enum Duplicates {
+    /// A duplicate of every socket.
+    All(Vec<OwnedFd>),
+    /// The open file limit does not allow it: this many more files could
+    /// be opened (the duplicates made before it ran out, closed again).
+    Room(usize),
+}
+
+/// Duplicates every socket, unless the open file limit does not allow it
+/// (after raising it once, with room for as many again: whatever the
 /// process does with the connections meanwhile, such as an agent in the
 /// same process restoring them).
-fn duplicate_all(socks: &[OwnedFd]) -> Result<Option<Vec<OwnedFd>>, crate::Error> {
+fn duplicate_all(socks: &[OwnedFd]) -> Result<Duplicates, crate::Error> {
     let mut dups = Vec::with_capacity(socks.len());
     let mut raised = false;
     while let Some(s) = socks.get(dups.len()) {
@@ -71,13 +85,15 @@ fn duplicate_all(socks: &[OwnedFd]) -> Result<Option<Vec<OwnedFd>>, crate::Error
                     tracing::warn!("cannot raise the open file limit to {want}: {e}");
                 }
             }
-            Err(e) if e.raw_os_error() == Some(libc::EMFILE) => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::EMFILE) => {
+                return Ok(Duplicates::Room(dups.len()))
+            }
             Err(e) => {
                 return Err(tcpr_engine::Error::kernel("duplicate the socket", e).into());
             }
         }
     }
-    Ok(Some(dups))
+    Ok(Duplicates::All(dups))
 }
 
 /// [`freeze_with_spares`] for a batch too large for two handles per
@@ -85,15 +101,16 @@ fn duplicate_all(socks: &[OwnedFd]) -> Result<Option<Vec<OwnedFd>>, crate::Error
 fn freeze_in_chunks(
     socks: Vec<OwnedFd>,
     fo: &FreezeOptions,
+    chunk_len: usize,
 ) -> Result<Vec<FreezeSlot>, (crate::Error, Vec<OwnedFd>)> {
     tracing::warn!(
-        "the open file limit allows no second handle per connection: freezing in chunks of {FREEZE_CHUNK}"
+        "the open file limit allows no second handle per connection: freezing in chunks of {chunk_len}"
     );
     let total = socks.len();
     let mut slots: Vec<FreezeSlot> = Vec::with_capacity(total);
     let mut rest = socks.into_iter();
     loop {
-        let chunk: Vec<OwnedFd> = rest.by_ref().take(FREEZE_CHUNK).collect();
+        let chunk: Vec<OwnedFd> = rest.by_ref().take(chunk_len).collect();
         if chunk.is_empty() {
             return Ok(slots);
         }
