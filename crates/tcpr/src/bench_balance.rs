@@ -6,7 +6,7 @@
 //! from /proc/PID/stat utime+stime; softirq work the kernel does for the
 //! front's interface is not attributed to a process and is not counted).
 //! For tcpr it also prints, per load, the balancer's own counters
-//! (connections accepted, handed off, fallen back to the proxy, and the
+//! (connections handed off, fallen back to the proxy, proxied, and the
 //! mean handoff time), so a reader sees each new connection really was
 //! handed off.
 
@@ -40,7 +40,6 @@ struct Run {
 /// The balancer's counters (summed over pools, members, listeners).
 #[derive(Debug, Clone, Copy, Default)]
 struct Served {
-    accepted: f64,
     handoffs: f64,
     fallbacks: f64,
     proxied: f64,
@@ -52,7 +51,6 @@ impl Served {
     /// What happened between `before` and `self`.
     fn since(self, before: Served) -> Served {
         Served {
-            accepted: self.accepted - before.accepted,
             handoffs: self.handoffs - before.handoffs,
             fallbacks: self.fallbacks - before.fallbacks,
             proxied: self.proxied - before.proxied,
@@ -78,7 +76,6 @@ fn served(lab: &BalanceLab) -> Result<Served> {
             .sum()
     };
     Ok(Served {
-        accepted: total(names::CONNECTIONS),
         handoffs: total(names::HANDOFFS),
         fallbacks: total(names::FALLBACKS),
         proxied: total(names::PROXIED),
@@ -199,8 +196,8 @@ fn compare(lab: &BalanceLab, dir: &std::path::Path, seconds: u32) -> Result<()> 
     println!("(r/s ratio: tcpr / haproxy, higher is better; cpu ratio: tcpr / haproxy front CPU per GiB, lower is better)");
     println!();
     println!(
-        "{:<24} {:>10} {:>10} {:>10} {:>10} {:>9} {:>14}",
-        "tcpr balance", "requests", "accepted", "handoffs", "fallbacks", "proxied", "mean handoff"
+        "{:<24} {:>10} {:>10} {:>10} {:>9} {:>14}",
+        "tcpr balance", "requests", "handoffs", "fallbacks", "proxied", "mean handoff"
     );
     for ((load, run), s) in loads().iter().zip(&results[1]).zip(&tcpr_served) {
         let mean_ms = if s.handoff_seconds_count > 0.0 {
@@ -209,11 +206,11 @@ fn compare(lab: &BalanceLab, dir: &std::path::Path, seconds: u32) -> Result<()> 
             f64::NAN
         };
         println!(
-            "{:<24} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>9.0} {:>11.2} ms",
-            load.name, run.requests, s.accepted, s.handoffs, s.fallbacks, s.proxied, mean_ms
+            "{:<24} {:>10.0} {:>10.0} {:>10.0} {:>9.0} {:>11.2} ms",
+            load.name, run.requests, s.handoffs, s.fallbacks, s.proxied, mean_ms
         );
     }
-    println!("(requests: wrk's count; accepted, handoffs, fallbacks, proxied: the balancer's counters over the same run)");
+    println!("(requests: wrk's count; handoffs, fallbacks, proxied: the balancer's counters over the same run)");
     Ok(())
 }
 
