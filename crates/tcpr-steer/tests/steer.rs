@@ -2,8 +2,11 @@
 //! front host that holds the VIP, and a backend with the VIP on its
 //! loopback, on one bridge. The backend listens on the VIP itself; the
 //! client connects to the VIP. Unsteered, the SYN would meet the front's
-//! stack (no listener: a RST); steered, the whole connection runs between
-//! client and backend, and the front only forwards the client's packets.
+//! stack (no listener: a RST). The datapath never steers a SYN (a new
+//! flow is the front's), so a steered flow's handshake reaches the backend
+//! by a host route on the client, as if handed off; then the connection
+//! runs between client and backend, and the front only forwards the
+//! client's packets.
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -277,8 +280,9 @@ fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// A download of 8 MiB through the VIP, and the client's FIN or RST.
-/// Checks: every byte arrives (hash), the front's stack never saw a
+/// A download of 8 MiB through the VIP (the handshake as if handed off),
+/// and the client's FIN or RST. Checks: every byte arrives (hash), the
+/// front's stack never saw a
 /// segment, the front's interface carried a small fraction of the bytes
 /// (only the client's packets, forwarded), and the entry goes after the
 /// client's end plus the linger, not before it was used.
