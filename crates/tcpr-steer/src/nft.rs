@@ -13,17 +13,23 @@
 //!   chain ingress (hook ingress device DEV priority -500):
 //!     tcp: meta mark set KEY map @flows  goto steered    (one hash lookup)
 //!   chain steered:
+//!     SYN without ACK: goto forget (delete KEY from @closing and @flows;
+//!                                   the front's stack takes the packet)
 //!     KEY @closing                 fwd to meta mark map @backends   (no refresh)
 //!     FIN or RST: add @closing { KEY }; update @flows { KEY timeout LINGER }; fwd
 //!     otherwise:  update @flows { KEY timeout IDLE }; fwd
 //! ```
 //!
-//! Per packet: two or three hash lookups and one expiry write, O(1). An
+//! Per packet: one flag test, two or three hash lookups and one expiry
+//! write, O(1). An
 //! entry is one NEWSETELEM over nf_tables netlink ([`tcpr_host::nfnl`]),
 //! with the idle timeout as its expiry; the packet path renews it, cuts it
 //! to the linger at the client's FIN or RST (the `closing` set keeps the
 //! flow's last ACKs from renewing it again), and the kernel's set garbage
-//! collector removes it. The map's `size` is the cap: an add beyond it is
+//! collector removes it. A client's SYN that matches an entry reuses the
+//! tuple of a flow that ended (its entry still lingering): it removes the
+//! entry and reaches the front's stack, which accepts the new flow. The
+//! map's `size` is the cap: an add beyond it is
 //! refused (ENFILE), which [`Steering::steer`] reports as
 //! [`SteerError::Full`].
 //!
@@ -160,15 +166,22 @@ impl NftConfig {
         ] {
             let fwd = format!("fwd {proto} to meta mark map @backends{v} device \"{device}\"");
             let addr = if v == "4" { "ipv4_addr" } else { "ipv6_addr" };
-            // The renewals: inline for IPv4; for IPv6 in chains of their
-            // own, whose one rule `rule.rs` writes (see there why).
-            let (linger_update, idle_update) = if v == "4" {
+            // The renewals and the delete of the flow map's entry: inline
+            // for IPv4; for IPv6 in chains of their own, whose one rule
+            // `rule.rs` writes (see there why). The delete of `forget6` is
+            // appended after the closing one written here.
+            let (linger_update, idle_update, forget_flow) = if v == "4" {
                 (
                     format!("update @flows4 {{ {key} timeout {linger}ms : meta mark }}"),
                     format!("update @flows4 {{ {key} timeout {idle}ms : meta mark }}"),
+                    format!("\n    delete @flows4 {{ {key} : meta mark }}"),
                 )
             } else {
-                ("jump linger6".to_string(), "jump renew6".to_string())
+                (
+                    "jump linger6".to_string(),
+                    "jump renew6".to_string(),
+                    String::new(),
+                )
             };
             s += &format!(
                 "  map flows{v} {{ {key_type} : {mark_type}; flags dynamic,timeout; size {capacity}; }}
@@ -179,8 +192,21 @@ impl NftConfig {
             if v == "6" {
                 s += "  chain linger6 {\n  }\n  chain renew6 {\n  }\n";
             }
+            // A SYN (without ACK) opens a new flow: one whose tuple matches
+            // an entry reuses the tuple of a flow that ended (a client
+            // without TIME_WAIT, because the server closed first, may do so
+            // at once). Forwarded, it would meet the backend, which has no
+            // listener on the VIP (or a TIME_WAIT of the old flow): a RST.
+            // It removes the stale entry, so that neither it nor the new
+            // flow's later packets are steered, and goes to the front's
+            // stack (the end of a chain reached by goto: the base chain's
+            // policy, accept).
             s += &format!(
-                "  chain steered{v} {{
+                "  chain forget{v} {{
+    delete @closing{v} {{ {key} }}{forget_flow}
+  }}
+  chain steered{v} {{
+    tcp flags & (syn | ack) == syn goto forget{v}
     {key} @closing{v} {fwd}
     tcp flags & (fin | rst) != 0 add @closing{v} {{ {key} }}
     tcp flags & (fin | rst) != 0 {linger_update}
@@ -235,22 +261,29 @@ impl NftSteering {
             backends: Mutex::new(HashMap::new()),
         };
         s.nft(&s.cfg.ruleset())?;
-        let renewals = [
-            rule::Renew {
-                table: &s.cfg.table,
-                chain: "linger6",
-                set: "flows6",
-                timeout: s.cfg.linger,
-            },
-            rule::Renew {
-                table: &s.cfg.table,
-                chain: "renew6",
-                set: "flows6",
-                timeout: s.cfg.idle,
-            },
+        let flow_rule = |chain, op| rule::FlowRule {
+            table: &s.cfg.table,
+            chain,
+            set: "flows6",
+            op,
+        };
+        let rules6 = [
+            flow_rule(
+                "linger6",
+                rule::FlowOp::Renew {
+                    timeout: s.cfg.linger,
+                },
+            ),
+            flow_rule(
+                "renew6",
+                rule::FlowOp::Renew {
+                    timeout: s.cfg.idle,
+                },
+            ),
+            flow_rule("forget6", rule::FlowOp::Delete),
         ];
         // Dropping `s` on error deletes the table.
-        rule::append(s.ns(), &renewals)?;
+        rule::append(s.ns(), &rules6)?;
         Ok(s)
     }
 

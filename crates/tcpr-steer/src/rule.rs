@@ -1,5 +1,5 @@
-//! The one nf_tables rule `nft` (1.0.6, this project's machines) cannot
-//! write: a dynamic update of the IPv6 flow map. Its key is one 36-byte
+//! The nf_tables rules `nft` (1.0.6, this project's machines) cannot
+//! write: a dynamic update (or delete) of the IPv6 flow map. Its key is one 36-byte
 //! load (`@nh,64,288`), and nft places the map value (`meta mark`) in the
 //! second 16-byte register, inside the key it just loaded: the update
 //! would look up a corrupted key and never renew the flow's entry
@@ -13,7 +13,10 @@
 //!   payload load 36b @ network header + 8 => reg32 0
 //!   meta load mark => reg32 9
 //!   dynset update reg_key reg32 0 set SET sreg_data reg32 9 timeout T
+//!     (or: dynset delete reg_key reg32 0 set SET sreg_data reg32 9)
 //! ```
+//! A delete from a map needs a data register too (nf_tables refuses a
+//! map's dynset without one, EINVAL), though it only reads the key.
 //! Elements themselves go through [`tcpr_host::nfnl`]; [`count`] counts a
 //! set's live elements with one GETSETELEM dump (the steering gauge).
 
@@ -67,6 +70,7 @@ const NFTA_DYNSET_SREG_KEY: u16 = 4;
 const NFTA_DYNSET_SREG_DATA: u16 = 5;
 const NFTA_DYNSET_TIMEOUT: u16 = 6;
 const NFT_DYNSET_OP_UPDATE: u32 = 1;
+const NFT_DYNSET_OP_DELETE: u32 = 2;
 /// `NFT_REG32_00`: the first 32-bit register.
 const REG32_00: u32 = 8;
 /// The IPv6 key: source and destination address and the two ports.
@@ -77,13 +81,22 @@ const VALUE_REG: u32 = REG32_00 + KEY6_BYTES / 4;
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 const RECV_BUFFER_BYTES: usize = 16 * 1024;
 
-/// A rule that renews the IPv6 flow's entry in `set` to expire `timeout`
-/// from now, appended to `chain` of the netdev table `table`.
-pub(crate) struct Renew<'a> {
+/// What a [`FlowRule`] does to the packet's flow entry.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum FlowOp {
+    /// Renews it to expire this long from now.
+    Renew { timeout: Duration },
+    /// Removes it.
+    Delete,
+}
+
+/// A rule that applies `op` to the IPv6 flow's entry in the map `set`,
+/// appended to `chain` of the netdev table `table`.
+pub(crate) struct FlowRule<'a> {
     pub(crate) table: &'a str,
     pub(crate) chain: &'a str,
     pub(crate) set: &'a str,
-    pub(crate) timeout: Duration,
+    pub(crate) op: FlowOp,
 }
 
 fn attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
@@ -139,7 +152,7 @@ fn message(
 }
 
 /// The batch that appends `rules` (one transaction).
-fn batch(rules: &[Renew<'_>]) -> Vec<u8> {
+fn batch(rules: &[FlowRule<'_>]) -> Vec<u8> {
     let mut buf = Vec::new();
     message(&mut buf, NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, 1, |_| {});
     for (i, r) in rules.iter().enumerate() {
@@ -165,11 +178,17 @@ fn batch(rules: &[Renew<'_>]) -> Vec<u8> {
                 });
                 expr(b, "dynset", |b| {
                     attr(b, NFTA_DYNSET_SET_NAME, &text(r.set));
-                    attr(b, NFTA_DYNSET_OP, &NFT_DYNSET_OP_UPDATE.to_be_bytes());
+                    let op = match r.op {
+                        FlowOp::Renew { .. } => NFT_DYNSET_OP_UPDATE,
+                        FlowOp::Delete => NFT_DYNSET_OP_DELETE,
+                    };
+                    attr(b, NFTA_DYNSET_OP, &op.to_be_bytes());
                     attr(b, NFTA_DYNSET_SREG_KEY, &REG32_00.to_be_bytes());
                     attr(b, NFTA_DYNSET_SREG_DATA, &VALUE_REG.to_be_bytes());
-                    let ms = u64::try_from(r.timeout.as_millis()).unwrap_or(u64::MAX);
-                    attr(b, NFTA_DYNSET_TIMEOUT, &ms.to_be_bytes());
+                    if let FlowOp::Renew { timeout } = r.op {
+                        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+                        attr(b, NFTA_DYNSET_TIMEOUT, &ms.to_be_bytes());
+                    }
                 });
             });
         });
@@ -181,7 +200,7 @@ fn batch(rules: &[Renew<'_>]) -> Vec<u8> {
 
 /// Appends `rules` in one transaction in the namespace `ns` (the calling
 /// thread's when `None`) and waits for the kernel's answer to each.
-pub(crate) fn append(ns: Option<BorrowedFd<'_>>, rules: &[Renew<'_>]) -> io::Result<()> {
+pub(crate) fn append(ns: Option<BorrowedFd<'_>>, rules: &[FlowRule<'_>]) -> io::Result<()> {
     let nl = sock::netlink_socket_in(ns, NETLINK_NETFILTER)?;
     let fd = nl.as_fd();
     sock::set_recv_timeout(fd, ANSWER_TIMEOUT)?;
@@ -301,11 +320,13 @@ mod tests {
     #[test]
     fn the_value_register_follows_the_key() {
         assert_eq!((VALUE_REG - REG32_00) * 4, KEY6_BYTES);
-        let b = batch(&[Renew {
+        let b = batch(&[FlowRule {
             table: "t",
             chain: "c",
             set: "s",
-            timeout: Duration::from_secs(1),
+            op: FlowOp::Renew {
+                timeout: Duration::from_secs(1),
+            },
         }]);
         let mut at = 0;
         let mut types = Vec::new();

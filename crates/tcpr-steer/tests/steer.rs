@@ -2,8 +2,11 @@
 //! front host that holds the VIP, and a backend with the VIP on its
 //! loopback, on one bridge. The backend listens on the VIP itself; the
 //! client connects to the VIP. Unsteered, the SYN would meet the front's
-//! stack (no listener: a RST); steered, the whole connection runs between
-//! client and backend, and the front only forwards the client's packets.
+//! stack (no listener: a RST). The datapath never steers a SYN (a new
+//! flow is the front's), so a steered flow's handshake reaches the backend
+//! by a host route on the client, as if handed off; then the connection
+//! runs between client and backend, and the front only forwards the
+//! client's packets.
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -24,7 +27,9 @@ static NEXT_PORT: AtomicU16 = AtomicU16::new(41000);
 
 /// The backend's server: one connection; reads a decimal length line,
 /// sends that many random bytes, then reads until the client's end
-/// (FIN, or RST), and prints what it sent.
+/// (FIN, or RST), and prints what it sent. With a third argument `first`
+/// it sends its FIN before reading the client's (an HTTP server honouring
+/// `Connection: close`): the TIME_WAIT is then its own, not the client's.
 const SERVER: &str = r#"
 import hashlib, json, os, socket, sys
 fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
@@ -43,6 +48,8 @@ while left:
     c.sendall(b)
     h.update(b)
     left -= len(b)
+if len(sys.argv) > 3 and sys.argv[3] == "first":
+    c.shutdown(socket.SHUT_WR)
 try:
     rest = c.recv(1)
     end = "fin" if rest == b"" else "data"
@@ -52,7 +59,10 @@ print(json.dumps({"peer": peer[0], "peer_port": peer[1], "sent": n, "sha256": h.
 "#;
 
 /// The client: connects from a fixed port to the VIP, asks for N bytes,
-/// reads them, then closes with a FIN or (`rst`) a RST.
+/// reads them, then closes with a FIN or (`rst`) a RST, or (`eof`) with a
+/// FIN once the server's came (the server closed first). With a seventh
+/// argument `pause` it prints `connected` once connected and waits for a
+/// line on stdin before sending its request.
 const CLIENT: &str = r#"
 import hashlib, json, socket, struct, sys
 src, sport, vip, port, n, close = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
@@ -62,6 +72,9 @@ s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((src, sport))
 s.settimeout(30)
 s.connect((vip, port))
+if len(sys.argv) > 7 and sys.argv[7] == "pause":
+    print("connected", flush=True)
+    sys.stdin.readline()
 s.sendall(b"%d\n" % n)
 h = hashlib.sha256()
 got = 0
@@ -71,6 +84,9 @@ while got < n:
         break
     h.update(b)
     got += len(b)
+if close == "eof":
+    while s.recv(1 << 16):
+        pass
 if close == "rst":
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 s.close()
@@ -164,21 +180,7 @@ impl Net {
     }
 
     fn server(&self, vip: &str) -> std::process::Child {
-        let mut c = self
-            .backend
-            .cmd("python3")
-            .args(["-c", SERVER, vip, &PORT.to_string()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(c.stdout.as_mut().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert_eq!(line.trim(), "listening");
-        c
+        serve(&self.backend, vip, "last")
     }
 
     fn client(&self, src: &str, sport: u16, vip: &str, n: u64, close: &str) -> Command {
@@ -195,6 +197,62 @@ impl Net {
         ]);
         c
     }
+}
+
+/// The test server on `host`, listening on `vip`; `close` is `first` for
+/// a server that sends its FIN first.
+fn serve(host: &Host, vip: &str, close: &str) -> std::process::Child {
+    let mut c = host
+        .cmd("python3")
+        .args(["-c", SERVER, vip, &PORT.to_string(), close])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(c.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "listening");
+    c
+}
+
+/// Runs the client on a flow whose handshake the backend answered itself,
+/// as after a handoff (the datapath never steers a SYN: a tuple in a SYN
+/// is a new flow, the front's): the client reaches the VIP through the
+/// backend (a host route) until it is connected, then through the front
+/// again, whose datapath steers the rest of the flow.
+fn handed_off_client(
+    net: &Net,
+    src: &str,
+    sport: u16,
+    (vip, backend): (&str, &str),
+    n: u64,
+    close: &str,
+) -> std::process::Output {
+    let host_prefix = if vip.contains(':') { 128 } else { 32 };
+    let route = format!("{vip}/{host_prefix}");
+    net.client
+        .ip(&["route", "replace", &route, "via", backend, "dev", "eth0"])
+        .unwrap();
+    let mut child = net
+        .client(src, sport, vip, n, close)
+        .arg("pause")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    net.client.ip(&["route", "del", &route]).unwrap();
+    assert_eq!(line.trim(), "connected");
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"go\n").unwrap();
+    child.wait_with_output().unwrap()
 }
 
 fn json_line(out: &[u8]) -> serde_json::Value {
@@ -222,8 +280,9 @@ fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// A download of 8 MiB through the VIP, and the client's FIN or RST.
-/// Checks: every byte arrives (hash), the front's stack never saw a
+/// A download of 8 MiB through the VIP (the handshake as if handed off),
+/// and the client's FIN or RST. Checks: every byte arrives (hash), the
+/// front's stack never saw a
 /// segment, the front's interface carried a small fraction of the bytes
 /// (only the client's packets, forwarded), and the entry goes after the
 /// client's end plus the linger, not before it was used.
@@ -250,7 +309,7 @@ fn steered_download(v6: bool, close: &str) {
         net.front_bytes("rx"),
     );
     const N: u64 = 8 << 20;
-    let out = net.client(client, sport, vip, N, close).output().unwrap();
+    let out = handed_off_client(&net, client, sport, (vip, backend), N, close);
     assert!(
         out.status.success(),
         "{}",
@@ -303,6 +362,82 @@ fn a_steered_flow_reaches_the_backend_which_answers_directly_ipv6() {
 #[test]
 fn an_entry_goes_after_the_clients_rst() {
     steered_download(false, "rst");
+}
+
+/// A client reuses its tuple right after a steered flow the backend closed
+/// first (no TIME_WAIT on the client, as behind an HTTP server honouring
+/// `Connection: close`), while the old entry still lingers. The new SYN
+/// must reach the front's stack (here a server of its own on the VIP), not
+/// the backend (no listener, the old flow's TIME_WAIT: a RST), and the
+/// stale entry must not steer the new flow's later packets either: every
+/// byte of the second download comes from the front's server.
+fn reused_tuple_reaches_the_front(v6: bool) {
+    let net = Net::new(if v6 { "r6" } else { "r4" });
+    let (client, vip, backend) = if v6 {
+        (CLIENT6, VIP6, BACKEND6)
+    } else {
+        (CLIENT4, VIP4, BACKEND4)
+    };
+    let mut cfg = NftConfig::new("eth0");
+    // Far longer than the test: the old entry is surely still there when
+    // the tuple is reused.
+    cfg.linger = Duration::from_secs(600);
+    let steering = net.steering(cfg);
+    let sport = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+    let f = flow(client, sport, vip, backend);
+    steering.steer(&f).unwrap();
+    const N: u64 = 1 << 20;
+    let download = |server: std::process::Child, from: &str, handed_off: bool| {
+        let out = if handed_off {
+            handed_off_client(&net, client, sport, (vip, backend), N, "eof")
+        } else {
+            net.client(client, sport, vip, N, "fin").output().unwrap()
+        };
+        assert!(
+            out.status.success(),
+            "the download from the {from}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got = json_line(&out.stdout);
+        let sent = json_line(&server.wait_with_output().unwrap().stdout);
+        assert_eq!(got["got"], N);
+        assert_eq!(got["sha256"], sent["sha256"], "every byte, in order");
+        assert_eq!(sent["peer"], client);
+        assert_eq!(sent["peer_port"], sport);
+    };
+    download(serve(&net.backend, vip, "first"), "backend", true);
+    // The client's socket goes once the backend ACKed its FIN (LAST_ACK,
+    // then closed: no TIME_WAIT); until then the tuple is taken.
+    wait_for(
+        "the client's old socket to go",
+        Duration::from_secs(20),
+        || {
+            sh(&net.client, &format!("ss -Htan 'sport = :{sport}'"))
+                .trim()
+                .is_empty()
+        },
+    );
+    assert!(
+        steering.is_steered(f.client, f.vip).unwrap(),
+        "the old entry lingers"
+    );
+    let before = net.front_tcp_in();
+    download(serve(&net.front, vip, "last"), "front (same tuple)", false);
+    assert!(net.front_tcp_in() > before, "the front's stack took it");
+    assert!(
+        !steering.is_steered(f.client, f.vip).unwrap(),
+        "the SYN removed the stale entry"
+    );
+}
+
+#[test]
+fn a_reused_tuple_reaches_the_front_not_the_old_backend_ipv4() {
+    reused_tuple_reaches_the_front(false);
+}
+
+#[test]
+fn a_reused_tuple_reaches_the_front_not_the_old_backend_ipv6() {
+    reused_tuple_reaches_the_front(true);
 }
 
 /// Without an entry the same connection meets the front's stack: the

@@ -5,11 +5,18 @@
 //! 100 MiB responses (throughput, the front process's CPU seconds per GiB
 //! from /proc/PID/stat utime+stime; softirq work the kernel does for the
 //! front's interface is not attributed to a process and is not counted).
+//! For tcpr it also prints, per load, the balancer's own counters
+//! (connections handed off, fallen back to the proxy, proxied, and the
+//! mean handoff time), so a reader sees each new connection really was
+//! handed off.
 
-use crate::demo_balance::{start_backends, start_balancer, Running, SERVER_PORT, VIP_PORT};
+use crate::demo_balance::{
+    start_backends, start_balancer, Running, METRICS_LISTEN, SERVER_PORT, VIP_PORT,
+};
 use anyhow::{bail, Context, Result};
 use std::process::Command;
 use std::time::Duration;
+use tcpr_balance::metrics::names;
 use tcpr_netlab::balance::{BalanceLab, Family};
 
 /// The bench's network number.
@@ -23,10 +30,58 @@ const STAT_STIME_FIELD: usize = 15;
 /// One wrk run's figures.
 #[derive(Debug, Clone, Copy, Default)]
 struct Run {
+    requests: f64,
     requests_per_sec: f64,
     p99_ms: f64,
     bytes_per_sec: f64,
     front_cpu_per_gib: f64,
+}
+
+/// The balancer's counters (summed over pools, members, listeners).
+#[derive(Debug, Clone, Copy, Default)]
+struct Served {
+    handoffs: f64,
+    fallbacks: f64,
+    proxied: f64,
+    handoff_seconds_sum: f64,
+    handoff_seconds_count: f64,
+}
+
+impl Served {
+    /// What happened between `before` and `self`.
+    fn since(self, before: Served) -> Served {
+        Served {
+            handoffs: self.handoffs - before.handoffs,
+            fallbacks: self.fallbacks - before.fallbacks,
+            proxied: self.proxied - before.proxied,
+            handoff_seconds_sum: self.handoff_seconds_sum - before.handoff_seconds_sum,
+            handoff_seconds_count: self.handoff_seconds_count - before.handoff_seconds_count,
+        }
+    }
+}
+
+/// The running balancer's counters, from its metrics endpoint.
+fn served(lab: &BalanceLab) -> Result<Served> {
+    let addr = METRICS_LISTEN.parse().context("metrics address")?;
+    let text = lab
+        .front
+        .within(|| Ok(tcpr_balance::serve_metrics::fetch(addr)?))
+        .context("read the balancer's metrics")?;
+    let samples = tcpr_balance::parse_metrics(&text);
+    let total = |name: &str| -> f64 {
+        samples
+            .iter()
+            .filter(|s| s.name == name)
+            .map(|s| s.value)
+            .sum()
+    };
+    Ok(Served {
+        handoffs: total(names::HANDOFFS),
+        fallbacks: total(names::FALLBACKS),
+        proxied: total(names::PROXIED),
+        handoff_seconds_sum: total(&format!("{}_sum", names::HANDOFF_SECONDS)),
+        handoff_seconds_count: total(&format!("{}_count", names::HANDOFF_SECONDS)),
+    })
 }
 
 /// One load: what wrk fetches and how.
@@ -82,6 +137,7 @@ fn compare(lab: &BalanceLab, dir: &std::path::Path, seconds: u32) -> Result<()> 
     std::fs::write(&haproxy_cfg, haproxy_config(lab))?;
     let mut table: Vec<(String, Run, Run)> = vec![];
     let mut results: [Vec<Run>; 2] = [vec![], vec![]];
+    let mut tcpr_served: Vec<Served> = vec![];
     for (which, results) in results.iter_mut().enumerate() {
         let front: Running = if which == 0 {
             let mut c = lab.front.cmd("haproxy");
@@ -95,7 +151,13 @@ fn compare(lab: &BalanceLab, dir: &std::path::Path, seconds: u32) -> Result<()> 
         };
         let pid = front.0.id();
         for load in loads() {
-            results.push(measure(lab, pid, &load, seconds)?);
+            if which == 0 {
+                results.push(measure(lab, pid, &load, seconds)?);
+            } else {
+                let before = served(lab)?;
+                results.push(measure(lab, pid, &load, seconds)?);
+                tcpr_served.push(served(lab)?.since(before));
+            }
         }
         drop(front);
         // The VIP's port is free again before the next front binds it.
@@ -132,6 +194,23 @@ fn compare(lab: &BalanceLab, dir: &std::path::Path, seconds: u32) -> Result<()> 
         let _ = (h.bytes_per_sec, t.bytes_per_sec);
     }
     println!("(r/s ratio: tcpr / haproxy, higher is better; cpu ratio: tcpr / haproxy front CPU per GiB, lower is better)");
+    println!();
+    println!(
+        "{:<24} {:>10} {:>10} {:>10} {:>9} {:>14}",
+        "tcpr balance", "requests", "handoffs", "fallbacks", "proxied", "mean handoff"
+    );
+    for ((load, run), s) in loads().iter().zip(&results[1]).zip(&tcpr_served) {
+        let mean_ms = if s.handoff_seconds_count > 0.0 {
+            1000.0 * s.handoff_seconds_sum / s.handoff_seconds_count
+        } else {
+            f64::NAN
+        };
+        println!(
+            "{:<24} {:>10.0} {:>10.0} {:>10.0} {:>9.0} {:>11.2} ms",
+            load.name, run.requests, s.handoffs, s.fallbacks, s.proxied, mean_ms
+        );
+    }
+    println!("(requests: wrk's count; handoffs, fallbacks, proxied: the balancer's counters over the same run)");
     Ok(())
 }
 
@@ -234,6 +313,7 @@ fn measure(lab: &BalanceLab, pid: u32, load: &Load, seconds: u32) -> Result<Run>
         eprintln!("{} via pid {pid}: wrk reported errors:\n{text}", load.name);
     }
     Ok(Run {
+        requests,
         requests_per_sec: rps,
         p99_ms,
         bytes_per_sec: bytes / f64::from(seconds),

@@ -18,6 +18,8 @@ const NET: u8 = 78;
 pub(crate) const SERVER_PORT: u16 = 8080;
 const AGENT_PORT: u16 = 7700;
 pub(crate) const VIP_PORT: u16 = 80;
+/// The balancer's metrics address, inside the front's namespace.
+pub(crate) const METRICS_LISTEN: &str = "127.0.0.1:9100";
 const HOSTS: [&str; 2] = ["a.example", "b.example"];
 /// The response body repeats this many bytes of the test stream.
 const BLOCK_BYTES: usize = 1 << 20;
@@ -102,7 +104,7 @@ pub(crate) fn start_backends(
         keep.push(start(agent, "tcpr agent listening")?);
     }
     let mut config = format!(
-        "[agents]\npsk_file = {:?}\n\n[metrics]\nlisten = \"127.0.0.1:9100\"\n\n[[listener]]\nname = \"web\"\nbind = [\"{vip}:{VIP_PORT}\"]\nprotocol = \"http\"\n\n",
+        "[agents]\npsk_file = {:?}\n\n[metrics]\nlisten = \"{METRICS_LISTEN}\"\n\n[[listener]]\nname = \"web\"\nbind = [\"{vip}:{VIP_PORT}\"]\nprotocol = \"http\"\n\n",
         psk.to_str().context("path")?
     );
     for (i, host) in HOSTS.iter().enumerate() {
@@ -177,7 +179,7 @@ fn show(lab: &BalanceLab, dir: &std::path::Path, mib: u64) -> Result<()> {
     let status = lab
         .front
         .cmd(exe.to_str().context("exe path")?)
-        .args(["balance", "status", "--metrics", "127.0.0.1:9100"])
+        .args(["balance", "status", "--metrics", METRICS_LISTEN])
         .output()?;
     println!(
         "== tcpr balance status\n{}",
@@ -240,11 +242,14 @@ fn answer(conn: TcpStream, name: &str, block: &[u8]) {
         }
         let path = request.split_whitespace().nth(1).unwrap_or("/");
         let mut out = &conn;
+        // Said, so that the client does not send its next request on a
+        // connection about to close (wrk counts that as an error).
+        let connection = if close { "Connection: close\r\n" } else { "" };
         // Each head in one write: `write!` on a socket makes a write per
         // piece, and Nagle with the client's delayed ACK stalls the last.
         let sent = if let Some(n) = path.strip_prefix("/bytes/") {
             let n: u64 = n.parse().unwrap_or(0);
-            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n");
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n{connection}\r\n");
             out.write_all(head.as_bytes()).and_then(|()| {
                 let mut left = n;
                 while left > 0 {
@@ -257,7 +262,7 @@ fn answer(conn: TcpStream, name: &str, block: &[u8]) {
         } else {
             let body = format!("{name}\n");
             let response = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{connection}\r\n{body}",
                 body.len()
             );
             out.write_all(response.as_bytes())
