@@ -58,7 +58,10 @@ pub struct RelayWorker {
 enum State {
     /// Not started yet, or the last one is gone.
     Idle,
-    Running { to: UnixStream, child: Child },
+    Running {
+        to: UnixStream,
+        child: Child,
+    },
     /// None could be started: relays stay in process (logged once).
     Unavailable,
 }
@@ -145,7 +148,12 @@ impl RelayWorker {
         match (&*to).read(&mut answer) {
             Ok(1) if answer[0] == TAKEN => Handed::ToWorker,
             Ok(1) if answer[0] == REFUSED => Handed::Back(client, server),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 // The pair is queued for it: it relays it when it reads it,
                 // and we must not too. It is retired (our end closes, so it
                 // exits once its relays end); the next pair starts another.

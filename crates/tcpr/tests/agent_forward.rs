@@ -501,8 +501,10 @@ fn relay_worker_of(agent: &Proc) -> Option<i32> {
 
 /// Whether `pid` runs (a zombie has ended).
 fn running(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
 }
 
 /// The agent is SIGKILLed while it relays a stream both ways: the relay
@@ -585,7 +587,12 @@ fn the_relay_worker_exits_with_its_agent_when_it_relays_nothing() {
     };
     server.expect("listening", Duration::from_secs(10));
     let agent = net.agent(
-        &["--forward", "127.0.0.1:9004", "--allow", &net.svc_port(8080)],
+        &[
+            "--forward",
+            "127.0.0.1:9004",
+            "--allow",
+            &net.svc_port(8080),
+        ],
         None,
     );
     let worker = relay_worker_of(&agent).expect("the agent's relay worker");
