@@ -260,3 +260,62 @@ fn relay(client: TcpStream, server: TcpStream, peer: Option<SocketAddr>) {
         Err(e) => tracing::info!(?peer, "forwarded connection ended: {e}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// Two ends of a loopback TCP connection.
+    fn connection() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let outside = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        (outside, l.accept().unwrap().0)
+    }
+
+    /// A pair handed over, acknowledged, and the agent's end and copies
+    /// closed: the worker relays both ways to the end, then returns.
+    #[test]
+    fn a_pair_relays_on_after_its_agent_is_gone() {
+        let (mut client, client_in) = connection();
+        let (server_out, mut server) = connection();
+        let (agent, worker) = UnixStream::pair().unwrap();
+        let serving = std::thread::spawn(move || serve(worker));
+        tcpr_host::send_with_fds(
+            agent.as_fd(),
+            PAIR,
+            &[client_in.as_fd(), server_out.as_fd()],
+        )
+        .unwrap();
+        let mut answer = [0u8; 1];
+        (&agent).read_exact(&mut answer).unwrap();
+        assert_eq!(answer[0], TAKEN);
+        drop((agent, client_in, server_out));
+
+        client.write_all(b"request").unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut request = Vec::new();
+        server.read_to_end(&mut request).unwrap();
+        assert_eq!(request, b"request");
+        server.write_all(b"response").unwrap();
+        drop(server);
+        let mut response = Vec::new();
+        client.read_to_end(&mut response).unwrap();
+        assert_eq!(response, b"response");
+        serving.join().unwrap().unwrap();
+    }
+
+    /// A message without two descriptors is refused; the worker goes on.
+    #[test]
+    fn a_message_without_a_pair_is_refused() {
+        let (one, _other) = connection();
+        let (agent, worker) = UnixStream::pair().unwrap();
+        let serving = std::thread::spawn(move || serve(worker));
+        tcpr_host::send_with_fd(agent.as_fd(), PAIR, one.as_fd()).unwrap();
+        let mut answer = [0u8; 1];
+        (&agent).read_exact(&mut answer).unwrap();
+        assert_eq!(answer[0], REFUSED);
+        drop(agent);
+        serving.join().unwrap().unwrap();
+    }
+}
