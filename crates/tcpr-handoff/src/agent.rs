@@ -52,6 +52,10 @@ pub enum Delivery {
         server: SocketAddr,
         /// The PROXY protocol version the server expects, if any.
         proxy: Option<tcpr_host::proxy_header::ProxyVersion>,
+        /// A relay worker, so relays outlive the agent (see
+        /// [`crate::relay_worker`]); without one, relays run on threads of
+        /// the agent and end with it.
+        worker: Option<std::sync::Arc<crate::relay_worker::RelayWorker>>,
     },
 }
 

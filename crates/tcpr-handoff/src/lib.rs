@@ -21,6 +21,7 @@ pub mod fuzzing;
 // Pure: no clock (the methods are listed in .clippy.toml).
 #[deny(clippy::disallowed_methods)]
 pub mod machine;
+pub mod relay_worker;
 pub mod sender;
 #[cfg(feature = "tokio")]
 pub mod tokio;

@@ -4,7 +4,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+use tcpr_handoff::relay_worker::{RelayWorker, WorkerCommand};
 use tcpr_handoff::{AgentConfig, AgentServer, Auth, Delivery, MigrateOptions, Outgoing, Switch};
 
 /// How the two ends authenticate: a pre-shared key or mutual TLS.
@@ -149,6 +151,7 @@ pub fn agent(a: AgentArgs) -> Result<i32> {
             Some(server) => Delivery::Forward {
                 server,
                 proxy: a.proxy_protocol,
+                worker: relay_worker_command().map(|c| Arc::new(RelayWorker::new(c))),
             },
             None => {
                 bail!("say where connections go: --exec CMD, --unix PATH or --forward HOST:PORT")
@@ -161,6 +164,7 @@ pub fn agent(a: AgentArgs) -> Result<i32> {
     // Connections to a VIP, on any port (port 0 in the allowlist).
     let mut allow = a.allow.clone();
     allow.extend(a.vip.iter().map(|&ip| SocketAddr::new(ip, 0)));
+    let delivery_for_start = delivery.clone();
     let mut cfg = AgentConfig::new(a.auth.auth()?, allow, delivery);
     cfg.timeout = secs(a.timeout, "--timeout")?;
     cfg.journal = (!a.no_journal).then(|| a.journal.clone());
@@ -173,11 +177,46 @@ pub fn agent(a: AgentArgs) -> Result<i32> {
             crate::privs::check_writable(&a.journal, user)?;
         }
     }
+    // Started once privileges are dropped: it keeps none.
+    if let Delivery::Forward {
+        worker: Some(worker),
+        ..
+    } = &delivery_for_start
+    {
+        worker.start();
+    }
     println!("tcpr agent listening on {}", server.local_addr()?);
     std::io::Write::flush(&mut std::io::stdout())?;
     let stopped = server.run().context("the agent stopped");
     drop(vips);
     stopped?;
+    Ok(0)
+}
+
+/// `--forward`'s relay worker: this binary's hidden `relay-worker`.
+fn relay_worker_command() -> Option<WorkerCommand> {
+    match std::env::current_exe() {
+        Ok(program) => Some(WorkerCommand {
+            program,
+            args: vec!["relay-worker".into()],
+        }),
+        Err(e) => {
+            tracing::warn!("no relay worker (this program's path: {e}): relays end with the agent");
+            None
+        }
+    }
+}
+
+/// `tcpr relay-worker`: relays the pairs the agent passes on standard
+/// input (a unix socket) until it closes, then until the relays end.
+pub fn relay_worker() -> Result<i32> {
+    use std::os::fd::AsFd;
+    let from = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .context("relay-worker: standard input")?;
+    tcpr_handoff::relay_worker::serve(std::os::unix::net::UnixStream::from(from))
+        .context("relay-worker")?;
     Ok(0)
 }
 

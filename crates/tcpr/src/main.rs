@@ -221,6 +221,10 @@ enum Cmd {
     Balance(balance::BalanceArgs),
     /// Receive connections from other hosts and deliver them here.
     Agent(handoff::AgentArgs),
+    /// The agent's relay worker (`--forward`): relays pairs passed on
+    /// standard input until it closes and the relays end.
+    #[command(hide = true)]
+    RelayWorker,
     /// Move live connections of a process or address to an agent. Frozen
     /// sockets (an earlier dump or a move whose outcome was unknown left
     /// them so; they may live on elsewhere) are never moved again: named
@@ -409,6 +413,7 @@ fn run(cmd: Cmd) -> Result<i32> {
         } => demo::run(migrations, interval, rate_kib * KIB).map(|()| 0),
         Cmd::Balance(b) => balance::run(b),
         Cmd::Agent(a) => handoff::agent(a),
+        Cmd::RelayWorker => handoff::relay_worker(),
         Cmd::Migrate(m) => handoff::migrate(m),
         Cmd::Announce { dev, addr } => {
             tcpr_host::announce(&dev, addr)

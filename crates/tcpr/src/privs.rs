@@ -183,7 +183,9 @@ fn needs(cmd: &Cmd, have: &CapsHashSet) -> Needs {
             ];
             (subcommand, caps, None)
         }
-        Cmd::Inspect { .. } | Cmd::Ls { .. } | Cmd::BenchPeer { .. } => ("", vec![], None),
+        Cmd::Inspect { .. } | Cmd::Ls { .. } | Cmd::BenchPeer { .. } | Cmd::RelayWorker => {
+            ("", vec![], None)
+        }
     };
     Needs {
         subcommand,

@@ -433,3 +433,175 @@ fn a_connection_to_the_vip_is_steered_to_a_vip_agent_and_forwarded() {
         !tcpr_steer::NftSteering::is_steered(&steering, client_sa, vip_sa).unwrap()
     });
 }
+
+/// The client of a stream the agent dies in the middle of: sends half its
+/// data once told ("go", after the move) and reads its echo, says "half",
+/// and on "rest" (the agent is dead by then) sends the other half, ends
+/// its stream, reads to the server's end and prints the comparison.
+const HALVES_CLIENT: &str = r#"
+import hashlib, json, os, socket, sys, threading
+host, port, n, after = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].encode()
+c = socket.create_connection((host, port))
+c.settimeout(120)
+print("connected %s:%d" % c.getsockname(), flush=True)
+data = os.urandom(n)
+half = n // 2
+sys.stdin.readline()
+c.sendall(data[:half])
+got = bytearray()
+while len(got) < half:
+    b = c.recv(1 << 16)
+    if not b:
+        break
+    got += b
+print("half %d" % len(got), flush=True)
+sys.stdin.readline()
+def send():
+    c.sendall(data[half:])
+    c.shutdown(socket.SHUT_WR)
+t = threading.Thread(target=send)
+t.start()
+while True:
+    b = c.recv(1 << 16)
+    if not b:
+        break
+    got += b
+t.join()
+print(json.dumps({"sent": n, "received": len(got),
+    "echo_intact": bytes(got[:n]) == data,
+    "after_eof": bytes(got[n:]) == after,
+    "sha256": hashlib.sha256(data).hexdigest()}), flush=True)
+"#;
+
+/// The children of every thread of `pid`.
+fn children(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .flat_map(|t| {
+            std::fs::read_to_string(t.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
+}
+
+/// The agent's relay worker (`tcpr relay-worker`), by its pid: started
+/// before the agent says it listens.
+fn relay_worker_of(agent: &Proc) -> Option<i32> {
+    children(agent.pid()).into_iter().find(|&c| {
+        std::fs::read(format!("/proc/{c}/cmdline"))
+            .is_ok_and(|cmd| cmd.split(|&b| b == 0).any(|arg| arg == b"relay-worker"))
+    })
+}
+
+/// Whether `pid` runs (a zombie has ended).
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
+}
+
+/// The agent is SIGKILLed while it relays a stream both ways: the relay
+/// lives in its relay worker, so the stream carries on to its end, every
+/// byte checked both ways; once it ends, the worker exits.
+#[test]
+fn an_agent_killed_mid_stream_leaves_the_forwarded_stream_whole() {
+    let net = Net::new("fwk", 86);
+    let mut server = {
+        let mut c = net.b.cmd("python3");
+        c.args(["-c", SERVER, "9003", "v1", AFTER_EOF]);
+        Proc::spawn(c, "server")
+    };
+    server.expect("listening", Duration::from_secs(10));
+    let mut agent = net.agent(
+        &[
+            "--forward",
+            "127.0.0.1:9003",
+            "--proxy-protocol",
+            "v1",
+            "--allow",
+            &net.svc_port(8080),
+        ],
+        None,
+    );
+    let worker = relay_worker_of(&agent);
+    let mut holder = {
+        let mut c = net.a.cmd("python3");
+        c.args(["-c", HOLDER, &net.svc(), "8080"]);
+        Proc::spawn(c, "holder")
+    };
+    holder.expect("listening", Duration::from_secs(10));
+    let mut client = {
+        let mut c = net.c.cmd("python3");
+        c.args([
+            "-c",
+            HALVES_CLIENT,
+            &net.svc(),
+            "8080",
+            &STREAM_BYTES.to_string(),
+            AFTER_EOF,
+        ]);
+        Proc::spawn(c, "client")
+    };
+    client.expect("connected", Duration::from_secs(10));
+    holder.expect("accepted", Duration::from_secs(10));
+    assert_moved(&net.migrate(holder.pid(), &[]));
+    client.send("go");
+    let half = client.expect("half", Duration::from_secs(120));
+    assert_eq!(half, format!("half {}", STREAM_BYTES / 2));
+    // SIGKILL: nothing of the agent runs on.
+    agent.kill();
+    client.send("rest");
+    let seen: serde_json::Value =
+        serde_json::from_str(&server.expect("{", Duration::from_secs(120))).unwrap();
+    let done: serde_json::Value =
+        serde_json::from_str(&client.expect("{", Duration::from_secs(120))).unwrap();
+    assert_eq!(seen["echoed"], STREAM_BYTES);
+    assert_eq!(seen["sha256"], done["sha256"]);
+    assert_eq!(done["received"], STREAM_BYTES + AFTER_EOF.len());
+    assert_eq!(done["echo_intact"], true);
+    assert_eq!(done["after_eof"], true);
+    assert_eq!(seen["closed_after"], true);
+    // Its agent gone and its relays over, the worker leaves.
+    let worker = worker.expect("the agent's relay worker");
+    wait_until("the relay worker to exit", Duration::from_secs(30), || {
+        !running(worker)
+    });
+}
+
+/// An agent that stops (SIGTERM) leaves no relay worker behind when no
+/// relay runs.
+#[test]
+fn the_relay_worker_exits_with_its_agent_when_it_relays_nothing() {
+    let net = Net::new("fwx", 87);
+    let mut server = {
+        let mut c = net.b.cmd("python3");
+        c.args(["-c", SERVER, "9004", "v1", AFTER_EOF]);
+        Proc::spawn(c, "server")
+    };
+    server.expect("listening", Duration::from_secs(10));
+    let agent = net.agent(
+        &[
+            "--forward",
+            "127.0.0.1:9004",
+            "--allow",
+            &net.svc_port(8080),
+        ],
+        None,
+    );
+    let worker = relay_worker_of(&agent).expect("the agent's relay worker");
+    let st = Command::new("kill")
+        .args(["-TERM", &agent.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    wait_until("the relay worker to exit", Duration::from_secs(30), || {
+        !running(worker)
+    });
+}

@@ -7,6 +7,7 @@ use super::journal::BatchLog;
 use super::{check_delivery, fault_point, lock, Delivery, Shared};
 use crate::deliver::{self, Delivered, Reached};
 use crate::machine::{self, ConnId};
+use crate::relay_worker::Handed as WorkerTook;
 use crate::wire::pb;
 use std::collections::HashMap;
 use std::net::{IpAddr, TcpStream};
@@ -498,9 +499,16 @@ pub(super) fn deliver_one(
                 Err(e) => fail(fd, format!("the application at {}: {e}", path.display())),
             }
         }
-        Delivery::Forward { server, .. } => {
+        Delivery::Forward { server, worker, .. } => {
             let Some(Reached::Forward(to)) = target else {
                 return fail(stream.into(), "no connection to the server".into());
+            };
+            let (stream, to) = match worker {
+                Some(w) => match w.hand(stream, to) {
+                    WorkerTook::ToWorker => return Ok(Handed::Delivered),
+                    WorkerTook::Back(stream, to) => (stream, to),
+                },
+                None => (stream, to),
             };
             deliver::forward(stream, to, img.peer)
                 .map(|()| Handed::Delivered)

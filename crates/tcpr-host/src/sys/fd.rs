@@ -181,6 +181,13 @@ pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) 
 /// closed, and a control message cut short (`MSG_CTRUNC`: more fds than
 /// expected, whose overflow the kernel has already closed) is an error.
 pub fn recv_with_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
+    // Extra fds beyond the first close as the vector drops.
+    recv_with_fds(sock, buf).map(|(n, fds)| (n, fds.into_iter().next()))
+}
+
+/// [`recv_with_fd`] keeping every fd attached (up to 16), in the order
+/// they were sent.
+pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
     let mut cbuf = CmsgBuffer::<RECV_SPACE>::zeroed();
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
@@ -233,6 +240,5 @@ pub fn recv_with_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, 
             "recvmsg: unexpected control message (only SCM_RIGHTS is expected)",
         ));
     }
-    // Extra fds beyond the first close as the vector drops.
-    Ok((n, fds.into_iter().next()))
+    Ok((n, fds))
 }

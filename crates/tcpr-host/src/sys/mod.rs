@@ -22,7 +22,9 @@ macro_rules! syscall {
 mod fd;
 pub mod sock;
 pub(crate) mod splice;
-pub use fd::{memfd_with, pass_socket, recv_with_fd, send_with_fd, send_with_fds, SCM_MAX_FD};
+pub use fd::{
+    memfd_with, pass_socket, recv_with_fd, recv_with_fds, send_with_fd, send_with_fds, SCM_MAX_FD,
+};
 pub(crate) use sock::{
     bind, connect, disconnect, get_int, local_addr, named, netlink_socket, peer_addr, raw_os_error,
     recv_into, send_all, set_int, set_recv_timeout, socket, to_sockaddr,
