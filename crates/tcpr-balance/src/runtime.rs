@@ -323,6 +323,9 @@ pub fn run(opts: Options) -> Result<(), StartError> {
 
 /// Every member shows in the metrics from the start, with zero counts.
 fn register_members(metrics: &Metrics, active: &Active) {
+    for listener in &active.config.listeners {
+        metrics.register_listener(&listener.name);
+    }
     for (name, pool) in &active.pools {
         for (_, m) in pool.members() {
             metrics.register_member(name, &m.label());
@@ -539,6 +542,7 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, bind: Socket
         shared.metrics.failure("no_listener");
         return;
     };
+    shared.metrics.accepted(&listener.name);
     let head = match peek_head(&stream, listener) {
         Ok(h) => h,
         Err(f) => {

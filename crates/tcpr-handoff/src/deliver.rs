@@ -17,6 +17,9 @@
 //!   splice(2) ([`tcpr_host::relay`]): zero copy, half-closes and resets
 //!   passed on. The server is connected before the connection is resumed,
 //!   so one that refuses leaves the connection in repair mode (silent).
+//!   The CLI agent relays in a worker process of its own
+//!   ([`crate::relay_worker`]), so relays outlive a killed agent; library
+//!   agents relay on threads of their own.
 //!
 //! ```text
 //! unix delivery message, all integers big-endian:

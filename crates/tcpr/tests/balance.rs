@@ -56,6 +56,8 @@ fn hands_off_by_host_and_sni() {
     );
     assert_eq!(bed.metric("tcpr_balance_fallbacks_total"), 0.0);
     assert_eq!(bed.metric("tcpr_balance_proxied_total"), 0.0);
+    // Every accepted connection is counted (it stayed 0: never called).
+    assert_eq!(bed.metric("tcpr_balance_connections_total"), 8.0);
 }
 
 /// The SHA-256 of the first `n` bytes of the servers' stream.
