@@ -33,7 +33,8 @@ pub(crate) fn inspect(file: &Path, json: bool, data: bool) -> Result<i32> {
             out,
             "{}",
             serde_json::to_string_pretty(&tcpr_image::to_json(&img, data))?
-        )?;
+        )
+        .map_err(crate::stdout_closed)?;
         return Ok(0);
     }
     if data {
@@ -41,13 +42,14 @@ pub(crate) fn inspect(file: &Path, json: bool, data: bool) -> Result<i32> {
     }
     let o = &img.options;
     let w = &img.window;
-    writeln!(out, "connection  {}", tcpr_engine::flow_of(&img))?;
-    writeln!(out, "state       {}", img.state)?;
+    writeln!(out, "connection  {}", tcpr_engine::flow_of(&img)).map_err(crate::stdout_closed)?;
+    writeln!(out, "state       {}", img.state).map_err(crate::stdout_closed)?;
     writeln!(
         out,
         "sequence    send {}  recv {}",
         img.send_seq.0, img.recv_seq.0
-    )?;
+    )
+    .map_err(crate::stdout_closed)?;
     writeln!(
         out,
         "queues      send {} bytes ({} sent, {} unsent)  recv {} bytes",
@@ -55,7 +57,8 @@ pub(crate) fn inspect(file: &Path, json: bool, data: bool) -> Result<i32> {
         img.send_queue.sent.len(),
         img.send_queue.unsent.len(),
         img.recv_queue.len()
-    )?;
+    )
+    .map_err(crate::stdout_closed)?;
     writeln!(
         out,
         "options     mss {}  wscale {}  sack {}  timestamps {}",
@@ -67,12 +70,14 @@ pub(crate) fn inspect(file: &Path, json: bool, data: bool) -> Result<i32> {
         },
         o.sack,
         o.timestamps
-    )?;
+    )
+    .map_err(crate::stdout_closed)?;
     writeln!(
         out,
         "window      snd_wl1 {} snd_wnd {} max_window {} rcv_wnd {} rcv_wup {}",
         w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup
-    )?;
-    writeln!(out, "app blob    {} bytes", img.app_blob.len())?;
+    )
+    .map_err(crate::stdout_closed)?;
+    writeln!(out, "app blob    {} bytes", img.app_blob.len()).map_err(crate::stdout_closed)?;
     Ok(0)
 }

@@ -22,7 +22,8 @@ pub(crate) fn ls(pid: Option<i32>, json: bool) -> Result<i32> {
             out,
             "{:<44} {:<44} {:<12} {:>8} {:>8}  {:<18} {:<6} {:<6} DUMPABLE",
             "LOCAL", "PEER", "STATE", "RECV-Q", "SEND-Q", "OWNER(PID/FD)", "FROZEN", "LOCKED"
-        )?;
+        )
+        .map_err(crate::stdout_closed)?;
     }
     for e in entries {
         let owners = e
@@ -48,7 +49,7 @@ pub(crate) fn ls(pid: Option<i32>, json: bool) -> Result<i32> {
                     "locked": e.locked.known(), "locked_unknown": unknown(&e.locked),
                     "dumpable": dumpable.is_ok(), "not_dumpable_because": dumpable.err(),
                 })
-            )?;
+            ).map_err(crate::stdout_closed)?;
         } else {
             writeln!(
                 out,
@@ -70,7 +71,8 @@ pub(crate) fn ls(pid: Option<i32>, json: bool) -> Result<i32> {
                     Ok(()) => "yes".to_string(),
                     Err(why) => format!("no: {why}"),
                 }
-            )?;
+            )
+            .map_err(crate::stdout_closed)?;
         }
     }
     Ok(0)

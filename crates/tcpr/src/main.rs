@@ -323,14 +323,33 @@ fn main() {
     }
 }
 
-/// Whether the error is standard output's reader having gone (EPIPE).
-/// Rust ignores SIGPIPE, so a closed pipe comes back as this error.
+/// Standard output's reader went away (EPIPE on our write). Only writes
+/// to standard output are mapped to it ([`stdout_closed`]): an EPIPE from
+/// anything else is a real error.
+#[derive(Debug)]
+pub(crate) struct ReaderLeft;
+
+impl std::fmt::Display for ReaderLeft {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output closed by its reader")
+    }
+}
+
+impl std::error::Error for ReaderLeft {}
+
+/// Maps a failed write to standard output: EPIPE becomes [`ReaderLeft`].
+pub(crate) fn stdout_closed(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        anyhow::Error::new(ReaderLeft)
+    } else {
+        anyhow::Error::new(e).context("cannot write to standard output")
+    }
+}
+
+/// Whether the error is standard output's reader having gone.
 fn reader_left(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| {
-        cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-    })
+    e.chain()
+        .any(|cause| cause.downcast_ref::<ReaderLeft>().is_some())
 }
 
 /// Help and version go to standard output as clap prints them; a bad

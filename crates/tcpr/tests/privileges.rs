@@ -64,8 +64,10 @@ fn ls_entry(out: &Output, port: u16) -> serde_json::Value {
         })
         .unwrap_or_else(|| {
             panic!(
-                "no connection on port {port}: {}",
-                String::from_utf8_lossy(&out.stdout)
+                "no connection on port {port} ({}): {}; stderr: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
             )
         })
 }
@@ -166,7 +168,18 @@ fn without_capabilities_each_subcommand_fails_at_start_and_changes_nothing() {
         let out = tcpr_unprivileged(&h, args);
         assert_clean_failure(&out, needle);
         // The connection is untouched: not frozen, not locked, not taken.
-        let entry = ls_entry(&tcpr(Some(&h), &["ls", "--json"]), SERVICE_PORT);
+        // `ls --json` printed nothing now and then on a loaded machine
+        // (exit 0, an empty sock_diag dump; not understood yet, see the
+        // session note): ask again before judging.
+        let mut listed = tcpr(Some(&h), &["ls", "--json"]);
+        for _ in 0..20 {
+            if !listed.stdout.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            listed = tcpr(Some(&h), &["ls", "--json"]);
+        }
+        let entry = ls_entry(&listed, SERVICE_PORT);
         assert_eq!(entry["frozen"], false, "{args:?} froze it: {entry}");
         assert_eq!(entry["locked"], false, "{args:?} locked it: {entry}");
         assert_eq!(locked(&h), 0, "{args:?} left a lock");
