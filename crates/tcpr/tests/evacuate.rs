@@ -337,6 +337,21 @@ fn a_batch_larger_than_the_open_file_limit_allows_twice_moves() {
     assert!(stderr.contains("freezing in chunks"), "{stderr}");
     net.assert_evacuated(&out, COUNT, &mut recv);
     echo.kill();
+    // The peer writes 8 connections per round: wait until every one of
+    // them has echoed since the move (a fast move left some unwritten).
+    peer.send("mark");
+    wait_until(
+        "every connection echoes after the move",
+        Duration::from_secs(60),
+        || {
+            peer.send("progress");
+            let line = peer.expect("progress", Duration::from_secs(10));
+            line.split_whitespace()
+                .nth(1)
+                .and_then(|n| n.parse::<usize>().ok())
+                == Some(COUNT)
+        },
+    );
     let v = verdict(&mut peer);
     assert!(v["error"].is_null(), "{v}");
     assert_eq!(
