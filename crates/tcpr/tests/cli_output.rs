@@ -168,6 +168,8 @@ fn dump_writes_only_new_or_regular_files_or_stdout() {
 
     echo.send("resume");
     echo.expect("resumed", Duration::from_secs(10));
+    // A fast dump left less than 10 kB sent: let the stream go on first.
+    wait_echoes(&mut peer, 10_000);
     assert_all_bytes(&verdict(&mut peer), 10_000);
     let _ = std::fs::remove_dir_all(&dir);
 }
