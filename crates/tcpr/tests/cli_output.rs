@@ -206,6 +206,7 @@ fn logs_to_a_file_carry_no_colour_codes() {
     );
     echo.send("resume");
     echo.expect("resumed", Duration::from_secs(10));
+    wait_echoes(&mut peer, 10_000);
     assert_all_bytes(&verdict(&mut peer), 10_000);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -256,5 +257,6 @@ fn ls_without_privileges_says_what_it_cannot_see() {
     let out = ls_as_nobody(&["--pid", &echo.pid().to_string()]);
     assert_clean_failure(&out, "permission denied");
     assert!(out.stdout.is_empty());
+    wait_echoes(&mut peer, 10_000);
     assert_all_bytes(&verdict(&mut peer), 10_000);
 }

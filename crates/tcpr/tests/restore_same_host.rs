@@ -45,6 +45,7 @@ fn cli_restore_in_the_locking_namespace_takes_the_flow_over_at_once() {
     // The peer's stream carries on: every byte, both ways. Before the fix
     // nothing moved until the lease ended, and the verdict found bytes
     // missing.
+    wait_echoes(&mut peer, 100_000);
     assert_all_bytes(&verdict(&mut peer), 100_000);
     let _ = std::fs::remove_dir_all(&dir);
 }
