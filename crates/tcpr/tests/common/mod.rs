@@ -312,6 +312,11 @@ pub fn wait_full_queues(
     timeout: Duration,
 ) {
     let deadline = std::time::Instant::now() + timeout;
+    // A receive queue seen once may be bytes the service reads the next
+    // moment (CI saw it empty at the dump that followed): it counts only
+    // when the next look finds it no smaller, i.e. the service stopped
+    // reading.
+    let mut last_recv_q = 0;
     loop {
         let seen = ss(host, port);
         let queues: Vec<u64> = seen
@@ -325,7 +330,12 @@ pub fn wait_full_queues(
             .find_map(|f| f.strip_prefix("snd_wnd:"))
             .is_none_or(|w| w == "0");
         if queues.len() == 2 && queues[0] > 0 && queues[1] > 0 && zero_window {
-            return;
+            if last_recv_q > 0 && queues[0] >= last_recv_q {
+                return;
+            }
+            last_recv_q = queues[0];
+        } else {
+            last_recv_q = 0;
         }
         if std::time::Instant::now() > deadline {
             let peer = other
