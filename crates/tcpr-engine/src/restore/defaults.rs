@@ -5,10 +5,12 @@
 //! `net.ipv4.tcp_keepalive_time`, `tcp_rmem`, `tcp_congestion_control`) and
 //! from kernel constants, so they are read once per namespace and family
 //! from a fresh socket, before anything is set on it, and kept for
-//! [`MAX_AGE`]: a sysctl changed since is seen after at most that long.
-//! Leaving an option at the default also keeps it following the default,
-//! as it did on the original socket (`getsockopt(TCP_KEEPIDLE)` answers the
-//! sysctl until the option is set).
+//! [`MAX_AGE`]. Leaving an option at the default also keeps it following
+//! the default, as it did on the original socket (`getsockopt(TCP_KEEPIDLE)`
+//! answers the sysctl until the option is set).
+//!
+//! The price: for [`MAX_AGE`] after such a sysctl changes, an image holding
+//! the old default for that option is restored with the new one.
 
 use crate::sys;
 use std::os::fd::BorrowedFd;
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 use tcpr_image::SocketOptions;
 
 /// How long the defaults read from a fresh socket are trusted.
-const MAX_AGE: Duration = Duration::from_secs(1);
+const MAX_AGE: Duration = Duration::from_millis(100);
 
 /// Defaults of one network namespace and family.
 struct Entry {
