@@ -330,3 +330,63 @@ fn defaults_are_those_of_the_restoring_namespace() {
         );
     });
 }
+
+/// A socket of `(domain, type, protocol)`, or `None` where this kernel
+/// does not build one (MPTCP turned off, say).
+fn socket_of(domain: i32, ty: i32, protocol: i32) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscall with integer arguments.
+    let fd = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, protocol) };
+    // SAFETY: a fresh fd from the kernel, owned from here.
+    (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// The check that a socket is TCP reads SO_PROTOCOL and TCP_INFO only:
+/// every other socket, also those whose protocol number is TCP's (a raw
+/// socket, netlink's NETLINK_XFRM) or that answer TCP options (MPTCP), is
+/// refused as not TCP, and a TCP socket in a state with no connection as
+/// unsupported.
+#[test]
+fn only_connected_tcp_sockets_pass_inspection() {
+    in_private_netns(|| {
+        let mptcp = 262;
+        let kinds = [
+            (libc::AF_INET, libc::SOCK_DGRAM, 0),
+            (libc::AF_INET6, libc::SOCK_DGRAM, 0),
+            (libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP),
+            (libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_TCP),
+            (libc::AF_UNIX, libc::SOCK_STREAM, 0),
+            (libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_XFRM),
+            (libc::AF_INET, libc::SOCK_STREAM, mptcp),
+        ];
+        for (domain, ty, protocol) in kinds {
+            let Some(sock) = socket_of(domain, ty, protocol) else {
+                assert_eq!(
+                    protocol, mptcp,
+                    "cannot build socket {domain}/{ty}/{protocol}"
+                );
+                continue;
+            };
+            match tcpr_engine::inspect_socket(sock.as_fd()) {
+                Err(tcpr_engine::Error::NotTcp(why)) => assert!(
+                    why.contains("not a TCP socket"),
+                    "{domain}/{ty}/{protocol}: {why}"
+                ),
+                other => panic!("{domain}/{ty}/{protocol}: {other:?}"),
+            }
+        }
+        let (read_end, _write_end) = std::io::pipe().unwrap();
+        assert!(matches!(
+            tcpr_engine::inspect_socket(read_end.as_fd()),
+            Err(tcpr_engine::Error::NotTcp(why)) if why.contains("not a socket")
+        ));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(matches!(
+            tcpr_engine::inspect_socket(listener.as_fd()),
+            Err(tcpr_engine::Error::UnsupportedState { state: "LISTEN" })
+        ));
+        let (_client, server) = pair("[::1]:0");
+        let (flow, _) = tcpr_engine::inspect_socket(server.as_fd()).unwrap();
+        assert_eq!(flow.local, server.local_addr().unwrap());
+    });
+}
