@@ -78,22 +78,28 @@ pub fn take_fd(pid: i32, fd: i32) -> Result<OwnedFd, Error> {
 /// Checks that `fd` is a connected TCP socket and returns its flow and
 /// kernel state number.
 pub fn inspect_socket(fd: BorrowedFd<'_>) -> Result<(Flow, u8), Error> {
-    let (ty, domain, proto) = sys::socket_kind(fd).map_err(|e| {
+    // Two calls tell a TCP socket, where SO_TYPE, SO_DOMAIN and SO_PROTOCOL
+    // would take three: SO_PROTOCOL says TCP (an MPTCP socket, which also
+    // answers SOL_TCP options, says IPPROTO_MPTCP), and only an IPv4 or IPv6
+    // stream socket of that protocol answers TCP_INFO at SOL_TCP: raw
+    // sockets refuse the level (EOPNOTSUPP, ENOPROTOOPT), as do the other
+    // families whose protocol number can be 6 (netlink's NETLINK_XFRM,
+    // packet sockets, CAN's ISO-TP). The address read next is checked to be
+    // IPv4 or IPv6 as well.
+    let proto = sys::socket_protocol(fd).map_err(|e| {
         if e.raw_os_error() == Some(libc::ENOTSOCK) {
             Error::NotTcp("the file descriptor is not a socket".into())
         } else {
             Error::kernel("read the socket type", e)
         }
     })?;
-    if ty != libc::SOCK_STREAM
-        || !(domain == libc::AF_INET || domain == libc::AF_INET6)
-        || proto != libc::IPPROTO_TCP
-    {
-        return Err(Error::NotTcp(format!(
-            "the socket is not a TCP socket (domain {domain}, type {ty}, protocol {proto})"
-        )));
+    if proto != libc::IPPROTO_TCP {
+        return Err(not_tcp(fd));
     }
-    let info = sys::tcp_info(fd).map_err(|e| Error::kernel("read TCP_INFO", e))?;
+    let info = sys::tcp_info(fd).map_err(|e| match sys::socket_kind(fd) {
+        Ok(kind) if kind != TCP_SOCKET_V4 && kind != TCP_SOCKET_V6 => not_tcp(fd),
+        _ => Error::kernel("read TCP_INFO", e),
+    })?;
     if TcpState::from_kernel_number(info.state).is_none() {
         return Err(Error::UnsupportedState {
             state: TcpState::kernel_name(info.state),
@@ -102,6 +108,21 @@ pub fn inspect_socket(fd: BorrowedFd<'_>) -> Result<(Flow, u8), Error> {
     let local = sys::local_addr(fd).map_err(|e| Error::kernel("read the local address", e))?;
     let peer = sys::peer_addr(fd).map_err(|e| Error::kernel("read the peer address", e))?;
     Ok((Flow { local, peer }, info.state))
+}
+
+/// `(SO_TYPE, SO_DOMAIN, SO_PROTOCOL)` of a TCP socket.
+const TCP_SOCKET_V4: (i32, i32, i32) = (libc::SOCK_STREAM, libc::AF_INET, libc::IPPROTO_TCP);
+const TCP_SOCKET_V6: (i32, i32, i32) = (libc::SOCK_STREAM, libc::AF_INET6, libc::IPPROTO_TCP);
+
+/// The refusal of a socket that is not TCP, saying what it is (off the
+/// common path: it reads the socket's kind in full).
+fn not_tcp(fd: BorrowedFd<'_>) -> Error {
+    match sys::socket_kind(fd) {
+        Ok((ty, domain, proto)) => Error::NotTcp(format!(
+            "the socket is not a TCP socket (domain {domain}, type {ty}, protocol {proto})"
+        )),
+        Err(e) => Error::kernel("read the socket type", e),
+    }
 }
 
 /// A socket in repair mode whose flow is locked. Consume it with
@@ -356,7 +377,13 @@ fn dump_fd(fd: BorrowedFd<'_>, flow: Flow) -> Result<ConnectionImage, Error> {
         state: TcpState::kernel_name(info.state),
     })?;
     let outq = sys::outq(fd).map_err(kernel_error("read the send queue size"))?;
-    let unsent_raw = sys::outq_unsent(fd).map_err(kernel_error("read the unsent queue size"))?;
+    // The unsent part of an empty send queue is empty; a byte queued after
+    // SIOCOUTQ read none shows in the send queue's peek below (len + 1).
+    let unsent_raw = if outq == 0 {
+        0
+    } else {
+        sys::outq_unsent(fd).map_err(kernel_error("read the unsent queue size"))?
+    };
     let inq = sys::inq(fd).map_err(kernel_error("read the receive queue size"))?;
 
     // Our FIN takes a sequence number but is not data (DESIGN.md, step 7).
@@ -374,7 +401,7 @@ fn dump_fd(fd: BorrowedFd<'_>, flow: Flow) -> Result<ConnectionImage, Error> {
     let recv_queue = sys::peek(fd, inq as usize).map_err(kernel_error("read the receive queue"))?;
     sys::set_repair_queue(fd, Queue::Send).map_err(kernel_error("select the send queue"))?;
     let write_seq = sys::queue_seq(fd).map_err(kernel_error("read the send sequence"))?;
-    let send_data =
+    let mut send_data =
         sys::peek(fd, send_len as usize).map_err(kernel_error("read the send queue"))?;
     sys::set_repair_queue(fd, Queue::No).map_err(kernel_error("leave the repair queue"))?;
     if recv_queue.len() != inq as usize || send_data.len() != send_len as usize {
@@ -386,9 +413,10 @@ fn dump_fd(fd: BorrowedFd<'_>, flow: Flow) -> Result<ConnectionImage, Error> {
     }
     let unsent_len = (unsent_len as usize).min(send_data.len());
     let split = send_data.len() - unsent_len;
+    let unsent = send_data.split_off(split);
     let send_queue = SendQueue {
-        sent: send_data[..split].to_vec(),
-        unsent: send_data[split..].to_vec(),
+        sent: send_data,
+        unsent,
     };
 
     let mss = sys::get_int(fd, libc::SOL_TCP, libc::TCP_MAXSEG)
@@ -427,7 +455,7 @@ fn dump_fd(fd: BorrowedFd<'_>, flow: Flow) -> Result<ConnectionImage, Error> {
 
 /// Reads the socket options tcpr carries. An option the kernel will not
 /// answer is left out (restored as the default).
-fn read_socket_options(fd: BorrowedFd<'_>, ipv6: bool) -> SocketOptions {
+pub(crate) fn read_socket_options(fd: BorrowedFd<'_>, ipv6: bool) -> SocketOptions {
     let int = |level, name| sys::get_int(fd, level, name).ok();
     let u = |level, name| int(level, name).map(|v| v as u32);
     let (tos, ttl) = if ipv6 {
@@ -438,6 +466,7 @@ fn read_socket_options(fd: BorrowedFd<'_>, ipv6: bool) -> SocketOptions {
     } else {
         (u(libc::SOL_IP, libc::IP_TOS), u(libc::SOL_IP, libc::IP_TTL))
     };
+    let buffers = sys::buffer_sizes(fd).ok();
     SocketOptions {
         nodelay: int(libc::SOL_TCP, libc::TCP_NODELAY).map(|v| v != 0),
         keepalive: int(libc::SOL_SOCKET, libc::SO_KEEPALIVE).map(|v| v != 0),
@@ -448,8 +477,8 @@ fn read_socket_options(fd: BorrowedFd<'_>, ipv6: bool) -> SocketOptions {
         congestion: sys::get_string(fd, libc::SOL_TCP, libc::TCP_CONGESTION).ok(),
         notsent_lowat: u(libc::SOL_TCP, libc::TCP_NOTSENT_LOWAT),
         // The kernel reports twice what was set (socket(7)); store what to set.
-        rcvbuf: u(libc::SOL_SOCKET, libc::SO_RCVBUF).map(|v| v / 2),
-        sndbuf: u(libc::SOL_SOCKET, libc::SO_SNDBUF).map(|v| v / 2),
+        rcvbuf: buffers.map(|b| b.rcvbuf / 2),
+        sndbuf: buffers.map(|b| b.sndbuf / 2),
         mark: u(libc::SOL_SOCKET, libc::SO_MARK),
         priority: u(libc::SOL_SOCKET, libc::SO_PRIORITY),
         tos,

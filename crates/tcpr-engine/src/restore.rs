@@ -1,6 +1,7 @@
 //! Restore: build a socket from an image, in the order the kernel enforces
 //! (DESIGN.md, "Restore"), leave it in repair mode, and resume it later.
 
+mod defaults;
 mod local_route;
 mod queue;
 mod wire;
@@ -105,17 +106,22 @@ pub fn restore(img: &ConnectionImage) -> Result<Restored, Error> {
     };
     r.map_err(kernel_error("set IP_TRANSPARENT"))?;
     sys::set_repair(fd, sys::REPAIR_ON).map_err(kernel_error("turn on repair mode"))?;
+    let defaults = defaults::of_fresh_socket(fd, v6);
+    let notsent_lowat = img
+        .socket_options
+        .notsent_lowat
+        .filter(|&v| differs(Some(v), defaults.as_ref().map(|d| d.notsent_lowat)));
     let mut restored = Restored {
         sock: Some(sock),
         flow,
         unsent: img.send_queue.unsent.clone(),
         fin_after_unsent: false,
-        notsent_lowat: img.socket_options.notsent_lowat,
+        notsent_lowat,
         peer_fin: None,
         unsent_timeout: UNSENT_TIMEOUT,
         local_lock: LocalLock::MayBeHeld,
     };
-    restored.build(img)?;
+    restored.build(img, defaults.as_deref())?;
     Ok(restored)
 }
 
@@ -145,27 +151,42 @@ impl Restored {
         self.local_lock = LocalLock::NoneHeld;
     }
 
-    fn build(&mut self, img: &ConnectionImage) -> Result<(), Error> {
+    fn build(
+        &mut self,
+        img: &ConnectionImage,
+        defaults: Option<&SocketOptions>,
+    ) -> Result<(), Error> {
         let sock = self.sock.take().expect("present until consumed");
-        let r = self.build_on(sock.as_fd(), img);
+        let r = self.build_on(sock.as_fd(), img, defaults);
         self.sock = Some(sock);
         r
     }
 
-    fn build_on(&mut self, fd: BorrowedFd<'_>, img: &ConnectionImage) -> Result<(), Error> {
+    fn build_on(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        img: &ConnectionImage,
+        defaults: Option<&SocketOptions>,
+    ) -> Result<(), Error> {
         let so = &img.socket_options;
         // Buffers first, so that the queues fit. The original's buffer can
         // be smaller than its queue (the kernel moderates sk_sndbuf to half
         // the queued memory under pressure), so the queue sets the floor.
         let send_len = img.send_queue.sent.len() + img.send_queue.unsent.len();
-        Buf::Recv.ensure(
-            fd,
-            (so.rcvbuf.unwrap_or(0) as usize).max(room_for(img.recv_queue.len())),
-        );
-        Buf::Send.ensure(
-            fd,
-            (so.sndbuf.unwrap_or(0) as usize).max(room_for(send_len)),
-        );
+        let recv_want = (so.rcvbuf.unwrap_or(0) as usize).max(room_for(img.recv_queue.len()));
+        let send_want = (so.sndbuf.unwrap_or(0) as usize).max(room_for(send_len));
+        // A new socket's buffers are its namespace's defaults: no need to
+        // read them again.
+        match defaults.and_then(|d| d.rcvbuf.zip(d.sndbuf)) {
+            Some((rcvbuf, sndbuf)) => {
+                Buf::Recv.raise(fd, recv_want, rcvbuf as usize);
+                Buf::Send.raise(fd, send_want, sndbuf as usize);
+            }
+            None => {
+                Buf::Recv.ensure(fd, recv_want);
+                Buf::Send.ensure(fd, send_want);
+            }
+        }
         // Sequence numbers are accepted only in CLOSE, so before connect.
         let recv_start = img.recv_seq.back(img.recv_queue.len() as u32);
         let send_start = img.send_seq.back(img.send_queue.len() as u32);
@@ -215,9 +236,14 @@ impl Restored {
         }
         sys::set_repair_options(fd, &opts).map_err(kernel_error("set TCP_REPAIR_OPTIONS"))?;
 
-        sys::set_repair_queue(fd, Queue::Recv).map_err(kernel_error("select the receive queue"))?;
-        fill_repair_queue(fd, &img.recv_queue, Buf::Recv, "queue the receive queue")?;
-        sys::set_repair_queue(fd, Queue::Send).map_err(kernel_error("select the send queue"))?;
+        // The send queue is still selected from its sequence number above.
+        if !img.recv_queue.is_empty() {
+            sys::set_repair_queue(fd, Queue::Recv)
+                .map_err(kernel_error("select the receive queue"))?;
+            fill_repair_queue(fd, &img.recv_queue, Buf::Recv, "queue the receive queue")?;
+            sys::set_repair_queue(fd, Queue::Send)
+                .map_err(kernel_error("select the send queue"))?;
+        }
         fill_repair_queue(fd, &img.send_queue.sent, Buf::Send, "queue the send queue")?;
         // Our FIN, if it was already sent: replayed while the send queue is
         // selected, so the kernel marks it sent instead of transmitting it.
@@ -246,7 +272,7 @@ impl Restored {
             });
         }
         sys::set_repair_window(fd, w).map_err(kernel_error("set TCP_REPAIR_WINDOW"))?;
-        apply_socket_options(fd, so, img.local.is_ipv6())?;
+        apply_socket_options(fd, so, defaults, img.local.is_ipv6())?;
         Ok(())
     }
 
@@ -452,12 +478,38 @@ fn release_local_lock(fd: BorrowedFd<'_>, flow: Flow) -> Result<bool, Error> {
     Ok(held)
 }
 
-fn apply_socket_options(fd: BorrowedFd<'_>, so: &SocketOptions, v6: bool) -> Result<(), Error> {
-    let set = |level: i32, name: i32, v: Option<u32>, what: &'static str| -> Result<(), Error> {
+/// Whether an image's `value` must be set on a new socket whose default is
+/// `default` (`None` inside: unknown): an option the image lacks stays at
+/// the default, and one the image holds at the default is left alone.
+fn differs<T: PartialEq>(value: Option<T>, default: Option<Option<T>>) -> bool {
+    match (value, default) {
+        (None, _) => false,
+        (Some(v), Some(Some(d))) => v != d,
+        (Some(_), _) => true,
+    }
+}
+
+/// Sets the options of `so` that differ from a new socket's `defaults`
+/// (all of them when the defaults are unknown).
+fn apply_socket_options(
+    fd: BorrowedFd<'_>,
+    so: &SocketOptions,
+    defaults: Option<&SocketOptions>,
+    v6: bool,
+) -> Result<(), Error> {
+    let set = |level: i32,
+               name: i32,
+               v: Option<u32>,
+               default: fn(&SocketOptions) -> Option<u32>,
+               what: &'static str|
+     -> Result<bool, Error> {
         match v {
-            Some(v) => sys::set_int(fd, level, name, v as i32)
-                .map_err(|e| Error::kernel(format!("set {what}"), e)),
-            None => Ok(()),
+            Some(v) if differs(Some(v), defaults.map(default)) => {
+                sys::set_int(fd, level, name, v as i32)
+                    .map_err(|e| Error::kernel(format!("set {what}"), e))?;
+                Ok(true)
+            }
+            _ => Ok(false),
         }
     };
     let b = |v: Option<bool>| v.map(u32::from);
@@ -465,65 +517,99 @@ fn apply_socket_options(fd: BorrowedFd<'_>, so: &SocketOptions, v6: bool) -> Res
         libc::SOL_TCP,
         libc::TCP_NODELAY,
         b(so.nodelay),
+        |d| d.nodelay.map(u32::from),
         "TCP_NODELAY",
     )?;
     set(
         libc::SOL_SOCKET,
         libc::SO_KEEPALIVE,
         b(so.keepalive),
+        |d| d.keepalive.map(u32::from),
         "SO_KEEPALIVE",
     )?;
     set(
         libc::SOL_TCP,
         libc::TCP_KEEPIDLE,
         so.keepalive_idle_secs,
+        |d| d.keepalive_idle_secs,
         "TCP_KEEPIDLE",
     )?;
     set(
         libc::SOL_TCP,
         libc::TCP_KEEPINTVL,
         so.keepalive_interval_secs,
+        |d| d.keepalive_interval_secs,
         "TCP_KEEPINTVL",
     )?;
     set(
         libc::SOL_TCP,
         libc::TCP_KEEPCNT,
         so.keepalive_count,
+        |d| d.keepalive_count,
         "TCP_KEEPCNT",
     )?;
     set(
         libc::SOL_TCP,
         libc::TCP_USER_TIMEOUT,
         so.user_timeout_ms,
+        |d| d.user_timeout_ms,
         "TCP_USER_TIMEOUT",
     )?;
-    set(libc::SOL_SOCKET, libc::SO_MARK, so.mark, "SO_MARK")?;
-    if v6 {
-        set(libc::SOL_IPV6, libc::IPV6_TCLASS, so.tos, "IPV6_TCLASS")?;
+    set(
+        libc::SOL_SOCKET,
+        libc::SO_MARK,
+        so.mark,
+        |d| d.mark,
+        "SO_MARK",
+    )?;
+    // The hop limit is always set: a socket that never set it answers the
+    // route's limit (IPv6) or sends with it (ip4_dst_hoplimit), and the
+    // routes here may differ from the original's; the image's value is
+    // what the original reported.
+    let always = |_: &SocketOptions| None;
+    let tos_set = if v6 {
+        let tos_set = set(
+            libc::SOL_IPV6,
+            libc::IPV6_TCLASS,
+            so.tos,
+            |d| d.tos,
+            "IPV6_TCLASS",
+        )?;
         set(
             libc::SOL_IPV6,
             libc::IPV6_UNICAST_HOPS,
             so.ttl,
+            always,
             "IPV6_UNICAST_HOPS",
         )?;
+        tos_set
     } else {
-        set(libc::SOL_IP, libc::IP_TOS, so.tos, "IP_TOS")?;
-        set(libc::SOL_IP, libc::IP_TTL, so.ttl, "IP_TTL")?;
-    }
-    // After IP_TOS, which also sets the priority (ip(7)).
+        let tos_set = set(libc::SOL_IP, libc::IP_TOS, so.tos, |d| d.tos, "IP_TOS")?;
+        set(libc::SOL_IP, libc::IP_TTL, so.ttl, always, "IP_TTL")?;
+        tos_set
+    };
+    // After IP_TOS, which also sets the priority on older kernels (ip(7)):
+    // then the priority is set even at its default.
     set(
         libc::SOL_SOCKET,
         libc::SO_PRIORITY,
         so.priority,
+        if tos_set { always } else { |d| d.priority },
         "SO_PRIORITY",
     )?;
     if let Some(cc) = &so.congestion {
         // An algorithm missing on this host is not fatal: the connection
         // carries on with the default one.
-        if let Err(e) = sys::set_string(fd, libc::SOL_TCP, libc::TCP_CONGESTION, cc) {
-            tracing::warn!("congestion control {cc:?} unavailable here ({e}); using the default");
+        let default = defaults.and_then(|d| d.congestion.as_deref());
+        if default != Some(cc.as_str()) {
+            if let Err(e) = sys::set_string(fd, libc::SOL_TCP, libc::TCP_CONGESTION, cc) {
+                tracing::warn!(
+                    "congestion control {cc:?} unavailable here ({e}); using the default"
+                );
+            }
         }
     }
+    // A new socket does not linger (the image holds only a linger that is on).
     if let Some(l) = so.linger_secs {
         sys::set_linger(fd, l as i32).map_err(kernel_error("set SO_LINGER"))?;
     }

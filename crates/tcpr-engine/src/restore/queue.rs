@@ -61,6 +61,17 @@ impl Buf {
     /// whether it grew.
     pub(super) fn ensure(self, fd: BorrowedFd<'_>, want: usize) -> bool {
         let before = self.current(fd);
+        if !self.raise(fd, want, before) {
+            return false;
+        }
+        self.current(fd) > before
+    }
+
+    /// Sets the buffer, now `before` bytes (as `setsockopt` takes it), to
+    /// at least `want`, as [`Buf::ensure`] does, without reading it: for a
+    /// new socket, whose size is its namespace's default. Returns whether
+    /// it asked for more (not whether the kernel gave it).
+    pub(super) fn raise(self, fd: BorrowedFd<'_>, want: usize, before: usize) -> bool {
         if want <= before {
             return false;
         }
@@ -72,7 +83,7 @@ impl Buf {
                 let _ = sys::set_int(fd, libc::SOL_SOCKET, opts.plain, size);
             }
         }
-        self.current(fd) > before
+        true
     }
 }
 

@@ -413,13 +413,54 @@ pub(crate) fn open_path(path: &str) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// The socket's type, domain and protocol (SO_TYPE, SO_DOMAIN, SO_PROTOCOL).
+/// The socket's type, domain and protocol (SO_TYPE, SO_DOMAIN, SO_PROTOCOL),
+/// to word the refusal of a socket that is not TCP.
 pub(crate) fn socket_kind(fd: BorrowedFd<'_>) -> io::Result<(i32, i32, i32)> {
     Ok((
         get_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)?,
         get_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)?,
-        get_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL)?,
+        socket_protocol(fd)?,
     ))
+}
+
+/// The socket's protocol (SO_PROTOCOL): `IPPROTO_TCP`, or `IPPROTO_MPTCP`
+/// for an MPTCP socket, which also answers `SOL_TCP` options.
+pub(crate) fn socket_protocol(fd: BorrowedFd<'_>) -> io::Result<i32> {
+    get_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL)
+}
+
+/// The sizes of a socket's two buffers, as the kernel holds them (twice
+/// what `setsockopt` was given: socket(7)).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BufferSizes {
+    pub(crate) rcvbuf: u32,
+    pub(crate) sndbuf: u32,
+}
+
+/// `SO_MEMINFO` (asm-generic/socket.h; the libc crate lacks it on x86_64).
+const SO_MEMINFO: i32 = 55;
+/// `SO_MEMINFO` entries up to `SK_MEMINFO_SNDBUF`; the kernel copies at
+/// most the length asked for (`sk_getsockopt` trims to it).
+const MEMINFO_LEN: usize = libc::SK_MEMINFO_SNDBUF as usize + 1;
+
+/// Both buffer sizes in one call (`SO_MEMINFO`, Linux 4.6+: `sk_rcvbuf` and
+/// `sk_sndbuf`, the values `SO_RCVBUF` and `SO_SNDBUF` report), or with
+/// those two where `SO_MEMINFO` is refused.
+pub(crate) fn buffer_sizes(fd: BorrowedFd<'_>) -> io::Result<BufferSizes> {
+    // SAFETY: SO_MEMINFO writes u32 entries, at most as many bytes as asked;
+    // a u32 array is valid for any bit pattern.
+    match unsafe { getsockopt::<[u32; MEMINFO_LEN]>(fd, libc::SOL_SOCKET, SO_MEMINFO) } {
+        Ok((info, len)) if len == size_of::<[u32; MEMINFO_LEN]>() => Ok(BufferSizes {
+            rcvbuf: info[libc::SK_MEMINFO_RCVBUF as usize],
+            sndbuf: info[libc::SK_MEMINFO_SNDBUF as usize],
+        }),
+        _ => Ok(BufferSizes {
+            rcvbuf: get_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF).map_err(named("SO_RCVBUF"))?
+                as u32,
+            sndbuf: get_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF).map_err(named("SO_SNDBUF"))?
+                as u32,
+        }),
+    }
 }
 
 // ---- cli additions ----

@@ -1,0 +1,392 @@
+//! Socket options across a move, read back with `getsockopt` on the
+//! restored socket: every non-default option kept, every default left a
+//! default (so it keeps following the namespace's sysctl, as on the
+//! original), in each network namespace by its own defaults.
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use tcpr_engine::{freeze, restore, FreezeOptions};
+
+fn no_lock() -> FreezeOptions {
+    FreezeOptions {
+        lock: false,
+        ..Default::default()
+    }
+}
+
+/// The options the engine carries, as `getsockopt` reports them.
+#[derive(Debug, PartialEq, Eq, Clone)]
+struct Reported {
+    nodelay: i32,
+    keepalive: i32,
+    keepidle: i32,
+    keepintvl: i32,
+    keepcnt: i32,
+    user_timeout: i32,
+    notsent_lowat: i32,
+    mark: i32,
+    priority: i32,
+    tos: i32,
+    ttl: i32,
+    linger: Option<i32>,
+    congestion: String,
+    rcvbuf: i32,
+    sndbuf: i32,
+}
+
+fn get_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> i32 {
+    let mut v: i32 = 0;
+    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+    // SAFETY: test helper; `v` and `len` are valid for writes during the call.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut v as *mut i32).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "getsockopt {level}/{name}: {}",
+        std::io::Error::last_os_error()
+    );
+    v
+}
+
+fn set_bytes(fd: BorrowedFd<'_>, level: i32, name: i32, v: &[u8]) {
+    // SAFETY: test helper; `v` is readable for its length during the call.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            v.as_ptr().cast(),
+            v.len() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "setsockopt {level}/{name}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+fn set_int(fd: BorrowedFd<'_>, level: i32, name: i32, v: i32) {
+    set_bytes(fd, level, name, &v.to_ne_bytes());
+}
+
+fn congestion(fd: BorrowedFd<'_>) -> String {
+    let mut buf = [0u8; 16];
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: test helper; `buf` and `len` are valid for writes during the call.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_TCP,
+            libc::TCP_CONGESTION,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0, "getsockopt TCP_CONGESTION");
+    let s = &buf[..len as usize];
+    let end = s.iter().position(|&b| b == 0).unwrap_or(s.len());
+    String::from_utf8_lossy(&s[..end]).into_owned()
+}
+
+fn linger(fd: BorrowedFd<'_>) -> Option<i32> {
+    let mut l = libc::linger {
+        l_onoff: 0,
+        l_linger: 0,
+    };
+    let mut len = std::mem::size_of::<libc::linger>() as libc::socklen_t;
+    // SAFETY: test helper; `l` and `len` are valid for writes during the call.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&mut l as *mut libc::linger).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0, "getsockopt SO_LINGER");
+    (l.l_onoff != 0).then_some(l.l_linger)
+}
+
+fn set_linger(fd: BorrowedFd<'_>, secs: i32) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: secs,
+    };
+    // SAFETY: a struct linger is plain data; its bytes are what SO_LINGER reads.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            (&l as *const libc::linger).cast::<u8>(),
+            std::mem::size_of::<libc::linger>(),
+        )
+    };
+    set_bytes(fd, libc::SOL_SOCKET, libc::SO_LINGER, bytes);
+}
+
+fn tos_ttl(v6: bool) -> [(i32, i32); 2] {
+    if v6 {
+        [
+            (libc::SOL_IPV6, libc::IPV6_TCLASS),
+            (libc::SOL_IPV6, libc::IPV6_UNICAST_HOPS),
+        ]
+    } else {
+        [(libc::SOL_IP, libc::IP_TOS), (libc::SOL_IP, libc::IP_TTL)]
+    }
+}
+
+fn reported(s: &TcpStream) -> Reported {
+    let fd = s.as_fd();
+    let v6 = s.local_addr().unwrap().is_ipv6();
+    let [tos, ttl] = tos_ttl(v6);
+    let tcp = |name| get_int(fd, libc::SOL_TCP, name);
+    let sock = |name| get_int(fd, libc::SOL_SOCKET, name);
+    Reported {
+        nodelay: tcp(libc::TCP_NODELAY),
+        keepalive: sock(libc::SO_KEEPALIVE),
+        keepidle: tcp(libc::TCP_KEEPIDLE),
+        keepintvl: tcp(libc::TCP_KEEPINTVL),
+        keepcnt: tcp(libc::TCP_KEEPCNT),
+        user_timeout: tcp(libc::TCP_USER_TIMEOUT),
+        notsent_lowat: tcp(libc::TCP_NOTSENT_LOWAT),
+        mark: sock(libc::SO_MARK),
+        priority: sock(libc::SO_PRIORITY),
+        tos: get_int(fd, tos.0, tos.1),
+        ttl: get_int(fd, ttl.0, ttl.1),
+        linger: linger(fd),
+        congestion: congestion(fd),
+        rcvbuf: sock(libc::SO_RCVBUF),
+        sndbuf: sock(libc::SO_SNDBUF),
+    }
+}
+
+/// Moves the server end to a new socket (freeze, dump, discard, restore,
+/// resume) and checks that the pair still carries a byte each way.
+fn move_server(client: &mut TcpStream, server: TcpStream) -> TcpStream {
+    let frozen = freeze(server.into(), &no_lock()).unwrap();
+    let img = frozen.dump().unwrap();
+    frozen.discard().unwrap();
+    let mut moved = restore(&img).unwrap().resume().unwrap();
+    moved.write_all(b"s").unwrap();
+    let mut b = [0u8; 1];
+    client.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"s");
+    client.write_all(b"c").unwrap();
+    moved.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"c");
+    moved
+}
+
+/// A congestion control algorithm other than `now` that this kernel has.
+fn other_congestion(now: &str) -> String {
+    let all = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+        .expect("read the available congestion controls");
+    all.split_whitespace()
+        .find(|cc| *cc != now)
+        .unwrap_or_else(|| panic!("only {now:?} is available: no other to set"))
+        .to_string()
+}
+
+/// Writes a sysctl of the calling thread's network namespace.
+fn sysctl(path: &str, value: &str) {
+    std::fs::write(path, value).unwrap_or_else(|e| panic!("write {path}: {e}"));
+}
+
+const KEEPALIVE_TIME: &str = "/proc/sys/net/ipv4/tcp_keepalive_time";
+
+fn non_default_options_kept(addr: &str) {
+    let (mut client, server) = pair(addr);
+    let v6 = server.local_addr().unwrap().is_ipv6();
+    let fresh = reported(&server);
+    let fd = server.as_fd();
+    set_int(fd, libc::SOL_TCP, libc::TCP_NODELAY, 1);
+    set_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set_int(fd, libc::SOL_TCP, libc::TCP_KEEPIDLE, 33);
+    set_int(fd, libc::SOL_TCP, libc::TCP_KEEPINTVL, 7);
+    set_int(fd, libc::SOL_TCP, libc::TCP_KEEPCNT, 4);
+    set_int(fd, libc::SOL_TCP, libc::TCP_USER_TIMEOUT, 12_345);
+    set_int(fd, libc::SOL_TCP, libc::TCP_NOTSENT_LOWAT, 65_536);
+    set_int(fd, libc::SOL_SOCKET, libc::SO_MARK, 42);
+    let [tos, ttl] = tos_ttl(v6);
+    set_int(fd, tos.0, tos.1, 0x28);
+    set_int(fd, ttl.0, ttl.1, 17);
+    set_int(fd, libc::SOL_SOCKET, libc::SO_PRIORITY, 5);
+    set_linger(fd, 3);
+    let cc = other_congestion(&fresh.congestion);
+    set_bytes(fd, libc::SOL_TCP, libc::TCP_CONGESTION, cc.as_bytes());
+    set_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, 200_000);
+    set_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, 300_000);
+    let before = reported(&server);
+    // Every option differs from a new socket's, so each one is tested.
+    let differing = [
+        before.nodelay != fresh.nodelay,
+        before.keepalive != fresh.keepalive,
+        before.keepidle != fresh.keepidle,
+        before.keepintvl != fresh.keepintvl,
+        before.keepcnt != fresh.keepcnt,
+        before.user_timeout != fresh.user_timeout,
+        before.notsent_lowat != fresh.notsent_lowat,
+        before.mark != fresh.mark,
+        before.priority != fresh.priority,
+        before.tos != fresh.tos,
+        before.ttl != fresh.ttl,
+        before.linger != fresh.linger,
+        before.congestion != fresh.congestion,
+        before.rcvbuf != fresh.rcvbuf,
+        before.sndbuf != fresh.sndbuf,
+    ];
+    assert!(
+        differing.iter().all(|&d| d),
+        "{before:?} vs a new socket's {fresh:?}"
+    );
+    let moved = move_server(&mut client, server);
+    assert_eq!(reported(&moved), before, "{addr}");
+}
+
+/// Every option that the original left at its default is left at the
+/// default on the restored socket too: it reports the same values, and
+/// the ones that come from a sysctl keep following it.
+fn defaults_kept(addr: &str) {
+    let (mut client, server) = pair(addr);
+    let before = reported(&server);
+    let mut moved = move_server(&mut client, server);
+    let after = reported(&moved);
+    // The send buffer is carried at the size the kernel had grown it to.
+    assert_eq!(
+        Reported {
+            sndbuf: before.sndbuf,
+            ..after.clone()
+        },
+        before,
+        "{addr}"
+    );
+    assert!(after.sndbuf >= before.sndbuf, "{addr}: {after:?}");
+    let keepidle = before.keepidle + 11;
+    sysctl(KEEPALIVE_TIME, &keepidle.to_string());
+    assert_eq!(
+        get_int(moved.as_fd(), libc::SOL_TCP, libc::TCP_KEEPIDLE),
+        keepidle,
+        "{addr}: the restored socket's keepalive time no longer follows the namespace's default"
+    );
+    sysctl(KEEPALIVE_TIME, &before.keepidle.to_string());
+    moved.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    client.read_exact(&mut b).unwrap();
+}
+
+#[test]
+fn non_default_options_survive_a_move() {
+    in_private_netns(|| {
+        non_default_options_kept("127.0.0.1:0");
+        non_default_options_kept("[::1]:0");
+    });
+}
+
+#[test]
+fn default_options_stay_defaults() {
+    in_private_netns(|| {
+        defaults_kept("127.0.0.1:0");
+        defaults_kept("[::1]:0");
+    });
+}
+
+/// Each namespace has its own defaults: an option held at one
+/// namespace's default is set where the default differs, right after a
+/// restore in the first namespace.
+#[test]
+fn defaults_are_those_of_the_restoring_namespace() {
+    let first = std::thread::spawn(|| {
+        private_netns();
+        let (mut client, server) = pair("127.0.0.1:0");
+        let keepidle = reported(&server).keepidle;
+        move_server(&mut client, server);
+        keepidle
+    });
+    let first_default = first.join().unwrap();
+    in_private_netns(move || {
+        sysctl(KEEPALIVE_TIME, &(first_default / 2).to_string());
+        let (mut client, server) = pair("127.0.0.1:0");
+        set_int(
+            server.as_fd(),
+            libc::SOL_TCP,
+            libc::TCP_KEEPIDLE,
+            first_default,
+        );
+        let moved = move_server(&mut client, server);
+        assert_eq!(
+            get_int(moved.as_fd(), libc::SOL_TCP, libc::TCP_KEEPIDLE),
+            first_default
+        );
+    });
+}
+
+/// A socket of `(domain, type, protocol)`, or `None` where this kernel
+/// does not build one (MPTCP turned off, say).
+fn socket_of(domain: i32, ty: i32, protocol: i32) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscall with integer arguments.
+    let fd = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, protocol) };
+    // SAFETY: a fresh fd from the kernel, owned from here.
+    (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// The check that a socket is TCP reads SO_PROTOCOL and TCP_INFO only:
+/// every other socket, also those whose protocol number is TCP's (a raw
+/// socket, netlink's NETLINK_XFRM) or that answer TCP options (MPTCP), is
+/// refused as not TCP, and a TCP socket in a state with no connection as
+/// unsupported.
+#[test]
+fn only_connected_tcp_sockets_pass_inspection() {
+    in_private_netns(|| {
+        let mptcp = 262;
+        let kinds = [
+            (libc::AF_INET, libc::SOCK_DGRAM, 0),
+            (libc::AF_INET6, libc::SOCK_DGRAM, 0),
+            (libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP),
+            (libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_TCP),
+            (libc::AF_UNIX, libc::SOCK_STREAM, 0),
+            (libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_XFRM),
+            (libc::AF_INET, libc::SOCK_STREAM, mptcp),
+        ];
+        for (domain, ty, protocol) in kinds {
+            let Some(sock) = socket_of(domain, ty, protocol) else {
+                assert_eq!(
+                    protocol, mptcp,
+                    "cannot build socket {domain}/{ty}/{protocol}"
+                );
+                continue;
+            };
+            match tcpr_engine::inspect_socket(sock.as_fd()) {
+                Err(tcpr_engine::Error::NotTcp(why)) => assert!(
+                    why.contains("not a TCP socket"),
+                    "{domain}/{ty}/{protocol}: {why}"
+                ),
+                other => panic!("{domain}/{ty}/{protocol}: {other:?}"),
+            }
+        }
+        let (read_end, _write_end) = std::io::pipe().unwrap();
+        assert!(matches!(
+            tcpr_engine::inspect_socket(read_end.as_fd()),
+            Err(tcpr_engine::Error::NotTcp(why)) if why.contains("not a socket")
+        ));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(matches!(
+            tcpr_engine::inspect_socket(listener.as_fd()),
+            Err(tcpr_engine::Error::UnsupportedState { state: "LISTEN" })
+        ));
+        let (_client, server) = pair("[::1]:0");
+        let (flow, _) = tcpr_engine::inspect_socket(server.as_fd()).unwrap();
+        assert_eq!(flow.local, server.local_addr().unwrap());
+    });
+}
