@@ -168,8 +168,21 @@ pub struct StreamFigures {
     pub unmoved_gap_ms: Samples,
     /// `moved p50 / unmoved p50`.
     pub p50_ratio: f64,
+    /// The `hand_off` call of each move (TLS connect included), which the
+    /// writer waits for.
+    pub hand_off_ms: Samples,
+    /// From the writer's last write before a move to its first write
+    /// after it: the application's own pause, which the gap at the client
+    /// can only exceed.
+    pub writer_pause_ms: Samples,
     /// Bytes verified in order at the client.
     pub verified_bytes: u64,
+}
+
+/// When a window's writes began and ended.
+struct Writes {
+    first: Option<Instant>,
+    last: Instant,
 }
 
 /// Everything `tcpr bench-handoff` measures.
@@ -238,6 +251,19 @@ pub fn run(counts: &[usize], moves: usize) -> Result<()> {
             r.total_ms.median() * 1e3 / r.conns as f64
         );
     }
+    println!();
+    println!("where the time goes, as the sender sees it (ms, median (min-max)):");
+    for r in &f.batches {
+        println!("{:>7} connections", r.conns);
+        for (phase, ms) in &r.phases_ms {
+            println!(
+                "         {phase:<40} {:>9.2} ({:.2}-{:.2})",
+                ms.median(),
+                ms.min(),
+                ms.max()
+            );
+        }
+    }
     let s = &f.stream;
     println!();
     println!(
@@ -256,6 +282,15 @@ pub fn run(counts: &[usize], moves: usize) -> Result<()> {
         s.moved_gap_ms.quantile(0.99),
         s.moved_gap_ms.max(),
         s.p50_ratio
+    );
+    println!(
+        "per move: hand_off call p50 {:>6.2} ms (p10 {:.2}, p90 {:.2}); writer's pause p50 {:>6.2} ms (p10 {:.2}, p90 {:.2})",
+        s.hand_off_ms.median(),
+        s.hand_off_ms.quantile(0.1),
+        s.hand_off_ms.quantile(0.9),
+        s.writer_pause_ms.median(),
+        s.writer_pause_ms.quantile(0.1),
+        s.writer_pause_ms.quantile(0.9),
     );
     println!(
         "verified {} bytes in order, none lost or corrupted",
@@ -383,10 +418,14 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
     };
     // The writer: the "application", paused around each move.
     let sent = Arc::new(AtomicU64::new(0));
-    let write_for = |mut s: TcpStream, dur: Duration| -> Result<TcpStream> {
+    let write_for = |mut s: TcpStream, dur: Duration| -> Result<(TcpStream, Writes)> {
         let start = Instant::now();
         let base = sent.load(Ordering::SeqCst);
         let mut buf = vec![0u8; 16384];
+        let mut writes = Writes {
+            first: None,
+            last: start,
+        };
         while start.elapsed() < dur {
             let due = base + (start.elapsed().as_secs_f64() * rate as f64) as u64;
             let cur = sent.load(Ordering::SeqCst);
@@ -398,13 +437,17 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
             stream::fill(0xbe, cur, &mut buf[..n]);
             s.write_all(&buf[..n])?;
             sent.fetch_add(n as u64, Ordering::SeqCst);
+            writes.last = Instant::now();
+            writes.first.get_or_insert(writes.last);
         }
-        Ok(s)
+        Ok((s, writes))
     };
     let take_gap = || std::mem::take(&mut *gap.lock().unwrap_or_else(|e| e.into_inner()));
-    let mut s = write_for(server, Duration::from_millis(300))?;
+    let (mut s, _) = write_for(server, Duration::from_millis(300))?;
     let mut baseline = Vec::with_capacity(moves);
     let mut pauses = Vec::with_capacity(moves);
+    let mut hand_offs = Vec::with_capacity(moves);
+    let mut writer_pauses = Vec::with_capacity(moves);
     let (mut here, mut there) = (&a, &b);
     let (mut here_rx, mut there_rx) = (&to_a, &to_b);
     for i in 0..moves {
@@ -412,7 +455,8 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
         // The baseline: the same stream in a window of the same length as
         // a move's, with no move, just before it (the same minute's noise).
         take_gap();
-        s = write_for(s, WINDOW)?;
+        let (before, writes) = write_for(s, WINDOW)?;
+        s = before;
         baseline.push(take_gap());
         let to = if std::ptr::eq(there, &b) {
             "10.66.0.3:7070"
@@ -421,7 +465,9 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
         };
         let mut opts = MigrateOptions::new(to.parse()?, auth.clone());
         opts.switch = Switch::MoveAddress;
+        let called = Instant::now();
         let r = here.within(|| Ok(hand_off(vec![(s, vec![])], &opts)?))?;
+        hand_offs.push(called.elapsed());
         match r.into_iter().next() {
             Some(HandOff::Moved) => {}
             other => bail!("move {i} did not happen: {other:?}"),
@@ -429,8 +475,12 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
         let d = there_rx
             .recv_timeout(Duration::from_secs(10))
             .context("delivery")?;
-        s = write_for(d.stream, WINDOW)?;
+        let (after, writes_after) = write_for(d.stream, WINDOW)?;
+        s = after;
         pauses.push(take_gap());
+        if let Some(first) = writes_after.first {
+            writer_pauses.push(first - writes.last);
+        }
         std::mem::swap(&mut here, &mut there);
         std::mem::swap(&mut here_rx, &mut there_rx);
     }
@@ -463,6 +513,8 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
             moved_gap_ms,
             unmoved_gap_ms,
             p50_ratio,
+            hand_off_ms: Samples::ms(&hand_offs),
+            writer_pause_ms: Samples::ms(&writer_pauses),
             verified_bytes: got,
         },
     })
