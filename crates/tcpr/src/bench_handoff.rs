@@ -98,7 +98,8 @@ fn batch(
     let took = t.elapsed();
     let timings = report.timings;
     let moved = report.moved.len();
-    // Drain the deliveries: closing them here keeps the fd count low.
+    // Wait until every delivery is in (and closed, keeping the fd count
+    // low).
     let mut got = 0;
     while got < moved {
         delivered
@@ -325,11 +326,22 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
     let sock_path = dir.join("sink.sock");
     let sink = std::os::unix::net::UnixListener::bind(&sock_path)?;
     let (sink_tx, sink_rx) = mpsc::channel();
+    // The sink takes each connection and passes it on to be closed on
+    // another thread, as an application hands what it accepts to its
+    // workers: closed inline, its FIN was most of the sink's time per
+    // connection and held the agent's acknowledgements back.
+    let (to_close, closing) = mpsc::channel::<Delivered>();
+    std::thread::spawn(move || {
+        for d in closing {
+            drop(d);
+            let _ = sink_tx.send(());
+        }
+    });
     std::thread::spawn(move || {
         for s in sink.incoming() {
             let Ok(mut s) = s else { break };
-            if let Ok(Some(_d)) = tcpr_handoff::deliver::recv_unix(&mut s) {
-                let _ = sink_tx.send(());
+            if let Ok(Some(d)) = tcpr_handoff::deliver::recv_unix(&mut s) {
+                let _ = to_close.send(d);
             }
         }
     });
@@ -416,18 +428,22 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
             Ok(())
         })
     };
-    // The writer: the "application", paused around each move.
+    // The writer: the "application", paused around each move. Its bytes
+    // fall due on one schedule from the stream's start, so what fell due
+    // during a move is written as soon as the connection is back (a
+    // schedule restarted per window slept a pacing step first, adding it
+    // to every moved window's gap).
     let sent = Arc::new(AtomicU64::new(0));
+    let began = Instant::now();
     let write_for = |mut s: TcpStream, dur: Duration| -> Result<(TcpStream, Writes)> {
         let start = Instant::now();
-        let base = sent.load(Ordering::SeqCst);
         let mut buf = vec![0u8; 16384];
         let mut writes = Writes {
             first: None,
             last: start,
         };
         while start.elapsed() < dur {
-            let due = base + (start.elapsed().as_secs_f64() * rate as f64) as u64;
+            let due = (began.elapsed().as_secs_f64() * rate as f64) as u64;
             let cur = sent.load(Ordering::SeqCst);
             if cur >= due {
                 std::thread::sleep(Duration::from_micros(500));
