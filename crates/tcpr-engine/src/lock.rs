@@ -488,6 +488,26 @@ pub fn release_flows(ns: &Netns, flows: &[Flow]) -> Result<(), Error> {
     if probe {
         mode::probe(&mut batch);
     }
+    shadow_release(&mut batch, flows);
+    match fast(ns, batch) {
+        Err(Failure::Failed(e @ Error::Permission(_))) => Err(e),
+        Err(Failure::Unsupported(_)) => {
+            mode::fall_back("it refuses DESTROYSETELEM (Linux 6.3+)");
+            delete(ns, flows)
+        }
+        // An older table (no `unlocked` set) or none: delete, which works
+        // with both; the next lock or `prepare` upgrades the table.
+        Err(_) if probe => delete(ns, &[flows, &[mode::probe_flow()]].concat()),
+        Err(_) => delete(ns, flows),
+        Ok(()) if probe && !mode::confirm(ns) => delete(ns, flows),
+        Ok(()) => Ok(()),
+    }
+}
+
+/// Adds to `batch` the release of `flows` on a kernel that updates
+/// expiries ([`Mode::Shadow`]): an `unlocked` element each, and their lock
+/// elements expiring at once.
+fn shadow_release(batch: &mut Batch, flows: &[Flow]) {
     let unlocked_for = unlocked_timeout(flows.len());
     for (set, elements) in by_set(flows) {
         let shadow = Op::AddExpiring {
@@ -501,18 +521,47 @@ pub fn release_flows(ns: &Netns, flows: &[Flow]) -> Result<(), Error> {
         };
         batch.elements(set.set_ref(), &elements, expire);
     }
-    match fast(ns, batch) {
-        Err(Failure::Failed(e @ Error::Permission(_))) => Err(e),
-        Err(Failure::Unsupported(_)) => {
-            mode::fall_back("it refuses DESTROYSETELEM (Linux 6.3+)");
-            delete(ns, flows)
+}
+
+/// Releases flows of one namespace, call after call, on one netlink
+/// socket: an agent releases each flow of a batch right before its resume,
+/// and a socket per release (open, `NETLINK_CAP_ACK`, timeout, close) cost
+/// more than the release itself. Whatever this fast path cannot do (a
+/// kernel not probed yet or without expiry updates, a failed request)
+/// goes through [`release_flows`], with its fallbacks.
+#[derive(Debug)]
+pub struct Releaser {
+    ns: Netns,
+    socket: Option<nfnl::Socket>,
+}
+
+impl Releaser {
+    /// A releaser for flows of `ns`; its socket opens at the first release.
+    pub fn new(ns: Netns) -> Releaser {
+        Releaser { ns, socket: None }
+    }
+
+    /// The same as [`release_flows`] in this releaser's namespace.
+    pub fn release(&mut self, flows: &[Flow]) -> Result<(), Error> {
+        if flows.is_empty() {
+            return Ok(());
         }
-        // An older table (no `unlocked` set) or none: delete, which works
-        // with both; the next lock or `prepare` upgrades the table.
-        Err(_) if probe => delete(ns, &[flows, &[mode::probe_flow()]].concat()),
-        Err(_) => delete(ns, flows),
-        Ok(()) if probe && !mode::confirm(ns) => delete(ns, flows),
-        Ok(()) => Ok(()),
+        if mode::current() != Mode::Shadow {
+            return release_flows(&self.ns, flows);
+        }
+        if self.socket.is_none() {
+            self.socket = nfnl::Socket::open(self.ns.fd.as_ref().map(|f| f.as_fd())).ok();
+        }
+        let mut batch = Batch::new();
+        shadow_release(&mut batch, flows);
+        match self.socket.as_ref().map(|s| s.commit(batch)) {
+            Some(Ok(())) => Ok(()),
+            _ => {
+                // A fresh socket and the fallbacks of the general path.
+                self.socket = None;
+                release_flows(&self.ns, flows)
+            }
+        }
     }
 }
 

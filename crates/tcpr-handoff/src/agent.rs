@@ -574,14 +574,16 @@ fn resume_and_deliver(
     // A receiver takes its connections in turn: each has the whole
     // acknowledgement timeout from when the one before was settled, not
     // from its send, so a slow receiver is given what it had unpipelined.
-    let mut settled = Instant::now();
+    let started = Instant::now();
+    let mut settled = started;
     let mut confirm = |s: &mut Session, u: Unacknowledged| {
         let outcome = confirm_delivery(shared, s, settled, u);
         settled = Instant::now();
         outcome
     };
+    let mut releaser = tcpr_engine::lock::Releaser::new(tcpr_engine::Netns::current());
     for &id in ids {
-        match resume_one(shared, s, id).and_then(|r| deliver_resumed(shared, s, r)) {
+        match resume_one(shared, s, &mut releaser, id).and_then(|r| deliver_resumed(shared, s, r)) {
             Ok(Some(sent)) => unacknowledged.push_back(sent),
             Ok(None) => out.push((id, Ok(()))),
             Err(e) => out.push((id, Err(e))),
@@ -595,6 +597,11 @@ fn resume_and_deliver(
     for u in unacknowledged {
         out.push((u.id, confirm(s, u)));
     }
+    tracing::debug!(
+        connections = ids.len(),
+        us = started.elapsed().as_micros(),
+        "resumed and delivered"
+    );
     out
 }
 

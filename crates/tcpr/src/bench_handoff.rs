@@ -98,7 +98,8 @@ fn batch(
     let took = t.elapsed();
     let timings = report.timings;
     let moved = report.moved.len();
-    // Drain the deliveries: closing them here keeps the fd count low.
+    // Wait until every delivery is in (and closed, keeping the fd count
+    // low).
     let mut got = 0;
     while got < moved {
         delivered
@@ -168,8 +169,21 @@ pub struct StreamFigures {
     pub unmoved_gap_ms: Samples,
     /// `moved p50 / unmoved p50`.
     pub p50_ratio: f64,
+    /// The `hand_off` call of each move (TLS connect included), which the
+    /// writer waits for.
+    pub hand_off_ms: Samples,
+    /// From the writer's last write before a move to its first write
+    /// after it: the application's own pause, which the gap at the client
+    /// can only exceed.
+    pub writer_pause_ms: Samples,
     /// Bytes verified in order at the client.
     pub verified_bytes: u64,
+}
+
+/// When a window's writes began and ended.
+struct Writes {
+    first: Option<Instant>,
+    last: Instant,
 }
 
 /// Everything `tcpr bench-handoff` measures.
@@ -238,6 +252,19 @@ pub fn run(counts: &[usize], moves: usize) -> Result<()> {
             r.total_ms.median() * 1e3 / r.conns as f64
         );
     }
+    println!();
+    println!("where the time goes, as the sender sees it (ms, median (min-max)):");
+    for r in &f.batches {
+        println!("{:>7} connections", r.conns);
+        for (phase, ms) in &r.phases_ms {
+            println!(
+                "         {phase:<40} {:>9.2} ({:.2}-{:.2})",
+                ms.median(),
+                ms.min(),
+                ms.max()
+            );
+        }
+    }
     let s = &f.stream;
     println!();
     println!(
@@ -256,6 +283,15 @@ pub fn run(counts: &[usize], moves: usize) -> Result<()> {
         s.moved_gap_ms.quantile(0.99),
         s.moved_gap_ms.max(),
         s.p50_ratio
+    );
+    println!(
+        "per move: hand_off call p50 {:>6.2} ms (p10 {:.2}, p90 {:.2}); writer's pause p50 {:>6.2} ms (p10 {:.2}, p90 {:.2})",
+        s.hand_off_ms.median(),
+        s.hand_off_ms.quantile(0.1),
+        s.hand_off_ms.quantile(0.9),
+        s.writer_pause_ms.median(),
+        s.writer_pause_ms.quantile(0.1),
+        s.writer_pause_ms.quantile(0.9),
     );
     println!(
         "verified {} bytes in order, none lost or corrupted",
@@ -290,11 +326,22 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
     let sock_path = dir.join("sink.sock");
     let sink = std::os::unix::net::UnixListener::bind(&sock_path)?;
     let (sink_tx, sink_rx) = mpsc::channel();
+    // The sink takes each connection and passes it on to be closed on
+    // another thread, as an application hands what it accepts to its
+    // workers: closed inline, its FIN was most of the sink's time per
+    // connection and held the agent's acknowledgements back.
+    let (to_close, closing) = mpsc::channel::<Delivered>();
+    std::thread::spawn(move || {
+        for d in closing {
+            drop(d);
+            let _ = sink_tx.send(());
+        }
+    });
     std::thread::spawn(move || {
         for s in sink.incoming() {
             let Ok(mut s) = s else { break };
-            if let Ok(Some(_d)) = tcpr_handoff::deliver::recv_unix(&mut s) {
-                let _ = sink_tx.send(());
+            if let Ok(Some(d)) = tcpr_handoff::deliver::recv_unix(&mut s) {
+                let _ = to_close.send(d);
             }
         }
     });
@@ -381,14 +428,22 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
             Ok(())
         })
     };
-    // The writer: the "application", paused around each move.
+    // The writer: the "application", paused around each move. Its bytes
+    // fall due on one schedule from the stream's start, so what fell due
+    // during a move is written as soon as the connection is back (a
+    // schedule restarted per window slept a pacing step first, adding it
+    // to every moved window's gap).
     let sent = Arc::new(AtomicU64::new(0));
-    let write_for = |mut s: TcpStream, dur: Duration| -> Result<TcpStream> {
+    let began = Instant::now();
+    let write_for = |mut s: TcpStream, dur: Duration| -> Result<(TcpStream, Writes)> {
         let start = Instant::now();
-        let base = sent.load(Ordering::SeqCst);
         let mut buf = vec![0u8; 16384];
+        let mut writes = Writes {
+            first: None,
+            last: start,
+        };
         while start.elapsed() < dur {
-            let due = base + (start.elapsed().as_secs_f64() * rate as f64) as u64;
+            let due = (began.elapsed().as_secs_f64() * rate as f64) as u64;
             let cur = sent.load(Ordering::SeqCst);
             if cur >= due {
                 std::thread::sleep(Duration::from_micros(500));
@@ -398,13 +453,17 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
             stream::fill(0xbe, cur, &mut buf[..n]);
             s.write_all(&buf[..n])?;
             sent.fetch_add(n as u64, Ordering::SeqCst);
+            writes.last = Instant::now();
+            writes.first.get_or_insert(writes.last);
         }
-        Ok(s)
+        Ok((s, writes))
     };
     let take_gap = || std::mem::take(&mut *gap.lock().unwrap_or_else(|e| e.into_inner()));
-    let mut s = write_for(server, Duration::from_millis(300))?;
+    let (mut s, _) = write_for(server, Duration::from_millis(300))?;
     let mut baseline = Vec::with_capacity(moves);
     let mut pauses = Vec::with_capacity(moves);
+    let mut hand_offs = Vec::with_capacity(moves);
+    let mut writer_pauses = Vec::with_capacity(moves);
     let (mut here, mut there) = (&a, &b);
     let (mut here_rx, mut there_rx) = (&to_a, &to_b);
     for i in 0..moves {
@@ -412,7 +471,8 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
         // The baseline: the same stream in a window of the same length as
         // a move's, with no move, just before it (the same minute's noise).
         take_gap();
-        s = write_for(s, WINDOW)?;
+        let (before, writes) = write_for(s, WINDOW)?;
+        s = before;
         baseline.push(take_gap());
         let to = if std::ptr::eq(there, &b) {
             "10.66.0.3:7070"
@@ -421,7 +481,9 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
         };
         let mut opts = MigrateOptions::new(to.parse()?, auth.clone());
         opts.switch = Switch::MoveAddress;
+        let called = Instant::now();
         let r = here.within(|| Ok(hand_off(vec![(s, vec![])], &opts)?))?;
+        hand_offs.push(called.elapsed());
         match r.into_iter().next() {
             Some(HandOff::Moved) => {}
             other => bail!("move {i} did not happen: {other:?}"),
@@ -429,8 +491,12 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
         let d = there_rx
             .recv_timeout(Duration::from_secs(10))
             .context("delivery")?;
-        s = write_for(d.stream, WINDOW)?;
+        let (after, writes_after) = write_for(d.stream, WINDOW)?;
+        s = after;
         pauses.push(take_gap());
+        if let Some(first) = writes_after.first {
+            writer_pauses.push(first - writes.last);
+        }
         std::mem::swap(&mut here, &mut there);
         std::mem::swap(&mut here_rx, &mut there_rx);
     }
@@ -463,6 +529,8 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
             moved_gap_ms,
             unmoved_gap_ms,
             p50_ratio,
+            hand_off_ms: Samples::ms(&hand_offs),
+            writer_pause_ms: Samples::ms(&writer_pauses),
             verified_bytes: got,
         },
     })

@@ -191,8 +191,8 @@ fn why_not(w: &mut String, m: &machine::Machine, engine: &EngineFigures, handoff
              connection: {:.1} ms ({phases}). The unmoved stream's longest gap ({:.2} ms) is its \
              own pacing on an idle machine, so the ratio compares a handoff with almost nothing; \
              it shrinks as the machine gets busier (1.05x at load 11 in an earlier run). The \
-             commit phase holds the agent's journal flush (fdatasync, before the first resume) \
-             and the resume; a TLS connect per handoff is most of the rest.",
+             moved stream's agents are in process, without a journal: its gap is the hand_off \
+             call, whose largest part is the TLS connect.",
             stream.moved_gap_ms.median(),
             one.map(|b| b.total_ms.median()).unwrap_or(f64::NAN),
             stream.unmoved_gap_ms.median(),

@@ -14,6 +14,7 @@ use std::net::{IpAddr, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
+use tcpr_engine::lock::Releaser;
 use tcpr_engine::{Flow, FlowLock, Restored};
 use tcpr_image::ConnectionImage;
 
@@ -154,6 +155,7 @@ pub(super) fn before_ready(shared: &Shared, s: &mut Session) -> Result<(), Strin
 /// commit is journaled, the address is taken. An error leaves nothing
 /// changed here (the address is given back if it was taken half-way).
 pub(super) fn take_over(shared: &Shared, s: &mut Session, ids: &[ConnId]) -> Result<(), String> {
+    let started = Instant::now();
     let address = match s.add_address.take() {
         Some(mv) => Some(address_to_take(shared, s, &mv)?),
         None => None,
@@ -168,6 +170,7 @@ pub(super) fn take_over(shared: &Shared, s: &mut Session, ids: &[ConnId]) -> Res
             check_delivery(d)?;
         }
     }
+    let target_checked = started.elapsed();
     if let Some(log) = s.log.as_mut() {
         log.commit(ids, address.as_ref().map(|a| a.ip))
             .map_err(|e| format!("cannot write the agent's journal: {e}"))?;
@@ -180,6 +183,7 @@ pub(super) fn take_over(shared: &Shared, s: &mut Session, ids: &[ConnId]) -> Res
             return Err(e);
         }
     }
+    let address_taken = started.elapsed();
     fault_point("taken");
     // The restored flows stay locked here: each connection's lock goes in
     // `resume_one`, microseconds before its socket goes live. Released for
@@ -190,6 +194,12 @@ pub(super) fn take_over(shared: &Shared, s: &mut Session, ids: &[ConnId]) -> Res
         (Some(log), Some(j)) => Some(log.resuming(j)),
         _ => None,
     };
+    tracing::debug!(
+        target_checked_us = target_checked.as_micros(),
+        address_taken_us = address_taken.as_micros(),
+        journaled_us = started.elapsed().as_micros(),
+        "taken over"
+    );
     if let Some(Err(e)) = journaled {
         // Nothing is resumed yet: give the address back and refuse.
         if let Some(held) = &address {
@@ -292,14 +302,22 @@ pub(super) fn restore_one(shared: &Shared, s: &mut Session, id: ConnId) -> Resul
     Ok(())
 }
 
-pub(super) fn resume_one(shared: &Shared, s: &mut Session, id: ConnId) -> Result<Resumed, String> {
+/// Resumes one connection of a committed batch; `releaser` (one per batch,
+/// so one netlink socket) releases this agent's own lock on its flow first.
+pub(super) fn resume_one(
+    shared: &Shared,
+    s: &mut Session,
+    releaser: &mut Releaser,
+    id: ConnId,
+) -> Result<Resumed, String> {
     let mut r = s.restored.remove(&id).ok_or("not restored")?;
     // This agent's own lock on the flow (`lock_restored`) goes now,
     // microseconds before the socket is live, not for the whole batch
     // before the first resume: an agent killed in between left flows with
     // no lock and no socket here, and their clients' packets drew RSTs.
     let released_here = s.locks.is_empty()
-        || tcpr_engine::lock::release_flows(&tcpr_engine::Netns::current(), &[r.flow()])
+        || releaser
+            .release(&[r.flow()])
             .inspect_err(|e| tracing::warn!("cannot release the restored flow's lock: {e}"))
             .is_ok();
     if s.sender_elsewhere && released_here {
