@@ -50,7 +50,8 @@ impl Channel {
                     | SenderAction::Hold(_) => {}
                 }
             }
-            self.to_agent.extend(std::iter::from_fn(|| s.poll_transmit()));
+            self.to_agent
+                .extend(std::iter::from_fn(|| s.poll_transmit()));
             while let Some(act) = a.poll_action() {
                 progressed = true;
                 match act {
@@ -74,7 +75,8 @@ impl Channel {
                     AgentAction::Discard(_) => {}
                 }
             }
-            self.to_sender.extend(std::iter::from_fn(|| a.poll_transmit()));
+            self.to_sender
+                .extend(std::iter::from_fn(|| a.poll_transmit()));
             if let Some(m) = self.to_agent.pop_front() {
                 progressed = true;
                 a.handle_message(m, now);
@@ -120,7 +122,10 @@ fn a_channel_carries_batches_one_after_another() {
             s.fates()
         );
         assert!(s.channel_reusable() && a.channel_reusable(), "batch {id}");
-        assert!(ch.is_empty(), "nothing of batch {id} is left on the channel");
+        assert!(
+            ch.is_empty(),
+            "nothing of batch {id} is left on the channel"
+        );
     }
 }
 
@@ -134,10 +139,7 @@ fn a_batch_refused_whole_leaves_the_channel_clean() {
         take_over_fails: false,
     };
     ch.exchange(&mut s, &mut a, refuse_all, now);
-    assert!(s
-        .fates()
-        .values()
-        .all(|f| matches!(f, Fate::RolledBack(_))));
+    assert!(s.fates().values().all(|f| matches!(f, Fate::RolledBack(_))));
     // Our ABORT ("nothing to commit") is answered with nothing.
     assert!(s.channel_reusable() && a.channel_reusable());
     assert!(ch.is_empty());
@@ -156,10 +158,7 @@ fn a_refused_commit_leaves_the_channel_clean() {
         take_over_fails: true,
     };
     ch.exchange(&mut s, &mut a, refuse_commit, now);
-    assert!(s
-        .fates()
-        .values()
-        .all(|f| matches!(f, Fate::RolledBack(_))));
+    assert!(s.fates().values().all(|f| matches!(f, Fate::RolledBack(_))));
     assert!(s.channel_reusable() && a.channel_reusable());
     assert!(ch.is_empty());
 }

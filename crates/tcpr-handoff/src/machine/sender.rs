@@ -395,9 +395,7 @@ impl Sender {
             }
             // The agent says for sure that it resumed none of them.
             (
-                state @ (SenderState::Preparing
-                | SenderState::Switching
-                | SenderState::Committing),
+                state @ (SenderState::Preparing | SenderState::Switching | SenderState::Committing),
                 Msg::CommitRefused(reason),
             ) => {
                 self.roll_back(&format!("agent did not resume them: {reason}"));
