@@ -303,3 +303,152 @@ fn take_expired(idle: &mut HashMap<ChannelKey, Vec<Idle>>, now: Instant) -> Vec<
     idle.retain(|_, kept| !kept.is_empty());
     expired
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Auth;
+    use crate::machine::Msg;
+    use std::net::TcpListener;
+    use std::sync::Arc;
+    use std::thread::JoinHandle;
+
+    /// What the stand-in agent does on one channel after the handshake.
+    #[derive(Clone, Copy)]
+    enum Agent {
+        /// Answers each PING with its PONG.
+        Answers,
+        /// Answers a PING with a message left over from a batch.
+        AnswersWithALeftover,
+        /// Sends a leftover message at once, then only listens.
+        LeavesALeftover,
+    }
+
+    fn auth() -> Auth {
+        Auth::Psk(Arc::new(b"channel pool tests shared key".to_vec()))
+    }
+
+    fn leftover() -> pb::Message {
+        wire::to_wire(&Msg::Abort("a batch before".into()))
+    }
+
+    /// An agent on loopback serving one channel per entry of `agents`,
+    /// in turn; gives the PINGs each channel received.
+    fn stand_in(agents: Vec<Agent>) -> (MigrateOptions, JoinHandle<Vec<usize>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let opts = MigrateOptions::new(listener.local_addr().unwrap(), auth());
+        let served = std::thread::spawn(move || {
+            let cfg = auth().server_config().unwrap();
+            agents
+                .into_iter()
+                .map(|agent| {
+                    let (tcp, _) = listener.accept().unwrap();
+                    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    let mut ch = auth().accept(cfg.clone(), tcp).unwrap();
+                    if let Agent::LeavesALeftover = agent {
+                        wire::write_msg(&mut ch, &leftover()).unwrap();
+                        ch.flush().unwrap();
+                    }
+                    let mut pings = 0;
+                    while let Ok(msg) = wire::read_msg(&mut ch) {
+                        let Some(pb::message::Kind::Ping(p)) = msg.kind else {
+                            break;
+                        };
+                        pings += 1;
+                        let answer = match agent {
+                            Agent::Answers => wire::pong(p.nonce),
+                            Agent::AnswersWithALeftover | Agent::LeavesALeftover => leftover(),
+                        };
+                        wire::write_msg(&mut ch, &answer).unwrap();
+                        ch.flush().unwrap();
+                    }
+                    pings
+                })
+                .collect()
+        });
+        (opts, served)
+    }
+
+    /// A new channel to the stand-in, kept in the pool as after a batch.
+    fn keep_one(opts: &MigrateOptions) -> ChannelKey {
+        let opened = open(opts).unwrap();
+        assert!(!opened.reused, "the pool starts empty");
+        let key = opened.key.clone().unwrap();
+        give_back(opened.key, opened.ch);
+        key
+    }
+
+    #[test]
+    fn a_kept_channel_that_answers_its_ping_is_reused() {
+        let (opts, served) = stand_in(vec![Agent::Answers]);
+        keep_one(&opts);
+        let opened = open(&opts).unwrap();
+        assert!(opened.reused);
+        close(opened.ch);
+        assert_eq!(served.join().unwrap(), vec![1]);
+    }
+
+    /// A channel that looks alive but answers PING with anything else
+    /// (here a message of an earlier batch) is dropped with the other kept
+    /// ones, and the batch connects anew.
+    #[test]
+    fn a_wrong_answer_to_ping_means_a_new_channel() {
+        let (opts, served) = stand_in(vec![Agent::AnswersWithALeftover, Agent::Answers]);
+        let key = keep_one(&opts);
+        let opened = open(&opts).unwrap();
+        assert!(!opened.reused, "connected anew");
+        assert!(pool().lock().get(&key).is_none(), "the kept ones are gone");
+        close(opened.ch);
+        assert_eq!(served.join().unwrap(), vec![1, 0]);
+    }
+
+    /// A kept channel with something waiting on it is not even pinged.
+    #[test]
+    fn a_channel_with_a_leftover_is_not_used() {
+        let (opts, served) = stand_in(vec![Agent::LeavesALeftover, Agent::Answers]);
+        let mut opened = open(&opts).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while opened.ch.is_quiet() {
+            assert!(Instant::now() < deadline, "the leftover arrives");
+            std::thread::yield_now();
+        }
+        give_back(opened.key, opened.ch);
+        let opened = open(&opts).unwrap();
+        assert!(!opened.reused);
+        close(opened.ch);
+        assert_eq!(served.join().unwrap(), vec![0, 0]);
+    }
+
+    /// Reuse off: each batch connects, and its channel is closed after.
+    #[test]
+    fn without_reuse_nothing_is_kept() {
+        let (mut opts, served) = stand_in(vec![Agent::Answers, Agent::Answers]);
+        opts.reuse_channel = false;
+        for _ in 0..2 {
+            let opened = open(&opts).unwrap();
+            assert!(!opened.reused && opened.key.is_none());
+            give_back(opened.key, opened.ch);
+        }
+        assert_eq!(served.join().unwrap(), vec![0, 0]);
+    }
+
+    /// Two namespaces, two credentials, two agents: four keys.
+    #[test]
+    fn keys_keep_agents_and_credentials_apart() {
+        let a = MigrateOptions::new("10.0.0.1:7070".parse().unwrap(), auth());
+        let mut b = a.clone();
+        b.to = "10.0.0.2:7070".parse().unwrap();
+        let mut c = a.clone();
+        c.auth = Auth::Psk(Arc::new(b"another shared key, another agent".to_vec()));
+        let keys = [&a, &b, &c].map(|o| ChannelKey::of(o).unwrap());
+        assert!(keys[0] != keys[1] && keys[0] != keys[2] && keys[1] != keys[2]);
+        assert_eq!(ChannelKey::of(&a.clone()), Some(keys[0].clone()));
+        let elsewhere = std::thread::spawn(move || {
+            tcpr_host::unshare_netns().unwrap();
+            ChannelKey::of(&a).unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_ne!(elsewhere, keys[0], "another network namespace");
+    }
+}
