@@ -108,6 +108,25 @@ fn main() {
             raw(pb::message::Kind::Query(pb::Query { batch: 7 })),
         ),
         ("frame-cut-short", hello(12, 1)[..5].to_vec()),
+        (
+            "two-batches-on-one-channel",
+            [
+                hello(13, 1),
+                prepare_frame(&[(0, &v4)]),
+                frame(&Msg::Commit {
+                    ids: vec![0],
+                    take_address: None,
+                }),
+                raw(pb::message::Kind::Ping(pb::Ping { nonce: 1 })),
+                hello(14, 2),
+                prepare_frame(&[(0, &v6), (1, &v4)]),
+                frame(&Msg::Commit {
+                    ids: vec![0, 1],
+                    take_address: None,
+                }),
+            ]
+            .concat(),
+        ),
     ];
 
     let sender: Vec<(&str, Vec<u8>)> = vec![

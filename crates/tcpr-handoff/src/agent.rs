@@ -8,6 +8,14 @@
 //! [`AgentConfig::max_handshakes`] run at once (the oldest is dropped for a
 //! new one), and a failed `accept` (out of file descriptors) is logged and
 //! waited out, never the end of the agent.
+//!
+//! A channel carries batches one after another. After a batch that ended
+//! cleanly (see [`crate::machine::Agent::channel_reusable`]) it waits for
+//! the sender's next HELLO, QUERY or PING for at most
+//! [`AgentConfig::idle_timeout`]; at most [`AgentConfig::max_idle_channels`]
+//! wait at once (the one idle longest is closed for a newer one). A new
+//! channel, and one whose PING was just answered, must carry its next
+//! message within [`AgentConfig::timeout`], as every message of a batch.
 
 mod admission;
 mod journal;
@@ -17,7 +25,7 @@ use crate::auth::{Auth, Channel};
 use crate::deliver::{self, Delivered, Reached};
 use crate::machine::{self, AgentAction, BatchStatus, ConnId};
 use crate::wire::{self, pb, WireError};
-use admission::Admission;
+use admission::{Admission, IdleChannels};
 use journal::Journal;
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
@@ -61,6 +69,11 @@ pub enum Delivery {
 
 /// Unauthenticated handshakes in flight, by default.
 pub const DEFAULT_MAX_HANDSHAKES: usize = 64;
+/// How long a channel waits for its sender's next batch, by default.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Channels waiting between batches at once, by default. Each holds a
+/// thread and two descriptors.
+pub const DEFAULT_MAX_IDLE_CHANNELS: usize = 256;
 
 /// The agent's settings.
 #[derive(Debug, Clone)]
@@ -84,11 +97,17 @@ pub struct AgentConfig {
     pub journal: Option<PathBuf>,
     /// Unauthenticated handshakes allowed in flight at once.
     pub max_handshakes: usize,
+    /// How long a channel waits for the sender's next batch once one has
+    /// ended cleanly on it, before it is closed.
+    pub idle_timeout: Duration,
+    /// Channels allowed to wait between batches at once; past it, the one
+    /// idle longest is closed. 0: a channel closes after its batch.
+    pub max_idle_channels: usize,
 }
 
 impl AgentConfig {
-    /// Settings with a 2 s timeout, no journal and
-    /// [`DEFAULT_MAX_HANDSHAKES`].
+    /// Settings with a 2 s timeout, no journal, [`DEFAULT_MAX_HANDSHAKES`],
+    /// [`DEFAULT_IDLE_TIMEOUT`] and [`DEFAULT_MAX_IDLE_CHANNELS`].
     pub fn new(auth: Auth, allow: Vec<SocketAddr>, delivery: Delivery) -> AgentConfig {
         AgentConfig {
             auth,
@@ -97,6 +116,8 @@ impl AgentConfig {
             delivery,
             journal: None,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_idle_channels: DEFAULT_MAX_IDLE_CHANNELS,
         }
     }
 
@@ -135,6 +156,15 @@ pub struct Stats {
     pub evicted_handshakes: u64,
     /// `accept` failures waited out.
     pub accept_errors: u64,
+    /// Channels authenticated (each carries any number of batches).
+    pub channels: u64,
+    /// Batches begun (HELLOs read).
+    pub batches: u64,
+    /// Channels closed after waiting [`AgentConfig::idle_timeout`] for a
+    /// next batch.
+    pub idle_closed: u64,
+    /// Idle channels closed to make room for newer ones.
+    pub evicted_idle: u64,
 }
 
 /// Recent batches by id, and their order of arrival (for eviction).
@@ -157,6 +187,7 @@ struct Shared {
     stats: Mutex<Stats>,
     journal: Option<Journal>,
     admission: Admission,
+    idle: IdleChannels,
 }
 
 /// A bound agent.
@@ -210,6 +241,11 @@ impl AgentServer {
                 "at least one handshake must be allowed at a time".into(),
             ));
         }
+        if cfg.idle_timeout.is_zero() {
+            return Err(AgentError::Config(
+                "the idle timeout of a channel must be above zero (to close channels after each batch, allow no idle channel)".into(),
+            ));
+        }
         // The probe connection closes empty: receivers read that as nothing.
         check_delivery(&cfg.delivery).map_err(AgentError::Config)?;
         let journal = cfg
@@ -233,6 +269,7 @@ impl AgentServer {
             listener,
             shared: Arc::new(Shared {
                 admission: Admission::new(cfg.max_handshakes),
+                idle: IdleChannels::new(cfg.max_idle_channels),
                 cfg,
                 tls,
                 batches: Mutex::new(Batches::default()),
@@ -349,36 +386,126 @@ fn serve(shared: &Arc<Shared>, tcp: TcpStream, ticket: u64) -> Result<(), WireEr
             return Ok(());
         }
     };
-    ch.tcp().set_read_timeout(Some(timeout))?;
+    lock(&shared.stats).channels += 1;
     ch.tcp()
         .set_write_timeout(Some(timeout.saturating_mul(4)))?;
-    let first = match wire::read_msg(&mut ch) {
-        // Authenticated, then closed: a balancer's health check.
-        Err(WireError::Closed) => {
-            tracing::debug!("an authenticated channel closed before its first message");
-            return Ok(());
+    // A new channel's first message is due like any message of a batch.
+    let mut wait = Wait::Due;
+    loop {
+        let msg = match next_message(shared, &mut ch, wait)? {
+            Next::Message(msg) => msg,
+            Next::Closed => return Ok(()),
+            Next::IdleTimeout => {
+                lock(&shared.stats).idle_closed += 1;
+                tracing::debug!("closed a channel idle for {:?}", shared.cfg.idle_timeout);
+                ch.close(CLOSE_TIMEOUT);
+                return Ok(());
+            }
+        };
+        match msg.kind {
+            Some(pb::message::Kind::Ping(p)) => {
+                wire::write_msg(&mut ch, &wire::pong(p.nonce))?;
+                ch.flush()?;
+                // The sender took the channel up for a batch: not idle.
+                wait = Wait::Due;
+            }
+            Some(pb::message::Kind::Query(q)) => {
+                let status = query(shared, q.batch);
+                tracing::info!(batch = q.batch, ?status, "answered a query");
+                wire::write_msg(
+                    &mut ch,
+                    &pb::Message {
+                        kind: Some(pb::message::Kind::Status(wire::status_to_wire(
+                            q.batch, &status,
+                        ))),
+                    },
+                )?;
+                ch.flush()?;
+                wait = Wait::Idle;
+            }
+            Some(pb::message::Kind::Hello(_)) => {
+                lock(&shared.stats).batches += 1;
+                match batch(shared, &mut ch, msg)? {
+                    AfterBatch::Idle => wait = Wait::Idle,
+                    AfterBatch::Close => return Ok(()),
+                }
+            }
+            _ => {
+                return Err(WireError::Unexpected(
+                    "a channel's next message must be HELLO, QUERY or PING",
+                ))
+            }
         }
-        read => read?,
+    }
+}
+
+/// How long a channel waits for its next message.
+#[derive(Clone, Copy)]
+enum Wait {
+    /// [`AgentConfig::timeout`]: a new channel, or one the sender just
+    /// took up with a PING.
+    Due,
+    /// [`AgentConfig::idle_timeout`], counted among the idle channels.
+    Idle,
+}
+
+/// What came on a channel between batches.
+enum Next {
+    Message(pb::Message),
+    /// The sender closed it (or it was closed to make room).
+    Closed,
+    /// Nothing came within the idle timeout.
+    IdleTimeout,
+}
+
+/// The bound on sending a TLS close_notify as a channel is closed.
+const CLOSE_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Waits for the next message between batches.
+fn next_message(shared: &Shared, ch: &mut Channel, wait: Wait) -> Result<Next, WireError> {
+    let quiet_end = |got: Result<pb::Message, WireError>| match got {
+        Ok(msg) => Ok(Next::Message(msg)),
+        // A sender that authenticated and closed (a balancer's health
+        // check), or closed a kept channel: with or without close_notify.
+        Err(WireError::Closed) => Ok(Next::Closed),
+        Err(WireError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(Next::Closed),
+        Err(e) => Err(e),
     };
-    match first.kind {
-        Some(pb::message::Kind::Query(q)) => {
-            let status = query(shared, q.batch);
-            tracing::info!(batch = q.batch, ?status, "answered a query");
-            wire::write_msg(
-                &mut ch,
-                &pb::Message {
-                    kind: Some(pb::message::Kind::Status(wire::status_to_wire(
-                        q.batch, &status,
-                    ))),
-                },
-            )?;
-            ch.flush()?;
-            Ok(())
+    match wait {
+        Wait::Due => {
+            ch.tcp().set_read_timeout(Some(shared.cfg.timeout))?;
+            quiet_end(wire::read_msg(ch))
         }
-        Some(pb::message::Kind::Hello(_)) => batch(shared, ch, first),
-        _ => Err(WireError::Unexpected(
-            "the first message must be HELLO or QUERY",
-        )),
+        Wait::Idle => {
+            let Some(slot) = shared.idle.enter(ch.tcp()) else {
+                // No channel may wait (`max_idle_channels` 0).
+                return Ok(Next::Closed);
+            };
+            if slot.evicted > 0 {
+                lock(&shared.stats).evicted_idle += slot.evicted;
+            }
+            let got = ch
+                .tcp()
+                .set_read_timeout(Some(shared.cfg.idle_timeout))
+                .map_err(WireError::from)
+                .and_then(|()| wire::read_msg(ch));
+            if shared.idle.leave(slot.id) {
+                // Shut down to make room, perhaps as a message came in: the
+                // sender reads the end, before it froze anything.
+                return Ok(Next::Closed);
+            }
+            match got {
+                Err(WireError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    Ok(Next::IdleTimeout)
+                }
+                got => quiet_end(got),
+            }
+        }
     }
 }
 
@@ -440,7 +567,19 @@ fn run_discards(shared: &Shared, s: &mut Session) {
     s.target_first = None;
 }
 
-fn batch(shared: &Arc<Shared>, ch: Channel, hello: pb::Message) -> Result<(), WireError> {
+/// What a channel does after a batch.
+enum AfterBatch {
+    /// Wait for the sender's next batch.
+    Idle,
+    /// Close: the batch did not end cleanly on it.
+    Close,
+}
+
+fn batch(
+    shared: &Arc<Shared>,
+    ch: &mut Channel,
+    hello: pb::Message,
+) -> Result<AfterBatch, WireError> {
     let take_ip = match &hello.kind {
         Some(pb::message::Kind::Hello(h)) if !h.take_address.is_empty() => Some(
             h.take_address
@@ -476,12 +615,15 @@ fn batch(shared: &Arc<Shared>, ch: Channel, hello: pb::Message) -> Result<(), Wi
     r
 }
 
+/// Runs one batch on the channel; says whether it ended cleanly there
+/// ([`machine::Agent::channel_reusable`], and no read timed out, which may
+/// have left half a frame behind).
 fn batch_loop(
     shared: &Arc<Shared>,
-    mut ch: Channel,
+    ch: &mut Channel,
     sess: &Arc<Mutex<Session>>,
     id: u64,
-) -> Result<(), WireError> {
+) -> Result<AfterBatch, WireError> {
     {
         // Remember recent batches for Query (bounded).
         let mut b = lock(&shared.batches);
@@ -493,13 +635,18 @@ fn batch_loop(
             }
         }
     }
+    let mut read_timed_out = false;
     loop {
         let deadline = {
             let mut s = lock(sess);
-            drive(shared, &mut s, &mut ch)?;
+            drive(shared, &mut s, ch)?;
             if s.m.is_done() {
                 s.target_first = None;
-                return Ok(());
+                return Ok(if s.m.channel_reusable() && !read_timed_out {
+                    AfterBatch::Idle
+                } else {
+                    AfterBatch::Close
+                });
             }
             s.m.poll_timeout()
         };
@@ -508,7 +655,7 @@ fn batch_loop(
                 .max(Duration::from_millis(1))
         });
         ch.tcp().set_read_timeout(wait)?;
-        let got = wire::read_msg(&mut ch);
+        let got = wire::read_msg(ch);
         let mut s = lock(sess);
         let now = Instant::now();
         match got {
@@ -537,6 +684,7 @@ fn batch_loop(
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
+                read_timed_out = true;
                 s.m.handle_timeout(now);
             }
             Err(e) => {
@@ -544,7 +692,7 @@ fn batch_loop(
                 s.m.handle_link_lost();
                 // Run the resulting discards; nothing can be sent any more.
                 run_discards(shared, &mut s);
-                return Ok(());
+                return Ok(AfterBatch::Close);
             }
         }
     }

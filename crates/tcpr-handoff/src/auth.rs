@@ -19,6 +19,7 @@ use rustls::{
     ServerConnection, StreamOwned,
 };
 use rustls_pki_types::pem::PemObject;
+use sha2::Digest as _;
 use sha2::Sha256;
 use std::io::{Read, Write};
 use std::net::{IpAddr, TcpStream};
@@ -95,6 +96,46 @@ impl Channel {
             Channel::Server(s) => &s.sock,
         }
     }
+    /// True when nothing waits to be read on the channel and the peer has
+    /// not closed it: no record or alert held by TLS here, and the socket
+    /// readable-empty (no byte, no FIN, no error). A channel kept between
+    /// batches must be quiet: anything on it is a leftover or an end.
+    pub fn is_quiet(&mut self) -> bool {
+        let state = match self {
+            Channel::Client(s) => s.conn.process_new_packets(),
+            Channel::Server(s) => s.conn.process_new_packets(),
+        };
+        match state {
+            Ok(io) if io.plaintext_bytes_to_read() == 0 && !io.peer_has_closed() => {}
+            _ => return false,
+        }
+        let tcp = self.tcp();
+        if tcp.set_nonblocking(true).is_err() {
+            return false;
+        }
+        let peeked = tcp.peek(&mut [0u8; 1]);
+        let blocking_again = tcp.set_nonblocking(false);
+        blocking_again.is_ok()
+            && matches!(peeked, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    /// Closes the channel on purpose: a TLS close_notify, so that the
+    /// peer reads a clean end rather than a cut, then the socket. Waits
+    /// at most `timeout` for the socket to take the alert.
+    pub fn close(mut self, timeout: std::time::Duration) {
+        let _ = self.tcp().set_write_timeout(Some(timeout));
+        let _ = match &mut self {
+            Channel::Client(s) => {
+                s.conn.send_close_notify();
+                s.flush()
+            }
+            Channel::Server(s) => {
+                s.conn.send_close_notify();
+                s.flush()
+            }
+        };
+    }
+
     fn exporter(&self) -> Result<[u8; 32], AuthError> {
         let r = match self {
             Channel::Client(s) => {
@@ -181,6 +222,46 @@ impl Auth {
             key: Arc::new(key_der),
             roots: Arc::new(roots),
         })
+    }
+
+    /// A digest of the credentials, SHA-256 over every field (the key, or
+    /// the chain, the private key and each trusted root), each prefixed by
+    /// its kind and length: equal for two `Auth` values only when they
+    /// hold the same credentials, so that a channel authenticated with one
+    /// is never used for the other.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        fn field(h: &mut Sha256, bytes: &[u8]) {
+            h.update((bytes.len() as u64).to_be_bytes());
+            h.update(bytes);
+        }
+        let mut h = Sha256::new();
+        match self {
+            Auth::Psk(key) => {
+                field(&mut h, b"psk");
+                field(&mut h, key);
+            }
+            Auth::Certs { chain, key, roots } => {
+                field(&mut h, b"certs");
+                h.update((chain.len() as u64).to_be_bytes());
+                for cert in chain {
+                    field(&mut h, cert);
+                }
+                field(&mut h, key.secret_der());
+                h.update((roots.roots.len() as u64).to_be_bytes());
+                for root in &roots.roots {
+                    field(&mut h, &root.subject);
+                    field(&mut h, &root.subject_public_key_info);
+                    match &root.name_constraints {
+                        Some(constraints) => {
+                            h.update([1]);
+                            field(&mut h, constraints);
+                        }
+                        None => h.update([0]),
+                    }
+                }
+            }
+        }
+        h.finalize().into()
     }
 
     fn ephemeral() -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), AuthError> {
@@ -473,6 +554,78 @@ mod tests {
         let mut b = [0u8; 4];
         s.read_exact(&mut b).unwrap();
         assert_eq!(&b, b"ping");
+    }
+
+    #[test]
+    fn a_channel_is_quiet_until_the_peer_writes_or_closes() {
+        let k = Auth::Psk(Arc::new(b"0123456789abcdef-secret".to_vec()));
+        let (s, c) = pair(k.clone(), k.clone());
+        let (mut s, mut c) = (s.unwrap(), c.unwrap());
+        assert!(c.is_quiet() && s.is_quiet());
+        s.write_all(b"left over").unwrap();
+        s.flush().unwrap();
+        // The record is on its way: poll until it arrives.
+        let t = Instant::now();
+        while c.is_quiet() {
+            assert!(t.elapsed() < std::time::Duration::from_secs(5));
+            std::thread::yield_now();
+        }
+        let mut b = [0u8; 9];
+        c.read_exact(&mut b).unwrap();
+        assert!(c.is_quiet(), "read: quiet again");
+        s.close(std::time::Duration::from_secs(1));
+        let t = Instant::now();
+        while c.is_quiet() {
+            assert!(t.elapsed() < std::time::Duration::from_secs(5));
+            std::thread::yield_now();
+        }
+        // A peer gone without a word is not quiet either.
+        let (s, c) = pair(k.clone(), k);
+        let (s, mut c) = (s.unwrap(), c.unwrap());
+        drop(s);
+        let t = Instant::now();
+        while c.is_quiet() {
+            assert!(t.elapsed() < std::time::Duration::from_secs(5));
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn fingerprints_tell_credentials_apart() {
+        let psk = |k: &[u8]| Auth::Psk(Arc::new(k.to_vec()));
+        let same = psk(b"0123456789abcdef-secret");
+        assert_eq!(
+            same.fingerprint(),
+            psk(b"0123456789abcdef-secret").fingerprint(),
+            "the same key in two values"
+        );
+        assert_ne!(
+            same.fingerprint(),
+            psk(b"0123456789abcdef-other!").fingerprint()
+        );
+        let certs = |cert: &rcgen::CertifiedKey, ca: &rcgen::CertifiedKey| {
+            let mut roots = RootCertStore::empty();
+            roots.add(ca.cert.der().clone()).unwrap();
+            Auth::Certs {
+                chain: vec![cert.cert.der().clone()],
+                key: Arc::new(PrivateKeyDer::try_from(cert.key_pair.serialize_der()).unwrap()),
+                roots: Arc::new(roots),
+            }
+        };
+        let one = rcgen::generate_simple_self_signed(vec!["one".to_string()]).unwrap();
+        let two = rcgen::generate_simple_self_signed(vec!["two".to_string()]).unwrap();
+        let prints = [
+            certs(&one, &one).fingerprint(),
+            certs(&one, &two).fingerprint(),
+            certs(&two, &one).fingerprint(),
+            same.fingerprint(),
+        ];
+        for (i, a) in prints.iter().enumerate() {
+            for b in &prints[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        assert_eq!(prints[0], certs(&one, &one).fingerprint());
     }
 
     #[test]

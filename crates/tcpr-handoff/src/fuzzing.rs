@@ -41,26 +41,39 @@ struct AgentLedger {
 }
 
 /// The bytes an authenticated sender sends an agent on one channel
-/// (frames, as `wire::read_msg` reads them), decoded as `agent::batch_loop`
-/// decodes them and fed to the agent's machine, whose actions are
-/// performed in memory. Panics when the machine resumes what it did not
-/// restore, restores an id twice, discards a resumed connection, or ends a
-/// batch with a restored connection neither resumed nor discarded.
+/// (frames, as `wire::read_msg` reads them): batches one after another,
+/// with PINGs and QUERYs between them, as `agent::serve` takes them, each
+/// batch decoded as `agent::batch_loop` decodes it and fed to a machine
+/// of its own, whose actions are performed in memory. Panics when a
+/// machine resumes what it did not restore, restores an id twice,
+/// discards a resumed connection, or ends a batch with a restored
+/// connection neither resumed nor discarded.
 pub fn agent_reads(stream: &[u8]) {
     let mut input = stream;
-    let Ok(first) = wire::read_msg(&mut input) else {
-        return;
-    };
+    while let Ok(next) = wire::read_msg(&mut input) {
+        match &next.kind {
+            Some(pb::message::Kind::Ping(_) | pb::message::Kind::Query(_)) => continue,
+            Some(pb::message::Kind::Hello(_)) => {}
+            _ => return,
+        }
+        if !agent_batch(&mut input, next) {
+            return;
+        }
+    }
+}
+
+/// One batch of [`agent_reads`], from its HELLO; true when it ended with
+/// the channel kept for the next one.
+fn agent_batch(input: &mut &[u8], first: pb::Message) -> bool {
     let hello = match &first.kind {
-        Some(pb::message::Kind::Query(_)) => return,
         Some(pb::message::Kind::Hello(h)) => h,
-        _ => return,
+        _ => return false,
     };
     if !hello.take_address.is_empty() {
         let _ = hello.take_address.parse::<IpAddr>();
     }
     let Ok(hello) = wire::from_wire(first) else {
-        return;
+        return false;
     };
     let start = Instant::now();
     let mut now = start;
@@ -89,7 +102,7 @@ pub fn agent_reads(stream: &[u8]) {
             // which drive_agent gives at once: done by now.
             continue;
         }
-        match wire::read_msg(&mut input) {
+        match wire::read_msg(input) {
             Ok(msg) => {
                 if let Some(pb::message::Kind::Prepare(p)) = &msg.kind {
                     for c in &p.connections {
@@ -110,6 +123,7 @@ pub fn agent_reads(stream: &[u8]) {
         "restored and then neither resumed nor discarded: {:?}",
         ledger.restored
     );
+    !input_ended && m.channel_reusable()
 }
 
 /// Performs the agent machine's actions: a restore succeeds when the

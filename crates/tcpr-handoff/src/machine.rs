@@ -119,4 +119,6 @@ pub enum Fate {
 }
 
 #[cfg(test)]
+mod channel_tests;
+#[cfg(test)]
 mod tests;

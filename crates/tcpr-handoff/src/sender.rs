@@ -8,14 +8,16 @@ use crate::machine::{self, ConnId, Fate, Framing, Msg, SenderAction, SwitchOutco
 use crate::wire::{self, pb, WireError};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 use tcpr_engine::{Flow, FlowLock, FreezeOptions, Frozen};
 
+mod channel;
 mod freeze;
 mod report;
 mod switch;
+pub use channel::{MAX_IDLE_AGE, MAX_IDLE_PER_AGENT};
 use freeze::freeze_with_spares;
 pub use report::{Moved, Progress, Refused, Report, RolledBack, Timings, Unknown};
 pub use switch::{Switch, SwitchError, TrafficHook};
@@ -46,10 +48,17 @@ pub struct MigrateOptions {
     pub switch: Switch,
     /// How images are cut into PREPARE frames.
     pub framing: Framing,
+    /// Take a channel to this agent kept from an earlier batch of this
+    /// process, checked before anything is frozen, and keep this batch's
+    /// channel for the next one when it ends cleanly (at most
+    /// [`MAX_IDLE_PER_AGENT`] per agent, each for at most
+    /// [`MAX_IDLE_AGE`]). Off: one new channel per batch, closed after it.
+    pub reuse_channel: bool,
 }
 
 impl MigrateOptions {
-    /// Defaults: 2 s timeout, 60 s lease, [`Framing::default`].
+    /// Defaults: 2 s timeout, 60 s lease, [`Framing::default`], channels
+    /// reused.
     pub fn new(to: SocketAddr, auth: Auth) -> MigrateOptions {
         MigrateOptions {
             to,
@@ -58,6 +67,7 @@ impl MigrateOptions {
             lease: tcpr_engine::DEFAULT_LEASE,
             switch: Switch::Nothing,
             framing: Framing::default(),
+            reuse_channel: true,
         }
     }
 }
@@ -163,10 +173,11 @@ pub fn migrate(
         }
     }
     let mut report = Report::default();
-    // The channel first: a handshake is not part of any connection's pause,
-    // and an unreachable or unauthenticated agent costs no freeze at all.
-    let ch = match connect(opts) {
-        Ok(ch) => ch,
+    // The channel first: a handshake, or the check of a kept channel, is
+    // not part of any connection's pause, and an unreachable or
+    // unauthenticated agent costs no freeze at all.
+    let opened = match channel::open(opts) {
+        Ok(opened) => opened,
         Err(e) => {
             let why = e.to_string();
             report.rolled_back = conns
@@ -183,6 +194,12 @@ pub fn migrate(
             return Ok(report);
         }
     };
+    let channel::Opened {
+        ch,
+        reused,
+        key: channel_key,
+    } = opened;
+    report.channel_reused = reused;
     let channel_up = Instant::now();
     report.timings.connect = channel_up - started;
     tracing::debug!(us = started.elapsed().as_micros(), "channel up");
@@ -196,6 +213,8 @@ pub fn migrate(
     let frozen = match freeze_with_spares(socks, &fo) {
         Ok(f) => f,
         Err((error, socks)) => {
+            // Checked (and perhaps PINGed) for a batch that never began.
+            channel::close(ch);
             let conns = socks
                 .into_iter()
                 .zip(blobs)
@@ -250,7 +269,10 @@ pub fn migrate(
     let frozen_at = Instant::now();
     report.timings.freeze = frozen_at - channel_up;
     tracing::debug!(us = started.elapsed().as_micros(), "frozen");
-    let fates = d.run(ch, progress);
+    let (fates, clean) = d.run(ch, progress);
+    if let Some(ch) = clean {
+        channel::give_back(channel_key, ch);
+    }
     let done = Instant::now();
     let t = &mut report.timings;
     match (d.switch_started, d.switched) {
@@ -319,31 +341,6 @@ pub fn migrate(
     Ok(report)
 }
 
-/// Opens the authenticated channel to the agent.
-fn connect(opts: &MigrateOptions) -> Result<Channel, ConnectError> {
-    let addr = opts.to;
-    let unreachable = |source| ConnectError::Unreachable { addr, source };
-    let tcp = TcpStream::connect_timeout(&addr, opts.timeout).map_err(unreachable)?;
-    tcp.set_read_timeout(Some(opts.timeout))
-        .map_err(unreachable)?;
-    tcp.set_write_timeout(Some(opts.timeout.saturating_mul(4)))
-        .map_err(unreachable)?;
-    let _ = tcp.set_nodelay(true);
-    let cfg = opts
-        .auth
-        .client_config()
-        .map_err(|source| ConnectError::Auth { addr, source })?;
-    opts.auth
-        .connect(cfg, addr.ip(), tcp)
-        .map_err(|source| match source {
-            AuthError::TimedOut => ConnectError::Silent {
-                addr,
-                after: opts.timeout,
-            },
-            source => ConnectError::Auth { addr, source },
-        })
-}
-
 fn batch_id() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -353,10 +350,18 @@ fn batch_id() -> u64 {
 }
 
 impl Driver<'_> {
-    fn run(&mut self, ch: Channel, progress: &dyn Fn(Progress)) -> BTreeMap<ConnId, Fate> {
+    /// Runs the batch on `ch`; gives the channel back when the batch
+    /// ended cleanly on it ([`machine::Sender::channel_reusable`], and no
+    /// read of it timed out, which may have left half a frame behind).
+    fn run(
+        &mut self,
+        ch: Channel,
+        progress: &dyn Fn(Progress),
+    ) -> (BTreeMap<ConnId, Fate>, Option<Channel>) {
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         if ids.is_empty() {
-            return BTreeMap::new();
+            channel::close(ch);
+            return (BTreeMap::new(), None);
         }
         let mut m = machine::Sender::new(
             self.batch,
@@ -366,6 +371,7 @@ impl Driver<'_> {
             Instant::now(),
         );
         let mut ch = Some(ch);
+        let mut read_timed_out = false;
         loop {
             // Messages first, then one action: a frame goes out as soon as
             // it is cut, so at most about one frame of images waits here.
@@ -423,6 +429,7 @@ impl Driver<'_> {
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     ) =>
                 {
+                    read_timed_out = true;
                     m.handle_timeout(Instant::now());
                 }
                 Err(e) => {
@@ -434,7 +441,8 @@ impl Driver<'_> {
         }
         // Images of a batch given up mid-way.
         self.staged.clear();
-        m.fates().clone()
+        let clean = ch.filter(|_| m.channel_reusable() && !read_timed_out);
+        (m.fates().clone(), clean)
     }
 
     /// Writes one machine message; a PREPARE carries the staged images of
@@ -581,22 +589,15 @@ impl Driver<'_> {
     }
 
     fn query_once(&self) -> Result<machine::BatchStatus, String> {
-        let tcp = TcpStream::connect_timeout(&self.opts.to, self.opts.timeout)
-            .map_err(|e| format!("cannot reach the agent: {e}"))?;
-        tcp.set_read_timeout(Some(self.opts.timeout))
-            .map_err(|e| e.to_string())?;
-        let cfg = self.opts.auth.client_config().map_err(|e| e.to_string())?;
-        let mut ch = self
-            .opts
-            .auth
-            .connect(cfg, self.opts.to.ip(), tcp)
-            .map_err(|e| e.to_string())?;
+        let mut ch = channel::connect(self.opts).map_err(|e| e.to_string())?;
         let q = pb::Message {
             kind: Some(pb::message::Kind::Query(pb::Query { batch: self.batch })),
         };
         wire::write_msg(&mut ch, &q).map_err(|e| e.to_string())?;
         ch.flush().map_err(|e| e.to_string())?;
-        match wire::read_msg(&mut ch).map_err(|e| e.to_string())?.kind {
+        let answer = wire::read_msg(&mut ch).map_err(|e| e.to_string())?;
+        channel::close(ch);
+        match answer.kind {
             Some(pb::message::Kind::Status(s)) if s.batch == self.batch => {
                 Ok(wire::status_from_wire(s))
             }

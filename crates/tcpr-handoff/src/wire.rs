@@ -15,7 +15,12 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/tcpr.handoff.v1.rs"));
 }
 
-/// Protocol version spoken by this build.
+/// Protocol version spoken by this build: the version of the batch (HELLO
+/// to COMMITTED). PING and PONG, which a sender sends only on a channel
+/// used before, left it at 1: an agent too old to keep a channel closes
+/// it after its batch, and one that never heard of PING reads it as a
+/// malformed frame and closes the channel, which the sender takes as a
+/// dead channel and connects anew, before it freezes anything.
 pub const VERSION: u32 = 1;
 /// Room in a frame around one image: the protobuf tags and lengths of the
 /// message, the connection id, the image's envelope.
@@ -234,8 +239,8 @@ fn parse_cidr(cidr: &str) -> Result<ServiceAddress, WireError> {
     Ok(ServiceAddress { ip, prefix_len })
 }
 
-/// A wire message as a machine message (Query/Status are handled by the
-/// drivers, not the machines).
+/// A wire message as a machine message (Query/Status and Ping/Pong are
+/// handled by the drivers, not the machines).
 pub fn from_wire(m: pb::Message) -> Result<Msg, WireError> {
     use pb::message::Kind;
     Ok(match m.kind.ok_or(WireError::Malformed)? {
@@ -262,7 +267,23 @@ pub fn from_wire(m: pb::Message) -> Result<Msg, WireError> {
         Kind::CommitRefused(r) => Msg::CommitRefused(r.reason),
         Kind::Query(_) => return Err(WireError::Unexpected("QUERY inside a batch")),
         Kind::Status(_) => return Err(WireError::Unexpected("STATUS inside a batch")),
+        Kind::Ping(_) => return Err(WireError::Unexpected("PING inside a batch")),
+        Kind::Pong(_) => return Err(WireError::Unexpected("PONG inside a batch")),
     })
+}
+
+/// A sender's PING, between batches.
+pub fn ping(nonce: u64) -> pb::Message {
+    pb::Message {
+        kind: Some(pb::message::Kind::Ping(pb::Ping { nonce })),
+    }
+}
+
+/// The agent's answer to a PING.
+pub fn pong(nonce: u64) -> pb::Message {
+    pb::Message {
+        kind: Some(pb::message::Kind::Pong(pb::Pong { nonce })),
+    }
 }
 
 /// A batch's status as the wire carries it.

@@ -9,6 +9,11 @@
 //! most slots: a flood from one address, even one that reconnects faster
 //! than a handshake completes, only ever evicts its own handshakes, never
 //! a sender's from another host.
+//!
+//! Authenticated channels waiting between batches are bounded the same
+//! way ([`IdleChannels`]): past the bound, the one idle longest is shut
+//! down. Only idle channels count and only they are shut down, never one
+//! carrying a batch; its sender finds the end before it freezes anything.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Shutdown, TcpStream};
@@ -146,6 +151,91 @@ impl Admission {
     }
 }
 
+/// One channel waiting between batches.
+struct IdleChannel {
+    id: u64,
+    /// A second handle on the socket, to shut it down from here.
+    sock: TcpStream,
+    /// Shut down; its thread is on its way out.
+    evicted: bool,
+}
+
+#[derive(Default)]
+struct IdleSlots {
+    next_id: u64,
+    /// In the order they began to wait.
+    open: VecDeque<IdleChannel>,
+}
+
+/// The channels waiting between batches, at most `max` at once.
+pub(super) struct IdleChannels {
+    max: usize,
+    slots: Mutex<IdleSlots>,
+}
+
+/// A channel counted among the idle ones.
+pub(super) struct IdleTicket {
+    /// Give it back with [`IdleChannels::leave`].
+    pub(super) id: u64,
+    /// Older idle channels shut down to make room.
+    pub(super) evicted: u64,
+}
+
+impl IdleChannels {
+    pub(super) fn new(max: usize) -> IdleChannels {
+        IdleChannels {
+            max,
+            slots: Mutex::new(IdleSlots::default()),
+        }
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, IdleSlots> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts the channel on `tcp` as idle, shutting down the ones idle
+    /// longest when it would pass the bound. `None` when no channel may
+    /// wait (a bound of 0), or no handle to shut it down can be had (out
+    /// of descriptors): the caller closes it.
+    pub(super) fn enter(&self, tcp: &TcpStream) -> Option<IdleTicket> {
+        if self.max == 0 {
+            return None;
+        }
+        let sock = tcp.try_clone().ok()?;
+        let mut slots = self.slots();
+        let mut evicted = 0;
+        let mut waiting = slots.open.iter().filter(|c| !c.evicted).count();
+        // Those shut down already leave on their own, at once.
+        for old in slots.open.iter_mut().filter(|c| !c.evicted) {
+            if waiting < self.max {
+                break;
+            }
+            let _ = old.sock.shutdown(Shutdown::Both);
+            old.evicted = true;
+            evicted += 1;
+            waiting -= 1;
+        }
+        let id = slots.next_id;
+        slots.next_id += 1;
+        slots.open.push_back(IdleChannel {
+            id,
+            sock,
+            evicted: false,
+        });
+        Some(IdleTicket { id, evicted })
+    }
+
+    /// The channel `id` stops waiting (a message came, or its wait ended);
+    /// true when it was shut down to make room.
+    pub(super) fn leave(&self, id: u64) -> bool {
+        let mut slots = self.slots();
+        match slots.open.iter().position(|c| c.id == id) {
+            Some(i) => slots.open.remove(i).is_some_and(|c| c.evicted),
+            None => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +268,33 @@ mod tests {
         a.done(t1.id);
         a.done(t2.id);
         assert!(!a.evict_oldest(), "nothing left in flight");
+    }
+
+    #[test]
+    fn the_channel_idle_longest_makes_room_for_a_new_one() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let idle = IdleChannels::new(2);
+        let mut clients = vec![];
+        let mut served = vec![];
+        for _ in 0..3 {
+            clients.push(TcpStream::connect(l.local_addr().unwrap()).unwrap());
+            served.push(l.accept().unwrap().0);
+        }
+        let first = idle.enter(&served[0]).unwrap();
+        let second = idle.enter(&served[1]).unwrap();
+        assert_eq!((first.evicted, second.evicted), (0, 0));
+        let third = idle.enter(&served[2]).unwrap();
+        assert_eq!(third.evicted, 1);
+        // The first was shut down: its sender reads the end.
+        let mut buf = [0u8; 1];
+        assert_eq!(clients[0].read(&mut buf).unwrap(), 0);
+        assert!(idle.leave(first.id), "told it was shut down");
+        assert!(!idle.leave(second.id));
+        // The bound counts the channels still waiting, not the ones left.
+        let fourth = idle.enter(&served[1]).unwrap();
+        assert_eq!(fourth.evicted, 0);
+        assert!(!idle.leave(third.id) && !idle.leave(fourth.id));
+        assert!(IdleChannels::new(0).enter(&served[2]).is_none());
     }
 
     #[test]

@@ -48,6 +48,8 @@ enum AgentState {
 /// [`Agent::poll_action`] and report its results; send each
 /// [`Agent::poll_transmit`]; on a lost link call [`Agent::handle_link_lost`];
 /// when [`Agent::poll_timeout`] passes call [`Agent::handle_timeout`].
+/// Once [`Agent::is_done`], [`Agent::channel_reusable`] says whether the
+/// channel may carry the sender's next batch.
 #[derive(Debug)]
 pub struct Agent {
     state: AgentState,
@@ -61,6 +63,9 @@ pub struct Agent {
     outbox: VecDeque<Msg>,
     actions: VecDeque<AgentAction>,
     result: Option<BatchState>,
+    /// The batch ended on an exchange both ends know to be complete: see
+    /// [`Agent::channel_reusable`].
+    quiet_end: bool,
 }
 
 impl Agent {
@@ -79,6 +84,7 @@ impl Agent {
             outbox: VecDeque::new(),
             actions: VecDeque::new(),
             result: None,
+            quiet_end: false,
         }
     }
     /// The batch this session serves (after HELLO).
@@ -104,6 +110,16 @@ impl Agent {
     /// True once the session has nothing more to do.
     pub fn is_done(&self) -> bool {
         self.state == AgentState::Done
+    }
+    /// True when the session is done and its channel may carry the next
+    /// batch: its last message was COMMITTED or COMMIT_REFUSED (the
+    /// sender's last word came before them), or it ended on the sender's
+    /// ABORT (which is answered with nothing). After any other end (a
+    /// timeout, a lost link, a protocol error this end answered with
+    /// ABORT, a Query) the sender may still send for this batch, or has
+    /// given the channel up: the driver closes it.
+    pub fn channel_reusable(&self) -> bool {
+        self.state == AgentState::Done && self.quiet_end
     }
 
     fn abort(&mut self) {
@@ -162,6 +178,13 @@ impl Agent {
                 self.actions.push_back(AgentAction::Resume(resume));
             }
             (AgentState::Done | AgentState::Resuming, _) => {}
+            // The sender gave the batch up: it needs no answer, and an
+            // answer could only be read as the first message of its next
+            // batch on this channel.
+            (AgentState::AwaitHello | AgentState::Preparing, Msg::Abort(_)) => {
+                self.abort();
+                self.quiet_end = true;
+            }
             (_, _) => {
                 self.outbox
                     .push_back(Msg::Abort("unexpected message".into()));
@@ -203,6 +226,7 @@ impl Agent {
         self.result = Some(BatchState::Committed(ok));
         self.outbox.push_back(Msg::Committed(outcomes));
         self.state = AgentState::Done;
+        self.quiet_end = true;
     }
 
     /// The take-over after COMMIT failed before anything was resumed (the
@@ -219,6 +243,7 @@ impl Agent {
         self.outbox.push_back(Msg::CommitRefused(reason));
         self.result = Some(BatchState::Aborted);
         self.state = AgentState::Done;
+        self.quiet_end = true;
     }
 
     /// A Query for this batch from a new channel. A batch still waiting

@@ -67,7 +67,8 @@ enum SenderState {
 ///    lost link to [`Sender::handle_link_lost`], and the clock to
 ///    [`Sender::handle_timeout`] when [`Sender::poll_timeout`] passes;
 /// 3. after a `Query` action, feed the answer to [`Sender::handle_status`];
-/// 4. stop when [`Sender::is_done`].
+/// 4. stop when [`Sender::is_done`]; then [`Sender::channel_reusable`]
+///    says whether the channel may carry another batch.
 #[derive(Debug)]
 pub struct Sender {
     state: SenderState,
@@ -97,6 +98,9 @@ pub struct Sender {
     switched: bool,
     /// Why the batch is given up, while a switch finishes.
     abort_reason: Option<String>,
+    /// The batch ended on an exchange both ends know to be complete: see
+    /// [`Sender::channel_reusable`].
+    quiet_end: bool,
     outbox: VecDeque<Msg>,
     actions: VecDeque<SenderAction>,
 }
@@ -129,6 +133,7 @@ impl Sender {
             link_lost: false,
             switched: false,
             abort_reason: None,
+            quiet_end: false,
             outbox: VecDeque::new(),
             actions: VecDeque::new(),
         };
@@ -167,6 +172,19 @@ impl Sender {
     /// The fate of each connection (complete once done).
     pub fn fates(&self) -> &BTreeMap<ConnId, Fate> {
         &self.fates
+    }
+    /// True when the batch is done and its channel may carry the next one:
+    /// the batch ended on an exchange both ends know to be complete, so
+    /// that nothing of it is still on its way in either direction and the
+    /// agent waits for a new batch. That is COMMITTED for the last ready
+    /// connection, COMMIT_REFUSED, or our ABORT after every READY came in
+    /// with nothing ready (the agent answers an ABORT with nothing). Any
+    /// other end (a timeout, a lost link, a Query, a protocol error, an
+    /// ABORT either way with READYs outstanding) may leave a message of
+    /// this batch on the channel, or the agent may have closed it: the
+    /// driver closes it.
+    pub fn channel_reusable(&self) -> bool {
+        self.state == SenderState::Done && self.quiet_end
     }
 
     /// One timeout from `now`; none when the timeout is beyond the clock's
@@ -222,6 +240,8 @@ impl Sender {
         if self.ready.is_empty() {
             self.outbox
                 .push_back(Msg::Abort("nothing to commit".into()));
+            // Every frame is answered: nothing more comes from the agent.
+            self.quiet_end = true;
             self.finish();
         } else {
             self.state = SenderState::Switching;
@@ -363,6 +383,7 @@ impl Sender {
                     self.actions.push_back(SenderAction::Hold(failed));
                 }
                 if self.ready.is_empty() {
+                    self.quiet_end = true;
                     self.finish();
                 }
             }
@@ -374,10 +395,12 @@ impl Sender {
             }
             // The agent says for sure that it resumed none of them.
             (
-                SenderState::Preparing | SenderState::Switching | SenderState::Committing,
+                state @ (SenderState::Preparing | SenderState::Switching | SenderState::Committing),
                 Msg::CommitRefused(reason),
             ) => {
                 self.roll_back(&format!("agent did not resume them: {reason}"));
+                // The agent's last word on a COMMIT; before one, an anomaly.
+                self.quiet_end = state == SenderState::Committing;
             }
             (_, _) => self.protocol_error("unexpected message"),
         }

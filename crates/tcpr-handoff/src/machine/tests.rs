@@ -243,6 +243,20 @@ fn run(n: u32, refuse: &[u32], fault: Fault, at: usize) -> (World, BTreeMap<Conn
         }
     }
     assert!(s.is_done(), "sender finished ({fault:?} at {at}): {s:?}");
+    // A channel the sender keeps for its next batch carries nothing more
+    // of this one either way, and the agent waits for that next batch. (A
+    // link that broke after the end, or stalled, is the driver's to find,
+    // with a PING, before it freezes anything.)
+    if s.channel_reusable() && link && !stalled {
+        assert!(
+            s2a.is_empty() && a2s.is_empty(),
+            "a reused channel still carries {s2a:?} / {a2s:?} ({fault:?} at {at})"
+        );
+        assert!(
+            a.channel_reusable(),
+            "the sender reuses a channel the agent closes ({fault:?} at {at}): {a:?}"
+        );
+    }
     (w, s.fates().clone())
 }
 

@@ -67,7 +67,8 @@ pub struct Unknown {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Timings {
     /// Checking the batch (one look at each socket), then the TCP connect
-    /// and TLS handshake with the agent, before any freeze.
+    /// and TLS handshake with the agent, or the check of a channel kept
+    /// from an earlier batch (a PING answered), before any freeze.
     pub connect: Duration,
     /// Duplicating and freezing the batch, its flows locked.
     pub freeze: Duration,
@@ -97,6 +98,9 @@ pub struct Report {
     pub warnings: Vec<String>,
     /// Where the time went.
     pub timings: Timings,
+    /// The batch ran on a channel kept from an earlier batch (see
+    /// [`super::MigrateOptions::reuse_channel`]), not on a new one.
+    pub channel_reused: bool,
 }
 
 impl Report {
