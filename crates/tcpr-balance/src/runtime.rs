@@ -688,33 +688,31 @@ impl std::fmt::Debug for SteerHook {
     }
 }
 
-impl TrafficHook for SteerHook {
-    fn switch(&self, flows: &[tcpr_engine::Flow]) -> Result<(), String> {
-        for (done, f) in flows.iter().enumerate() {
-            let flow = SteeredFlow {
+impl SteerHook {
+    fn steered(&self, flows: &[tcpr_engine::Flow]) -> Vec<SteeredFlow> {
+        flows
+            .iter()
+            .map(|f| SteeredFlow {
                 client: f.peer,
                 vip: f.local,
                 backend: self.backend,
-            };
-            if let Err(e) = self.steering.steer(&flow) {
-                // All or none: the batch rolls back as one.
-                let _ = self.unswitch(&flows[..done]);
-                return Err(e.to_string());
-            }
-        }
-        Ok(())
+            })
+            .collect()
+    }
+}
+
+impl TrafficHook for SteerHook {
+    /// All or none, in one steering transaction: the batch rolls back as
+    /// one.
+    fn switch(&self, flows: &[tcpr_engine::Flow]) -> Result<(), String> {
+        self.steering
+            .steer_batch(&self.steered(flows))
+            .map_err(|e| e.to_string())
     }
     fn unswitch(&self, flows: &[tcpr_engine::Flow]) -> Result<(), String> {
-        let errors: Vec<String> = flows
-            .iter()
-            .filter_map(|f| self.steering.unsteer(f.peer, f.local).err())
-            .map(|e| e.to_string())
-            .collect();
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors.join("; "))
-        }
+        self.steering
+            .unsteer_batch(&self.steered(flows))
+            .map_err(|e| e.to_string())
     }
 }
 
