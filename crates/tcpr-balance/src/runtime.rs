@@ -2,12 +2,14 @@
 //! handoff with steering, the fallback proxy, health checks, SIGHUP reload
 //! and SIGTERM drain.
 //!
-//! Threads: one per listening address (accept), one per connection until
-//! it is decided (its head peek never waits on another's), one per agent
-//! that hands off in batches whatever connections were decided for it
-//! while its previous batch ran, two per proxied connection (splice each
-//! way), one for health checks, one for the metrics endpoint; the calling
-//! thread waits for signals.
+//! Threads: one per listening address (accept; it also decides the
+//! connections whose head is whole when they are accepted), one per
+//! connection whose head is not, until it is decided (its head peek never
+//! waits on another's), one per agent that hands off in batches whatever
+//! connections were decided for it while its previous batch ran, two per
+//! proxied connection (splice each way, the first one connects to the
+//! server), one for health checks, one for the metrics endpoint; the
+//! calling thread waits for signals.
 
 use crate::health::{Health, Target, CHECK_INTERVAL};
 use crate::{
@@ -411,14 +413,24 @@ fn stop(b: Bound) {
 }
 
 fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener, bind: SocketAddr, stop: &AtomicBool) {
+    let mut head_buf = Vec::new();
     loop {
         match listener.accept() {
             Ok((stream, peer)) => {
                 let busy = Busy::new(shared);
+                // Most clients send their head with (or right after) the
+                // handshake: when it is whole already, the decision is
+                // taken here, which blocks on nothing (a handoff is queued,
+                // a fallback runs on a thread of its own), and no thread
+                // is started for the connection.
+                if let Some(head) = head_now(shared, &stream, bind, &mut head_buf) {
+                    serve(shared, stream, peer, bind, busy, Some(head));
+                    continue;
+                }
                 let s = Arc::clone(shared);
                 let spawned = std::thread::Builder::new()
                     .name("head".into())
-                    .spawn(move || serve(&s, stream, peer, bind, busy));
+                    .spawn(move || serve(&s, stream, peer, bind, busy, None));
                 if let Err(e) = spawned {
                     tracing::error!("cannot start a connection thread: {e}");
                     shared.metrics.failure("thread");
@@ -443,6 +455,30 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener, bind: SocketAddr, s
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
+    }
+}
+
+/// The head of a just accepted connection if it is whole in the receive
+/// queue already (peeked without waiting); `None` when it is not, or is
+/// bad: the connection's own thread then waits for it, or answers.
+fn head_now(
+    shared: &Shared,
+    stream: &TcpStream,
+    bind: SocketAddr,
+    buf: &mut Vec<u8>,
+) -> Option<Head> {
+    use nix::sys::socket::{recv, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let active = shared.active();
+    let (l, _) = active.listener_for(bind)?;
+    if l.protocol == Protocol::Tcp {
+        return Some(Head::Tcp);
+    }
+    buf.resize(l.max_head_bytes + 1, 0);
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+    match recv(stream.as_raw_fd(), buf, flags) {
+        Ok(n) if n > 0 => head::parse(l.protocol, &buf[..n], l.max_head_bytes).ok(),
+        _ => None,
     }
 }
 
@@ -534,8 +570,19 @@ fn refuse(mut stream: TcpStream, protocol: Protocol, status: u16, alert: u8) {
     let _ = stream.shutdown(Shutdown::Write);
 }
 
-/// One accepted connection: peek, decide, hand off or proxy.
-fn serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, bind: SocketAddr, busy: Busy) {
+/// One accepted connection: peek (unless its `head` was read already),
+/// decide, hand off or proxy. Once the head is in, nothing here waits:
+/// a handoff is queued for its agent's batch, a fallback proxies on a
+/// thread of its own, a refusal writes a few bytes to a new connection's
+/// empty send buffer.
+fn serve(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    bind: SocketAddr,
+    busy: Busy,
+    head: Option<Head>,
+) {
     let active = shared.active();
     let Some((listener, router)) = active.listener_for(bind) else {
         // Its listener went away in a reload while it was being accepted.
@@ -543,7 +590,7 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, bind: Socket
         return;
     };
     shared.metrics.accepted(&listener.name);
-    let head = match peek_head(&stream, listener) {
+    let head = match head.map_or_else(|| peek_head(&stream, listener), Ok) {
         Ok(h) => h,
         Err(f) => {
             let (kind, status, why) = match f {
@@ -807,8 +854,31 @@ fn hand_off_batch(shared: &Arc<Shared>, agent: SocketAddr, batch: Vec<Job>) {
 }
 
 /// Proxies a connection to its member's server, or another up member's,
-/// so the client is served anyway; answers 503 / closes when none is.
+/// so the client is served anyway; answers 503 / closes when none is. The
+/// server's connect and the relay run on a thread of their own: the
+/// caller (an accept loop, an agent's batch) never waits for a server.
 fn fallback(
+    shared: &Arc<Shared>,
+    client: TcpStream,
+    pool: &str,
+    member: MemberId,
+    why: &str,
+    busy: Busy,
+) {
+    let (s, pool, why) = (Arc::clone(shared), pool.to_string(), why.to_string());
+    let spawned = std::thread::Builder::new()
+        .name("relay".into())
+        .spawn(move || proxy(&s, client, &pool, member, &why, busy));
+    if let Err(e) = spawned {
+        // The connection is closed with the closure: nothing can serve it.
+        tracing::error!("cannot start a relay thread: {e}");
+        shared.metrics.failure("thread");
+    }
+}
+
+/// [`fallback`]'s thread: connects to a server and relays until both ends
+/// closed.
+fn proxy(
     shared: &Arc<Shared>,
     client: TcpStream,
     pool: &str,
@@ -865,19 +935,12 @@ fn fallback(
     // A relay cannot know message boundaries: no Nagle wait on either side.
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
-    let spawned = std::thread::Builder::new()
-        .name("relay".into())
-        .spawn(move || {
-            if let Err(e) = tcpr_host::relay::relay(client, server) {
-                tracing::debug!("relay ended: {e}");
-            }
-            drop(busy);
-        });
-    if let Err(e) = spawned {
-        tracing::error!("cannot start a relay thread: {e}");
-        shared.metrics.failure("thread");
+    if let Err(e) = tcpr_host::relay::relay(client, server) {
+        tracing::debug!("relay ended: {e}");
     }
+    drop(busy);
 }
+
 
 fn start_health(shared: &Arc<Shared>) {
     let s = Arc::clone(shared);
