@@ -241,6 +241,11 @@ pub struct NftSteering {
     netns: std::fs::File,
     /// Backend address → its id (the map value), installed in `backends`.
     backends: Mutex<HashMap<IpAddr, u32>>,
+    /// The netlink socket entries change over, opened in `netns` on first
+    /// use and kept: a socket per batch cost a socket, a namespace check
+    /// and a close each time (a close that, after a transaction removed a
+    /// present element, waits for an RCU grace period).
+    nl: Mutex<Option<nfnl::Socket>>,
 }
 
 /// The IPv4 or IPv6 sets of the table.
@@ -260,6 +265,7 @@ impl NftSteering {
             cfg,
             netns,
             backends: Mutex::new(HashMap::new()),
+            nl: Mutex::new(None),
         };
         s.nft(&s.cfg.ruleset())?;
         let flow_rule = |chain, op| rule::FlowRule {
@@ -404,6 +410,20 @@ impl NftSteering {
             }],
             Op::Add,
         );
+    }
+
+    /// Commits `batch` on the kept socket. After a failure the socket is
+    /// closed: answers of the failed exchange may still be queued on it,
+    /// and their sequence numbers would be taken for the next batch's.
+    fn commit(&self, batch: Batch) -> Result<(), SteerError> {
+        let mut nl = lock(&self.nl);
+        let socket = match nl.take() {
+            Some(s) => s,
+            None => nfnl::Socket::open(Some(self.netns.as_fd())).map_err(|e| self.refused(e))?,
+        };
+        socket.commit(batch).map_err(|e| self.refused(e))?;
+        *nl = Some(socket);
+        Ok(())
     }
 
     fn refused(&self, e: nfnl::NlError) -> SteerError {
@@ -612,7 +632,7 @@ impl Steering for NftSteering {
                 },
             );
         }
-        nfnl::commit(self.ns(), batch).map_err(|e| self.refused(e))?;
+        self.commit(batch)?;
         if let Some(known) = known.as_mut() {
             known.extend(added);
         }
@@ -644,7 +664,7 @@ impl Steering for NftSteering {
             batch.elements(sets.flows, &keys, Op::Destroy);
             batch.elements(sets.closing, &keys, Op::Destroy);
         }
-        nfnl::commit(self.ns(), batch).map_err(|e| self.refused(e))
+        self.commit(batch)
     }
 
     fn active(&self) -> Result<usize, SteerError> {

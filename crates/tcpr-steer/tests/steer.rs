@@ -666,4 +666,8 @@ fn a_batch_is_refused_whole() {
     for f in &first {
         assert!(steering.is_steered(f.client, f.vip).unwrap(), "{f:?}");
     }
+    // A refused transaction leaves the datapath usable: the batch that
+    // fits goes in.
+    steering.steer_batch(&beyond[..CAP - first.len()]).unwrap();
+    assert_eq!(steering.active().unwrap(), CAP);
 }
