@@ -5,12 +5,14 @@
 //! Threads: one per listening address (accept; it also decides the
 //! connections whose head is whole when they are accepted), one per
 //! connection whose head is not, until it is decided (its head peek never
-//! waits on another's), one per agent that hands off in batches whatever
-//! connections were decided for it while its previous batch ran, two per
+//! waits on another's), two per agent that hand off in batches whatever
+//! connections wait for it (see [`crate::batch`] for when the second
+//! starts a batch while the first's is in flight), two per
 //! proxied connection (splice each way, the first one connects to the
 //! server), one for health checks, one for the metrics endpoint; the
 //! calling thread waits for signals.
 
+use crate::batch::{BatchQueue, Policy};
 use crate::health::{Health, Target, CHECK_INTERVAL};
 use crate::{
     config, head, AgentsAuth, Config, Head, HeadError, HeadErrorKind, Listener, MemberId, Metrics,
@@ -24,7 +26,7 @@ use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tcpr_handoff::{Auth, HandOff, MigrateOptions, Switch, TrafficHook};
@@ -32,8 +34,15 @@ use tcpr_steer::{SteeredFlow, Steering};
 
 /// How often an idle accept loop looks at its stop flag.
 const ACCEPT_WAKEUP: Duration = Duration::from_millis(200);
-/// Connections handed to one agent in one batch at most.
-const MAX_BATCH: usize = 256;
+/// How connections decided for one agent are cut into batches: up to 256
+/// a batch, two batches in flight at most, the second only when at least
+/// 4 connections wait (fewer join the next batch rather than pay a
+/// batch's fixed cost of their own; see [`crate::batch`]).
+const BATCHING: Policy = Policy {
+    max_batch: 256,
+    max_in_flight: 2,
+    overlap_min: 4,
+};
 /// How long a fallback waits for a server's connection.
 const SERVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// TLS alert `unrecognized_name` (RFC 6066): no route for this SNI.
@@ -217,8 +226,8 @@ struct Shared {
     steering: Option<Arc<dyn Steering>>,
     handoff_timeout: Duration,
     in_flight: InFlight,
-    /// One batching thread per agent, fed through its channel.
-    agents: Mutex<HashMap<SocketAddr, mpsc::Sender<Job>>>,
+    /// Each agent's queue of batches, served by its batching threads.
+    agents: Mutex<HashMap<SocketAddr, Arc<BatchQueue<Job>>>>,
     /// Connections whose handoff ended unknown: kept frozen here until
     /// their lock's lease ends (the agent may own them).
     unknown: Mutex<Vec<(Instant, TcpStream)>>,
@@ -668,13 +677,15 @@ fn serve(
                 decided: Instant::now(),
                 busy,
             };
-            if let Err(mpsc::SendError(job)) = batcher(shared, agent).send(job) {
+            if let Some(queue) = batcher(shared, agent) {
+                queue.push(job);
+            } else {
                 fallback(
                     shared,
                     job.stream,
                     &job.pool,
                     job.member,
-                    "the agent's batcher stopped",
+                    "the agent's batching threads could not start",
                     job.busy,
                 );
             }
@@ -690,35 +701,33 @@ fn serve(
     }
 }
 
-/// The channel to the batching thread of `agent` (started on first use).
-fn batcher(shared: &Arc<Shared>, agent: SocketAddr) -> mpsc::Sender<Job> {
+/// The queue of `agent`'s batches, with its batching threads (started on
+/// first use); `None` when no thread could be started.
+fn batcher(shared: &Arc<Shared>, agent: SocketAddr) -> Option<Arc<BatchQueue<Job>>> {
     let mut agents = shared.agents.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(tx) = agents.get(&agent) {
-        return tx.clone();
+    if let Some(q) = agents.get(&agent) {
+        return Some(Arc::clone(q));
     }
-    let (tx, rx) = mpsc::channel::<Job>();
-    let s = Arc::clone(shared);
-    let spawned = std::thread::Builder::new()
-        .name(format!("handoff {agent}"))
-        .spawn(move || {
-            while let Ok(first) = rx.recv() {
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(j) => batch.push(j),
-                        Err(_) => break,
-                    }
-                }
+    let queue = Arc::new(BatchQueue::new(BATCHING));
+    let mut started = 0;
+    for _ in 0..BATCHING.max_in_flight {
+        let (s, q) = (Arc::clone(shared), Arc::clone(&queue));
+        let spawned = std::thread::Builder::new()
+            .name(format!("handoff {agent}"))
+            .spawn(move || loop {
+                let (batch, _in_flight) = q.next_batch();
                 hand_off_batch(&s, agent, batch);
-            }
-        });
-    if let Err(e) = spawned {
-        // The sender is dropped with `rx`: the caller proxies instead.
-        tracing::error!("cannot start the batcher of {agent}: {e}");
-        return tx;
+            });
+        match spawned {
+            Ok(_) => started += 1,
+            Err(e) => tracing::error!("cannot start a batcher of {agent}: {e}"),
+        }
     }
-    agents.insert(agent, tx.clone());
-    tx
+    if started == 0 {
+        return None;
+    }
+    agents.insert(agent, Arc::clone(&queue));
+    Some(queue)
 }
 
 /// The steering datapath as the handoff's traffic switch: each flow is
