@@ -950,7 +950,6 @@ fn proxy(
     drop(busy);
 }
 
-
 fn start_health(shared: &Arc<Shared>) {
     let s = Arc::clone(shared);
     let spawned = std::thread::Builder::new()
