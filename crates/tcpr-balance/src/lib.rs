@@ -76,6 +76,8 @@ pub mod route;
 
 // The runtime: sockets, threads and the clock (no `unsafe`: nix wraps the
 // calls std lacks).
+#[deny(clippy::disallowed_methods)]
+mod batch;
 #[allow(clippy::disallowed_methods)]
 pub mod health;
 #[allow(clippy::disallowed_methods)]

@@ -2,19 +2,22 @@
 //! handoff with steering, the fallback proxy, health checks, SIGHUP reload
 //! and SIGTERM drain.
 //!
-//! Threads: one per listening address (accept), one per connection until
-//! it is decided (its head peek never waits on another's), one per agent
-//! that hands off in batches whatever connections were decided for it
-//! while its previous batch ran, two per proxied connection (splice each
-//! way), one for health checks, one for the metrics endpoint; the calling
-//! thread waits for signals.
+//! Threads: one per listening address (accept; it also decides the
+//! connections whose head is whole when they are accepted), one per
+//! connection whose head is not, until it is decided (its head peek never
+//! waits on another's), two per agent that hand off in batches whatever
+//! connections wait for it (see [`crate::batch`] for when the second
+//! starts a batch while the first's is in flight), two per
+//! proxied connection (splice each way, the first one connects to the
+//! server), one for health checks, one for the metrics endpoint; the
+//! calling thread waits for signals.
 
+use crate::batch::{BatchQueue, Policy};
 use crate::health::{Health, Target, CHECK_INTERVAL};
 use crate::{
     config, head, AgentsAuth, Config, Head, HeadError, HeadErrorKind, Listener, MemberId, Metrics,
     Pool, Protocol, Router,
 };
-use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Write};
@@ -22,7 +25,7 @@ use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tcpr_handoff::{Auth, HandOff, MigrateOptions, Switch, TrafficHook};
@@ -30,8 +33,15 @@ use tcpr_steer::{SteeredFlow, Steering};
 
 /// How often an idle accept loop looks at its stop flag.
 const ACCEPT_WAKEUP: Duration = Duration::from_millis(200);
-/// Connections handed to one agent in one batch at most.
-const MAX_BATCH: usize = 256;
+/// How connections decided for one agent are cut into batches: up to 256
+/// a batch, two batches in flight at most, the second only when at least
+/// 4 connections wait (fewer join the next batch rather than pay a
+/// batch's fixed cost of their own; see [`crate::batch`]).
+const BATCHING: Policy = Policy {
+    max_batch: 256,
+    max_in_flight: 2,
+    overlap_min: 4,
+};
 /// How long a fallback waits for a server's connection.
 const SERVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// TLS alert `unrecognized_name` (RFC 6066): no route for this SNI.
@@ -215,8 +225,8 @@ struct Shared {
     steering: Option<Arc<dyn Steering>>,
     handoff_timeout: Duration,
     in_flight: InFlight,
-    /// One batching thread per agent, fed through its channel.
-    agents: Mutex<HashMap<SocketAddr, mpsc::Sender<Job>>>,
+    /// Each agent's queue of batches, served by its batching threads.
+    agents: Mutex<HashMap<SocketAddr, Arc<BatchQueue<Job>>>>,
     /// Connections whose handoff ended unknown: kept frozen here until
     /// their lock's lease ends (the agent may own them).
     unknown: Mutex<Vec<(Instant, TcpStream)>>,
@@ -384,8 +394,10 @@ fn reload(
 
 fn listen(shared: &Arc<Shared>, addr: SocketAddr) -> Result<Bound, StartError> {
     let listener = TcpListener::bind(addr).map_err(|source| StartError::Listen { addr, source })?;
-    listener
-        .set_nonblocking(true)
+    // A blocking accept that gives up after the wakeup (accept honours
+    // SO_RCVTIMEO, answering EAGAIN): one syscall per connection, where a
+    // non-blocking accept and a poll took three per wakeup.
+    tcpr_host::sock::set_recv_timeout(listener.as_fd(), ACCEPT_WAKEUP)
         .map_err(|source| StartError::Listen { addr, source })?;
     let bound = listener
         .local_addr()
@@ -411,27 +423,35 @@ fn stop(b: Bound) {
 }
 
 fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener, bind: SocketAddr, stop: &AtomicBool) {
+    let mut head_buf = Vec::new();
     loop {
         match listener.accept() {
             Ok((stream, peer)) => {
                 let busy = Busy::new(shared);
+                // Most clients send their head with (or right after) the
+                // handshake: when it is whole already, the decision is
+                // taken here, which blocks on nothing (a handoff is queued,
+                // a fallback runs on a thread of its own), and no thread
+                // is started for the connection.
+                if let Some(head) = head_now(shared, &stream, bind, &mut head_buf) {
+                    serve(shared, stream, peer, bind, busy, Some(head));
+                    continue;
+                }
                 let s = Arc::clone(shared);
                 let spawned = std::thread::Builder::new()
                     .name("head".into())
-                    .spawn(move || serve(&s, stream, peer, bind, busy));
+                    .spawn(move || serve(&s, stream, peer, bind, busy, None));
                 if let Err(e) = spawned {
                     tracing::error!("cannot start a connection thread: {e}");
                     shared.metrics.failure("thread");
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // The backlog is empty: the one moment stopping loses nothing.
+                // The backlog stayed empty for a wakeup: the one moment
+                // stopping loses nothing.
                 if stop.load(Ordering::SeqCst) {
                     return;
                 }
-                let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-                let wakeup = PollTimeout::try_from(ACCEPT_WAKEUP).unwrap_or(PollTimeout::MAX);
-                let _ = nix::poll::poll(&mut fds, wakeup);
             }
             Err(e) => {
                 // ECONNABORTED, EMFILE, ...: this one is lost, the next may not be.
@@ -443,6 +463,30 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener, bind: SocketAddr, s
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
+    }
+}
+
+/// The head of a just accepted connection if it is whole in the receive
+/// queue already (peeked without waiting); `None` when it is not, or is
+/// bad: the connection's own thread then waits for it, or answers.
+fn head_now(
+    shared: &Shared,
+    stream: &TcpStream,
+    bind: SocketAddr,
+    buf: &mut Vec<u8>,
+) -> Option<Head> {
+    use nix::sys::socket::{recv, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let active = shared.active();
+    let (l, _) = active.listener_for(bind)?;
+    if l.protocol == Protocol::Tcp {
+        return Some(Head::Tcp);
+    }
+    buf.resize(l.max_head_bytes + 1, 0);
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+    match recv(stream.as_raw_fd(), buf, flags) {
+        Ok(n) if n > 0 => head::parse(l.protocol, &buf[..n], l.max_head_bytes).ok(),
+        _ => None,
     }
 }
 
@@ -534,8 +578,19 @@ fn refuse(mut stream: TcpStream, protocol: Protocol, status: u16, alert: u8) {
     let _ = stream.shutdown(Shutdown::Write);
 }
 
-/// One accepted connection: peek, decide, hand off or proxy.
-fn serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, bind: SocketAddr, busy: Busy) {
+/// One accepted connection: peek (unless its `head` was read already),
+/// decide, hand off or proxy. Once the head is in, nothing here waits:
+/// a handoff is queued for its agent's batch, a fallback proxies on a
+/// thread of its own, a refusal writes a few bytes to a new connection's
+/// empty send buffer.
+fn serve(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    bind: SocketAddr,
+    busy: Busy,
+    head: Option<Head>,
+) {
     let active = shared.active();
     let Some((listener, router)) = active.listener_for(bind) else {
         // Its listener went away in a reload while it was being accepted.
@@ -543,7 +598,7 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, bind: Socket
         return;
     };
     shared.metrics.accepted(&listener.name);
-    let head = match peek_head(&stream, listener) {
+    let head = match head.map_or_else(|| peek_head(&stream, listener), Ok) {
         Ok(h) => h,
         Err(f) => {
             let (kind, status, why) = match f {
@@ -621,13 +676,15 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, bind: Socket
                 decided: Instant::now(),
                 busy,
             };
-            if let Err(mpsc::SendError(job)) = batcher(shared, agent).send(job) {
+            if let Some(queue) = batcher(shared, agent) {
+                queue.push(job);
+            } else {
                 fallback(
                     shared,
                     job.stream,
                     &job.pool,
                     job.member,
-                    "the agent's batcher stopped",
+                    "the agent's batching threads could not start",
                     job.busy,
                 );
             }
@@ -643,35 +700,33 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, bind: Socket
     }
 }
 
-/// The channel to the batching thread of `agent` (started on first use).
-fn batcher(shared: &Arc<Shared>, agent: SocketAddr) -> mpsc::Sender<Job> {
+/// The queue of `agent`'s batches, with its batching threads (started on
+/// first use); `None` when no thread could be started.
+fn batcher(shared: &Arc<Shared>, agent: SocketAddr) -> Option<Arc<BatchQueue<Job>>> {
     let mut agents = shared.agents.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(tx) = agents.get(&agent) {
-        return tx.clone();
+    if let Some(q) = agents.get(&agent) {
+        return Some(Arc::clone(q));
     }
-    let (tx, rx) = mpsc::channel::<Job>();
-    let s = Arc::clone(shared);
-    let spawned = std::thread::Builder::new()
-        .name(format!("handoff {agent}"))
-        .spawn(move || {
-            while let Ok(first) = rx.recv() {
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(j) => batch.push(j),
-                        Err(_) => break,
-                    }
-                }
+    let queue = Arc::new(BatchQueue::new(BATCHING));
+    let mut started = 0;
+    for _ in 0..BATCHING.max_in_flight {
+        let (s, q) = (Arc::clone(shared), Arc::clone(&queue));
+        let spawned = std::thread::Builder::new()
+            .name(format!("handoff {agent}"))
+            .spawn(move || loop {
+                let (batch, _in_flight) = q.next_batch();
                 hand_off_batch(&s, agent, batch);
-            }
-        });
-    if let Err(e) = spawned {
-        // The sender is dropped with `rx`: the caller proxies instead.
-        tracing::error!("cannot start the batcher of {agent}: {e}");
-        return tx;
+            });
+        match spawned {
+            Ok(_) => started += 1,
+            Err(e) => tracing::error!("cannot start a batcher of {agent}: {e}"),
+        }
     }
-    agents.insert(agent, tx.clone());
-    tx
+    if started == 0 {
+        return None;
+    }
+    agents.insert(agent, Arc::clone(&queue));
+    Some(queue)
 }
 
 /// The steering datapath as the handoff's traffic switch: each flow is
@@ -688,33 +743,31 @@ impl std::fmt::Debug for SteerHook {
     }
 }
 
-impl TrafficHook for SteerHook {
-    fn switch(&self, flows: &[tcpr_engine::Flow]) -> Result<(), String> {
-        for (done, f) in flows.iter().enumerate() {
-            let flow = SteeredFlow {
+impl SteerHook {
+    fn steered(&self, flows: &[tcpr_engine::Flow]) -> Vec<SteeredFlow> {
+        flows
+            .iter()
+            .map(|f| SteeredFlow {
                 client: f.peer,
                 vip: f.local,
                 backend: self.backend,
-            };
-            if let Err(e) = self.steering.steer(&flow) {
-                // All or none: the batch rolls back as one.
-                let _ = self.unswitch(&flows[..done]);
-                return Err(e.to_string());
-            }
-        }
-        Ok(())
+            })
+            .collect()
+    }
+}
+
+impl TrafficHook for SteerHook {
+    /// All or none, in one steering transaction: the batch rolls back as
+    /// one.
+    fn switch(&self, flows: &[tcpr_engine::Flow]) -> Result<(), String> {
+        self.steering
+            .steer_batch(&self.steered(flows))
+            .map_err(|e| e.to_string())
     }
     fn unswitch(&self, flows: &[tcpr_engine::Flow]) -> Result<(), String> {
-        let errors: Vec<String> = flows
-            .iter()
-            .filter_map(|f| self.steering.unsteer(f.peer, f.local).err())
-            .map(|e| e.to_string())
-            .collect();
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors.join("; "))
-        }
+        self.steering
+            .unsteer_batch(&self.steered(flows))
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -809,8 +862,31 @@ fn hand_off_batch(shared: &Arc<Shared>, agent: SocketAddr, batch: Vec<Job>) {
 }
 
 /// Proxies a connection to its member's server, or another up member's,
-/// so the client is served anyway; answers 503 / closes when none is.
+/// so the client is served anyway; answers 503 / closes when none is. The
+/// server's connect and the relay run on a thread of their own: the
+/// caller (an accept loop, an agent's batch) never waits for a server.
 fn fallback(
+    shared: &Arc<Shared>,
+    client: TcpStream,
+    pool: &str,
+    member: MemberId,
+    why: &str,
+    busy: Busy,
+) {
+    let (s, pool, why) = (Arc::clone(shared), pool.to_string(), why.to_string());
+    let spawned = std::thread::Builder::new()
+        .name("relay".into())
+        .spawn(move || proxy(&s, client, &pool, member, &why, busy));
+    if let Err(e) = spawned {
+        // The connection is closed with the closure: nothing can serve it.
+        tracing::error!("cannot start a relay thread: {e}");
+        shared.metrics.failure("thread");
+    }
+}
+
+/// [`fallback`]'s thread: connects to a server and relays until both ends
+/// closed.
+fn proxy(
     shared: &Arc<Shared>,
     client: TcpStream,
     pool: &str,
@@ -867,18 +943,10 @@ fn fallback(
     // A relay cannot know message boundaries: no Nagle wait on either side.
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
-    let spawned = std::thread::Builder::new()
-        .name("relay".into())
-        .spawn(move || {
-            if let Err(e) = tcpr_host::relay::relay(client, server) {
-                tracing::debug!("relay ended: {e}");
-            }
-            drop(busy);
-        });
-    if let Err(e) = spawned {
-        tracing::error!("cannot start a relay thread: {e}");
-        shared.metrics.failure("thread");
+    if let Err(e) = tcpr_host::relay::relay(client, server) {
+        tracing::debug!("relay ended: {e}");
     }
+    drop(busy);
 }
 
 fn start_health(shared: &Arc<Shared>) {

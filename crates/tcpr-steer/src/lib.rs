@@ -65,6 +65,30 @@ pub trait Steering: Send + Sync {
     fn steer(&self, flow: &SteeredFlow) -> Result<(), SteerError>;
     /// Stops forwarding the flow from `client` to `vip` (absent is fine).
     fn unsteer(&self, client: SocketAddr, vip: SocketAddr) -> Result<(), SteerError>;
+    /// Steers all of `flows` or none: a handoff batch's flows switch
+    /// together. A datapath with transactions does it in one (the default
+    /// steers one by one and undoes the done ones on a failure).
+    fn steer_batch(&self, flows: &[SteeredFlow]) -> Result<(), SteerError> {
+        for (done, flow) in flows.iter().enumerate() {
+            if let Err(e) = self.steer(flow) {
+                let _ = self.unsteer_batch(&flows[..done]);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+    /// Stops forwarding each of `flows` (their `backend` is not read;
+    /// absent ones are fine). Tries every flow; the first failure is
+    /// returned.
+    fn unsteer_batch(&self, flows: &[SteeredFlow]) -> Result<(), SteerError> {
+        let mut first = None;
+        for f in flows {
+            if let Err(e) = self.unsteer(f.client, f.vip) {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
     /// The flows steered now (the `tcpr_balance_flows_active` gauge).
     fn active(&self) -> Result<usize, SteerError>;
     /// The most flows it steers at once.

@@ -22,8 +22,9 @@
 //!
 //! Per packet: one flag test, two or three hash lookups and one expiry
 //! write, O(1). An
-//! entry is one NEWSETELEM over nf_tables netlink ([`tcpr_host::nfnl`]),
-//! with the idle timeout as its expiry; the packet path renews it, cuts it
+//! entry is one NEWSETELEM element over nf_tables netlink
+//! ([`tcpr_host::nfnl`]), with the idle timeout as its expiry; a handoff
+//! batch's entries go in one transaction ([`Steering::steer_batch`]); the packet path renews it, cuts it
 //! to the linger at the client's FIN or RST (the `closing` set keeps the
 //! flow's last ACKs from renewing it again), and the kernel's set garbage
 //! collector removes it. A client's SYN that matches an entry reuses the
@@ -240,6 +241,11 @@ pub struct NftSteering {
     netns: std::fs::File,
     /// Backend address → its id (the map value), installed in `backends`.
     backends: Mutex<HashMap<IpAddr, u32>>,
+    /// The netlink socket entries change over, opened in `netns` on first
+    /// use and kept: a socket per batch cost a socket, a namespace check
+    /// and a close each time (a close that, after a transaction removed a
+    /// present element, waits for an RCU grace period).
+    nl: Mutex<Option<nfnl::Socket>>,
 }
 
 /// The IPv4 or IPv6 sets of the table.
@@ -259,6 +265,7 @@ impl NftSteering {
             cfg,
             netns,
             backends: Mutex::new(HashMap::new()),
+            nl: Mutex::new(None),
         };
         s.nft(&s.cfg.ruleset())?;
         let flow_rule = |chain, op| rule::FlowRule {
@@ -405,6 +412,20 @@ impl NftSteering {
         );
     }
 
+    /// Commits `batch` on the kept socket. After a failure the socket is
+    /// closed: answers of the failed exchange may still be queued on it,
+    /// and their sequence numbers would be taken for the next batch's.
+    fn commit(&self, batch: Batch) -> Result<(), SteerError> {
+        let mut nl = lock(&self.nl);
+        let socket = match nl.take() {
+            Some(s) => s,
+            None => nfnl::Socket::open(Some(self.netns.as_fd())).map_err(|e| self.refused(e))?,
+        };
+        socket.commit(batch).map_err(|e| self.refused(e))?;
+        *nl = Some(socket);
+        Ok(())
+    }
+
     fn refused(&self, e: nfnl::NlError) -> SteerError {
         match e {
             nfnl::NlError::Refused(ENFILE) => SteerError::Full {
@@ -477,8 +498,16 @@ fn on_wire(client: SocketAddr, vip: SocketAddr) -> Option<(SocketAddr, SocketAdd
     (c.is_ipv4() == v.is_ipv4()).then_some((c, v, c.is_ipv4()))
 }
 
-impl Steering for NftSteering {
-    fn steer(&self, flow: &SteeredFlow) -> Result<(), SteerError> {
+/// A flow checked for the datapath: its addresses as on the wire.
+struct WireFlow {
+    client: SocketAddr,
+    vip: SocketAddr,
+    v4: bool,
+    backend: IpAddr,
+}
+
+impl WireFlow {
+    fn check(flow: &SteeredFlow) -> Result<WireFlow, SteerError> {
         let unsupported = |reason: String| SteerError::Unsupported {
             client: flow.client,
             vip: flow.vip,
@@ -493,69 +522,149 @@ impl Steering for NftSteering {
                 "the backend {backend} is not of the flow's family"
             )));
         }
-        let mut batch = Batch::new();
-        // A new backend's id is taken and installed under the lock, so two
-        // flows to two new backends cannot share one.
-        let mut known = Some(lock(&self.backends));
-        let id = match known.as_ref().and_then(|k| k.get(&backend).copied()) {
-            Some(id) => {
-                known = None;
-                id
-            }
-            None => {
-                // Forwarded at L2 out of our interface: the backend must be
-                // on its link.
-                let (_, ifname) = self
-                    .within(|| {
-                        tcpr_host::addr::route_interface(backend)
-                            .map_err(|e| invalid(&e.to_string()))
-                    })
-                    .map_err(|e| unsupported(format!("no route to the backend {backend}: {e}")))?;
-                if ifname != self.cfg.device {
-                    return Err(unsupported(format!(
-                        "the backend {backend} is reached by {ifname}, not by {} (L2 steering needs the backend on the front's link)",
-                        self.cfg.device
-                    )));
-                }
-                let count = known.as_ref().map_or(0, |k| k.len());
-                let id = u32::try_from(count + 1).map_err(|_| invalid("too many backends"))?;
-                self.install_backend(backend, id, &mut batch);
-                id
-            }
+        Ok(WireFlow {
+            client,
+            vip,
+            v4,
+            backend,
+        })
+    }
+}
+
+impl NftSteering {
+    /// Checks that `backend` is on the steered interface's link: flows go
+    /// to it at L2, out of that interface.
+    fn check_on_link(&self, flow: &WireFlow) -> Result<(), SteerError> {
+        let backend = flow.backend;
+        let unsupported = |reason: String| SteerError::Unsupported {
+            client: flow.client,
+            vip: flow.vip,
+            reason,
         };
-        let sets = self.sets(v4);
-        let key = flow_key(client, vip);
-        // A tuple reused within the linger of its previous flow must not
-        // start out closing.
-        batch.elements(sets.closing, &[Element::key(key.clone())], Op::Destroy);
-        batch.elements(
-            sets.flows,
-            &[Element {
-                key,
-                data: Some(id.to_ne_bytes().to_vec()),
-            }],
-            Op::AddExpiring {
-                timeout: self.cfg.idle,
-                expires_in: self.cfg.idle,
-            },
-        );
-        nfnl::commit(self.ns(), batch).map_err(|e| self.refused(e))?;
+        let (_, ifname) = self
+            .within(|| {
+                tcpr_host::addr::route_interface(backend).map_err(|e| invalid(&e.to_string()))
+            })
+            .map_err(|e| unsupported(format!("no route to the backend {backend}: {e}")))?;
+        if ifname != self.cfg.device {
+            return Err(unsupported(format!(
+                "the backend {backend} is reached by {ifname}, not by {} (L2 steering needs the backend on the front's link)",
+                self.cfg.device
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Steering for NftSteering {
+    fn steer(&self, flow: &SteeredFlow) -> Result<(), SteerError> {
+        self.steer_batch(std::slice::from_ref(flow))
+    }
+
+    /// One nf_tables transaction for the whole batch: it commits or fails
+    /// as a whole (a full map refuses it all), so no flow of a refused
+    /// batch is left steered.
+    fn steer_batch(&self, flows: &[SteeredFlow]) -> Result<(), SteerError> {
+        // Every flow is checked before anything changes.
+        let wire = flows
+            .iter()
+            .map(WireFlow::check)
+            .collect::<Result<Vec<WireFlow>, SteerError>>()?;
+        if wire.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Batch::new();
+        // A new backend's id is taken and installed under the lock, held
+        // until the transaction commits, so two batches to two new
+        // backends cannot share one.
+        let known = lock(&self.backends);
+        let mut added: Vec<(IpAddr, u32)> = Vec::new();
+        let mut ids = Vec::with_capacity(wire.len());
+        for w in &wire {
+            let id = match known.get(&w.backend).copied().or_else(|| {
+                added
+                    .iter()
+                    .find(|(b, _)| *b == w.backend)
+                    .map(|(_, id)| *id)
+            }) {
+                Some(id) => id,
+                None => {
+                    self.check_on_link(w)?;
+                    let id = u32::try_from(known.len() + added.len() + 1)
+                        .map_err(|_| invalid("too many backends"))?;
+                    self.install_backend(w.backend, id, &mut batch);
+                    added.push((w.backend, id));
+                    id
+                }
+            };
+            ids.push(id);
+        }
+        let mut known = (!added.is_empty()).then_some(known);
+        for v4 in [true, false] {
+            let (keys, entries): (Vec<Element>, Vec<Element>) = wire
+                .iter()
+                .zip(&ids)
+                .filter(|(w, _)| w.v4 == v4)
+                .map(|(w, id)| {
+                    let key = flow_key(w.client, w.vip);
+                    (
+                        Element::key(key.clone()),
+                        Element {
+                            key,
+                            data: Some(id.to_ne_bytes().to_vec()),
+                        },
+                    )
+                })
+                .unzip();
+            if keys.is_empty() {
+                continue;
+            }
+            let sets = self.sets(v4);
+            // A tuple reused within the linger of its previous flow must
+            // not start out closing.
+            batch.elements(sets.closing, &keys, Op::Destroy);
+            batch.elements(
+                sets.flows,
+                &entries,
+                Op::AddExpiring {
+                    timeout: self.cfg.idle,
+                    expires_in: self.cfg.idle,
+                },
+            );
+        }
+        self.commit(batch)?;
         if let Some(known) = known.as_mut() {
-            known.insert(backend, id);
+            known.extend(added);
         }
         Ok(())
     }
 
     fn unsteer(&self, client: SocketAddr, vip: SocketAddr) -> Result<(), SteerError> {
-        let Some((client, vip, v4)) = on_wire(client, vip) else {
-            return Ok(());
-        };
-        let sets = self.sets(v4);
-        let key = flow_key(client, vip);
+        self.unsteer_batch(&[SteeredFlow {
+            client,
+            vip,
+            backend: vip.ip(),
+        }])
+    }
+
+    /// One transaction for the whole batch.
+    fn unsteer_batch(&self, flows: &[SteeredFlow]) -> Result<(), SteerError> {
         let mut batch = Batch::new();
-        batch.elements(sets.flows, &[Element::key(key.clone())], Op::Destroy);
-        batch.elements(sets.closing, &[Element::key(key)], Op::Destroy);
-        nfnl::commit(self.ns(), batch).map_err(|e| self.refused(e))
+        for v4 in [true, false] {
+            let keys: Vec<Element> = flows
+                .iter()
+                .filter_map(|f| on_wire(f.client, f.vip))
+                .filter(|(_, _, is_v4)| *is_v4 == v4)
+                .map(|(client, vip, _)| Element::key(flow_key(client, vip)))
+                .collect();
+            if keys.is_empty() {
+                continue;
+            }
+            let sets = self.sets(v4);
+            batch.elements(sets.flows, &keys, Op::Destroy);
+            batch.elements(sets.closing, &keys, Op::Destroy);
+        }
+        self.commit(batch)
     }
 
     fn active(&self) -> Result<usize, SteerError> {

@@ -567,3 +567,107 @@ fn flows_it_cannot_steer_are_refused() {
         .within(|| NftSteering::install(bad).map_err(Into::into))
         .is_err());
 }
+
+/// A handoff batch's flows, steered in one call (one transaction): a real
+/// flow among 95 others (IPv4 and IPv6) is steered and carries its
+/// download; the others go by `unsteer_batch`, the real one after its
+/// client's FIN and the linger: no entry is left.
+#[test]
+fn a_batch_is_steered_at_once_and_leaves_no_entry() {
+    let net = Net::new("sb");
+    let mut cfg = NftConfig::new("eth0");
+    cfg.linger = Duration::from_millis(300);
+    let steering = net.steering(cfg);
+    let sport = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+    let real = flow(CLIENT4, sport, VIP4, BACKEND4);
+    let others: Vec<SteeredFlow> = (0..64)
+        .map(|i| flow(CLIENT4, 20_000 + i, VIP4, BACKEND4))
+        .chain((0..31).map(|i| flow(CLIENT6, 20_000 + i, VIP6, BACKEND6)))
+        .collect();
+    let batch: Vec<SteeredFlow> = std::iter::once(real).chain(others.clone()).collect();
+    steering.steer_batch(&batch).unwrap();
+    assert_eq!(steering.active().unwrap(), batch.len());
+    for f in &batch {
+        assert!(steering.is_steered(f.client, f.vip).unwrap(), "{f:?}");
+    }
+
+    let server = net.server(VIP4);
+    const N: u64 = 1 << 20;
+    let out = handed_off_client(&net, CLIENT4, sport, (VIP4, BACKEND4), N, "fin");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = json_line(&out.stdout);
+    let sent = json_line(&server.wait_with_output().unwrap().stdout);
+    assert_eq!(got["got"], N);
+    assert_eq!(got["sha256"], sent["sha256"], "every byte, in order");
+    assert_eq!(sent["end"], "fin");
+
+    steering.unsteer_batch(&others).unwrap();
+    for f in &others {
+        assert!(!steering.is_steered(f.client, f.vip).unwrap(), "{f:?}");
+    }
+    wait_for(
+        "the real flow's entry to go after its FIN",
+        Duration::from_secs(20),
+        || !steering.is_steered(real.client, real.vip).unwrap(),
+    );
+    assert_eq!(steering.active().unwrap(), 0);
+    // The kernel's own listing: no flow element in any set (the backends
+    // maps keep their one element each).
+    let table: serde_json::Value =
+        serde_json::from_str(&sh(&net.front, "nft -j list table netdev tcpr_steer")).unwrap();
+    let objects = table["nftables"].as_array().unwrap();
+    let flow_sets: Vec<&serde_json::Value> = objects
+        .iter()
+        .filter_map(|o| o.get("map").or_else(|| o.get("set")))
+        .filter(|s| {
+            let name = s["name"].as_str().unwrap_or("");
+            name.starts_with("flows") || name.starts_with("closing")
+        })
+        .collect();
+    assert_eq!(flow_sets.len(), 4, "{table}");
+    for s in flow_sets {
+        assert!(s.get("elem").is_none(), "an element left: {s}");
+    }
+}
+
+/// A batch commits whole or not at all: beyond the cap, or with one flow
+/// the datapath cannot steer, none of its flows is steered and the flows
+/// steered before are untouched.
+#[test]
+fn a_batch_is_refused_whole() {
+    const CAP: usize = 16;
+    let net = Net::new("sw");
+    let mut cfg = NftConfig::new("eth0");
+    cfg.capacity = CAP;
+    let steering = net.steering(cfg);
+    let first: Vec<SteeredFlow> = (0..10)
+        .map(|i| flow(CLIENT4, 30_000 + i, VIP4, BACKEND4))
+        .collect();
+    steering.steer_batch(&first).unwrap();
+    let beyond: Vec<SteeredFlow> = (0..10)
+        .map(|i| flow(CLIENT4, 31_000 + i, VIP4, BACKEND4))
+        .collect();
+    match steering.steer_batch(&beyond) {
+        Err(SteerError::Full { capacity }) => assert_eq!(capacity, CAP),
+        other => panic!("expected Full, got {other:?}"),
+    }
+    let mut one_bad = beyond[..3].to_vec();
+    one_bad.push(flow(CLIENT4, 31_100, VIP4, "192.0.2.1"));
+    let r = steering.steer_batch(&one_bad);
+    assert!(matches!(r, Err(SteerError::Unsupported { .. })), "{r:?}");
+    assert_eq!(steering.active().unwrap(), first.len());
+    for f in beyond.iter().chain(&one_bad) {
+        assert!(!steering.is_steered(f.client, f.vip).unwrap(), "{f:?}");
+    }
+    for f in &first {
+        assert!(steering.is_steered(f.client, f.vip).unwrap(), "{f:?}");
+    }
+    // A refused transaction leaves the datapath usable: the batch that
+    // fits goes in.
+    steering.steer_batch(&beyond[..CAP - first.len()]).unwrap();
+    assert_eq!(steering.active().unwrap(), CAP);
+}

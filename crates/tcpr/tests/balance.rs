@@ -223,3 +223,65 @@ fn a_hundred_thousand_connections_leave_no_steering_entry() {
         || bed.metric("tcpr_balance_flows_active") == 0.0,
     );
 }
+
+/// A burst of 64 clients at once: the agent's queue cuts it into batches
+/// of many connections (steered in one transaction each, two batches in
+/// flight), every request is served, and no steering entry stays.
+#[test]
+fn a_burst_is_handed_off_in_batches_and_leaves_no_steering_entry() {
+    let mut bed = Bed::new("bburst", 148);
+    bed.start_servers();
+    bed.start_agents();
+    let config = bed.config_text(true);
+    bed.start_balancer(&config, &["--steer-linger", "0.2"]);
+    let vip = bed.lab.vip(Family::V4).to_string();
+    let out = bed
+        .lab
+        .client
+        .cmd("ab")
+        .args(["-q", "-n", "5000", "-c", "64", "-H", "Host: b.example"])
+        .arg(format!("http://{vip}/name"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("Complete requests:      5000"), "{text}");
+    assert!(text.contains("Failed requests:        0"), "{text}");
+    let handed = bed.metric("tcpr_balance_handoffs_total");
+    let fell_back = bed.metric("tcpr_balance_fallbacks_total");
+    assert_eq!(handed + fell_back, 5000.0);
+    assert!(handed >= 4500.0, "{handed}");
+    common::wait_until(
+        "every steering entry is gone",
+        std::time::Duration::from_secs(30),
+        || bed.metric("tcpr_balance_flows_active") == 0.0,
+    );
+    // The kernel's own listing agrees: no flow element in the table (the
+    // flows maps, the closing sets).
+    for (kind, set) in [
+        ("map", "flows4"),
+        ("set", "closing4"),
+        ("map", "flows6"),
+        ("set", "closing6"),
+    ] {
+        let out = bed
+            .lab
+            .front
+            .cmd("nft")
+            .args(["-j", "list", kind, "netdev", "tcpr_steer", set])
+            .output()
+            .unwrap();
+        let listing = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{set}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(listing.contains(set), "{set}: {listing}");
+        assert!(!listing.contains("\"elem\""), "{set}: {listing}");
+    }
+}
