@@ -53,6 +53,8 @@ struct Run {
     bytes_per_sec: f64,
     /// The front's CPU seconds per GiB wrk read; NaN for small responses.
     front_cpu_per_gib: f64,
+    /// The front's CPU milliseconds per request wrk completed.
+    front_cpu_ms_per_request: f64,
     /// Socket errors and non-2xx/3xx responses wrk counted.
     errors: f64,
 }
@@ -190,6 +192,8 @@ pub struct FrontFigures {
     /// The front process's CPU seconds (user + system) per GiB wrk read;
     /// empty for small responses.
     pub cpu_per_gib: Samples,
+    /// The front process's CPU milliseconds per request.
+    pub cpu_ms_per_request: Samples,
     /// Socket errors and non-2xx/3xx responses over all runs.
     pub errors: f64,
 }
@@ -202,6 +206,7 @@ impl FrontFigures {
             p99_ms: col(|r| r.p99_ms),
             mib_per_sec: col(|r| r.bytes_per_sec / MIB),
             cpu_per_gib: col(|r| r.front_cpu_per_gib),
+            cpu_ms_per_request: col(|r| r.front_cpu_ms_per_request),
             errors: runs.iter().map(|r| r.errors).sum(),
         }
     }
@@ -544,6 +549,7 @@ fn wrk(lab: &BalanceLab, pid: u32, port: u16, load: &Load, seconds: u32) -> Resu
         } else {
             cpu / (summary.bytes / GIB)
         },
+        front_cpu_ms_per_request: 1e3 * cpu / summary.requests,
         errors: summary.errors,
     })
 }

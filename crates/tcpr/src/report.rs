@@ -156,10 +156,10 @@ impl More {
     }
 
     /// What limits their goals not met.
-    fn why_not(&self, engine: &EngineFigures) -> Vec<String> {
+    fn why_not(&self, m: &machine::Machine, engine: &EngineFigures) -> Vec<String> {
         let mut notes = startup::why_not(&self.startup, engine);
         if let Some((b, _)) = &self.balance {
-            notes.extend(balancer::why_not(b));
+            notes.extend(balancer::why_not(b, m.cores));
         }
         notes
     }
@@ -388,7 +388,7 @@ fn markdown(
     more.goal_rows(w);
     let _ = writeln!(w);
 
-    why_not(w, m, engine, handoff, more.why_not(engine));
+    why_not(w, m, engine, handoff, more.why_not(m, engine));
 
     let _ = writeln!(w, "## Engine: per-connection cost against the floor\n");
     let _ = writeln!(

@@ -62,11 +62,11 @@ pub(super) fn goal_rows(w: &mut String, b: &BalanceFigures) {
 }
 
 /// What limits each balancer goal not met, from the figures.
-pub(super) fn why_not(b: &BalanceFigures) -> Vec<String> {
+pub(super) fn why_not(b: &BalanceFigures, cores: usize) -> Vec<String> {
     let mut notes = Vec::new();
     for r in &b.rows {
         if r.load.is_small() && r.rps_ratio.median() < goals::RATE_RATIO {
-            notes.push(rate_note(r));
+            notes.push(rate_note(r, cores));
         }
         if !r.load.is_small() && r.cpu_ratio.median() > goals::CPU_RATIO {
             notes.push(cpu_note(r));
@@ -103,15 +103,16 @@ fn cpu_note(r: &LoadRow) -> String {
 }
 
 /// Why a small-request rate stays under HAProxy's.
-fn rate_note(r: &LoadRow) -> String {
+fn rate_note(r: &LoadRow, cores: usize) -> String {
     let s = &r.served;
-    let mean_ms = s.mean_handoff_ms();
-    let conns = f64::from(r.load.connections);
-    let head = format!(
-        "{}: tcpr serves {:.0} requests/s against HAProxy's {:.0} ({:.2}x).",
-        r.load.name,
+    let (t_rps, h_rps) = (
         r.tcpr.requests_per_sec.median(),
         r.haproxy.requests_per_sec.median(),
+    );
+    let conns = f64::from(r.load.connections);
+    let head = format!(
+        "{}: tcpr serves {t_rps:.0} requests/s against HAProxy's {h_rps:.0} ({:.2}x).",
+        r.load.name,
         r.rps_ratio.median()
     );
     if !r.load.close || s.handoff_seconds_count == 0.0 {
@@ -124,20 +125,28 @@ fn rate_note(r: &LoadRow) -> String {
             s.handoffs, r.tcpr_requests
         );
     }
-    // Every request is a new connection, each handed off in turn: wrk's
-    // connections wait on handoffs, at most `conns` of them at once.
+    // wrk keeps every connection busy: by Little's law each request takes
+    // connections / rate.
+    let per_request_ms = |rps: f64| conns * 1e3 / rps;
+    let t_cpu = r.tcpr.cpu_ms_per_request.median();
     format!(
         "{head} Every request is a new connection and every connection a handoff (TLS \
-         connect to the agent, freeze, PREPARE, steering entry, COMMIT): {:.2} ms on \
-         average ({:.0} handoffs, {:.0} fallbacks). With wrk's {conns:.0} connections that \
-         bounds the rate near {conns:.0} / {:.2} ms = {:.0} requests/s, where HAProxy only \
-         connects to the backend. A handoff per connection is the price of leaving the data \
-         path; it pays off with bytes (the CPU rows) and with keep-alive.",
-        mean_ms,
+         connect to the agent, freeze, PREPARE, steering entry, COMMIT, each a few syscalls \
+         on both hosts). wrk keeps {conns:.0} connections busy, so each request takes \
+         {:.2} ms through tcpr against {:.2} ms through HAProxy, which only connects to the \
+         backend; the balancer times its handoffs at {:.2} ms on average, to the agent's \
+         COMMITTED ({:.0} handoffs, {:.0} fallbacks). tcpr's front spends {t_cpu:.2} ms of \
+         CPU per request (HAProxy {:.2} ms): at {t_rps:.0} requests/s that keeps {:.1} of \
+         the machine's {cores} cores busy, which client, backends and agents share. A \
+         handoff per connection is the price of leaving the data path; it pays off with \
+         bytes (the CPU rows) and with keep-alive.",
+        per_request_ms(t_rps),
+        per_request_ms(h_rps),
+        s.mean_handoff_ms(),
         s.handoffs,
         s.fallbacks,
-        mean_ms,
-        conns * 1e3 / mean_ms
+        r.haproxy.cpu_ms_per_request.median(),
+        t_cpu * t_rps / 1e3,
     )
 }
 
@@ -169,19 +178,21 @@ pub(super) fn section(w: &mut String, b: &BalanceFigures, plot: &Path) {
     let _ = writeln!(
         w,
         "Requests (higher is better, except p99):\n\n\
-         | load | HAProxy r/s | tcpr r/s | tcpr / HAProxy | HAProxy p99 ms | tcpr p99 ms |\n\
-         |---|---|---|---|---|---|"
+         | load | HAProxy r/s | tcpr r/s | tcpr / HAProxy | HAProxy p99 ms | tcpr p99 ms | HAProxy front CPU ms/request | tcpr front CPU ms/request |\n\
+         |---|---|---|---|---|---|---|---|"
     );
     for r in &b.rows {
         let _ = writeln!(
             w,
-            "| {} | {} | {} | {}x | {} | {} |",
+            "| {} | {} | {} | {}x | {} | {} | {} | {} |",
             r.load.name,
             r.haproxy.requests_per_sec.spread(0),
             r.tcpr.requests_per_sec.spread(0),
             r.rps_ratio.spread(2),
             r.haproxy.p99_ms.spread(1),
             r.tcpr.p99_ms.spread(1),
+            r.haproxy.cpu_ms_per_request.spread(3),
+            r.tcpr.cpu_ms_per_request.spread(3),
         );
     }
     let _ = writeln!(
@@ -247,8 +258,9 @@ pub(super) mod tests {
     use super::*;
     use crate::bench_balance::{loads, FrontFigures, Served};
 
-    fn front(rps: [f64; 3], cpu: [f64; 3]) -> FrontFigures {
+    fn front(rps: [f64; 3], cpu: [f64; 3], cpu_ms: f64) -> FrontFigures {
         FrontFigures {
+            cpu_ms_per_request: Samples::new(vec![cpu_ms; 3]),
             requests_per_sec: Samples::new(rps.to_vec()),
             p99_ms: Samples::new(vec![2.0, 3.0, 4.0]),
             mib_per_sec: Samples::new(vec![100.0; 3]),
@@ -278,8 +290,8 @@ pub(super) mod tests {
                 LoadRow {
                     rps_ratio: ratio(t_rps, h_rps),
                     cpu_ratio: ratio(t_cpu, h_cpu),
-                    haproxy: front(h_rps, h_cpu),
-                    tcpr: front(t_rps, t_cpu),
+                    haproxy: front(h_rps, h_cpu, 0.1),
+                    tcpr: front(t_rps, t_cpu, 0.5),
                     tcpr_requests: 8_400.0,
                     served: Served {
                         handoffs: 8_432.0,
@@ -317,11 +329,14 @@ pub(super) mod tests {
 
     #[test]
     fn notes_are_for_goals_not_met_and_computed_from_the_figures() {
-        let notes = why_not(&figures());
+        let notes = why_not(&figures(), 2);
         assert_eq!(notes.len(), 2, "{notes:#?}");
-        // 32 connections, 10 ms per handoff: about 3200 requests/s.
+        // 32 connections busy at 2800 requests/s: 11.43 ms a request; at
+        // 0.5 ms of CPU each, 1.4 cores.
         assert!(notes[0].starts_with("small, new connections: tcpr serves 2800"));
-        assert!(notes[0].contains("32 / 10.00 ms = 3200 requests/s"));
+        assert!(notes[0].contains("11.43 ms through tcpr against 3.20 ms through HAProxy"));
+        assert!(notes[0].contains("0.50 ms of CPU per request (HAProxy 0.10 ms)"));
+        assert!(notes[0].contains("keeps 1.4 of the machine's 2 cores busy"));
         assert!(notes[1].starts_with("1 MiB responses: tcpr's front spends 0.500 s"));
         // 0.5 s/GiB at 1 MiB a response is 0.49 ms each; a tenth of
         // HAProxy's 2 s/GiB from 0.49 ms / 0.2 s per GiB = 2.5 MiB.
@@ -336,7 +351,7 @@ pub(super) mod tests {
         assert!(w.contains("HAProxy version 2.6.12-1+deb12u4 2026/10/17 (Debian package)"));
         assert!(w.contains("median (min–max) of 3 runs"));
         assert!(w.contains(
-            "| small, new connections | 10000 (10000–10000) | 2800 (2500–3000) | 0.28 (0.25–0.30)x |"
+            "| small, new connections | 10000 (10000–10000) | 2800 (2500–3000) | 0.28 (0.25–0.30)x | 3.0 (2.0–4.0) | 3.0 (2.0–4.0) | 0.100 (0.100–0.100) | 0.500 (0.500–0.500) |"
         ));
         // CPU per GiB only where the load carries bytes.
         assert!(w.contains("| 100 MiB responses | 100 (100–100) | 100 (100–100) | 1.500 (1.500–1.500) | 0.015 (0.015–0.015) | 0.010 (0.010–0.010)x |"));

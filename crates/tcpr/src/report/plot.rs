@@ -8,6 +8,8 @@ use crate::bench_balance::BalanceFigures;
 use crate::bench_handoff::HandoffFigures;
 use crate::report::Samples;
 use anyhow::{anyhow, bail, Context, Result};
+use plotters::coord::ranged1d::{SegmentedCoord, ValueFormatter};
+use plotters::coord::types::RangedCoordi32;
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 use std::path::Path;
@@ -295,7 +297,12 @@ fn cdf_chart(
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(72)
-        .build_cartesian_2d((lo / 1.2..hi * 1.2).log_scale(), 0f64..1f64)
+        // From a power of ten: plotters labels a log axis from the first
+        // power of ten in its range.
+        .build_cartesian_2d(
+            (10f64.powf((lo / 1.2).log10().floor())..hi * 1.2).log_scale(),
+            0f64..1f64,
+        )
         .map_err(err)?;
     chart
         .configure_mesh()
@@ -384,8 +391,16 @@ struct Bar<'a> {
     ratios: &'a Samples,
 }
 
-/// Bars of per-run ratios (the median, with a min–max bar) on a log axis,
-/// with the goal as a line, drawn into `area`.
+/// The y axis of [`ratio_bars`].
+enum RatioAxis {
+    /// From 0, for ratios within a decade or so.
+    Linear,
+    /// For ratios spanning decades.
+    Log,
+}
+
+/// Bars of per-run ratios (the median, with a min–max bar), with the goal
+/// as a line, drawn into `area`.
 fn ratio_bars(
     area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
     title: &str,
@@ -393,23 +408,50 @@ fn ratio_bars(
     bars: &[Bar<'_>],
     color: RGBColor,
     goal: (&str, f64),
+    axis: RatioAxis,
 ) -> Result<()> {
     let values = bars
         .iter()
         .flat_map(|b| [b.ratios.min(), b.ratios.max()])
         .chain([goal.1]);
     let (lo, hi) = bounds(values).ok_or_else(|| anyhow!("nothing to plot"))?;
-    let (lo, hi) = (lo / 2.0, hi * 2.0);
-    let mut chart = ChartBuilder::on(area)
+    // The last segment is the axis's end, not a bar.
+    let x = (0..bars.len() as i32 - 1).into_segmented();
+    let mut builder = ChartBuilder::on(area);
+    builder
         .caption(title, (FAMILY, LABEL_PX + 4))
         .margin(16)
         .x_label_area_size(40)
-        .y_label_area_size(64)
-        .build_cartesian_2d(
-            (0..bars.len() as i32).into_segmented(),
-            (lo..hi).log_scale(),
-        )
-        .map_err(err)?;
+        .y_label_area_size(64);
+    match axis {
+        RatioAxis::Linear => {
+            let chart = builder.build_cartesian_2d(x, 0.0..hi * 1.2).map_err(err)?;
+            draw_ratio_bars(chart, y_label, bars, color, goal, 0.0)
+        }
+        RatioAxis::Log => {
+            let (lo, hi) = (lo / 2.0, hi * 2.0);
+            let chart = builder
+                .build_cartesian_2d(x, (lo..hi).log_scale())
+                .map_err(err)?;
+            draw_ratio_bars(chart, y_label, bars, color, goal, lo)
+        }
+    }
+}
+
+/// The bars of [`ratio_bars`] on a chart built with either axis; `floor`
+/// is where the bars start.
+fn draw_ratio_bars<'a, Y>(
+    mut chart: ChartContext<'a, BitMapBackend<'a>, Cartesian2d<SegmentedCoord<RangedCoordi32>, Y>>,
+    y_label: &str,
+    bars: &[Bar<'_>],
+    color: RGBColor,
+    goal: (&str, f64),
+    floor: f64,
+) -> Result<()>
+where
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
+    let lo = floor;
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -507,6 +549,7 @@ pub(super) fn balancer(path: &Path, b: &BalanceFigures) -> Result<()> {
             "goal for small responses: 1x",
             super::balancer::goals::RATE_RATIO,
         ),
+        RatioAxis::Linear,
     )?;
     let cpu: Vec<Bar<'_>> = b
         .rows
@@ -524,6 +567,7 @@ pub(super) fn balancer(path: &Path, b: &BalanceFigures) -> Result<()> {
         &cpu,
         RGBColor(200, 100, 0),
         ("goal: 1/10", super::balancer::goals::CPU_RATIO),
+        RatioAxis::Log,
     )?;
     root.present().map_err(err)?;
     Ok(())
@@ -551,4 +595,41 @@ pub(super) fn startup(path: &Path, s: &StartupFigures) -> Result<()> {
             ("dump, back to back".into(), RED, &s.back_to_back.dump_ms),
         ],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The balancer's plot draws from its figures, whatever loads carry
+    /// bytes (needs the plots' font, as the report does).
+    #[test]
+    fn balancer_plot_draws_a_png() {
+        load_font().expect("the plots' font (scripts/setup.sh installs it)");
+        let dir = std::env::temp_dir().join(format!("tcpr-plot-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("balancer.png");
+        balancer(&path, &super::super::balancer::tests::figures()).expect("plot");
+        let png = std::fs::read(&path).expect("the plot");
+        if let Ok(keep) = std::env::var("TCPR_PLOT_TEST_KEEP") {
+            std::fs::copy(&path, keep).expect("copy");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
+    }
+
+    #[test]
+    fn startup_plot_draws_a_png() {
+        load_font().expect("the plots' font (scripts/setup.sh installs it)");
+        let dir = std::env::temp_dir().join(format!("tcpr-plot-test-s-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("startup.png");
+        startup(&path, &super::super::startup::tests::figures()).expect("plot");
+        let png = std::fs::read(&path).expect("the plot");
+        if let Ok(keep) = std::env::var("TCPR_PLOT_TEST_KEEP") {
+            std::fs::copy(&path, format!("{keep}.startup.png")).expect("copy");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
+    }
 }

@@ -293,12 +293,25 @@ pub(super) fn section(w: &mut String, s: &StartupFigures, plot: &Path) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn mode_of(version_ms: f64, dump_ms: f64) -> StartupMode {
         let d = |ms: f64| Duration::from_secs_f64(ms / 1e3);
         mode(&[d(version_ms); 3], &[d(dump_ms); 3])
+    }
+
+    /// Figures with some spread, for the plot.
+    pub(in crate::report) fn figures() -> StartupFigures {
+        let d = |ms: &[f64]| -> Vec<Duration> {
+            ms.iter()
+                .map(|ms| Duration::from_secs_f64(ms / 1e3))
+                .collect()
+        };
+        StartupFigures {
+            spaced: mode(&d(&[1.8, 2.0, 5.9]), &d(&[2.2, 2.5, 8.5])),
+            back_to_back: mode(&d(&[1.5, 3.9, 5.4]), &d(&[4.3, 16.0, 20.0])),
+        }
     }
 
     #[test]
