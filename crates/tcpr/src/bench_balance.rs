@@ -8,7 +8,10 @@
 //! For tcpr it also prints, per load, the balancer's own counters
 //! (connections handed off, fallen back to the proxy, proxied, and the
 //! mean handoff time), so a reader sees each new connection really was
-//! handed off.
+//! handed off. Both fronts run at once on the front host (HAProxy on the
+//! VIP's next port), so each load is measured on both back to back and
+//! their ratio is taken within a run; [`measure`] returns the runs as data
+//! for the report (`tcpr bench --report`), [`run`] prints one run.
 
 use crate::demo_balance::{
     start_backends, start_balancer, Running, METRICS_LISTEN, SERVER_PORT, VIP_PORT,

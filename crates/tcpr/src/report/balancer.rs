@@ -75,6 +75,26 @@ pub(super) fn why_not(b: &BalanceFigures, cores: usize) -> Vec<String> {
     notes
 }
 
+/// The share of the machine's cores above which the front's own CPU is
+/// said to limit the request rate.
+const FRONT_BOUND_SHARE: f64 = 0.5;
+
+/// "median (min–max)" with as many decimals as the median's size needs
+/// for about three significant digits.
+fn spread_sig(s: &Samples) -> String {
+    let m = s.median().abs();
+    let digits = if m >= 100.0 {
+        0
+    } else if m >= 10.0 {
+        1
+    } else if m >= 1.0 {
+        2
+    } else {
+        3
+    };
+    s.spread(digits)
+}
+
 /// Bytes in a GiB and a MiB.
 const GIB: f64 = (1u64 << 30) as f64;
 const MIB: f64 = (1u64 << 20) as f64;
@@ -129,6 +149,13 @@ fn rate_note(r: &LoadRow, cores: usize) -> String {
     // connections / rate.
     let per_request_ms = |rps: f64| conns * 1e3 / rps;
     let t_cpu = r.tcpr.cpu_ms_per_request.median();
+    let front_cores = t_cpu * t_rps / 1e3;
+    let limit = if front_cores < FRONT_BOUND_SHARE * cores as f64 {
+        "The front's CPU is not the limit: each of wrk's connections waits for its \
+         handoff's round trips between the hosts and the processes"
+    } else {
+        "The front's own CPU is most of what limits it"
+    };
     format!(
         "{head} Every request is a new connection and every connection a handoff (TLS \
          connect to the agent, freeze, PREPARE, steering entry, COMMIT, each a few syscalls \
@@ -136,17 +163,16 @@ fn rate_note(r: &LoadRow, cores: usize) -> String {
          {:.2} ms through tcpr against {:.2} ms through HAProxy, which only connects to the \
          backend; the balancer times its handoffs at {:.2} ms on average, to the agent's \
          COMMITTED ({:.0} handoffs, {:.0} fallbacks). tcpr's front spends {t_cpu:.2} ms of \
-         CPU per request (HAProxy {:.2} ms): at {t_rps:.0} requests/s that keeps {:.1} of \
-         the machine's {cores} cores busy, which client, backends and agents share. A \
-         handoff per connection is the price of leaving the data path; it pays off with \
-         bytes (the CPU rows) and with keep-alive.",
+         CPU per request (HAProxy {:.2} ms): at {t_rps:.0} requests/s that keeps \
+         {front_cores:.1} of the machine's {cores} cores busy (client, backends and agents \
+         share them). {limit}. A handoff per connection is the price of leaving the data \
+         path; it pays off with bytes (the CPU rows) and with keep-alive.",
         per_request_ms(t_rps),
         per_request_ms(h_rps),
         s.mean_handoff_ms(),
         s.handoffs,
         s.fallbacks,
         r.haproxy.cpu_ms_per_request.median(),
-        t_cpu * t_rps / 1e3,
     )
 }
 
@@ -191,8 +217,8 @@ pub(super) fn section(w: &mut String, b: &BalanceFigures, plot: &Path) {
             r.rps_ratio.spread(2),
             r.haproxy.p99_ms.spread(1),
             r.tcpr.p99_ms.spread(1),
-            r.haproxy.cpu_ms_per_request.spread(3),
-            r.tcpr.cpu_ms_per_request.spread(3),
+            spread_sig(&r.haproxy.cpu_ms_per_request),
+            spread_sig(&r.tcpr.cpu_ms_per_request),
         );
     }
     let _ = writeln!(
@@ -337,6 +363,10 @@ pub(super) mod tests {
         assert!(notes[0].contains("11.43 ms through tcpr against 3.20 ms through HAProxy"));
         assert!(notes[0].contains("0.50 ms of CPU per request (HAProxy 0.10 ms)"));
         assert!(notes[0].contains("keeps 1.4 of the machine's 2 cores busy"));
+        assert!(notes[0].contains("The front's own CPU is most of what limits it."));
+        let mut idle_front = figures();
+        idle_front.rows[0].tcpr.cpu_ms_per_request = Samples::new(vec![0.1]);
+        assert!(why_not(&idle_front, 2)[0].contains("The front's CPU is not the limit"));
         assert!(notes[1].starts_with("1 MiB responses: tcpr's front spends 0.500 s"));
         // 0.5 s/GiB at 1 MiB a response is 0.49 ms each; a tenth of
         // HAProxy's 2 s/GiB from 0.49 ms / 0.2 s per GiB = 2.5 MiB.
@@ -356,6 +386,14 @@ pub(super) mod tests {
         // CPU per GiB only where the load carries bytes.
         assert!(w.contains("| 100 MiB responses | 100 (100–100) | 100 (100–100) | 1.500 (1.500–1.500) | 0.015 (0.015–0.015) | 0.010 (0.010–0.010)x |"));
         assert!(!w.contains("| small, keep-alive | 100 (100–100)"));
+        assert_eq!(
+            spread_sig(&Samples::new(vec![152.3, 160.0, 164.0])),
+            "160 (152–164)"
+        );
+        assert_eq!(
+            spread_sig(&Samples::new(vec![1.5, 1.765, 2.0])),
+            "1.76 (1.50–2.00)"
+        );
         assert!(w.contains("| small, keep-alive | 8400 | 8432 | 0 | 0 | 10.00 | 0 | 0 |"));
         let mut one = figures();
         one.runs = 1;
