@@ -366,10 +366,15 @@ fn measure_here(plan: &EnginePlan, tick: &dyn Fn(&str)) -> Result<EngineFigures>
     })
 }
 
-/// `tcpr bench`: the table, or with `report` the whole report.
-pub fn main(counts: &[usize], report: Option<&std::path::Path>) -> Result<()> {
+/// `tcpr bench`: the table, or with `report` the whole report (with the
+/// balancer's wrk runs of `balance_seconds`; 0 leaves it out).
+pub fn main(
+    counts: &[usize],
+    report: Option<&std::path::Path>,
+    balance_seconds: u32,
+) -> Result<()> {
     match report {
-        Some(dir) => crate::report::run(dir, counts),
+        Some(dir) => crate::report::run(dir, counts, balance_seconds),
         None => run(counts),
     }
 }

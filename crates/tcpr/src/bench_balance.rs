@@ -8,11 +8,15 @@
 //! For tcpr it also prints, per load, the balancer's own counters
 //! (connections handed off, fallen back to the proxy, proxied, and the
 //! mean handoff time), so a reader sees each new connection really was
-//! handed off.
+//! handed off. Both fronts run at once on the front host (HAProxy on the
+//! VIP's next port), so each load is measured on both back to back and
+//! their ratio is taken within a run; [`measure`] returns the runs as data
+//! for the report (`tcpr bench --report`), [`run`] prints one run.
 
 use crate::demo_balance::{
     start_backends, start_balancer, Running, METRICS_LISTEN, SERVER_PORT, VIP_PORT,
 };
+use crate::report::Samples;
 use anyhow::{bail, Context, Result};
 use std::process::Command;
 use std::time::Duration;
@@ -23,9 +27,23 @@ use tcpr_netlab::balance::{BalanceLab, Family};
 const NET: u8 = 79;
 /// Bytes in a GiB.
 const GIB: f64 = (1u64 << 30) as f64;
+/// Bytes in a MiB.
+const MIB: f64 = (1u64 << 20) as f64;
 /// Fields of /proc/PID/stat (1-based) holding utime and stime, in ticks.
 const STAT_UTIME_FIELD: usize = 14;
 const STAT_STIME_FIELD: usize = 15;
+
+/// The port HAProxy listens on, on the VIP beside `tcpr balance` (on
+/// [`VIP_PORT`]): both fronts run at once, so each load is measured on
+/// both back to back.
+const HAPROXY_PORT: u16 = VIP_PORT + 1;
+/// The client's and the front's ephemeral ports: a wider range than the
+/// default, so tens of thousands of new connections a run do not run out
+/// (per namespace; the bench's own namespaces only).
+const EPHEMERAL_PORTS: &str = "1024 65000";
+/// After each wrk run: the closing connections of one run are not the
+/// next one's work.
+const SETTLE: Duration = Duration::from_millis(200);
 
 /// One wrk run's figures.
 #[derive(Debug, Clone, Copy, Default)]
@@ -33,18 +51,30 @@ struct Run {
     requests: f64,
     requests_per_sec: f64,
     p99_ms: f64,
+    /// Bytes wrk read (responses, headers included, and the part of the
+    /// responses still in flight when it stopped), per second.
     bytes_per_sec: f64,
+    /// The front's CPU seconds per GiB wrk read; NaN for small responses.
     front_cpu_per_gib: f64,
+    /// The front's CPU milliseconds per request wrk completed.
+    front_cpu_ms_per_request: f64,
+    /// Socket errors and non-2xx/3xx responses wrk counted.
+    errors: f64,
 }
 
 /// The balancer's counters (summed over pools, members, listeners).
 #[derive(Debug, Clone, Copy, Default)]
-struct Served {
-    handoffs: f64,
-    fallbacks: f64,
-    proxied: f64,
-    handoff_seconds_sum: f64,
-    handoff_seconds_count: f64,
+pub struct Served {
+    /// Connections handed off to an agent.
+    pub handoffs: f64,
+    /// Handoffs that failed and were proxied instead.
+    pub fallbacks: f64,
+    /// Connections proxied (fallbacks and members without an agent).
+    pub proxied: f64,
+    /// Sum of the handoff times, seconds.
+    pub handoff_seconds_sum: f64,
+    /// Handoffs timed.
+    pub handoff_seconds_count: f64,
 }
 
 impl Served {
@@ -56,6 +86,26 @@ impl Served {
             proxied: self.proxied - before.proxied,
             handoff_seconds_sum: self.handoff_seconds_sum - before.handoff_seconds_sum,
             handoff_seconds_count: self.handoff_seconds_count - before.handoff_seconds_count,
+        }
+    }
+
+    /// The counts of two stretches together.
+    fn plus(self, more: Served) -> Served {
+        Served {
+            handoffs: self.handoffs + more.handoffs,
+            fallbacks: self.fallbacks + more.fallbacks,
+            proxied: self.proxied + more.proxied,
+            handoff_seconds_sum: self.handoff_seconds_sum + more.handoff_seconds_sum,
+            handoff_seconds_count: self.handoff_seconds_count + more.handoff_seconds_count,
+        }
+    }
+
+    /// The mean handoff time in ms; NaN when none was timed.
+    pub fn mean_handoff_ms(&self) -> f64 {
+        if self.handoff_seconds_count > 0.0 {
+            1000.0 * self.handoff_seconds_sum / self.handoff_seconds_count
+        } else {
+            f64::NAN
         }
     }
 }
@@ -85,87 +135,278 @@ fn served(lab: &BalanceLab) -> Result<Served> {
 }
 
 /// One load: what wrk fetches and how.
-struct Load {
-    name: &'static str,
+#[derive(Debug, Clone)]
+pub struct Load {
+    /// What the load is, for tables.
+    pub name: &'static str,
+    /// A few characters of it, for a plot's axis.
+    pub short: &'static str,
     path: String,
-    close: bool,
-    connections: u32,
-    bytes: u64,
+    /// Every request on a new connection (`Connection: close`).
+    pub close: bool,
+    /// wrk's connections.
+    pub connections: u32,
+    /// The response body's size; 0 for a small response.
+    pub bytes: u64,
 }
 
-/// Runs the comparison for `seconds` per load.
-pub fn run(seconds: u32) -> Result<()> {
-    for tool in ["wrk", "haproxy"] {
-        if Command::new("which").arg(tool).output()?.stdout.is_empty() {
-            bail!("{tool} is not installed (scripts/setup.sh installs it)");
-        }
+impl Load {
+    /// Small responses: the request rate is the figure.
+    pub fn is_small(&self) -> bool {
+        self.bytes == 0
     }
-    let lab = BalanceLab::new("benchb", NET, 2)?;
-    let dir = std::env::temp_dir().join(format!("tcpr-bench-balance-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let result = compare(&lab, &dir, seconds);
-    let _ = std::fs::remove_dir_all(&dir);
-    result
 }
 
-fn loads() -> Vec<Load> {
-    let small = |name, close| Load {
+/// The loads, in the order they run and print.
+pub fn loads() -> Vec<Load> {
+    let small = |name, short, close| Load {
         name,
+        short,
         path: "/name".into(),
         close,
         connections: 32,
         bytes: 0,
     };
-    let big = |name, bytes: u64| Load {
+    let big = |name, short, bytes: u64| Load {
         name,
+        short,
         path: format!("/bytes/{bytes}"),
         close: true,
         connections: 4,
         bytes,
     };
     vec![
-        small("small, new connections", true),
-        small("small, keep-alive", false),
-        big("1 MiB responses", 1 << 20),
-        big("100 MiB responses", 100 << 20),
+        small("small, new connections", "new conns", true),
+        small("small, keep-alive", "keep-alive", false),
+        big("1 MiB responses", "1 MiB", 1 << 20),
+        big("100 MiB responses", "100 MiB", 100 << 20),
     ]
 }
 
-fn compare(lab: &BalanceLab, dir: &std::path::Path, seconds: u32) -> Result<()> {
+/// One front's figures at one load, one sample per run.
+#[derive(Debug, Clone, Default)]
+pub struct FrontFigures {
+    /// Requests per second (wrk).
+    pub requests_per_sec: Samples,
+    /// wrk's 99th percentile latency, ms.
+    pub p99_ms: Samples,
+    /// MiB per second wrk read.
+    pub mib_per_sec: Samples,
+    /// The front process's CPU seconds (user + system) per GiB wrk read;
+    /// empty for small responses.
+    pub cpu_per_gib: Samples,
+    /// The front process's CPU milliseconds per request.
+    pub cpu_ms_per_request: Samples,
+    /// Socket errors and non-2xx/3xx responses over all runs.
+    pub errors: f64,
+}
+
+impl FrontFigures {
+    fn of(runs: &[Run]) -> FrontFigures {
+        let col = |f: fn(&Run) -> f64| Samples::new(runs.iter().map(f).collect());
+        FrontFigures {
+            requests_per_sec: col(|r| r.requests_per_sec),
+            p99_ms: col(|r| r.p99_ms),
+            mib_per_sec: col(|r| r.bytes_per_sec / MIB),
+            cpu_per_gib: col(|r| r.front_cpu_per_gib),
+            cpu_ms_per_request: col(|r| r.front_cpu_ms_per_request),
+            errors: runs.iter().map(|r| r.errors).sum(),
+        }
+    }
+}
+
+/// Both fronts at one load.
+#[derive(Debug, Clone)]
+pub struct LoadRow {
+    /// The load.
+    pub load: Load,
+    /// HAProxy.
+    pub haproxy: FrontFigures,
+    /// `tcpr balance`.
+    pub tcpr: FrontFigures,
+    /// tcpr's requests per second over HAProxy's, per run (higher is
+    /// better).
+    pub rps_ratio: Samples,
+    /// tcpr's front CPU per GiB over HAProxy's, per run (lower is better);
+    /// empty for small responses.
+    pub cpu_ratio: Samples,
+    /// Requests wrk completed through tcpr, all runs.
+    pub tcpr_requests: f64,
+    /// The balancer's counters over the same runs.
+    pub served: Served,
+}
+
+/// Everything `tcpr bench-balance` measures.
+#[derive(Debug, Clone)]
+pub struct BalanceFigures {
+    /// Seconds per wrk run.
+    pub seconds: u32,
+    /// Runs per load and front.
+    pub runs: usize,
+    /// HAProxy's version line.
+    pub haproxy_version: String,
+    /// One row per load.
+    pub rows: Vec<LoadRow>,
+}
+
+/// How many runs, and how long.
+#[derive(Debug, Clone)]
+pub struct BalancePlan {
+    /// Seconds per wrk run.
+    pub seconds: u32,
+    /// Runs per load and front: each run measures both fronts back to back.
+    pub runs: usize,
+}
+
+impl BalancePlan {
+    /// Steps [`measure`] reports through its `tick`.
+    pub fn steps(&self) -> usize {
+        self.runs * loads().len()
+    }
+}
+
+/// The tools the bench runs, checked before anything starts.
+pub fn check_tools() -> Result<()> {
+    for tool in ["wrk", "haproxy"] {
+        if Command::new("which").arg(tool).output()?.stdout.is_empty() {
+            bail!("{tool} is not installed (scripts/setup.sh installs it)");
+        }
+    }
+    Ok(())
+}
+
+/// Runs the comparison for `seconds` per load and prints it.
+pub fn run(seconds: u32) -> Result<()> {
+    let figures = measure(&BalancePlan { seconds, runs: 1 }, &|_| {})?;
+    print(&figures);
+    Ok(())
+}
+
+/// Runs the comparison in namespaces of its own; `tick` is called once
+/// per step (see [`BalancePlan::steps`]).
+pub fn measure(plan: &BalancePlan, tick: &dyn Fn(&str)) -> Result<BalanceFigures> {
+    check_tools()?;
+    let lab = BalanceLab::new("benchb", NET, 2)?;
+    let dir = std::env::temp_dir().join(format!("tcpr-bench-balance-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = compare(&lab, &dir, plan, tick);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// The two fronts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Front {
+    Haproxy,
+    Tcpr,
+}
+
+fn compare(
+    lab: &BalanceLab,
+    dir: &std::path::Path,
+    plan: &BalancePlan,
+    tick: &dyn Fn(&str),
+) -> Result<BalanceFigures> {
+    for host in [&lab.client, &lab.front] {
+        tcpr_netlab::run(host.cmd("sysctl").args([
+            "-qw",
+            &format!("net.ipv4.ip_local_port_range={EPHEMERAL_PORTS}"),
+        ]))?;
+    }
     let (_backends, config) = start_backends(lab, dir)?;
     let haproxy_cfg = dir.join("haproxy.cfg");
     std::fs::write(&haproxy_cfg, haproxy_config(lab))?;
-    let mut table: Vec<(String, Run, Run)> = vec![];
-    let mut results: [Vec<Run>; 2] = [vec![], vec![]];
-    let mut tcpr_served: Vec<Served> = vec![];
-    for (which, results) in results.iter_mut().enumerate() {
-        let front: Running = if which == 0 {
-            let mut c = lab.front.cmd("haproxy");
-            c.args(["-db", "-f", haproxy_cfg.to_str().context("path")?]);
-            // haproxy prints nothing when it is up: wait for its port.
-            let r = Running(c.spawn().context("start haproxy")?);
-            wait_port(lab)?;
-            r
-        } else {
-            start_balancer(lab, &config)?
-        };
-        let pid = front.0.id();
-        for load in loads() {
-            if which == 0 {
-                results.push(measure(lab, pid, &load, seconds)?);
+    let mut c = lab.front.cmd("haproxy");
+    c.args(["-db", "-f", haproxy_cfg.to_str().context("path")?]);
+    let haproxy = Running(c.spawn().context("start haproxy")?);
+    // haproxy prints nothing when it is up: wait for its port.
+    wait_port(lab, HAPROXY_PORT)?;
+    let tcpr = start_balancer(lab, &config)?;
+    wait_port(lab, VIP_PORT)?;
+    let loads = loads();
+    let mut haproxy_runs = vec![Vec::new(); loads.len()];
+    let mut tcpr_runs = vec![Vec::new(); loads.len()];
+    let mut tcpr_served = vec![Served::default(); loads.len()];
+    for run in 0..plan.runs {
+        for (i, load) in loads.iter().enumerate() {
+            tick(&format!(
+                "balancer: {}, run {} of {}",
+                load.name,
+                run + 1,
+                plan.runs
+            ));
+            // Each front goes first in every other run: neither always
+            // meets a machine the other has just warmed or left busy.
+            let order = if run % 2 == 0 {
+                [Front::Haproxy, Front::Tcpr]
             } else {
-                let before = served(lab)?;
-                results.push(measure(lab, pid, &load, seconds)?);
-                tcpr_served.push(served(lab)?.since(before));
+                [Front::Tcpr, Front::Haproxy]
+            };
+            for front in order {
+                match front {
+                    Front::Haproxy => haproxy_runs[i].push(wrk(
+                        lab,
+                        haproxy.0.id(),
+                        HAPROXY_PORT,
+                        load,
+                        plan.seconds,
+                    )?),
+                    Front::Tcpr => {
+                        let before = served(lab)?;
+                        tcpr_runs[i].push(wrk(lab, tcpr.0.id(), VIP_PORT, load, plan.seconds)?);
+                        tcpr_served[i] = tcpr_served[i].plus(served(lab)?.since(before));
+                    }
+                }
+                std::thread::sleep(SETTLE);
             }
         }
-        drop(front);
-        // The VIP's port is free again before the next front binds it.
-        std::thread::sleep(Duration::from_millis(200));
     }
-    for (i, load) in loads().iter().enumerate() {
-        table.push((load.name.to_string(), results[0][i], results[1][i]));
-    }
+    drop(tcpr);
+    drop(haproxy);
+    let rows = loads
+        .into_iter()
+        .zip(haproxy_runs.iter().zip(&tcpr_runs))
+        .zip(tcpr_served)
+        .map(|((load, (h, t)), served)| {
+            let ratio = |f: fn(&Run) -> f64| {
+                Samples::new(h.iter().zip(t).map(|(h, t)| f(t) / f(h)).collect())
+            };
+            LoadRow {
+                haproxy: FrontFigures::of(h),
+                tcpr: FrontFigures::of(t),
+                rps_ratio: ratio(|r| r.requests_per_sec),
+                cpu_ratio: ratio(|r| r.front_cpu_per_gib),
+                tcpr_requests: t.iter().map(|r| r.requests).sum(),
+                served,
+                load,
+            }
+        })
+        .collect();
+    Ok(BalanceFigures {
+        seconds: plan.seconds,
+        runs: plan.runs,
+        haproxy_version: haproxy_version(),
+        rows,
+    })
+}
+
+/// The first line of `haproxy -v`.
+fn haproxy_version() -> String {
+    Command::new("haproxy")
+        .arg("-v")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "HAProxy (version unknown)".into())
+}
+
+/// The figures as `tcpr bench-balance` prints them: medians of the runs.
+fn print(f: &BalanceFigures) {
     println!(
         "{:<24} {:>12} {:>12} {:>7} {:>10} {:>10} {:>12} {:>12} {:>9}",
         "load",
@@ -178,20 +419,21 @@ fn compare(lab: &BalanceLab, dir: &std::path::Path, seconds: u32) -> Result<()> 
         "tcpr s/GiB",
         "cpu ratio"
     );
-    for (name, h, t) in table {
-        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    let or_nan = |s: &Samples| if s.len() > 0 { s.median() } else { f64::NAN };
+    for r in &f.rows {
+        let (h, t) = (&r.haproxy, &r.tcpr);
         println!(
-            "{name:<24} {:>12.0} {:>12.0} {:>7.2} {:>10.2} {:>10.2} {:>12.3} {:>12.3} {:>9.3}",
-            h.requests_per_sec,
-            t.requests_per_sec,
-            ratio(t.requests_per_sec, h.requests_per_sec),
-            h.p99_ms,
-            t.p99_ms,
-            h.front_cpu_per_gib,
-            t.front_cpu_per_gib,
-            ratio(t.front_cpu_per_gib, h.front_cpu_per_gib),
+            "{:<24} {:>12.0} {:>12.0} {:>7.2} {:>10.2} {:>10.2} {:>12.3} {:>12.3} {:>9.3}",
+            r.load.name,
+            h.requests_per_sec.median(),
+            t.requests_per_sec.median(),
+            or_nan(&r.rps_ratio),
+            h.p99_ms.median(),
+            t.p99_ms.median(),
+            h.cpu_per_gib.median(),
+            t.cpu_per_gib.median(),
+            or_nan(&r.cpu_ratio),
         );
-        let _ = (h.bytes_per_sec, t.bytes_per_sec);
     }
     println!("(r/s ratio: tcpr / haproxy, higher is better; cpu ratio: tcpr / haproxy front CPU per GiB, lower is better)");
     println!();
@@ -199,26 +441,26 @@ fn compare(lab: &BalanceLab, dir: &std::path::Path, seconds: u32) -> Result<()> 
         "{:<24} {:>10} {:>10} {:>10} {:>9} {:>14}",
         "tcpr balance", "requests", "handoffs", "fallbacks", "proxied", "mean handoff"
     );
-    for ((load, run), s) in loads().iter().zip(&results[1]).zip(&tcpr_served) {
-        let mean_ms = if s.handoff_seconds_count > 0.0 {
-            1000.0 * s.handoff_seconds_sum / s.handoff_seconds_count
-        } else {
-            f64::NAN
-        };
+    for r in &f.rows {
+        let s = &r.served;
         println!(
             "{:<24} {:>10.0} {:>10.0} {:>10.0} {:>9.0} {:>11.2} ms",
-            load.name, run.requests, s.handoffs, s.fallbacks, s.proxied, mean_ms
+            r.load.name,
+            r.tcpr_requests,
+            s.handoffs,
+            s.fallbacks,
+            s.proxied,
+            s.mean_handoff_ms()
         );
     }
     println!("(requests: wrk's count; handoffs, fallbacks, proxied: the balancer's counters over the same run)");
-    Ok(())
 }
 
 fn haproxy_config(lab: &BalanceLab) -> String {
     let v4 = Family::V4;
     format!(
         "global\n  maxconn 4000\n\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n\
-         frontend web\n  bind {vip}:{VIP_PORT}\n  acl a hdr(host) -i a.example\n  acl b hdr(host) -i b.example\n  use_backend p0 if a\n  use_backend p1 if b\n\n\
+         frontend web\n  bind {vip}:{HAPROXY_PORT}\n  acl a hdr(host) -i a.example\n  acl b hdr(host) -i b.example\n  use_backend p0 if a\n  use_backend p1 if b\n\n\
          backend p0\n  server s0 {s0}\n\nbackend p1\n  server s1 {s1}\n",
         vip = lab.vip(v4),
         s0 = lab.backend_sock(v4, 0, SERVER_PORT),
@@ -226,7 +468,8 @@ fn haproxy_config(lab: &BalanceLab) -> String {
     )
 }
 
-fn wait_port(lab: &BalanceLab) -> Result<()> {
+/// Waits until a front answers on `port` of the VIP.
+fn wait_port(lab: &BalanceLab, port: u16) -> Result<()> {
     let vip = lab.vip(Family::V4);
     for _ in 0..200 {
         let ok = lab
@@ -241,7 +484,7 @@ fn wait_port(lab: &BalanceLab) -> Result<()> {
                 "-H",
                 "Host: a.example",
             ])
-            .arg(format!("http://{vip}/name"))
+            .arg(format!("http://{vip}:{port}/name"))
             .status()?
             .success();
         if ok {
@@ -276,7 +519,8 @@ fn tick_rate() -> f64 {
         .unwrap_or(100.0)
 }
 
-fn measure(lab: &BalanceLab, pid: u32, load: &Load, seconds: u32) -> Result<Run> {
+/// One wrk run of `load` against the front `pid` listening on `port`.
+fn wrk(lab: &BalanceLab, pid: u32, port: u16, load: &Load, seconds: u32) -> Result<Run> {
     let vip = lab.vip(Family::V4);
     let cpu_before = cpu_seconds(pid)?;
     let mut wrk = lab.client.cmd("wrk");
@@ -288,62 +532,158 @@ fn measure(lab: &BalanceLab, pid: u32, load: &Load, seconds: u32) -> Result<Run>
         wrk.args(["-H", "Connection: close"]);
     }
     let out = wrk
-        .arg(format!("http://{vip}:{VIP_PORT}{}", load.path))
+        .arg(format!("http://{vip}:{port}{}", load.path))
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     if !out.status.success() {
         bail!("wrk: {}{}", text, String::from_utf8_lossy(&out.stderr));
     }
     let cpu = cpu_seconds(pid)? - cpu_before;
-    let rps = parse_after(&text, "Requests/sec:").unwrap_or(0.0);
-    let p99_ms = text
-        .lines()
-        .find(|l| l.trim_start().starts_with("99%"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .map(parse_latency_ms)
-        .unwrap_or(f64::NAN);
-    let requests = text
-        .lines()
-        .find(|l| l.contains("requests in"))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|n| n.parse::<f64>().ok())
-        .unwrap_or(0.0);
-    let bytes = requests * load.bytes as f64;
-    if text.contains("Non-2xx") || text.contains("Socket errors") {
-        eprintln!("{} via pid {pid}: wrk reported errors:\n{text}", load.name);
-    }
+    let summary = WrkSummary::parse(&text)
+        .with_context(|| format!("wrk printed no summary for {}:\n{text}", load.name))?;
+    let bytes_per_sec = summary.bytes / summary.seconds;
     Ok(Run {
-        requests,
-        requests_per_sec: rps,
-        p99_ms,
-        bytes_per_sec: bytes / f64::from(seconds),
-        front_cpu_per_gib: if bytes > 0.0 {
-            cpu / (bytes / GIB)
+        requests: summary.requests,
+        requests_per_sec: summary.requests_per_sec,
+        p99_ms: summary.p99_ms,
+        bytes_per_sec,
+        front_cpu_per_gib: if load.is_small() {
+            f64::NAN
         } else {
-            0.0
+            cpu / (summary.bytes / GIB)
         },
+        front_cpu_ms_per_request: 1e3 * cpu / summary.requests,
+        errors: summary.errors,
     })
 }
 
+/// What the bench reads from wrk's output.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct WrkSummary {
+    requests: f64,
+    /// The run's length as wrk measured it.
+    seconds: f64,
+    /// Bytes read, partial responses included.
+    bytes: f64,
+    requests_per_sec: f64,
+    p99_ms: f64,
+    errors: f64,
+}
+
+impl WrkSummary {
+    /// From wrk's `--latency` output: "N requests in 3.00s, 1.95GB read",
+    /// "Requests/sec:", the latency distribution's "99%", and the
+    /// "Socket errors: connect A, read B, write C, timeout D" and
+    /// "Non-2xx or 3xx responses: N" lines it prints only when nonzero.
+    fn parse(text: &str) -> Option<WrkSummary> {
+        let totals = text.lines().find(|l| l.contains(" requests in "))?;
+        let mut words = totals.split_whitespace();
+        let requests = words.next()?.parse().ok()?;
+        let seconds = parse_latency_ms(words.nth(2)?.trim_end_matches(','))? / 1e3;
+        let bytes = parse_bytes(words.next()?)?;
+        let p99_ms = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("99%"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(parse_latency_ms)
+            .unwrap_or(f64::NAN);
+        let socket_errors: f64 = text
+            .lines()
+            .find_map(|l| l.trim_start().strip_prefix("Socket errors:"))
+            .map(|l| {
+                l.split(',')
+                    .filter_map(|part| part.split_whitespace().nth(1)?.parse::<f64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0.0);
+        let non_2xx = parse_after(text, "Non-2xx or 3xx responses:").unwrap_or(0.0);
+        Some(WrkSummary {
+            requests,
+            seconds,
+            bytes,
+            requests_per_sec: parse_after(text, "Requests/sec:")?,
+            p99_ms,
+            errors: socket_errors + non_2xx,
+        })
+    }
+}
+
+/// The number after `label` on the line that starts with it.
 fn parse_after(text: &str, label: &str) -> Option<f64> {
     text.lines()
-        .find(|l| l.trim_start().starts_with(label))?
+        .find_map(|l| l.trim_start().strip_prefix(label))?
         .split_whitespace()
-        .nth(1)?
+        .next()?
         .parse()
         .ok()
 }
 
-/// wrk's latency ("812.00us", "3.10ms", "1.20s") in milliseconds.
-fn parse_latency_ms(s: &str) -> f64 {
-    let num = |t: &str| t.parse::<f64>().unwrap_or(f64::NAN);
-    if let Some(v) = s.strip_suffix("us") {
-        num(v) / 1000.0
-    } else if let Some(v) = s.strip_suffix("ms") {
-        num(v)
-    } else if let Some(v) = s.strip_suffix('s') {
-        num(v) * 1000.0
-    } else {
-        f64::NAN
+/// wrk's byte counts ("512B", "3.10KB", "1.95GB"; binary units).
+fn parse_bytes(s: &str) -> Option<f64> {
+    const UNITS: [(&str, i32); 5] = [("TB", 4), ("GB", 3), ("MB", 2), ("KB", 1), ("B", 0)];
+    UNITS.iter().find_map(|(unit, power)| {
+        let v: f64 = s.strip_suffix(unit)?.parse().ok()?;
+        Some(v * 1024f64.powi(*power))
+    })
+}
+
+/// wrk's times ("812.00us", "3.10ms", "1.20s", "1.01m") in milliseconds.
+fn parse_latency_ms(s: &str) -> Option<f64> {
+    const UNITS: [(&str, f64); 5] = [
+        ("us", 1e-3),
+        ("ms", 1.0),
+        ("s", 1e3),
+        ("m", 60e3),
+        ("h", 3600e3),
+    ];
+    UNITS.iter().find_map(|(unit, ms)| {
+        let v: f64 = s.strip_suffix(unit)?.parse().ok()?;
+        Some(v * ms)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// wrk 4.1's output, as Debian's package prints it.
+    const WRK_OUT: &str = "Running 3s test @ http://10.79.0.100:81/bytes/104857600
+  2 threads and 4 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.21s   200.00ms   1.93s    70.00%
+    Req/Sec     0.50      0.50     1.00     50.00%
+  Latency Distribution
+     50%    1.20s 
+     75%    1.30s 
+     90%    1.50s 
+     99%    1.93s 
+  9 requests in 3.01s, 1.07GB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:      2.99
+Transfer/sec:    364.21MB
+";
+
+    #[test]
+    fn wrk_summary_reads_totals_latency_and_errors() {
+        let s = WrkSummary::parse(WRK_OUT).expect("a summary");
+        assert_eq!(s.requests, 9.0);
+        assert!((s.seconds - 3.01).abs() < 1e-9);
+        assert!((s.bytes - 1.07 * GIB).abs() < 1.0);
+        assert_eq!(s.requests_per_sec, 2.99);
+        assert_eq!(s.p99_ms, 1930.0);
+        assert_eq!(s.errors, 7.0);
+        assert_eq!(WrkSummary::parse("wrk: connection refused"), None);
+    }
+
+    #[test]
+    fn wrk_units() {
+        assert_eq!(parse_latency_ms("812.00us"), Some(0.812));
+        assert_eq!(parse_latency_ms("3.10ms"), Some(3.1));
+        assert_eq!(parse_latency_ms("1.01m"), Some(60_600.0));
+        assert_eq!(parse_latency_ms("fast"), None);
+        assert_eq!(parse_bytes("512B"), Some(512.0));
+        assert_eq!(parse_bytes("2.00KB"), Some(2048.0));
+        assert_eq!(parse_bytes("many"), None);
     }
 }

@@ -274,10 +274,14 @@ enum Cmd {
         /// Connection counts to measure (each 1 to 100000).
         #[arg(long, value_delimiter = ',', default_value = "1,100,10000", value_parser = bench_count)]
         counts: Vec<usize>,
-        /// Run the engine, handoff and lock benchmarks and write
+        /// Run the engine, lock, handoff and balancer benchmarks and write
         /// DIR/report.md with PNG plots.
         #[arg(long, value_name = "DIR")]
         report: Option<std::path::PathBuf>,
+        /// With --report: seconds per wrk run of the balancer against
+        /// HAProxy (3 runs of 4 loads on each); 0 leaves it out (0 to 600).
+        #[arg(long, default_value_t = 3, requires = "report", value_parser = clap::value_parser!(u32).range(0..=600))]
+        balance_seconds: u32,
     },
 }
 
@@ -442,7 +446,11 @@ fn run(cmd: Cmd) -> Result<i32> {
         Cmd::BenchHandoff { counts, moves } => bench_handoff::run(&counts, moves).map(|()| 0),
         Cmd::BenchBalance { seconds } => bench_balance::run(seconds).map(|()| 0),
         Cmd::BenchPeer { addr, count } => bench::peer(&addr, count).map(|()| 0),
-        Cmd::Bench { counts, report } => bench::main(&counts, report.as_deref()).map(|()| 0),
+        Cmd::Bench {
+            counts,
+            report,
+            balance_seconds,
+        } => bench::main(&counts, report.as_deref(), balance_seconds).map(|()| 0),
         Cmd::Soak(a) => soak::run(a),
     }
 }

@@ -1,20 +1,24 @@
-//! `tcpr bench --report DIR`: the engine, handoff and lock benchmarks in
-//! one go, written as `DIR/report.md` with PNG plots beside it. Every
+//! `tcpr bench --report DIR`: the engine, lock, handoff and balancer
+//! benchmarks and `tcpr dump` against a bare process start in one go,
+//! written as `DIR/report.md` with PNG plots beside it. Every
 //! figure is the median of several runs with its spread; every ratio is
 //! taken within one run; the report names the machine, the commit, the
 //! date and the command that made it.
 
+mod balancer;
 mod machine;
 mod plot;
 mod samples;
+mod startup;
 
 use crate::bench::{self, EngineFigures, EnginePlan};
+use crate::bench_balance::{self, BalanceFigures, BalancePlan};
 use crate::bench_handoff::{self, HandoffFigures, HandoffPlan};
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 pub use samples::Samples;
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Batch sizes of the handoff benchmark in the report: 1 to 10,000.
@@ -38,8 +42,9 @@ mod goals {
     pub(super) const LOCK_CALL_US: f64 = 1000.0;
 }
 
-/// Runs every benchmark and writes the report into `dir`.
-pub fn run(dir: &Path, engine_counts: &[usize]) -> Result<()> {
+/// Runs every benchmark and writes the report into `dir`; the balancer's
+/// for `balance_seconds` per wrk run, or not at all when 0.
+pub fn run(dir: &Path, engine_counts: &[usize], balance_seconds: u32) -> Result<()> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create the report directory {}", dir.display()))?;
     // The font first: a report whose plots cannot be drawn fails before
@@ -55,7 +60,13 @@ pub fn run(dir: &Path, engine_counts: &[usize]) -> Result<()> {
         min_reps: MIN_REPS,
         moves: MOVES,
     };
-    let bar = ProgressBar::new((engine_plan.steps() + handoff_plan.steps()) as u64);
+    let balance_plan = balance_plan(balance_seconds)?;
+    let bar = ProgressBar::new(
+        (engine_plan.steps()
+            + startup::STEPS
+            + handoff_plan.steps()
+            + balance_plan.as_ref().map_or(0, BalancePlan::steps)) as u64,
+    );
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} {msg}")
             .context("progress bar template")?
@@ -68,14 +79,98 @@ pub fn run(dir: &Path, engine_counts: &[usize]) -> Result<()> {
         bar.inc(1);
     };
     let engine = bench::measure(&engine_plan, &tick)?;
+    let startup = startup::measure(&tick)?;
     let handoff = bench_handoff::measure(&handoff_plan, &tick)?;
+    let balance = balance_plan
+        .map(|plan| bench_balance::measure(&plan, &tick))
+        .transpose()?;
     bar.finish_with_message("done");
     let plots = plot::draw_all(dir, &engine, &handoff)?;
-    let md = markdown(&machine, &engine, &handoff, &plots, started.elapsed());
+    let more = More::draw(dir, startup, balance)?;
+    let md = markdown(
+        &machine,
+        &engine,
+        &handoff,
+        &plots,
+        &more,
+        started.elapsed(),
+    );
     let path = dir.join("report.md");
     std::fs::write(&path, md).with_context(|| format!("cannot write {}", path.display()))?;
     println!("wrote {}", path.display());
     Ok(())
+}
+
+/// The balancer's plan: [`MIN_REPS`] runs of `seconds` per load; `None`
+/// when 0. Its tools are checked first, before minutes of measuring.
+fn balance_plan(seconds: u32) -> Result<Option<BalancePlan>> {
+    if seconds == 0 {
+        return Ok(None);
+    }
+    bench_balance::check_tools()
+        .context("the report's balancer benchmark cannot run; --balance-seconds 0 leaves it out")?;
+    Ok(Some(BalancePlan {
+        seconds,
+        runs: MIN_REPS,
+    }))
+}
+
+/// The figures of `tcpr dump` against a process start and of the
+/// balancer, with their plots.
+struct More {
+    startup: startup::StartupFigures,
+    startup_plot: PathBuf,
+    balance: Option<(BalanceFigures, PathBuf)>,
+}
+
+impl More {
+    /// Draws the plots into `dir`.
+    fn draw(
+        dir: &Path,
+        startup: startup::StartupFigures,
+        balance: Option<BalanceFigures>,
+    ) -> Result<More> {
+        let startup_plot = PathBuf::from("startup.png");
+        plot::startup(&dir.join(&startup_plot), &startup).context("startup plot")?;
+        let balance = match balance {
+            Some(b) => {
+                let path = PathBuf::from("balancer.png");
+                plot::balancer(&dir.join(&path), &b).context("balancer plot")?;
+                Some((b, path))
+            }
+            None => None,
+        };
+        Ok(More {
+            startup,
+            startup_plot,
+            balance,
+        })
+    }
+
+    /// Their rows of the Goals table.
+    fn goal_rows(&self, w: &mut String) {
+        startup::goal_rows(w, &self.startup);
+        if let Some((b, _)) = &self.balance {
+            balancer::goal_rows(w, b);
+        }
+    }
+
+    /// What limits their goals not met.
+    fn why_not(&self, m: &machine::Machine, engine: &EngineFigures) -> Vec<String> {
+        let mut notes = startup::why_not(&self.startup, engine);
+        if let Some((b, _)) = &self.balance {
+            notes.extend(balancer::why_not(b, m.cores));
+        }
+        notes
+    }
+
+    /// The balancer's section.
+    fn balancer_section(&self, w: &mut String) {
+        match &self.balance {
+            Some((b, plot)) => balancer::section(w, b, plot),
+            None => balancer::skipped(w),
+        }
+    }
 }
 
 /// The command that makes this report again.
@@ -92,7 +187,13 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 /// For each goal not met, what the measurements say limits it.
-fn why_not(w: &mut String, m: &machine::Machine, engine: &EngineFigures, handoff: &HandoffFigures) {
+fn why_not(
+    w: &mut String,
+    m: &machine::Machine,
+    engine: &EngineFigures,
+    handoff: &HandoffFigures,
+    more: Vec<String>,
+) {
     let mut notes = Vec::new();
     if let Some(one) = engine
         .locks
@@ -198,6 +299,7 @@ fn why_not(w: &mut String, m: &machine::Machine, engine: &EngineFigures, handoff
             stream.unmoved_gap_ms.median(),
         ));
     }
+    notes.extend(more);
     if notes.is_empty() {
         return;
     }
@@ -213,6 +315,7 @@ fn markdown(
     engine: &EngineFigures,
     handoff: &HandoffFigures,
     plots: &plot::Plots,
+    more: &More,
     took: std::time::Duration,
 ) -> String {
     let mut o = String::new();
@@ -243,7 +346,7 @@ fn markdown(
          of the per-run ratios. The machine is shared and small: read the spreads.\n"
     );
 
-    let _ = writeln!(w, "## Goals (issue 9)\n");
+    let _ = writeln!(w, "## Goals (issues 9 and 6)\n");
     let _ = writeln!(w, "| goal | measured | |\n|---|---|---|");
     for r in engine.rows.iter().filter(|r| r.conns >= 100) {
         let ok = r.dump_ratio.median() <= goals::FLOOR_RATIO
@@ -282,7 +385,7 @@ fn markdown(
     let s = &handoff.stream;
     let _ = writeln!(
         w,
-        "| moved stream's longest gap p50 ≤ {}x its unmoved p50 | {:.2}x ({:.2} ms vs {:.2} ms) | {} |\n",
+        "| moved stream's longest gap p50 ≤ {}x its unmoved p50 | {:.2}x ({:.2} ms vs {:.2} ms) | {} |",
         goals::GAP_RATIO,
         s.p50_ratio,
         s.moved_gap_ms.median(),
@@ -290,7 +393,10 @@ fn markdown(
         verdict(s.p50_ratio <= goals::GAP_RATIO)
     );
 
-    why_not(w, m, engine, handoff);
+    more.goal_rows(w);
+    let _ = writeln!(w);
+
+    why_not(w, m, engine, handoff, more.why_not(m, engine));
 
     let _ = writeln!(w, "## Engine: per-connection cost against the floor\n");
     let _ = writeln!(
@@ -351,7 +457,10 @@ fn markdown(
         );
     }
 
-    let _ = writeln!(w, "\n## Handoff: 1 to 10,000 connections\n");
+    let _ = writeln!(w);
+    startup::section(w, &more.startup, &more.startup_plot);
+
+    let _ = writeln!(w, "## Handoff: 1 to 10,000 connections\n");
     let _ = writeln!(
         w,
         "Idle connections moved between two namespace hosts to a `tcpr agent` process \
@@ -427,11 +536,6 @@ fn markdown(
     }
     let _ = writeln!(w, "\nmoved p50 / not-moved p50 = {:.2}x\n", s.p50_ratio);
 
-    let _ = writeln!(w, "## Balancer\n");
-    let _ = writeln!(
-        w,
-        "Not measured yet: the balancer's benchmark lands with the balancer \
-         (`report::run` gets a third `measure` call and this section its figures).\n"
-    );
+    more.balancer_section(w);
     o
 }

@@ -2,10 +2,14 @@
 //! a TrueType font: plotters' `ab_glyph` feature draws it from a TTF read
 //! at run time (Debian's fonts-dejavu-core), with no fontconfig.
 
+use super::startup::StartupFigures;
 use crate::bench::EngineFigures;
+use crate::bench_balance::BalanceFigures;
 use crate::bench_handoff::HandoffFigures;
 use crate::report::Samples;
 use anyhow::{anyhow, bail, Context, Result};
+use plotters::coord::ranged1d::{SegmentedCoord, ValueFormatter};
+use plotters::coord::types::RangedCoordi32;
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 use std::path::Path;
@@ -293,7 +297,12 @@ fn cdf_chart(
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(72)
-        .build_cartesian_2d((lo / 1.2..hi * 1.2).log_scale(), 0f64..1f64)
+        // From a power of ten: plotters labels a log axis from the first
+        // power of ten in its range.
+        .build_cartesian_2d(
+            (10f64.powf((lo / 1.2).log10().floor())..hi * 1.2).log_scale(),
+            0f64..1f64,
+        )
         .map_err(err)?;
     chart
         .configure_mesh()
@@ -374,4 +383,253 @@ fn lock(path: &Path, e: &EngineFigures) -> Result<()> {
         "µs until the call returns",
         &series,
     )
+}
+
+/// One bar of [`ratio_bars`]: a label and its per-run ratios.
+struct Bar<'a> {
+    label: &'a str,
+    ratios: &'a Samples,
+}
+
+/// The y axis of [`ratio_bars`].
+enum RatioAxis {
+    /// From 0, for ratios within a decade or so.
+    Linear,
+    /// For ratios spanning decades.
+    Log,
+}
+
+/// Bars of per-run ratios (the median, with a min–max bar), with the goal
+/// as a line, drawn into `area`.
+fn ratio_bars(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    title: &str,
+    y_label: &str,
+    bars: &[Bar<'_>],
+    color: RGBColor,
+    goal: (&str, f64),
+    axis: RatioAxis,
+) -> Result<()> {
+    let values = bars
+        .iter()
+        .flat_map(|b| [b.ratios.min(), b.ratios.max()])
+        .chain([goal.1]);
+    let (lo, hi) = bounds(values).ok_or_else(|| anyhow!("nothing to plot"))?;
+    // The last segment is the axis's end, not a bar.
+    let x = (0..bars.len() as i32 - 1).into_segmented();
+    let mut builder = ChartBuilder::on(area);
+    builder
+        .caption(title, (FAMILY, LABEL_PX + 4))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(64);
+    match axis {
+        RatioAxis::Linear => {
+            let chart = builder.build_cartesian_2d(x, 0.0..hi * 1.2).map_err(err)?;
+            draw_ratio_bars(chart, y_label, bars, color, goal, 0.0)
+        }
+        RatioAxis::Log => {
+            let (lo, hi) = (lo / 2.0, hi * 2.0);
+            let chart = builder
+                .build_cartesian_2d(x, (lo..hi).log_scale())
+                .map_err(err)?;
+            draw_ratio_bars(chart, y_label, bars, color, goal, lo)
+        }
+    }
+}
+
+/// The bars of [`ratio_bars`] on a chart built with either axis; `floor`
+/// is where the bars start.
+fn draw_ratio_bars<'a, Y>(
+    mut chart: ChartContext<'a, BitMapBackend<'a>, Cartesian2d<SegmentedCoord<RangedCoordi32>, Y>>,
+    y_label: &str,
+    bars: &[Bar<'_>],
+    color: RGBColor,
+    goal: (&str, f64),
+    floor: f64,
+) -> Result<()>
+where
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
+    let lo = floor;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .y_desc(y_label)
+        .label_style((FAMILY, LABEL_PX))
+        .x_labels(bars.len())
+        .x_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => bars
+                .get(*i as usize)
+                .map(|b| b.label.to_string())
+                .unwrap_or_default(),
+            SegmentValue::Last => String::new(),
+        })
+        .y_label_formatter(&|v| short(*v))
+        .draw()
+        .map_err(err)?;
+    let drawn: Vec<(i32, &Samples)> = bars
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.ratios.len() > 0)
+        .map(|(i, b)| (i as i32, b.ratios))
+        .collect();
+    chart
+        .draw_series(drawn.iter().map(|(i, s)| {
+            let mut bar = Rectangle::new(
+                [
+                    (SegmentValue::Exact(*i), lo),
+                    (SegmentValue::Exact(*i + 1), s.median()),
+                ],
+                color.mix(0.6).filled(),
+            );
+            bar.set_margin(0, 0, 24, 24);
+            bar
+        }))
+        .map_err(err)?;
+    chart
+        .draw_series(drawn.iter().map(|(i, s)| {
+            ErrorBar::new_vertical(
+                SegmentValue::CenterOf(*i),
+                s.min(),
+                s.median(),
+                s.max(),
+                BLACK.filled(),
+                CAP_PX,
+            )
+        }))
+        .map_err(err)?;
+    let (name, y) = goal;
+    chart
+        .draw_series(LineSeries::new(
+            [(SegmentValue::Exact(0), y), (SegmentValue::Last, y)],
+            RED.stroke_width(2),
+        ))
+        .map_err(err)?
+        .label(name)
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+    chart
+        .configure_series_labels()
+        .label_font((FAMILY, LABEL_PX))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(err)?;
+    Ok(())
+}
+
+/// tcpr balance over HAProxy: requests/s for every load beside front CPU
+/// per GiB for the loads that carry bytes.
+pub(super) fn balancer(path: &Path, b: &BalanceFigures) -> Result<()> {
+    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let root = root
+        .titled(
+            "tcpr balance / HAProxy, ratio within each run (median, min–max)",
+            (FAMILY, TITLE_PX),
+        )
+        .map_err(err)?;
+    let (left, right) = root.split_horizontally(SIZE.0 / 2);
+    let rate: Vec<Bar<'_>> = b
+        .rows
+        .iter()
+        .map(|r| Bar {
+            label: r.load.short,
+            ratios: &r.rps_ratio,
+        })
+        .collect();
+    ratio_bars(
+        &left,
+        "requests/s (higher is better)",
+        "tcpr / HAProxy",
+        &rate,
+        RGBColor(0, 90, 200),
+        (
+            "goal for small responses: 1x",
+            super::balancer::goals::RATE_RATIO,
+        ),
+        RatioAxis::Linear,
+    )?;
+    let cpu: Vec<Bar<'_>> = b
+        .rows
+        .iter()
+        .filter(|r| !r.load.is_small())
+        .map(|r| Bar {
+            label: r.load.short,
+            ratios: &r.cpu_ratio,
+        })
+        .collect();
+    ratio_bars(
+        &right,
+        "front CPU per GiB (lower is better)",
+        "tcpr / HAProxy",
+        &cpu,
+        RGBColor(200, 100, 0),
+        ("goal: 1/10", super::balancer::goals::CPU_RATIO),
+        RatioAxis::Log,
+    )?;
+    root.present().map_err(err)?;
+    Ok(())
+}
+
+/// `tcpr dump --leave running` against `tcpr --version`, both modes.
+pub(super) fn startup(path: &Path, s: &StartupFigures) -> Result<()> {
+    let spaced = format!("{} ms apart", super::startup::SPACING.as_millis());
+    cdf_chart(
+        path,
+        "tcpr dump --leave running against a bare tcpr --version",
+        "ms from spawn to exit",
+        &[
+            (
+                format!("--version, {spaced}"),
+                RGBColor(120, 160, 255),
+                &s.spaced.version_ms,
+            ),
+            (format!("dump, {spaced}"), BLUE, &s.spaced.dump_ms),
+            (
+                "--version, back to back".into(),
+                RGBColor(255, 150, 150),
+                &s.back_to_back.version_ms,
+            ),
+            ("dump, back to back".into(), RED, &s.back_to_back.dump_ms),
+        ],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The balancer's plot draws from its figures, whatever loads carry
+    /// bytes (needs the plots' font, as the report does).
+    #[test]
+    fn balancer_plot_draws_a_png() {
+        load_font().expect("the plots' font (scripts/setup.sh installs it)");
+        let dir = std::env::temp_dir().join(format!("tcpr-plot-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("balancer.png");
+        balancer(&path, &super::super::balancer::tests::figures()).expect("plot");
+        let png = std::fs::read(&path).expect("the plot");
+        if let Ok(keep) = std::env::var("TCPR_PLOT_TEST_KEEP") {
+            std::fs::copy(&path, keep).expect("copy");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
+    }
+
+    #[test]
+    fn startup_plot_draws_a_png() {
+        load_font().expect("the plots' font (scripts/setup.sh installs it)");
+        let dir = std::env::temp_dir().join(format!("tcpr-plot-test-s-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("startup.png");
+        startup(&path, &super::super::startup::tests::figures()).expect("plot");
+        let png = std::fs::read(&path).expect("the plot");
+        if let Ok(keep) = std::env::var("TCPR_PLOT_TEST_KEEP") {
+            std::fs::copy(&path, format!("{keep}.startup.png")).expect("copy");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
+    }
 }
