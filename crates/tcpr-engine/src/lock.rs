@@ -775,28 +775,62 @@ fn lookup_error(e: NlError) -> Error {
 /// of the calling thread.
 pub(crate) fn take_over(sock: BorrowedFd<'_>, flow: &Flow) -> Result<bool, Error> {
     // Errors of the lookup count as "not held": the lease ends it.
-    let Ok(here) = nfnl::Socket::open(None) else {
+    let Ok(theirs) = sys::netns_cookie(sock) else {
         return Ok(false);
     };
-    let same = match (sys::netns_cookie(sock), here.netns_cookie()) {
-        (Ok(theirs), Ok(mine)) => theirs == mine,
-        _ => false,
+    let here = KEPT_LOOKUP.with(|kept| {
+        let mut kept = kept.borrow_mut();
+        if kept.as_ref().map(|k| k.cookie) != Some(theirs) {
+            // This thread's namespace now, or another one's socket.
+            *kept = nfnl::Socket::open(None).ok().and_then(|socket| {
+                let cookie = socket.netns_cookie().ok()?;
+                Some(KeptLookup { socket, cookie })
+            });
+        }
+        match kept.as_ref().filter(|k| k.cookie == theirs) {
+            Some(k) => match held(&k.socket, flow) {
+                Ok(held) => Some(held),
+                Err(_) => {
+                    // An answer may still be on its way: never reuse it.
+                    *kept = None;
+                    Some(false)
+                }
+            },
+            None => None,
+        }
+    });
+    let held_there = match here {
+        Some(held) => held,
+        None => {
+            let ns = Netns::of_socket(sock)?;
+            let nsfd = ns.fd.as_ref().map(|f| f.as_fd());
+            let Ok(nl) = nfnl::Socket::open(nsfd) else {
+                return Ok(false);
+            };
+            held(&nl, flow).unwrap_or(false)
+        }
     };
-    let (nl, ns) = if same {
-        (here, Netns::current())
-    } else {
-        let ns = Netns::of_socket(sock)?;
-        let nsfd = ns.fd.as_ref().map(|f| f.as_fd());
-        let Ok(nl) = nfnl::Socket::open(nsfd) else {
-            return Ok(false);
-        };
-        (nl, ns)
-    };
-    if !held(&nl, flow).unwrap_or(false) {
+    if !held_there {
         return Ok(false);
     }
-    release_flows(&ns, &[*flow])?;
+    // The socket's namespace, which the thread may have left since its
+    // kept socket opened.
+    release_flows(&Netns::of_socket(sock)?, &[*flow])?;
     Ok(true)
+}
+
+/// A netlink socket kept by a thread for [`take_over`]'s lookups: a
+/// restore of many connections asks once per connection, and a socket
+/// per question cost five syscalls of eight. It answers for the namespace
+/// it was opened in (a netlink socket stays in it), named by its cookie.
+struct KeptLookup {
+    socket: nfnl::Socket,
+    cookie: u64,
+}
+
+thread_local! {
+    static KEPT_LOOKUP: std::cell::RefCell<Option<KeptLookup>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 #[cfg(test)]

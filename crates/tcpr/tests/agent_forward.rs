@@ -492,11 +492,20 @@ fn children(pid: i32) -> Vec<i32> {
 
 /// The agent's relay worker (`tcpr relay-worker`), by its pid: started
 /// before the agent says it listens.
+/// Looks for a while: a child forked a moment ago may not have exec'd the
+/// worker yet (its command line is still the agent's).
 fn relay_worker_of(agent: &Proc) -> Option<i32> {
-    children(agent.pid()).into_iter().find(|&c| {
-        std::fs::read(format!("/proc/{c}/cmdline"))
-            .is_ok_and(|cmd| cmd.split(|&b| b == 0).any(|arg| arg == b"relay-worker"))
-    })
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = children(agent.pid()).into_iter().find(|&c| {
+            std::fs::read(format!("/proc/{c}/cmdline"))
+                .is_ok_and(|cmd| cmd.split(|&b| b == 0).any(|arg| arg == b"relay-worker"))
+        });
+        if found.is_some() || std::time::Instant::now() > deadline {
+            return found;
+        }
+        std::thread::sleep(POLL);
+    }
 }
 
 /// Whether `pid` runs (a zombie has ended).
