@@ -148,7 +148,10 @@ pub struct BatchRow {
 fn phases(runs: &[Timings]) -> Vec<(&'static str, Samples)> {
     let col = |f: fn(&Timings) -> Duration| Samples::ms(&runs.iter().map(f).collect::<Vec<_>>());
     vec![
-        ("checks, connect (TLS)", col(|t| t.connect)),
+        (
+            "checks, channel (TLS connect, or PING on a kept one)",
+            col(|t| t.connect),
+        ),
         ("freeze", col(|t| t.freeze)),
         ("prepare (dump, send, agent restores)", col(|t| t.prepare)),
         ("switch (address move)", col(|t| t.switch)),

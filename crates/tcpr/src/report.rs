@@ -258,15 +258,16 @@ fn why_not(
         notes.push(format!(
             "At {} connections tcpr costs {:.2}x (dump) and {:.2}x (restore) the floor. The floor \
              makes the bare repair calls (18 syscalls per connection for a dump, 14 for a \
-             restore, by `strace -f`); the engine makes 34 and 25. Of a dump's 16 more, 14 read \
+             restore, by `strace -f`); the engine makes 34 and 20. Of a dump's 16 more, 14 read \
              the socket options the image keeps (sock_diag could answer 4 of them for many \
              sockets at once, but listing a socket costs about 5 µs against 0.2 µs a call) and \
              4 check the socket before anything changes (TCP, its state, not frozen already, \
              one namespace for the lock). A restore sets only the options that differ from a \
-             new socket's (known per namespace from one SO_NETNS_COOKIE); of its 11 more, 8 \
-             are resume's look for a lock on the flow in this namespace (a netlink socket \
-             opened per connection), 1 that cookie, 2 the send buffer the original had grown \
-             and the hop limit. Those calls keep the connection safe and \
+             new socket's (known per namespace from one SO_NETNS_COOKIE); of its 6 more, 3 \
+             are resume's look for a lock on the flow in this namespace (the socket's \
+             namespace cookie, a netlink GET and its answer on a socket the thread keeps), 1 \
+             the cookie for the defaults, 2 the send buffer the original had grown and the \
+             hop limit. Those calls keep the connection safe and \
              make the restored socket behave like the original; they are kept on purpose.",
             row.conns,
             row.dump_ratio.median(),
@@ -293,7 +294,8 @@ fn why_not(
              own pacing on an idle machine, so the ratio compares a handoff with almost nothing; \
              it shrinks as the machine gets busier (1.05x at load 11 in an earlier run). The \
              moved stream's agents are in process, without a journal: its gap is the hand_off \
-             call, whose largest part is the TLS connect.",
+             call, on a channel kept from the last move (checked by one PING), so most of it is \
+             the protocol's round trips, the restore and the resume.",
             stream.moved_gap_ms.median(),
             one.map(|b| b.total_ms.median()).unwrap_or(f64::NAN),
             stream.unmoved_gap_ms.median(),
