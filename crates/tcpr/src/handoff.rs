@@ -93,6 +93,16 @@ pub struct AgentArgs {
     /// for a new one).
     #[arg(long, default_value_t = tcpr_handoff::agent::DEFAULT_MAX_HANDSHAKES)]
     max_handshakes: usize,
+    /// Seconds a sender's channel may wait for its next batch once one has
+    /// ended cleanly on it (senders keep channels between batches).
+    #[arg(long, value_name = "SECS", default_value = "30",
+          value_parser = crate::bounds::step_timeout)]
+    idle_timeout: Duration,
+    /// Channels allowed to wait between batches at once; past it, the one
+    /// idle longest is closed. 0: every channel closes after its batch.
+    #[arg(long, value_name = "N",
+          default_value_t = tcpr_handoff::agent::DEFAULT_MAX_IDLE_CHANNELS)]
+    max_idle_channels: usize,
     /// Once listening, run as this user, keeping only CAP_NET_ADMIN and
     /// CAP_NET_RAW (and CAP_NET_BIND_SERVICE for a privileged port). The
     /// journal directory must be writable by it.
@@ -169,6 +179,8 @@ pub fn agent(a: AgentArgs) -> Result<i32> {
     cfg.timeout = secs(a.timeout, "--timeout")?;
     cfg.journal = (!a.no_journal).then(|| a.journal.clone());
     cfg.max_handshakes = a.max_handshakes;
+    cfg.idle_timeout = a.idle_timeout;
+    cfg.max_idle_channels = a.max_idle_channels;
     let vips = serve_vips(&a.vip)?;
     let server = AgentServer::bind(a.listen, cfg)?;
     if let Some(user) = &a.user {

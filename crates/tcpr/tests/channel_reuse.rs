@@ -313,19 +313,7 @@ fn a_restarted_agent_costs_a_new_channel_and_nothing_else() {
             }
         }
     });
-    let start_agent = || {
-        let mut cmd = net.b.cmd(tcpr_bin());
-        cmd.args(["agent", "--listen", &net.agent_addr().to_string()])
-            .args(["--psk-file", net.dir.join("psk").to_str().unwrap()])
-            .args(["--unix", unix.to_str().unwrap()])
-            .args(["--journal", net.dir.join("journal").to_str().unwrap()]);
-        for service in net.allow(3) {
-            cmd.args(["--allow", &service.to_string()]);
-        }
-        let mut agent = Proc::spawn(cmd, "agent");
-        agent.expect("tcpr agent listening", Duration::from_secs(10));
-        agent
-    };
+    let start_agent = || cli_agent(&net, &unix, &[]);
 
     let mut agent = start_agent();
     let pairs = net.connections(0, 3);
@@ -356,6 +344,65 @@ fn a_restarted_agent_costs_a_new_channel_and_nothing_else() {
     let third = net.hand_off(&pairs, &auth);
     moved_and_verified(&net, &third, pairs, &delivered);
     assert!(third.channel_reused);
+}
+
+/// A `tcpr agent` process on host b delivering to `unix`, with `extra`
+/// arguments.
+fn cli_agent(net: &Net, unix: &std::path::Path, extra: &[&str]) -> Proc {
+    let mut cmd = net.b.cmd(tcpr_bin());
+    cmd.args(["agent", "--listen", &net.agent_addr().to_string()])
+        .args(["--psk-file", net.dir.join("psk").to_str().unwrap()])
+        .args(["--unix", unix.to_str().unwrap()])
+        .args(["--journal", net.dir.join("journal").to_str().unwrap()])
+        .args(extra);
+    for service in net.allow(3) {
+        cmd.args(["--allow", &service.to_string()]);
+    }
+    let mut agent = Proc::spawn(cmd, "agent");
+    agent.expect("tcpr agent listening", Duration::from_secs(10));
+    agent
+}
+
+/// `tcpr agent --max-idle-channels 0` keeps no channel between batches:
+/// the sender's next batch finds its kept channel ended, connects anew and
+/// moves everything; a bad `--idle-timeout` is refused before listening.
+#[test]
+fn an_agent_told_to_keep_no_channel_closes_each_after_its_batch() {
+    let net = Net::new("cz", 43, 3);
+    let auth = auth(&net.dir);
+    let unix = net.dir.join("delivered.sock");
+    let receiver = tcpr_handoff::LocalIncoming::bind(&unix).unwrap();
+    let (tx, delivered) = mpsc::channel();
+    std::thread::spawn(move || {
+        while let Some(d) = receiver.accept() {
+            if tx.send(d).is_err() {
+                break;
+            }
+        }
+    });
+    let bad = net
+        .b
+        .cmd(tcpr_bin())
+        .args(["agent", "--listen", &net.agent_addr().to_string()])
+        .args(["--psk-file", net.dir.join("psk").to_str().unwrap()])
+        .args(["--unix", unix.to_str().unwrap(), "--idle-timeout", "soon"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let why = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        why.contains("--idle-timeout") && why.contains("soon"),
+        "{why}"
+    );
+
+    let _agent = cli_agent(&net, &unix, &["--max-idle-channels", "0"]);
+    let pairs = net.connections(0, 2);
+    let first = net.hand_off(&pairs, &auth);
+    moved_and_verified(&net, &first, pairs, &delivered);
+    let pairs = net.connections(1, 2);
+    let second = net.hand_off(&pairs, &auth);
+    moved_and_verified(&net, &second, pairs, &delivered);
+    assert!(!second.channel_reused, "the agent kept no channel");
 }
 
 /// The agent closes a channel idle past its idle timeout; the sender's
