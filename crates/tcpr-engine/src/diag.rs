@@ -10,7 +10,7 @@
 use crate::sys;
 use crate::{Error, Flow, Netns};
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
 };
 use netlink_packet_sock_diag::inet::{
     ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags,
@@ -174,25 +174,58 @@ fn entry(r: &InetResponse) -> SocketEntry {
     }
 }
 
+/// Dumps of one family tried before an interrupted one is an error.
+const DUMP_ATTEMPTS: usize = 3;
+
+/// The TCP sockets of `family`. A dump the kernel marks interrupted
+/// (`NLM_F_DUMP_INTR`: the table changed under it, so sockets may be
+/// missing) is taken again.
 fn dump_family(family: u8) -> Result<Vec<SocketEntry>, Error> {
+    for _ in 1..DUMP_ATTEMPTS {
+        if let Some(whole) = dump_family_once(family)? {
+            return Ok(whole);
+        }
+    }
+    dump_family_once(family)?.ok_or_else(|| {
+        Error::Inconsistent(format!(
+            "the socket table changed during each of {DUMP_ATTEMPTS} sock_diag listings"
+        ))
+    })
+}
+
+/// One dump: `None` when the kernel marked it interrupted.
+fn dump_family_once(family: u8) -> Result<Option<Vec<SocketEntry>>, Error> {
     let nl =
         sys::netlink_socket(NETLINK_SOCK_DIAG).map_err(|e| Error::kernel("open sock_diag", e))?;
     sys::send_all(nl.as_fd(), &request(family)).map_err(|e| Error::kernel("query sock_diag", e))?;
     let mut out = Vec::new();
+    let mut interrupted = false;
     let mut buf = vec![0u8; RECV_BUFFER];
     loop {
         let n =
             sys::recv_into(nl.as_fd(), &mut buf).map_err(|e| Error::kernel("read sock_diag", e))?;
         if n == 0 {
-            return Ok(out);
+            // An answer ends with NLMSG_DONE: nothing more is no answer.
+            return Err(Error::Inconsistent(
+                "sock_diag ended its answer without NLMSG_DONE".into(),
+            ));
         }
         let mut at = 0;
         while at < n {
             let m = NetlinkMessage::<SockDiagMessage>::deserialize(&buf[at..n])
                 .map_err(|e| Error::Inconsistent(format!("malformed sock_diag answer: {e}")))?;
             let len = m.header.length as usize;
+            interrupted |= m.header.flags & NLM_F_DUMP_INTR != 0;
             match m.payload {
-                NetlinkPayload::Done(_) => return Ok(out),
+                // The dump's own error travels in NLMSG_DONE (netlink_dump):
+                // a failed dump is not an empty table.
+                NetlinkPayload::Done(done) if done.code < 0 => {
+                    return Err(Error::kernel(
+                        "list sockets with sock_diag",
+                        std::io::Error::from_raw_os_error(-done.code),
+                    ))
+                }
+                NetlinkPayload::Done(_) => return Ok((!interrupted).then_some(out)),
                 NetlinkPayload::Error(e) => {
                     if let Some(code) = e.code {
                         return Err(Error::kernel(

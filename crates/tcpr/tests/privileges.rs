@@ -86,6 +86,11 @@ fn without_capabilities_each_subcommand_fails_at_start_and_changes_nothing() {
     let fd = ready_fd(&mut echo);
     wait_echoes(&mut peer, FLOWING);
     // A real image (a snapshot: the connection carries on) for restore.
+    // The service is paused meanwhile: a recv on a socket in repair mode
+    // fails (EPERM), and echo.py then closed the connection (seen 1 run in
+    // 4: every later `ls` found no socket at all).
+    echo.send("pause");
+    echo.expect("paused", Duration::from_secs(10));
     let img = dir.join("snap.img");
     let out = tcpr(
         Some(&h),
@@ -106,6 +111,8 @@ fn without_capabilities_each_subcommand_fails_at_start_and_changes_nothing() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    echo.send("resume");
+    echo.expect("resumed", Duration::from_secs(10));
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o644)).unwrap();
     let pid = echo.pid().to_string();
@@ -168,17 +175,7 @@ fn without_capabilities_each_subcommand_fails_at_start_and_changes_nothing() {
         let out = tcpr_unprivileged(&h, args);
         assert_clean_failure(&out, needle);
         // The connection is untouched: not frozen, not locked, not taken.
-        // `ls --json` printed nothing now and then on a loaded machine
-        // (exit 0, an empty sock_diag dump; not understood yet, see the
-        // session note): ask again before judging.
-        let mut listed = tcpr(Some(&h), &["ls", "--json"]);
-        for _ in 0..20 {
-            if !listed.stdout.is_empty() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            listed = tcpr(Some(&h), &["ls", "--json"]);
-        }
+        let listed = tcpr(Some(&h), &["ls", "--json"]);
         let entry = ls_entry(&listed, SERVICE_PORT);
         assert_eq!(entry["frozen"], false, "{args:?} froze it: {entry}");
         assert_eq!(entry["locked"], false, "{args:?} locked it: {entry}");
