@@ -155,17 +155,7 @@ fn an_agent_killed_mid_run_fails_no_request() {
     // Backend 0's IPv4 HTTP agent dies; the balancer does not know yet.
     bed.agents[0][0].kill();
     let out = run.join().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        text.contains(&format!("Complete requests:      {KILL_RUN_REQUESTS}")),
-        "{text}"
-    );
-    assert!(text.contains("Failed requests:        0"), "{text}");
+    let text = assert_all_served(&out, KILL_RUN_REQUESTS);
     assert!(!text.contains("Non-2xx"), "{text}");
     // Those that met the dead agent were proxied to its server.
     assert!(bed.metric("tcpr_balance_fallbacks_total") >= 1.0);
@@ -213,6 +203,12 @@ fn ab_serves_all(bed: &Bed, vip: &str, n: u32, concurrency: u32) {
         .arg(format!("http://{vip}/name"))
         .output()
         .unwrap();
+    assert_all_served(&out, n);
+}
+
+/// `ab` ran to its end with all `n` requests complete and none failed;
+/// returns its report.
+fn assert_all_served(out: &std::process::Output, n: impl std::fmt::Display) -> String {
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
@@ -224,6 +220,7 @@ fn ab_serves_all(bed: &Bed, vip: &str, n: u32, concurrency: u32) {
         "{text}"
     );
     assert!(text.contains("Failed requests:        0"), "{text}");
+    text
 }
 
 /// The balancer counted `requests` connections, at least nine in ten handed

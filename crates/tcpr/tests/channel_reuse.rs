@@ -304,15 +304,7 @@ fn a_restarted_agent_costs_a_new_channel_and_nothing_else() {
     let net = Net::new("ck", 42, 3);
     let auth = auth(&net.dir);
     let unix = net.dir.join("delivered.sock");
-    let receiver = tcpr_handoff::LocalIncoming::bind(&unix).unwrap();
-    let (tx, delivered) = mpsc::channel();
-    std::thread::spawn(move || {
-        while let Some(d) = receiver.accept() {
-            if tx.send(d).is_err() {
-                break;
-            }
-        }
-    });
+    let delivered = unix_receiver(&unix);
     let start_agent = || cli_agent(&net, &unix, &[]);
 
     let mut agent = start_agent();
@@ -346,6 +338,21 @@ fn a_restarted_agent_costs_a_new_channel_and_nothing_else() {
     assert!(third.channel_reused);
 }
 
+/// Takes the connections an agent delivers on the unix socket `path`, on a
+/// thread of its own.
+fn unix_receiver(path: &std::path::Path) -> mpsc::Receiver<tcpr_handoff::Delivered> {
+    let receiver = tcpr_handoff::LocalIncoming::bind(path).unwrap();
+    let (tx, delivered) = mpsc::channel();
+    std::thread::spawn(move || {
+        while let Some(d) = receiver.accept() {
+            if tx.send(d).is_err() {
+                break;
+            }
+        }
+    });
+    delivered
+}
+
 /// A `tcpr agent` process on host b delivering to `unix`, with `extra`
 /// arguments.
 fn cli_agent(net: &Net, unix: &std::path::Path, extra: &[&str]) -> Proc {
@@ -371,15 +378,7 @@ fn an_agent_told_to_keep_no_channel_closes_each_after_its_batch() {
     let net = Net::new("cz", 43, 3);
     let auth = auth(&net.dir);
     let unix = net.dir.join("delivered.sock");
-    let receiver = tcpr_handoff::LocalIncoming::bind(&unix).unwrap();
-    let (tx, delivered) = mpsc::channel();
-    std::thread::spawn(move || {
-        while let Some(d) = receiver.accept() {
-            if tx.send(d).is_err() {
-                break;
-            }
-        }
-    });
+    let delivered = unix_receiver(&unix);
     let bad = net
         .b
         .cmd(tcpr_bin())
