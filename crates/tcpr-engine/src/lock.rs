@@ -771,11 +771,15 @@ fn lookup_error(e: NlError) -> Error {
 /// if it holds one (the flow was dumped here), so that its packets reach
 /// the restored socket at once. Returns whether there was one. Looks in the
 /// socket's namespace, which need not be the calling thread's; when it is
-/// (compared by namespace cookie), this costs one netlink GET on a socket
-/// of the calling thread.
-pub(crate) fn take_over(sock: BorrowedFd<'_>, flow: &Flow) -> Result<bool, Error> {
+/// (compared by namespace cookie: `netns_cookie` when the caller read it
+/// already), this costs one netlink GET on a socket of the calling thread.
+pub(crate) fn take_over(
+    sock: BorrowedFd<'_>,
+    flow: &Flow,
+    netns_cookie: Option<u64>,
+) -> Result<bool, Error> {
     // Errors of the lookup count as "not held": the lease ends it.
-    let Ok(theirs) = sys::netns_cookie(sock) else {
+    let Some(theirs) = netns_cookie.or_else(|| sys::netns_cookie(sock).ok()) else {
         return Ok(false);
     };
     let here = KEPT_LOOKUP.with(|kept| {

@@ -50,6 +50,9 @@ pub struct Restored {
     /// Whether resume looks for this namespace's lock on the flow (see
     /// [`Restored::set_no_local_lock`]).
     local_lock: LocalLock,
+    /// The socket's network namespace cookie, read once at restore for the
+    /// option defaults and resume's lock look-up (`None`: unknown).
+    netns_cookie: Option<u64>,
 }
 
 /// What [`Restored::resume`] knows of a lock on the flow in the socket's
@@ -106,7 +109,10 @@ pub fn restore(img: &ConnectionImage) -> Result<Restored, Error> {
     };
     r.map_err(kernel_error("set IP_TRANSPARENT"))?;
     sys::set_repair(fd, sys::REPAIR_ON).map_err(kernel_error("turn on repair mode"))?;
-    let defaults = defaults::of_fresh_socket(fd, v6);
+    // SO_NETNS_COOKIE needs Linux 5.14; without it the defaults are
+    // unknown and resume asks the kernel itself.
+    let netns_cookie = sys::netns_cookie(fd).ok();
+    let defaults = netns_cookie.and_then(|c| defaults::of_fresh_socket(fd, v6, c));
     let notsent_lowat = img
         .socket_options
         .notsent_lowat
@@ -120,6 +126,7 @@ pub fn restore(img: &ConnectionImage) -> Result<Restored, Error> {
         peer_fin: None,
         unsent_timeout: UNSENT_TIMEOUT,
         local_lock: LocalLock::MayBeHeld,
+        netns_cookie,
     };
     restored.build(img, defaults.as_deref())?;
     Ok(restored)
@@ -309,7 +316,7 @@ impl Restored {
 
     fn bring_up(&self, fd: BorrowedFd<'_>, progress: &mut Progress) -> Result<(), Error> {
         progress.lock_released = match self.local_lock {
-            LocalLock::MayBeHeld => release_local_lock(fd, self.flow)?,
+            LocalLock::MayBeHeld => release_local_lock(fd, self.flow, self.netns_cookie)?,
             LocalLock::NoneHeld => false,
         };
         if let Some(fin) = self.peer_fin {
@@ -460,13 +467,17 @@ impl Drop for Restored {
 /// flow was dumped here: a process upgrade, or a handoff between two
 /// processes of one host). Its packets then reach the restored socket at
 /// once rather than when the lease ends. Returns whether there was one.
-fn release_local_lock(fd: BorrowedFd<'_>, flow: Flow) -> Result<bool, Error> {
+fn release_local_lock(
+    fd: BorrowedFd<'_>,
+    flow: Flow,
+    netns_cookie: Option<u64>,
+) -> Result<bool, Error> {
     // The socket's namespace, not the calling thread's: a caller may
     // restore inside a namespace and resume from outside it. One netlink
     // GET in the common case (a missing table or set answers "absent"):
     // this runs on every resume, also an agent's thousands. The lock keys
     // a flow by its wire family (an IPv4-mapped flow as IPv4).
-    let held = lock::take_over(fd, &flow).map_err(|e| {
+    let held = lock::take_over(fd, &flow, netns_cookie).map_err(|e| {
         Error::Lock(format!(
             "{} -> {}: cannot release this namespace's lock on the flow to take it over: {e}",
             flow.local, flow.peer

@@ -163,12 +163,19 @@ fn tcpr_run(n: usize, lock: bool) -> Result<Row> {
     })
 }
 
-fn floor_run(n: usize) -> Result<Row> {
+/// The floor's run: the minimal one (repair calls only), or with `complete`
+/// the one that also reads and sets every socket option the image keeps.
+fn floor_run(n: usize, complete: bool) -> Result<Row> {
     let (mut peers, servers) = pairs(n)?;
+    let dump = if complete {
+        floor::dump_with_options
+    } else {
+        floor::dump
+    };
     let t = Instant::now();
     let states = servers
         .iter()
-        .map(|s| floor::dump(s.as_fd()))
+        .map(|s| dump(s.as_fd()))
         .collect::<std::io::Result<Vec<_>>>()?;
     let dump = t.elapsed();
     drop(servers);
@@ -185,6 +192,18 @@ fn floor_run(n: usize) -> Result<Row> {
     })
 }
 
+/// One run of each kind at one connection count, back to back.
+struct Runs {
+    /// tcpr, freezing with the lock.
+    locked: Row,
+    /// tcpr without the lock.
+    bare: Row,
+    /// The minimal floor.
+    floor: Row,
+    /// The complete floor.
+    full: Row,
+}
+
 /// The engine's figures at one connection count, per connection, over
 /// several runs. Each run measures tcpr with the lock, tcpr without it and
 /// the floor back to back, so each ratio compares runs of the same minute.
@@ -196,16 +215,25 @@ pub struct EngineRow {
     pub dump_locked_us: Samples,
     /// Freeze (no lock) + dump + encode.
     pub dump_us: Samples,
-    /// The floor's dump: the same syscalls as bare libc calls.
+    /// The floor's dump: the same repair syscalls as bare libc calls.
     pub floor_dump_us: Samples,
+    /// The complete floor's dump: the repair calls and a read of every
+    /// socket option the image keeps, as bare calls.
+    pub full_dump_us: Samples,
     /// Decode + restore + resume.
     pub restore_us: Samples,
     /// The floor's restore.
     pub floor_restore_us: Samples,
+    /// The complete floor's restore: it sets every option again.
+    pub full_restore_us: Samples,
     /// `dump_us / floor_dump_us`, per run.
     pub dump_ratio: Samples,
     /// `restore_us / floor_restore_us`, per run.
     pub restore_ratio: Samples,
+    /// `dump_us / full_dump_us`, per run.
+    pub dump_full_ratio: Samples,
+    /// `restore_us / full_restore_us`, per run.
+    pub restore_full_ratio: Samples,
 }
 
 /// Latency of the flow lock through [`FlowLock`], one call at a time.
@@ -337,19 +365,31 @@ fn measure_here(plan: &EnginePlan, tick: &dyn Fn(&str)) -> Result<EngineFigures>
             tick(&format!("engine: {n} connections"));
             let locked = tcpr_run(n, true)?;
             let bare = tcpr_run(n, false)?;
-            let floor = floor_run(n)?;
-            runs.push((locked, bare, floor));
+            let floor = floor_run(n, false)?;
+            let full = floor_run(n, true)?;
+            runs.push(Runs {
+                locked,
+                bare,
+                floor,
+                full,
+            });
         }
-        let col = |f: &dyn Fn(&(Row, Row, Row)) -> f64| Samples::new(runs.iter().map(f).collect());
+        let col = |f: &dyn Fn(&Runs) -> f64| Samples::new(runs.iter().map(f).collect());
         rows.push(EngineRow {
             conns: n,
-            dump_locked_us: col(&|r| per_conn_us(r.0.dump, n)),
-            dump_us: col(&|r| per_conn_us(r.1.dump, n)),
-            floor_dump_us: col(&|r| per_conn_us(r.2.dump, n)),
-            restore_us: col(&|r| per_conn_us(r.1.restore, n)),
-            floor_restore_us: col(&|r| per_conn_us(r.2.restore, n)),
-            dump_ratio: col(&|r| r.1.dump.as_secs_f64() / r.2.dump.as_secs_f64()),
-            restore_ratio: col(&|r| r.1.restore.as_secs_f64() / r.2.restore.as_secs_f64()),
+            dump_locked_us: col(&|r| per_conn_us(r.locked.dump, n)),
+            dump_us: col(&|r| per_conn_us(r.bare.dump, n)),
+            floor_dump_us: col(&|r| per_conn_us(r.floor.dump, n)),
+            restore_us: col(&|r| per_conn_us(r.bare.restore, n)),
+            floor_restore_us: col(&|r| per_conn_us(r.floor.restore, n)),
+            full_dump_us: col(&|r| per_conn_us(r.full.dump, n)),
+            full_restore_us: col(&|r| per_conn_us(r.full.restore, n)),
+            dump_ratio: col(&|r| r.bare.dump.as_secs_f64() / r.floor.dump.as_secs_f64()),
+            restore_ratio: col(&|r| r.bare.restore.as_secs_f64() / r.floor.restore.as_secs_f64()),
+            dump_full_ratio: col(&|r| r.bare.dump.as_secs_f64() / r.full.dump.as_secs_f64()),
+            restore_full_ratio: col(&|r| {
+                r.bare.restore.as_secs_f64() / r.full.restore.as_secs_f64()
+            }),
         });
     }
     let mut locks = Vec::new();
@@ -393,30 +433,38 @@ fn run(counts: &[usize]) -> Result<()> {
     );
     println!("per-connection cost, idle IPv4 connections on loopback (microseconds; median of up to 15 runs)");
     println!(
-        "{:>7}  {:>12} {:>12} {:>12} {:>9}   {:>12} {:>12} {:>9}",
+        "{:>7}  {:>10} {:>10} {:>10} {:>7} {:>10} {:>7}   {:>10} {:>10} {:>7} {:>10} {:>7}",
         "conns",
         "dump+lock",
-        "dump nolock",
-        "floor dump",
+        "dump",
+        "floor",
+        "ratio",
+        "floor+opt",
         "ratio",
         "restore",
-        "floor rest.",
+        "floor",
+        "ratio",
+        "floor+opt",
         "ratio"
     );
     for r in &figures.rows {
         println!(
-            "{:>7}  {:>12.1} {:>12.1} {:>12.1} {:>8.2}x   {:>12.1} {:>12.1} {:>8.2}x",
+            "{:>7}  {:>10.1} {:>10.1} {:>10.1} {:>6.2}x {:>10.1} {:>6.2}x   {:>10.1} {:>10.1} {:>6.2}x {:>10.1} {:>6.2}x",
             r.conns,
             r.dump_locked_us.median(),
             r.dump_us.median(),
             r.floor_dump_us.median(),
             r.dump_ratio.median(),
+            r.full_dump_us.median(),
+            r.dump_full_ratio.median(),
             r.restore_us.median(),
             r.floor_restore_us.median(),
             r.restore_ratio.median(),
+            r.full_restore_us.median(),
+            r.restore_full_ratio.median(),
         );
     }
-    println!("dump = freeze + dump + encode; restore = decode + restore + resume; ratio = tcpr without lock / floor, median of the runs' own ratios");
+    println!("dump = freeze + dump + encode (no lock); restore = decode + restore + resume; floor = the bare repair calls; floor+opt = the same and a read (dump) or write (restore) of every socket option the image keeps; ratio = tcpr / that floor, median of the runs' own ratios");
     println!("every restored connection was checked to carry a byte each way");
     Ok(())
 }

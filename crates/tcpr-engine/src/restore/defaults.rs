@@ -12,7 +12,6 @@
 //! The price: for [`MAX_AGE`] after such a sysctl changes, an image holding
 //! the old default for that option is restored with the new one.
 
-use crate::sys;
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,11 +33,14 @@ static CACHE: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
 
 /// The options of a new socket of `fd`'s namespace and family; `fd` must
 /// be fresh (nothing set on it but `IP_TRANSPARENT` and `TCP_REPAIR`),
-/// since on a miss its own options are read as the defaults. `None` where
-/// the namespace cannot be told (`SO_NETNS_COOKIE` needs Linux 5.14): the
-/// caller then sets every option.
-pub(super) fn of_fresh_socket(fd: BorrowedFd<'_>, ipv6: bool) -> Option<Arc<SocketOptions>> {
-    let netns_cookie = sys::netns_cookie(fd).ok()?;
+/// since on a miss its own options are read as the defaults; `netns_cookie`
+/// is its namespace's (`SO_NETNS_COOKIE`: where the namespace cannot be
+/// told, the caller sets every option).
+pub(super) fn of_fresh_socket(
+    fd: BorrowedFd<'_>,
+    ipv6: bool,
+    netns_cookie: u64,
+) -> Option<Arc<SocketOptions>> {
     let now = Instant::now();
     {
         let cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());

@@ -226,6 +226,9 @@ fn engine(path: &Path, e: &EngineFigures) -> Result<()> {
 }
 
 fn engine_ratio(path: &Path, e: &EngineFigures) -> Result<()> {
+    let col = |f: fn(&crate::bench::EngineRow) -> &Samples| -> Vec<(f64, &Samples)> {
+        e.rows.iter().map(|r| (r.conns as f64, f(r))).collect()
+    };
     spread_chart(
         path,
         "tcpr against the floor, ratio within each run",
@@ -235,20 +238,22 @@ fn engine_ratio(path: &Path, e: &EngineFigures) -> Result<()> {
             Series {
                 name: "freeze+dump / floor",
                 color: BLUE,
-                points: e
-                    .rows
-                    .iter()
-                    .map(|r| (r.conns as f64, &r.dump_ratio))
-                    .collect(),
+                points: col(|r| &r.dump_ratio),
             },
             Series {
                 name: "restore+resume / floor",
                 color: RGBColor(0, 140, 0),
-                points: e
-                    .rows
-                    .iter()
-                    .map(|r| (r.conns as f64, &r.restore_ratio))
-                    .collect(),
+                points: col(|r| &r.restore_ratio),
+            },
+            Series {
+                name: "freeze+dump / complete floor",
+                color: RGBColor(120, 160, 255),
+                points: col(|r| &r.dump_full_ratio),
+            },
+            Series {
+                name: "restore+resume / complete floor",
+                color: RGBColor(130, 210, 130),
+                points: col(|r| &r.restore_full_ratio),
             },
         ],
         Some(("goal: 1.3x at 100 and 10,000", super::goals::FLOOR_RATIO)),
