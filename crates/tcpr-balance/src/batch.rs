@@ -49,7 +49,7 @@ pub(crate) struct InFlight<'a, T> {
 impl<T> Drop for InFlight<'_, T> {
     fn drop(&mut self) {
         self.queue.lock().in_flight -= 1;
-        self.queue.changed.notify_all();
+        self.queue.changed.notify_one();
     }
 }
 
@@ -72,7 +72,9 @@ impl<T> BatchQueue<T> {
     /// Queues `item` for the next batch.
     pub(crate) fn push(&self, item: T) {
         self.lock().waiting.push_back(item);
-        self.changed.notify_all();
+        // One thread can take what waits; if it may not start a batch,
+        // no other may either (they test the same state).
+        self.changed.notify_one();
     }
 
     /// Waits until a batch may start and takes it (oldest first).
@@ -87,6 +89,11 @@ impl<T> BatchQueue<T> {
                 let n = s.waiting.len().min(p.max_batch);
                 let batch: Vec<T> = s.waiting.drain(..n).collect();
                 s.in_flight += 1;
+                if !s.waiting.is_empty() {
+                    // More than one batch waits: the next thread may start
+                    // one beside this.
+                    self.changed.notify_one();
+                }
                 return (batch, InFlight { queue: self });
             }
             s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());

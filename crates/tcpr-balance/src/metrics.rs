@@ -148,11 +148,15 @@ impl Metrics {
 
     /// `listener` accepted a connection.
     pub fn accepted(&self, listener: &str) {
-        *self
-            .counters()
-            .connections
-            .entry(listener.to_string())
-            .or_default() += 1;
+        let mut counters = self.counters();
+        // A key is allocated only the first time (listeners are registered
+        // at start): no allocation per connection.
+        match counters.connections.get_mut(listener) {
+            Some(n) => *n += 1,
+            None => {
+                counters.connections.insert(listener.to_string(), 1);
+            }
+        }
     }
 
     /// A connection was handed off to `member` of `pool` in `seconds`.

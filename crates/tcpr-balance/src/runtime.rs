@@ -33,6 +33,9 @@ use tcpr_steer::{SteeredFlow, Steering};
 
 /// How often an idle accept loop looks at its stop flag.
 const ACCEPT_WAKEUP: Duration = Duration::from_millis(200);
+/// How long the kernel holds a new connection of an HTTP or TLS listener
+/// whose first bytes have not come (`TCP_DEFER_ACCEPT`, seconds).
+const DEFER_ACCEPT_SECS: i32 = 1;
 /// How connections decided for one agent are cut into batches: up to 256
 /// a batch, two batches in flight at most, the second only when at least
 /// 4 connections wait (fewer join the next batch rather than pay a
@@ -399,6 +402,24 @@ fn listen(shared: &Arc<Shared>, addr: SocketAddr) -> Result<Bound, StartError> {
     // non-blocking accept and a poll took three per wakeup.
     tcpr_host::sock::set_recv_timeout(listener.as_fd(), ACCEPT_WAKEUP)
         .map_err(|source| StartError::Listen { addr, source })?;
+    let client_speaks_first = shared
+        .active()
+        .listener_for(addr)
+        .is_some_and(|(l, _)| l.protocol != Protocol::Tcp);
+    if client_speaks_first {
+        // HTTP and TLS clients speak first: accept() returns a connection
+        // once its first bytes are in, so the head is almost always whole
+        // at accept (no thread of its own, one wake-up fewer). One that
+        // says nothing is accepted after DEFER_ACCEPT_SECS anyway and
+        // given its head timeout.
+        tcpr_host::sock::set_int(
+            listener.as_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            DEFER_ACCEPT_SECS,
+        )
+        .map_err(|source| StartError::Listen { addr, source })?;
+    }
     let bound = listener
         .local_addr()
         .map_err(|source| StartError::Listen { addr, source })?;
@@ -792,70 +813,68 @@ fn hand_off_batch(shared: &Arc<Shared>, agent: SocketAddr, batch: Vec<Job>) {
         steering,
         backend: agent.ip(),
     }));
-    let mut conns = Vec::with_capacity(batch.len());
-    let mut rest = Vec::with_capacity(batch.len());
-    for j in batch {
-        match j.stream.try_clone() {
-            Ok(dup) => {
-                conns.push((dup, Vec::new()));
-                rest.push(j);
-            }
-            Err(e) => fallback(shared, j.stream, &j.pool, j.member, &e.to_string(), j.busy),
-        }
-    }
+    // The streams go to the handoff whole (no second handle per
+    // connection): it gives back every one that stays, and one whose fate
+    // is unknown still frozen.
+    let (conns, rest): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .map(|j| {
+            (
+                (j.stream, Vec::new()),
+                (j.pool, j.member, j.decided, j.busy),
+            )
+        })
+        .unzip();
     let results = match tcpr_handoff::hand_off(conns, &opts) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!("handoff to {agent} refused: {}", e.error);
             shared.metrics.failure("handoff_refused");
-            drop(e.conns);
-            for j in rest {
-                fallback(
-                    shared,
-                    j.stream,
-                    &j.pool,
-                    j.member,
-                    "handoff refused",
-                    j.busy,
-                );
+            for ((stream, _), (pool, member, _, busy)) in e.conns.into_iter().zip(rest) {
+                fallback(shared, stream, &pool, member, "handoff refused", busy);
             }
             return;
         }
     };
-    for (j, r) in rest.into_iter().zip(results) {
-        let label = active
-            .pools
-            .get(&j.pool)
-            .map(|p| p.member(j.member).label())
-            .unwrap_or_default();
+    for ((pool, member, decided, busy), r) in rest.into_iter().zip(results) {
         match r {
             HandOff::Moved => {
-                // The sender disconnected the socket in repair mode: closing
-                // our handle sends nothing to the client.
+                // The sender disconnected the socket in repair mode and
+                // closed it: nothing reaches the client from here.
+                let label = active
+                    .pools
+                    .get(&pool)
+                    .map(|p| p.member(member).label())
+                    .unwrap_or_default();
                 shared
                     .metrics
-                    .handoff_ok(&j.pool, &label, j.decided.elapsed().as_secs_f64());
+                    .handoff_ok(&pool, &label, decided.elapsed().as_secs_f64());
+                drop(busy);
             }
-            HandOff::Stayed(dup, why) => {
+            HandOff::Stayed(stream, why) => {
                 tracing::info!("handoff to {agent} rolled back: {why}");
                 if why.contains("cannot reach the agent") || why.contains("did not answer") {
                     shared.health.set(Target::Agent(agent), false);
                 }
                 shared.metrics.failure("rolled_back");
-                drop(dup);
-                fallback(shared, j.stream, &j.pool, j.member, &why, j.busy);
+                fallback(shared, stream, &pool, member, &why, busy);
             }
-            HandOff::Unknown(dup, why) => {
+            HandOff::Unknown(stream, why) => {
                 tracing::error!(
                     "handoff to {agent} ended unknown, the connection stays frozen: {why}"
                 );
                 shared.metrics.failure("unknown");
-                drop(dup);
-                shared
-                    .unknown
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push((Instant::now() + tcpr_engine::DEFAULT_LEASE, j.stream));
+                // Without a handle (the library could not keep one) it is
+                // closed frozen, which sends nothing; its lock holds it
+                // until the lease ends either way.
+                if let Some(stream) = stream {
+                    shared
+                        .unknown
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((Instant::now() + tcpr_engine::DEFAULT_LEASE, stream));
+                }
+                drop(busy);
             }
         }
     }

@@ -384,7 +384,7 @@ impl Driver<'_> {
                 }
             }
             if let Some(a) = m.poll_action() {
-                self.act(a, &mut m, ch.is_some());
+                self.act(a, &mut m, ch.as_ref());
                 self.progress.finished = m.fates().len();
                 progress(self.progress);
                 continue;
@@ -480,7 +480,8 @@ impl Driver<'_> {
         Ok(())
     }
 
-    fn act(&mut self, a: SenderAction, m: &mut machine::Sender, linked: bool) {
+    fn act(&mut self, a: SenderAction, m: &mut machine::Sender, ch: Option<&Channel>) {
+        let linked = ch.is_some();
         match a {
             SenderAction::Dump(id) => {
                 let r = self.dump(id, linked);
@@ -495,6 +496,14 @@ impl Driver<'_> {
                 };
                 self.switched = Some(Instant::now());
                 tracing::debug!("switched");
+                // An agent that died while we switched (its end of the
+                // channel closed or reset) never reads the COMMIT we would
+                // send: roll back now rather than hold the connections as
+                // unknown (frozen here, owned by no one).
+                if ch.is_some_and(|c| peer_gone(c.tcp())) {
+                    tracing::info!("link to the agent lost while switching");
+                    m.handle_link_lost(Instant::now());
+                }
                 m.handle_switched(r, Instant::now());
             }
             SenderAction::Unswitch => {
@@ -603,5 +612,21 @@ impl Driver<'_> {
             }
             _ => Err("the agent answered QUERY with something else".into()),
         }
+    }
+}
+
+/// True when the agent's end of the channel is gone: the socket reads end
+/// of stream or an error (a reset) without waiting. Bytes waiting, or
+/// nothing at all, say it is there.
+fn peer_gone(tcp: &std::net::TcpStream) -> bool {
+    if tcp.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let peeked = tcp.peek(&mut [0u8; 1]);
+    let _ = tcp.set_nonblocking(false);
+    match peeked {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted,
     }
 }
