@@ -167,7 +167,9 @@ pub fn send_unix_within(
     ack_timeout: Duration,
 ) -> io::Result<()> {
     send_unix_message(to, sock, blob, local, peer)?;
-    await_unix_ack(to, ack_timeout)
+    // One message per unix connection: a "kB" is read whole, so that the
+    // receiver does not see its "B" left unread (ECONNRESET) at our close.
+    await_first_ack(to, ack_timeout).map(drop)
 }
 
 /// The first half of [`send_unix`]: sends the message with the
@@ -508,9 +510,18 @@ impl UnixReceiver {
     /// of no further use: drop it (the agent then reports the connections
     /// it did not see acknowledged, and closes them).
     pub fn recv(&mut self) -> io::Result<Option<Vec<Delivered>>> {
-        let Some((head, fds)) = read_head(&mut self.from)? else {
-            return Ok(None);
+        let head = match read_head(&mut self.from) {
+            Ok(Some(head)) => head,
+            Ok(None) => return Ok(None),
+            // A sender that read only the "k" of our "kB" (an older agent)
+            // and closed resets the unix connection: between messages,
+            // that is its end.
+            Err(e) if self.answered && e.kind() == io::ErrorKind::ConnectionReset => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
         };
+        let (head, fds) = head;
         let (got, ack): (Vec<Delivered>, &[u8]) = if head[..8] == MAGIC[..] {
             let one = read_single(&mut self.from, &head, fds)?;
             let ack: &[u8] = if self.answered {
@@ -843,6 +854,27 @@ mod batch_tests {
         });
         assert!(recv_unix(&mut b).unwrap().is_some());
         assert!(!sender.join().unwrap(), "no batches for an old receiver");
+    }
+
+    /// An older agent reads the "k" of a "kB" and closes, leaving the "B"
+    /// unread: the receiver keeps the connection and sees the end of the
+    /// unix connection, not an error.
+    #[test]
+    fn an_older_agent_that_reads_only_the_k_ends_the_stream_cleanly() {
+        let conns = pairs(1);
+        let s = &conns[0].1;
+        let (local, peer) = (s.local_addr().unwrap(), s.peer_addr().unwrap());
+        let (a, b) = UnixStream::pair().unwrap();
+        let fd: OwnedFd = s.try_clone().unwrap().into();
+        let agent = std::thread::spawn(move || {
+            send_unix_message(&a, &fd, b"", local, peer).unwrap();
+            await_unix_ack(&a, ACK_TIMEOUT).unwrap();
+        });
+        let mut from = UnixReceiver::new(b);
+        let got = from.recv().unwrap().expect("the connection");
+        agent.join().unwrap();
+        assert_eq!(got.len(), 1);
+        assert!(from.recv().unwrap().is_none(), "the end, not an error");
     }
 
     /// A batch message whose fds do not match its count, or whose entries
