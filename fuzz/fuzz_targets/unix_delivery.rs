@@ -1,5 +1,5 @@
 //! What an application reads from the agent's `--unix` socket
-//! (`deliver::recv_unix`), with a file descriptor attached.
+//! (`deliver::UnixReceiver`), with a file descriptor attached.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 

@@ -273,6 +273,19 @@ fn main() {
         ("two-connections", [one.clone(), one.clone()].concat()),
         ("cut-short", one[..one.len() - 3].to_vec()),
         ("header-only", one[..10].to_vec()),
+        // A batch message of one connection (the one fd the fuzz target
+        // attaches): "TCPR-FDN", the count, the entries' length, the entry
+        // (a one-connection message's body).
+        (
+            "batch-of-one",
+            [
+                &b"TCPR-FDN"[..],
+                &1u16.to_be_bytes(),
+                &((one.len() - 8) as u32).to_be_bytes(),
+                &one[8..],
+            ]
+            .concat(),
+        ),
     ];
 
     for (target, seeds) in [

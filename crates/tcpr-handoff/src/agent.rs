@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use takeover::{
     before_ready, confirm_delivery, deliver_resumed, discard, lock_restored, restore_one,
-    resume_one, take_over, Session, Unacknowledged,
+    resume_one, take_over, Session, Unacknowledged, UnixBatches,
 };
 use tcpr_image::ConnectionImage;
 
@@ -705,13 +705,28 @@ fn batch_loop(
 /// taking one connection at a time on a backlog of 64 is tested).
 const UNACKNOWLEDGED_MAX: usize = 16;
 
+/// What a unix receiver takes, as far as the agent knows.
+enum Receiving {
+    /// Not known before its first acknowledgement.
+    Unknown,
+    /// One connection per unix connection, pipelined.
+    OneAtATime,
+    /// Batch messages on the unix connection of the acknowledgement that
+    /// asked for them.
+    Batches(UnixBatches),
+}
+
 /// Resumes and delivers a committed batch. Each connection is delivered
 /// as soon as it is resumed: a unix receiver takes one connection at a
 /// time, so connecting a batch's worth of unix sockets first would fill
 /// its listen backlog and block (10,000 connections stalled for seconds).
-/// Unix deliveries are pipelined: up to [`UNACKNOWLEDGED_MAX`] are in
-/// the receiver's hands before their acknowledgements are read, each
-/// still the agent's until its own comes.
+/// Unix deliveries are pipelined: up to [`UNACKNOWLEDGED_MAX`] are in the
+/// receiver's hands before their acknowledgements are read, each still
+/// the agent's until its own comes. A receiver that asks for batches in
+/// its first acknowledgement read gets the rest in batch messages on that
+/// unix connection ([`UnixBatches`]); the connections sent before on
+/// unix connections of their own are settled after it is closed (a
+/// receiver reading one unix connection at a time reads them then).
 fn resume_and_deliver(
     shared: &Shared,
     s: &mut Session,
@@ -724,26 +739,63 @@ fn resume_and_deliver(
     // from its send, so a slow receiver is given what it had unpipelined.
     let started = Instant::now();
     let mut settled = started;
-    let mut confirm = |s: &mut Session, u: Unacknowledged| {
-        let outcome = confirm_delivery(shared, s, settled, u);
-        settled = Instant::now();
-        outcome
-    };
+    let mut receiver = Receiving::Unknown;
     let mut releaser = tcpr_engine::lock::Releaser::new(tcpr_engine::Netns::current());
     for &id in ids {
-        match resume_one(shared, s, &mut releaser, id).and_then(|r| deliver_resumed(shared, s, r)) {
+        if let Receiving::Batches(b) = &mut receiver {
+            match resume_one(shared, s, &mut releaser, id, true) {
+                Ok(r) => b.push(shared, s, r, &mut out),
+                Err(e) => out.push((id, Err(e))),
+            }
+            if b.broken() {
+                // Everything it took is settled; the rest go one by one.
+                b.finish(shared, s, &mut out);
+                receiver = Receiving::OneAtATime;
+            }
+            continue;
+        }
+        match resume_one(shared, s, &mut releaser, id, false)
+            .and_then(|r| deliver_resumed(shared, s, r))
+        {
             Ok(Some(sent)) => unacknowledged.push_back(sent),
             Ok(None) => out.push((id, Ok(()))),
             Err(e) => out.push((id, Err(e))),
         }
         while unacknowledged.len() >= UNACKNOWLEDGED_MAX {
-            if let Some(u) = unacknowledged.pop_front() {
-                out.push((u.id, confirm(s, u)));
+            let Some(u) = unacknowledged.pop_front() else {
+                break;
+            };
+            let id = u.id;
+            let outcome = confirm_delivery(shared, s, settled, u);
+            settled = Instant::now();
+            match outcome {
+                Ok(to) => {
+                    out.push((id, Ok(())));
+                    if matches!(receiver, Receiving::Unknown) {
+                        receiver = match to {
+                            Some(to) => Receiving::Batches(UnixBatches::new(to)),
+                            None => Receiving::OneAtATime,
+                        };
+                    }
+                }
+                Err(e) => out.push((id, Err(e))),
+            }
+            if matches!(receiver, Receiving::Batches(_)) {
+                // The others sent alone wait until the batches are done.
+                break;
             }
         }
     }
+    if let Receiving::Batches(mut b) = receiver {
+        b.finish(shared, s, &mut out);
+        // Dropped: its unix connection closes.
+        settled = Instant::now();
+    }
     for u in unacknowledged {
-        out.push((u.id, confirm(s, u)));
+        let id = u.id;
+        let outcome = confirm_delivery(shared, s, settled, u);
+        settled = Instant::now();
+        out.push((id, outcome.map(drop)));
     }
     tracing::debug!(
         connections = ids.len(),

@@ -8,8 +8,10 @@
 //!   (`TCPR_APP_BLOB_FD=4`, `TCPR_APP_BLOB_LEN`), from memory;
 //!   `TCPR_LOCAL`/`TCPR_PEER` name the two ends.
 //! - **Unix socket**: the agent connects to the application's unix stream
-//!   socket and sends, per connection, one message (format below) with the
-//!   connection's fd attached as SCM_RIGHTS; [`recv_unix`] is the client.
+//!   socket and sends one message (format below) with the connection's fd
+//!   attached as SCM_RIGHTS; to a receiver that asks for them, its further
+//!   connections in batch messages of up to [`BATCH_MAX`] fds.
+//!   [`UnixReceiver`] is the client ([`recv_unix`] the one-message one).
 //! - **Forward** (for unmodified servers): the agent connects to a local
 //!   server per connection, writes a PROXY protocol header (v1 or v2, if
 //!   asked: the client's address as source, the restored connection's
@@ -33,6 +35,24 @@
 //! the fd rides on the first byte of the message; the receiver answers
 //! one byte "k" once it holds the connection, and only then does the
 //! sender let go of it
+//!
+//! batch message (only to a receiver that asked for batches, below):
+//!   8  magic "TCPR-FDN"
+//!   2  count N of connections, 1 to 253 (SCM_MAX_FD)
+//!   4  length E of the entries
+//!   E  N entries, each the body of a "TCPR-FD1" message (2 L, L local,
+//!      2 P, P peer, 4 B, B blob)
+//! the N fds ride on the first byte, in entry order; the receiver answers
+//! one byte "k" once it holds all N, and only then does the sender let
+//! go of them
+//!
+//! a receiver that takes batches answers the first message on a unix
+//! connection (a "TCPR-FD1") with "kB" in one write instead of "k"; the
+//! agent then sends its further connections on that unix connection in
+//! batch messages, a few unacknowledged at a time (acknowledgements come
+//! in order). To a receiver that answers "k", it sends one "TCPR-FD1" per
+//! unix connection, as before batches: an old agent reads the "k" and
+//! closes, so the "B" it leaves unread does no harm either
 //! ```
 //!
 //! A connection closed before its first byte carries nothing: the agent
@@ -43,7 +63,7 @@
 
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -67,6 +87,17 @@ pub struct Delivered {
 }
 
 const MAGIC: &[u8; 8] = b"TCPR-FD1";
+const BATCH_MAGIC: &[u8; 8] = b"TCPR-FDN";
+/// A receiver's acknowledgement of a message.
+const ACK: u8 = b'k';
+/// What a receiver that takes batches sends after its first [`ACK`].
+const TAKES_BATCHES: u8 = b'B';
+
+/// The most connections one batch message carries (`SCM_MAX_FD`).
+pub const BATCH_MAX: usize = tcpr_host::SCM_MAX_FD;
+
+/// What a batch's entries may weigh at most, blobs included.
+const BATCH_BYTES_MAX: usize = 1 << 30;
 
 /// What [`recv_unix`] reserves for a blob before its bytes arrive.
 const BLOB_PREALLOCATION_BYTES: usize = 64 << 10;
@@ -136,7 +167,9 @@ pub fn send_unix_within(
     ack_timeout: Duration,
 ) -> io::Result<()> {
     send_unix_message(to, sock, blob, local, peer)?;
-    await_unix_ack(to, ack_timeout)
+    // One message per unix connection: a "kB" is read whole, so that the
+    // receiver does not see its "B" left unread (ECONNRESET) at our close.
+    await_first_ack(to, ack_timeout).map(drop)
 }
 
 /// The first half of [`send_unix`]: sends the message with the
@@ -163,7 +196,7 @@ pub fn await_unix_ack(to: &UnixStream, ack_timeout: Duration) -> io::Result<()> 
     // A zero timeout means none at all to the socket: wait a little instead.
     r.set_read_timeout(Some(ack_timeout.max(MIN_ACK_WAIT)))?;
     r.read_exact(&mut ack)?;
-    if ack != *b"k" {
+    if ack != [ACK] {
         return Err(bad("acknowledgement"));
     }
     Ok(())
@@ -171,16 +204,85 @@ pub fn await_unix_ack(to: &UnixStream, ack_timeout: Duration) -> io::Result<()> 
 
 /// The message [`send_unix`] sends with the descriptor.
 fn unix_message(blob: &[u8], local: SocketAddr, peer: SocketAddr) -> Vec<u8> {
-    let (l, p) = (local.to_string(), peer.to_string());
-    let mut m = Vec::with_capacity(16 + l.len() + p.len() + blob.len());
+    let mut m = Vec::with_capacity(64 + blob.len());
     m.extend_from_slice(MAGIC);
+    push_entry(&mut m, blob, local, peer);
+    m
+}
+
+/// Appends one connection's entry (the body of a "TCPR-FD1" message).
+fn push_entry(m: &mut Vec<u8>, blob: &[u8], local: SocketAddr, peer: SocketAddr) {
+    let (l, p) = (local.to_string(), peer.to_string());
     m.extend_from_slice(&(l.len() as u16).to_be_bytes());
     m.extend_from_slice(l.as_bytes());
     m.extend_from_slice(&(p.len() as u16).to_be_bytes());
     m.extend_from_slice(p.as_bytes());
     m.extend_from_slice(&(blob.len() as u32).to_be_bytes());
     m.extend_from_slice(blob);
-    m
+}
+
+/// One connection of a batch message ([`send_unix_batch`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing<'a> {
+    /// The connection.
+    pub fd: BorrowedFd<'a>,
+    /// Its application blob.
+    pub blob: &'a [u8],
+    /// Its local end.
+    pub local: SocketAddr,
+    /// Its peer.
+    pub peer: SocketAddr,
+}
+
+/// Sends up to [`BATCH_MAX`] connections in one batch message, their fds
+/// attached, to a receiver that asked for batches ([`await_first_ack`]);
+/// does not wait. Each is still the sender's until [`await_unix_ack`]
+/// returns `Ok` for this message.
+pub fn send_unix_batch(to: &UnixStream, conns: &[Outgoing<'_>]) -> io::Result<()> {
+    if conns.is_empty() || conns.len() > BATCH_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "a batch message carries 1 to {BATCH_MAX} connections, not {}",
+                conns.len()
+            ),
+        ));
+    }
+    let mut m = Vec::with_capacity(14 + conns.len() * 48);
+    m.extend_from_slice(BATCH_MAGIC);
+    m.extend_from_slice(&(conns.len() as u16).to_be_bytes());
+    m.extend_from_slice(&[0u8; 4]);
+    for c in conns {
+        push_entry(&mut m, c.blob, c.local, c.peer);
+    }
+    let entries = m.len() - 14;
+    if entries > BATCH_BYTES_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a batch message's blobs exceed 1 GiB",
+        ));
+    }
+    m[10..14].copy_from_slice(&(entries as u32).to_be_bytes());
+    let fds: Vec<BorrowedFd<'_>> = conns.iter().map(|c| c.fd).collect();
+    tcpr_host::send_with_fds(to.as_fd(), &m, &fds)
+}
+
+/// [`await_unix_ack`] for the first message on a unix connection: also
+/// says whether the receiver takes batches on it (it answered "kB").
+pub fn await_first_ack(to: &UnixStream, ack_timeout: Duration) -> io::Result<bool> {
+    let mut ack = [0u8; 2];
+    let mut r = to;
+    r.set_read_timeout(Some(ack_timeout.max(MIN_ACK_WAIT)))?;
+    // The receiver writes both bytes at once: one read takes them. Were
+    // "B" to come later, the connection is only served one at a time.
+    let n = r.read(&mut ack)?;
+    if n == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    if ack[0] != ACK {
+        return Err(bad("acknowledgement"));
+    }
+    Ok(n == 2 && ack[1] == TAKES_BATCHES)
 }
 
 /// The least [`await_unix_ack`] waits (`SO_RCVTIMEO` of zero is no
@@ -363,36 +465,133 @@ fn bad(what: &str) -> io::Error {
     )
 }
 
-/// Receives one connection sent by [`send_unix`] (the agent's `--unix`).
+/// Receives one connection sent by [`send_unix`] (the agent's `--unix`,
+/// to which this receiver takes no batches: [`UnixReceiver`] does).
 /// Returns `Ok(None)` at end of stream.
 pub fn recv_unix(from: &mut UnixStream) -> io::Result<Option<Delivered>> {
+    let Some((head, fds)) = read_head(from)? else {
+        return Ok(None);
+    };
+    if head[..8] != MAGIC[..] {
+        return Err(bad("magic"));
+    }
+    let d = read_single(from, &head, fds)?;
+    acknowledge(from, &[ACK]);
+    Ok(Some(d))
+}
+
+/// The receiving end of a unix connection from the agent's `--unix` (or
+/// from [`crate::hand_off_local`]): reads it message by message, one
+/// connection or a batch of up to [`BATCH_MAX`], and acknowledges each
+/// message once it holds its connections. Its acknowledgement of the
+/// first message asks the agent for batches (see the module docs).
+#[derive(Debug)]
+pub struct UnixReceiver {
+    from: UnixStream,
+    answered: bool,
+}
+
+impl UnixReceiver {
+    /// Reads the unix connection `from` (just accepted).
+    pub fn new(from: UnixStream) -> UnixReceiver {
+        UnixReceiver {
+            from,
+            answered: false,
+        }
+    }
+
+    /// The unix connection read.
+    pub fn get_ref(&self) -> &UnixStream {
+        &self.from
+    }
+
+    /// The connections of the next message, acknowledged (one or more);
+    /// `Ok(None)` at end of stream. After an error the unix connection is
+    /// of no further use: drop it (the agent then reports the connections
+    /// it did not see acknowledged, and closes them).
+    pub fn recv(&mut self) -> io::Result<Option<Vec<Delivered>>> {
+        let head = match read_head(&mut self.from) {
+            Ok(Some(head)) => head,
+            Ok(None) => return Ok(None),
+            // A sender that read only the "k" of our "kB" (an older agent)
+            // and closed resets the unix connection: between messages,
+            // that is its end.
+            Err(e) if self.answered && e.kind() == io::ErrorKind::ConnectionReset => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        let (head, fds) = head;
+        let (got, ack): (Vec<Delivered>, &[u8]) = if head[..8] == MAGIC[..] {
+            let one = read_single(&mut self.from, &head, fds)?;
+            let ack: &[u8] = if self.answered {
+                &[ACK]
+            } else {
+                &[ACK, TAKES_BATCHES]
+            };
+            (vec![one], ack)
+        } else if head[..8] == BATCH_MAGIC[..] {
+            (read_batch(&mut self.from, &head, fds)?, &[ACK])
+        } else {
+            return Err(bad("magic"));
+        };
+        self.answered = true;
+        acknowledge(&mut self.from, ack);
+        Ok(Some(got))
+    }
+}
+
+/// The first 10 bytes of a message (magic and a length or count), with
+/// the fds attached to them; `None` at end of stream.
+fn read_head(from: &mut UnixStream) -> io::Result<Option<([u8; 10], Vec<OwnedFd>)>> {
     let mut head = [0u8; 10];
-    let (n, fd) = tcpr_host::recv_with_fd(from.as_fd(), &mut head)?;
+    let (n, fds) = tcpr_host::recv_with_fds(from.as_fd(), &mut head)?;
     if n == 0 {
         return Ok(None);
     }
     from.read_exact(&mut head[n..])?;
-    if &head[..8] != MAGIC {
-        return Err(bad("magic"));
+    Ok(Some((head, fds)))
+}
+
+/// Until the acknowledgement is read, the agent holds the connections
+/// too, and closes them silently if we fail. From here they are live and
+/// ours: an agent that died before reading the acknowledgement (EPIPE)
+/// must not make us drop them, as nothing else holds them any more (the
+/// restarted agent reports them unknown; they live on here).
+fn acknowledge(from: &mut UnixStream, ack: &[u8]) {
+    if let Err(e) = std::io::Write::write_all(from, ack) {
+        tracing::warn!(
+            "kept delivered connections whose agent did not take the acknowledgement: {e}"
+        );
     }
-    let fd = fd.ok_or_else(|| bad("no file descriptor attached"))?;
+}
+
+fn address(text: &[u8], what: &str) -> io::Result<SocketAddr> {
+    std::str::from_utf8(text)
+        .map_err(|_| bad("address text"))?
+        .parse()
+        .map_err(|_| bad(what))
+}
+
+/// The rest of a "TCPR-FD1" message whose `head` was read.
+fn read_single(from: &mut UnixStream, head: &[u8; 10], fds: Vec<OwnedFd>) -> io::Result<Delivered> {
+    // Extra fds a sender attached close here.
+    let fd = fds
+        .into_iter()
+        .next()
+        .ok_or_else(|| bad("no file descriptor attached"))?;
     // Each read takes a field and the length of the next one: exactly the
     // message's bytes (a next message on the stream is left unread), in
     // three reads rather than five.
-    let text = |b: Vec<u8>| String::from_utf8(b).map_err(|_| bad("address text"));
     let local_len = u16::from_be_bytes([head[8], head[9]]) as usize;
     let mut local_and_len = vec![0u8; local_len + 2];
     from.read_exact(&mut local_and_len)?;
     let peer_len = u16::from_be_bytes([local_and_len[local_len], local_and_len[local_len + 1]]);
-    local_and_len.truncate(local_len);
-    let local = text(local_and_len)?;
     let peer_len = peer_len as usize;
     let mut peer_and_len = vec![0u8; peer_len + 4];
     from.read_exact(&mut peer_and_len)?;
     let mut blob_len = [0u8; 4];
     blob_len.copy_from_slice(&peer_and_len[peer_len..]);
-    peer_and_len.truncate(peer_len);
-    let peer = text(peer_and_len)?;
     let blen = u32::from_be_bytes(blob_len) as usize;
     if blen > 1 << 30 {
         return Err(bad("blob length"));
@@ -403,24 +602,76 @@ pub fn recv_unix(from: &mut UnixStream) -> io::Result<Option<Delivered>> {
     if (&mut *from).take(blen as u64).read_to_end(&mut blob)? != blen {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
-    let local = local.parse().map_err(|_| bad("local address"))?;
-    let peer = peer.parse().map_err(|_| bad("peer address"))?;
-    // Until the acknowledgement is read, the agent holds the connection
-    // too, and closes it silently if we fail. From here it is live and
-    // ours: an agent that died before reading the acknowledgement (EPIPE)
-    // must not make us drop it, as nothing else holds it any more (the
-    // restarted agent reports it unknown; it lives on here).
-    if let Err(e) = std::io::Write::write_all(from, b"k") {
-        tracing::warn!(
-            "kept a delivered connection whose agent did not take the acknowledgement: {e}"
-        );
-    }
-    Ok(Some(Delivered {
+    Ok(Delivered {
         stream: TcpStream::from(fd),
         blob,
-        local,
-        peer,
-    }))
+        local: address(&local_and_len[..local_len], "local address")?,
+        peer: address(&peer_and_len[..peer_len], "peer address")?,
+    })
+}
+
+/// The rest of a "TCPR-FDN" message whose `head` was read: exactly one
+/// fd per entry, every entry whole, nothing after the last.
+fn read_batch(
+    from: &mut UnixStream,
+    head: &[u8; 10],
+    fds: Vec<OwnedFd>,
+) -> io::Result<Vec<Delivered>> {
+    let count = u16::from_be_bytes([head[8], head[9]]) as usize;
+    if count == 0 || count > BATCH_MAX {
+        return Err(bad("connection count"));
+    }
+    if fds.len() != count {
+        return Err(bad("not one file descriptor per connection"));
+    }
+    let mut len = [0u8; 4];
+    from.read_exact(&mut len)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > BATCH_BYTES_MAX {
+        return Err(bad("entries length"));
+    }
+    let mut body = Vec::with_capacity(len.min(BLOB_PREALLOCATION_BYTES));
+    if (&mut *from).take(len as u64).read_to_end(&mut body)? != len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    let mut rest = &body[..];
+    let mut take = |n: usize| -> io::Result<&[u8]> {
+        if rest.len() < n {
+            return Err(bad("entry cut short"));
+        }
+        let (field, after) = rest.split_at(n);
+        rest = after;
+        Ok(field)
+    };
+    let mut entries = Vec::with_capacity(count);
+    for _ in 0..count {
+        let l = take(2)?;
+        let local = address(
+            take(u16::from_be_bytes([l[0], l[1]]) as usize)?,
+            "local address",
+        )?;
+        let p = take(2)?;
+        let peer = address(
+            take(u16::from_be_bytes([p[0], p[1]]) as usize)?,
+            "peer address",
+        )?;
+        let b = take(4)?;
+        let blob = take(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)?.to_vec();
+        entries.push((local, peer, blob));
+    }
+    if !rest.is_empty() {
+        return Err(bad("bytes after the last entry"));
+    }
+    Ok(fds
+        .into_iter()
+        .zip(entries)
+        .map(|(fd, (local, peer, blob))| Delivered {
+            stream: TcpStream::from(fd),
+            blob,
+            local,
+            peer,
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -500,6 +751,170 @@ mod tests {
         assert!(d2.blob.is_empty());
         sender.join().unwrap();
         assert!(recv_unix(&mut b).unwrap().is_none());
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+    use std::io::Write;
+    use std::net::TcpListener;
+
+    /// `n` connected pairs on loopback: (the client end, the server end).
+    fn pairs(n: usize) -> Vec<(TcpStream, TcpStream)> {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        (0..n)
+            .map(|_| {
+                let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+                (c, l.accept().unwrap().0)
+            })
+            .collect()
+    }
+
+    /// The first message asks for batches; then batches of 1 to
+    /// [`BATCH_MAX`] carry every connection, in order, each one live both
+    /// ways; a batch of none or of more than [`BATCH_MAX`] is refused.
+    #[test]
+    fn batches_carry_every_connection_after_a_receiver_asks_for_them() {
+        let conns = pairs(BATCH_MAX + 2);
+        let (a, b) = UnixStream::pair().unwrap();
+        let servers: Vec<OwnedFd> = conns
+            .iter()
+            .map(|(_, s)| s.try_clone().unwrap().into())
+            .collect();
+        let ends: Vec<(SocketAddr, SocketAddr)> = conns
+            .iter()
+            .map(|(_, s)| (s.local_addr().unwrap(), s.peer_addr().unwrap()))
+            .collect();
+        let sender = std::thread::spawn(move || {
+            let blobs: Vec<Vec<u8>> = (0..servers.len())
+                .map(|i| format!("state {i}").into_bytes())
+                .collect();
+            send_unix_message(&a, &servers[0], &blobs[0], ends[0].0, ends[0].1).unwrap();
+            assert!(
+                await_first_ack(&a, ACK_TIMEOUT).unwrap(),
+                "asks for batches"
+            );
+            let all: Vec<Outgoing<'_>> = (0..servers.len())
+                .map(|i| Outgoing {
+                    fd: servers[i].as_fd(),
+                    blob: &blobs[i],
+                    local: ends[i].0,
+                    peer: ends[i].1,
+                })
+                .collect();
+            assert!(send_unix_batch(&a, &[]).is_err());
+            assert!(send_unix_batch(&a, &all[1..]).is_err(), "one too many");
+            // The rest, split as a sender must: one full message, one of one.
+            send_unix_batch(&a, &all[1..=BATCH_MAX]).unwrap();
+            send_unix_batch(&a, &all[BATCH_MAX + 1..]).unwrap();
+            await_unix_ack(&a, ACK_TIMEOUT).unwrap();
+            await_unix_ack(&a, ACK_TIMEOUT).unwrap();
+        });
+        let mut from = UnixReceiver::new(b);
+        let mut sizes = Vec::new();
+        let mut got = Vec::new();
+        while let Some(ds) = from.recv().unwrap() {
+            sizes.push(ds.len());
+            got.extend(ds);
+            if got.len() == conns.len() {
+                break;
+            }
+        }
+        sender.join().unwrap();
+        assert_eq!(sizes, [1, BATCH_MAX, 1]);
+        for (i, (d, (mut client, _))) in got.into_iter().zip(conns).enumerate() {
+            assert_eq!(d.blob, format!("state {i}").into_bytes());
+            assert_eq!(d.peer, client.local_addr().unwrap());
+            let mut stream = d.stream;
+            stream.write_all(format!("to {i}").as_bytes()).unwrap();
+            let mut buf = vec![0u8; format!("to {i}").len()];
+            client.read_exact(&mut buf).unwrap();
+            assert_eq!(buf, format!("to {i}").into_bytes());
+            client.write_all(b"back").unwrap();
+            let mut buf = [0u8; 4];
+            stream.read_exact(&mut buf).unwrap();
+            assert_eq!(&buf, b"back");
+        }
+        assert!(from.recv().unwrap().is_none(), "end of stream");
+    }
+
+    /// A one-message receiver ([`recv_unix`]) answers "k" alone: the
+    /// sender learns it takes no batches.
+    #[test]
+    fn an_old_receiver_takes_no_batches() {
+        let conns = pairs(1);
+        let s = &conns[0].1;
+        let (local, peer) = (s.local_addr().unwrap(), s.peer_addr().unwrap());
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let fd: OwnedFd = s.try_clone().unwrap().into();
+        let sender = std::thread::spawn(move || {
+            send_unix_message(&a, &fd, b"", local, peer).unwrap();
+            await_first_ack(&a, ACK_TIMEOUT).unwrap()
+        });
+        assert!(recv_unix(&mut b).unwrap().is_some());
+        assert!(!sender.join().unwrap(), "no batches for an old receiver");
+    }
+
+    /// An older agent reads the "k" of a "kB" and closes, leaving the "B"
+    /// unread: the receiver keeps the connection and sees the end of the
+    /// unix connection, not an error.
+    #[test]
+    fn an_older_agent_that_reads_only_the_k_ends_the_stream_cleanly() {
+        let conns = pairs(1);
+        let s = &conns[0].1;
+        let (local, peer) = (s.local_addr().unwrap(), s.peer_addr().unwrap());
+        let (a, b) = UnixStream::pair().unwrap();
+        let fd: OwnedFd = s.try_clone().unwrap().into();
+        let agent = std::thread::spawn(move || {
+            send_unix_message(&a, &fd, b"", local, peer).unwrap();
+            await_unix_ack(&a, ACK_TIMEOUT).unwrap();
+        });
+        let mut from = UnixReceiver::new(b);
+        let got = from.recv().unwrap().expect("the connection");
+        agent.join().unwrap();
+        assert_eq!(got.len(), 1);
+        assert!(from.recv().unwrap().is_none(), "the end, not an error");
+    }
+
+    /// A batch message whose fds do not match its count, or whose entries
+    /// do not fill its length exactly, is refused and its fds closed.
+    #[test]
+    fn a_batch_that_does_not_add_up_is_refused() {
+        let conns = pairs(2);
+        let s = &conns[0].1;
+        let (local, peer) = (s.local_addr().unwrap(), s.peer_addr().unwrap());
+        let mut entries = Vec::new();
+        push_entry(&mut entries, b"x", local, peer);
+        let message = |count: u16, len: usize, body: &[u8]| {
+            let mut m = BATCH_MAGIC.to_vec();
+            m.extend_from_slice(&count.to_be_bytes());
+            m.extend_from_slice(&(len as u32).to_be_bytes());
+            m.extend_from_slice(body);
+            m
+        };
+        let two_entries = [&entries[..], &entries[..]].concat();
+        for (m, fds) in [
+            // Two entries, one fd.
+            (message(2, two_entries.len(), &two_entries), 1),
+            // One entry, two fds.
+            (message(1, entries.len(), &entries), 2),
+            // A byte after the last entry.
+            (
+                message(1, entries.len() + 1, &[&entries[..], b"!"].concat()),
+                1,
+            ),
+            // A count of none.
+            (message(0, 0, b""), 1),
+        ] {
+            let (a, b) = UnixStream::pair().unwrap();
+            let attached: Vec<BorrowedFd<'_>> =
+                conns[..fds].iter().map(|(_, s)| s.as_fd()).collect();
+            tcpr_host::send_with_fds(a.as_fd(), &m, &attached).unwrap();
+            drop(a);
+            let mut from = UnixReceiver::new(b);
+            assert!(from.recv().is_err(), "refused: {m:?}");
+        }
     }
 }
 

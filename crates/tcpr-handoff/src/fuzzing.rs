@@ -8,7 +8,7 @@
 //! - [`sender_reads`]: what an agent sends back to a sender;
 //! - [`psk_exchange`]: what each end reads before the peer is
 //!   authenticated (raw TLS records, and the exporter MAC);
-//! - [`unix_delivery`]: what an application's [`deliver::recv_unix`] reads.
+//! - [`unix_delivery`]: what an application's [`deliver::UnixReceiver`] reads.
 
 use crate::auth::{Auth, AuthError};
 use crate::deliver;
@@ -437,19 +437,21 @@ const UNIX_INPUT_MAX: usize = 64 << 10;
 
 /// The bytes an application reads from the agent's `--unix` socket, with
 /// a file descriptor attached to the first byte as the agent attaches the
-/// connection, read by [`deliver::recv_unix`] until it ends or fails.
+/// connection, read by [`deliver::UnixReceiver`] (one-connection and
+/// batch messages) until it ends or fails.
 pub fn unix_delivery(input: &[u8]) {
     let input = &input[..input.len().min(UNIX_INPUT_MAX)];
-    let (agent, mut application) = UnixStream::pair().expect("a socket pair");
+    let (agent, application) = UnixStream::pair().expect("a socket pair");
     if !input.is_empty() {
         let attached = std::fs::File::open("/dev/null").expect("/dev/null");
         tcpr_host::send_with_fd(agent.as_fd(), input, attached.as_fd())
             .expect("the input fits the socket buffer");
     }
     agent.shutdown(Shutdown::Write).expect("shutdown");
-    // Each message is answered by one byte; the agent end stays open so
-    // that the answer never meets a closed socket.
-    while let Ok(Some(delivered)) = deliver::recv_unix(&mut application) {
+    // Each message is answered by one or two bytes; the agent end stays
+    // open so that the answer never meets a closed socket.
+    let mut application = deliver::UnixReceiver::new(application);
+    while let Ok(Some(delivered)) = application.recv() {
         drop(delivered);
     }
 }

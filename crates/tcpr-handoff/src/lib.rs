@@ -185,9 +185,19 @@ pub fn hand_off_local(
 }
 
 /// Connections handed to this process by another on the same host
-/// ([`hand_off_local`], or an agent's `--unix` delivery).
+/// ([`hand_off_local`], or an agent's `--unix` delivery, in batches:
+/// [`deliver::UnixReceiver`]).
 pub struct LocalIncoming {
     listener: std::os::unix::net::UnixListener,
+    reading: std::sync::Mutex<Reading>,
+}
+
+/// The unix connection [`LocalIncoming`] reads, and what it delivered
+/// that was not taken yet.
+#[derive(Default)]
+struct Reading {
+    from: Option<deliver::UnixReceiver>,
+    taken: std::collections::VecDeque<Delivered>,
 }
 
 impl LocalIncoming {
@@ -198,17 +208,29 @@ impl LocalIncoming {
         }
         Ok(LocalIncoming {
             listener: std::os::unix::net::UnixListener::bind(path)?,
+            reading: Default::default(),
         })
     }
     /// The next connection handed over (blocks); `None` if the listener fails.
     pub fn accept(&self) -> Option<Delivered> {
+        let mut r = self.reading.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            let (mut s, _) = self.listener.accept().ok()?;
-            match deliver::recv_unix(&mut s) {
-                Ok(Some(d)) => return Some(d),
-                Ok(None) => continue,
-                Err(e) => tracing::warn!("bad delivery refused: {e}"),
+            if let Some(d) = r.taken.pop_front() {
+                return Some(d);
             }
+            if let Some(from) = r.from.as_mut() {
+                match from.recv() {
+                    Ok(Some(ds)) => r.taken.extend(ds),
+                    Ok(None) => r.from = None,
+                    Err(e) => {
+                        tracing::warn!("bad delivery refused: {e}");
+                        r.from = None;
+                    }
+                }
+                continue;
+            }
+            let (s, _) = self.listener.accept().ok()?;
+            r.from = Some(deliver::UnixReceiver::new(s));
         }
     }
 }

@@ -7,7 +7,13 @@
 //!   socket per connection for the whole batch before delivering any,
 //!   which filled the receiver's backlog and stalled the batch past the
 //!   sender's timeout (every connection `unknown`).
-//! - Unix delivery is pipelined: a receiver that accepts a whole batch's
+//! - A receiver that takes batches (`deliver::UnixReceiver`) gets more
+//!   connections than one message carries, in messages of at most
+//!   `deliver::BATCH_MAX`, every one working.
+//! - A receiver that dies in the middle of a batch: the connections it
+//!   acknowledged move, every other is reported not moved (none lost
+//!   silently).
+//! - Unix delivery to one-at-a-time receivers is pipelined: a receiver that accepts a whole batch's
 //!   unix connections before reading any message gets every connection.
 //!   The agent once waited for each acknowledgement before connecting for
 //!   the next connection, so such a receiver waited on an accept that
@@ -50,8 +56,30 @@ struct Receiver {
 /// Moves `connections` connections from host a to an agent on host b
 /// (network `10.N.0.0/24`) that delivers them over a unix socket to
 /// `receiver`; each delivered connection echoes one chunk, which its
-/// client on host c checks byte for byte.
+/// client on host c checks byte for byte. Every connection must move.
 fn batch_to_unix_receiver(name: &str, net: u8, connections: usize, receiver: Receiver) {
+    hand_off_to_unix_receiver(name, net, connections, receiver, |outcomes| {
+        let moved = outcomes
+            .iter()
+            .filter(|o| matches!(o, HandOff::Moved))
+            .count();
+        let first_other = outcomes.iter().find(|o| !matches!(o, HandOff::Moved));
+        assert_eq!(
+            moved, connections,
+            "every connection moves; the first other: {first_other:?}"
+        );
+    });
+}
+
+/// [`batch_to_unix_receiver`] with the outcomes judged by `check`; the
+/// connections reported moved are the ones whose echo is checked.
+fn hand_off_to_unix_receiver(
+    name: &str,
+    net: u8,
+    connections: usize,
+    receiver: Receiver,
+    check: impl FnOnce(&[HandOff]),
+) {
     let mut lab = Lab::new(name).unwrap();
     let addr = |host: u8| format!("10.{net}.0.{host}");
     let c = lab.host("c", &[&format!("{}/24", addr(1))]).unwrap();
@@ -114,7 +142,7 @@ fn batch_to_unix_receiver(name: &str, net: u8, connections: usize, receiver: Rec
 
     // The service on a, and its clients on c: connected while a accepts.
     let listener = a.within(|| Ok(TcpListener::bind(service)?)).unwrap();
-    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (go_tx, go_rx) = mpsc::channel::<Vec<usize>>();
     let client = std::thread::spawn(move || {
         c.within(move || {
             let mut socks = vec![];
@@ -123,8 +151,9 @@ fn batch_to_unix_receiver(name: &str, net: u8, connections: usize, receiver: Rec
                 s.set_read_timeout(Some(Duration::from_secs(30)))?;
                 socks.push(s);
             }
-            go_rx.recv_timeout(Duration::from_secs(60)).unwrap();
-            for (i, s) in socks.iter_mut().enumerate() {
+            let moved: Vec<usize> = go_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+            for i in moved {
+                let s = &mut socks[i];
                 let sent = pattern(i);
                 s.write_all(&sent)?;
                 let mut back = vec![0u8; CHUNK];
@@ -146,21 +175,17 @@ fn batch_to_unix_receiver(name: &str, net: u8, connections: usize, receiver: Rec
             hand_off(conns, &opts).map_err(|e| anyhow::anyhow!("{e}"))
         })
         .unwrap();
-    let moved = outcomes
-        .iter()
-        .filter(|o| matches!(o, HandOff::Moved))
-        .count();
-    let first_other = outcomes.iter().find(|o| !matches!(o, HandOff::Moved));
-    assert_eq!(
-        moved, connections,
-        "every connection moves; the first other: {first_other:?}"
-    );
-    go_tx.send(()).unwrap();
+    check(&outcomes);
+    let moved: Vec<usize> = (0..connections)
+        .filter(|&i| matches!(outcomes[i], HandOff::Moved))
+        .collect();
+    let count = moved.len();
+    go_tx.send(moved).unwrap();
     client.join().unwrap().unwrap();
-    for i in 0..connections {
+    for i in 0..count {
         let echoed = echoed_rx
             .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|e| panic!("delivered connection {i} of {connections}: {e}"));
+            .unwrap_or_else(|e| panic!("delivered connection {i} of {count}: {e}"));
         assert_eq!(echoed, Ok(()), "a delivered connection echoed its chunk");
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -210,4 +235,103 @@ fn a_receiver_that_accepts_the_whole_batch_before_reading_gets_every_connection(
         }),
     };
     batch_to_unix_receiver("up", 94, PIPELINED_CONNECTIONS, receiver);
+}
+
+/// More connections than two batch messages carry.
+const BATCHED_CONNECTIONS: usize = 2 * deliver::BATCH_MAX + 94;
+
+#[test]
+fn a_receiver_that_takes_batches_gets_every_connection_in_messages_of_at_most_scm_max_fd() {
+    let (sizes_tx, sizes_rx) = mpsc::channel();
+    let receiver = Receiver {
+        unix_backlog: None,
+        receive: Box::new(move |app, delivered| {
+            for s in app.incoming() {
+                let Ok(s) = s else { break };
+                let mut from = deliver::UnixReceiver::new(s);
+                while let Ok(Some(ds)) = from.recv() {
+                    let _ = sizes_tx.send(ds.len());
+                    for d in ds {
+                        assert_eq!(d.blob, b"state");
+                        let _ = delivered.send(d);
+                    }
+                }
+            }
+        }),
+    };
+    batch_to_unix_receiver("uB", 95, BATCHED_CONNECTIONS, receiver);
+    let sizes: Vec<usize> = sizes_rx.try_iter().collect();
+    assert_eq!(sizes.iter().sum::<usize>(), BATCHED_CONNECTIONS);
+    assert!(
+        sizes.iter().all(|&n| (1..=deliver::BATCH_MAX).contains(&n)),
+        "every message carries 1 to {} connections: {sizes:?}",
+        deliver::BATCH_MAX
+    );
+    assert!(
+        sizes.contains(&deliver::BATCH_MAX),
+        "the batch went in full messages: {sizes:?}"
+    );
+    // The agent learns that the receiver takes batches from the first
+    // acknowledgement it reads, after pipelining up to 16 connections
+    // sent alone.
+    assert!(
+        sizes.len() <= 17 + BATCHED_CONNECTIONS.div_ceil(deliver::BATCH_MAX),
+        "a receiver that takes batches is sent batches: {sizes:?}"
+    );
+}
+
+#[test]
+fn a_receiver_that_dies_in_the_middle_of_a_batch_leaves_every_other_connection_reported() {
+    let receiver = Receiver {
+        unix_backlog: None,
+        receive: Box::new(move |app, delivered| {
+            // The agent's probe before READY carries nothing; the first
+            // connection comes alone, and its acknowledgement asks for
+            // batches.
+            let mut got = 0;
+            while got == 0 {
+                let Ok((s, _)) = app.accept() else { return };
+                let mut from = deliver::UnixReceiver::new(s);
+                while got == 0 {
+                    match from.recv() {
+                        Ok(Some(ds)) => {
+                            got += ds.len();
+                            for d in ds {
+                                let _ = delivered.send(d);
+                            }
+                        }
+                        _ => break,
+                    }
+                }
+                if got > 0 {
+                    // Then it takes the next message's head and its fds,
+                    // and dies: the listener, the unix connection and the
+                    // fds close, no acknowledgement.
+                    let mut head = [0u8; 10];
+                    let (n, fds) = tcpr_host::recv_with_fds(
+                        std::os::fd::AsFd::as_fd(from.get_ref()),
+                        &mut head,
+                    )
+                    .unwrap();
+                    assert!(n > 0 && fds.len() > 1, "a batch message followed");
+                    drop((fds, from, app));
+                    return;
+                }
+            }
+        }),
+    };
+    hand_off_to_unix_receiver("ud", 96, BATCHED_CONNECTIONS, receiver, |outcomes| {
+        let moved = outcomes
+            .iter()
+            .filter(|o| matches!(o, HandOff::Moved))
+            .count();
+        assert_eq!(moved, 1, "only the acknowledged connection moved");
+        for o in outcomes.iter().filter(|o| !matches!(o, HandOff::Moved)) {
+            let why = match o {
+                HandOff::Stayed(_, why) | HandOff::Unknown(_, why) => why,
+                HandOff::Moved => unreachable!(),
+            };
+            assert!(!why.is_empty(), "a connection not moved says why");
+        }
+    });
 }

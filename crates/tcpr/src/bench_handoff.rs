@@ -342,9 +342,13 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
     });
     std::thread::spawn(move || {
         for s in sink.incoming() {
-            let Ok(mut s) = s else { break };
-            if let Ok(Some(d)) = tcpr_handoff::deliver::recv_unix(&mut s) {
-                let _ = to_close.send(d);
+            let Ok(s) = s else { break };
+            // One connection, or a batch, per message.
+            let mut from = tcpr_handoff::deliver::UnixReceiver::new(s);
+            while let Ok(Some(ds)) = from.recv() {
+                for d in ds {
+                    let _ = to_close.send(d);
+                }
             }
         }
     });

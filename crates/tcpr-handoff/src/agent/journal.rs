@@ -262,9 +262,17 @@ impl Segment {
 
     /// Writes one line of `batch`; the file it went to, for a flush.
     fn line(&mut self, batch: u64, text: &str) -> io::Result<Arc<File>> {
-        let line = format!("{batch:016x} {text}\n");
-        self.file.write_all_at(line.as_bytes(), self.next)?;
-        self.next += line.len() as u64;
+        self.lines(batch, &[text])
+    }
+
+    /// Writes lines of `batch`, in one write.
+    fn lines(&mut self, batch: u64, texts: &[impl AsRef<str>]) -> io::Result<Arc<File>> {
+        let mut lines = String::new();
+        for text in texts {
+            lines.push_str(&format!("{batch:016x} {}\n", text.as_ref()));
+        }
+        self.file.write_all_at(lines.as_bytes(), self.next)?;
+        self.next += lines.len() as u64;
         Ok(self.file.clone())
     }
 }
@@ -453,9 +461,10 @@ impl BatchLog {
         }
         Ok(())
     }
-    /// `delivered ID`.
-    pub(crate) fn delivered(&mut self, id: ConnId) -> io::Result<()> {
-        self.line(&format!("delivered {id}")).map(drop)
+    /// `delivered ID`, one line per connection, in one write.
+    pub(crate) fn delivered(&mut self, ids: &[ConnId]) -> io::Result<()> {
+        let texts: Vec<String> = ids.iter().map(|id| format!("delivered {id}")).collect();
+        lock(&self.segment).lines(self.batch, &texts).map(drop)
     }
     /// `aborted`: the COMMIT was refused, nothing was resumed.
     pub(crate) fn aborted(&mut self) -> io::Result<()> {
@@ -528,11 +537,11 @@ mod tests {
             .commit(&[0], Some("10.0.0.9".parse().unwrap()))
             .unwrap();
         log.resuming(&j).unwrap();
-        log.delivered(0).unwrap();
+        log.delivered(&[0, 1]).unwrap();
         drop(log);
         drop(other);
         let again = Journal::open(&dir).unwrap();
-        assert_eq!(again.status(42).status, BatchStatus::Committed(vec![0]));
+        assert_eq!(again.status(42).status, BatchStatus::Committed(vec![0, 1]));
         assert_eq!(again.status(43).status, BatchStatus::Unknown);
         // The restarted agent gives 7's address back and records it in
         // its own segment; both segments are read.

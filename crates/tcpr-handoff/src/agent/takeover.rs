@@ -9,9 +9,9 @@ use crate::deliver::{self, Delivered, Reached};
 use crate::machine::{self, ConnId};
 use crate::relay_worker::Handed as WorkerTook;
 use crate::wire::pb;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, TcpStream};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 use tcpr_engine::lock::Releaser;
@@ -304,11 +304,14 @@ pub(super) fn restore_one(shared: &Shared, s: &mut Session, id: ConnId) -> Resul
 
 /// Resumes one connection of a committed batch; `releaser` (one per batch,
 /// so one netlink socket) releases this agent's own lock on its flow first.
+/// `batched`: it goes in a batch message on a unix connection the agent
+/// holds already ([`UnixBatches`]), and needs no target of its own.
 pub(super) fn resume_one(
     shared: &Shared,
     s: &mut Session,
     releaser: &mut Releaser,
     id: ConnId,
+    batched: bool,
 ) -> Result<Resumed, String> {
     let mut r = s.restored.remove(&id).ok_or("not restored")?;
     // This agent's own lock on the flow (`lock_restored`) goes now,
@@ -331,6 +334,7 @@ pub(super) fn resume_one(
     // before the connection is resumed: if nothing takes it, it is still
     // in repair mode and closes silently.
     let target = match &shared.cfg.delivery {
+        Delivery::Unix(_) if batched => None,
         Delivery::Unix(_) | Delivery::Forward { .. } => {
             let reached = match s.target_first.take() {
                 Some(to) => Ok(to),
@@ -388,7 +392,7 @@ pub(super) fn deliver_resumed(
     let id = r.id;
     match deliver_one(&shared.cfg.delivery, r.stream, r.img, r.target) {
         Ok(Handed::Delivered) => {
-            delivered(shared, s, id);
+            delivered(shared, s, &[id]);
             Ok(None)
         }
         Ok(Handed::Sent { to, fd }) => Ok(Some(Unacknowledged {
@@ -408,38 +412,200 @@ pub(super) fn deliver_resumed(
 /// [`deliver::ACK_TIMEOUT`] after the later of its send and `turn` (when
 /// the receiver was done with the one before): the connection is
 /// delivered then (and journaled), or closed silently and reported, as
-/// when it was sent alone.
+/// when it was sent alone. A receiver that takes batches gives its unix
+/// connection back (`Ok(Some)`), for [`UnixBatches`].
 pub(super) fn confirm_delivery(
     shared: &Shared,
     s: &mut Session,
     turn: Instant,
     u: Unacknowledged,
-) -> Result<(), String> {
+) -> Result<Option<UnixStream>, String> {
     let since = u.sent_at.max(turn);
     let left = deliver::ACK_TIMEOUT.saturating_sub(since.elapsed());
-    match deliver::await_unix_ack(&u.to, left) {
-        Ok(()) => {
-            delivered(shared, s, u.id);
-            Ok(())
+    match deliver::await_first_ack(&u.to, left) {
+        Ok(takes_batches) => {
+            delivered(shared, s, &[u.id]);
+            Ok(takes_batches.then_some(u.to))
         }
         Err(e) => {
             lock(&shared.stats).undelivered += 1;
-            let path = match &shared.cfg.delivery {
-                Delivery::Unix(path) => path.display().to_string(),
-                _ => String::new(),
-            };
-            Err(close_undelivered(
-                u.fd,
-                format!("the application at {path}: {e}"),
-            ))
+            Err(close_undelivered(u.fd, unix_failure(shared, &e)))
         }
     }
 }
 
-fn delivered(shared: &Shared, s: &mut Session, id: ConnId) {
-    lock(&shared.stats).delivered += 1;
-    if let Some(Err(e)) = s.log.as_mut().map(|l| l.delivered(id)) {
+/// What a failed unix delivery reports.
+fn unix_failure(shared: &Shared, e: &std::io::Error) -> String {
+    let path = match &shared.cfg.delivery {
+        Delivery::Unix(path) => path.display().to_string(),
+        _ => String::new(),
+    };
+    format!("the application at {path}: {e}")
+}
+
+fn delivered(shared: &Shared, s: &mut Session, ids: &[ConnId]) {
+    lock(&shared.stats).delivered += ids.len() as u64;
+    if let Some(Err(e)) = s.log.as_mut().map(|l| l.delivered(ids)) {
         tracing::error!("the journal could not record a delivery: {e}");
+    }
+}
+
+/// Each connection's outcome, in the order settled.
+type Outcomes = Vec<(ConnId, Result<(), String>)>;
+
+/// Batch messages sent and not yet acknowledged, at most: the agent
+/// resumes the next batch while the receiver takes these.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+/// Resumed connections going to a unix receiver that takes batches (see
+/// [`crate::deliver`]), on the unix connection of its first delivery: up
+/// to [`deliver::BATCH_MAX`] per message, up to [`BATCHES_IN_FLIGHT`]
+/// messages unacknowledged. Each connection is the agent's until its
+/// message's acknowledgement; one whose message is not acknowledged (the
+/// receiver died, failed, or took too long) is closed silently and
+/// reported, as a connection sent alone. After a failure the unix
+/// connection is given up ([`UnixBatches::broken`]): acknowledgements
+/// after a missing one could be taken for the wrong message.
+pub(super) struct UnixBatches {
+    to: UnixStream,
+    /// Resumed, not sent yet.
+    pending: Vec<(ConnId, OwnedFd, ConnectionImage)>,
+    /// Sent, oldest first: the connections and when.
+    sent: VecDeque<(Vec<(ConnId, OwnedFd)>, Instant)>,
+    /// When the receiver was done with the message before.
+    settled: Instant,
+    /// Why the unix connection was given up.
+    broken: Option<String>,
+}
+
+impl UnixBatches {
+    /// Batches on `to`, the unix connection of a receiver that asked for
+    /// them.
+    pub(super) fn new(to: UnixStream) -> UnixBatches {
+        // A receiver that stops reading must not hold the agent: a send
+        // that blocks this long fails the batch.
+        if let Err(e) = to.set_write_timeout(Some(deliver::ACK_TIMEOUT)) {
+            tracing::warn!("cannot bound the unix delivery's sends: {e}");
+        }
+        UnixBatches {
+            to,
+            pending: Vec::new(),
+            sent: VecDeque::new(),
+            settled: Instant::now(),
+            broken: None,
+        }
+    }
+
+    /// True once the unix connection was given up: the batch's further
+    /// connections go one per unix connection.
+    pub(super) fn broken(&self) -> bool {
+        self.broken.is_some()
+    }
+
+    /// Takes a resumed connection (from [`resume_one`] with `batched`);
+    /// sends a full batch.
+    pub(super) fn push(
+        &mut self,
+        shared: &Shared,
+        s: &mut Session,
+        r: Resumed,
+        out: &mut Outcomes,
+    ) {
+        self.pending.push((r.id, r.stream.into(), r.img));
+        if self.pending.len() >= deliver::BATCH_MAX {
+            self.send(shared, s, out);
+        }
+    }
+
+    /// Sends the pending connections in one message, then reads the
+    /// acknowledgements beyond [`BATCHES_IN_FLIGHT`].
+    fn send(&mut self, shared: &Shared, s: &mut Session, out: &mut Outcomes) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let sent = match &self.broken {
+            Some(why) => Err(why.clone()),
+            None => {
+                let conns: Vec<deliver::Outgoing<'_>> = pending
+                    .iter()
+                    .map(|(_, fd, img)| deliver::Outgoing {
+                        fd: fd.as_fd(),
+                        blob: &img.app_blob,
+                        local: img.local,
+                        peer: img.peer,
+                    })
+                    .collect();
+                deliver::send_unix_batch(&self.to, &conns).map_err(|e| unix_failure(shared, &e))
+            }
+        };
+        let conns = pending.into_iter().map(|(id, fd, _)| (id, fd)).collect();
+        match sent {
+            Ok(()) => self.sent.push_back((conns, Instant::now())),
+            Err(why) => {
+                // Those sent before may still be acknowledged, in order.
+                self.settle_all(shared, s, out);
+                self.broken = Some(why.clone());
+                undelivered(shared, conns, &why, out);
+            }
+        }
+        while self.sent.len() > BATCHES_IN_FLIGHT {
+            self.settle_oldest(shared, s, out);
+        }
+    }
+
+    /// Reads the acknowledgement of the oldest message sent: its
+    /// connections are delivered, or closed silently and reported.
+    fn settle_oldest(&mut self, shared: &Shared, s: &mut Session, out: &mut Outcomes) {
+        let Some((conns, sent_at)) = self.sent.pop_front() else {
+            return;
+        };
+        let acked = match &self.broken {
+            Some(why) => Err(why.clone()),
+            None => {
+                // As for connections sent alone: the whole timeout from
+                // when the receiver was done with the message before.
+                let left = deliver::ACK_TIMEOUT.saturating_sub(sent_at.max(self.settled).elapsed());
+                deliver::await_unix_ack(&self.to, left).map_err(|e| unix_failure(shared, &e))
+            }
+        };
+        self.settled = Instant::now();
+        match acked {
+            Ok(()) => {
+                let ids: Vec<ConnId> = conns.iter().map(|(id, _)| *id).collect();
+                delivered(shared, s, &ids);
+                out.extend(ids.into_iter().map(|id| (id, Ok(()))));
+                // Our copies close now: the receiver holds each connection.
+                drop(conns);
+            }
+            Err(why) => {
+                self.broken = Some(why.clone());
+                undelivered(shared, conns, &why, out);
+            }
+        }
+    }
+
+    /// Reads every acknowledgement outstanding.
+    fn settle_all(&mut self, shared: &Shared, s: &mut Session, out: &mut Outcomes) {
+        while !self.sent.is_empty() {
+            self.settle_oldest(shared, s, out);
+        }
+    }
+
+    /// Sends what is pending and settles every message: each connection
+    /// taken is in `out`.
+    pub(super) fn finish(&mut self, shared: &Shared, s: &mut Session, out: &mut Outcomes) {
+        self.send(shared, s, out);
+        self.settle_all(shared, s, out);
+    }
+}
+
+/// Closes silently, and reports, connections a unix receiver did not
+/// acknowledge.
+fn undelivered(shared: &Shared, conns: Vec<(ConnId, OwnedFd)>, why: &str, out: &mut Outcomes) {
+    lock(&shared.stats).undelivered += conns.len() as u64;
+    for (id, fd) in conns {
+        out.push((id, Err(close_undelivered(fd, why.to_string()))));
     }
 }
 

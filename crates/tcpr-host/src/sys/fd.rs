@@ -85,10 +85,11 @@ pub fn memfd_with(name: &str, data: &[u8]) -> io::Result<OwnedFd> {
 /// The most fds one SCM_RIGHTS message can carry (`SCM_MAX_FD`,
 /// include/net/scm.h).
 pub const SCM_MAX_FD: usize = 253;
-/// Room for the control message of [`recv_with_fd`]: more than the one fd
-/// expected, so that a sender's extra fds are received and closed rather
-/// than dropped silently by truncation.
-const RECV_FDS: usize = 16;
+/// Room for the control message of [`recv_with_fds`]: as many fds as one
+/// message can carry (a unix delivery batch sends that many), so that a
+/// sender's extra fds are received and closed rather than dropped
+/// silently by truncation.
+const RECV_FDS: usize = SCM_MAX_FD;
 
 /// `CMSG_SPACE` for `fds` fds.
 const fn cmsg_space(fds: usize) -> usize {
@@ -185,7 +186,7 @@ pub fn recv_with_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, 
     recv_with_fds(sock, buf).map(|(n, fds)| (n, fds.into_iter().next()))
 }
 
-/// [`recv_with_fd`] keeping every fd attached (up to 16), in the order
+/// [`recv_with_fd`] keeping every fd attached (up to [`SCM_MAX_FD`]), in the order
 /// they were sent.
 pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
     let mut cbuf = CmsgBuffer::<RECV_SPACE>::zeroed();
