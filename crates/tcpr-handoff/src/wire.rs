@@ -62,15 +62,20 @@ pub enum WireError {
     Unexpected(&'static str),
 }
 
-/// Writes one message.
+/// Writes one message, length and body in one write: on a TLS channel one
+/// record and one segment (written apart, they were two of each, and the
+/// reader woke up for the length alone).
 pub fn write_msg(w: &mut impl Write, m: &pb::Message) -> Result<(), WireError> {
-    let body = m.encode_to_vec();
-    if body.len() > MAX_FRAME {
-        return Err(WireError::TooLarge(body.len()));
+    let body_len = m.encoded_len();
+    if body_len > MAX_FRAME {
+        return Err(WireError::TooLarge(body_len));
     }
-    let len = u32::try_from(body.len()).map_err(|_| WireError::TooLarge(body.len()))?;
-    w.write_all(&len.to_be_bytes())?;
-    w.write_all(&body)?;
+    let len = u32::try_from(body_len).map_err(|_| WireError::TooLarge(body_len))?;
+    let mut frame = Vec::with_capacity(4 + body_len);
+    frame.extend_from_slice(&len.to_be_bytes());
+    m.encode(&mut frame)
+        .map_err(|_| WireError::TooLarge(body_len))?;
+    w.write_all(&frame)?;
     Ok(())
 }
 
