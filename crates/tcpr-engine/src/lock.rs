@@ -4,11 +4,13 @@
 //!
 //! One nftables table, `inet tcpr`, holds per wire family (a dual-stack
 //! socket's IPv4-mapped flow counts as IPv4, since its packets are IPv4)
-//! two sets keyed by `peer addr . peer port . local addr . local port`
-//! with per-element timeouts: `flows4`/`flows6` (locked) and
-//! `unlocked4`/`unlocked6` (released), and two rules (prerouting and
-//! output, priority -300, before conntrack) that drop a packet whose flow
-//! is locked and not released. The table is created on first use and is
+//! four slots of two sets keyed by `peer addr . peer port . local addr .
+//! local port` with per-element timeouts: locked flows (`flows4`,
+//! `flows4_1`, ...) and released ones (`unlocked4`, `unlocked4_1`, ...),
+//! and rules (prerouting and output, priority -300, before conntrack)
+//! that drop a packet whose flow is locked and not released in some slot
+//! (looked at only for a flow in `flows4`/`flows6`, slot 0, where every
+//! lock has its lease). The table is created on first use and is
 //! otherwise static: per-flow state lives only in the set elements, which
 //! expire by themselves. The table is installed with the `nft` command
 //! (libnftables' syntax is the documented interface for rules); elements
@@ -19,15 +21,18 @@
 //! returns microseconds later, because it only *adds* elements, updates
 //! their expiry, or destroys absent ones. Removing a present element also
 //! commits at once, but the transaction then holds the element until an
-//! RCU grace period has passed, and closing the netlink socket
-//! (`NETLINK_URELEASE`) waits for that (8-30 ms). So a lock adds the flow
-//! to `flows` for the lease and destroys its `unlocked` element (absent
-//! unless released in the last [`UNLOCKED_TIMEOUT`] or so); a release adds
-//! it to `unlocked` for [`UNLOCKED_TIMEOUT`] (plus 10 µs per flow of the
-//! batch) and updates its `flows` element to expire in 1 ms, before the
-//! `unlocked` one. Kernels without DESTROYSETELEM (Linux 6.3) or element
-//! expiry updates (Linux 6.10), detected once per process (`mode`), delete
-//! elements instead, as before the `unlocked` sets.
+//! RCU grace period has passed, and closing any nf_tables netlink socket
+//! of the namespace (`NETLINK_URELEASE`) waits for that (8-30 ms). So a
+//! lock takes, per flow, the first slot whose `unlocked` element is absent
+//! (one dump of that set), adds the flow to slot 0's and that slot's
+//! `flows` set for the lease and destroys the absent `unlocked` element;
+//! a release updates those `flows` elements to expire in 1 ms and adds
+//! their `unlocked` elements, then updates them, in the same transaction,
+//! to expire in 1 ms from the commit (after the `flows` ones): gone a
+//! jiffy later, never before the `flows` ones. A relock within that jiffy
+//! takes another slot. Kernels without DESTROYSETELEM (Linux 6.3) or
+//! element expiry updates (Linux 6.10), detected once per process
+//! (`mode`), delete elements instead, as before the `unlocked` sets.
 
 use crate::sys;
 use crate::Error;
@@ -66,12 +71,11 @@ const EXPIRED_EXPIRATION: Duration = Duration::from_millis(1);
 /// The timeout written with it (at least the expiration).
 const EXPIRED_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// How long a released flow stays in the `unlocked` set, at least: longer
-/// than its `flows` element takes to expire (1 ms, rounded up to the next
-/// jiffy: at most 10 ms at HZ=100; two jiffies there), short enough that a
-/// relock rarely finds it there: removing a present element makes the
-/// close of the netlink socket wait for an RCU grace period (8-30 ms; the
-/// lock is in force before that, when the commit is acknowledged).
+/// How long a released flow's `unlocked` element is added for, before
+/// the same transaction shortens it to expire a jiffy after the commit:
+/// longer than its `flows` element takes to expire (1 ms, rounded up to
+/// the next jiffy: at most 10 ms at HZ=100; two jiffies there), should a
+/// kernel not apply that update.
 pub const UNLOCKED_TIMEOUT: Duration = Duration::from_millis(20);
 
 /// Added to [`UNLOCKED_TIMEOUT`] per released flow: a new `unlocked`
