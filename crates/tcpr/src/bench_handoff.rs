@@ -315,6 +315,15 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
     }
     let mut lab = Lab::new("bh")?;
     let c = lab.host("c", &["10.66.0.1/24"])?;
+    // The whole ephemeral range for the client: a report opens over 33,000
+    // connections to one service address, and b, which closes each one it
+    // receives first, keeps their pairs in TIME_WAIT for a minute; a client
+    // port used again within it makes b refuse that restore (EADDRINUSE,
+    // rolled back). The default range (28,232 ports) wraps within a report.
+    tcpr_netlab::run(
+        c.cmd("sysctl")
+            .args(["-qw", "net.ipv4.ip_local_port_range=1024 65535"]),
+    )?;
     let a = lab.host("a", &["10.66.0.2/24", &format!("{SVC}/24")])?;
     let b = lab.host("b", &["10.66.0.3/24"])?;
     let auth = Auth::Psk(Arc::new(b"bench-handoff shared secret".to_vec()));
