@@ -4,13 +4,11 @@
 //!
 //! One nftables table, `inet tcpr`, holds per wire family (a dual-stack
 //! socket's IPv4-mapped flow counts as IPv4, since its packets are IPv4)
-//! four slots of two sets keyed by `peer addr . peer port . local addr .
-//! local port` with per-element timeouts: locked flows (`flows4`,
-//! `flows4_1`, ...) and released ones (`unlocked4`, `unlocked4_1`, ...),
-//! and rules (prerouting and output, priority -300, before conntrack)
-//! that drop a packet whose flow is locked and not released in some slot
-//! (looked at only for a flow in `flows4`/`flows6`, slot 0, where every
-//! lock has its lease). The table is created on first use and is
+//! two sets keyed by `peer addr . peer port . local addr . local port`
+//! with per-element timeouts: `flows4`/`flows6` (locked) and
+//! `unlocked4`/`unlocked6` (released), and two rules (prerouting and
+//! output, priority -300, before conntrack) that drop a packet whose flow
+//! is locked and not released. The table is created on first use and is
 //! otherwise static: per-flow state lives only in the set elements, which
 //! expire by themselves. The table is installed with the `nft` command
 //! (libnftables' syntax is the documented interface for rules); elements
@@ -21,18 +19,15 @@
 //! returns microseconds later, because it only *adds* elements, updates
 //! their expiry, or destroys absent ones. Removing a present element also
 //! commits at once, but the transaction then holds the element until an
-//! RCU grace period has passed, and closing any nf_tables netlink socket
-//! of the namespace (`NETLINK_URELEASE`) waits for that (8-30 ms). So a
-//! lock takes, per flow, the first slot whose `unlocked` element is absent
-//! (one dump of that set), adds the flow to slot 0's and that slot's
-//! `flows` set for the lease and destroys the absent `unlocked` element;
-//! a release updates those `flows` elements to expire in 1 ms and adds
-//! their `unlocked` elements, then updates them, in the same transaction,
-//! to expire in 1 ms from the commit (after the `flows` ones): gone a
-//! jiffy later, never before the `flows` ones. A relock within that jiffy
-//! takes another slot. Kernels without DESTROYSETELEM (Linux 6.3) or
-//! element expiry updates (Linux 6.10), detected once per process
-//! (`mode`), delete elements instead, as before the `unlocked` sets.
+//! RCU grace period has passed, and closing the netlink socket
+//! (`NETLINK_URELEASE`) waits for that (8-30 ms). So a lock adds the flow
+//! to `flows` for the lease and destroys its `unlocked` element (absent
+//! unless released in the last [`UNLOCKED_TIMEOUT`] or so); a release adds
+//! it to `unlocked` for [`UNLOCKED_TIMEOUT`] (plus 10 µs per flow of the
+//! batch) and updates its `flows` element to expire in 1 ms, before the
+//! `unlocked` one. Kernels without DESTROYSETELEM (Linux 6.3) or element
+//! expiry updates (Linux 6.10), detected once per process (`mode`), delete
+//! elements instead, as before the `unlocked` sets.
 
 use crate::sys;
 use crate::Error;
@@ -71,11 +66,12 @@ const EXPIRED_EXPIRATION: Duration = Duration::from_millis(1);
 /// The timeout written with it (at least the expiration).
 const EXPIRED_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// How long a released flow's `unlocked` element is added for, before
-/// the same transaction shortens it to expire a jiffy after the commit:
-/// longer than its `flows` element takes to expire (1 ms, rounded up to
-/// the next jiffy: at most 10 ms at HZ=100; two jiffies there), should a
-/// kernel not apply that update.
+/// How long a released flow stays in the `unlocked` set, at least: longer
+/// than its `flows` element takes to expire (1 ms, rounded up to the next
+/// jiffy: at most 10 ms at HZ=100; two jiffies there), short enough that a
+/// relock rarely finds it there: removing a present element makes the
+/// close of the netlink socket wait for an RCU grace period (8-30 ms; the
+/// lock is in force before that, when the commit is acknowledged).
 pub const UNLOCKED_TIMEOUT: Duration = Duration::from_millis(20);
 
 /// Added to [`UNLOCKED_TIMEOUT`] per released flow: a new `unlocked`
@@ -123,57 +119,36 @@ pub(crate) enum LockSet {
     V6,
 }
 
-/// The lock's slots: slot 0 is `flows4`/`unlocked4` (and `6`), slot `k`
-/// adds `flows4_k`/`unlocked4_k`. A lock takes the first slot whose
-/// `unlocked` element is absent, so that a relock right after a release
-/// adds elements instead of removing the present `unlocked` one.
-pub(crate) const SLOTS: usize = 4;
-
 impl LockSet {
     pub(crate) fn name(self) -> &'static str {
-        self.flows_name(0)
-    }
-
-    /// The name of the set of locked flows of `slot`.
-    fn flows_name(self, slot: usize) -> &'static str {
-        const V4: [&str; SLOTS] = ["flows4", "flows4_1", "flows4_2", "flows4_3"];
-        const V6: [&str; SLOTS] = ["flows6", "flows6_1", "flows6_2", "flows6_3"];
         match self {
-            LockSet::V4 => V4[slot],
-            LockSet::V6 => V6[slot],
+            LockSet::V4 => "flows4",
+            LockSet::V6 => "flows6",
         }
     }
 
-    /// The name of the set of released flows of `slot`.
-    fn unlocked_name(self, slot: usize) -> &'static str {
-        const V4: [&str; SLOTS] = ["unlocked4", "unlocked4_1", "unlocked4_2", "unlocked4_3"];
-        const V6: [&str; SLOTS] = ["unlocked6", "unlocked6_1", "unlocked6_2", "unlocked6_3"];
+    /// The name of the set of released flows.
+    fn unlocked_name(self) -> &'static str {
         match self {
-            LockSet::V4 => V4[slot],
-            LockSet::V6 => V6[slot],
+            LockSet::V4 => "unlocked4",
+            LockSet::V6 => "unlocked6",
         }
     }
 
-    /// The set of locked flows in the lock's table (slot 0: every lock has
-    /// an element there, for its lease).
+    /// The set of locked flows in the lock's table.
     pub(crate) fn set_ref(self) -> SetRef<'static> {
-        self.flows(0)
-    }
-
-    /// The set of locked flows of `slot`.
-    fn flows(self, slot: usize) -> SetRef<'static> {
         SetRef {
             family: Family::Inet,
             table: TABLE,
-            set: self.flows_name(slot),
+            set: self.name(),
         }
     }
 
-    /// The set of released flows of `slot`.
-    fn unlocked(self, slot: usize) -> SetRef<'static> {
+    /// The set of released flows.
+    fn unlocked(self) -> SetRef<'static> {
         SetRef {
-            set: self.unlocked_name(slot),
-            ..self.flows(slot)
+            set: self.unlocked_name(),
+            ..self.set_ref()
         }
     }
 }
@@ -272,66 +247,33 @@ impl Netns {
 fn ruleset() -> String {
     // `flush chain` then `add rule` in the same transaction keeps this
     // idempotent without touching the set elements of other locks, and
-    // replaces the rules of an older layout (no `unlocked` sets, or one
-    // slot). A packet looks up slot 0's `flows` set only, unless its flow
-    // is there (locked, or released less than a jiffy ago): then its
-    // family's chain looks at the slots.
-    let types = [
-        (4, "ipv4_addr . inet_service . ipv4_addr . inet_service"),
-        (6, "ipv6_addr . inet_service . ipv6_addr . inet_service"),
-    ];
-    let keys = [
-        ("pre", 4, "ip saddr . tcp sport . ip daddr . tcp dport"),
-        ("pre", 6, "ip6 saddr . tcp sport . ip6 daddr . tcp dport"),
-        ("out", 4, "ip daddr . tcp dport . ip saddr . tcp sport"),
-        ("out", 6, "ip6 daddr . tcp dport . ip6 saddr . tcp sport"),
-    ];
-    let mut out = format!("add table inet {TABLE}\n");
-    for (family, ty) in types {
-        let set = if family == 4 {
-            LockSet::V4
-        } else {
-            LockSet::V6
-        };
-        for slot in 0..SLOTS {
-            for name in [set.flows_name(slot), set.unlocked_name(slot)] {
-                let _ = writeln!(
-                    out,
-                    "add set inet {TABLE} {name} {{ type {ty}; flags timeout; }}"
-                );
-            }
-        }
-    }
-    for (chain, hook) in [("pre", "prerouting"), ("out", "output")] {
-        let _ = writeln!(
-            out,
-            "add chain inet {TABLE} {chain} {{ type filter hook {hook} priority -300; policy accept; }}\n\
-             flush chain inet {TABLE} {chain}"
-        );
-    }
-    for (chain, family, key) in keys {
-        let set = if family == 4 {
-            LockSet::V4
-        } else {
-            LockSet::V6
-        };
-        let (flows, unlocked) = (set.flows_name(0), set.unlocked_name(0));
-        let _ = writeln!(
-            out,
-            "add chain inet {TABLE} {chain}{family}\n\
-             flush chain inet {TABLE} {chain}{family}\n\
-             add rule inet {TABLE} {chain} {key} @{flows} jump {chain}{family}\n\
-             add rule inet {TABLE} {chain}{family} {key} != @{unlocked} drop"
-        );
-        for slot in 1..SLOTS {
-            let (flows, unlocked) = (set.flows_name(slot), set.unlocked_name(slot));
-            let _ = writeln!(
-                out,
-                "add rule inet {TABLE} {chain}{family} {key} @{flows} {key} != @{unlocked} drop"
-            );
-        }
-    }
-    out
+    // replaces the rules of an older layout (no `unlocked` sets).
+    let flow4 = "ipv4_addr . inet_service . ipv4_addr . inet_service";
+    let flow6 = "ipv6_addr . inet_service . ipv6_addr . inet_service";
+    let (pre4, out4) = (
+        "ip saddr . tcp sport . ip daddr . tcp dport",
+        "ip daddr . tcp dport . ip saddr . tcp sport",
+    );
+    let (pre6, out6) = (
+        "ip6 saddr . tcp sport . ip6 daddr . tcp dport",
+        "ip6 daddr . tcp dport . ip6 saddr . tcp sport",
+    );
+    format!(
+        "add table inet {TABLE}
+add set inet {TABLE} flows4 {{ type {flow4}; flags timeout; }}
+add set inet {TABLE} flows6 {{ type {flow6}; flags timeout; }}
+add set inet {TABLE} unlocked4 {{ type {flow4}; flags timeout; }}
+add set inet {TABLE} unlocked6 {{ type {flow6}; flags timeout; }}
+add chain inet {TABLE} pre {{ type filter hook prerouting priority -300; policy accept; }}
+add chain inet {TABLE} out {{ type filter hook output priority -300; policy accept; }}
+flush chain inet {TABLE} pre
+flush chain inet {TABLE} out
+add rule inet {TABLE} pre {pre4} @flows4 {pre4} != @unlocked4 drop
+add rule inet {TABLE} pre {pre6} @flows6 {pre6} != @unlocked6 drop
+add rule inet {TABLE} out {out4} @flows4 {out4} != @unlocked4 drop
+add rule inet {TABLE} out {out6} @flows6 {out6} != @unlocked6 drop
+"
+    )
 }
 
 /// Runs an nft script in `ns`.
@@ -378,13 +320,13 @@ fn nft(ns: &Netns, script: &str) -> Result<(), Error> {
 
 /// Installs the lock's table in the caller's network namespace, if it is
 /// not there yet, or upgrades a table of an older layout (no `unlocked`
-/// sets, or one slot; its rules are replaced, its elements kept). Optional: the first lock does it
+/// sets; its rules are replaced). Optional: the first lock does it
 /// otherwise, with one `nft` run (about 10 ms) in its critical path.
 pub fn prepare() -> Result<(), Error> {
     let current = nfnl::Socket::open(None).and_then(|nl| {
         Ok(nl.table_exists(Family::Inet, TABLE)?
-            && nl.set_exists(LockSet::V4.unlocked(SLOTS - 1))?
-            && nl.set_exists(LockSet::V6.unlocked(SLOTS - 1))?)
+            && nl.set_exists(LockSet::V4.unlocked())?
+            && nl.set_exists(LockSet::V6.unlocked())?)
     });
     if current.unwrap_or(false) {
         return Ok(());
@@ -398,8 +340,6 @@ pub fn prepare() -> Result<(), Error> {
 #[derive(Debug)]
 pub struct FlowLock {
     flows: Vec<Flow>,
-    /// The slot each flow is locked in (`flows[i]` in `slots[i]`).
-    slots: Vec<usize>,
     ns: Netns,
     released: bool,
 }
@@ -418,11 +358,11 @@ impl FlowLock {
         // Fast path: the table is there, only elements change (no rule
         // churn), over netlink. Otherwise install the table, then add the
         // elements, with `nft`.
-        let (mut locked, mut slots) = lock_fast(&ns, flows, lease_ms, mode::current());
+        let mut locked = fast(&ns, lock_batch(flows, lease_ms, mode::current()));
         if let Err(Failure::Unsupported(_)) = locked {
             // No DESTROYSETELEM: lock without it, as before the `unlocked` sets.
             mode::fall_back("it refuses DESTROYSETELEM (Linux 6.3+)");
-            (locked, slots) = lock_fast(&ns, flows, lease_ms, Mode::Delete);
+            locked = fast(&ns, lock_batch(flows, lease_ms, Mode::Delete));
         }
         match locked {
             Ok(()) => {}
@@ -431,20 +371,18 @@ impl FlowLock {
                 nft(&ns, &(ruleset() + &script(flows, lease_ms, false)))?;
                 // The table was there but refused the batch: a released
                 // element may still shadow the lock.
-                slots = vec![0; flows.len()];
                 if mode::current() != Mode::Delete {
                     let mut batch = Batch::new();
-                    for (set, _, elements) in by_slot(flows, &slots) {
-                        batch.elements(set.unlocked(0), &elements, Op::Destroy);
+                    for (set, elements) in by_set(flows) {
+                        batch.elements(set.unlocked(), &elements, Op::Destroy);
                     }
                     fast(&ns, batch)?;
                 }
             }
         }
-        tracing::debug!(flows = flows.len(), lease_ms, ?slots, "flows locked");
+        tracing::debug!(flows = flows.len(), lease_ms, "flows locked");
         Ok(FlowLock {
             flows: flows.to_vec(),
-            slots,
             ns,
             released: false,
         })
@@ -458,7 +396,7 @@ impl FlowLock {
     /// Releases the lock now.
     pub fn release(mut self) -> Result<(), Error> {
         self.released = true;
-        release_in(&self.ns, &self.flows, Slots::Held(&self.slots))
+        release_flows(&self.ns, &self.flows)
     }
 
     /// Releases many locks with one transaction per namespace; the flows'
@@ -479,27 +417,22 @@ impl FlowLock {
             identity: Option<(u64, u64)>,
             ns: Netns,
             flows: Vec<Flow>,
-            slots: Vec<usize>,
         }
         let mut groups: Vec<Group> = Vec::new();
         for mut l in locks {
             l.released = true;
             let identity = l.ns.identity();
             match groups.iter_mut().find(|g| g.identity == identity) {
-                Some(g) => {
-                    g.flows.append(&mut l.flows);
-                    g.slots.append(&mut l.slots);
-                }
+                Some(g) => g.flows.append(&mut l.flows),
                 None => groups.push(Group {
                     identity,
                     ns: l.ns.try_clone(),
                     flows: std::mem::take(&mut l.flows),
-                    slots: std::mem::take(&mut l.slots),
                 }),
             }
         }
         for g in groups {
-            release_in(&g.ns, &g.flows, Slots::Held(&g.slots))?;
+            release_flows(&g.ns, &g.flows)?;
         }
         Ok(())
     }
@@ -508,10 +441,8 @@ impl FlowLock {
     pub fn split_off(&mut self, flow: &Flow) -> Option<FlowLock> {
         let i = self.flows.iter().position(|f| f == flow)?;
         let f = self.flows.swap_remove(i);
-        let slot = self.slots.swap_remove(i);
         Some(FlowLock {
             flows: vec![f],
-            slots: vec![slot],
             ns: self.ns.try_clone(),
             released: false,
         })
@@ -526,7 +457,7 @@ impl FlowLock {
 impl Drop for FlowLock {
     fn drop(&mut self) {
         if !self.released {
-            if let Err(e) = release_in(&self.ns, &self.flows, Slots::Held(&self.slots)) {
+            if let Err(e) = release_flows(&self.ns, &self.flows) {
                 tracing::warn!("releasing a flow lock failed (its lease will expire it): {e}");
             }
         }
@@ -536,21 +467,6 @@ impl Drop for FlowLock {
 /// Releases `flows` in `ns`, locked or not: their packets pass when this
 /// returns.
 pub fn release_flows(ns: &Netns, flows: &[Flow]) -> Result<(), Error> {
-    release_in(ns, flows, Slots::All)
-}
-
-/// Which slots a release covers.
-#[derive(Clone, Copy, Debug)]
-enum Slots<'a> {
-    /// Those the flows were locked in (`flows[i]` in `[i]`).
-    Held(&'a [usize]),
-    /// All: a release by someone that did not lock (a restore taking a
-    /// lock over, a lock kept and released later).
-    All,
-}
-
-/// Releases `flows`, locked in `slots`, in `ns`.
-fn release_in(ns: &Netns, flows: &[Flow], slots: Slots<'_>) -> Result<(), Error> {
     if flows.is_empty() {
         return Ok(());
     }
@@ -572,7 +488,7 @@ fn release_in(ns: &Netns, flows: &[Flow], slots: Slots<'_>) -> Result<(), Error>
     if probe {
         mode::probe(&mut batch);
     }
-    shadow_release(&mut batch, flows, slots);
+    shadow_release(&mut batch, flows);
     match fast(ns, batch) {
         Err(Failure::Failed(e @ Error::Permission(_))) => Err(e),
         Err(Failure::Unsupported(_)) => {
@@ -589,46 +505,21 @@ fn release_in(ns: &Netns, flows: &[Flow], slots: Slots<'_>) -> Result<(), Error>
 }
 
 /// Adds to `batch` the release of `flows` on a kernel that updates
-/// expiries ([`Mode::Shadow`]): in slot 0 (every lock's lease) and the
-/// flow's own slot, an `unlocked` element each, and their lock elements
-/// expiring at once. The `unlocked` element is written twice: added (with
-/// a margin, as its expiry counts from when the kernel parses it), then
-/// updated to expire in one jiffy, an update that nf_tables applies at the
-/// commit, after the `flows` element's (the messages before it): so it
-/// never ends before the `flows` one and stays about a jiffy.
-fn shadow_release(batch: &mut Batch, flows: &[Flow], slots: Slots<'_>) {
-    let groups: Vec<(LockSet, usize, Vec<Element>)> = match slots {
-        Slots::All => (0..SLOTS)
-            .flat_map(|slot| by_slot(flows, &vec![slot; flows.len()]))
-            .collect(),
-        Slots::Held(held) => {
-            let mut groups = by_slot(flows, &vec![0; flows.len()]);
-            groups.extend(by_slot(flows, held).into_iter().filter(|g| g.1 > 0));
-            groups
-        }
-    };
-    let margin = unlocked_timeout(flows.len());
-    let expire = Op::AddExpiring {
-        timeout: EXPIRED_TIMEOUT,
-        expires_in: EXPIRED_EXPIRATION,
-    };
-    let shadow = Op::AddExpiring {
-        timeout: margin,
-        expires_in: margin,
-    };
-    let shorten = Op::AddExpiring {
-        timeout: margin,
-        expires_in: EXPIRED_EXPIRATION,
-    };
-    for (op, released) in [(expire, false), (shadow, true), (shorten, true)] {
-        for (set, slot, elements) in &groups {
-            let target = if released {
-                set.unlocked(*slot)
-            } else {
-                set.flows(*slot)
-            };
-            batch.elements(target, elements, op);
-        }
+/// expiries ([`Mode::Shadow`]): an `unlocked` element each, and their lock
+/// elements expiring at once.
+fn shadow_release(batch: &mut Batch, flows: &[Flow]) {
+    let unlocked_for = unlocked_timeout(flows.len());
+    for (set, elements) in by_set(flows) {
+        let shadow = Op::AddExpiring {
+            timeout: unlocked_for,
+            expires_in: unlocked_for,
+        };
+        batch.elements(set.unlocked(), &elements, shadow);
+        let expire = Op::AddExpiring {
+            timeout: EXPIRED_TIMEOUT,
+            expires_in: EXPIRED_EXPIRATION,
+        };
+        batch.elements(set.set_ref(), &elements, expire);
     }
 }
 
@@ -662,7 +553,7 @@ impl Releaser {
             self.socket = nfnl::Socket::open(self.ns.fd.as_ref().map(|f| f.as_fd())).ok();
         }
         let mut batch = Batch::new();
-        shadow_release(&mut batch, flows, Slots::All);
+        shadow_release(&mut batch, flows);
         match self.socket.as_ref().map(|s| s.commit(batch)) {
             Some(Ok(())) => Ok(()),
             _ => {
@@ -686,9 +577,9 @@ fn delete(ns: &Netns, flows: &[Flow]) -> Result<(), Error> {
     // `add` then `delete` in one transaction: deleting an absent element
     // would fail the whole batch, and the element may have expired.
     let mut batch = Batch::new();
-    for (set, _, elements) in by_slot(flows, &vec![0; flows.len()]) {
-        batch.elements(set.flows(0), &elements, add_op(READD_BEFORE_DELETE_MS));
-        batch.elements(set.flows(0), &elements, Op::Delete);
+    for (set, elements) in by_set(flows) {
+        batch.elements(set.set_ref(), &elements, add_op(READD_BEFORE_DELETE_MS));
+        batch.elements(set.set_ref(), &elements, Op::Delete);
     }
     match fast(ns, batch) {
         Err(Failure::Failed(e @ Error::Permission(_))) => Err(e),
@@ -701,94 +592,16 @@ fn delete(ns: &Netns, flows: &[Flow]) -> Result<(), Error> {
     }
 }
 
-/// Locks `flows` for `lease_ms` on one netlink socket in `ns`: picks
-/// each flow's slot (unless this kernel deletes), then commits. Returns
-/// the slots too.
-fn lock_fast(
-    ns: &Netns,
-    flows: &[Flow],
-    lease_ms: u64,
-    mode: Mode,
-) -> (Result<(), Failure>, Vec<usize>) {
-    let nsfd = ns.fd.as_ref().map(|f| f.as_fd());
-    let mut slots = vec![0; flows.len()];
-    let nl = match nfnl::Socket::open(nsfd) {
-        Ok(nl) => nl,
-        Err(e) => return (Err(failure(e)), slots),
-    };
-    let nl = if mode == Mode::Delete {
-        nl
-    } else {
-        match pick_slots(&nl, flows) {
-            Ok(picked) => {
-                slots = picked;
-                nl
-            }
-            // Slot 0 for all, on a fresh socket: an answer of the failed
-            // look-up may still be on its way.
-            Err(e) => match nfnl::Socket::open(nsfd) {
-                Ok(fresh) => {
-                    tracing::debug!("the lock's slot look-up failed: {e}");
-                    fresh
-                }
-                Err(e) => return (Err(failure(e)), slots),
-            },
-        }
-    };
-    let batch = lock_batch(flows, &slots, lease_ms, mode);
-    (nl.commit(batch).map_err(failure), slots)
-}
-
-/// The slot of each flow: the first whose `unlocked` element is absent
-/// (one dump of an `unlocked` set per slot and family looked at; these
-/// sets hold only flows released within the last jiffy, and a dump leaves
-/// out expired elements). A flow with none free gets slot 0, whose
-/// present element the lock then removes (its socket's close waits for a
-/// grace period).
-fn pick_slots(nl: &nfnl::Socket, flows: &[Flow]) -> Result<Vec<usize>, NlError> {
-    let mut slots: Vec<Option<usize>> = vec![None; flows.len()];
-    for slot in 0..SLOTS {
-        for set in [LockSet::V4, LockSet::V6] {
-            let pending: Vec<usize> = (0..flows.len())
-                .filter(|&i| slots[i].is_none() && flows[i].set() == set)
-                .collect();
-            if pending.is_empty() {
-                continue;
-            }
-            let released: std::collections::HashSet<Vec<u8>> =
-                nl.keys(set.unlocked(slot))?.into_iter().collect();
-            for i in pending {
-                if !released.contains(&flows[i].key()) {
-                    slots[i] = Some(slot);
-                }
-            }
-        }
-    }
-    let full = slots.iter().filter(|s| s.is_none()).count();
-    if full > 0 {
-        tracing::debug!(
-            flows = full,
-            "no free lock slot: removing a present `unlocked` element"
-        );
-    }
-    Ok(slots.into_iter().map(|s| s.unwrap_or(0)).collect())
-}
-
-/// The transaction that locks `flows` for `lease_ms`, `flows[i]` in
-/// `slots[i]`: adds them to slot 0's lock sets (the lease of every lock)
-/// and, unless this kernel deletes, to their slot's, and destroys their
-/// slot's `unlocked` elements (absent, but for a flow with no free slot).
-fn lock_batch(flows: &[Flow], slots: &[usize], lease_ms: u64, mode: Mode) -> Batch {
+/// The transaction that locks `flows` for `lease_ms`: adds them to the
+/// lock sets and, unless this kernel deletes, destroys their `unlocked`
+/// elements (absent but for a release in the last [`UNLOCKED_TIMEOUT`]
+/// or so).
+fn lock_batch(flows: &[Flow], lease_ms: u64, mode: Mode) -> Batch {
     let mut batch = Batch::new();
-    for (set, _, elements) in by_slot(flows, &vec![0; flows.len()]) {
-        batch.elements(set.flows(0), &elements, add_op(lease_ms));
-    }
-    if mode != Mode::Delete {
-        for (set, slot, elements) in by_slot(flows, slots) {
-            if slot > 0 {
-                batch.elements(set.flows(slot), &elements, add_op(lease_ms));
-            }
-            batch.elements(set.unlocked(slot), &elements, Op::Destroy);
+    for (set, elements) in by_set(flows) {
+        batch.elements(set.set_ref(), &elements, add_op(lease_ms));
+        if mode != Mode::Delete {
+            batch.elements(set.unlocked(), &elements, Op::Destroy);
         }
     }
     batch
@@ -821,19 +634,17 @@ fn add_op(ms: u64) -> Op {
     }
 }
 
-/// The elements of `flows`, by the lock set that sees their packets and
-/// their slot (`flows[i]` in `slots[i]`).
-fn by_slot(flows: &[Flow], slots: &[usize]) -> Vec<(LockSet, usize, Vec<Element>)> {
-    let mut groups: Vec<(LockSet, usize, Vec<Element>)> = Vec::new();
-    for (f, &slot) in flows.iter().zip(slots) {
-        let set = f.set();
-        let element = Element::key(f.key());
-        match groups.iter_mut().find(|g| g.0 == set && g.1 == slot) {
-            Some(g) => g.2.push(element),
-            None => groups.push((set, slot, vec![element])),
-        }
-    }
-    groups
+/// The elements of `flows`, by the lock set that sees their packets.
+fn by_set(flows: &[Flow]) -> Vec<(LockSet, Vec<Element>)> {
+    let (v4, v6): (Vec<&Flow>, Vec<&Flow>) = flows.iter().partition(|f| f.set() == LockSet::V4);
+    [(LockSet::V4, v4), (LockSet::V6, v6)]
+        .into_iter()
+        .filter(|(_, group)| !group.is_empty())
+        .map(|(set, group)| {
+            let elements = group.into_iter().map(|f| Element::key(f.key())).collect();
+            (set, elements)
+        })
+        .collect()
 }
 
 /// Why a netlink transaction of the lock failed.
@@ -860,21 +671,21 @@ impl From<Failure> for Error {
 
 /// Commits an element batch over netlink in `ns`.
 fn fast(ns: &Netns, batch: Batch) -> Result<(), Failure> {
-    nfnl::commit(ns.fd.as_ref().map(|f| f.as_fd()), batch).map_err(failure)
-}
-
-/// What a failed netlink request means for the lock.
-fn failure(e: NlError) -> Failure {
-    match e {
-        NlError::Refused(libc::EPERM) => Failure::Failed(Error::Permission(
+    match nfnl::commit(ns.fd.as_ref().map(|f| f.as_fd()), batch) {
+        Ok(()) => Ok(()),
+        Err(NlError::Refused(libc::EPERM)) => Err(Failure::Failed(Error::Permission(
             "nftables refused to change the ruleset: CAP_NET_ADMIN is needed to lock flows".into(),
-        )),
-        NlError::Refused(errno @ (libc::EINVAL | libc::EOPNOTSUPP)) => Failure::Unsupported(errno),
-        NlError::Refused(errno) => Failure::Failed(Error::Lock(format!(
+        ))),
+        Err(NlError::Refused(errno @ (libc::EINVAL | libc::EOPNOTSUPP))) => {
+            Err(Failure::Unsupported(errno))
+        }
+        Err(NlError::Refused(errno)) => Err(Failure::Failed(Error::Lock(format!(
             "nf_tables refused the lock's elements: {}",
             std::io::Error::from_raw_os_error(errno)
-        ))),
-        NlError::Io(e) => Failure::Failed(Error::Lock(format!("nf_tables netlink: {e}"))),
+        )))),
+        Err(NlError::Io(e)) => Err(Failure::Failed(Error::Lock(format!(
+            "nf_tables netlink: {e}"
+        )))),
     }
 }
 
@@ -914,23 +725,13 @@ fn count_elements(json: &[u8]) -> Result<usize, Error> {
     };
     // The probe of a process's first release (`mode`) is no lock.
     let probe = serde_json::json!({"concat": ["0.0.0.0", 0, "0.0.0.0", 0]});
-    // Locked: in slot 0's `flows` set (every lock's lease) and, in some
-    // slot, in its `flows` set and not in its `unlocked` one.
     Ok([LockSet::V4, LockSet::V6]
         .iter()
         .map(|s| {
-            let slots: Vec<_> = (0..SLOTS)
-                .map(|slot| (values(s.flows_name(slot)), values(s.unlocked_name(slot))))
-                .collect();
-            slots[0]
-                .0
-                .iter()
-                .filter(|v| ***v != probe)
-                .filter(|v| {
-                    slots
-                        .iter()
-                        .any(|(locked, released)| locked.contains(v) && !released.contains(v))
-                })
+            let released = values(s.unlocked_name());
+            values(s.name())
+                .into_iter()
+                .filter(|v| !released.contains(v) && **v != probe)
                 .count()
         })
         .sum())
@@ -949,19 +750,8 @@ pub fn is_locked(ns: &Netns, flow: &Flow) -> Result<bool, Error> {
 /// Whether `flow` is locked, asked on `nl`.
 fn held(nl: &nfnl::Socket, flow: &Flow) -> Result<bool, NlError> {
     let (set, key) = (flow.set(), flow.key());
-    // A missing table or set answers "absent". Slot 0's `flows` element
-    // is every lock's lease; a slot locks the flow while its `flows`
-    // element is there and its `unlocked` one is not.
-    if nl.element(set.flows(0), &key)?.is_none() {
-        return Ok(false);
-    }
-    for slot in 0..SLOTS {
-        let locked = slot == 0 || nl.element(set.flows(slot), &key)?.is_some();
-        if locked && nl.element(set.unlocked(slot), &key)?.is_none() {
-            return Ok(true);
-        }
-    }
-    Ok(false)
+    // A missing table or set answers "absent".
+    Ok(nl.element(set.set_ref(), &key)?.is_some() && nl.element(set.unlocked(), &key)?.is_none())
 }
 
 fn lookup_error(e: NlError) -> Error {

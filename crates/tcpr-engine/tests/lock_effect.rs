@@ -97,42 +97,6 @@ fn a_relock_right_after_release_drops_at_once() {
     });
 }
 
-#[test]
-fn relocks_in_quick_succession_drop_at_once_and_their_releases_pass_at_once() {
-    in_private_netns(|| {
-        lock::prepare().unwrap();
-        let baseline = ruleset();
-        for v6 in [false, true] {
-            let mut p = PyPair::new(v6);
-            let flow = p.flow;
-            let cycle = || {
-                FlowLock::acquire(&[flow], Netns::current(), LEASE)
-                    .unwrap()
-                    .release()
-                    .unwrap()
-            };
-            // More lock-release cycles than the lock has slots, back to
-            // back: each lock takes a slot whose `unlocked` element is
-            // absent, or (none left within the jiffy) removes one.
-            for _ in 0..6 {
-                cycle();
-            }
-            let l = FlowLock::acquire(&[p.flow], Netns::current(), LEASE).unwrap();
-            assert!(lock::is_locked(&Netns::current(), &p.flow).unwrap());
-            p.dropped_both_ways("relocked");
-            l.release().unwrap();
-            assert!(!lock::is_locked(&Netns::current(), &p.flow).unwrap());
-            p.delivers_late("relocked");
-            // The release of a relock lets the very first packet through.
-            for _ in 0..6 {
-                cycle();
-            }
-            p.passes_at_once("released");
-        }
-        nothing_left(&baseline);
-    });
-}
-
 /// Set in a re-run of this test binary: the child that takes a lock and
 /// exits (its value: local, peer, lease in ms).
 const CHILD_ENV: &str = "TCPR_TEST_LOCK_CHILD";
@@ -203,67 +167,42 @@ add rule inet tcpr out ip daddr . tcp dport . ip saddr . tcp sport @flows4 drop
 add rule inet tcpr out ip6 daddr . tcp dport . ip6 saddr . tcp sport @flows6 drop
 ";
 
-/// The layout of one slot: `unlocked` sets, no jump to a chain per family.
-const ONE_SLOT_LAYOUT: &str = "add table inet tcpr
-add set inet tcpr flows4 { type ipv4_addr . inet_service . ipv4_addr . inet_service; flags timeout; }
-add set inet tcpr flows6 { type ipv6_addr . inet_service . ipv6_addr . inet_service; flags timeout; }
-add set inet tcpr unlocked4 { type ipv4_addr . inet_service . ipv4_addr . inet_service; flags timeout; }
-add set inet tcpr unlocked6 { type ipv6_addr . inet_service . ipv6_addr . inet_service; flags timeout; }
-add chain inet tcpr pre { type filter hook prerouting priority -300; policy accept; }
-add chain inet tcpr out { type filter hook output priority -300; policy accept; }
-add rule inet tcpr pre ip saddr . tcp sport . ip daddr . tcp dport @flows4 ip saddr . tcp sport . ip daddr . tcp dport != @unlocked4 drop
-add rule inet tcpr pre ip6 saddr . tcp sport . ip6 daddr . tcp dport @flows6 ip6 saddr . tcp sport . ip6 daddr . tcp dport != @unlocked6 drop
-add rule inet tcpr out ip daddr . tcp dport . ip saddr . tcp sport @flows4 ip daddr . tcp dport . ip saddr . tcp sport != @unlocked4 drop
-add rule inet tcpr out ip6 daddr . tcp dport . ip6 saddr . tcp sport @flows6 ip6 daddr . tcp dport . ip6 saddr . tcp sport != @unlocked6 drop
-";
-
 #[test]
-fn prepare_upgrades_a_table_of_an_older_layout() {
-    for (name, layout) in [
-        ("no-unlocked-sets", OLD_LAYOUT),
-        ("one-slot", ONE_SLOT_LAYOUT),
-    ] {
-        in_private_netns(move || {
-            let mut p = PyPair::new(false);
-            // An older tcpr installed the table and holds a lock.
-            let element = format!(
-                "add element inet tcpr flows4 {{ {} . {} . {} . {} timeout 60s }}\n",
-                p.flow.peer.ip(),
-                p.flow.peer.port(),
-                p.flow.local.ip(),
-                p.flow.local.port()
-            );
-            let mut nft = Command::new("nft")
-                .args(["-f", "-"])
-                .stdin(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            use std::io::Write;
-            let mut stdin = nft.stdin.take().unwrap();
-            stdin
-                .write_all((layout.to_string() + &element).as_bytes())
-                .unwrap();
-            drop(stdin);
-            assert!(nft.wait().unwrap().success());
-            lock::prepare().unwrap();
-            let rules = ruleset();
-            let drops: Vec<&str> = rules.lines().filter(|l| l.contains(" drop")).collect();
-            // Four slots in each of the four chains (a hook and a family).
-            assert_eq!(drops.len(), 16, "{name}: {rules}");
-            for rule in drops {
-                assert!(
-                    rule.contains("!= @unlocked"),
-                    "{name}: an old rule is left: {rule}"
-                );
-            }
-            let jumps = rules.lines().filter(|l| l.contains(" jump ")).count();
-            assert_eq!(jumps, 4, "{name}: {rules}");
-            // The older process's lock holds across the upgrade, and releases.
-            assert!(lock::is_locked(&Netns::current(), &p.flow).unwrap());
-            p.dropped_both_ways(name);
-            lock::release_flows(&Netns::current(), &[p.flow]).unwrap();
-            p.delivers_late(name);
-            p.passes_at_once(name);
-        });
-    }
+fn prepare_upgrades_a_table_of_the_older_layout() {
+    in_private_netns(|| {
+        let mut p = PyPair::new(false);
+        // An older tcpr installed the table and holds a lock.
+        let element = format!(
+            "add element inet tcpr flows4 {{ {} . {} . {} . {} timeout 60s }}\n",
+            p.flow.peer.ip(),
+            p.flow.peer.port(),
+            p.flow.local.ip(),
+            p.flow.local.port()
+        );
+        let mut nft = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        let mut stdin = nft.stdin.take().unwrap();
+        stdin
+            .write_all((OLD_LAYOUT.to_string() + &element).as_bytes())
+            .unwrap();
+        drop(stdin);
+        assert!(nft.wait().unwrap().success());
+        lock::prepare().unwrap();
+        let rules = ruleset();
+        let drops: Vec<&str> = rules.lines().filter(|l| l.contains(" drop")).collect();
+        assert_eq!(drops.len(), 4, "{rules}");
+        for rule in drops {
+            assert!(rule.contains("!= @unlocked"), "an old rule is left: {rule}");
+        }
+        // The older process's lock holds across the upgrade, and releases.
+        assert!(lock::is_locked(&Netns::current(), &p.flow).unwrap());
+        p.dropped_both_ways("old");
+        lock::release_flows(&Netns::current(), &[p.flow]).unwrap();
+        p.delivers_late("old");
+        p.passes_at_once("new");
+    });
 }

@@ -18,9 +18,7 @@
 use crate::sys::sock;
 // The netlink constants come from the crate the rest of our netlink code
 // (sock_diag, rtnetlink) is built on; only nf_tables' own numbers are here.
-use netlink_packet_core::{
-    NLA_F_NESTED, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST,
-};
+use netlink_packet_core::{NLA_F_NESTED, NLMSG_ERROR, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Duration;
 
@@ -374,7 +372,7 @@ impl Socket {
         if acks == 0 {
             return Ok(());
         }
-        self.exchange(&msg, Answers::Acks(acks)).map(drop)
+        self.exchange(&msg, acks).map(drop)
     }
 
     /// Whether the table `table` of `family` exists.
@@ -417,44 +415,6 @@ impl Socket {
         }))
     }
 
-    /// The keys of the elements of `set` that have not expired (a dump;
-    /// empty when the set does not exist).
-    pub fn keys(&self, set: SetRef<'_>) -> Result<Vec<Vec<u8>>, NlError> {
-        let mut b = Batch::bare();
-        let msg = b.header(
-            NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETSETELEM,
-            NLM_F_REQUEST | NLM_F_DUMP,
-            set.family.nfproto(),
-            0,
-        );
-        put_attr(&mut b.buf, NFTA_SET_ELEM_LIST_TABLE, &nul(set.table));
-        put_attr(&mut b.buf, NFTA_SET_ELEM_LIST_SET, &nul(set.set));
-        b.end(msg);
-        let answers = match self.exchange(&b.buf, Answers::Dump) {
-            Err(NlError::Refused(libc::ENOENT)) => return Ok(Vec::new()),
-            other => other?,
-        };
-        // Each answer: NFTA_SET_ELEM_LIST_ELEMENTS > NFTA_LIST_ELEM* >
-        // NFTA_SET_ELEM_KEY > NFTA_DATA_VALUE.
-        let mut keys = Vec::new();
-        for msg in &answers {
-            let Some(list) = attr(msg, NFTA_SET_ELEM_LIST_ELEMENTS) else {
-                continue;
-            };
-            for (ty, el) in attrs(list) {
-                if ty != NFTA_LIST_ELEM {
-                    continue;
-                }
-                if let Some(key) =
-                    attr(el, NFTA_SET_ELEM_KEY).and_then(|k| attr(k, NFTA_DATA_VALUE))
-                {
-                    keys.push(key.to_vec());
-                }
-            }
-        }
-        Ok(keys)
-    }
-
     /// Sends one GET message of type `ty` (attributes written by `attrs`)
     /// on its own (a GET is not a batch message). Returns the attributes of
     /// the answer, or `None` when the object does not exist.
@@ -473,19 +433,19 @@ impl Socket {
         );
         attrs(&mut b.buf);
         b.end(msg);
-        match self.exchange(&b.buf, Answers::Acks(1)) {
+        match self.exchange(&b.buf, 1) {
             Ok(mut answers) => Ok(answers.pop()),
             Err(NlError::Refused(libc::ENOENT)) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
-    /// Sends `msg` and reads until `until` (every acknowledgement, or the
-    /// end of a dump); returns the attributes of the other (data) messages
-    /// that arrived on the way. Answers are matched by sequence number: the
-    /// messages of `msg` carry 1, 2, ...; anything else (an answer to an
-    /// earlier request that timed out) is skipped.
-    fn exchange(&self, msg: &[u8], until: Answers) -> Result<Vec<Vec<u8>>, NlError> {
+    /// Sends `msg` and reads until `acks` acknowledgements came; returns
+    /// the attributes of the other (data) messages that arrived on the way.
+    /// Answers are matched by sequence number: the messages of `msg` carry
+    /// 1, 2, ...; anything else (an answer to an earlier request that
+    /// timed out) is skipped.
+    fn exchange(&self, msg: &[u8], acks: usize) -> Result<Vec<Vec<u8>>, NlError> {
         let fd = self.fd.as_fd();
         // A netlink datagram must fit the socket's send buffer.
         if msg.len() > DEFAULT_SEND_BUFFER_BYTES {
@@ -500,11 +460,7 @@ impl Socket {
         let mut buf = vec![0u8; RECV_BUFFER_BYTES];
         let mut seen = 0;
         let mut data = Vec::new();
-        loop {
-            match until {
-                Answers::Acks(acks) if seen >= acks => return Ok(data),
-                _ => {}
-            }
+        while seen < acks {
             let n = sock::recv_into(fd, &mut buf).map_err(NlError::Io)?;
             let mut at = 0;
             while at + NLMSG_ERROR_BYTES <= n {
@@ -517,14 +473,10 @@ impl Socket {
                 }
                 if !(1..=last_seq).contains(&seq) {
                     // Not ours: an answer to an earlier request.
-                } else if ty == NLMSG_ERROR || ty == NLMSG_DONE {
-                    // A dump ends with DONE, whose payload is an errno too.
+                } else if ty == NLMSG_ERROR {
                     let err = i32::from_ne_bytes(word(NLMSG_HDR_BYTES));
                     if err != 0 {
                         return Err(NlError::Refused(-err));
-                    }
-                    if ty == NLMSG_DONE {
-                        return Ok(data);
                     }
                     seen += 1;
                 } else if len >= NLMSG_HDR_BYTES + NFGENMSG_BYTES {
@@ -533,16 +485,8 @@ impl Socket {
                 at += len.next_multiple_of(4);
             }
         }
+        Ok(data)
     }
-}
-
-/// What ends an exchange.
-#[derive(Clone, Copy, Debug)]
-enum Answers {
-    /// This many acknowledgements.
-    Acks(usize),
-    /// The end of a dump (NLMSG_DONE).
-    Dump,
 }
 
 /// How many netlink messages `msg` holds.
@@ -560,27 +504,21 @@ fn count_messages(msg: &[u8]) -> usize {
     count
 }
 
-/// The attributes among `attrs`: (type, payload) each.
-fn attrs(attrs: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+/// The payload of the first attribute of type `ty` among `attrs`.
+fn attr(attrs: &[u8], ty: u16) -> Option<&[u8]> {
     let mut at = 0;
-    std::iter::from_fn(move || {
-        if at + 4 > attrs.len() {
-            return None;
-        }
+    while at + 4 <= attrs.len() {
         let len = u16::from_ne_bytes([attrs[at], attrs[at + 1]]) as usize;
-        let ty = u16::from_ne_bytes([attrs[at + 2], attrs[at + 3]]) & NLA_TYPE_MASK;
+        let this = u16::from_ne_bytes([attrs[at + 2], attrs[at + 3]]) & NLA_TYPE_MASK;
         if len < 4 || at + len > attrs.len() {
             return None;
         }
-        let payload = &attrs[at + 4..at + len];
+        if this == ty {
+            return Some(&attrs[at + 4..at + len]);
+        }
         at += len.next_multiple_of(4);
-        Some((ty, payload))
-    })
-}
-
-/// The payload of the first attribute of type `ty` among `attrs`.
-fn attr(list: &[u8], ty: u16) -> Option<&[u8]> {
-    attrs(list).find(|(t, _)| *t == ty).map(|(_, p)| p)
+    }
+    None
 }
 
 /// Sends a batch in the network namespace `ns` (the caller's when `None`)

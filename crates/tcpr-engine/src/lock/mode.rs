@@ -104,7 +104,7 @@ pub(crate) fn probe_setup() -> Batch {
 
 /// Adds the probe to a release's transaction.
 pub(crate) fn probe(batch: &mut Batch) {
-    batch.elements(LockSet::V4.unlocked(0), &probe_element(), Op::Destroy);
+    batch.elements(LockSet::V4.unlocked(), &probe_element(), Op::Destroy);
     let expire = Op::AddExpiring {
         timeout: EXPIRED_TIMEOUT,
         expires_in: EXPIRED_EXPIRATION,

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 /// Pairs (one `--version`, one dump) per mode.
 pub(super) const PAIRS: usize = 40;
 /// The pause before each process in the spaced mode: longer than a
-/// released flow stays in the lock's `unlocked` set (a jiffy), so a
-/// dump's lock never finds the previous dump's release there.
+/// released flow stays in the lock's `unlocked` set, so a dump's lock
+/// never finds the previous dump's release there.
 pub(super) const SPACING: Duration = Duration::from_millis(30);
 /// Steps [`measure`] reports through its `tick`: one per mode.
 pub(super) const STEPS: usize = 2;
@@ -238,12 +238,12 @@ pub(super) fn why_not(s: &StartupFigures, engine: &EngineFigures) -> Vec<String>
         let extra = back.dump_ms.median() - spaced.dump_ms.median();
         let grace = if extra > 0.0 {
             format!(
-                " Back to back, a dump locks the flow again within a jiffy of the previous \
-                 dump's release, while its element is still in the lock's `unlocked` set; the \
-                 lock then takes another of its slots, unless all are taken, when removing a \
-                 present element makes the close of the netlink socket wait for an RCU grace \
-                 period (see `tcpr_engine::lock`): {extra:.2} ms more per dump than spaced \
-                 ({:.2} ms against {:.2} ms).",
+                " Back to back, a dump locks the flow again within {} ms of the previous \
+                 dump's release, while its element is still in the lock's `unlocked` set; \
+                 removing a present element makes the close of the netlink socket wait for \
+                 an RCU grace period (see `tcpr_engine::lock`): {extra:.2} ms more per dump \
+                 than spaced ({:.2} ms against {:.2} ms).",
+                tcpr_engine::lock::UNLOCKED_TIMEOUT.as_millis(),
                 back.dump_ms.median(),
                 spaced.dump_ms.median()
             )
@@ -270,7 +270,7 @@ pub(super) fn section(w: &mut String, s: &StartupFigures, plot: &Path) {
          process holds (in a private namespace whose lock table is installed), interleaved \
          (each goes first in every other pair), timed from the spawn to the exit. *{} ms \
          apart*: a pause before each process, longer than a released flow stays in the lock's \
-         `unlocked` set (a jiffy); *back to back*: each as soon as the one before has exited, so a dump \
+         `unlocked` set; *back to back*: each as soon as the one before has exited, so a dump \
          relocks the flow the previous one released moments ago. The connection carried a \
          byte each way after every pair. ms, median (min–max); the ratio is per pair.\n",
         SPACING.as_millis()
