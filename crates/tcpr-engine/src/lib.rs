@@ -213,16 +213,18 @@ pub fn freeze_many_with(
             }
         }
     }
-    let mut lock = match socks.first() {
+    // One lock per socket, in the order of `flows`.
+    let mut locks = match socks.first() {
         Some(first) if opts.lock => {
             let ns = Netns::of_socket(first.as_fd())?;
-            Some(FlowLock::acquire(&flows, ns, opts.lease)?)
+            FlowLock::acquire(&flows, ns, opts.lease)?.into_each()
         }
-        _ => None,
-    };
+        _ => Vec::new(),
+    }
+    .into_iter();
     let mut out = Vec::with_capacity(socks.len());
     for ((sock, flow), was_frozen) in socks.into_iter().zip(flows).zip(already) {
-        let my_lock = lock.as_mut().and_then(|l| l.split_off(&flow));
+        let my_lock = locks.next();
         match sys::set_repair(sock.as_fd(), sys::REPAIR_ON) {
             Ok(()) => out.push(Ok(Frozen {
                 sock: Some(sock),
