@@ -182,9 +182,9 @@ fn rate_note(
         "The front's own CPU is most of what limits it"
     };
     format!(
-        "{head} Every request is a new connection and every connection a handoff (TLS \
-         connect to the agent, freeze, PREPARE, steering entry, COMMIT, each a few syscalls \
-         on both hosts). wrk keeps {conns:.0} connections busy, so each request takes \
+        "{head} Every request is a new connection and every connection a handoff, in \
+         batches (a check of the kept TLS channel to the agent, lock, freeze, PREPARE, \
+         steering entry, COMMIT, each a few syscalls on both hosts). wrk keeps {conns:.0} connections busy, so each request takes \
          {:.2} ms through tcpr against {:.2} ms through HAProxy, which only connects to the \
          backend; the balancer times its handoffs at {:.2} ms on average, to the agent's \
          COMMITTED ({:.0} handoffs, {:.0} fallbacks). tcpr's front spends {t_cpu:.2} ms of \
