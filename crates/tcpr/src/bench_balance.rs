@@ -8,17 +8,28 @@
 //! For tcpr it also prints, per load, the balancer's own counters
 //! (connections handed off, fallen back to the proxy, proxied, and the
 //! mean handoff time), so a reader sees each new connection really was
-//! handed off. Both fronts run at once on the front host (HAProxy on the
-//! VIP's next port), so each load is measured on both back to back and
-//! their ratio is taken within a run; [`measure`] returns the runs as data
+//! handed off. tcpr runs in two configurations: its backends' agents
+//! relay each connection to an unmodified HTTP server (`--forward`), or
+//! pass it over a unix socket (`--unix`) to a server that takes passed
+//! fds (the same responses, served by the same code, one thread per
+//! connection; the deployment where no relay runs on the backend). All
+//! three fronts run at once on the front host (HAProxy on the VIP's next
+//! port, one `tcpr balance` with a listener per configuration), so each
+//! load is measured on each back to back and the ratios are taken within
+//! a run; [`measure`] returns the runs as data
 //! for the report (`tcpr bench --report`), [`run`] prints one run.
 
 use crate::demo_balance::{
-    start_backends, start_balancer, Running, METRICS_LISTEN, SERVER_PORT, VIP_PORT,
+    answer, block, start, start_backends, start_balancer, Running, AGENT_PORT, METRICS_LISTEN,
+    PSK_FILE, SERVER_PORT, VIP_PORT,
 };
 use crate::report::Samples;
 use anyhow::{bail, Context, Result};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 use tcpr_balance::metrics::names;
 use tcpr_netlab::balance::{BalanceLab, Family};
@@ -37,6 +48,12 @@ const STAT_STIME_FIELD: usize = 15;
 /// [`VIP_PORT`]): both fronts run at once, so each load is measured on
 /// both back to back.
 const HAPROXY_PORT: u16 = VIP_PORT + 1;
+/// The port of the balancer's listener whose pools are the fd-taking
+/// backends (their agents deliver over unix sockets).
+const FD_PORT: u16 = VIP_PORT + 2;
+/// The port of each backend's `tcpr agent --unix`, beside its `--forward`
+/// agent on [`AGENT_PORT`].
+const FD_AGENT_PORT: u16 = AGENT_PORT + 1;
 /// The client's and the front's ephemeral ports: a wider range than the
 /// default, so tens of thousands of new connections a run do not run out
 /// (per namespace; the bench's own namespaces only).
@@ -134,6 +151,39 @@ fn served(lab: &BalanceLab) -> Result<Served> {
     })
 }
 
+/// One tcpr configuration's figures at one load.
+#[derive(Debug, Clone, Default)]
+pub struct TcprFigures {
+    /// Its front's figures.
+    pub front: FrontFigures,
+    /// Its requests per second over HAProxy's, per run (higher is
+    /// better).
+    pub rps_ratio: Samples,
+    /// Its front CPU per GiB over HAProxy's, per run (lower is better);
+    /// empty for small responses.
+    pub cpu_ratio: Samples,
+    /// Requests wrk completed through it, all runs.
+    pub requests: f64,
+    /// The balancer's counters over the same runs.
+    pub served: Served,
+}
+
+impl TcprFigures {
+    /// From its runs, HAProxy's runs at the same load, and its counters.
+    fn of(runs: &[Run], haproxy: &[Run], served: Served) -> TcprFigures {
+        let ratio = |f: fn(&Run) -> f64| {
+            Samples::new(haproxy.iter().zip(runs).map(|(h, t)| f(t) / f(h)).collect())
+        };
+        TcprFigures {
+            front: FrontFigures::of(runs),
+            rps_ratio: ratio(|r| r.requests_per_sec),
+            cpu_ratio: ratio(|r| r.front_cpu_per_gib),
+            requests: runs.iter().map(|r| r.requests).sum(),
+            served,
+        }
+    }
+}
+
 /// One load: what wrk fetches and how.
 #[derive(Debug, Clone)]
 pub struct Load {
@@ -176,8 +226,8 @@ pub fn loads() -> Vec<Load> {
         bytes,
     };
     vec![
-        small("small, new connections", "new conns", true),
-        small("small, keep-alive", "keep-alive", false),
+        small("small, new connections", "new", true),
+        small("small, keep-alive", "k-a", false),
         big("1 MiB responses", "1 MiB", 1 << 20),
         big("100 MiB responses", "100 MiB", 100 << 20),
     ]
@@ -215,25 +265,19 @@ impl FrontFigures {
     }
 }
 
-/// Both fronts at one load.
+/// The fronts at one load.
 #[derive(Debug, Clone)]
 pub struct LoadRow {
     /// The load.
     pub load: Load,
     /// HAProxy.
     pub haproxy: FrontFigures,
-    /// `tcpr balance`.
-    pub tcpr: FrontFigures,
-    /// tcpr's requests per second over HAProxy's, per run (higher is
-    /// better).
-    pub rps_ratio: Samples,
-    /// tcpr's front CPU per GiB over HAProxy's, per run (lower is better);
-    /// empty for small responses.
-    pub cpu_ratio: Samples,
-    /// Requests wrk completed through tcpr, all runs.
-    pub tcpr_requests: f64,
-    /// The balancer's counters over the same runs.
-    pub served: Served,
+    /// `tcpr balance`, its backends' agents relaying to unmodified
+    /// servers (`--forward`).
+    pub tcpr: TcprFigures,
+    /// `tcpr balance`, its backends' agents passing the connections to
+    /// servers that take fds (`--unix`).
+    pub fd: TcprFigures,
 }
 
 /// Everything `tcpr bench-balance` measures.
@@ -294,11 +338,83 @@ pub fn measure(plan: &BalancePlan, tick: &dyn Fn(&str)) -> Result<BalanceFigures
     result
 }
 
-/// The two fronts.
+/// The fronts: HAProxy, and tcpr's two listeners.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Front {
     Haproxy,
     Tcpr,
+    TcprFd,
+}
+
+/// The fronts in the order they run in run `run`: each goes first in
+/// turn, so none always meets a machine another has just warmed or left
+/// busy.
+fn order(run: usize) -> [Front; 3] {
+    let mut fronts = [Front::Haproxy, Front::Tcpr, Front::TcprFd];
+    let n = fronts.len();
+    fronts.rotate_left(run % n);
+    fronts
+}
+
+/// A server that takes passed connections: `path`, a unix socket a `tcpr
+/// agent --unix` delivers to (batches asked for); each connection served
+/// on a thread of its own as `name` with the responses of the forward
+/// backends' servers (the same code). Runs until the process ends.
+fn serve_fds(path: &Path, name: String) -> Result<()> {
+    let listener = UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
+    let body = Arc::new(block());
+    std::thread::spawn(move || {
+        for s in listener.incoming().map_while(Result::ok) {
+            let (name, body) = (name.clone(), body.clone());
+            std::thread::spawn(move || {
+                let mut from = tcpr_handoff::deliver::UnixReceiver::new(s);
+                while let Ok(Some(delivered)) = from.recv() {
+                    for d in delivered {
+                        let (name, body) = (name.clone(), body.clone());
+                        std::thread::spawn(move || answer(d.stream, &name, &body));
+                    }
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// The fd-taking backends: per backend a [`serve_fds`] server and a `tcpr
+/// agent --unix` delivering to it (the VIP is already on the backend's
+/// loopback, put there by its `--forward` agent's `--vip`); returns the
+/// agents and the balancer config's lines for a listener on [`FD_PORT`]
+/// routing as the forward one does, to pools of these agents (each
+/// member's server, for a fallback, the forward backends' server).
+fn start_fd_backends(lab: &BalanceLab, dir: &Path) -> Result<(Vec<Running>, String)> {
+    let exe = std::env::current_exe()?;
+    let v4 = Family::V4;
+    let vip = lab.vip(v4);
+    let psk = dir.join(PSK_FILE);
+    let mut keep = vec![];
+    let mut config = format!(
+        "[[listener]]\nname = \"web-fd\"\nbind = [\"{vip}:{FD_PORT}\"]\nprotocol = \"http\"\n\n"
+    );
+    for (i, host) in ["a.example", "b.example"].iter().enumerate() {
+        config += &format!("[[listener.route]]\nhost = {host:?}\npool = \"fd{i}\"\n\n");
+    }
+    for (i, h) in lab.backends.iter().enumerate() {
+        let sock = dir.join(format!("app-{i}.sock"));
+        serve_fds(&sock, format!("backend-{i}"))?;
+        let agent_addr = lab.backend_sock(v4, i, FD_AGENT_PORT);
+        let mut agent = h.cmd(exe.to_str().context("exe path")?);
+        agent
+            .args(["agent", "--listen", &agent_addr.to_string()])
+            .args(["--psk-file", psk.to_str().context("path")?, "--no-journal"])
+            .args(["--unix", sock.to_str().context("path")?])
+            .args(["--allow", &SocketAddr::new(vip, FD_PORT).to_string()]);
+        keep.push(start(agent, "tcpr agent listening")?);
+        config += &format!(
+            "[[pool]]\nname = \"fd{i}\"\nmembers = [ {{ agent = \"{agent_addr}\", server = \"{}\" }} ]\n\n",
+            lab.backend_sock(v4, i, SERVER_PORT)
+        );
+    }
+    Ok((keep, config))
 }
 
 fn compare(
@@ -314,6 +430,10 @@ fn compare(
         ]))?;
     }
     let (_backends, config) = start_backends(lab, dir)?;
+    let (_fd_backends, fd_config) = start_fd_backends(lab, dir)?;
+    let mut text = std::fs::read_to_string(&config)?;
+    text += &fd_config;
+    std::fs::write(&config, text)?;
     let haproxy_cfg = dir.join("haproxy.cfg");
     std::fs::write(&haproxy_cfg, haproxy_config(lab))?;
     let mut c = lab.front.cmd("haproxy");
@@ -323,10 +443,13 @@ fn compare(
     wait_port(lab, HAPROXY_PORT)?;
     let tcpr = start_balancer(lab, &config)?;
     wait_port(lab, VIP_PORT)?;
+    wait_port(lab, FD_PORT)?;
     let loads = loads();
     let mut haproxy_runs = vec![Vec::new(); loads.len()];
     let mut tcpr_runs = vec![Vec::new(); loads.len()];
     let mut tcpr_served = vec![Served::default(); loads.len()];
+    let mut fd_runs = vec![Vec::new(); loads.len()];
+    let mut fd_served = vec![Served::default(); loads.len()];
     for run in 0..plan.runs {
         for (i, load) in loads.iter().enumerate() {
             tick(&format!(
@@ -335,14 +458,7 @@ fn compare(
                 run + 1,
                 plan.runs
             ));
-            // Each front goes first in every other run: neither always
-            // meets a machine the other has just warmed or left busy.
-            let order = if run % 2 == 0 {
-                [Front::Haproxy, Front::Tcpr]
-            } else {
-                [Front::Tcpr, Front::Haproxy]
-            };
-            for front in order {
+            for front in order(run) {
                 match front {
                     Front::Haproxy => haproxy_runs[i].push(wrk(
                         lab,
@@ -351,10 +467,17 @@ fn compare(
                         load,
                         plan.seconds,
                     )?),
-                    Front::Tcpr => {
+                    // One balancer serves both listeners; one load runs at
+                    // a time, so its counters' change is that listener's.
+                    Front::Tcpr | Front::TcprFd => {
+                        let (port, runs, counted) = if front == Front::Tcpr {
+                            (VIP_PORT, &mut tcpr_runs[i], &mut tcpr_served[i])
+                        } else {
+                            (FD_PORT, &mut fd_runs[i], &mut fd_served[i])
+                        };
                         let before = served(lab)?;
-                        tcpr_runs[i].push(wrk(lab, tcpr.0.id(), VIP_PORT, load, plan.seconds)?);
-                        tcpr_served[i] = tcpr_served[i].plus(served(lab)?.since(before));
+                        runs.push(wrk(lab, tcpr.0.id(), port, load, plan.seconds)?);
+                        *counted = counted.plus(served(lab)?.since(before));
                     }
                 }
                 std::thread::sleep(SETTLE);
@@ -365,19 +488,13 @@ fn compare(
     drop(haproxy);
     let rows = loads
         .into_iter()
-        .zip(haproxy_runs.iter().zip(&tcpr_runs))
-        .zip(tcpr_served)
-        .map(|((load, (h, t)), served)| {
-            let ratio = |f: fn(&Run) -> f64| {
-                Samples::new(h.iter().zip(t).map(|(h, t)| f(t) / f(h)).collect())
-            };
+        .enumerate()
+        .map(|(i, load)| {
+            let h = &haproxy_runs[i];
             LoadRow {
                 haproxy: FrontFigures::of(h),
-                tcpr: FrontFigures::of(t),
-                rps_ratio: ratio(|r| r.requests_per_sec),
-                cpu_ratio: ratio(|r| r.front_cpu_per_gib),
-                tcpr_requests: t.iter().map(|r| r.requests).sum(),
-                served,
+                tcpr: TcprFigures::of(&tcpr_runs[i], h, tcpr_served[i]),
+                fd: TcprFigures::of(&fd_runs[i], h, fd_served[i]),
                 load,
             }
         })
@@ -406,52 +523,88 @@ fn haproxy_version() -> String {
 }
 
 /// The figures as `tcpr bench-balance` prints them: medians of the runs.
+/// "fwd" is tcpr with `--forward` agents (unmodified servers), "fd" tcpr
+/// with `--unix` agents (servers that take passed fds).
 fn print(f: &BalanceFigures) {
+    let or_nan = |s: &Samples| if s.len() > 0 { s.median() } else { f64::NAN };
     println!(
-        "{:<24} {:>12} {:>12} {:>7} {:>10} {:>10} {:>12} {:>12} {:>9}",
+        "{:<24} {:>11} {:>10} {:>6} {:>10} {:>6} {:>8} {:>8} {:>8}",
         "load",
         "haproxy r/s",
-        "tcpr r/s",
+        "fwd r/s",
         "ratio",
-        "hap p99ms",
-        "tcpr p99",
-        "hap s/GiB",
-        "tcpr s/GiB",
-        "cpu ratio"
+        "fd r/s",
+        "ratio",
+        "hap p99",
+        "fwd p99",
+        "fd p99"
     );
-    let or_nan = |s: &Samples| if s.len() > 0 { s.median() } else { f64::NAN };
     for r in &f.rows {
-        let (h, t) = (&r.haproxy, &r.tcpr);
+        let (h, t, d) = (&r.haproxy, &r.tcpr, &r.fd);
         println!(
-            "{:<24} {:>12.0} {:>12.0} {:>7.2} {:>10.2} {:>10.2} {:>12.3} {:>12.3} {:>9.3}",
+            "{:<24} {:>11.0} {:>10.0} {:>6.2} {:>10.0} {:>6.2} {:>8.2} {:>8.2} {:>8.2}",
             r.load.name,
             h.requests_per_sec.median(),
-            t.requests_per_sec.median(),
-            or_nan(&r.rps_ratio),
+            t.front.requests_per_sec.median(),
+            or_nan(&t.rps_ratio),
+            d.front.requests_per_sec.median(),
+            or_nan(&d.rps_ratio),
             h.p99_ms.median(),
-            t.p99_ms.median(),
-            h.cpu_per_gib.median(),
-            t.cpu_per_gib.median(),
-            or_nan(&r.cpu_ratio),
+            t.front.p99_ms.median(),
+            d.front.p99_ms.median(),
         );
     }
-    println!("(r/s ratio: tcpr / haproxy, higher is better; cpu ratio: tcpr / haproxy front CPU per GiB, lower is better)");
+    println!(
+        "(fwd: tcpr, agents --forward to unmodified servers; fd: tcpr, agents --unix to \
+         servers that take passed fds; ratio: over haproxy's, higher is better; p99 in ms)"
+    );
     println!();
     println!(
-        "{:<24} {:>10} {:>10} {:>10} {:>9} {:>14}",
+        "{:<24} {:>10} {:>10} {:>7} {:>10} {:>7} {:>10} {:>10} {:>10}",
+        "load",
+        "hap s/GiB",
+        "fwd s/GiB",
+        "ratio",
+        "fd s/GiB",
+        "ratio",
+        "hap ms/req",
+        "fwd ms/req",
+        "fd ms/req"
+    );
+    for r in &f.rows {
+        let (h, t, d) = (&r.haproxy, &r.tcpr, &r.fd);
+        println!(
+            "{:<24} {:>10.3} {:>10.3} {:>7.3} {:>10.3} {:>7.3} {:>10.3} {:>10.3} {:>10.3}",
+            r.load.name,
+            or_nan(&h.cpu_per_gib),
+            or_nan(&t.front.cpu_per_gib),
+            or_nan(&t.cpu_ratio),
+            or_nan(&d.front.cpu_per_gib),
+            or_nan(&d.cpu_ratio),
+            h.cpu_ms_per_request.median(),
+            t.front.cpu_ms_per_request.median(),
+            d.front.cpu_ms_per_request.median(),
+        );
+    }
+    println!("(the front process's CPU: seconds per GiB, ratio over haproxy's, lower is better; ms per request)");
+    println!();
+    println!(
+        "{:<28} {:>10} {:>10} {:>10} {:>9} {:>14}",
         "tcpr balance", "requests", "handoffs", "fallbacks", "proxied", "mean handoff"
     );
     for r in &f.rows {
-        let s = &r.served;
-        println!(
-            "{:<24} {:>10.0} {:>10.0} {:>10.0} {:>9.0} {:>11.2} ms",
-            r.load.name,
-            r.tcpr_requests,
-            s.handoffs,
-            s.fallbacks,
-            s.proxied,
-            s.mean_handoff_ms()
-        );
+        for (which, t) in [("fwd", &r.tcpr), ("fd", &r.fd)] {
+            let s = &t.served;
+            println!(
+                "{:<28} {:>10.0} {:>10.0} {:>10.0} {:>9.0} {:>11.2} ms",
+                format!("{}, {which}", r.load.name),
+                t.requests,
+                s.handoffs,
+                s.fallbacks,
+                s.proxied,
+                s.mean_handoff_ms()
+            );
+        }
     }
     println!("(requests: wrk's count; handoffs, fallbacks, proxied: the balancer's counters over the same run)");
 }
@@ -674,6 +827,14 @@ Transfer/sec:    364.21MB
         assert_eq!(s.p99_ms, 1930.0);
         assert_eq!(s.errors, 7.0);
         assert_eq!(WrkSummary::parse("wrk: connection refused"), None);
+    }
+
+    #[test]
+    fn each_front_goes_first_in_turn() {
+        let firsts: Vec<Front> = (0..3).map(|run| order(run)[0]).collect();
+        assert_eq!(firsts, [Front::Haproxy, Front::Tcpr, Front::TcprFd]);
+        assert_eq!(order(3), order(0));
+        assert_eq!(order(1), [Front::Tcpr, Front::TcprFd, Front::Haproxy]);
     }
 
     #[test]

@@ -13,10 +13,12 @@ use std::time::{Duration, Instant};
 use tcpr_netlab::balance::{BalanceLab, Family};
 use tcpr_netlab::Host;
 
+/// The agents' key file, in the demo's folder.
+pub(crate) const PSK_FILE: &str = "psk";
 /// The demo's network number (10.N.0.0/24, fd00:N::/64).
 const NET: u8 = 78;
 pub(crate) const SERVER_PORT: u16 = 8080;
-const AGENT_PORT: u16 = 7700;
+pub(crate) const AGENT_PORT: u16 = 7700;
 pub(crate) const VIP_PORT: u16 = 80;
 /// The balancer's metrics address, inside the front's namespace.
 pub(crate) const METRICS_LISTEN: &str = "127.0.0.1:9100";
@@ -83,7 +85,7 @@ pub(crate) fn start_backends(
     dir: &std::path::Path,
 ) -> Result<(Vec<Running>, std::path::PathBuf)> {
     let exe = std::env::current_exe()?;
-    let psk = dir.join("psk");
+    let psk = dir.join(PSK_FILE);
     std::fs::write(&psk, "the balancer demo's shared secret\n")?;
     let v4 = Family::V4;
     let vip = lab.vip(v4);
@@ -190,7 +192,7 @@ fn show(lab: &BalanceLab, dir: &std::path::Path, mib: u64) -> Result<()> {
 }
 
 /// The block every response body repeats.
-fn block() -> Vec<u8> {
+pub(crate) fn block() -> Vec<u8> {
     let mut b = vec![0u8; BLOCK_BYTES];
     crate::stream::fill(SEED, 0, &mut b);
     b
@@ -224,7 +226,9 @@ fn serve_http(host: &Host, name: String) -> Result<()> {
     rx.recv().context("server thread")?
 }
 
-fn answer(conn: TcpStream, name: &str, block: &[u8]) {
+/// Serves the requests of one connection (keep-alive until the client
+/// closes or asks `Connection: close`).
+pub(crate) fn answer(conn: TcpStream, name: &str, block: &[u8]) {
     let _ = conn.set_nodelay(true);
     let mut reader = BufReader::new(&conn);
     loop {

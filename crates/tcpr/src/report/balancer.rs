@@ -3,7 +3,7 @@
 //! a goal not met.
 
 use super::Samples;
-use crate::bench_balance::{BalanceFigures, LoadRow};
+use crate::bench_balance::{BalanceFigures, FrontFigures, Load, LoadRow, TcprFigures};
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -37,43 +37,58 @@ fn runs_said(b: &BalanceFigures) -> String {
 pub(super) fn goal_rows(w: &mut String, b: &BalanceFigures) {
     for r in &b.rows {
         if r.load.is_small() {
-            let ratio = r.rps_ratio.median();
-            let _ = writeln!(
-                w,
-                "| balancer: requests/s not below HAProxy's, {} (issue 6) | {ratio:.2}x ({:.0} vs {:.0} r/s) | {} |",
-                r.load.name,
-                r.tcpr.requests_per_sec.median(),
-                r.haproxy.requests_per_sec.median(),
-                super::verdict(ratio >= goals::RATE_RATIO)
-            );
+            rate_goal_row(w, "balancer", r, &r.tcpr);
         } else {
-            let ratio = r.cpu_ratio.median();
+            let ratio = r.tcpr.cpu_ratio.median();
             let _ = writeln!(
                 w,
                 "| balancer: front CPU per GiB ≤ 1/{:.0} of HAProxy's, {} (issue 6) | {ratio:.3}x ({:.3} vs {:.3} s/GiB) | {} |",
                 1.0 / goals::CPU_RATIO,
                 r.load.name,
-                r.tcpr.cpu_per_gib.median(),
+                r.tcpr.front.cpu_per_gib.median(),
                 r.haproxy.cpu_per_gib.median(),
-                super::verdict(r.cpu_ratio.len() > 0 && ratio <= goals::CPU_RATIO)
+                super::verdict(r.tcpr.cpu_ratio.len() > 0 && ratio <= goals::CPU_RATIO)
             );
         }
     }
+    for r in b.rows.iter().filter(|r| r.load.is_small()) {
+        let who = "balancer, fd-taking backends (`agent --unix`)";
+        rate_goal_row(w, who, r, &r.fd);
+    }
+}
+
+/// The goal row of `t`'s (`who`'s) request rate at `r`'s load.
+fn rate_goal_row(w: &mut String, who: &str, r: &LoadRow, t: &TcprFigures) {
+    let ratio = t.rps_ratio.median();
+    let _ = writeln!(
+        w,
+        "| {who}: requests/s not below HAProxy's, {} (issue 6) | {ratio:.2}x ({:.0} vs {:.0} r/s) | {} |",
+        r.load.name,
+        t.front.requests_per_sec.median(),
+        r.haproxy.requests_per_sec.median(),
+        super::verdict(ratio >= goals::RATE_RATIO)
+    );
 }
 
 /// What limits each balancer goal not met, from the figures.
 pub(super) fn why_not(b: &BalanceFigures, cores: usize) -> Vec<String> {
     let mut notes = Vec::new();
     for r in &b.rows {
-        if r.load.is_small() && r.rps_ratio.median() < goals::RATE_RATIO {
-            notes.push(rate_note(r, cores));
+        for (t, which) in [(&r.tcpr, FORWARD), (&r.fd, FD_TAKING)] {
+            if r.load.is_small() && t.rps_ratio.median() < goals::RATE_RATIO {
+                notes.push(rate_note(&r.load, &r.haproxy, t, which, cores));
+            }
         }
-        if !r.load.is_small() && r.cpu_ratio.median() > goals::CPU_RATIO {
+        if !r.load.is_small() && r.tcpr.cpu_ratio.median() > goals::CPU_RATIO {
             notes.push(cpu_note(r));
         }
     }
     notes
 }
+
+/// The two tcpr configurations, as notes name them.
+const FORWARD: &str = "tcpr (agents --forward to unmodified servers)";
+const FD_TAKING: &str = "tcpr (agents --unix to fd-taking servers)";
 
 /// The share of the machine's cores above which the front's own CPU is
 /// said to limit the request rate.
@@ -101,7 +116,10 @@ const MIB: f64 = (1u64 << 20) as f64;
 
 /// Why tcpr's front CPU per GiB stays over a tenth of HAProxy's.
 fn cpu_note(r: &LoadRow) -> String {
-    let (t, h) = (r.tcpr.cpu_per_gib.median(), r.haproxy.cpu_per_gib.median());
+    let (t, h) = (
+        r.tcpr.front.cpu_per_gib.median(),
+        r.haproxy.cpu_per_gib.median(),
+    );
     let gib_per_response = r.load.bytes as f64 / GIB;
     // tcpr's front works per connection (a handoff), HAProxy's per byte:
     // the response size where tcpr's would be a tenth of HAProxy's.
@@ -114,41 +132,48 @@ fn cpu_note(r: &LoadRow) -> String {
          grows with the bytes it copies. At these rates tcpr's front would spend a tenth \
          of HAProxy's from responses of about {break_even_mib:.1} MiB up.",
         r.load.name,
-        r.cpu_ratio.median(),
+        r.tcpr.cpu_ratio.median(),
         tcpr_s_per_conn * 1e3,
-        r.served.mean_handoff_ms(),
-        r.served.handoffs,
-        r.served.fallbacks,
+        r.tcpr.served.mean_handoff_ms(),
+        r.tcpr.served.handoffs,
+        r.tcpr.served.fallbacks,
     )
 }
 
-/// Why a small-request rate stays under HAProxy's.
-fn rate_note(r: &LoadRow, cores: usize) -> String {
-    let s = &r.served;
+/// Why a small-request rate of the tcpr configuration `t` (`which`)
+/// stays under HAProxy's (`haproxy`).
+fn rate_note(
+    load: &Load,
+    haproxy: &FrontFigures,
+    t: &TcprFigures,
+    which: &str,
+    cores: usize,
+) -> String {
+    let s = &t.served;
     let (t_rps, h_rps) = (
-        r.tcpr.requests_per_sec.median(),
-        r.haproxy.requests_per_sec.median(),
+        t.front.requests_per_sec.median(),
+        haproxy.requests_per_sec.median(),
     );
-    let conns = f64::from(r.load.connections);
+    let conns = f64::from(load.connections);
     let head = format!(
-        "{}: tcpr serves {t_rps:.0} requests/s against HAProxy's {h_rps:.0} ({:.2}x).",
-        r.load.name,
-        r.rps_ratio.median()
+        "{}: {which} serves {t_rps:.0} requests/s against HAProxy's {h_rps:.0} ({:.2}x).",
+        load.name,
+        t.rps_ratio.median()
     );
-    if !r.load.close || s.handoff_seconds_count == 0.0 {
+    if !load.close || s.handoff_seconds_count == 0.0 {
         // Keep-alive: a handful of handoffs, then the backend serves the
         // connection directly; the front is not in the way.
         return format!(
             "{head} Only {:.0} of {:.0} requests needed a handoff (keep-alive): the rest \
              went to the backend directly, so the gap is the backend's and the client's, \
              not the front's (the runs' spread says how much is noise).",
-            s.handoffs, r.tcpr_requests
+            s.handoffs, t.requests
         );
     }
     // wrk keeps every connection busy: by Little's law each request takes
     // connections / rate.
     let per_request_ms = |rps: f64| conns * 1e3 / rps;
-    let t_cpu = r.tcpr.cpu_ms_per_request.median();
+    let t_cpu = t.front.cpu_ms_per_request.median();
     let front_cores = t_cpu * t_rps / 1e3;
     let limit = if front_cores < FRONT_BOUND_SHARE * cores as f64 {
         "The front's CPU is not the limit: each of wrk's connections waits for its \
@@ -157,9 +182,9 @@ fn rate_note(r: &LoadRow, cores: usize) -> String {
         "The front's own CPU is most of what limits it"
     };
     format!(
-        "{head} Every request is a new connection and every connection a handoff (TLS \
-         connect to the agent, freeze, PREPARE, steering entry, COMMIT, each a few syscalls \
-         on both hosts). wrk keeps {conns:.0} connections busy, so each request takes \
+        "{head} Every request is a new connection and every connection a handoff, in \
+         batches (a check of the kept TLS channel to the agent, lock, freeze, PREPARE, \
+         steering entry, COMMIT, each a few syscalls on both hosts). wrk keeps {conns:.0} connections busy, so each request takes \
          {:.2} ms through tcpr against {:.2} ms through HAProxy, which only connects to the \
          backend; the balancer times its handoffs at {:.2} ms on average, to the agent's \
          COMMITTED ({:.0} handoffs, {:.0} fallbacks). tcpr's front spends {t_cpu:.2} ms of \
@@ -172,7 +197,7 @@ fn rate_note(r: &LoadRow, cores: usize) -> String {
         s.mean_handoff_ms(),
         s.handoffs,
         s.fallbacks,
-        r.haproxy.cpu_ms_per_request.median(),
+        haproxy.cpu_ms_per_request.median(),
     )
 }
 
@@ -182,11 +207,16 @@ pub(super) fn section(w: &mut String, b: &BalanceFigures, plot: &Path) {
     let _ = writeln!(
         w,
         "`tcpr balance` and {} (Debian package) on the same front host, in namespaces with \
-         a client and two backends on one bridge (each backend an HTTP server and a `tcpr \
-         agent --vip --forward`); HAProxy on port 81 of the VIP beside tcpr on port 80, both \
-         running throughout, so each load runs against both back to back (each front first \
-         in every other run), same backends, same wrk (2 threads, {} s per run, `--latency`). \
-         Small responses (a few bytes) over new connections (`Connection: close`) and over \
+         a client and two backends on one bridge. tcpr runs in two configurations, two \
+         listeners of one `tcpr balance`: *fwd*, each backend a `tcpr agent --vip --forward` \
+         relaying the connection (splice) to an unmodified HTTP server, and *fd*, each \
+         backend a `tcpr agent --unix` passing the connection over a unix socket to a server \
+         that takes passed fds (the bench's own, not an unmodified server: the same response \
+         code, one thread per connection, only the way the connection arrives differs). \
+         HAProxy (to the unmodified servers) on port 81 of the VIP, tcpr on 80 (fwd) and 82 \
+         (fd), all running throughout, so each load runs against the three back to back \
+         (each first in turn), same wrk (2 threads, {} s per run, `--latency`). Small \
+         responses (a few bytes) over new connections (`Connection: close`) and over \
          keep-alive, 32 connections; 1 MiB and 100 MiB responses, 4 connections, each a new \
          connection. *front CPU* is the front process's user + system time from \
          /proc/PID/stat (10 ms ticks; softirq work for the front's interface is not \
@@ -203,66 +233,78 @@ pub(super) fn section(w: &mut String, b: &BalanceFigures, plot: &Path) {
     let _ = writeln!(w, "![balancer against HAProxy]({})\n", plot.display());
     let _ = writeln!(
         w,
-        "Requests (higher is better, except p99):\n\n\
-         | load | HAProxy r/s | tcpr r/s | tcpr / HAProxy | HAProxy p99 ms | tcpr p99 ms | HAProxy front CPU ms/request | tcpr front CPU ms/request |\n\
-         |---|---|---|---|---|---|---|---|"
+        "Requests (higher is better, except p99 and CPU):\n\n\
+         | load | HAProxy r/s | tcpr fwd r/s | fwd / HAProxy | tcpr fd r/s | fd / HAProxy | HAProxy p99 ms | fwd p99 ms | fd p99 ms | HAProxy front CPU ms/request | fwd front CPU ms/request | fd front CPU ms/request |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for r in &b.rows {
+        let (h, t, d) = (&r.haproxy, &r.tcpr, &r.fd);
         let _ = writeln!(
             w,
-            "| {} | {} | {} | {}x | {} | {} | {} | {} |",
+            "| {} | {} | {} | {}x | {} | {}x | {} | {} | {} | {} | {} | {} |",
             r.load.name,
-            r.haproxy.requests_per_sec.spread(0),
-            r.tcpr.requests_per_sec.spread(0),
-            r.rps_ratio.spread(2),
-            r.haproxy.p99_ms.spread(1),
-            r.tcpr.p99_ms.spread(1),
-            spread_sig(&r.haproxy.cpu_ms_per_request),
-            spread_sig(&r.tcpr.cpu_ms_per_request),
+            h.requests_per_sec.spread(0),
+            t.front.requests_per_sec.spread(0),
+            t.rps_ratio.spread(2),
+            d.front.requests_per_sec.spread(0),
+            d.rps_ratio.spread(2),
+            h.p99_ms.spread(1),
+            t.front.p99_ms.spread(1),
+            d.front.p99_ms.spread(1),
+            spread_sig(&h.cpu_ms_per_request),
+            spread_sig(&t.front.cpu_ms_per_request),
+            spread_sig(&d.front.cpu_ms_per_request),
         );
     }
+    let ratio_or_dash = |s: &Samples| match s.len() {
+        0 => "–".into(),
+        _ => format!("{}x", s.spread(3)),
+    };
     let _ = writeln!(
         w,
         "\nBytes (front CPU per GiB: lower is better):\n\n\
-         | load | HAProxy MiB/s | tcpr MiB/s | HAProxy CPU s/GiB | tcpr CPU s/GiB | tcpr / HAProxy |\n\
-         |---|---|---|---|---|---|"
+         | load | HAProxy MiB/s | tcpr fwd MiB/s | tcpr fd MiB/s | HAProxy CPU s/GiB | fwd CPU s/GiB | fwd / HAProxy | fd CPU s/GiB | fd / HAProxy |\n\
+         |---|---|---|---|---|---|---|---|---|"
     );
     for r in b.rows.iter().filter(|r| !r.load.is_small()) {
+        let (h, t, d) = (&r.haproxy, &r.tcpr, &r.fd);
         let _ = writeln!(
             w,
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.load.name,
-            r.haproxy.mib_per_sec.spread(0),
-            r.tcpr.mib_per_sec.spread(0),
-            spread_or_dash(&r.haproxy.cpu_per_gib, 3),
-            spread_or_dash(&r.tcpr.cpu_per_gib, 3),
-            match r.cpu_ratio.len() {
-                0 => "–".into(),
-                _ => format!("{}x", r.cpu_ratio.spread(3)),
-            },
+            h.mib_per_sec.spread(0),
+            t.front.mib_per_sec.spread(0),
+            d.front.mib_per_sec.spread(0),
+            spread_or_dash(&h.cpu_per_gib, 3),
+            spread_or_dash(&t.front.cpu_per_gib, 3),
+            ratio_or_dash(&t.cpu_ratio),
+            spread_or_dash(&d.front.cpu_per_gib, 3),
+            ratio_or_dash(&d.cpu_ratio),
         );
     }
     let _ = writeln!(
         w,
         "\nThe balancer's own counters over the same runs (all runs together), and wrk's \
          errors (socket errors and non-2xx responses) on each side:\n\n\
-         | load | requests (wrk) | handoffs | fallbacks | proxied | mean handoff ms | wrk errors HAProxy | wrk errors tcpr |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|"
+         | load | tcpr | requests (wrk) | handoffs | fallbacks | proxied | mean handoff ms | wrk errors HAProxy | wrk errors tcpr |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in &b.rows {
-        let s = &r.served;
-        let _ = writeln!(
-            w,
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} |",
-            r.load.name,
-            r.tcpr_requests,
-            s.handoffs,
-            s.fallbacks,
-            s.proxied,
-            s.mean_handoff_ms(),
-            r.haproxy.errors,
-            r.tcpr.errors,
-        );
+        for (which, t) in [("fwd", &r.tcpr), ("fd", &r.fd)] {
+            let s = &t.served;
+            let _ = writeln!(
+                w,
+                "| {} | {which} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} |",
+                r.load.name,
+                t.requests,
+                s.handoffs,
+                s.fallbacks,
+                s.proxied,
+                s.mean_handoff_ms(),
+                r.haproxy.errors,
+                t.front.errors,
+            );
+        }
     }
     let _ = writeln!(
         w,
@@ -282,7 +324,7 @@ pub(super) fn skipped(w: &mut String) {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::bench_balance::{loads, FrontFigures, Served};
+    use crate::bench_balance::{loads, Served};
 
     fn front(rps: [f64; 3], cpu: [f64; 3], cpu_ms: f64) -> FrontFigures {
         FrontFigures {
@@ -297,7 +339,8 @@ pub(super) mod tests {
 
     /// Figures like a run on the 2-core VM: new connections slower than
     /// HAProxy, keep-alive faster, 1 MiB over a tenth of its CPU, 100 MiB
-    /// under.
+    /// under; with fd-taking backends, 1.5 times the rates of the forward
+    /// ones (new connections 0.42x HAProxy's), half the CPU.
     pub(in crate::report) fn figures() -> BalanceFigures {
         let nan = [f64::NAN; 3];
         let per_load = [
@@ -313,19 +356,28 @@ pub(super) mod tests {
                 let ratio = |t: [f64; 3], h: [f64; 3]| {
                     Samples::new(t.iter().zip(h).map(|(t, h)| t / h).collect())
                 };
-                LoadRow {
-                    rps_ratio: ratio(t_rps, h_rps),
-                    cpu_ratio: ratio(t_cpu, h_cpu),
-                    haproxy: front(h_rps, h_cpu, 0.1),
-                    tcpr: front(t_rps, t_cpu, 0.5),
-                    tcpr_requests: 8_400.0,
+                let tcpr = |rps: [f64; 3], cpu: [f64; 3], cpu_ms: f64, requests: f64| TcprFigures {
+                    rps_ratio: ratio(rps, h_rps),
+                    cpu_ratio: ratio(cpu, h_cpu),
+                    front: front(rps, cpu, cpu_ms),
+                    requests,
                     served: Served {
-                        handoffs: 8_432.0,
+                        handoffs: requests + 32.0,
                         fallbacks: 0.0,
                         proxied: 0.0,
-                        handoff_seconds_sum: 84.32,
-                        handoff_seconds_count: 8_432.0,
+                        handoff_seconds_sum: (requests + 32.0) / 100.0,
+                        handoff_seconds_count: requests + 32.0,
                     },
+                };
+                LoadRow {
+                    haproxy: front(h_rps, h_cpu, 0.1),
+                    tcpr: tcpr(t_rps, t_cpu, 0.5, 8_400.0),
+                    fd: tcpr(
+                        t_rps.map(|r| r * 1.5),
+                        t_cpu.map(|c| c / 2.0),
+                        0.25,
+                        12_600.0,
+                    ),
                     load,
                 }
             })
@@ -344,34 +396,47 @@ pub(super) mod tests {
         let mut w = String::new();
         goal_rows(&mut w, &figures());
         let rows: Vec<&str> = w.lines().collect();
-        assert_eq!(rows.len(), 4);
+        assert_eq!(rows.len(), 6);
         assert!(rows[0].contains("requests/s not below HAProxy's, small, new connections"));
         assert!(rows[0].ends_with("| 0.28x (2800 vs 10000 r/s) | not met |"));
         assert!(rows[1].ends_with("| 1.20x (48000 vs 40000 r/s) | met |"));
         assert!(rows[2].contains("front CPU per GiB ≤ 1/10 of HAProxy's, 1 MiB responses"));
         assert!(rows[2].ends_with("| 0.250x (0.500 vs 2.000 s/GiB) | not met |"));
         assert!(rows[3].ends_with("| 0.010x (0.015 vs 1.500 s/GiB) | met |"));
+        // The fd-taking backends' rates, small loads only.
+        assert!(rows[4].contains("fd-taking backends (`agent --unix`): requests/s not below HAProxy's, small, new connections"));
+        assert!(rows[4].ends_with("| 0.42x (4200 vs 10000 r/s) | not met |"));
+        assert!(rows[5].ends_with("| 1.80x (72000 vs 40000 r/s) | met |"));
     }
 
     #[test]
     fn notes_are_for_goals_not_met_and_computed_from_the_figures() {
         let notes = why_not(&figures(), 2);
-        assert_eq!(notes.len(), 2, "{notes:#?}");
+        assert_eq!(notes.len(), 3, "{notes:#?}");
         // 32 connections busy at 2800 requests/s: 11.43 ms a request; at
         // 0.5 ms of CPU each, 1.4 cores.
-        assert!(notes[0].starts_with("small, new connections: tcpr serves 2800"));
+        assert!(notes[0].starts_with(
+            "small, new connections: tcpr (agents --forward to unmodified servers) serves 2800"
+        ));
         assert!(notes[0].contains("11.43 ms through tcpr against 3.20 ms through HAProxy"));
         assert!(notes[0].contains("0.50 ms of CPU per request (HAProxy 0.10 ms)"));
         assert!(notes[0].contains("keeps 1.4 of the machine's 2 cores busy"));
         assert!(notes[0].contains("The front's own CPU is most of what limits it."));
         let mut idle_front = figures();
-        idle_front.rows[0].tcpr.cpu_ms_per_request = Samples::new(vec![0.1]);
+        idle_front.rows[0].tcpr.front.cpu_ms_per_request = Samples::new(vec![0.1]);
         assert!(why_not(&idle_front, 2)[0].contains("The front's CPU is not the limit"));
-        assert!(notes[1].starts_with("1 MiB responses: tcpr's front spends 0.500 s"));
+        // 4200 requests/s with fd-taking backends: 7.62 ms a request.
+        let fd = &notes[1];
+        assert!(
+            fd.contains("(agents --unix to fd-taking servers) serves 4200"),
+            "{fd}"
+        );
+        assert!(fd.contains("7.62 ms through tcpr against 3.20 ms through HAProxy"));
+        assert!(notes[2].starts_with("1 MiB responses: tcpr's front spends 0.500 s"));
         // 0.5 s/GiB at 1 MiB a response is 0.49 ms each; a tenth of
         // HAProxy's 2 s/GiB from 0.49 ms / 0.2 s per GiB = 2.5 MiB.
-        assert!(notes[1].contains("0.49 ms of CPU per response"));
-        assert!(notes[1].contains("from responses of about 2.5 MiB up"));
+        assert!(notes[2].contains("0.49 ms of CPU per response"));
+        assert!(notes[2].contains("from responses of about 2.5 MiB up"));
     }
 
     #[test]
@@ -381,10 +446,10 @@ pub(super) mod tests {
         assert!(w.contains("HAProxy version 2.6.12-1+deb12u4 2026/10/17 (Debian package)"));
         assert!(w.contains("median (min–max) of 3 runs"));
         assert!(w.contains(
-            "| small, new connections | 10000 (10000–10000) | 2800 (2500–3000) | 0.28 (0.25–0.30)x | 3.0 (2.0–4.0) | 3.0 (2.0–4.0) | 0.100 (0.100–0.100) | 0.500 (0.500–0.500) |"
+            "| small, new connections | 10000 (10000–10000) | 2800 (2500–3000) | 0.28 (0.25–0.30)x | 4200 (3750–4500) | 0.42 (0.38–0.45)x | 3.0 (2.0–4.0) | 3.0 (2.0–4.0) | 3.0 (2.0–4.0) | 0.100 (0.100–0.100) | 0.500 (0.500–0.500) | 0.250 (0.250–0.250) |"
         ));
         // CPU per GiB only where the load carries bytes.
-        assert!(w.contains("| 100 MiB responses | 100 (100–100) | 100 (100–100) | 1.500 (1.500–1.500) | 0.015 (0.015–0.015) | 0.010 (0.010–0.010)x |"));
+        assert!(w.contains("| 100 MiB responses | 100 (100–100) | 100 (100–100) | 100 (100–100) | 1.500 (1.500–1.500) | 0.015 (0.015–0.015) | 0.010 (0.010–0.010)x | 0.007 (0.007–0.007) | 0.005 (0.005–0.005)x |"));
         assert!(!w.contains("| small, keep-alive | 100 (100–100)"));
         assert_eq!(
             spread_sig(&Samples::new(vec![152.3, 160.0, 164.0])),
@@ -394,7 +459,8 @@ pub(super) mod tests {
             spread_sig(&Samples::new(vec![1.5, 1.765, 2.0])),
             "1.76 (1.50–2.00)"
         );
-        assert!(w.contains("| small, keep-alive | 8400 | 8432 | 0 | 0 | 10.00 | 0 | 0 |"));
+        assert!(w.contains("| small, keep-alive | fwd | 8400 | 8432 | 0 | 0 | 10.00 | 0 | 0 |"));
+        assert!(w.contains("| small, keep-alive | fd | 12600 | 12632 | 0 | 0 | 10.00 | 0 | 0 |"));
         let mut one = figures();
         one.runs = 1;
         let mut w = String::new();

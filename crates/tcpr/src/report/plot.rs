@@ -536,17 +536,35 @@ pub(super) fn balancer(path: &Path, b: &BalanceFigures) -> Result<()> {
         )
         .map_err(err)?;
     let (left, right) = root.split_horizontally(SIZE.0 / 2);
+    // tcpr with --forward agents at each load, then with fd-taking
+    // backends (--unix agents) at the small loads, where they differ.
+    // (Labels short enough for six bars.)
+    let fd_labels: Vec<&str> = b
+        .rows
+        .iter()
+        .map(|r| if r.load.close { "fd new" } else { "fd k-a" })
+        .collect();
     let rate: Vec<Bar<'_>> = b
         .rows
         .iter()
         .map(|r| Bar {
             label: r.load.short,
-            ratios: &r.rps_ratio,
+            ratios: &r.tcpr.rps_ratio,
         })
+        .chain(
+            b.rows
+                .iter()
+                .zip(&fd_labels)
+                .filter(|(r, _)| r.load.is_small())
+                .map(|(r, label)| Bar {
+                    label,
+                    ratios: &r.fd.rps_ratio,
+                }),
+        )
         .collect();
     ratio_bars(
         &left,
-        "requests/s (higher is better)",
+        "requests/s (higher is better; fd: fd-taking backends)",
         "tcpr / HAProxy",
         &rate,
         RGBColor(0, 90, 200),
@@ -562,7 +580,7 @@ pub(super) fn balancer(path: &Path, b: &BalanceFigures) -> Result<()> {
         .filter(|r| !r.load.is_small())
         .map(|r| Bar {
             label: r.load.short,
-            ratios: &r.cpu_ratio,
+            ratios: &r.tcpr.cpu_ratio,
         })
         .collect();
     ratio_bars(
