@@ -18,6 +18,10 @@ use std::time::{Duration, Instant};
 use tcpr_image::{ConnectionImage, SocketOptions, TcpState};
 
 const TCPOPT_MSS: u32 = 2;
+/// The smallest MSS TCP_MAXSEG accepts (TCP_MIN_MSS, include/net/tcp.h).
+const TCP_MIN_MSS: u32 = 88;
+/// The largest MSS TCP_MAXSEG accepts (MAX_TCP_WINDOW, include/net/tcp.h).
+const MAX_TCP_WINDOW: u32 = 32767;
 const TCPOPT_WINDOW: u32 = 3;
 const TCPOPT_SACK_PERM: u32 = 4;
 const TCPOPT_TIMESTAMP: u32 = 8;
@@ -209,12 +213,25 @@ impl Restored {
             },
             _ => Error::kernel(format!("restore {} -> {}", img.local, img.peer), e),
         };
+        let o = &img.options;
+        // The kernel sizes the segments it sends (mss_cache) at connect, from
+        // the path MTU and the peer's MSS as it then knows it, and not again
+        // when TCP_REPAIR_OPTIONS gives it the peer's MSS below: a restored
+        // socket sent 536-byte segments (1220 over IPv6) on any link. As
+        // TCP_MAXSEG, the peer's MSS is known at connect. It stays the
+        // socket's own limit, equal to what the peer allows anyway.
+        // (At most MAX_TCP_WINDOW: only loopback's MTU goes beyond, where
+        // the kernel's own choice is half the window, 32 KiB, anyway.)
+        if u32::from(o.mss) >= TCP_MIN_MSS {
+            let mss = u32::from(o.mss).min(MAX_TCP_WINDOW) as i32;
+            sys::set_int(fd, libc::SOL_TCP, libc::TCP_MAXSEG, mss)
+                .map_err(kernel_error("set TCP_MAXSEG"))?;
+        }
         // In repair mode bind forces the address (SK_FORCE_REUSE) and connect
         // goes straight to ESTABLISHED without a SYN.
         sys::bind(fd, img.local).map_err(in_use)?;
         sys::connect(fd, img.peer).map_err(in_use)?;
 
-        let o = &img.options;
         if o.timestamps {
             sys::set_tcp_timestamp(fd, img.timestamp).map_err(kernel_error("set TCP_TIMESTAMP"))?;
         }

@@ -459,3 +459,48 @@ fn unsent_beyond_buffer_and_notsent_lowat() {
         }
     });
 }
+
+/// The segment size the socket sends with (`TCP_MAXSEG` of a live socket:
+/// its `mss_cache`).
+fn send_mss(s: &TcpStream) -> i32 {
+    use std::os::fd::AsFd;
+    getsockopt_int(s.as_fd(), libc::IPPROTO_TCP, libc::TCP_MAXSEG)
+}
+
+/// A restored connection sends segments as large as the original did: the
+/// kernel sizes them at the repair-mode connect, before TCP_REPAIR_OPTIONS
+/// gives it the peer's MSS, so without more the restored socket kept the
+/// default 536 bytes (524 with timestamps) and sent three times the
+/// segments on a 1500-byte link, tens of times on loopback.
+fn mss_round_trip(addr: &str, mtu: u32) {
+    let ip = Command::new("ip")
+        .args(["link", "set", "lo", "mtu", &mtu.to_string()])
+        .status()
+        .unwrap();
+    assert!(ip.success());
+    let (mut client, server) = pair(addr);
+    let before = send_mss(&server);
+    // The MTU less the IP and TCP headers and the timestamp option.
+    let header = if addr.starts_with('[') { 40 } else { 20 } + 20 + 12;
+    assert_eq!(before, mtu as i32 - header, "MSS before the move");
+    let (img, mut s2) = move_in_place(server);
+    assert_eq!(send_mss(&s2), before, "image MSS {}", img.options.mss);
+    // And it carries a segment of that size to the peer.
+    let big = vec![7u8; 256 * 1024];
+    s2.write_all(&big).unwrap();
+    let mut got = vec![0u8; big.len()];
+    client.read_exact(&mut got).unwrap();
+    assert_eq!(got, big);
+}
+
+#[test]
+fn ipv4_mss_round_trip() {
+    in_private_netns(|| mss_round_trip("127.0.0.1:0", 1500));
+    in_private_netns(|| mss_round_trip("127.0.0.1:0", 9000));
+}
+
+#[test]
+fn ipv6_mss_round_trip() {
+    in_private_netns(|| mss_round_trip("[::1]:0", 1500));
+    in_private_netns(|| mss_round_trip("[::1]:0", 9000));
+}
