@@ -39,7 +39,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 use tcpr_host::nfnl::{self, Batch, Element, Family, NlError, Op, SetRef};
 
+mod kept;
 mod mode;
+pub use kept::detach_sockets;
 use mode::Mode;
 pub use mode::LEGACY_ENV;
 
@@ -671,7 +673,7 @@ impl From<Failure> for Error {
 
 /// Commits an element batch over netlink in `ns`.
 fn fast(ns: &Netns, batch: Batch) -> Result<(), Failure> {
-    match nfnl::commit(ns.fd.as_ref().map(|f| f.as_fd()), batch) {
+    match kept::commit(ns, batch) {
         Ok(()) => Ok(()),
         Err(NlError::Refused(libc::EPERM)) => Err(Failure::Failed(Error::Permission(
             "nftables refused to change the ruleset: CAP_NET_ADMIN is needed to lock flows".into(),

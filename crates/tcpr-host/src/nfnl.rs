@@ -170,6 +170,7 @@ pub struct Batch {
     buf: Vec<u8>,
     seq: u32,
     acks: usize,
+    removes: bool,
 }
 
 fn put_attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
@@ -226,12 +227,21 @@ impl Batch {
             buf: Vec::new(),
             seq: 1,
             acks: 0,
+            removes: false,
         }
     }
 
     /// Whether the batch holds no element message.
     pub fn is_empty(&self) -> bool {
         self.acks == 0
+    }
+
+    /// Whether the batch deletes or destroys elements: if one is present,
+    /// its removal leaves destroy work that waits for an RCU grace period,
+    /// and so does the next close of any nf_tables netlink socket until
+    /// then ([`close_in_child`]).
+    pub fn removes(&self) -> bool {
+        self.removes
     }
 
     /// Starts a message: nlmsghdr and nfgenmsg. Returns its offset.
@@ -269,6 +279,7 @@ impl Batch {
             Op::Delete => (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK),
             Op::Destroy => (NFT_MSG_DESTROYSETELEM, NLM_F_REQUEST | NLM_F_ACK),
         };
+        self.removes |= matches!(op, Op::Delete | Op::Destroy) && !elements.is_empty();
         let mut rest = elements;
         while !rest.is_empty() {
             let msg = self.header(
@@ -519,6 +530,20 @@ fn attr(attrs: &[u8], ty: u16) -> Option<&[u8]> {
         at += len.next_multiple_of(4);
     }
     None
+}
+
+/// Closes `sockets` in a child process, so that this one never waits for
+/// their close: the close of an nf_tables netlink socket
+/// (`NETLINK_URELEASE`, `nft_rcv_nl_event`) flushes nf_tables'
+/// transaction destroy work, which waits for an RCU grace period (8-30 ms)
+/// after a transaction removed a present element. The child inherits
+/// them, this process closes its copies (not the last: nothing waits),
+/// the child closes them after that and exits, all other fds closed at
+/// once. Returns the child's pid (it is not waited for: an exiting caller
+/// leaves it to init).
+pub fn close_in_child(sockets: Vec<Socket>) -> std::io::Result<u32> {
+    let fds = sockets.into_iter().map(|s| s.fd).collect();
+    crate::sys::detach::close_in_child(fds).map(|pid| pid as u32)
 }
 
 /// Sends a batch in the network namespace `ns` (the caller's when `None`)
