@@ -4,7 +4,9 @@
 //! from the moment it is acquired; the first packet sent after a release
 //! arrives, with no retransmission; a relock right after a release drops
 //! again; the lock outlives the socket and the process that took it and
-//! expires by itself after its lease; nothing stays behind in nftables.
+//! expires by itself after its lease; a process that relocked exits and
+//! the child that closes its netlink sockets ends too; nothing stays
+//! behind in nftables.
 mod common;
 mod lock_peer;
 use common::*;

@@ -32,8 +32,10 @@ struct Kept {
 /// namespace, at most.
 static POOL: Mutex<Vec<Kept>> = Mutex::new(Vec::new());
 
-/// Whether this process committed a transaction that deletes or destroys
-/// an element (present or not: the acknowledgement does not say).
+/// Whether this process committed a transaction that may have removed a
+/// present element: one that deletes, or destroys an element the kernel
+/// echoed back as removed (a lock's destroy of the `unlocked` element of
+/// a flow released moments ago; spaced locks remove nothing).
 static REMOVED: AtomicBool = AtomicBool::new(false);
 
 /// The identity of `ns` (for [`Netns::current`], of the calling thread's
@@ -77,10 +79,14 @@ pub(super) fn commit(ns: &Netns, batch: Batch) -> Result<(), NlError> {
     if batch.is_empty() {
         return Ok(());
     }
-    if batch.removes() {
+    // Removed if it deletes, or destroys and the kernel echoed a removal
+    // (or its answer is unknown).
+    let (removes, echoes) = (batch.removes(), batch.echoes_removals());
+    let echoed = with(ns, |socket| socket.commit_counting(batch));
+    if removes && (!echoes || !matches!(echoed, Ok(0))) {
         REMOVED.store(true, Ordering::Relaxed);
     }
-    with(ns, |socket| socket.commit(batch))
+    echoed.map(drop)
 }
 
 /// Hands the kept sockets to a child process that closes them once this
