@@ -184,13 +184,17 @@ fn a_process_that_relocked_exits_and_its_netlink_sockets_close_in_a_child_that_e
         // The child: lock, release, relock at once (the relock destroys a
         // present `unlocked` element), keep it, hand the sockets over, exit.
         let (flow, _) = child_flow(&spec);
-        FlowLock::acquire(&[flow], Netns::current(), LEASE)
-            .unwrap()
-            .release()
-            .unwrap();
-        FlowLock::acquire(&[flow], Netns::current(), LEASE)
-            .unwrap()
-            .keep();
+        // A few times: one relock within the release's `unlocked` time
+        // is enough, even on a machine that stalls this process.
+        for _ in 0..5 {
+            FlowLock::acquire(&[flow], Netns::current(), LEASE)
+                .unwrap()
+                .release()
+                .unwrap();
+            FlowLock::acquire(&[flow], Netns::current(), LEASE)
+                .unwrap()
+                .keep();
+        }
         let closer = lock::detach_sockets().expect("a child closes the sockets");
         println!("closer={closer}");
         std::process::exit(0);

@@ -28,9 +28,14 @@ struct Kept {
     ns: (u64, u64),
 }
 
-/// The sockets not in use: one per thread that used one at a time and
-/// namespace, at most.
+/// The sockets not in use, oldest first: one per thread that used one at
+/// a time and namespace, at most [`POOL_MAX`].
 static POOL: Mutex<Vec<Kept>> = Mutex::new(Vec::new());
+
+/// The most sockets kept: a netlink socket holds its network namespace
+/// alive, so a process that locks in many namespaces (one after the
+/// other) closes the oldest.
+const POOL_MAX: usize = 8;
 
 /// Whether this process committed a transaction that may have removed a
 /// present element: one that deletes, or destroys an element the kernel
@@ -61,16 +66,21 @@ pub(super) fn with<T>(
     };
     let free = {
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        let i = pool.iter().position(|k| k.ns == id);
-        i.map(|i| pool.swap_remove(i).socket)
+        let i = pool.iter().rposition(|k| k.ns == id);
+        i.map(|i| pool.remove(i).socket)
     };
     let socket = match free {
         Some(s) => s,
         None => nfnl::Socket::open(nsfd)?,
     };
     let out = f(&socket)?;
-    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    pool.push(Kept { socket, ns: id });
+    let evicted = {
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        pool.push(Kept { socket, ns: id });
+        (pool.len() > POOL_MAX).then(|| pool.remove(0))
+    };
+    // Closed outside the pool's lock.
+    drop(evicted);
     Ok(out)
 }
 
