@@ -19,8 +19,11 @@
 //! returns microseconds later, because it only *adds* elements, updates
 //! their expiry, or destroys absent ones. Removing a present element also
 //! commits at once, but the transaction then holds the element until an
-//! RCU grace period has passed, and closing the netlink socket
-//! (`NETLINK_URELEASE`) waits for that (8-30 ms). So a lock adds the flow
+//! RCU grace period has passed, and closing any nf_tables netlink socket
+//! (`NETLINK_URELEASE`) waits for that (8-30 ms), holding the commit
+//! mutex: so the transactions go through kept sockets (`kept`), and a
+//! process hands them at exit to a child that closes them after a grace
+//! period ([`detach_sockets`]). So a lock adds the flow
 //! to `flows` for the lease and destroys its `unlocked` element (absent
 //! unless released in the last [`UNLOCKED_TIMEOUT`] or so); a release adds
 //! it to `unlocked` for [`UNLOCKED_TIMEOUT`] (plus 10 µs per flow of the
@@ -39,7 +42,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 use tcpr_host::nfnl::{self, Batch, Element, Family, NlError, Op, SetRef};
 
+mod kept;
 mod mode;
+pub use kept::detach_sockets;
 use mode::Mode;
 pub use mode::LEGACY_ENV;
 
@@ -70,8 +75,9 @@ const EXPIRED_TIMEOUT: Duration = Duration::from_secs(1);
 /// than its `flows` element takes to expire (1 ms, rounded up to the next
 /// jiffy: at most 10 ms at HZ=100; two jiffies there), short enough that a
 /// relock rarely finds it there: removing a present element makes the
-/// close of the netlink socket wait for an RCU grace period (8-30 ms; the
-/// lock is in force before that, when the commit is acknowledged).
+/// next close of an nf_tables netlink socket wait for an RCU grace period
+/// (8-30 ms; the lock is in force before that, when the commit is
+/// acknowledged; the lock's own sockets are kept and closed by a child).
 pub const UNLOCKED_TIMEOUT: Duration = Duration::from_millis(20);
 
 /// Added to [`UNLOCKED_TIMEOUT`] per released flow: a new `unlocked`
@@ -504,6 +510,8 @@ pub fn release_flows(ns: &Netns, flows: &[Flow]) -> Result<(), Error> {
         }
     }
     let mut batch = Batch::new();
+    // The probe destroys an element no release ever adds.
+    batch.echo_removals();
     if probe {
         mode::probe(&mut batch);
     }
@@ -617,6 +625,9 @@ fn delete(ns: &Netns, flows: &[Flow]) -> Result<(), Error> {
 /// or so).
 fn lock_batch(flows: &[Flow], lease_ms: u64, mode: Mode) -> Batch {
     let mut batch = Batch::new();
+    // Whether a destroy found its element tells whether this process
+    // must close its sockets in a child (`kept`).
+    batch.echo_removals();
     for (set, elements) in by_set(flows) {
         batch.elements(set.set_ref(), &elements, add_op(lease_ms));
         if mode != Mode::Delete {
@@ -690,7 +701,7 @@ impl From<Failure> for Error {
 
 /// Commits an element batch over netlink in `ns`.
 fn fast(ns: &Netns, batch: Batch) -> Result<(), Failure> {
-    match nfnl::commit(ns.fd.as_ref().map(|f| f.as_fd()), batch) {
+    match kept::commit(ns, batch) {
         Ok(()) => Ok(()),
         Err(NlError::Refused(libc::EPERM)) => Err(Failure::Failed(Error::Permission(
             "nftables refused to change the ruleset: CAP_NET_ADMIN is needed to lock flows".into(),

@@ -4,7 +4,9 @@
 //! from the moment it is acquired; the first packet sent after a release
 //! arrives, with no retransmission; a relock right after a release drops
 //! again; the lock outlives the socket and the process that took it and
-//! expires by itself after its lease; nothing stays behind in nftables.
+//! expires by itself after its lease; a process that relocked exits and
+//! the child that closes its netlink sockets ends too; nothing stays
+//! behind in nftables.
 mod common;
 mod lock_peer;
 use common::*;
@@ -101,15 +103,21 @@ fn a_relock_right_after_release_drops_at_once() {
 /// exits (its value: local, peer, lease in ms).
 const CHILD_ENV: &str = "TCPR_TEST_LOCK_CHILD";
 
+/// The flow a child re-run is given ("local peer ..."), and all the words.
+fn child_flow(spec: &str) -> (Flow, Vec<&str>) {
+    let w: Vec<&str> = spec.split_whitespace().collect();
+    let flow = Flow {
+        local: w[0].parse().unwrap(),
+        peer: w[1].parse().unwrap(),
+    };
+    (flow, w)
+}
+
 #[test]
 fn the_lock_outlives_the_socket_and_the_process_and_expires_after_its_lease() {
     if let Ok(spec) = std::env::var(CHILD_ENV) {
         // The child: lock, leave the lock to its lease, exit.
-        let w: Vec<&str> = spec.split_whitespace().collect();
-        let flow = Flow {
-            local: w[0].parse().unwrap(),
-            peer: w[1].parse().unwrap(),
-        };
+        let (flow, w) = child_flow(&spec);
         let lease = Duration::from_millis(w[2].parse().unwrap());
         FlowLock::acquire(&[flow], Netns::current(), lease)
             .unwrap()
@@ -151,6 +159,77 @@ fn the_lock_outlives_the_socket_and_the_process_and_expires_after_its_lease() {
         wait_until("the lease expires", lease + WAIT, || {
             !lock::is_locked(&Netns::current(), &p.flow).unwrap()
         });
+        nothing_left(&baseline);
+    });
+}
+
+/// Set in a re-run of this test binary: the child that relocks a flow
+/// right after releasing it and exits (its value: local, peer).
+const RELOCK_CHILD_ENV: &str = "TCPR_TEST_RELOCK_CHILD";
+
+/// Whether process `pid` has exited (gone, or a zombie nobody reaped yet).
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command's closing parenthesis.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
+#[test]
+fn a_process_that_relocked_exits_and_its_netlink_sockets_close_in_a_child_that_ends() {
+    if let Ok(spec) = std::env::var(RELOCK_CHILD_ENV) {
+        // The child: lock, release, relock at once (the relock destroys a
+        // present `unlocked` element), keep it, hand the sockets over, exit.
+        let (flow, _) = child_flow(&spec);
+        // A few times: one relock within the release's `unlocked` time
+        // is enough, even on a machine that stalls this process.
+        for _ in 0..5 {
+            FlowLock::acquire(&[flow], Netns::current(), LEASE)
+                .unwrap()
+                .release()
+                .unwrap();
+            FlowLock::acquire(&[flow], Netns::current(), LEASE)
+                .unwrap()
+                .keep();
+        }
+        let closer = lock::detach_sockets().expect("a child closes the sockets");
+        println!("closer={closer}");
+        std::process::exit(0);
+    }
+    in_private_netns(|| {
+        lock::prepare().unwrap();
+        let baseline = ruleset();
+        let mut p = PyPair::new(false);
+        // Its output is read to the end: the closer holds none of it.
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "a_process_that_relocked_exits_and_its_netlink_sockets_close_in_a_child_that_ends",
+                "--exact",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env(
+                RELOCK_CHILD_ENV,
+                format!("{} {}", p.flow.local, p.flow.peer),
+            )
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "the relocking child failed");
+        let closer: u32 = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("closer=")?.parse().ok())
+            .expect("the child printed its closer's pid");
+        // The relock is in force after the process is gone.
+        p.dropped_both_ways("relocked");
+        wait_until("the closer exits", Duration::from_secs(1), || {
+            exited(closer)
+        });
+        lock::release_flows(&Netns::current(), &[p.flow]).unwrap();
+        p.delivers_late("relocked");
+        p.passes_at_once("after");
         nothing_left(&baseline);
     });
 }

@@ -18,7 +18,9 @@
 use crate::sys::sock;
 // The netlink constants come from the crate the rest of our netlink code
 // (sock_diag, rtnetlink) is built on; only nf_tables' own numbers are here.
-use netlink_packet_core::{NLA_F_NESTED, NLMSG_ERROR, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST};
+use netlink_packet_core::{
+    NLA_F_NESTED, NLMSG_ERROR, NLM_F_ACK, NLM_F_CREATE, NLM_F_ECHO, NLM_F_REQUEST,
+};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Duration;
 
@@ -170,6 +172,8 @@ pub struct Batch {
     buf: Vec<u8>,
     seq: u32,
     acks: usize,
+    removes: bool,
+    echo: bool,
 }
 
 fn put_attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
@@ -226,12 +230,34 @@ impl Batch {
             buf: Vec::new(),
             seq: 1,
             acks: 0,
+            removes: false,
+            echo: false,
         }
     }
 
     /// Whether the batch holds no element message.
     pub fn is_empty(&self) -> bool {
         self.acks == 0
+    }
+
+    /// Whether the batch deletes or destroys elements: if one is present,
+    /// its removal leaves destroy work that waits for an RCU grace period,
+    /// and so does the next close of any nf_tables netlink socket until
+    /// then ([`close_in_child`]).
+    pub fn removes(&self) -> bool {
+        self.removes
+    }
+
+    /// Asks the kernel to echo the removals of the deletes and destroys
+    /// added after this call: one notification per element removed, none
+    /// for a destroy of an absent one ([`Socket::commit_counting`]).
+    pub fn echo_removals(&mut self) {
+        self.echo = true;
+    }
+
+    /// Whether [`Batch::echo_removals`] was called.
+    pub fn echoes_removals(&self) -> bool {
+        self.echo
     }
 
     /// Starts a message: nlmsghdr and nfgenmsg. Returns its offset.
@@ -268,6 +294,13 @@ impl Batch {
             }
             Op::Delete => (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK),
             Op::Destroy => (NFT_MSG_DESTROYSETELEM, NLM_F_REQUEST | NLM_F_ACK),
+        };
+        let removes = matches!(op, Op::Delete | Op::Destroy);
+        self.removes |= removes && !elements.is_empty();
+        let flags = if removes && self.echo {
+            flags | NLM_F_ECHO
+        } else {
+            flags
         };
         let mut rest = elements;
         while !rest.is_empty() {
@@ -368,11 +401,22 @@ impl Socket {
     /// Sends a batch and waits for every acknowledgement: the transaction
     /// has committed (or failed as a whole) when this returns.
     pub fn commit(&self, batch: Batch) -> Result<(), NlError> {
+        self.commit_counting(batch).map(drop)
+    }
+
+    /// [`Socket::commit`], returning how many element removals the kernel
+    /// echoed: with [`Batch::echo_removals`], the elements the transaction
+    /// removed (nf_tables sends a transaction's notifications at its
+    /// commit, before the acknowledgements).
+    pub fn commit_counting(&self, batch: Batch) -> Result<usize, NlError> {
         let (msg, acks) = batch.finish();
         if acks == 0 {
-            return Ok(());
+            return Ok(0);
         }
-        self.exchange(&msg, acks).map(drop)
+        let answers = self.exchange(&msg, acks)?;
+        // NEWGEN comes too, for a transaction that changed anything.
+        let removal = NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_DELSETELEM;
+        Ok(answers.iter().filter(|(ty, _)| *ty == removal).count())
     }
 
     /// Whether the table `table` of `family` exists.
@@ -434,18 +478,19 @@ impl Socket {
         attrs(&mut b.buf);
         b.end(msg);
         match self.exchange(&b.buf, 1) {
-            Ok(mut answers) => Ok(answers.pop()),
+            Ok(mut answers) => Ok(answers.pop().map(|(_, attrs)| attrs)),
             Err(NlError::Refused(libc::ENOENT)) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
     /// Sends `msg` and reads until `acks` acknowledgements came; returns
-    /// the attributes of the other (data) messages that arrived on the way.
+    /// the type and attributes of the other (data) messages that arrived on
+    /// the way (echoed notifications: the type and the rest unparsed).
     /// Answers are matched by sequence number: the messages of `msg` carry
     /// 1, 2, ...; anything else (an answer to an earlier request that
     /// timed out) is skipped.
-    fn exchange(&self, msg: &[u8], acks: usize) -> Result<Vec<Vec<u8>>, NlError> {
+    fn exchange(&self, msg: &[u8], acks: usize) -> Result<Vec<(u16, Vec<u8>)>, NlError> {
         let fd = self.fd.as_fd();
         // A netlink datagram must fit the socket's send buffer.
         if msg.len() > DEFAULT_SEND_BUFFER_BYTES {
@@ -471,7 +516,12 @@ impl Socket {
                 if len < NLMSG_HDR_BYTES || at + len > n {
                     break;
                 }
-                if !(1..=last_seq).contains(&seq) {
+                if seq == 0 && ty != NLMSG_ERROR {
+                    // An echoed notification (`Batch::echo_removals`):
+                    // nf_tables sends element ones with sequence 0.
+                    let attrs = buf[at + NLMSG_HDR_BYTES..at + len].to_vec();
+                    data.push((ty, attrs));
+                } else if !(1..=last_seq).contains(&seq) {
                     // Not ours: an answer to an earlier request.
                 } else if ty == NLMSG_ERROR {
                     let err = i32::from_ne_bytes(word(NLMSG_HDR_BYTES));
@@ -480,7 +530,8 @@ impl Socket {
                     }
                     seen += 1;
                 } else if len >= NLMSG_HDR_BYTES + NFGENMSG_BYTES {
-                    data.push(buf[at + NLMSG_HDR_BYTES + NFGENMSG_BYTES..at + len].to_vec());
+                    let attrs = buf[at + NLMSG_HDR_BYTES + NFGENMSG_BYTES..at + len].to_vec();
+                    data.push((ty, attrs));
                 }
                 at += len.next_multiple_of(4);
             }
@@ -519,6 +570,20 @@ fn attr(attrs: &[u8], ty: u16) -> Option<&[u8]> {
         at += len.next_multiple_of(4);
     }
     None
+}
+
+/// Closes `sockets` in a child process, so that this one never waits for
+/// their close: the close of an nf_tables netlink socket
+/// (`NETLINK_URELEASE`, `nft_rcv_nl_event`) flushes nf_tables'
+/// transaction destroy work, which waits for an RCU grace period (8-30 ms)
+/// after a transaction removed a present element. The child inherits
+/// them, this process closes its copies (not the last: nothing waits),
+/// the child closes them after that and exits, all other fds closed at
+/// once. Returns the child's pid (it is not waited for: an exiting caller
+/// leaves it to init).
+pub fn close_in_child(sockets: Vec<Socket>) -> std::io::Result<u32> {
+    let fds = sockets.into_iter().map(|s| s.fd).collect();
+    crate::sys::detach::close_in_child(fds).map(|pid| pid as u32)
 }
 
 /// Sends a batch in the network namespace `ns` (the caller's when `None`)

@@ -316,7 +316,11 @@ fn main() {
         Ok(cli) => cli,
         Err(e) => exit_on_bad_arguments(e),
     };
-    match run(cli.cmd) {
+    let outcome = run(cli.cmd);
+    // The lock's netlink sockets close in a child: their close may wait
+    // for an RCU grace period after a relock (tcpr_engine::lock).
+    tcpr_engine::lock::detach_sockets();
+    match outcome {
         Ok(code) => std::process::exit(code),
         // `tcpr ls | head`: the reader left; what it wanted, it has.
         Err(e) if reader_left(&e) => std::process::exit(0),

@@ -17,11 +17,10 @@ use super::{
     READD_BEFORE_DELETE_MS, UNLOCKED_TIMEOUT,
 };
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
-use tcpr_host::nfnl::{self, Batch, Element, Op};
+use tcpr_host::nfnl::{Batch, Element, Op};
 
 /// Set (to anything) in the environment, the lock deletes elements as on a
 /// kernel without DESTROYSETELEM or expiry updates: for tests of that path.
@@ -116,9 +115,9 @@ pub(crate) fn probe(batch: &mut Batch) {
 /// expires before an `unlocked` element would. Sets the mode either way
 /// (on a failed lookup, only this release deletes).
 pub(crate) fn confirm(ns: &Netns) -> bool {
-    let nsfd = ns.fd.as_ref().map(|f| f.as_fd());
-    let listed = nfnl::Socket::open(nsfd)
-        .and_then(|nl| nl.element(LockSet::V4.set_ref(), &probe_flow().key()));
+    let listed = super::kept::with(ns, |nl| {
+        nl.element(LockSet::V4.set_ref(), &probe_flow().key())
+    });
     let expires_in = match listed {
         // Gone already: expired.
         Ok(None) => Duration::ZERO,

@@ -19,6 +19,7 @@ macro_rules! syscall {
     }};
 }
 
+pub(crate) mod detach;
 mod fd;
 pub mod sock;
 pub(crate) mod splice;
