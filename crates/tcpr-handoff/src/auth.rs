@@ -109,14 +109,7 @@ impl Channel {
             Ok(io) if io.plaintext_bytes_to_read() == 0 && !io.peer_has_closed() => {}
             _ => return false,
         }
-        let tcp = self.tcp();
-        if tcp.set_nonblocking(true).is_err() {
-            return false;
-        }
-        let peeked = tcp.peek(&mut [0u8; 1]);
-        let blocking_again = tcp.set_nonblocking(false);
-        blocking_again.is_ok()
-            && matches!(peeked, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        peek_now(self.tcp()) == Waiting::Nothing
     }
 
     /// Closes the channel on purpose: a TLS close_notify, so that the
@@ -515,6 +508,39 @@ impl ServerCertVerifier for PskBoundVerifier {
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// What a socket holds for reading right now, seen without waiting and
+/// without taking anything.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Waiting {
+    /// No byte, no end, no error.
+    Nothing,
+    /// At least one byte.
+    Bytes,
+    /// The peer's end (FIN), or an error such as a reset.
+    End,
+    /// Could not be told (the socket's mode would not change, a signal).
+    Unknown,
+}
+
+/// Peeks one byte of `tcp` without blocking (non-blocking for the peek,
+/// blocking again after it).
+pub(crate) fn peek_now(tcp: &TcpStream) -> Waiting {
+    if tcp.set_nonblocking(true).is_err() {
+        return Waiting::Unknown;
+    }
+    let peeked = tcp.peek(&mut [0u8; 1]);
+    if tcp.set_nonblocking(false).is_err() {
+        return Waiting::Unknown;
+    }
+    match peeked {
+        Ok(0) => Waiting::End,
+        Ok(_) => Waiting::Bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Waiting::Nothing,
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Waiting::Unknown,
+        Err(_) => Waiting::End,
     }
 }
 

@@ -3,7 +3,7 @@
 //! around [`crate::machine::Sender`]: the machine decides what to dump, how
 //! to cut PREPARE frames and when to commit; this module does the I/O.
 
-use crate::auth::{Auth, AuthError, Channel};
+use crate::auth::{peek_now, Auth, AuthError, Channel, Waiting};
 use crate::machine::{self, ConnId, Fate, Framing, Msg, SenderAction, SwitchOutcome};
 use crate::wire::{self, pb, WireError};
 use std::collections::{BTreeMap, BTreeSet};
@@ -500,7 +500,7 @@ impl Driver<'_> {
                 // channel closed or reset) never reads the COMMIT we would
                 // send: roll back now rather than hold the connections as
                 // unknown (frozen here, owned by no one).
-                if ch.is_some_and(|c| peer_gone(c.tcp())) {
+                if ch.is_some_and(|c| peek_now(c.tcp()) == Waiting::End) {
                     tracing::info!("link to the agent lost while switching");
                     m.handle_link_lost(Instant::now());
                 }
@@ -612,21 +612,5 @@ impl Driver<'_> {
             }
             _ => Err("the agent answered QUERY with something else".into()),
         }
-    }
-}
-
-/// True when the agent's end of the channel is gone: the socket reads end
-/// of stream or an error (a reset) without waiting. Bytes waiting, or
-/// nothing at all, say it is there.
-fn peer_gone(tcp: &std::net::TcpStream) -> bool {
-    if tcp.set_nonblocking(true).is_err() {
-        return false;
-    }
-    let peeked = tcp.peek(&mut [0u8; 1]);
-    let _ = tcp.set_nonblocking(false);
-    match peeked {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted,
     }
 }
