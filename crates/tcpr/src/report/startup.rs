@@ -240,9 +240,11 @@ pub(super) fn why_not(s: &StartupFigures, engine: &EngineFigures) -> Vec<String>
             format!(
                 " Back to back, a dump locks the flow again within {} ms of the previous \
                  dump's release, while its element is still in the lock's `unlocked` set; \
-                 removing a present element makes the close of the netlink socket wait for \
-                 an RCU grace period (see `tcpr_engine::lock`): {extra:.2} ms more per dump \
-                 than spaced ({:.2} ms against {:.2} ms).",
+                 removing a present element leaves nf_tables work that waits for an RCU \
+                 grace period. The lock's netlink sockets are kept and closed by a child \
+                 after one (see `tcpr_engine::lock`), but the close of any other nf_tables \
+                 socket of the namespace, or the next lock's commit, can still wait for it: \
+                 {extra:.2} ms more per dump than spaced ({:.2} ms against {:.2} ms).",
                 tcpr_engine::lock::UNLOCKED_TIMEOUT.as_millis(),
                 back.dump_ms.median(),
                 spaced.dump_ms.median()
