@@ -492,14 +492,17 @@ const BATCHES_IN_FLIGHT: usize = 2;
 /// ([`resume_one`]): their flows are released together, in one nf_tables
 /// transaction, right before the message is sent, so that no flow is ever
 /// without both lock and live socket here (an agent killed before leaves
-/// them locked; the sockets it resumed drop with it, their FINs dropped by
-/// the lock too), and no application holds a connection whose packets
+/// them locked; the sockets it had resumed close with it, and their FINs
+/// meet the lock), and no application holds a connection whose packets
 /// are still dropped. One transaction per connection was about a quarter
 /// of a 10,000-connection commit; the window probe each sent on resume,
 /// answered at once by the peer, another large share. Dropped here, the
-/// probe costs nothing but the peer's early answer: the socket has the
-/// peer's window from the image, and what the peer had not acknowledged
-/// goes again on the socket's retransmission timer, as with the answer.
+/// probe costs only the peer's early answer: the socket has the peer's
+/// window from the image (a zero one is probed by its own timer), and
+/// what the peer had not acknowledged goes again on the socket's
+/// retransmission timer, as it would after the answer. A client's packet
+/// that arrives between the resume and the release (a millisecond or
+/// two) is dropped, as it was before the resume.
 pub(super) struct UnixBatches {
     to: UnixStream,
     /// Resumed, not sent yet, with the flows still locked here.
