@@ -605,6 +605,7 @@ fn batch(
         log: None,
         locks: Vec::new(),
         sender_elsewhere,
+        quiet: Default::default(),
     }));
     let r = batch_loop(shared, ch, &sess, id);
     if r.is_err() {
@@ -744,12 +745,12 @@ fn resume_and_deliver(
     for &id in ids {
         if let Receiving::Batches(b) = &mut receiver {
             match resume_one(shared, s, &mut releaser, id, true) {
-                Ok(r) => b.push(shared, s, r, &mut out),
+                Ok(r) => b.push(shared, s, &mut releaser, r, &mut out),
                 Err(e) => out.push((id, Err(e))),
             }
             if b.broken() {
                 // Everything it took is settled; the rest go one by one.
-                b.finish(shared, s, &mut out);
+                b.finish(shared, s, &mut releaser, &mut out);
                 receiver = Receiving::OneAtATime;
             }
             continue;
@@ -787,7 +788,7 @@ fn resume_and_deliver(
         }
     }
     if let Receiving::Batches(mut b) = receiver {
-        b.finish(shared, s, &mut out);
+        b.finish(shared, s, &mut releaser, &mut out);
         // Dropped: its unix connection closes.
         settled = Instant::now();
     }

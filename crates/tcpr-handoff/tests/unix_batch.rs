@@ -13,6 +13,10 @@
 //! - A receiver that dies in the middle of a batch: the connections it
 //!   acknowledged move, every other is reported not moved (none lost
 //!   silently).
+//! - An agent that keeps a journal holds its lock on the restored flows
+//!   until their resume: a batch message's quiet connections are resumed
+//!   under it and released together right before the message goes; every
+//!   one carries on, and no flow stays locked.
 //! - Unix delivery to one-at-a-time receivers is pipelined: a receiver that accepts a whole batch's
 //!   unix connections before reading any message gets every connection.
 //!   The agent once waited for each acknowledgement before connecting for
@@ -49,6 +53,8 @@ fn pattern(seed: usize) -> Vec<u8> {
 struct Receiver {
     /// The namespace's `net.core.somaxconn` when it binds, if set.
     unix_backlog: Option<usize>,
+    /// The agent keeps a journal (and so locks the flows it restores).
+    journal: bool,
     /// Takes the listener and sends every connection delivered on it.
     receive: Box<dyn FnOnce(UnixListener, mpsc::Sender<Delivered>) + Send>,
 }
@@ -132,10 +138,12 @@ fn hand_off_to_unix_receiver(
     // The agent on b, delivering over the unix socket.
     let b_path = b.path();
     let agent_path = path.clone();
+    let journal = receiver.journal.then(|| dir.join("journal"));
     std::thread::spawn(move || {
         tcpr_host::enter_netns(&b_path).unwrap();
         let mut cfg = AgentConfig::new(auth(), vec![service], Delivery::Unix(agent_path));
         cfg.timeout = Duration::from_secs(2);
+        cfg.journal = journal;
         let agent = AgentServer::bind(agent_addr, cfg).unwrap();
         let _ = agent.run();
     });
@@ -188,6 +196,10 @@ fn hand_off_to_unix_receiver(
             .unwrap_or_else(|e| panic!("delivered connection {i} of {count}: {e}"));
         assert_eq!(echoed, Ok(()), "a delivered connection echoed its chunk");
     }
+    let locked = b
+        .within(|| Ok(tcpr_engine::lock::locked_flow_count()?))
+        .unwrap();
+    assert_eq!(locked, 0, "no flow stays locked on the agent's host");
     let _ = std::fs::remove_dir_all(&dir);
     drop(lab);
 }
@@ -197,6 +209,7 @@ fn a_batch_larger_than_the_unix_backlog_reaches_a_one_at_a_time_receiver() {
     const { assert!(CONNECTIONS > UNIX_BACKLOG) };
     let receiver = Receiver {
         unix_backlog: Some(UNIX_BACKLOG),
+        journal: false,
         receive: Box::new(|app, delivered| {
             for s in app.incoming() {
                 let Ok(mut s) = s else { break };
@@ -214,6 +227,7 @@ fn a_batch_larger_than_the_unix_backlog_reaches_a_one_at_a_time_receiver() {
 fn a_receiver_that_accepts_the_whole_batch_before_reading_gets_every_connection() {
     let receiver = Receiver {
         unix_backlog: None,
+        journal: false,
         receive: Box::new(|app, delivered| {
             let mut got = 0;
             while got < PIPELINED_CONNECTIONS {
@@ -240,17 +254,18 @@ fn a_receiver_that_accepts_the_whole_batch_before_reading_gets_every_connection(
 /// More connections than two batch messages carry.
 const BATCHED_CONNECTIONS: usize = 2 * deliver::BATCH_MAX + 94;
 
-#[test]
-fn a_receiver_that_takes_batches_gets_every_connection_in_messages_of_at_most_scm_max_fd() {
-    let (sizes_tx, sizes_rx) = mpsc::channel();
-    let receiver = Receiver {
+/// A receiver that takes batches ([`deliver::UnixReceiver`]); the size of
+/// each message goes to `sizes`.
+fn batch_receiver(journal: bool, sizes: mpsc::Sender<usize>) -> Receiver {
+    Receiver {
         unix_backlog: None,
+        journal,
         receive: Box::new(move |app, delivered| {
             for s in app.incoming() {
                 let Ok(s) = s else { break };
                 let mut from = deliver::UnixReceiver::new(s);
                 while let Ok(Some(ds)) = from.recv() {
-                    let _ = sizes_tx.send(ds.len());
+                    let _ = sizes.send(ds.len());
                     for d in ds {
                         assert_eq!(d.blob, b"state");
                         let _ = delivered.send(d);
@@ -258,7 +273,25 @@ fn a_receiver_that_takes_batches_gets_every_connection_in_messages_of_at_most_sc
                 }
             }
         }),
-    };
+    }
+}
+
+#[test]
+fn a_journaling_agent_releases_a_batch_message_s_flows_and_every_connection_carries_on() {
+    let (sizes_tx, sizes_rx) = mpsc::channel();
+    let receiver = batch_receiver(true, sizes_tx);
+    batch_to_unix_receiver("uJ", 92, BATCHED_CONNECTIONS, receiver);
+    let sizes: Vec<usize> = sizes_rx.try_iter().collect();
+    assert!(
+        sizes.contains(&deliver::BATCH_MAX),
+        "the batch went in full messages: {sizes:?}"
+    );
+}
+
+#[test]
+fn a_receiver_that_takes_batches_gets_every_connection_in_messages_of_at_most_scm_max_fd() {
+    let (sizes_tx, sizes_rx) = mpsc::channel();
+    let receiver = batch_receiver(false, sizes_tx);
     batch_to_unix_receiver("uB", 95, BATCHED_CONNECTIONS, receiver);
     let sizes: Vec<usize> = sizes_rx.try_iter().collect();
     assert_eq!(sizes.iter().sum::<usize>(), BATCHED_CONNECTIONS);
@@ -284,6 +317,7 @@ fn a_receiver_that_takes_batches_gets_every_connection_in_messages_of_at_most_sc
 fn a_receiver_that_dies_in_the_middle_of_a_batch_leaves_every_other_connection_reported() {
     let receiver = Receiver {
         unix_backlog: None,
+        journal: false,
         receive: Box::new(move |app, delivered| {
             // The agent's probe before READY carries nothing; the first
             // connection comes alone, and its acknowledgement asks for

@@ -9,7 +9,7 @@ use crate::deliver::{self, Delivered, Reached};
 use crate::machine::{self, ConnId};
 use crate::relay_worker::Handed as WorkerTook;
 use crate::wire::pb;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -41,6 +41,11 @@ pub(super) struct Session {
     /// The sender's host is not this network namespace (see
     /// [`sender_elsewhere`]): no lock of its can be here.
     pub(super) sender_elsewhere: bool,
+    /// Restored connections that send nothing but a window probe when
+    /// resumed (ESTABLISHED, no unsent data): in a batch message, they are
+    /// resumed while this agent's lock still holds their flows (see
+    /// [`UnixBatches`]).
+    pub(super) quiet: HashSet<ConnId>,
 }
 
 /// True when `sender`, the address a sender's channel comes from, is not
@@ -66,6 +71,9 @@ pub(super) struct Resumed {
     stream: TcpStream,
     img: ConnectionImage,
     target: Option<Reached>,
+    /// Resumed under this agent's lock on its flow, which is still to be
+    /// released before the connection is handed over.
+    locked: Option<Flow>,
 }
 
 pub(super) fn discard(shared: &Shared, s: &mut Session, ids: Vec<ConnId>) {
@@ -291,8 +299,12 @@ pub(super) fn restore_one(shared: &Shared, s: &mut Session, id: ConnId) -> Resul
         lock(&shared.stats).refused_allowlist += 1;
         return Err(format!("{} is not in this agent's allowlist", img.local));
     }
+    let quiet = img.state == tcpr_image::TcpState::Established && img.send_queue.unsent.is_empty();
     let r = tcpr_engine::restore(img).map_err(|e| e.to_string())?;
     s.restored.insert(id, r);
+    if quiet {
+        s.quiet.insert(id);
+    }
     // The queues are in the socket now (the unsent tail in `Restored`):
     // keep only what delivery needs, so a batch is not held twice.
     if let Some(Ok(img)) = s.images.get_mut(&id) {
@@ -305,7 +317,12 @@ pub(super) fn restore_one(shared: &Shared, s: &mut Session, id: ConnId) -> Resul
 /// Resumes one connection of a committed batch; `releaser` (one per batch,
 /// so one netlink socket) releases this agent's own lock on its flow first.
 /// `batched`: it goes in a batch message on a unix connection the agent
-/// holds already ([`UnixBatches`]), and needs no target of its own.
+/// holds already ([`UnixBatches`]), and needs no target of its own; if it
+/// is quiet ([`Session::quiet`]) and the lock here is this agent's alone
+/// ([`Session::sender_elsewhere`]), the lock stays and the connection
+/// comes back [`Resumed::locked`]: its window probe is dropped, nothing
+/// else is sent, and the batch message's connections are released in one
+/// transaction right before it goes ([`UnixBatches`]).
 pub(super) fn resume_one(
     shared: &Shared,
     s: &mut Session,
@@ -314,11 +331,14 @@ pub(super) fn resume_one(
     batched: bool,
 ) -> Result<Resumed, String> {
     let mut r = s.restored.remove(&id).ok_or("not restored")?;
-    // This agent's own lock on the flow (`lock_restored`) goes now,
-    // microseconds before the socket is live, not for the whole batch
+    let quiet = s.quiet.remove(&id);
+    let locked = (batched && quiet && s.sender_elsewhere && !s.locks.is_empty()).then(|| r.flow());
+    // Otherwise this agent's own lock on the flow (`lock_restored`) goes
+    // now, microseconds before the socket is live, not for the whole batch
     // before the first resume: an agent killed in between left flows with
     // no lock and no socket here, and their clients' packets drew RSTs.
-    let released_here = s.locks.is_empty()
+    let released_here = locked.is_some()
+        || s.locks.is_empty()
         || releaser
             .release(&[r.flow()])
             .inspect_err(|e| tracing::warn!("cannot release the restored flow's lock: {e}"))
@@ -366,6 +386,7 @@ pub(super) fn resume_one(
         stream,
         img,
         target,
+        locked,
     })
 }
 
@@ -466,10 +487,26 @@ const BATCHES_IN_FLIGHT: usize = 2;
 /// reported, as a connection sent alone. After a failure the unix
 /// connection is given up ([`UnixBatches::broken`]): acknowledgements
 /// after a missing one could be taken for the wrong message.
+///
+/// A message's quiet connections were resumed under this agent's lock
+/// ([`resume_one`]): their flows are released together, in one nf_tables
+/// transaction, right before the message is sent, so that no flow is ever
+/// without both lock and live socket here (an agent killed before leaves
+/// them locked; the sockets it had resumed close with it, and their FINs
+/// meet the lock), and no application holds a connection whose packets
+/// are still dropped. One transaction per connection was about a quarter
+/// of a 10,000-connection commit; the window probe each sent on resume,
+/// answered at once by the peer, another large share. Dropped here, the
+/// probe costs only the peer's early answer: the socket has the peer's
+/// window from the image (a zero one is probed by its own timer), and
+/// what the peer had not acknowledged goes again on the socket's
+/// retransmission timer, as it would after the answer. A client's packet
+/// that arrives between the resume and the release (a millisecond or
+/// two) is dropped, as it was before the resume.
 pub(super) struct UnixBatches {
     to: UnixStream,
-    /// Resumed, not sent yet.
-    pending: Vec<(ConnId, OwnedFd, ConnectionImage)>,
+    /// Resumed, not sent yet, with the flows still locked here.
+    pending: Vec<(ConnId, OwnedFd, ConnectionImage, Option<Flow>)>,
     /// Sent, oldest first: the connections and when.
     sent: VecDeque<(Vec<(ConnId, OwnedFd)>, Instant)>,
     /// When the receiver was done with the message before.
@@ -508,28 +545,39 @@ impl UnixBatches {
         &mut self,
         shared: &Shared,
         s: &mut Session,
+        releaser: &mut Releaser,
         r: Resumed,
         out: &mut Outcomes,
     ) {
-        self.pending.push((r.id, r.stream.into(), r.img));
+        self.pending.push((r.id, r.stream.into(), r.img, r.locked));
         if self.pending.len() >= deliver::BATCH_MAX {
-            self.send(shared, s, out);
+            self.send(shared, s, releaser, out);
         }
     }
 
-    /// Sends the pending connections in one message, then reads the
+    /// Releases the pending connections' flows still locked here, then
+    /// sends the connections in one message, then reads the
     /// acknowledgements beyond [`BATCHES_IN_FLIGHT`].
-    fn send(&mut self, shared: &Shared, s: &mut Session, out: &mut Outcomes) {
+    fn send(
+        &mut self,
+        shared: &Shared,
+        s: &mut Session,
+        releaser: &mut Releaser,
+        out: &mut Outcomes,
+    ) {
         if self.pending.is_empty() {
             return;
         }
         let pending = std::mem::take(&mut self.pending);
+        if self.broken.is_none() {
+            release_resumed(releaser, &pending);
+        }
         let sent = match &self.broken {
             Some(why) => Err(why.clone()),
             None => {
                 let conns: Vec<deliver::Outgoing<'_>> = pending
                     .iter()
-                    .map(|(_, fd, img)| deliver::Outgoing {
+                    .map(|(_, fd, img, _)| deliver::Outgoing {
                         fd: fd.as_fd(),
                         blob: &img.app_blob,
                         local: img.local,
@@ -539,7 +587,7 @@ impl UnixBatches {
                 deliver::send_unix_batch(&self.to, &conns).map_err(|e| unix_failure(shared, &e))
             }
         };
-        let conns = pending.into_iter().map(|(id, fd, _)| (id, fd)).collect();
+        let conns = pending.into_iter().map(|(id, fd, _, _)| (id, fd)).collect();
         match sent {
             Ok(()) => self.sent.push_back((conns, Instant::now())),
             Err(why) => {
@@ -594,9 +642,35 @@ impl UnixBatches {
 
     /// Sends what is pending and settles every message: each connection
     /// taken is in `out`.
-    pub(super) fn finish(&mut self, shared: &Shared, s: &mut Session, out: &mut Outcomes) {
-        self.send(shared, s, out);
+    pub(super) fn finish(
+        &mut self,
+        shared: &Shared,
+        s: &mut Session,
+        releaser: &mut Releaser,
+        out: &mut Outcomes,
+    ) {
+        self.send(shared, s, releaser, out);
         self.settle_all(shared, s, out);
+    }
+}
+
+/// Releases, in one transaction, this agent's lock on the flows of resumed
+/// connections about to be handed over (see [`UnixBatches`]). Should that
+/// fail, each is tried alone; a flow whose lock still cannot go keeps it
+/// until its lease ends (its connection is delivered all the same: it
+/// carries on once the lock expires, where closing it would end it).
+fn release_resumed(
+    releaser: &mut Releaser,
+    pending: &[(ConnId, OwnedFd, ConnectionImage, Option<Flow>)],
+) {
+    let flows: Vec<Flow> = pending.iter().filter_map(|p| p.3).collect();
+    if releaser.release(&flows).is_ok() {
+        return;
+    }
+    for flow in flows {
+        if let Err(e) = releaser.release(&[flow]) {
+            tracing::warn!("{flow}: the lock stays until its lease ends, and its packets are dropped until then: {e}");
+        }
     }
 }
 
