@@ -42,7 +42,8 @@ pub(super) struct Session {
     /// [`sender_elsewhere`]): no lock of its can be here.
     pub(super) sender_elsewhere: bool,
     /// Restored connections that send nothing but a window probe when
-    /// resumed (ESTABLISHED, no unsent data): in a batch message, they are
+    /// resumed and wait for no acknowledgement (ESTABLISHED, no unsent
+    /// data, nothing in flight): in a batch message, they are
     /// resumed while this agent's lock still holds their flows (see
     /// [`UnixBatches`]).
     pub(super) quiet: HashSet<ConnId>,
@@ -299,7 +300,13 @@ pub(super) fn restore_one(shared: &Shared, s: &mut Session, id: ConnId) -> Resul
         lock(&shared.stats).refused_allowlist += 1;
         return Err(format!("{} is not in this agent's allowlist", img.local));
     }
-    let quiet = img.state == tcpr_image::TcpState::Established && img.send_queue.unsent.is_empty();
+    // Nothing in flight either: a socket waiting for the acknowledgement
+    // of bytes it had sent would wait for its retransmission timer (1 s
+    // on a restored socket, which has no RTT yet) when its window probe is
+    // dropped, since the probe's answer is what carries that acknowledgement.
+    let quiet = img.state == tcpr_image::TcpState::Established
+        && img.send_queue.unsent.is_empty()
+        && img.send_queue.sent.is_empty();
     let r = tcpr_engine::restore(img).map_err(|e| e.to_string())?;
     s.restored.insert(id, r);
     if quiet {

@@ -5,13 +5,6 @@
 use std::os::fd::OwnedFd;
 use tcpr_engine::{freeze_many, FreezeOptions, Frozen};
 
-/// Connections per lock transaction of the freeze, at most. One
-/// transaction's lock is split into one per connection, each a search of
-/// the flows left: for 10,000 connections at once that was 50 million flow
-/// comparisons, tens of milliseconds of the freeze; a transaction costs
-/// microseconds.
-const LOCK_CHUNK: usize = 512;
-
 /// Open files kept free beyond what a batch needs.
 const FD_HEADROOM: u64 = 1024;
 
@@ -35,9 +28,8 @@ pub(super) struct FreezeSlot {
 /// (raised once if it can be) does not allow it, the batch is frozen in
 /// chunks and the handle of each connection frozen is let go (the thawed
 /// duplicate goes back instead; a connection left unknown then stays
-/// frozen only in the handles held elsewhere). Either way a lock
-/// transaction takes at most [`LOCK_CHUNK`] connections. On error nothing
-/// is frozen (what was, is thawed) and every handle comes back, in order.
+/// frozen only in the handles held elsewhere). On error nothing is frozen
+/// and every handle comes back, in order.
 pub(super) fn freeze_with_spares(
     socks: Vec<OwnedFd>,
     fo: &FreezeOptions,
@@ -50,7 +42,7 @@ pub(super) fn freeze_with_spares(
         }
         Err(e) => return Err((e, socks)),
     };
-    match freeze_chunked(dups, fo) {
+    match freeze_many(dups, fo) {
         Ok(frozen) => Ok(socks
             .into_iter()
             .zip(frozen)
@@ -59,36 +51,8 @@ pub(super) fn freeze_with_spares(
                 frozen,
             })
             .collect()),
-        // The originals are untouched.
-        Err(e) => Err((e, socks)),
-    }
-}
-
-/// [`freeze_many`] in chunks of [`LOCK_CHUNK`], one lock transaction each.
-/// When a chunk is refused, those frozen before it are thawed (their
-/// duplicates closed) and the error returned.
-fn freeze_chunked(
-    dups: Vec<OwnedFd>,
-    fo: &FreezeOptions,
-) -> Result<Vec<Result<Frozen, tcpr_engine::Error>>, crate::Error> {
-    let mut frozen = Vec::with_capacity(dups.len());
-    let mut rest = dups.into_iter();
-    loop {
-        let chunk: Vec<OwnedFd> = rest.by_ref().take(LOCK_CHUNK).collect();
-        if chunk.is_empty() {
-            return Ok(frozen);
-        }
-        match freeze_many(chunk, fo) {
-            Ok(f) => frozen.extend(f),
-            Err(e) => {
-                for f in frozen.into_iter().flatten() {
-                    if let Err(e) = f.thaw() {
-                        tracing::error!("thaw failed while giving the batch up: {e}");
-                    }
-                }
-                return Err(e.into());
-            }
-        }
+        // Checked before anything changed: the originals are untouched.
+        Err(e) => Err((e.into(), socks)),
     }
 }
 
@@ -151,7 +115,7 @@ fn freeze_in_chunks(
             return Ok(slots);
         }
         let failed: crate::Error = match chunk.iter().map(|s| s.try_clone()).collect() {
-            Ok(dups) => match freeze_chunked(dups, fo) {
+            Ok(dups) => match freeze_many(dups, fo) {
                 Ok(frozen) => {
                     for (original, frozen) in chunk.into_iter().zip(frozen) {
                         let spare = match frozen {
@@ -162,7 +126,7 @@ fn freeze_in_chunks(
                     }
                     continue;
                 }
-                Err(e) => e,
+                Err(e) => e.into(),
             },
             Err(e) => tcpr_engine::Error::kernel("duplicate the socket", e).into(),
         };
