@@ -138,6 +138,10 @@ struct Driver<'a> {
     /// ([`channel::Opened::unverified`]): blobs are copied into images,
     /// not moved, so that the batch can run again.
     unverified: bool,
+    /// Frames written ahead of the next write (HELLO, which goes out with
+    /// the first PREPARE: one record and one wakeup of the agent fewer),
+    /// sent at the latest before the driver waits for the agent.
+    pending: Vec<u8>,
 }
 
 /// How one run of a batch ended.
@@ -271,6 +275,7 @@ fn attempt(
         switch_started: None,
         switched: None,
         unverified,
+        pending: Vec::new(),
         progress: Progress {
             total,
             dumped: 0,
@@ -451,6 +456,13 @@ impl Driver<'_> {
                 m.handle_timeout(Instant::now());
                 continue;
             };
+            if let Err(e) = self.write_pending(c) {
+                tracing::info!("link lost while sending: {e}");
+                lost = true;
+                ch = None;
+                m.handle_link_lost(Instant::now());
+                continue;
+            }
             let wait = m.poll_timeout().map(|d| {
                 d.saturating_duration_since(Instant::now())
                     .max(Duration::from_millis(1))
@@ -535,6 +547,7 @@ impl Driver<'_> {
                     images.iter().map(|(id, img)| (*id, &img[..])).collect();
                 // Headers and images in TLS records of a useful size.
                 let mut w = io::BufWriter::with_capacity(TLS_WRITE_BUFFER, &mut *c);
+                w.write_all(&std::mem::take(&mut self.pending))?;
                 wire::write_prepare(&mut w, &refs)?;
                 w.flush()?;
             }
@@ -548,11 +561,25 @@ impl Driver<'_> {
                         h.take_address = conn.flow.wire().local.ip().to_string();
                     }
                 }
-                wire::write_msg(c, &w)?;
+                // Out with the first PREPARE, or before the first wait.
+                return wire::write_msg(&mut self.pending, &w);
             }
-            other => wire::write_msg(c, &wire::to_wire(&other))?,
+            other => {
+                let mut frames = std::mem::take(&mut self.pending);
+                wire::write_msg(&mut frames, &wire::to_wire(&other))?;
+                c.write_all(&frames)?;
+            }
         }
         c.flush()?;
+        Ok(())
+    }
+
+    /// Sends the frames written ahead, if any.
+    fn write_pending(&mut self, c: &mut Channel) -> Result<(), WireError> {
+        if !self.pending.is_empty() {
+            c.write_all(&std::mem::take(&mut self.pending))?;
+            c.flush()?;
+        }
         Ok(())
     }
 
