@@ -134,6 +134,24 @@ struct Driver<'a> {
     /// When every READY was in and the switch began, and when it ended.
     switch_started: Option<Instant>,
     switched: Option<Instant>,
+    /// The channel was taken from the pool unPINGed
+    /// ([`channel::Opened::unverified`]): blobs are copied into images,
+    /// not moved, so that the batch can run again.
+    unverified: bool,
+    /// Frames written ahead of the next write (HELLO, which goes out with
+    /// the first PREPARE: one record and one wakeup of the agent fewer),
+    /// sent at the latest before the driver waits for the agent.
+    pending: Vec<u8>,
+}
+
+/// How one run of a batch ended.
+enum Attempt {
+    Done(Report),
+    /// Its channel, kept and taken unPINGed, was dead: the link was lost
+    /// before the agent answered anything, so before COMMIT, and every
+    /// connection was thawed; here they are again, to run on a checked
+    /// channel.
+    DeadChannel(Vec<Outgoing>),
 }
 
 /// Moves `conns` to the agent. Every connection ends moved, rolled back
@@ -146,6 +164,26 @@ pub fn migrate(
     opts: &MigrateOptions,
     progress: &dyn Fn(Progress),
 ) -> Result<Report, Refused> {
+    let (mut conns, mut ping_always) = (conns, false);
+    loop {
+        // At most twice: a PINGed channel is never `DeadChannel`.
+        match attempt(conns, opts, progress, ping_always)? {
+            Attempt::Done(report) => return Ok(report),
+            Attempt::DeadChannel(again) => {
+                tracing::info!(agent = %opts.to, "a kept channel was dead: the batch, rolled back before the agent answered, runs again on a checked one");
+                (conns, ping_always) = (again, true);
+            }
+        }
+    }
+}
+
+/// One run of [`migrate`]; `ping_always`: take no kept channel unPINGed.
+fn attempt(
+    conns: Vec<Outgoing>,
+    opts: &MigrateOptions,
+    progress: &dyn Fn(Progress),
+    ping_always: bool,
+) -> Result<Attempt, Refused> {
     let started = Instant::now();
     // Everything that can refuse the batch is checked before any freeze.
     let mut flows = Vec::with_capacity(conns.len());
@@ -176,7 +214,7 @@ pub fn migrate(
     // The channel first: a handshake, or the check of a kept channel, is
     // not part of any connection's pause, and an unreachable or
     // unauthenticated agent costs no freeze at all.
-    let opened = match channel::open(opts) {
+    let opened = match channel::open(opts, ping_always) {
         Ok(opened) => opened,
         Err(e) => {
             let why = e.to_string();
@@ -191,12 +229,13 @@ pub fn migrate(
                     sock: Some(c.sock),
                 })
                 .collect();
-            return Ok(report);
+            return Ok(Attempt::Done(report));
         }
     };
     let channel::Opened {
         ch,
         reused,
+        unverified,
         key: channel_key,
     } = opened;
     report.channel_reused = reused;
@@ -235,6 +274,8 @@ pub fn migrate(
         batch: batch_id(),
         switch_started: None,
         switched: None,
+        unverified,
+        pending: Vec::new(),
         progress: Progress {
             total,
             dumped: 0,
@@ -269,7 +310,15 @@ pub fn migrate(
     let frozen_at = Instant::now();
     report.timings.freeze = frozen_at - channel_up;
     tracing::debug!(us = started.elapsed().as_micros(), "frozen");
-    let (fates, clean) = d.run(ch, progress);
+    let (fates, clean, dead_channel) = d.run(ch, progress);
+    if dead_channel {
+        channel::forget(&channel_key);
+        if report.rolled_back.is_empty() {
+            if let Some(again) = d.take_back(&fates) {
+                return Ok(Attempt::DeadChannel(again));
+            }
+        }
+    }
     if let Some(ch) = clean {
         channel::give_back(channel_key, ch);
     }
@@ -338,7 +387,7 @@ pub fn migrate(
         }
     }
     report.rolled_back.sort_by_key(|r| r.index);
-    Ok(report)
+    Ok(Attempt::Done(report))
 }
 
 fn batch_id() -> u64 {
@@ -353,15 +402,17 @@ impl Driver<'_> {
     /// Runs the batch on `ch`; gives the channel back when the batch
     /// ended cleanly on it ([`machine::Sender::channel_reusable`], and no
     /// read of it timed out, which may have left half a frame behind).
+    /// Says too whether an unverified channel was dead: its link lost
+    /// (not timed out) before the agent sent a single message.
     fn run(
         &mut self,
         ch: Channel,
         progress: &dyn Fn(Progress),
-    ) -> (BTreeMap<ConnId, Fate>, Option<Channel>) {
+    ) -> (BTreeMap<ConnId, Fate>, Option<Channel>, bool) {
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         if ids.is_empty() {
             channel::close(ch);
-            return (BTreeMap::new(), None);
+            return (BTreeMap::new(), None, false);
         }
         let mut m = machine::Sender::new(
             self.batch,
@@ -372,6 +423,8 @@ impl Driver<'_> {
         );
         let mut ch = Some(ch);
         let mut read_timed_out = false;
+        // Any message read from the agent, and a link lost (not a timeout).
+        let (mut heard, mut lost) = (false, false);
         loop {
             // Messages first, then one action: a frame goes out as soon as
             // it is cut, so at most about one frame of images waits here.
@@ -379,6 +432,7 @@ impl Driver<'_> {
                 let Some(c) = ch.as_mut() else { continue };
                 if let Err(e) = self.send(c, msg) {
                     tracing::info!("link lost while sending: {e}");
+                    lost = true;
                     ch = None;
                     m.handle_link_lost(Instant::now());
                 }
@@ -402,12 +456,21 @@ impl Driver<'_> {
                 m.handle_timeout(Instant::now());
                 continue;
             };
+            if let Err(e) = self.write_pending(c) {
+                tracing::info!("link lost while sending: {e}");
+                lost = true;
+                ch = None;
+                m.handle_link_lost(Instant::now());
+                continue;
+            }
             let wait = m.poll_timeout().map(|d| {
                 d.saturating_duration_since(Instant::now())
                     .max(Duration::from_millis(1))
             });
             let _ = c.tcp().set_read_timeout(wait);
-            match wire::read_msg(c) {
+            let got = wire::read_msg(c);
+            heard |= got.is_ok();
+            match got {
                 Ok(msg) => match wire::from_wire(msg) {
                     Ok(msg) => {
                         if let Msg::Ready(o) = &msg {
@@ -434,6 +497,7 @@ impl Driver<'_> {
                 }
                 Err(e) => {
                     tracing::info!("link to the agent lost: {e}");
+                    lost = true;
                     ch = None;
                     m.handle_link_lost(Instant::now());
                 }
@@ -442,7 +506,31 @@ impl Driver<'_> {
         // Images of a batch given up mid-way.
         self.staged.clear();
         let clean = ch.filter(|_| m.channel_reusable() && !read_timed_out);
-        (m.fates().clone(), clean)
+        let dead_channel = self.unverified && lost && !heard && !read_timed_out;
+        (m.fates().clone(), clean, dead_channel)
+    }
+
+    /// The connections again, in their order, for another run of the
+    /// batch: only when every one of them was rolled back, thawed without
+    /// trouble and has its socket (else `None`, and the report says what
+    /// became of each, as for any batch).
+    fn take_back(&mut self, fates: &BTreeMap<ConnId, Fate>) -> Option<Vec<Outgoing>> {
+        let whole = self.frozen.is_empty()
+            && self.trouble.is_empty()
+            && self.conns.iter().all(|(id, c)| {
+                c.sock.is_some() && matches!(fates.get(id), Some(Fate::RolledBack(_)))
+            });
+        if !whole {
+            return None;
+        }
+        // Ids were given in input order, every connection froze.
+        let conns = std::mem::take(&mut self.conns);
+        Some(
+            conns
+                .into_values()
+                .filter_map(|c| c.sock.map(|sock| Outgoing { sock, blob: c.blob }))
+                .collect(),
+        )
     }
 
     /// Writes one machine message; a PREPARE carries the staged images of
@@ -459,6 +547,7 @@ impl Driver<'_> {
                     images.iter().map(|(id, img)| (*id, &img[..])).collect();
                 // Headers and images in TLS records of a useful size.
                 let mut w = io::BufWriter::with_capacity(TLS_WRITE_BUFFER, &mut *c);
+                w.write_all(&std::mem::take(&mut self.pending))?;
                 wire::write_prepare(&mut w, &refs)?;
                 w.flush()?;
             }
@@ -472,11 +561,25 @@ impl Driver<'_> {
                         h.take_address = conn.flow.wire().local.ip().to_string();
                     }
                 }
-                wire::write_msg(c, &w)?;
+                // Out with the first PREPARE, or before the first wait.
+                return wire::write_msg(&mut self.pending, &w);
             }
-            other => wire::write_msg(c, &wire::to_wire(&other))?,
+            other => {
+                let mut frames = std::mem::take(&mut self.pending);
+                wire::write_msg(&mut frames, &wire::to_wire(&other))?;
+                c.write_all(&frames)?;
+            }
         }
         c.flush()?;
+        Ok(())
+    }
+
+    /// Sends the frames written ahead, if any.
+    fn write_pending(&mut self, c: &mut Channel) -> Result<(), WireError> {
+        if !self.pending.is_empty() {
+            c.write_all(&std::mem::take(&mut self.pending))?;
+            c.flush()?;
+        }
         Ok(())
     }
 
@@ -567,7 +670,11 @@ impl Driver<'_> {
         let f = self.frozen.get(&id).ok_or("not frozen")?;
         let mut img = f.dump().map_err(|e| e.to_string())?;
         if let Some(c) = self.conns.get_mut(&id) {
-            img.app_blob = std::mem::take(&mut c.blob);
+            img.app_blob = if self.unverified {
+                c.blob.clone()
+            } else {
+                std::mem::take(&mut c.blob)
+            };
         }
         let bytes = img.encode().map_err(|e| e.to_string())?;
         drop(img);

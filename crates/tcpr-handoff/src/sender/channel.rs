@@ -8,10 +8,16 @@
 //! A kept channel may have died meanwhile (the agent restarted, closed it
 //! after its idle timeout, or the link was reset). Before a batch freezes
 //! anything, a channel taken from the pool must be quiet (nothing to
-//! read, no end seen) and answer a PING with its PONG; any other answer,
-//! or none within the timeout, and the batch connects anew. The batch
-//! protocol itself is untouched: the channel only ever carries one batch
-//! at a time, each with its own id, and a Query still goes on a new
+//! read, no end seen) and, when it idled [`PING_AFTER`] or longer, answer
+//! a PING with its PONG; any other answer, or none within the timeout,
+//! and the batch connects anew. A channel given back moments ago is taken
+//! on its quiet check alone (the PING's round trip was about a sixth of a
+//! one-connection handoff): should it turn out dead all the same (an end
+//! still in flight), the batch sees its link lost before the agent said
+//! anything, which is before any READY and so before COMMIT: it rolls
+//! back, and [`super::migrate`] runs it again on a checked channel. The
+//! batch protocol itself is untouched: the channel only ever carries one
+//! batch at a time, each with its own id, and a Query still goes on a new
 //! channel of its own.
 
 use super::{ConnectError, MigrateOptions};
@@ -34,6 +40,11 @@ pub const MAX_IDLE_PER_AGENT: usize = 16;
 /// so that an agent with the default closes no channel a sender is
 /// about to take; one that closes earlier is caught by the check.
 pub const MAX_IDLE_AGE: Duration = Duration::from_secs(5);
+
+/// A kept channel idle this long or longer is PINGed before a batch; a
+/// younger one is taken on its quiet check alone (see the module's
+/// documentation for why that is safe).
+pub(super) const PING_AFTER: Duration = Duration::from_secs(1);
 
 /// The bound on sending a TLS close_notify as a channel is closed.
 const CLOSE_TIMEOUT: Duration = Duration::from_millis(100);
@@ -78,6 +89,10 @@ pub(super) struct Opened {
     pub(super) ch: Channel,
     /// Taken from the pool (and checked), not connected for this batch.
     pub(super) reused: bool,
+    /// Taken from the pool on its quiet check alone, not PINGed: a link
+    /// lost before the agent answered anything means a dead channel, not
+    /// a failed batch.
+    pub(super) unverified: bool,
     /// Where to give it back; `None`: close it after the batch.
     pub(super) key: Option<ChannelKey>,
 }
@@ -99,25 +114,33 @@ pub(super) fn close(ch: Channel) {
 }
 
 /// A channel for a batch to `opts.to`: a kept one that passes the check,
-/// else a new one.
-pub(super) fn open(opts: &MigrateOptions) -> Result<Opened, ConnectError> {
+/// else a new one. With `ping_always`, a kept channel is PINGed however
+/// young it is.
+pub(super) fn open(opts: &MigrateOptions, ping_always: bool) -> Result<Opened, ConnectError> {
     let key = if opts.reuse_channel {
         ChannelKey::of(opts)
     } else {
         None
     };
     if let Some(key) = &key {
-        while let Some(mut ch) = pool().take(key) {
+        while let Some(Idle { mut ch, since }) = pool().take(key) {
             if !ch.is_quiet() {
                 // Closed by the agent (or a leftover): the others may live.
                 tracing::debug!(agent = %opts.to, "a kept channel was closed meanwhile");
                 continue;
             }
-            match ping(&mut ch, opts) {
+            let unverified = !ping_always && since.elapsed() < PING_AFTER;
+            let checked = if unverified {
+                set_timeouts(ch.tcp(), opts).map_err(|e| e.to_string())
+            } else {
+                ping(&mut ch, opts)
+            };
+            match checked {
                 Ok(()) => {
                     return Ok(Opened {
                         ch,
                         reused: true,
+                        unverified,
                         key: Some(key.clone()),
                     })
                 }
@@ -136,8 +159,17 @@ pub(super) fn open(opts: &MigrateOptions) -> Result<Opened, ConnectError> {
     Ok(Opened {
         ch,
         reused: false,
+        unverified: false,
         key,
     })
+}
+
+/// Closes every kept channel of `key`: one of them turned out dead, and
+/// with it, most likely, the others (the agent restarted).
+pub(super) fn forget(key: &Option<ChannelKey>) {
+    if let Some(key) = key {
+        pool().purge(key);
+    }
 }
 
 /// Opens a new authenticated channel to the agent.
@@ -220,11 +252,11 @@ impl Pool {
     }
 
     /// The channel of `key` given back last, if one is young enough.
-    fn take(&self, key: &ChannelKey) -> Option<Channel> {
+    fn take(&self, key: &ChannelKey) -> Option<Idle> {
         let (taken, expired) = {
             let mut idle = self.lock();
             let expired = take_expired(&mut idle, Instant::now());
-            let taken = idle.get_mut(key).and_then(Vec::pop).map(|i| i.ch);
+            let taken = idle.get_mut(key).and_then(Vec::pop);
             (taken, expired)
         };
         close_all(expired);
@@ -371,7 +403,7 @@ mod tests {
 
     /// A new channel to the stand-in, kept in the pool as after a batch.
     fn keep_one(opts: &MigrateOptions) -> ChannelKey {
-        let opened = open(opts).unwrap();
+        let opened = open(opts, false).unwrap();
         assert!(!opened.reused, "the pool starts empty");
         let key = opened.key.clone().unwrap();
         give_back(opened.key, opened.ch);
@@ -382,10 +414,21 @@ mod tests {
     fn a_kept_channel_that_answers_its_ping_is_reused() {
         let (opts, served) = stand_in(vec![Agent::Answers]);
         keep_one(&opts);
-        let opened = open(&opts).unwrap();
-        assert!(opened.reused);
+        let opened = open(&opts, true).unwrap();
+        assert!(opened.reused && !opened.unverified);
         close(opened.ch);
         assert_eq!(served.join().unwrap(), vec![1]);
+    }
+
+    /// A channel given back moments ago is taken on its quiet check alone.
+    #[test]
+    fn a_young_kept_channel_is_taken_without_a_ping() {
+        let (opts, served) = stand_in(vec![Agent::Answers]);
+        keep_one(&opts);
+        let opened = open(&opts, false).unwrap();
+        assert!(opened.reused && opened.unverified);
+        close(opened.ch);
+        assert_eq!(served.join().unwrap(), vec![0]);
     }
 
     /// A channel that looks alive but answers PING with anything else
@@ -395,7 +438,7 @@ mod tests {
     fn a_wrong_answer_to_ping_means_a_new_channel() {
         let (opts, served) = stand_in(vec![Agent::AnswersWithALeftover, Agent::Answers]);
         let key = keep_one(&opts);
-        let opened = open(&opts).unwrap();
+        let opened = open(&opts, true).unwrap();
         assert!(!opened.reused, "connected anew");
         assert!(pool().lock().get(&key).is_none(), "the kept ones are gone");
         close(opened.ch);
@@ -406,14 +449,14 @@ mod tests {
     #[test]
     fn a_channel_with_a_leftover_is_not_used() {
         let (opts, served) = stand_in(vec![Agent::LeavesALeftover, Agent::Answers]);
-        let mut opened = open(&opts).unwrap();
+        let mut opened = open(&opts, false).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while opened.ch.is_quiet() {
             assert!(Instant::now() < deadline, "the leftover arrives");
             std::thread::yield_now();
         }
         give_back(opened.key, opened.ch);
-        let opened = open(&opts).unwrap();
+        let opened = open(&opts, false).unwrap();
         assert!(!opened.reused);
         close(opened.ch);
         assert_eq!(served.join().unwrap(), vec![0, 0]);
@@ -425,7 +468,7 @@ mod tests {
         let (mut opts, served) = stand_in(vec![Agent::Answers, Agent::Answers]);
         opts.reuse_channel = false;
         for _ in 0..2 {
-            let opened = open(&opts).unwrap();
+            let opened = open(&opts, false).unwrap();
             assert!(!opened.reused && opened.key.is_none());
             give_back(opened.key, opened.ch);
         }
