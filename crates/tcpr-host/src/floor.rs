@@ -258,7 +258,9 @@ pub fn restore(st: &FloorState) -> io::Result<OwnedFd> {
     set_tcp(fd, libc::TCP_QUEUE_SEQ, st.send_seq as i32, "TCP_QUEUE_SEQ")?;
     // The peer's MSS before connect, which sizes the segments (as tcpr's
     // restore does: after connect it would not count).
-    set_tcp(fd, libc::TCP_MAXSEG, st.mss.min(32767), "TCP_MAXSEG")?;
+    if st.mss >= 88 {
+        set_tcp(fd, libc::TCP_MAXSEG, st.mss.min(32767), "TCP_MAXSEG")?;
+    }
     sys::bind(fd, st.local).map_err(step("bind"))?;
     sys::connect(fd, st.peer).map_err(step("connect"))?;
     set_tcp(

@@ -11,7 +11,9 @@
 //! may still have answers on their way: it is dropped, never reused), and
 //! the grace period runs in a kworker while nobody waits. A short-lived
 //! process hands its pool to [`detach_sockets`] before it exits, whose child
-//! closes the sockets after this process is gone.
+//! closes the sockets once this process has closed its copies and an RCU
+//! grace period has passed (the parent does not wait for either). Nobody
+//! reaps that child but the parent's parent after the exit: call it last.
 
 use super::Netns;
 use crate::sys;

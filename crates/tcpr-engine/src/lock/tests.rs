@@ -69,3 +69,34 @@ fn leases_outside_the_bounds_are_refused() {
         assert!(matches!(err, Error::LeaseOutOfRange { .. }), "{err}");
     }
 }
+
+/// A lock of `flows` that no kernel holds: kept, so that no drop releases it.
+fn unheld(flows: Vec<Flow>) -> FlowLock {
+    FlowLock {
+        flows,
+        ns: Netns::current(),
+        released: false,
+    }
+}
+
+#[test]
+fn a_lock_splits_into_one_per_flow_in_order_or_by_a_set_of_flows() {
+    let fs: Vec<Flow> = (1..=5)
+        .map(|i| flow("10.0.0.2:80", &format!("10.0.0.1:{}", 40000 + i)))
+        .collect();
+    let each = unheld(fs.clone()).into_each();
+    assert_eq!(
+        each.iter().map(|l| l.flows().to_vec()).collect::<Vec<_>>(),
+        fs.iter().map(|f| vec![*f]).collect::<Vec<_>>()
+    );
+    each.into_iter().for_each(FlowLock::keep);
+
+    let mut all = unheld(fs.clone());
+    let wanted: std::collections::HashSet<Flow> = [fs[1], fs[3]].into();
+    let out = all.split_off_set(&wanted).expect("two of its flows");
+    assert_eq!(out.flows(), &[fs[1], fs[3]]);
+    assert_eq!(all.flows(), &[fs[0], fs[2], fs[4]]);
+    assert!(all.split_off_set(&wanted).is_none(), "split off already");
+    out.keep();
+    all.keep();
+}

@@ -78,15 +78,20 @@ pub(super) struct Resumed {
 }
 
 pub(super) fn discard(shared: &Shared, s: &mut Session, ids: Vec<ConnId>) {
-    let mut unlocked = Vec::new();
+    let mut flows = std::collections::HashSet::new();
     for id in ids {
         if let Some(r) = s.restored.remove(&id) {
-            let flow = r.flow();
+            flows.insert(r.flow());
             r.discard();
             lock(&shared.stats).discarded += 1;
-            unlocked.extend(s.locks.iter_mut().find_map(|l| l.split_off(&flow)));
         }
     }
+    // One pass over each lock (a search per flow was quadratic).
+    let unlocked: Vec<FlowLock> = s
+        .locks
+        .iter_mut()
+        .filter_map(|l| l.split_off_set(&flows))
+        .collect();
     s.locks.retain(|l| !l.flows().is_empty());
     // Their flows go back to the sender: the lock here no longer matters.
     if let Err(e) = FlowLock::release_moved(unlocked) {
@@ -576,8 +581,9 @@ impl UnixBatches {
             return;
         }
         let pending = std::mem::take(&mut self.pending);
+        let flows: Vec<Flow> = pending.iter().filter_map(|p| p.3).collect();
         if self.broken.is_none() {
-            release_resumed(releaser, &pending);
+            release_resumed(releaser, &flows);
         }
         let sent = match &self.broken {
             Some(why) => Err(why.clone()),
@@ -598,10 +604,16 @@ impl UnixBatches {
         match sent {
             Ok(()) => self.sent.push_back((conns, Instant::now())),
             Err(why) => {
+                let released = self.broken.is_none();
                 // Those sent before may still be acknowledged, in order.
                 self.settle_all(shared, s, out);
                 self.broken = Some(why.clone());
                 undelivered(shared, conns, &why, out);
+                if !released {
+                    // Closed here: their clients' next packets draw a RST
+                    // at once rather than silence until the lease ends.
+                    release_resumed(releaser, &flows);
+                }
             }
         }
         while self.sent.len() > BATCHES_IN_FLIGHT {
@@ -666,15 +678,11 @@ impl UnixBatches {
 /// fail, each is tried alone; a flow whose lock still cannot go keeps it
 /// until its lease ends (its connection is delivered all the same: it
 /// carries on once the lock expires, where closing it would end it).
-fn release_resumed(
-    releaser: &mut Releaser,
-    pending: &[(ConnId, OwnedFd, ConnectionImage, Option<Flow>)],
-) {
-    let flows: Vec<Flow> = pending.iter().filter_map(|p| p.3).collect();
-    if releaser.release(&flows).is_ok() {
+fn release_resumed(releaser: &mut Releaser, flows: &[Flow]) {
+    if flows.is_empty() || releaser.release(flows).is_ok() {
         return;
     }
-    for flow in flows {
+    for &flow in flows {
         if let Err(e) = releaser.release(&[flow]) {
             tracing::warn!("{flow}: the lock stays until its lease ends, and its packets are dropped until then: {e}");
         }
