@@ -554,45 +554,25 @@ fn shadow_release(batch: &mut Batch, flows: &[Flow]) {
     }
 }
 
-/// Releases flows of one namespace, call after call, on one netlink
-/// socket: an agent releases each flow of a batch right before its resume,
-/// and a socket per release (open, `NETLINK_CAP_ACK`, timeout, close) cost
-/// more than the release itself. Whatever this fast path cannot do (a
-/// kernel not probed yet or without expiry updates, a failed request)
-/// goes through [`release_flows`], with its fallbacks.
+/// Releases flows of one namespace, call after call: an agent releases
+/// each flow of a batch right before its resume. The same as
+/// [`release_flows`], whose transactions go through the sockets the lock
+/// keeps per namespace (`kept`): a socket per release (open,
+/// `NETLINK_CAP_ACK`, timeout, close) cost more than the release itself.
 #[derive(Debug)]
 pub struct Releaser {
     ns: Netns,
-    socket: Option<nfnl::Socket>,
 }
 
 impl Releaser {
-    /// A releaser for flows of `ns`; its socket opens at the first release.
+    /// A releaser for flows of `ns`.
     pub fn new(ns: Netns) -> Releaser {
-        Releaser { ns, socket: None }
+        Releaser { ns }
     }
 
     /// The same as [`release_flows`] in this releaser's namespace.
     pub fn release(&mut self, flows: &[Flow]) -> Result<(), Error> {
-        if flows.is_empty() {
-            return Ok(());
-        }
-        if mode::current() != Mode::Shadow {
-            return release_flows(&self.ns, flows);
-        }
-        if self.socket.is_none() {
-            self.socket = nfnl::Socket::open(self.ns.fd.as_ref().map(|f| f.as_fd())).ok();
-        }
-        let mut batch = Batch::new();
-        shadow_release(&mut batch, flows);
-        match self.socket.as_ref().map(|s| s.commit(batch)) {
-            Some(Ok(())) => Ok(()),
-            _ => {
-                // A fresh socket and the fallbacks of the general path.
-                self.socket = None;
-                release_flows(&self.ns, flows)
-            }
-        }
+        release_flows(&self.ns, flows)
     }
 }
 

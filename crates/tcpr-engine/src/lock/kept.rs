@@ -16,7 +16,6 @@
 //! reaps that child but the parent's parent after the exit: call it last.
 
 use super::Netns;
-use crate::sys;
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,7 +48,7 @@ static REMOVED: AtomicBool = AtomicBool::new(false);
 /// namespace: one `statx`).
 fn identity(ns: &Netns) -> Option<(u64, u64)> {
     match &ns.fd {
-        Some(fd) => sys::fd_identity(fd.as_fd()).ok(),
+        Some(_) => ns.identity(),
         None => std::fs::metadata("/proc/thread-self/ns/net")
             .ok()
             .map(|m| (m.dev(), m.ino())),
