@@ -52,6 +52,54 @@ fn agent(host: &Host, listen: &str, auth: &Auth) -> Result<mpsc::Receiver<Delive
     Ok(rx)
 }
 
+/// What a [`Mover`] is asked to move, and where it answers.
+type MoveJob = (
+    TcpStream,
+    MigrateOptions,
+    mpsc::Sender<(Duration, Result<Vec<HandOff>>)>,
+);
+
+/// A thread living in one host's namespace that hands streams off, one
+/// call at a time; it ends when dropped.
+struct Mover {
+    jobs: mpsc::Sender<MoveJob>,
+}
+
+impl Mover {
+    fn start(host: &Host) -> Result<Mover> {
+        let (jobs, rx) = mpsc::channel::<MoveJob>();
+        let path = host.path();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            if let Err(e) = tcpr_host::enter_netns(&path) {
+                let _ = ready_tx.send(Err(anyhow::Error::from(e)));
+                return;
+            }
+            let _ = ready_tx.send(Ok(()));
+            for (s, opts, answer) in rx {
+                let called = Instant::now();
+                let r = hand_off(vec![(s, vec![])], &opts);
+                let _ = answer.send((called.elapsed(), r.map_err(anyhow::Error::from)));
+            }
+        });
+        ready_rx.recv()??;
+        Ok(Mover { jobs })
+    }
+
+    /// Starts moving `s`; the answer is the call's time and result.
+    fn hand_off(
+        &self,
+        s: TcpStream,
+        opts: MigrateOptions,
+    ) -> Result<mpsc::Receiver<(Duration, Result<Vec<HandOff>>)>> {
+        let (tx, rx) = mpsc::channel();
+        self.jobs
+            .send((s, opts, tx))
+            .map_err(|_| anyhow::anyhow!("the mover thread is gone"))?;
+        Ok(rx)
+    }
+}
+
 fn move_address(from: &Host, to: &Host) -> Result<()> {
     from.del_addr(&format!("{SVC}/24"))?;
     to.add_addr(&format!("{SVC}/24"))?;
@@ -172,8 +220,9 @@ pub struct StreamFigures {
     pub unmoved_gap_ms: Samples,
     /// `moved p50 / unmoved p50`.
     pub p50_ratio: f64,
-    /// The `hand_off` call of each move (TLS connect included), which the
-    /// writer waits for.
+    /// The `hand_off` call of each move (TLS connect included), on the old
+    /// host; the writer on the new host starts when its agent delivers,
+    /// before the call returns.
     pub hand_off_ms: Samples,
     /// From the writer's last write before a move to its first write
     /// after it: the application's own pause, which the gap at the client
@@ -481,12 +530,17 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
         Ok((s, writes))
     };
     let take_gap = || std::mem::take(&mut *gap.lock().unwrap_or_else(|e| e.into_inner()));
+    // The process that moves the stream lives in its host's namespace, as
+    // `tcpr migrate` or an application calling `hand_off` does: one
+    // thread per host, entered once (a thread spawned and entered per
+    // move put its start into every move's gap).
+    let movers = (Mover::start(&a)?, Mover::start(&b)?);
     let (mut s, _) = write_for(server, Duration::from_millis(300))?;
     let mut baseline = Vec::with_capacity(moves);
     let mut pauses = Vec::with_capacity(moves);
     let mut hand_offs = Vec::with_capacity(moves);
     let mut writer_pauses = Vec::with_capacity(moves);
-    let (mut here, mut there) = (&a, &b);
+    let (mut here, mut there) = (&movers.0, &movers.1);
     let (mut here_rx, mut there_rx) = (&to_a, &to_b);
     for i in 0..moves {
         tick(&format!("stream: move {} of {moves}", i + 1));
@@ -496,24 +550,40 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
         let (before, writes) = write_for(s, WINDOW)?;
         s = before;
         baseline.push(take_gap());
-        let to = if std::ptr::eq(there, &b) {
+        let to = if std::ptr::eq(there, &movers.1) {
             "10.66.0.3:7070"
         } else {
             "10.66.0.2:7070"
         };
         let mut opts = MigrateOptions::new(to.parse()?, auth.clone());
         opts.switch = Switch::MoveAddress;
-        let called = Instant::now();
-        let r = here.within(|| Ok(hand_off(vec![(s, vec![])], &opts)?))?;
-        hand_offs.push(called.elapsed());
-        match r.into_iter().next() {
-            Some(HandOff::Moved) => {}
-            other => bail!("move {i} did not happen: {other:?}"),
-        }
-        let d = there_rx
-            .recv_timeout(Duration::from_secs(10))
-            .context("delivery")?;
+        let moving = here.hand_off(s, opts)?;
+        // The application on the new host writes as soon as its agent
+        // delivers the connection: it does not wait for the old host's
+        // call to return (the COMMITTED on its way back, the release of
+        // the old host's locks).
+        let d = loop {
+            match there_rx.recv_timeout(Duration::from_millis(10)) {
+                Ok(d) => break d,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(e) => bail!("move {i}: the agent is gone: {e}"),
+            }
+            if let Ok((_, r)) = moving.try_recv() {
+                bail!("move {i} did not happen: {r:?}");
+            }
+            if writes.last.elapsed() > Duration::from_secs(10) {
+                bail!("move {i}: nothing delivered within 10 s");
+            }
+        };
         let (after, writes_after) = write_for(d.stream, WINDOW)?;
+        let (took, r) = moving
+            .recv_timeout(Duration::from_secs(10))
+            .context("the hand_off call did not return")?;
+        match r?.into_iter().next() {
+            Some(HandOff::Moved) => {}
+            other => bail!("move {i} was delivered, and yet: {other:?}"),
+        }
+        hand_offs.push(took);
         s = after;
         pauses.push(take_gap());
         if let Some(first) = writes_after.first {

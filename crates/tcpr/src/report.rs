@@ -307,13 +307,14 @@ fn why_not(
             })
             .unwrap_or_default();
         notes.push(format!(
-            "A moved stream's longest gap ({:.2} ms) is bounded below by the handoff of its one \
-             connection: {:.1} ms ({phases}). The unmoved stream's longest gap ({:.2} ms) is its \
-             own pacing on an idle machine, so the ratio compares a handoff with almost nothing; \
-             it shrinks as the machine gets busier (1.05x at load 11 in an earlier run). The \
-             moved stream's agents are in process, without a journal: its gap is the hand_off \
-             call, on a channel kept from the last move (checked by one PING), so most of it is \
-             the protocol's round trips, the restore and the resume.",
+            "A moved stream's longest gap ({:.2} ms) is bounded below by its one connection's \
+             handoff up to the agent's delivery: all of a one-connection handoff ({:.1} ms: \
+             {phases}) but the COMMITTED on its way back and the release. The unmoved stream's \
+             longest gap ({:.2} ms) is its own pacing on an idle machine, so the ratio compares a \
+             handoff with almost nothing; it shrinks as the machine gets busier (1.05x at load 11 \
+             in an earlier run). The moved stream's agents are in process, without a journal, on \
+             a channel kept from the last move: most of its gap is the protocol's round trips, \
+             the restore and the resume.",
             stream.moved_gap_ms.median(),
             one.map(|b| b.total_ms.median()).unwrap_or(f64::NAN),
             stream.unmoved_gap_ms.median(),
@@ -546,9 +547,12 @@ fn markdown(
     let _ = writeln!(
         w,
         "One connection streaming {} MiB/s to the client, moved {} times between two hosts \
-         (in-process agents). The longest gap between bytes at the client is taken per {} ms \
-         window of writing: a window with a move, and, just before it, a window of the same \
-         stream with no move. {} bytes verified in order.\n",
+         (in-process agents). A thread living in the old host's namespace makes the `hand_off` \
+         call, as a process there would; the writer on the new host starts when its agent \
+         delivers the connection, not when the old host's call returns. The longest gap \
+         between bytes at the client is taken per {} ms window of writing: a window with a \
+         move, and, just before it, a window of the same stream with no move. {} bytes \
+         verified in order.\n",
         s.rate_bytes_per_s >> 20,
         s.moved_gap_ms.len(),
         bench_handoff::WINDOW.as_millis(),
