@@ -52,22 +52,20 @@ fn agent(host: &Host, listen: &str, auth: &Auth) -> Result<mpsc::Receiver<Delive
     Ok(rx)
 }
 
-/// What a [`Mover`] is asked to move, and where it answers.
-type MoveJob = (
-    TcpStream,
-    MigrateOptions,
-    mpsc::Sender<(Duration, Result<Vec<HandOff>>)>,
-);
+/// Work for a [`Resident`] thread.
+type Job = Box<dyn FnOnce() + Send>;
 
-/// A thread living in one host's namespace that hands streams off, one
-/// call at a time; it ends when dropped.
-struct Mover {
-    jobs: mpsc::Sender<MoveJob>,
+/// A thread living in one host's namespace, entered once, running what it
+/// is given in turn, as a process on that host would; it ends when
+/// dropped. (`Host::within` spawns and enters a thread per call: its start
+/// would be in every measured handoff.)
+struct Resident {
+    jobs: mpsc::Sender<Job>,
 }
 
-impl Mover {
-    fn start(host: &Host) -> Result<Mover> {
-        let (jobs, rx) = mpsc::channel::<MoveJob>();
+impl Resident {
+    fn start(host: &Host) -> Result<Resident> {
+        let (jobs, rx) = mpsc::channel::<Job>();
         let path = host.path();
         let (ready_tx, ready_rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -76,27 +74,33 @@ impl Mover {
                 return;
             }
             let _ = ready_tx.send(Ok(()));
-            for (s, opts, answer) in rx {
-                let called = Instant::now();
-                let r = hand_off(vec![(s, vec![])], &opts);
-                let _ = answer.send((called.elapsed(), r.map_err(anyhow::Error::from)));
+            for job in rx {
+                job();
             }
         });
         ready_rx.recv()??;
-        Ok(Mover { jobs })
+        Ok(Resident { jobs })
     }
 
-    /// Starts moving `s`; the answer is the call's time and result.
-    fn hand_off(
+    /// Starts `f` on the thread; the answer comes on the receiver.
+    fn run<T: Send + 'static>(
         &self,
-        s: TcpStream,
-        opts: MigrateOptions,
-    ) -> Result<mpsc::Receiver<(Duration, Result<Vec<HandOff>>)>> {
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<mpsc::Receiver<T>> {
         let (tx, rx) = mpsc::channel();
         self.jobs
-            .send((s, opts, tx))
-            .map_err(|_| anyhow::anyhow!("the mover thread is gone"))?;
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| anyhow::anyhow!("the host's resident thread is gone"))?;
         Ok(rx)
+    }
+
+    /// Runs `f` on the thread and waits for it.
+    fn call<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        self.run(f)?
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the host's resident thread panicked"))
     }
 }
 
@@ -112,6 +116,7 @@ fn move_address(from: &Host, to: &Host) -> Result<()> {
 /// the handoff time and the sender's split of it.
 fn batch(
     lab_hosts: (&Host, &Host, &Host),
+    from: &Resident,
     n: usize,
     auth: &Auth,
     delivered: &mpsc::Receiver<()>,
@@ -142,7 +147,7 @@ fn batch(
     let mut opts = MigrateOptions::new("10.66.0.3:7071".parse()?, auth.clone());
     opts.switch = Switch::MoveAddress;
     let t = Instant::now();
-    let report = a.within(|| Ok(tcpr_handoff::migrate(servers, &opts, &|_| {})?))?;
+    let report = from.call(move || tcpr_handoff::migrate(servers, &opts, &|_| {}))??;
     let took = t.elapsed();
     let timings = report.timings;
     let moved = report.moved.len();
@@ -440,7 +445,11 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
     BufReader::new(batch_agent.stdout.take().expect("piped")).read_line(&mut line)?;
     let batch_auth = Auth::psk_file(&key)?;
 
-    let (first, _) = batch((&c, &a, &b), 1, &batch_auth, &sink_rx)?;
+    // The processes that move the connections live in their hosts'
+    // namespaces, as `tcpr migrate` or an application calling `hand_off`
+    // does.
+    let movers = (Resident::start(&a)?, Resident::start(&b)?);
+    let (first, _) = batch((&c, &a, &b), &movers.0, 1, &batch_auth, &sink_rx)?;
     let mut batches = Vec::new();
     for &n in counts {
         // Each handoff on a settled host: the previous one's aftermath
@@ -450,7 +459,7 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
             .map(|_| {
                 tick(&format!("handoff: {n} connections"));
                 std::thread::sleep(settle(n));
-                batch((&c, &a, &b), n, &batch_auth, &sink_rx)
+                batch((&c, &a, &b), &movers.0, n, &batch_auth, &sink_rx)
             })
             .collect::<Result<Vec<_>>>()?;
         let (totals, timings): (Vec<Duration>, Vec<Timings>) = runs.into_iter().unzip();
@@ -530,11 +539,6 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
         Ok((s, writes))
     };
     let take_gap = || std::mem::take(&mut *gap.lock().unwrap_or_else(|e| e.into_inner()));
-    // The process that moves the stream lives in its host's namespace, as
-    // `tcpr migrate` or an application calling `hand_off` does: one
-    // thread per host, entered once (a thread spawned and entered per
-    // move put its start into every move's gap).
-    let movers = (Mover::start(&a)?, Mover::start(&b)?);
     let (mut s, _) = write_for(server, Duration::from_millis(300))?;
     let mut baseline = Vec::with_capacity(moves);
     let mut pauses = Vec::with_capacity(moves);
@@ -557,7 +561,11 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
         };
         let mut opts = MigrateOptions::new(to.parse()?, auth.clone());
         opts.switch = Switch::MoveAddress;
-        let moving = here.hand_off(s, opts)?;
+        let moving = here.run(move || {
+            let called = Instant::now();
+            let r = hand_off(vec![(s, vec![])], &opts);
+            (called.elapsed(), r)
+        })?;
         // The application on the new host writes as soon as its agent
         // delivers the connection: it does not wait for the old host's
         // call to return (the COMMITTED on its way back, the release of
@@ -569,6 +577,7 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
                 Err(e) => bail!("move {i}: the agent is gone: {e}"),
             }
             if let Ok((_, r)) = moving.try_recv() {
+                let r = r.map_err(|e| e.error);
                 bail!("move {i} did not happen: {r:?}");
             }
             if writes.last.elapsed() > Duration::from_secs(10) {
