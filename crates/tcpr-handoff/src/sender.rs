@@ -168,7 +168,10 @@ pub fn migrate(
     loop {
         // At most twice: a PINGed channel is never `DeadChannel`.
         match attempt(conns, opts, progress, ping_always)? {
-            Attempt::Done(report) => return Ok(report),
+            Attempt::Done(mut report) => {
+                report.dead_channel_retried = ping_always;
+                return Ok(report);
+            }
             Attempt::DeadChannel(again) => {
                 tracing::info!(agent = %opts.to, "a kept channel was dead: the batch, rolled back before the agent answered, runs again on a checked one");
                 (conns, ping_always) = (again, true);

@@ -486,3 +486,65 @@ fn concurrent_handoffs_each_get_a_channel() {
     assert_eq!(stats.channels, opened, "{stats:?}");
     assert_eq!(stats.batches, u64::from(THREADS) + 1, "{stats:?}");
 }
+
+/// The channel kept from a batch dies without a word less than a second
+/// after the batch (here b answers its next packet with a RST, as a host
+/// that rebooted would), so the next batch takes it without a PING: its
+/// HELLO and PREPARE draw the RST, the batch is rolled back before the
+/// agent answered anything and runs again on a new, checked channel.
+/// Every connection moves exactly once and the report says it ran twice.
+/// (A channel that goes silent instead costs the batch: it is rolled back
+/// when the agent's answer times out, as ARCHITECTURE.md says.)
+#[test]
+fn a_silently_dead_kept_channel_costs_a_second_run_on_a_new_one() {
+    let net = Net::new("cd", 45, 2);
+    let auth = auth(&net.dir);
+    let agent = LibraryAgent::start(&net, &auth, 2, None);
+    // The second batch's connections exist before the first moves: the
+    // second must start within a second of the first's end.
+    let second_pairs = net.connections(1, 3);
+    let pairs = net.connections(0, 2);
+    let first = net.hand_off(&pairs, &auth);
+    moved_and_verified(&net, &first, pairs, &agent.delivered);
+    assert!(!first.dead_channel_retried);
+    let kept = net.channels_from_a("established");
+    let &[port] = kept.iter().copied().collect::<Vec<_>>().as_slice() else {
+        panic!("one kept channel, not {kept:?}");
+    };
+    for rule in [
+        "add table inet chaos".to_string(),
+        "add chain inet chaos in { type filter hook input priority -10; }".to_string(),
+        format!(
+            "add rule inet chaos in tcp sport {port} tcp dport {AGENT_PORT} reject with tcp reset"
+        ),
+    ] {
+        let out = net
+            .b
+            .cmd("nft")
+            .args(rule.split_whitespace())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "nft {rule}: {out:?}");
+    }
+
+    let second = net.hand_off(&second_pairs, &auth);
+    assert!(
+        second.dead_channel_retried,
+        "the batch ran once only: reused {}, moved {}, rolled back {:?}",
+        second.channel_reused,
+        second.moved.len(),
+        second
+            .rolled_back
+            .iter()
+            .map(|r| &r.why)
+            .collect::<Vec<_>>()
+    );
+    assert!(!second.channel_reused, "the second run connects anew");
+    moved_and_verified(&net, &second, second_pairs, &agent.delivered);
+    let stats = agent.stats();
+    assert_eq!(
+        (stats.channels, stats.batches),
+        (2, 2),
+        "the dead channel's batch never reached the agent: {stats:?}"
+    );
+}

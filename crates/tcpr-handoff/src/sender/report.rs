@@ -101,6 +101,12 @@ pub struct Report {
     /// The batch ran on a channel kept from an earlier batch (see
     /// [`super::MigrateOptions::reuse_channel`]), not on a new one.
     pub channel_reused: bool,
+    /// The batch ran twice: its first run went out on a kept channel taken
+    /// without a PING (it had been idle less than a second) that turned out
+    /// dead before the agent answered anything; every connection was
+    /// thawed and the batch ran again on a checked channel. The timings are
+    /// the second run's.
+    pub dead_channel_retried: bool,
 }
 
 impl Report {
