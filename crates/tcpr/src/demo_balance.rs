@@ -198,8 +198,38 @@ pub(crate) fn block() -> Vec<u8> {
     b
 }
 
+/// The servers' threads: a connection is served on a thread of a pool
+/// that keeps finished threads for the next connection (tokio's blocking
+/// pool) rather than on a new thread. A thread's start and end (its
+/// stack's mmap, mprotect and munmap, each a TLB shootdown on the other
+/// CPU, under the process's mmap lock) cost more than serving a small
+/// request, and the servers see a new connection per request from a
+/// `tcpr balance` whose clients open one (HAProxy keeps its server
+/// connections), so a thread per connection measured the server more
+/// than the balancer. Up to [`MAX_SERVER_THREADS`] at once, like a
+/// thread per connection under any load the bench and demo make.
+pub(crate) fn serve_on_pool(work: impl FnOnce() + Send + 'static) {
+    static POOL: std::sync::OnceLock<Option<tokio::runtime::Runtime>> = std::sync::OnceLock::new();
+    let pool = POOL.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(MAX_SERVER_THREADS)
+            .thread_name("server")
+            .build()
+            .ok()
+    });
+    match pool {
+        Some(rt) => drop(rt.spawn_blocking(work)),
+        // No runtime (the kernel refused its eventfd): a thread each.
+        None => drop(std::thread::spawn(work)),
+    }
+}
+
+/// Connections the servers serve at once at most (each blocks a thread).
+const MAX_SERVER_THREADS: usize = 4096;
+
 /// A small HTTP/1.1 server on `host`: `/name` answers `name`, `/bytes/N`
-/// sends N bytes of the repeated block. One thread per connection.
+/// sends N bytes of the repeated block. A pool thread per connection
+/// ([`serve_on_pool`]).
 fn serve_http(host: &Host, name: String) -> Result<()> {
     let path = host.path();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -220,7 +250,7 @@ fn serve_http(host: &Host, name: String) -> Result<()> {
         let body = std::sync::Arc::new(block());
         for conn in listener.incoming().map_while(Result::ok) {
             let (name, body) = (name.clone(), body.clone());
-            std::thread::spawn(move || answer(conn, &name, &body));
+            serve_on_pool(move || answer(conn, &name, &body));
         }
     });
     rx.recv().context("server thread")?
