@@ -198,34 +198,21 @@ pub(crate) fn block() -> Vec<u8> {
     b
 }
 
-/// The servers' threads: a connection is served on a thread of a pool
-/// that keeps finished threads for the next connection (tokio's blocking
-/// pool) rather than on a new thread. A thread's start and end (its
-/// stack's mmap, mprotect and munmap, each a TLB shootdown on the other
-/// CPU, under the process's mmap lock) cost more than serving a small
-/// request, and the servers see a new connection per request from a
-/// `tcpr balance` whose clients open one (HAProxy keeps its server
-/// connections), so a thread per connection measured the server more
-/// than the balancer. Up to [`MAX_SERVER_THREADS`] at once, like a
-/// thread per connection under any load the bench and demo make.
+/// The servers' threads: a connection is served on a kept thread
+/// ([`tcpr_host::workers`]) rather than a new one. A thread's start and
+/// end cost more than serving a small request, and the servers see a new
+/// connection per request from a `tcpr balance` whose clients open one
+/// (HAProxy keeps its server connections), so a thread per connection
+/// measured the server more than the balancer. A connection no thread
+/// could take is closed.
 pub(crate) fn serve_on_pool(work: impl FnOnce() + Send + 'static) {
-    static POOL: std::sync::OnceLock<Option<tokio::runtime::Runtime>> = std::sync::OnceLock::new();
-    let pool = POOL.get_or_init(|| {
-        tokio::runtime::Builder::new_current_thread()
-            .max_blocking_threads(MAX_SERVER_THREADS)
-            .thread_name("server")
-            .build()
-            .ok()
-    });
-    match pool {
-        Some(rt) => drop(rt.spawn_blocking(work)),
-        // No runtime (the kernel refused its eventfd): a thread each.
-        None => drop(std::thread::spawn(work)),
+    static POOL: std::sync::OnceLock<tcpr_host::workers::Workers> = std::sync::OnceLock::new();
+    let pool =
+        POOL.get_or_init(|| tcpr_host::workers::Workers::new("server", Duration::from_secs(10)));
+    if let Err(e) = pool.spawn(work) {
+        eprintln!("server: no thread for a connection: {e}");
     }
 }
-
-/// Connections the servers serve at once at most (each blocks a thread).
-const MAX_SERVER_THREADS: usize = 4096;
 
 /// A small HTTP/1.1 server on `host`: `/name` answers `name`, `/bytes/N`
 /// sends N bytes of the repeated block. A pool thread per connection
