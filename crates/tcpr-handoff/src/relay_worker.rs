@@ -172,6 +172,10 @@ impl RelayWorker {
     }
 }
 
+/// How long a relay thread with no connection waits for the next one
+/// before it ends.
+const RELAY_THREAD_KEEP: Duration = Duration::from_secs(10);
+
 /// Lets the worker go: our end closes (it exits once its relays end) and
 /// a thread reaps it.
 fn retire(state: &mut State) {
@@ -184,10 +188,11 @@ fn retire(state: &mut State) {
 }
 
 /// The worker's main: takes pairs from `from` (the agent's end is the
-/// other one) until end of stream, relays each on a thread, then waits for
-/// every relay to end.
+/// other one) until end of stream, relays each on a thread (a kept one,
+/// [`tcpr_host::workers`]: a new thread's start and end cost more than a
+/// small request's relay), then waits for every relay to end.
 pub fn serve(mut from: UnixStream) -> io::Result<()> {
-    let mut relays = Vec::new();
+    let relays = tcpr_host::workers::Workers::new("tcpr-relay", RELAY_THREAD_KEEP);
     loop {
         let mut byte = [0u8; 1];
         let (n, fds) = match tcpr_host::recv_with_fds(from.as_fd(), &mut byte) {
@@ -214,30 +219,22 @@ pub fn serve(mut from: UnixStream) -> io::Result<()> {
         // agent still holds its own until our answer).
         let pair = std::sync::Arc::new(Mutex::new(Some((client, server))));
         let for_thread = pair.clone();
-        let spawned = std::thread::Builder::new()
-            .name("tcpr-relay".into())
-            .spawn(move || {
-                let taken = for_thread.lock().ok().and_then(|mut p| p.take());
-                if let Some((client, server)) = taken {
-                    relay(client, server, peer);
-                }
-            });
-        match spawned {
-            Ok(handle) => {
-                relays.push(handle);
-                answer(&mut from, TAKEN);
+        let spawned = relays.spawn(move || {
+            let taken = for_thread.lock().ok().and_then(|mut p| p.take());
+            if let Some((client, server)) = taken {
+                relay(client, server, peer);
             }
+        });
+        match spawned {
+            Ok(()) => answer(&mut from, TAKEN),
             Err(e) => {
                 tracing::warn!("relay worker: no thread for a relay ({e}); the agent keeps it");
                 drop(pair.lock().ok().and_then(|mut p| p.take()));
                 answer(&mut from, REFUSED);
             }
         }
-        relays.retain(|r| !r.is_finished());
     }
-    for r in relays {
-        let _ = r.join();
-    }
+    relays.wait_idle();
     Ok(())
 }
 

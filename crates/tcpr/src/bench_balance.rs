@@ -11,7 +11,7 @@
 //! handed off. tcpr runs in two configurations: its backends' agents
 //! relay each connection to an unmodified HTTP server (`--forward`), or
 //! pass it over a unix socket (`--unix`) to a server that takes passed
-//! fds (the same responses, served by the same code, one thread per
+//! fds (the same responses, served by the same code, a pool thread per
 //! connection; the deployment where no relay runs on the backend). All
 //! three fronts run at once on the front host (HAProxy on the VIP's next
 //! port, one `tcpr balance` with a listener per configuration), so each
@@ -20,8 +20,8 @@
 //! for the report (`tcpr bench --report`), [`run`] prints one run.
 
 use crate::demo_balance::{
-    answer, block, start, start_backends, start_balancer, Running, AGENT_PORT, METRICS_LISTEN,
-    PSK_FILE, SERVER_PORT, VIP_PORT,
+    answer, block, serve_on_pool, start, start_backends, start_balancer, Running, AGENT_PORT,
+    METRICS_LISTEN, PSK_FILE, SERVER_PORT, VIP_PORT,
 };
 use crate::report::Samples;
 use anyhow::{bail, Context, Result};
@@ -319,9 +319,51 @@ pub fn check_tools() -> Result<()> {
     Ok(())
 }
 
+/// The environment variable that narrows [`run`] to some loads and
+/// fronts, for profiling one of them: a comma-separated list of load
+/// shorts ("new", "k-a", "1 MiB", "100 MiB") and fronts ("haproxy",
+/// "fwd", "fd"); a kind not named runs whole. Not a user's option.
+const ONLY_VAR: &str = "TCPR_BENCH_BALANCE_ONLY";
+
+/// What [`compare`] runs.
+#[derive(Debug, Clone, Default)]
+struct Only(Vec<String>);
+
+impl Only {
+    fn from_env() -> Only {
+        let text = std::env::var(ONLY_VAR).unwrap_or_default();
+        Only(
+            text.split(',')
+                .map(|w| w.trim().to_string())
+                .filter(|w| !w.is_empty())
+                .collect(),
+        )
+    }
+
+    /// Whether `name` runs, among `all` of its kind.
+    fn runs(&self, name: &str, all: &[&str]) -> bool {
+        !self.0.iter().any(|w| all.contains(&w.as_str())) || self.0.iter().any(|w| w == name)
+    }
+
+    fn load(&self, load: &Load) -> bool {
+        let all: Vec<&str> = loads().iter().map(|l| l.short).collect();
+        self.runs(load.short, &all)
+    }
+
+    fn front(&self, front: Front) -> bool {
+        let name = match front {
+            Front::Haproxy => "haproxy",
+            Front::Tcpr => "fwd",
+            Front::TcprFd => "fd",
+        };
+        self.runs(name, &["haproxy", "fwd", "fd"])
+    }
+}
+
 /// Runs the comparison for `seconds` per load and prints it.
 pub fn run(seconds: u32) -> Result<()> {
-    let figures = measure(&BalancePlan { seconds, runs: 1 }, &|_| {})?;
+    let plan = BalancePlan { seconds, runs: 1 };
+    let figures = measure_only(&plan, &Only::from_env(), &|_| {})?;
     print(&figures);
     Ok(())
 }
@@ -329,11 +371,15 @@ pub fn run(seconds: u32) -> Result<()> {
 /// Runs the comparison in namespaces of its own; `tick` is called once
 /// per step (see [`BalancePlan::steps`]).
 pub fn measure(plan: &BalancePlan, tick: &dyn Fn(&str)) -> Result<BalanceFigures> {
+    measure_only(plan, &Only::default(), tick)
+}
+
+fn measure_only(plan: &BalancePlan, only: &Only, tick: &dyn Fn(&str)) -> Result<BalanceFigures> {
     check_tools()?;
     let lab = BalanceLab::new("benchb", NET, 2)?;
     let dir = std::env::temp_dir().join(format!("tcpr-bench-balance-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let result = compare(&lab, &dir, plan, tick);
+    let result = compare(&lab, &dir, plan, only, tick);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
@@ -358,7 +404,7 @@ fn order(run: usize) -> [Front; 3] {
 
 /// A server that takes passed connections: `path`, a unix socket a `tcpr
 /// agent --unix` delivers to (batches asked for); each connection served
-/// on a thread of its own as `name` with the responses of the forward
+/// on a pool thread ([`serve_on_pool`]) as `name` with the responses of the forward
 /// backends' servers (the same code). Runs until the process ends.
 fn serve_fds(path: &Path, name: String) -> Result<()> {
     let listener = UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
@@ -366,12 +412,12 @@ fn serve_fds(path: &Path, name: String) -> Result<()> {
     std::thread::spawn(move || {
         for s in listener.incoming().map_while(Result::ok) {
             let (name, body) = (name.clone(), body.clone());
-            std::thread::spawn(move || {
+            serve_on_pool(move || {
                 let mut from = tcpr_handoff::deliver::UnixReceiver::new(s);
                 while let Ok(Some(delivered)) = from.recv() {
                     for d in delivered {
                         let (name, body) = (name.clone(), body.clone());
-                        std::thread::spawn(move || answer(d.stream, &name, &body));
+                        serve_on_pool(move || answer(d.stream, &name, &body));
                     }
                 }
             });
@@ -421,6 +467,7 @@ fn compare(
     lab: &BalanceLab,
     dir: &std::path::Path,
     plan: &BalancePlan,
+    only: &Only,
     tick: &dyn Fn(&str),
 ) -> Result<BalanceFigures> {
     for host in [&lab.client, &lab.front] {
@@ -444,7 +491,7 @@ fn compare(
     let tcpr = start_balancer(lab, &config)?;
     wait_port(lab, VIP_PORT)?;
     wait_port(lab, FD_PORT)?;
-    let loads = loads();
+    let loads: Vec<Load> = loads().into_iter().filter(|l| only.load(l)).collect();
     let mut haproxy_runs = vec![Vec::new(); loads.len()];
     let mut tcpr_runs = vec![Vec::new(); loads.len()];
     let mut tcpr_served = vec![Served::default(); loads.len()];
@@ -458,7 +505,7 @@ fn compare(
                 run + 1,
                 plan.runs
             ));
-            for front in order(run) {
+            for front in order(run).into_iter().filter(|f| only.front(*f)) {
                 match front {
                     Front::Haproxy => haproxy_runs[i].push(wrk(
                         lab,
@@ -835,6 +882,20 @@ Transfer/sec:    364.21MB
         assert_eq!(firsts, [Front::Haproxy, Front::Tcpr, Front::TcprFd]);
         assert_eq!(order(3), order(0));
         assert_eq!(order(1), [Front::Tcpr, Front::TcprFd, Front::Haproxy]);
+    }
+
+    #[test]
+    fn only_narrows_each_kind_it_names() {
+        let only = |s: &str| Only(s.split(',').map(str::to_string).collect());
+        let all = loads();
+        let new = only("new,fd");
+        assert!(new.load(&all[0]) && !new.load(&all[1]));
+        assert!(new.front(Front::TcprFd) && !new.front(Front::Haproxy));
+        // A kind not named runs whole.
+        let fronts = only("haproxy");
+        assert!(all.iter().all(|l| fronts.load(l)));
+        assert!(fronts.front(Front::Haproxy) && !fronts.front(Front::Tcpr));
+        assert!(Only::default().front(Front::Tcpr));
     }
 
     #[test]

@@ -198,8 +198,25 @@ pub(crate) fn block() -> Vec<u8> {
     b
 }
 
+/// The servers' threads: a connection is served on a kept thread
+/// ([`tcpr_host::workers`]) rather than a new one. A thread's start and
+/// end cost more than serving a small request, and the servers see a new
+/// connection per request from a `tcpr balance` whose clients open one
+/// (HAProxy keeps its server connections), so a thread per connection
+/// measured the server more than the balancer. A connection no thread
+/// could take is closed.
+pub(crate) fn serve_on_pool(work: impl FnOnce() + Send + 'static) {
+    static POOL: std::sync::OnceLock<tcpr_host::workers::Workers> = std::sync::OnceLock::new();
+    let pool =
+        POOL.get_or_init(|| tcpr_host::workers::Workers::new("server", Duration::from_secs(10)));
+    if let Err(e) = pool.spawn(work) {
+        eprintln!("server: no thread for a connection: {e}");
+    }
+}
+
 /// A small HTTP/1.1 server on `host`: `/name` answers `name`, `/bytes/N`
-/// sends N bytes of the repeated block. One thread per connection.
+/// sends N bytes of the repeated block. A pool thread per connection
+/// ([`serve_on_pool`]).
 fn serve_http(host: &Host, name: String) -> Result<()> {
     let path = host.path();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -220,7 +237,7 @@ fn serve_http(host: &Host, name: String) -> Result<()> {
         let body = std::sync::Arc::new(block());
         for conn in listener.incoming().map_while(Result::ok) {
             let (name, body) = (name.clone(), body.clone());
-            std::thread::spawn(move || answer(conn, &name, &body));
+            serve_on_pool(move || answer(conn, &name, &body));
         }
     });
     rx.recv().context("server thread")?
