@@ -377,8 +377,16 @@ impl FlowLock {
         match locked {
             Ok(()) => {}
             Err(Failure::Failed(e @ Error::Permission(_))) => return Err(e),
-            Err(_) => {
-                nft(&ns, &(ruleset() + &script(flows, lease_ms, false)))?;
+            Err(first) => {
+                // The table may be missing (or of an older layout): `nft`
+                // installs it with the elements. Should it fail too, both
+                // reasons are told.
+                if let Err(e) = nft(&ns, &(ruleset() + &script(flows, lease_ms, false))) {
+                    return Err(match e {
+                        e @ Error::Permission(_) => e,
+                        e => Error::Lock(format!("{}; then {e}", Error::from(first))),
+                    });
+                }
                 // The table was there but refused the batch: a released
                 // element may still shadow the lock.
                 if mode::current() != Mode::Delete {
