@@ -166,8 +166,9 @@ pub enum Op {
     Destroy,
 }
 
-/// One nf_tables transaction under construction.
-#[derive(Debug)]
+/// One nf_tables transaction under construction. Cloned to send it again
+/// ([`retry_busy`]).
+#[derive(Clone, Debug)]
 pub struct Batch {
     buf: Vec<u8>,
     seq: u32,
@@ -586,13 +587,52 @@ pub fn close_in_child(sockets: Vec<Socket>) -> std::io::Result<u32> {
     crate::sys::detach::close_in_child(fds).map(|pid| pid as u32)
 }
 
+/// How long [`retry_busy`] keeps trying a transaction the kernel answered
+/// with EBUSY: longer than a rehash of a set of a few hundred thousand
+/// elements takes (tens of ms here), short of a handoff's timeouts.
+pub const BUSY_PATIENCE: Duration = Duration::from_millis(500);
+
+/// Runs `attempt` (one transaction, on a fresh or known-clean socket) and
+/// runs it again while the kernel answers EBUSY, for up to
+/// [`BUSY_PATIENCE`], with pauses growing from 1 ms to 32 ms.
+///
+/// A NEWSETELEM into a hash set (`nft_set_hash`, an rhashtable) fails with
+/// EBUSY while the table is being rehashed and the bucket of the new
+/// element already holds 16 entries (`rhashtable_insert_rehash`: "do not
+/// schedule more than one rehash"). Such a bucket is one key's dead
+/// copies: an element that expired or that the packet path deleted stays
+/// in the table, skipped by lookups, until the set's garbage collector
+/// frees it, and a new element with the same key is a new entry in the
+/// same bucket. The collector gives up its walk whenever a transaction
+/// commits in the namespace meanwhile, so under a steady stream of
+/// transactions (a balancer's locks and steering entries, thousands a
+/// second) it rarely finishes, and a flow tuple that comes back (a
+/// client's port reused) finds its old copies. The failed transaction
+/// changed nothing (nf_tables aborts a batch whole), and once the rehash
+/// is over the same insert succeeds: so it is tried again rather than
+/// failed.
+pub fn retry_busy<T>(mut attempt: impl FnMut() -> Result<T, NlError>) -> Result<T, NlError> {
+    let start = std::time::Instant::now();
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match attempt() {
+            Err(NlError::Refused(libc::EBUSY)) if start.elapsed() + pause <= BUSY_PATIENCE => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(32));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Sends a batch in the network namespace `ns` (the caller's when `None`)
-/// on a socket of its own and waits for every acknowledgement.
+/// on a socket of its own and waits for every acknowledgement (tried
+/// again while the kernel is busy: [`retry_busy`]).
 pub fn commit(ns: Option<BorrowedFd<'_>>, batch: Batch) -> Result<(), NlError> {
     if batch.is_empty() {
         return Ok(());
     }
-    Socket::open(ns)?.commit(batch)
+    retry_busy(|| Socket::open(ns)?.commit(batch.clone()))
 }
 
 /// Whether the table `table` of `family` exists in the namespace `ns` (the
@@ -617,6 +657,35 @@ pub fn element_present(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_busy_tries_again_only_while_busy() {
+        let mut tries = 0;
+        let out = retry_busy(|| {
+            tries += 1;
+            if tries < 3 {
+                Err(NlError::Refused(libc::EBUSY))
+            } else {
+                Ok(tries)
+            }
+        });
+        assert_eq!(out.unwrap(), 3);
+        let mut tries = 0;
+        let out: Result<(), _> = retry_busy(|| {
+            tries += 1;
+            Err(NlError::Refused(libc::ENFILE))
+        });
+        assert!(matches!(out, Err(NlError::Refused(libc::ENFILE))));
+        assert_eq!(tries, 1);
+        // Busy for good: it gives up (after its patience).
+        let mut tries = 0;
+        let out: Result<(), _> = retry_busy(|| {
+            tries += 1;
+            Err(NlError::Refused(libc::EBUSY))
+        });
+        assert!(matches!(out, Err(NlError::Refused(libc::EBUSY))));
+        assert!(tries > 1);
+    }
 
     const FLOWS6: SetRef<'static> = SetRef {
         family: Family::Inet,

@@ -414,16 +414,21 @@ impl NftSteering {
 
     /// Commits `batch` on the kept socket. After a failure the socket is
     /// closed: answers of the failed exchange may still be queued on it,
-    /// and their sequence numbers would be taken for the next batch's.
+    /// and their sequence numbers would be taken for the next batch's. A
+    /// batch the kernel answered EBUSY (a map's hash table being rehashed)
+    /// is sent again on a new socket ([`nfnl::retry_busy`]).
     fn commit(&self, batch: Batch) -> Result<(), SteerError> {
         let mut nl = lock(&self.nl);
-        let socket = match nl.take() {
-            Some(s) => s,
-            None => nfnl::Socket::open(Some(self.netns.as_fd())).map_err(|e| self.refused(e))?,
-        };
-        socket.commit(batch).map_err(|e| self.refused(e))?;
-        *nl = Some(socket);
-        Ok(())
+        nfnl::retry_busy(|| {
+            let socket = match nl.take() {
+                Some(s) => s,
+                None => nfnl::Socket::open(Some(self.netns.as_fd()))?,
+            };
+            socket.commit(batch.clone())?;
+            *nl = Some(socket);
+            Ok(())
+        })
+        .map_err(|e| self.refused(e))
     }
 
     fn refused(&self, e: nfnl::NlError) -> SteerError {

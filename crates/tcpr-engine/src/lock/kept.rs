@@ -85,7 +85,8 @@ pub(super) fn with<T>(
     Ok(out)
 }
 
-/// Commits `batch` in `ns` on a kept socket.
+/// Commits `batch` in `ns` on a kept socket, again while the kernel
+/// answers EBUSY ([`nfnl::retry_busy`]).
 pub(super) fn commit(ns: &Netns, batch: Batch) -> Result<(), NlError> {
     if batch.is_empty() {
         return Ok(());
@@ -93,7 +94,9 @@ pub(super) fn commit(ns: &Netns, batch: Batch) -> Result<(), NlError> {
     // Removed if it deletes, or destroys and the kernel echoed a removal
     // (or its answer is unknown).
     let (removes, echoes) = (batch.removes(), batch.echoes_removals());
-    let echoed = with(ns, |socket| socket.commit_counting(batch));
+    // A failed attempt's socket is closed (`with`), so each try starts
+    // on a socket with no answers of another queued.
+    let echoed = nfnl::retry_busy(|| with(ns, |socket| socket.commit_counting(batch.clone())));
     if removes && (!echoes || !matches!(echoed, Ok(0))) {
         REMOVED.store(true, Ordering::Relaxed);
     }
