@@ -606,6 +606,7 @@ fn batch(
         locks: Vec::new(),
         sender_elsewhere,
         quiet: Default::default(),
+        ahead: None,
     }));
     let r = batch_loop(shared, ch, &sess, id);
     if r.is_err() {
@@ -808,6 +809,7 @@ fn resume_and_deliver(
 
 /// Performs the machine's actions and sends its messages.
 fn drive(shared: &Shared, s: &mut Session, ch: &mut Channel) -> Result<(), WireError> {
+    let mut sent_ready = false;
     loop {
         let mut busy = false;
         while let Some(a) = s.m.poll_action() {
@@ -858,7 +860,10 @@ fn drive(shared: &Shared, s: &mut Session, ch: &mut Channel) -> Result<(), WireE
             wire::write_msg(ch, &wire::to_wire(&msg))?;
             ch.flush()?;
             match msg {
-                machine::Msg::Ready(_) => fault_point("ready"),
+                machine::Msg::Ready(_) => {
+                    fault_point("ready");
+                    sent_ready = true;
+                }
                 machine::Msg::Committed(_) => fault_point("committed"),
                 _ => {}
             }
@@ -866,6 +871,10 @@ fn drive(shared: &Shared, s: &mut Session, ch: &mut Channel) -> Result<(), WireE
         if !busy {
             break;
         }
+    }
+    if sent_ready {
+        // The sender reads READY and switches meanwhile.
+        takeover::look_ahead(shared, s);
     }
     ch.flush()?;
     Ok(())

@@ -170,8 +170,52 @@ pub(crate) fn send_link_frame(
     // Closing a packet socket waits for an RCU grace period
     // (synchronize_net in packet_release), about 10 ms: the frame is already
     // sent, so close it off the caller's path.
-    std::thread::spawn(move || drop(s));
+    close_off_path(s);
     Ok(())
+}
+
+/// Closes `fd` on the process's closer thread, started at the first call:
+/// a thread spawned per close cost the caller (an agent taking over an
+/// address, within the moved connections' pause) a clone and a stack of
+/// its own. Sockets queued behind one whose close is waiting are closed
+/// together, each on a scoped thread, so that their grace periods overlap
+/// as they did with a thread each. Where no thread can be started, the
+/// caller closes it (and waits).
+fn close_off_path(fd: std::os::fd::OwnedFd) {
+    use std::sync::mpsc;
+    static CLOSER: std::sync::OnceLock<Option<mpsc::Sender<std::os::fd::OwnedFd>>> =
+        std::sync::OnceLock::new();
+    let closer = CLOSER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<std::os::fd::OwnedFd>();
+        std::thread::Builder::new()
+            .name("tcpr-closer".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let more: Vec<_> = rx.try_iter().collect();
+                    if more.is_empty() {
+                        drop(first);
+                        continue;
+                    }
+                    std::thread::scope(|s| {
+                        for fd in std::iter::once(first).chain(more) {
+                            // Where no thread starts, the failed spawn drops
+                            // its closure: the closer closes it itself.
+                            let _ = std::thread::Builder::new().spawn_scoped(s, move || drop(fd));
+                        }
+                    });
+                }
+            })
+            .ok()
+            .map(|_| tx)
+    });
+    match closer {
+        Some(tx) => {
+            if let Err(mpsc::SendError(fd)) = tx.send(fd) {
+                drop(fd);
+            }
+        }
+        None => drop(fd),
+    }
 }
 
 /// Sends one ICMPv6 message from `src` to the link-scope multicast group
