@@ -486,7 +486,11 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
     let mut pauses = Vec::with_capacity(moves);
     let mut hand_offs = Vec::with_capacity(moves);
     let mut writer_pauses = Vec::with_capacity(moves);
-    let (mut here, mut there) = (&a, &b);
+    // The hand_off calls run on a thread kept in each host, as an
+    // application's own thread calls it: a thread started per call
+    // ([`Host::within`]) put its start and end into every move's pause.
+    let (in_a, in_b) = (a.worker()?, b.worker()?);
+    let (mut here, mut there) = (&in_a, &in_b);
     let (mut here_rx, mut there_rx) = (&to_a, &to_b);
     for i in 0..moves {
         tick(&format!("stream: move {} of {moves}", i + 1));
@@ -496,7 +500,7 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
         let (before, writes) = write_for(s, WINDOW)?;
         s = before;
         baseline.push(take_gap());
-        let to = if std::ptr::eq(there, &b) {
+        let to = if std::ptr::eq(there, &in_b) {
             "10.66.0.3:7070"
         } else {
             "10.66.0.2:7070"
@@ -504,7 +508,7 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
         let mut opts = MigrateOptions::new(to.parse()?, auth.clone());
         opts.switch = Switch::MoveAddress;
         let called = Instant::now();
-        let r = here.within(|| Ok(hand_off(vec![(s, vec![])], &opts)?))?;
+        let r = here.run(move || Ok(hand_off(vec![(s, vec![])], &opts)?))?;
         hand_offs.push(called.elapsed());
         match r.into_iter().next() {
             Some(HandOff::Moved) => {}
@@ -537,6 +541,7 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
         bail!("the stream lost bytes: sent {total}, received {got}");
     }
     drop(s);
+    drop((in_a, in_b));
     let (moved_gap_ms, unmoved_gap_ms) = (Samples::ms(&pauses), Samples::ms(&baseline));
     let p50_ratio = moved_gap_ms.median() / unmoved_gap_ms.median().max(0.001);
     let _ = batch_agent.kill();
