@@ -565,6 +565,7 @@ fn run_discards(shared: &Shared, s: &mut Session) {
     while s.m.poll_transmit().is_some() {}
     // A unix connection held for this batch closes empty.
     s.target_first = None;
+    s.ahead = None;
 }
 
 /// What a channel does after a batch.
@@ -644,6 +645,8 @@ fn batch_loop(
             drive(shared, &mut s, ch)?;
             if s.m.is_done() {
                 s.target_first = None;
+                // Its packet socket, if any, closes (off this path).
+                s.ahead = None;
                 return Ok(if s.m.channel_reusable() && !read_timed_out {
                     AfterBatch::Idle
                 } else {

@@ -4,18 +4,32 @@
 use crate::{sys, wire};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsFd, OwnedFd};
 
 /// An announcement of an address on an interface with the interface's
-/// details (index, Ethernet address) looked up, ready to [`send`]: an
-/// agent looks them up while it waits for COMMIT, so that the take-over
-/// itself only sends the frame.
+/// details (index, Ethernet address) looked up and, for IPv4, its packet
+/// socket open, ready to [`send`]: an agent prepares it while it waits for
+/// COMMIT, so that the take-over itself only sends the frame. (An IPv6
+/// announcement's socket is bound to the address, which must be assigned
+/// first: it is opened by [`send`].) Dropped, its packet socket is closed
+/// by the process's closer thread (the close waits for an RCU grace
+/// period).
 ///
 /// [`send`]: Announcement::send
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Announcement {
     ifindex: u32,
     mac: [u8; 6],
     ip: IpAddr,
+    link: Option<OwnedFd>,
+}
+
+impl Drop for Announcement {
+    fn drop(&mut self) {
+        if let Some(s) = self.link.take() {
+            sys::close_off_path(s);
+        }
+    }
 }
 
 impl Announcement {
@@ -26,6 +40,10 @@ impl Announcement {
             ifindex: sys::if_index(ifname)?,
             mac: sys::hw_addr(ifname)?,
             ip,
+            link: match ip {
+                IpAddr::V4(_) => Some(sys::link_socket()?),
+                IpAddr::V6(_) => None,
+            },
         })
     }
 
@@ -43,6 +61,10 @@ impl Announcement {
     pub fn send(&self) -> io::Result<()> {
         match self.ip {
             IpAddr::V4(v4) => sys::send_link_frame(
+                match &self.link {
+                    Some(s) => s.as_fd(),
+                    None => return Err(io::Error::other("no packet socket to send on")),
+                },
                 self.ifindex,
                 etherparse::EtherType::ARP.0,
                 wire::BROADCAST,
