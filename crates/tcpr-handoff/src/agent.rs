@@ -565,6 +565,7 @@ fn run_discards(shared: &Shared, s: &mut Session) {
     while s.m.poll_transmit().is_some() {}
     // A unix connection held for this batch closes empty.
     s.target_first = None;
+    s.ahead = None;
 }
 
 /// What a channel does after a batch.
@@ -606,6 +607,7 @@ fn batch(
         locks: Vec::new(),
         sender_elsewhere,
         quiet: Default::default(),
+        ahead: None,
     }));
     let r = batch_loop(shared, ch, &sess, id);
     if r.is_err() {
@@ -643,6 +645,8 @@ fn batch_loop(
             drive(shared, &mut s, ch)?;
             if s.m.is_done() {
                 s.target_first = None;
+                // Its packet socket, if any, closes (off this path).
+                s.ahead = None;
                 return Ok(if s.m.channel_reusable() && !read_timed_out {
                     AfterBatch::Idle
                 } else {
@@ -808,6 +812,7 @@ fn resume_and_deliver(
 
 /// Performs the machine's actions and sends its messages.
 fn drive(shared: &Shared, s: &mut Session, ch: &mut Channel) -> Result<(), WireError> {
+    let mut sent_ready = false;
     loop {
         let mut busy = false;
         while let Some(a) = s.m.poll_action() {
@@ -858,7 +863,10 @@ fn drive(shared: &Shared, s: &mut Session, ch: &mut Channel) -> Result<(), WireE
             wire::write_msg(ch, &wire::to_wire(&msg))?;
             ch.flush()?;
             match msg {
-                machine::Msg::Ready(_) => fault_point("ready"),
+                machine::Msg::Ready(_) => {
+                    fault_point("ready");
+                    sent_ready = true;
+                }
                 machine::Msg::Committed(_) => fault_point("committed"),
                 _ => {}
             }
@@ -866,6 +874,10 @@ fn drive(shared: &Shared, s: &mut Session, ch: &mut Channel) -> Result<(), WireE
         if !busy {
             break;
         }
+    }
+    if sent_ready {
+        // The sender reads READY and switches meanwhile.
+        takeover::look_ahead(shared, s);
     }
     ch.flush()?;
     Ok(())

@@ -126,6 +126,10 @@ struct Driver<'a> {
     /// Failures of thaw, discard or unswitch, for the report.
     trouble: BTreeMap<ConnId, String>,
     moved_address: Option<tcpr_host::addr::Assigned>,
+    /// The service address as found while the agent restored (see
+    /// [`Driver::find_address_ahead`]).
+    found_ahead: Option<tcpr_host::addr::Assigned>,
+    looked_ahead: bool,
     /// The flows a [`Switch::Hook`] switched, for its undoing.
     hooked: Vec<Flow>,
     locks: Vec<FlowLock>,
@@ -272,6 +276,8 @@ fn attempt(
         staged: BTreeMap::new(),
         trouble: BTreeMap::new(),
         moved_address: None,
+        found_ahead: None,
+        looked_ahead: false,
         hooked: vec![],
         locks: vec![],
         batch: batch_id(),
@@ -466,6 +472,7 @@ impl Driver<'_> {
                 m.handle_link_lost(Instant::now());
                 continue;
             }
+            self.find_address_ahead();
             let wait = m.poll_timeout().map(|d| {
                 d.saturating_duration_since(Instant::now())
                     .max(Duration::from_millis(1))

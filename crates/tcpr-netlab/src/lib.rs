@@ -54,6 +54,55 @@ pub struct Lab {
     hosts: Vec<String>,
 }
 
+/// What a [`Worker`] runs.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A thread inside a host ([`Host::worker`]).
+#[derive(Debug)]
+pub struct Worker {
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Runs `f` on the worker's thread and waits for its result.
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.start(f)?
+            .recv()
+            .map_err(|_| anyhow::anyhow!("thread inside the host panicked"))?
+    }
+
+    /// Starts `f` on the worker's thread; its result comes on the
+    /// receiver (for a caller that does something else meanwhile).
+    pub fn start<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<std::sync::mpsc::Receiver<T>> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let job: Job = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        self.jobs
+            .as_ref()
+            .context("the worker is stopped")?
+            .send(job)
+            .map_err(|_| anyhow::anyhow!("the thread inside the host is gone"))?;
+        Ok(rx)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// One host of a lab: a network namespace with `lo` and `eth0`.
 #[derive(Debug, Clone)]
 pub struct Host {
@@ -106,6 +155,36 @@ impl Host {
             })
             .join()
             .unwrap_or_else(|_| bail!("thread inside the host panicked"))
+        })
+    }
+    /// A thread kept inside this host that runs what [`Worker::run`] gives
+    /// it, for a caller that times what runs there: [`Host::within`]
+    /// starts a thread, enters the namespace and ends the thread per call,
+    /// about 0.15 ms of a 1.5 ms handoff on the 2-core VM. Drop it before
+    /// the lab: its thread holds the namespace.
+    pub fn worker(&self) -> Result<Worker> {
+        let path = self.path();
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("in-{}", self.netns))
+            .spawn(move || {
+                let entered = tcpr_host::enter_netns(&path).context("enter the host's namespace");
+                let ok = entered.is_ok();
+                let _ = ready_tx.send(entered);
+                if ok {
+                    for job in rx {
+                        job();
+                    }
+                }
+            })
+            .context("start a thread inside the host")?;
+        ready_rx
+            .recv()
+            .map_err(|_| anyhow::anyhow!("thread inside the host panicked"))??;
+        Ok(Worker {
+            jobs: Some(tx),
+            thread: Some(thread),
         })
     }
     /// Drops `per_mille` of the TCP packets this host receives, at random

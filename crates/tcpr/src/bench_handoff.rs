@@ -52,58 +52,6 @@ fn agent(host: &Host, listen: &str, auth: &Auth) -> Result<mpsc::Receiver<Delive
     Ok(rx)
 }
 
-/// Work for a [`Resident`] thread.
-type Job = Box<dyn FnOnce() + Send>;
-
-/// A thread living in one host's namespace, entered once, running what it
-/// is given in turn, as a process on that host would; it ends when
-/// dropped. (`Host::within` spawns and enters a thread per call: its start
-/// would be in every measured handoff.)
-struct Resident {
-    jobs: mpsc::Sender<Job>,
-}
-
-impl Resident {
-    fn start(host: &Host) -> Result<Resident> {
-        let (jobs, rx) = mpsc::channel::<Job>();
-        let path = host.path();
-        let (ready_tx, ready_rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            if let Err(e) = tcpr_host::enter_netns(&path) {
-                let _ = ready_tx.send(Err(anyhow::Error::from(e)));
-                return;
-            }
-            let _ = ready_tx.send(Ok(()));
-            for job in rx {
-                job();
-            }
-        });
-        ready_rx.recv()??;
-        Ok(Resident { jobs })
-    }
-
-    /// Starts `f` on the thread; the answer comes on the receiver.
-    fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<mpsc::Receiver<T>> {
-        let (tx, rx) = mpsc::channel();
-        self.jobs
-            .send(Box::new(move || {
-                let _ = tx.send(f());
-            }))
-            .map_err(|_| anyhow::anyhow!("the host's resident thread is gone"))?;
-        Ok(rx)
-    }
-
-    /// Runs `f` on the thread and waits for it.
-    fn call<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-        self.run(f)?
-            .recv()
-            .map_err(|_| anyhow::anyhow!("the host's resident thread panicked"))
-    }
-}
-
 fn move_address(from: &Host, to: &Host) -> Result<()> {
     from.del_addr(&format!("{SVC}/24"))?;
     to.add_addr(&format!("{SVC}/24"))?;
@@ -116,7 +64,7 @@ fn move_address(from: &Host, to: &Host) -> Result<()> {
 /// the handoff time and the sender's split of it.
 fn batch(
     lab_hosts: (&Host, &Host, &Host),
-    from: &Resident,
+    from: &tcpr_netlab::Worker,
     n: usize,
     auth: &Auth,
     delivered: &mpsc::Receiver<()>,
@@ -147,7 +95,7 @@ fn batch(
     let mut opts = MigrateOptions::new("10.66.0.3:7071".parse()?, auth.clone());
     opts.switch = Switch::MoveAddress;
     let t = Instant::now();
-    let report = from.call(move || tcpr_handoff::migrate(servers, &opts, &|_| {}))??;
+    let report = from.run(move || Ok(tcpr_handoff::migrate(servers, &opts, &|_| {})?))?;
     let took = t.elapsed();
     let timings = report.timings;
     let moved = report.moved.len();
@@ -447,8 +395,10 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
 
     // The processes that move the connections live in their hosts'
     // namespaces, as `tcpr migrate` or an application calling `hand_off`
-    // does.
-    let movers = (Resident::start(&a)?, Resident::start(&b)?);
+    // does (`Host::within` would start and enter a thread per call, inside
+    // every measured handoff). Dropped before the lab: they hold its
+    // namespaces.
+    let movers = (a.worker()?, b.worker()?);
     let (first, _) = batch((&c, &a, &b), &movers.0, 1, &batch_auth, &sink_rx)?;
     let mut batches = Vec::new();
     for &n in counts {
@@ -561,7 +511,7 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
         };
         let mut opts = MigrateOptions::new(to.parse()?, auth.clone());
         opts.switch = Switch::MoveAddress;
-        let moving = here.run(move || {
+        let moving = here.start(move || {
             let called = Instant::now();
             let r = hand_off(vec![(s, vec![])], &opts);
             (called.elapsed(), r)
@@ -621,6 +571,7 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
     let _ = batch_agent.kill();
     let _ = batch_agent.wait();
     let _ = std::fs::remove_dir_all(&dir);
+    drop(movers);
     drop(lab);
     Ok(HandoffFigures {
         first_ms: first.as_secs_f64() * 1e3,

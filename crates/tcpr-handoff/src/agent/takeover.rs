@@ -47,6 +47,51 @@ pub(super) struct Session {
     /// resumed while this agent's lock still holds their flows (see
     /// [`UnixBatches`]).
     pub(super) quiet: HashSet<ConnId>,
+    /// What taking the HELLO's address needs looked up (see
+    /// [`look_ahead`]), once tried.
+    pub(super) ahead: Option<Option<Ahead>>,
+}
+
+/// The interface towards the batch's peers and the announcement of the
+/// address to take there, looked up after READY while the sender switches
+/// its traffic, rather than after COMMIT within the connections' pause.
+pub(super) struct Ahead {
+    ifindex: u32,
+    ifname: String,
+    announcement: tcpr_host::Announcement,
+}
+
+/// Looks up, once per batch, what the take-over of the address HELLO
+/// named will need ([`Ahead`]): called after a READY went out, when the
+/// agent would otherwise only wait for COMMIT. A failed look-up is done
+/// again at COMMIT, as if never tried, and fails there if it still does.
+pub(super) fn look_ahead(shared: &Shared, s: &mut Session) {
+    if s.ahead.is_some() || s.restored.is_empty() {
+        return;
+    }
+    let Some(Ok(ip)) = s.take_ip.clone() else {
+        return;
+    };
+    if !shared.cfg.may_take(ip) {
+        return;
+    }
+    let ahead = peer_of(s).and_then(|peer| {
+        let (ifindex, ifname) = tcpr_host::addr::route_interface(peer).ok()?;
+        let announcement = tcpr_host::Announcement::prepare(&ifname, ip).ok()?;
+        Some(Ahead {
+            ifindex,
+            ifname,
+            announcement,
+        })
+    });
+    s.ahead = Some(ahead);
+}
+
+/// The address of the batch's peers whose route picks the interface.
+fn peer_of(s: &Session) -> Option<IpAddr> {
+    s.images
+        .values()
+        .find_map(|i| i.as_ref().ok().map(|i| i.peer.ip().to_canonical()))
 }
 
 /// True when `sender`, the address a sender's channel comes from, is not
@@ -174,6 +219,17 @@ pub(super) fn take_over(shared: &Shared, s: &mut Session, ids: &[ConnId]) -> Res
         Some(mv) => Some(address_to_take(shared, s, &mv)?),
         None => None,
     };
+    // Its announcement, when looked up ahead for this very address.
+    let announcement = s
+        .ahead
+        .as_ref()
+        .and_then(Option::as_ref)
+        .filter(|a| {
+            address
+                .as_ref()
+                .is_some_and(|held| held.ifindex == a.ifindex && held.ip == a.announcement.ip())
+        })
+        .map(|a| &a.announcement);
     match &shared.cfg.delivery {
         Delivery::Unix(_) | Delivery::Forward { .. } => {
             if !s.target_first.as_ref().is_some_and(Reached::alive) {
@@ -190,7 +246,7 @@ pub(super) fn take_over(shared: &Shared, s: &mut Session, ids: &[ConnId]) -> Res
             .map_err(|e| format!("cannot write the agent's journal: {e}"))?;
     }
     if let Some(held) = &address {
-        if let Err(e) = take_address(held) {
+        if let Err(e) = take_address(held, announcement) {
             if let Some(Err(je)) = s.log.as_mut().map(BatchLog::aborted) {
                 tracing::error!("the journal could not record the refused commit: {je}");
             }
@@ -250,14 +306,15 @@ pub(super) fn address_to_take(
             mv.dev
         ));
     }
-    // The interface that reaches the connections' peers.
-    let peer = s
-        .images
-        .values()
-        .find_map(|i| i.as_ref().ok().map(|i| i.peer))
-        .ok_or("no connection to find the interface from")?;
-    let (ifindex, ifname) =
-        tcpr_host::addr::route_interface(peer.ip().to_canonical()).map_err(|e| e.to_string())?;
+    // The interface that reaches the connections' peers, looked up after
+    // READY if that worked.
+    let (ifindex, ifname) = match s.ahead.as_ref().and_then(Option::as_ref) {
+        Some(a) => (a.ifindex, a.ifname.clone()),
+        None => {
+            let peer = peer_of(s).ok_or("no connection to find the interface from")?;
+            tcpr_host::addr::route_interface(peer).map_err(|e| e.to_string())?
+        }
+    };
     Ok(tcpr_host::addr::Assigned {
         ip,
         prefix_len,
@@ -266,9 +323,12 @@ pub(super) fn address_to_take(
     })
 }
 
-/// Adds the service address here and announces it (host evacuation); on
-/// failure nothing of it stays.
-pub(super) fn take_address(held: &tcpr_host::addr::Assigned) -> Result<(), String> {
+/// Adds the service address here and announces it (host evacuation), with
+/// `announcement` if it was prepared; on failure nothing of it stays.
+pub(super) fn take_address(
+    held: &tcpr_host::addr::Assigned,
+    announcement: Option<&tcpr_host::Announcement>,
+) -> Result<(), String> {
     tcpr_host::addr::add(held).map_err(|e| {
         format!(
             "cannot take the service address {} on {}: {e}",
@@ -276,7 +336,11 @@ pub(super) fn take_address(held: &tcpr_host::addr::Assigned) -> Result<(), Strin
             held.ifname
         )
     })?;
-    if let Err(e) = tcpr_host::announce(&held.ifname, held.ip) {
+    let announced = match announcement {
+        Some(a) => a.send(),
+        None => tcpr_host::announce(&held.ifname, held.ip),
+    };
+    if let Err(e) = announced {
         if let Err(re) = tcpr_host::addr::remove(held) {
             tracing::error!(
                 "cannot give back {} after a failed announce: {re}",

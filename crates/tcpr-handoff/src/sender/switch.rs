@@ -125,11 +125,13 @@ impl Driver<'_> {
                 else {
                     return Ok(None);
                 };
-                let held =
-                    tcpr_host::addr::find(ip).map_err(|source| SwitchError::FindAddress {
+                let held = match self.found_ahead.take() {
+                    Some(held) if held.ip == ip => held,
+                    _ => tcpr_host::addr::find(ip).map_err(|source| SwitchError::FindAddress {
                         ip,
                         source: Box::new(source),
-                    })?;
+                    })?,
+                };
                 tcpr_host::addr::remove(&held).map_err(|source| SwitchError::Address {
                     what: "remove",
                     cidr: held.cidr(),
@@ -144,6 +146,20 @@ impl Driver<'_> {
                 Ok(Some(moved))
             }
         }
+    }
+
+    /// Finds the service address an address move will remove, once per
+    /// batch, while the sender first waits for the agent (its frames sent,
+    /// the agent restoring) rather than after the last READY, within the
+    /// connections' pause. Not found here, it is looked for again at the
+    /// switch, which fails there if it still is not.
+    pub(super) fn find_address_ahead(&mut self) {
+        if self.looked_ahead || !matches!(self.opts.switch, Switch::MoveAddress) {
+            return;
+        }
+        self.looked_ahead = true;
+        let ip = self.conns.values().next().map(|c| c.flow.wire().local.ip());
+        self.found_ahead = ip.and_then(|ip| tcpr_host::addr::find(ip).ok());
     }
 
     fn wire_flows(&self, ids: &[ConnId]) -> Vec<Flow> {

@@ -135,20 +135,23 @@ pub(crate) fn hw_addr(ifname: &str) -> io::Result<[u8; 6]> {
     Ok(std::array::from_fn(|i| hw.sa_data[i] as u8))
 }
 
-/// Sends one link-layer frame (with its Ethernet header) out of interface
-/// `ifindex` on a packet socket of `ethertype`.
+/// A packet socket to send link-layer frames on ([`send_link_frame`]), in
+/// the calling thread's network namespace. Of protocol 0, it receives
+/// nothing (packet(7)); each frame names its ethertype. Its close waits
+/// for an RCU grace period: hand it to [`close_off_path`].
+pub(crate) fn link_socket() -> io::Result<std::os::fd::OwnedFd> {
+    socket(libc::AF_PACKET, libc::SOCK_RAW, 0).map_err(named("socket(AF_PACKET)"))
+}
+
+/// Sends one link-layer frame (with its Ethernet header) of `ethertype`
+/// out of interface `ifindex` on `s`, a [`link_socket`].
 pub(crate) fn send_link_frame(
+    s: BorrowedFd<'_>,
     ifindex: u32,
     ethertype: u16,
     dst_mac: [u8; 6],
     frame: &[u8],
 ) -> io::Result<()> {
-    let s = socket(
-        libc::AF_PACKET,
-        libc::SOCK_RAW,
-        i32::from(ethertype.to_be()),
-    )
-    .map_err(named("socket(AF_PACKET)"))?;
     // SAFETY: plain data, all-zero is valid.
     let mut ll: libc::sockaddr_ll = unsafe { zeroed() };
     ll.sll_family = libc::AF_PACKET as u16;
@@ -167,11 +170,52 @@ pub(crate) fn send_link_frame(
         size_of::<libc::sockaddr_ll>() as libc::socklen_t
     ))
     .map_err(named("sendto(AF_PACKET)"))?;
-    // Closing a packet socket waits for an RCU grace period
-    // (synchronize_net in packet_release), about 10 ms: the frame is already
-    // sent, so close it off the caller's path.
-    std::thread::spawn(move || drop(s));
     Ok(())
+}
+
+/// Closes `fd` on the process's closer thread, started at the first call,
+/// for a socket whose close waits: a packet socket's for an RCU grace
+/// period (synchronize_net in packet_release), about 10 ms. A thread
+/// spawned per close cost the caller (an agent taking over an address,
+/// within the moved connections' pause) a clone and a stack of its own. Sockets queued behind one whose close is waiting are closed
+/// together, each on a scoped thread, so that their grace periods overlap
+/// as they did with a thread each. Where no thread can be started, the
+/// caller closes it (and waits).
+pub(crate) fn close_off_path(fd: std::os::fd::OwnedFd) {
+    use std::sync::mpsc;
+    static CLOSER: std::sync::OnceLock<Option<mpsc::Sender<std::os::fd::OwnedFd>>> =
+        std::sync::OnceLock::new();
+    let closer = CLOSER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<std::os::fd::OwnedFd>();
+        std::thread::Builder::new()
+            .name("tcpr-closer".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let more: Vec<_> = rx.try_iter().collect();
+                    if more.is_empty() {
+                        drop(first);
+                        continue;
+                    }
+                    std::thread::scope(|s| {
+                        for fd in std::iter::once(first).chain(more) {
+                            // Where no thread starts, the failed spawn drops
+                            // its closure: the closer closes it itself.
+                            let _ = std::thread::Builder::new().spawn_scoped(s, move || drop(fd));
+                        }
+                    });
+                }
+            })
+            .ok()
+            .map(|_| tx)
+    });
+    match closer {
+        Some(tx) => {
+            if let Err(mpsc::SendError(fd)) = tx.send(fd) {
+                drop(fd);
+            }
+        }
+        None => drop(fd),
+    }
 }
 
 /// Sends one ICMPv6 message from `src` to the link-scope multicast group
