@@ -852,7 +852,7 @@ fn hand_off_batch(shared: &Arc<Shared>, agent: SocketAddr, batch: Vec<Job>) {
                 drop(busy);
             }
             HandOff::Stayed(stream, why) => {
-                tracing::info!("handoff to {agent} rolled back: {why}");
+                tracing::warn!("handoff to {agent} rolled back: {why}");
                 if why.contains("cannot reach the agent") || why.contains("did not answer") {
                     shared.health.set(Target::Agent(agent), false);
                 }

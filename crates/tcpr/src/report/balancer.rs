@@ -176,8 +176,11 @@ fn rate_note(
     let t_cpu = t.front.cpu_ms_per_request.median();
     let front_cores = t_cpu * t_rps / 1e3;
     let limit = if front_cores < FRONT_BOUND_SHARE * cores as f64 {
-        "The front's CPU is not the limit: each of wrk's connections waits for its \
-         handoff's round trips between the hosts and the processes"
+        "The front's CPU is not the limit: the machine's two cores are, shared by the \
+         front, the agents, the servers and wrk, which together spend more CPU per request \
+         than HAProxy's run does (the backend's restore, delivery and, with --forward, \
+         relay come on top of what a proxy does; docs/profiles/balance-new-connections.md \
+         has the profile, process by process)"
     } else {
         "The front's own CPU is most of what limits it"
     };
