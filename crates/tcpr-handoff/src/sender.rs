@@ -126,10 +126,9 @@ struct Driver<'a> {
     /// Failures of thaw, discard or unswitch, for the report.
     trouble: BTreeMap<ConnId, String>,
     moved_address: Option<tcpr_host::addr::Assigned>,
-    /// The service address as found while the agent restored (see
-    /// [`Driver::find_address_ahead`]).
-    found_ahead: Option<tcpr_host::addr::Assigned>,
-    looked_ahead: bool,
+    /// The service address as found while the agent restored, once looked
+    /// for (see [`Driver::find_address_ahead`]); taken by the switch.
+    found_ahead: Option<Option<tcpr_host::addr::Assigned>>,
     /// The flows a [`Switch::Hook`] switched, for its undoing.
     hooked: Vec<Flow>,
     locks: Vec<FlowLock>,
@@ -277,7 +276,6 @@ fn attempt(
         trouble: BTreeMap::new(),
         moved_address: None,
         found_ahead: None,
-        looked_ahead: false,
         hooked: vec![],
         locks: vec![],
         batch: batch_id(),

@@ -166,9 +166,8 @@ pub enum Op {
     Destroy,
 }
 
-/// One nf_tables transaction under construction. Cloned to send it again
-/// ([`retry_busy`]).
-#[derive(Clone, Debug)]
+/// One nf_tables transaction under construction.
+#[derive(Debug)]
 pub struct Batch {
     buf: Vec<u8>,
     seq: u32,
@@ -349,6 +348,20 @@ impl Batch {
         self.control(NFNL_MSG_BATCH_END);
         (self.buf, self.acks)
     }
+
+    /// The finished transaction, to be sent as often as needed
+    /// ([`retry_busy`]) without building or copying it again.
+    pub fn seal(self) -> Sealed {
+        let (msg, acks) = self.finish();
+        Sealed { msg, acks }
+    }
+}
+
+/// A finished transaction ([`Batch::seal`]).
+#[derive(Debug)]
+pub struct Sealed {
+    msg: Vec<u8>,
+    acks: usize,
 }
 
 fn nul(s: &str) -> Vec<u8> {
@@ -410,11 +423,15 @@ impl Socket {
     /// removed (nf_tables sends a transaction's notifications at its
     /// commit, before the acknowledgements).
     pub fn commit_counting(&self, batch: Batch) -> Result<usize, NlError> {
-        let (msg, acks) = batch.finish();
-        if acks == 0 {
+        self.commit_sealed(&batch.seal())
+    }
+
+    /// [`Socket::commit_counting`] of a sealed transaction.
+    pub fn commit_sealed(&self, batch: &Sealed) -> Result<usize, NlError> {
+        if batch.acks == 0 {
             return Ok(0);
         }
-        let answers = self.exchange(&msg, acks)?;
+        let answers = self.exchange(&batch.msg, batch.acks)?;
         // NEWGEN comes too, for a transaction that changed anything.
         let removal = NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_DELSETELEM;
         Ok(answers.iter().filter(|(ty, _)| *ty == removal).count())
@@ -632,7 +649,8 @@ pub fn commit(ns: Option<BorrowedFd<'_>>, batch: Batch) -> Result<(), NlError> {
     if batch.is_empty() {
         return Ok(());
     }
-    retry_busy(|| Socket::open(ns)?.commit(batch.clone()))
+    let batch = batch.seal();
+    retry_busy(|| Socket::open(ns)?.commit_sealed(&batch).map(drop))
 }
 
 /// Whether the table `table` of `family` exists in the namespace `ns` (the

@@ -419,12 +419,13 @@ impl NftSteering {
     /// is sent again on a new socket ([`nfnl::retry_busy`]).
     fn commit(&self, batch: Batch) -> Result<(), SteerError> {
         let mut nl = lock(&self.nl);
+        let batch = batch.seal();
         nfnl::retry_busy(|| {
             let socket = match nl.take() {
                 Some(s) => s,
                 None => nfnl::Socket::open(Some(self.netns.as_fd()))?,
             };
-            socket.commit(batch.clone())?;
+            socket.commit_sealed(&batch)?;
             *nl = Some(socket);
             Ok(())
         })

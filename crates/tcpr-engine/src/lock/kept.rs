@@ -96,7 +96,8 @@ pub(super) fn commit(ns: &Netns, batch: Batch) -> Result<(), NlError> {
     let (removes, echoes) = (batch.removes(), batch.echoes_removals());
     // A failed attempt's socket is closed (`with`), so each try starts
     // on a socket with no answers of another queued.
-    let echoed = nfnl::retry_busy(|| with(ns, |socket| socket.commit_counting(batch.clone())));
+    let batch = batch.seal();
+    let echoed = nfnl::retry_busy(|| with(ns, |socket| socket.commit_sealed(&batch)));
     if removes && (!echoes || !matches!(echoed, Ok(0))) {
         REMOVED.store(true, Ordering::Relaxed);
     }

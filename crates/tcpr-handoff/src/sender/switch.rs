@@ -125,7 +125,7 @@ impl Driver<'_> {
                 else {
                     return Ok(None);
                 };
-                let held = match self.found_ahead.take() {
+                let held = match self.found_ahead.as_mut().and_then(Option::take) {
                     Some(held) if held.ip == ip => held,
                     _ => tcpr_host::addr::find(ip).map_err(|source| SwitchError::FindAddress {
                         ip,
@@ -154,12 +154,11 @@ impl Driver<'_> {
     /// connections' pause. Not found here, it is looked for again at the
     /// switch, which fails there if it still is not.
     pub(super) fn find_address_ahead(&mut self) {
-        if self.looked_ahead || !matches!(self.opts.switch, Switch::MoveAddress) {
+        if self.found_ahead.is_some() || !matches!(self.opts.switch, Switch::MoveAddress) {
             return;
         }
-        self.looked_ahead = true;
         let ip = self.conns.values().next().map(|c| c.flow.wire().local.ip());
-        self.found_ahead = ip.and_then(|ip| tcpr_host::addr::find(ip).ok());
+        self.found_ahead = Some(ip.and_then(|ip| tcpr_host::addr::find(ip).ok()));
     }
 
     fn wire_flows(&self, ids: &[ConnId]) -> Vec<Flow> {
