@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tcpr_engine::{freeze, restore, FreezeOptions};
 use tcpr_image::ConnectionImage;
-use tcpr_netlab::{Host, Lab};
+use tcpr_netlab::{Lab, Worker};
 
 const C2S: u64 = 0xc11e;
 const S2C: u64 = 0x5e7e;
@@ -22,6 +22,8 @@ const SERVICE_PORT: u16 = 8080;
 const STATE_BYTES: usize = 2 * std::mem::size_of::<u64>();
 /// The paced writer's chunk.
 const WRITE_CHUNK_BYTES: usize = 16 * 1024;
+/// How often the demo's writers wake to write what fell due.
+const WRITE_TICK: Duration = Duration::from_millis(1);
 /// The verifying reader's buffer.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// How long the reader waits before looking again at an idle socket.
@@ -56,33 +58,28 @@ impl ServerState {
     }
 }
 
-/// Sends `rate` bytes/s of stream `seed` from offset `*off`, until `stop`.
+/// Sends stream `seed` on `schedule` from offset `*off`, until `stop`.
 fn paced_write(
     sock: &mut TcpStream,
     seed: u64,
     off: &AtomicU64,
-    rate: u64,
+    schedule: &stream::Schedule,
     stop: &AtomicBool,
 ) -> Result<()> {
-    let start = Instant::now();
-    let base = off.load(Ordering::SeqCst);
     let mut buf = vec![0u8; WRITE_CHUNK_BYTES];
     while !stop.load(Ordering::SeqCst) {
-        let due = base + (start.elapsed().as_secs_f64() * rate as f64) as u64;
         let cur = off.load(Ordering::SeqCst);
-        if cur >= due {
-            std::thread::sleep(Duration::from_millis(1));
+        let Some(owed) = schedule.owed(cur) else {
+            schedule.wait();
             continue;
-        }
-        let n = ((due - cur) as usize).min(buf.len());
+        };
+        let n = (owed as usize).min(buf.len());
         stream::fill(seed, cur, &mut buf[..n]);
         match sock.write(&buf[..n]) {
             Ok(w) => {
                 off.fetch_add(w as u64, Ordering::SeqCst);
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(1))
-            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => schedule.wait(),
             Err(e) => return Err(e.into()),
         }
     }
@@ -116,8 +113,9 @@ fn verified_read(
                 }
                 last = now;
             }
+            // Parked, not asleep: `Server::stop` wakes it at once.
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                std::thread::sleep(READ_IDLE_WAIT)
+                std::thread::park_timeout(READ_IDLE_WAIT)
             }
             Err(e) => return Err(e.into()),
         }
@@ -134,7 +132,10 @@ struct Server {
 }
 
 impl Server {
-    fn start(sock: TcpStream, st: ServerState, rate: u64) -> Result<Server> {
+    /// Starts the application on `sock`; its writer keeps to `schedule`,
+    /// which runs from the stream's start, so what fell due while it was
+    /// stopped is written at once.
+    fn start(sock: TcpStream, st: ServerState, schedule: Arc<stream::Schedule>) -> Result<Server> {
         sock.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let received = Arc::new(AtomicU64::new(st.received));
@@ -144,7 +145,7 @@ impl Server {
         let (s1, s2, rc, sc) = (stop.clone(), stop.clone(), received.clone(), sent.clone());
         let threads = vec![
             std::thread::spawn(move || verified_read(&mut r, C2S, &rc, &s1, None)),
-            std::thread::spawn(move || paced_write(&mut w, S2C, &sc, rate, &s2)),
+            std::thread::spawn(move || paced_write(&mut w, S2C, &sc, &schedule, &s2)),
         ];
         Ok(Server {
             stop,
@@ -157,6 +158,11 @@ impl Server {
     /// Stops the application and hands back its socket and state.
     fn stop(self) -> Result<(TcpStream, ServerState)> {
         self.stop.store(true, Ordering::SeqCst);
+        // Both wait parked (`Schedule::wait`, the reader's idle wait):
+        // woken, they see the stop now rather than after their tick.
+        for t in &self.threads {
+            t.thread().unpark();
+        }
         for t in self.threads {
             t.join()
                 .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
@@ -173,8 +179,16 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// One migration of the server's connection from `from` to `to`.
-fn migrate(server: Server, from: &Host, to: &Host, rate: u64) -> Result<(Server, Duration, usize)> {
+/// One migration of the server's connection from `from` to `to` (each a
+/// thread kept in that host's namespace, as the process that moves the
+/// connection lives in its host: `Host::within` would start a thread per
+/// call inside the measured pause).
+fn migrate(
+    server: Server,
+    from: &Worker,
+    to: &Worker,
+    schedule: &Arc<stream::Schedule>,
+) -> Result<(Server, Duration, usize)> {
     let (sock, st) = server.stop()?;
     let t0 = Instant::now();
     let frozen = freeze(sock.into(), &FreezeOptions::default())?;
@@ -183,16 +197,17 @@ fn migrate(server: Server, from: &Host, to: &Host, rate: u64) -> Result<(Server,
     // Through the wire format, as it would travel between hosts.
     let bytes = img.encode()?;
     let img = ConnectionImage::decode(&bytes)?;
-    let restored = to.within(|| Ok(restore(&img)?))?;
+    let st = ServerState::decode(&img.app_blob)?;
+    let restored = to.run(move || Ok(restore(&img)?))?;
     // Restored before the address arrives; then the address moves (over
     // rtnetlink, as `tcpr migrate --move-address` does it).
     let ip: IpAddr = SERVICE.parse()?;
-    let held = from.within(|| {
+    let held = from.run(move || {
         let held = tcpr_host::addr::find(ip)?;
         tcpr_host::addr::remove(&held)?;
         Ok(held)
     })?;
-    to.within(|| {
+    to.run(move || {
         let ifindex = tcpr_host::addr::interface_index(&held.ifname)?;
         tcpr_host::addr::add(&tcpr_host::addr::Assigned {
             ifindex,
@@ -203,8 +218,7 @@ fn migrate(server: Server, from: &Host, to: &Host, rate: u64) -> Result<(Server,
     let stream = restored.resume()?;
     let pause = t0.elapsed();
     // The application carries on first; clean-up comes after.
-    let st = ServerState::decode(&img.app_blob)?;
-    let server = Server::start(stream, st, rate)?;
+    let server = Server::start(stream, st, schedule.clone())?;
     // The address has left `from`: a late packet there is no longer local
     // and cannot draw a RST, so the lock can go.
     if let Some(lock) = frozen.discard()? {
@@ -262,9 +276,12 @@ pub fn run(migrations: u32, interval: Duration, rate: u64) -> Result<()> {
     );
     let client_reader =
         std::thread::spawn(move || verified_read(&mut cr, S2C, &crc, &s1, Some(&g)));
-    let client_writer = std::thread::spawn(move || paced_write(&mut cw, C2S, &cs, rate, &s2));
+    let client_schedule = stream::Schedule::new(rate, 0, WRITE_TICK);
+    let client_writer =
+        std::thread::spawn(move || paced_write(&mut cw, C2S, &cs, &client_schedule, &s2));
 
-    let mut server = Server::start(ssock, ServerState::default(), rate)?;
+    let schedule = Arc::new(stream::Schedule::new(rate, 0, WRITE_TICK));
+    let mut server = Server::start(ssock, ServerState::default(), schedule.clone())?;
     std::thread::sleep(interval);
     let baseline = std::mem::take(&mut *gap.lock().unwrap_or_else(|e| e.into_inner()));
     println!(
@@ -276,14 +293,16 @@ pub fn run(migrations: u32, interval: Duration, rate: u64) -> Result<()> {
         "#", "move", "freeze->resume", "client-visible gap", "image"
     );
 
-    let (mut from, mut to) = (&a, &b);
+    // Dropped before the lab: they hold its namespaces.
+    let workers = (a.worker()?, b.worker()?);
+    let (mut from, mut to) = (&workers.0, &workers.1);
     let (mut from_name, mut to_name) = ("host-a", "host-b");
     let mut pauses = vec![];
     let mut gaps = vec![];
     for i in 1..=migrations {
         *gap.lock().unwrap_or_else(|e| e.into_inner()) = Duration::ZERO;
         let (s, pause, size) =
-            migrate(server, from, to, rate).with_context(|| format!("migration {i}"))?;
+            migrate(server, from, to, &schedule).with_context(|| format!("migration {i}"))?;
         server = s;
         std::thread::sleep(interval);
         let g = std::mem::take(&mut *gap.lock().unwrap_or_else(|e| e.into_inner()));
@@ -347,6 +366,7 @@ pub fn run(migrations: u32, interval: Duration, rate: u64) -> Result<()> {
     println!(
         "verified every byte: {total_c2s} client->server, {got_s2c} server->client, 0 lost, 0 duplicated, 0 corrupted"
     );
+    drop(workers);
     drop(lab);
     println!("network namespaces removed");
     Ok(())
