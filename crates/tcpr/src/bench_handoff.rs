@@ -311,6 +311,129 @@ pub fn run(counts: &[usize], moves: usize) -> Result<()> {
 
 /// Runs the benchmark; `tick` is called once per step (see
 /// [`HandoffPlan::steps`]).
+/// The moved stream's writer, shared by the two hosts' threads.
+struct StreamWriter {
+    sent: AtomicU64,
+    schedule: stream::Schedule,
+    /// The longest gap at the client since it was last taken.
+    gap: Arc<Mutex<Duration>>,
+    auth: Auth,
+    moves: usize,
+}
+
+/// One host's turn with the stream.
+#[derive(Default)]
+struct Turn {
+    /// After a delivery: the moved window's longest gap, and the first
+    /// write on the new host.
+    moved: Option<(Duration, Option<Instant>)>,
+    /// Before a move: the unmoved window and the move.
+    handed: Option<Handed>,
+    /// The last turn keeps the connection.
+    kept: Option<TcpStream>,
+}
+
+struct Handed {
+    /// The unmoved window's longest gap.
+    gap: Duration,
+    /// The last write before `hand_off` was called.
+    last_write: Instant,
+    /// The `hand_off` call.
+    call: Duration,
+}
+
+/// The stream's warm-up before its first measured window.
+const WARM_UP: Duration = Duration::from_millis(300);
+
+impl StreamWriter {
+    fn take_gap(&self) -> Duration {
+        std::mem::take(&mut *self.gap.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Turn `i`: takes the connection (`first`, or its delivery by this
+    /// host's agent), writes the moved window (after a delivery), then,
+    /// unless it is the last turn, the next move's unmoved window, and
+    /// hands the connection to the agent at `to`.
+    fn turn(
+        &self,
+        i: usize,
+        first: Option<TcpStream>,
+        deliveries: &Mutex<mpsc::Receiver<Delivered>>,
+        to: SocketAddr,
+    ) -> Result<Turn> {
+        let mut turn = Turn::default();
+        let s = match first {
+            Some(s) => {
+                let (s, _) = self.write_for(s, WARM_UP)?;
+                self.take_gap();
+                s
+            }
+            None => {
+                let d = deliveries
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .recv_timeout(Duration::from_secs(10))
+                    .with_context(|| format!("move {i}: nothing delivered within 10 s"))?;
+                let (s, writes) = self.write_for(d.stream, WINDOW)?;
+                turn.moved = Some((self.take_gap(), writes.first));
+                s
+            }
+        };
+        if i == self.moves {
+            turn.kept = Some(s);
+            return Ok(turn);
+        }
+        let (s, writes) = self.write_for(s, WINDOW)?;
+        let gap = self.take_gap();
+        let mut opts = MigrateOptions::new(to, self.auth.clone());
+        opts.switch = Switch::MoveAddress;
+        let called = Instant::now();
+        let r = hand_off(vec![(s, vec![])], &opts);
+        let call = called.elapsed();
+        match r.map_err(|e| e.error)?.into_iter().next() {
+            Some(HandOff::Moved) => {}
+            other => bail!("move {} did not happen: {other:?}", i + 1),
+        }
+        turn.handed = Some(Handed {
+            gap,
+            last_write: writes.last,
+            call,
+        });
+        Ok(turn)
+    }
+
+    /// Writes the stream on its schedule for `dur`, and on until it is
+    /// caught up: the window ends right after a write, where an
+    /// application that hands its connection off between two writes calls
+    /// `hand_off` (the tick it would have slept is its own, not the
+    /// move's).
+    fn write_for(&self, mut s: TcpStream, dur: Duration) -> Result<(TcpStream, Writes)> {
+        let start = Instant::now();
+        let mut buf = vec![0u8; 16384];
+        let mut writes = Writes {
+            first: None,
+            last: start,
+        };
+        loop {
+            let cur = self.sent.load(Ordering::SeqCst);
+            let Some(owed) = self.schedule.owed(cur) else {
+                if start.elapsed() >= dur {
+                    break;
+                }
+                self.schedule.wait();
+                continue;
+            };
+            let n = (owed as usize).min(buf.len());
+            stream::fill(0xbe, cur, &mut buf[..n]);
+            s.write_all(&buf[..n])?;
+            self.sent.fetch_add(n as u64, Ordering::SeqCst);
+            writes.last = Instant::now();
+            writes.first.get_or_insert(writes.last);
+        }
+        Ok((s, writes))
+    }
+}
+
 pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures> {
     let counts = &plan.counts[..];
     let moves = plan.moves;
@@ -462,105 +585,63 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
             Ok(())
         })
     };
-    // The writer: the "application", paused around each move. Its bytes
-    // fall due on one schedule from the stream's start, so what fell due
-    // during a move is written as soon as the connection is back (a
-    // schedule restarted per window slept a pacing step first, adding it
-    // to every moved window's gap).
-    let sent = Arc::new(AtomicU64::new(0));
-    let schedule = stream::Schedule::new(rate, 0, WRITE_TICK);
-    let write_for = |mut s: TcpStream, dur: Duration| -> Result<(TcpStream, Writes)> {
-        let start = Instant::now();
-        let mut buf = vec![0u8; 16384];
-        let mut writes = Writes {
-            first: None,
-            last: start,
-        };
-        loop {
-            let cur = sent.load(Ordering::SeqCst);
-            let Some(owed) = schedule.owed(cur) else {
-                // The window ends right after a write, where an
-                // application that hands its connection off between two
-                // writes calls `hand_off`: the tick it would have slept
-                // is its own, not the move's.
-                if start.elapsed() >= dur {
-                    break;
-                }
-                schedule.wait();
-                continue;
-            };
-            let n = (owed as usize).min(buf.len());
-            stream::fill(0xbe, cur, &mut buf[..n]);
-            s.write_all(&buf[..n])?;
-            sent.fetch_add(n as u64, Ordering::SeqCst);
-            writes.last = Instant::now();
-            writes.first.get_or_insert(writes.last);
-        }
-        Ok((s, writes))
+    // The writer, the "application", runs on the thread kept in the host
+    // that has the connection, writes there, and calls `hand_off` from
+    // that same thread right after a write, as an application does; the
+    // other host's thread waits meanwhile for its agent's delivery and
+    // writes as soon as it has the connection. One turn per host in turn:
+    // the moved window after a delivery, then the next move's unmoved
+    // window, then the move.
+    let writer = Arc::new(StreamWriter {
+        sent: AtomicU64::new(0),
+        schedule: stream::Schedule::new(rate, 0, WRITE_TICK),
+        gap: gap.clone(),
+        auth: auth.clone(),
+        moves,
+    });
+    let to_a = Arc::new(Mutex::new(to_a));
+    let to_b = Arc::new(Mutex::new(to_b));
+    let turns = [
+        (&movers.0, to_a, "10.66.0.3:7070".parse::<SocketAddr>()?),
+        (&movers.1, to_b, "10.66.0.2:7070".parse::<SocketAddr>()?),
+    ];
+    let start_turn = |i: usize, first: Option<TcpStream>| {
+        let (host, deliveries, to) = &turns[i % 2];
+        let (w, deliveries, to) = (writer.clone(), deliveries.clone(), *to);
+        host.start(move || w.turn(i, first, &deliveries, to))
     };
-    let take_gap = || std::mem::take(&mut *gap.lock().unwrap_or_else(|e| e.into_inner()));
-    let (mut s, _) = write_for(server, Duration::from_millis(300))?;
+    let mut queued = std::collections::VecDeque::from([start_turn(0, Some(server))?]);
     let mut baseline = Vec::with_capacity(moves);
     let mut pauses = Vec::with_capacity(moves);
     let mut hand_offs = Vec::with_capacity(moves);
     let mut writer_pauses = Vec::with_capacity(moves);
-    let (mut here, mut there) = (&movers.0, &movers.1);
-    let (mut here_rx, mut there_rx) = (&to_a, &to_b);
-    for i in 0..moves {
-        tick(&format!("stream: move {} of {moves}", i + 1));
-        // The baseline: the same stream in a window of the same length as
-        // a move's, with no move, just before it (the same minute's noise).
-        take_gap();
-        let (before, writes) = write_for(s, WINDOW)?;
-        s = before;
-        baseline.push(take_gap());
-        let to = if std::ptr::eq(there, &movers.1) {
-            "10.66.0.3:7070"
-        } else {
-            "10.66.0.2:7070"
-        };
-        let mut opts = MigrateOptions::new(to.parse()?, auth.clone());
-        opts.switch = Switch::MoveAddress;
-        let moving = here.start(move || {
-            let called = Instant::now();
-            let r = hand_off(vec![(s, vec![])], &opts);
-            (called.elapsed(), r)
-        })?;
-        // The application on the new host writes as soon as its agent
-        // delivers the connection: it does not wait for the old host's
-        // call to return (the COMMITTED on its way back, the release of
-        // the old host's locks).
-        let d = loop {
-            match there_rx.recv_timeout(Duration::from_millis(10)) {
-                Ok(d) => break d,
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(e) => bail!("move {i}: the agent is gone: {e}"),
-            }
-            if let Ok((_, r)) = moving.try_recv() {
-                let r = r.map_err(|e| e.error);
-                bail!("move {i} did not happen: {r:?}");
-            }
-            if writes.last.elapsed() > Duration::from_secs(10) {
-                bail!("move {i}: nothing delivered within 10 s");
-            }
-        };
-        let (after, writes_after) = write_for(d.stream, WINDOW)?;
-        let (took, r) = moving
-            .recv_timeout(Duration::from_secs(10))
-            .context("the hand_off call did not return")?;
-        match r?.into_iter().next() {
-            Some(HandOff::Moved) => {}
-            other => bail!("move {i} was delivered, and yet: {other:?}"),
+    let mut last_before = None;
+    let mut kept = None;
+    for i in 0..=moves {
+        if i < moves {
+            tick(&format!("stream: move {} of {moves}", i + 1));
+            // Waiting for the delivery before turn i moves the stream.
+            queued.push_back(start_turn(i + 1, None)?);
         }
-        hand_offs.push(took);
-        s = after;
-        pauses.push(take_gap());
-        if let Some(first) = writes_after.first {
-            writer_pauses.push(first - writes.last);
+        let turn = queued
+            .pop_front()
+            .context("a queued turn")?
+            .recv()
+            .map_err(|_| anyhow::anyhow!("turn {i}: the host's thread is gone"))??;
+        if let Some((gap, first)) = turn.moved {
+            pauses.push(gap);
+            if let (Some(first), Some(last)) = (first, last_before) {
+                writer_pauses.push(first - last);
+            }
         }
-        std::mem::swap(&mut here, &mut there);
-        std::mem::swap(&mut here_rx, &mut there_rx);
+        if let Some(h) = turn.handed {
+            baseline.push(h.gap);
+            hand_offs.push(h.call);
+            last_before = Some(h.last_write);
+        }
+        kept = turn.kept.or(kept);
     }
+    let sent = &writer.sent;
     // Let the reader catch up, then check every byte arrived.
     let deadline = Instant::now() + Duration::from_secs(10);
     while received.load(Ordering::SeqCst) < sent.load(Ordering::SeqCst) && Instant::now() < deadline
@@ -575,7 +656,7 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
     if got != total {
         bail!("the stream lost bytes: sent {total}, received {got}");
     }
-    drop(s);
+    drop(kept);
     let (moved_gap_ms, unmoved_gap_ms) = (Samples::ms(&pauses), Samples::ms(&baseline));
     let p50_ratio = moved_gap_ms.median() / unmoved_gap_ms.median().max(0.001);
     let _ = batch_agent.kill();
