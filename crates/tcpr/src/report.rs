@@ -547,14 +547,16 @@ fn markdown(
     let _ = writeln!(
         w,
         "One connection streaming {} MiB/s to the client, moved {} times between two hosts \
-         (in-process agents). A thread living in the old host's namespace makes the `hand_off` \
-         call, as a process there would; the writer on the new host starts when its agent \
-         delivers the connection, not when the old host's call returns. The longest gap \
-         between bytes at the client is taken per {} ms window of writing: a window with a \
-         move, and, just before it, a window of the same stream with no move. {} bytes \
-         verified in order.\n",
+         (in-process agents). The application writes what fell due every {} ms (on one \
+         schedule from the stream's start), on a thread kept in the host that has the \
+         connection, and calls `hand_off` from that thread right after a write, as a process \
+         there would; the other host's thread writes as soon as its agent delivers the \
+         connection, not when the old host's call returns. The longest gap between bytes at \
+         the client is taken per {} ms window of writing: a window with a move, and, just \
+         before it, a window of the same stream with no move. {} bytes verified in order.\n",
         s.rate_bytes_per_s >> 20,
         s.moved_gap_ms.len(),
+        bench_handoff::WRITE_TICK.as_secs_f64() * 1e3,
         bench_handoff::WINDOW.as_millis(),
         s.verified_bytes
     );
