@@ -222,18 +222,7 @@ fn attempt(
     let opened = match channel::open(opts, ping_always) {
         Ok(opened) => opened,
         Err(e) => {
-            let why = e.to_string();
-            report.rolled_back = conns
-                .into_iter()
-                .zip(flows)
-                .enumerate()
-                .map(|(index, (c, flow))| RolledBack {
-                    index,
-                    flow,
-                    why: why.clone(),
-                    sock: Some(c.sock),
-                })
-                .collect();
+            report.rolled_back = untouched(conns, flows, &e.to_string());
             return Ok(Attempt::Done(report));
         }
     };
@@ -257,17 +246,7 @@ fn attempt(
             return Ok(Attempt::DeadChannel(conns));
         }
         let why = format!("cannot reach the agent over its channel: {e}");
-        report.rolled_back = conns
-            .into_iter()
-            .zip(flows)
-            .enumerate()
-            .map(|(index, (c, flow))| RolledBack {
-                index,
-                flow,
-                why: why.clone(),
-                sock: Some(c.sock),
-            })
-            .collect();
+        report.rolled_back = untouched(conns, flows, &why);
         return Ok(Attempt::Done(report));
     }
     let channel_up = Instant::now();
@@ -422,6 +401,22 @@ fn attempt(
     }
     report.rolled_back.sort_by_key(|r| r.index);
     Ok(Attempt::Done(report))
+}
+
+/// Every connection of a batch that ended before any freeze, as handed
+/// in, rolled back for `why`.
+fn untouched(conns: Vec<Outgoing>, flows: Vec<Flow>, why: &str) -> Vec<RolledBack> {
+    conns
+        .into_iter()
+        .zip(flows)
+        .enumerate()
+        .map(|(index, (c, flow))| RolledBack {
+            index,
+            flow,
+            why: why.to_string(),
+            sock: Some(c.sock),
+        })
+        .collect()
 }
 
 /// Sends the batch's HELLO: the message the machine
