@@ -109,7 +109,8 @@ const TLS_WRITE_BUFFER: usize = 64 << 10;
 struct Conn {
     /// The caller's socket, kept beside the frozen duplicate when the open
     /// file limit allows (see [`freeze_with_spares`]); else, once thawed,
-    /// the duplicate.
+    /// the duplicate. For a connection whose freeze failed, the caller's
+    /// socket as handed in (never frozen).
     sock: Option<OwnedFd>,
     flow: Flow,
     blob: Vec<u8>,
@@ -245,7 +246,10 @@ fn attempt(
         if unverified {
             return Ok(Attempt::DeadChannel(conns));
         }
-        let why = format!("cannot reach the agent over its channel: {e}");
+        let why = format!(
+            "cannot reach the agent at {} over its channel: {e}",
+            opts.to
+        );
         report.rolled_back = untouched(conns, flows, &why);
         return Ok(Attempt::Done(report));
     }
@@ -319,6 +323,18 @@ fn attempt(
     let frozen_at = Instant::now();
     report.timings.freeze = frozen_at - channel_up;
     tracing::debug!(us = started.elapsed().as_micros(), "frozen");
+    if !d.unfrozen.is_empty()
+        && matches!(opts.switch, Switch::MoveAddress | Switch::Commands { .. })
+    {
+        // The switch moves the traffic of every connection of the batch
+        // (their one address, or whatever the commands do): one that
+        // stays here, not frozen, would lose its packets to the agent's
+        // host. The agent heard HELLO only: the closed channel ends it.
+        channel::close(ch);
+        report.rolled_back = d.roll_back_unswitchable();
+        report.timings.release = Duration::ZERO;
+        return Ok(Attempt::Done(report));
+    }
     let (fates, clean, dead_channel) = d.run(ch, progress);
     if dead_channel {
         channel::forget(&channel_key);
@@ -558,6 +574,39 @@ impl Driver<'_> {
         (m.fates().clone(), clean, dead_channel)
     }
 
+    /// Thaws every frozen connection of a batch that cannot switch (some
+    /// of its connections could not be frozen, and the switch would move
+    /// theirs too) and gives all back, rolled back, in their order.
+    fn roll_back_unswitchable(&mut self) -> Vec<RolledBack> {
+        let why_all = format!(
+            "not moved: {} connection(s) of the batch could not be frozen, and the traffic \
+             switch moves every connection's traffic",
+            self.unfrozen.len()
+        );
+        let mut out = Vec::with_capacity(self.conns.len());
+        for (id, c) in std::mem::take(&mut self.conns) {
+            let mut sock = c.sock;
+            let why = match self.unfrozen.remove(&id) {
+                Some(why) => why,
+                None => match self.frozen.remove(&id).map(Frozen::thaw) {
+                    Some(Ok(fd)) => {
+                        sock.get_or_insert(fd);
+                        why_all.clone()
+                    }
+                    Some(Err(e)) => format!("{why_all}; thaw failed: {e}"),
+                    None => why_all.clone(),
+                },
+            };
+            out.push(RolledBack {
+                index: c.index,
+                flow: c.flow,
+                why,
+                sock,
+            });
+        }
+        out
+    }
+
     /// The connections again, in their order, for another run of the
     /// batch: only when every one of them was rolled back, thawed without
     /// trouble and has its socket (else `None`, and the report says what
@@ -600,7 +649,14 @@ impl Driver<'_> {
             }
             // Sent before the freeze (`say_hello`), for the same batch
             // and count.
-            Msg::Hello { .. } => return Ok(()),
+            Msg::Hello { batch, total } => {
+                debug_assert_eq!(
+                    (batch, total as usize),
+                    (self.batch, self.progress.total),
+                    "the machine's HELLO is the one sent before the freeze"
+                );
+                return Ok(());
+            }
             other => wire::write_msg(c, &wire::to_wire(&other))?,
         }
         c.flush()?;

@@ -309,8 +309,6 @@ pub fn run(counts: &[usize], moves: usize) -> Result<()> {
     Ok(())
 }
 
-/// Runs the benchmark; `tick` is called once per step (see
-/// [`HandoffPlan::steps`]).
 /// The moved stream's writer, shared by the two hosts' threads.
 struct StreamWriter {
     sent: AtomicU64,
@@ -319,18 +317,26 @@ struct StreamWriter {
     gap: Arc<Mutex<Duration>>,
     auth: Auth,
     moves: usize,
+    /// Set when a turn failed: the one waiting for a delivery gives up.
+    abandoned: AtomicBool,
 }
 
 /// One host's turn with the stream.
 #[derive(Default)]
 struct Turn {
-    /// After a delivery: the moved window's longest gap, and the first
-    /// write on the new host.
-    moved: Option<(Duration, Option<Instant>)>,
+    /// After a delivery: the moved window.
+    moved: Option<MovedWindow>,
     /// Before a move: the unmoved window and the move.
     handed: Option<Handed>,
     /// The last turn keeps the connection.
     kept: Option<TcpStream>,
+}
+
+struct MovedWindow {
+    /// Its longest gap.
+    gap: Duration,
+    /// The first write on the new host.
+    first_write: Option<Instant>,
 }
 
 struct Handed {
@@ -346,6 +352,30 @@ struct Handed {
 const WARM_UP: Duration = Duration::from_millis(300);
 
 impl StreamWriter {
+    /// Waits for move `i`'s delivery by this host's agent, for at most
+    /// 10 s, or until the bench gave up on the stream.
+    fn delivery(
+        &self,
+        i: usize,
+        deliveries: &Mutex<mpsc::Receiver<Delivered>>,
+    ) -> Result<Delivered> {
+        let deliveries = deliveries.lock().unwrap_or_else(|e| e.into_inner());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match deliveries.recv_timeout(Duration::from_millis(10)) {
+                Ok(d) => return Ok(d),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(e) => bail!("move {i}: the agent is gone: {e}"),
+            }
+            if self.abandoned.load(Ordering::SeqCst) {
+                bail!("move {i}: abandoned (an earlier turn failed)");
+            }
+            if Instant::now() >= deadline {
+                bail!("move {i}: nothing delivered within 10 s");
+            }
+        }
+    }
+
     fn take_gap(&self) -> Duration {
         std::mem::take(&mut *self.gap.lock().unwrap_or_else(|e| e.into_inner()))
     }
@@ -369,13 +399,12 @@ impl StreamWriter {
                 s
             }
             None => {
-                let d = deliveries
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .recv_timeout(Duration::from_secs(10))
-                    .with_context(|| format!("move {i}: nothing delivered within 10 s"))?;
+                let d = self.delivery(i, deliveries)?;
                 let (s, writes) = self.write_for(d.stream, WINDOW)?;
-                turn.moved = Some((self.take_gap(), writes.first));
+                turn.moved = Some(MovedWindow {
+                    gap: self.take_gap(),
+                    first_write: writes.first,
+                });
                 s
             }
         };
@@ -408,6 +437,9 @@ impl StreamWriter {
     /// `hand_off` (the tick it would have slept is its own, not the
     /// move's).
     fn write_for(&self, mut s: TcpStream, dur: Duration) -> Result<(TcpStream, Writes)> {
+        // A reader that stopped (a corrupted byte) fails the writer too,
+        // rather than leave it blocked on a full socket.
+        s.set_write_timeout(Some(Duration::from_secs(10)))?;
         let start = Instant::now();
         let mut buf = vec![0u8; 16384];
         let mut writes = Writes {
@@ -434,6 +466,8 @@ impl StreamWriter {
     }
 }
 
+/// Runs the benchmark; `tick` is called once per step (see
+/// [`HandoffPlan::steps`]).
 pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures> {
     let counts = &plan.counts[..];
     let moves = plan.moves;
@@ -598,6 +632,7 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
         gap: gap.clone(),
         auth: auth.clone(),
         moves,
+        abandoned: AtomicBool::new(false),
     });
     let to_a = Arc::new(Mutex::new(to_a));
     let to_b = Arc::new(Mutex::new(to_b));
@@ -627,10 +662,18 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
             .pop_front()
             .context("a queued turn")?
             .recv()
-            .map_err(|_| anyhow::anyhow!("turn {i}: the host's thread is gone"))??;
-        if let Some((gap, first)) = turn.moved {
-            pauses.push(gap);
-            if let (Some(first), Some(last)) = (first, last_before) {
+            .map_err(|_| anyhow::anyhow!("turn {i}: the host's thread is gone"))
+            .and_then(|r| r);
+        let turn = match turn {
+            Ok(t) => t,
+            Err(e) => {
+                writer.abandoned.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
+        };
+        if let Some(m) = turn.moved {
+            pauses.push(m.gap);
+            if let (Some(first), Some(last)) = (m.first_write, last_before) {
                 writer_pauses.push(first - last);
             }
         }

@@ -550,7 +550,8 @@ fn markdown(
          (in-process agents). The application writes what fell due every {} ms (on one \
          schedule from the stream's start), on a thread kept in the host that has the \
          connection, and calls `hand_off` from that thread right after a write, as a process \
-         there would; the other host's thread writes as soon as its agent delivers the \
+         there would (the moment most favourable to the gap: one that calls it at any moment \
+         adds up to a tick); the other host's thread writes as soon as its agent delivers the \
          connection, not when the old host's call returns. The longest gap between bytes at \
          the client is taken per {} ms window of writing: a window with a move, and, just \
          before it, a window of the same stream with no move. {} bytes verified in order.\n",

@@ -490,8 +490,9 @@ fn concurrent_handoffs_each_get_a_channel() {
 /// The channel kept from a batch dies without a word less than a second
 /// after the batch (here b answers its next packet with a RST, as a host
 /// that rebooted would), so the next batch takes it without a PING: its
-/// HELLO and PREPARE draw the RST, the batch is rolled back before the
-/// agent answered anything and runs again on a new, checked channel.
+/// HELLO (written before the freeze) or its PREPARE draws the RST, and
+/// the batch, rolled back before the agent answered anything (or refused
+/// before any freeze), runs again on a new, checked channel.
 /// Every connection moves exactly once and the report says it ran twice.
 /// (A channel that goes silent instead costs the batch: it is rolled back
 /// when the agent's answer times out, as ARCHITECTURE.md says.)

@@ -68,7 +68,8 @@ pub struct Unknown {
 pub struct Timings {
     /// Checking the batch (one look at each socket), then the TCP connect
     /// and TLS handshake with the agent, or the check of a channel kept
-    /// from an earlier batch (a PING answered), before any freeze.
+    /// from an earlier batch (a PING answered), and the batch's HELLO
+    /// written, before any freeze.
     pub connect: Duration,
     /// Duplicating and freezing the batch, its flows locked.
     pub freeze: Duration,
