@@ -75,7 +75,7 @@ struct PipePool {
 
 /// Pipes kept at most (each is a few fds and a small ring; its pages are
 /// freed when it empties).
-const POOL_MAX: usize = 64;
+const POOL_MAX: usize = 128;
 
 impl PipePool {
     fn take(&mut self) -> io::Result<Sized> {
@@ -145,7 +145,10 @@ impl Direction {
     }
 
     /// Moves what can be moved now without blocking (up to [`ROUNDS`]).
-    fn step(&mut self, socks: &[TcpStream; 2]) -> Result<Stepped, Failure> {
+    /// `last`: the other direction is done, so the pair closes once this
+    /// one is, and that close ends `to`'s stream (a FIN, its receive queue
+    /// being empty): no shutdown call of its own.
+    fn step(&mut self, socks: &[TcpStream; 2], last: bool) -> Result<Stepped, Failure> {
         let fail = |side: usize| move |error: io::Error| Failure { side, error };
         let capacity = self.pipe.capacity;
         for _ in 0..ROUNDS {
@@ -184,9 +187,11 @@ impl Direction {
                 }
             }
             if self.eof && self.in_pipe == 0 && !self.shut {
-                socks[self.to]
-                    .shutdown(Shutdown::Write)
-                    .map_err(fail(self.to))?;
+                if !last {
+                    socks[self.to]
+                        .shutdown(Shutdown::Write)
+                        .map_err(fail(self.to))?;
+                }
                 self.shut = true;
             }
             if !moved || self.shut {
@@ -271,7 +276,8 @@ impl Pair {
     fn step(&mut self) -> Result<Stepped, RelayError> {
         let mut stepped = Stepped::Blocked;
         for d in 0..2 {
-            match self.dirs[d].step(&self.socks) {
+            let last = self.dirs[1 - d].done();
+            match self.dirs[d].step(&self.socks, last) {
                 Ok(Stepped::Budget) => stepped = Stepped::Budget,
                 Ok(Stepped::Blocked) => {}
                 Err(f) => return Err(self.abort(f)),
@@ -381,6 +387,9 @@ struct Shared<T> {
     /// Pairs added and not yet seen by the loop: the loop looks here when
     /// an event names an id it does not know.
     inbox: Mutex<Vec<(usize, Pair, T)>>,
+    /// Pairs the loop took whose registration then failed half-way: the
+    /// loop resets them (told by its waker).
+    withdrawn: Mutex<Vec<usize>>,
     /// Set by [`Relays::finish`]: the loop ends once it has no relay.
     stop: AtomicBool,
     waker: mio::Waker,
@@ -424,6 +433,7 @@ impl<T: Send + 'static> Relays<T> {
             let shared = Arc::new(Shared {
                 registry: poll.registry().try_clone()?,
                 inbox: Mutex::new(Vec::new()),
+                withdrawn: Mutex::new(Vec::new()),
                 stop: AtomicBool::new(false),
                 waker: mio::Waker::new(poll.registry(), WAKE)?,
             });
@@ -457,10 +467,9 @@ impl<T: Send + 'static> Relays<T> {
         self.ids = (self.ids + 1) % WAKE.0;
         let shared = &self.loops[self.next];
         self.next = (self.next + 1) % self.loops.len();
-        // Registered with the inbox held: the loop, woken by the first
-        // event, waits for the pair to be in the inbox, and a registration
-        // that fails takes the pair back before the loop can see it.
-        let mut inbox = lock(&shared.inbox);
+        // In the inbox before its sockets are registered: their first
+        // event finds it there.
+        lock(&shared.inbox).push((id, pair, tag));
         // Edge-triggered, both ways, for the pair's life: no change of
         // interest per step.
         let registered = raw.iter().try_for_each(|fd| {
@@ -471,13 +480,25 @@ impl<T: Send + 'static> Relays<T> {
             )
         });
         let Err(error) = registered else {
-            inbox.push((id, pair, tag));
             return Ok(());
         };
-        drop(inbox);
+        // No more events of the pair from here; the fds are still the
+        // pair's (only this thread opens fds in between).
         for fd in &raw {
             let _ = shared.registry.deregister(&mut mio::unix::SourceFd(fd));
         }
+        let mut inbox = lock(&shared.inbox);
+        let Some(at) = inbox.iter().position(|(i, _, _)| *i == id) else {
+            // The loop took it on the first socket's event, and may have
+            // moved bytes already: it cannot be given back. The loop resets
+            // both sides (told through `withdrawn`).
+            drop(inbox);
+            lock(&shared.withdrawn).push(id);
+            let _ = shared.waker.wake();
+            return Ok(());
+        };
+        let (_, pair, tag) = inbox.swap_remove(at);
+        drop(inbox);
         let Pair { socks, dirs } = pair;
         let mut pipes = lock(&self.pipes);
         let [up, down] = dirs;
@@ -554,22 +575,22 @@ fn serve<T>(
         ready.append(&mut again);
         for ev in events.iter() {
             if ev.token() == WAKE {
+                take_inbox(shared, &mut pairs);
+                for id in lock(&shared.withdrawn).drain(..) {
+                    if let Some(entry) = pairs.remove(&id) {
+                        let error = io::Error::other("cannot watch the connection (epoll_ctl)");
+                        let failed = entry.pair.abort(Failure { side: 1, error });
+                        let _ = splice::reset_on_close(entry.pair.socks[1].as_fd());
+                        done.push((entry.tag, Err(failed), entry.pair));
+                    }
+                }
                 continue;
             }
             let id = ev.token().0;
             if !pairs.contains_key(&id) {
-                for (id, pair, tag) in lock(&shared.inbox).drain(..) {
-                    pairs.insert(
-                        id,
-                        Entry {
-                            pair,
-                            tag,
-                            stepped: 0,
-                        },
-                    );
-                }
-                // An event of a pair gone: its socket's registration
-                // lives on while another process holds the socket.
+                take_inbox(shared, &mut pairs);
+                // An event of a pair gone: its socket's registration lives
+                // on while another process holds the socket.
                 if !pairs.contains_key(&id) {
                     continue;
                 }
@@ -609,20 +630,23 @@ fn serve<T>(
         }
         if !done.is_empty() {
             let mut told = Vec::with_capacity(done.len());
+            let mut closing = Vec::with_capacity(done.len());
             {
                 let mut pool = lock(pipes);
                 for (tag, outcome, pair) in done.drain(..) {
-                    // Its sockets close (their registrations go with them,
-                    // ours being the last references); its empty pipes are
-                    // kept.
+                    // Its empty pipes are kept.
                     let Pair { socks, dirs } = pair;
-                    drop(socks);
                     for dir in dirs {
                         pool.give(dir);
                     }
+                    closing.push(socks);
                     told.push((tag, outcome));
                 }
             }
+            // The sockets close out of the pool's lock (a close can send a
+            // FIN, the peer's receive run on this CPU); their registrations
+            // go with them, ours being the last references.
+            drop(closing);
             for (tag, outcome) in told {
                 ended(tag, outcome);
             }
@@ -631,6 +655,20 @@ fn serve<T>(
         {
             return;
         }
+    }
+}
+
+/// Moves the pairs of the inbox into `pairs`.
+fn take_inbox<T>(shared: &Shared<T>, pairs: &mut std::collections::HashMap<usize, Entry<T>>) {
+    for (id, pair, tag) in lock(&shared.inbox).drain(..) {
+        pairs.insert(
+            id,
+            Entry {
+                pair,
+                tag,
+                stepped: 0,
+            },
+        );
     }
 }
 
@@ -818,11 +856,12 @@ mod tests {
         }
         // The ended relays' pipes are kept (up to the pool's bound), and a
         // relay added now takes two of them.
-        assert_eq!(lock(&relays.pipes).idle.len(), POOL_MAX);
+        let kept = (2 * PAIRS).min(POOL_MAX);
+        assert_eq!(lock(&relays.pipes).idle.len(), kept);
         let (client, client_side) = pair();
         let (server_side, mut server) = pair();
         assert!(relays.add(client_side, server_side, PAIRS).is_ok());
-        assert_eq!(lock(&relays.pipes).idle.len(), POOL_MAX - 2);
+        assert_eq!(lock(&relays.pipes).idle.len(), kept - 2);
         (&client).write_all(b"ping").unwrap();
         client.shutdown(Shutdown::Write).unwrap();
         let mut got = Vec::new();
