@@ -429,20 +429,32 @@ impl<T: Send + 'static> Relays<T> {
             pipes: pipes.clone(),
         };
         for _ in 0..threads.max(1) {
-            let poll = mio::Poll::new()?;
-            let shared = Arc::new(Shared {
-                registry: poll.registry().try_clone()?,
-                inbox: Mutex::new(Vec::new()),
-                withdrawn: Mutex::new(Vec::new()),
-                stop: AtomicBool::new(false),
-                waker: mio::Waker::new(poll.registry(), WAKE)?,
-            });
-            let (for_loop, ended, pipes) = (shared.clone(), ended.clone(), pipes.clone());
-            let thread = std::thread::Builder::new()
-                .name(name.to_string())
-                .spawn(move || serve(poll, &for_loop, &*ended, &pipes))?;
-            relays.loops.push(shared);
-            relays.threads.push(thread);
+            let started = (|| {
+                let poll = mio::Poll::new()?;
+                let shared = Arc::new(Shared {
+                    registry: poll.registry().try_clone()?,
+                    inbox: Mutex::new(Vec::new()),
+                    withdrawn: Mutex::new(Vec::new()),
+                    stop: AtomicBool::new(false),
+                    waker: mio::Waker::new(poll.registry(), WAKE)?,
+                });
+                let (for_loop, ended, pipes) = (shared.clone(), ended.clone(), pipes.clone());
+                let thread = std::thread::Builder::new()
+                    .name(name.to_string())
+                    .spawn(move || serve(poll, &for_loop, &*ended, &pipes))?;
+                io::Result::Ok((shared, thread))
+            })();
+            match started {
+                Ok((shared, thread)) => {
+                    relays.loops.push(shared);
+                    relays.threads.push(thread);
+                }
+                Err(e) => {
+                    // The loops started end at once: they have no relay.
+                    relays.finish();
+                    return Err(e);
+                }
+            }
         }
         Ok(relays)
     }
