@@ -371,15 +371,13 @@ impl Reached {
         match self {
             Reached::Unix(to) => unix_alive(to),
             Reached::Forward(to) => {
+                // One call (MSG_DONTWAIT), not three around a blocking
+                // socket's peek.
                 let mut one = [0u8; 1];
-                if to.set_nonblocking(true).is_err() {
-                    return false;
-                }
-                let open = match to.peek(&mut one) {
+                match tcpr_host::sock::peek_now(to.as_fd(), &mut one) {
                     Ok(n) => n > 0,
                     Err(e) => e.kind() == io::ErrorKind::WouldBlock,
-                };
-                open && to.set_nonblocking(false).is_ok()
+                }
             }
         }
     }
@@ -392,13 +390,38 @@ pub const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connects to the server of `--forward`: proves that it accepts before
 /// any connection is resumed for it.
 pub fn connect_forward(server: SocketAddr) -> Result<TcpStream, String> {
-    let s = TcpStream::connect_timeout(&server, FORWARD_CONNECT_TIMEOUT).map_err(|e| {
+    let refused = |e: io::Error| {
         format!("the server {server} does not accept connections: {e} (start it first)")
-    })?;
+    };
+    let s = connect_within(server, FORWARD_CONNECT_TIMEOUT).map_err(refused)?;
     // The relay writes what it reads at once: no Nagle delay on the way.
     s.set_nodelay(true)
         .map_err(|e| format!("the server {server}: {e}"))?;
     Ok(s)
+}
+
+/// A blocking connect bounded by `SO_SNDTIMEO`: three calls (socket,
+/// setsockopt, connect) where `TcpStream::connect_timeout` makes six
+/// (O_NONBLOCK on and off, a poll, SO_ERROR), once a connection. The
+/// timeout stays on the socket: a write to the server that blocks that
+/// long (the PROXY header) fails rather than holding the handoff.
+fn connect_within(server: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    use tcpr_host::sock;
+    let domain = match server {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    };
+    let fd = sock::socket(domain, libc::SOCK_STREAM, 0)?;
+    sock::set_send_timeout(fd.as_fd(), timeout)?;
+    match sock::connect(fd.as_fd(), server) {
+        Ok(()) => Ok(TcpStream::from(fd)),
+        // SO_SNDTIMEO ran out.
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {timeout:?}"),
+        )),
+        Err(e) => Err(e),
+    }
 }
 
 /// Writes the PROXY header (if any) for the connection from `peer` to

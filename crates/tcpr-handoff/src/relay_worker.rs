@@ -172,10 +172,6 @@ impl RelayWorker {
     }
 }
 
-/// How long a relay thread with no connection waits for the next one
-/// before it ends.
-const RELAY_THREAD_KEEP: Duration = Duration::from_secs(10);
-
 /// Lets the worker go: our end closes (it exits once its relays end) and
 /// a thread reaps it.
 fn retire(state: &mut State) {
@@ -188,11 +184,23 @@ fn retire(state: &mut State) {
 }
 
 /// The worker's main: takes pairs from `from` (the agent's end is the
-/// other one) until end of stream, relays each on a thread (a kept one,
-/// [`tcpr_host::workers`]: a new thread's start and end cost more than a
-/// small request's relay), then waits for every relay to end.
+/// other one) until end of stream, and relays them on a few event loops
+/// ([`tcpr_host::relay::Relays`], one per CPU: one wake-up serves the
+/// events of every relay that has some, where a thread per relay woke per
+/// event), then waits for every relay to end. This thread only takes
+/// pairs and answers, so the agent, which waits for each answer, waits
+/// for no relay's work.
 pub fn serve(mut from: UnixStream) -> io::Result<()> {
-    let relays = tcpr_host::workers::Workers::new("tcpr-relay", RELAY_THREAD_KEEP);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut relays = match tcpr_host::relay::Relays::new(threads, "tcpr-relay", ended) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(
+                "relay worker: cannot start its relay threads ({e}); the agent keeps its pairs"
+            );
+            None
+        }
+    };
     loop {
         let mut byte = [0u8; 1];
         let (n, fds) = match tcpr_host::recv_with_fds(from.as_fd(), &mut byte) {
@@ -207,34 +215,33 @@ pub fn serve(mut from: UnixStream) -> io::Result<()> {
             break;
         }
         let mut fds = fds.into_iter();
-        let (Some(client), Some(server), None) = (fds.next(), fds.next(), fds.next()) else {
-            // Not a pair: the agent keeps whatever it sent.
+        let (Some(client), Some(server), None, Some(relays)) =
+            (fds.next(), fds.next(), fds.next(), relays.as_mut())
+        else {
+            // Not a pair, or nothing to relay it on: the agent keeps
+            // whatever it sent.
             answer(&mut from, REFUSED);
             continue;
         };
         let (client, server) = (TcpStream::from(client), TcpStream::from(server));
         let peer = client.peer_addr().ok();
-        // The pair waits here until the thread takes it: a failed spawn
-        // drops its closure, and our copies closing must not matter (the
-        // agent still holds its own until our answer).
-        let pair = std::sync::Arc::new(Mutex::new(Some((client, server))));
-        let for_thread = pair.clone();
-        let spawned = relays.spawn(move || {
-            let taken = for_thread.lock().ok().and_then(|mut p| p.take());
-            if let Some((client, server)) = taken {
-                relay(client, server, peer);
-            }
-        });
-        match spawned {
+        match relays.add(client, server, peer) {
             Ok(()) => answer(&mut from, TAKEN),
-            Err(e) => {
-                tracing::warn!("relay worker: no thread for a relay ({e}); the agent keeps it");
-                drop(pair.lock().ok().and_then(|mut p| p.take()));
+            Err(not) => {
+                // Our copies close here; the agent still holds its own
+                // until our answer.
+                tracing::warn!(
+                    "relay worker: cannot relay a pair ({}); the agent keeps it",
+                    not.error
+                );
+                drop(not);
                 answer(&mut from, REFUSED);
             }
         }
     }
-    relays.wait_idle();
+    if let Some(relays) = relays {
+        relays.finish();
+    }
     Ok(())
 }
 
@@ -246,8 +253,11 @@ fn answer(to: &mut UnixStream, byte: u8) {
     }
 }
 
-fn relay(client: TcpStream, server: TcpStream, peer: Option<SocketAddr>) {
-    match tcpr_host::relay::relay(client, server) {
+fn ended(
+    peer: Option<SocketAddr>,
+    outcome: Result<tcpr_host::relay::Relayed, tcpr_host::relay::RelayError>,
+) {
+    match outcome {
         Ok(r) => tracing::debug!(
             ?peer,
             to_server = r.first_to_second,
@@ -270,14 +280,12 @@ mod tests {
         (outside, l.accept().unwrap().0)
     }
 
-    /// A pair handed over, acknowledged, and the agent's end and copies
-    /// closed: the worker relays both ways to the end, then returns.
-    #[test]
-    fn a_pair_relays_on_after_its_agent_is_gone() {
-        let (mut client, client_in) = connection();
-        let (server_out, mut server) = connection();
-        let (agent, worker) = UnixStream::pair().unwrap();
-        let serving = std::thread::spawn(move || serve(worker));
+    /// Hands a new pair to the worker as the agent does, checks that it
+    /// was taken and closes the agent's copies; returns the client's and
+    /// the server's ends.
+    fn hand_pair(agent: &UnixStream) -> (TcpStream, TcpStream) {
+        let (client, client_in) = connection();
+        let (server_out, server) = connection();
         tcpr_host::send_with_fds(
             agent.as_fd(),
             PAIR,
@@ -285,9 +293,19 @@ mod tests {
         )
         .unwrap();
         let mut answer = [0u8; 1];
-        (&agent).read_exact(&mut answer).unwrap();
+        (&*agent).read_exact(&mut answer).unwrap();
         assert_eq!(answer[0], TAKEN);
-        drop((agent, client_in, server_out));
+        (client, server)
+    }
+
+    /// A pair handed over, acknowledged, and the agent's end and copies
+    /// closed: the worker relays both ways to the end, then returns.
+    #[test]
+    fn a_pair_relays_on_after_its_agent_is_gone() {
+        let (agent, worker) = UnixStream::pair().unwrap();
+        let serving = std::thread::spawn(move || serve(worker));
+        let (mut client, mut server) = hand_pair(&agent);
+        drop(agent);
 
         client.write_all(b"request").unwrap();
         client.shutdown(std::net::Shutdown::Write).unwrap();
@@ -299,6 +317,54 @@ mod tests {
         let mut response = Vec::new();
         client.read_to_end(&mut response).unwrap();
         assert_eq!(response, b"response");
+        serving.join().unwrap().unwrap();
+    }
+
+    /// Many pairs handed over one after another, then all driven at once
+    /// with their agent gone: each gets its own bytes back and forth (the
+    /// server answers after the client's end of stream and closes), and
+    /// the worker returns once every relay ended.
+    #[test]
+    fn many_pairs_relay_at_once_after_their_agent_is_gone() {
+        const PAIRS: usize = 24;
+        let (agent, worker) = UnixStream::pair().unwrap();
+        let serving = std::thread::spawn(move || serve(worker));
+        let mut ends = Vec::new();
+        for _ in 0..PAIRS {
+            ends.push(hand_pair(&agent));
+        }
+        drop(agent);
+        let bytes = |n: usize, seed: u8| -> Vec<u8> {
+            (0..(n * 4099) % (200 << 10) + 1)
+                .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
+                .collect()
+        };
+        let threads: Vec<_> = ends
+            .into_iter()
+            .enumerate()
+            .map(|(n, (mut client, mut server))| {
+                let (up, down) = (bytes(n, 1), bytes(n + PAIRS, 2));
+                let up2 = up.clone();
+                let down2 = down.clone();
+                let serving = std::thread::spawn(move || {
+                    let mut got = Vec::new();
+                    server.read_to_end(&mut got).unwrap();
+                    assert_eq!(got, up2, "pair {n}: the request");
+                    server.write_all(&down2).unwrap();
+                });
+                std::thread::spawn(move || {
+                    client.write_all(&up).unwrap();
+                    client.shutdown(std::net::Shutdown::Write).unwrap();
+                    let mut got = Vec::new();
+                    client.read_to_end(&mut got).unwrap();
+                    assert_eq!(got, down, "pair {n}: the response");
+                    serving.join().unwrap();
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
         serving.join().unwrap().unwrap();
     }
 

@@ -232,7 +232,7 @@ fn queue_seq(fd: BorrowedFd<'_>, queue: i32) -> io::Result<u32> {
     set_tcp(fd, libc::TCP_REPAIR_QUEUE, queue, "TCP_REPAIR_QUEUE")?;
     let seq = get_tcp(fd, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ")? as u32;
     let mut one = [0u8; 1];
-    match sys::peek(fd, &mut one) {
+    match sys::sock::peek_now(fd, &mut one) {
         Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
         Err(e) => return Err(step("recv(MSG_PEEK)")(e)),

@@ -74,18 +74,6 @@ pub(crate) fn ioctl_int(fd: BorrowedFd<'_>, req: libc::c_ulong) -> io::Result<i3
     Ok(v)
 }
 
-/// `recv(buf, MSG_PEEK | MSG_DONTWAIT)`.
-pub(crate) fn peek(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is writable for its length.
-    syscall!(recv(
-        fd.as_raw_fd(),
-        buf.as_mut_ptr().cast(),
-        buf.len(),
-        libc::MSG_PEEK | libc::MSG_DONTWAIT
-    ))
-    .map(|n| n as usize)
-}
-
 /// The index of interface `name`.
 pub(crate) fn if_index(name: &str) -> io::Result<u32> {
     let cname = CString::new(name)

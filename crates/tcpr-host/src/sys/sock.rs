@@ -213,6 +213,16 @@ pub fn netlink_socket(proto: i32) -> io::Result<OwnedFd> {
 
 /// Sets `SO_RCVTIMEO`.
 pub fn set_recv_timeout(fd: BorrowedFd<'_>, t: Duration) -> io::Result<()> {
+    set_timeval(fd, libc::SO_RCVTIMEO, t).map_err(named("setsockopt SO_RCVTIMEO"))
+}
+
+/// Sets `SO_SNDTIMEO`, which also bounds a blocking `connect` (socket(7);
+/// one that runs out fails with `EINPROGRESS`).
+pub fn set_send_timeout(fd: BorrowedFd<'_>, t: Duration) -> io::Result<()> {
+    set_timeval(fd, libc::SO_SNDTIMEO, t).map_err(named("setsockopt SO_SNDTIMEO"))
+}
+
+fn set_timeval(fd: BorrowedFd<'_>, name: i32, t: Duration) -> io::Result<()> {
     let tv = libc::timeval {
         tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(libc::time_t::MAX),
         tv_usec: t.subsec_micros() as libc::suseconds_t,
@@ -221,12 +231,11 @@ pub fn set_recv_timeout(fd: BorrowedFd<'_>, t: Duration) -> io::Result<()> {
     syscall!(setsockopt(
         fd.as_raw_fd(),
         libc::SOL_SOCKET,
-        libc::SO_RCVTIMEO,
+        name,
         (&tv as *const libc::timeval).cast(),
         size_of::<libc::timeval>() as libc::socklen_t
     ))
     .map(drop)
-    .map_err(named("setsockopt SO_RCVTIMEO"))
 }
 
 /// `send` of a whole datagram.
@@ -234,6 +243,20 @@ pub fn send_all(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<()> {
     // SAFETY: `data` is readable for its length.
     syscall!(send(fd.as_raw_fd(), data.as_ptr().cast(), data.len(), 0)).map_err(named("send"))?;
     Ok(())
+}
+
+/// `recv(MSG_PEEK | MSG_DONTWAIT)`: what `buf` can hold of the queued
+/// bytes, left queued, whatever the socket's own O_NONBLOCK; `Ok(0)` at
+/// end of stream, `WouldBlock` when nothing is queued.
+pub fn peek_now(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is writable for its length.
+    syscall!(recv(
+        fd.as_raw_fd(),
+        buf.as_mut_ptr().cast(),
+        buf.len(),
+        libc::MSG_PEEK | libc::MSG_DONTWAIT
+    ))
+    .map(|n| n as usize)
 }
 
 /// One `recv` into `buf`.
