@@ -263,7 +263,10 @@ fn attempt(
         lease: opts.lease,
     };
     let frozen = match freeze_with_spares(socks, &fo) {
-        Ok(f) => f,
+        Ok(mut f) => {
+            freeze::fault_unfrozen(&mut f);
+            f
+        }
         Err((error, socks)) => {
             // The agent heard HELLO: closed, the channel tells it the
             // batch is over (it holds nothing of it yet).

@@ -198,48 +198,12 @@ fn one_connection(net: Net) {
 #[test]
 fn thousand_connections_move_in_one_batch() {
     let net = Net::new("hk", 91);
-    let sock = net.dir.join("deliver.sock");
-    let mut recv = {
-        let mut cmd = net.b.cmd("python3");
-        cmd.args([&py("many.py"), "echo", "--unix", sock.to_str().unwrap()]);
-        Proc::spawn(cmd, "receiver")
-    };
-    recv.expect("listening", Duration::from_secs(10));
-    let _agent = net.agent(
-        &["--unix", sock.to_str().unwrap()],
-        &format!("{}:8080", net.svc()),
-        None,
-    );
-    let mut cmd = net.a.cmd("python3");
-    cmd.args([
-        &py("many.py"),
-        "echo",
-        "--listen",
-        &net.svc(),
-        "--port",
-        "8080",
-        "--count",
-        "1000",
-    ]);
-    let mut echo = Proc::spawn(cmd, "many echo");
-    echo.expect("listening", Duration::from_secs(10));
-    let mut cmd = net.c.cmd("python3");
-    cmd.args([
-        &py("many.py"),
-        "peer",
-        "--connect",
-        &net.svc(),
-        "--port",
-        "8080",
-        "--count",
-        "1000",
-    ]);
-    let mut peer = Proc::spawn(cmd, "many peer");
-    peer.expect("connected", Duration::from_secs(60));
-    echo.expect("ready 1000", Duration::from_secs(60));
-    wait_all_echo(&mut peer, 1000);
-    echo.send("flush");
-    echo.expect("paused", Duration::from_secs(30));
+    let Many {
+        mut recv,
+        agent: _agent,
+        mut echo,
+        mut peer,
+    } = many_paused(&net, 1000);
     let out = net.migrate_cmd(echo.pid(), &net.key).output().unwrap();
     assert!(
         out.status.success(),
@@ -264,6 +228,108 @@ fn thousand_connections_move_in_one_batch() {
     );
     assert_eq!(v["sent"], v["received"], "{v}");
     assert_eq!(locked(&net.a), 0);
+}
+
+/// One connection of a batch cannot be frozen (simulated:
+/// `TCPR_FAULT_UNFROZEN=1` on `tcpr migrate`, as one socket refusing
+/// `TCP_REPAIR` after the batch's checks would). With `--move-address` the
+/// address would take that connection's packets along to b, where nothing
+/// holds it: so the whole batch is rolled back, the address stays, nothing
+/// reaches the agent, and every connection carries on echoing here.
+#[test]
+fn a_connection_that_cannot_freeze_keeps_its_batch_and_address_home() {
+    const COUNT: usize = 4;
+    let net = Net::new("hu", 92);
+    let Many {
+        recv,
+        agent: _agent,
+        mut echo,
+        mut peer,
+    } = many_paused(&net, COUNT);
+    let mut cmd = net.migrate_cmd(echo.pid(), &net.key);
+    cmd.env("TCPR_FAULT_UNFROZEN", "1");
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        last_line(&out).starts_with(&format!("moved 0, rolled back {COUNT}, unknown 0")),
+        "{}",
+        last_line(&out)
+    );
+    assert!(stderr.contains("cannot freeze it"), "{stderr}");
+    assert!(
+        stderr.contains("1 connection(s) of the batch could not be frozen"),
+        "{stderr}"
+    );
+    assert!(
+        net.has_svc(&net.a) && !net.has_svc(&net.b),
+        "the address stays"
+    );
+    assert_eq!(locked(&net.a), 0, "every lock went with its thaw");
+    assert_eq!(
+        agent_sockets_on(&net.b, &net.svc()),
+        0,
+        "nothing restored on b"
+    );
+    echo.send("resume");
+    echo.expect("resumed", Duration::from_secs(10));
+    peer.send("mark");
+    wait_all_echo(&mut peer, COUNT);
+    let v = verdict(&mut peer);
+    assert!(v["error"].is_null(), "{v}");
+    assert_eq!(
+        v["complete"], COUNT,
+        "every connection echoed every byte: {v}"
+    );
+    assert_eq!(v["sent"], v["received"], "{v}");
+    drop(recv);
+}
+
+/// `many.py`'s echo on a with `count` connections from its peer on c,
+/// every one echoing, then paused for a move; b's agent delivers to
+/// `many.py`'s receiver over a unix socket.
+struct Many {
+    recv: Proc,
+    agent: Proc,
+    echo: Proc,
+    peer: Proc,
+}
+
+fn many_paused(net: &Net, count: usize) -> Many {
+    let sock = net.dir.join("deliver.sock");
+    let mut recv = {
+        let mut cmd = net.b.cmd("python3");
+        cmd.args([&py("many.py"), "echo", "--unix", sock.to_str().unwrap()]);
+        Proc::spawn(cmd, "receiver")
+    };
+    recv.expect("listening", Duration::from_secs(10));
+    let agent = net.agent(
+        &["--unix", sock.to_str().unwrap()],
+        &format!("{}:8080", net.svc()),
+        None,
+    );
+    let n = count.to_string();
+    let many = |h: &Host, args: &[&str], name: &str| {
+        let mut cmd = h.cmd("python3");
+        cmd.arg(py("many.py"))
+            .args(args)
+            .args(["--port", "8080", "--count", &n]);
+        Proc::spawn(cmd, name)
+    };
+    let mut echo = many(&net.a, &["echo", "--listen", &net.svc()], "many echo");
+    echo.expect("listening", Duration::from_secs(10));
+    let mut peer = many(&net.c, &["peer", "--connect", &net.svc()], "many peer");
+    peer.expect("connected", Duration::from_secs(60));
+    echo.expect(&format!("ready {count}"), Duration::from_secs(60));
+    wait_all_echo(&mut peer, count);
+    echo.send("flush");
+    echo.expect("paused", Duration::from_secs(30));
+    Many {
+        recv,
+        agent,
+        echo,
+        peer,
+    }
 }
 
 /// Waits until each of `many.py peer`'s `count` connections has had echoes

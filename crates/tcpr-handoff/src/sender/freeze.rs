@@ -147,3 +147,33 @@ fn freeze_in_chunks(
         return Err((failed, back));
     }
 }
+
+/// Test support: with `TCPR_FAULT_UNFROZEN=I` in the environment, the
+/// batch's `I`-th connection (from 0) fails its freeze, as one socket
+/// refusing `TCP_REPAIR` after the batch's checks passed would: thawed at
+/// once and given back as not frozen. Nothing else reaches that path from
+/// outside the process (the integration tests set it on `tcpr migrate`).
+pub(super) fn fault_unfrozen(slots: &mut [FreezeSlot]) {
+    static AT: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| {
+        std::env::var("TCPR_FAULT_UNFROZEN")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    let Some(slot) = at.and_then(|i| slots.get_mut(i)) else {
+        return;
+    };
+    let refused = tcpr_engine::Error::kernel(
+        "turn on repair mode (fault injected: TCPR_FAULT_UNFROZEN)",
+        std::io::Error::from_raw_os_error(libc::EPERM),
+    );
+    if let Ok(f) = std::mem::replace(&mut slot.frozen, Err(refused)) {
+        tracing::warn!("fault injection: connection {} not frozen", at.unwrap_or(0));
+        match f.thaw() {
+            Ok(fd) => {
+                slot.spare.get_or_insert(fd);
+            }
+            Err(e) => tracing::error!("fault injection: thaw failed: {e}"),
+        }
+    }
+}
