@@ -139,14 +139,21 @@ fn hand_off_to_unix_receiver(
     let b_path = b.path();
     let agent_path = path.clone();
     let journal = receiver.journal.then(|| dir.join("journal"));
+    // Listening before any handoff: a sender that came first was refused
+    // ("Connection refused") on a busy machine.
+    let (listening_tx, listening_rx) = mpsc::channel();
     std::thread::spawn(move || {
         tcpr_host::enter_netns(&b_path).unwrap();
         let mut cfg = AgentConfig::new(auth(), vec![service], Delivery::Unix(agent_path));
         cfg.timeout = Duration::from_secs(2);
         cfg.journal = journal;
         let agent = AgentServer::bind(agent_addr, cfg).unwrap();
+        let _ = listening_tx.send(());
         let _ = agent.run();
     });
+    listening_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the agent listens");
 
     // The service on a, and its clients on c: connected while a accepts.
     let listener = a.within(|| Ok(TcpListener::bind(service)?)).unwrap();
