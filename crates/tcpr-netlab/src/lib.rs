@@ -288,6 +288,15 @@ impl Lab {
             "up",
         ])?;
         let h = Host { netns };
+        // No duplicate address detection on the lab's link: a link-local
+        // address stays tentative for about 2 s after the link comes up,
+        // and until then the host sends no neighbour solicitation (the
+        // kernel needs a usable link-local source), so a forwarded IPv6
+        // packet to a neighbour not yet known was dropped (seen in the
+        // steering tests: a flow's first packets went nowhere).
+        run(h
+            .cmd("sysctl")
+            .args(["-qw", "net.ipv6.conf.eth0.accept_dad=0"]))?;
         h.ip(&["link", "set", "eth0", "up"])?;
         for a in addrs {
             h.add_addr(a)?;

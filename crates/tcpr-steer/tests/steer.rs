@@ -30,8 +30,9 @@ static NEXT_PORT: AtomicU16 = AtomicU16::new(41000);
 /// (FIN, or RST), and prints what it sent. With a third argument `first`
 /// it sends its FIN before reading the client's (an HTTP server honouring
 /// `Connection: close`): the TIME_WAIT is then its own, not the client's.
+/// With `slow` it sends in twenty pieces a tenth of a second apart.
 const SERVER: &str = r#"
-import hashlib, json, os, socket, sys
+import hashlib, json, os, socket, sys, time
 fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
 l = socket.socket(fam, socket.SOCK_STREAM)
 l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -43,11 +44,14 @@ f = c.makefile("rb")
 n = int(f.readline())
 h = hashlib.sha256()
 left = n
+slow = len(sys.argv) > 3 and sys.argv[3] == "slow"
 while left:
-    b = os.urandom(min(left, 1 << 16))
+    b = os.urandom(min(left, n // 20 if slow else 1 << 16))
     c.sendall(b)
     h.update(b)
     left -= len(b)
+    if slow:
+        time.sleep(0.1)
 if len(sys.argv) > 3 and sys.argv[3] == "first":
     c.shutdown(socket.SHUT_WR)
 try:
@@ -60,7 +64,8 @@ print(json.dumps({"peer": peer[0], "peer_port": peer[1], "sent": n, "sha256": h.
 
 /// The client: connects from a fixed port to the VIP, asks for N bytes,
 /// reads them, then closes with a FIN or (`rst`) a RST, or (`eof`) with a
-/// FIN once the server's came (the server closed first). With a seventh
+/// FIN once the server's came (the server closed first), or (`half`) sends
+/// its FIN right after its request and then reads. With a seventh
 /// argument `pause` it prints `connected` once connected and waits for a
 /// line on stdin before sending its request.
 const CLIENT: &str = r#"
@@ -76,6 +81,8 @@ if len(sys.argv) > 7 and sys.argv[7] == "pause":
     print("connected", flush=True)
     sys.stdin.readline()
 s.sendall(b"%d\n" % n)
+if close == "half":
+    s.shutdown(socket.SHUT_WR)
 h = hashlib.sha256()
 got = 0
 while got < n:
@@ -362,6 +369,63 @@ fn a_steered_flow_reaches_the_backend_which_answers_directly_ipv6() {
 #[test]
 fn an_entry_goes_after_the_clients_rst() {
     steered_download(false, "rst");
+}
+
+/// A client that half-closes (its FIN right after its request) and then
+/// receives for much longer than the linger: its ACKs keep the entry, so
+/// every byte arrives; once the flow is silent the entry goes. With an
+/// entry cut to the linger at the FIN and never renewed, the client's ACKs
+/// reached the front's stack after 300 ms and it reset the connection
+/// (`ConnectionResetError` in the client). A half-closed flow silent for
+/// longer than the linger still loses its entry: the front sees only the
+/// client's packets, so it cannot tell such a flow from one that ended.
+#[test]
+fn a_half_closed_client_keeps_its_entry_while_the_server_sends() {
+    for v6 in [false, true] {
+        let net = Net::new(if v6 { "h6" } else { "h4" });
+        let (client, vip, backend) = if v6 {
+            (CLIENT6, VIP6, BACKEND6)
+        } else {
+            (CLIENT4, VIP4, BACKEND4)
+        };
+        let mut cfg = NftConfig::new("eth0");
+        cfg.linger = Duration::from_millis(300);
+        let steering = net.steering(cfg);
+        let sport = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+        let f = flow(client, sport, vip, backend);
+        steering.steer(&f).unwrap();
+        let server = serve(&net.backend, vip, "slow");
+        let in_before = net.front_tcp_in();
+        // Twenty pieces a tenth of a second apart: about 2 s, against a
+        // 300 ms linger (the client's ACKs come at most ~0.1 s apart).
+        const N: u64 = 8 << 20;
+        let out = handed_off_client(&net, client, sport, (vip, backend), N, "half");
+        assert!(
+            out.status.success(),
+            "v6 {v6}: {:?} {}{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            sh(&net.front, "nft list table netdev tcpr_steer")
+        );
+        let got = json_line(&out.stdout);
+        let sent = json_line(&server.wait_with_output().unwrap().stdout);
+        assert_eq!(got["got"], N, "v6 {v6}");
+        assert_eq!(
+            got["sha256"], sent["sha256"],
+            "v6 {v6}: every byte, in order"
+        );
+        assert_eq!(sent["end"], "fin", "v6 {v6}");
+        assert_eq!(
+            net.front_tcp_in() - in_before,
+            0,
+            "v6 {v6}: the front's TCP stack received none of the flow's segments"
+        );
+        wait_for("the entry to go", Duration::from_secs(20), || {
+            !steering.is_steered(f.client, f.vip).unwrap()
+        });
+        assert_eq!(steering.active().unwrap(), 0, "v6 {v6}");
+    }
 }
 
 /// A client reuses its tuple right after a steered flow the backend closed

@@ -36,8 +36,9 @@ pub struct BalanceArgs {
     #[arg(long, default_value_t = tcpr_steer::nft::DEFAULT_CAPACITY as u32,
           value_parser = clap::value_parser!(u32).range(1..))]
     steer_capacity: u32,
-    /// Seconds after the client's FIN or RST a steering entry stays (for
-    /// the flow's last ACKs); 0.01 to 3600.
+    /// Seconds a steering entry stays after the last packet of a flow
+    /// whose client sent its FIN or RST (for the last ACKs, and for a
+    /// half-closed client still receiving); 0.01 to 3600.
     #[arg(long, default_value = "5", value_parser = linger)]
     steer_linger: Duration,
     #[command(subcommand)]

@@ -474,6 +474,13 @@ fn compare(
         tcpr_netlab::run(host.cmd("sysctl").args([
             "-qw",
             &format!("net.ipv4.ip_local_port_range={EPHEMERAL_PORTS}"),
+            // wrk (and HAProxy towards its servers) closes first, so each
+            // request leaves a TIME_WAIT for 60 s; without reuse, runs of
+            // more than ~60,000 connections to one address (three 3 s runs
+            // do it) made connect() search the port range linearly: wrk
+            // spent 92% of its CPU in __inet_check_established and the
+            // front's rate measured the client's port search.
+            "net.ipv4.tcp_tw_reuse=1",
         ]))?;
     }
     let (_backends, config) = start_backends(lab, dir)?;
