@@ -150,6 +150,29 @@ impl Restored {
         self.unsent_timeout = timeout;
     }
 
+    /// The restored socket, for a caller that gives a copy of it to
+    /// another process before resuming it (see
+    /// [`Restored::done_when_live`]).
+    pub fn socket(&self) -> BorrowedFd<'_> {
+        self.sock.as_ref().expect("present until consumed").as_fd()
+    }
+
+    /// True when turning repair mode off is all [`Restored::resume`] has
+    /// left to do that matters: no peer's FIN to deliver first, no unsent
+    /// data to queue and no FIN of ours to replay after (only
+    /// `TCP_NOTSENT_LOWAT`, if the image had one, is set after), and
+    /// this namespace's lock on the flow already released (see
+    /// [`Restored::set_no_local_lock`]). A copy of the socket found out of
+    /// repair mode is then a resumed connection, and one still in it can be
+    /// resumed by turning repair mode off, whatever became of the process
+    /// that restored it.
+    pub fn done_when_live(&self) -> bool {
+        self.peer_fin.is_none()
+            && self.unsent.is_empty()
+            && !self.fin_after_unsent
+            && matches!(self.local_lock, LocalLock::NoneHeld)
+    }
+
     /// Tells [`Restored::resume`] that the socket's network namespace
     /// holds no lock on the flow, so it skips looking for one (a netlink
     /// socket and one or two nf_tables requests per connection: most of

@@ -4,18 +4,41 @@
 //! over a unix socketpair. An agent killed mid-run then fails no request:
 //! the relays it started go on in the worker.
 //!
+//! A connection whose resume has nothing to do once repair mode is off (no
+//! unsent data, no FIN to replay: every connection a balancer hands off)
+//! goes to the worker *before* it is resumed, and the worker starts its
+//! relay when the agent says it resumed it. An agent killed between the
+//! resume and the hand-over used to take the only copy of a live socket
+//! with it: the kernel closed it with a RST (its request unread) and the
+//! client's download broke. The worker now holds a copy throughout. It
+//! holds a pair only once the batch is committed (the sender sent COMMIT,
+//! the journal says resuming; the sender keeps its copy frozen for good),
+//! so at the agent's end it resumes each held connection still in repair
+//! mode, as the agent was about to, and relays them all.
+//!
 //! ```text
-//! agent -> worker, per connection: one byte "p" carrying two fds
-//!   (SCM_RIGHTS): the client connection, then the server connection
-//! worker -> agent: one byte, "k" once it relays the pair (the agent then
-//!   closes its copies), "n" when it cannot (the agent relays it itself)
+//! agent -> worker, 9 bytes each: a kind byte, then an id (u64, big-endian)
+//!   "p" id + two fds (SCM_RIGHTS): a resumed connection, then its server
+//!       connection: relay them; answered
+//!   "f" id + two fds: a connection not resumed yet (in repair mode) whose
+//!       resume ends when repair mode goes off, then its server
+//!       connection: hold them; answered
+//!   "g" id: the held pair `id` is resumed: relay it; not answered
+//!   "x" id: the held pair `id` was not resumed: close it; not answered
+//! at end of stream: each held pair is relayed, its connection first
+//!   taken out of repair mode if the agent died before its resume
+//! worker -> agent, per "p" or "f": one byte, "k" once it has the pair (the
+//!   agent may close its copies, after "g" for a held one), "n" when it
+//!   cannot (the agent relays it itself)
 //! ```
 //!
 //! The worker stops taking pairs at end of stream on its socket (the
-//! agent exited or died), finishes every relay it has, and exits. The
-//! agent starts a new worker when its worker is gone; when none can be
-//! started it relays in process, as a library user's agent always does.
+//! agent exited or died), settles the pairs it holds as above, finishes
+//! every relay it has, and exits. The agent starts a new worker when its
+//! worker is gone; when none can be started it relays in process, as a
+//! library user's agent always does.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsFd;
@@ -23,11 +46,16 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// What the agent sends with each pair.
-const PAIR: &[u8; 1] = b"p";
+/// The agent's message kinds (see the module doc).
+const PAIR: u8 = b'p';
+const HOLD: u8 = b'f';
+const GO: u8 = b'g';
+const DROP: u8 = b'x';
+/// A message: its kind and an id.
+const MESSAGE_BYTES: usize = 9;
 /// The worker's answer: it relays the pair.
 const TAKEN: u8 = b'k';
 /// The worker's answer: it cannot (no thread); the agent keeps the pair.
@@ -59,7 +87,9 @@ enum State {
     /// Not started yet, or the last one is gone.
     Idle,
     Running {
-        to: UnixStream,
+        /// Shared with the pairs it holds ([`Held`]), which tell it their
+        /// fate on this very socket even if it is retired meanwhile.
+        to: Arc<UnixStream>,
         child: Child,
     },
     /// None could be started: relays stay in process (logged once).
@@ -101,7 +131,10 @@ impl RelayWorker {
         }
         if matches!(state, State::Idle) {
             *state = match self.spawn() {
-                Ok((to, child)) => State::Running { to, child },
+                Ok((to, child)) => State::Running {
+                    to: Arc::new(to),
+                    child,
+                },
                 Err(e) => {
                     tracing::warn!(
                         "cannot start the relay worker ({}): relays stay in the agent \
@@ -137,7 +170,11 @@ impl RelayWorker {
         let State::Running { to, .. } = &*state else {
             return Handed::Back(client, server);
         };
-        let sent = tcpr_host::send_with_fds(to.as_fd(), PAIR, &[client.as_fd(), server.as_fd()]);
+        let sent = tcpr_host::send_with_fds(
+            to.as_fd(),
+            &message(PAIR, 0),
+            &[client.as_fd(), server.as_fd()],
+        );
         if let Err(e) = sent {
             // Nothing was queued: the pair is ours alone.
             tracing::warn!("the relay worker is gone ({e}); relaying in the agent");
@@ -145,7 +182,7 @@ impl RelayWorker {
             return Handed::Back(client, server);
         }
         let mut answer = [0u8; 1];
-        match (&*to).read(&mut answer) {
+        match (&**to).read(&mut answer) {
             Ok(1) if answer[0] == TAKEN => Handed::ToWorker,
             Ok(1) if answer[0] == REFUSED => Handed::Back(client, server),
             Err(e)
@@ -172,6 +209,86 @@ impl RelayWorker {
     }
 }
 
+impl RelayWorker {
+    /// Gives the worker copies of a connection not resumed yet (in repair
+    /// mode; its resume must end when repair mode goes off, see
+    /// `tcpr_engine::Restored::done_when_live`) and of its server
+    /// connection, before the caller resumes it. `None` when there is no
+    /// worker or it refused: the caller resumes and relays as without one.
+    /// The caller keeps its own copies until [`Held::go`] or
+    /// [`Held::drop_it`].
+    pub fn hold(&self, client: std::os::fd::BorrowedFd<'_>, server: &TcpStream) -> Option<Held> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.ensure(&mut state);
+        let State::Running { to, .. } = &*state else {
+            return None;
+        };
+        let id = {
+            use std::sync::atomic::{AtomicU64, Ordering};
+            static NEXT: AtomicU64 = AtomicU64::new(1);
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        };
+        let sent =
+            tcpr_host::send_with_fds(to.as_fd(), &message(HOLD, id), &[client, server.as_fd()]);
+        if let Err(e) = sent {
+            tracing::warn!("the relay worker is gone ({e}); relaying in the agent");
+            retire(&mut state);
+            return None;
+        }
+        let mut answer = [0u8; 1];
+        match (&**to).read(&mut answer) {
+            Ok(1) if answer[0] == TAKEN => Some(Held { to: to.clone(), id }),
+            Ok(1) if answer[0] == REFUSED => None,
+            other => {
+                // Slow, dead or confused: whatever it holds of this pair it
+                // closes at its end (the connection is still in repair
+                // mode: silently), and the caller relays in process.
+                tracing::warn!(
+                    "the relay worker did not take a pair ({other:?}); relaying in the agent"
+                );
+                retire(&mut state);
+                None
+            }
+        }
+    }
+}
+
+/// A pair the worker holds before its connection is resumed.
+#[must_use = "a held pair is relayed on `go` and closed on `drop_it`"]
+pub struct Held {
+    /// The socket to the worker that holds it (retired or not).
+    to: Arc<UnixStream>,
+    id: u64,
+}
+
+impl Held {
+    /// The connection is resumed: the worker relays it. True when told
+    /// (the caller then closes its copies); false when that worker is gone,
+    /// its copies with it: the caller relays its own.
+    pub fn go(self) -> bool {
+        match (&*self.to).write_all(&message(GO, self.id)) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("the relay worker is gone ({e}); relaying in the agent");
+                false
+            }
+        }
+    }
+
+    /// The connection was not resumed: the worker closes its copies (the
+    /// connection is in repair mode: silently).
+    pub fn drop_it(self) {
+        let _ = (&*self.to).write_all(&message(DROP, self.id));
+    }
+}
+
+fn message(kind: u8, id: u64) -> [u8; MESSAGE_BYTES] {
+    let mut m = [0u8; MESSAGE_BYTES];
+    m[0] = kind;
+    m[1..].copy_from_slice(&id.to_be_bytes());
+    m
+}
+
 /// Lets the worker go: our end closes (it exits once its relays end) and
 /// a thread reaps it.
 fn retire(state: &mut State) {
@@ -187,9 +304,9 @@ fn retire(state: &mut State) {
 /// other one) until end of stream, and relays them on a few event loops
 /// ([`tcpr_host::relay::Relays`], one per CPU: one wake-up serves the
 /// events of every relay that has some, where a thread per relay woke per
-/// event), then waits for every relay to end. This thread only takes
-/// pairs and answers, so the agent, which waits for each answer, waits
-/// for no relay's work.
+/// event), then settles the pairs it holds (see the module doc) and waits
+/// for every relay to end. This thread only takes pairs and answers, so
+/// the agent, which waits for each answer, waits for no relay's work.
 pub fn serve(mut from: UnixStream) -> io::Result<()> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut relays = match tcpr_host::relay::Relays::new(threads, "tcpr-relay", ended) {
@@ -201,9 +318,10 @@ pub fn serve(mut from: UnixStream) -> io::Result<()> {
             None
         }
     };
+    let mut held: HashMap<u64, (TcpStream, TcpStream)> = HashMap::new();
     loop {
-        let mut byte = [0u8; 1];
-        let (n, fds) = match tcpr_host::recv_with_fds(from.as_fd(), &mut byte) {
+        let mut m = [0u8; MESSAGE_BYTES];
+        let (n, fds) = match tcpr_host::recv_with_fds(from.as_fd(), &mut m) {
             Ok(got) => got,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -214,35 +332,108 @@ pub fn serve(mut from: UnixStream) -> io::Result<()> {
         if n == 0 {
             break;
         }
-        let mut fds = fds.into_iter();
-        let (Some(client), Some(server), None, Some(relays)) =
-            (fds.next(), fds.next(), fds.next(), relays.as_mut())
-        else {
-            // Not a pair, or nothing to relay it on: the agent keeps
-            // whatever it sent.
-            answer(&mut from, REFUSED);
-            continue;
-        };
-        let (client, server) = (TcpStream::from(client), TcpStream::from(server));
-        let peer = client.peer_addr().ok();
-        match relays.add(client, server, peer) {
-            Ok(()) => answer(&mut from, TAKEN),
-            Err(not) => {
-                // Our copies close here; the agent still holds its own
-                // until our answer.
-                tracing::warn!(
-                    "relay worker: cannot relay a pair ({}); the agent keeps it",
-                    not.error
-                );
-                drop(not);
-                answer(&mut from, REFUSED);
+        // A message is written whole; should a read return part of one,
+        // the rest follows in the stream.
+        if n < MESSAGE_BYTES && (&from).read_exact(&mut m[n..]).is_err() {
+            break;
+        }
+        let id = u64::from_be_bytes(m[1..].try_into().expect("eight bytes"));
+        match m[0] {
+            kind @ (PAIR | HOLD) => {
+                let mut fds = fds.into_iter();
+                let (Some(client), Some(server), None, Some(relays)) =
+                    (fds.next(), fds.next(), fds.next(), relays.as_mut())
+                else {
+                    // Not a pair, or nothing to relay it on: the agent
+                    // keeps whatever it sent.
+                    answer(&mut from, REFUSED);
+                    continue;
+                };
+                let (client, server) = (TcpStream::from(client), TcpStream::from(server));
+                if kind == HOLD {
+                    held.insert(id, (client, server));
+                    answer(&mut from, TAKEN);
+                    continue;
+                }
+                let peer = client.peer_addr().ok();
+                match relays.add(client, server, peer) {
+                    Ok(()) => answer(&mut from, TAKEN),
+                    Err(not) => {
+                        // Our copies close here; the agent still holds its
+                        // own until our answer.
+                        tracing::warn!(
+                            "relay worker: cannot relay a pair ({}); the agent keeps it",
+                            not.error
+                        );
+                        drop(not);
+                        answer(&mut from, REFUSED);
+                    }
+                }
             }
+            GO => match (held.remove(&id), relays.as_mut()) {
+                (Some((client, server)), Some(relays)) => relay_held(relays, client, server),
+                _ => tracing::warn!("relay worker: no held pair {id} to relay"),
+            },
+            // Never resumed: in repair mode, so it closes silently.
+            DROP => drop(held.remove(&id)),
+            other => tracing::warn!("relay worker: unknown message {other:#x}"),
+        }
+    }
+    // The agent is gone. A held pair was committed (the agent holds pairs
+    // only once the sender's COMMIT came, and its journal says resuming):
+    // the sender keeps its copy frozen and never speaks on it again. So a
+    // held connection still in repair mode is resumed here, as the agent
+    // was about to (repair mode off is all its resume had left to do), and
+    // every held connection is relayed.
+    for (_, (client, server)) in held.drain() {
+        let live = match tcpr_engine::is_frozen(client.as_fd()) {
+            Ok(false) => Ok(()),
+            Ok(true) => {
+                tcpr_host::sock::set_int(client.as_fd(), libc::SOL_TCP, libc::TCP_REPAIR, 0)
+                    .map_err(|e| format!("cannot resume it: {e}"))
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        match (live, relays.as_mut()) {
+            (Ok(()), Some(relays)) => relay_held(relays, client, server),
+            (Ok(()), None) => {
+                tracing::error!(
+                    "relay worker: a resumed connection cannot be relayed (no relay threads)"
+                );
+                let _ = tcpr_engine::close_silently(client.into());
+            }
+            // Still in repair mode: it closes silently.
+            (Err(e), _) => tracing::warn!("relay worker: a connection its agent left: {e}"),
         }
     }
     if let Some(relays) = relays {
         relays.finish();
     }
     Ok(())
+}
+
+/// Relays a held pair whose connection is resumed, on a thread of its own
+/// when the event loops cannot take it (nobody else holds it any more).
+fn relay_held(
+    relays: &mut tcpr_host::relay::Relays<Option<SocketAddr>>,
+    client: TcpStream,
+    server: TcpStream,
+) {
+    let peer = client.peer_addr().ok();
+    let Err(not) = relays.add(client, server, peer) else {
+        return;
+    };
+    let (client, server) = not.pair;
+    let Some(peer) = peer else {
+        tracing::error!("relay worker: a resumed connection without a peer cannot be relayed");
+        return;
+    };
+    if let Err((client, e)) = crate::deliver::forward(client, server, peer) {
+        // Closed silently: its client retransmits into nothing rather than
+        // taking a FIN for the end of a complete response.
+        tracing::error!("relay worker: cannot relay a resumed connection from {peer}: {e}");
+        let _ = tcpr_engine::close_silently(client.into());
+    }
 }
 
 fn answer(to: &mut UnixStream, byte: u8) {
@@ -288,7 +479,7 @@ mod tests {
         let (server_out, server) = connection();
         tcpr_host::send_with_fds(
             agent.as_fd(),
-            PAIR,
+            &message(PAIR, 0),
             &[client_in.as_fd(), server_out.as_fd()],
         )
         .unwrap();
@@ -304,19 +495,9 @@ mod tests {
     fn a_pair_relays_on_after_its_agent_is_gone() {
         let (agent, worker) = UnixStream::pair().unwrap();
         let serving = std::thread::spawn(move || serve(worker));
-        let (mut client, mut server) = hand_pair(&agent);
+        let (client, server) = hand_pair(&agent);
         drop(agent);
-
-        client.write_all(b"request").unwrap();
-        client.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut request = Vec::new();
-        server.read_to_end(&mut request).unwrap();
-        assert_eq!(request, b"request");
-        server.write_all(b"response").unwrap();
-        drop(server);
-        let mut response = Vec::new();
-        client.read_to_end(&mut response).unwrap();
-        assert_eq!(response, b"response");
+        exchange(client, server);
         serving.join().unwrap().unwrap();
     }
 
@@ -368,13 +549,106 @@ mod tests {
         serving.join().unwrap().unwrap();
     }
 
+    /// Gives the worker a pair to hold ("f" `id`), as the agent does
+    /// before a resume; `frozen` puts the connection in repair mode first
+    /// (as a restored connection not resumed yet is). Returns the client's
+    /// end, the server's end and the agent's copy of the connection.
+    fn hold_pair(agent: &UnixStream, id: u64, frozen: bool) -> (TcpStream, TcpStream, TcpStream) {
+        let (client, client_in) = connection();
+        let (server_out, server) = connection();
+        if frozen {
+            tcpr_host::sock::set_int(client_in.as_fd(), libc::SOL_TCP, libc::TCP_REPAIR, 1)
+                .unwrap();
+        }
+        tcpr_host::send_with_fds(
+            agent.as_fd(),
+            &message(HOLD, id),
+            &[client_in.as_fd(), server_out.as_fd()],
+        )
+        .unwrap();
+        let mut answer = [0u8; 1];
+        (&*agent).read_exact(&mut answer).unwrap();
+        assert_eq!(answer[0], TAKEN);
+        (client, server, client_in)
+    }
+
+    /// One exchange through a relayed pair: the client's request reaches
+    /// the server, the server's response and end reach the client.
+    fn exchange(mut client: TcpStream, mut server: TcpStream) {
+        client.write_all(b"request").unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut request = Vec::new();
+        server.read_to_end(&mut request).unwrap();
+        assert_eq!(request, b"request");
+        server.write_all(b"response").unwrap();
+        drop(server);
+        let mut response = Vec::new();
+        client.read_to_end(&mut response).unwrap();
+        assert_eq!(response, b"response");
+    }
+
+    /// A held pair is relayed once the agent says it resumed it ("g"),
+    /// after the agent closed its copies.
+    #[test]
+    fn a_held_pair_is_relayed_on_go() {
+        let (agent, worker) = UnixStream::pair().unwrap();
+        let serving = std::thread::spawn(move || serve(worker));
+        let (client, server, agents_copy) = hold_pair(&agent, 7, false);
+        (&agent).write_all(&message(GO, 7)).unwrap();
+        drop(agents_copy);
+        exchange(client, server);
+        drop(agent);
+        serving.join().unwrap().unwrap();
+    }
+
+    /// The agent dies with two held pairs: one resumed without its "g",
+    /// one still in repair mode (COMMIT taken, resume not done). At the
+    /// end of its stream the worker relays the first and resumes and
+    /// relays the second: both exchanges go through.
+    #[test]
+    fn held_pairs_are_settled_when_the_agent_dies() {
+        let (agent, worker) = UnixStream::pair().unwrap();
+        let serving = std::thread::spawn(move || serve(worker));
+        let (client, server, resumed_copy) = hold_pair(&agent, 1, false);
+        let (frozen_client, frozen_server, frozen_copy) = hold_pair(&agent, 2, true);
+        // The agent and its copies die.
+        drop((agent, resumed_copy, frozen_copy));
+        exchange(client, server);
+        exchange(frozen_client, frozen_server);
+        serving.join().unwrap().unwrap();
+    }
+
+    /// A held pair the agent could not resume ("x") is closed, silently.
+    #[test]
+    fn a_dropped_pair_closes_silently() {
+        let (agent, worker) = UnixStream::pair().unwrap();
+        let serving = std::thread::spawn(move || serve(worker));
+        let (client, mut server, agents_copy) = hold_pair(&agent, 3, true);
+        (&agent).write_all(&message(DROP, 3)).unwrap();
+        drop(agents_copy);
+        let mut end = Vec::new();
+        server.read_to_end(&mut end).unwrap();
+        assert!(end.is_empty());
+        client
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        let silent = (&client).read(&mut byte);
+        assert!(
+            matches!(&silent, Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)),
+            "closed silently, got {silent:?}"
+        );
+        drop(agent);
+        serving.join().unwrap().unwrap();
+    }
+
     /// A message without two descriptors is refused; the worker goes on.
     #[test]
     fn a_message_without_a_pair_is_refused() {
         let (one, _other) = connection();
         let (agent, worker) = UnixStream::pair().unwrap();
         let serving = std::thread::spawn(move || serve(worker));
-        tcpr_host::send_with_fd(agent.as_fd(), PAIR, one.as_fd()).unwrap();
+        tcpr_host::send_with_fd(agent.as_fd(), &message(PAIR, 0), one.as_fd()).unwrap();
         let mut answer = [0u8; 1];
         (&agent).read_exact(&mut answer).unwrap();
         assert_eq!(answer[0], REFUSED);

@@ -120,6 +120,9 @@ pub(super) struct Resumed {
     /// Resumed under this agent's lock on its flow, which is still to be
     /// released before the connection is handed over.
     locked: Option<Flow>,
+    /// The relay worker holds copies of it and of its server connection
+    /// since before the resume (`--forward`).
+    held: Option<crate::relay_worker::Held>,
 }
 
 pub(super) fn discard(shared: &Shared, s: &mut Session, ids: Vec<ConnId>) {
@@ -456,13 +459,36 @@ pub(super) fn resume_one(
         }
         _ => None,
     };
-    let stream = r.resume().map_err(|e| e.to_string())?;
+    // The relay worker takes copies before the resume, so that an agent
+    // killed right after it leaves the live connection to the worker, not
+    // to the kernel's close (a RST, the request unread). Only where the
+    // resume ends when repair mode goes off: the worker takes a copy out
+    // of repair mode for a resumed connection.
+    let held = match (&shared.cfg.delivery, &target) {
+        (
+            Delivery::Forward {
+                worker: Some(w), ..
+            },
+            Some(Reached::Forward(server)),
+        ) if r.done_when_live() => w.hold(r.socket(), server),
+        _ => None,
+    };
+    let stream = match r.resume() {
+        Ok(stream) => stream,
+        Err(e) => {
+            if let Some(h) = held {
+                h.drop_it();
+            }
+            return Err(e.to_string());
+        }
+    };
     Ok(Resumed {
         id,
         stream,
         img,
         target,
         locked,
+        held,
     })
 }
 
@@ -487,7 +513,7 @@ pub(super) fn deliver_resumed(
     r: Resumed,
 ) -> Result<Option<Unacknowledged>, String> {
     let id = r.id;
-    match deliver_one(&shared.cfg.delivery, r.stream, r.img, r.target) {
+    match deliver_one(&shared.cfg.delivery, r.stream, r.img, r.target, r.held) {
         Ok(Handed::Delivered) => {
             delivered(shared, s, &[id]);
             Ok(None)
@@ -793,6 +819,7 @@ pub(super) fn deliver_one(
     stream: TcpStream,
     img: ConnectionImage,
     target: Option<Reached>,
+    held: Option<crate::relay_worker::Held>,
 ) -> Result<Handed, String> {
     let fail =
         |fd: OwnedFd, why: String| -> Result<Handed, String> { Err(close_undelivered(fd, why)) };
@@ -840,12 +867,20 @@ pub(super) fn deliver_one(
             let Some(Reached::Forward(to)) = target else {
                 return fail(stream.into(), "no connection to the server".into());
             };
-            let (stream, to) = match worker {
-                Some(w) => match w.hand(stream, to) {
+            let (stream, to) = match (held, worker) {
+                (Some(h), _) => {
+                    if h.go() {
+                        // Held since before the resume: our copies close.
+                        return Ok(Handed::Delivered);
+                    }
+                    // Its worker is gone, and its copies with it.
+                    (stream, to)
+                }
+                (None, Some(w)) => match w.hand(stream, to) {
                     WorkerTook::ToWorker => return Ok(Handed::Delivered),
                     WorkerTook::Back(stream, to) => (stream, to),
                 },
-                None => (stream, to),
+                (None, None) => (stream, to),
             };
             deliver::forward(stream, to, img.peer)
                 .map(|()| Handed::Delivered)
