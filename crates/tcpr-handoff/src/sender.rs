@@ -375,7 +375,7 @@ fn attempt(
     }
     report.timings.release = done.elapsed();
     tracing::debug!(us = started.elapsed().as_micros(), "locks released");
-    for (id, c) in std::mem::take(&mut d.conns) {
+    for (id, mut c) in std::mem::take(&mut d.conns) {
         let trouble = d.trouble.remove(&id);
         let fate = match d.unfrozen.remove(&id) {
             Some(why) => Some(Fate::RolledBack(why)),
@@ -386,15 +386,10 @@ fn attempt(
             // frozen copy is thawed here and the connection stays.
             Fate::RolledBack("no outcome".into())
         });
-        let mut c = c;
-        if let Some(f) = d.frozen.remove(&id) {
-            // Only reached when a fate's action was never performed.
-            match f.thaw() {
-                Ok(fd) => {
-                    c.sock.get_or_insert(fd);
-                }
-                Err(e) => tracing::error!("thaw of {} failed: {e}", c.flow.local),
-            }
+        // A frozen copy left here is one whose fate's action was never
+        // performed.
+        if let Err(e) = d.thaw_into(id, &mut c) {
+            tracing::error!("thaw of {} failed: {e}", c.flow.local);
         }
         match fate {
             Fate::Moved => report.moved.push(Moved {
@@ -587,27 +582,33 @@ impl Driver<'_> {
             self.unfrozen.len()
         );
         let mut out = Vec::with_capacity(self.conns.len());
-        for (id, c) in std::mem::take(&mut self.conns) {
-            let mut sock = c.sock;
+        for (id, mut c) in std::mem::take(&mut self.conns) {
             let why = match self.unfrozen.remove(&id) {
                 Some(why) => why,
-                None => match self.frozen.remove(&id).map(Frozen::thaw) {
-                    Some(Ok(fd)) => {
-                        sock.get_or_insert(fd);
-                        why_all.clone()
-                    }
-                    Some(Err(e)) => format!("{why_all}; thaw failed: {e}"),
-                    None => why_all.clone(),
+                None => match self.thaw_into(id, &mut c) {
+                    Ok(()) => why_all.clone(),
+                    Err(e) => format!("{why_all}; thaw failed: {e}"),
                 },
             };
             out.push(RolledBack {
                 index: c.index,
                 flow: c.flow,
                 why,
-                sock,
+                sock: c.sock,
             });
         }
         out
+    }
+
+    /// Thaws the frozen copy of `id`, taken out of the batch as `c`, if it
+    /// has one. The caller's socket, when kept beside the copy, stays in
+    /// `c`; else the thawed copy takes its place. The copy is gone either
+    /// way; an error says why its thaw failed.
+    fn thaw_into(&mut self, id: ConnId, c: &mut Conn) -> Result<(), tcpr_engine::Error> {
+        if let Some(f) = self.frozen.remove(&id) {
+            c.sock.get_or_insert(f.thaw()?);
+        }
+        Ok(())
     }
 
     /// The connections again, in their order, for another run of the

@@ -130,12 +130,7 @@ fn an_agent_without_a_delivery_target_does_not_start() {
 fn a_unix_target_gone_before_prepare_rolls_back() {
     let net = Net::new("tu", 71);
     let sock = net.dir.join("deliver.sock");
-    let mut recv = {
-        let mut cmd = net.b.cmd("python3");
-        cmd.args([&py("many.py"), "echo", "--unix", sock.to_str().unwrap()]);
-        Proc::spawn(cmd, "receiver")
-    };
-    recv.expect("listening", Duration::from_secs(10));
+    let mut recv = unix_receiver(&net.b, &sock);
     let allow = net.svc_port(8080);
     let _agent = net.agent(&["--unix", sock.to_str().unwrap(), "--allow", &allow], None);
     recv.kill();
@@ -174,12 +169,7 @@ fn an_exec_target_gone_before_prepare_rolls_back() {
 fn a_unix_target_gone_at_commit_rolls_back() {
     let net = Net::new("tc", 73);
     let sock = net.dir.join("deliver.sock");
-    let mut recv = {
-        let mut cmd = net.b.cmd("python3");
-        cmd.args([&py("many.py"), "echo", "--unix", sock.to_str().unwrap()]);
-        Proc::spawn(cmd, "receiver")
-    };
-    recv.expect("listening", Duration::from_secs(10));
+    let mut recv = unix_receiver(&net.b, &sock);
     let allow = net.svc_port(8080);
     let _agent = net.agent(
         &["--unix", sock.to_str().unwrap(), "--allow", &allow],

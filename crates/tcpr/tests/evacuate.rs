@@ -56,10 +56,7 @@ impl Evacuation {
     /// and the agent. Returns (receiver, agent).
     fn receiver(&self) -> (Proc, Proc) {
         let sock = self.dir.join("deliver.sock");
-        let mut cmd = self.b.cmd("python3");
-        cmd.args([&py("many.py"), "echo", "--unix", sock.to_str().unwrap()]);
-        let mut recv = Proc::spawn(cmd, "receiver");
-        recv.expect("listening", Duration::from_secs(10));
+        let recv = unix_receiver(&self.b, &sock);
         let mut cmd = self.b.cmd(tcpr_bin());
         cmd.args([
             "agent",
@@ -208,12 +205,7 @@ fn assert_every_byte(client: &mut Proc, count: usize) -> serde_json::Value {
     client.send("finish");
     let v: serde_json::Value =
         serde_json::from_str(&client.expect("{", Duration::from_secs(600))).unwrap();
-    assert!(v["error"].is_null(), "client reports: {v}");
-    assert_eq!(
-        v["complete"], count,
-        "every connection echoed every byte: {v}"
-    );
-    assert_eq!(v["sent"], v["received"], "{v}");
+    assert_all_echoed(&v, count);
     v
 }
 
@@ -352,11 +344,5 @@ fn a_batch_larger_than_the_open_file_limit_allows_twice_moves() {
                 == Some(COUNT)
         },
     );
-    let v = verdict(&mut peer);
-    assert!(v["error"].is_null(), "{v}");
-    assert_eq!(
-        v["complete"], COUNT,
-        "every connection echoed every byte: {v}"
-    );
-    assert_eq!(v["sent"], v["received"], "{v}");
+    assert_all_echoed(&verdict(&mut peer), COUNT);
 }

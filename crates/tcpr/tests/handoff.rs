@@ -220,13 +220,7 @@ fn thousand_connections_move_in_one_batch() {
     echo.kill();
     peer.send("mark");
     wait_all_echo(&mut peer, 1000);
-    let v = verdict(&mut peer);
-    assert!(v["error"].is_null(), "{v}");
-    assert_eq!(
-        v["complete"], 1000,
-        "every connection echoed every byte: {v}"
-    );
-    assert_eq!(v["sent"], v["received"], "{v}");
+    assert_all_echoed(&verdict(&mut peer), 1000);
     assert_eq!(locked(&net.a), 0);
 }
 
@@ -275,13 +269,7 @@ fn a_connection_that_cannot_freeze_keeps_its_batch_and_address_home() {
     echo.expect("resumed", Duration::from_secs(10));
     peer.send("mark");
     wait_all_echo(&mut peer, COUNT);
-    let v = verdict(&mut peer);
-    assert!(v["error"].is_null(), "{v}");
-    assert_eq!(
-        v["complete"], COUNT,
-        "every connection echoed every byte: {v}"
-    );
-    assert_eq!(v["sent"], v["received"], "{v}");
+    assert_all_echoed(&verdict(&mut peer), COUNT);
     drop(recv);
 }
 
@@ -297,12 +285,7 @@ struct Many {
 
 fn many_paused(net: &Net, count: usize) -> Many {
     let sock = net.dir.join("deliver.sock");
-    let mut recv = {
-        let mut cmd = net.b.cmd("python3");
-        cmd.args([&py("many.py"), "echo", "--unix", sock.to_str().unwrap()]);
-        Proc::spawn(cmd, "receiver")
-    };
-    recv.expect("listening", Duration::from_secs(10));
+    let recv = unix_receiver(&net.b, &sock);
     let agent = net.agent(
         &["--unix", sock.to_str().unwrap()],
         &format!("{}:8080", net.svc()),

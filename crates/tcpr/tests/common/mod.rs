@@ -265,6 +265,29 @@ pub fn assert_all_bytes(v: &serde_json::Value, min_sent: u64) {
     assert_eq!(v["sha_sent"], v["sha_received"], "{v}");
 }
 
+/// `many.py`'s receiver in `host`, once it listens on the unix socket
+/// `sock`: it echoes every connection an agent's `--unix` hands it, and
+/// says "got N" as they come.
+pub fn unix_receiver(host: &tcpr_netlab::Host, sock: &std::path::Path) -> Proc {
+    let mut cmd = host.cmd("python3");
+    cmd.args([&py("many.py"), "echo", "--unix", sock.to_str().unwrap()]);
+    let mut recv = Proc::spawn(cmd, "receiver");
+    recv.expect("listening", Duration::from_secs(10));
+    recv
+}
+
+/// A verdict of `many.py peer` (or `evacuate.py client`): no error, each
+/// of its `count` connections got back every byte it sent, and as many
+/// bytes came back as went out.
+pub fn assert_all_echoed(v: &serde_json::Value, count: usize) {
+    assert!(v["error"].is_null(), "peer reports: {v}");
+    assert_eq!(
+        v["complete"], count,
+        "every connection echoed every byte: {v}"
+    );
+    assert_eq!(v["sent"], v["received"], "{v}");
+}
+
 /// Pauses `echo.py` and dumps its connection (`tcpr dump`, extra arguments
 /// appended); the dump must succeed.
 pub fn pause_and_dump(echo: &mut Proc, fd: &str, img: &std::path::Path, extra: &[&str]) {
