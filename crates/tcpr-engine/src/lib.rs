@@ -159,6 +159,14 @@ pub fn is_frozen(fd: BorrowedFd<'_>) -> Result<bool, Error> {
     sys::repair_mode(fd).map_err(kernel_error("tell whether the socket is frozen"))
 }
 
+/// Turns repair mode off on a restored socket whose resume has nothing
+/// else left to do (`Restored::done_when_live`), for a process that holds
+/// a copy of it when the one that restored it is gone: the kernel sends a
+/// window probe and the connection is live.
+pub fn resume_in_place(fd: BorrowedFd<'_>) -> Result<(), Error> {
+    sys::set_repair(fd, sys::REPAIR_OFF).map_err(kernel_error("turn off repair mode"))
+}
+
 /// Freezes one socket: locks its flow, then turns repair mode on. Refuses a
 /// socket that is frozen already. On error nothing is left changed.
 pub fn freeze(sock: OwnedFd, opts: &FreezeOptions) -> Result<Frozen, Error> {

@@ -237,15 +237,22 @@ impl RelayWorker {
         }
         let mut answer = [0u8; 1];
         match (&**to).read(&mut answer) {
-            Ok(1) if answer[0] == TAKEN => Some(Held { to: to.clone(), id }),
+            Ok(1) if answer[0] == TAKEN => Some(Held {
+                to: to.clone(),
+                id,
+                told: false,
+            }),
             Ok(1) if answer[0] == REFUSED => None,
             other => {
-                // Slow, dead or confused: whatever it holds of this pair it
-                // closes at its end (the connection is still in repair
-                // mode: silently), and the caller relays in process.
+                // Slow, dead or confused: a live one may still hold the pair
+                // ("f" is queued) and would resume and relay it at its end
+                // while the caller does too; "x" right behind the "f" has it
+                // close its copies (in repair mode: silently). A dead one
+                // reads neither, and its copies died with it.
                 tracing::warn!(
-                    "the relay worker did not take a pair ({other:?}); relaying in the agent"
+                    "the relay worker did not take a pair ({other:?}); starting another"
                 );
+                let _ = (&**to).write_all(&message(DROP, id));
                 retire(&mut state);
                 None
             }
@@ -259,17 +266,21 @@ pub struct Held {
     /// The socket to the worker that holds it (retired or not).
     to: Arc<UnixStream>,
     id: u64,
+    /// Whether `go` or `drop_it` told the worker; a `Held` dropped
+    /// otherwise (an unwinding caller) tells it to drop the pair.
+    told: bool,
 }
 
 impl Held {
     /// The connection is resumed: the worker relays it. True when told
     /// (the caller then closes its copies); false when that worker is gone,
     /// its copies with it: the caller relays its own.
-    pub fn go(self) -> bool {
+    pub fn go(mut self) -> bool {
+        self.told = true;
         match (&*self.to).write_all(&message(GO, self.id)) {
             Ok(()) => true,
             Err(e) => {
-                tracing::warn!("the relay worker is gone ({e}); relaying in the agent");
+                tracing::warn!("the relay worker is gone ({e})");
                 false
             }
         }
@@ -277,8 +288,17 @@ impl Held {
 
     /// The connection was not resumed: the worker closes its copies (the
     /// connection is in repair mode: silently).
-    pub fn drop_it(self) {
+    pub fn drop_it(mut self) {
+        self.told = true;
         let _ = (&*self.to).write_all(&message(DROP, self.id));
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if !self.told {
+            let _ = (&*self.to).write_all(&message(DROP, self.id));
+        }
     }
 }
 
@@ -324,6 +344,14 @@ pub fn serve(mut from: UnixStream) -> io::Result<()> {
         let (n, fds) = match tcpr_host::recv_with_fds(from.as_fd(), &mut m) {
             Ok(got) => got,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // A "p" or "f" whose descriptors did not arrive whole (out of
+            // descriptors here): its 9 bytes are read; the agent keeps the
+            // pair. Only those two carry descriptors, and both are answered.
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                tracing::warn!("relay worker: a pair did not arrive whole: {e}");
+                answer(&mut from, REFUSED);
+                continue;
+            }
             Err(e) => {
                 tracing::warn!("relay worker: the agent's socket failed: {e}");
                 break;
@@ -388,10 +416,8 @@ pub fn serve(mut from: UnixStream) -> io::Result<()> {
     for (_, (client, server)) in held.drain() {
         let live = match tcpr_engine::is_frozen(client.as_fd()) {
             Ok(false) => Ok(()),
-            Ok(true) => {
-                tcpr_host::sock::set_int(client.as_fd(), libc::SOL_TCP, libc::TCP_REPAIR, 0)
-                    .map_err(|e| format!("cannot resume it: {e}"))
-            }
+            Ok(true) => tcpr_engine::resume_in_place(client.as_fd())
+                .map_err(|e| format!("cannot resume it: {e}")),
             Err(e) => Err(e.to_string()),
         };
         match (live, relays.as_mut()) {

@@ -293,10 +293,11 @@ impl Lab {
         // and until then the host sends no neighbour solicitation (the
         // kernel needs a usable link-local source), so a forwarded IPv6
         // packet to a neighbour not yet known was dropped (seen in the
-        // steering tests: a flow's first packets went nowhere).
+        // steering tests: a flow's first packets went nowhere). `-e`: a
+        // kernel without IPv6 has no such setting.
         run(h
             .cmd("sysctl")
-            .args(["-qw", "net.ipv6.conf.eth0.accept_dad=0"]))?;
+            .args(["-qew", "net.ipv6.conf.eth0.accept_dad=0"]))?;
         h.ip(&["link", "set", "eth0", "up"])?;
         for a in addrs {
             h.add_addr(a)?;

@@ -16,11 +16,13 @@
 //!     SYN without ACK: goto forget (delete KEY from @closing and @flows;
 //!                                   the front's stack takes the packet)
 //!     KEY @closing: goto closed
-//!     FIN or RST: add @closing { KEY }; update @flows { KEY timeout LINGER }; fwd
+//!     FIN or RST: update @flows { KEY timeout LINGER }; add @closing { KEY }; fwd
 //!     otherwise:  update @flows { KEY timeout IDLE }; fwd
 //!   chain closed (a flow the client ended, or half-closed):
-//!     update @closing { KEY timeout LINGER }; update @flows { KEY timeout LINGER }
+//!     update @flows { KEY timeout LINGER }; update @closing { KEY timeout LINGER }
 //!     fwd to meta mark map @backends
+//!   (the flow's expiry is written first, so that its closing mark never
+//!   expires before it: a packet in between would renew it to IDLE)
 //! ```
 //!
 //! Per packet: one flag test, two or three hash lookups and one or two
@@ -218,15 +220,15 @@ impl NftConfig {
     delete @closing{v} {{ {key} }}{forget_flow}
   }}
   chain closed{v} {{
-    update @closing{v} {{ {key} timeout {linger}ms }}
     {linger_update}
+    update @closing{v} {{ {key} timeout {linger}ms }}
     {fwd}
   }}
   chain steered{v} {{
     tcp flags & (syn | ack) == syn goto forget{v}
     {key} @closing{v} goto closed{v}
-    tcp flags & (fin | rst) != 0 add @closing{v} {{ {key} }}
     tcp flags & (fin | rst) != 0 {linger_update}
+    tcp flags & (fin | rst) != 0 add @closing{v} {{ {key} }}
     tcp flags & (fin | rst) != 0 {fwd}
     {idle_update}
     {fwd}

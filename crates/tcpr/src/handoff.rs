@@ -227,6 +227,12 @@ pub fn relay_worker() -> Result<i32> {
         .as_fd()
         .try_clone_to_owned()
         .context("relay-worker: standard input")?;
+    // Four fds a relay (two sockets, two pipes) and up to 128 spare
+    // pipes: the default soft limit (1024) would hold ~200 relays, and a
+    // pair that arrives beyond it loses its descriptors in transit.
+    if let Err(e) = tcpr_host::raise_fd_limit(1 << 20) {
+        tracing::warn!("relay-worker: cannot raise its open-file limit: {e}");
+    }
     tcpr_handoff::relay_worker::serve(std::os::unix::net::UnixStream::from(from))
         .context("relay-worker")?;
     Ok(0)

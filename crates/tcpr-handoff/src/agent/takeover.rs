@@ -867,20 +867,18 @@ pub(super) fn deliver_one(
             let Some(Reached::Forward(to)) = target else {
                 return fail(stream.into(), "no connection to the server".into());
             };
-            let (stream, to) = match (held, worker) {
-                (Some(h), _) => {
-                    if h.go() {
-                        // Held since before the resume: our copies close.
-                        return Ok(Handed::Delivered);
-                    }
-                    // Its worker is gone, and its copies with it.
-                    (stream, to)
-                }
-                (None, Some(w)) => match w.hand(stream, to) {
+            // Held since before the resume: once told, the worker relays
+            // it and our copies close. Its worker gone (its copies with
+            // it), the pair goes to another as if never held.
+            if held.is_some_and(|h| h.go()) {
+                return Ok(Handed::Delivered);
+            }
+            let (stream, to) = match worker {
+                Some(w) => match w.hand(stream, to) {
                     WorkerTook::ToWorker => return Ok(Handed::Delivered),
                     WorkerTook::Back(stream, to) => (stream, to),
                 },
-                (None, None) => (stream, to),
+                None => (stream, to),
             };
             deliver::forward(stream, to, img.peer)
                 .map(|()| Handed::Delivered)
