@@ -668,6 +668,62 @@ mod tests {
         serving.join().unwrap().unwrap();
     }
 
+    /// A worker (here a stand-in) that answers a hold with neither "k"
+    /// nor "n": the agent gives up on it and, right behind the "f", sends
+    /// "x" for the same pair, so that the worker, should it hold the pair
+    /// after all, closes it instead of relaying it at its end while the
+    /// agent relays it too.
+    #[test]
+    fn a_hold_answered_oddly_is_followed_by_a_drop() {
+        const FAKE: &str = r#"
+import os, socket, sys
+s = socket.socket(fileno=0)
+first, fds, _, _ = socket.recv_fds(s, 9, 4)
+for fd in fds:
+    os.close(fd)
+s.sendall(b"z")
+rest = b""
+while len(rest) < 9:
+    b = s.recv(9 - len(rest))
+    if not b:
+        break
+    rest += b
+with open(sys.argv[1] + ".part", "wb") as f:
+    f.write(first + rest)
+os.rename(sys.argv[1] + ".part", sys.argv[1])
+"#;
+        let out = std::env::temp_dir().join(format!("tcpr-fake-worker-{}", std::process::id()));
+        let _ = std::fs::remove_file(&out);
+        let w = RelayWorker::new(WorkerCommand {
+            program: "python3".into(),
+            args: vec!["-c".into(), FAKE.into(), out.to_str().unwrap().into()],
+        });
+        let (_client, client_in) = connection();
+        let (server_out, _server) = connection();
+        assert!(w.hold(client_in.as_fd(), &server_out).is_none());
+        let start = std::time::Instant::now();
+        while !out.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the stand-in wrote nothing"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let got = std::fs::read(&out).unwrap();
+        let _ = std::fs::remove_file(&out);
+        assert_eq!(got.len(), 2 * MESSAGE_BYTES, "{got:?}");
+        assert_eq!(got[0], HOLD);
+        assert_eq!(
+            got[MESSAGE_BYTES], DROP,
+            "the odd answer is followed by a drop"
+        );
+        assert_eq!(
+            got[1..MESSAGE_BYTES],
+            got[MESSAGE_BYTES + 1..],
+            "of the same pair"
+        );
+    }
+
     /// A message without two descriptors is refused; the worker goes on.
     #[test]
     fn a_message_without_a_pair_is_refused() {
