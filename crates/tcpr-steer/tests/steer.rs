@@ -287,15 +287,20 @@ fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// A download of 8 MiB through the VIP (the handshake as if handed off),
-/// and the client's FIN or RST. Checks: every byte arrives (hash), the
-/// front's stack never saw a
-/// segment, the front's interface carried a small fraction of the bytes
-/// (only the client's packets, forwarded), and the entry goes after the
-/// client's end plus the linger, not before it was used.
-fn steered_download(v6: bool, close: &str) {
-    let net = Net::new(if v6 { "s6" } else { "s4" });
-    let (client, vip, backend) = if v6 {
+/// A lab whose front steers one flow, from a fresh client port to the VIP,
+/// to the backend, with a 300 ms linger: the lab, the datapath, the flow,
+/// its (client, VIP, backend) addresses and the client's port.
+type OneFlow = (
+    Net,
+    NftSteering,
+    SteeredFlow,
+    (&'static str, &'static str, &'static str),
+    u16,
+);
+
+fn one_steered_flow(tag: &str, v6: bool) -> OneFlow {
+    let net = Net::new(tag);
+    let addrs = if v6 {
         (CLIENT6, VIP6, BACKEND6)
     } else {
         (CLIENT4, VIP4, BACKEND4)
@@ -304,8 +309,20 @@ fn steered_download(v6: bool, close: &str) {
     cfg.linger = Duration::from_millis(300);
     let steering = net.steering(cfg);
     let sport = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
-    let f = flow(client, sport, vip, backend);
+    let f = flow(addrs.0, sport, addrs.1, addrs.2);
     steering.steer(&f).unwrap();
+    (net, steering, f, addrs, sport)
+}
+
+/// A download of 8 MiB through the VIP (the handshake as if handed off),
+/// and the client's FIN or RST. Checks: every byte arrives (hash), the
+/// front's stack never saw a
+/// segment, the front's interface carried a small fraction of the bytes
+/// (only the client's packets, forwarded), and the entry goes after the
+/// client's end plus the linger, not before it was used.
+fn steered_download(v6: bool, close: &str) {
+    let (net, steering, f, (client, vip, backend), sport) =
+        one_steered_flow(if v6 { "s6" } else { "s4" }, v6);
     assert!(steering.is_steered(f.client, f.vip).unwrap());
     assert_eq!(steering.active().unwrap(), 1);
 
@@ -382,18 +399,8 @@ fn an_entry_goes_after_the_clients_rst() {
 #[test]
 fn a_half_closed_client_keeps_its_entry_while_the_server_sends() {
     for v6 in [false, true] {
-        let net = Net::new(if v6 { "h6" } else { "h4" });
-        let (client, vip, backend) = if v6 {
-            (CLIENT6, VIP6, BACKEND6)
-        } else {
-            (CLIENT4, VIP4, BACKEND4)
-        };
-        let mut cfg = NftConfig::new("eth0");
-        cfg.linger = Duration::from_millis(300);
-        let steering = net.steering(cfg);
-        let sport = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
-        let f = flow(client, sport, vip, backend);
-        steering.steer(&f).unwrap();
+        let (net, steering, f, (client, vip, backend), sport) =
+            one_steered_flow(if v6 { "h6" } else { "h4" }, v6);
         let server = serve(&net.backend, vip, "slow");
         let in_before = net.front_tcp_in();
         // Twenty pieces a tenth of a second apart: about 2 s, against a
