@@ -452,6 +452,7 @@ fn relay_held(
     let (client, server) = not.pair;
     let Some(peer) = peer else {
         tracing::error!("relay worker: a resumed connection without a peer cannot be relayed");
+        let _ = tcpr_engine::close_silently(client.into());
         return;
     };
     if let Err((client, e)) = crate::deliver::forward(client, server, peer) {
