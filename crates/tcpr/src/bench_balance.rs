@@ -34,6 +34,9 @@ use std::time::Duration;
 use tcpr_balance::metrics::names;
 use tcpr_netlab::balance::{BalanceLab, Family};
 
+mod cpu_cap;
+use cpu_cap::CpuCap;
+
 /// The bench's network number.
 const NET: u8 = 79;
 /// Bytes in a GiB.
@@ -58,6 +61,13 @@ const FD_AGENT_PORT: u16 = AGENT_PORT + 1;
 /// default, so tens of thousands of new connections a run do not run out
 /// (per namespace; the bench's own namespaces only).
 const EPHEMERAL_PORTS: &str = "1024 65000";
+/// The share of one core a capped front gets: on the bench's 2-core
+/// machine, at a quarter of a core both HAProxy and tcpr serve fewer
+/// requests than the rest of the machine could (clients, servers, agents:
+/// 0.06-0.12 ms of CPU per request beside the front's 0.03-0.05), so the
+/// front is what limits the rate. Each run prints how much of its cap the
+/// front used, so a reader sees it was the limit.
+const FRONT_SHARE: f64 = 0.25;
 /// After each wrk run: the closing connections of one run are not the
 /// next one's work.
 const SETTLE: Duration = Duration::from_millis(200);
@@ -77,6 +87,11 @@ struct Run {
     front_cpu_ms_per_request: f64,
     /// Socket errors and non-2xx/3xx responses wrk counted.
     errors: f64,
+    /// A capped front's CPU over its cap (1: the cap was the limit); NaN
+    /// for an uncapped one.
+    cap_use: f64,
+    /// The run's length as wrk measured it.
+    seconds: f64,
 }
 
 /// The balancer's counters (summed over pools, members, listeners).
@@ -198,6 +213,9 @@ pub struct Load {
     pub connections: u32,
     /// The response body's size; 0 for a small response.
     pub bytes: u64,
+    /// The share of one core each front is capped at for this load
+    /// ([`cpu_cap`]), or `None`: uncapped.
+    pub front_share: Option<f64>,
 }
 
 impl Load {
@@ -216,6 +234,7 @@ pub fn loads() -> Vec<Load> {
         close,
         connections: 32,
         bytes: 0,
+        front_share: None,
     };
     let big = |name, short, bytes: u64| Load {
         name,
@@ -224,9 +243,18 @@ pub fn loads() -> Vec<Load> {
         close: true,
         connections: 4,
         bytes,
+        front_share: None,
     };
     vec![
         small("small, new connections", "new", true),
+        // The same load with each front held to a quarter of a core, which
+        // is below what either front needs for the rate the rest of the
+        // machine (clients, backends) can serve: the front is the
+        // bottleneck, as a front with machines of its own is (`cpu_cap`).
+        Load {
+            front_share: Some(FRONT_SHARE),
+            ..small("small, new, front capped", "new-cap", true)
+        },
         small("small, keep-alive", "k-a", false),
         big("1 MiB responses", "1 MiB", 1 << 20),
         big("100 MiB responses", "100 MiB", 100 << 20),
@@ -249,6 +277,9 @@ pub struct FrontFigures {
     pub cpu_ms_per_request: Samples,
     /// Socket errors and non-2xx/3xx responses over all runs.
     pub errors: f64,
+    /// A capped front's CPU over its cap, per run (about 1: the cap was
+    /// the limit); empty for an uncapped load.
+    pub cap_use: Samples,
 }
 
 impl FrontFigures {
@@ -261,6 +292,12 @@ impl FrontFigures {
             cpu_per_gib: col(|r| r.front_cpu_per_gib),
             cpu_ms_per_request: col(|r| r.front_cpu_ms_per_request),
             errors: runs.iter().map(|r| r.errors).sum(),
+            cap_use: Samples::new(
+                runs.iter()
+                    .map(|r| r.cap_use)
+                    .filter(|u| !u.is_nan())
+                    .collect(),
+            ),
         }
     }
 }
@@ -499,6 +536,13 @@ fn compare(
     wait_port(lab, VIP_PORT)?;
     wait_port(lab, FD_PORT)?;
     let loads: Vec<Load> = loads().into_iter().filter(|l| only.load(l)).collect();
+    let cap = match loads.iter().find_map(|l| l.front_share) {
+        Some(share) => Some(CpuCap::new(
+            &format!("tcpr-bench-balance-{}", std::process::id()),
+            share,
+        )?),
+        None => None,
+    };
     let mut haproxy_runs = vec![Vec::new(); loads.len()];
     let mut tcpr_runs = vec![Vec::new(); loads.len()];
     let mut tcpr_served = vec![Served::default(); loads.len()];
@@ -516,7 +560,7 @@ fn compare(
                 match front {
                     Front::Haproxy => haproxy_runs[i].push(wrk(
                         lab,
-                        haproxy.0.id(),
+                        (haproxy.0.id(), cap.as_ref()),
                         HAPROXY_PORT,
                         load,
                         plan.seconds,
@@ -530,7 +574,8 @@ fn compare(
                             (FD_PORT, &mut fd_runs[i], &mut fd_served[i])
                         };
                         let before = served(lab)?;
-                        runs.push(wrk(lab, tcpr.0.id(), port, load, plan.seconds)?);
+                        let front = (tcpr.0.id(), cap.as_ref());
+                        runs.push(wrk(lab, front, port, load, plan.seconds)?);
                         *counted = counted.plus(served(lab)?.since(before));
                     }
                 }
@@ -612,6 +657,21 @@ fn print(f: &BalanceFigures) {
         "(fwd: tcpr, agents --forward to unmodified servers; fd: tcpr, agents --unix to \
          servers that take passed fds; ratio: over haproxy's, higher is better; p99 in ms)"
     );
+    for r in f.rows.iter().filter(|r| r.haproxy.cap_use.len() > 0) {
+        let used = |s: &Samples| 100.0 * or_nan(s);
+        println!(
+            "({}: each front held to {} of a core used {:.0}% (haproxy), {:.0}% (fwd), \
+             {:.0}% (fd) of it: near 100%, the cap was the limit)",
+            r.load.name,
+            r.load
+                .front_share
+                .map(|s| format!("{s:.2}"))
+                .unwrap_or_default(),
+            used(&r.haproxy.cap_use),
+            used(&r.tcpr.front.cap_use),
+            used(&r.fd.front.cap_use)
+        );
+    }
     println!();
     println!(
         "{:<24} {:>10} {:>10} {:>7} {:>10} {:>7} {:>10} {:>10} {:>10}",
@@ -703,7 +763,7 @@ fn wait_port(lab: &BalanceLab, port: u16) -> Result<()> {
 }
 
 /// utime + stime of `pid`, seconds.
-fn cpu_seconds(pid: u32) -> Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name (field 2) may hold spaces: count after its ')'.
     let rest = stat.rsplit_once(')').context("bad /proc stat")?.1;
@@ -726,8 +786,35 @@ fn tick_rate() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// One wrk run of `load` against the front `pid` listening on `port`.
-fn wrk(lab: &BalanceLab, pid: u32, port: u16, load: &Load, seconds: u32) -> Result<Run> {
+/// One wrk run of `load` against the front `pid` listening on `port`;
+/// when the load caps the front, `pid` runs the load in `cap`.
+fn wrk(
+    lab: &BalanceLab,
+    (pid, cap): (u32, Option<&CpuCap>),
+    port: u16,
+    load: &Load,
+    seconds: u32,
+) -> Result<Run> {
+    let capped = match (load.front_share, cap) {
+        (Some(share), Some(cap)) => {
+            cap.hold(pid)?;
+            Some(share)
+        }
+        (Some(_), None) => bail!("{}: the front has no cap to run in", load.name),
+        (None, _) => None,
+    };
+    let run = wrk_run(lab, pid, port, load, seconds);
+    if let Some(cap) = cap.filter(|_| capped.is_some()) {
+        cap.release(pid)?;
+    }
+    let mut run = run?;
+    if let Some(share) = capped {
+        run.cap_use = run.front_cpu_ms_per_request * run.requests / 1e3 / (share * run.seconds);
+    }
+    Ok(run)
+}
+
+fn wrk_run(lab: &BalanceLab, pid: u32, port: u16, load: &Load, seconds: u32) -> Result<Run> {
     let vip = lab.vip(Family::V4);
     let cpu_before = cpu_seconds(pid)?;
     let mut wrk = lab.client.cmd("wrk");
@@ -761,6 +848,8 @@ fn wrk(lab: &BalanceLab, pid: u32, port: u16, load: &Load, seconds: u32) -> Resu
         },
         front_cpu_ms_per_request: 1e3 * cpu / summary.requests,
         errors: summary.errors,
+        cap_use: f64::NAN,
+        seconds: summary.seconds,
     })
 }
 
