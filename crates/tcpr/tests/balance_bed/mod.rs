@@ -113,20 +113,39 @@ impl Bed {
     }
 
     pub fn agent(&self, i: usize, listen: SocketAddr, server: u16, vip_port: u16) -> Proc {
+        let cmd = self.agent_cmd(i, listen, server, vip_port, None);
+        let mut p = Proc::spawn(cmd, &format!("agent b{i} {listen}"));
+        p.expect("tcpr agent listening", START);
+        p
+    }
+
+    /// The command of backend `i`'s agent listening on `listen`, forwarding
+    /// to its server on port `server`, allowed the VIPs' `vip_port`; with a
+    /// journal in `journal`, or none.
+    pub fn agent_cmd(
+        &self,
+        i: usize,
+        listen: SocketAddr,
+        server: u16,
+        vip_port: u16,
+        journal: Option<&std::path::Path>,
+    ) -> Command {
         let h = &self.lab.backends[i];
         let mut cmd = h.cmd(tcpr_bin());
         cmd.args(["agent", "--listen", &listen.to_string()])
-            .args(["--psk-file", self.psk.to_str().unwrap(), "--no-journal"])
+            .args(["--psk-file", self.psk.to_str().unwrap()])
             .args(["--forward", &format!("127.0.0.1:{server}")]);
+        match journal {
+            Some(dir) => cmd.args(["--journal", dir.to_str().unwrap()]),
+            None => cmd.arg("--no-journal"),
+        };
         for f in [Family::V4, Family::V6] {
             cmd.args(["--allow", &sock(self.lab.vip(f), vip_port)]);
             // The agents of one host share the VIPs: the second finds them
             // there and leaves them to the first.
             cmd.args(["--vip", &self.lab.vip(f).to_string()]);
         }
-        let mut p = Proc::spawn(cmd, &format!("agent b{i} {listen}"));
-        p.expect("tcpr agent listening", START);
-        p
+        cmd
     }
 
     /// The config: host a.example to backend 0, b.example to backend 1,
