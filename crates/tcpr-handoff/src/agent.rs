@@ -18,7 +18,7 @@
 //! message within [`AgentConfig::timeout`], as every message of a batch.
 
 mod admission;
-mod journal;
+pub(crate) mod journal;
 mod takeover;
 
 use crate::auth::{Auth, Channel};
@@ -103,6 +103,11 @@ pub struct AgentConfig {
     /// Channels allowed to wait between batches at once; past it, the one
     /// idle longest is closed. 0: a channel closes after its batch.
     pub max_idle_channels: usize,
+    /// How long [`AgentServer::bind`] waits for an address in use to come
+    /// free: the stand-in of an agent that died before this one holds it
+    /// for its period ([`crate::stand_in`]). Zero: an address in use is an
+    /// error at once.
+    pub bind_wait: Duration,
 }
 
 impl AgentConfig {
@@ -118,6 +123,7 @@ impl AgentConfig {
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_idle_channels: DEFAULT_MAX_IDLE_CHANNELS,
+            bind_wait: Duration::ZERO,
         }
     }
 
@@ -227,6 +233,34 @@ fn check_delivery(delivery: &Delivery) -> Result<Option<Reached>, String> {
     }
 }
 
+/// Binds `addr`, waiting up to `wait` while it is in use: the stand-in of
+/// an agent that died is asked to let it go at once (else it does at the
+/// end of its period).
+fn bind_waiting(addr: SocketAddr, wait: Duration) -> io::Result<TcpListener> {
+    let deadline = Instant::now() + wait;
+    let mut said = false;
+    loop {
+        match TcpListener::bind(addr) {
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                if !said && crate::stand_in::ask_to_leave(addr) {
+                    tracing::info!("the stand-in of an earlier agent let {addr} go");
+                    said = true;
+                    continue;
+                }
+                if !said {
+                    tracing::warn!(
+                        "{addr} is in use; waiting up to {wait:?} for it (an earlier agent's \
+                         stand-in holds it until its period ends)"
+                    );
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            bound => return bound,
+        }
+    }
+}
+
 impl AgentServer {
     /// Binds the agent's listening socket, once its delivery target and
     /// its journal are usable.
@@ -258,8 +292,8 @@ impl AgentServer {
             .auth
             .server_config()
             .map_err(|e| AgentError::Config(e.to_string()))?;
-        let listener =
-            TcpListener::bind(addr).map_err(|source| AgentError::Listen { addr, source })?;
+        let listener = bind_waiting(addr, cfg.bind_wait)
+            .map_err(|source| AgentError::Listen { addr, source })?;
         // Connections that arrive here may leave again later: install the
         // lock's table now rather than in the first move's pause.
         if let Err(e) = tcpr_engine::lock::prepare() {
@@ -277,6 +311,11 @@ impl AgentServer {
                 journal,
             }),
         })
+    }
+
+    /// The listening socket (for a copy the stand-in keeps).
+    pub fn listener(&self) -> &TcpListener {
+        &self.listener
     }
 
     /// The bound address.
@@ -530,7 +569,7 @@ fn query(shared: &Shared, batch: u64) -> BatchStatus {
 /// A batch's status after a restart. One that committed but resumed
 /// nothing may have taken its address here: it is given back before the
 /// sender is told it may roll back (and put the address back at home).
-fn from_journal(j: &Journal, batch: u64) -> BatchStatus {
+pub(crate) fn from_journal(j: &Journal, batch: u64) -> BatchStatus {
     let recorded = j.status(batch);
     let Some(ip) = recorded.give_back else {
         return recorded.status;

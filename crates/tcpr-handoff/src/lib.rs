@@ -7,7 +7,9 @@
 //!   by a pre-shared key bound to the TLS session;
 //! - [`agent`]: the receiving end (restore, then resume and deliver);
 //! - [`sender`]: the sending end (freeze, dump, prepare, switch, commit);
-//! - [`deliver`]: handing restored connections to applications.
+//! - [`deliver`]: handing restored connections to applications;
+//! - [`stand_in`]: answers senders' queries from the journal of an agent
+//!   that was killed.
 //!
 //! This crate does not steer packets by itself: the sender switches traffic
 //! by moving an address or by a hook the caller supplies.
@@ -23,6 +25,7 @@ pub mod fuzzing;
 pub mod machine;
 pub mod relay_worker;
 pub mod sender;
+pub mod stand_in;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 pub mod wire;

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tcpr_handoff::relay_worker::{RelayWorker, WorkerCommand};
+use tcpr_handoff::stand_in::{self, Goodbye, StandIn, StandInConfig};
 use tcpr_handoff::{AgentConfig, AgentServer, Auth, Delivery, MigrateOptions, Outgoing, Switch};
 
 /// How the two ends authenticate: a pre-shared key or mutual TLS.
@@ -108,6 +109,38 @@ pub struct AgentArgs {
     /// journal directory must be writable by it.
     #[arg(long)]
     pub(crate) user: Option<String>,
+    /// Seconds a stand-in answers senders' queries from the journal after
+    /// the agent is killed (SIGKILL, a crash), so that a sender that lost
+    /// the agent after COMMIT learns what became of its connections even
+    /// if no one restarts the agent; it then lets the listening address
+    /// go. Also how long the agent waits for its address when it starts
+    /// and finds it in use. 0: no stand-in. Needs the journal.
+    #[arg(long, value_name = "SECS", default_value = "10",
+          value_parser = crate::bounds::step_timeout_or_zero)]
+    stand_in: Duration,
+}
+
+/// `tcpr agent-stand-in` (hidden): the agent's stand-in
+/// (`tcpr_handoff::stand_in`); the agent starts it with the listening
+/// socket on standard input.
+#[derive(Args, Debug)]
+pub struct StandInArgs {
+    #[command(flatten)]
+    auth: AuthArgs,
+    /// The agent's journal.
+    #[arg(long)]
+    journal: PathBuf,
+    /// The bound on each sender's handshake and QUERY (seconds).
+    #[arg(long, value_parser = crate::bounds::step_timeout)]
+    timeout: Duration,
+    /// How long it answers once the agent died (seconds).
+    #[arg(long, value_parser = crate::bounds::step_timeout)]
+    period: Duration,
+    /// Run as this user (the agent's `--user`), keeping CAP_NET_ADMIN (to
+    /// give back an address a dead agent took for a batch it never
+    /// resumed).
+    #[arg(long)]
+    user: Option<String>,
 }
 
 /// `tcpr migrate`.
@@ -181,13 +214,28 @@ pub fn agent(a: AgentArgs) -> Result<i32> {
     cfg.max_handshakes = a.max_handshakes;
     cfg.idle_timeout = a.idle_timeout;
     cfg.max_idle_channels = a.max_idle_channels;
-    let vips = serve_vips(&a.vip)?;
+    cfg.bind_wait = a.stand_in;
     let server = AgentServer::bind(a.listen, cfg)?;
+    // Started before privileges are dropped, so that it reads the same key
+    // files; it drops them itself, to the same user.
+    let stand_in = if a.no_journal || a.stand_in.is_zero() {
+        None
+    } else {
+        Some(start_stand_in(&a, server.listener())?)
+    };
+    let goodbye = stand_in.as_ref().map(StandIn::goodbye_handle);
+    // Every way out of this function is a clean end (an error included):
+    // only a killed or crashed agent leaves its stand-in standing in.
+    let _clean_end = CleanEnd(goodbye.clone());
+    let vips = serve_vips(&a.vip, goodbye.clone())?;
     if let Some(user) = &a.user {
         crate::privs::become_user(user, &crate::privs::agent_keeps(a.listen, &a.allow))?;
         if !a.no_journal {
             crate::privs::check_writable(&a.journal, user)?;
         }
+    }
+    if let (true, Some(g)) = (a.vip.is_empty(), &goodbye) {
+        goodbye_on_signal(g.clone())?;
     }
     // Started once privileges are dropped: it keeps none.
     if let Delivery::Forward {
@@ -202,6 +250,89 @@ pub fn agent(a: AgentArgs) -> Result<i32> {
     let stopped = server.run().context("the agent stopped");
     drop(vips);
     stopped?;
+    Ok(0)
+}
+
+/// SIGINT / SIGTERM (without VIPs, whose handler does it too): says
+/// goodbye to the stand-in and exits.
+fn goodbye_on_signal(goodbye: Goodbye) -> Result<()> {
+    ctrlc::set_handler(move || {
+        goodbye.say();
+        std::process::exit(0);
+    })
+    .context("cannot handle SIGINT/SIGTERM")
+}
+
+/// Says goodbye to the stand-in when dropped.
+struct CleanEnd(Option<Goodbye>);
+
+impl Drop for CleanEnd {
+    fn drop(&mut self) {
+        if let Some(g) = &self.0 {
+            g.say();
+        }
+    }
+}
+
+/// Starts the agent's stand-in (this binary's hidden `agent-stand-in`)
+/// with a copy of `listener`.
+fn start_stand_in(a: &AgentArgs, listener: &std::net::TcpListener) -> Result<StandIn> {
+    let program = std::env::current_exe().context("the stand-in: this program's path")?;
+    let path = |p: &PathBuf| -> Result<String> {
+        std::path::absolute(p)?
+            .to_str()
+            .map(str::to_string)
+            .context("a path that is not UTF-8")
+    };
+    let mut args = vec!["agent-stand-in".to_string()];
+    match (&a.auth.psk_file, &a.auth.cert, &a.auth.key, &a.auth.ca) {
+        (Some(p), ..) => args.extend(["--psk-file".into(), path(p)?]),
+        (None, Some(c), Some(k), Some(ca)) => args.extend([
+            "--cert".into(),
+            path(c)?,
+            "--key".into(),
+            path(k)?,
+            "--ca".into(),
+            path(ca)?,
+        ]),
+        _ => bail!("the stand-in needs the agent's authentication"),
+    }
+    args.extend(["--journal".into(), path(&a.journal)?]);
+    args.extend(["--timeout".into(), a.timeout.to_string()]);
+    args.extend(["--period".into(), a.stand_in.as_secs_f64().to_string()]);
+    if let Some(user) = &a.user {
+        args.extend(["--user".into(), user.clone()]);
+    }
+    StandIn::spawn(&program, &args, listener).context("cannot start the agent's stand-in")
+}
+
+/// `tcpr agent-stand-in`: waits for the agent (on standard input) to end;
+/// if it died, answers queries from its journal for the period.
+pub fn stand_in(a: StandInArgs) -> Result<i32> {
+    use std::os::fd::AsFd;
+    let agent = std::os::unix::net::UnixStream::from(
+        std::io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("agent-stand-in: standard input")?,
+    );
+    let listener = stand_in::receive_listener(&agent).context("agent-stand-in")?;
+    let cfg = StandInConfig {
+        auth: a.auth.auth()?,
+        journal: a.journal.clone(),
+        timeout: a.timeout,
+        period: a.period,
+    };
+    if let Some(user) = &a.user {
+        let keep = [caps::Capability::CAP_NET_ADMIN].into_iter().collect();
+        crate::privs::become_user(user, &keep)?;
+    }
+    match stand_in::serve(agent, listener, &cfg).context("agent-stand-in")? {
+        stand_in::Ended::Goodbye => {}
+        stand_in::Ended::StoodIn(n) => {
+            tracing::info!("stood in for the agent: answered {n} queries");
+        }
+    }
     Ok(0)
 }
 
@@ -248,31 +379,39 @@ fn resolve_server(s: &str) -> Result<SocketAddr, String> {
 
 /// `--vip`: the VIPs on the loopback, ARP suppressed, until the agent
 /// ends: normally, or by SIGINT / SIGTERM, whose handler undoes them and
-/// exits.
-fn serve_vips(vips: &[IpAddr]) -> Result<VipsHeld> {
+/// exits. The handler also says goodbye to the stand-in (a clean end: it
+/// leaves without standing in).
+fn serve_vips(vips: &[IpAddr], goodbye: Option<Goodbye>) -> Result<VipsHeld> {
     let held = VipsHeld(std::sync::Arc::new(std::sync::Mutex::new(None)));
-    if vips.is_empty() {
+    if !vips.is_empty() {
+        if let Some(bad) = vips
+            .iter()
+            .find(|ip| ip.is_unspecified() || ip.is_loopback() || ip.is_multicast())
+        {
+            bail!("--vip {bad}: a VIP is a unicast address clients connect to");
+        }
+        let prepared = tcpr_host::vip::prepare(vips)?;
+        eprintln!(
+            "tcpr agent: serving {} on lo (ARP suppressed)",
+            vips.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        *held.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(prepared);
+    } else {
+        // The stand-in's goodbye alone is installed once privileges are
+        // dropped (`goodbye_on_signal`): the handler runs on a thread of
+        // its own, and privileges are dropped from a single thread.
         return Ok(held);
     }
-    if let Some(bad) = vips
-        .iter()
-        .find(|ip| ip.is_unspecified() || ip.is_loopback() || ip.is_multicast())
-    {
-        bail!("--vip {bad}: a VIP is a unicast address clients connect to");
-    }
-    let prepared = tcpr_host::vip::prepare(vips)?;
-    eprintln!(
-        "tcpr agent: serving {} on lo (ARP suppressed)",
-        vips.iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    *held.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(prepared);
     let on_signal = held.0.clone();
     ctrlc::set_handler(move || {
         // Dropping the guard removes the VIPs and restores the sysctls.
         drop(on_signal.lock().unwrap_or_else(|e| e.into_inner()).take());
+        if let Some(g) = &goodbye {
+            g.say();
+        }
         std::process::exit(0);
     })
     .context("cannot handle SIGINT/SIGTERM (the VIPs would stay)")?;

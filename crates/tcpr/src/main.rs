@@ -76,6 +76,14 @@ pub(crate) mod bounds {
         seconds(arg, MIN_STEP_TIMEOUT_SECS, MAX_STEP_TIMEOUT_SECS)
     }
 
+    /// [`step_timeout`], or 0 (off).
+    pub fn step_timeout_or_zero(arg: &str) -> Result<Duration, String> {
+        if arg.trim().parse::<f64>() == Ok(0.0) {
+            return Ok(Duration::ZERO);
+        }
+        step_timeout(arg).map_err(|e| format!("{e} (or 0: off)"))
+    }
+
     /// The demo's `--interval`.
     pub fn demo_interval(arg: &str) -> Result<Duration, String> {
         seconds(arg, DEMO_INTERVAL_SECS.0, DEMO_INTERVAL_SECS.1)
@@ -225,6 +233,10 @@ enum Cmd {
     /// standard input until it closes and the relays end.
     #[command(hide = true)]
     RelayWorker,
+    /// The agent's stand-in: answers queries from the journal of an agent
+    /// that was killed (started by the agent).
+    #[command(hide = true)]
+    AgentStandIn(handoff::StandInArgs),
     /// Move live connections of a process or address to an agent. Frozen
     /// sockets (an earlier dump or a move whose outcome was unknown left
     /// them so; they may live on elsewhere) are never moved again: named
@@ -441,6 +453,7 @@ fn run(cmd: Cmd) -> Result<i32> {
         Cmd::Balance(b) => balance::run(b),
         Cmd::Agent(a) => handoff::agent(a),
         Cmd::RelayWorker => handoff::relay_worker(),
+        Cmd::AgentStandIn(a) => handoff::stand_in(a),
         Cmd::Migrate(m) => handoff::migrate(m),
         Cmd::Announce { dev, addr } => {
             tcpr_host::announce(&dev, addr)

@@ -183,9 +183,11 @@ fn needs(cmd: &Cmd, have: &CapsHashSet) -> Needs {
             ];
             (subcommand, caps, None)
         }
-        Cmd::Inspect { .. } | Cmd::Ls { .. } | Cmd::BenchPeer { .. } | Cmd::RelayWorker => {
-            ("", vec![], None)
-        }
+        Cmd::Inspect { .. }
+        | Cmd::Ls { .. }
+        | Cmd::BenchPeer { .. }
+        | Cmd::RelayWorker
+        | Cmd::AgentStandIn(_) => ("", vec![], None),
     };
     Needs {
         subcommand,

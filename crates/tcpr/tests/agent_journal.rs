@@ -94,15 +94,38 @@ fn agent_killed_at_each_step_and_restarted_on_its_journal() {
     }
 }
 
-/// Killed once the connection is delivered and never restarted: the
-/// sender cannot know, so it reports `unknown` and keeps its copy frozen
-/// (never thawed: the connection lives on at the agent's host).
+/// Killed at each step after READY and not restarted: the agent's
+/// stand-in answers the sender's QUERY from the journal, with the
+/// outcomes a restarted agent gives.
+#[test]
+fn agent_killed_at_each_step_and_not_restarted_its_stand_in_answers() {
+    let expected = [
+        ("ready", Ends::AtTheSource),
+        ("taken", Ends::AtTheSource),
+        ("delivered", Ends::AtTheAgent),
+    ];
+    for (i, (point, ends)) in expected.into_iter().enumerate() {
+        assert_eq!(killed_at(point, 170 + i as u8, false), ends, "{point}");
+    }
+}
+
+/// Killed once the connection is delivered, never restarted and with no
+/// stand-in (`--stand-in 0`): the sender cannot know, so it reports
+/// `unknown` and keeps its copy frozen (never thawed: the connection lives
+/// on at the agent's host).
 #[test]
 fn an_agent_gone_after_commit_means_unknown_never_a_roll_back() {
     let net = Net::new("jg", 66);
     let allow = net.svc_port(8080);
     let mut agent = net.agent(
-        &["--exec", &echo_for_agent(), "--allow", &allow],
+        &[
+            "--exec",
+            &echo_for_agent(),
+            "--allow",
+            &allow,
+            "--stand-in",
+            "0",
+        ],
         Some("delivered"),
     );
     let (mut echo, mut peer) = net.stream();
@@ -129,4 +152,51 @@ fn an_agent_gone_after_commit_means_unknown_never_a_roll_back() {
     wait_echoes(&mut peer, 100_000);
     assert_all_bytes(&verdict(&mut peer), 100_000);
     echo.kill();
+}
+
+/// Whether something listens on the agent's address (on b).
+fn agent_address_held(net: &Net) -> bool {
+    let out = net
+        .b
+        .cmd("ss")
+        .args(["-Hltn", "sport = :7070"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+}
+
+/// The stand-in stands in only for a killed agent: an agent that ends on
+/// SIGTERM takes it along and its address is free at once; a killed
+/// agent's stand-in keeps the address, and gives it up as soon as a new
+/// agent asks (it listens within seconds, not after the stand-in's 10 s).
+#[test]
+fn the_stand_in_stays_only_for_a_killed_agent_and_makes_way_for_the_next() {
+    let net = Net::new("js", 175);
+    let allow = net.svc_port(8080);
+    let args = ["--exec", "cat", "--allow", &allow];
+    let mut agent = net.agent(&args, None);
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &agent.pid().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    assert!(agent.child.wait().unwrap().success());
+    wait_until("the address is free", Duration::from_secs(5), || {
+        !agent_address_held(&net)
+    });
+    let mut agent = net.agent(&args, None);
+    agent.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        agent_address_held(&net),
+        "the stand-in holds the killed agent's address"
+    );
+    let asked = std::time::Instant::now();
+    let _next = net.agent(&args, None);
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "the next agent waited {:?} for its address",
+        asked.elapsed()
+    );
 }

@@ -28,10 +28,10 @@ enum Ended {
 }
 
 /// Kills backend 0's HTTP agent (IPv4) at `point` of a handoff of one
-/// curl request, restarts it on the same journal, and returns how the
-/// request was served (asserting that it was, by backend 0, and that no
-/// handoff ended unknown).
-fn killed_at(point: &str, tag: &str, net: u8) -> Ended {
+/// curl request, restarts it on the same journal when `restart` (else its
+/// stand-in answers), and returns how the request was served (asserting
+/// that it was, by backend 0, and that no handoff ended unknown).
+fn killed_at(point: &str, tag: &str, net: u8, restart: bool) -> Ended {
     let mut bed = Bed::new(tag, net);
     bed.start_servers();
     let journal = bed.dir.join("journal");
@@ -62,8 +62,11 @@ fn killed_at(point: &str, tag: &str, net: u8) -> Ended {
         std::thread::sleep(Duration::from_millis(10));
     }
     agent.kill();
-    let mut restarted = Proc::spawn(agent_cmd(&bed), "restarted agent");
-    restarted.expect("tcpr agent listening", START);
+    let _restarted = restart.then(|| {
+        let mut p = Proc::spawn(agent_cmd(&bed), "restarted agent");
+        p.expect("tcpr agent listening", START);
+        p
+    });
     let out = request.join().unwrap();
     assert!(
         out.status.success(),
@@ -96,22 +99,40 @@ fn killed_at(point: &str, tag: &str, net: u8) -> Ended {
     }
 }
 
+/// Where each kill point ends: a roll back and the member's server
+/// before anything was resumed, the handoff once delivered.
+const EXPECTED: [(&str, Ended); 4] = [
+    // Before READY: the link breaks before COMMIT, a plain roll back.
+    ("restored", Ended::Proxied),
+    // READY sent, COMMIT on its way or read: the journal says the batch
+    // was only prepared (the window a dead agent with no journal leaves
+    // unknown).
+    ("ready", Ended::Proxied),
+    // COMMIT journaled, nothing resumed yet.
+    ("taken", Ended::Proxied),
+    // Delivered to the relay worker, COMMITTED never sent: the worker
+    // serves it and the journal says delivered.
+    ("delivered", Ended::HandedOff),
+];
+
 #[test]
 fn an_agent_killed_at_each_step_and_restarted_on_its_journal_fails_no_request() {
-    let expected = [
-        // Before READY: the link breaks before COMMIT, a plain roll back.
-        ("restored", Ended::Proxied),
-        // READY sent, COMMIT on its way or read: the journal says the batch
-        // was only prepared (the window a dead agent leaves unknown).
-        ("ready", Ended::Proxied),
-        // COMMIT journaled, nothing resumed yet.
-        ("taken", Ended::Proxied),
-        // Delivered to the relay worker, COMMITTED never sent: the worker
-        // serves it and the journal says delivered.
-        ("delivered", Ended::HandedOff),
-    ];
-    for (i, (point, ends)) in expected.into_iter().enumerate() {
+    for (i, (point, ends)) in EXPECTED.into_iter().enumerate() {
         let tag = format!("bj{i}");
-        assert_eq!(killed_at(point, &tag, 150 + i as u8), ends, "{point}");
+        assert_eq!(killed_at(point, &tag, 150 + i as u8, true), ends, "{point}");
+    }
+}
+
+/// Not restarted: the agent's stand-in answers the balancer's QUERY from
+/// the journal, with the same outcomes.
+#[test]
+fn an_agent_killed_at_each_step_and_not_restarted_fails_no_request() {
+    for (i, (point, ends)) in EXPECTED.into_iter().enumerate() {
+        let tag = format!("bs{i}");
+        assert_eq!(
+            killed_at(point, &tag, 154 + i as u8, false),
+            ends,
+            "{point}"
+        );
     }
 }

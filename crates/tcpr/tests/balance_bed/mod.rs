@@ -113,7 +113,14 @@ impl Bed {
     }
 
     pub fn agent(&self, i: usize, listen: SocketAddr, server: u16, vip_port: u16) -> Proc {
-        let cmd = self.agent_cmd(i, listen, server, vip_port, None);
+        // A journal each, so that an agent killed mid-batch leaves its
+        // stand-in to answer the balancer (tests/balance_journal.rs).
+        let journal = self.dir.join(format!(
+            "journal-b{i}-{}-{}",
+            listen.port(),
+            u8::from(listen.is_ipv4())
+        ));
+        let cmd = self.agent_cmd(i, listen, server, vip_port, Some(&journal));
         let mut p = Proc::spawn(cmd, &format!("agent b{i} {listen}"));
         p.expect("tcpr agent listening", START);
         p

@@ -1,0 +1,269 @@
+//! The agent's stand-in: a child process that holds a copy of the agent's
+//! listening socket and, when the agent dies without saying goodbye
+//! (SIGKILL, a crash, the OOM killer), answers senders' QUERYs from the
+//! agent's journal for a while, as a restarted agent would.
+//!
+//! Why: a sender that sent COMMIT and lost the agent cannot tell whether
+//! anything was resumed, so it asks on a new channel; with no one to
+//! answer (an agent killed and not restarted) the connections stay frozen
+//! and are reported unknown, because a duplicate would be worse. The
+//! journal has the answer on disk (page cache survives a killed process);
+//! the stand-in reads it out. It answers QUERY only: any other message
+//! (PING, HELLO) ends the channel, so a sender's new batch fails before
+//! COMMIT and rolls back.
+//!
+//! Lifecycle: the agent spawns it (its own process group, so that a
+//! terminal's ^C to the agent does not reach it) with one end of a unix
+//! socket on its standard input, and sends the listening socket over it
+//! (SCM_RIGHTS). The stand-in then blocks reading: one byte is the agent's
+//! goodbye (a clean end, SIGINT or SIGTERM: the stand-in leaves at once);
+//! end of file without it means the agent died. It then serves QUERYs for
+//! its period and exits, closing the listener. A restarted agent that
+//! finds its address in use asks the stand-in to leave at once
+//! ([`ask_to_leave`], over an abstract unix socket named after the
+//! address: abstract names belong to the network namespace, like the
+//! address), and waits up to `AgentConfig::bind_wait` for the address.
+
+use crate::agent::from_journal;
+use crate::agent::journal::Journal;
+use crate::auth::Auth;
+use crate::wire::{self, pb};
+use std::io::{self, Read, Write};
+use std::net::TcpListener;
+use std::os::fd::AsFd;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The goodbye: the agent ends cleanly.
+const GOODBYE: u8 = b'b';
+/// The one byte that carries the listening socket.
+const LISTENER: u8 = b'l';
+/// Channels served at once; more are closed at once (QUERYs are rare: one
+/// per sender that lost the agent after COMMIT).
+const MAX_CHANNELS: usize = 32;
+/// How often the accept loop looks at the clock.
+const ACCEPT_WAKEUP: Duration = Duration::from_millis(100);
+
+/// The agent's handle on its stand-in.
+#[derive(Debug)]
+pub struct StandIn {
+    to: Arc<UnixStream>,
+    /// Kept so that the child is not reaped early; it outlives the agent.
+    _child: Child,
+}
+
+impl StandIn {
+    /// Starts `program args` (this binary's hidden stand-in command) and
+    /// gives it a copy of `listener`.
+    pub fn spawn(program: &Path, args: &[String], listener: &TcpListener) -> io::Result<StandIn> {
+        let (ours, theirs) = UnixStream::pair()?;
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+            .stdout(Stdio::null())
+            .process_group(0)
+            .spawn()?;
+        tcpr_host::send_with_fd(ours.as_fd(), &[LISTENER], listener.as_fd())?;
+        Ok(StandIn {
+            to: Arc::new(ours),
+            _child: child,
+        })
+    }
+
+    /// A handle for saying goodbye from elsewhere (a signal handler).
+    pub fn goodbye_handle(&self) -> Goodbye {
+        Goodbye(self.to.clone())
+    }
+}
+
+/// Says goodbye to the stand-in: it leaves without standing in.
+#[derive(Debug, Clone)]
+pub struct Goodbye(Arc<UnixStream>);
+
+impl Goodbye {
+    /// The agent ends cleanly: the stand-in exits at once.
+    pub fn say(&self) {
+        let _ = (&*self.0).write_all(&[GOODBYE]);
+    }
+}
+
+/// What the stand-in needs to answer.
+#[derive(Debug, Clone)]
+pub struct StandInConfig {
+    /// How senders authenticate (the agent's).
+    pub auth: Auth,
+    /// The agent's journal directory.
+    pub journal: PathBuf,
+    /// The bound on a sender's handshake and on its QUERY.
+    pub timeout: Duration,
+    /// How long it stands in once the agent died.
+    pub period: Duration,
+}
+
+/// The stand-in's side of the agent's socket: the listening socket the
+/// agent sent first.
+pub fn receive_listener(agent: &UnixStream) -> io::Result<TcpListener> {
+    let mut b = [0u8; 1];
+    let (n, fd) = tcpr_host::recv_with_fd(agent.as_fd(), &mut b)?;
+    match (n, b[0], fd) {
+        (1, LISTENER, Some(fd)) => Ok(TcpListener::from(fd)),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the agent sent no listening socket",
+        )),
+    }
+}
+
+/// How the stand-in ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The agent said goodbye: nothing to stand in for.
+    Goodbye,
+    /// The agent died; the stand-in served for its period, answering this
+    /// many QUERYs.
+    StoodIn(usize),
+}
+
+/// Waits for the agent to end; if it died, serves QUERYs on `listener`
+/// for `cfg.period` from the journal.
+pub fn serve(agent: UnixStream, listener: TcpListener, cfg: &StandInConfig) -> io::Result<Ended> {
+    let mut b = [0u8; 1];
+    match (&agent).read(&mut b) {
+        Ok(1) if b[0] == GOODBYE => return Ok(Ended::Goodbye),
+        // End of file, or anything else: the agent is gone.
+        _ => {}
+    }
+    drop(agent);
+    let addr = listener.local_addr()?;
+    // Where a restarted agent asks it to leave.
+    let leave = UnixListener::bind_addr(&leave_name(addr)?)?;
+    leave.set_nonblocking(true)?;
+    tracing::warn!(
+        "the agent died: answering queries from its journal for {:?}",
+        cfg.period
+    );
+    let journal = Arc::new(Journal::open(&cfg.journal).map_err(io::Error::other)?);
+    let tls = cfg
+        .auth
+        .server_config()
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    tcpr_host::sock::set_recv_timeout(listener.as_fd(), ACCEPT_WAKEUP)?;
+    let answered = Arc::new(AtomicUsize::new(0));
+    let busy = Arc::new(AtomicUsize::new(0));
+    let deadline = Instant::now() + cfg.period;
+    while Instant::now() < deadline {
+        if let Ok((asked, _)) = leave.accept() {
+            tracing::info!("stand-in: a new agent takes {addr}: leaving");
+            drop(listener);
+            // The end of this connection tells the new agent that the
+            // address is free.
+            drop(asked);
+            return Ok(Ended::StoodIn(answered.load(Ordering::SeqCst)));
+        }
+        let tcp = match listener.accept() {
+            Ok((tcp, _)) => tcp,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(e) => {
+                tracing::warn!("stand-in: accept failed: {e}");
+                std::thread::sleep(ACCEPT_WAKEUP);
+                continue;
+            }
+        };
+        if busy.fetch_add(1, Ordering::SeqCst) >= MAX_CHANNELS {
+            busy.fetch_sub(1, Ordering::SeqCst);
+            continue;
+        }
+        let (journal, tls, auth, timeout) =
+            (journal.clone(), tls.clone(), cfg.auth.clone(), cfg.timeout);
+        let (answered, done) = (answered.clone(), busy.clone());
+        let spawned = std::thread::Builder::new()
+            .name("stand-in".into())
+            .spawn(move || {
+                match answer(&auth, tls, tcp, &journal, timeout) {
+                    Ok(true) => {
+                        answered.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::info!("stand-in: a channel ended: {e}"),
+                }
+                done.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            busy.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    // Channels still being answered finish within their timeout.
+    let until = Instant::now() + cfg.timeout.saturating_mul(2);
+    while busy.load(Ordering::SeqCst) > 0 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(Ended::StoodIn(answered.load(Ordering::SeqCst)))
+}
+
+/// The abstract unix socket name of the stand-in for `addr`.
+fn leave_name(addr: std::net::SocketAddr) -> io::Result<std::os::unix::net::SocketAddr> {
+    std::os::unix::net::SocketAddr::from_abstract_name(format!("tcpr-stand-in {addr}"))
+}
+
+/// Asks a stand-in holding `addr` (in this network namespace) to leave,
+/// and waits until it has let the address go; `false` when none holds it.
+pub fn ask_to_leave(addr: std::net::SocketAddr) -> bool {
+    let Ok(name) = leave_name(addr) else {
+        return false;
+    };
+    let Ok(mut s) = UnixStream::connect_addr(&name) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut b = [0u8; 1];
+    // It closes the connection once its listener is closed.
+    let _ = s.read(&mut b);
+    true
+}
+
+/// One channel: authenticates the sender and answers its QUERY; true when
+/// it answered one.
+fn answer(
+    auth: &Auth,
+    tls: Arc<rustls::ServerConfig>,
+    tcp: std::net::TcpStream,
+    journal: &Journal,
+    timeout: Duration,
+) -> Result<bool, String> {
+    let mut ch = auth
+        .accept_until(tls, tcp, Instant::now().checked_add(timeout))
+        .map_err(|e| e.to_string())?;
+    ch.tcp()
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    let msg = wire::read_msg(&mut ch).map_err(|e| e.to_string())?;
+    let Some(pb::message::Kind::Query(q)) = msg.kind else {
+        // Not a question for a stand-in: the sender's batch fails before
+        // COMMIT and rolls back.
+        return Ok(false);
+    };
+    let status = from_journal(journal, q.batch);
+    tracing::info!(batch = q.batch, ?status, "stand-in: answered a query");
+    let reply = pb::Message {
+        kind: Some(pb::message::Kind::Status(wire::status_to_wire(
+            q.batch, &status,
+        ))),
+    };
+    wire::write_msg(&mut ch, &reply).map_err(|e| e.to_string())?;
+    ch.flush().map_err(|e| e.to_string())?;
+    ch.close(Duration::from_millis(100));
+    Ok(true)
+}
