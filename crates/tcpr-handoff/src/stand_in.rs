@@ -25,8 +25,9 @@
 //! address), and waits up to `AgentConfig::bind_wait` for the address.
 
 use crate::agent::from_journal;
-use crate::agent::journal::Journal;
+use crate::agent::journal::{status_in, Journal};
 use crate::auth::Auth;
+use crate::machine::BatchStatus;
 use crate::wire::{self, pb};
 use std::io::{self, Read, Write};
 use std::net::TcpListener;
@@ -148,7 +149,10 @@ pub fn serve(agent: UnixStream, listener: TcpListener, cfg: &StandInConfig) -> i
         "the agent died: answering queries from its journal for {:?}",
         cfg.period
     );
-    let journal = Arc::new(Journal::open(&cfg.journal).map_err(io::Error::other)?);
+    let journal = Arc::new(Answers {
+        dir: cfg.journal.clone(),
+        opened: std::sync::Mutex::new(None),
+    });
     let tls = cfg
         .auth
         .server_config()
@@ -213,6 +217,39 @@ pub fn serve(agent: UnixStream, listener: TcpListener, cfg: &StandInConfig) -> i
     Ok(Ended::StoodIn(answered.load(Ordering::SeqCst)))
 }
 
+/// The journal, read for each QUERY. It is opened (which starts a segment
+/// of the stand-in's own, and prunes old ones) only for a batch whose
+/// address must be given back, the one answer that writes a line.
+struct Answers {
+    dir: PathBuf,
+    opened: std::sync::Mutex<Option<Journal>>,
+}
+
+impl Answers {
+    fn status(&self, batch: u64) -> BatchStatus {
+        let recorded = status_in(&self.dir, batch);
+        if recorded.give_back.is_none() {
+            return recorded.status;
+        }
+        let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
+        if opened.is_none() {
+            match Journal::open(&self.dir) {
+                Ok(j) => *opened = Some(j),
+                Err(e) => {
+                    tracing::error!(
+                        "stand-in: cannot open the journal to give back an address: {e}"
+                    );
+                    return BatchStatus::Unknown;
+                }
+            }
+        }
+        match opened.as_ref() {
+            Some(j) => from_journal(j, batch),
+            None => BatchStatus::Unknown,
+        }
+    }
+}
+
 /// The abstract unix socket name of the stand-in for `addr`.
 fn leave_name(addr: std::net::SocketAddr) -> io::Result<std::os::unix::net::SocketAddr> {
     std::os::unix::net::SocketAddr::from_abstract_name(format!("tcpr-stand-in {addr}"))
@@ -240,7 +277,7 @@ fn answer(
     auth: &Auth,
     tls: Arc<rustls::ServerConfig>,
     tcp: std::net::TcpStream,
-    journal: &Journal,
+    journal: &Answers,
     timeout: Duration,
 ) -> Result<bool, String> {
     let mut ch = auth
@@ -255,7 +292,7 @@ fn answer(
         // COMMIT and rolls back.
         return Ok(false);
     };
-    let status = from_journal(journal, q.batch);
+    let status = journal.status(q.batch);
     tracing::info!(batch = q.batch, ?status, "stand-in: answered a query");
     let reply = pb::Message {
         kind: Some(pb::message::Kind::Status(wire::status_to_wire(

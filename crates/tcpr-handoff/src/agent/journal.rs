@@ -311,27 +311,35 @@ impl Journal {
 
     /// What the journal says of a batch.
     pub(crate) fn status(&self, batch: u64) -> Recorded {
-        let mut lines = Vec::new();
-        let mut earlier_boot = false;
-        for path in segments(&self.dir).unwrap_or_default() {
-            let mut bytes = Vec::new();
-            if File::open(&path)
-                .and_then(|mut f| f.read_to_end(&mut bytes))
-                .is_ok()
-            {
-                let of_batch = lines_of(&bytes, batch);
-                earlier_boot |= !of_batch.is_empty() && from_earlier_boot(&path, this_boot());
-                lines.extend(of_batch);
-            }
-        }
-        let recorded = parse(&lines);
-        if earlier_boot {
-            only_what_survives_a_crash(recorded, &lines)
-        } else {
-            recorded
+        status_in(&self.dir, batch)
+    }
+}
+
+/// What the journal in `dir` says of a batch, read without opening the
+/// journal (which starts a segment): for a reader that may never write.
+pub(crate) fn status_in(dir: &Path, batch: u64) -> Recorded {
+    let mut lines = Vec::new();
+    let mut earlier_boot = false;
+    for path in segments(dir).unwrap_or_default() {
+        let mut bytes = Vec::new();
+        if File::open(&path)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .is_ok()
+        {
+            let of_batch = lines_of(&bytes, batch);
+            earlier_boot |= !of_batch.is_empty() && from_earlier_boot(&path, this_boot());
+            lines.extend(of_batch);
         }
     }
+    let recorded = parse(&lines);
+    if earlier_boot {
+        only_what_survives_a_crash(recorded, &lines)
+    } else {
+        recorded
+    }
+}
 
+impl Journal {
     /// Records that a batch read back as committed-but-not-resumed was
     /// given up (its address given back).
     pub(crate) fn mark_aborted(&self, batch: u64) -> io::Result<()> {
