@@ -233,28 +233,33 @@ fn check_delivery(delivery: &Delivery) -> Result<Option<Reached>, String> {
     }
 }
 
-/// Binds `addr`, waiting up to `wait` while it is in use: the stand-in of
-/// an agent that died is asked to let it go at once (else it does at the
-/// end of its period).
+/// Binds `addr`, waiting up to `wait` while it is in use. A stand-in of
+/// an agent that ended holds it: it is asked to let it go (whatever the
+/// wait), and asked again while the wait lasts (it listens for the ask
+/// only once its agent is gone).
 fn bind_waiting(addr: SocketAddr, wait: Duration) -> io::Result<TcpListener> {
     let deadline = Instant::now() + wait;
     let mut said = false;
     loop {
         match TcpListener::bind(addr) {
-            Err(e) if e.kind() == io::ErrorKind::AddrInUse && Instant::now() < deadline => {
-                if !said && crate::stand_in::ask_to_leave(addr) {
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                if crate::stand_in::ask_to_leave(addr) {
                     tracing::info!("the stand-in of an earlier agent let {addr} go");
-                    said = true;
-                    continue;
+                    if let Ok(l) = TcpListener::bind(addr) {
+                        return Ok(l);
+                    }
+                }
+                if Instant::now() >= deadline {
+                    return Err(e);
                 }
                 if !said {
                     tracing::warn!(
-                        "{addr} is in use; waiting up to {wait:?} for it (an earlier agent's \
-                         stand-in holds it until its period ends)"
+                        "{addr} is in use; waiting up to {wait:?} for it (the stand-in of an \
+                         agent that just ended may hold it)"
                     );
                     said = true;
                 }
-                std::thread::sleep(Duration::from_millis(50));
+                std::thread::sleep(Duration::from_millis(100));
             }
             bound => return bound,
         }

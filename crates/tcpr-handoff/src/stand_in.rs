@@ -131,22 +131,59 @@ pub enum Ended {
     StoodIn(usize),
 }
 
-/// Waits for the agent to end; if it died, serves QUERYs on `listener`
-/// for `cfg.period` from the journal.
-pub fn serve(agent: UnixStream, listener: TcpListener, cfg: &StandInConfig) -> io::Result<Ended> {
+/// Waits for the agent to end; if it ended without a goodbye, serves
+/// QUERYs on `listener` for `cfg.period` from the journal. `agent_pid` is
+/// the agent's (the stand-in's parent): the stand-in never serves while
+/// it lives, whatever its socket says, since it would then share the
+/// agent's listener and could answer for a batch the agent is resuming.
+pub fn serve(
+    agent: UnixStream,
+    agent_pid: u32,
+    listener: TcpListener,
+    cfg: &StandInConfig,
+) -> io::Result<Ended> {
     let mut b = [0u8; 1];
-    match (&agent).read(&mut b) {
-        Ok(1) if b[0] == GOODBYE => return Ok(Ended::Goodbye),
-        // End of file, or anything else: the agent is gone.
-        _ => {}
+    loop {
+        match (&agent).read(&mut b) {
+            Ok(1) if b[0] == GOODBYE => return Ok(Ended::Goodbye),
+            Ok(0) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(_) => tracing::warn!("stand-in: an unexpected byte from the agent"),
+            Err(e) => {
+                tracing::warn!("stand-in: reading the agent's socket failed: {e}");
+                std::thread::sleep(ACCEPT_WAKEUP);
+            }
+        }
+        if std::os::unix::process::parent_id() != agent_pid {
+            break;
+        }
     }
     drop(agent);
+    // The agent closed its end: it ends. Its last threads may still be
+    // going (a process closes its descriptors as it exits): wait until
+    // it is gone, which makes this process an orphan.
+    let gone_by = Instant::now() + Duration::from_secs(5);
+    while std::os::unix::process::parent_id() == agent_pid {
+        if Instant::now() >= gone_by {
+            tracing::warn!("stand-in: the agent closed its end but lives on: leaving");
+            return Ok(Ended::Goodbye);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let addr = listener.local_addr()?;
-    // Where a restarted agent asks it to leave.
-    let leave = UnixListener::bind_addr(&leave_name(addr)?)?;
-    leave.set_nonblocking(true)?;
+    // Where a restarted agent asks it to leave; without it (the name is
+    // taken), a new agent waits for the period's end.
+    let leave = match UnixListener::bind_addr(&leave_name(addr)?) {
+        Ok(l) => l.set_nonblocking(true).map(|()| Some(l))?,
+        Err(e) => {
+            tracing::warn!(
+                "stand-in: cannot bind its leave socket ({e}): a new agent waits for it"
+            );
+            None
+        }
+    };
     tracing::warn!(
-        "the agent died: answering queries from its journal for {:?}",
+        "the agent ended without a goodbye: answering queries from its journal for {:?}",
         cfg.period
     );
     let journal = Arc::new(Answers {
@@ -162,7 +199,7 @@ pub fn serve(agent: UnixStream, listener: TcpListener, cfg: &StandInConfig) -> i
     let busy = Arc::new(AtomicUsize::new(0));
     let deadline = Instant::now() + cfg.period;
     while Instant::now() < deadline {
-        if let Ok((asked, _)) = leave.accept() {
+        if let Some(Ok((asked, _))) = leave.as_ref().map(UnixListener::accept) {
             tracing::info!("stand-in: a new agent takes {addr}: leaving");
             drop(listener);
             // The end of this connection tells the new agent that the
@@ -209,7 +246,10 @@ pub fn serve(agent: UnixStream, listener: TcpListener, cfg: &StandInConfig) -> i
             busy.fetch_sub(1, Ordering::SeqCst);
         }
     }
-    // Channels still being answered finish within their timeout.
+    // The address goes first; channels still being answered finish
+    // within their timeout.
+    drop(listener);
+    drop(leave);
     let until = Instant::now() + cfg.timeout.saturating_mul(2);
     while busy.load(Ordering::SeqCst) > 0 && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(10));

@@ -224,18 +224,17 @@ pub fn agent(a: AgentArgs) -> Result<i32> {
         Some(start_stand_in(&a, server.listener())?)
     };
     let goodbye = stand_in.as_ref().map(StandIn::goodbye_handle);
-    // Every way out of this function is a clean end (an error included):
-    // only a killed or crashed agent leaves its stand-in standing in.
-    let _clean_end = CleanEnd(goodbye.clone());
-    let vips = serve_vips(&a.vip, goodbye.clone())?;
+    // A return from this function (an error at start, the end of `run`)
+    // is a clean end: the stand-in leaves. A signal (SIGINT, SIGTERM: its
+    // handler exits with batches perhaps in flight), a kill or a crash
+    // leave it standing in.
+    let _clean_end = CleanEnd(goodbye);
+    let vips = serve_vips(&a.vip)?;
     if let Some(user) = &a.user {
         crate::privs::become_user(user, &crate::privs::agent_keeps(a.listen, &a.allow))?;
         if !a.no_journal {
             crate::privs::check_writable(&a.journal, user)?;
         }
-    }
-    if let (true, Some(g)) = (a.vip.is_empty(), &goodbye) {
-        goodbye_on_signal(g.clone())?;
     }
     // Started once privileges are dropped: it keeps none.
     if let Delivery::Forward {
@@ -253,21 +252,15 @@ pub fn agent(a: AgentArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// SIGINT / SIGTERM (without VIPs, whose handler does it too): says
-/// goodbye to the stand-in and exits.
-fn goodbye_on_signal(goodbye: Goodbye) -> Result<()> {
-    ctrlc::set_handler(move || {
-        goodbye.say();
-        std::process::exit(0);
-    })
-    .context("cannot handle SIGINT/SIGTERM")
-}
-
 /// Says goodbye to the stand-in when dropped.
 struct CleanEnd(Option<Goodbye>);
 
 impl Drop for CleanEnd {
     fn drop(&mut self) {
+        // A panic is no clean end: batches may be in flight.
+        if std::thread::panicking() {
+            return;
+        }
         if let Some(g) = &self.0 {
             g.say();
         }
@@ -327,7 +320,8 @@ pub fn stand_in(a: StandInArgs) -> Result<i32> {
         let keep = [caps::Capability::CAP_NET_ADMIN].into_iter().collect();
         crate::privs::become_user(user, &keep)?;
     }
-    match stand_in::serve(agent, listener, &cfg).context("agent-stand-in")? {
+    let agent_pid = std::os::unix::process::parent_id();
+    match stand_in::serve(agent, agent_pid, listener, &cfg).context("agent-stand-in")? {
         stand_in::Ended::Goodbye => {}
         stand_in::Ended::StoodIn(n) => {
             tracing::info!("stood in for the agent: answered {n} queries");
@@ -379,9 +373,9 @@ fn resolve_server(s: &str) -> Result<SocketAddr, String> {
 
 /// `--vip`: the VIPs on the loopback, ARP suppressed, until the agent
 /// ends: normally, or by SIGINT / SIGTERM, whose handler undoes them and
-/// exits. The handler also says goodbye to the stand-in (a clean end: it
-/// leaves without standing in).
-fn serve_vips(vips: &[IpAddr], goodbye: Option<Goodbye>) -> Result<VipsHeld> {
+/// exits (the stand-in, if any, then stands in: batches may be in
+/// flight).
+fn serve_vips(vips: &[IpAddr]) -> Result<VipsHeld> {
     let held = VipsHeld(std::sync::Arc::new(std::sync::Mutex::new(None)));
     if !vips.is_empty() {
         if let Some(bad) = vips
@@ -400,18 +394,12 @@ fn serve_vips(vips: &[IpAddr], goodbye: Option<Goodbye>) -> Result<VipsHeld> {
         );
         *held.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(prepared);
     } else {
-        // The stand-in's goodbye alone is installed once privileges are
-        // dropped (`goodbye_on_signal`): the handler runs on a thread of
-        // its own, and privileges are dropped from a single thread.
         return Ok(held);
     }
     let on_signal = held.0.clone();
     ctrlc::set_handler(move || {
         // Dropping the guard removes the VIPs and restores the sysctls.
         drop(on_signal.lock().unwrap_or_else(|e| e.into_inner()).take());
-        if let Some(g) = &goodbye {
-            g.say();
-        }
         std::process::exit(0);
     })
     .context("cannot handle SIGINT/SIGTERM (the VIPs would stay)")?;

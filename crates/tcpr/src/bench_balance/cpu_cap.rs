@@ -24,8 +24,13 @@ const PERIOD_US: u64 = 10_000;
 #[derive(Debug)]
 pub struct CpuCap {
     dir: PathBuf,
-    /// The hierarchy's root, where a member goes back to.
+    /// The hierarchy's root.
     root: PathBuf,
+    /// v1: the controller list naming the hierarchy in /proc/PID/cgroup
+    /// ("cpu", "cpu,cpuacct"); v2: empty.
+    v1: bool,
+    /// Where each member was before [`CpuCap::hold`], to go back to.
+    was: std::sync::Mutex<std::collections::HashMap<u32, PathBuf>>,
 }
 
 /// Which cgroup hierarchy holds the cpu controller.
@@ -86,7 +91,12 @@ impl CpuCap {
                 let dir = root.join(name);
                 std::fs::create_dir_all(&dir)
                     .with_context(|| format!("mkdir {}", dir.display()))?;
-                let cap = CpuCap { dir, root };
+                let cap = CpuCap {
+                    dir,
+                    root,
+                    v1: true,
+                    was: Default::default(),
+                };
                 // The period first: a quota above the old period is refused
                 // by nothing, but a period below the quota would be.
                 write(&cap.dir.join("cpu.cfs_period_us"), &PERIOD_US.to_string())?;
@@ -99,7 +109,12 @@ impl CpuCap {
             }
         };
         std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
-        let cap = CpuCap { dir, root };
+        let cap = CpuCap {
+            dir,
+            root,
+            v1: false,
+            was: Default::default(),
+        };
         write(&cap.dir.join("cpu.max"), &format!("{quota} {PERIOD_US}"))?;
         Ok(cap)
     }
@@ -107,12 +122,47 @@ impl CpuCap {
     /// Moves process `pid` (all its threads, and those it starts later)
     /// into the cap.
     pub fn hold(&self, pid: u32) -> Result<()> {
-        write(&self.dir.join("cgroup.procs"), &pid.to_string())
+        let was = self.cgroup_of(pid)?;
+        write(&self.dir.join("cgroup.procs"), &pid.to_string())?;
+        self.was
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pid, was);
+        Ok(())
     }
 
-    /// Moves process `pid` back to the hierarchy's root, uncapped.
+    /// Moves process `pid` back to where it was before [`CpuCap::hold`].
     pub fn release(&self, pid: u32) -> Result<()> {
-        write(&self.root.join("cgroup.procs"), &pid.to_string())
+        let was = self
+            .was
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&pid)
+            .unwrap_or_else(|| self.root.clone());
+        write(&was.join("cgroup.procs"), &pid.to_string())
+    }
+
+    /// The directory of `pid`'s cgroup in this hierarchy, from
+    /// /proc/PID/cgroup ("ID:CONTROLLERS:PATH"; v1: the line whose
+    /// controllers include cpu, v2: the line with none).
+    fn cgroup_of(&self, pid: u32) -> Result<PathBuf> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .with_context(|| format!("read /proc/{pid}/cgroup"))?;
+        let path = text
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.splitn(3, ':');
+                let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+                let ours = if self.v1 {
+                    controllers.split(',').any(|c| c == "cpu")
+                } else {
+                    controllers.is_empty()
+                };
+                ours.then_some(path)
+            })
+            .next()
+            .with_context(|| format!("process {pid} is in no cgroup of the cpu hierarchy"))?;
+        Ok(self.root.join(path.trim_start_matches('/')))
     }
 
     /// Whether `pid` is in the cap now (from /proc/PID/cgroup).
@@ -150,11 +200,22 @@ mod tests {
     fn a_held_busy_process_gets_its_share_and_goes_back() {
         let cap = CpuCap::new(&format!("tcpr-test-cap-{}", std::process::id()), 0.2).unwrap();
         let dir = cap.dir.clone();
-        let mut busy = std::process::Command::new("sh")
-            .args(["-c", "while :; do :; done"])
-            .spawn()
-            .unwrap();
-        let pid = busy.id();
+        /// Ends the loop whatever the test's end.
+        struct Busy(std::process::Child);
+        impl Drop for Busy {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let busy = Busy(
+            std::process::Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .spawn()
+                .unwrap(),
+        );
+        let pid = busy.0.id();
+        let home = cap.cgroup_of(pid).unwrap();
         cap.hold(pid).unwrap();
         assert!(cap.holds(pid));
         let before = crate::bench_balance::cpu_seconds(pid).unwrap();
@@ -162,8 +223,8 @@ mod tests {
         let used = crate::bench_balance::cpu_seconds(pid).unwrap() - before;
         cap.release(pid).unwrap();
         assert!(!cap.holds(pid));
-        busy.kill().unwrap();
-        busy.wait().unwrap();
+        assert_eq!(cap.cgroup_of(pid).unwrap(), home, "back where it was");
+        drop(busy);
         // 0.2 s of CPU in a second, within the tick's resolution and the
         // sleep's slack; an uncapped loop takes a whole second.
         assert!((0.1..0.4).contains(&used), "used {used} s of CPU in 1 s");
