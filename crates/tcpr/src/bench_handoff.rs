@@ -546,6 +546,10 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
             &format!("{SVC}:{PORT}"),
             "--timeout",
             "5",
+            // The bench ends by killing it: no stand-in to log its words
+            // over the bench's.
+            "--stand-in",
+            "0",
         ])
         .stdout(std::process::Stdio::piped())
         .spawn()

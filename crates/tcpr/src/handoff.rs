@@ -236,6 +236,7 @@ pub fn agent(a: AgentArgs) -> Result<i32> {
             crate::privs::check_writable(&a.journal, user)?;
         }
     }
+    undo_vips_on_signal(&vips)?;
     // Started once privileges are dropped: it keeps none.
     if let Delivery::Forward {
         worker: Some(worker),
@@ -372,9 +373,9 @@ fn resolve_server(s: &str) -> Result<SocketAddr, String> {
 }
 
 /// `--vip`: the VIPs on the loopback, ARP suppressed, until the agent
-/// ends: normally, or by SIGINT / SIGTERM, whose handler undoes them and
-/// exits (the stand-in, if any, then stands in: batches may be in
-/// flight).
+/// ends: normally, or by SIGINT / SIGTERM, whose handler
+/// ([`undo_vips_on_signal`]) undoes them and exits (the stand-in, if any,
+/// then stands in: batches may be in flight).
 fn serve_vips(vips: &[IpAddr]) -> Result<VipsHeld> {
     let held = VipsHeld(std::sync::Arc::new(std::sync::Mutex::new(None)));
     if !vips.is_empty() {
@@ -393,8 +394,17 @@ fn serve_vips(vips: &[IpAddr]) -> Result<VipsHeld> {
                 .join(", ")
         );
         *held.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(prepared);
-    } else {
-        return Ok(held);
+    }
+    Ok(held)
+}
+
+/// Installs the SIGINT / SIGTERM handler that undoes the VIPs (if any)
+/// and exits. Called once privileges are dropped: the handler runs on a
+/// thread of its own, and privileges are dropped from a single thread
+/// (before, `--vip` with `--user` could not start).
+fn undo_vips_on_signal(held: &VipsHeld) -> Result<()> {
+    if held.0.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+        return Ok(());
     }
     let on_signal = held.0.clone();
     ctrlc::set_handler(move || {
@@ -402,8 +412,7 @@ fn serve_vips(vips: &[IpAddr]) -> Result<VipsHeld> {
         drop(on_signal.lock().unwrap_or_else(|e| e.into_inner()).take());
         std::process::exit(0);
     })
-    .context("cannot handle SIGINT/SIGTERM (the VIPs would stay)")?;
-    Ok(held)
+    .context("cannot handle SIGINT/SIGTERM (the VIPs would stay)")
 }
 
 /// The VIPs, shared with the signal handler; undone when dropped (the

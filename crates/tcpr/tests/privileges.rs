@@ -397,6 +397,17 @@ fn the_agent_runs_as_its_user_with_two_capabilities_and_still_takes_a_handoff() 
     assert_eq!(cap_field(&status, "CapPrm:"), kept, "{status}");
     assert_eq!(cap_field(&status, "CapBnd:"), kept, "{status}");
     assert_eq!(cap_field(&status, "CapInh:"), 0, "{status}");
+    // Its stand-in (for a killed agent) runs as the same user, with
+    // CAP_NET_ADMIN only (to give an address back).
+    let stand_in = stand_in_of(agent.pid());
+    let st = std::fs::read_to_string(format!("/proc/{stand_in}/status")).unwrap();
+    let uid = st.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert_eq!(
+        uid.split_whitespace().skip(1).collect::<Vec<_>>(),
+        ["65534"; 4],
+        "{st}"
+    );
+    assert_eq!(cap_field(&st, "CapEff:"), 1 << CAP_NET_ADMIN, "{st}");
 
     // A connection moves to it, with its address, every byte intact.
     let mut echo = echo_server(&a, "10.78.0.100", 8080, &[]);
@@ -468,6 +479,55 @@ fn an_agent_whose_user_cannot_write_the_journal_stops_at_start() {
     );
     assert_clean_failure(&out, "is not writable by nobody");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The pid of the stand-in `agent` started (its child running
+/// `agent-stand-in`).
+fn stand_in_of(agent: i32) -> i32 {
+    let children = std::fs::read_to_string(format!("/proc/{agent}/task/{agent}/children")).unwrap();
+    children
+        .split_whitespace()
+        .map(|p| p.parse::<i32>().unwrap())
+        .find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.split(|&b| b == 0).any(|a| a == b"agent-stand-in"))
+        })
+        .expect("the agent started a stand-in")
+}
+
+/// `--vip` with `--user`: the VIP signal handler's thread starts only
+/// once privileges are dropped (from a single thread), so the agent
+/// starts, and SIGTERM still takes its VIP off the loopback.
+#[test]
+fn an_agent_with_a_vip_runs_as_its_user() {
+    let dir = shared_tmpdir("agentvip");
+    let key = dir.join("psk");
+    std::fs::write(&key, "a shared secret for the privilege tests\n").unwrap();
+    let mut lab = Lab::new("av").unwrap();
+    let b = lab.host("b", &["10.76.0.3/24"]).unwrap();
+    let mut cmd = b.cmd(tcpr_bin());
+    cmd.args(["agent", "--listen", "10.76.0.3:7070"])
+        .args(["--psk-file", key.to_str().unwrap(), "--no-journal"])
+        .args(["--vip", "10.76.0.100", "--user", "nobody"])
+        .args(["--exec", "cat"]);
+    let mut agent = Proc::spawn(cmd, "agent");
+    agent.expect("tcpr agent listening", Duration::from_secs(10));
+    let on_lo = |b: &tcpr_netlab::Host| {
+        let out = b
+            .cmd("ip")
+            .args(["-o", "addr", "show", "dev", "lo"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("10.76.0.100/32")
+    };
+    assert!(on_lo(&b), "the VIP is on lo");
+    assert!(Command::new("kill")
+        .args(["-TERM", &agent.pid().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    assert!(agent.child.wait().unwrap().success());
+    assert!(!on_lo(&b), "SIGTERM took the VIP off lo");
 }
 
 fn nix_chown_to_nobody(path: &Path) {
