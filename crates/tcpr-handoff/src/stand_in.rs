@@ -45,6 +45,10 @@ use std::time::{Duration, Instant};
 const GOODBYE: u8 = b'b';
 /// The one byte that carries the listening socket.
 const LISTENER: u8 = b'l';
+/// The stand-in's answer: it holds the socket and runs as it will.
+const READY: u8 = b'r';
+/// How long the agent waits for that answer.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Channels served at once; more are closed at once (QUERYs are rare: one
 /// per sender that lost the agent after COMMIT).
 const MAX_CHANNELS: usize = 32;
@@ -71,6 +75,24 @@ impl StandIn {
             .process_group(0)
             .spawn()?;
         tcpr_host::send_with_fd(ours.as_fd(), &[LISTENER], listener.as_fd())?;
+        // Ready once it holds the socket and dropped its privileges: the
+        // agent starts serving only with a stand-in in place.
+        ours.set_read_timeout(Some(READY_TIMEOUT))?;
+        let mut b = [0u8; 1];
+        match (&ours).read(&mut b) {
+            Ok(1) if b[0] == READY => {}
+            Ok(_) => {
+                return Err(io::Error::other(
+                    "the stand-in ended at start (its error is on standard error)",
+                ))
+            }
+            Err(e) => {
+                return Err(io::Error::other(format!(
+                    "the stand-in did not answer: {e}"
+                )))
+            }
+        }
+        ours.set_read_timeout(None)?;
         Ok(StandIn {
             to: Arc::new(ours),
             _child: child,
@@ -121,6 +143,12 @@ pub fn receive_listener(agent: &UnixStream) -> io::Result<TcpListener> {
     }
 }
 
+/// Tells the agent that the stand-in is in place (it holds the
+/// listening socket and runs as the user it will serve as).
+pub fn ready(agent: &UnixStream) -> io::Result<()> {
+    (&*agent).write_all(&[READY])
+}
+
 /// How the stand-in ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Ended {
@@ -133,9 +161,11 @@ pub enum Ended {
 
 /// Waits for the agent to end; if it ended without a goodbye, serves
 /// QUERYs on `listener` for `cfg.period` from the journal. `agent_pid` is
-/// the agent's (the stand-in's parent): the stand-in never serves while
-/// it lives, whatever its socket says, since it would then share the
-/// agent's listener and could answer for a batch the agent is resuming.
+/// the agent's, given by the agent (not read as the parent's at start: the
+/// agent may be gone by then): the stand-in never serves while its parent
+/// is that process, whatever its socket says, since it would then share
+/// the agent's listener and could answer for a batch the agent is
+/// resuming.
 pub fn serve(
     agent: UnixStream,
     agent_pid: u32,

@@ -141,6 +141,10 @@ pub struct StandInArgs {
     /// resumed).
     #[arg(long)]
     user: Option<String>,
+    /// The agent's pid: it stands in only once no process of that pid is
+    /// its parent (the agent may be gone before it even starts).
+    #[arg(long)]
+    agent_pid: u32,
 }
 
 /// `tcpr migrate`.
@@ -221,7 +225,11 @@ pub fn agent(a: AgentArgs) -> Result<i32> {
     let stand_in = if a.no_journal || a.stand_in.is_zero() {
         None
     } else {
-        Some(start_stand_in(&a, server.listener())?)
+        // Without it the agent works as before: a sender that loses it
+        // after COMMIT waits for a restart.
+        start_stand_in(&a, server.listener())
+            .map_err(|e| tracing::warn!("no stand-in: {e:#}"))
+            .ok()
     };
     let goodbye = stand_in.as_ref().map(StandIn::goodbye_handle);
     // A return from this function (an error at start, the end of `run`)
@@ -294,6 +302,7 @@ fn start_stand_in(a: &AgentArgs, listener: &std::net::TcpListener) -> Result<Sta
     args.extend(["--journal".into(), path(&a.journal)?]);
     args.extend(["--timeout".into(), a.timeout.to_string()]);
     args.extend(["--period".into(), a.stand_in.as_secs_f64().to_string()]);
+    args.extend(["--agent-pid".into(), std::process::id().to_string()]);
     if let Some(user) = &a.user {
         args.extend(["--user".into(), user.clone()]);
     }
@@ -321,8 +330,8 @@ pub fn stand_in(a: StandInArgs) -> Result<i32> {
         let keep = [caps::Capability::CAP_NET_ADMIN].into_iter().collect();
         crate::privs::become_user(user, &keep)?;
     }
-    let agent_pid = std::os::unix::process::parent_id();
-    match stand_in::serve(agent, agent_pid, listener, &cfg).context("agent-stand-in")? {
+    stand_in::ready(&agent).context("agent-stand-in")?;
+    match stand_in::serve(agent, a.agent_pid, listener, &cfg).context("agent-stand-in")? {
         stand_in::Ended::Goodbye => {}
         stand_in::Ended::StoodIn(n) => {
             tracing::info!("stood in for the agent: answered {n} queries");

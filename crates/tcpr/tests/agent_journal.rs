@@ -168,7 +168,7 @@ fn agent_address_held(net: &Net) -> bool {
 
 /// An agent stopped by SIGTERM (batches may be in flight) or killed
 /// leaves its stand-in holding its address; the next agent asks it to
-/// leave and listens within seconds, not after the stand-in's 10 s. (An
+/// leave and listens within 3 s, not after the stand-in's 10 s. (An
 /// agent that fails at start takes its stand-in along: the one-line
 /// errors of tests/privileges.rs and tests/agent_forward.rs would
 /// otherwise carry the stand-in's words.)
@@ -193,7 +193,7 @@ fn a_stopped_or_killed_agents_stand_in_makes_way_for_the_next() {
         let asked = std::time::Instant::now();
         let next = net.agent(&args, None);
         assert!(
-            asked.elapsed() < Duration::from_secs(5),
+            asked.elapsed() < Duration::from_secs(3),
             "{signal}: the next agent waited {:?} for its address",
             asked.elapsed()
         );

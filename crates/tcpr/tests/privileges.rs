@@ -481,18 +481,35 @@ fn an_agent_whose_user_cannot_write_the_journal_stops_at_start() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The pid of the stand-in `agent` started (its child running
-/// `agent-stand-in`).
+/// The pid of the stand-in `agent` started (the process running
+/// `agent-stand-in ... --agent-pid AGENT`).
 fn stand_in_of(agent: i32) -> i32 {
-    let children = std::fs::read_to_string(format!("/proc/{agent}/task/{agent}/children")).unwrap();
-    children
-        .split_whitespace()
-        .map(|p| p.parse::<i32>().unwrap())
-        .find(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .is_ok_and(|c| c.split(|&b| b == 0).any(|a| a == b"agent-stand-in"))
-        })
-        .expect("the agent started a stand-in")
+    let marker = agent.to_string();
+    let find = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .find(|p| {
+                std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
+                    let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+                    args.contains(&&b"agent-stand-in"[..])
+                        && args
+                            .windows(2)
+                            .any(|w| w[0] == b"--agent-pid" && w[1] == marker.as_bytes())
+                })
+            })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(p) = find() {
+            return p;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no stand-in of agent {agent} runs"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// `--vip` with `--user`: the VIP signal handler's thread starts only

@@ -219,19 +219,35 @@ impl Segment {
     }
 
     /// Removes the oldest segments beyond [`KEPT_SEGMENTS`], and those
-    /// older than [`KEPT_FOR`]; the newest (this process's) always stays.
+    /// older than [`KEPT_FOR`]; the newest (this process's) always stays,
+    /// and so does the newest segment of every other live process of this
+    /// boot: agents may share a directory (the default), and another
+    /// agent's current segment holds the batches it may still be asked
+    /// about.
     fn prune(&mut self) {
         let stale = |p: &PathBuf| {
             std::fs::metadata(p)
                 .and_then(|m| m.modified())
                 .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > KEPT_FOR))
         };
-        while self.closed.len() > KEPT_SEGMENTS
-            || (self.closed.len() > 1 && self.closed.front().is_some_and(stale))
-        {
-            if let Some(old) = self.closed.pop_front() {
+        let others = current_segments_of_others(&self.closed);
+        let mut kept = Vec::new();
+        while self.closed.len() > 1 {
+            let over = self.closed.len() + kept.len() > KEPT_SEGMENTS;
+            if !over && !self.closed.front().is_some_and(stale) {
+                break;
+            }
+            let Some(old) = self.closed.pop_front() else {
+                break;
+            };
+            if others.contains(&old) {
+                kept.push(old);
+            } else {
                 let _ = std::fs::remove_file(old);
             }
+        }
+        for p in kept.into_iter().rev() {
+            self.closed.push_front(p);
         }
     }
 
@@ -347,6 +363,42 @@ impl Journal {
         segment.reserve()?;
         segment.line(batch, "aborted")?.sync_data()
     }
+}
+
+/// The writer's pid and boot id of a segment, from its name
+/// (`journal-<start>-<pid>[-boot-<id>].log`).
+fn writer_of(path: &Path) -> Option<(u32, Option<String>)> {
+    let name = path.file_name()?.to_str()?;
+    let stem = name
+        .strip_prefix(SEGMENT_PREFIX)?
+        .strip_suffix(SEGMENT_SUFFIX)?;
+    let (head, boot) = match stem.rsplit_once(BOOT_MARK) {
+        Some((head, id)) => (head, Some(id.to_string())),
+        None => (stem, None),
+    };
+    let pid = head.rsplit_once('-')?.1.parse().ok()?;
+    Some((pid, boot))
+}
+
+/// Among `segments`, the newest of each live process of this boot other
+/// than this one (names sort by their start time).
+fn current_segments_of_others(segments: &VecDeque<PathBuf>) -> std::collections::HashSet<PathBuf> {
+    let me = std::process::id();
+    let mut newest: std::collections::HashMap<u32, &PathBuf> = std::collections::HashMap::new();
+    for path in segments {
+        let Some((pid, boot)) = writer_of(path) else {
+            continue;
+        };
+        let this_boot_ok = boot.is_none() || boot.as_deref() == this_boot();
+        if pid == me || !this_boot_ok || !Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let e = newest.entry(pid).or_insert(path);
+        if path.file_name() > e.file_name() {
+            *e = path;
+        }
+    }
+    newest.into_values().cloned().collect()
 }
 
 /// The segment files of `dir`.
@@ -667,6 +719,48 @@ mod tests {
             Journal::open(&dir).unwrap();
         }
         assert_eq!(segments(&dir).unwrap().len(), KEPT_SEGMENTS);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Agents sharing a directory: another live agent's current segment
+    /// outlives any number of restarts of this one; a dead one's goes.
+    #[test]
+    fn another_live_agents_current_segment_is_never_pruned() {
+        let dir = std::env::temp_dir().join(format!("tcpr-journal-live-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let boot = this_boot()
+            .map(|b| format!("{BOOT_MARK}{b}"))
+            .unwrap_or_default();
+        let name = |start: u32, pid: u32| {
+            dir.join(format!(
+                "{SEGMENT_PREFIX}{start:032x}-{pid}{boot}{SEGMENT_SUFFIX}"
+            ))
+        };
+        // The oldest segments: two of the live process (its current one
+        // the newer), one of a process that is gone (pid 0 never is).
+        let (old_live, current_live, dead) = (name(1, other.id()), name(2, other.id()), name(3, 0));
+        for p in [&old_live, &current_live, &dead] {
+            std::fs::write(p, b"").unwrap();
+        }
+        assert_eq!(
+            writer_of(&current_live),
+            Some((other.id(), this_boot().map(String::from)))
+        );
+        for _ in 0..KEPT_SEGMENTS + 2 {
+            Journal::open(&dir).unwrap();
+        }
+        assert!(
+            current_live.exists(),
+            "the live agent's current segment stays"
+        );
+        assert!(!old_live.exists() && !dead.exists());
+        assert_eq!(segments(&dir).unwrap().len(), KEPT_SEGMENTS);
+        let _ = other.kill();
+        let _ = other.wait();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
