@@ -47,6 +47,9 @@ const GOODBYE: u8 = b'b';
 const LISTENER: u8 = b'l';
 /// The stand-in's answer: it holds the socket and runs as it will.
 const READY: u8 = b'r';
+/// The stand-in's answer to a request to leave from a user it does not
+/// leave for.
+const REFUSED: u8 = b'n';
 /// How long the agent waits for that answer.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Channels served at once; more are closed at once (QUERYs are rare: one
@@ -230,6 +233,14 @@ pub fn serve(
     let deadline = Instant::now() + cfg.period;
     while Instant::now() < deadline {
         if let Some(Ok((asked, _))) = leave.as_ref().map(UnixListener::accept) {
+            // Only root or this user (an agent of the same user) may ask:
+            // anyone else in the namespace could end its service.
+            let uid = tcpr_host::sock::peer_uid(asked.as_fd()).ok();
+            if uid != Some(0) && uid != own_uid() {
+                tracing::warn!("stand-in: refused a request to leave from uid {uid:?}");
+                let _ = (&asked).write_all(&[REFUSED]);
+                continue;
+            }
             tracing::info!("stand-in: a new agent takes {addr}: leaving");
             drop(listener);
             // The end of this connection tells the new agent that the
@@ -320,6 +331,14 @@ impl Answers {
     }
 }
 
+/// This process's effective user id (from /proc/self/status: std has no
+/// getuid, and the syscall layer is not needed for a file).
+fn own_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
 /// The abstract unix socket name of the stand-in for `addr`.
 fn leave_name(addr: std::net::SocketAddr) -> io::Result<std::os::unix::net::SocketAddr> {
     std::os::unix::net::SocketAddr::from_abstract_name(format!("tcpr-stand-in {addr}"))
@@ -336,9 +355,8 @@ pub fn ask_to_leave(addr: std::net::SocketAddr) -> bool {
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
     let mut b = [0u8; 1];
-    // It closes the connection once its listener is closed.
-    let _ = s.read(&mut b);
-    true
+    // It closes the connection once its listener is closed, or refuses.
+    !matches!(s.read(&mut b), Ok(1) if b[0] == REFUSED)
 }
 
 /// One channel: authenticates the sender and answers its QUERY; true when
@@ -373,4 +391,64 @@ fn answer(
     ch.flush().map_err(|e| e.to_string())?;
     ch.close(Duration::from_millis(100));
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in whose agent is gone serves, refuses to leave for another
+    /// user (nobody, by python), and leaves for root at once.
+    #[test]
+    fn it_leaves_for_root_and_not_for_another_user() {
+        let dir = std::env::temp_dir().join(format!("tcpr-stand-in-{}", std::process::id()));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (agent, gone) = UnixStream::pair().unwrap();
+        drop(gone);
+        let cfg = StandInConfig {
+            auth: Auth::Psk(Arc::new(vec![7u8; 32])),
+            journal: dir.clone(),
+            timeout: Duration::from_secs(1),
+            period: Duration::from_secs(30),
+        };
+        // No process of pid u32::MAX is anyone's parent: the agent is gone.
+        let serving = std::thread::spawn(move || serve(agent, u32::MAX, listener, &cfg));
+        let name = format!("\\0tcpr-stand-in {addr}");
+        let script = format!(
+            "import socket,time\n\
+             for _ in range(100):\n  \
+               try:\n    s=socket.socket(socket.AF_UNIX); s.connect('{name}'); break\n  \
+               except OSError: time.sleep(0.05)\n\
+             print(s.recv(1))"
+        );
+        let out = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "/usr/bin/python3",
+                "-c",
+            ])
+            .arg(&script)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "b'n'",
+            "nobody is refused"
+        );
+        assert!(!serving.is_finished(), "the stand-in stays for nobody");
+        assert!(ask_to_leave(addr), "root is let in");
+        let ended = serving.join().unwrap().unwrap();
+        assert_eq!(ended, Ended::StoodIn(0));
+        // The address is free again.
+        TcpListener::bind(addr).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

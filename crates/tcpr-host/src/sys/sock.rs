@@ -68,6 +68,25 @@ pub fn get_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
     Ok(val)
 }
 
+/// The user id of the process at the other end of a unix socket, as the
+/// kernel recorded it when the connection was made (`SO_PEERCRED`).
+pub fn peer_uid(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    // SAFETY: plain data, all-zero is valid.
+    let mut cred: libc::ucred = unsafe { zeroed() };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` is writable for `len` bytes, `len` is a valid
+    // pointer; the kernel writes at most `len` bytes.
+    syscall!(getsockopt(
+        fd.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_PEERCRED,
+        (&mut cred as *mut libc::ucred).cast(),
+        &mut len
+    ))
+    .map_err(named("getsockopt SO_PEERCRED"))?;
+    Ok(cred.uid)
+}
+
 /// A new socket, close-on-exec.
 pub fn socket(domain: i32, ty: i32, proto: i32) -> io::Result<OwnedFd> {
     let fd = syscall!(socket(domain, ty | libc::SOCK_CLOEXEC, proto))?;
