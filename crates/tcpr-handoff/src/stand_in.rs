@@ -236,17 +236,18 @@ pub fn serve(
             // Only root or this user (an agent of the same user) may ask:
             // anyone else in the namespace could end its service.
             let uid = tcpr_host::sock::peer_uid(asked.as_fd()).ok();
-            if uid != Some(0) && uid != own_uid() {
-                tracing::warn!("stand-in: refused a request to leave from uid {uid:?}");
-                let _ = (&asked).write_all(&[REFUSED]);
-                continue;
+            if uid == Some(0) || uid == own_uid() {
+                tracing::info!("stand-in: a new agent takes {addr}: leaving");
+                drop(listener);
+                // The end of this connection tells the new agent that the
+                // address is free.
+                drop(asked);
+                return Ok(Ended::StoodIn(answered.load(Ordering::SeqCst)));
             }
-            tracing::info!("stand-in: a new agent takes {addr}: leaving");
-            drop(listener);
-            // The end of this connection tells the new agent that the
-            // address is free.
-            drop(asked);
-            return Ok(Ended::StoodIn(answered.load(Ordering::SeqCst)));
+            // Refused; the senders' channels are served all the same
+            // (no `continue`: a flood of asks cannot starve them).
+            tracing::warn!("stand-in: refused a request to leave from uid {uid:?}");
+            let _ = (&asked).write_all(&[REFUSED]);
         }
         let tcp = match listener.accept() {
             Ok((tcp, _)) => tcp,
