@@ -61,7 +61,7 @@ const ACCEPT_WAKEUP: Duration = Duration::from_millis(100);
 /// The agent's handle on its stand-in.
 #[derive(Debug)]
 pub struct StandIn {
-    to: Arc<UnixStream>,
+    to: UnixStream,
     /// Kept so that the child is not reaped early; it outlives the agent.
     _child: Child,
 }
@@ -97,25 +97,15 @@ impl StandIn {
         }
         ours.set_read_timeout(None)?;
         Ok(StandIn {
-            to: Arc::new(ours),
+            to: ours,
             _child: child,
         })
     }
 
-    /// A handle for saying goodbye from elsewhere (a signal handler).
-    pub fn goodbye_handle(&self) -> Goodbye {
-        Goodbye(self.to.clone())
-    }
-}
-
-/// Says goodbye to the stand-in: it leaves without standing in.
-#[derive(Debug, Clone)]
-pub struct Goodbye(Arc<UnixStream>);
-
-impl Goodbye {
-    /// The agent ends cleanly: the stand-in exits at once.
-    pub fn say(&self) {
-        let _ = (&*self.0).write_all(&[GOODBYE]);
+    /// Says goodbye: the agent ends cleanly, and the stand-in leaves
+    /// without standing in.
+    pub fn goodbye(&self) {
+        let _ = (&self.to).write_all(&[GOODBYE]);
     }
 }
 

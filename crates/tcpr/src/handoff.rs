@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tcpr_handoff::relay_worker::{RelayWorker, WorkerCommand};
-use tcpr_handoff::stand_in::{self, Goodbye, StandIn, StandInConfig};
+use tcpr_handoff::stand_in::{self, StandIn, StandInConfig};
 use tcpr_handoff::{AgentConfig, AgentServer, Auth, Delivery, MigrateOptions, Outgoing, Switch};
 
 /// How the two ends authenticate: a pre-shared key or mutual TLS.
@@ -110,10 +110,11 @@ pub struct AgentArgs {
     #[arg(long)]
     pub(crate) user: Option<String>,
     /// Seconds a stand-in answers senders' queries from the journal after
-    /// the agent is killed (SIGKILL, a crash), so that a sender that lost
-    /// the agent after COMMIT learns what became of its connections even
-    /// if no one restarts the agent; it then lets the listening address
-    /// go. Also how long the agent waits for its address when it starts
+    /// the agent ends with batches perhaps in flight (SIGKILL, a crash,
+    /// SIGINT, SIGTERM), so that a sender that lost the agent after COMMIT
+    /// learns what became of its connections even if no one restarts the
+    /// agent; it then lets the listening address go (at once when a new
+    /// agent asks). Also how long the agent waits for its address when it starts
     /// and finds it in use. 0: no stand-in. Needs the journal.
     #[arg(long, value_name = "SECS", default_value = "10",
           value_parser = crate::bounds::step_timeout_or_zero)]
@@ -231,12 +232,11 @@ pub fn agent(a: AgentArgs) -> Result<i32> {
             .map_err(|e| tracing::warn!("no stand-in: {e:#}"))
             .ok()
     };
-    let goodbye = stand_in.as_ref().map(StandIn::goodbye_handle);
     // A return from this function (an error at start, the end of `run`)
     // is a clean end: the stand-in leaves. A signal (SIGINT, SIGTERM: its
     // handler exits with batches perhaps in flight), a kill or a crash
     // leave it standing in.
-    let _clean_end = CleanEnd(goodbye);
+    let _clean_end = CleanEnd(stand_in);
     let vips = serve_vips(&a.vip)?;
     if let Some(user) = &a.user {
         crate::privs::become_user(user, &crate::privs::agent_keeps(a.listen, &a.allow))?;
@@ -261,8 +261,8 @@ pub fn agent(a: AgentArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// Says goodbye to the stand-in when dropped.
-struct CleanEnd(Option<Goodbye>);
+/// Holds the stand-in, and says goodbye to it when dropped.
+struct CleanEnd(Option<StandIn>);
 
 impl Drop for CleanEnd {
     fn drop(&mut self) {
@@ -270,8 +270,8 @@ impl Drop for CleanEnd {
         if std::thread::panicking() {
             return;
         }
-        if let Some(g) = &self.0 {
-            g.say();
+        if let Some(s) = &self.0 {
+            s.goodbye();
         }
     }
 }
@@ -387,23 +387,24 @@ fn resolve_server(s: &str) -> Result<SocketAddr, String> {
 /// then stands in: batches may be in flight).
 fn serve_vips(vips: &[IpAddr]) -> Result<VipsHeld> {
     let held = VipsHeld(std::sync::Arc::new(std::sync::Mutex::new(None)));
-    if !vips.is_empty() {
-        if let Some(bad) = vips
-            .iter()
-            .find(|ip| ip.is_unspecified() || ip.is_loopback() || ip.is_multicast())
-        {
-            bail!("--vip {bad}: a VIP is a unicast address clients connect to");
-        }
-        let prepared = tcpr_host::vip::prepare(vips)?;
-        eprintln!(
-            "tcpr agent: serving {} on lo (ARP suppressed)",
-            vips.iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        *held.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(prepared);
+    if vips.is_empty() {
+        return Ok(held);
     }
+    if let Some(bad) = vips
+        .iter()
+        .find(|ip| ip.is_unspecified() || ip.is_loopback() || ip.is_multicast())
+    {
+        bail!("--vip {bad}: a VIP is a unicast address clients connect to");
+    }
+    let prepared = tcpr_host::vip::prepare(vips)?;
+    eprintln!(
+        "tcpr agent: serving {} on lo (ARP suppressed)",
+        vips.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    *held.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(prepared);
     Ok(held)
 }
 
