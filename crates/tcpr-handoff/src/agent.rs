@@ -19,6 +19,7 @@
 
 mod admission;
 pub(crate) mod journal;
+mod kept;
 mod takeover;
 
 use crate::auth::{Auth, Channel};
@@ -34,8 +35,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use takeover::{
-    before_ready, confirm_delivery, deliver_resumed, discard, lock_restored, restore_one,
-    resume_one, take_over, Session, Unacknowledged, UnixBatches,
+    before_ready, confirm_delivery, deliver_resumed, discard, let_go_targets, lock_restored,
+    restore_one, resume_one, take_over, Session, Unacknowledged, UnixBatches,
 };
 use tcpr_image::ConnectionImage;
 
@@ -194,6 +195,9 @@ struct Shared {
     journal: Option<Journal>,
     admission: Admission,
     idle: IdleChannels,
+    /// Unix connections to a receiver that takes batches, idle between
+    /// batches (`--unix`).
+    kept: kept::KeptUnix,
 }
 
 /// A bound agent.
@@ -309,6 +313,7 @@ impl AgentServer {
             shared: Arc::new(Shared {
                 admission: Admission::new(cfg.max_handshakes),
                 idle: IdleChannels::new(cfg.max_idle_channels),
+                kept: kept::KeptUnix::new(),
                 cfg,
                 tls,
                 batches: Mutex::new(Batches::default()),
@@ -607,8 +612,8 @@ fn run_discards(shared: &Shared, s: &mut Session) {
         }
     }
     while s.m.poll_transmit().is_some() {}
-    // A unix connection held for this batch closes empty.
-    s.target_first = None;
+    // A unix connection held for this batch closes empty, or is kept.
+    let_go_targets(shared, s);
     s.ahead = None;
 }
 
@@ -647,6 +652,7 @@ fn batch(
         add_address: None,
         checked: None,
         target_first: None,
+        kept: None,
         log: None,
         locks: Vec::new(),
         sender_elsewhere,
@@ -688,7 +694,7 @@ fn batch_loop(
             let mut s = lock(sess);
             drive(shared, &mut s, ch)?;
             if s.m.is_done() {
-                s.target_first = None;
+                let_go_targets(shared, &mut s);
                 // Its packet socket, if any, closes (off this path).
                 s.ahead = None;
                 return Ok(if s.m.channel_reusable() && !read_timed_out {
@@ -776,6 +782,16 @@ enum Receiving {
 /// unix connection ([`UnixBatches`]); the connections sent before on
 /// unix connections of their own are settled after it is closed (a
 /// receiver reading one unix connection at a time reads them then).
+///
+/// A unix connection kept from an earlier batch (taken before READY,
+/// [`Session::kept`]) takes all of the batch's connections in batch
+/// messages. At the end, the unix connection of a receiver that takes
+/// batches, every message on it acknowledged, is kept for the next batch
+/// ([`kept::KeptUnix`]): the batch messages' one, or else the last
+/// connection settled alone. Never one while another unix connection of
+/// the batch still awaits its acknowledgement: a receiver reading one
+/// unix connection at a time would not read that one before this one
+/// closed.
 fn resume_and_deliver(
     shared: &Shared,
     s: &mut Session,
@@ -788,7 +804,10 @@ fn resume_and_deliver(
     // from its send, so a slow receiver is given what it had unpipelined.
     let started = Instant::now();
     let mut settled = started;
-    let mut receiver = Receiving::Unknown;
+    let mut receiver = match s.kept.take() {
+        Some(to) => Receiving::Batches(UnixBatches::kept(to)),
+        None => Receiving::Unknown,
+    };
     let mut releaser = tcpr_engine::lock::Releaser::new(tcpr_engine::Netns::current());
     for &id in ids {
         if let Receiving::Batches(b) = &mut receiver {
@@ -837,14 +856,28 @@ fn resume_and_deliver(
     }
     if let Receiving::Batches(mut b) = receiver {
         b.finish(shared, s, &mut releaser, &mut out);
-        // Dropped: its unix connection closes.
+        match b.into_kept() {
+            Some(to) if unacknowledged.is_empty() => shared.kept.put(to),
+            // Closed here.
+            _ => {}
+        }
         settled = Instant::now();
     }
-    for u in unacknowledged {
+    let last = unacknowledged.len();
+    for (i, u) in unacknowledged.into_iter().enumerate() {
         let id = u.id;
         let outcome = confirm_delivery(shared, s, settled, u);
         settled = Instant::now();
-        out.push((id, outcome.map(drop)));
+        match outcome {
+            Ok(to) => {
+                // Earlier ones close as they are settled.
+                if let Some(to) = to.filter(|_| i + 1 == last) {
+                    shared.kept.put(to);
+                }
+                out.push((id, Ok(())));
+            }
+            Err(e) => out.push((id, Err(e))),
+        }
     }
     tracing::debug!(
         connections = ids.len(),
@@ -895,7 +928,7 @@ fn drive(shared: &Shared, s: &mut Session, ch: &mut Channel) -> Result<(), WireE
                     Err(reason) => {
                         tracing::warn!("COMMIT refused, nothing resumed: {reason}");
                         lock(&shared.stats).refused_commit += 1;
-                        s.target_first = None;
+                        let_go_targets(shared, s);
                         s.m.handle_commit_refused(ids, reason);
                     }
                 },

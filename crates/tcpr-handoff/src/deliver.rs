@@ -10,7 +10,8 @@
 //! - **Unix socket**: the agent connects to the application's unix stream
 //!   socket and sends one message (format below) with the connection's fd
 //!   attached as SCM_RIGHTS; to a receiver that asks for them, its further
-//!   connections in batch messages of up to [`BATCH_MAX`] fds.
+//!   connections in batch messages of up to [`BATCH_MAX`] fds, on a unix
+//!   connection the agent keeps open between batches.
 //!   [`UnixReceiver`] is the client ([`recv_unix`] the one-message one).
 //! - **Forward** (for unmodified servers): the agent connects to a local
 //!   server per connection, writes a PROXY protocol header (v1 or v2, if
@@ -53,13 +54,33 @@
 //! in order). To a receiver that answers "k", it sends one "TCPR-FD1" per
 //! unix connection, as before batches: an old agent reads the "k" and
 //! closes, so the "B" it leaves unread does no harm either
+//!
+//! kept unix connections (to a receiver that answered "kB" only): once
+//! every message on it is acknowledged, the agent may keep the unix
+//! connection open, idle, for its next batches (a few seconds at most),
+//! instead of closing it; a kept connection's next message is then a
+//! batch message ("TCPR-FDN"), even for a batch's first connection. A
+//! connection with a message unacknowledged, or with a byte from the
+//! receiver left unread, is never kept: after a missing acknowledgement
+//! the agent closes the unix connection (the connections of the messages
+//! not acknowledged are closed silently and reported), so that no later
+//! acknowledgement is taken for the wrong message
 //! ```
+//!
+//! A receiver that takes batches must therefore read each of its unix
+//! connections as its messages come (a thread or task each, or poll(2)
+//! over them all), never one unix connection after the other: a kept
+//! connection stays open while the agent opens others for batches that
+//! run at the same time, and each message's acknowledgement is awaited
+//! for [`ACK_TIMEOUT`] at most. [`crate::LocalIncoming`] reads them all.
 //!
 //! A connection closed before its first byte carries nothing: the agent
 //! opens one at start to check that the application listens, and holds
 //! one from each batch's PREPARE (for its first connection), which it
-//! closes empty when the batch is given up. [`recv_unix`] reads it as end
-//! of stream.
+//! closes empty when the batch is given up (a kept connection held for a
+//! batch that is given up is kept again). A kept connection idle too long
+//! closes between messages. [`recv_unix`] and [`UnixReceiver`] read
+//! either as end of stream.
 
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpStream};
@@ -301,17 +322,18 @@ pub fn connect_unix(path: &Path) -> Result<UnixStream, String> {
 }
 
 /// True when a connection from [`connect_unix`] still reaches a living
-/// application (its end is neither closed nor reset).
+/// application (its end is neither closed nor reset) and has nothing to
+/// read: the application says nothing but its acknowledgements, so a
+/// byte queued between messages (or before the first) means it closed,
+/// or misbehaves, and the connection is of no further use. One call
+/// (`recv` with `MSG_PEEK | MSG_DONTWAIT`), whatever the socket's mode;
+/// it takes nothing from the socket.
 pub fn unix_alive(to: &UnixStream) -> bool {
     let mut one = [0u8; 1];
-    if to.set_nonblocking(true).is_err() {
-        return false;
-    }
-    // The application says nothing before our message: a byte to read
-    // means it closed (or misbehaves).
-    let mut r = to;
-    let alive = matches!(r.read(&mut one), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
-    alive && to.set_nonblocking(false).is_ok()
+    matches!(
+        tcpr_host::sock::peek_now(to.as_fd(), &mut one),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock
+    )
 }
 
 /// The program a shell command line of the agent's `--exec` runs, found
@@ -507,7 +529,10 @@ pub fn recv_unix(from: &mut UnixStream) -> io::Result<Option<Delivered>> {
 /// from [`crate::hand_off_local`]): reads it message by message, one
 /// connection or a batch of up to [`BATCH_MAX`], and acknowledges each
 /// message once it holds its connections. Its acknowledgement of the
-/// first message asks the agent for batches (see the module docs).
+/// first message asks the agent for batches (see the module docs), and
+/// lets the agent keep the unix connection open between batches: read
+/// each unix connection accepted as its messages come, on a thread (or
+/// task) of its own or under poll(2), not one after the other.
 #[derive(Debug)]
 pub struct UnixReceiver {
     from: UnixStream,

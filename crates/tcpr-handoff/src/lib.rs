@@ -195,11 +195,11 @@ pub struct LocalIncoming {
     reading: std::sync::Mutex<Reading>,
 }
 
-/// The unix connection [`LocalIncoming`] reads, and what it delivered
+/// The unix connections [`LocalIncoming`] reads, and what it delivered
 /// that was not taken yet.
 #[derive(Default)]
 struct Reading {
-    from: Option<deliver::UnixReceiver>,
+    from: Vec<deliver::UnixReceiver>,
     taken: std::collections::VecDeque<Delivered>,
 }
 
@@ -215,25 +215,119 @@ impl LocalIncoming {
         })
     }
     /// The next connection handed over (blocks); `None` if the listener fails.
+    ///
+    /// Every unix connection open is read as its messages come, not one
+    /// after the other: an agent keeps one open, idle, between batches,
+    /// and opens others for batches that run at the same time (whose
+    /// acknowledgements it awaits a few seconds at most).
     pub fn accept(&self) -> Option<Delivered> {
-        let mut r = self.reading.lock().unwrap_or_else(|p| p.into_inner());
+        use std::os::fd::AsFd;
+        let mut guard = self.reading.lock().unwrap_or_else(|p| p.into_inner());
+        let Reading { from, taken } = &mut *guard;
         loop {
-            if let Some(d) = r.taken.pop_front() {
+            if let Some(d) = taken.pop_front() {
                 return Some(d);
             }
-            if let Some(from) = r.from.as_mut() {
-                match from.recv() {
-                    Ok(Some(ds)) => r.taken.extend(ds),
-                    Ok(None) => r.from = None,
+            let ready = {
+                let mut fds = vec![self.listener.as_fd()];
+                fds.extend(from.iter().map(|f| f.get_ref().as_fd()));
+                match tcpr_host::sock::wait_readable(&fds) {
+                    Ok(ready) => ready,
                     Err(e) => {
-                        tracing::warn!("bad delivery refused: {e}");
-                        r.from = None;
+                        tracing::warn!("cannot wait for deliveries: {e}");
+                        return None;
                     }
                 }
-                continue;
+            };
+            // From the last, so that `swap_remove` moves only one already read.
+            for i in (0..from.len()).rev() {
+                if !ready[i + 1] {
+                    continue;
+                }
+                match from[i].recv() {
+                    Ok(Some(ds)) => taken.extend(ds),
+                    Ok(None) => {
+                        from.swap_remove(i);
+                    }
+                    Err(e) => {
+                        tracing::warn!("bad delivery refused: {e}");
+                        from.swap_remove(i);
+                    }
+                }
             }
-            let (s, _) = self.listener.accept().ok()?;
-            r.from = Some(deliver::UnixReceiver::new(s));
+            if ready[0] {
+                let (s, _) = self.listener.accept().ok()?;
+                from.push(deliver::UnixReceiver::new(s));
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod local_incoming_tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::{AsFd, OwnedFd};
+    use std::os::unix::net::UnixStream;
+    use std::sync::{mpsc, Arc};
+    use std::time::Duration;
+
+    /// A unix connection the agent keeps open, idle, between batches does
+    /// not hold up another one: [`LocalIncoming`] reads both as messages
+    /// come (it once read one unix connection until its end before
+    /// accepting the next, and the second's acknowledgement timed out).
+    #[test]
+    fn an_idle_unix_connection_does_not_hold_up_another() {
+        let dir = std::env::temp_dir().join(format!("tcpr-local-incoming-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("app.sock");
+        let incoming = Arc::new(LocalIncoming::bind(&path).unwrap());
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ends: Vec<(TcpStream, TcpStream)> = (0..3)
+            .map(|_| {
+                let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+                (c, l.accept().unwrap().0)
+            })
+            .collect();
+        let (got_tx, got) = mpsc::channel();
+        let taker = incoming.clone();
+        std::thread::spawn(move || {
+            while let Some(d) = taker.accept() {
+                if got_tx.send(d.blob).is_err() {
+                    break;
+                }
+            }
+        });
+        let send = |to: &UnixStream, i: usize, blob: &[u8]| {
+            let s = &ends[i].1;
+            let fd: OwnedFd = s.try_clone().unwrap().into();
+            let (local, peer) = (s.local_addr().unwrap(), s.peer_addr().unwrap());
+            deliver::send_unix_message(to, &fd, blob, local, peer).unwrap();
+            deliver::await_first_ack(to, deliver::ACK_TIMEOUT).unwrap()
+        };
+        let wait = Duration::from_secs(10);
+        let kept = UnixStream::connect(&path).unwrap();
+        assert!(send(&kept, 0, b"first"), "asks for batches");
+        assert_eq!(got.recv_timeout(wait).unwrap(), b"first");
+        // `kept` stays open and idle; another unix connection comes.
+        let other = UnixStream::connect(&path).unwrap();
+        let sent = std::thread::scope(|scope| {
+            let sending = scope.spawn(|| send(&other, 1, b"second"));
+            let received = got.recv_timeout(wait);
+            (received, sending.join().unwrap())
+        });
+        assert_eq!(sent.0.expect("read while another is idle"), b"second");
+        // The kept one's next message is a batch message.
+        let s = &ends[2].1;
+        let one = [deliver::Outgoing {
+            fd: s.as_fd(),
+            blob: b"third",
+            local: s.local_addr().unwrap(),
+            peer: s.peer_addr().unwrap(),
+        }];
+        deliver::send_unix_batch(&kept, &one).unwrap();
+        deliver::await_unix_ack(&kept, deliver::ACK_TIMEOUT).unwrap();
+        assert_eq!(got.recv_timeout(wait).unwrap(), b"third");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

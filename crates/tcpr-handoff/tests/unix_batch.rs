@@ -23,14 +23,15 @@
 //!   the next connection, so such a receiver waited on an accept that
 //!   never came, and the first connection's acknowledgement timed out.
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixListener;
 use std::sync::mpsc;
 use std::time::Duration;
 use tcpr_handoff::{deliver, Delivered, Switch};
-use tcpr_handoff::{hand_off, AgentConfig, AgentServer, Auth, Delivery, HandOff, MigrateOptions};
+use tcpr_handoff::{hand_off, AgentConfig, Auth, Delivery, HandOff, MigrateOptions};
 use tcpr_netlab::Lab;
+
+mod common;
 
 /// More than the receiver's unix listen backlog (`net.core.somaxconn` of
 /// its namespace, set below), so an agent that connects ahead of
@@ -43,10 +44,6 @@ const CHUNK: usize = 4096;
 
 fn auth() -> Auth {
     Auth::Psk(std::sync::Arc::new(b"unix batch test shared key".to_vec()))
-}
-
-fn pattern(seed: usize) -> Vec<u8> {
-    (0..CHUNK).map(|i| (i * 31 + seed * 7) as u8).collect()
 }
 
 /// Where the application listens, and how it reads its unix socket.
@@ -117,68 +114,21 @@ fn hand_off_to_unix_receiver(
         .within(move || Ok(UnixListener::bind(&app_path)?))
         .unwrap();
     let (delivered_tx, delivered_rx) = mpsc::channel::<Delivered>();
-    let (echoed_tx, echoed_rx) = mpsc::channel();
     std::thread::spawn(move || (receiver.receive)(app, delivered_tx));
     // Each delivered connection echoes one chunk on a thread of its own.
-    std::thread::spawn(move || {
-        for d in delivered_rx {
-            let tx = echoed_tx.clone();
-            std::thread::spawn(move || {
-                let mut stream = d.stream;
-                let mut buf = vec![0u8; CHUNK];
-                let r = stream
-                    .set_read_timeout(Some(Duration::from_secs(30)))
-                    .and_then(|()| stream.read_exact(&mut buf))
-                    .and_then(|()| stream.write_all(&buf));
-                let _ = tx.send(r.map_err(|e| e.to_string()));
-            });
-        }
-    });
+    let echoed_rx = common::echo_each(delivered_rx, CHUNK);
 
     // The agent on b, delivering over the unix socket.
-    let b_path = b.path();
-    let agent_path = path.clone();
-    let journal = receiver.journal.then(|| dir.join("journal"));
-    // Listening before any handoff: a sender that came first was refused
-    // ("Connection refused") on a busy machine.
-    let (listening_tx, listening_rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        tcpr_host::enter_netns(&b_path).unwrap();
-        let mut cfg = AgentConfig::new(auth(), vec![service], Delivery::Unix(agent_path));
-        cfg.timeout = Duration::from_secs(2);
-        cfg.journal = journal;
-        let agent = AgentServer::bind(agent_addr, cfg).unwrap();
-        let _ = listening_tx.send(());
-        let _ = agent.run();
-    });
-    listening_rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the agent listens");
+    let mut cfg = AgentConfig::new(auth(), vec![service], Delivery::Unix(path.clone()));
+    cfg.timeout = Duration::from_secs(2);
+    cfg.journal = receiver.journal.then(|| dir.join("journal"));
+    common::run_agent(&b, agent_addr, cfg);
 
     // The service on a, and its clients on c: connected while a accepts.
     let listener = a.within(|| Ok(TcpListener::bind(service)?)).unwrap();
     let (go_tx, go_rx) = mpsc::channel::<Vec<usize>>();
-    let client = std::thread::spawn(move || {
-        c.within(move || {
-            let mut socks = vec![];
-            for _ in 0..connections {
-                let s = TcpStream::connect(service)?;
-                s.set_read_timeout(Some(Duration::from_secs(30)))?;
-                socks.push(s);
-            }
-            let moved: Vec<usize> = go_rx.recv_timeout(Duration::from_secs(60)).unwrap();
-            for i in moved {
-                let s = &mut socks[i];
-                let sent = pattern(i);
-                s.write_all(&sent)?;
-                let mut back = vec![0u8; CHUNK];
-                s.read_exact(&mut back)
-                    .map_err(|e| anyhow::anyhow!("connection {i} after the handoff: {e}"))?;
-                assert!(back == sent, "connection {i} echoed its chunk unchanged");
-            }
-            Ok(())
-        })
-    });
+    let client =
+        std::thread::spawn(move || common::echo_clients(&c, service, connections, CHUNK, go_rx));
     let conns: Vec<(TcpStream, Vec<u8>)> = (0..connections)
         .map(|_| (listener.accept().unwrap().0, b"state".to_vec()))
         .collect();

@@ -521,13 +521,18 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
     std::thread::spawn(move || {
         for s in sink.incoming() {
             let Ok(s) = s else { break };
-            // One connection, or a batch, per message.
-            let mut from = tcpr_handoff::deliver::UnixReceiver::new(s);
-            while let Ok(Some(ds)) = from.recv() {
-                for d in ds {
-                    let _ = to_close.send(d);
+            // Each unix connection read on a thread of its own, as it
+            // comes: the agent keeps one open between batches.
+            let to_close = to_close.clone();
+            std::thread::spawn(move || {
+                // One connection, or a batch, per message.
+                let mut from = tcpr_handoff::deliver::UnixReceiver::new(s);
+                while let Ok(Some(ds)) = from.recv() {
+                    for d in ds {
+                        let _ = to_close.send(d);
+                    }
                 }
-            }
+            });
         }
     });
     let mut batch_agent = b

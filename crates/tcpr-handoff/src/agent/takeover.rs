@@ -31,6 +31,11 @@ pub(super) struct Session {
     /// Unix or forward delivery: connected before READY, used for the
     /// first delivery.
     pub(super) target_first: Option<Reached>,
+    /// Unix delivery: an idle unix connection kept from an earlier batch
+    /// ([`super::kept::KeptUnix`]), taken before READY instead of
+    /// [`Session::target_first`]; its receiver takes batches, and every
+    /// connection of this batch goes to it in batch messages.
+    pub(super) kept: Option<UnixStream>,
     pub(super) log: Option<BatchLog>,
     /// The restored flows' packets are dropped here until the take-over
     /// is about to resume them (with a journal only): should this process
@@ -185,6 +190,14 @@ pub(super) fn lock_restored(
 /// batch this agent could not take over is refused while the sender can
 /// still roll back: the address it will ask for is one we may take, the
 /// delivery target is there, the journal records the batch.
+///
+/// For a unix delivery, an idle kept unix connection found alive
+/// ([`super::kept::KeptUnix::take`]: neither closed nor reset, nothing
+/// unread) is proof enough that the application is there: its receiver
+/// still reads it, and it is the very connection the batch will use. It
+/// is held for the batch, as a new connection would be. Should the
+/// application restart before COMMIT, the check there connects anew;
+/// after it, [`UnixBatches`] does.
 pub(super) fn before_ready(shared: &Shared, s: &mut Session) -> Result<(), String> {
     if let Some(done) = &s.checked {
         return done.clone();
@@ -199,7 +212,13 @@ pub(super) fn before_ready(shared: &Shared, s: &mut Session) -> Result<(), Strin
                 ));
             }
         }
-        s.target_first = check_delivery(&shared.cfg.delivery)?;
+        s.kept = match &shared.cfg.delivery {
+            Delivery::Unix(_) => shared.kept.take(),
+            _ => None,
+        };
+        if s.kept.is_none() {
+            s.target_first = check_delivery(&shared.cfg.delivery)?;
+        }
         if let Some(j) = &shared.journal {
             let log = j
                 .begin(s.m.batch())
@@ -233,7 +252,12 @@ pub(super) fn take_over(shared: &Shared, s: &mut Session, ids: &[ConnId]) -> Res
                 .is_some_and(|held| held.ifindex == a.ifindex && held.ip == a.announcement.ip())
         })
         .map(|a| &a.announcement);
+    if s.kept.as_ref().is_some_and(|to| !deliver::unix_alive(to)) {
+        // Its receiver went away since PREPARE: connect anew.
+        s.kept = None;
+    }
     match &shared.cfg.delivery {
+        Delivery::Unix(_) if s.kept.is_some() => {}
         Delivery::Unix(_) | Delivery::Forward { .. } => {
             if !s.target_first.as_ref().is_some_and(Reached::alive) {
                 s.target_first = check_delivery(&shared.cfg.delivery)?;
@@ -353,6 +377,16 @@ pub(super) fn take_address(
         return Err(format!("cannot announce {}: {e}", held.ip));
     }
     Ok(())
+}
+
+/// Lets go of the delivery targets held for a batch that is done or given
+/// up: a new unix connection (or forward one) closes empty, a kept unix
+/// connection, on which nothing was sent for this batch, is kept again.
+pub(super) fn let_go_targets(shared: &Shared, s: &mut Session) {
+    s.target_first = None;
+    if let Some(to) = s.kept.take() {
+        shared.kept.put(to);
+    }
 }
 
 pub(super) fn restore_one(shared: &Shared, s: &mut Session, id: ConnId) -> Result<(), String> {
@@ -588,7 +622,17 @@ const BATCHES_IN_FLIGHT: usize = 2;
 /// receiver died, failed, or took too long) is closed silently and
 /// reported, as a connection sent alone. After a failure the unix
 /// connection is given up ([`UnixBatches::broken`]): acknowledgements
-/// after a missing one could be taken for the wrong message.
+/// after a missing one could be taken for the wrong message. Otherwise,
+/// once every message on it was acknowledged, the unix connection is kept
+/// for the next batch ([`UnixBatches::into_kept`]), whose connections all
+/// go in batch messages on it ([`UnixBatches::kept`]).
+///
+/// A kept connection whose receiver closed it since (the application
+/// restarted) fails the first send on it (EPIPE, ECONNRESET): nothing was
+/// delivered on it, so a new unix connection takes the message's
+/// connections, the first alone as on any new unix connection (the
+/// receiver's answer says whether the rest go in a batch message or one
+/// per unix connection), and the batch goes on.
 ///
 /// A message's quiet connections were resumed under this agent's lock
 /// ([`resume_one`]): their flows are released together, in one nf_tables
@@ -607,8 +651,11 @@ const BATCHES_IN_FLIGHT: usize = 2;
 /// two) is dropped, as it was before the resume.
 pub(super) struct UnixBatches {
     to: UnixStream,
+    /// `to` was kept from an earlier batch and nothing was sent on it for
+    /// this one yet.
+    kept: bool,
     /// Resumed, not sent yet, with the flows still locked here.
-    pending: Vec<(ConnId, OwnedFd, ConnectionImage, Option<Flow>)>,
+    pending: Vec<Pending>,
     /// Sent, oldest first: the connections and when.
     sent: VecDeque<(Vec<(ConnId, OwnedFd)>, Instant)>,
     /// When the receiver was done with the message before.
@@ -628,11 +675,36 @@ impl UnixBatches {
         }
         UnixBatches {
             to,
+            kept: false,
             pending: Vec::new(),
             sent: VecDeque::new(),
             settled: Instant::now(),
             broken: None,
         }
+    }
+
+    /// Batches on `to`, a unix connection kept from an earlier batch
+    /// ([`super::kept::KeptUnix`]): its receiver took batches there, so
+    /// this batch's first message is a batch message too.
+    pub(super) fn kept(to: UnixStream) -> UnixBatches {
+        UnixBatches {
+            to,
+            kept: true,
+            pending: Vec::new(),
+            sent: VecDeque::new(),
+            settled: Instant::now(),
+            broken: None,
+        }
+    }
+
+    /// The unix connection, to keep for the next batch, once [`finish`]
+    /// ed with every message on it acknowledged; `None` when it was given
+    /// up (it closes).
+    ///
+    /// [`finish`]: UnixBatches::finish
+    pub(super) fn into_kept(self) -> Option<UnixStream> {
+        (self.broken.is_none() && self.pending.is_empty() && self.sent.is_empty())
+            .then_some(self.to)
     }
 
     /// True once the unix connection was given up: the batch's further
@@ -670,31 +742,45 @@ impl UnixBatches {
         if self.pending.is_empty() {
             return;
         }
-        let pending = std::mem::take(&mut self.pending);
+        let mut pending = std::mem::take(&mut self.pending);
         let flows: Vec<Flow> = pending.iter().filter_map(|p| p.3).collect();
-        if self.broken.is_none() {
+        let released = self.broken.is_none();
+        if released {
             release_resumed(releaser, &flows);
         }
         let sent = match &self.broken {
             Some(why) => Err(why.clone()),
-            None => {
-                let conns: Vec<deliver::Outgoing<'_>> = pending
-                    .iter()
-                    .map(|(_, fd, img, _)| deliver::Outgoing {
-                        fd: fd.as_fd(),
-                        blob: &img.app_blob,
-                        local: img.local,
-                        peer: img.peer,
-                    })
-                    .collect();
-                deliver::send_unix_batch(&self.to, &conns).map_err(|e| unix_failure(shared, &e))
-            }
+            None => match send_batch(&self.to, &pending) {
+                Err(e) if self.kept && closed(&e) => {
+                    tracing::debug!(
+                        "the kept unix connection was closed (the application restarted?): {e}; \
+                         connecting anew"
+                    );
+                    match self.reopen(shared, s, pending, out) {
+                        Ok(rest) => {
+                            pending = rest;
+                            if pending.is_empty() {
+                                Ok(())
+                            } else {
+                                send_batch(&self.to, &pending).map_err(|e| unix_failure(shared, &e))
+                            }
+                        }
+                        Err((rest, why)) => {
+                            pending = rest;
+                            Err(why)
+                        }
+                    }
+                }
+                sent => sent.map_err(|e| unix_failure(shared, &e)),
+            },
         };
-        let conns = pending.into_iter().map(|(id, fd, _, _)| (id, fd)).collect();
+        self.kept = false;
+        let conns: Vec<(ConnId, OwnedFd)> =
+            pending.into_iter().map(|(id, fd, _, _)| (id, fd)).collect();
         match sent {
+            Ok(()) if conns.is_empty() => {}
             Ok(()) => self.sent.push_back((conns, Instant::now())),
             Err(why) => {
-                let released = self.broken.is_none();
                 // Those sent before may still be acknowledged, in order.
                 self.settle_all(shared, s, out);
                 self.broken = Some(why.clone());
@@ -709,6 +795,68 @@ impl UnixBatches {
         while self.sent.len() > BATCHES_IN_FLIGHT {
             self.settle_oldest(shared, s, out);
         }
+    }
+
+    /// The kept unix connection was found closed by the first send on it
+    /// (see [`UnixBatches`]): nothing was delivered on it. A new unix
+    /// connection takes `pending`'s first connection alone; if its
+    /// receiver takes batches, it replaces the kept one and the rest are
+    /// returned, to go on it in a batch message; if not (an older
+    /// receiver), each of the rest goes alone on a unix connection of its
+    /// own, and the batch's further connections too ([`Self::broken`]).
+    /// `Err`: no new unix connection could be made, or its first message
+    /// was not acknowledged; the connections returned were not sent.
+    fn reopen(
+        &mut self,
+        shared: &Shared,
+        s: &mut Session,
+        mut pending: Vec<Pending>,
+        out: &mut Outcomes,
+    ) -> Result<Vec<Pending>, (Vec<Pending>, String)> {
+        let Delivery::Unix(path) = &shared.cfg.delivery else {
+            return Err((pending, "not a unix delivery".into()));
+        };
+        let to = match deliver::connect_unix(path) {
+            Ok(to) => to,
+            Err(why) => return Err((pending, why)),
+        };
+        if let Err(e) = to.set_write_timeout(Some(deliver::ACK_TIMEOUT)) {
+            tracing::warn!("cannot bound the unix delivery's sends: {e}");
+        }
+        let (id, fd, img, _) = pending.remove(0);
+        let first = deliver::send_unix_message(&to, &fd, &img.app_blob, img.local, img.peer)
+            .and_then(|()| deliver::await_first_ack(&to, deliver::ACK_TIMEOUT));
+        self.settled = Instant::now();
+        let takes_batches = match first {
+            Ok(takes_batches) => takes_batches,
+            Err(e) => {
+                let why = unix_failure(shared, &e);
+                undelivered(shared, vec![(id, fd)], &why, out);
+                return Err((pending, why));
+            }
+        };
+        delivered(shared, s, &[id]);
+        out.push((id, Ok(())));
+        drop(fd);
+        self.to = to;
+        if takes_batches {
+            return Ok(pending);
+        }
+        for (id, fd, img, _) in pending {
+            let sent = deliver::connect_unix(path).and_then(|to| {
+                deliver::send_unix(&to, &fd, &img.app_blob, img.local, img.peer)
+                    .map_err(|e| unix_failure(shared, &e))
+            });
+            match sent {
+                Ok(()) => {
+                    delivered(shared, s, &[id]);
+                    out.push((id, Ok(())));
+                }
+                Err(why) => undelivered(shared, vec![(id, fd)], &why, out),
+            }
+        }
+        self.broken = Some("the application takes no batches".into());
+        Ok(Vec::new())
     }
 
     /// Reads the acknowledgement of the oldest message sent: its
@@ -761,6 +909,35 @@ impl UnixBatches {
         self.send(shared, s, releaser, out);
         self.settle_all(shared, s, out);
     }
+}
+
+/// A resumed connection waiting for its batch message: its fd, what the
+/// message says of it, its flow if still locked here.
+type Pending = (ConnId, OwnedFd, ConnectionImage, Option<Flow>);
+
+/// Sends `pending` in one batch message on `to`.
+fn send_batch(to: &UnixStream, pending: &[Pending]) -> std::io::Result<()> {
+    let conns: Vec<deliver::Outgoing<'_>> = pending
+        .iter()
+        .map(|(_, fd, img, _)| deliver::Outgoing {
+            fd: fd.as_fd(),
+            blob: &img.app_blob,
+            local: img.local,
+            peer: img.peer,
+        })
+        .collect();
+    deliver::send_unix_batch(to, &conns)
+}
+
+/// True when a send failed because the receiver's end is closed (EPIPE,
+/// ECONNRESET): nothing of the message can reach it, and no
+/// acknowledgement can come, so the receiver holds none of its
+/// connections (it acknowledges a message only once read whole).
+fn closed(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+    )
 }
 
 /// Releases, in one transaction, this agent's lock on the flows of resumed

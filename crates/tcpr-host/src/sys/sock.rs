@@ -327,3 +327,24 @@ pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     .map_err(named("read SO_NETNS_COOKIE"))?;
     Ok(cookie)
 }
+
+/// Waits, without limit, until one of `fds` has something to read (or
+/// its end, or an error: a read will not block); says which. poll(2),
+/// its EINTR waited out.
+pub fn wait_readable(fds: &[BorrowedFd<'_>]) -> io::Result<Vec<bool>> {
+    let mut polled: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        match super::splice::poll(&mut polled, -1) {
+            Ok(_) => return Ok(polled.iter().map(|p| p.revents != 0).collect()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(named("poll")(e)),
+        }
+    }
+}
