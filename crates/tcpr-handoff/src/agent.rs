@@ -841,7 +841,9 @@ fn resume_and_deliver(
                     out.push((id, Ok(())));
                     if matches!(receiver, Receiving::Unknown) {
                         receiver = match to {
-                            Some(to) => Receiving::Batches(UnixBatches::new(to)),
+                            Some((to, receives)) => {
+                                Receiving::Batches(UnixBatches::new(to, receives))
+                            }
                             None => Receiving::OneAtATime,
                         };
                     }
@@ -870,8 +872,12 @@ fn resume_and_deliver(
         settled = Instant::now();
         match outcome {
             Ok(to) => {
-                // Earlier ones close as they are settled.
-                if let Some(to) = to.filter(|_| i + 1 == last) {
+                // Earlier ones close as they are settled; only a receiver
+                // that answered "kK" has its unix connection kept.
+                let keep = |(_, r): &(std::os::unix::net::UnixStream, deliver::Receives)| {
+                    i + 1 == last && *r == deliver::Receives::KeptBatches
+                };
+                if let Some((to, _)) = to.filter(keep) {
                     shared.kept.put(to);
                 }
                 out.push((id, Ok(())));

@@ -55,24 +55,28 @@
 //! unix connection, as before batches: an old agent reads the "k" and
 //! closes, so the "B" it leaves unread does no harm either
 //!
-//! kept unix connections (to a receiver that answered "kB" only): once
-//! every message on it is acknowledged, the agent may keep the unix
-//! connection open, idle, for its next batches (a few seconds at most),
-//! instead of closing it; a kept connection's next message is then a
-//! batch message ("TCPR-FDN"), even for a batch's first connection. A
-//! connection with a message unacknowledged, or with a byte from the
-//! receiver left unread, is never kept: after a missing acknowledgement
-//! the agent closes the unix connection (the connections of the messages
-//! not acknowledged are closed silently and reported), so that no later
-//! acknowledgement is taken for the wrong message
+//! kept unix connections (to a receiver that answered "kK" instead of
+//! "kB": it takes batches and reads each of its unix connections as its
+//! messages come): once every message on it is acknowledged, the agent
+//! may keep the unix connection open, idle, for its next batches (a few
+//! seconds at most), instead of closing it; a kept connection's next
+//! message is then a batch message ("TCPR-FDN"), even for a batch's first
+//! connection. A connection with a message unacknowledged, or with a byte
+//! from the receiver left unread, is never kept: after a missing
+//! acknowledgement the agent closes the unix connection (the connections
+//! of the messages not acknowledged are closed silently and reported), so
+//! that no later acknowledgement is taken for the wrong message. An agent
+//! older than "kK" reads it as "k" (one message per unix connection)
 //! ```
 //!
-//! A receiver that takes batches must therefore read each of its unix
-//! connections as its messages come (a thread or task each, or poll(2)
-//! over them all), never one unix connection after the other: a kept
-//! connection stays open while the agent opens others for batches that
-//! run at the same time, and each message's acknowledgement is awaited
-//! for [`ACK_TIMEOUT`] at most. [`crate::LocalIncoming`] reads them all.
+//! Why "kK" is asked for, not assumed of a receiver that takes batches: a
+//! kept connection stays open while the agent opens others for batches
+//! that run at the same time, each message's acknowledgement awaited for
+//! [`ACK_TIMEOUT`] at most. A receiver reading its unix connections one
+//! after the other would sit on the kept one while another batch's
+//! acknowledgement timed out, and that batch's connections would be closed.
+//! [`UnixReceiver::concurrent`] answers "kK" ([`crate::LocalIncoming`]
+//! uses it); [`UnixReceiver::new`] answers "kB".
 //!
 //! A connection closed before its first byte carries nothing: the agent
 //! opens one at start to check that the application listens, and holds
@@ -113,6 +117,32 @@ const BATCH_MAGIC: &[u8; 8] = b"TCPR-FDN";
 const ACK: u8 = b'k';
 /// What a receiver that takes batches sends after its first [`ACK`].
 const TAKES_BATCHES: u8 = b'B';
+/// What a receiver that takes batches and reads its unix connections
+/// concurrently sends after its first [`ACK`] instead: its unix connection
+/// may be kept between batches.
+const TAKES_KEPT_BATCHES: u8 = b'K';
+
+/// What a receiver's acknowledgement of the first message on a unix
+/// connection says of how it takes the next ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Receives {
+    /// One message per unix connection (it answered "k").
+    One,
+    /// Batch messages on this unix connection, which closes after the
+    /// batch ("kB").
+    Batches,
+    /// Batch messages, and the unix connection may stay open between
+    /// batches: the receiver reads each of its unix connections as its
+    /// messages come ("kK").
+    KeptBatches,
+}
+
+impl Receives {
+    /// True if it takes batch messages on this unix connection.
+    pub fn batches(self) -> bool {
+        self != Receives::One
+    }
+}
 
 /// The most connections one batch message carries (`SCM_MAX_FD`).
 pub const BATCH_MAX: usize = tcpr_host::SCM_MAX_FD;
@@ -289,13 +319,15 @@ pub fn send_unix_batch(to: &UnixStream, conns: &[Outgoing<'_>]) -> io::Result<()
 }
 
 /// [`await_unix_ack`] for the first message on a unix connection: also
-/// says whether the receiver takes batches on it (it answered "kB").
-pub fn await_first_ack(to: &UnixStream, ack_timeout: Duration) -> io::Result<bool> {
+/// says whether the receiver takes batches on it ("kB"), and whether the
+/// unix connection may be kept between batches ("kK").
+pub fn await_first_ack(to: &UnixStream, ack_timeout: Duration) -> io::Result<Receives> {
     let mut ack = [0u8; 2];
     let mut r = to;
     r.set_read_timeout(Some(ack_timeout.max(MIN_ACK_WAIT)))?;
     // The receiver writes both bytes at once: one read takes them. Were
-    // "B" to come later, the connection is only served one at a time.
+    // "B" or "K" to come later, the connection is only served one at a
+    // time. (An agent older than "K" reads "kK" as "k": one at a time.)
     let n = r.read(&mut ack)?;
     if n == 0 {
         return Err(io::ErrorKind::UnexpectedEof.into());
@@ -303,7 +335,11 @@ pub fn await_first_ack(to: &UnixStream, ack_timeout: Duration) -> io::Result<boo
     if ack[0] != ACK {
         return Err(bad("acknowledgement"));
     }
-    Ok(n == 2 && ack[1] == TAKES_BATCHES)
+    Ok(match (n, ack[1]) {
+        (2, TAKES_BATCHES) => Receives::Batches,
+        (2, TAKES_KEPT_BATCHES) => Receives::KeptBatches,
+        _ => Receives::One,
+    })
 }
 
 /// The least [`await_unix_ack`] waits (`SO_RCVTIMEO` of zero is no
@@ -529,22 +565,41 @@ pub fn recv_unix(from: &mut UnixStream) -> io::Result<Option<Delivered>> {
 /// from [`crate::hand_off_local`]): reads it message by message, one
 /// connection or a batch of up to [`BATCH_MAX`], and acknowledges each
 /// message once it holds its connections. Its acknowledgement of the
-/// first message asks the agent for batches (see the module docs), and
-/// lets the agent keep the unix connection open between batches: read
-/// each unix connection accepted as its messages come, on a thread (or
-/// task) of its own or under poll(2), not one after the other.
+/// first message asks the agent for batches (see the module docs); one
+/// made by [`UnixReceiver::concurrent`] also lets the agent keep the unix
+/// connection open between batches.
 #[derive(Debug)]
 pub struct UnixReceiver {
     from: UnixStream,
     answered: bool,
+    /// The second byte of the first acknowledgement:
+    /// [`TAKES_BATCHES`] or [`TAKES_KEPT_BATCHES`].
+    takes: u8,
 }
 
 impl UnixReceiver {
-    /// Reads the unix connection `from` (just accepted).
+    /// Reads the unix connection `from` (just accepted). The agent sends
+    /// batches on it and closes it after each handoff batch: a receiver
+    /// may read its unix connections one after the other.
     pub fn new(from: UnixStream) -> UnixReceiver {
         UnixReceiver {
             from,
             answered: false,
+            takes: TAKES_BATCHES,
+        }
+    }
+
+    /// Reads the unix connection `from` (just accepted), and lets the
+    /// agent keep it open between handoff batches (no unix connect and
+    /// accept per batch). Only for a receiver that reads each of its unix
+    /// connections as its messages come (a thread or task each, or poll(2)
+    /// over them all): the agent opens other unix connections while one is
+    /// kept, and a message not acknowledged within [`ACK_TIMEOUT`] loses
+    /// its connections.
+    pub fn concurrent(from: UnixStream) -> UnixReceiver {
+        UnixReceiver {
+            takes: TAKES_KEPT_BATCHES,
+            ..UnixReceiver::new(from)
         }
     }
 
@@ -574,6 +629,8 @@ impl UnixReceiver {
             let one = read_single(&mut self.from, &head, fds)?;
             let ack: &[u8] = if self.answered {
                 &[ACK]
+            } else if self.takes == TAKES_KEPT_BATCHES {
+                &[ACK, TAKES_KEPT_BATCHES]
             } else {
                 &[ACK, TAKES_BATCHES]
             };
@@ -839,9 +896,10 @@ mod batch_tests {
                 .map(|i| format!("state {i}").into_bytes())
                 .collect();
             send_unix_message(&a, &servers[0], &blobs[0], ends[0].0, ends[0].1).unwrap();
-            assert!(
+            assert_eq!(
                 await_first_ack(&a, ACK_TIMEOUT).unwrap(),
-                "asks for batches"
+                Receives::Batches,
+                "asks for batches, not to keep the unix connection"
             );
             let all: Vec<Outgoing<'_>> = (0..servers.len())
                 .map(|i| Outgoing {
@@ -901,7 +959,35 @@ mod batch_tests {
             await_first_ack(&a, ACK_TIMEOUT).unwrap()
         });
         assert!(recv_unix(&mut b).unwrap().is_some());
-        assert!(!sender.join().unwrap(), "no batches for an old receiver");
+        assert_eq!(
+            sender.join().unwrap(),
+            Receives::One,
+            "no batches for an old receiver"
+        );
+    }
+
+    /// Only a receiver made by `concurrent` lets the agent keep its unix
+    /// connection ("kK"); `new` asks for batches alone ("kB").
+    #[test]
+    fn only_a_concurrent_receiver_lets_its_unix_connection_be_kept() {
+        for (concurrent, answer) in [(false, Receives::Batches), (true, Receives::KeptBatches)] {
+            let conns = pairs(1);
+            let s = &conns[0].1;
+            let (local, peer) = (s.local_addr().unwrap(), s.peer_addr().unwrap());
+            let (a, b) = UnixStream::pair().unwrap();
+            let fd: OwnedFd = s.try_clone().unwrap().into();
+            let sender = std::thread::spawn(move || {
+                send_unix_message(&a, &fd, b"", local, peer).unwrap();
+                await_first_ack(&a, ACK_TIMEOUT).unwrap()
+            });
+            let mut from = if concurrent {
+                UnixReceiver::concurrent(b)
+            } else {
+                UnixReceiver::new(b)
+            };
+            assert_eq!(from.recv().unwrap().unwrap().len(), 1);
+            assert_eq!(sender.join().unwrap(), answer);
+        }
     }
 
     /// An older agent reads the "k" of a "kB" and closes, leaving the "B"

@@ -257,7 +257,7 @@ impl LocalIncoming {
             }
             if ready[0] {
                 let (s, _) = self.listener.accept().ok()?;
-                from.push(deliver::UnixReceiver::new(s));
+                from.push(deliver::UnixReceiver::concurrent(s));
             }
         }
     }
@@ -307,7 +307,11 @@ mod local_incoming_tests {
         };
         let wait = Duration::from_secs(10);
         let kept = UnixStream::connect(&path).unwrap();
-        assert!(send(&kept, 0, b"first"), "asks for batches");
+        assert_eq!(
+            send(&kept, 0, b"first"),
+            deliver::Receives::KeptBatches,
+            "asks for batches on a unix connection the agent may keep"
+        );
         assert_eq!(got.recv_timeout(wait).unwrap(), b"first");
         // `kept` stays open and idle; another unix connection comes.
         let other = UnixStream::connect(&path).unwrap();

@@ -11,6 +11,9 @@
 //!   COMMIT (fault injection holds the agent there): the send on it fails
 //!   (EPIPE), nothing was delivered, and the agent sends again on a new
 //!   unix connection; every connection moves.
+//! - A receiver that takes batches but did not say it reads its unix
+//!   connections concurrently (`UnixReceiver::new`, "kB"): each batch
+//!   comes on a unix connection of its own, which closes after it.
 //! - A receiver that takes no batches (`deliver::recv_unix`, one message
 //!   per unix connection): every connection moves, on a unix connection
 //!   of its own, none kept.
@@ -43,8 +46,12 @@ fn auth() -> Auth {
 /// How the application reads its unix connections.
 #[derive(Clone, Copy, PartialEq)]
 enum Reads {
-    /// [`deliver::UnixReceiver`], each unix connection on a thread of its own.
+    /// [`deliver::UnixReceiver::concurrent`], each unix connection on a
+    /// thread of its own.
     Batches,
+    /// [`deliver::UnixReceiver::new`]: batches, on unix connections the
+    /// agent must not keep (the receiver may read them one after the other).
+    BatchesNotKept,
     /// [`deliver::recv_unix`]: one message per unix connection.
     OneMessage,
 }
@@ -106,8 +113,12 @@ impl App {
                 accepted.lock().unwrap().push(s.try_clone().unwrap());
                 let (messages, delivered) = (messages.clone(), delivered.clone());
                 std::thread::spawn(move || match reads {
-                    Reads::Batches => {
-                        let mut from = deliver::UnixReceiver::new(s);
+                    Reads::Batches | Reads::BatchesNotKept => {
+                        let mut from = if reads == Reads::Batches {
+                            deliver::UnixReceiver::concurrent(s)
+                        } else {
+                            deliver::UnixReceiver::new(s)
+                        };
                         while let Ok(Some(ds)) = from.recv() {
                             messages.lock().unwrap().push((n, ds.len()));
                             for d in ds {
@@ -359,5 +370,24 @@ fn a_receiver_that_takes_no_batches_gets_one_unix_connection_per_connection() {
         distinct.len(),
         carriers.len(),
         "never two messages on one unix connection: {carriers:?}"
+    );
+}
+
+#[test]
+fn a_receiver_that_did_not_ask_for_it_has_no_unix_connection_kept() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let bed = Bed::new("kn", 85, Reads::BatchesNotKept);
+    bed.batch(0, 2);
+    let after_first = bed.app.accepts();
+    let seen = bed.messages();
+    bed.batch(1, 3);
+    assert!(
+        bed.app.accepts() > after_first,
+        "a new unix connection for the second batch"
+    );
+    let carriers = bed.carried_by(seen);
+    assert!(
+        !carriers.is_empty() && carriers.iter().all(|&n| n >= after_first),
+        "the second batch went on unix connections made for it: {carriers:?}"
     );
 }

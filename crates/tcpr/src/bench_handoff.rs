@@ -526,7 +526,7 @@ pub fn measure(plan: &HandoffPlan, tick: &dyn Fn(&str)) -> Result<HandoffFigures
             let to_close = to_close.clone();
             std::thread::spawn(move || {
                 // One connection, or a batch, per message.
-                let mut from = tcpr_handoff::deliver::UnixReceiver::new(s);
+                let mut from = tcpr_handoff::deliver::UnixReceiver::concurrent(s);
                 while let Ok(Some(ds)) = from.recv() {
                     for d in ds {
                         let _ = to_close.send(d);

@@ -570,19 +570,19 @@ pub(super) fn deliver_resumed(
 /// the receiver was done with the one before): the connection is
 /// delivered then (and journaled), or closed silently and reported, as
 /// when it was sent alone. A receiver that takes batches gives its unix
-/// connection back (`Ok(Some)`), for [`UnixBatches`].
+/// connection back (`Ok(Some)`), for [`UnixBatches`], with what it said.
 pub(super) fn confirm_delivery(
     shared: &Shared,
     s: &mut Session,
     turn: Instant,
     u: Unacknowledged,
-) -> Result<Option<UnixStream>, String> {
+) -> Result<Option<(UnixStream, deliver::Receives)>, String> {
     let since = u.sent_at.max(turn);
     let left = deliver::ACK_TIMEOUT.saturating_sub(since.elapsed());
     match deliver::await_first_ack(&u.to, left) {
-        Ok(takes_batches) => {
+        Ok(receives) => {
             delivered(shared, s, &[u.id]);
-            Ok(takes_batches.then_some(u.to))
+            Ok(receives.batches().then_some((u.to, receives)))
         }
         Err(e) => {
             lock(&shared.stats).undelivered += 1;
@@ -654,6 +654,8 @@ pub(super) struct UnixBatches {
     /// `to` was kept from an earlier batch and nothing was sent on it for
     /// this one yet.
     kept: bool,
+    /// Its receiver answered "kK": `to` may be kept for the next batch.
+    keepable: bool,
     /// Resumed, not sent yet, with the flows still locked here.
     pending: Vec<Pending>,
     /// Sent, oldest first: the connections and when.
@@ -666,8 +668,8 @@ pub(super) struct UnixBatches {
 
 impl UnixBatches {
     /// Batches on `to`, the unix connection of a receiver that asked for
-    /// them.
-    pub(super) fn new(to: UnixStream) -> UnixBatches {
+    /// them; `receives` is what it answered.
+    pub(super) fn new(to: UnixStream, receives: deliver::Receives) -> UnixBatches {
         // A receiver that stops reading must not hold the agent: a send
         // that blocks this long fails the batch.
         if let Err(e) = to.set_write_timeout(Some(deliver::ACK_TIMEOUT)) {
@@ -676,6 +678,7 @@ impl UnixBatches {
         UnixBatches {
             to,
             kept: false,
+            keepable: receives == deliver::Receives::KeptBatches,
             pending: Vec::new(),
             sent: VecDeque::new(),
             settled: Instant::now(),
@@ -690,6 +693,7 @@ impl UnixBatches {
         UnixBatches {
             to,
             kept: true,
+            keepable: true,
             pending: Vec::new(),
             sent: VecDeque::new(),
             settled: Instant::now(),
@@ -703,7 +707,7 @@ impl UnixBatches {
     ///
     /// [`finish`]: UnixBatches::finish
     pub(super) fn into_kept(self) -> Option<UnixStream> {
-        (self.broken.is_none() && self.pending.is_empty() && self.sent.is_empty())
+        (self.keepable && self.broken.is_none() && self.pending.is_empty() && self.sent.is_empty())
             .then_some(self.to)
     }
 
@@ -827,8 +831,8 @@ impl UnixBatches {
         let first = deliver::send_unix_message(&to, &fd, &img.app_blob, img.local, img.peer)
             .and_then(|()| deliver::await_first_ack(&to, deliver::ACK_TIMEOUT));
         self.settled = Instant::now();
-        let takes_batches = match first {
-            Ok(takes_batches) => takes_batches,
+        let receives = match first {
+            Ok(receives) => receives,
             Err(e) => {
                 let why = unix_failure(shared, &e);
                 undelivered(shared, vec![(id, fd)], &why, out);
@@ -839,7 +843,8 @@ impl UnixBatches {
         out.push((id, Ok(())));
         drop(fd);
         self.to = to;
-        if takes_batches {
+        self.keepable = receives == deliver::Receives::KeptBatches;
+        if receives.batches() {
             return Ok(pending);
         }
         for (id, fd, img, _) in pending {
