@@ -11,8 +11,10 @@
 //!   socket and sends one message (format below) with the connection's fd
 //!   attached as SCM_RIGHTS; to a receiver that asks for them, its further
 //!   connections in batch messages of up to [`BATCH_MAX`] fds, on a unix
-//!   connection the agent keeps open between batches.
-//!   [`UnixReceiver`] is the client ([`recv_unix`] the one-message one).
+//!   connection the agent keeps open between batches if the receiver
+//!   says it may. [`UnixReceiver`] is the client ([`recv_unix`] the
+//!   one-message one; `tokio::AsyncUnixReceiver`, feature `tokio`, the one
+//!   for an event loop).
 //! - **Forward** (for unmodified servers): the agent connects to a local
 //!   server per connection, writes a PROXY protocol header (v1 or v2, if
 //!   asked: the client's address as source, the restored connection's
@@ -150,8 +152,11 @@ pub const BATCH_MAX: usize = tcpr_host::SCM_MAX_FD;
 /// What a batch's entries may weigh at most, blobs included.
 const BATCH_BYTES_MAX: usize = 1 << 30;
 
+/// What one connection's blob may weigh at most.
+const BLOB_BYTES_MAX: usize = 1 << 30;
+
 /// What [`recv_unix`] reserves for a blob before its bytes arrive.
-const BLOB_PREALLOCATION_BYTES: usize = 64 << 10;
+pub(crate) const BLOB_PREALLOCATION_BYTES: usize = 64 << 10;
 
 /// Runs `cmd` (a shell command line) with the connection on fd 3 (and on
 /// stdin/stdout with `inetd`) and the blob on fd 4.
@@ -254,7 +259,7 @@ pub fn await_unix_ack(to: &UnixStream, ack_timeout: Duration) -> io::Result<()> 
 }
 
 /// The message [`send_unix`] sends with the descriptor.
-fn unix_message(blob: &[u8], local: SocketAddr, peer: SocketAddr) -> Vec<u8> {
+pub(crate) fn unix_message(blob: &[u8], local: SocketAddr, peer: SocketAddr) -> Vec<u8> {
     let mut m = Vec::with_capacity(64 + blob.len());
     m.extend_from_slice(MAGIC);
     push_entry(&mut m, blob, local, peer);
@@ -550,15 +555,15 @@ fn bad(what: &str) -> io::Error {
 /// to which this receiver takes no batches: [`UnixReceiver`] does).
 /// Returns `Ok(None)` at end of stream.
 pub fn recv_unix(from: &mut UnixStream) -> io::Result<Option<Delivered>> {
-    let Some((head, fds)) = read_head(from)? else {
+    let Some((message, fds)) = read_message(from)? else {
         return Ok(None);
     };
-    if head[..8] != MAGIC[..] {
+    if message[..8] != MAGIC[..] {
         return Err(bad("magic"));
     }
-    let d = read_single(from, &head, fds)?;
+    let (mut got, _) = parse_message(&message, fds)?;
     acknowledge(from, &[ACK]);
-    Ok(Some(d))
+    Ok(got.pop())
 }
 
 /// The receiving end of a unix connection from the agent's `--unix` (or
@@ -567,14 +572,13 @@ pub fn recv_unix(from: &mut UnixStream) -> io::Result<Option<Delivered>> {
 /// message once it holds its connections. Its acknowledgement of the
 /// first message asks the agent for batches (see the module docs); one
 /// made by [`UnixReceiver::concurrent`] also lets the agent keep the unix
-/// connection open between batches.
+/// connection open between batches. It blocks;
+/// `crate::tokio::AsyncUnixReceiver` (feature `tokio`) is the same
+/// receiver for an event loop.
 #[derive(Debug)]
 pub struct UnixReceiver {
     from: UnixStream,
-    answered: bool,
-    /// The second byte of the first acknowledgement:
-    /// [`TAKES_BATCHES`] or [`TAKES_KEPT_BATCHES`].
-    takes: u8,
+    state: ReceiverState,
 }
 
 impl UnixReceiver {
@@ -584,8 +588,7 @@ impl UnixReceiver {
     pub fn new(from: UnixStream) -> UnixReceiver {
         UnixReceiver {
             from,
-            answered: false,
-            takes: TAKES_BATCHES,
+            state: ReceiverState::default(),
         }
     }
 
@@ -598,8 +601,8 @@ impl UnixReceiver {
     /// its connections.
     pub fn concurrent(from: UnixStream) -> UnixReceiver {
         UnixReceiver {
-            takes: TAKES_KEPT_BATCHES,
-            ..UnixReceiver::new(from)
+            from,
+            state: ReceiverState::concurrent(),
         }
     }
 
@@ -613,49 +616,150 @@ impl UnixReceiver {
     /// of no further use: drop it (the agent then reports the connections
     /// it did not see acknowledged, and closes them).
     pub fn recv(&mut self) -> io::Result<Option<Vec<Delivered>>> {
-        let head = match read_head(&mut self.from) {
-            Ok(Some(head)) => head,
+        let (message, fds) = match read_message(&mut self.from) {
+            Ok(Some(m)) => m,
             Ok(None) => return Ok(None),
-            // A sender that read only the "k" of our "kB" (an older agent)
-            // and closed resets the unix connection: between messages,
-            // that is its end.
-            Err(e) if self.answered && e.kind() == io::ErrorKind::ConnectionReset => {
-                return Ok(None)
-            }
-            Err(e) => return Err(e),
+            Err(e) => return self.state.end_or(e),
         };
-        let (head, fds) = head;
-        let (got, ack): (Vec<Delivered>, &[u8]) = if head[..8] == MAGIC[..] {
-            let one = read_single(&mut self.from, &head, fds)?;
-            let ack: &[u8] = if self.answered {
-                &[ACK]
-            } else if self.takes == TAKES_KEPT_BATCHES {
-                &[ACK, TAKES_KEPT_BATCHES]
-            } else {
-                &[ACK, TAKES_BATCHES]
-            };
-            (vec![one], ack)
-        } else if head[..8] == BATCH_MAGIC[..] {
-            (read_batch(&mut self.from, &head, fds)?, &[ACK])
-        } else {
-            return Err(bad("magic"));
-        };
-        self.answered = true;
+        let (got, ack) = self.state.take(&message, fds)?;
         acknowledge(&mut self.from, ack);
         Ok(Some(got))
     }
 }
 
-/// The first 10 bytes of a message (magic and a length or count), with
-/// the fds attached to them; `None` at end of stream.
-fn read_head(from: &mut UnixStream) -> io::Result<Option<([u8; 10], Vec<OwnedFd>)>> {
-    let mut head = [0u8; 10];
+/// What a receiver that takes batches keeps between messages (the blocking
+/// [`UnixReceiver`] and the event loop's one).
+#[derive(Debug)]
+pub(crate) struct ReceiverState {
+    /// Its first message was acknowledged (with "kB" or "kK").
+    answered: bool,
+    /// The second byte of that acknowledgement: [`TAKES_BATCHES`], or
+    /// [`TAKES_KEPT_BATCHES`] for a receiver that reads its unix
+    /// connections concurrently.
+    takes: u8,
+}
+
+impl Default for ReceiverState {
+    fn default() -> ReceiverState {
+        ReceiverState {
+            answered: false,
+            takes: TAKES_BATCHES,
+        }
+    }
+}
+
+impl ReceiverState {
+    /// The state of a receiver that lets the agent keep its unix
+    /// connection ("kK").
+    pub(crate) fn concurrent() -> ReceiverState {
+        ReceiverState {
+            takes: TAKES_KEPT_BATCHES,
+            ..ReceiverState::default()
+        }
+    }
+
+    /// A failure to read a message's first bytes: the end of the stream or
+    /// an error. A sender that read only the "k" of our "kB" (an older
+    /// agent) and closed resets the unix connection: between messages,
+    /// that is its end.
+    pub(crate) fn end_or<T>(&self, e: io::Error) -> io::Result<Option<T>> {
+        if self.answered && e.kind() == io::ErrorKind::ConnectionReset {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    }
+
+    /// The connections of a whole `message` ([`message_len`]) and its
+    /// `fds`, with the acknowledgement to write once they are held.
+    pub(crate) fn take(
+        &mut self,
+        message: &[u8],
+        fds: Vec<OwnedFd>,
+    ) -> io::Result<(Vec<Delivered>, &'static [u8])> {
+        let (got, single) = parse_message(message, fds)?;
+        let ack: &'static [u8] = match (single && !self.answered, self.takes) {
+            (true, TAKES_KEPT_BATCHES) => &[ACK, TAKES_KEPT_BATCHES],
+            (true, _) => &[ACK, TAKES_BATCHES],
+            (false, _) => &[ACK],
+        };
+        self.answered = true;
+        Ok((got, ack))
+    }
+}
+
+/// The bytes of a message's magic and first field, which the fds ride on.
+pub(crate) const MESSAGE_HEAD: usize = 10;
+
+/// The whole message's length, as far as its first bytes `got` tell
+/// (at least [`MESSAGE_HEAD`] bytes): `got.len()` once it is all there.
+/// A receiver reads exactly a message's bytes, field length by field
+/// length (the next message's fds ride on its first byte, and a read that
+/// reached it would take them without a place to put them): after the
+/// head, a "TCPR-FD1" in three more reads (local address and the peer's
+/// length, peer address and the blob's length, blob), a "TCPR-FDN" in two
+/// (the entries' length, the entries).
+pub(crate) fn message_len(got: &[u8]) -> io::Result<usize> {
+    if got.len() < MESSAGE_HEAD {
+        return Ok(MESSAGE_HEAD);
+    }
+    let field = u16::from_be_bytes([got[8], got[9]]) as usize;
+    let u32_at = |at: usize| u32::from_be_bytes([got[at], got[at + 1], got[at + 2], got[at + 3]]);
+    if got[..8] == MAGIC[..] {
+        // The local address and the peer address's length.
+        let peer_at = MESSAGE_HEAD + field + 2;
+        if got.len() < peer_at {
+            return Ok(peer_at);
+        }
+        // The peer address and the blob's length.
+        let blob_at =
+            peer_at + u16::from_be_bytes([got[peer_at - 2], got[peer_at - 1]]) as usize + 4;
+        if got.len() < blob_at {
+            return Ok(blob_at);
+        }
+        let blob = u32_at(blob_at - 4) as usize;
+        if blob > BLOB_BYTES_MAX {
+            return Err(bad("blob length"));
+        }
+        Ok(blob_at + blob)
+    } else if got[..8] == BATCH_MAGIC[..] {
+        if field == 0 || field > BATCH_MAX {
+            return Err(bad("connection count"));
+        }
+        let entries_at = MESSAGE_HEAD + 4;
+        if got.len() < entries_at {
+            return Ok(entries_at);
+        }
+        let entries = u32_at(MESSAGE_HEAD) as usize;
+        if entries > BATCH_BYTES_MAX {
+            return Err(bad("entries length"));
+        }
+        Ok(entries_at + entries)
+    } else {
+        Err(bad("magic"))
+    }
+}
+
+/// The next message, whole, with the fds attached to its first byte;
+/// `None` at end of stream. Grown as its bytes arrive: a length alone (up
+/// to 1 GiB) reserves nothing.
+fn read_message(from: &mut UnixStream) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
+    let mut head = [0u8; MESSAGE_HEAD];
     let (n, fds) = tcpr_host::recv_with_fds(from.as_fd(), &mut head)?;
     if n == 0 {
         return Ok(None);
     }
-    from.read_exact(&mut head[n..])?;
-    Ok(Some((head, fds)))
+    let mut message = head[..n].to_vec();
+    loop {
+        let more = message_len(&message)? - message.len();
+        if more == 0 {
+            return Ok(Some((message, fds)));
+        }
+        message.reserve(more.min(BLOB_PREALLOCATION_BYTES));
+        if (&mut *from).take(more as u64).read_to_end(&mut message)? != more {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
 }
 
 /// Until the acknowledgement is read, the agent holds the connections
@@ -665,10 +769,13 @@ fn read_head(from: &mut UnixStream) -> io::Result<Option<([u8; 10], Vec<OwnedFd>
 /// restarted agent reports them unknown; they live on here).
 fn acknowledge(from: &mut UnixStream, ack: &[u8]) {
     if let Err(e) = std::io::Write::write_all(from, ack) {
-        tracing::warn!(
-            "kept delivered connections whose agent did not take the acknowledgement: {e}"
-        );
+        unacknowledged(&e);
     }
+}
+
+/// Logs an acknowledgement that could not be written ([`acknowledge`]).
+pub(crate) fn unacknowledged(e: &io::Error) {
+    tracing::warn!("kept delivered connections whose agent did not take the acknowledgement: {e}");
 }
 
 fn address(text: &[u8], what: &str) -> io::Result<SocketAddr> {
@@ -678,68 +785,26 @@ fn address(text: &[u8], what: &str) -> io::Result<SocketAddr> {
         .map_err(|_| bad(what))
 }
 
-/// The rest of a "TCPR-FD1" message whose `head` was read.
-fn read_single(from: &mut UnixStream, head: &[u8; 10], fds: Vec<OwnedFd>) -> io::Result<Delivered> {
-    // Extra fds a sender attached close here.
-    let fd = fds
-        .into_iter()
-        .next()
-        .ok_or_else(|| bad("no file descriptor attached"))?;
-    // Each read takes a field and the length of the next one: exactly the
-    // message's bytes (a next message on the stream is left unread), in
-    // three reads rather than five.
-    let local_len = u16::from_be_bytes([head[8], head[9]]) as usize;
-    let mut local_and_len = vec![0u8; local_len + 2];
-    from.read_exact(&mut local_and_len)?;
-    let peer_len = u16::from_be_bytes([local_and_len[local_len], local_and_len[local_len + 1]]);
-    let peer_len = peer_len as usize;
-    let mut peer_and_len = vec![0u8; peer_len + 4];
-    from.read_exact(&mut peer_and_len)?;
-    let mut blob_len = [0u8; 4];
-    blob_len.copy_from_slice(&peer_and_len[peer_len..]);
-    let blen = u32::from_be_bytes(blob_len) as usize;
-    if blen > 1 << 30 {
-        return Err(bad("blob length"));
-    }
-    // Grown as the bytes arrive: a length alone (up to 1 GiB) reserves
-    // nothing.
-    let mut blob = Vec::with_capacity(blen.min(BLOB_PREALLOCATION_BYTES));
-    if (&mut *from).take(blen as u64).read_to_end(&mut blob)? != blen {
-        return Err(io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(Delivered {
-        stream: TcpStream::from(fd),
-        blob,
-        local: address(&local_and_len[..local_len], "local address")?,
-        peer: address(&peer_and_len[..peer_len], "peer address")?,
-    })
-}
-
-/// The rest of a "TCPR-FDN" message whose `head` was read: exactly one
-/// fd per entry, every entry whole, nothing after the last.
-fn read_batch(
-    from: &mut UnixStream,
-    head: &[u8; 10],
-    fds: Vec<OwnedFd>,
-) -> io::Result<Vec<Delivered>> {
-    let count = u16::from_be_bytes([head[8], head[9]]) as usize;
-    if count == 0 || count > BATCH_MAX {
-        return Err(bad("connection count"));
-    }
-    if fds.len() != count {
-        return Err(bad("not one file descriptor per connection"));
-    }
-    let mut len = [0u8; 4];
-    from.read_exact(&mut len)?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > BATCH_BYTES_MAX {
-        return Err(bad("entries length"));
-    }
-    let mut body = Vec::with_capacity(len.min(BLOB_PREALLOCATION_BYTES));
-    if (&mut *from).take(len as u64).read_to_end(&mut body)? != len {
-        return Err(io::ErrorKind::UnexpectedEof.into());
-    }
-    let mut rest = &body[..];
+/// The connections of a whole message ([`message_len`]) and its fds, and
+/// whether it was a one-connection ("TCPR-FD1") message. A "TCPR-FDN"
+/// carries exactly one fd per entry, every entry whole, nothing after the
+/// last; extra fds a "TCPR-FD1" sender attached close here.
+fn parse_message(message: &[u8], fds: Vec<OwnedFd>) -> io::Result<(Vec<Delivered>, bool)> {
+    let single = message[..8] == MAGIC[..];
+    // A "TCPR-FD1" is its magic and one entry.
+    let (count, mut rest, fds) = if single {
+        let fd = fds
+            .into_iter()
+            .next()
+            .ok_or_else(|| bad("no file descriptor attached"))?;
+        (1, &message[8..], vec![fd])
+    } else {
+        let count = u16::from_be_bytes([message[8], message[9]]) as usize;
+        if fds.len() != count {
+            return Err(bad("not one file descriptor per connection"));
+        }
+        (count, &message[MESSAGE_HEAD + 4..], fds)
+    };
     let mut take = |n: usize| -> io::Result<&[u8]> {
         if rest.len() < n {
             return Err(bad("entry cut short"));
@@ -767,7 +832,7 @@ fn read_batch(
     if !rest.is_empty() {
         return Err(bad("bytes after the last entry"));
     }
-    Ok(fds
+    let got = fds
         .into_iter()
         .zip(entries)
         .map(|(fd, (local, peer, blob))| Delivered {
@@ -776,7 +841,8 @@ fn read_batch(
             local,
             peer,
         })
-        .collect())
+        .collect();
+    Ok((got, single))
 }
 
 #[cfg(test)]
@@ -860,13 +926,13 @@ mod tests {
 }
 
 #[cfg(test)]
-mod batch_tests {
+pub(crate) mod batch_tests {
     use super::*;
     use std::io::Write;
     use std::net::TcpListener;
 
     /// `n` connected pairs on loopback: (the client end, the server end).
-    fn pairs(n: usize) -> Vec<(TcpStream, TcpStream)> {
+    pub(crate) fn pairs(n: usize) -> Vec<(TcpStream, TcpStream)> {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         (0..n)
             .map(|_| {
@@ -876,6 +942,39 @@ mod batch_tests {
             .collect()
     }
 
+    /// The batch entries of `servers`, each with its blob and ends.
+    pub(crate) fn outgoing<'a>(
+        servers: &'a [OwnedFd],
+        blobs: &'a [Vec<u8>],
+        ends: &[(SocketAddr, SocketAddr)],
+    ) -> Vec<Outgoing<'a>> {
+        servers
+            .iter()
+            .zip(blobs)
+            .zip(ends)
+            .map(|((fd, blob), (local, peer))| Outgoing {
+                fd: fd.as_fd(),
+                blob,
+                local: *local,
+                peer: *peer,
+            })
+            .collect()
+    }
+
+    /// What a sender holds of `conns`' server ends: a copy of each, and
+    /// each one's local and peer addresses.
+    pub(crate) fn sender_side(
+        conns: &[(TcpStream, TcpStream)],
+    ) -> (Vec<OwnedFd>, Vec<(SocketAddr, SocketAddr)>) {
+        conns
+            .iter()
+            .map(|(_, s)| {
+                let ends = (s.local_addr().unwrap(), s.peer_addr().unwrap());
+                (s.try_clone().unwrap().into(), ends)
+            })
+            .unzip()
+    }
+
     /// The first message asks for batches; then batches of 1 to
     /// [`BATCH_MAX`] carry every connection, in order, each one live both
     /// ways; a batch of none or of more than [`BATCH_MAX`] is refused.
@@ -883,14 +982,7 @@ mod batch_tests {
     fn batches_carry_every_connection_after_a_receiver_asks_for_them() {
         let conns = pairs(BATCH_MAX + 2);
         let (a, b) = UnixStream::pair().unwrap();
-        let servers: Vec<OwnedFd> = conns
-            .iter()
-            .map(|(_, s)| s.try_clone().unwrap().into())
-            .collect();
-        let ends: Vec<(SocketAddr, SocketAddr)> = conns
-            .iter()
-            .map(|(_, s)| (s.local_addr().unwrap(), s.peer_addr().unwrap()))
-            .collect();
+        let (servers, ends) = sender_side(&conns);
         let sender = std::thread::spawn(move || {
             let blobs: Vec<Vec<u8>> = (0..servers.len())
                 .map(|i| format!("state {i}").into_bytes())
@@ -901,14 +993,7 @@ mod batch_tests {
                 Receives::Batches,
                 "asks for batches, not to keep the unix connection"
             );
-            let all: Vec<Outgoing<'_>> = (0..servers.len())
-                .map(|i| Outgoing {
-                    fd: servers[i].as_fd(),
-                    blob: &blobs[i],
-                    local: ends[i].0,
-                    peer: ends[i].1,
-                })
-                .collect();
+            let all = outgoing(&servers, &blobs, &ends);
             assert!(send_unix_batch(&a, &[]).is_err());
             assert!(send_unix_batch(&a, &all[1..]).is_err(), "one too many");
             // The rest, split as a sender must: one full message, one of one.

@@ -36,7 +36,6 @@ pub mod relay;
 mod sys;
 pub mod vip;
 pub mod wire;
-pub mod workers;
 
 pub use sys::sock;
 

@@ -11,8 +11,10 @@
 //! handed off. tcpr runs in two configurations: its backends' agents
 //! relay each connection to an unmodified HTTP server (`--forward`), or
 //! pass it over a unix socket (`--unix`) to a server that takes passed
-//! fds (the same responses, served by the same code, a pool thread per
-//! connection; the deployment where no relay runs on the backend). All
+//! fds (the same responses, served by the same code, an event loop thread
+//! per server that also receives the passed connections:
+//! [`crate::demo_balance::server`]; the deployment where no relay runs on
+//! the backend). All
 //! three fronts run at once on the front host (HAProxy on the VIP's next
 //! port, one `tcpr balance` with a listener per configuration), so each
 //! load is measured on each back to back and the ratios are taken within
@@ -20,8 +22,8 @@
 //! for the report (`tcpr bench --report`), [`run`] prints one run.
 
 use crate::demo_balance::{
-    answer, block, serve_on_pool, start, start_backends, start_balancer, Running, AGENT_PORT,
-    METRICS_LISTEN, PSK_FILE, SERVER_PORT, VIP_PORT,
+    block, server, start, start_backends, start_balancer, Running, AGENT_PORT, METRICS_LISTEN,
+    PSK_FILE, SERVER_PORT, VIP_PORT,
 };
 use crate::report::Samples;
 use anyhow::{bail, Context, Result};
@@ -29,7 +31,6 @@ use std::net::SocketAddr;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 use tcpr_balance::metrics::names;
 use tcpr_netlab::balance::{BalanceLab, Family};
@@ -440,26 +441,21 @@ fn order(run: usize) -> [Front; 3] {
 }
 
 /// A server that takes passed connections: `path`, a unix socket a `tcpr
-/// agent --unix` delivers to (batches asked for); each connection served
-/// on a pool thread ([`serve_on_pool`]) as `name` with the responses of the forward
-/// backends' servers (the same code). Runs until the process ends.
+/// agent --unix` delivers to (batches asked for), served as `name` with
+/// the responses of the forward backends' servers, by the same code
+/// ([`server`]: one event loop thread, which takes the delivered
+/// connections itself). Runs until the process ends.
 fn serve_fds(path: &Path, name: String) -> Result<()> {
     let listener = UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
-    let body = Arc::new(block());
-    std::thread::spawn(move || {
-        for s in listener.incoming().map_while(Result::ok) {
-            let (name, body) = (name.clone(), body.clone());
-            serve_on_pool(move || {
-                let mut from = tcpr_handoff::deliver::UnixReceiver::new(s);
-                while let Ok(Some(delivered)) = from.recv() {
-                    for d in delivered {
-                        let (name, body) = (name.clone(), body.clone());
-                        serve_on_pool(move || answer(d.stream, &name, &body));
-                    }
-                }
-            });
-        }
-    });
+    let site = server::Site::new(&name, block());
+    std::thread::Builder::new()
+        .name("server".into())
+        .spawn(move || {
+            if let Err(e) = server::run(server::serve_fds(listener, site)) {
+                eprintln!("server {name}: {e}");
+            }
+        })
+        .context("start the server's thread")?;
     Ok(())
 }
 

@@ -31,6 +31,8 @@ const SEED: u64 = 0xba1a;
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const MIB: u64 = 1 << 20;
 
+pub(crate) mod server;
+
 /// Runs the demo with a download of `mib` MiB.
 pub fn run(mib: u64) -> Result<()> {
     ctrlc::set_handler(|| {
@@ -198,100 +200,35 @@ pub(crate) fn block() -> Vec<u8> {
     b
 }
 
-/// The servers' threads: a connection is served on a kept thread
-/// ([`tcpr_host::workers`]) rather than a new one. A thread's start and
-/// end cost more than serving a small request, and the servers see a new
-/// connection per request from a `tcpr balance` whose clients open one
-/// (HAProxy keeps its server connections), so a thread per connection
-/// measured the server more than the balancer. A connection no thread
-/// could take is closed.
-pub(crate) fn serve_on_pool(work: impl FnOnce() + Send + 'static) {
-    static POOL: std::sync::OnceLock<tcpr_host::workers::Workers> = std::sync::OnceLock::new();
-    let pool =
-        POOL.get_or_init(|| tcpr_host::workers::Workers::new("server", Duration::from_secs(10)));
-    if let Err(e) = pool.spawn(work) {
-        eprintln!("server: no thread for a connection: {e}");
-    }
-}
-
-/// A small HTTP/1.1 server on `host`: `/name` answers `name`, `/bytes/N`
-/// sends N bytes of the repeated block. A pool thread per connection
-/// ([`serve_on_pool`]).
+/// A small HTTP/1.1 server on `host` ([`server`]: one event loop
+/// thread): `/name` answers `name`, `/bytes/N` sends N bytes of the
+/// repeated block.
 fn serve_http(host: &Host, name: String) -> Result<()> {
     let path = host.path();
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let listener = tcpr_host::enter_netns(&path)
-            .map_err(anyhow::Error::from)
-            .and_then(|()| Ok(TcpListener::bind(("0.0.0.0", SERVER_PORT))?));
-        let listener = match listener {
-            Ok(l) => {
-                let _ = tx.send(Ok(()));
-                l
-            }
-            Err(e) => {
-                let _ = tx.send(Err(e));
-                return;
-            }
-        };
-        let body = std::sync::Arc::new(block());
-        for conn in listener.incoming().map_while(Result::ok) {
-            let (name, body) = (name.clone(), body.clone());
-            serve_on_pool(move || answer(conn, &name, &body));
-        }
-    });
-    rx.recv().context("server thread")?
-}
-
-/// Serves the requests of one connection (keep-alive until the client
-/// closes or asks `Connection: close`).
-pub(crate) fn answer(conn: TcpStream, name: &str, block: &[u8]) {
-    let _ = conn.set_nodelay(true);
-    let mut reader = BufReader::new(&conn);
-    loop {
-        let mut request = String::new();
-        if reader.read_line(&mut request).unwrap_or(0) == 0 {
-            return;
-        }
-        let mut close = false;
-        loop {
-            let mut h = String::new();
-            if reader.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
-                break;
-            }
-            close |= h.to_ascii_lowercase().starts_with("connection: close");
-        }
-        let path = request.split_whitespace().nth(1).unwrap_or("/");
-        let mut out = &conn;
-        // Said, so that the client does not send its next request on a
-        // connection about to close (wrk counts that as an error).
-        let connection = if close { "Connection: close\r\n" } else { "" };
-        // Each head in one write: `write!` on a socket makes a write per
-        // piece, and Nagle with the client's delayed ACK stalls the last.
-        let sent = if let Some(n) = path.strip_prefix("/bytes/") {
-            let n: u64 = n.parse().unwrap_or(0);
-            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n{connection}\r\n");
-            out.write_all(head.as_bytes()).and_then(|()| {
-                let mut left = n;
-                while left > 0 {
-                    let chunk = left.min(block.len() as u64) as usize;
-                    out.write_all(&block[..chunk])?;
-                    left -= chunk as u64;
+    std::thread::Builder::new()
+        .name("server".into())
+        .spawn(move || {
+            let listener = tcpr_host::enter_netns(&path)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| Ok(TcpListener::bind(("0.0.0.0", SERVER_PORT))?));
+            let listener = match listener {
+                Ok(l) => {
+                    let _ = tx.send(Ok(()));
+                    l
                 }
-                Ok(())
-            })
-        } else {
-            let body = format!("{name}\n");
-            let response = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{connection}\r\n{body}",
-                body.len()
-            );
-            out.write_all(response.as_bytes())
-        };
-        if sent.is_err() || close {
-            return;
-        }
-    }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let site = server::Site::new(&name, block());
+            if let Err(e) = server::run(server::serve_tcp(listener, site)) {
+                eprintln!("server {name}: {e}");
+            }
+        })
+        .context("start the server's thread")?;
+    rx.recv().context("server thread")?
 }
 
 /// Downloads `/bytes/N` from b.example through `vip` and checks each byte.

@@ -227,7 +227,7 @@ pub(super) fn section(w: &mut String, b: &BalanceFigures, plot: &Path) {
          relaying the connection (splice) to an unmodified HTTP server, and *fd*, each \
          backend a `tcpr agent --unix` passing the connection over a unix socket to a server \
          that takes passed fds (the bench's own, not an unmodified server: the same response \
-         code, one thread per connection, only the way the connection arrives differs). \
+         code, an event loop per server, only the way the connection arrives differs). \
          HAProxy (to the unmodified servers) on port 81 of the VIP, tcpr on 80 (fwd) and 82 \
          (fd), all running throughout, so each load runs against the three back to back \
          (each first in turn), same wrk (2 threads, {} s per run, `--latency`). Small \
