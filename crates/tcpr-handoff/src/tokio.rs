@@ -266,7 +266,11 @@ mod tests {
             std::thread::sleep(Duration::from_millis(30));
             (&a).write_all(&m[3..]).unwrap();
             let batches = deliver::await_first_ack(&a, deliver::ACK_TIMEOUT).unwrap();
-            assert!(batches, "the event loop's receiver takes batches");
+            assert_eq!(
+                batches,
+                crate::deliver::Receives::Batches,
+                "the event loop's receiver takes batches"
+            );
             let out = outgoing(&servers, &blobs, &ends);
             deliver::send_unix_batch(&a, &out[1..3]).unwrap();
             deliver::send_unix_batch(&a, &out[3..]).unwrap();
