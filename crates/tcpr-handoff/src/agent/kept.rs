@@ -4,9 +4,11 @@
 //! Under a balancer's load a batch carries one or two connections, and a
 //! unix connection made for each (the agent's connect, the application's
 //! accept, a thread woken on each side) cost as much as the delivery
-//! itself. A receiver that answered "kB" reads batch messages on its unix
-//! connection for as long as it stays open (see [`crate::deliver`]), so
-//! the next batch's connections can go on it.
+//! itself. A receiver that answered "kK" reads batch messages on its unix
+//! connection for as long as it stays open, and reads its unix
+//! connections concurrently (see [`crate::deliver`]), so the next batch's
+//! connections can go on it. One that answered "kB" may read them one
+//! after the other: its unix connection is never kept.
 
 use crate::deliver;
 use std::os::unix::net::UnixStream;
