@@ -60,8 +60,9 @@
 //! kept unix connections (to a receiver that answered "kK" instead of
 //! "kB": it takes batches and reads each of its unix connections as its
 //! messages come): once every message on it is acknowledged, the agent
-//! may keep the unix connection open, idle, for its next batches (a few
-//! seconds at most), instead of closing it; a kept connection's next
+//! may keep the unix connection open for its next batches instead of
+//! closing it (closed once idle for a few seconds; under steady load it
+//! stays open); a kept connection's next
 //! message is then a batch message ("TCPR-FDN"), even for a batch's first
 //! connection. A connection with a message unacknowledged, or with a byte
 //! from the receiver left unread, is never kept: after a missing
@@ -756,7 +757,19 @@ fn read_message(from: &mut UnixStream) -> io::Result<Option<(Vec<u8>, Vec<OwnedF
             return Ok(Some((message, fds)));
         }
         message.reserve(more.min(BLOB_PREALLOCATION_BYTES));
-        if (&mut *from).take(more as u64).read_to_end(&mut message)? != more {
+        // A reset here cut a message short: an error, never the end
+        // between messages that `ReceiverState::end_or` takes it for.
+        let got = (&mut *from)
+            .take(more as u64)
+            .read_to_end(&mut message)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::ConnectionReset => io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the sender reset the unix connection in the middle of a message",
+                ),
+                _ => e,
+            })?;
+        if got != more {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
     }

@@ -256,11 +256,60 @@ impl LocalIncoming {
                 }
             }
             if ready[0] {
-                let (s, _) = self.listener.accept().ok()?;
-                from.push(deliver::UnixReceiver::concurrent(s));
+                match self.listener.accept() {
+                    Ok((s, _)) => {
+                        // A message that stops half way holds every other
+                        // unix connection here while it is read: at most
+                        // this long per read, well inside the agents'
+                        // acknowledgement timeout, then it is dropped (its
+                        // sender reports its connections).
+                        if let Err(e) = s.set_read_timeout(Some(MESSAGE_STALL)) {
+                            tracing::warn!("unix delivery refused (no read timeout): {e}");
+                            continue;
+                        }
+                        from.push(deliver::UnixReceiver::concurrent(s));
+                    }
+                    // Connections taken in this round are acknowledged:
+                    // they are handed out before anything else.
+                    Err(e) if transient(&e) || !taken.is_empty() => {
+                        tracing::warn!("accept failed (waiting it out): {e}");
+                        if taken.is_empty() {
+                            std::thread::sleep(ACCEPT_BACKOFF);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("the delivery listener failed: {e}");
+                        return None;
+                    }
+                }
             }
         }
     }
+}
+
+/// How long [`LocalIncoming::accept`] waits for the rest of a message it
+/// began to read (an agent sends a message in one write).
+const MESSAGE_STALL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long [`LocalIncoming::accept`] waits after an accept that failed
+/// for want of resources.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// An accept failure that passes (out of descriptors or memory, a
+/// connection gone before it was accepted, a signal).
+fn transient(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::ECONNABORTED
+                | libc::EINTR
+                | libc::EAGAIN
+        )
+    )
 }
 
 #[cfg(test)]
@@ -332,6 +381,43 @@ mod local_incoming_tests {
         deliver::send_unix_batch(&kept, &one).unwrap();
         deliver::await_unix_ack(&kept, deliver::ACK_TIMEOUT).unwrap();
         assert_eq!(got.recv_timeout(wait).unwrap(), b"third");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A message that stops half way (3 bytes, then nothing) holds the
+    /// other unix connections at most a second: then it
+    /// is dropped and the next delivery is read (it once held them for
+    /// ever).
+    #[test]
+    fn a_message_cut_short_does_not_hold_the_others_for_ever() {
+        use std::io::Write;
+        let dir = std::env::temp_dir().join(format!("tcpr-local-cut-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("app.sock");
+        let incoming = Arc::new(LocalIncoming::bind(&path).unwrap());
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let s = l.accept().unwrap().0;
+        let (got_tx, got) = mpsc::channel();
+        let taker = incoming.clone();
+        std::thread::spawn(move || {
+            while let Some(d) = taker.accept() {
+                if got_tx.send(d.blob).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut cut = UnixStream::connect(&path).unwrap();
+        cut.write_all(b"TCP").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let to = UnixStream::connect(&path).unwrap();
+        let fd: OwnedFd = s.try_clone().unwrap().into();
+        let (local, peer) = (s.local_addr().unwrap(), s.peer_addr().unwrap());
+        deliver::send_unix_message(&to, &fd, b"whole", local, peer).unwrap();
+        let received = got.recv_timeout(deliver::ACK_TIMEOUT * 4);
+        assert_eq!(received.expect("read after the cut one gave up"), b"whole");
+        deliver::await_first_ack(&to, deliver::ACK_TIMEOUT).unwrap();
+        drop(cut);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -122,6 +122,12 @@ impl AsyncUnixReceiver {
     /// them (blocking): [`Delivered::into_tokio`] registers one with the
     /// runtime. After an error the unix connection is of no further use:
     /// drop it.
+    ///
+    /// Not cancel-safe: a `recv` dropped before it returns (a `select!`
+    /// branch that lost) may have read part of a message, whose
+    /// connections then close, and the stream is out of step; drop the
+    /// receiver too (the agent reports those connections). Await it to
+    /// the end, on a task of its own.
     pub async fn recv(&mut self) -> std::io::Result<Option<Vec<Delivered>>> {
         use crate::deliver::{message_len, BLOB_PREALLOCATION_BYTES, MESSAGE_HEAD};
         use std::os::fd::AsFd;

@@ -11,6 +11,9 @@
 //!   COMMIT (fault injection holds the agent there): the send on it fails
 //!   (EPIPE), nothing was delivered, and the agent sends again on a new
 //!   unix connection; every connection moves.
+//! - The same restart, to a receiver that takes one connection per unix
+//!   connection and reads them in turn: every connection moves (the new
+//!   unix connection of the first closes before the next is sent).
 //! - A receiver that takes batches but did not say it reads its unix
 //!   connections concurrently (`UnixReceiver::new`, "kB"): each batch
 //!   comes on a unix connection of its own, which closes after it.
@@ -54,13 +57,16 @@ enum Reads {
     BatchesNotKept,
     /// [`deliver::recv_unix`]: one message per unix connection.
     OneMessage,
+    /// [`deliver::recv_unix`] on each unix connection until it ends, one
+    /// unix connection after the other.
+    OneMessageInTurn,
 }
 
 /// The application on the agent's host: a unix listener, the unix
 /// connections it accepted, and the messages it read (by unix connection).
 struct App {
     path: PathBuf,
-    reads: Reads,
+    reads: Mutex<Reads>,
     accepts: Arc<AtomicUsize>,
     /// (accept number, connections in the message), in arrival order.
     messages: Arc<Mutex<Vec<(usize, usize)>>>,
@@ -74,7 +80,7 @@ impl App {
     fn start(path: PathBuf, reads: Reads, delivered: mpsc::Sender<Delivered>) -> App {
         let app = App {
             path,
-            reads,
+            reads: Mutex::new(reads),
             accepts: Default::default(),
             messages: Default::default(),
             accepted: Default::default(),
@@ -96,7 +102,7 @@ impl App {
             self.messages.clone(),
             self.accepted.clone(),
             self.delivered.clone(),
-            self.reads,
+            *self.reads.lock().unwrap(),
         );
         let acceptor = std::thread::spawn(move || {
             while !stop_here.load(Ordering::SeqCst) {
@@ -112,6 +118,16 @@ impl App {
                 let n = accepts.fetch_add(1, Ordering::SeqCst);
                 accepted.lock().unwrap().push(s.try_clone().unwrap());
                 let (messages, delivered) = (messages.clone(), delivered.clone());
+                if reads == Reads::OneMessageInTurn {
+                    // On the accepting thread: the next unix connection
+                    // waits until this one ends.
+                    let mut s = s;
+                    while let Ok(Some(d)) = deliver::recv_unix(&mut s) {
+                        messages.lock().unwrap().push((n, 1));
+                        let _ = delivered.send(d);
+                    }
+                    continue;
+                }
                 std::thread::spawn(move || match reads {
                     Reads::Batches | Reads::BatchesNotKept => {
                         let mut from = if reads == Reads::Batches {
@@ -126,7 +142,7 @@ impl App {
                             }
                         }
                     }
-                    Reads::OneMessage => {
+                    Reads::OneMessage | Reads::OneMessageInTurn => {
                         let mut s = s;
                         if let Ok(Some(d)) = deliver::recv_unix(&mut s) {
                             messages.lock().unwrap().push((n, 1));
@@ -142,6 +158,13 @@ impl App {
     /// Ends as a restarting application does: the listener and every unix
     /// connection it accepted close; then listens anew at the same path.
     fn restart(&self) {
+        let reads = *self.reads.lock().unwrap();
+        self.restart_as(reads);
+    }
+
+    /// [`App::restart`], reading its unix connections as `reads` says.
+    fn restart_as(&self, reads: Reads) {
+        *self.reads.lock().unwrap() = reads;
         let (stop, acceptor) = self.acceptor.lock().unwrap().take().unwrap();
         stop.store(true, Ordering::SeqCst);
         acceptor.join().unwrap();
@@ -312,6 +335,27 @@ fn a_receiver_restarted_between_batches_gets_the_next_batch() {
 fn a_kept_connection_found_closed_by_the_send_is_replaced_without_a_loss() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let bed = Bed::new("ke", 83, Reads::Batches);
+    restart_after_commit_check(&bed, Reads::Batches);
+    bed.batch(2, 2);
+}
+
+/// The application restarts as a receiver that takes one connection per
+/// unix connection and reads them one after the other: the new unix
+/// connection of the message's first connection closes before the next
+/// goes (held open, it kept the receiver from the next one until its
+/// acknowledgement timed out: every connection but the first was lost).
+#[test]
+fn a_kept_connection_replaced_by_a_one_at_a_time_receiver_loses_nothing() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let bed = Bed::new("kt", 86, Reads::Batches);
+    restart_after_commit_check(&bed, Reads::OneMessageInTurn);
+}
+
+/// Batch 0 keeps a unix connection; batch 1 (3 connections) is held after
+/// COMMIT's checks while the application restarts as `reads`; every
+/// connection of batch 1 moves, on unix connections made after the
+/// restart.
+fn restart_after_commit_check(bed: &Bed, reads: Reads) {
     bed.batch(0, 2);
     let fault_dir = bed.dir.join("fault");
     std::fs::create_dir_all(&fault_dir).unwrap();
@@ -332,7 +376,7 @@ fn a_kept_connection_found_closed_by_the_send_is_replaced_without_a_loss() {
             }
             let held = reached.exists();
             if held {
-                app.restart();
+                app.restart_as(reads);
             }
             std::env::remove_var("TCPR_FAULT_STOP_AT");
             std::fs::write(fault_dir.join("release-taken"), b"").unwrap();
@@ -346,7 +390,6 @@ fn a_kept_connection_found_closed_by_the_send_is_replaced_without_a_loss() {
         !carriers.is_empty() && carriers.iter().all(|&n| n >= before),
         "the batch went on a unix connection made after the restart: {carriers:?} (from {before})"
     );
-    bed.batch(2, 2);
 }
 
 #[test]

@@ -74,6 +74,14 @@ impl KeptUnix {
         if !deliver::unix_alive(&to) {
             return;
         }
+        // Whatever made it (a connection of its own, or a batch's), a
+        // receiver that stops reading must not hold the next batch's send
+        // for ever: past this the send fails and its connections are
+        // reported.
+        if let Err(e) = to.set_write_timeout(Some(deliver::ACK_TIMEOUT)) {
+            tracing::warn!("cannot bound a kept unix connection's sends: {e}");
+            return;
+        }
         let mut idle = super::lock(&self.inner);
         if idle.conns.len() >= KEPT_MAX {
             idle.conns.remove(0);

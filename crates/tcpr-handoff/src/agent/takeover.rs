@@ -629,10 +629,14 @@ const BATCHES_IN_FLIGHT: usize = 2;
 ///
 /// A kept connection whose receiver closed it since (the application
 /// restarted) fails the first send on it (EPIPE, ECONNRESET): nothing was
-/// delivered on it, so a new unix connection takes the message's
-/// connections, the first alone as on any new unix connection (the
-/// receiver's answer says whether the rest go in a batch message or one
-/// per unix connection), and the batch goes on.
+/// delivered on it (a receiver acknowledges only whole messages and drops
+/// the descriptors of a partial one), so a new unix connection takes the
+/// message's connections, the first alone as on any new unix connection
+/// (the receiver's answer says whether the rest go in a batch message or
+/// one per unix connection), and the batch goes on. A receiver that
+/// closes it after the send, before its acknowledgement, loses that
+/// message's connections (closed silently here, reported), as a receiver
+/// that stops while any delivery is on its way does.
 ///
 /// A message's quiet connections were resumed under this agent's lock
 /// ([`resume_one`]): their flows are released together, in one nf_tables
@@ -842,11 +846,16 @@ impl UnixBatches {
         delivered(shared, s, &[id]);
         out.push((id, Ok(())));
         drop(fd);
-        self.to = to;
-        self.keepable = receives == deliver::Receives::KeptBatches;
         if receives.batches() {
+            self.to = to;
+            self.keepable = receives == deliver::Receives::KeptBatches;
             return Ok(pending);
         }
+        // A receiver that takes one connection per unix connection may read
+        // them one after the other: this one closes before the next is
+        // sent, or the receiver would sit on it while the next one's
+        // acknowledgement timed out.
+        drop(to);
         for (id, fd, img, _) in pending {
             let sent = deliver::connect_unix(path).and_then(|to| {
                 deliver::send_unix(&to, &fd, &img.app_blob, img.local, img.peer)
