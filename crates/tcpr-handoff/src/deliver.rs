@@ -70,6 +70,13 @@
 //! of the messages not acknowledged are closed silently and reported), so
 //! that no later acknowledgement is taken for the wrong message. An agent
 //! older than "kK" reads it as "k" (one message per unix connection)
+//!
+//! leaving: a "kK" receiver about to stop writes one byte "L" (before any
+//! later acknowledgement, never inside one); the agent skips it when it
+//! reads an acknowledgement and keeps that unix connection no longer (an
+//! idle kept one with a byte pending is closed when a batch would take
+//! it); the receiver reads and acknowledges what comes until the end of
+//! stream
 //! ```
 //!
 //! Why "kK" is asked for, not assumed of a receiver that takes batches: a
@@ -124,6 +131,12 @@ const TAKES_BATCHES: u8 = b'B';
 /// concurrently sends after its first [`ACK`] instead: its unix connection
 /// may be kept between batches.
 const TAKES_KEPT_BATCHES: u8 = b'K';
+
+/// What a receiver that answered "kK" writes, once, to say it is leaving:
+/// the agent no longer keeps that unix connection; it closes it at the end
+/// of the batch it may be sending on it (whose messages the receiver
+/// still reads and acknowledges until the end of stream).
+const LEAVING: u8 = b'L';
 
 /// What a receiver's acknowledgement of the first message on a unix
 /// connection says of how it takes the next ones.
@@ -248,15 +261,27 @@ pub fn send_unix_message(
 /// receiver's acknowledgement of the message sent on `to`. Until it
 /// comes, the connection is the sender's.
 pub fn await_unix_ack(to: &UnixStream, ack_timeout: Duration) -> io::Result<()> {
+    await_batch_ack(to, ack_timeout).map(drop)
+}
+
+/// [`await_unix_ack`] on a unix connection whose receiver answered "kK":
+/// also says whether the receiver said it is leaving ("L" before the
+/// acknowledgement; see [`UnixReceiver::leave`]): nothing more may be
+/// sent on it, and it is not kept.
+pub fn await_batch_ack(to: &UnixStream, ack_timeout: Duration) -> io::Result<bool> {
     let mut ack = [0u8; 1];
     let mut r = to;
     // A zero timeout means none at all to the socket: wait a little instead.
     r.set_read_timeout(Some(ack_timeout.max(MIN_ACK_WAIT)))?;
     r.read_exact(&mut ack)?;
+    let leaving = ack == [LEAVING];
+    if leaving {
+        r.read_exact(&mut ack)?;
+    }
     if ack != [ACK] {
         return Err(bad("acknowledgement"));
     }
-    Ok(())
+    Ok(leaving)
 }
 
 /// The message [`send_unix`] sends with the descriptor.
@@ -612,6 +637,20 @@ impl UnixReceiver {
         &self.from
     }
 
+    /// Says to the agent that this receiver is leaving (an application
+    /// about to stop): the agent keeps this unix connection no longer and
+    /// closes it at the end of the batch it may be sending on it (a kept
+    /// idle one at once, when a batch would take it). Go on calling
+    /// [`UnixReceiver::recv`] until it returns `Ok(None)`: a unix
+    /// connection dropped before that loses what was on its way. Before the first message, the first acknowledgement asks for
+    /// nothing more than that message.
+    pub fn leave(&mut self) -> io::Result<()> {
+        match self.state.leave() {
+            Some(byte) => std::io::Write::write_all(&mut &self.from, &[byte]),
+            None => Ok(()),
+        }
+    }
+
     /// The connections of the next message, acknowledged (one or more);
     /// `Ok(None)` at end of stream. After an error the unix connection is
     /// of no further use: drop it (the agent then reports the connections
@@ -638,6 +677,8 @@ pub(crate) struct ReceiverState {
     /// [`TAKES_KEPT_BATCHES`] for a receiver that reads its unix
     /// connections concurrently.
     takes: u8,
+    /// It said it is leaving ([`ReceiverState::leave`]).
+    leaving: bool,
 }
 
 impl Default for ReceiverState {
@@ -645,11 +686,25 @@ impl Default for ReceiverState {
         ReceiverState {
             answered: false,
             takes: TAKES_BATCHES,
+            leaving: false,
         }
     }
 }
 
 impl ReceiverState {
+    /// What [`UnixReceiver::leave`] writes, if anything: a receiver that
+    /// answered "kK" says [`LEAVING`]; one that has not answered yet
+    /// answers its first message "k" alone (one message, then the end),
+    /// and one that answered "kB" has its unix connection closed by the
+    /// agent after the batch anyway.
+    pub(crate) fn leave(&mut self) -> Option<u8> {
+        if self.leaving {
+            return None;
+        }
+        self.leaving = true;
+        (self.answered && self.takes == TAKES_KEPT_BATCHES).then_some(LEAVING)
+    }
+
     /// The state of a receiver that lets the agent keep its unix
     /// connection ("kK").
     pub(crate) fn concurrent() -> ReceiverState {
@@ -679,7 +734,7 @@ impl ReceiverState {
         fds: Vec<OwnedFd>,
     ) -> io::Result<(Vec<Delivered>, &'static [u8])> {
         let (got, single) = parse_message(message, fds)?;
-        let ack: &'static [u8] = match (single && !self.answered, self.takes) {
+        let ack: &'static [u8] = match (single && !self.answered && !self.leaving, self.takes) {
             (true, TAKES_KEPT_BATCHES) => &[ACK, TAKES_KEPT_BATCHES],
             (true, _) => &[ACK, TAKES_BATCHES],
             (false, _) => &[ACK],
@@ -1062,6 +1117,53 @@ pub(crate) mod batch_tests {
             Receives::One,
             "no batches for an old receiver"
         );
+    }
+
+    /// A "kK" receiver that leaves says "L" before its next acknowledgement
+    /// (the agent reads both, and keeps the unix connection no longer);
+    /// one that leaves before its first message answers it "k" alone.
+    #[test]
+    fn a_leaving_receiver_says_so_before_its_next_acknowledgement() {
+        let conns = pairs(2);
+        let ends: Vec<(SocketAddr, SocketAddr)> = conns
+            .iter()
+            .map(|(_, s)| (s.local_addr().unwrap(), s.peer_addr().unwrap()))
+            .collect();
+        let fds: Vec<OwnedFd> = conns
+            .iter()
+            .map(|(_, s)| s.try_clone().unwrap().into())
+            .collect();
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut from = UnixReceiver::concurrent(b);
+        send_unix_message(&a, &fds[0], b"", ends[0].0, ends[0].1).unwrap();
+        assert_eq!(from.recv().unwrap().unwrap().len(), 1);
+        assert_eq!(
+            await_first_ack(&a, ACK_TIMEOUT).unwrap(),
+            Receives::KeptBatches
+        );
+        from.leave().unwrap();
+        from.leave().unwrap();
+        let one = [Outgoing {
+            fd: fds[1].as_fd(),
+            blob: b"",
+            local: ends[1].0,
+            peer: ends[1].1,
+        }];
+        send_unix_batch(&a, &one).unwrap();
+        assert_eq!(from.recv().unwrap().unwrap().len(), 1);
+        assert!(
+            await_batch_ack(&a, ACK_TIMEOUT).unwrap(),
+            "leaving, said once"
+        );
+        drop(a);
+        assert!(from.recv().unwrap().is_none(), "then the end");
+
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut from = UnixReceiver::concurrent(b);
+        from.leave().unwrap();
+        send_unix_message(&a, &fds[0], b"", ends[0].0, ends[0].1).unwrap();
+        assert_eq!(from.recv().unwrap().unwrap().len(), 1);
+        assert_eq!(await_first_ack(&a, ACK_TIMEOUT).unwrap(), Receives::One);
     }
 
     /// Only a receiver made by `concurrent` lets the agent keep its unix

@@ -117,6 +117,17 @@ impl AsyncUnixReceiver {
         &self.from
     }
 
+    /// [`crate::deliver::UnixReceiver::leave`]: the agent keeps this unix
+    /// connection no longer; go on calling [`AsyncUnixReceiver::recv`]
+    /// until it returns `Ok(None)`.
+    pub async fn leave(&mut self) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        match self.state.leave() {
+            Some(byte) => self.from.write_all(&[byte]).await,
+            None => Ok(()),
+        }
+    }
+
     /// The connections of the next message, acknowledged (one or more);
     /// `Ok(None)` at end of stream. The streams are as the agent left
     /// them (blocking): [`Delivered::into_tokio`] registers one with the

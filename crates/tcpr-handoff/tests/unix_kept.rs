@@ -14,6 +14,8 @@
 //! - The same restart, to a receiver that takes one connection per unix
 //!   connection and reads them in turn: every connection moves (the new
 //!   unix connection of the first closes before the next is sent).
+//! - A receiver that says it is leaving ("L"): its unix connection is not
+//!   used again; the next batch goes on a new one.
 //! - A receiver that takes batches but did not say it reads its unix
 //!   connections concurrently (`UnixReceiver::new`, "kB"): each batch
 //!   comes on a unix connection of its own, which closes after it.
@@ -432,5 +434,35 @@ fn a_receiver_that_did_not_ask_for_it_has_no_unix_connection_kept() {
     assert!(
         !carriers.is_empty() && carriers.iter().all(|&n| n >= after_first),
         "the second batch went on unix connections made for it: {carriers:?}"
+    );
+}
+
+/// A receiver that says it is leaving (`UnixReceiver::leave` writes "L";
+/// written here on its unix connection, idle between batches): the agent
+/// keeps that unix connection no longer, the next batch goes on a new one,
+/// and the leaving receiver reads the end of its stream.
+#[test]
+fn a_leaving_receiver_s_unix_connection_is_not_used_again() {
+    use std::io::Write;
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let bed = Bed::new("kl", 87, Reads::Batches);
+    bed.batch(0, 2);
+    let before = bed.app.accepts();
+    let seen = bed.messages();
+    // Those the agent closed refuse it; the kept one takes it.
+    let told = bed
+        .app
+        .accepted
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| (&**s).write_all(b"L").is_ok())
+        .count();
+    assert!(told >= 1, "a unix connection kept open to say it on");
+    bed.batch(1, 3);
+    let carriers = bed.carried_by(seen);
+    assert!(
+        !carriers.is_empty() && carriers.iter().all(|&n| n >= before),
+        "the batch went on a unix connection made after the leave: {carriers:?} (from {before})"
     );
 }

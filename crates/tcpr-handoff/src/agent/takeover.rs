@@ -885,12 +885,15 @@ impl UnixBatches {
                 // As for connections sent alone: the whole timeout from
                 // when the receiver was done with the message before.
                 let left = deliver::ACK_TIMEOUT.saturating_sub(sent_at.max(self.settled).elapsed());
-                deliver::await_unix_ack(&self.to, left).map_err(|e| unix_failure(shared, &e))
+                deliver::await_batch_ack(&self.to, left).map_err(|e| unix_failure(shared, &e))
             }
         };
         self.settled = Instant::now();
         match acked {
-            Ok(()) => {
+            Ok(leaving) => {
+                // The receiver is leaving: the batch's messages still go,
+                // but the unix connection is not kept.
+                self.keepable &= !leaving;
                 let ids: Vec<ConnId> = conns.iter().map(|(id, _)| *id).collect();
                 delivered(shared, s, &ids);
                 out.extend(ids.into_iter().map(|id| (id, Ok(()))));
