@@ -321,16 +321,38 @@ mod local_incoming_tests {
     use std::sync::{mpsc, Arc};
     use std::time::Duration;
 
+    /// A [`LocalIncoming`] at a unix socket in a directory of its own
+    /// (`dir`, `path`), taken from by a thread that sends each delivered
+    /// connection's blob to `got`.
+    fn taking(
+        name: &str,
+    ) -> (
+        std::path::PathBuf,
+        std::path::PathBuf,
+        mpsc::Receiver<Vec<u8>>,
+    ) {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("app.sock");
+        let incoming = Arc::new(LocalIncoming::bind(&path).unwrap());
+        let (got_tx, got) = mpsc::channel();
+        std::thread::spawn(move || {
+            while let Some(d) = incoming.accept() {
+                if got_tx.send(d.blob).is_err() {
+                    break;
+                }
+            }
+        });
+        (dir, path, got)
+    }
+
     /// A unix connection the agent keeps open, idle, between batches does
     /// not hold up another one: [`LocalIncoming`] reads both as messages
     /// come (it once read one unix connection until its end before
     /// accepting the next, and the second's acknowledgement timed out).
     #[test]
     fn an_idle_unix_connection_does_not_hold_up_another() {
-        let dir = std::env::temp_dir().join(format!("tcpr-local-incoming-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("app.sock");
-        let incoming = Arc::new(LocalIncoming::bind(&path).unwrap());
+        let (dir, path, got) = taking("tcpr-local-incoming");
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let ends: Vec<(TcpStream, TcpStream)> = (0..3)
             .map(|_| {
@@ -338,15 +360,6 @@ mod local_incoming_tests {
                 (c, l.accept().unwrap().0)
             })
             .collect();
-        let (got_tx, got) = mpsc::channel();
-        let taker = incoming.clone();
-        std::thread::spawn(move || {
-            while let Some(d) = taker.accept() {
-                if got_tx.send(d.blob).is_err() {
-                    break;
-                }
-            }
-        });
         let send = |to: &UnixStream, i: usize, blob: &[u8]| {
             let s = &ends[i].1;
             let fd: OwnedFd = s.try_clone().unwrap().into();
@@ -391,22 +404,10 @@ mod local_incoming_tests {
     #[test]
     fn a_message_cut_short_does_not_hold_the_others_for_ever() {
         use std::io::Write;
-        let dir = std::env::temp_dir().join(format!("tcpr-local-cut-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("app.sock");
-        let incoming = Arc::new(LocalIncoming::bind(&path).unwrap());
+        let (dir, path, got) = taking("tcpr-local-cut");
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let _client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let s = l.accept().unwrap().0;
-        let (got_tx, got) = mpsc::channel();
-        let taker = incoming.clone();
-        std::thread::spawn(move || {
-            while let Some(d) = taker.accept() {
-                if got_tx.send(d.blob).is_err() {
-                    break;
-                }
-            }
-        });
         let mut cut = UnixStream::connect(&path).unwrap();
         cut.write_all(b"TCP").unwrap();
         std::thread::sleep(Duration::from_millis(100));
