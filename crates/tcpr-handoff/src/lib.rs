@@ -192,6 +192,9 @@ pub fn hand_off_local(
 /// [`deliver::UnixReceiver`]).
 pub struct LocalIncoming {
     listener: std::os::unix::net::UnixListener,
+    path: std::path::PathBuf,
+    /// [`LocalIncoming::leave`] was called.
+    leaving: std::sync::atomic::AtomicBool,
     reading: std::sync::Mutex<Reading>,
 }
 
@@ -201,6 +204,8 @@ pub struct LocalIncoming {
 struct Reading {
     from: Vec<deliver::UnixReceiver>,
     taken: std::collections::VecDeque<Delivered>,
+    /// The unix connections open were told this receiver leaves.
+    told: bool,
 }
 
 impl LocalIncoming {
@@ -211,8 +216,29 @@ impl LocalIncoming {
         }
         Ok(LocalIncoming {
             listener: std::os::unix::net::UnixListener::bind(path)?,
+            path: path.to_path_buf(),
+            leaving: Default::default(),
             reading: Default::default(),
         })
+    }
+
+    /// Stops taking new deliveries without losing those on their way
+    /// (an application about to stop): the socket's path goes, so a new
+    /// unix connection fails at once (an agent's batch then rolls back,
+    /// before COMMIT, or at its COMMIT check), and every unix connection
+    /// open is told that this receiver leaves
+    /// ([`deliver::UnixReceiver::leave`]), so that the agent keeps none.
+    /// Go on calling [`LocalIncoming::accept`]: it hands out what still
+    /// arrives, and returns `None` once every unix connection has ended.
+    /// May be called while another thread waits in `accept` (it notices
+    /// within a tenth of a second).
+    pub fn leave(&self) -> std::io::Result<()> {
+        self.leaving
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        match std::fs::remove_file(&self.path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
     /// The next connection handed over (blocks); `None` if the listener fails.
     ///
@@ -223,15 +249,38 @@ impl LocalIncoming {
     pub fn accept(&self) -> Option<Delivered> {
         use std::os::fd::AsFd;
         let mut guard = self.reading.lock().unwrap_or_else(|p| p.into_inner());
-        let Reading { from, taken } = &mut *guard;
+        let Reading { from, taken, told } = &mut *guard;
         loop {
             if let Some(d) = taken.pop_front() {
                 return Some(d);
             }
+            let leaving = self.leaving.load(std::sync::atomic::Ordering::SeqCst);
+            if leaving && !*told {
+                for f in from.iter_mut() {
+                    if let Err(e) = f.leave() {
+                        tracing::warn!("cannot tell a unix connection this receiver leaves: {e}");
+                    }
+                }
+                *told = true;
+            }
+            if leaving && from.is_empty() {
+                // The path is gone: no unix connection comes any more but
+                // those already waiting to be accepted.
+                let _ = self.listener.set_nonblocking(true);
+                match self.listener.accept() {
+                    Ok((s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        self.take_unix(s, from, true);
+                        continue;
+                    }
+                    Err(_) => return None,
+                }
+            }
             let ready = {
                 let mut fds = vec![self.listener.as_fd()];
                 fds.extend(from.iter().map(|f| f.get_ref().as_fd()));
-                match tcpr_host::sock::wait_readable(&fds) {
+                // A limit only to notice `leave`.
+                match tcpr_host::sock::wait_readable_for(&fds, Some(LEAVE_NOTICED)) {
                     Ok(ready) => ready,
                     Err(e) => {
                         tracing::warn!("cannot wait for deliveries: {e}");
@@ -257,18 +306,7 @@ impl LocalIncoming {
             }
             if ready[0] {
                 match self.listener.accept() {
-                    Ok((s, _)) => {
-                        // A message that stops half way holds every other
-                        // unix connection here while it is read: at most
-                        // this long per read, well inside the agents'
-                        // acknowledgement timeout, then it is dropped (its
-                        // sender reports its connections).
-                        if let Err(e) = s.set_read_timeout(Some(MESSAGE_STALL)) {
-                            tracing::warn!("unix delivery refused (no read timeout): {e}");
-                            continue;
-                        }
-                        from.push(deliver::UnixReceiver::concurrent(s));
-                    }
+                    Ok((s, _)) => self.take_unix(s, from, leaving),
                     // Connections taken in this round are acknowledged:
                     // they are handed out before anything else.
                     Err(e) if transient(&e) || !taken.is_empty() => {
@@ -286,6 +324,37 @@ impl LocalIncoming {
         }
     }
 }
+
+impl LocalIncoming {
+    /// Reads the unix connection `s` from now on; `leaving`: it is told
+    /// at once that this receiver leaves (its first message is answered
+    /// "k" alone).
+    fn take_unix(
+        &self,
+        s: std::os::unix::net::UnixStream,
+        from: &mut Vec<deliver::UnixReceiver>,
+        leaving: bool,
+    ) {
+        // A message that stops half way holds every other unix connection
+        // here while it is read: at most this long per read, well inside
+        // the agents' acknowledgement timeout, then it is dropped (its
+        // sender reports its connections).
+        if let Err(e) = s.set_read_timeout(Some(MESSAGE_STALL)) {
+            tracing::warn!("unix delivery refused (no read timeout): {e}");
+            return;
+        }
+        let mut r = deliver::UnixReceiver::concurrent(s);
+        if leaving {
+            // Nothing is written before the first message.
+            let _ = r.leave();
+        }
+        from.push(r);
+    }
+}
+
+/// How often a [`LocalIncoming::accept`] with nothing to read looks
+/// whether [`LocalIncoming::leave`] was called.
+const LEAVE_NOTICED: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// How long [`LocalIncoming::accept`] waits for the rest of a message it
 /// began to read (an agent sends a message in one write).
@@ -331,19 +400,86 @@ mod local_incoming_tests {
         std::path::PathBuf,
         mpsc::Receiver<Vec<u8>>,
     ) {
+        let (dir, path, got, _) = taking_from(name);
+        (dir, path, got)
+    }
+
+    /// [`taking`], and the [`LocalIncoming`].
+    fn taking_from(
+        name: &str,
+    ) -> (
+        std::path::PathBuf,
+        std::path::PathBuf,
+        mpsc::Receiver<Vec<u8>>,
+        Arc<LocalIncoming>,
+    ) {
         let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("app.sock");
         let incoming = Arc::new(LocalIncoming::bind(&path).unwrap());
         let (got_tx, got) = mpsc::channel();
+        let taker = incoming.clone();
         std::thread::spawn(move || {
-            while let Some(d) = incoming.accept() {
+            while let Some(d) = taker.accept() {
                 if got_tx.send(d.blob).is_err() {
                     break;
                 }
             }
         });
-        (dir, path, got)
+        (dir, path, got, incoming)
+    }
+
+    /// `leave` while another thread waits in `accept`: the path goes (a
+    /// new unix connection fails), a kept connection is told "L", what it
+    /// still carries is handed out, and `accept` returns `None` once it
+    /// ends.
+    #[test]
+    fn a_leaving_local_incoming_takes_what_is_on_its_way_then_ends() {
+        let (dir, path, got, incoming) = taking_from("tcpr-local-leave");
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ends: Vec<(TcpStream, TcpStream)> = (0..2)
+            .map(|_| {
+                let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+                (c, l.accept().unwrap().0)
+            })
+            .collect();
+        let wait = Duration::from_secs(10);
+        let kept = UnixStream::connect(&path).unwrap();
+        let s = &ends[0].1;
+        let fd: OwnedFd = s.try_clone().unwrap().into();
+        let (local, peer) = (s.local_addr().unwrap(), s.peer_addr().unwrap());
+        deliver::send_unix_message(&kept, &fd, b"first", local, peer).unwrap();
+        assert_eq!(
+            deliver::await_first_ack(&kept, deliver::ACK_TIMEOUT).unwrap(),
+            deliver::Receives::KeptBatches
+        );
+        assert_eq!(got.recv_timeout(wait).unwrap(), b"first");
+        incoming.leave().unwrap();
+        let mut said = [0u8; 1];
+        kept.set_read_timeout(Some(wait)).unwrap();
+        std::io::Read::read_exact(&mut &kept, &mut said).unwrap();
+        assert_eq!(&said, b"L", "told it leaves");
+        assert!(
+            UnixStream::connect(&path).is_err(),
+            "no new unix connection"
+        );
+        let s = &ends[1].1;
+        let one = [deliver::Outgoing {
+            fd: s.as_fd(),
+            blob: b"on its way",
+            local: s.local_addr().unwrap(),
+            peer: s.peer_addr().unwrap(),
+        }];
+        deliver::send_unix_batch(&kept, &one).unwrap();
+        deliver::await_unix_ack(&kept, deliver::ACK_TIMEOUT).unwrap();
+        assert_eq!(got.recv_timeout(wait).unwrap(), b"on its way");
+        drop(kept);
+        assert_eq!(
+            got.recv_timeout(wait),
+            Err(mpsc::RecvTimeoutError::Disconnected),
+            "accept ended once the last unix connection did"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A unix connection the agent keeps open, idle, between batches does

@@ -332,6 +332,17 @@ pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
 /// its end, or an error: a read will not block); says which. poll(2),
 /// its EINTR waited out.
 pub fn wait_readable(fds: &[BorrowedFd<'_>]) -> io::Result<Vec<bool>> {
+    wait_readable_for(fds, None)
+}
+
+/// [`wait_readable`] for at most `limit` (`None`: without limit); all
+/// false when it passed with nothing to read. (An EINTR starts the wait
+/// again: it may last a little longer than `limit`.)
+pub fn wait_readable_for(
+    fds: &[BorrowedFd<'_>],
+    limit: Option<std::time::Duration>,
+) -> io::Result<Vec<bool>> {
+    let timeout = limit.map_or(-1, |d| i32::try_from(d.as_millis()).unwrap_or(i32::MAX));
     let mut polled: Vec<libc::pollfd> = fds
         .iter()
         .map(|fd| libc::pollfd {
@@ -341,7 +352,7 @@ pub fn wait_readable(fds: &[BorrowedFd<'_>]) -> io::Result<Vec<bool>> {
         })
         .collect();
     loop {
-        match super::splice::poll(&mut polled, -1) {
+        match super::splice::poll(&mut polled, timeout) {
             Ok(_) => return Ok(polled.iter().map(|p| p.revents != 0).collect()),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(named("poll")(e)),
