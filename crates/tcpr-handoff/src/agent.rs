@@ -870,18 +870,14 @@ fn resume_and_deliver(
         let id = u.id;
         let outcome = confirm_delivery(shared, s, settled, u);
         settled = Instant::now();
+        // Earlier ones close as they are settled; only a receiver that
+        // answered "kK" has its unix connection kept.
         match outcome {
-            Ok(to) => {
-                // Earlier ones close as they are settled; only a receiver
-                // that answered "kK" has its unix connection kept.
-                let keep = |(_, r): &(std::os::unix::net::UnixStream, deliver::Receives)| {
-                    i + 1 == last && *r == deliver::Receives::KeptBatches
-                };
-                if let Some((to, _)) = to.filter(keep) {
-                    shared.kept.put(to);
-                }
+            Ok(Some((to, deliver::Receives::KeptBatches))) if i + 1 == last => {
+                shared.kept.put(to);
                 out.push((id, Ok(())));
             }
+            Ok(_) => out.push((id, Ok(()))),
             Err(e) => out.push((id, Err(e))),
         }
     }

@@ -674,30 +674,23 @@ impl UnixBatches {
     /// Batches on `to`, the unix connection of a receiver that asked for
     /// them; `receives` is what it answered.
     pub(super) fn new(to: UnixStream, receives: deliver::Receives) -> UnixBatches {
-        // A receiver that stops reading must not hold the agent: a send
-        // that blocks this long fails the batch.
-        if let Err(e) = to.set_write_timeout(Some(deliver::ACK_TIMEOUT)) {
-            tracing::warn!("cannot bound the unix delivery's sends: {e}");
-        }
-        UnixBatches {
-            to,
-            kept: false,
-            keepable: receives == deliver::Receives::KeptBatches,
-            pending: Vec::new(),
-            sent: VecDeque::new(),
-            settled: Instant::now(),
-            broken: None,
-        }
+        bound_sends(&to);
+        UnixBatches::on(to, false, receives == deliver::Receives::KeptBatches)
     }
 
     /// Batches on `to`, a unix connection kept from an earlier batch
-    /// ([`super::kept::KeptUnix`]): its receiver took batches there, so
-    /// this batch's first message is a batch message too.
+    /// ([`super::kept::KeptUnix`], which bounded its sends): its receiver
+    /// took batches there, so this batch's first message is a batch
+    /// message too.
     pub(super) fn kept(to: UnixStream) -> UnixBatches {
+        UnixBatches::on(to, true, true)
+    }
+
+    fn on(to: UnixStream, kept: bool, keepable: bool) -> UnixBatches {
         UnixBatches {
             to,
-            kept: true,
-            keepable: true,
+            kept,
+            keepable,
             pending: Vec::new(),
             sent: VecDeque::new(),
             settled: Instant::now(),
@@ -828,9 +821,7 @@ impl UnixBatches {
             Ok(to) => to,
             Err(why) => return Err((pending, why)),
         };
-        if let Err(e) = to.set_write_timeout(Some(deliver::ACK_TIMEOUT)) {
-            tracing::warn!("cannot bound the unix delivery's sends: {e}");
-        }
+        bound_sends(&to);
         let (id, fd, img, _) = pending.remove(0);
         let first = deliver::send_unix_message(&to, &fd, &img.app_blob, img.local, img.peer)
             .and_then(|()| deliver::await_first_ack(&to, deliver::ACK_TIMEOUT));
@@ -925,6 +916,14 @@ impl UnixBatches {
     ) {
         self.send(shared, s, releaser, out);
         self.settle_all(shared, s, out);
+    }
+}
+
+/// A receiver that stops reading must not hold the agent: a send on `to`
+/// that blocks [`deliver::ACK_TIMEOUT`] fails the batch.
+fn bound_sends(to: &UnixStream) {
+    if let Err(e) = to.set_write_timeout(Some(deliver::ACK_TIMEOUT)) {
+        tracing::warn!("cannot bound the unix delivery's sends: {e}");
     }
 }
 
