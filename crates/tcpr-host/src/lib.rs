@@ -11,6 +11,8 @@
 //!   [`recv_with_fd`] (SCM_RIGHTS), [`memfd_with`], [`pass_socket`] (the
 //!   systemd `Accept=yes` and inetd conventions for a child process);
 //! - [`enter_netns`], [`unshare_netns`], [`raise_fd_limit`];
+//! - [`bpf`]: running a loaded BPF program once, and the clock BPF
+//!   programs read (the steering datapath's sweep);
 //! - [`sock`]: the generic socket calls (int options, bind, connect,
 //!   addresses, netlink sockets, send/recv) the engine shares;
 //! - [`relay`]: a zero-copy (splice) relay between two TCP connections,
@@ -37,7 +39,7 @@ mod sys;
 pub mod vip;
 pub mod wire;
 
-pub use sys::sock;
+pub use sys::{bpf, sock};
 
 pub use announce::{announce, announce_ipv4, announce_ipv6, Announcement};
 pub use sys::{

@@ -97,6 +97,9 @@ pub trait Steering: Send + Sync {
     fn name(&self) -> &'static str;
 }
 
+pub mod bpf;
+mod common;
 pub mod nft;
 mod rule;
+pub use bpf::{BpfConfig, BpfSteering};
 pub use nft::{NftConfig, NftSteering};

@@ -49,11 +49,11 @@
 //! changes only the expiry of an element that exists). The mark of a
 //! forwarded packet does not leave the host.
 
+use crate::common::{invalid, ip_bytes, lock, on_wire, plain_ifname, Netns, WireFlow};
 use crate::{rule, SteerError, SteeredFlow, Steering};
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsFd;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -115,13 +115,7 @@ impl NftConfig {
     }
 
     fn check(&self) -> Result<(), String> {
-        let plain = |s: &str| {
-            !s.is_empty()
-                && s.len() < IFNAMSIZ
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-        };
-        if !plain(&self.device) {
+        if !plain_ifname(&self.device) {
             return Err(format!("bad interface name {:?}", self.device));
         }
         if self.table.is_empty()
@@ -256,7 +250,7 @@ pub struct NftSteering {
     cfg: NftConfig,
     /// The network namespace it was installed in (the creating thread's):
     /// entries go there whichever thread steers.
-    netns: std::fs::File,
+    netns: Netns,
     /// Backend address → its id (the map value), installed in `backends`.
     backends: Mutex<HashMap<IpAddr, u32>>,
     /// The netlink socket entries change over, opened in `netns` on first
@@ -278,7 +272,7 @@ impl NftSteering {
     /// namespace (one `nft` run).
     pub fn install(cfg: NftConfig) -> Result<NftSteering, SteerError> {
         cfg.check().map_err(|e| invalid(&e))?;
-        let netns = std::fs::File::open("/proc/thread-self/ns/net")?;
+        let netns = Netns::here()?;
         let s = NftSteering {
             cfg,
             netns,
@@ -308,7 +302,7 @@ impl NftSteering {
             flow_rule("forget6", rule::FlowOp::Delete),
         ];
         // Dropping `s` on error deletes the table.
-        rule::append(s.ns(), &rules6)?;
+        rule::append(s.netns.ns(), &rules6)?;
         Ok(s)
     }
 
@@ -318,7 +312,7 @@ impl NftSteering {
         let Some((client, vip, v4)) = on_wire(client, vip) else {
             return Ok(false);
         };
-        nfnl::element_present(self.ns(), self.sets(v4).flows, &flow_key(client, vip))
+        nfnl::element_present(self.netns.ns(), self.sets(v4).flows, &flow_key(client, vip))
             .map_err(|e| self.refused(e))
     }
 
@@ -348,48 +342,9 @@ impl NftSteering {
         }
     }
 
-    /// The namespace to pass to nfnl: none when the calling thread is in
-    /// it already (saves a thread per call).
-    fn ns(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        use std::os::unix::fs::MetadataExt;
-        let same =
-            |a: &std::fs::Metadata, b: &std::fs::Metadata| a.dev() == b.dev() && a.ino() == b.ino();
-        match (
-            self.netns.metadata(),
-            std::fs::metadata("/proc/thread-self/ns/net"),
-        ) {
-            (Ok(ours), Ok(here)) if same(&ours, &here) => None,
-            _ => Some(self.netns.as_fd()),
-        }
-    }
-
-    /// Runs `f` in the datapath's namespace: here when the calling thread
-    /// is in it, else on a thread that enters it (entering must not move
-    /// the caller's thread).
-    fn within<T: Send>(
-        &self,
-        f: impl FnOnce() -> Result<T, SteerError> + Send,
-    ) -> Result<T, SteerError> {
-        if self.ns().is_none() {
-            return f();
-        }
-        let path = format!(
-            "/proc/self/fd/{}",
-            std::os::fd::AsRawFd::as_raw_fd(&self.netns)
-        );
-        std::thread::scope(|s| {
-            s.spawn(move || {
-                tcpr_host::enter_netns(&path)?;
-                f()
-            })
-            .join()
-        })
-        .unwrap_or_else(|_| Err(invalid("a thread of the steering datapath panicked")))
-    }
-
     /// Runs an `nft` script in the datapath's namespace.
     fn nft(&self, script: &str) -> Result<(), SteerError> {
-        self.within(|| {
+        self.netns.within(|| {
             let mut child = Command::new("nft")
                 .args(["-f", "-"])
                 .stdin(Stdio::piped())
@@ -441,7 +396,7 @@ impl NftSteering {
         nfnl::retry_busy(|| {
             let socket = match nl.take() {
                 Some(s) => s,
-                None => nfnl::Socket::open(Some(self.netns.as_fd()))?,
+                None => nfnl::Socket::open(Some(self.netns.fd()))?,
             };
             socket.commit_sealed(&batch)?;
             *nl = Some(socket);
@@ -464,32 +419,12 @@ impl NftSteering {
 
     /// Live flows in one family's map.
     fn count(&self, set: &str) -> Result<usize, SteerError> {
-        rule::count(self.ns(), &self.cfg.table, set).map_err(SteerError::Kernel)
+        rule::count(self.netns.ns(), &self.cfg.table, set).map_err(SteerError::Kernel)
     }
 }
 
 /// The errno nf_tables answers an add to a full set with (`size`).
 const ENFILE: i32 = 23;
-/// Interface names are shorter than this (linux/if.h IFNAMSIZ).
-const IFNAMSIZ: usize = 16;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn invalid(why: &str) -> SteerError {
-    SteerError::Kernel(std::io::Error::new(
-        std::io::ErrorKind::InvalidInput,
-        why.to_string(),
-    ))
-}
-
-fn ip_bytes(ip: IpAddr) -> Vec<u8> {
-    match ip {
-        IpAddr::V4(v) => v.octets().to_vec(),
-        IpAddr::V6(v) => v.octets().to_vec(),
-    }
-}
 
 /// The key of a flow, as the rules load it from a client's packet. IPv4:
 /// `client addr . client port . vip addr . vip port`, as nf_tables
@@ -511,73 +446,6 @@ fn flow_key(client: SocketAddr, vip: SocketAddr) -> Vec<u8> {
         key.extend_from_slice(&vip.port().to_be_bytes());
     }
     key
-}
-
-/// The flow's addresses as they are on the wire (`::ffff:` mapped
-/// addresses are IPv4), and whether that is IPv4; `None` when the client
-/// and the VIP are of different families.
-fn on_wire(client: SocketAddr, vip: SocketAddr) -> Option<(SocketAddr, SocketAddr, bool)> {
-    let wire = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
-    let (c, v) = (wire(client), wire(vip));
-    (c.is_ipv4() == v.is_ipv4()).then_some((c, v, c.is_ipv4()))
-}
-
-/// A flow checked for the datapath: its addresses as on the wire.
-struct WireFlow {
-    client: SocketAddr,
-    vip: SocketAddr,
-    v4: bool,
-    backend: IpAddr,
-}
-
-impl WireFlow {
-    fn check(flow: &SteeredFlow) -> Result<WireFlow, SteerError> {
-        let unsupported = |reason: String| SteerError::Unsupported {
-            client: flow.client,
-            vip: flow.vip,
-            reason,
-        };
-        let (client, vip, v4) = on_wire(flow.client, flow.vip).ok_or_else(|| {
-            unsupported("the client and the VIP are of different families".into())
-        })?;
-        let backend = flow.backend.to_canonical();
-        if backend.is_ipv4() != v4 {
-            return Err(unsupported(format!(
-                "the backend {backend} is not of the flow's family"
-            )));
-        }
-        Ok(WireFlow {
-            client,
-            vip,
-            v4,
-            backend,
-        })
-    }
-}
-
-impl NftSteering {
-    /// Checks that `backend` is on the steered interface's link: flows go
-    /// to it at L2, out of that interface.
-    fn check_on_link(&self, flow: &WireFlow) -> Result<(), SteerError> {
-        let backend = flow.backend;
-        let unsupported = |reason: String| SteerError::Unsupported {
-            client: flow.client,
-            vip: flow.vip,
-            reason,
-        };
-        let (_, ifname) = self
-            .within(|| {
-                tcpr_host::addr::route_interface(backend).map_err(|e| invalid(&e.to_string()))
-            })
-            .map_err(|e| unsupported(format!("no route to the backend {backend}: {e}")))?;
-        if ifname != self.cfg.device {
-            return Err(unsupported(format!(
-                "the backend {backend} is reached by {ifname}, not by {} (L2 steering needs the backend on the front's link)",
-                self.cfg.device
-            )));
-        }
-        Ok(())
-    }
 }
 
 impl Steering for NftSteering {
@@ -613,7 +481,7 @@ impl Steering for NftSteering {
             }) {
                 Some(id) => id,
                 None => {
-                    self.check_on_link(w)?;
+                    w.check_on_link(&self.netns, &self.cfg.device)?;
                     let id = u32::try_from(known.len() + added.len() + 1)
                         .map_err(|_| invalid("too many backends"))?;
                     self.install_backend(w.backend, id, &mut batch);

@@ -31,8 +31,13 @@ pub struct BalanceArgs {
     /// by (default: the one holding the first listener's first address).
     #[arg(long)]
     steer_device: Option<String>,
-    /// Flows steered at once at most, per address family; beyond it
-    /// connections are proxied.
+    /// The steering datapath: `bpf` (a tc ingress program and a
+    /// preallocated BPF hash map) or `nft` (an nf_tables netdev table).
+    #[arg(long, value_enum, default_value_t = Datapath::Bpf)]
+    steer_datapath: Datapath,
+    /// Flows steered at once at most (`bpf`: both address families
+    /// together, its map allocated whole at start, ~130 bytes an entry;
+    /// `nft`: per address family); beyond it connections are proxied.
     #[arg(long, default_value_t = tcpr_steer::nft::DEFAULT_CAPACITY as u32,
           value_parser = clap::value_parser!(u32).range(1..))]
     steer_capacity: u32,
@@ -43,6 +48,13 @@ pub struct BalanceArgs {
     steer_linger: Duration,
     #[command(subcommand)]
     cmd: Option<BalanceCmd>,
+}
+
+/// `--steer-datapath`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Datapath {
+    Bpf,
+    Nft,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -94,7 +106,7 @@ fn linger(arg: &str) -> Result<Duration, String> {
     crate::bounds::seconds(arg, 0.01, 3600.0)
 }
 
-/// The nf_tables netdev datapath on the VIPs' interface.
+/// The steering datapath on the VIPs' interface.
 fn open_steering(
     args: &BalanceArgs,
     config_path: &std::path::Path,
@@ -119,12 +131,21 @@ fn open_steering(
                 .ifname
         }
     };
-    let mut cfg = tcpr_steer::nft::NftConfig::new(&device);
-    cfg.capacity = args.steer_capacity as usize;
-    cfg.linger = args.steer_linger;
-    let steering = tcpr_steer::nft::NftSteering::install(cfg)
-        .with_context(|| format!("cannot install the steering datapath on {device}"))?;
-    Ok(Arc::new(steering))
+    let context = || format!("cannot install the steering datapath on {device}");
+    Ok(match args.steer_datapath {
+        Datapath::Bpf => {
+            let mut cfg = tcpr_steer::BpfConfig::new(&device);
+            cfg.capacity = args.steer_capacity as usize;
+            cfg.linger = args.steer_linger;
+            Arc::new(tcpr_steer::BpfSteering::install(cfg).with_context(context)?)
+        }
+        Datapath::Nft => {
+            let mut cfg = tcpr_steer::NftConfig::new(&device);
+            cfg.capacity = args.steer_capacity as usize;
+            cfg.linger = args.steer_linger;
+            Arc::new(tcpr_steer::NftSteering::install(cfg).with_context(context)?)
+        }
+    })
 }
 
 /// Prints the metrics as a table: one row per sample.

@@ -237,16 +237,21 @@ fn all_counted_and_unsteered(bed: &Bed, requests: f64) {
     );
 }
 
-/// A burst of 64 clients at once: the agent's queue cuts it into batches
-/// of many connections (steered in one transaction each, two batches in
-/// flight), every request is served, and no steering entry stays.
+/// A burst of 64 clients at once, on the nf_tables datapath: the agent's
+/// queue cuts it into batches of many connections (steered in one
+/// transaction each, two batches in flight), every request is served, and
+/// no steering entry stays.
 #[test]
 fn a_burst_is_handed_off_in_batches_and_leaves_no_steering_entry() {
     let mut bed = Bed::new("bburst", 148);
     bed.start_servers();
     bed.start_agents();
     let config = bed.config_text(true);
-    bed.start_balancer(&config, &["--steer-linger", "0.2"]);
+    // The nf_tables datapath (the others run on the default, BPF).
+    bed.start_balancer(
+        &config,
+        &["--steer-linger", "0.2", "--steer-datapath", "nft"],
+    );
     let vip = bed.lab.vip(Family::V4).to_string();
     ab_serves_all(&bed, &vip, 5000, 64);
     all_counted_and_unsteered(&bed, 5000.0);

@@ -19,6 +19,7 @@ macro_rules! syscall {
     }};
 }
 
+pub mod bpf;
 pub(crate) mod detach;
 mod fd;
 pub mod sock;

@@ -1,0 +1,482 @@
+//! The BPF datapath: a tc ingress program on the front's interface
+//! (`bpf/steer.bpf.c`, attached with tcx on Linux 6.6+, else as a
+//! `cls_bpf` filter of a clsact qdisc) looks each TCP packet's flow up in a
+//! preallocated BPF hash map and sends a steered one to its backend with
+//! `bpf_redirect_neigh` (neighbour output: the packet leaves unchanged but
+//! for its Ethernet header, before the front's IP stack sees it, as the
+//! nf_tables datapath's `fwd`).
+//!
+//! ```text
+//! map flows (hash, preallocated, max_entries = capacity, both families)
+//!   key:   family . client addr . VIP addr . client port . VIP port (40 bytes)
+//!   value: last packet (CLOCK_MONOTONIC ns) . backend address . ifindex
+//!          . family . closing (32 bytes)
+//! program steer (tc ingress), per packet:
+//!   not TCP over IPv4/IPv6, or no entry: the front's stack takes it
+//!   SYN without ACK: delete the entry (a new flow reusing an ended
+//!                    flow's tuple), the stack takes it
+//!   FIN or RST: closing = 1
+//!   last packet = now; bpf_redirect_neigh(backend)
+//! program sweep (run by the balancer with BPF_PROG_TEST_RUN):
+//!   for each entry: gone once its flow has been silent for the linger
+//!   (closing) or the idle timeout (otherwise); returns how many are left
+//! ```
+//!
+//! Why BPF over nf_tables for the balancer: an nf_tables set with
+//! timeouts is an rhashtable, which the kernel grows and shrinks as flows
+//! come and go (its resizes took 5-27% of the machine in bursts under
+//! `bench-balance`), and each entry is a netlink transaction. A
+//! preallocated BPF hash map never resizes and never allocates on insert;
+//! an entry is one `bpf(BPF_MAP_UPDATE_ELEM)` (about a microsecond). The
+//! expiry the kernel did for nf_tables, the sweep does: every
+//! [`sweep_period`], in the kernel (`bpf_for_each_map_elem`), one syscall
+//! for the whole map.
+//!
+//! The program, its maps and its attachment belong to this process: they
+//! go when the datapath is dropped or the process ends, a crash included
+//! (with tcx; a `cls_bpf` filter of an older kernel stays until the
+//! interface goes). The map's capacity counts both families together.
+
+use crate::common::{invalid, lock, on_wire, plain_ifname, Netns, WireFlow};
+use crate::{SteerError, SteeredFlow, Steering};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError};
+use aya::programs::tc::{self, NlOptions, SchedClassifier, TcAttachOptions, TcAttachType};
+use aya::programs::{LinkOrder, ProgramFd};
+use aya::{Ebpf, EbpfLoader};
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// The compiled programs and maps (build.rs).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steer.bpf.o"));
+
+/// `struct flow_key` of steer.bpf.c.
+type Key = [u8; 40];
+/// `struct flow_value` of steer.bpf.c.
+type Value = [u8; 32];
+
+/// The packet `sweep` is run on: the kernel wants at least an Ethernet
+/// header; the program does not read it.
+const SWEEP_PACKET: [u8; 64] = [0; 64];
+
+/// The datapath's settings.
+#[derive(Debug, Clone)]
+pub struct BpfConfig {
+    /// The front's interface: the VIP's packets arrive on it, and steered
+    /// ones leave by it to their backend on the same link.
+    pub device: String,
+    /// The most flows steered at once, both families together.
+    pub capacity: usize,
+    /// An entry whose flow sends nothing for this long goes (see
+    /// [`crate::nft::NftConfig::idle`]).
+    pub idle: Duration,
+    /// How long an entry stays after the last packet of a flow whose
+    /// client sent its FIN or RST.
+    pub linger: Duration,
+}
+
+impl BpfConfig {
+    /// Defaults for `device`: the nf_tables datapath's capacity, idle
+    /// timeout and linger.
+    pub fn new(device: &str) -> BpfConfig {
+        BpfConfig {
+            device: device.into(),
+            capacity: crate::nft::DEFAULT_CAPACITY,
+            idle: crate::nft::DEFAULT_IDLE,
+            linger: crate::nft::DEFAULT_LINGER,
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if !plain_ifname(&self.device) {
+            return Err(format!("bad interface name {:?}", self.device));
+        }
+        if self.capacity == 0 || self.capacity > MAX_CAPACITY {
+            return Err(format!(
+                "capacity {} out of range (1 to {MAX_CAPACITY})",
+                self.capacity
+            ));
+        }
+        for (what, t) in [("idle timeout", self.idle), ("linger", self.linger)] {
+            if !(MIN_TIMEOUT..=MAX_TIMEOUT).contains(&t) {
+                return Err(format!(
+                    "{what} {t:?} out of range ({MIN_TIMEOUT:?} to {MAX_TIMEOUT:?})"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The largest map: every entry is allocated at load (~130 bytes each with
+/// the kernel's element header), so 16 Mi entries would be ~2 GiB.
+const MAX_CAPACITY: usize = 1 << 24;
+/// The shortest timeout: the sweep runs at most every 10 ms.
+const MIN_TIMEOUT: Duration = Duration::from_millis(10);
+/// The longest: a day, as the nf_tables datapath.
+const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
+/// The sweep runs at least once a second.
+const MAX_SWEEP_PERIOD: Duration = Duration::from_secs(1);
+
+/// How often the sweep runs: a quarter of the shorter timeout, between
+/// 10 ms and a second (an entry outlives its expiry by at most that).
+pub fn sweep_period(idle: Duration, linger: Duration) -> Duration {
+    (idle.min(linger) / 4).clamp(MIN_TIMEOUT, MAX_SWEEP_PERIOD)
+}
+
+/// The BPF steering datapath of one interface (see the module doc).
+/// Dropping it detaches the program and frees the map, and with it every
+/// entry.
+pub struct BpfSteering {
+    cfg: BpfConfig,
+    netns: Netns,
+    ifindex: u32,
+    /// How the program is attached: "bpf-tcx" or "bpf-tc".
+    name: &'static str,
+    flows: Mutex<BpfHashMap<MapData, Key, Value>>,
+    /// Backends found on the interface's link (checked once each).
+    on_link: Mutex<HashSet<IpAddr>>,
+    sweep: Arc<ProgramFd>,
+    /// Dropped to stop the sweeper.
+    stop: Option<mpsc::Sender<()>>,
+    sweeper: Option<JoinHandle<()>>,
+    /// The programs and their attachment (detached when dropped).
+    _ebpf: Ebpf,
+}
+
+impl std::fmt::Debug for BpfSteering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BpfSteering")
+            .field("cfg", &self.cfg)
+            .field("ifindex", &self.ifindex)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn kernel(what: &str, e: impl std::fmt::Display) -> SteerError {
+    SteerError::Kernel(std::io::Error::other(format!("{what}: {e}")))
+}
+
+/// The errno of a failed map call, if it was one.
+fn map_errno(e: &MapError) -> Option<i32> {
+    match e {
+        MapError::SyscallError(s) => s.io_error.raw_os_error(),
+        _ => None,
+    }
+}
+
+impl BpfSteering {
+    /// Loads the programs and attaches the datapath to `cfg.device` in the
+    /// calling thread's network namespace.
+    pub fn install(cfg: BpfConfig) -> Result<BpfSteering, SteerError> {
+        cfg.check().map_err(|e| invalid(&e))?;
+        let netns = Netns::here()?;
+        let ifindex =
+            tcpr_host::addr::interface_index(&cfg.device).map_err(|e| invalid(&e.to_string()))?;
+        let capacity = u32::try_from(cfg.capacity).map_err(|_| invalid("capacity too large"))?;
+        let mut ebpf = EbpfLoader::new()
+            .set_max_entries("flows", capacity)
+            .load(OBJECT)
+            .map_err(|e| kernel("cannot load the BPF steering maps and programs", e))?;
+        let mut config: Array<MapData, [u8; 16]> = Array::try_from(
+            ebpf.take_map("config")
+                .ok_or_else(|| invalid("the BPF object has no config map"))?,
+        )
+        .map_err(|e| kernel("config map", e))?;
+        let mut settings = [0u8; 16];
+        settings[..8].copy_from_slice(&nanos(cfg.idle).to_ne_bytes());
+        settings[8..].copy_from_slice(&nanos(cfg.linger).to_ne_bytes());
+        config
+            .set(0, settings, 0)
+            .map_err(|e| kernel("config map", e))?;
+        let flows: BpfHashMap<MapData, Key, Value> = BpfHashMap::try_from(
+            ebpf.take_map("flows")
+                .ok_or_else(|| invalid("the BPF object has no flows map"))?,
+        )
+        .map_err(|e| kernel("flows map", e))?;
+
+        let sweep = program(&mut ebpf, "sweep")?;
+        sweep
+            .load()
+            .map_err(|e| kernel("the kernel refused the sweep program", e))?;
+        let sweep = Arc::new(
+            sweep
+                .fd()
+                .and_then(|fd| fd.try_clone().map_err(Into::into))
+                .map_err(|e| kernel("sweep program", e))?,
+        );
+
+        let steer = program(&mut ebpf, "steer")?;
+        steer
+            .load()
+            .map_err(|e| kernel("the kernel refused the steering program", e))?;
+        let name = attach(steer, &cfg.device)?;
+
+        let (stop, stopped) = mpsc::channel::<()>();
+        let period = sweep_period(cfg.idle, cfg.linger);
+        let prog = Arc::clone(&sweep);
+        let sweeper = std::thread::Builder::new()
+            .name("steer-sweep".into())
+            .spawn(move || {
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(period) {
+                    if let Err(e) = tcpr_host::bpf::test_run(prog.as_fd(), &SWEEP_PACKET) {
+                        eprintln!("tcpr-steer: the sweep of expired flows failed: {e}");
+                    }
+                }
+            })?;
+        Ok(BpfSteering {
+            cfg,
+            netns,
+            ifindex,
+            name,
+            flows: Mutex::new(flows),
+            on_link: Mutex::new(HashSet::new()),
+            sweep,
+            stop: Some(stop),
+            sweeper: Some(sweeper),
+            _ebpf: ebpf,
+        })
+    }
+
+    /// Whether the flow from `client` to `vip` is steered now (its entry
+    /// is present and not past its expiry).
+    pub fn is_steered(&self, client: SocketAddr, vip: SocketAddr) -> Result<bool, SteerError> {
+        let Some((client, vip, _)) = on_wire(client, vip) else {
+            return Ok(false);
+        };
+        let value = match lock(&self.flows).get(&flow_key(client, vip), 0) {
+            Ok(v) => v,
+            Err(MapError::KeyNotFound) => return Ok(false),
+            Err(e) => return Err(kernel("flows map", e)),
+        };
+        let last = u64::from_ne_bytes(value[..8].try_into().expect("8 bytes"));
+        let limit = if value[29] != 0 {
+            self.cfg.linger
+        } else {
+            self.cfg.idle
+        };
+        Ok(tcpr_host::bpf::monotonic_ns().saturating_sub(last) <= nanos(limit))
+    }
+
+    /// The settings it runs with.
+    pub fn config(&self) -> &BpfConfig {
+        &self.cfg
+    }
+
+    /// Removes the entries past their expiry now (the sweeper does it every
+    /// [`sweep_period`]); the entries left.
+    pub fn sweep(&self) -> Result<usize, SteerError> {
+        tcpr_host::bpf::test_run(self.sweep.as_fd(), &SWEEP_PACKET)
+            .map(|n| n as usize)
+            .map_err(|e| kernel("sweep", e))
+    }
+
+    fn value(&self, w: &WireFlow, now: u64) -> Value {
+        let mut v = [0u8; 32];
+        v[..8].copy_from_slice(&now.to_ne_bytes());
+        match w.backend {
+            IpAddr::V4(a) => v[8..12].copy_from_slice(&a.octets()),
+            IpAddr::V6(a) => v[8..24].copy_from_slice(&a.octets()),
+        }
+        v[24..28].copy_from_slice(&self.ifindex.to_ne_bytes());
+        v[28] = if w.v4 { 4 } else { 6 };
+        v
+    }
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, SteerError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| invalid(&format!("the BPF object has no program {name}")))?
+        .try_into()
+        .map_err(|e| kernel(name, e))
+}
+
+/// Attaches `steer` to `device`'s ingress, first of all: with tcx where the
+/// kernel has it (6.6+: a link, gone with the process), else as a
+/// `cls_bpf` filter of a clsact qdisc (added if missing).
+fn attach(steer: &mut SchedClassifier, device: &str) -> Result<&'static str, SteerError> {
+    let tcx = steer.attach_with_options(
+        device,
+        TcAttachType::Ingress,
+        TcAttachOptions::TcxOrder(LinkOrder::first()),
+    );
+    let tcx_error = match tcx {
+        Ok(_) => return Ok("bpf-tcx"),
+        Err(e) => e,
+    };
+    if let Err(e) = tc::qdisc_add_clsact(device) {
+        if e.raw_os_error() != Some(libc::EEXIST) {
+            return Err(kernel(
+                &format!("cannot attach the steering program to {device} (tcx: {tcx_error}); clsact qdisc"),
+                e,
+            ));
+        }
+    }
+    steer
+        .attach_with_options(
+            device,
+            TcAttachType::Ingress,
+            TcAttachOptions::Netlink(NlOptions::default()),
+        )
+        .map_err(|e| {
+            kernel(
+                &format!(
+                    "cannot attach the steering program to {device} (tcx: {tcx_error}); tc filter"
+                ),
+                e,
+            )
+        })?;
+    Ok("bpf-tc")
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The key of a flow as the program builds it from a client's packet.
+fn flow_key(client: SocketAddr, vip: SocketAddr) -> Key {
+    let mut k = [0u8; 40];
+    let put = |k: &mut Key, at: usize, ip: IpAddr| match ip {
+        IpAddr::V4(a) => k[at..at + 4].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) => k[at..at + 16].copy_from_slice(&a.octets()),
+    };
+    k[0] = if client.is_ipv4() { 4 } else { 6 };
+    put(&mut k, 4, client.ip());
+    put(&mut k, 20, vip.ip());
+    k[36..38].copy_from_slice(&client.port().to_be_bytes());
+    k[38..40].copy_from_slice(&vip.port().to_be_bytes());
+    k
+}
+
+impl Steering for BpfSteering {
+    fn steer(&self, flow: &SteeredFlow) -> Result<(), SteerError> {
+        self.steer_batch(std::slice::from_ref(flow))
+    }
+
+    /// Every flow is checked first; the entries then go in one by one
+    /// (a BPF map has no transactions), and a refused one takes the
+    /// batch's others out again: no flow of a refused batch stays steered.
+    fn steer_batch(&self, flows: &[SteeredFlow]) -> Result<(), SteerError> {
+        let wire = flows
+            .iter()
+            .map(WireFlow::check)
+            .collect::<Result<Vec<WireFlow>, SteerError>>()?;
+        {
+            let mut on_link = lock(&self.on_link);
+            for w in &wire {
+                if !on_link.contains(&w.backend) {
+                    w.check_on_link(&self.netns, &self.cfg.device)?;
+                    on_link.insert(w.backend);
+                }
+            }
+        }
+        let now = tcpr_host::bpf::monotonic_ns();
+        let mut map = lock(&self.flows);
+        for (done, w) in wire.iter().enumerate() {
+            // BPF_ANY: a tuple reused within the linger of its previous
+            // flow is overwritten, not left closing.
+            if let Err(e) = map.insert(flow_key(w.client, w.vip), self.value(w, now), 0) {
+                for d in &wire[..done] {
+                    let _ = map.remove(&flow_key(d.client, d.vip));
+                }
+                return Err(match map_errno(&e) {
+                    Some(libc::E2BIG) => SteerError::Full {
+                        capacity: self.cfg.capacity,
+                    },
+                    _ => kernel("flows map", e),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn unsteer(&self, client: SocketAddr, vip: SocketAddr) -> Result<(), SteerError> {
+        let Some((client, vip, _)) = on_wire(client, vip) else {
+            return Ok(());
+        };
+        match lock(&self.flows).remove(&flow_key(client, vip)) {
+            Ok(()) => Ok(()),
+            Err(e) if map_errno(&e) == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(kernel("flows map", e)),
+        }
+    }
+
+    fn active(&self) -> Result<usize, SteerError> {
+        self.sweep()
+    }
+
+    fn capacity(&self) -> usize {
+        self.cfg.capacity
+    }
+
+    fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+impl Drop for BpfSteering {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.sweeper.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_match_the_programs_layout() {
+        let k = flow_key(
+            "10.0.0.1:40000".parse().unwrap(),
+            "10.0.0.100:80".parse().unwrap(),
+        );
+        assert_eq!(k[0], 4);
+        assert_eq!(&k[4..8], &[10, 0, 0, 1]);
+        assert!(k[8..20].iter().all(|b| *b == 0));
+        assert_eq!(&k[20..24], &[10, 0, 0, 100]);
+        assert_eq!(&k[36..40], &[0x9c, 0x40, 0, 80]);
+        let k6 = flow_key(
+            "[fd00::1]:1".parse().unwrap(),
+            "[fd00::64]:2".parse().unwrap(),
+        );
+        assert_eq!(k6[0], 6);
+        assert_eq!(k6[19], 1);
+        assert_eq!(k6[35], 0x64);
+        assert_eq!(&k6[36..40], &[0, 1, 0, 2]);
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        let mut c = BpfConfig::new("eth0");
+        assert!(c.check().is_ok());
+        c.capacity = 0;
+        assert!(c.check().is_err());
+        let mut c = BpfConfig::new("eth0 x");
+        assert!(c.check().is_err());
+        c.device = "eth0".into();
+        c.linger = Duration::from_millis(1);
+        assert!(c.check().unwrap_err().contains("linger"));
+    }
+
+    #[test]
+    fn the_sweep_runs_often_enough_and_not_too_often() {
+        let s = Duration::from_secs;
+        assert_eq!(sweep_period(s(3600), s(5)), s(1));
+        assert_eq!(
+            sweep_period(s(3600), Duration::from_millis(200)),
+            Duration::from_millis(50)
+        );
+        assert_eq!(
+            sweep_period(Duration::from_millis(10), s(5)),
+            Duration::from_millis(10)
+        );
+    }
+}
