@@ -237,9 +237,7 @@ impl Netns {
     pub fn of_socket(sock: std::os::fd::BorrowedFd<'_>) -> Result<Netns, Error> {
         let ns = sys::socket_netns(sock)
             .map_err(|e| Error::kernel("read the socket's network namespace", e))?;
-        let mine = sys::open_path("/proc/thread-self/ns/net")
-            .and_then(|f| sys::fd_identity(f.as_fd()))
-            .ok();
+        let mine = tcpr_host::thread_netns().ok();
         let theirs = sys::fd_identity(ns.as_fd()).ok();
         if mine.is_some() && mine == theirs {
             return Ok(Netns::current());

@@ -10,12 +10,15 @@ use std::sync::Mutex;
 /// The network namespace a datapath was installed in (the creating
 /// thread's): its entries and routes are there whichever thread steers.
 #[derive(Debug)]
-pub(crate) struct Netns(std::fs::File);
+pub(crate) struct Netns(std::fs::File, (u64, u64));
 
 impl Netns {
     /// The calling thread's namespace.
     pub(crate) fn here() -> std::io::Result<Netns> {
-        std::fs::File::open("/proc/thread-self/ns/net").map(Netns)
+        use std::os::unix::fs::MetadataExt;
+        let f = std::fs::File::open("/proc/thread-self/ns/net")?;
+        let m = f.metadata()?;
+        Ok(Netns(f, (m.dev(), m.ino())))
     }
 
     pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
@@ -25,14 +28,8 @@ impl Netns {
     /// The namespace to pass to nfnl: none when the calling thread is in
     /// it already (saves a thread per call).
     pub(crate) fn ns(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        use std::os::unix::fs::MetadataExt;
-        let same =
-            |a: &std::fs::Metadata, b: &std::fs::Metadata| a.dev() == b.dev() && a.ino() == b.ino();
-        match (
-            self.0.metadata(),
-            std::fs::metadata("/proc/thread-self/ns/net"),
-        ) {
-            (Ok(ours), Ok(here)) if same(&ours, &here) => None,
+        match tcpr_host::thread_netns() {
+            Ok(here) if here == self.1 => None,
             _ => Some(self.0.as_fd()),
         }
     }

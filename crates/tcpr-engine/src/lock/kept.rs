@@ -17,7 +17,6 @@
 
 use super::Netns;
 use std::os::fd::AsFd;
-use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use tcpr_host::nfnl::{self, Batch, NlError};
@@ -49,9 +48,7 @@ static REMOVED: AtomicBool = AtomicBool::new(false);
 fn identity(ns: &Netns) -> Option<(u64, u64)> {
     match &ns.fd {
         Some(_) => ns.identity(),
-        None => std::fs::metadata("/proc/thread-self/ns/net")
-            .ok()
-            .map(|m| (m.dev(), m.ino())),
+        None => tcpr_host::thread_netns().ok(),
     }
 }
 

@@ -6,7 +6,6 @@
 //! sockets, send/recv) are `tcpr_host::sock`'s; this layer keeps what is
 //! TCP-repair specific.
 
-use std::ffi::CString;
 use std::io;
 use std::mem::{size_of, zeroed, MaybeUninit};
 use std::net::SocketAddr;
@@ -402,15 +401,6 @@ pub(crate) fn fd_identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     // SAFETY: `st` is writable.
     syscall!(fstat(fd.as_raw_fd(), &mut st)).map_err(named("fstat"))?;
     Ok((st.st_dev, st.st_ino))
-}
-
-/// Opens a path read-only, close-on-exec.
-pub(crate) fn open_path(path: &str) -> io::Result<OwnedFd> {
-    let c = CString::new(path).map_err(|_| io::Error::other("path contains NUL"))?;
-    // SAFETY: `c` is a valid NUL-terminated string.
-    let fd = syscall!(open(c.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC))?;
-    // SAFETY: fresh fd.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// The socket's type, domain and protocol (SO_TYPE, SO_DOMAIN, SO_PROTOCOL),

@@ -26,7 +26,6 @@ use crate::wire::{self, pb};
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, Once, OnceLock};
 use std::time::{Duration, Instant};
@@ -72,13 +71,10 @@ impl ChannelKey {
     /// when the thread's namespace cannot be told (no `/proc`): then no
     /// channel is kept, rather than one shared across namespaces.
     fn of(opts: &MigrateOptions) -> Option<ChannelKey> {
-        let ns = std::fs::metadata("/proc/thread-self/ns/net").ok()?;
+        let (dev, ino) = tcpr_host::thread_netns().ok()?;
         Some(ChannelKey {
             agent: opts.to,
-            netns: NetnsId {
-                dev: ns.dev(),
-                ino: ns.ino(),
-            },
+            netns: NetnsId { dev, ino },
             credentials: opts.auth.fingerprint(),
         })
     }
