@@ -11,8 +11,8 @@
 //!   [`recv_with_fd`] (SCM_RIGHTS), [`memfd_with`], [`pass_socket`] (the
 //!   systemd `Accept=yes` and inetd conventions for a child process);
 //! - [`enter_netns`], [`unshare_netns`], [`raise_fd_limit`];
-//! - [`bpf`]: running a loaded BPF program once, and the clock BPF
-//!   programs read (the steering datapath's sweep);
+//! - [`bpf`]: running a loaded BPF program once (the steering datapath's
+//!   sweep);
 //! - [`sock`]: the generic socket calls (int options, bind, connect,
 //!   addresses, netlink sockets, send/recv) the engine shares;
 //! - [`relay`]: a zero-copy (splice) relay between two TCP connections,

@@ -4,6 +4,9 @@
 // to remove the entries of flows that ended or idled out.
 //
 // Built by build.rs with `clang -target bpf`; loaded by aya.
+//
+// A packet this datapath does not steer goes on with TC_ACT_UNSPEC (tcx:
+// TCX_NEXT): the interface's other tc programs and filters still see it.
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -31,7 +34,7 @@ struct flow_key {
 
 // Must match `FlowValue` in bpf.rs: 32 bytes.
 struct flow_value {
-	__u64 last_seen_ns; // CLOCK_MONOTONIC (bpf_ktime_get_ns)
+	__u64 last_seen_ns; // bpf_ktime_get_ns; 0: inserted, not yet swept
 	__u32 backend[4];   // the next hop; IPv4 in backend[0]
 	__u32 ifindex;      // the interface it leaves by
 	__u8 family;        // the backend's: 4 or 6
@@ -61,32 +64,49 @@ struct {
 	__type(value, struct settings);
 } config SEC(".maps");
 
+// Ethernet, the longest IPv4 header, and the part of TCP read here: what
+// must be in the packet's linear data.
+#define HEADERS (sizeof(struct ethhdr) + 60 + sizeof(struct tcphdr))
+
+// Tells the kernel which kernel the programs were built for; tc programs
+// do not use it, and with it aya does not parse the running kernel's
+// release string (a parse failure there panics).
+__u32 _version SEC("version") = 0x060600;
+
 SEC("classifier/steer")
 int steer(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
 	struct flow_key key = {};
 	struct tcphdr *tcp;
 
+	// Headers split across pages (not from veth or common NICs): pulled
+	// into the linear part, or the flow's packet would reach the stack.
+	if (data + HEADERS > end && skb->len > (__u32)(end - data)) {
+		bpf_skb_pull_data(skb, skb->len < HEADERS ? skb->len : HEADERS);
+		data = (void *)(long)skb->data;
+		end = (void *)(long)skb->data_end;
+	}
+	struct ethhdr *eth = data;
+
 	if ((void *)(eth + 1) > end)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = (void *)(eth + 1);
 		__u32 ihl;
 
 		if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP)
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		// A later fragment carries no TCP header.
 		if (ip->frag_off & bpf_htons(0x1fff))
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		ihl = ip->ihl * 4;
 		if (ihl < sizeof(*ip))
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		tcp = (void *)ip + ihl;
 		if ((void *)(tcp + 1) > end)
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		key.family = 4;
 		__builtin_memcpy(key.client, &ip->saddr, 4);
 		__builtin_memcpy(key.vip, &ip->daddr, 4);
@@ -95,27 +115,27 @@ int steer(struct __sk_buff *skb)
 
 		// TCP right after the fixed header, as the clients send it.
 		if ((void *)(ip6 + 1) > end || ip6->nexthdr != IPPROTO_TCP)
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		tcp = (void *)(ip6 + 1);
 		if ((void *)(tcp + 1) > end)
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		key.family = 6;
 		__builtin_memcpy(key.client, &ip6->saddr, 16);
 		__builtin_memcpy(key.vip, &ip6->daddr, 16);
 	} else {
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	}
 	key.client_port = tcp->source;
 	key.vip_port = tcp->dest;
 
 	struct flow_value *v = bpf_map_lookup_elem(&flows, &key);
 	if (!v)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	// A new connection reusing the tuple of a flow that ended (its entry
 	// still lingering): the entry goes, the front's stack takes the SYN.
 	if (tcp->syn && !tcp->ack) {
 		bpf_map_delete_elem(&flows, &key);
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	}
 	if (tcp->fin || tcp->rst)
 		v->closing = 1;
@@ -142,6 +162,14 @@ struct sweep_state {
 static long sweep_one(void *map, struct flow_key *key, struct flow_value *v,
 		      struct sweep_state *s)
 {
+	// A new entry's time starts at its first sweep: the kernel's clock,
+	// the one packets stamp with (userspace's CLOCK_MONOTONIC differs in
+	// a time namespace).
+	if (v->last_seen_ns == 0) {
+		v->last_seen_ns = s->now;
+		s->live++;
+		return 0;
+	}
 	__u64 age = s->now > v->last_seen_ns ? s->now - v->last_seen_ns : 0;
 	__u64 limit = v->closing ? s->linger_ns : s->idle_ns;
 

@@ -1,6 +1,6 @@
 //! The BPF datapath: a tc ingress program on the front's interface
-//! (`bpf/steer.bpf.c`, attached with tcx on Linux 6.6+, else as a
-//! `cls_bpf` filter of a clsact qdisc) looks each TCP packet's flow up in a
+//! (`bpf/steer.bpf.c`, attached first with tcx, Linux 6.6+) looks each TCP
+//! packet's flow up in a
 //! preallocated BPF hash map and sends a steered one to its backend with
 //! `bpf_redirect_neigh` (neighbour output: the packet leaves unchanged but
 //! for its Ethernet header, before the front's IP stack sees it, as the
@@ -9,10 +9,11 @@
 //! ```text
 //! map flows (hash, preallocated, max_entries = capacity, both families)
 //!   key:   family . client addr . VIP addr . client port . VIP port (40 bytes)
-//!   value: last packet (CLOCK_MONOTONIC ns) . backend address . ifindex
-//!          . family . closing (32 bytes)
+//!   value: last packet (bpf_ktime_get_ns; 0 until the first sweep)
+//!          . backend address . ifindex . family . closing (32 bytes)
 //! program steer (tc ingress), per packet:
-//!   not TCP over IPv4/IPv6, or no entry: the front's stack takes it
+//!   not TCP over IPv4/IPv6, or no entry: on (TC_ACT_UNSPEC: the
+//!                    interface's other tc programs, then the stack)
 //!   SYN without ACK: delete the entry (a new flow reusing an ended
 //!                    flow's tuple), the stack takes it
 //!   FIN or RST: closing = 1
@@ -30,17 +31,21 @@
 //! an entry is one `bpf(BPF_MAP_UPDATE_ELEM)` (about a microsecond). The
 //! expiry the kernel did for nf_tables, the sweep does: every
 //! [`sweep_period`], in the kernel (`bpf_for_each_map_elem`), one syscall
-//! for the whole map.
+//! for the whole map (about 0.1 µs per entry: ~26 ms for a full map at the
+//! default capacity). A new entry's time starts at its first sweep, on the
+//! kernel's clock: userspace's differs in a time namespace.
 //!
-//! The program, its maps and its attachment belong to this process: they
-//! go when the datapath is dropped or the process ends, a crash included
-//! (with tcx; a `cls_bpf` filter of an older kernel stays until the
-//! interface goes). The map's capacity counts both families together.
+//! The program, its maps and its tcx link belong to this process: they go
+//! when the datapath is dropped or the process ends, a crash included.
+//! Without tcx (before Linux 6.6) it refuses to install: a `cls_bpf`
+//! filter would outlive a crashed balancer, its entries never swept (the
+//! nf_tables datapath runs there). The map's capacity counts both
+//! families together.
 
 use crate::common::{invalid, lock, on_wire, plain_ifname, Netns, WireFlow};
 use crate::{SteerError, SteeredFlow, Steering};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError};
-use aya::programs::tc::{self, NlOptions, SchedClassifier, TcAttachOptions, TcAttachType};
+use aya::programs::tc::{SchedClassifier, TcAttachOptions, TcAttachType};
 use aya::programs::{LinkOrder, ProgramFd};
 use aya::{Ebpf, EbpfLoader};
 use std::collections::HashSet;
@@ -112,20 +117,25 @@ impl BpfConfig {
     }
 }
 
-/// The largest map: every entry is allocated at load (~130 bytes each with
-/// the kernel's element header), so 16 Mi entries would be ~2 GiB.
-const MAX_CAPACITY: usize = 1 << 24;
-/// The shortest timeout: the sweep runs at most every 10 ms.
+/// The largest map: every entry is allocated at load (~136 bytes each with
+/// the kernel's element header: 280 MB), and a sweep of it full takes
+/// about 0.2 s.
+const MAX_CAPACITY: usize = 1 << 21;
+/// The shortest timeout, as the nf_tables datapath's.
 const MIN_TIMEOUT: Duration = Duration::from_millis(10);
+/// The sweep runs at most this often: each is a walk of the whole map.
+const MIN_SWEEP_PERIOD: Duration = Duration::from_millis(100);
 /// The longest: a day, as the nf_tables datapath.
 const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
 /// The sweep runs at least once a second.
 const MAX_SWEEP_PERIOD: Duration = Duration::from_secs(1);
 
 /// How often the sweep runs: a quarter of the shorter timeout, between
-/// 10 ms and a second (an entry outlives its expiry by at most that).
+/// 100 ms and a second. An entry outlives its expiry by up to a period,
+/// and a new entry's time starts at the first sweep after its insert: up
+/// to two periods in all.
 pub fn sweep_period(idle: Duration, linger: Duration) -> Duration {
-    (idle.min(linger) / 4).clamp(MIN_TIMEOUT, MAX_SWEEP_PERIOD)
+    (idle.min(linger) / 4).clamp(MIN_SWEEP_PERIOD, MAX_SWEEP_PERIOD)
 }
 
 /// The BPF steering datapath of one interface (see the module doc).
@@ -135,8 +145,6 @@ pub struct BpfSteering {
     cfg: BpfConfig,
     netns: Netns,
     ifindex: u32,
-    /// How the program is attached: "bpf-tcx" or "bpf-tc".
-    name: &'static str,
     flows: Mutex<BpfHashMap<MapData, Key, Value>>,
     /// Backends found on the interface's link (checked once each).
     on_link: Mutex<HashSet<IpAddr>>,
@@ -153,14 +161,24 @@ impl std::fmt::Debug for BpfSteering {
         f.debug_struct("BpfSteering")
             .field("cfg", &self.cfg)
             .field("ifindex", &self.ifindex)
-            .field("name", &self.name)
             .finish_non_exhaustive()
     }
 }
 
-fn kernel(what: &str, e: impl std::fmt::Display) -> SteerError {
-    SteerError::Kernel(std::io::Error::other(format!("{what}: {e}")))
+/// An error of aya's with the causes it carries (its messages leave the
+/// kernel's errno to `source()`).
+fn kernel(what: &str, e: impl std::error::Error) -> SteerError {
+    let mut text = format!("{what}: {e}");
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text += &format!(": {c}");
+        cause = c.source();
+    }
+    SteerError::Kernel(std::io::Error::other(text))
 }
+
+/// What to try when loading fails.
+const LOAD_HINT: &str = "the BPF datapath needs Linux 6.6 or later and CAP_BPF with CAP_NET_ADMIN (or CAP_SYS_ADMIN) in the initial user namespace; the nf_tables datapath (--steer-datapath nft) needs neither";
 
 /// The errno of a failed map call, if it was one.
 fn map_errno(e: &MapError) -> Option<i32> {
@@ -174,6 +192,16 @@ impl BpfSteering {
     /// Loads the programs and attaches the datapath to `cfg.device` in the
     /// calling thread's network namespace.
     pub fn install(cfg: BpfConfig) -> Result<BpfSteering, SteerError> {
+        // aya unwraps in places (the kernel's release string); a panic
+        // there is a refusal, not the balancer's end.
+        std::panic::catch_unwind(|| Self::install_inner(cfg)).unwrap_or_else(|_| {
+            Err(invalid(&format!(
+                "the BPF loader failed unexpectedly; {LOAD_HINT}"
+            )))
+        })
+    }
+
+    fn install_inner(cfg: BpfConfig) -> Result<BpfSteering, SteerError> {
         cfg.check().map_err(|e| invalid(&e))?;
         let netns = Netns::here()?;
         let ifindex =
@@ -182,7 +210,12 @@ impl BpfSteering {
         let mut ebpf = EbpfLoader::new()
             .set_max_entries("flows", capacity)
             .load(OBJECT)
-            .map_err(|e| kernel("cannot load the BPF steering maps and programs", e))?;
+            .map_err(|e| {
+                kernel(
+                    &format!("cannot load the BPF steering maps and programs ({LOAD_HINT})"),
+                    e,
+                )
+            })?;
         let mut config: Array<MapData, [u8; 16]> = Array::try_from(
             ebpf.take_map("config")
                 .ok_or_else(|| invalid("the BPF object has no config map"))?,
@@ -201,21 +234,41 @@ impl BpfSteering {
         .map_err(|e| kernel("flows map", e))?;
 
         let sweep = program(&mut ebpf, "sweep")?;
-        sweep
-            .load()
-            .map_err(|e| kernel("the kernel refused the sweep program", e))?;
+        sweep.load().map_err(|e| {
+            kernel(
+                &format!("the kernel refused the sweep program ({LOAD_HINT})"),
+                e,
+            )
+        })?;
         let sweep = Arc::new(
             sweep
                 .fd()
-                .and_then(|fd| fd.try_clone().map_err(Into::into))
-                .map_err(|e| kernel("sweep program", e))?,
+                .map_err(|e| kernel("sweep program", e))?
+                .try_clone()?,
         );
 
         let steer = program(&mut ebpf, "steer")?;
+        steer.load().map_err(|e| {
+            kernel(
+                &format!("the kernel refused the steering program ({LOAD_HINT})"),
+                e,
+            )
+        })?;
         steer
-            .load()
-            .map_err(|e| kernel("the kernel refused the steering program", e))?;
-        let name = attach(steer, &cfg.device)?;
+            .attach_with_options(
+                &cfg.device,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
+            )
+            .map_err(|e| {
+                kernel(
+                    &format!(
+                        "cannot attach the steering program to {} with tcx ({LOAD_HINT})",
+                        cfg.device
+                    ),
+                    e,
+                )
+            })?;
 
         let (stop, stopped) = mpsc::channel::<()>();
         let period = sweep_period(cfg.idle, cfg.linger);
@@ -223,9 +276,16 @@ impl BpfSteering {
         let sweeper = std::thread::Builder::new()
             .name("steer-sweep".into())
             .spawn(move || {
+                // Said once per kind of failure, not every period.
+                let mut said: Option<std::io::ErrorKind> = None;
                 while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(period) {
-                    if let Err(e) = tcpr_host::bpf::test_run(prog.as_fd(), &SWEEP_PACKET) {
-                        eprintln!("tcpr-steer: the sweep of expired flows failed: {e}");
+                    match tcpr_host::bpf::test_run(prog.as_fd(), &SWEEP_PACKET) {
+                        Ok(_) => said = None,
+                        Err(e) if said != Some(e.kind()) => {
+                            eprintln!("tcpr-steer: the sweep of expired flows failed: {e}");
+                            said = Some(e.kind());
+                        }
+                        Err(_) => {}
                     }
                 }
             })?;
@@ -233,7 +293,6 @@ impl BpfSteering {
             cfg,
             netns,
             ifindex,
-            name,
             flows: Mutex::new(flows),
             on_link: Mutex::new(HashSet::new()),
             sweep,
@@ -243,24 +302,18 @@ impl BpfSteering {
         })
     }
 
-    /// Whether the flow from `client` to `vip` is steered now (its entry
-    /// is present and not past its expiry).
+    /// Whether the flow from `client` to `vip` is steered now: its entry
+    /// is in the map (until the sweep removes it, up to a sweep period
+    /// past its expiry).
     pub fn is_steered(&self, client: SocketAddr, vip: SocketAddr) -> Result<bool, SteerError> {
         let Some((client, vip, _)) = on_wire(client, vip) else {
             return Ok(false);
         };
-        let value = match lock(&self.flows).get(&flow_key(client, vip), 0) {
-            Ok(v) => v,
-            Err(MapError::KeyNotFound) => return Ok(false),
-            Err(e) => return Err(kernel("flows map", e)),
-        };
-        let last = u64::from_ne_bytes(value[..8].try_into().expect("8 bytes"));
-        let limit = if value[29] != 0 {
-            self.cfg.linger
-        } else {
-            self.cfg.idle
-        };
-        Ok(tcpr_host::bpf::monotonic_ns().saturating_sub(last) <= nanos(limit))
+        match lock(&self.flows).get(&flow_key(client, vip), 0) {
+            Ok(_) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(kernel("flows map", e)),
+        }
     }
 
     /// The settings it runs with.
@@ -276,9 +329,10 @@ impl BpfSteering {
             .map_err(|e| kernel("sweep", e))
     }
 
-    fn value(&self, w: &WireFlow, now: u64) -> Value {
+    /// A new entry's value: its time 0 (the first sweep starts it), not
+    /// closing.
+    fn value(&self, w: &WireFlow) -> Value {
         let mut v = [0u8; 32];
-        v[..8].copy_from_slice(&now.to_ne_bytes());
         match w.backend {
             IpAddr::V4(a) => v[8..12].copy_from_slice(&a.octets()),
             IpAddr::V6(a) => v[8..24].copy_from_slice(&a.octets()),
@@ -296,46 +350,36 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier
         .map_err(|e| kernel(name, e))
 }
 
-/// Attaches `steer` to `device`'s ingress, first of all: with tcx where the
-/// kernel has it (6.6+: a link, gone with the process), else as a
-/// `cls_bpf` filter of a clsact qdisc (added if missing).
-fn attach(steer: &mut SchedClassifier, device: &str) -> Result<&'static str, SteerError> {
-    let tcx = steer.attach_with_options(
-        device,
-        TcAttachType::Ingress,
-        TcAttachOptions::TcxOrder(LinkOrder::first()),
-    );
-    let tcx_error = match tcx {
-        Ok(_) => return Ok("bpf-tcx"),
-        Err(e) => e,
-    };
-    if let Err(e) = tc::qdisc_add_clsact(device) {
-        if e.raw_os_error() != Some(libc::EEXIST) {
-            return Err(kernel(
-                &format!("cannot attach the steering program to {device} (tcx: {tcx_error}); clsact qdisc"),
-                e,
-            ));
-        }
-    }
-    steer
-        .attach_with_options(
-            device,
-            TcAttachType::Ingress,
-            TcAttachOptions::Netlink(NlOptions::default()),
-        )
-        .map_err(|e| {
-            kernel(
-                &format!(
-                    "cannot attach the steering program to {device} (tcx: {tcx_error}); tc filter"
-                ),
-                e,
-            )
-        })?;
-    Ok("bpf-tc")
-}
-
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// `BPF_NOEXIST`, `BPF_EXIST` (linux/bpf.h): insert only a new key, or
+/// only replace one.
+const BPF_NOEXIST: u64 = 1;
+const BPF_EXIST: u64 = 2;
+
+/// Inserts `key`: a new one in one call; one that exists (a tuple reused
+/// within the linger of its previous flow: overwritten, not left
+/// closing) is read first and its old value returned.
+fn insert(
+    map: &mut BpfHashMap<MapData, Key, Value>,
+    key: Key,
+    value: Value,
+) -> Result<Option<Value>, MapError> {
+    match map.insert(key, value, BPF_NOEXIST) {
+        Ok(()) => return Ok(None),
+        Err(e) if map_errno(&e) != Some(libc::EEXIST) => return Err(e),
+        Err(_) => {}
+    }
+    let old = match map.get(&key, 0) {
+        Ok(old) => Some(old),
+        // Gone meanwhile (the sweep): new after all.
+        Err(MapError::KeyNotFound) => None,
+        Err(e) => return Err(e),
+    };
+    map.insert(key, value, 0)?;
+    Ok(old)
 }
 
 /// The key of a flow as the program builds it from a client's packet.
@@ -360,7 +404,8 @@ impl Steering for BpfSteering {
 
     /// Every flow is checked first; the entries then go in one by one
     /// (a BPF map has no transactions), and a refused one takes the
-    /// batch's others out again: no flow of a refused batch stays steered.
+    /// batch's others out again (an entry the batch replaced gets its old
+    /// value back): no flow of a refused batch stays steered.
     fn steer_batch(&self, flows: &[SteeredFlow]) -> Result<(), SteerError> {
         let wire = flows
             .iter()
@@ -375,21 +420,27 @@ impl Steering for BpfSteering {
                 }
             }
         }
-        let now = tcpr_host::bpf::monotonic_ns();
         let mut map = lock(&self.flows);
-        for (done, w) in wire.iter().enumerate() {
-            // BPF_ANY: a tuple reused within the linger of its previous
-            // flow is overwritten, not left closing.
-            if let Err(e) = map.insert(flow_key(w.client, w.vip), self.value(w, now), 0) {
-                for d in &wire[..done] {
-                    let _ = map.remove(&flow_key(d.client, d.vip));
+        // What each insert replaced (None: it was new), to undo.
+        let mut done: Vec<(Key, Option<Value>)> = Vec::with_capacity(wire.len());
+        for w in &wire {
+            let key = flow_key(w.client, w.vip);
+            match insert(&mut map, key, self.value(w)) {
+                Ok(old) => done.push((key, old)),
+                Err(e) => {
+                    for (key, old) in done.into_iter().rev() {
+                        let _ = match old {
+                            Some(old) => map.insert(key, old, BPF_EXIST),
+                            None => map.remove(&key),
+                        };
+                    }
+                    return Err(match map_errno(&e) {
+                        Some(libc::E2BIG) => SteerError::Full {
+                            capacity: self.cfg.capacity,
+                        },
+                        _ => kernel("flows map", e),
+                    });
                 }
-                return Err(match map_errno(&e) {
-                    Some(libc::E2BIG) => SteerError::Full {
-                        capacity: self.cfg.capacity,
-                    },
-                    _ => kernel("flows map", e),
-                });
             }
         }
         Ok(())
@@ -415,7 +466,7 @@ impl Steering for BpfSteering {
     }
 
     fn name(&self) -> &'static str {
-        self.name
+        "bpf-tcx"
     }
 }
 
@@ -469,14 +520,9 @@ mod tests {
     #[test]
     fn the_sweep_runs_often_enough_and_not_too_often() {
         let s = Duration::from_secs;
+        let ms = Duration::from_millis;
         assert_eq!(sweep_period(s(3600), s(5)), s(1));
-        assert_eq!(
-            sweep_period(s(3600), Duration::from_millis(200)),
-            Duration::from_millis(50)
-        );
-        assert_eq!(
-            sweep_period(Duration::from_millis(10), s(5)),
-            Duration::from_millis(10)
-        );
+        assert_eq!(sweep_period(s(3600), ms(800)), ms(200));
+        assert_eq!(sweep_period(ms(10), s(5)), ms(100));
     }
 }

@@ -696,7 +696,6 @@ fn nothing_is_left_after_drop(kind: Kind) {
     }
     drop(steering);
     assert_eq!(sh(&net.front, "nft list ruleset").trim(), "");
-    assert_eq!(sh(&net.front, "tc filter show dev eth0 ingress").trim(), "");
     let mut server = net.server(VIP4);
     let before = net.front_tcp_in();
     let out = handed_off_client(&net, CLIENT4, sport, (VIP4, BACKEND4), 1000, "fin");
@@ -707,6 +706,41 @@ fn nothing_is_left_after_drop(kind: Kind) {
         "the flow's packets reached the backend after the drop"
     );
     assert!(net.front_tcp_in() > before, "the front's stack took them");
+}
+
+/// Two BPF datapaths on one interface (two balancers, or one restarted
+/// while the old one drains): the one attached last runs first and must
+/// pass the packets it does not steer on to the next, which steers them.
+/// A program that ended the chain for every packet it does not steer
+/// would hand the older datapath's flows to the front's stack (a RST).
+#[test]
+fn a_second_bpf_datapath_passes_on_what_it_does_not_steer() {
+    let net = Net::new("s2b");
+    let first = net.steering(Kind::Bpf, |s| s.linger = Duration::from_millis(300));
+    let sport = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+    let f = flow(CLIENT4, sport, VIP4, BACKEND4);
+    first.steer(&f).unwrap();
+    let second = net.steering(Kind::Bpf, |_| {});
+    assert!(!second.is_steered(f.client, f.vip).unwrap());
+    let server = net.server(VIP4);
+    let before = net.front_tcp_in();
+    const N: u64 = 1 << 20;
+    let out = handed_off_client(&net, CLIENT4, sport, (VIP4, BACKEND4), N, "fin");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = json_line(&out.stdout);
+    let sent = json_line(&server.wait_with_output().unwrap().stdout);
+    assert_eq!(got["got"], N);
+    assert_eq!(got["sha256"], sent["sha256"], "every byte, in order");
+    assert_eq!(
+        net.front_tcp_in() - before,
+        0,
+        "the front's stack saw none of the flow"
+    );
+    drop(second);
 }
 
 /// Flows it cannot steer are refused with the reason, nothing installed.

@@ -32,8 +32,10 @@ pub struct BalanceArgs {
     #[arg(long)]
     steer_device: Option<String>,
     /// The steering datapath: `bpf` (a tc ingress program and a
-    /// preallocated BPF hash map) or `nft` (an nf_tables netdev table).
-    #[arg(long, value_enum, default_value_t = Datapath::Bpf)]
+    /// preallocated BPF hash map: Linux 6.6, CAP_BPF), `nft` (an nf_tables
+    /// netdev table), or `auto`: BPF where it loads, else nf_tables (with
+    /// a warning saying why).
+    #[arg(long, value_enum, default_value_t = Datapath::Auto)]
     steer_datapath: Datapath,
     /// Flows steered at once at most (`bpf`: both address families
     /// together, its map allocated whole at start, ~130 bytes an entry;
@@ -53,6 +55,7 @@ pub struct BalanceArgs {
 /// `--steer-datapath`.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum Datapath {
+    Auto,
     Bpf,
     Nft,
 }
@@ -71,6 +74,11 @@ impl BalanceArgs {
     /// Whether it runs a balancer (`--check` and `status` only read).
     pub(crate) fn runs(&self) -> bool {
         self.cmd.is_none() && self.check.is_none()
+    }
+
+    /// It will steer with BPF and nothing else.
+    pub(crate) fn needs_bpf(&self) -> bool {
+        !self.no_steering && self.steer_datapath == Datapath::Bpf
     }
 }
 
@@ -132,19 +140,28 @@ fn open_steering(
         }
     };
     let context = || format!("cannot install the steering datapath on {device}");
+    let bpf = || {
+        let mut cfg = tcpr_steer::BpfConfig::new(&device);
+        cfg.capacity = args.steer_capacity as usize;
+        cfg.linger = args.steer_linger;
+        tcpr_steer::BpfSteering::install(cfg)
+    };
+    let nft = || {
+        let mut cfg = tcpr_steer::NftConfig::new(&device);
+        cfg.capacity = args.steer_capacity as usize;
+        cfg.linger = args.steer_linger;
+        tcpr_steer::NftSteering::install(cfg).with_context(context)
+    };
     Ok(match args.steer_datapath {
-        Datapath::Bpf => {
-            let mut cfg = tcpr_steer::BpfConfig::new(&device);
-            cfg.capacity = args.steer_capacity as usize;
-            cfg.linger = args.steer_linger;
-            Arc::new(tcpr_steer::BpfSteering::install(cfg).with_context(context)?)
-        }
-        Datapath::Nft => {
-            let mut cfg = tcpr_steer::NftConfig::new(&device);
-            cfg.capacity = args.steer_capacity as usize;
-            cfg.linger = args.steer_linger;
-            Arc::new(tcpr_steer::NftSteering::install(cfg).with_context(context)?)
-        }
+        Datapath::Bpf => Arc::new(bpf().with_context(context)?),
+        Datapath::Nft => Arc::new(nft()?),
+        Datapath::Auto => match bpf() {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                eprintln!("tcpr balance: steering with nf_tables: the BPF datapath is not available on {device}: {e}");
+                Arc::new(nft()?)
+            }
+        },
     })
 }
 

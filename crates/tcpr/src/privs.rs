@@ -146,14 +146,19 @@ fn needs(cmd: &Cmd, have: &CapsHashSet) -> Needs {
             }],
             None,
         ),
-        Cmd::Balance(b) if b.runs() => (
-            "balance",
-            vec![Need {
+        Cmd::Balance(b) if b.runs() => {
+            let mut caps = vec![Need {
                 cap: Capability::CAP_NET_ADMIN,
                 why: "TCP_REPAIR to hand connections off, and the steering table",
-            }],
-            None,
-        ),
+            }];
+            if b.needs_bpf() {
+                caps.push(Need {
+                    cap: Capability::CAP_BPF,
+                    why: "the BPF steering datapath (--steer-datapath nft needs none)",
+                });
+            }
+            ("balance", caps, None)
+        }
         Cmd::Balance(_) => ("", vec![], None),
         Cmd::Demo { .. }
         | Cmd::Bench { .. }

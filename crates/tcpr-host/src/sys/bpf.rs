@@ -1,6 +1,5 @@
-//! The BPF calls aya does not make: running a loaded program once
-//! (`BPF_PROG_TEST_RUN`, how the steering datapath's sweep runs), and the
-//! clock BPF programs read (`bpf_ktime_get_ns` is `CLOCK_MONOTONIC`).
+//! The BPF call aya does not make: running a loaded program once
+//! (`BPF_PROG_TEST_RUN`, how the steering datapath's sweep runs).
 
 use std::io;
 use std::mem::size_of;
@@ -59,16 +58,4 @@ pub fn test_run(prog: BorrowedFd<'_>, packet: &[u8]) -> io::Result<u32> {
         return Err(io::Error::last_os_error());
     }
     Ok(attr.retval)
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always
-    // exists, so the call cannot fail.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
