@@ -171,7 +171,11 @@ fn kernel(what: &str, e: impl std::error::Error) -> SteerError {
     let mut text = format!("{what}: {e}");
     let mut cause = e.source();
     while let Some(c) = cause {
-        text += &format!(": {c}");
+        let c_text = c.to_string();
+        // aya's wrappers repeat their inner error's message.
+        if !text.ends_with(&c_text) {
+            text += &format!(": {c_text}");
+        }
         cause = c.source();
     }
     SteerError::Kernel(std::io::Error::other(text))

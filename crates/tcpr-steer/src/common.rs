@@ -21,10 +21,6 @@ impl Netns {
         Ok(Netns(f, (m.dev(), m.ino())))
     }
 
-    pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.0.as_fd()
-    }
-
     /// The namespace to pass to nfnl: none when the calling thread is in
     /// it already (saves a thread per call).
     pub(crate) fn ns(&self) -> Option<std::os::fd::BorrowedFd<'_>> {

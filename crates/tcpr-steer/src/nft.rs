@@ -396,7 +396,9 @@ impl NftSteering {
         nfnl::retry_busy(|| {
             let socket = match nl.take() {
                 Some(s) => s,
-                None => nfnl::Socket::open(Some(self.netns.fd()))?,
+                // Opened here when this thread is in the namespace: entering
+                // it (setns) needs CAP_SYS_ADMIN.
+                None => nfnl::Socket::open(self.netns.ns())?,
             };
             socket.commit_sealed(&batch)?;
             *nl = Some(socket);

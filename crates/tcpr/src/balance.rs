@@ -152,17 +152,19 @@ fn open_steering(
         cfg.linger = args.steer_linger;
         tcpr_steer::NftSteering::install(cfg).with_context(context)
     };
-    Ok(match args.steer_datapath {
+    let steering: Arc<dyn tcpr_steer::Steering> = match args.steer_datapath {
         Datapath::Bpf => Arc::new(bpf().with_context(context)?),
         Datapath::Nft => Arc::new(nft()?),
         Datapath::Auto => match bpf() {
             Ok(s) => Arc::new(s),
             Err(e) => {
-                eprintln!("tcpr balance: steering with nf_tables: the BPF datapath is not available on {device}: {e}");
+                eprintln!("tcpr balance: the BPF datapath is not available on {device}: {e}");
                 Arc::new(nft()?)
             }
         },
-    })
+    };
+    println!("tcpr balance steering: {} on {device}", steering.name());
+    Ok(steering)
 }
 
 /// Prints the metrics as a table: one row per sample.

@@ -161,6 +161,32 @@ fn an_agent_killed_mid_run_fails_no_request() {
     assert!(bed.metric("tcpr_balance_fallbacks_total") >= 1.0);
 }
 
+/// `--steer-datapath auto` (the default) steers with BPF where it loads:
+/// here, as root on this kernel. Without CAP_BPF and CAP_SYS_ADMIN (taken
+/// from the bounding set, so root loses them at exec) it says so and
+/// steers with nf_tables, and the handoffs work as well.
+#[test]
+fn auto_steers_with_bpf_or_else_nf_tables() {
+    let mut bed = Bed::new("bauto", 149);
+    bed.start_servers();
+    bed.start_agents();
+    let config = bed.config_text(true);
+    let line = bed.start_balancer_under(&[], &config, &[]).unwrap();
+    assert!(line.contains("bpf-tcx on eth0"), "{line}");
+    drop(bed.balancer.take());
+    let drop_bpf = [
+        "setpriv",
+        "--bounding-set",
+        "-bpf,-sys_admin,-perfmon",
+        "--",
+    ];
+    let line = bed.start_balancer_under(&drop_bpf, &config, &[]).unwrap();
+    assert!(line.contains("nftables-netdev on eth0"), "{line}");
+    assert_routes(&bed);
+    assert_eq!(bed.metric("tcpr_balance_handoffs_total"), 8.0);
+    assert_eq!(bed.metric("tcpr_balance_fallbacks_total"), 0.0);
+}
+
 #[test]
 fn a_hundred_thousand_connections_leave_no_steering_entry() {
     let mut bed = Bed::new("bmany", 147);

@@ -206,13 +206,35 @@ impl Bed {
 
     /// Writes the config and starts `tcpr balance` on the front host.
     pub fn start_balancer(&mut self, config: &str, extra: &[&str]) {
+        self.start_balancer_under(&[], config, extra);
+    }
+
+    /// [`Bed::start_balancer`] run by `wrapper` (a command and its
+    /// arguments, such as `setpriv ...`; none when empty); the line it
+    /// printed about its steering datapath, if it steers.
+    pub fn start_balancer_under(
+        &mut self,
+        wrapper: &[&str],
+        config: &str,
+        extra: &[&str],
+    ) -> Option<String> {
         std::fs::write(&self.config, config).unwrap();
-        let mut cmd = self.lab.front.cmd(tcpr_bin());
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = self.lab.front.cmd(program);
+                c.args(args).arg(tcpr_bin());
+                c
+            }
+            None => self.lab.front.cmd(tcpr_bin()),
+        };
         cmd.args(["balance", "--config", self.config.to_str().unwrap()])
             .args(extra);
         let mut p = Proc::spawn(cmd, "balancer");
+        let steering =
+            (!extra.contains(&"--no-steering")).then(|| p.expect("tcpr balance steering: ", START));
         p.expect("tcpr balance ready", START);
         self.balancer = Some(p);
+        steering
     }
 
     /// curl on the client host; its output.
