@@ -233,7 +233,7 @@ pub fn loads() -> Vec<Load> {
         short,
         path: "/name".into(),
         close,
-        connections: 32,
+        connections: SMALL_CLIENTS,
         bytes: 0,
         front_share: None,
     };
@@ -338,7 +338,13 @@ pub struct BalancePlan {
     pub seconds: u32,
     /// Runs per load and front: each run measures both fronts back to back.
     pub runs: usize,
+    /// wrk's connections for the small loads ([`SMALL_CLIENTS`] in the
+    /// report).
+    pub clients: u32,
 }
+
+/// wrk's connections for the small loads, unless told otherwise.
+pub const SMALL_CLIENTS: u32 = 32;
 
 impl BalancePlan {
     /// Steps [`measure`] reports through its `tick`.
@@ -398,9 +404,14 @@ impl Only {
     }
 }
 
-/// Runs the comparison for `seconds` per load and prints it.
-pub fn run(seconds: u32) -> Result<()> {
-    let plan = BalancePlan { seconds, runs: 1 };
+/// Runs the comparison for `seconds` per load, the small loads with
+/// `clients` connections, and prints it.
+pub fn run(seconds: u32, clients: u32) -> Result<()> {
+    let plan = BalancePlan {
+        seconds,
+        runs: 1,
+        clients,
+    };
     let figures = measure_only(&plan, &Only::from_env(), &|_| {})?;
     print(&figures);
     Ok(())
@@ -531,7 +542,18 @@ fn compare(
     let tcpr = start_balancer(lab, &config)?;
     wait_port(lab, VIP_PORT)?;
     wait_port(lab, FD_PORT)?;
-    let mut loads: Vec<Load> = loads().into_iter().filter(|l| only.load(l)).collect();
+    let mut loads: Vec<Load> = loads()
+        .into_iter()
+        .filter(|l| only.load(l))
+        .map(|l| Load {
+            connections: if l.is_small() {
+                plan.clients
+            } else {
+                l.connections
+            },
+            ..l
+        })
+        .collect();
     let cap = match loads.iter().find_map(|l| l.front_share) {
         Some(share) => {
             match CpuCap::new(&format!("tcpr-bench-balance-{}", std::process::id()), share) {

@@ -269,6 +269,11 @@ enum Cmd {
         /// Seconds per load (1 to 3600).
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=3600))]
         seconds: u32,
+        /// wrk's connections for the small-response loads (1 to 10000; the
+        /// large ones use 4).
+        #[arg(long, default_value_t = bench_balance::SMALL_CLIENTS,
+              value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        clients: u32,
     },
     /// The client side of `tcpr bench` (run by it).
     #[command(hide = true)]
@@ -461,7 +466,7 @@ fn run(cmd: Cmd) -> Result<i32> {
             Ok(0)
         }
         Cmd::BenchHandoff { counts, moves } => bench_handoff::run(&counts, moves).map(|()| 0),
-        Cmd::BenchBalance { seconds } => bench_balance::run(seconds).map(|()| 0),
+        Cmd::BenchBalance { seconds, clients } => bench_balance::run(seconds, clients).map(|()| 0),
         Cmd::BenchPeer { addr, count } => bench::peer(&addr, count).map(|()| 0),
         Cmd::Bench {
             counts,

@@ -112,6 +112,7 @@ fn balance_plan(seconds: u32) -> Result<Option<BalancePlan>> {
     Ok(Some(BalancePlan {
         seconds,
         runs: MIN_REPS,
+        clients: bench_balance::SMALL_CLIENTS,
     }))
 }
 
