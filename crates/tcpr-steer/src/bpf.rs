@@ -148,12 +148,27 @@ pub struct BpfSteering {
     flows: Mutex<BpfHashMap<MapData, Key, Value>>,
     /// Backends found on the interface's link (checked once each).
     on_link: Mutex<HashSet<IpAddr>>,
-    sweep: Arc<ProgramFd>,
+    sweep: Arc<Sweep>,
     /// Dropped to stop the sweeper.
     stop: Option<mpsc::Sender<()>>,
     sweeper: Option<JoinHandle<()>>,
     /// The programs and their attachment (detached when dropped).
     _ebpf: Ebpf,
+}
+
+/// The sweep program, and what its last run found.
+struct Sweep {
+    prog: ProgramFd,
+    /// When it last ran, and the entries it left.
+    last: Mutex<Option<(std::time::Instant, usize)>>,
+}
+
+impl Sweep {
+    fn run(&self) -> std::io::Result<usize> {
+        let live = tcpr_host::bpf::test_run(self.prog.as_fd(), &SWEEP_PACKET)? as usize;
+        *lock(&self.last) = Some((std::time::Instant::now(), live));
+        Ok(live)
+    }
 }
 
 impl std::fmt::Debug for BpfSteering {
@@ -207,6 +222,10 @@ impl BpfSteering {
 
     fn install_inner(cfg: BpfConfig) -> Result<BpfSteering, SteerError> {
         cfg.check().map_err(|e| invalid(&e))?;
+        // aya's map creation unwraps this parse; done here first, a
+        // release string it cannot read is an error, not a panic.
+        aya::util::KernelVersion::current()
+            .map_err(|e| kernel("cannot read the kernel's version for the BPF loader", e))?;
         let netns = Netns::here()?;
         let ifindex =
             tcpr_host::addr::interface_index(&cfg.device).map_err(|e| invalid(&e.to_string()))?;
@@ -244,12 +263,13 @@ impl BpfSteering {
                 e,
             )
         })?;
-        let sweep = Arc::new(
-            sweep
+        let sweep = Arc::new(Sweep {
+            prog: sweep
                 .fd()
                 .map_err(|e| kernel("sweep program", e))?
                 .try_clone()?,
-        );
+            last: Mutex::new(None),
+        });
 
         let steer = program(&mut ebpf, "steer")?;
         steer.load().map_err(|e| {
@@ -276,14 +296,14 @@ impl BpfSteering {
 
         let (stop, stopped) = mpsc::channel::<()>();
         let period = sweep_period(cfg.idle, cfg.linger);
-        let prog = Arc::clone(&sweep);
+        let shared = Arc::clone(&sweep);
         let sweeper = std::thread::Builder::new()
             .name("steer-sweep".into())
             .spawn(move || {
                 // Said once per kind of failure, not every period.
                 let mut said: Option<std::io::ErrorKind> = None;
                 while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(period) {
-                    match tcpr_host::bpf::test_run(prog.as_fd(), &SWEEP_PACKET) {
+                    match shared.run() {
                         Ok(_) => said = None,
                         Err(e) if said != Some(e.kind()) => {
                             eprintln!("tcpr-steer: the sweep of expired flows failed: {e}");
@@ -328,9 +348,7 @@ impl BpfSteering {
     /// Removes the entries past their expiry now (the sweeper does it every
     /// [`sweep_period`]); the entries left.
     pub fn sweep(&self) -> Result<usize, SteerError> {
-        tcpr_host::bpf::test_run(self.sweep.as_fd(), &SWEEP_PACKET)
-            .map(|n| n as usize)
-            .map_err(|e| kernel("sweep", e))
+        self.sweep.run().map_err(SteerError::Kernel)
     }
 
     /// A new entry's value: its time 0 (the first sweep starts it), not
@@ -461,8 +479,14 @@ impl Steering for BpfSteering {
         }
     }
 
+    /// The count of a sweep at most [`MIN_SWEEP_PERIOD`] old (run now if
+    /// the last is older): a metrics scrape is not a walk of the map each.
     fn active(&self) -> Result<usize, SteerError> {
-        self.sweep()
+        let last = *lock(&self.sweep.last);
+        match last {
+            Some((at, live)) if at.elapsed() < MIN_SWEEP_PERIOD => Ok(live),
+            _ => self.sweep(),
+        }
     }
 
     fn capacity(&self) -> usize {
