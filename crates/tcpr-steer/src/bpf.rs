@@ -96,7 +96,8 @@ impl BpfConfig {
         }
     }
 
-    fn check(&self) -> Result<(), String> {
+    /// Whether the settings are in range (what `install` checks first).
+    pub fn check(&self) -> Result<(), String> {
         if !plain_ifname(&self.device) {
             return Err(format!("bad interface name {:?}", self.device));
         }
@@ -159,15 +160,39 @@ pub struct BpfSteering {
 /// The sweep program, and what its last run found.
 struct Sweep {
     prog: ProgramFd,
-    /// When it last ran, and the entries it left.
+    /// Held for a run: one sweep at a time (two at once would walk the map
+    /// twice for nothing).
+    running: Mutex<()>,
+    /// When the last run ended, and the entries it left.
     last: Mutex<Option<(std::time::Instant, usize)>>,
 }
 
 impl Sweep {
     fn run(&self) -> std::io::Result<usize> {
+        let _one = lock(&self.running);
+        self.run_alone()
+    }
+
+    fn run_alone(&self) -> std::io::Result<usize> {
         let live = tcpr_host::bpf::test_run(self.prog.as_fd(), &SWEEP_PACKET)? as usize;
         *lock(&self.last) = Some((std::time::Instant::now(), live));
         Ok(live)
+    }
+
+    /// The entries left by a run that ended less than `fresh` ago, or by
+    /// one run now (after any run in progress, whose count may do).
+    fn recent(&self, fresh: Duration) -> std::io::Result<usize> {
+        let within = |last: Option<(std::time::Instant, usize)>| {
+            last.filter(|(at, _)| at.elapsed() < fresh).map(|(_, n)| n)
+        };
+        if let Some(n) = within(*lock(&self.last)) {
+            return Ok(n);
+        }
+        let _one = lock(&self.running);
+        match within(*lock(&self.last)) {
+            Some(n) => Ok(n),
+            None => self.run_alone(),
+        }
     }
 }
 
@@ -268,8 +293,14 @@ impl BpfSteering {
                 .fd()
                 .map_err(|e| kernel("sweep program", e))?
                 .try_clone()?,
+            running: Mutex::new(()),
             last: Mutex::new(None),
         });
+        // One sweep now: a datapath whose entries would never expire is
+        // refused here, not found out when the map is full.
+        sweep
+            .run()
+            .map_err(|e| kernel("the first sweep of the flows map failed", e))?;
 
         let steer = program(&mut ebpf, "steer")?;
         steer.load().map_err(|e| {
@@ -348,7 +379,7 @@ impl BpfSteering {
     /// Removes the entries past their expiry now (the sweeper does it every
     /// [`sweep_period`]); the entries left.
     pub fn sweep(&self) -> Result<usize, SteerError> {
-        self.sweep.run().map_err(SteerError::Kernel)
+        self.sweep.run().map_err(|e| kernel("sweep", e))
     }
 
     /// A new entry's value: its time 0 (the first sweep starts it), not
@@ -479,14 +510,13 @@ impl Steering for BpfSteering {
         }
     }
 
-    /// The count of a sweep at most [`MIN_SWEEP_PERIOD`] old (run now if
-    /// the last is older): a metrics scrape is not a walk of the map each.
+    /// The count of a sweep at most a [`sweep_period`] old (one runs now
+    /// if the last is older): a metrics scrape is not a walk of the map
+    /// each.
     fn active(&self) -> Result<usize, SteerError> {
-        let last = *lock(&self.sweep.last);
-        match last {
-            Some((at, live)) if at.elapsed() < MIN_SWEEP_PERIOD => Ok(live),
-            _ => self.sweep(),
-        }
+        self.sweep
+            .recent(sweep_period(self.cfg.idle, self.cfg.linger))
+            .map_err(|e| kernel("sweep", e))
     }
 
     fn capacity(&self) -> usize {

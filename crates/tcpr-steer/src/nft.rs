@@ -82,6 +82,38 @@ pub struct NftConfig {
     pub linger: Duration,
 }
 
+/// The table's default name.
+pub const DEFAULT_TABLE: &str = "tcpr_steer";
+
+/// Deletes the netdev table `table` of the calling thread's namespace, if
+/// there is one (left by a balancer that crashed); whether there was.
+pub fn remove_table(table: &str) -> Result<bool, SteerError> {
+    let run = |args: &[&str]| {
+        Command::new("nft")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+    };
+    let listed = match run(&["list", "table", "netdev", table]) {
+        Ok(out) => out.status.success(),
+        // No nft: no table of it either.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(SteerError::Kernel(e)),
+    };
+    if !listed {
+        return Ok(false);
+    }
+    let out = run(&["delete", "table", "netdev", table])?;
+    if !out.status.success() {
+        return Err(SteerError::Kernel(std::io::Error::other(format!(
+            "nft delete table netdev {table}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))));
+    }
+    Ok(true)
+}
+
 /// Default cap per address family: ~105 bytes of kernel memory an entry
 /// (~27 MB full); at 14,000 new connections a second and the default
 /// linger about 70,000 are in use.
@@ -107,7 +139,7 @@ impl NftConfig {
     pub fn new(device: &str) -> NftConfig {
         NftConfig {
             device: device.into(),
-            table: "tcpr_steer".into(),
+            table: DEFAULT_TABLE.into(),
             capacity: DEFAULT_CAPACITY,
             idle: DEFAULT_IDLE,
             linger: DEFAULT_LINGER,

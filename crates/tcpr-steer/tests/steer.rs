@@ -129,7 +129,7 @@ struct Settings {
 
 /// A datapath under test: the trait, whether a flow is steered now, and
 /// the entries now (BPF: a sweep now, where `active` may answer from one
-/// up to 100 ms old).
+/// up to a sweep period old).
 trait Datapath: Steering {
     fn is_steered(&self, client: SocketAddr, vip: SocketAddr) -> Result<bool, SteerError>;
     fn entries(&self) -> usize;
@@ -676,10 +676,12 @@ fn a_full_table_refuses_with_full(kind: Kind) {
         .unwrap();
     println!("{kind:?} steer: {per_insert:?} per insert");
     assert_eq!(steering.entries(), CAP);
-    // The gauge: BPF answers from a sweep up to 100 ms old, so any sweep
-    // it could answer from now ran after the inserts.
-    std::thread::sleep(Duration::from_millis(150));
-    assert_eq!(steering.active().unwrap(), CAP);
+    // The gauge: BPF answers from a sweep up to a sweep period old (a
+    // second here), so after one entry goes and that long, it says so.
+    steering.unsteer(flows[0].client, flows[0].vip).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(steering.active().unwrap(), CAP - 1);
+    steering.steer(&flows[0]).unwrap();
     let one_more = flow(CLIENT4, 9_999, VIP4, BACKEND4);
     match steering.steer(&one_more) {
         Err(SteerError::Full { capacity }) => assert_eq!(capacity, CAP),

@@ -140,11 +140,22 @@ fn open_steering(
         }
     };
     let context = || format!("cannot install the steering datapath on {device}");
+    let mut bpf_cfg = tcpr_steer::BpfConfig::new(&device);
+    bpf_cfg.capacity = args.steer_capacity as usize;
+    bpf_cfg.linger = args.steer_linger;
+    if args.steer_datapath != Datapath::Nft {
+        // A setting out of BPF's range is the user's to fix, not a reason
+        // to fall back.
+        bpf_cfg
+            .check()
+            .map_err(|e| anyhow::anyhow!("the BPF steering datapath: {e}"))?;
+    }
     let bpf = || {
-        let mut cfg = tcpr_steer::BpfConfig::new(&device);
-        cfg.capacity = args.steer_capacity as usize;
-        cfg.linger = args.steer_linger;
-        tcpr_steer::BpfSteering::install(cfg)
+        let s = tcpr_steer::BpfSteering::install(bpf_cfg.clone())?;
+        // A table left by a balancer that ran on nf_tables and crashed
+        // would go on taking every packet BPF passes on.
+        tcpr_steer::nft::remove_table(tcpr_steer::nft::DEFAULT_TABLE)?;
+        Ok::<_, tcpr_steer::SteerError>(s)
     };
     let nft = || {
         let mut cfg = tcpr_steer::NftConfig::new(&device);

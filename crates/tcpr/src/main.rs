@@ -269,10 +269,10 @@ enum Cmd {
         /// Seconds per load (1 to 3600).
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=3600))]
         seconds: u32,
-        /// wrk's connections for the small-response loads (1 to 10000; the
-        /// large ones use 4).
+        /// wrk's connections for the small-response loads (2, wrk's
+        /// threads, to 4000, HAProxy's maxconn here; the large ones use 4).
         #[arg(long, default_value_t = bench_balance::SMALL_CLIENTS,
-              value_parser = clap::value_parser!(u32).range(1..=10_000))]
+              value_parser = clap::value_parser!(u32).range(2..=4000))]
         clients: u32,
     },
     /// The client side of `tcpr bench` (run by it).

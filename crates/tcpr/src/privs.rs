@@ -151,7 +151,8 @@ fn needs(cmd: &Cmd, have: &CapsHashSet) -> Needs {
                 cap: Capability::CAP_NET_ADMIN,
                 why: "TCP_REPAIR to hand connections off, and the steering table",
             }];
-            if b.needs_bpf() {
+            // The kernel takes CAP_SYS_ADMIN in place of CAP_BPF.
+            if b.needs_bpf() && !have.contains(&Capability::CAP_SYS_ADMIN) {
                 caps.push(Need {
                     cap: Capability::CAP_BPF,
                     why: "the BPF steering datapath (--steer-datapath nft needs none)",

@@ -178,6 +178,8 @@ fn auto_steers_with_bpf_or_else_nf_tables() {
         "setpriv",
         "--bounding-set",
         "-bpf,-sys_admin,-perfmon",
+        "--inh-caps",
+        "-bpf,-sys_admin,-perfmon",
         "--",
     ];
     let line = bed.start_balancer_under(&drop_bpf, &config, &[]).unwrap();
@@ -185,6 +187,31 @@ fn auto_steers_with_bpf_or_else_nf_tables() {
     assert_routes(&bed);
     assert_eq!(bed.metric("tcpr_balance_handoffs_total"), 8.0);
     assert_eq!(bed.metric("tcpr_balance_fallbacks_total"), 0.0);
+    // Killed, it leaves its nf_tables table; the next balancer, on BPF,
+    // removes it (else its hook would take every packet BPF passes on).
+    drop(bed.balancer.take());
+    assert!(nft_table(&bed), "a killed balancer's table stays");
+    let line = bed.start_balancer_under(&[], &config, &[]).unwrap();
+    assert!(line.contains("bpf-tcx on eth0"), "{line}");
+    assert!(!nft_table(&bed), "the table of the balancer before is gone");
+    assert_eq!(
+        bed.get(Family::V4, false, HOSTS[0], "/who")
+            .split(' ')
+            .next(),
+        Some("b0")
+    );
+}
+
+/// Whether the front has the nf_tables datapath's table.
+fn nft_table(bed: &Bed) -> bool {
+    bed.lab
+        .front
+        .cmd("nft")
+        .args(["list", "table", "netdev", "tcpr_steer"])
+        .output()
+        .unwrap()
+        .status
+        .success()
 }
 
 #[test]
