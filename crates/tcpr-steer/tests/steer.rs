@@ -372,6 +372,23 @@ fn handed_off_client(
     child.wait_with_output().unwrap()
 }
 
+/// An `n`-byte download over IPv4 from `server` on the backend, by the
+/// client from `sport`, handed off (see [`handed_off_client`]), its FIN
+/// at the end: every byte arrives, in order. What the server printed.
+fn ipv4_download(net: &Net, sport: u16, server: std::process::Child, n: u64) -> serde_json::Value {
+    let out = handed_off_client(net, CLIENT4, sport, (VIP4, BACKEND4), n, "fin");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = json_line(&out.stdout);
+    let sent = json_line(&server.wait_with_output().unwrap().stdout);
+    assert_eq!(got["got"], n);
+    assert_eq!(got["sha256"], sent["sha256"], "every byte, in order");
+    sent
+}
+
 fn json_line(out: &[u8]) -> serde_json::Value {
     let text = String::from_utf8_lossy(out);
     serde_json::from_str(text.lines().last().unwrap_or(""))
@@ -740,16 +757,7 @@ fn a_second_bpf_datapath_passes_on_what_it_does_not_steer() {
     let server = net.server(VIP4);
     let before = net.front_tcp_in();
     const N: u64 = 1 << 20;
-    let out = handed_off_client(&net, CLIENT4, sport, (VIP4, BACKEND4), N, "fin");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got = json_line(&out.stdout);
-    let sent = json_line(&server.wait_with_output().unwrap().stdout);
-    assert_eq!(got["got"], N);
-    assert_eq!(got["sha256"], sent["sha256"], "every byte, in order");
+    ipv4_download(&net, sport, server, N);
     assert_eq!(
         net.front_tcp_in() - before,
         0,
@@ -814,16 +822,7 @@ fn a_batch_is_steered_at_once_and_leaves_no_entry(kind: Kind) {
 
     let server = net.server(VIP4);
     const N: u64 = 1 << 20;
-    let out = handed_off_client(&net, CLIENT4, sport, (VIP4, BACKEND4), N, "fin");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got = json_line(&out.stdout);
-    let sent = json_line(&server.wait_with_output().unwrap().stdout);
-    assert_eq!(got["got"], N);
-    assert_eq!(got["sha256"], sent["sha256"], "every byte, in order");
+    let sent = ipv4_download(&net, sport, server, N);
     assert_eq!(sent["end"], "fin");
 
     steering.unsteer_batch(&others).unwrap();
