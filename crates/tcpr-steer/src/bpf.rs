@@ -42,7 +42,7 @@
 //! nf_tables datapath runs there). The map's capacity counts both
 //! families together.
 
-use crate::common::{invalid, lock, on_wire, plain_ifname, Netns, WireFlow};
+use crate::common::{check_timeouts, invalid, lock, on_wire, plain_ifname, Netns, WireFlow};
 use crate::{SteerError, SteeredFlow, Steering};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError};
 use aya::programs::tc::{SchedClassifier, TcAttachOptions, TcAttachType};
@@ -107,14 +107,7 @@ impl BpfConfig {
                 self.capacity
             ));
         }
-        for (what, t) in [("idle timeout", self.idle), ("linger", self.linger)] {
-            if !(MIN_TIMEOUT..=MAX_TIMEOUT).contains(&t) {
-                return Err(format!(
-                    "{what} {t:?} out of range ({MIN_TIMEOUT:?} to {MAX_TIMEOUT:?})"
-                ));
-            }
-        }
-        Ok(())
+        check_timeouts(self.idle, self.linger)
     }
 }
 
@@ -122,12 +115,8 @@ impl BpfConfig {
 /// the kernel's element header: 280 MB), and a sweep of it full takes
 /// about 0.2 s.
 const MAX_CAPACITY: usize = 1 << 21;
-/// The shortest timeout, as the nf_tables datapath's.
-const MIN_TIMEOUT: Duration = Duration::from_millis(10);
 /// The sweep runs at most this often: each is a walk of the whole map.
 const MIN_SWEEP_PERIOD: Duration = Duration::from_millis(100);
-/// The longest: a day, as the nf_tables datapath.
-const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
 /// The sweep runs at least once a second.
 const MAX_SWEEP_PERIOD: Duration = Duration::from_secs(1);
 
@@ -221,6 +210,11 @@ fn kernel(what: &str, e: impl std::error::Error) -> SteerError {
     SteerError::Kernel(std::io::Error::other(text))
 }
 
+/// [`kernel`] for a refusal of the load or the attach: with what to try.
+fn refused(what: &str, e: impl std::error::Error) -> SteerError {
+    kernel(&format!("{what} ({LOAD_HINT})"), e)
+}
+
 /// What to try when loading fails.
 const LOAD_HINT: &str = "the BPF datapath needs Linux 6.6 or later and CAP_BPF with CAP_NET_ADMIN (or CAP_SYS_ADMIN) in the initial user namespace; the nf_tables datapath (--steer-datapath nft) needs neither";
 
@@ -258,12 +252,7 @@ impl BpfSteering {
         let mut ebpf = EbpfLoader::new()
             .set_max_entries("flows", capacity)
             .load(OBJECT)
-            .map_err(|e| {
-                kernel(
-                    &format!("cannot load the BPF steering maps and programs ({LOAD_HINT})"),
-                    e,
-                )
-            })?;
+            .map_err(|e| refused("cannot load the BPF steering maps and programs", e))?;
         let mut config: Array<MapData, [u8; 16]> = Array::try_from(
             ebpf.take_map("config")
                 .ok_or_else(|| invalid("the BPF object has no config map"))?,
@@ -282,12 +271,9 @@ impl BpfSteering {
         .map_err(|e| kernel("flows map", e))?;
 
         let sweep = program(&mut ebpf, "sweep")?;
-        sweep.load().map_err(|e| {
-            kernel(
-                &format!("the kernel refused the sweep program ({LOAD_HINT})"),
-                e,
-            )
-        })?;
+        sweep
+            .load()
+            .map_err(|e| refused("the kernel refused the sweep program", e))?;
         let sweep = Arc::new(Sweep {
             prog: sweep
                 .fd()
@@ -303,12 +289,9 @@ impl BpfSteering {
             .map_err(|e| kernel("the first sweep of the flows map failed", e))?;
 
         let steer = program(&mut ebpf, "steer")?;
-        steer.load().map_err(|e| {
-            kernel(
-                &format!("the kernel refused the steering program ({LOAD_HINT})"),
-                e,
-            )
-        })?;
+        steer
+            .load()
+            .map_err(|e| refused("the kernel refused the steering program", e))?;
         steer
             .attach_with_options(
                 &cfg.device,
@@ -316,13 +299,11 @@ impl BpfSteering {
                 TcAttachOptions::TcxOrder(LinkOrder::first()),
             )
             .map_err(|e| {
-                kernel(
-                    &format!(
-                        "cannot attach the steering program to {} with tcx ({LOAD_HINT})",
-                        cfg.device
-                    ),
-                    e,
-                )
+                let what = format!(
+                    "cannot attach the steering program to {} with tcx",
+                    cfg.device
+                );
+                refused(&what, e)
             })?;
 
         let (stop, stopped) = mpsc::channel::<()>();
@@ -451,10 +432,6 @@ fn flow_key(client: SocketAddr, vip: SocketAddr) -> Key {
 }
 
 impl Steering for BpfSteering {
-    fn steer(&self, flow: &SteeredFlow) -> Result<(), SteerError> {
-        self.steer_batch(std::slice::from_ref(flow))
-    }
-
     /// Every flow is checked first; the entries then go in one by one
     /// (a BPF map has no transactions), and a refused one takes the
     /// batch's others out again (an entry the batch replaced gets its old

@@ -6,6 +6,7 @@ use crate::{SteerError, SteeredFlow};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::sync::Mutex;
+use std::time::Duration;
 
 /// The network namespace a datapath was installed in (the creating
 /// thread's): its entries and routes are there whichever thread steers.
@@ -68,6 +69,27 @@ pub(crate) fn ip_bytes(ip: IpAddr) -> Vec<u8> {
         IpAddr::V4(v) => v.octets().to_vec(),
         IpAddr::V6(v) => v.octets().to_vec(),
     }
+}
+
+/// The shortest idle timeout or linger: nf_tables keeps timeouts in
+/// milliseconds, rounded to jiffies, and shorter ones would round to
+/// nothing (the BPF datapath keeps the same range).
+const MIN_TIMEOUT: Duration = Duration::from_millis(10);
+/// The longest: nf_tables refuses a timeout beyond `U32_MAX` jiffies
+/// (about 49 days at HZ=1000); a day is well inside it.
+const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
+
+/// Checks a datapath's idle timeout and linger against the range both
+/// datapaths take.
+pub(crate) fn check_timeouts(idle: Duration, linger: Duration) -> Result<(), String> {
+    for (what, t) in [("idle timeout", idle), ("linger", linger)] {
+        if !(MIN_TIMEOUT..=MAX_TIMEOUT).contains(&t) {
+            return Err(format!(
+                "{what} {t:?} out of range ({MIN_TIMEOUT:?} to {MAX_TIMEOUT:?})"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Interface names are shorter than this (linux/if.h IFNAMSIZ).

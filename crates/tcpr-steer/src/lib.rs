@@ -62,21 +62,15 @@ pub enum SteerError {
 /// 4. dropping the datapath removes what it installed.
 pub trait Steering: Send + Sync {
     /// Forwards `flow`'s packets to its backend from now on.
-    fn steer(&self, flow: &SteeredFlow) -> Result<(), SteerError>;
+    fn steer(&self, flow: &SteeredFlow) -> Result<(), SteerError> {
+        self.steer_batch(std::slice::from_ref(flow))
+    }
     /// Stops forwarding the flow from `client` to `vip` (absent is fine).
     fn unsteer(&self, client: SocketAddr, vip: SocketAddr) -> Result<(), SteerError>;
     /// Steers all of `flows` or none: a handoff batch's flows switch
-    /// together. A datapath with transactions does it in one (the default
-    /// steers one by one and undoes the done ones on a failure).
-    fn steer_batch(&self, flows: &[SteeredFlow]) -> Result<(), SteerError> {
-        for (done, flow) in flows.iter().enumerate() {
-            if let Err(e) = self.steer(flow) {
-                let _ = self.unsteer_batch(&flows[..done]);
-                return Err(e);
-            }
-        }
-        Ok(())
-    }
+    /// together (nf_tables: one transaction; BPF: one by one, a refused
+    /// one undoing the others).
+    fn steer_batch(&self, flows: &[SteeredFlow]) -> Result<(), SteerError>;
     /// Stops forwarding each of `flows` (their `backend` is not read;
     /// absent ones are fine). Tries every flow; the first failure is
     /// returned.

@@ -49,7 +49,9 @@
 //! changes only the expiry of an element that exists). The mark of a
 //! forwarded packet does not leave the host.
 
-use crate::common::{invalid, ip_bytes, lock, on_wire, plain_ifname, Netns, WireFlow};
+use crate::common::{
+    check_timeouts, invalid, ip_bytes, lock, on_wire, plain_ifname, Netns, WireFlow,
+};
 use crate::{rule, SteerError, SteeredFlow, Steering};
 use std::collections::HashMap;
 use std::io::Write;
@@ -126,12 +128,6 @@ pub const DEFAULT_IDLE: Duration = Duration::from_secs(3600);
 pub const DEFAULT_LINGER: Duration = Duration::from_secs(5);
 /// The ingress priority: before anything else of the host sees the packet.
 const INGRESS_PRIORITY: i32 = -500;
-/// nf_tables keeps timeouts in milliseconds, rounded to jiffies: shorter
-/// ones would round to nothing.
-const MIN_TIMEOUT: Duration = Duration::from_millis(10);
-/// nf_tables refuses a timeout beyond `U32_MAX` jiffies (about 49 days at
-/// HZ=1000); a day is well inside it.
-const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
 
 impl NftConfig {
     /// Defaults for `device`: table `tcpr_steer`, [`DEFAULT_CAPACITY`],
@@ -164,14 +160,7 @@ impl NftConfig {
         if self.capacity == 0 || self.capacity > u32::MAX as usize {
             return Err(format!("capacity {} out of range", self.capacity));
         }
-        for (what, t) in [("idle timeout", self.idle), ("linger", self.linger)] {
-            if !(MIN_TIMEOUT..=MAX_TIMEOUT).contains(&t) {
-                return Err(format!(
-                    "{what} {t:?} out of range ({MIN_TIMEOUT:?} to {MAX_TIMEOUT:?})"
-                ));
-            }
-        }
-        Ok(())
+        check_timeouts(self.idle, self.linger)
     }
 
     /// The table, sets and rules, in `nft` syntax: replaces a table of the
@@ -483,10 +472,6 @@ fn flow_key(client: SocketAddr, vip: SocketAddr) -> Vec<u8> {
 }
 
 impl Steering for NftSteering {
-    fn steer(&self, flow: &SteeredFlow) -> Result<(), SteerError> {
-        self.steer_batch(std::slice::from_ref(flow))
-    }
-
     /// One nf_tables transaction for the whole batch: it commits or fails
     /// as a whole (a full map refuses it all), so no flow of a refused
     /// batch is left steered.
