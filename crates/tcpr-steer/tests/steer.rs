@@ -372,11 +372,22 @@ fn handed_off_client(
     child.wait_with_output().unwrap()
 }
 
-/// An `n`-byte download over IPv4 from `server` on the backend, by the
-/// client from `sport`, handed off (see [`handed_off_client`]), its FIN
-/// at the end: every byte arrives, in order. What the server printed.
-fn ipv4_download(net: &Net, sport: u16, server: std::process::Child, n: u64) -> serde_json::Value {
-    let out = handed_off_client(net, CLIENT4, sport, (VIP4, BACKEND4), n, "fin");
+/// The IPv4 addresses of a flow: client, VIP, backend.
+const FLOW4: (&str, &str, &str) = (CLIENT4, VIP4, BACKEND4);
+
+/// An `n`-byte download from `server` on the backend to the client at
+/// `addrs.0` from `sport`, handed off (see [`handed_off_client`]), ended
+/// by the client as `close` says: every byte arrives, in order. What the
+/// server printed.
+fn download(
+    net: &Net,
+    (client, vip, backend): (&str, &str, &str),
+    sport: u16,
+    server: std::process::Child,
+    n: u64,
+    close: &str,
+) -> serde_json::Value {
+    let out = handed_off_client(net, client, sport, (vip, backend), n, close);
     assert!(
         out.status.success(),
         "{}",
@@ -458,16 +469,7 @@ fn steered_download(kind: Kind, v6: bool, close: &str) {
         net.front_bytes("rx"),
     );
     const N: u64 = 8 << 20;
-    let out = handed_off_client(&net, client, sport, (vip, backend), N, close);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got = json_line(&out.stdout);
-    let sent = json_line(&server.wait_with_output().unwrap().stdout);
-    assert_eq!(got["got"], N);
-    assert_eq!(got["sha256"], sent["sha256"], "every byte, in order");
+    let sent = download(&net, (client, vip, backend), sport, server, N, close);
     assert_eq!(sent["peer"], client, "the backend saw the client itself");
     assert_eq!(sent["peer_port"], sport);
     assert_eq!(sent["end"], if close == "rst" { "rst" } else { "fin" });
@@ -757,7 +759,7 @@ fn a_second_bpf_datapath_passes_on_what_it_does_not_steer() {
     let server = net.server(VIP4);
     let before = net.front_tcp_in();
     const N: u64 = 1 << 20;
-    ipv4_download(&net, sport, server, N);
+    download(&net, FLOW4, sport, server, N, "fin");
     assert_eq!(
         net.front_tcp_in() - before,
         0,
@@ -822,7 +824,7 @@ fn a_batch_is_steered_at_once_and_leaves_no_entry(kind: Kind) {
 
     let server = net.server(VIP4);
     const N: u64 = 1 << 20;
-    let sent = ipv4_download(&net, sport, server, N);
+    let sent = download(&net, FLOW4, sport, server, N, "fin");
     assert_eq!(sent["end"], "fin");
 
     steering.unsteer_batch(&others).unwrap();
