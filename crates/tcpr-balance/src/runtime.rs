@@ -28,7 +28,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use tcpr_handoff::{Auth, HandOff, MigrateOptions, Switch, TrafficHook};
+use tcpr_engine::ListenerOptions;
+use tcpr_handoff::{Auth, HandOff, MigrateOptions, Outgoing, Switch, TrafficHook};
 use tcpr_steer::{SteeredFlow, Steering};
 
 /// How often an idle accept loop looks at its stop flag.
@@ -215,6 +216,10 @@ impl Drop for Busy {
 /// A connection decided for an agent, waiting for its batch.
 struct Job {
     stream: TcpStream,
+    /// The options of the listener that accepted it: the balancer changes
+    /// none of an accepted connection's options, so its dump need not read
+    /// them all again.
+    accepted_from: Option<Arc<ListenerOptions>>,
     pool: String,
     member: MemberId,
     decided: Instant,
@@ -423,12 +428,20 @@ fn listen(shared: &Arc<Shared>, addr: SocketAddr) -> Result<Bound, StartError> {
     let bound = listener
         .local_addr()
         .map_err(|source| StartError::Listen { addr, source })?;
+    // Read once, after the last option set on the listener.
+    let accepted_from = match ListenerOptions::read(listener.as_fd()) {
+        Ok(o) => Some(Arc::new(o)),
+        Err(e) => {
+            tracing::warn!("{addr}: each handoff reads its socket's options in full: {e}");
+            None
+        }
+    };
     println!("tcpr balance listening on {bound}");
     let stop = Arc::new(AtomicBool::new(false));
     let (s, st) = (Arc::clone(shared), Arc::clone(&stop));
     let thread = std::thread::Builder::new()
         .name(format!("accept {addr}"))
-        .spawn(move || accept_loop(&s, &listener, addr, &st))
+        .spawn(move || accept_loop(&s, &listener, addr, accepted_from, &st))
         .map_err(|source| StartError::Kernel {
             what: "start a thread",
             source,
@@ -443,25 +456,37 @@ fn stop(b: Bound) {
     let _ = b.thread.join();
 }
 
-fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener, bind: SocketAddr, stop: &AtomicBool) {
+fn accept_loop(
+    shared: &Arc<Shared>,
+    listener: &TcpListener,
+    bind: SocketAddr,
+    accepted_from: Option<Arc<ListenerOptions>>,
+    stop: &AtomicBool,
+) {
     let mut head_buf = Vec::new();
     loop {
         match listener.accept() {
             Ok((stream, peer)) => {
                 let busy = Busy::new(shared);
+                let accepted = Accepted {
+                    stream,
+                    peer,
+                    bind,
+                    from: accepted_from.clone(),
+                };
                 // Most clients send their head with (or right after) the
                 // handshake: when it is whole already, the decision is
                 // taken here, which blocks on nothing (a handoff is queued,
                 // a fallback runs on a thread of its own), and no thread
                 // is started for the connection.
-                if let Some(head) = head_now(shared, &stream, bind, &mut head_buf) {
-                    serve(shared, stream, peer, bind, busy, Some(head));
+                if let Some(head) = head_now(shared, &accepted.stream, bind, &mut head_buf) {
+                    serve(shared, accepted, busy, Some(head));
                     continue;
                 }
                 let s = Arc::clone(shared);
                 let spawned = std::thread::Builder::new()
                     .name("head".into())
-                    .spawn(move || serve(&s, stream, peer, bind, busy, None));
+                    .spawn(move || serve(&s, accepted, busy, None));
                 if let Err(e) = spawned {
                     tracing::error!("cannot start a connection thread: {e}");
                     shared.metrics.failure("thread");
@@ -604,14 +629,23 @@ fn refuse(mut stream: TcpStream, protocol: Protocol, status: u16, alert: u8) {
 /// a handoff is queued for its agent's batch, a fallback proxies on a
 /// thread of its own, a refusal writes a few bytes to a new connection's
 /// empty send buffer.
-fn serve(
-    shared: &Arc<Shared>,
+/// A connection as its listener accepted it.
+struct Accepted {
     stream: TcpStream,
     peer: SocketAddr,
+    /// The listener's address.
     bind: SocketAddr,
-    busy: Busy,
-    head: Option<Head>,
-) {
+    /// The listener's options ([`Job::accepted_from`]).
+    from: Option<Arc<ListenerOptions>>,
+}
+
+fn serve(shared: &Arc<Shared>, accepted: Accepted, busy: Busy, head: Option<Head>) {
+    let Accepted {
+        stream,
+        peer,
+        bind,
+        from,
+    } = accepted;
     let active = shared.active();
     let Some((listener, router)) = active.listener_for(bind) else {
         // Its listener went away in a reload while it was being accepted.
@@ -692,6 +726,7 @@ fn serve(
         Some(agent) => {
             let job = Job {
                 stream,
+                accepted_from: from,
                 pool: pool_name.to_string(),
                 member: id,
                 decided: Instant::now(),
@@ -820,12 +855,16 @@ fn hand_off_batch(shared: &Arc<Shared>, agent: SocketAddr, batch: Vec<Job>) {
         .into_iter()
         .map(|j| {
             (
-                (j.stream, Vec::new()),
+                Outgoing {
+                    sock: j.stream.into(),
+                    blob: Vec::new(),
+                    accepted_from: j.accepted_from,
+                },
                 (j.pool, j.member, j.decided, j.busy),
             )
         })
         .unzip();
-    let results = match tcpr_handoff::hand_off(conns, &opts) {
+    let results = match tcpr_handoff::hand_off_outgoing(conns, &opts) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!("handoff to {agent} refused: {}", e.error);

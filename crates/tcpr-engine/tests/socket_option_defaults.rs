@@ -390,3 +390,154 @@ fn only_connected_tcp_sockets_pass_inspection() {
         assert_eq!(flow.local, server.local_addr().unwrap());
     });
 }
+
+/// Sets every option the engine carries on `fd` to a value no new socket
+/// has (`fresh` is a new socket's report).
+fn set_all(fd: BorrowedFd<'_>, v6: bool, fresh: &Reported) {
+    set_int(fd, libc::SOL_TCP, libc::TCP_NODELAY, 1);
+    set_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set_int(fd, libc::SOL_TCP, libc::TCP_KEEPIDLE, 33);
+    set_int(fd, libc::SOL_TCP, libc::TCP_KEEPINTVL, 7);
+    set_int(fd, libc::SOL_TCP, libc::TCP_KEEPCNT, 4);
+    set_int(fd, libc::SOL_TCP, libc::TCP_USER_TIMEOUT, 12_345);
+    set_int(fd, libc::SOL_TCP, libc::TCP_NOTSENT_LOWAT, 65_536);
+    set_int(fd, libc::SOL_SOCKET, libc::SO_MARK, 42);
+    let [tos, ttl] = tos_ttl(v6);
+    set_int(fd, tos.0, tos.1, 0x28);
+    set_int(fd, ttl.0, ttl.1, 17);
+    set_int(fd, libc::SOL_SOCKET, libc::SO_PRIORITY, 5);
+    set_linger(fd, 3);
+    let cc = other_congestion(&fresh.congestion);
+    set_bytes(fd, libc::SOL_TCP, libc::TCP_CONGESTION, cc.as_bytes());
+}
+
+/// The socket options of `server` (accepted from `listener`) as a full
+/// dump reads them and as `dump_accepted` does; both images also restore.
+fn both_dumps(
+    listener: &std::net::TcpListener,
+    server: TcpStream,
+) -> (tcpr_image::SocketOptions, tcpr_image::SocketOptions) {
+    let from = tcpr_engine::ListenerOptions::read(listener.as_fd()).unwrap();
+    let frozen = freeze(server.into(), &no_lock()).unwrap();
+    let full = frozen.dump().unwrap();
+    let accepted = frozen.dump_accepted(&from).unwrap();
+    assert_eq!(
+        tcpr_image::ConnectionImage {
+            socket_options: full.socket_options.clone(),
+            dumped_at_unix_ns: full.dumped_at_unix_ns,
+            ..accepted.clone()
+        },
+        full,
+        "the images differ beyond their socket options"
+    );
+    frozen.thaw().unwrap();
+    (full.socket_options, accepted.socket_options)
+}
+
+/// A connection accepted from a listener whose options were read once is
+/// dumped with the same socket options as by a full read: with the
+/// defaults, with every option set on the listener (the kernel copies
+/// them into the connection), and where the connection's own differ from
+/// the listener's without anyone setting them: the TOS reflected from the
+/// client's SYN (`tcp_reflect_tos`), a congestion control whose default
+/// changed after the listener was read.
+#[test]
+fn an_accepted_connection_dumps_as_a_full_read_does() {
+    in_private_netns(|| {
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let v6 = addr.starts_with('[');
+            // Defaults.
+            let l = std::net::TcpListener::bind(addr).unwrap();
+            let _c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (s, _) = l.accept().unwrap();
+            let fresh = reported(&s);
+            let (full, accepted) = both_dumps(&l, s);
+            assert_eq!(accepted, full, "{addr}, defaults");
+            // Every option set on the listener.
+            set_all(l.as_fd(), v6, &fresh);
+            let _c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (s, _) = l.accept().unwrap();
+            let set = reported(&s);
+            assert_ne!(set.keepidle, fresh.keepidle, "{addr}: not inherited");
+            let (full, accepted) = both_dumps(&l, s);
+            assert_eq!(accepted, full, "{addr}, options set on the listener");
+            assert_eq!(full.keepalive_idle_secs, Some(33), "{addr}");
+            assert_eq!(full.linger_secs, Some(3), "{addr}");
+        }
+        // Per connection: the client's TOS reflected, a new default
+        // congestion control.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let from = tcpr_engine::ListenerOptions::read(l.as_fd()).unwrap();
+        let (_c0, s0) = (
+            TcpStream::connect(l.local_addr().unwrap()).unwrap(),
+            l.accept().unwrap().0,
+        );
+        let was = reported(&s0);
+        sysctl("/proc/sys/net/ipv4/tcp_reflect_tos", "1");
+        sysctl(
+            "/proc/sys/net/ipv4/tcp_congestion_control",
+            &other_congestion(&was.congestion),
+        );
+        let _client = connect_with_tos(l.local_addr().unwrap(), 0x48);
+        let (s, _) = l.accept().unwrap();
+        let now = reported(&s);
+        assert_ne!(now.tos, was.tos, "the SYN's TOS was not reflected");
+        assert_ne!(now.congestion, was.congestion, "the new default not taken");
+        let frozen = freeze(s.into(), &no_lock()).unwrap();
+        let (full, accepted) = (frozen.dump().unwrap(), frozen.dump_accepted(&from).unwrap());
+        assert_eq!(accepted.socket_options, full.socket_options);
+        assert_eq!(accepted.socket_options.tos, Some(now.tos as u32));
+        frozen.thaw().unwrap();
+        drop(s0);
+    });
+}
+
+/// A connection to `to` (IPv4) whose SYN carries `tos`.
+fn connect_with_tos(to: std::net::SocketAddr, tos: i32) -> TcpStream {
+    let std::net::SocketAddr::V4(to) = to else {
+        panic!("IPv4 only")
+    };
+    let sock = socket_of(libc::AF_INET, libc::SOCK_STREAM, 0).expect("a TCP socket");
+    set_int(sock.as_fd(), libc::SOL_IP, libc::IP_TOS, tos);
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: to.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*to.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: test helper; `sin` is a valid sockaddr_in for the call.
+    let r = unsafe {
+        libc::connect(
+            sock.as_raw_fd(),
+            (&sin as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "connect: {}", std::io::Error::last_os_error());
+    TcpStream::from(sock)
+}
+
+/// Only a listening TCP socket's options are read as a listener's.
+#[test]
+fn listener_options_refuse_what_is_not_a_tcp_listener() {
+    in_private_netns(|| {
+        let (_client, server) = pair("127.0.0.1:0");
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (read_end, _write_end) = std::io::pipe().unwrap();
+        for fd in [server.as_fd(), udp.as_fd(), read_end.as_fd()] {
+            let e = tcpr_engine::ListenerOptions::read(fd).unwrap_err();
+            assert!(
+                matches!(
+                    &e,
+                    tcpr_engine::Error::NotTcp(_) | tcpr_engine::Error::Kernel { .. }
+                ),
+                "{e:?}"
+            );
+            if let tcpr_engine::Error::NotTcp(why) = &e {
+                assert!(why.contains("not a listening TCP socket"), "{why}");
+            }
+        }
+    });
+}

@@ -116,12 +116,7 @@ fn round(
             .collect::<anyhow::Result<Vec<_>>>()
     })?;
     let conns = (0..n)
-        .map(|_| {
-            Ok(Outgoing {
-                sock: listener.accept()?.0.into(),
-                blob: vec![],
-            })
-        })
+        .map(|_| Ok(Outgoing::new(listener.accept()?.0.into(), vec![])))
         .collect::<anyhow::Result<Vec<_>>>()?;
     drop(listener);
     let mut opts = MigrateOptions::new(agent, auth.clone());

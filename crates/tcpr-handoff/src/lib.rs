@@ -83,15 +83,21 @@ pub fn hand_off(
     conns: Vec<(std::net::TcpStream, Vec<u8>)>,
     opts: &MigrateOptions,
 ) -> Result<Vec<HandOff>, HandOffError> {
-    use std::os::fd::OwnedFd;
-    let n = conns.len();
-    let out: Vec<Outgoing> = conns
+    let out = conns
         .into_iter()
-        .map(|(s, blob)| Outgoing {
-            sock: OwnedFd::from(s),
-            blob,
-        })
+        .map(|(s, blob)| Outgoing::new(s.into(), blob))
         .collect();
+    hand_off_outgoing(out, opts)
+}
+
+/// [`hand_off`] of connections given as [`Outgoing`]s: with the listener
+/// each was accepted from, say, for a server that hands off connections
+/// as it accepts them.
+pub fn hand_off_outgoing(
+    out: Vec<Outgoing>,
+    opts: &MigrateOptions,
+) -> Result<Vec<HandOff>, HandOffError> {
+    let n = out.len();
     let report = migrate(out, opts, &|_| {}).map_err(|r| HandOffError {
         error: r.error,
         conns: r

@@ -10,8 +10,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tcpr_engine::{Flow, FlowLock, FreezeOptions, Frozen};
+use tcpr_engine::{Flow, FlowLock, FreezeOptions, Frozen, ListenerOptions};
 
 mod channel;
 mod freeze;
@@ -31,6 +32,21 @@ pub struct Outgoing {
     pub sock: OwnedFd,
     /// Opaque application state that travels with it.
     pub blob: Vec<u8>,
+    /// The listener it was accepted from, when its socket options were not
+    /// changed since the accept: its dump takes the options every accepted
+    /// connection inherits from here ([`tcpr_engine::Frozen::dump_accepted`]).
+    pub accepted_from: Option<Arc<ListenerOptions>>,
+}
+
+impl Outgoing {
+    /// A connection to move, its options read in full at the dump.
+    pub fn new(sock: OwnedFd, blob: Vec<u8>) -> Outgoing {
+        Outgoing {
+            sock,
+            blob,
+            accepted_from: None,
+        }
+    }
 }
 
 /// Settings of one handoff.
@@ -114,6 +130,7 @@ struct Conn {
     sock: Option<OwnedFd>,
     flow: Flow,
     blob: Vec<u8>,
+    accepted_from: Option<Arc<ListenerOptions>>,
     /// Input position.
     index: usize,
 }
@@ -256,13 +273,15 @@ fn attempt(
     let channel_up = Instant::now();
     report.timings.connect = channel_up - started;
     tracing::debug!(us = started.elapsed().as_micros(), "channel up");
-    let (socks, blobs): (Vec<OwnedFd>, Vec<Vec<u8>>) =
-        conns.into_iter().map(|c| (c.sock, c.blob)).unzip();
+    let (socks, blobs): (Vec<OwnedFd>, Vec<_>) = conns
+        .into_iter()
+        .map(|c| (c.sock, (c.blob, c.accepted_from)))
+        .unzip();
     let fo = FreezeOptions {
         lock: true,
         lease: opts.lease,
     };
-    let frozen = match freeze_with_spares(socks, &fo) {
+    let frozen = match freeze_with_spares(socks, &flows, &fo) {
         Ok(mut f) => {
             freeze::fault_unfrozen(&mut f);
             f
@@ -274,7 +293,11 @@ fn attempt(
             let conns = socks
                 .into_iter()
                 .zip(blobs)
-                .map(|(sock, blob)| Outgoing { sock, blob })
+                .map(|(sock, (blob, accepted_from))| Outgoing {
+                    sock,
+                    blob,
+                    accepted_from,
+                })
                 .collect();
             return Err(Refused { error, conns });
         }
@@ -303,7 +326,9 @@ fn attempt(
         },
     };
     // Ids in input order, as HELLO counted them.
-    for (index, ((slot, blob), flow)) in frozen.into_iter().zip(blobs).zip(flows).enumerate() {
+    for (index, ((slot, (blob, accepted_from)), flow)) in
+        frozen.into_iter().zip(blobs).zip(flows).enumerate()
+    {
         let id = index as ConnId;
         match slot.frozen {
             Ok(f) => {
@@ -319,6 +344,7 @@ fn attempt(
                 sock: slot.spare,
                 flow,
                 blob,
+                accepted_from,
                 index,
             },
         );
@@ -629,7 +655,13 @@ impl Driver<'_> {
         Some(
             conns
                 .into_values()
-                .filter_map(|c| c.sock.map(|sock| Outgoing { sock, blob: c.blob }))
+                .filter_map(|c| {
+                    c.sock.map(|sock| Outgoing {
+                        sock,
+                        blob: c.blob,
+                        accepted_from: c.accepted_from,
+                    })
+                })
                 .collect(),
         )
     }
@@ -752,7 +784,12 @@ impl Driver<'_> {
             return Err("the link to the agent is lost".into());
         }
         let f = self.frozen.get(&id).ok_or("not frozen")?;
-        let mut img = f.dump().map_err(|e| e.to_string())?;
+        let accepted_from = self.conns.get(&id).and_then(|c| c.accepted_from.as_deref());
+        let mut img = match accepted_from {
+            Some(from) => f.dump_accepted(from),
+            None => f.dump(),
+        }
+        .map_err(|e| e.to_string())?;
         if let Some(c) = self.conns.get_mut(&id) {
             img.app_blob = if self.unverified {
                 c.blob.clone()

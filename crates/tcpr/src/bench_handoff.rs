@@ -81,10 +81,10 @@ fn batch(
     let mut servers = Vec::with_capacity(n);
     for _ in 0..n {
         // Owned, not duplicated: 10,000 connections must fit the fd limit.
-        servers.push(tcpr_handoff::Outgoing {
-            sock: listener.accept()?.0.into(),
-            blob: vec![],
-        });
+        servers.push(tcpr_handoff::Outgoing::new(
+            listener.accept()?.0.into(),
+            vec![],
+        ));
     }
     drop(listener);
     let mut line = String::new();

@@ -522,10 +522,7 @@ pub fn migrate(m: MigrateArgs) -> Result<i32> {
     let picked = select(&m)?;
     let mut conns = Vec::with_capacity(picked.len());
     for (pid, fd) in picked {
-        conns.push(Outgoing {
-            sock: tcpr_engine::take_fd(pid, fd)?,
-            blob: vec![],
-        });
+        conns.push(Outgoing::new(tcpr_engine::take_fd(pid, fd)?, vec![]));
     }
     let total = conns.len() as u64;
     let bar = indicatif::ProgressBar::new(total);

@@ -138,10 +138,7 @@ impl Net {
     fn hand_off(&self, pairs: &[Pair], auth: &Auth) -> Report {
         let conns = pairs
             .iter()
-            .map(|p| Outgoing {
-                sock: p.server.try_clone().unwrap().into(),
-                blob: vec![],
-            })
+            .map(|p| Outgoing::new(p.server.try_clone().unwrap().into(), vec![]))
             .collect();
         let mut opts = MigrateOptions::new(self.agent_addr(), auth.clone());
         opts.switch = Switch::MoveAddress;

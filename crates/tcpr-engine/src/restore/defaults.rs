@@ -53,7 +53,7 @@ pub(super) fn of_fresh_socket(
             }
         }
     }
-    let options = Arc::new(crate::read_socket_options(fd, ipv6));
+    let options = Arc::new(crate::options::read(fd, ipv6));
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
     cache.retain(|e| !(e.netns_cookie == netns_cookie && e.ipv6 == ipv6));
     // A namespace gone stays until its entry is old: drop the old ones.

@@ -3,7 +3,7 @@
 //! the open file limit allows no second handle per connection.
 
 use std::os::fd::OwnedFd;
-use tcpr_engine::{freeze_many, FreezeOptions, Frozen};
+use tcpr_engine::{freeze_many_inspected, Flow, FreezeOptions, Frozen, IfFrozen};
 
 /// Open files kept free beyond what a batch needs.
 const FD_HEADROOM: u64 = 1024;
@@ -29,20 +29,22 @@ pub(super) struct FreezeSlot {
 /// chunks and the handle of each connection frozen is let go (the thawed
 /// duplicate goes back instead; a connection left unknown then stays
 /// frozen only in the handles held elsewhere). On error nothing is frozen
-/// and every handle comes back, in order.
+/// and every handle comes back, in order. `flows` are what
+/// `inspect_socket` found for `socks`, one each.
 pub(super) fn freeze_with_spares(
     socks: Vec<OwnedFd>,
+    flows: &[Flow],
     fo: &FreezeOptions,
 ) -> Result<Vec<FreezeSlot>, (crate::Error, Vec<OwnedFd>)> {
     let dups = match duplicate_all(&socks) {
         Ok(Duplicates::All(dups)) => dups,
         Ok(Duplicates::Room(room)) => {
             let chunk = room.saturating_sub(FD_HEADROOM as usize).max(FREEZE_CHUNK);
-            return freeze_in_chunks(socks, fo, chunk);
+            return freeze_in_chunks(socks, flows, fo, chunk);
         }
         Err(e) => return Err((e, socks)),
     };
-    match freeze_many(dups, fo) {
+    match freeze_many_inspected(dups, flows.to_vec(), fo, IfFrozen::Refuse) {
         Ok(frozen) => Ok(socks
             .into_iter()
             .zip(frozen)
@@ -100,6 +102,7 @@ fn duplicate_all(socks: &[OwnedFd]) -> Result<Duplicates, crate::Error> {
 /// connection: a chunk at a time, each chunk's handles let go once frozen.
 fn freeze_in_chunks(
     socks: Vec<OwnedFd>,
+    flows: &[Flow],
     fo: &FreezeOptions,
     chunk_len: usize,
 ) -> Result<Vec<FreezeSlot>, (crate::Error, Vec<OwnedFd>)> {
@@ -109,13 +112,15 @@ fn freeze_in_chunks(
     let total = socks.len();
     let mut slots: Vec<FreezeSlot> = Vec::with_capacity(total);
     let mut rest = socks.into_iter();
+    let mut chunk_flows = flows.chunks(chunk_len);
     loop {
         let chunk: Vec<OwnedFd> = rest.by_ref().take(chunk_len).collect();
         if chunk.is_empty() {
             return Ok(slots);
         }
+        let these = chunk_flows.next().unwrap_or_default().to_vec();
         let failed: crate::Error = match chunk.iter().map(|s| s.try_clone()).collect() {
-            Ok(dups) => match freeze_many(dups, fo) {
+            Ok(dups) => match freeze_many_inspected(dups, these, fo, IfFrozen::Refuse) {
                 Ok(frozen) => {
                     for (original, frozen) in chunk.into_iter().zip(frozen) {
                         let spare = match frozen {
