@@ -658,6 +658,7 @@ fn batch(
         sender_elsewhere,
         quiet: Default::default(),
         ahead: None,
+        delivered_copies: Vec::new(),
     }));
     let r = batch_loop(shared, ch, &sess, id);
     if r.is_err() {
@@ -959,5 +960,7 @@ fn drive(shared: &Shared, s: &mut Session, ch: &mut Channel) -> Result<(), WireE
         takeover::look_ahead(shared, s);
     }
     ch.flush()?;
+    // COMMITTED, if due, is out.
+    s.delivered_copies.clear();
     Ok(())
 }
