@@ -248,6 +248,14 @@ pub fn loads() -> Vec<Load> {
     };
     vec![
         small("small, new connections", "new", true),
+        // The same load with 4x the clients: how the rate grows with
+        // concurrency, where a handoff's latency (two round trips to the
+        // agent, and the server's acknowledgement of the passed fds)
+        // limits it less.
+        Load {
+            connections: SMALL_CLIENTS * MORE_CLIENTS,
+            ..small("small, new, 4x the connections", "new-4x", true)
+        },
         // The same load with each front held to a quarter of a core, which
         // is below what either front needs for the rate the rest of the
         // machine (clients, backends) can serve: the front is the
@@ -346,6 +354,12 @@ pub struct BalancePlan {
 /// wrk's connections for the small loads, unless told otherwise.
 pub const SMALL_CLIENTS: u32 = 32;
 
+/// The most connections wrk opens at once: HAProxy's `maxconn` here.
+pub const MAX_CLIENTS: u32 = 4000;
+
+/// How many times [`SMALL_CLIENTS`] the "4x the connections" load has.
+const MORE_CLIENTS: u32 = 4;
+
 impl BalancePlan {
     /// Steps [`measure`] reports through its `tick`.
     pub fn steps(&self) -> usize {
@@ -365,7 +379,7 @@ pub fn check_tools() -> Result<()> {
 
 /// The environment variable that narrows [`run`] to some loads and
 /// fronts, for profiling one of them: a comma-separated list of load
-/// shorts ("new", "k-a", "1 MiB", "100 MiB") and fronts ("haproxy",
+/// shorts ("new", "new-4x", "new-cap", "k-a", "1 MiB", "100 MiB") and fronts ("haproxy",
 /// "fwd", "fd"); a kind not named runs whole. Not a user's option.
 const ONLY_VAR: &str = "TCPR_BENCH_BALANCE_ONLY";
 
@@ -546,8 +560,9 @@ fn compare(
         .into_iter()
         .filter(|l| only.load(l))
         .map(|l| Load {
+            // The small loads' connections scale with the plan's.
             connections: if l.is_small() {
-                plan.clients
+                (l.connections / SMALL_CLIENTS * plan.clients).min(MAX_CLIENTS)
             } else {
                 l.connections
             },
@@ -652,7 +667,7 @@ fn haproxy_version() -> String {
 fn print(f: &BalanceFigures) {
     let or_nan = |s: &Samples| if s.len() > 0 { s.median() } else { f64::NAN };
     println!(
-        "{:<24} {:>11} {:>10} {:>6} {:>10} {:>6} {:>8} {:>8} {:>8}",
+        "{:<30} {:>11} {:>10} {:>6} {:>10} {:>6} {:>8} {:>8} {:>8}",
         "load",
         "haproxy r/s",
         "fwd r/s",
@@ -666,7 +681,7 @@ fn print(f: &BalanceFigures) {
     for r in &f.rows {
         let (h, t, d) = (&r.haproxy, &r.tcpr, &r.fd);
         println!(
-            "{:<24} {:>11.0} {:>10.0} {:>6.2} {:>10.0} {:>6.2} {:>8.2} {:>8.2} {:>8.2}",
+            "{:<30} {:>11.0} {:>10.0} {:>6.2} {:>10.0} {:>6.2} {:>8.2} {:>8.2} {:>8.2}",
             r.load.name,
             h.requests_per_sec.median(),
             t.front.requests_per_sec.median(),
@@ -699,7 +714,7 @@ fn print(f: &BalanceFigures) {
     }
     println!();
     println!(
-        "{:<24} {:>10} {:>10} {:>7} {:>10} {:>7} {:>10} {:>10} {:>10}",
+        "{:<30} {:>10} {:>10} {:>7} {:>10} {:>7} {:>10} {:>10} {:>10}",
         "load",
         "hap s/GiB",
         "fwd s/GiB",
@@ -713,7 +728,7 @@ fn print(f: &BalanceFigures) {
     for r in &f.rows {
         let (h, t, d) = (&r.haproxy, &r.tcpr, &r.fd);
         println!(
-            "{:<24} {:>10.3} {:>10.3} {:>7.3} {:>10.3} {:>7.3} {:>10.3} {:>10.3} {:>10.3}",
+            "{:<30} {:>10.3} {:>10.3} {:>7.3} {:>10.3} {:>7.3} {:>10.3} {:>10.3} {:>10.3}",
             r.load.name,
             or_nan(&h.cpu_per_gib),
             or_nan(&t.front.cpu_per_gib),
@@ -728,14 +743,14 @@ fn print(f: &BalanceFigures) {
     println!("(the front process's CPU: seconds per GiB, ratio over haproxy's, lower is better; ms per request)");
     println!();
     println!(
-        "{:<28} {:>10} {:>10} {:>10} {:>9} {:>14}",
+        "{:<36} {:>10} {:>10} {:>10} {:>9} {:>14}",
         "tcpr balance", "requests", "handoffs", "fallbacks", "proxied", "mean handoff"
     );
     for r in &f.rows {
         for (which, t) in [("fwd", &r.tcpr), ("fd", &r.fd)] {
             let s = &t.served;
             println!(
-                "{:<28} {:>10.0} {:>10.0} {:>10.0} {:>9.0} {:>11.2} ms",
+                "{:<36} {:>10.0} {:>10.0} {:>10.0} {:>9.0} {:>11.2} ms",
                 format!("{}, {which}", r.load.name),
                 t.requests,
                 s.handoffs,
@@ -751,7 +766,7 @@ fn print(f: &BalanceFigures) {
 fn haproxy_config(lab: &BalanceLab) -> String {
     let v4 = Family::V4;
     format!(
-        "global\n  maxconn 4000\n\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n\
+        "global\n  maxconn {MAX_CLIENTS}\n\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n\
          frontend web\n  bind {vip}:{HAPROXY_PORT}\n  acl a hdr(host) -i a.example\n  acl b hdr(host) -i b.example\n  use_backend p0 if a\n  use_backend p1 if b\n\n\
          backend p0\n  server s0 {s0}\n\nbackend p1\n  server s1 {s1}\n",
         vip = lab.vip(v4),

@@ -270,9 +270,11 @@ enum Cmd {
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=3600))]
         seconds: u32,
         /// wrk's connections for the small-response loads (2, wrk's
-        /// threads, to 4000, HAProxy's maxconn here; the large ones use 4).
+        /// threads, to 4000, HAProxy's maxconn here; the "4x the
+        /// connections" load has 4x as many, up to 4000; the large ones
+        /// use 4).
         #[arg(long, default_value_t = bench_balance::SMALL_CLIENTS,
-              value_parser = clap::value_parser!(u32).range(2..=4000))]
+              value_parser = clap::value_parser!(u32).range(2..=bench_balance::MAX_CLIENTS as i64))]
         clients: u32,
     },
     /// The client side of `tcpr bench` (run by it).

@@ -216,6 +216,24 @@ fn rate_note(
     )
 }
 
+/// How many connections the small loads keep busy: "32 connections", or
+/// "32 connections (128 in *small, new, 4x the connections*)".
+fn small_connections(b: &BalanceFigures) -> String {
+    let mut small = b.rows.iter().map(|r| &r.load).filter(|l| l.is_small());
+    let Some(first) = small.next() else {
+        return "no small load".into();
+    };
+    let others: Vec<String> = small
+        .filter(|l| l.connections != first.connections)
+        .map(|l| format!("{} in *{}*", l.connections, l.name))
+        .collect();
+    if others.is_empty() {
+        format!("{} connections", first.connections)
+    } else {
+        format!("{} connections ({})", first.connections, others.join(", "))
+    }
+}
+
 /// The report's section.
 pub(super) fn section(w: &mut String, b: &BalanceFigures, plot: &Path) {
     let _ = writeln!(w, "## Balancer vs HAProxy\n");
@@ -232,7 +250,7 @@ pub(super) fn section(w: &mut String, b: &BalanceFigures, plot: &Path) {
          (fd), all running throughout, so each load runs against the three back to back \
          (each first in turn), same wrk (2 threads, {} s per run, `--latency`). Small \
          responses (a few bytes) over new connections (`Connection: close`) and over \
-         keep-alive, 32 connections; 1 MiB and 100 MiB responses, 4 connections, each a new \
+         keep-alive, {}; 1 MiB and 100 MiB responses, 4 connections, each a new \
          connection. *front CPU* is the front process's user + system time from \
          /proc/PID/stat (10 ms ticks; softirq work for the front's interface is not \
          attributed to a process and not counted), per GiB wrk read (responses still in \
@@ -243,6 +261,7 @@ pub(super) fn section(w: &mut String, b: &BalanceFigures, plot: &Path) {
             .next()
             .unwrap_or(&b.haproxy_version),
         b.seconds,
+        small_connections(b),
         runs_said(b),
     );
     for r in b.rows.iter().filter(|r| r.haproxy.cap_use.len() > 0) {
@@ -381,6 +400,7 @@ pub(super) mod tests {
         let nan = [f64::NAN; 3];
         let per_load = [
             ([10_000.0; 3], [2_500.0, 2_800.0, 3_000.0], nan, nan),
+            ([11_000.0; 3], [5_500.0; 3], nan, nan),
             ([4_000.0; 3], [3_000.0; 3], nan, nan),
             ([40_000.0; 3], [48_000.0; 3], nan, nan),
             ([400.0; 3], [500.0; 3], [2.0; 3], [0.5; 3]),
@@ -445,26 +465,29 @@ pub(super) mod tests {
         let mut w = String::new();
         goal_rows(&mut w, &figures());
         let rows: Vec<&str> = w.lines().collect();
-        assert_eq!(rows.len(), 8);
+        assert_eq!(rows.len(), 10);
         assert!(rows[0].contains("requests/s not below HAProxy's, small, new connections"));
         assert!(rows[0].ends_with("| 0.28x (2800 vs 10000 r/s) | not met |"));
-        assert!(rows[1].contains("requests/s not below HAProxy's, small, new, front capped"));
-        assert!(rows[1].ends_with("| 0.75x (3000 vs 4000 r/s) | not met |"));
-        assert!(rows[2].ends_with("| 1.20x (48000 vs 40000 r/s) | met |"));
-        assert!(rows[3].contains("front CPU per GiB ≤ 1/10 of HAProxy's, 1 MiB responses"));
-        assert!(rows[3].ends_with("| 0.250x (0.500 vs 2.000 s/GiB) | not met |"));
-        assert!(rows[4].ends_with("| 0.010x (0.015 vs 1.500 s/GiB) | met |"));
+        assert!(rows[1].contains("requests/s not below HAProxy's, small, new, 4x the connections"));
+        assert!(rows[1].ends_with("| 0.50x (5500 vs 11000 r/s) | not met |"));
+        assert!(rows[2].contains("requests/s not below HAProxy's, small, new, front capped"));
+        assert!(rows[2].ends_with("| 0.75x (3000 vs 4000 r/s) | not met |"));
+        assert!(rows[3].ends_with("| 1.20x (48000 vs 40000 r/s) | met |"));
+        assert!(rows[4].contains("front CPU per GiB ≤ 1/10 of HAProxy's, 1 MiB responses"));
+        assert!(rows[4].ends_with("| 0.250x (0.500 vs 2.000 s/GiB) | not met |"));
+        assert!(rows[5].ends_with("| 0.010x (0.015 vs 1.500 s/GiB) | met |"));
         // The fd-taking backends' rates, small loads only.
-        assert!(rows[5].contains("fd-taking backends (`agent --unix`): requests/s not below HAProxy's, small, new connections"));
-        assert!(rows[5].ends_with("| 0.42x (4200 vs 10000 r/s) | not met |"));
-        assert!(rows[6].ends_with("| 1.12x (4500 vs 4000 r/s) | met |"));
-        assert!(rows[7].ends_with("| 1.80x (72000 vs 40000 r/s) | met |"));
+        assert!(rows[6].contains("fd-taking backends (`agent --unix`): requests/s not below HAProxy's, small, new connections"));
+        assert!(rows[6].ends_with("| 0.42x (4200 vs 10000 r/s) | not met |"));
+        assert!(rows[7].ends_with("| 0.75x (8250 vs 11000 r/s) | not met |"));
+        assert!(rows[8].ends_with("| 1.12x (4500 vs 4000 r/s) | met |"));
+        assert!(rows[9].ends_with("| 1.80x (72000 vs 40000 r/s) | met |"));
     }
 
     #[test]
     fn notes_are_for_goals_not_met_and_computed_from_the_figures() {
         let notes = why_not(&figures(), 2);
-        assert_eq!(notes.len(), 4, "{notes:#?}");
+        assert_eq!(notes.len(), 6, "{notes:#?}");
         // 32 connections busy at 2800 requests/s: 11.43 ms a request; at
         // 0.5 ms of CPU each, 1.4 cores.
         assert!(notes[0].starts_with(
@@ -484,12 +507,21 @@ pub(super) mod tests {
             "{fd}"
         );
         assert!(fd.contains("7.62 ms through tcpr against 3.20 ms through HAProxy"));
+        // 128 connections busy at 5500 requests/s: 23.27 ms a request.
+        assert!(notes[2].starts_with("small, new, 4x the connections: tcpr (agents --forward"));
+        assert!(
+            notes[2].contains("wrk keeps 128 connections busy"),
+            "{}",
+            notes[2]
+        );
+        assert!(notes[2].contains("23.27 ms through tcpr against 11.64 ms through HAProxy"));
+        assert!(notes[3].contains("(agents --unix to fd-taking servers) serves 8250"));
         // The capped row's note says the cap was the limit.
-        assert!(notes[2].starts_with("small, new, front capped: tcpr (agents --forward"));
-        assert!(notes[2].contains("held to 0.25 of a core"), "{}", notes[2]);
-        assert!(notes[2].contains("0.500 ms a request against HAProxy's 0.100"));
-        assert!(notes[2].contains("used 0.990 (0.990–0.990) and 0.990"));
-        let notes = &notes[1..];
+        assert!(notes[4].starts_with("small, new, front capped: tcpr (agents --forward"));
+        assert!(notes[4].contains("held to 0.25 of a core"), "{}", notes[4]);
+        assert!(notes[4].contains("0.500 ms a request against HAProxy's 0.100"));
+        assert!(notes[4].contains("used 0.990 (0.990–0.990) and 0.990"));
+        let notes = &notes[3..];
         assert!(notes[2].starts_with("1 MiB responses: tcpr's front spends 0.500 s"));
         // 0.5 s/GiB at 1 MiB a response is 0.49 ms each; a tenth of
         // HAProxy's 2 s/GiB from 0.49 ms / 0.2 s per GiB = 2.5 MiB.
@@ -503,6 +535,9 @@ pub(super) mod tests {
         section(&mut w, &figures(), Path::new("balancer.png"));
         assert!(w.contains("HAProxy version 2.6.12-1+deb12u4 2026/10/17 (Debian package)"));
         assert!(w.contains("median (min–max) of 3 runs"));
+        assert!(w.contains(
+            "keep-alive, 32 connections (128 in *small, new, 4x the connections*); 1 MiB"
+        ));
         assert!(w.contains(
             "| small, new connections | 10000 (10000–10000) | 2800 (2500–3000) | 0.28 (0.25–0.30)x | 4200 (3750–4500) | 0.42 (0.38–0.45)x | 3.0 (2.0–4.0) | 3.0 (2.0–4.0) | 3.0 (2.0–4.0) | 0.100 (0.100–0.100) | 0.500 (0.500–0.500) | 0.250 (0.250–0.250) |"
         ));
