@@ -624,11 +624,6 @@ fn refuse(mut stream: TcpStream, protocol: Protocol, status: u16, alert: u8) {
     let _ = stream.shutdown(Shutdown::Write);
 }
 
-/// One accepted connection: peek (unless its `head` was read already),
-/// decide, hand off or proxy. Once the head is in, nothing here waits:
-/// a handoff is queued for its agent's batch, a fallback proxies on a
-/// thread of its own, a refusal writes a few bytes to a new connection's
-/// empty send buffer.
 /// A connection as its listener accepted it.
 struct Accepted {
     stream: TcpStream,
@@ -639,6 +634,11 @@ struct Accepted {
     from: Option<Arc<ListenerOptions>>,
 }
 
+/// One accepted connection: peek (unless its `head` was read already),
+/// decide, hand off or proxy. Once the head is in, nothing here waits:
+/// a handoff is queued for its agent's batch, a fallback proxies on a
+/// thread of its own, a refusal writes a few bytes to a new connection's
+/// empty send buffer.
 fn serve(shared: &Arc<Shared>, accepted: Accepted, busy: Busy, head: Option<Head>) {
     let Accepted {
         stream,
@@ -854,14 +854,9 @@ fn hand_off_batch(shared: &Arc<Shared>, agent: SocketAddr, batch: Vec<Job>) {
     let (conns, rest): (Vec<_>, Vec<_>) = batch
         .into_iter()
         .map(|j| {
-            (
-                Outgoing {
-                    sock: j.stream.into(),
-                    blob: Vec::new(),
-                    accepted_from: j.accepted_from,
-                },
-                (j.pool, j.member, j.decided, j.busy),
-            )
+            let mut out = Outgoing::new(j.stream.into(), Vec::new());
+            out.accepted_from = j.accepted_from;
+            (out, (j.pool, j.member, j.decided, j.busy))
         })
         .unzip();
     let results = match tcpr_handoff::hand_off_outgoing(conns, &opts) {

@@ -210,9 +210,12 @@ pub fn freeze_many_with(
     freeze_many_inspected(socks, flows, opts, if_frozen)
 }
 
-/// [`freeze_many_with`] of sockets the caller has just checked with
+/// [`freeze_many_with`] of sockets the caller checked with
 /// [`inspect_socket`], which gave `flows`, one per socket in order: the
-/// check is not made twice (four system calls per socket).
+/// check is not made twice (four system calls per socket). The flows are
+/// trusted: they are what the lock locks. A connection that ended since
+/// its check is frozen all the same (repair mode takes a closed socket)
+/// and refused alone by its dump, which reads the state again.
 pub fn freeze_many_inspected(
     socks: Vec<OwnedFd>,
     flows: Vec<Flow>,
@@ -334,9 +337,9 @@ impl Frozen {
     }
 
     /// [`Frozen::dump`] of a connection accepted from the listener whose
-    /// options `from` holds, and whose options were not changed since the
+    /// options `from` holds, and whose options nothing changed since the
     /// accept: the options every accepted connection inherits are taken
-    /// from `from` instead of read again (eight system calls fewer).
+    /// from `from` instead of read again (five system calls fewer).
     pub fn dump_accepted(&self, from: &ListenerOptions) -> Result<ConnectionImage, Error> {
         dump_fd(self.fd(), self.flow, Some(from))
     }

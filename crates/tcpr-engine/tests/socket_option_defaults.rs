@@ -439,8 +439,8 @@ fn both_dumps(
 /// defaults, with every option set on the listener (the kernel copies
 /// them into the connection), and where the connection's own differ from
 /// the listener's without anyone setting them: the TOS reflected from the
-/// client's SYN (`tcp_reflect_tos`), a congestion control whose default
-/// changed after the listener was read.
+/// client's SYN (`tcp_reflect_tos`), a congestion control and keepalive
+/// settings whose defaults changed after the listener was read.
 #[test]
 fn an_accepted_connection_dumps_as_a_full_read_does() {
     in_private_netns(|| {
@@ -474,6 +474,15 @@ fn an_accepted_connection_dumps_as_a_full_read_does() {
         );
         let was = reported(&s0);
         sysctl("/proc/sys/net/ipv4/tcp_reflect_tos", "1");
+        sysctl(KEEPALIVE_TIME, &(was.keepidle + 11).to_string());
+        sysctl(
+            "/proc/sys/net/ipv4/tcp_keepalive_intvl",
+            &(was.keepintvl + 3).to_string(),
+        );
+        sysctl(
+            "/proc/sys/net/ipv4/tcp_keepalive_probes",
+            &(was.keepcnt + 2).to_string(),
+        );
         sysctl(
             "/proc/sys/net/ipv4/tcp_congestion_control",
             &other_congestion(&was.congestion),
@@ -483,6 +492,11 @@ fn an_accepted_connection_dumps_as_a_full_read_does() {
         let now = reported(&s);
         assert_ne!(now.tos, was.tos, "the SYN's TOS was not reflected");
         assert_ne!(now.congestion, was.congestion, "the new default not taken");
+        assert_eq!(
+            (now.keepidle, now.keepintvl, now.keepcnt),
+            (was.keepidle + 11, was.keepintvl + 3, was.keepcnt + 2),
+            "the keepalive settings follow the sysctls"
+        );
         let frozen = freeze(s.into(), &no_lock()).unwrap();
         let (full, accepted) = (frozen.dump().unwrap(), frozen.dump_accepted(&from).unwrap());
         assert_eq!(accepted.socket_options, full.socket_options);
@@ -526,17 +540,15 @@ fn listener_options_refuse_what_is_not_a_tcp_listener() {
         let (_client, server) = pair("127.0.0.1:0");
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let (read_end, _write_end) = std::io::pipe().unwrap();
-        for fd in [server.as_fd(), udp.as_fd(), read_end.as_fd()] {
-            let e = tcpr_engine::ListenerOptions::read(fd).unwrap_err();
-            assert!(
-                matches!(
-                    &e,
-                    tcpr_engine::Error::NotTcp(_) | tcpr_engine::Error::Kernel { .. }
-                ),
-                "{e:?}"
-            );
-            if let tcpr_engine::Error::NotTcp(why) = &e {
-                assert!(why.contains("not a listening TCP socket"), "{why}");
+        let cases = [
+            (server.as_fd(), "not a listening TCP socket"),
+            (udp.as_fd(), "not a listening TCP socket"),
+            (read_end.as_fd(), "not a socket"),
+        ];
+        for (fd, why) in cases {
+            match tcpr_engine::ListenerOptions::read(fd) {
+                Err(tcpr_engine::Error::NotTcp(said)) => assert!(said.contains(why), "{said}"),
+                other => panic!("{why}: {other:?}"),
             }
         }
     });

@@ -661,11 +661,15 @@ fn batch(
         delivered_copies: Vec::new(),
     }));
     let r = batch_loop(shared, ch, &sess, id);
+    let mut s = lock(&sess);
+    // Whatever became of COMMITTED: the session may stay to answer a
+    // later query, its copies must not.
+    s.delivered_copies.clear();
     if r.is_err() {
-        let mut s = lock(&sess);
         s.m.handle_link_lost();
         run_discards(shared, &mut s);
     }
+    drop(s);
     r
 }
 

@@ -23,8 +23,10 @@ use freeze::freeze_with_spares;
 pub use report::{Moved, Progress, Refused, Report, RolledBack, Timings, Unknown};
 pub use switch::{Switch, SwitchError, TrafficHook};
 
-/// One connection to move, with its application state.
+/// One connection to move, with its application state
+/// ([`Outgoing::new`]).
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct Outgoing {
     /// The socket. The handoff freezes a duplicate of it, so this one can
     /// be the application's only handle: it is given back in the
@@ -164,6 +166,13 @@ struct Driver<'a> {
     unfrozen: BTreeMap<ConnId, String>,
 }
 
+/// What travels with a connection besides its socket, kept apart while
+/// the sockets are frozen.
+struct Carried {
+    blob: Vec<u8>,
+    accepted_from: Option<Arc<ListenerOptions>>,
+}
+
 /// How one run of a batch ended.
 enum Attempt {
     Done(Report),
@@ -273,9 +282,15 @@ fn attempt(
     let channel_up = Instant::now();
     report.timings.connect = channel_up - started;
     tracing::debug!(us = started.elapsed().as_micros(), "channel up");
-    let (socks, blobs): (Vec<OwnedFd>, Vec<_>) = conns
+    let (socks, carried): (Vec<OwnedFd>, Vec<Carried>) = conns
         .into_iter()
-        .map(|c| (c.sock, (c.blob, c.accepted_from)))
+        .map(|c| {
+            let carried = Carried {
+                blob: c.blob,
+                accepted_from: c.accepted_from,
+            };
+            (c.sock, carried)
+        })
         .unzip();
     let fo = FreezeOptions {
         lock: true,
@@ -292,11 +307,11 @@ fn attempt(
             channel::close(ch);
             let conns = socks
                 .into_iter()
-                .zip(blobs)
-                .map(|(sock, (blob, accepted_from))| Outgoing {
+                .zip(carried)
+                .map(|(sock, c)| Outgoing {
                     sock,
-                    blob,
-                    accepted_from,
+                    blob: c.blob,
+                    accepted_from: c.accepted_from,
                 })
                 .collect();
             return Err(Refused { error, conns });
@@ -326,9 +341,7 @@ fn attempt(
         },
     };
     // Ids in input order, as HELLO counted them.
-    for (index, ((slot, (blob, accepted_from)), flow)) in
-        frozen.into_iter().zip(blobs).zip(flows).enumerate()
-    {
+    for (index, ((slot, c), flow)) in frozen.into_iter().zip(carried).zip(flows).enumerate() {
         let id = index as ConnId;
         match slot.frozen {
             Ok(f) => {
@@ -343,8 +356,8 @@ fn attempt(
             Conn {
                 sock: slot.spare,
                 flow,
-                blob,
-                accepted_from,
+                blob: c.blob,
+                accepted_from: c.accepted_from,
                 index,
             },
         );

@@ -18,6 +18,12 @@ use tcpr_engine::lock::Releaser;
 use tcpr_engine::{Flow, FlowLock, Restored};
 use tcpr_image::ConnectionImage;
 
+/// The most copies of delivered connections a batch closes after its
+/// COMMITTED ([`Session::delivered_copies`]): a balancer's batches
+/// (tens), not a migration's thousands, whose FINs would wait for the
+/// whole batch.
+const DEFERRED_CLOSES: usize = 64;
+
 pub(super) struct Session {
     pub(super) m: machine::Agent,
     pub(super) images: HashMap<ConnId, Result<ConnectionImage, String>>,
@@ -55,11 +61,12 @@ pub(super) struct Session {
     /// What taking the HELLO's address needs looked up (see
     /// [`look_ahead`]), once tried.
     pub(super) ahead: Option<Option<Ahead>>,
-    /// This agent's copies of connections its receiver acknowledged: they
-    /// close once COMMITTED is out, not before. The close of the last copy
-    /// of a connection the application has answered and closed already
-    /// sends its FIN, with the client's side of it run on this thread
-    /// (~10 µs each on a veth pair): work the sender need not wait for.
+    /// This agent's copies of connections its receiver acknowledged in
+    /// batch messages: up to [`DEFERRED_CLOSES`] close once COMMITTED is
+    /// out, not before. The close of the last copy of a connection the
+    /// application has answered and closed already sends its FIN, with
+    /// the client's side of it run on this thread (~10 µs each on a veth
+    /// pair): work the sender need not wait for.
     pub(super) delivered_copies: Vec<OwnedFd>,
 }
 
@@ -895,9 +902,14 @@ impl UnixBatches {
                 delivered(shared, s, &ids);
                 out.extend(ids.into_iter().map(|id| (id, Ok(()))));
                 // The receiver holds each connection: our copies close
-                // once COMMITTED is out.
-                s.delivered_copies
-                    .extend(conns.into_iter().map(|(_, fd)| fd));
+                // once COMMITTED is out, or now beyond a large batch's
+                // first few (its clients' FINs would wait for the rest).
+                if s.delivered_copies.len() + conns.len() > DEFERRED_CLOSES {
+                    drop(conns);
+                } else {
+                    s.delivered_copies
+                        .extend(conns.into_iter().map(|(_, fd)| fd));
+                }
             }
             Err(why) => {
                 self.broken = Some(why.clone());

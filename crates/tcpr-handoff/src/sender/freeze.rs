@@ -36,6 +36,14 @@ pub(super) fn freeze_with_spares(
     flows: &[Flow],
     fo: &FreezeOptions,
 ) -> Result<Vec<FreezeSlot>, (crate::Error, Vec<OwnedFd>)> {
+    if flows.len() != socks.len() {
+        let e = tcpr_engine::Error::Inconsistent(format!(
+            "{} sockets to freeze but {} flows",
+            socks.len(),
+            flows.len()
+        ));
+        return Err((e.into(), socks));
+    }
     let dups = match duplicate_all(&socks) {
         Ok(Duplicates::All(dups)) => dups,
         Ok(Duplicates::Room(room)) => {
@@ -118,7 +126,8 @@ fn freeze_in_chunks(
         if chunk.is_empty() {
             return Ok(slots);
         }
-        let these = chunk_flows.next().unwrap_or_default().to_vec();
+        // As many flows as sockets (checked above).
+        let these = chunk_flows.next().map(<[Flow]>::to_vec).unwrap_or_default();
         let failed: crate::Error = match chunk.iter().map(|s| s.try_clone()).collect() {
             Ok(dups) => match freeze_many_inspected(dups, these, fo, IfFrozen::Refuse) {
                 Ok(frozen) => {
