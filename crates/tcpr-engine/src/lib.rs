@@ -88,14 +88,7 @@ pub fn inspect_socket(fd: BorrowedFd<'_>) -> Result<(Flow, u8), Error> {
     // families whose protocol number can be 6 (netlink's NETLINK_XFRM,
     // packet sockets, CAN's ISO-TP). The address read next is checked to be
     // IPv4 or IPv6 as well.
-    let proto = sys::socket_protocol(fd).map_err(|e| {
-        if e.raw_os_error() == Some(libc::ENOTSOCK) {
-            Error::NotTcp("the file descriptor is not a socket".into())
-        } else {
-            Error::kernel("read the socket type", e)
-        }
-    })?;
-    if proto != libc::IPPROTO_TCP {
+    if protocol(fd)? != libc::IPPROTO_TCP {
         return Err(not_tcp(fd));
     }
     let info = sys::tcp_info(fd).map_err(|e| match sys::socket_kind(fd) {
@@ -110,6 +103,18 @@ pub fn inspect_socket(fd: BorrowedFd<'_>) -> Result<(Flow, u8), Error> {
     let local = sys::local_addr(fd).map_err(|e| Error::kernel("read the local address", e))?;
     let peer = sys::peer_addr(fd).map_err(|e| Error::kernel("read the peer address", e))?;
     Ok((Flow { local, peer }, info.state))
+}
+
+/// The socket's protocol (`SO_PROTOCOL`); a file that is not a socket is
+/// refused as not TCP.
+pub(crate) fn protocol(fd: BorrowedFd<'_>) -> Result<i32, Error> {
+    sys::socket_protocol(fd).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ENOTSOCK) {
+            Error::NotTcp("the file descriptor is not a socket".into())
+        } else {
+            Error::kernel("read the socket type", e)
+        }
+    })
 }
 
 /// `(SO_TYPE, SO_DOMAIN, SO_PROTOCOL)` of a TCP socket.

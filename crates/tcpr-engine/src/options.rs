@@ -113,13 +113,7 @@ impl ListenerOptions {
     /// Reads the options of `listener`, a listening TCP socket. Read them
     /// again after changing any of the listener's options.
     pub fn read(listener: BorrowedFd<'_>) -> Result<ListenerOptions, Error> {
-        let proto = sys::socket_protocol(listener).map_err(|e| {
-            if e.raw_os_error() == Some(libc::ENOTSOCK) {
-                Error::NotTcp("the file descriptor is not a socket".into())
-            } else {
-                Error::kernel("read the socket type", e)
-            }
-        })?;
+        let proto = crate::protocol(listener)?;
         let listening = sys::get_int(listener, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)
             .map_err(|e| Error::kernel("read SO_ACCEPTCONN", e))?;
         if proto != libc::IPPROTO_TCP || listening == 0 {
