@@ -388,9 +388,21 @@ fn download(
     close: &str,
 ) -> serde_json::Value {
     let out = handed_off_client(net, client, sport, (vip, backend), n, close);
+    downloaded(out, server, n, "the download")
+}
+
+/// Checks a finished download (`out`, the client's output) of `n` bytes
+/// from `server` (`what` names it in a failure): the client succeeded
+/// and got every byte the server sent, in order. What the server printed.
+fn downloaded(
+    out: std::process::Output,
+    server: std::process::Child,
+    n: u64,
+    what: &str,
+) -> serde_json::Value {
     assert!(
         out.status.success(),
-        "{}",
+        "{what}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let got = json_line(&out.stdout);
@@ -583,15 +595,7 @@ fn reused_tuple_reaches_the_front(kind: Kind, v6: bool) {
         } else {
             net.client(client, sport, vip, N, "fin").output().unwrap()
         };
-        assert!(
-            out.status.success(),
-            "the download from the {from}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let got = json_line(&out.stdout);
-        let sent = json_line(&server.wait_with_output().unwrap().stdout);
-        assert_eq!(got["got"], N);
-        assert_eq!(got["sha256"], sent["sha256"], "every byte, in order");
+        let sent = downloaded(out, server, N, &format!("the download from the {from}"));
         assert_eq!(sent["peer"], client);
         assert_eq!(sent["peer_port"], sport);
     };
