@@ -344,7 +344,7 @@ impl Frozen {
     /// [`Frozen::dump`] of a connection accepted from the listener whose
     /// options `from` holds, and whose options nothing changed since the
     /// accept: the options every accepted connection inherits are taken
-    /// from `from` instead of read again (five system calls fewer).
+    /// from `from` instead of read again (six system calls fewer).
     pub fn dump_accepted(&self, from: &ListenerOptions) -> Result<ConnectionImage, Error> {
         dump_fd(self.fd(), self.flow, Some(from))
     }

@@ -26,6 +26,7 @@ fn inherited(fd: BorrowedFd<'_>) -> SocketOptions {
             .ok()
             .filter(|l| l.l_onoff != 0)
             .map(|l| l.l_linger as u32),
+        buf_lock: u32_opt(fd, libc::SOL_SOCKET, sys::SO_BUF_LOCK),
         ..SocketOptions::default()
     }
 }
@@ -38,6 +39,7 @@ fn with_inherited(from: &SocketOptions, own: SocketOptions) -> SocketOptions {
         user_timeout_ms: from.user_timeout_ms,
         notsent_lowat: from.notsent_lowat,
         linger_secs: from.linger_secs,
+        buf_lock: from.buf_lock,
         ..own
     }
 }
@@ -95,11 +97,11 @@ fn bool_opt(fd: BorrowedFd<'_>, level: i32, name: i32) -> Option<bool> {
 /// ([`ListenerOptions::read`]). The kernel copies a listening socket into
 /// each connection it accepts (`sk_clone_lock`), options included, so for
 /// a connection whose options nothing changed since its accept,
-/// [`Frozen::dump_accepted`](crate::Frozen::dump_accepted) takes five of
+/// [`Frozen::dump_accepted`](crate::Frozen::dump_accepted) takes six of
 /// them from here (`TCP_NODELAY`, `SO_KEEPALIVE`, `TCP_USER_TIMEOUT`,
-/// `TCP_NOTSENT_LOWAT`, `SO_LINGER`) and reads only those that can differ
-/// per connection: five `getsockopt` calls fewer per dump, for a server
-/// that dumps every connection it accepts.
+/// `TCP_NOTSENT_LOWAT`, `SO_LINGER`, `SO_BUF_LOCK`) and reads only those
+/// that can differ per connection: six `getsockopt` calls fewer per dump,
+/// for a server that dumps every connection it accepts.
 ///
 /// "Nothing changed" includes the application after the accept and a BPF
 /// `sock_ops` program that sets options on new connections.

@@ -47,6 +47,9 @@ pub struct Restored {
     fin_after_unsent: bool,
     /// Applied after the unsent data is queued (it gates sendmsg).
     notsent_lowat: Option<u32>,
+    /// The original's `SO_BUF_LOCK`, applied again after the unsent data
+    /// is queued (growing the buffer for it locks it).
+    buf_lock: Option<u32>,
     /// The peer's FIN must be delivered to the socket (forged) on resume.
     peer_fin: Option<PendingPeerFin>,
     /// How long resume waits for room for the unsent data.
@@ -92,6 +95,19 @@ fn kernel_error(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::kernel(what, e)
 }
 
+/// Sets which buffer sizes are fixed (`SO_BUF_LOCK`) to `lock`. A kernel
+/// older than 5.14 has no such option: there the sizes tcpr set stay
+/// fixed, as they always were before the image carried the lock.
+fn set_buf_lock(fd: BorrowedFd<'_>, lock: u32) -> Result<(), Error> {
+    match sys::set_int(fd, libc::SOL_SOCKET, sys::SO_BUF_LOCK, lock as i32) {
+        Err(e) if sys::raw_os_error(&e) == Some(libc::ENOPROTOOPT) => {
+            tracing::debug!("SO_BUF_LOCK unknown to this kernel: buffer sizes stay fixed");
+            Ok(())
+        }
+        r => r.map_err(kernel_error("set SO_BUF_LOCK")),
+    }
+}
+
 /// Builds a socket from `img`, in repair mode. Works while the local address
 /// is not (yet) assigned on this host (`IP_TRANSPARENT`). On error the new
 /// socket is closed silently and nothing else changed.
@@ -127,6 +143,7 @@ pub fn restore(img: &ConnectionImage) -> Result<Restored, Error> {
         unsent: img.send_queue.unsent.clone(),
         fin_after_unsent: false,
         notsent_lowat,
+        buf_lock: img.socket_options.buf_lock,
         peer_fin: None,
         unsent_timeout: UNSENT_TIMEOUT,
         local_lock: LocalLock::MayBeHeld,
@@ -211,16 +228,13 @@ impl Restored {
         let send_want = (so.sndbuf.unwrap_or(0) as usize).max(room_for(send_len));
         // A new socket's buffers are its namespace's defaults: no need to
         // read them again.
-        match defaults.and_then(|d| d.rcvbuf.zip(d.sndbuf)) {
+        let raised = match defaults.and_then(|d| d.rcvbuf.zip(d.sndbuf)) {
             Some((rcvbuf, sndbuf)) => {
-                Buf::Recv.raise(fd, recv_want, rcvbuf as usize);
-                Buf::Send.raise(fd, send_want, sndbuf as usize);
+                Buf::Recv.raise(fd, recv_want, rcvbuf as usize)
+                    | Buf::Send.raise(fd, send_want, sndbuf as usize)
             }
-            None => {
-                Buf::Recv.ensure(fd, recv_want);
-                Buf::Send.ensure(fd, send_want);
-            }
-        }
+            None => Buf::Recv.ensure(fd, recv_want) | Buf::Send.ensure(fd, send_want),
+        };
         // Sequence numbers are accepted only in CLOSE, so before connect.
         let recv_start = img.recv_seq.back(img.recv_queue.len() as u32);
         let send_start = img.send_seq.back(img.send_queue.len() as u32);
@@ -320,6 +334,13 @@ impl Restored {
         }
         sys::set_repair_window(fd, w).map_err(kernel_error("set TCP_REPAIR_WINDOW"))?;
         apply_socket_options(fd, so, defaults, img.local.is_ipv6())?;
+        // Sizing a buffer (above, or when a queue did not fit) locked it;
+        // the original's lock is put back, so a buffer the kernel was
+        // autotuning is autotuned again from the size it had reached.
+        let queued = !img.recv_queue.is_empty() || !img.send_queue.sent.is_empty();
+        if let Some(lock) = so.buf_lock.filter(|&l| l != 0 || raised || queued) {
+            set_buf_lock(fd, lock)?;
+        }
         Ok(())
     }
 
@@ -382,6 +403,10 @@ impl Restored {
                 waited: self.unsent_timeout,
             },
         })?;
+        // Queuing them may have grown (so locked) the send buffer.
+        if let Some(lock) = self.buf_lock.filter(|_| !self.unsent.is_empty()) {
+            set_buf_lock(fd, lock)?;
+        }
         // TCP_NOTSENT_LOWAT gates sendmsg on the unsent bytes, so it is
         // set only once they are queued.
         if let Some(v) = self.notsent_lowat {

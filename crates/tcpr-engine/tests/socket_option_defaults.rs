@@ -34,7 +34,12 @@ struct Reported {
     congestion: String,
     rcvbuf: i32,
     sndbuf: i32,
+    buf_lock: i32,
 }
+
+/// `SO_BUF_LOCK` (asm-generic/socket.h, Linux 5.14+): which buffer sizes
+/// were set, and so are not autotuned (1: send, 2: receive).
+const SO_BUF_LOCK: i32 = 72;
 
 fn get_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> i32 {
     let mut v: i32 = 0;
@@ -168,16 +173,14 @@ fn reported(s: &TcpStream) -> Reported {
         congestion: congestion(fd),
         rcvbuf: sock(libc::SO_RCVBUF),
         sndbuf: sock(libc::SO_SNDBUF),
+        buf_lock: sock(SO_BUF_LOCK),
     }
 }
 
 /// Moves the server end to a new socket (freeze, dump, discard, restore,
 /// resume) and checks that the pair still carries a byte each way.
 fn move_server(client: &mut TcpStream, server: TcpStream) -> TcpStream {
-    let frozen = freeze(server.into(), &no_lock()).unwrap();
-    let img = frozen.dump().unwrap();
-    frozen.discard().unwrap();
-    let mut moved = restore(&img).unwrap().resume().unwrap();
+    let mut moved = moved(server);
     moved.write_all(b"s").unwrap();
     let mut b = [0u8; 1];
     client.read_exact(&mut b).unwrap();
@@ -186,6 +189,15 @@ fn move_server(client: &mut TcpStream, server: TcpStream) -> TcpStream {
     moved.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"c");
     moved
+}
+
+/// `sock` moved to a new socket: frozen, dumped, discarded, restored and
+/// resumed.
+fn moved(sock: TcpStream) -> TcpStream {
+    let frozen = freeze(sock.into(), &no_lock()).unwrap();
+    let img = frozen.dump().unwrap();
+    frozen.discard().unwrap();
+    restore(&img).unwrap().resume().unwrap()
 }
 
 /// A congestion control algorithm other than `now` that this kernel has.
@@ -231,6 +243,7 @@ fn non_default_options_kept(addr: &str) {
         before.congestion != fresh.congestion,
         before.rcvbuf != fresh.rcvbuf,
         before.sndbuf != fresh.sndbuf,
+        before.buf_lock != fresh.buf_lock,
     ];
     assert!(
         differing.iter().all(|&d| d),
@@ -395,6 +408,8 @@ fn set_all(fd: BorrowedFd<'_>, v6: bool, fresh: &Reported) {
     set_linger(fd, 3);
     let cc = other_congestion(&fresh.congestion);
     set_bytes(fd, libc::SOL_TCP, libc::TCP_CONGESTION, cc.as_bytes());
+    // Sized, so no longer autotuned: SO_BUF_LOCK reports it.
+    set_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, 300_000);
 }
 
 /// The socket options of `server` (accepted from `listener`) as a full
@@ -449,6 +464,7 @@ fn an_accepted_connection_dumps_as_a_full_read_does() {
             assert_eq!(accepted, full, "{addr}, options set on the listener");
             assert_eq!(full.keepalive_idle_secs, Some(33), "{addr}");
             assert_eq!(full.linger_secs, Some(3), "{addr}");
+            assert_eq!(full.buf_lock, Some(tcpr_image::BUF_LOCK_SEND), "{addr}");
         }
         // Per connection: the client's TOS reflected, a new default
         // congestion control.
@@ -536,6 +552,102 @@ fn listener_options_refuse_what_is_not_a_tcp_listener() {
                 Err(tcpr_engine::Error::NotTcp(said)) => assert!(said.contains(why), "{said}"),
                 other => panic!("{why}: {other:?}"),
             }
+        }
+    });
+}
+
+const WMEM: &str = "/proc/sys/net/ipv4/tcp_wmem";
+
+/// A buffer the application never sized is autotuned by the kernel; one
+/// it sized is fixed. A restore sizes both buffers (to fit the queues and
+/// carry the size the original had reached), which fixes them, then puts
+/// the original's lock back: here with both buffers autotuned, with only
+/// the send buffer sized, and with only the receive buffer sized, each
+/// with a receive queue to restore.
+fn buffer_locks_kept(addr: &str) {
+    for (what, lock) in [("none set", 0), ("send set", 1), ("receive set", 2)] {
+        let (mut client, server) = pair(addr);
+        if lock & 1 != 0 {
+            set_int(server.as_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, 150_000);
+        }
+        if lock & 2 != 0 {
+            set_int(server.as_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, 150_000);
+        }
+        client.write_all(&[7u8; 3000]).unwrap();
+        wait_queued(&server, 3000);
+        let before = reported(&server);
+        assert_eq!(before.buf_lock, lock, "{addr}, {what}: the original's lock");
+        let mut moved = moved(server);
+        let after = reported(&moved);
+        assert_eq!(after.buf_lock, lock, "{addr}, {what}: {after:?}");
+        let mut queued = [0u8; 3000];
+        moved.read_exact(&mut queued).unwrap();
+        assert!(queued.iter().all(|&b| b == 7), "{addr}, {what}");
+    }
+}
+
+/// Waits until `sock`'s receive queue holds `len` bytes.
+fn wait_queued(sock: &TcpStream, len: i32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int to `n`, valid for the call.
+        let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::FIONREAD, &mut n) };
+        assert_eq!(r, 0, "FIONREAD: {}", std::io::Error::last_os_error());
+        if n == len {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n} of {len} bytes queued"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// The send buffer of a moved connection whose application never sized it
+/// keeps growing with the transfer, as the original's would: a restored
+/// socket used to keep the size it was restored with, which bounds a
+/// download to that size per round trip (128 KiB per 20 ms is 6.5 MB/s).
+fn moved_send_buffer_autotunes(addr: &str) {
+    let (client, server) = pair(addr);
+    let moved = move_server(&mut client.try_clone().unwrap(), server);
+    let restored_size = get_int(moved.as_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF);
+    let reader = std::thread::spawn(move || {
+        let mut client = client;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0usize;
+        loop {
+            match client.read(&mut buf).unwrap() {
+                0 => return total,
+                n => total += n,
+            }
+        }
+    });
+    let mut moved = moved;
+    let chunk = vec![1u8; 1 << 20];
+    for _ in 0..256 {
+        moved.write_all(&chunk).unwrap();
+    }
+    let grown = get_int(moved.as_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF);
+    moved.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(reader.join().unwrap(), 256 << 20, "{addr}");
+    assert!(
+        grown > restored_size,
+        "{addr}: the moved socket's send buffer stayed at {restored_size} bytes \
+         through 256 MiB (now {grown}): not autotuned"
+    );
+}
+
+#[test]
+fn buffer_locks_survive_a_move_and_autotuning_goes_on() {
+    in_private_netns(|| {
+        // Room above the size a loopback connection starts with (about
+        // 4 MB), so that autotuning can show.
+        sysctl(WMEM, "4096 16384 33554432");
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            buffer_locks_kept(addr);
+            moved_send_buffer_autotunes(addr);
         }
     });
 }

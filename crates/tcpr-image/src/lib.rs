@@ -210,7 +210,19 @@ pub struct SocketOptions {
     pub ttl: Option<u32>,
     /// SO_LINGER with l_onoff set: l_linger in seconds.
     pub linger_secs: Option<u32>,
+    /// SO_BUF_LOCK: which buffer sizes the process set, and so the kernel
+    /// no longer autotunes ([`BUF_LOCK_SEND`], [`BUF_LOCK_RECV`]). `None`:
+    /// unknown (an image from before, or a kernel older than 5.14);
+    /// restored as set.
+    pub buf_lock: Option<u32>,
 }
+
+/// [`SocketOptions::buf_lock`]: the send buffer's size was set
+/// (`SOCK_SNDBUF_LOCK`).
+pub const BUF_LOCK_SEND: u32 = 1;
+/// [`SocketOptions::buf_lock`]: the receive buffer's size was set
+/// (`SOCK_RCVBUF_LOCK`).
+pub const BUF_LOCK_RECV: u32 = 2;
 
 /// The send queue, split as the kernel needs it back.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -238,7 +250,8 @@ impl SendQueue {
 /// Invariants (checked by [`ConnectionImage::validate`] and on decode): both
 /// addresses have the same family, ports are non-zero, the MSS is non-zero,
 /// window shifts are at most 14 (RFC 7323 §2.3) and zero unless scaling was
-/// negotiated, and the queues fit in a 32-bit sequence space.
+/// negotiated, the queues fit in a 32-bit sequence space, and the buffer
+/// lock names only the send and receive buffers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnectionImage {
     /// Our address and port.
@@ -349,6 +362,15 @@ impl ConnectionImage {
         if self.recv_queue.len() > limit || self.send_queue.len() > limit {
             return Err(ImageError::Invalid("queue longer than 1 GiB"));
         }
+        if self
+            .socket_options
+            .buf_lock
+            .is_some_and(|l| l & !(BUF_LOCK_SEND | BUF_LOCK_RECV) != 0)
+        {
+            return Err(ImageError::Invalid(
+                "buffer lock bits other than send and receive",
+            ));
+        }
         Ok(())
     }
 
@@ -434,6 +456,7 @@ impl ConnectionImage {
                 tos: s.tos,
                 ttl: s.ttl,
                 linger_secs: s.linger_secs,
+                buf_lock: s.buf_lock,
             }),
             app_blob: vec![],
             dumped_at_unix_ns: self.dumped_at_unix_ns,
@@ -500,6 +523,7 @@ impl ConnectionImage {
                 tos: s.tos,
                 ttl: s.ttl,
                 linger_secs: s.linger_secs,
+                buf_lock: s.buf_lock,
             },
             app_blob: p.app_blob,
             dumped_at_unix_ns: p.dumped_at_unix_ns,

@@ -36,7 +36,9 @@ fn invalid_images_are_refused_by_encode_and_decode_alike() {
     wscale.options.rcv_wscale = 15;
     let mut port = ConnectionImage::example();
     port.local.set_port(0);
-    for img in [families, wscale, port] {
+    let mut buf_lock = ConnectionImage::example();
+    buf_lock.socket_options.buf_lock = Some(4);
+    for img in [families, wscale, port, buf_lock] {
         let refused = img.encode().unwrap_err();
         assert!(matches!(refused, ImageError::Invalid(_)), "{refused}");
         assert_eq!(

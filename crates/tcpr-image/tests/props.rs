@@ -58,6 +58,7 @@ fn image() -> impl Strategy<Value = ConnectionImage> {
             opt(any::<u32>()),
             opt("[a-z]{1,15}"),
             opt(any::<u32>()),
+            opt(0u32..=3),
         ),
         proptest::collection::vec(any::<u8>(), 0..100),
         any::<u64>(),
@@ -95,6 +96,7 @@ fn image() -> impl Strategy<Value = ConnectionImage> {
                         user_timeout_ms: so.1,
                         congestion: so.2,
                         mark: so.3,
+                        buf_lock: so.4,
                         ..SocketOptions::default()
                     },
                     app_blob: blob,

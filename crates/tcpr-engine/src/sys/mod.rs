@@ -427,6 +427,12 @@ pub(crate) struct BufferSizes {
     pub(crate) sndbuf: u32,
 }
 
+/// `SO_BUF_LOCK` (asm-generic/socket.h, Linux 5.14+; the libc crate lacks
+/// it): which of the two buffer sizes were set (`SOCK_SNDBUF_LOCK` 1,
+/// `SOCK_RCVBUF_LOCK` 2), and so are no longer autotuned. Setting it sets
+/// or clears those two bits.
+pub(crate) const SO_BUF_LOCK: i32 = 72;
+
 /// `SO_MEMINFO` (asm-generic/socket.h; the libc crate lacks it on x86_64).
 const SO_MEMINFO: i32 = 55;
 /// `SO_MEMINFO` entries up to `SK_MEMINFO_SNDBUF`; the kernel copies at
