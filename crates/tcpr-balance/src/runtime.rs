@@ -335,6 +335,12 @@ pub fn run(opts: Options) -> Result<(), StartError> {
             .unwrap_or_else(|e| e.into_inner());
     }
     drop(n);
+    // The connections handed off live on at the backends: their flows stay
+    // steered for the next balancer on the interface, where the datapath
+    // can leave them to the kernel.
+    if let Some(n) = shared.steering.as_ref().and_then(|s| s.close(true)) {
+        println!("tcpr balance left {n} steered flows to the kernel for the next tcpr balance");
+    }
     println!("tcpr balance drained");
     Ok(())
 }

@@ -35,16 +35,25 @@
 //! default capacity). A new entry's time starts at its first sweep, on the
 //! kernel's clock: userspace's differs in a time namespace.
 //!
-//! The program, its maps and its tcx link belong to this process: they go
-//! when the datapath is dropped or the process ends, a crash included.
-//! Without tcx (before Linux 6.6) it refuses to install: a `cls_bpf`
-//! filter would outlive a crashed balancer, its entries never swept (the
-//! nf_tables datapath runs there). The map's capacity counts both
-//! families together.
+//! The flows map and the tcx link are pinned in a BPF file system
+//! (`pin.rs`): a process that ends without removing them (killed,
+//! crashed, or [`Steering::close`]d keeping its flows) leaves its program
+//! steering the flows it handed off, whose connections live on at the
+//! backends; the next datapath on the interface copies the entries into
+//! its own map, attaches its program before the old one, then detaches
+//! the old one, so no packet meets neither. Dropping the datapath, or
+//! closing it without keeping its flows, removes the pins. Where nothing
+//! can be pinned (no BPF file system can be mounted) the datapath is the
+//! process's alone, as before, and says so. Without tcx (before Linux
+//! 6.6) it refuses to install: a `cls_bpf` filter cannot be handed over
+//! this way (the nf_tables datapath runs there). The map's capacity counts
+//! both families together.
 
 use crate::common::{check_timeouts, invalid, lock, on_wire, plain_ifname, Netns, WireFlow};
+use crate::pin::{Left, Pins};
 use crate::{SteerError, SteeredFlow, Steering};
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError};
+use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifier, TcAttachOptions, TcAttachType};
 use aya::programs::{LinkOrder, ProgramFd};
 use aya::{Ebpf, EbpfLoader};
@@ -82,6 +91,9 @@ pub struct BpfConfig {
     /// How long an entry stays after the last packet of a flow whose
     /// client sent its FIN or RST.
     pub linger: Duration,
+    /// Where the flows map and the link are pinned (see `pin.rs`): a
+    /// directory on a BPF file system, created if need be.
+    pub pin_dir: std::path::PathBuf,
 }
 
 impl BpfConfig {
@@ -93,6 +105,7 @@ impl BpfConfig {
             capacity: crate::nft::DEFAULT_CAPACITY,
             idle: crate::nft::DEFAULT_IDLE,
             linger: crate::nft::DEFAULT_LINGER,
+            pin_dir: crate::pin::DEFAULT_PIN_DIR.into(),
         }
     }
 
@@ -130,7 +143,7 @@ pub fn sweep_period(idle: Duration, linger: Duration) -> Duration {
 
 /// The BPF steering datapath of one interface (see the module doc).
 /// Dropping it detaches the program and frees the map, and with it every
-/// entry.
+/// entry (unless [`Steering::close`] kept them).
 pub struct BpfSteering {
     cfg: BpfConfig,
     netns: Netns,
@@ -140,10 +153,28 @@ pub struct BpfSteering {
     on_link: Mutex<HashSet<IpAddr>>,
     sweep: Arc<Sweep>,
     /// Dropped to stop the sweeper.
-    stop: Option<mpsc::Sender<()>>,
-    sweeper: Option<JoinHandle<()>>,
-    /// The programs and their attachment (detached when dropped).
+    stop: Mutex<Option<mpsc::Sender<()>>>,
+    sweeper: Mutex<Option<JoinHandle<()>>>,
+    /// The steering program's tcx link: it detaches once this is gone and,
+    /// when pinned, its pin too.
+    link: Mutex<Option<HeldLink>>,
+    /// Where the map and the link are pinned, and the link's id; `None`
+    /// when they could not be.
+    pinned: Option<(Pins, u32)>,
+    /// The entries carried over from the datapath before (see the module
+    /// doc), and those that did not fit.
+    carried: (usize, usize),
+    /// The programs (the steering one attached through `link`).
     _ebpf: Ebpf,
+}
+
+/// A tcx link held by the datapath (only ever dropped).
+#[allow(dead_code)]
+enum HeldLink {
+    /// Pinned: the pin keeps it attached; this is a descriptor of it.
+    Pinned(PinnedLink),
+    /// Not pinned: attached while this is open.
+    Own(FdLink),
 }
 
 /// The sweep program, and what its last run found.
@@ -174,11 +205,17 @@ impl Sweep {
         let within = |last: Option<(std::time::Instant, usize)>| {
             last.filter(|(at, _)| at.elapsed() < fresh).map(|(_, n)| n)
         };
-        if let Some(n) = within(*lock(&self.last)) {
+        // Each read of `last` in a statement of its own: a guard made in a
+        // `match` (or `if let`) scrutinee lives through its arms, and
+        // `run_alone` takes the lock again (a scrape that found the last
+        // sweep stale deadlocked with the sweeper).
+        let last = *lock(&self.last);
+        if let Some(n) = within(last) {
             return Ok(n);
         }
         let _one = lock(&self.running);
-        match within(*lock(&self.last)) {
+        let last = *lock(&self.last);
+        match within(last) {
             Some(n) => Ok(n),
             None => self.run_alone(),
         }
@@ -249,6 +286,19 @@ impl BpfSteering {
         let ifindex =
             tcpr_host::addr::interface_index(&cfg.device).map_err(|e| invalid(&e.to_string()))?;
         let capacity = u32::try_from(cfg.capacity).map_err(|_| invalid("capacity too large"))?;
+        let pins = match netns_cookie().and_then(|c| Pins::open(&cfg.pin_dir, c, ifindex)) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!(
+                    "tcpr-steer: cannot pin the BPF datapath of {} in {} ({e}): \
+                     the flows it steers will end with this process",
+                    cfg.device,
+                    cfg.pin_dir.display()
+                );
+                None
+            }
+        };
+        let left = pins.as_ref().and_then(|p| p.left(ifindex));
         let mut ebpf = EbpfLoader::new()
             .set_max_entries("flows", capacity)
             .load(OBJECT)
@@ -264,11 +314,23 @@ impl BpfSteering {
         config
             .set(0, settings, 0)
             .map_err(|e| kernel("config map", e))?;
-        let flows: BpfHashMap<MapData, Key, Value> = BpfHashMap::try_from(
-            ebpf.take_map("flows")
-                .ok_or_else(|| invalid("the BPF object has no flows map"))?,
-        )
-        .map_err(|e| kernel("flows map", e))?;
+        let flows = ebpf
+            .take_map("flows")
+            .ok_or_else(|| invalid("the BPF object has no flows map"))?;
+        if let (Some(p), Map::HashMap(data)) = (&pins, &flows) {
+            p.stage(data).map_err(|e| {
+                kernel(
+                    &format!("cannot pin the flows map in {}", p.dir().display()),
+                    e,
+                )
+            })?;
+        }
+        let mut flows: BpfHashMap<MapData, Key, Value> =
+            BpfHashMap::try_from(flows).map_err(|e| kernel("flows map", e))?;
+        let carried = match &left {
+            Some(left) => carry_over(left, &mut flows),
+            None => (0, 0),
+        };
 
         let sweep = program(&mut ebpf, "sweep")?;
         sweep
@@ -292,7 +354,12 @@ impl BpfSteering {
         steer
             .load()
             .map_err(|e| refused("the kernel refused the steering program", e))?;
-        steer
+        // First: before the program of the datapath this one takes over
+        // from, if any, which detaches once its link's pin is replaced and
+        // `left` dropped. Until then a packet of a carried flow meets this
+        // program first, and one of a flow only the old map holds (steered
+        // meanwhile by a process still running) meets the old one next.
+        let link_id = steer
             .attach_with_options(
                 &cfg.device,
                 TcAttachType::Ingress,
@@ -305,6 +372,25 @@ impl BpfSteering {
                 );
                 refused(&what, e)
             })?;
+        let link = FdLink::try_from(
+            steer
+                .take_link(link_id)
+                .map_err(|e| kernel("steering link", e))?,
+        )
+        .map_err(|e| kernel("steering link", e))?;
+        let (link, pinned) = match pins {
+            Some(p) => {
+                let (link, id) = p.commit(link).map_err(|e| {
+                    kernel(
+                        &format!("cannot pin the steering link in {}", p.dir().display()),
+                        e,
+                    )
+                })?;
+                (HeldLink::Pinned(link), Some((p, id)))
+            }
+            None => (HeldLink::Own(link), None),
+        };
+        drop(left);
 
         let (stop, stopped) = mpsc::channel::<()>();
         let period = sweep_period(cfg.idle, cfg.linger);
@@ -332,10 +418,43 @@ impl BpfSteering {
             flows: Mutex::new(flows),
             on_link: Mutex::new(HashSet::new()),
             sweep,
-            stop: Some(stop),
-            sweeper: Some(sweeper),
+            stop: Mutex::new(Some(stop)),
+            sweeper: Mutex::new(Some(sweeper)),
+            link: Mutex::new(Some(link)),
+            pinned,
+            carried,
             _ebpf: ebpf,
         })
+    }
+
+    /// Where the map and the link are pinned (`None`: nowhere; the flows
+    /// end with the process).
+    pub fn pinned_at(&self) -> Option<&std::path::Path> {
+        self.pinned.as_ref().map(|(p, _)| p.dir())
+    }
+
+    /// The entries taken over from the datapath this one replaced on the
+    /// interface, and those that did not fit its capacity (steered no
+    /// more: their next packets meet the front's stack).
+    pub fn carried_over(&self) -> (usize, usize) {
+        self.carried
+    }
+
+    /// Stops the sweeper (no more sweeps from this process).
+    fn stop_sweeper(&self) {
+        drop(lock(&self.stop).take());
+        if let Some(t) = lock(&self.sweeper).take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Removes the pins (if still this datapath's) and detaches the
+    /// program.
+    fn remove(&self) {
+        if let Some((pins, id)) = &self.pinned {
+            pins.remove(*id);
+        }
+        drop(lock(&self.link).take());
     }
 
     /// Whether the flow from `client` to `vip` is steered now: its entry
@@ -375,6 +494,30 @@ impl BpfSteering {
         v[28] = if w.v4 { 4 } else { 6 };
         v
     }
+}
+
+/// The calling thread's network namespace's cookie (unique in a boot).
+fn netns_cookie() -> std::io::Result<u64> {
+    let sock = tcpr_host::sock::netlink_socket(libc::NETLINK_ROUTE)?;
+    tcpr_host::sock::netns_cookie(sock.as_fd())
+}
+
+/// Copies the entries `left` holds into `flows`; how many went in, and how
+/// many did not fit.
+fn carry_over(left: &Left, flows: &mut BpfHashMap<MapData, Key, Value>) -> (usize, usize) {
+    let Ok(old) = BpfHashMap::<&MapData, Key, Value>::try_from(&left.flows) else {
+        // Another layout (a tcpr of another version): nothing to carry.
+        return (0, 0);
+    };
+    let (mut carried, mut lost) = (0, 0);
+    for entry in old.iter() {
+        let Ok((key, value)) = entry else { continue };
+        match flows.insert(key, value, 0) {
+            Ok(()) => carried += 1,
+            Err(_) => lost += 1,
+        }
+    }
+    (carried, lost)
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, SteerError> {
@@ -503,13 +646,27 @@ impl Steering for BpfSteering {
     fn name(&self) -> &'static str {
         "bpf-tcx"
     }
+
+    /// Kept, where pinned and any entry is left after a last sweep: the
+    /// pins stay, and this process's descriptors go with it.
+    fn close(&self, keep_flows: bool) -> Option<usize> {
+        self.stop_sweeper();
+        let left = self.sweep.run().unwrap_or(usize::MAX);
+        if keep_flows && self.pinned.is_some() && left > 0 {
+            // Closed: dropping it later removes nothing.
+            drop(lock(&self.link).take());
+            return Some(left);
+        }
+        self.remove();
+        None
+    }
 }
 
 impl Drop for BpfSteering {
     fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.sweeper.take() {
-            let _ = t.join();
+        self.stop_sweeper();
+        if lock(&self.link).is_some() {
+            self.remove();
         }
     }
 }

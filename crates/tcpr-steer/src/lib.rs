@@ -59,7 +59,8 @@ pub enum SteerError {
 ///    seen, then a short linger) or idles out, so a balancer that crashes
 ///    leaks nothing for long;
 /// 3. `unsteer` removes an entry at once (a handoff rolled back);
-/// 4. dropping the datapath removes what it installed.
+/// 4. dropping the datapath removes what it installed; [`Steering::close`]
+///    may leave the flows steered now to the next datapath instead.
 pub trait Steering: Send + Sync {
     /// Forwards `flow`'s packets to its backend from now on.
     fn steer(&self, flow: &SteeredFlow) -> Result<(), SteerError> {
@@ -89,11 +90,23 @@ pub trait Steering: Send + Sync {
     fn capacity(&self) -> usize;
     /// The datapath's name, for logs and metrics ("nftables-netdev", ...).
     fn name(&self) -> &'static str;
+    /// Ends the datapath (at a balancer's exit). With `keep_flows`, a
+    /// datapath that can leaves the flows it steers now in the kernel,
+    /// for the next datapath on the interface to take over: a restart
+    /// then resets no connection handed off. Returns how many it left
+    /// (`None`: it left nothing; it removed what it installed, as
+    /// dropping it does). The default: nothing to do until dropped.
+    fn close(&self, keep_flows: bool) -> Option<usize> {
+        let _ = keep_flows;
+        None
+    }
 }
 
 pub mod bpf;
 mod common;
 pub mod nft;
+mod pin;
 mod rule;
 pub use bpf::{BpfConfig, BpfSteering};
 pub use nft::{NftConfig, NftSteering};
+pub use pin::DEFAULT_PIN_DIR;

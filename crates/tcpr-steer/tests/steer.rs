@@ -746,30 +746,122 @@ fn nothing_is_left_after_drop(kind: Kind) {
     assert!(net.front_tcp_in() > before, "the front's stack took them");
 }
 
-/// Two BPF datapaths on one interface (two balancers, or one restarted
-/// while the old one drains): the one attached last runs first and must
-/// pass the packets it does not steer on to the next, which steers them.
-/// A program that ended the chain for every packet it does not steer
-/// would hand the older datapath's flows to the front's stack (a RST).
+/// Two BPF datapaths on one interface (a balancer restarted while the old
+/// one still runs, or two balancers): the second takes over the flows the
+/// first steers (it copies its entries and runs first), and a flow the
+/// first steers after that, which the second does not know, is passed on
+/// to the first, which steers it: a program that ended the chain for every
+/// packet it does not steer would hand it to the front's stack (a RST).
+/// Once the first datapath is gone, the second steers what it took over.
 #[test]
-fn a_second_bpf_datapath_passes_on_what_it_does_not_steer() {
+fn a_second_bpf_datapath_takes_over_and_passes_on_what_it_does_not_steer() {
     let net = Net::new("s2b");
     let first = net.steering(Kind::Bpf, |s| s.linger = Duration::from_millis(300));
-    let sport = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
-    let f = flow(CLIENT4, sport, VIP4, BACKEND4);
-    first.steer(&f).unwrap();
+    let before_sport = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+    let taken = flow(CLIENT4, before_sport, VIP4, BACKEND4);
+    first.steer(&taken).unwrap();
     let second = net.steering(Kind::Bpf, |_| {});
-    assert!(!second.is_steered(f.client, f.vip).unwrap());
-    let server = net.server(VIP4);
-    let before = net.front_tcp_in();
+    assert!(second.is_steered(taken.client, taken.vip).unwrap());
+    let after_sport = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+    let passed = flow(CLIENT4, after_sport, VIP4, BACKEND4);
+    first.steer(&passed).unwrap();
+    assert!(!second.is_steered(passed.client, passed.vip).unwrap());
     const N: u64 = 1 << 20;
-    download(&net, FLOW4, sport, server, N, "fin");
+    let before = net.front_tcp_in();
+    download(&net, FLOW4, after_sport, net.server(VIP4), N, "fin");
+    drop(first);
+    download(&net, FLOW4, before_sport, net.server(VIP4), N, "fin");
     assert_eq!(
         net.front_tcp_in() - before,
         0,
-        "the front's stack saw none of the flow"
+        "the front's stack saw none of either flow"
     );
     drop(second);
+}
+
+/// A BPF datapath closed keeping its flows (a balancer's exit; a killed
+/// one leaves the same) leaves its program steering them from its pins,
+/// with no process holding it; the next datapath on the interface takes
+/// them over, and dropping that one removes the pins: the flow then meets
+/// the front's stack.
+#[test]
+fn a_bpf_datapath_closed_keeping_its_flows_steers_on_until_the_next_takes_over() {
+    let net = Net::new("s2k");
+    let sport = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+    let kept = flow(CLIENT4, sport, VIP4, BACKEND4);
+    let (dir, left) = net
+        .front
+        .within(|| {
+            let first = BpfSteering::install(BpfConfig::new("eth0"))?;
+            first.steer(&kept)?;
+            let dir = first.pinned_at().expect("pinned").to_path_buf();
+            Ok((dir, first.close(true)))
+        })
+        .unwrap();
+    assert_eq!(left, Some(1));
+    assert!(dir.join("link").exists() && dir.join("flows").exists());
+    let before = net.front_tcp_in();
+    download(&net, FLOW4, sport, net.server(VIP4), 1 << 20, "fin");
+    assert_eq!(
+        net.front_tcp_in() - before,
+        0,
+        "the pinned program steered it"
+    );
+    let (next_dir, carried) = net
+        .front
+        .within(|| {
+            let next = BpfSteering::install(BpfConfig::new("eth0"))?;
+            assert!(next.is_steered(kept.client, kept.vip)?);
+            Ok((
+                next.pinned_at().map(|p| p.to_path_buf()),
+                next.carried_over(),
+            ))
+        })
+        .unwrap();
+    assert_eq!(carried, (1, 0));
+    assert_eq!(next_dir.as_deref(), Some(dir.as_path()));
+    // Dropped (inside `within`): nothing is left.
+    assert!(!dir.exists(), "{} left behind", dir.display());
+    let mut server = net.server(VIP4);
+    let before = net.front_tcp_in();
+    let out = handed_off_client(&net, CLIENT4, sport, (VIP4, BACKEND4), 1000, "fin");
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(!out.status.success(), "still steered after the drop");
+    assert!(net.front_tcp_in() > before, "the front's stack took them");
+}
+
+/// The gauge (`active`) answers from the last sweep while it is fresh and
+/// sweeps itself once it is not. It deadlocked then (the guard of its look
+/// at the last sweep was still held when it swept): under load, when the
+/// sweeper ran late, and always once it stopped (a metrics scrape after
+/// the balancer's `close`), which this test makes certain.
+#[test]
+fn the_bpf_gauge_answers_once_its_last_sweep_is_stale() {
+    let net = Net::new("s2g");
+    let steering = net.steering(Kind::Bpf, |s| s.linger = Duration::from_millis(400));
+    steering
+        .steer(&flow(
+            CLIENT4,
+            NEXT_PORT.fetch_add(1, Ordering::SeqCst),
+            VIP4,
+            BACKEND4,
+        ))
+        .unwrap();
+    assert_eq!(steering.entries(), 1);
+    // No sweeper from here on; the pins go (nothing is kept).
+    assert_eq!(steering.close(false), None);
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Not joined: a deadlocked gauge fails the test, it does not hang it.
+    std::thread::spawn(move || {
+        // Past the sweep period (100 ms here).
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = tx.send(steering.active().unwrap());
+    });
+    let n = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the gauge did not answer within 10 s");
+    assert_eq!(n, 1, "the entry is still in the map, not expired");
 }
 
 /// Flows it cannot steer are refused with the reason, nothing installed.

@@ -48,6 +48,14 @@ pub struct BalanceArgs {
     /// half-closed client still receiving); 0.01 to 3600.
     #[arg(long, default_value = "5", value_parser = linger)]
     steer_linger: Duration,
+    /// Where the BPF datapath pins its map and program link, so that the
+    /// flows it steers outlive this process (killed, or stopped with
+    /// SIGTERM) and the next `tcpr balance` on the interface takes them
+    /// over: a directory on a BPF file system. The default's is mounted
+    /// if need be, in the host's mount namespace only (not under `ip netns
+    /// exec`, whose own mount namespace goes with the command).
+    #[arg(long, default_value = tcpr_steer::DEFAULT_PIN_DIR)]
+    steer_pin_dir: PathBuf,
     #[command(subcommand)]
     cmd: Option<BalanceCmd>,
 }
@@ -143,6 +151,7 @@ fn open_steering(
     let mut bpf_cfg = tcpr_steer::BpfConfig::new(&device);
     bpf_cfg.capacity = args.steer_capacity as usize;
     bpf_cfg.linger = args.steer_linger;
+    bpf_cfg.pin_dir = args.steer_pin_dir.clone();
     if args.steer_datapath != Datapath::Nft {
         // A setting out of BPF's range is the user's to fix, not a reason
         // to fall back.
@@ -152,6 +161,16 @@ fn open_steering(
     }
     let bpf = || {
         let s = tcpr_steer::BpfSteering::install(bpf_cfg.clone())?;
+        if let Some(dir) = s.pinned_at() {
+            println!("tcpr balance steering pinned at {}", dir.display());
+        }
+        let (carried, lost) = s.carried_over();
+        if carried + lost > 0 {
+            println!(
+                "tcpr balance took over {carried} steered flows from the datapath before \
+                 ({lost} did not fit)"
+            );
+        }
         // A table left by a balancer that ran on nf_tables and crashed
         // would go on taking every packet BPF passes on.
         tcpr_steer::nft::remove_table(tcpr_steer::nft::DEFAULT_TABLE)?;

@@ -5,7 +5,7 @@
 mod balance_bed;
 mod common;
 use balance_bed::*;
-use common::py;
+use common::{py, wait_until, Proc};
 use tcpr_netlab::balance::Family;
 
 /// Requests for each host land on its backend, over HTTP and HTTPS, on
@@ -331,5 +331,133 @@ fn a_burst_is_handed_off_in_batches_and_leaves_no_steering_entry() {
         );
         assert!(listing.contains(set), "{set}: {listing}");
         assert!(!listing.contains("\"elem\""), "{set}: {listing}");
+    }
+}
+
+/// The line of the balancer's start that begins with `prefix`, without it.
+fn said<'a>(bed: &'a Bed, prefix: &str) -> Option<&'a str> {
+    bed.balancer_said
+        .iter()
+        .find_map(|l| l.strip_prefix(prefix))
+}
+
+/// One more request on the kept-alive connection, answered by backend 0.
+fn served_again(kept: &mut Proc, what: &str) {
+    kept.send("/who");
+    let answer = kept.expect("body", START);
+    assert!(answer.starts_with("body 200 b0 /who"), "{what}: {answer}");
+}
+
+/// A connection handed off lives at its backend; the front only steers its
+/// packets there. It outlives the balancer that handed it off: killed
+/// (SIGKILL), its steering stays pinned in the kernel and goes on; the next
+/// balancer takes the flow over; stopped (SIGTERM) with the flow still
+/// open, it leaves it to the kernel again, and the flow is served with no
+/// balancer running. Once the flow has ended, a balancer's stop leaves
+/// nothing behind. Without the pins every step after the kill would meet
+/// the front's stack, which resets the connection.
+#[test]
+fn handed_off_connections_outlive_a_killed_or_stopped_balancer() {
+    let mut bed = Bed::new("bpin", 150);
+    bed.start_servers();
+    bed.start_agents();
+    let config = bed.config_text(true);
+    // `ip netns exec` gives the balancer a mount namespace of its own and
+    // a fresh /sys: the pins go on a BPF file system mounted here, in the
+    // test's (the host's) mount namespace, which the balancer's shares.
+    let bpffs = Bpffs::mount(&bed.dir.join("bpffs"));
+    let pin_dir = bpffs.0.join("tcpr");
+    let args = [
+        "--steer-datapath",
+        "bpf",
+        "--steer-linger",
+        "0.5",
+        "--steer-pin-dir",
+        pin_dir.to_str().unwrap(),
+    ];
+    bed.start_balancer(&config, &args);
+    let dir = said(&bed, "tcpr balance steering pinned at ")
+        .expect("the BPF datapath is pinned")
+        .to_string();
+    let vip = bed.lab.vip(Family::V4).to_string();
+    let mut cmd = bed.lab.client.cmd("python3");
+    cmd.args([
+        &py("balance_client.py"),
+        "keepalive",
+        &vip,
+        "80",
+        "a.example",
+    ]);
+    let mut kept = Proc::spawn(cmd, "keep-alive client");
+    kept.expect("connected", START);
+    served_again(&mut kept, "handed off");
+    assert_eq!(bed.metric("tcpr_balance_handoffs_total"), 1.0);
+
+    drop(bed.balancer.take());
+    served_again(&mut kept, "after the balancer was killed");
+
+    bed.start_balancer(&config, &args);
+    assert_eq!(
+        said(&bed, "tcpr balance took over "),
+        Some("1 steered flows from the datapath before (0 did not fit)")
+    );
+    assert_eq!(bed.metric("tcpr_balance_flows_active"), 1.0);
+    served_again(&mut kept, "after a new balancer took it over");
+
+    bed.signal("-TERM");
+    let balancer = bed.balancer.as_mut().unwrap();
+    let left = balancer.expect("tcpr balance left", START);
+    assert_eq!(
+        left,
+        "tcpr balance left 1 steered flows to the kernel for the next tcpr balance"
+    );
+    balancer.expect("tcpr balance drained", START);
+    assert!(balancer.child.wait().unwrap().success());
+    served_again(&mut kept, "with no balancer running");
+
+    bed.start_balancer(&config, &args);
+    served_again(&mut kept, "after one more balancer took it over");
+    kept.kill();
+    wait_until("the ended flow's entry goes", START, || {
+        bed.metric("tcpr_balance_flows_active") == 0.0
+    });
+    bed.signal("-TERM");
+    let balancer = bed.balancer.as_mut().unwrap();
+    let mut before_drained = vec![];
+    balancer.expect_after("tcpr balance drained", START, &mut before_drained);
+    assert!(balancer.child.wait().unwrap().success());
+    assert!(
+        !before_drained.iter().any(|l| l.contains("left")),
+        "{before_drained:?}"
+    );
+    assert!(
+        !std::path::Path::new(&dir).exists(),
+        "{dir} is left after the last balancer stopped with no flow"
+    );
+}
+
+/// A BPF file system mounted for a test, unmounted (with its pins) at the
+/// end.
+struct Bpffs(std::path::PathBuf);
+
+impl Bpffs {
+    fn mount(dir: &std::path::Path) -> Bpffs {
+        std::fs::create_dir_all(dir).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount a BPF file system on {}", dir.display());
+        Bpffs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
     }
 }

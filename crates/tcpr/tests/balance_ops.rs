@@ -33,15 +33,6 @@ fn raw(bed: &Bed, text: &str, split: bool) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-fn signal(bed: &Bed, sig: &str) {
-    let pid = bed.balancer.as_ref().unwrap().pid();
-    let st = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
-
 #[test]
 fn check_prints_file_line_col() {
     let dir = tmpdir("bchk");
@@ -202,7 +193,7 @@ fn sighup_reloads_and_sigterm_drains_without_dropping_a_connection() {
             .replace("pool = \"tmp", "pool = \"b1"),
     )
     .unwrap();
-    signal(&bed, "-HUP");
+    bed.signal("-HUP");
     bed.balancer
         .as_mut()
         .unwrap()
@@ -218,7 +209,7 @@ fn sighup_reloads_and_sigterm_drains_without_dropping_a_connection() {
     assert!(kept.expect("body", START).starts_with("body 200 b0 /who"));
     // A broken file changes nothing.
     std::fs::write(&bed.config, "[[listener]]\nname = 3\n").unwrap();
-    signal(&bed, "-HUP");
+    bed.signal("-HUP");
     bed.balancer
         .as_mut()
         .unwrap()
@@ -227,7 +218,7 @@ fn sighup_reloads_and_sigterm_drains_without_dropping_a_connection() {
         .get(Family::V4, false, "a.example", "/who")
         .starts_with("b1 "));
     // SIGTERM: no new connection, the open one is served to its end.
-    signal(&bed, "-TERM");
+    bed.signal("-TERM");
     bed.balancer
         .as_mut()
         .unwrap()

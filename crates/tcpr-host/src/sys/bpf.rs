@@ -1,5 +1,8 @@
-//! The BPF call aya does not make: running a loaded program once
-//! (`BPF_PROG_TEST_RUN`, how the steering datapath's sweep runs).
+//! The BPF calls aya does not make: running a loaded program once
+//! (`BPF_PROG_TEST_RUN`, how the steering datapath's sweep runs), a tcx
+//! link's interface (`BPF_OBJ_GET_INFO_BY_FD`: aya keeps it private),
+//! opening a pinned object by path, and finding or mounting the BPF file
+//! system the steering pins its datapath in.
 
 use std::io;
 use std::mem::size_of;
@@ -7,6 +10,12 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 /// `BPF_PROG_TEST_RUN` (linux/bpf.h `enum bpf_cmd`).
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
+/// `BPF_OBJ_GET_INFO_BY_FD` (linux/bpf.h `enum bpf_cmd`).
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+/// `BPF_LINK_TYPE_TCX` (linux/bpf.h `enum bpf_link_type`).
+const BPF_LINK_TYPE_TCX: u32 = 11;
+/// `BPF_FS_MAGIC` (linux/magic.h): `statfs`'s type of a BPF file system.
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 /// The `test` member of linux/bpf.h's `union bpf_attr`, up to `batch_size`
 /// (Linux 5.18); older kernels accept it as long as the fields they do not
@@ -58,4 +67,147 @@ pub fn test_run(prog: BorrowedFd<'_>, packet: &[u8]) -> io::Result<u32> {
         return Err(io::Error::last_os_error());
     }
     Ok(attr.retval)
+}
+
+/// The `info` member of linux/bpf.h's `union bpf_attr`.
+#[repr(C)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// linux/bpf.h's `struct bpf_link_info` up to its tcx member: `type`,
+/// `id`, `prog_id`, then the union (8-byte aligned), whose tcx member is
+/// `ifindex`, `attach_type`. The kernel writes at most `info_len` bytes.
+#[repr(C)]
+#[derive(Default)]
+struct LinkInfo {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    pad: u32,
+    tcx_ifindex: u32,
+    tcx_attach_type: u32,
+}
+
+/// A tcx link as the kernel describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcxLink {
+    /// The link's id (unique while it exists).
+    pub id: u32,
+    /// The interface it is attached to; 0 once detached (its interface
+    /// was removed).
+    pub ifindex: u32,
+}
+
+/// What the kernel says of `link`, a tcx link (an error for any other).
+pub fn tcx_link(link: BorrowedFd<'_>) -> io::Result<TcxLink> {
+    let mut info = LinkInfo::default();
+    let mut attr = InfoAttr {
+        bpf_fd: u32::try_from(link.as_raw_fd()).map_err(|_| io::Error::other("bad fd"))?,
+        info_len: size_of::<LinkInfo>() as u32,
+        info: &mut info as *mut LinkInfo as u64,
+    };
+    // SAFETY: `attr` is a valid `bpf_attr.info` of the size passed; the
+    // kernel writes at most `info_len` bytes into `info`, which lives for
+    // the call and is plain integers (any bit pattern is valid).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &mut attr as *mut InfoAttr,
+            size_of::<InfoAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if info.link_type != BPF_LINK_TYPE_TCX {
+        return Err(io::Error::other(format!(
+            "not a tcx link (link type {})",
+            info.link_type
+        )));
+    }
+    Ok(TcxLink {
+        id: info.id,
+        ifindex: info.tcx_ifindex,
+    })
+}
+
+/// Whether `dir` is on a BPF file system.
+pub fn is_bpffs(dir: &std::path::Path) -> io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other("a path with a NUL byte"))?;
+    // SAFETY: a zeroed `statfs` is valid (plain integers).
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `st` writable, both for the call.
+    if unsafe { libc::statfs(path.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// Mounts a BPF file system (mode 0700) on `dir`, an existing directory.
+pub fn mount_bpffs(dir: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other("a path with a NUL byte"))?;
+    let (fstype, opts) = (c"bpf", c"mode=0700");
+    // SAFETY: every pointer is a NUL-terminated string live for the call.
+    let r = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            path.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            opts.as_ptr().cast(),
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `BPF_OBJ_GET` (linux/bpf.h `enum bpf_cmd`).
+const BPF_OBJ_GET: libc::c_long = 7;
+
+/// The `obj` member of linux/bpf.h's `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    pad: u32,
+}
+
+/// Opens the BPF object (map, program or link) pinned at `path`.
+pub fn obj_get(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other("a path with a NUL byte"))?;
+    let mut attr = ObjAttr {
+        pathname: path.as_ptr() as u64,
+        ..ObjAttr::default()
+    };
+    // SAFETY: `attr` is a valid, zero-padded `bpf_attr.obj` of the size
+    // passed; the kernel reads the NUL-terminated `path`, live for the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &mut attr as *mut ObjAttr,
+            size_of::<ObjAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: BPF_OBJ_GET returned a new file descriptor, owned from here.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r as i32) })
 }

@@ -38,6 +38,8 @@ pub struct Bed {
     /// Per backend: its HTTP agent and its HTTPS agent.
     pub agents: Vec<Vec<Proc>>,
     pub balancer: Option<Proc>,
+    /// What the balancer printed before `tcpr balance ready`.
+    pub balancer_said: Vec<String>,
     pub config: PathBuf,
 }
 
@@ -66,6 +68,7 @@ impl Bed {
             servers: vec![],
             agents: vec![],
             balancer: None,
+            balancer_said: vec![],
             config,
         }
     }
@@ -230,11 +233,30 @@ impl Bed {
         cmd.args(["balance", "--config", self.config.to_str().unwrap()])
             .args(extra);
         let mut p = Proc::spawn(cmd, "balancer");
-        let steering =
-            (!extra.contains(&"--no-steering")).then(|| p.expect("tcpr balance steering: ", START));
-        p.expect("tcpr balance ready", START);
+        let mut said = vec![];
+        p.expect_after("tcpr balance ready", START, &mut said);
+        let steering = said
+            .iter()
+            .find(|l| l.starts_with("tcpr balance steering: "))
+            .cloned();
+        assert_eq!(
+            steering.is_some(),
+            !extra.contains(&"--no-steering"),
+            "{said:?}"
+        );
         self.balancer = Some(p);
+        self.balancer_said = said;
         steering
+    }
+
+    /// Sends `sig` (`-TERM`, `-HUP`, ...) to the balancer.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.balancer.as_ref().unwrap().pid();
+        let st = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
     }
 
     /// curl on the client host; its output.

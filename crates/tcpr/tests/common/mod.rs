@@ -78,12 +78,22 @@ impl Proc {
 
     /// The next line starting with `prefix` (others are skipped).
     pub fn expect(&mut self, prefix: &str, timeout: Duration) -> String {
+        self.expect_after(prefix, timeout, &mut Vec::new())
+    }
+
+    /// [`Proc::expect`], keeping the lines skipped in `skipped`.
+    pub fn expect_after(
+        &mut self,
+        prefix: &str,
+        timeout: Duration,
+        skipped: &mut Vec<String>,
+    ) -> String {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(l) if l.starts_with(prefix) => return l,
-                Ok(_) => continue,
+                Ok(l) => skipped.push(l),
                 Err(_) => panic!(
                     "{}: no line starting with {prefix:?} within {timeout:?}",
                     self.name
