@@ -28,8 +28,38 @@ pub struct BalanceLab {
     /// The backend hosts, in address order.
     pub backends: Vec<Host>,
     net: u8,
-    // Last: the hosts' namespaces go when it drops.
+    // The hosts' namespaces go when it drops (their processes first).
     _lab: Lab,
+    // After the hosts: a balancer may still have it mounted until then.
+    pins: PinFs,
+}
+
+/// A BPF file system for the front's balancer to pin its steering in
+/// (`tcpr balance --steer-pin-dir`): a command run in a host (`ip netns
+/// exec`) has a mount namespace and a `/sys` of its own, so the host's
+/// `/sys/fs/bpf` is hidden there and one mounted there would go with the
+/// command. Mounted here, in the caller's mount namespace, before any such
+/// command, it is the same file system for each; unmounted when the lab
+/// drops, with whatever a killed balancer left in it.
+#[derive(Debug)]
+struct PinFs(std::path::PathBuf);
+
+impl PinFs {
+    fn mount(tag: &str, net: u8) -> Result<PinFs> {
+        let dir =
+            std::env::temp_dir().join(format!("tcpr-lab-{tag}-{net}-{}-bpffs", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        tcpr_host::bpf::mount_bpffs(&dir)
+            .with_context(|| format!("mount a BPF file system on {}", dir.display()))?;
+        Ok(PinFs(dir))
+    }
+}
+
+impl Drop for PinFs {
+    fn drop(&mut self) {
+        let _ = tcpr_host::bpf::unmount(&self.0);
+        let _ = std::fs::remove_dir(&self.0);
+    }
 }
 
 /// An address family of the lab.
@@ -45,6 +75,7 @@ impl BalanceLab {
     /// A lab on network `net` (1 to 254, distinct per concurrent lab) with
     /// `backends` backend hosts.
     pub fn new(tag: &str, net: u8, backends: u8) -> Result<BalanceLab> {
+        let pins = PinFs::mount(tag, net)?;
         let mut lab = Lab::new(tag)?;
         let cidrs = |h: u8| [format!("10.{net}.0.{h}/24"), format!("fd00:{net}::{h}/64")];
         let host = |lab: &mut Lab, name: &str, h: u8| -> Result<Host> {
@@ -79,7 +110,14 @@ impl BalanceLab {
             backends,
             net,
             _lab: lab,
+            pins,
         })
+    }
+
+    /// A directory for the front's balancer to pin its steering in
+    /// (`--steer-pin-dir`), on a BPF file system of the lab's.
+    pub fn pin_dir(&self) -> std::path::PathBuf {
+        self.pins.0.join("tcpr")
     }
 
     /// Host number `h`'s address in `family`.

@@ -130,7 +130,10 @@ pub(crate) fn start_backends(
 pub(crate) fn start_balancer(lab: &BalanceLab, config: &std::path::Path) -> Result<Running> {
     let exe = std::env::current_exe()?;
     let mut balancer = lab.front.cmd(exe.to_str().context("exe path")?);
-    balancer.args(["balance", "--config", config.to_str().context("path")?]);
+    balancer
+        .args(["balance", "--config", config.to_str().context("path")?])
+        .arg("--steer-pin-dir")
+        .arg(lab.pin_dir());
     start(balancer, "tcpr balance ready")
 }
 

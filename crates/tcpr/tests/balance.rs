@@ -362,19 +362,9 @@ fn handed_off_connections_outlive_a_killed_or_stopped_balancer() {
     bed.start_servers();
     bed.start_agents();
     let config = bed.config_text(true);
-    // `ip netns exec` gives the balancer a mount namespace of its own and
-    // a fresh /sys: the pins go on a BPF file system mounted here, in the
-    // test's (the host's) mount namespace, which the balancer's shares.
-    let bpffs = Bpffs::mount(&bed.dir.join("bpffs"));
-    let pin_dir = bpffs.0.join("tcpr");
-    let args = [
-        "--steer-datapath",
-        "bpf",
-        "--steer-linger",
-        "0.5",
-        "--steer-pin-dir",
-        pin_dir.to_str().unwrap(),
-    ];
+    // (The bed pins on a BPF file system of the lab's: `ip netns exec`
+    // hides the host's /sys/fs/bpf.)
+    let args = ["--steer-datapath", "bpf", "--steer-linger", "0.5"];
     bed.start_balancer(&config, &args);
     let dir = said(&bed, "tcpr balance steering pinned at ")
         .expect("the BPF datapath is pinned")
@@ -434,30 +424,4 @@ fn handed_off_connections_outlive_a_killed_or_stopped_balancer() {
         !std::path::Path::new(&dir).exists(),
         "{dir} is left after the last balancer stopped with no flow"
     );
-}
-
-/// A BPF file system mounted for a test, unmounted (with its pins) at the
-/// end.
-struct Bpffs(std::path::PathBuf);
-
-impl Bpffs {
-    fn mount(dir: &std::path::Path) -> Bpffs {
-        std::fs::create_dir_all(dir).unwrap();
-        let st = std::process::Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(dir)
-            .status()
-            .unwrap();
-        assert!(st.success(), "mount a BPF file system on {}", dir.display());
-        Bpffs(dir.to_path_buf())
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
 }

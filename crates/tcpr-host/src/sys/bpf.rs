@@ -211,3 +211,16 @@ pub fn obj_get(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
     // SAFETY: BPF_OBJ_GET returned a new file descriptor, owned from here.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r as i32) })
 }
+
+/// Detaches the file system mounted on `dir` (`umount2(MNT_DETACH)`): gone
+/// from the tree at once, freed once no mount namespace holds it.
+pub fn unmount(dir: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other("a path with a NUL byte"))?;
+    // SAFETY: `path` is a NUL-terminated string live for the call.
+    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -231,6 +231,8 @@ impl Bed {
             None => self.lab.front.cmd(tcpr_bin()),
         };
         cmd.args(["balance", "--config", self.config.to_str().unwrap()])
+            .arg("--steer-pin-dir")
+            .arg(self.lab.pin_dir())
             .args(extra);
         let mut p = Proc::spawn(cmd, "balancer");
         let mut said = vec![];
