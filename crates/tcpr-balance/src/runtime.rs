@@ -339,6 +339,12 @@ pub fn run(opts: Options) -> Result<(), StartError> {
     // steered for the next balancer on the interface, where the datapath
     // can leave them to the kernel.
     if let Some(n) = shared.steering.as_ref().and_then(|s| s.close(true)) {
+        // usize::MAX: the last sweep failed, so the count is unknown.
+        let n = if n == usize::MAX {
+            "an unknown number of".to_string()
+        } else {
+            n.to_string()
+        };
         println!("tcpr balance left {n} steered flows to the kernel for the next tcpr balance");
     }
     println!("tcpr balance drained");

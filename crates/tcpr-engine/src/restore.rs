@@ -233,7 +233,12 @@ impl Restored {
                 Buf::Recv.raise(fd, recv_want, rcvbuf as usize)
                     | Buf::Send.raise(fd, send_want, sndbuf as usize)
             }
-            None => Buf::Recv.ensure(fd, recv_want) | Buf::Send.ensure(fd, send_want),
+            // Whether it asked (as `raise`), not whether the buffer grew:
+            // a size the kernel clamped locks the buffer all the same.
+            None => {
+                Buf::Recv.raise(fd, recv_want, Buf::Recv.current(fd))
+                    | Buf::Send.raise(fd, send_want, Buf::Send.current(fd))
+            }
         };
         // Sequence numbers are accepted only in CLOSE, so before connect.
         let recv_start = img.recv_seq.back(img.recv_queue.len() as u32);
@@ -334,11 +339,14 @@ impl Restored {
         }
         sys::set_repair_window(fd, w).map_err(kernel_error("set TCP_REPAIR_WINDOW"))?;
         apply_socket_options(fd, so, defaults, img.local.is_ipv6())?;
-        // Sizing a buffer (above, or when a queue did not fit) locked it;
-        // the original's lock is put back, so a buffer the kernel was
-        // autotuning is autotuned again from the size it had reached.
+        // Sizing a buffer (above, or when a queue did not fit; even a size
+        // the kernel clamped) locked it; the original's lock is put back,
+        // so a buffer the kernel was autotuning is autotuned again from the
+        // size it had reached. A new socket with nothing sized or queued
+        // has the lock of one that set nothing: no call then.
         let queued = !img.recv_queue.is_empty() || !img.send_queue.sent.is_empty();
-        if let Some(lock) = so.buf_lock.filter(|&l| l != 0 || raised || queued) {
+        let touched = raised || queued;
+        if let Some(lock) = so.buf_lock.filter(|&l| l != 0 || touched) {
             set_buf_lock(fd, lock)?;
         }
         Ok(())
@@ -403,9 +411,12 @@ impl Restored {
                 waited: self.unsent_timeout,
             },
         })?;
-        // Queuing them may have grown (so locked) the send buffer.
+        // Queuing them may have grown (so locked) the send buffer. The
+        // connection is live by now: a refusal is not worth ending it.
         if let Some(lock) = self.buf_lock.filter(|_| !self.unsent.is_empty()) {
-            set_buf_lock(fd, lock)?;
+            if let Err(e) = set_buf_lock(fd, lock) {
+                tracing::warn!("{e}: the send buffer stays at its size");
+            }
         }
         // TCP_NOTSENT_LOWAT gates sendmsg on the unsent bytes, so it is
         // set only once they are queued.

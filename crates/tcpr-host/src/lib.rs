@@ -11,8 +11,10 @@
 //!   [`recv_with_fd`] (SCM_RIGHTS), [`memfd_with`], [`pass_socket`] (the
 //!   systemd `Accept=yes` and inetd conventions for a child process);
 //! - [`enter_netns`], [`unshare_netns`], [`raise_fd_limit`];
-//! - [`bpf`]: running a loaded BPF program once (the steering datapath's
-//!   sweep);
+//! - [`bpf`]: the BPF calls aya does not make for the steering datapath:
+//!   running a loaded program once (its sweep), a tcx link's description,
+//!   opening a pinned object, finding, mounting and unmounting a BPF file
+//!   system (its pins);
 //! - [`sock`]: the generic socket calls (int options, bind, connect,
 //!   addresses, netlink sockets, send/recv) the engine shares;
 //! - [`relay`]: a zero-copy (splice) relay between two TCP connections,
@@ -25,7 +27,7 @@
 //! - [`nfnl`]: nf_tables set and map elements over netlink (the engine's
 //!   flow lock, the balancer's steering maps).
 //!
-//! All `unsafe` lives in the `sys` module (public only through [`sock`]). This crate does not
+//! All `unsafe` lives in the `sys` module (public through [`sock`] and [`bpf`]). This crate does not
 //! freeze, dump or restore connections (the engine does), steer packets,
 //! or talk to other hosts.
 

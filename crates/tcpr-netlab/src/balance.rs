@@ -34,24 +34,32 @@ pub struct BalanceLab {
     pins: PinFs,
 }
 
-/// A BPF file system for the front's balancer to pin its steering in
-/// (`tcpr balance --steer-pin-dir`): a command run in a host (`ip netns
-/// exec`) has a mount namespace and a `/sys` of its own, so the host's
-/// `/sys/fs/bpf` is hidden there and one mounted there would go with the
-/// command. Mounted here, in the caller's mount namespace, before any such
-/// command, it is the same file system for each; unmounted when the lab
-/// drops, with whatever a killed balancer left in it.
+/// A BPF file system for a lab's steering datapath to pin itself in
+/// (`tcpr balance --steer-pin-dir`, `BpfConfig::pin_dir`): a command run in
+/// a host (`ip netns exec`) has a mount namespace and a `/sys` of its own,
+/// so the host's `/sys/fs/bpf` is hidden there and one mounted there would
+/// go with the command. Mounted here, in the caller's mount namespace,
+/// before any such command, it is the same file system for each; and a
+/// lab's pins stay out of the host's. Unmounted when dropped, with
+/// whatever a killed balancer left in it.
 #[derive(Debug)]
-struct PinFs(std::path::PathBuf);
+pub struct PinFs(std::path::PathBuf);
 
 impl PinFs {
-    fn mount(tag: &str, net: u8) -> Result<PinFs> {
+    /// Mounts one (a directory named after `tag` and `net` in the
+    /// temporary directory).
+    pub fn mount(tag: &str, net: u8) -> Result<PinFs> {
         let dir =
             std::env::temp_dir().join(format!("tcpr-lab-{tag}-{net}-{}-bpffs", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         tcpr_host::bpf::mount_bpffs(&dir)
             .with_context(|| format!("mount a BPF file system on {}", dir.display()))?;
         Ok(PinFs(dir))
+    }
+
+    /// A directory to pin in, on it.
+    pub fn pin_dir(&self) -> std::path::PathBuf {
+        self.0.join("tcpr")
     }
 }
 
@@ -117,7 +125,7 @@ impl BalanceLab {
     /// A directory for the front's balancer to pin its steering in
     /// (`--steer-pin-dir`), on a BPF file system of the lab's.
     pub fn pin_dir(&self) -> std::path::PathBuf {
-        self.pins.0.join("tcpr")
+        self.pins.pin_dir()
     }
 
     /// Host number `h`'s address in `family`.

@@ -35,24 +35,27 @@
 //! default capacity). A new entry's time starts at its first sweep, on the
 //! kernel's clock: userspace's differs in a time namespace.
 //!
-//! The flows map and the tcx link are pinned in a BPF file system
-//! (`pin.rs`): a process that ends without removing them (killed,
-//! crashed, or [`Steering::close`]d keeping its flows) leaves its program
-//! steering the flows it handed off, whose connections live on at the
-//! backends; the next datapath on the interface copies the entries into
-//! its own map, attaches its program before the old one, then detaches
-//! the old one, so no packet meets neither. Dropping the datapath, or
-//! closing it without keeping its flows, removes the pins. Where nothing
-//! can be pinned (no BPF file system can be mounted) the datapath is the
-//! process's alone, as before, and says so. Without tcx (before Linux
-//! 6.6) it refuses to install: a `cls_bpf` filter cannot be handed over
-//! this way (the nf_tables datapath runs there). The map's capacity counts
+//! The tcx link is pinned in a BPF file system (`pin.rs`); its program
+//! holds the flows map. A process that ends without removing the pin
+//! (killed, crashed, failed after its install, or [`Steering::close`]d
+//! keeping its flows) leaves its program steering the flows it handed
+//! off, whose connections live on at the backends, unswept. The next
+//! datapath on the interface attaches its program before the old one,
+//! copies the entries of the old program's map into its own, replaces the
+//! pin and closes the old link, which detaches the old program once no
+//! process holds it: no packet meets neither. A datapath that closes after
+//! another took over hands its entries to that one's map first. Only
+//! `close(false)` (or a close with nothing steered) removes the pin. Where
+//! nothing can be pinned (no BPF file system) the datapath is the
+//! process's alone, as before, and says so. Without tcx (before Linux 6.6)
+//! it refuses to install: a `cls_bpf` filter cannot be handed over this
+//! way (the nf_tables datapath runs there). The map's capacity counts
 //! both families together.
 
 use crate::common::{check_timeouts, invalid, lock, on_wire, plain_ifname, Netns, WireFlow};
-use crate::pin::{Left, Pins};
+use crate::pin::Pins;
 use crate::{SteerError, SteeredFlow, Steering};
-use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifier, TcAttachOptions, TcAttachType};
 use aya::programs::{LinkOrder, ProgramFd};
@@ -142,8 +145,9 @@ pub fn sweep_period(idle: Duration, linger: Duration) -> Duration {
 }
 
 /// The BPF steering datapath of one interface (see the module doc).
-/// Dropping it detaches the program and frees the map, and with it every
-/// entry (unless [`Steering::close`] kept them).
+/// `close(false)` detaches the program and frees the map, and with it
+/// every entry; `close(true)`, or a drop without a close, leaves the
+/// entries steered to the next datapath on the interface, where pinned.
 pub struct BpfSteering {
     cfg: BpfConfig,
     netns: Netns,
@@ -158,12 +162,11 @@ pub struct BpfSteering {
     /// The steering program's tcx link: it detaches once this is gone and,
     /// when pinned, its pin too.
     link: Mutex<Option<HeldLink>>,
-    /// Where the map and the link are pinned, and the link's id; `None`
-    /// when they could not be.
+    /// Where the link is pinned, and its id; `None` when it could not be.
     pinned: Option<(Pins, u32)>,
     /// The entries carried over from the datapath before (see the module
-    /// doc), and those that did not fit.
-    carried: (usize, usize),
+    /// doc).
+    carried: CarriedOver,
     /// The programs (the steering one attached through `link`).
     _ebpf: Ebpf,
 }
@@ -207,8 +210,9 @@ impl Sweep {
         };
         // Each read of `last` in a statement of its own: a guard made in a
         // `match` (or `if let`) scrutinee lives through its arms, and
-        // `run_alone` takes the lock again (a scrape that found the last
-        // sweep stale deadlocked with the sweeper).
+        // `run_alone` takes the lock again: a scrape that found the last
+        // sweep stale deadlocked itself, holding `running`, and the
+        // sweeper, waiting for it, swept no more.
         let last = *lock(&self.last);
         if let Some(n) = within(last) {
             return Ok(n);
@@ -286,19 +290,6 @@ impl BpfSteering {
         let ifindex =
             tcpr_host::addr::interface_index(&cfg.device).map_err(|e| invalid(&e.to_string()))?;
         let capacity = u32::try_from(cfg.capacity).map_err(|_| invalid("capacity too large"))?;
-        let pins = match netns_cookie().and_then(|c| Pins::open(&cfg.pin_dir, c, ifindex)) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                eprintln!(
-                    "tcpr-steer: cannot pin the BPF datapath of {} in {} ({e}): \
-                     the flows it steers will end with this process",
-                    cfg.device,
-                    cfg.pin_dir.display()
-                );
-                None
-            }
-        };
-        let left = pins.as_ref().and_then(|p| p.left(ifindex));
         let mut ebpf = EbpfLoader::new()
             .set_max_entries("flows", capacity)
             .load(OBJECT)
@@ -314,23 +305,11 @@ impl BpfSteering {
         config
             .set(0, settings, 0)
             .map_err(|e| kernel("config map", e))?;
-        let flows = ebpf
-            .take_map("flows")
-            .ok_or_else(|| invalid("the BPF object has no flows map"))?;
-        if let (Some(p), Map::HashMap(data)) = (&pins, &flows) {
-            p.stage(data).map_err(|e| {
-                kernel(
-                    &format!("cannot pin the flows map in {}", p.dir().display()),
-                    e,
-                )
-            })?;
-        }
-        let mut flows: BpfHashMap<MapData, Key, Value> =
-            BpfHashMap::try_from(flows).map_err(|e| kernel("flows map", e))?;
-        let carried = match &left {
-            Some(left) => carry_over(left, &mut flows),
-            None => (0, 0),
-        };
+        let mut flows: BpfHashMap<MapData, Key, Value> = BpfHashMap::try_from(
+            ebpf.take_map("flows")
+                .ok_or_else(|| invalid("the BPF object has no flows map"))?,
+        )
+        .map_err(|e| kernel("flows map", e))?;
 
         let sweep = program(&mut ebpf, "sweep")?;
         sweep
@@ -356,9 +335,10 @@ impl BpfSteering {
             .map_err(|e| refused("the kernel refused the steering program", e))?;
         // First: before the program of the datapath this one takes over
         // from, if any, which detaches once its link's pin is replaced and
-        // `left` dropped. Until then a packet of a carried flow meets this
-        // program first, and one of a flow only the old map holds (steered
-        // meanwhile by a process still running) meets the old one next.
+        // `left` dropped. From the attach on, a packet of a flow the old
+        // map holds and this one does not yet meets this program, then the
+        // old one, which steers it; the entries are copied after the
+        // attach, so none changes (a FIN, a SYN reusing a tuple) unseen.
         let link_id = steer
             .attach_with_options(
                 &cfg.device,
@@ -378,20 +358,11 @@ impl BpfSteering {
                 .map_err(|e| kernel("steering link", e))?,
         )
         .map_err(|e| kernel("steering link", e))?;
-        let (link, pinned) = match pins {
-            Some(p) => {
-                let (link, id) = p.commit(link).map_err(|e| {
-                    kernel(
-                        &format!("cannot pin the steering link in {}", p.dir().display()),
-                        e,
-                    )
-                })?;
-                (HeldLink::Pinned(link), Some((p, id)))
-            }
-            None => (HeldLink::Own(link), None),
-        };
-        drop(left);
-
+        let (link, pinned, carried) = take_over(&cfg, ifindex, link, &mut flows)?;
+        if carried.carried > 0 {
+            // The count the gauge answers with counts them from now on.
+            sweep.run().map_err(|e| kernel("sweep", e))?;
+        }
         let (stop, stopped) = mpsc::channel::<()>();
         let period = sweep_period(cfg.idle, cfg.linger);
         let shared = Arc::clone(&sweep);
@@ -427,16 +398,15 @@ impl BpfSteering {
         })
     }
 
-    /// Where the map and the link are pinned (`None`: nowhere; the flows
-    /// end with the process).
+    /// Where the link is pinned (`None`: nowhere; the flows end with the
+    /// process).
     pub fn pinned_at(&self) -> Option<&std::path::Path> {
         self.pinned.as_ref().map(|(p, _)| p.dir())
     }
 
     /// The entries taken over from the datapath this one replaced on the
-    /// interface, and those that did not fit its capacity (steered no
-    /// more: their next packets meet the front's stack).
-    pub fn carried_over(&self) -> (usize, usize) {
+    /// interface.
+    pub fn carried_over(&self) -> CarriedOver {
         self.carried
     }
 
@@ -448,13 +418,78 @@ impl BpfSteering {
         }
     }
 
-    /// Removes the pins (if still this datapath's) and detaches the
-    /// program.
-    fn remove(&self) {
-        if let Some((pins, id)) = &self.pinned {
-            pins.remove(*id);
+    /// Ends the datapath: stops the sweeper and closes its link. With
+    /// `keep`, leaves the flows it steers to the kernel: still pinned, its
+    /// link stays (and says how many entries it holds); taken over by a
+    /// newer datapath meanwhile, its entries go into that one's map first
+    /// (those the newer one has win). Without `keep`, or with nothing
+    /// steered, its pin goes (if still its own) and the program detaches.
+    fn finish(&self, keep: bool) -> Option<usize> {
+        self.stop_sweeper();
+        let link = lock(&self.link).take()?;
+        let Some((pins, id)) = &self.pinned else {
+            return None;
+        };
+        let locked = match pins.lock() {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!(
+                    "tcpr-steer: cannot lock {} ({e}): its pins are left as they are",
+                    pins.dir().display()
+                );
+                return None;
+            }
+        };
+        let left = self.sweep.run().ok();
+        let kept = match pins.pinned(&locked) {
+            Ok(Some(p)) if p.id == *id => {
+                if keep && left != Some(0) {
+                    left.or(Some(usize::MAX))
+                } else {
+                    pins.remove(&locked);
+                    None
+                }
+            }
+            Ok(Some(newer)) if keep => self.hand_to(newer.prog_id),
+            Ok(_) => None,
+            Err(e) => {
+                eprintln!(
+                    "tcpr-steer: cannot read the link pinned in {} ({e}): left as it is",
+                    pins.dir().display()
+                );
+                None
+            }
+        };
+        drop(link);
+        drop(locked);
+        kept
+    }
+
+    /// Copies this datapath's entries into the map of the program
+    /// `prog_id` (the datapath that took over); how many went in.
+    fn hand_to(&self, prog_id: u32) -> Option<usize> {
+        let newer = match crate::pin::flows_of(prog_id) {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!(
+                    "tcpr-steer: cannot find the flows map of the datapath that took over ({e}): \
+                     the flows steered here since end with this process"
+                );
+                return None;
+            }
+        };
+        let mut newer =
+            BpfHashMap::<MapData, Key, Value>::try_from(aya::maps::Map::HashMap(newer)).ok()?;
+        let mine = lock(&self.flows);
+        let mut handed = 0;
+        for (key, value) in mine.iter().filter_map(Result::ok) {
+            match newer.insert(key, value, BPF_NOEXIST) {
+                Ok(()) => handed += 1,
+                Err(e) if map_errno(&e) == Some(libc::EEXIST) => handed += 1,
+                Err(_) => {}
+            }
         }
-        drop(lock(&self.link).take());
+        Some(handed)
     }
 
     /// Whether the flow from `client` to `vip` is steered now: its entry
@@ -502,22 +537,86 @@ fn netns_cookie() -> std::io::Result<u64> {
     tcpr_host::sock::netns_cookie(sock.as_fd())
 }
 
-/// Copies the entries `left` holds into `flows`; how many went in, and how
-/// many did not fit.
-fn carry_over(left: &Left, flows: &mut BpfHashMap<MapData, Key, Value>) -> (usize, usize) {
-    let Ok(old) = BpfHashMap::<&MapData, Key, Value>::try_from(&left.flows) else {
-        // Another layout (a tcpr of another version): nothing to carry.
-        return (0, 0);
+/// What a datapath took over from the one before it on the interface.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CarriedOver {
+    /// Entries copied into its map.
+    pub carried: usize,
+    /// Entries that did not fit its capacity: those flows are steered no
+    /// more once the old program detaches (their next packets meet the
+    /// front's stack).
+    pub lost: usize,
+}
+
+/// Pins `link` (attached) in place of what an earlier datapath of the
+/// interface left, after copying that one's entries into `flows`: all
+/// under the pin root's lock. Where nothing can be pinned, or what is
+/// pinned cannot be read, says so and runs unpinned (nothing removed).
+#[allow(clippy::type_complexity)]
+fn take_over(
+    cfg: &BpfConfig,
+    ifindex: u32,
+    link: FdLink,
+    flows: &mut BpfHashMap<MapData, Key, Value>,
+) -> Result<(HeldLink, Option<(Pins, u32)>, CarriedOver), SteerError> {
+    let unpinned = |why: String| {
+        eprintln!(
+            "tcpr-steer: {why}: the BPF datapath of {} is not pinned, and the flows it steers \
+             will end with this process",
+            cfg.device
+        );
     };
-    let (mut carried, mut lost) = (0, 0);
-    for entry in old.iter() {
-        let Ok((key, value)) = entry else { continue };
-        match flows.insert(key, value, 0) {
-            Ok(()) => carried += 1,
-            Err(_) => lost += 1,
+    let pins = match netns_cookie().and_then(|c| Pins::open(&cfg.pin_dir, c, ifindex)) {
+        Ok(p) => p,
+        Err(e) => {
+            unpinned(format!("cannot pin in {} ({e})", cfg.pin_dir.display()));
+            return Ok((HeldLink::Own(link), None, CarriedOver::default()));
+        }
+    };
+    let locked = pins.lock()?;
+    pins.remove_stale(&locked);
+    let left = match pins.left(&locked, ifindex) {
+        Ok(left) => left,
+        Err(e) => {
+            unpinned(format!(
+                "cannot read what is pinned in {} ({e}); left as it is",
+                pins.dir().display()
+            ));
+            return Ok((HeldLink::Own(link), None, CarriedOver::default()));
+        }
+    };
+    let carried = left
+        .as_ref()
+        .map_or(CarriedOver::default(), |l| carry_over(&l.flows, flows));
+    let (link, id) = pins.commit(&locked, link).map_err(|e| {
+        kernel(
+            &format!("cannot pin the steering link in {}", pins.dir().display()),
+            e,
+        )
+    })?;
+    // The old link's pin is replaced: closing it detaches the old program
+    // (unless its process is still running).
+    drop(left);
+    drop(locked);
+    Ok((HeldLink::Pinned(link), Some((pins, id)), carried))
+}
+
+/// Copies the entries of `old` (an earlier datapath's map) into `flows`,
+/// those `flows` has already kept.
+fn carry_over(old: &aya::maps::Map, flows: &mut BpfHashMap<MapData, Key, Value>) -> CarriedOver {
+    let Ok(old) = BpfHashMap::<&MapData, Key, Value>::try_from(old) else {
+        // Another layout (a tcpr of another version): nothing to carry.
+        return CarriedOver::default();
+    };
+    let mut c = CarriedOver::default();
+    for (key, value) in old.iter().filter_map(Result::ok) {
+        match flows.insert(key, value, BPF_NOEXIST) {
+            Ok(()) => c.carried += 1,
+            Err(e) if map_errno(&e) == Some(libc::EEXIST) => c.carried += 1,
+            Err(_) => c.lost += 1,
         }
     }
-    (carried, lost)
+    c
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, SteerError> {
@@ -647,27 +746,9 @@ impl Steering for BpfSteering {
         "bpf-tcx"
     }
 
-    /// Kept, where pinned and any entry is left after a last sweep: the
-    /// pins stay, and this process's descriptors go with it.
+    /// See [`BpfSteering::finish`].
     fn close(&self, keep_flows: bool) -> Option<usize> {
-        self.stop_sweeper();
-        let left = self.sweep.run().unwrap_or(usize::MAX);
-        if keep_flows && self.pinned.is_some() && left > 0 {
-            // Closed: dropping it later removes nothing.
-            drop(lock(&self.link).take());
-            return Some(left);
-        }
-        self.remove();
-        None
-    }
-}
-
-impl Drop for BpfSteering {
-    fn drop(&mut self) {
-        self.stop_sweeper();
-        if lock(&self.link).is_some() {
-            self.remove();
-        }
+        self.finish(keep_flows)
     }
 }
 

@@ -1,22 +1,29 @@
-//! Where the BPF datapath pins its flows map and its tcx link, so that
-//! both outlive the process: a balancer killed, crashed or restarted
-//! leaves its program steering the flows it handed off (their
-//! connections live on the backends), and the next datapath on the same
-//! interface takes them over.
+//! Where the BPF datapath pins its tcx link, so that its program (and the
+//! flows map the program holds) outlives the process: a balancer killed,
+//! crashed, failed after its start or stopped with flows steered leaves
+//! its program steering the flows it handed off (their connections live
+//! on the backends), and the next datapath on the same interface takes
+//! them over.
 //!
 //! ```text
 //! /sys/fs/bpf                       a BPF file system (mounted if not,
 //!                                   in the host's mount namespace only)
-//!   tcpr/steer-NETNS-IFINDEX/       one per interface: NETNS is the
+//!   tcpr/                           locked (flock) by whoever changes a pin
+//!     steer-NETNS-IFINDEX/          one per interface: NETNS is the
 //!                                   namespace's cookie (never reused in
 //!                                   a boot), IFINDEX the interface's
-//!     flows                         the flows map
-//!     link                          the tcx link (attached while pinned)
+//!       link                        the tcx link (attached while pinned)
 //! ```
+//!
+//! Only the link is pinned: its program holds the flows map, which the
+//! next datapath finds from the link (its program's maps), so the map it
+//! copies is always the one that steers. One pin is replaced at once
+//! (`rename`), and every change is made under the root directory's lock.
 //!
 //! A directory whose link is detached (its interface, or its namespace,
 //! is gone) is stale: every datapath that installs removes those it finds,
-//! which frees their maps.
+//! which frees their programs and maps. Nothing is removed on an error
+//! that does not prove it stale.
 //!
 //! A BPF file system is one instance per mount: pins outlive a process
 //! only in an instance that outlives its mount namespace. `ip netns exec`
@@ -28,57 +35,65 @@
 //! than `/sys/fs/bpf`, mounted before the namespace was made), or nothing
 //! is pinned.
 
-use aya::maps::{Map, MapData};
+use aya::maps::{Map, MapData, MapInfo};
 use aya::programs::links::{FdLink, PinnedLink};
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tcpr_host::bpf::{is_bpffs, mount_bpffs, obj_get, tcx_link};
+use tcpr_host::bpf::{is_bpffs, mount_bpffs, obj_get, tcx_link, TcxLink};
 
 /// The BPF file system's usual mount point.
 const BPFFS: &str = "/sys/fs/bpf";
 /// Where a datapath pins itself unless told otherwise: `tcpr` in it.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/tcpr";
 const LINK: &str = "link";
-const FLOWS: &str = "flows";
-/// Names a new pin has until it replaces the old one (`rename`). (No
+/// The name a new pin has until it replaces the old one (`rename`). (No
 /// dot: bpffs keeps names with one for itself, EPERM.)
 const LINK_NEW: &str = "link_new";
-const FLOWS_NEW: &str = "flows_new";
-/// A directory with no link pinned is being filled by an install (flows
-/// first): stale only when older than this.
-const HALF_PINNED_STALE: Duration = Duration::from_secs(60);
+/// A directory with no link pinned may be an install's, between its
+/// `mkdir` and its pin: stale only when older than this.
+const UNPINNED_STALE: Duration = Duration::from_secs(60);
+/// The name of the steering program's flows map (steer.bpf.c).
+const FLOWS_MAP: &str = "flows";
 
 /// One interface's pin directory.
 #[derive(Debug)]
 pub(crate) struct Pins {
+    root: PathBuf,
     dir: PathBuf,
 }
 
+/// The root directory's lock, held while pins change (released on drop).
+pub(crate) struct Locked(#[allow(dead_code)] File);
+
 /// What an earlier datapath of the interface left: its link, still
-/// attached (its program steers), and its flows map.
+/// attached (its program steers), and the flows map its program uses.
 pub(crate) struct Left {
     /// Held until the new program is attached and pinned in its place;
-    /// closing it then detaches the old program.
+    /// closing it then detaches the old program (unless its process still
+    /// holds it).
     pub(crate) _link: OwnedFd,
     /// As a hash map: its layout is checked when read.
     pub(crate) flows: Map,
 }
 
+/// A link pinned here, as the kernel describes it.
+pub(crate) type Pinned = TcxLink;
+
 impl Pins {
     /// The directory of the datapath on `ifindex` in the network
     /// namespace whose cookie is `netns`, under `root` (on a BPF file
-    /// system; [`DEFAULT_PIN_DIR`] mounts one if need be). Removes the
-    /// stale directories it finds there.
+    /// system; [`DEFAULT_PIN_DIR`] mounts one if need be).
     pub(crate) fn open(root: &Path, netns: u64, ifindex: u32) -> io::Result<Pins> {
         on_bpffs(root)?;
         std::fs::DirBuilder::new()
             .recursive(true)
             .create(root)
             .map_err(|e| io::Error::new(e.kind(), format!("create {}: {e}", root.display())))?;
-        remove_stale(root);
         Ok(Pins {
+            root: root.to_path_buf(),
             dir: root.join(format!("steer-{netns:x}-{ifindex}")),
         })
     }
@@ -88,78 +103,115 @@ impl Pins {
         &self.dir
     }
 
-    /// What an earlier datapath left here, if its program is still
-    /// attached to `ifindex`; anything else pinned here is removed.
-    pub(crate) fn left(&self, ifindex: u32) -> Option<Left> {
-        let link = obj_get(&self.dir.join(LINK)).ok();
-        let attached = link
-            .as_ref()
-            .and_then(|l| tcx_link(l.as_fd()).ok())
-            .is_some_and(|l| l.ifindex == ifindex);
-        let flows = MapData::from_pin(self.dir.join(FLOWS)).ok();
-        match (link, flows) {
-            (Some(link), Some(flows)) if attached => Some(Left {
-                _link: link,
-                flows: Map::HashMap(flows),
-            }),
-            _ => {
-                remove_dir(&self.dir);
-                None
-            }
+    /// Takes the root directory's lock (waits for it): one process at a
+    /// time reads and changes pins.
+    pub(crate) fn lock(&self) -> io::Result<Locked> {
+        let f = File::open(&self.root)?;
+        tcpr_host::bpf::lock_exclusive(f.as_fd())?;
+        Ok(Locked(f))
+    }
+
+    /// Removes the stale directories under the root (under its lock).
+    pub(crate) fn remove_stale(&self, _locked: &Locked) {
+        remove_stale(&self.root);
+    }
+
+    /// The link pinned here now: `None` when there is none.
+    pub(crate) fn pinned(&self, _locked: &Locked) -> io::Result<Option<Pinned>> {
+        match obj_get(&self.dir.join(LINK)) {
+            Ok(link) => tcx_link(link.as_fd()).map(Some),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
-    /// Pins `flows` under a new name, before the program is attached: the
-    /// first half of [`Pins::commit`].
-    pub(crate) fn stage(&self, flows: &MapData) -> io::Result<()> {
+    /// What an earlier datapath left here, if its program is still
+    /// attached to `ifindex`: `None` when nothing is pinned, or what is is
+    /// stale (then removed). An error, when what is pinned cannot be read,
+    /// removes nothing.
+    pub(crate) fn left(&self, _locked: &Locked, ifindex: u32) -> io::Result<Option<Left>> {
+        let link = match obj_get(&self.dir.join(LINK)) {
+            Ok(link) => link,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let info = tcx_link(link.as_fd())?;
+        if info.ifindex == 0 {
+            remove_dir(&self.dir);
+            return Ok(None);
+        }
+        if info.ifindex != ifindex {
+            return Err(io::Error::other(format!(
+                "the link pinned there is attached to interface {}, not {ifindex}",
+                info.ifindex
+            )));
+        }
+        let flows = Map::HashMap(flows_of(info.prog_id)?);
+        Ok(Some(Left { _link: link, flows }))
+    }
+
+    /// Pins `link` here in place of what was (a `rename`: at once).
+    /// Returns the link pinned (holding a descriptor of it) and its id.
+    pub(crate) fn commit(&self, _locked: &Locked, link: FdLink) -> io::Result<(PinnedLink, u32)> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .create(&self.dir)?;
-        let _ = std::fs::remove_file(self.dir.join(FLOWS_NEW));
-        flows
-            .pin(self.dir.join(FLOWS_NEW))
-            .map_err(io::Error::other)
-    }
-
-    /// Puts the map [`Pins::stage`]d and `link` in place of what was
-    /// pinned, each at once (`rename`), the map first: a crash in between
-    /// leaves the old link with the new map, which the next datapath takes
-    /// over as well. Returns the link pinned (holding a descriptor of it)
-    /// and its id.
-    pub(crate) fn commit(&self, link: FdLink) -> io::Result<(PinnedLink, u32)> {
         let at = |name: &str| self.dir.join(name);
-        std::fs::rename(at(FLOWS_NEW), at(FLOWS))?;
         let _ = std::fs::remove_file(at(LINK_NEW));
         let pinned = link.pin(at(LINK_NEW)).map_err(io::Error::other)?;
+        let id = match obj_get(&at(LINK_NEW)).and_then(|l| tcx_link(l.as_fd())) {
+            Ok(l) => l.id,
+            Err(e) => {
+                // Not ours to pin after all: the program stays attached
+                // through `pinned` until the caller drops it.
+                let _ = std::fs::remove_file(at(LINK_NEW));
+                return Err(e);
+            }
+        };
         std::fs::rename(at(LINK_NEW), at(LINK))?;
-        let id = tcx_link(obj_get(&at(LINK))?.as_fd())?.id;
         Ok((pinned, id))
     }
 
-    /// Removes the pins if the link pinned is `ours` (a datapath that took
-    /// over since owns them now). The program detaches once the last
-    /// descriptor of its link closes.
-    pub(crate) fn remove(&self, ours: u32) {
-        let owned = obj_get(&self.dir.join(LINK))
-            .and_then(|l| tcx_link(l.as_fd()))
-            .is_ok_and(|l| l.id == ours);
-        if owned {
-            remove_dir(&self.dir);
-        }
+    /// Removes the pin (the program detaches once the last descriptor of
+    /// its link closes) and the directory.
+    pub(crate) fn remove(&self, _locked: &Locked) {
+        remove_dir(&self.dir);
     }
 }
 
-/// Removes a pin directory and what it holds.
+/// The flows map of the program `prog_id` (a steering program: its map
+/// named [`FLOWS_MAP`]).
+pub(crate) fn flows_of(prog_id: u32) -> io::Result<MapData> {
+    let prog = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == prog_id)
+        .ok_or_else(|| io::Error::other(format!("program {prog_id} is gone")))?;
+    let ids = prog
+        .map_ids()
+        .map_err(io::Error::other)?
+        .unwrap_or_default();
+    for id in ids {
+        let info = MapInfo::from_id(id).map_err(io::Error::other)?;
+        if info.name_as_str() == Some(FLOWS_MAP) {
+            return MapData::from_id(id).map_err(io::Error::other);
+        }
+    }
+    Err(io::Error::other(format!(
+        "program {prog_id} has no {FLOWS_MAP} map"
+    )))
+}
+
+/// Removes a pin directory and what tcpr pins in it.
 fn remove_dir(dir: &Path) {
-    for name in [LINK, FLOWS, LINK_NEW, FLOWS_NEW] {
+    for name in [LINK, LINK_NEW] {
         let _ = std::fs::remove_file(dir.join(name));
     }
     let _ = std::fs::remove_dir(dir);
 }
 
-/// Removes the directories under `root` whose link is detached (their
-/// interface is gone), or that hold no link and are older than a half-done
-/// install can be.
+/// Removes the directories under `root` proved stale: a link pinned and
+/// detached (its interface is gone), or no link pinned (ENOENT) in a
+/// directory older than an install takes. Any other error leaves it.
 fn remove_stale(root: &Path) {
     let Ok(entries) = std::fs::read_dir(root) else {
         return;
@@ -170,13 +222,14 @@ fn remove_stale(root: &Path) {
             continue;
         }
         let stale = match obj_get(&dir.join(LINK)) {
-            Ok(link) => tcx_link(link.as_fd()).map_or(true, |l| l.ifindex == 0),
-            Err(_) => e
+            Ok(link) => tcx_link(link.as_fd()).is_ok_and(|l| l.ifindex == 0),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => e
                 .metadata()
                 .and_then(|m| m.modified())
                 .ok()
                 .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age > HALF_PINNED_STALE),
+                .is_some_and(|age| age > UNPINNED_STALE),
+            Err(_) => false,
         };
         if stale {
             remove_dir(&dir);

@@ -189,6 +189,8 @@ on_both!(
 
 struct Net {
     _lab: Lab,
+    // After the lab: unmounted once its processes are gone.
+    pins: tcpr_netlab::balance::PinFs,
     client: Host,
     front: Host,
     backend: Host,
@@ -206,6 +208,9 @@ fn sh(h: &Host, line: &str) -> String {
 
 impl Net {
     fn new(tag: &str) -> Net {
+        // The BPF datapath pins itself here, not in the host's
+        // /sys/fs/bpf: each test's pins are its own and go with it.
+        let pins = tcpr_netlab::balance::PinFs::mount(tag, 0).unwrap();
         let mut lab = Lab::new(tag).unwrap();
         let client = lab
             .host("c", &[&format!("{CLIENT4}/24"), &format!("{CLIENT6}/64")])
@@ -238,6 +243,7 @@ impl Net {
         );
         Net {
             _lab: lab,
+            pins,
             client,
             front,
             backend,
@@ -266,11 +272,20 @@ impl Net {
                         capacity: s.capacity,
                         idle: s.idle,
                         linger: s.linger,
-                        ..BpfConfig::new("eth0")
+                        ..self.bpf_config()
                     })?),
                 })
             })
             .unwrap()
+    }
+
+    /// The BPF datapath's defaults on the front's eth0, pinned in the
+    /// test's own BPF file system.
+    fn bpf_config(&self) -> BpfConfig {
+        BpfConfig {
+            pin_dir: self.pins.pin_dir(),
+            ..BpfConfig::new("eth0")
+        }
     }
 
     /// TCP segments the front's own stack received (IPv4 and IPv6 share
@@ -716,9 +731,10 @@ fn a_full_table_refuses_with_full(kind: Kind) {
     assert!(steering.is_steered(one_more.client, one_more.vip).unwrap());
 }
 
-/// Dropping the datapath removes what it installed: a flow steered before
-/// the drop meets the front's stack afterwards (which resets it), and no
-/// rule (nf_tables) or filter (BPF) is left.
+/// Closing the datapath without keeping its flows (nf_tables: dropping
+/// it) removes what it installed: a flow steered before meets the front's
+/// stack afterwards (which resets it), and no rule (nf_tables) or filter
+/// (BPF) is left.
 fn nothing_is_left_after_drop(kind: Kind) {
     let net = Net::new(&format!("sd{}", kind.tag()));
     let steering = net.steering(kind, |_| {});
@@ -732,8 +748,13 @@ fn nothing_is_left_after_drop(kind: Kind) {
     if kind == Kind::Nft {
         assert!(sh(&net.front, "nft list ruleset").contains("tcpr_steer"));
     }
+    assert_eq!(steering.close(false), None);
     drop(steering);
     assert_eq!(sh(&net.front, "nft list ruleset").trim(), "");
+    if kind == Kind::Bpf {
+        let pinned = std::fs::read_dir(net.pins.pin_dir()).unwrap().count();
+        assert_eq!(pinned, 0, "a pin directory is left");
+    }
     let mut server = net.server(VIP4);
     let before = net.front_tcp_in();
     let out = handed_off_client(&net, CLIENT4, sport, (VIP4, BACKEND4), 1000, "fin");
@@ -752,7 +773,8 @@ fn nothing_is_left_after_drop(kind: Kind) {
 /// first steers after that, which the second does not know, is passed on
 /// to the first, which steers it: a program that ended the chain for every
 /// packet it does not steer would hand it to the front's stack (a RST).
-/// Once the first datapath is gone, the second steers what it took over.
+/// When the first ends, it hands that flow to the second, which steers
+/// both from then on.
 #[test]
 fn a_second_bpf_datapath_takes_over_and_passes_on_what_it_does_not_steer() {
     let net = Net::new("s2b");
@@ -769,14 +791,21 @@ fn a_second_bpf_datapath_takes_over_and_passes_on_what_it_does_not_steer() {
     const N: u64 = 1 << 20;
     let before = net.front_tcp_in();
     download(&net, FLOW4, after_sport, net.server(VIP4), N, "fin");
+    // The first ends: it hands what only it steers to the second.
+    assert_eq!(first.close(true), Some(2));
     drop(first);
+    assert!(second.is_steered(passed.client, passed.vip).unwrap());
+    let again = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+    let later = flow(CLIENT4, again, VIP4, BACKEND4);
+    second.steer(&later).unwrap();
     download(&net, FLOW4, before_sport, net.server(VIP4), N, "fin");
+    download(&net, FLOW4, again, net.server(VIP4), N, "fin");
     assert_eq!(
         net.front_tcp_in() - before,
         0,
-        "the front's stack saw none of either flow"
+        "the front's stack saw none of the flows"
     );
-    drop(second);
+    assert_eq!(second.close(false), None);
 }
 
 /// A BPF datapath closed keeping its flows (a balancer's exit; a killed
@@ -789,17 +818,18 @@ fn a_bpf_datapath_closed_keeping_its_flows_steers_on_until_the_next_takes_over()
     let net = Net::new("s2k");
     let sport = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
     let kept = flow(CLIENT4, sport, VIP4, BACKEND4);
+    let cfg = net.bpf_config();
     let (dir, left) = net
         .front
         .within(|| {
-            let first = BpfSteering::install(BpfConfig::new("eth0"))?;
+            let first = BpfSteering::install(cfg.clone())?;
             first.steer(&kept)?;
             let dir = first.pinned_at().expect("pinned").to_path_buf();
             Ok((dir, first.close(true)))
         })
         .unwrap();
     assert_eq!(left, Some(1));
-    assert!(dir.join("link").exists() && dir.join("flows").exists());
+    assert!(dir.join("link").exists());
     let before = net.front_tcp_in();
     download(&net, FLOW4, sport, net.server(VIP4), 1 << 20, "fin");
     assert_eq!(
@@ -810,17 +840,20 @@ fn a_bpf_datapath_closed_keeping_its_flows_steers_on_until_the_next_takes_over()
     let (next_dir, carried) = net
         .front
         .within(|| {
-            let next = BpfSteering::install(BpfConfig::new("eth0"))?;
+            let next = BpfSteering::install(cfg.clone())?;
             assert!(next.is_steered(kept.client, kept.vip)?);
-            Ok((
+            let found = (
                 next.pinned_at().map(|p| p.to_path_buf()),
                 next.carried_over(),
-            ))
+            );
+            assert_eq!(next.close(false), None);
+            Ok(found)
         })
         .unwrap();
-    assert_eq!(carried, (1, 0));
+    assert_eq!(carried.carried, 1);
+    assert_eq!(carried.lost, 0);
     assert_eq!(next_dir.as_deref(), Some(dir.as_path()));
-    // Dropped (inside `within`): nothing is left.
+    // Closed without keeping (inside `within`): nothing is left.
     assert!(!dir.exists(), "{} left behind", dir.display());
     let mut server = net.server(VIP4);
     let before = net.front_tcp_in();

@@ -164,11 +164,12 @@ fn open_steering(
         if let Some(dir) = s.pinned_at() {
             println!("tcpr balance steering pinned at {}", dir.display());
         }
-        let (carried, lost) = s.carried_over();
-        if carried + lost > 0 {
+        let c = s.carried_over();
+        if c.carried + c.lost > 0 {
             println!(
-                "tcpr balance took over {carried} steered flows from the datapath before \
-                 ({lost} did not fit)"
+                "tcpr balance took over {} steered flows from the datapath before \
+                 ({} did not fit)",
+                c.carried, c.lost
             );
         }
         // A table left by a balancer that ran on nf_tables and crashed

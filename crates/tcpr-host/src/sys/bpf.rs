@@ -15,7 +15,7 @@ const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 /// `BPF_LINK_TYPE_TCX` (linux/bpf.h `enum bpf_link_type`).
 const BPF_LINK_TYPE_TCX: u32 = 11;
 /// `BPF_FS_MAGIC` (linux/magic.h): `statfs`'s type of a BPF file system.
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+const BPF_FS_MAGIC: u32 = 0xcafe4a11;
 
 /// The `test` member of linux/bpf.h's `union bpf_attr`, up to `batch_size`
 /// (Linux 5.18); older kernels accept it as long as the fields they do not
@@ -96,6 +96,8 @@ struct LinkInfo {
 pub struct TcxLink {
     /// The link's id (unique while it exists).
     pub id: u32,
+    /// Its program's id.
+    pub prog_id: u32,
     /// The interface it is attached to; 0 once detached (its interface
     /// was removed).
     pub ifindex: u32,
@@ -131,6 +133,7 @@ pub fn tcx_link(link: BorrowedFd<'_>) -> io::Result<TcxLink> {
     }
     Ok(TcxLink {
         id: info.id,
+        prog_id: info.prog_id,
         ifindex: info.tcx_ifindex,
     })
 }
@@ -146,7 +149,9 @@ pub fn is_bpffs(dir: &std::path::Path) -> io::Result<bool> {
     if unsafe { libc::statfs(path.as_ptr(), &mut st) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+    // `f_type`'s width and sign differ by architecture: compare the low
+    // 32 bits, which hold the magic.
+    Ok(st.f_type as u32 == BPF_FS_MAGIC)
 }
 
 /// Mounts a BPF file system (mode 0700) on `dir`, an existing directory.
@@ -161,7 +166,7 @@ pub fn mount_bpffs(dir: &std::path::Path) -> io::Result<()> {
             fstype.as_ptr(),
             path.as_ptr(),
             fstype.as_ptr(),
-            0,
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
             opts.as_ptr().cast(),
         )
     };
@@ -223,4 +228,21 @@ pub fn unmount(dir: &std::path::Path) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Takes an exclusive `flock` on `fd` (a file or directory), waiting for
+/// it; released when every descriptor of that open file is closed.
+/// (`File::lock` does the same from Rust 1.89, above this project's
+/// minimum.)
+pub fn lock_exclusive(fd: BorrowedFd<'_>) -> io::Result<()> {
+    loop {
+        // SAFETY: plain syscall on a descriptor borrowed for the call.
+        if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }
