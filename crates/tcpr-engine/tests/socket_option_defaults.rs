@@ -43,25 +43,8 @@ struct Reported {
 const SO_BUF_LOCK: i32 = 72;
 
 fn get_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> i32 {
-    let mut v: i32 = 0;
-    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
-    // SAFETY: test helper; `v` and `len` are valid for writes during the call.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&mut v as *mut i32).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(
-        r,
-        0,
-        "getsockopt {level}/{name}: {}",
-        std::io::Error::last_os_error()
-    );
-    v
+    try_get_int(fd, level, name)
+        .unwrap_or_else(|| panic!("getsockopt {level}/{name}: unknown to this kernel"))
 }
 
 /// An int option, or `None` where the kernel does not know it.
