@@ -345,7 +345,10 @@ pub fn run(opts: Options) -> Result<(), StartError> {
         } else {
             n.to_string()
         };
-        println!("tcpr balance left {n} steered flows to the kernel for the next tcpr balance");
+        println!(
+            "tcpr balance left {n} steered flows to the kernel for the next tcpr balance \
+             (or to the one running)"
+        );
     }
     println!("tcpr balance drained");
     Ok(())

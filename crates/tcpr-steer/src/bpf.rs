@@ -94,7 +94,7 @@ pub struct BpfConfig {
     /// How long an entry stays after the last packet of a flow whose
     /// client sent its FIN or RST.
     pub linger: Duration,
-    /// Where the flows map and the link are pinned (see `pin.rs`): a
+    /// Where the link and its flows map are pinned (see `pin.rs`): a
     /// directory on a BPF file system, created if need be.
     pub pin_dir: std::path::PathBuf,
 }
@@ -305,11 +305,17 @@ impl BpfSteering {
         config
             .set(0, settings, 0)
             .map_err(|e| kernel("config map", e))?;
-        let mut flows: BpfHashMap<MapData, Key, Value> = BpfHashMap::try_from(
-            ebpf.take_map("flows")
-                .ok_or_else(|| invalid("the BPF object has no flows map"))?,
-        )
-        .map_err(|e| kernel("flows map", e))?;
+        let flows = ebpf
+            .take_map("flows")
+            .ok_or_else(|| invalid("the BPF object has no flows map"))?;
+        // A second descriptor of the map, to pin it (the typed map keeps
+        // its own to itself).
+        let flows_fd = match &flows {
+            aya::maps::Map::HashMap(data) => data.fd().as_fd().try_clone_to_owned()?,
+            _ => return Err(invalid("the BPF object's flows map is not a hash map")),
+        };
+        let mut flows: BpfHashMap<MapData, Key, Value> =
+            BpfHashMap::try_from(flows).map_err(|e| kernel("flows map", e))?;
 
         let sweep = program(&mut ebpf, "sweep")?;
         sweep
@@ -358,7 +364,7 @@ impl BpfSteering {
                 .map_err(|e| kernel("steering link", e))?,
         )
         .map_err(|e| kernel("steering link", e))?;
-        let (link, pinned, carried) = take_over(&cfg, ifindex, link, &mut flows)?;
+        let (link, pinned, carried) = take_over(&cfg, ifindex, link, flows_fd, &mut flows)?;
         if carried.carried > 0 {
             // The count the gauge answers with counts them from now on.
             sweep.run().map_err(|e| kernel("sweep", e))?;
@@ -450,7 +456,7 @@ impl BpfSteering {
                     None
                 }
             }
-            Ok(Some(newer)) if keep => self.hand_to(newer.prog_id),
+            Ok(Some(newer)) if keep => self.hand_to(pins, newer.prog_id),
             Ok(_) => None,
             Err(e) => {
                 eprintln!(
@@ -465,14 +471,18 @@ impl BpfSteering {
         kept
     }
 
-    /// Copies this datapath's entries into the map of the program
-    /// `prog_id` (the datapath that took over); how many went in.
-    fn hand_to(&self, prog_id: u32) -> Option<usize> {
-        let newer = match crate::pin::flows_of(prog_id) {
+    /// Copies into the map of the program `prog_id` (the datapath that
+    /// took over, pinned in `pins`) the entries this one steered after the
+    /// takeover and that one does not have: those its program saw a
+    /// packet of since the takeover (the pin's time), or never swept yet.
+    /// The others are this one's copies of flows it handed over then,
+    /// which the newer one may have retired since. How many went in.
+    fn hand_to(&self, pins: &Pins, prog_id: u32) -> Option<usize> {
+        let newer = match pins.flows_of(prog_id) {
             Ok(m) => m,
             Err(e) => {
                 eprintln!(
-                    "tcpr-steer: cannot find the flows map of the datapath that took over ({e}): \
+                    "tcpr-steer: cannot open the flows map of the datapath that took over ({e}): \
                      the flows steered here since end with this process"
                 );
                 return None;
@@ -480,13 +490,19 @@ impl BpfSteering {
         };
         let mut newer =
             BpfHashMap::<MapData, Key, Value>::try_from(aya::maps::Map::HashMap(newer)).ok()?;
+        let since = pins.link_age().ok().and_then(|age| {
+            let age = u64::try_from(age.as_nanos()).ok()?;
+            tcpr_host::bpf::monotonic_ns().ok()?.checked_sub(age)
+        });
         let mine = lock(&self.flows);
         let mut handed = 0;
         for (key, value) in mine.iter().filter_map(Result::ok) {
-            match newer.insert(key, value, BPF_NOEXIST) {
-                Ok(()) => handed += 1,
-                Err(e) if map_errno(&e) == Some(libc::EEXIST) => handed += 1,
-                Err(_) => {}
+            let seen = u64::from_ne_bytes(value[..8].try_into().expect("8 bytes"));
+            if seen != 0 && since.is_some_and(|t| seen < t) {
+                continue;
+            }
+            if newer.insert(key, value, BPF_NOEXIST).is_ok() {
+                handed += 1;
             }
         }
         Some(handed)
@@ -557,6 +573,7 @@ fn take_over(
     cfg: &BpfConfig,
     ifindex: u32,
     link: FdLink,
+    flows_fd: std::os::fd::OwnedFd,
     flows: &mut BpfHashMap<MapData, Key, Value>,
 ) -> Result<(HeldLink, Option<(Pins, u32)>, CarriedOver), SteerError> {
     let unpinned = |why: String| {
@@ -588,7 +605,8 @@ fn take_over(
     let carried = left
         .as_ref()
         .map_or(CarriedOver::default(), |l| carry_over(&l.flows, flows));
-    let (link, id) = pins.commit(&locked, link).map_err(|e| {
+    let flows_data = MapData::from_fd(flows_fd).map_err(|e| kernel("flows map", e))?;
+    let (link, id) = pins.commit(&locked, link, &flows_data).map_err(|e| {
         kernel(
             &format!("cannot pin the steering link in {}", pins.dir().display()),
             e,
@@ -749,6 +767,16 @@ impl Steering for BpfSteering {
     /// See [`BpfSteering::finish`].
     fn close(&self, keep_flows: bool) -> Option<usize> {
         self.finish(keep_flows)
+    }
+}
+
+/// Dropped without [`Steering::close`] (an error after the install, a
+/// panic unwinding): as a crash would, the flows steered now are left to
+/// the kernel for the next datapath (handed to it, if one took over
+/// meanwhile); only `close(false)` removes them. After a close, nothing.
+impl Drop for BpfSteering {
+    fn drop(&mut self) {
+        self.finish(true);
     }
 }
 

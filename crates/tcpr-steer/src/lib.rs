@@ -95,10 +95,11 @@ pub trait Steering: Send + Sync {
     fn name(&self) -> &'static str;
     /// Ends the datapath (at a balancer's exit). With `keep_flows`, a
     /// datapath that can leaves the flows it steers now in the kernel,
-    /// for the next datapath on the interface to take over: a restart
-    /// then resets no connection handed off. Returns how many it left
-    /// (`None`: it left nothing; it removed what it installed, as
-    /// dropping it does). The default: nothing to do until dropped.
+    /// for the next datapath on the interface to take over, or hands
+    /// them to the one that took over meanwhile: a restart then resets no
+    /// connection handed off. Returns how many it left or handed (`None`:
+    /// none; it removed what it installed). The default: nothing to do
+    /// until dropped.
     fn close(&self, keep_flows: bool) -> Option<usize> {
         let _ = keep_flows;
         None

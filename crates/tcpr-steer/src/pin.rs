@@ -13,12 +13,14 @@
 //!                                   namespace's cookie (never reused in
 //!                                   a boot), IFINDEX the interface's
 //!       link                        the tcx link (attached while pinned)
+//!       flows-PROG                  the flows map of the link's program
+//!                                   (PROG: the program's id)
 //! ```
 //!
-//! Only the link is pinned: its program holds the flows map, which the
-//! next datapath finds from the link (its program's maps), so the map it
-//! copies is always the one that steers. One pin is replaced at once
-//! (`rename`), and every change is made under the root directory's lock.
+//! The link names its program, and the program its map (`flows-PROG`):
+//! the map the next datapath copies is always the one that steers, and
+//! the link is the one pin replaced at once (`rename`). Every change is
+//! made under the root directory's lock.
 //!
 //! A directory whose link is detached (its interface, or its namespace,
 //! is gone) is stale: every datapath that installs removes those it finds,
@@ -49,6 +51,10 @@ const BPFFS: &str = "/sys/fs/bpf";
 /// Where a datapath pins itself unless told otherwise: `tcpr` in it.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/tcpr";
 const LINK: &str = "link";
+/// A flows map is pinned as `flows-PROG` (PROG its program's id), so the
+/// link's program names its map: opened by path, which needs no more than
+/// the pin itself (by id needs CAP_SYS_ADMIN).
+const FLOWS_PREFIX: &str = "flows-";
 /// The name a new pin has until it replaces the old one (`rename`). (No
 /// dot: bpffs keeps names with one for itself, EPERM.)
 const LINK_NEW: &str = "link_new";
@@ -146,30 +152,74 @@ impl Pins {
                 info.ifindex
             )));
         }
-        let flows = Map::HashMap(flows_of(info.prog_id)?);
+        let flows = Map::HashMap(self.flows_of(info.prog_id)?);
         Ok(Some(Left { _link: link, flows }))
     }
 
-    /// Pins `link` here in place of what was (a `rename`: at once).
-    /// Returns the link pinned (holding a descriptor of it) and its id.
-    pub(crate) fn commit(&self, _locked: &Locked, link: FdLink) -> io::Result<(PinnedLink, u32)> {
+    /// Pins `link` here in place of what was (a `rename`: at once), and
+    /// `flows`, its program's map, as `flows-PROG` (the old program's is
+    /// unpinned; the old program, while attached, holds it). Returns the
+    /// link pinned (holding a descriptor of it) and its id.
+    pub(crate) fn commit(
+        &self,
+        _locked: &Locked,
+        link: FdLink,
+        flows: &MapData,
+    ) -> io::Result<(PinnedLink, u32)> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .create(&self.dir)?;
         let at = |name: &str| self.dir.join(name);
         let _ = std::fs::remove_file(at(LINK_NEW));
         let pinned = link.pin(at(LINK_NEW)).map_err(io::Error::other)?;
-        let id = match obj_get(&at(LINK_NEW)).and_then(|l| tcx_link(l.as_fd())) {
-            Ok(l) => l.id,
-            Err(e) => {
-                // Not ours to pin after all: the program stays attached
-                // through `pinned` until the caller drops it.
-                let _ = std::fs::remove_file(at(LINK_NEW));
-                return Err(e);
+        let undo = |e: io::Error, map: Option<&Path>| {
+            // Not pinned after all: the program stays attached through
+            // `pinned` until the caller drops it.
+            let _ = std::fs::remove_file(at(LINK_NEW));
+            if let Some(m) = map {
+                let _ = std::fs::remove_file(m);
             }
+            e
         };
-        std::fs::rename(at(LINK_NEW), at(LINK))?;
-        Ok((pinned, id))
+        let info = match obj_get(&at(LINK_NEW)).and_then(|l| tcx_link(l.as_fd())) {
+            Ok(l) => l,
+            Err(e) => return Err(undo(e, None)),
+        };
+        let map = at(&flows_name(info.prog_id));
+        let _ = std::fs::remove_file(&map);
+        if let Err(e) = flows.pin(&map) {
+            return Err(undo(io::Error::other(e), None));
+        }
+        if let Err(e) = std::fs::rename(at(LINK_NEW), at(LINK)) {
+            return Err(undo(e, Some(&map)));
+        }
+        // The maps of programs no longer pinned.
+        let ours = flows_name(info.prog_id);
+        for name in names_in(&self.dir) {
+            if name.starts_with(FLOWS_PREFIX) && name != ours {
+                let _ = std::fs::remove_file(at(&name));
+            }
+        }
+        Ok((pinned, info.id))
+    }
+
+    /// The flows map of the program `prog_id`, pinned here (or, where it
+    /// is not, found by id: that needs CAP_SYS_ADMIN).
+    pub(crate) fn flows_of(&self, prog_id: u32) -> io::Result<MapData> {
+        let path = self.dir.join(flows_name(prog_id));
+        match obj_get(&path) {
+            Ok(fd) => MapData::from_fd(fd).map_err(io::Error::other),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => flows_by_id(prog_id),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// How long ago the link pinned now was pinned (its takeover).
+    pub(crate) fn link_age(&self) -> io::Result<Duration> {
+        std::fs::metadata(self.dir.join(LINK))?
+            .modified()?
+            .elapsed()
+            .map_err(io::Error::other)
     }
 
     /// Removes the pin (the program detaches once the last descriptor of
@@ -179,9 +229,25 @@ impl Pins {
     }
 }
 
+/// The name a flows map is pinned under.
+fn flows_name(prog_id: u32) -> String {
+    format!("{FLOWS_PREFIX}{prog_id}")
+}
+
+/// The file names in `dir`.
+fn names_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The flows map of the program `prog_id` (a steering program: its map
-/// named [`FLOWS_MAP`]).
-pub(crate) fn flows_of(prog_id: u32) -> io::Result<MapData> {
+/// named [`FLOWS_MAP`]), found by id (CAP_SYS_ADMIN).
+fn flows_by_id(prog_id: u32) -> io::Result<MapData> {
     let prog = aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .find(|p| p.id() == prog_id)
@@ -201,10 +267,15 @@ pub(crate) fn flows_of(prog_id: u32) -> io::Result<MapData> {
     )))
 }
 
-/// Removes a pin directory and what tcpr pins in it.
+/// Removes a pin directory and what tcpr pins in it (`flows` and
+/// `flows_new`: pins of an earlier layout).
 fn remove_dir(dir: &Path) {
-    for name in [LINK, LINK_NEW] {
-        let _ = std::fs::remove_file(dir.join(name));
+    for name in names_in(dir) {
+        let ours = [LINK, LINK_NEW, "flows", "flows_new"].contains(&name.as_str())
+            || name.starts_with(FLOWS_PREFIX);
+        if ours {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
     }
     let _ = std::fs::remove_dir(dir);
 }

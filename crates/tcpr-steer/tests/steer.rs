@@ -778,7 +778,7 @@ fn nothing_is_left_after_drop(kind: Kind) {
 #[test]
 fn a_second_bpf_datapath_takes_over_and_passes_on_what_it_does_not_steer() {
     let net = Net::new("s2b");
-    let first = net.steering(Kind::Bpf, |s| s.linger = Duration::from_millis(300));
+    let first = net.steering(Kind::Bpf, |_| {});
     let before_sport = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
     let taken = flow(CLIENT4, before_sport, VIP4, BACKEND4);
     first.steer(&taken).unwrap();
@@ -788,13 +788,19 @@ fn a_second_bpf_datapath_takes_over_and_passes_on_what_it_does_not_steer() {
     let passed = flow(CLIENT4, after_sport, VIP4, BACKEND4);
     first.steer(&passed).unwrap();
     assert!(!second.is_steered(passed.client, passed.vip).unwrap());
+    let handed_sport = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+    let handed = flow(CLIENT4, handed_sport, VIP4, BACKEND4);
+    first.steer(&handed).unwrap();
     const N: u64 = 1 << 20;
     let before = net.front_tcp_in();
     download(&net, FLOW4, after_sport, net.server(VIP4), N, "fin");
-    // The first ends: it hands what only it steers to the second.
+    // The first ends: it hands the second what it steered since the
+    // takeover (not its stale copy of what it handed over then).
     assert_eq!(first.close(true), Some(2));
     drop(first);
     assert!(second.is_steered(passed.client, passed.vip).unwrap());
+    assert!(second.is_steered(handed.client, handed.vip).unwrap());
+    download(&net, FLOW4, handed_sport, net.server(VIP4), N, "fin");
     let again = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
     let later = flow(CLIENT4, again, VIP4, BACKEND4);
     second.steer(&later).unwrap();
