@@ -55,17 +55,7 @@ pub fn test_run(prog: BorrowedFd<'_>, packet: &[u8]) -> io::Result<u32> {
     // SAFETY: `attr` is a valid, zero-padded `bpf_attr.test` of the size
     // passed; the kernel reads `packet` (live for the call, its length
     // given) and writes only into `attr` (no output buffers are given).
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestRunAttr,
-            size_of::<TestRunAttr>(),
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unsafe { sys_bpf(BPF_PROG_TEST_RUN, &mut attr) }?;
     Ok(attr.retval)
 }
 
@@ -114,17 +104,7 @@ pub fn tcx_link(link: BorrowedFd<'_>) -> io::Result<TcxLink> {
     // SAFETY: `attr` is a valid `bpf_attr.info` of the size passed; the
     // kernel writes at most `info_len` bytes into `info`, which lives for
     // the call and is plain integers (any bit pattern is valid).
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &mut attr as *mut InfoAttr,
-            size_of::<InfoAttr>(),
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
     if info.link_type != BPF_LINK_TYPE_TCX {
         return Err(io::Error::other(format!(
             "not a tcx link (link type {})",
@@ -140,9 +120,7 @@ pub fn tcx_link(link: BorrowedFd<'_>) -> io::Result<TcxLink> {
 
 /// Whether `dir` is on a BPF file system.
 pub fn is_bpffs(dir: &std::path::Path) -> io::Result<bool> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| io::Error::other("a path with a NUL byte"))?;
+    let path = c_path(dir)?;
     // SAFETY: a zeroed `statfs` is valid (plain integers).
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `path` is NUL-terminated and `st` writable, both for the call.
@@ -156,9 +134,7 @@ pub fn is_bpffs(dir: &std::path::Path) -> io::Result<bool> {
 
 /// Mounts a BPF file system (mode 0700) on `dir`, an existing directory.
 pub fn mount_bpffs(dir: &std::path::Path) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| io::Error::other("a path with a NUL byte"))?;
+    let path = c_path(dir)?;
     let (fstype, opts) = (c"bpf", c"mode=0700");
     // SAFETY: every pointer is a NUL-terminated string live for the call.
     let r = unsafe {
@@ -193,26 +169,14 @@ struct ObjAttr {
 /// Opens the BPF object (map, program or link) pinned at `path`.
 pub fn obj_get(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::other("a path with a NUL byte"))?;
+    let path = c_path(path)?;
     let mut attr = ObjAttr {
         pathname: path.as_ptr() as u64,
         ..ObjAttr::default()
     };
     // SAFETY: `attr` is a valid, zero-padded `bpf_attr.obj` of the size
     // passed; the kernel reads the NUL-terminated `path`, live for the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &mut attr as *mut ObjAttr,
-            size_of::<ObjAttr>(),
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let r = unsafe { sys_bpf(BPF_OBJ_GET, &mut attr) }?;
     // SAFETY: BPF_OBJ_GET returned a new file descriptor, owned from here.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r as i32) })
 }
@@ -220,9 +184,7 @@ pub fn obj_get(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
 /// Detaches the file system mounted on `dir` (`umount2(MNT_DETACH)`): gone
 /// from the tree at once, freed once no mount namespace holds it.
 pub fn unmount(dir: &std::path::Path) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| io::Error::other("a path with a NUL byte"))?;
+    let path = c_path(dir)?;
     // SAFETY: `path` is a NUL-terminated string live for the call.
     if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
         return Err(io::Error::last_os_error());
@@ -258,4 +220,27 @@ pub fn monotonic_ns() -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+/// `bpf(cmd, attr, sizeof attr)`: the call's result, or its errno.
+///
+/// # Safety
+/// `attr` must be the member of linux/bpf.h's `union bpf_attr` that `cmd`
+/// reads, zero beyond the fields set, and every pointer in it valid for
+/// what the kernel does with it during the call.
+unsafe fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: the caller's contract: `attr` is a valid attribute block of
+    // `size_of::<T>()` bytes for `cmd`.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r)
+}
+
+/// `path` as the C string a system call takes.
+fn c_path(path: &std::path::Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other("a path with a NUL byte"))
 }
