@@ -428,10 +428,18 @@ fn both_dumps(
     let frozen = freeze(server.into(), &no_lock()).unwrap();
     let full = frozen.dump().unwrap();
     let accepted = frozen.dump_accepted(&from).unwrap();
+    // The TCP timestamp is the connection's clock, read at each dump: a
+    // millisecond may pass between the two (it did on a loaded CI).
+    let ts_gap = accepted.timestamp.wrapping_sub(full.timestamp);
+    assert!(
+        ts_gap < 1000,
+        "the timestamp went back or jumped: {ts_gap} ms"
+    );
     assert_eq!(
         tcpr_image::ConnectionImage {
             socket_options: full.socket_options.clone(),
             dumped_at_unix_ns: full.dumped_at_unix_ns,
+            timestamp: full.timestamp,
             ..accepted.clone()
         },
         full,
