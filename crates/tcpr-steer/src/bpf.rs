@@ -495,17 +495,11 @@ impl BpfSteering {
             tcpr_host::bpf::monotonic_ns().ok()?.checked_sub(age)
         });
         let mine = lock(&self.flows);
-        let mut handed = 0;
-        for (key, value) in mine.iter().filter_map(Result::ok) {
+        let steered_since = mine.iter().filter_map(Result::ok).filter(|(_, value)| {
             let seen = u64::from_ne_bytes(value[..8].try_into().expect("8 bytes"));
-            if seen != 0 && since.is_some_and(|t| seen < t) {
-                continue;
-            }
-            if newer.insert(key, value, BPF_NOEXIST).is_ok() {
-                handed += 1;
-            }
-        }
-        Some(handed)
+            seen == 0 || since.is_none_or(|t| seen >= t)
+        });
+        Some(copy_absent(steered_since, &mut newer).inserted)
     }
 
     /// Whether the flow from `client` to `vip` is steered now: its entry
@@ -626,12 +620,35 @@ fn carry_over(old: &aya::maps::Map, flows: &mut BpfHashMap<MapData, Key, Value>)
         // Another layout (a tcpr of another version): nothing to carry.
         return CarriedOver::default();
     };
-    let mut c = CarriedOver::default();
-    for (key, value) in old.iter().filter_map(Result::ok) {
-        match flows.insert(key, value, BPF_NOEXIST) {
-            Ok(()) => c.carried += 1,
-            Err(e) if map_errno(&e) == Some(libc::EEXIST) => c.carried += 1,
-            Err(_) => c.lost += 1,
+    let c = copy_absent(old.iter().filter_map(Result::ok), flows);
+    CarriedOver {
+        carried: c.inserted + c.present,
+        lost: c.refused,
+    }
+}
+
+/// What [`copy_absent`] did with each entry.
+#[derive(Debug, Default)]
+struct Copied {
+    /// Inserted: `to` did not have the key.
+    inserted: usize,
+    /// Left: `to` had the key already (its entry wins).
+    present: usize,
+    /// Refused otherwise (the map full).
+    refused: usize,
+}
+
+/// Inserts each of `entries` whose key `to` does not have (`BPF_NOEXIST`).
+fn copy_absent(
+    entries: impl Iterator<Item = (Key, Value)>,
+    to: &mut BpfHashMap<MapData, Key, Value>,
+) -> Copied {
+    let mut c = Copied::default();
+    for (key, value) in entries {
+        match to.insert(key, value, BPF_NOEXIST) {
+            Ok(()) => c.inserted += 1,
+            Err(e) if map_errno(&e) == Some(libc::EEXIST) => c.present += 1,
+            Err(_) => c.refused += 1,
         }
     }
     c
