@@ -124,10 +124,9 @@ impl Pins {
 
     /// The link pinned here now: `None` when there is none.
     pub(crate) fn pinned(&self, _locked: &Locked) -> io::Result<Option<Pinned>> {
-        match obj_get(&self.dir.join(LINK)) {
-            Ok(link) => tcx_link(link.as_fd()).map(Some),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+        match open_pinned(&self.dir.join(LINK))? {
+            Some(link) => tcx_link(link.as_fd()).map(Some),
+            None => Ok(None),
         }
     }
 
@@ -136,10 +135,8 @@ impl Pins {
     /// stale (then removed). An error, when what is pinned cannot be read,
     /// removes nothing.
     pub(crate) fn left(&self, _locked: &Locked, ifindex: u32) -> io::Result<Option<Left>> {
-        let link = match obj_get(&self.dir.join(LINK)) {
-            Ok(link) => link,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
+        let Some(link) = open_pinned(&self.dir.join(LINK))? else {
+            return Ok(None);
         };
         let info = tcx_link(link.as_fd())?;
         if info.ifindex == 0 {
@@ -207,10 +204,9 @@ impl Pins {
     /// is not, found by id: that needs CAP_SYS_ADMIN).
     pub(crate) fn flows_of(&self, prog_id: u32) -> io::Result<MapData> {
         let path = self.dir.join(flows_name(prog_id));
-        match obj_get(&path) {
-            Ok(fd) => MapData::from_fd(fd).map_err(io::Error::other),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => flows_by_id(prog_id),
-            Err(e) => Err(e),
+        match open_pinned(&path)? {
+            Some(fd) => MapData::from_fd(fd).map_err(io::Error::other),
+            None => flows_by_id(prog_id),
         }
     }
 
@@ -267,6 +263,16 @@ fn flows_by_id(prog_id: u32) -> io::Result<MapData> {
     )))
 }
 
+/// The object pinned at `path`: `None` when nothing is (ENOENT), an
+/// error for any other failure to open it.
+fn open_pinned(path: &Path) -> io::Result<Option<OwnedFd>> {
+    match obj_get(path) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Removes a pin directory and what tcpr pins in it (`flows` and
 /// `flows_new`: pins of an earlier layout).
 fn remove_dir(dir: &Path) {
@@ -292,9 +298,9 @@ fn remove_stale(root: &Path) {
         if !e.file_name().to_string_lossy().starts_with("steer-") {
             continue;
         }
-        let stale = match obj_get(&dir.join(LINK)) {
-            Ok(link) => tcx_link(link.as_fd()).is_ok_and(|l| l.ifindex == 0),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => e
+        let stale = match open_pinned(&dir.join(LINK)) {
+            Ok(Some(link)) => tcx_link(link.as_fd()).is_ok_and(|l| l.ifindex == 0),
+            Ok(None) => e
                 .metadata()
                 .and_then(|m| m.modified())
                 .ok()
