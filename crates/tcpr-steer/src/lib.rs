@@ -56,14 +56,14 @@ pub enum SteerError {
 /// 1. `steer` returns only once the flow's next packet will be forwarded
 ///    (microseconds: no process is spawned, no timer waited for);
 /// 2. an entry goes by itself when its flow ends (the client's FIN or RST
-///    seen, then a short linger) or idles out, while a process sweeps:
-///    a datapath that leaves its flows to the kernel (BPF, pinned) keeps
-///    them, unswept, until the next datapath on the interface takes them
-///    over (or they are removed by hand);
+///    seen, then a short linger) or idles out (nf_tables: always, by the
+///    kernel's timeouts; BPF: while a process sweeps: flows left to the
+///    kernel by a pinned program stay, unswept, until the next datapath
+///    on the interface takes them over, or they are removed by hand);
 /// 3. `unsteer` removes an entry at once (a handoff rolled back);
 /// 4. [`Steering::close`] ends it, leaving the flows steered now to the
 ///    next datapath or not; dropping it without `close` is a crash's end
-///    (BPF leaves the flows, nf_tables removes its table).
+///    (both leave the flows: BPF pinned, nf_tables its table).
 pub trait Steering: Send + Sync {
     /// Forwards `flow`'s packets to its backend from now on.
     fn steer(&self, flow: &SteeredFlow) -> Result<(), SteerError> {

@@ -10,6 +10,7 @@
 //!                    → backend id (a mark)      flags dynamic,timeout; size CAP
 //!   set closing4/6 same key                       timeout LINGER; size CAP
 //!   map backends4/6  backend id → backend address (one per backend)
+//!   set owner        interface . token of the datapath that installed it
 //!   chain ingress (hook ingress device DEV priority -500):
 //!     tcp: meta mark set KEY map @flows  goto steered    (one hash lookup)
 //!   chain steered:
@@ -43,6 +44,20 @@
 //! refused (ENFILE), which [`Steering::steer`] reports as
 //! [`SteerError::Full`].
 //!
+//! Restarts. The table is the kernel's, not the process's: a balancer
+//! stopped or killed leaves it forwarding the flows it steered (each
+//! entry still expires by itself), and the next datapath on the interface
+//! takes it over in one transaction that keeps the maps and sets with
+//! their elements and replaces every rule (then the IPv6 updates of
+//! `rule.rs`, a second transaction: in between, a packet of an IPv6 flow
+//! is forwarded without renewing its entry). It reads the backends' ids
+//! back, so that the entries it adds and those it took over agree. A
+//! table of another interface, or of a layout without the `owner` set, is
+//! replaced. The `owner` set says which datapath installed the table last:
+//! one that ends after another took over (two balancers running for a
+//! while) leaves the table to it, and one that ends with no flow steered
+//! deletes it.
+//!
 //! The backend id goes through `meta mark` because a dynamic update must
 //! write a value to a map's element and nf_tables takes it from a register:
 //! the id the lookup put in the mark is written back unchanged (an update
@@ -52,11 +67,12 @@
 use crate::common::{
     check_timeouts, invalid, ip_bytes, lock, on_wire, plain_ifname, Netns, WireFlow,
 };
-use crate::{rule, SteerError, SteeredFlow, Steering};
+use crate::{rule, CarriedOver, SteerError, SteeredFlow, Steering};
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 use tcpr_host::nfnl::{self, Batch, Element, Family, Op, SetRef};
@@ -87,33 +103,54 @@ pub struct NftConfig {
 /// The table's default name.
 pub const DEFAULT_TABLE: &str = "tcpr_steer";
 
-/// Deletes the netdev table `table` of the calling thread's namespace, if
-/// there is one (left by a balancer that crashed); whether there was.
-pub fn remove_table(table: &str) -> Result<bool, SteerError> {
-    let run = |args: &[&str]| {
-        Command::new("nft")
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()
-    };
-    let listed = match run(&["list", "table", "netdev", table]) {
-        Ok(out) => out.status.success(),
-        // No nft: no table of it either.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(SteerError::Kernel(e)),
-    };
-    if !listed {
-        return Ok(false);
+/// Deletes the netdev table `table` of the calling thread's namespace (a
+/// datapath's that another datapath replaced) unless it still steers
+/// flows: they live on through it until they end, and their count is
+/// returned (0: deleted, or there was none).
+pub fn remove_table_if_unused(table: &str) -> Result<usize, SteerError> {
+    if !nfnl::table_exists(None, Family::Netdev, table).map_err(nl_error)? {
+        return Ok(0);
     }
-    let out = run(&["delete", "table", "netdev", table])?;
+    let mut flows = 0;
+    for set in ["flows4", "flows6"] {
+        match rule::count(None, table, set) {
+            Ok(n) => flows += n,
+            // An older layout, or a table of the same name not ours.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(SteerError::Kernel(e)),
+        }
+    }
+    if flows > 0 {
+        return Ok(flows);
+    }
+    let out = Command::new("nft")
+        .args(["delete", "table", "netdev", table])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                invalid("the `nft` command is not installed (Debian package nftables)")
+            } else {
+                SteerError::Kernel(e)
+            }
+        })?;
     if !out.status.success() {
         return Err(SteerError::Kernel(std::io::Error::other(format!(
             "nft delete table netdev {table}: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         ))));
     }
-    Ok(true)
+    Ok(0)
+}
+
+fn nl_error(e: nfnl::NlError) -> SteerError {
+    match e {
+        nfnl::NlError::Refused(errno) => {
+            SteerError::Kernel(std::io::Error::from_raw_os_error(errno))
+        }
+        nfnl::NlError::Io(e) => SteerError::Kernel(e),
+    }
 }
 
 /// Default cap per address family: ~105 bytes of kernel memory an entry
@@ -163,19 +200,42 @@ impl NftConfig {
         check_timeouts(self.idle, self.linger)
     }
 
-    /// The table, sets and rules, in `nft` syntax: replaces a table of the
-    /// same name in one transaction.
-    fn ruleset(&self) -> String {
+    /// The table, sets and rules, in `nft` syntax, in one transaction, with
+    /// `owner` (this datapath's, see [`NftSteering`]) as the owner set's
+    /// one element. `Install::Replace` deletes a table of the same name
+    /// first; `Install::Keep` keeps its maps and sets with their elements
+    /// (the flows steered, their backends, the closing ones), updating
+    /// their size and timeouts, and replaces every rule: packets see the
+    /// old rules or the new, never neither.
+    fn ruleset(&self, install: Install, owner: &str) -> String {
+        let table = &self.table;
+        let mut s = String::new();
+        if install == Install::Replace {
+            s += &format!("table netdev {table} {{}}\ndelete table netdev {table}\n");
+        }
+        s += &self.declarations();
+        if install == Install::Keep {
+            for chain in CHAINS {
+                s += &format!("flush chain netdev {table} {chain}\n");
+            }
+            s += &format!("flush set netdev {table} owner\n");
+        }
+        s += &self.rules();
+        s += &format!("add element netdev {table} owner {{ {owner} }}\n");
+        s
+    }
+
+    /// The table's maps, sets and chains, without rules (`nft` adds what
+    /// is missing and updates what is there).
+    fn declarations(&self) -> String {
         let NftConfig {
             device,
             table,
             capacity,
             ..
         } = self;
-        let (idle, linger) = (self.idle.as_millis(), self.linger.as_millis());
-        let mut s = format!(
-            "table netdev {table} {{}}\ndelete table netdev {table}\ntable netdev {table} {{\n"
-        );
+        let linger = self.linger.as_millis();
+        let mut s = format!("table netdev {table} {{\n");
         // IPv4: the 4-tuple as a concatenation. IPv6: nft 1.0.6 cannot
         // write a dynamic update of a map whose key is a concatenation
         // longer than 16 bytes (it aborts in netlink_linearize), so the
@@ -183,18 +243,49 @@ impl NftConfig {
         // (bytes 8-39 of the IPv6 header) and the two ports (the first 4
         // bytes after it: TCP right after the fixed header, which the
         // ingress rule checks with `ip6 nexthdr tcp`).
-        for (v, key_type, mark_type, key, proto) in [
+        for (v, key_type, mark_type, addr) in [
             (
                 "4",
                 "type ipv4_addr . inet_service . ipv4_addr . inet_service",
                 "mark",
-                "ip saddr . tcp sport . ip daddr . tcp dport",
-                "ip",
+                "ipv4_addr",
             ),
-            ("6", "typeof @nh,64,288", "meta mark", "@nh,64,288", "ip6"),
+            ("6", "typeof @nh,64,288", "meta mark", "ipv6_addr"),
+        ] {
+            s += &format!(
+                "  map flows{v} {{ {key_type} : {mark_type}; flags dynamic,timeout; size {capacity}; }}
+  set closing{v} {{ {key_type}; flags dynamic,timeout; timeout {linger}ms; size {capacity}; }}
+  map backends{v} {{ type mark : {addr}; }}
+"
+            );
+        }
+        // Who installed the table: its interface and a token of the
+        // datapath (see `NftSteering::owner`).
+        s += "  set owner { type ifname . mark; }\n";
+        for chain in CHAINS.iter().filter(|c| **c != "ingress") {
+            s += &format!("  chain {chain} {{\n  }}\n");
+        }
+        s += &format!(
+            "  chain ingress {{
+    type filter hook ingress device \"{device}\" priority {INGRESS_PRIORITY}; policy accept;
+  }}
+}}
+"
+        );
+        s
+    }
+
+    /// The rules of every chain but the IPv6 flow map's updates
+    /// (`rule.rs`), added to the declared chains.
+    fn rules(&self) -> String {
+        let NftConfig { device, table, .. } = self;
+        let (idle, linger) = (self.idle.as_millis(), self.linger.as_millis());
+        let mut s = format!("table netdev {table} {{\n");
+        for (v, key, proto) in [
+            ("4", "ip saddr . tcp sport . ip daddr . tcp dport", "ip"),
+            ("6", "@nh,64,288", "ip6"),
         ] {
             let fwd = format!("fwd {proto} to meta mark map @backends{v} device \"{device}\"");
-            let addr = if v == "4" { "ipv4_addr" } else { "ipv6_addr" };
             // The renewals and the delete of the flow map's entry: inline
             // for IPv4; for IPv6 in chains of their own, whose one rule
             // `rule.rs` writes (see there why). The delete of `forget6` is
@@ -212,15 +303,6 @@ impl NftConfig {
                     String::new(),
                 )
             };
-            s += &format!(
-                "  map flows{v} {{ {key_type} : {mark_type}; flags dynamic,timeout; size {capacity}; }}
-  set closing{v} {{ {key_type}; flags dynamic,timeout; timeout {linger}ms; size {capacity}; }}
-  map backends{v} {{ type mark : {addr}; }}
-"
-            );
-            if v == "6" {
-                s += "  chain linger6 {\n  }\n  chain renew6 {\n  }\n";
-            }
             // A SYN (without ACK) opens a new flow: one whose tuple matches
             // an entry reuses the tuple of a flow that ended (a client
             // without TIME_WAIT, because the server closed first, may do so
@@ -251,34 +333,78 @@ impl NftConfig {
 "
             );
         }
-        s += &format!(
-            "  chain ingress {{
-    type filter hook ingress device \"{device}\" priority {INGRESS_PRIORITY}; policy accept;
+        s += "  chain ingress {
     meta protocol ip meta l4proto tcp meta mark set ip saddr . tcp sport . ip daddr . tcp dport map @flows4 goto steered4
     meta protocol ip6 ip6 nexthdr tcp meta mark set @nh,64,288 map @flows6 goto steered6
-  }}
-}}
-"
-        );
+  }
+}
+";
         s
     }
 }
 
+/// How [`NftConfig::ruleset`] treats a table of the same name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Install {
+    /// Deletes it, with every entry.
+    Replace,
+    /// Keeps its maps and sets, replacing its rules (a takeover).
+    Keep,
+}
+
+/// The table's chains (the base chain last).
+const CHAINS: [&str; 9] = [
+    "linger6", "renew6", "forget4", "closed4", "steered4", "forget6", "closed6", "steered6",
+    "ingress",
+];
+
 /// The nf_tables steering datapath of one interface (see the module doc).
-/// Dropping it deletes its table, and with it every entry.
+///
+/// The table is not the process's: it outlives it (a balancer killed or
+/// stopped leaves it forwarding the flows it steered, whose entries expire
+/// by themselves), and the next datapath installed on the same interface
+/// takes it over with every entry ([`NftSteering::carried_over`]). The
+/// `owner` set names the interface and a token of the datapath that
+/// installed it last: one closed after another took over leaves the table
+/// to it. Dropped without [`Steering::close`] (a balancer that failed
+/// after its install, or any early exit), it leaves the table as a kill
+/// would: with the flows steered, its own and those of a balancer it took
+/// over from that may still be running.
 #[derive(Debug)]
 pub struct NftSteering {
     cfg: NftConfig,
     /// The network namespace it was installed in (the creating thread's):
     /// entries go there whichever thread steers.
     netns: Netns,
-    /// Backend address → its id (the map value), installed in `backends`.
-    backends: Mutex<HashMap<IpAddr, u32>>,
+    /// The backends installed in the `backends` maps, with their ids.
+    backends: Mutex<Backends>,
     /// The netlink socket entries change over, opened in `netns` on first
     /// use and kept: a socket per batch cost a socket, a namespace check
     /// and a close each time (a close that, after a transaction removed a
     /// present element, waits for an RCU grace period).
     nl: Mutex<Option<nfnl::Socket>>,
+    /// This datapath's token in the `owner` set.
+    token: u32,
+    /// What it took over at its install.
+    carried: CarriedOver,
+    /// Closed: a second close does nothing.
+    closed: AtomicBool,
+}
+
+/// Backend address → its id (the map value), as installed in the
+/// `backends` maps; ids are shared by both families.
+#[derive(Debug, Default)]
+struct Backends {
+    ids: HashMap<IpAddr, u32>,
+    /// The next id to give.
+    next: u32,
+}
+
+impl Backends {
+    fn with(ids: HashMap<IpAddr, u32>) -> Backends {
+        let next = ids.values().max().map_or(1, |m| m.saturating_add(1));
+        Backends { ids, next }
+    }
 }
 
 /// The IPv4 or IPv6 sets of the table.
@@ -290,17 +416,45 @@ struct Sets<'a> {
 
 impl NftSteering {
     /// Installs the table on `cfg.device` in the calling thread's network
-    /// namespace (one `nft` run).
+    /// namespace (one `nft` run and one netlink transaction). A table of
+    /// the same name that a datapath on the same interface left (a
+    /// balancer stopped, killed, or still running) is taken over with its
+    /// entries; any other (another interface, an older layout, or one
+    /// `nft` cannot update in place) is replaced, its flows counted as
+    /// lost.
     pub fn install(cfg: NftConfig) -> Result<NftSteering, SteerError> {
         cfg.check().map_err(|e| invalid(&e))?;
         let netns = Netns::here()?;
-        let s = NftSteering {
+        let mut s = NftSteering {
             cfg,
             netns,
-            backends: Mutex::new(HashMap::new()),
+            backends: Mutex::new(Backends::with(HashMap::new())),
             nl: Mutex::new(None),
+            token: new_token(),
+            carried: CarriedOver::default(),
+            closed: AtomicBool::new(false),
         };
-        s.nft(&s.cfg.ruleset())?;
+        let owner = s.owner_element();
+        let before = s.previous();
+        let kept = match &before {
+            Some(p) if p.device.as_deref() == Some(s.cfg.device.as_str()) => {
+                match s.nft(&s.cfg.ruleset(Install::Keep, &owner)) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        eprintln!(
+                            "tcpr-steer: cannot take over the table netdev {} in place, \
+                             replacing it: {e}",
+                            s.cfg.table
+                        );
+                        false
+                    }
+                }
+            }
+            _ => false,
+        };
+        if !kept {
+            s.nft(&s.cfg.ruleset(Install::Replace, &owner))?;
+        }
         let flow_rule = |chain, op| rule::FlowRule {
             table: &s.cfg.table,
             chain,
@@ -322,9 +476,86 @@ impl NftSteering {
             ),
             flow_rule("forget6", rule::FlowOp::Delete),
         ];
-        // Dropping `s` on error deletes the table.
         rule::append(s.netns.ns(), &rules6)?;
+        let flows_before = before.map_or(0, |p| p.flows);
+        if kept {
+            *lock(&s.backends) = Backends::with(s.read_backends()?);
+            let carried = s.active()?;
+            s.carried = CarriedOver {
+                carried,
+                // Those that expired meanwhile are not lost.
+                lost: 0,
+            };
+        } else {
+            s.carried.lost = flows_before;
+        }
         Ok(s)
+    }
+
+    /// What it took over from the datapath before it on the interface:
+    /// every flow steered in the table it kept, or those of a table it
+    /// had to replace, as lost.
+    pub fn carried_over(&self) -> CarriedOver {
+        self.carried
+    }
+
+    /// The table already there: its interface (from its `owner` set:
+    /// none for a table of an older layout) and its flows.
+    fn previous(&self) -> Option<Previous> {
+        let table = &self.cfg.table;
+        let ns = self.netns.ns();
+        let present = nfnl::table_exists(ns, Family::Netdev, table).unwrap_or(false);
+        if !present {
+            return None;
+        }
+        let flows = ["flows4", "flows6"]
+            .iter()
+            .map(|set| rule::count(ns, table, set).unwrap_or(0))
+            .sum();
+        let device = rule::elements(ns, table, "owner")
+            .ok()
+            .and_then(|owners| owners.into_iter().next())
+            .and_then(|(key, _)| owner_device(&key));
+        Some(Previous { device, flows })
+    }
+
+    /// The `owner` set's element for this datapath, in `nft` syntax.
+    fn owner_element(&self) -> String {
+        format!("\"{}\" . {:#x}", self.cfg.device, self.token)
+    }
+
+    /// Whether the table is still this datapath's (no later one took it
+    /// over); `None` when there is no table (or no answer).
+    fn owned(&self) -> Option<bool> {
+        let set = SetRef {
+            family: Family::Netdev,
+            table: &self.cfg.table,
+            set: "owner",
+        };
+        let mut key = [0u8; IFNAMSIZ].to_vec();
+        key[..self.cfg.device.len()].copy_from_slice(self.cfg.device.as_bytes());
+        // A mark is in host order.
+        key.extend_from_slice(&self.token.to_ne_bytes());
+        nfnl::element_present(self.netns.ns(), set, &key).ok()
+    }
+
+    /// The backends the table's `backends` maps hold, with their ids.
+    fn read_backends(&self) -> Result<HashMap<IpAddr, u32>, SteerError> {
+        let mut ids = HashMap::new();
+        for set in ["backends4", "backends6"] {
+            for (key, value) in rule::elements(self.netns.ns(), &self.cfg.table, set)? {
+                let (Ok(id), Some(addr)) = (<[u8; 4]>::try_from(&key[..]), value) else {
+                    continue;
+                };
+                let ip = match addr.len() {
+                    4 => IpAddr::from(<[u8; 4]>::try_from(&addr[..]).expect("4 bytes")),
+                    16 => IpAddr::from(<[u8; 16]>::try_from(&addr[..]).expect("16 bytes")),
+                    _ => continue,
+                };
+                ids.insert(ip, u32::from_ne_bytes(id));
+            }
+        }
+        Ok(ids)
     }
 
     /// Whether the flow from `client` to `vip` is steered now (its entry
@@ -433,10 +664,7 @@ impl NftSteering {
             nfnl::NlError::Refused(ENFILE) => SteerError::Full {
                 capacity: self.cfg.capacity,
             },
-            nfnl::NlError::Refused(errno) => {
-                SteerError::Kernel(std::io::Error::from_raw_os_error(errno))
-            }
-            nfnl::NlError::Io(e) => SteerError::Kernel(e),
+            e => nl_error(e),
         }
     }
 
@@ -488,11 +716,11 @@ impl Steering for NftSteering {
         // A new backend's id is taken and installed under the lock, held
         // until the transaction commits, so two batches to two new
         // backends cannot share one.
-        let known = lock(&self.backends);
+        let mut known = lock(&self.backends);
         let mut added: Vec<(IpAddr, u32)> = Vec::new();
         let mut ids = Vec::with_capacity(wire.len());
         for w in &wire {
-            let id = match known.get(&w.backend).copied().or_else(|| {
+            let id = match known.ids.get(&w.backend).copied().or_else(|| {
                 added
                     .iter()
                     .find(|(b, _)| *b == w.backend)
@@ -501,8 +729,10 @@ impl Steering for NftSteering {
                 Some(id) => id,
                 None => {
                     w.check_on_link(&self.netns, &self.cfg.device)?;
-                    let id = u32::try_from(known.len() + added.len() + 1)
-                        .map_err(|_| invalid("too many backends"))?;
+                    let id = known.next;
+                    known.next = id
+                        .checked_add(1)
+                        .ok_or_else(|| invalid("too many backends"))?;
                     self.install_backend(w.backend, id, &mut batch);
                     added.push((w.backend, id));
                     id
@@ -543,11 +773,25 @@ impl Steering for NftSteering {
                 },
             );
         }
-        self.commit(batch)?;
+        let committed = self.commit(batch);
         if let Some(known) = known.as_mut() {
-            known.extend(added);
+            match committed {
+                Ok(()) => known.ids.extend(added),
+                // A datapath sharing the table (the one before it still
+                // running, or one that took it over) may have given one of
+                // these ids to another backend (the add of an id present
+                // with another address fails): the next batch reads them
+                // again.
+                Err(_) => {
+                    if let Ok(ids) = self.read_backends() {
+                        let next = known.next;
+                        **known = Backends::with(ids);
+                        known.next = known.next.max(next);
+                    }
+                }
+            }
         }
-        Ok(())
+        committed
     }
 
     fn unsteer(&self, client: SocketAddr, vip: SocketAddr) -> Result<(), SteerError> {
@@ -589,15 +833,64 @@ impl Steering for NftSteering {
     fn name(&self) -> &'static str {
         "nftables-netdev"
     }
-}
 
-impl Drop for NftSteering {
-    fn drop(&mut self) {
-        let table = self.cfg.table.clone();
+    /// Leaves the table to a datapath that took it over, and with
+    /// `keep_flows` to the kernel while flows are steered (their entries
+    /// expire by themselves; the next datapath on the interface takes them
+    /// over); otherwise deletes it.
+    fn close(&self, keep_flows: bool) -> Option<usize> {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return None;
+        }
+        match self.owned() {
+            // Gone (deleted by someone), or unreadable: nothing to remove.
+            None => return None,
+            // Taken over: what it steered is in the table the other runs.
+            Some(false) => return Some(self.active().unwrap_or(usize::MAX)),
+            Some(true) => {}
+        }
+        if keep_flows {
+            match self.active() {
+                Ok(0) => {}
+                Ok(n) => return Some(n),
+                Err(_) => return Some(usize::MAX),
+            }
+        }
+        let table = &self.cfg.table;
         if let Err(e) = self.nft(&format!("delete table netdev {table}\n")) {
             eprintln!("tcpr-steer: cannot delete the table netdev {table}: {e}");
         }
+        None
     }
+}
+
+/// The table as a datapath found it at its install.
+struct Previous {
+    /// The interface of the datapath that installed it (`None`: an older
+    /// layout without an `owner` set).
+    device: Option<String>,
+    /// Its steered flows.
+    flows: usize,
+}
+
+/// `IFNAMSIZ`: an `ifname` key's bytes.
+const IFNAMSIZ: usize = 16;
+
+/// The interface an `owner` key (`ifname . mark`) names.
+fn owner_device(key: &[u8]) -> Option<String> {
+    let name = key.get(..IFNAMSIZ)?;
+    let end = name.iter().position(|b| *b == 0).unwrap_or(IFNAMSIZ);
+    String::from_utf8(name[..end].to_vec()).ok()
+}
+
+/// A datapath's token in the `owner` set: differs from the one before it
+/// on the interface (the process id and the clock's nanoseconds; a clash
+/// would need both to repeat).
+fn new_token() -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    std::process::id().rotate_left(16) ^ nanos
 }
 
 #[cfg(test)]

@@ -18,7 +18,8 @@
 //! A delete from a map needs a data register too (nf_tables refuses a
 //! map's dynset without one, EINVAL), though it only reads the key.
 //! Elements themselves go through [`tcpr_host::nfnl`]; [`count`] counts a
-//! set's live elements with one GETSETELEM dump (the steering gauge).
+//! set's live elements with one GETSETELEM dump (the steering gauge), and
+//! [`elements`] reads them back (a takeover's backends and owner).
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -37,6 +38,9 @@ const NLMSG_DONE: u16 = 3;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_DATA: u16 = 2;
+const NFTA_DATA_VALUE: u16 = 1;
 /// The netlink header and the nfgenmsg after it.
 const NFNL_HDR_BYTES: usize = NLMSG_HDR_BYTES + 4;
 /// A dump answer's datagrams: the kernel fills up to this much.
@@ -247,11 +251,22 @@ fn attributes(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     })
 }
 
-/// Elements in the NEWSETELEM messages of a dump datagram; `None` once
-/// the dump is done.
-fn count_datagram(buf: &[u8]) -> io::Result<Option<usize>> {
+/// One element of a set or map as a dump answers it: its key and, for a
+/// map, its value (`NFTA_DATA_VALUE` bytes).
+pub(crate) type DumpedElement = (Vec<u8>, Option<Vec<u8>>);
+
+/// The `NFTA_DATA_VALUE` inside a nested `NFTA_DATA` attribute.
+fn data_value(nested: &[u8]) -> Option<Vec<u8>> {
+    attributes(nested)
+        .find(|(ty, _)| *ty == NFTA_DATA_VALUE)
+        .map(|(_, v)| v.to_vec())
+}
+
+/// Passes each element (the attributes of one `NFTA_LIST_ELEM`) of the
+/// NEWSETELEM messages of a dump datagram to `visit`; `None` once the
+/// dump is done.
+fn visit_datagram(buf: &[u8], visit: &mut impl FnMut(&[u8])) -> io::Result<Option<()>> {
     let mut at = 0;
-    let mut n = 0;
     while at + NLMSG_HDR_BYTES <= buf.len() {
         let len = u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize;
         let ty = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2 bytes"));
@@ -268,21 +283,30 @@ fn count_datagram(buf: &[u8]) -> io::Result<Option<usize>> {
                 }
             }
             t if t == NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWSETELEM && len >= NFNL_HDR_BYTES => {
-                n += attributes(&buf[at + NFNL_HDR_BYTES..at + len])
+                for (_, list) in attributes(&buf[at + NFNL_HDR_BYTES..at + len])
                     .filter(|(ty, _)| *ty == NFTA_SET_ELEM_LIST_ELEMENTS)
-                    .map(|(_, list)| attributes(list).count())
-                    .sum::<usize>();
+                {
+                    for (_, element) in attributes(list) {
+                        visit(element);
+                    }
+                }
             }
             _ => {}
         }
         at += len.next_multiple_of(4);
     }
-    Ok(Some(n))
+    Ok(Some(()))
 }
 
-/// The live (not expired) elements of the set `set` of the netdev table
-/// `table`, in the namespace `ns` (the calling thread's when `None`).
-pub(crate) fn count(ns: Option<BorrowedFd<'_>>, table: &str, set: &str) -> io::Result<usize> {
+/// Dumps the live (not expired) elements of the set `set` of the netdev
+/// table `table`, in the namespace `ns` (the calling thread's when
+/// `None`), passing each one's attributes to `visit`.
+fn dump(
+    ns: Option<BorrowedFd<'_>>,
+    table: &str,
+    set: &str,
+    mut visit: impl FnMut(&[u8]),
+) -> io::Result<()> {
     let nl = sock::netlink_socket_in(ns, NETLINK_NETFILTER)?;
     let fd = nl.as_fd();
     sock::set_recv_timeout(fd, ANSWER_TIMEOUT)?;
@@ -301,14 +325,44 @@ pub(crate) fn count(ns: Option<BorrowedFd<'_>>, table: &str, set: &str) -> io::R
     );
     sock::send_all(fd, &req)?;
     let mut buf = vec![0u8; DUMP_BUFFER_BYTES];
-    let mut total = 0;
     loop {
         let n = sock::recv_into(fd, &mut buf)?;
-        match count_datagram(&buf[..n])? {
-            Some(k) => total += k,
-            None => return Ok(total),
+        if visit_datagram(&buf[..n], &mut visit)?.is_none() {
+            return Ok(());
         }
     }
+}
+
+/// The live (not expired) elements of the set `set` of the netdev table
+/// `table`, in the namespace `ns` (the calling thread's when `None`).
+pub(crate) fn count(ns: Option<BorrowedFd<'_>>, table: &str, set: &str) -> io::Result<usize> {
+    let mut n = 0;
+    dump(ns, table, set, |_| n += 1)?;
+    Ok(n)
+}
+
+/// The live elements of the set or map `set` of the netdev table `table`
+/// (see [`count`]), with their keys and values.
+pub(crate) fn elements(
+    ns: Option<BorrowedFd<'_>>,
+    table: &str,
+    set: &str,
+) -> io::Result<Vec<DumpedElement>> {
+    let mut found = Vec::new();
+    dump(ns, table, set, |element| {
+        let (mut key, mut data) = (None, None);
+        for (ty, nested) in attributes(element) {
+            match ty {
+                NFTA_SET_ELEM_KEY => key = data_value(nested),
+                NFTA_SET_ELEM_DATA => data = data_value(nested),
+                _ => {}
+            }
+        }
+        if let Some(key) = key {
+            found.push((key, data));
+        }
+    })?;
+    Ok(found)
 }
 
 #[cfg(test)]

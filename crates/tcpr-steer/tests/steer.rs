@@ -870,6 +870,137 @@ fn a_bpf_datapath_closed_keeping_its_flows_steers_on_until_the_next_takes_over()
     assert!(net.front_tcp_in() > before, "the front's stack took them");
 }
 
+/// An nf_tables datapath closed keeping its flows (a balancer's exit; a
+/// killed one leaves the same) leaves its table forwarding them, with no
+/// process; the next datapath on the interface takes the table over with
+/// its entries (IPv4 and IPv6) and the backends' ids: a new flow to a
+/// backend the first one installed is steered under that backend's id
+/// (a fresh id clashing with one in the table would be refused). Closed
+/// without keeping, the last removes the table.
+#[test]
+fn an_nft_datapath_closed_keeping_its_flows_steers_on_until_the_next_takes_over() {
+    const SECOND4: &str = "10.9.0.4";
+    let net = Net::new("s2n");
+    sh(&net.backend, &format!("ip addr add {SECOND4}/24 dev eth0"));
+    let cfg = NftConfig {
+        // Entries of flows ended before the takeover stay for it.
+        linger: Duration::from_secs(60),
+        ..NftConfig::new("eth0")
+    };
+    let port = || NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+    let kept = flow(CLIENT4, port(), VIP4, BACKEND4);
+    let second = flow(CLIENT4, port(), VIP4, SECOND4);
+    let kept6 = flow(CLIENT6, port(), VIP6, BACKEND6);
+    let left = net
+        .front
+        .within(|| {
+            let first = NftSteering::install(cfg.clone())?;
+            assert_eq!(first.carried_over(), Default::default());
+            first.steer_batch(&[kept, second, kept6])?;
+            Ok(first.close(true))
+        })
+        .unwrap();
+    assert_eq!(left, Some(3));
+    assert!(sh(&net.front, "nft list tables").contains("tcpr_steer"));
+    let before = net.front_tcp_in();
+    const N: u64 = 1 << 20;
+    let port_of = |f: &SteeredFlow| f.client.port();
+    download(&net, FLOW4, port_of(&kept), net.server(VIP4), N, "fin");
+    assert_eq!(
+        net.front_tcp_in() - before,
+        0,
+        "the table steered it with no process"
+    );
+    let later = flow(CLIENT4, port(), VIP4, SECOND4);
+    let next = net
+        .front
+        .within(|| {
+            let next = NftSteering::install(cfg.clone())?;
+            for f in [&kept, &second, &kept6] {
+                assert!(next.is_steered(f.client, f.vip)?, "{f:?} taken over");
+            }
+            next.steer(&later)?;
+            Ok(next)
+        })
+        .unwrap();
+    assert_eq!(next.carried_over().carried, 3);
+    assert_eq!(next.carried_over().lost, 0);
+    let before = net.front_tcp_in();
+    download(
+        &net,
+        (CLIENT4, VIP4, SECOND4),
+        port_of(&second),
+        net.server(VIP4),
+        N,
+        "fin",
+    );
+    download(
+        &net,
+        (CLIENT4, VIP4, SECOND4),
+        port_of(&later),
+        net.server(VIP4),
+        N,
+        "fin",
+    );
+    download(
+        &net,
+        (CLIENT6, VIP6, BACKEND6),
+        port_of(&kept6),
+        net.server(VIP6),
+        N,
+        "fin",
+    );
+    assert_eq!(
+        net.front_tcp_in() - before,
+        0,
+        "the front's stack saw none of the flows"
+    );
+    assert_eq!(next.close(false), None);
+    assert_eq!(sh(&net.front, "nft list ruleset").trim(), "");
+}
+
+/// Two nf_tables datapaths on one interface (a balancer restarted while
+/// the old one still runs): the second takes the table over, the first
+/// goes on steering into it, and when the first ends, even without
+/// keeping its flows, it leaves the table to the second, which steers
+/// what both steered.
+#[test]
+fn a_second_nft_datapath_takes_over_and_the_first_leaves_it_the_table() {
+    let net = Net::new("s2m");
+    let port = || NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+    let taken = flow(CLIENT4, port(), VIP4, BACKEND4);
+    let after = flow(CLIENT4, port(), VIP4, BACKEND4);
+    let first = net.steering(Kind::Nft, |_| {});
+    first.steer(&taken).unwrap();
+    let second = net
+        .front
+        .within(|| Ok(NftSteering::install(NftConfig::new("eth0"))?))
+        .unwrap();
+    assert_eq!(second.carried_over().carried, 1);
+    first.steer(&after).unwrap();
+    assert!(second.is_steered(after.client, after.vip).unwrap());
+    assert_eq!(first.close(false), Some(2), "left to the second");
+    drop(first);
+    let before = net.front_tcp_in();
+    for f in [&taken, &after] {
+        download(
+            &net,
+            FLOW4,
+            f.client.port(),
+            net.server(VIP4),
+            1 << 20,
+            "fin",
+        );
+    }
+    assert_eq!(
+        net.front_tcp_in() - before,
+        0,
+        "the front's stack saw none of the flows"
+    );
+    assert_eq!(second.close(false), None);
+    assert_eq!(sh(&net.front, "nft list ruleset").trim(), "");
+}
+
 /// The gauge (`active`) answers from the last sweep while it is fresh and
 /// sweeps itself once it is not. It deadlocked then (the guard of its look
 /// at the last sweep was still held when it swept): under load, when the

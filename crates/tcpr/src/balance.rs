@@ -172,16 +172,39 @@ fn open_steering(
                 c.carried, c.lost
             );
         }
-        // A table left by a balancer that ran on nf_tables and crashed
-        // would go on taking every packet BPF passes on.
-        tcpr_steer::nft::remove_table(tcpr_steer::nft::DEFAULT_TABLE)?;
+        // A table left by a balancer that ran on nf_tables goes on
+        // forwarding the flows it steered (BPF passes on what it does not
+        // steer), until they end; once it holds none it is removed.
+        let left = tcpr_steer::nft::remove_table_if_unused(tcpr_steer::nft::DEFAULT_TABLE)?;
+        if left > 0 {
+            println!(
+                "tcpr balance left the nf_tables steering table {} with the {left} flows \
+                 it steers (removed at a start once they have ended)",
+                tcpr_steer::nft::DEFAULT_TABLE
+            );
+        }
         Ok::<_, tcpr_steer::SteerError>(s)
     };
     let nft = || {
         let mut cfg = tcpr_steer::NftConfig::new(&device);
         cfg.capacity = args.steer_capacity as usize;
         cfg.linger = args.steer_linger;
-        tcpr_steer::NftSteering::install(cfg).with_context(context)
+        let s = tcpr_steer::NftSteering::install(cfg).with_context(context)?;
+        let c = s.carried_over();
+        if c.carried > 0 {
+            println!(
+                "tcpr balance took over {} steered flows from the datapath before",
+                c.carried
+            );
+        }
+        if c.lost > 0 {
+            println!(
+                "tcpr balance replaced a steering table of another interface or an older \
+                 version: the {} flows it steered are lost",
+                c.lost
+            );
+        }
+        Ok::<_, anyhow::Error>(s)
     };
     let steering: Arc<dyn tcpr_steer::Steering> = match args.steer_datapath {
         Datapath::Bpf => Arc::new(bpf().with_context(context)?),
