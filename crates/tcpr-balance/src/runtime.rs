@@ -15,8 +15,8 @@
 use crate::batch::{BatchQueue, Policy};
 use crate::health::{Health, Target, CHECK_INTERVAL};
 use crate::{
-    config, head, AgentsAuth, Config, Head, HeadError, HeadErrorKind, Listener, MemberId, Metrics,
-    Pool, Protocol, Router,
+    config, head, AgentsAuth, Config, Head, HeadError, HeadErrorKind, Listener, MemberConfig,
+    MemberId, Metrics, Pool, Protocol, Router,
 };
 use nix::sys::signal::{SigSet, Signal};
 use std::collections::{BTreeSet, HashMap};
@@ -34,6 +34,10 @@ use tcpr_steer::{SteeredFlow, Steering};
 
 /// How often an idle accept loop looks at its stop flag.
 const ACCEPT_WAKEUP: Duration = Duration::from_millis(200);
+/// Connections an accept loop told to stop takes from its backlog at
+/// most: the kernel's default `somaxconn` (a listener's backlog is at most
+/// that), so that arrivals while it drains cannot keep it going.
+const STOP_BACKLOG: usize = 4096;
 /// How long the kernel holds a new connection of an HTTP or TLS listener
 /// whose first bytes have not come (`TCP_DEFER_ACCEPT`, seconds).
 const DEFER_ACCEPT_SECS: i32 = 1;
@@ -221,7 +225,10 @@ struct Job {
     /// them all again.
     accepted_from: Option<Arc<ListenerOptions>>,
     pool: String,
-    member: MemberId,
+    /// The member it was decided for, as configured then: a reload may
+    /// change the pool meanwhile (a `MemberId` is an index into one
+    /// config's pool).
+    member: MemberConfig,
     decided: Instant,
     busy: Busy,
 }
@@ -319,9 +326,7 @@ pub fn run(opts: Options) -> Result<(), StartError> {
     tracing::info!("draining: no new connections; waiting for those in flight");
     println!("tcpr balance draining");
     let _ = io::stdout().flush();
-    for (_, b) in listeners.drain() {
-        stop(b);
-    }
+    stop_all(listeners.drain().map(|(_, b)| b).collect());
     let mut n = shared
         .in_flight
         .count
@@ -394,11 +399,10 @@ fn reload(
         .filter(|a| !binds.contains(a))
         .copied()
         .collect();
+    let stopped: Vec<Bound> = gone.iter().filter_map(|a| listeners.remove(a)).collect();
+    stop_all(stopped);
     for a in gone {
-        if let Some(b) = listeners.remove(&a) {
-            stop(b);
-            tracing::info!("stopped listening on {a}");
-        }
+        tracing::info!("stopped listening on {a}");
     }
     for a in binds {
         if listeners.contains_key(&a) {
@@ -464,11 +468,15 @@ fn listen(shared: &Arc<Shared>, addr: SocketAddr) -> Result<Bound, StartError> {
     Ok(Bound { stop, thread })
 }
 
-/// Stops an accept loop: it takes what is already in its backlog, then
-/// closes the socket.
-fn stop(b: Bound) {
-    b.stop.store(true, Ordering::SeqCst);
-    let _ = b.thread.join();
+/// Stops accept loops: each takes what is already in its backlog, then
+/// closes its socket. All are told before any is waited for.
+fn stop_all(bound: Vec<Bound>) {
+    for b in &bound {
+        b.stop.store(true, Ordering::SeqCst);
+    }
+    for b in bound {
+        let _ = b.thread.join();
+    }
 }
 
 fn accept_loop(
@@ -479,7 +487,25 @@ fn accept_loop(
     stop: &AtomicBool,
 ) {
     let mut head_buf = Vec::new();
+    // Accepts left once told to stop: the backlog then (the listen
+    // backlog's size at most) is taken, not what arrives while it is.
+    let mut last = None;
     loop {
+        if last.is_none() && stop.load(Ordering::SeqCst) {
+            // Under steady load the backlog is never empty for a wakeup:
+            // from now on an empty backlog answers at once.
+            if let Err(e) = listener.set_nonblocking(true) {
+                tracing::warn!("{bind}: {e}");
+                return;
+            }
+            last = Some(STOP_BACKLOG);
+        }
+        if let Some(left) = last.as_mut() {
+            if *left == 0 {
+                return;
+            }
+            *left -= 1;
+        }
         match listener.accept() {
             Ok((stream, peer)) => {
                 let busy = Busy::new(shared);
@@ -743,7 +769,7 @@ fn serve(shared: &Arc<Shared>, accepted: Accepted, busy: Busy, head: Option<Head
                 stream,
                 accepted_from: from,
                 pool: pool_name.to_string(),
-                member: id,
+                member: member.clone(),
                 decided: Instant::now(),
                 busy,
             };
@@ -766,7 +792,7 @@ fn serve(shared: &Arc<Shared>, accepted: Accepted, busy: Busy, head: Option<Head
             } else {
                 "its agent is down or there is no steering"
             };
-            fallback(shared, stream, pool_name, id, why, busy);
+            fallback(shared, stream, pool_name, member.clone(), why, busy);
         }
     }
 }
@@ -786,7 +812,19 @@ fn batcher(shared: &Arc<Shared>, agent: SocketAddr) -> Option<Arc<BatchQueue<Job
             .name(format!("handoff {agent}"))
             .spawn(move || loop {
                 let (batch, _in_flight) = q.next_batch();
-                hand_off_batch(&s, agent, batch);
+                // A bug that panics loses its batch's connections, not the
+                // agent's queue: a thread that died would leave every
+                // later connection for the agent waiting, and a drain
+                // waiting for them.
+                let handed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    hand_off_batch(&s, agent, batch)
+                }));
+                if handed.is_err() {
+                    tracing::error!(
+                        "a handoff batch to {agent} panicked; its connections are lost"
+                    );
+                    s.metrics.failure("panic");
+                }
             });
         match spawned {
             Ok(_) => started += 1,
@@ -890,11 +928,7 @@ fn hand_off_batch(shared: &Arc<Shared>, agent: SocketAddr, batch: Vec<Job>) {
             HandOff::Moved => {
                 // The sender disconnected the socket in repair mode and
                 // closed it: nothing reaches the client from here.
-                let label = active
-                    .pools
-                    .get(&pool)
-                    .map(|p| p.member(member).label())
-                    .unwrap_or_default();
+                let label = member.label();
                 shared
                     .metrics
                     .handoff_ok(&pool, &label, decided.elapsed().as_secs_f64());
@@ -937,7 +971,7 @@ fn fallback(
     shared: &Arc<Shared>,
     client: TcpStream,
     pool: &str,
-    member: MemberId,
+    member: MemberConfig,
     why: &str,
     busy: Busy,
 ) {
@@ -958,22 +992,25 @@ fn proxy(
     shared: &Arc<Shared>,
     client: TcpStream,
     pool: &str,
-    member: MemberId,
+    member: MemberConfig,
     why: &str,
     busy: Busy,
 ) {
     let active = shared.active();
-    let Some(p) = active.pools.get(pool) else {
-        shared.metrics.failure("no_server");
-        return;
-    };
-    let first = p.member(member).server.into_iter();
-    let others = p
-        .members()
-        .filter_map(|(_, m)| m.server)
-        .filter(|s| Some(*s) != p.member(member).server);
+    // The member's server first, then the other servers of the pool as it
+    // is now (a reload may have changed or removed it).
+    let others: Vec<SocketAddr> = active
+        .pools
+        .get(pool)
+        .map(|p| {
+            p.members()
+                .filter_map(|(_, m)| m.server)
+                .filter(|s| Some(*s) != member.server)
+                .collect()
+        })
+        .unwrap_or_default();
     let mut server = None;
-    for addr in first.chain(others) {
+    for addr in member.server.into_iter().chain(others) {
         if !shared.health.is_up(Target::Server(addr)) {
             continue;
         }
@@ -1001,12 +1038,11 @@ fn proxy(
         return;
     };
     tracing::debug!("proxying to {:?} ({why})", server.peer_addr());
-    let m = p.member(member);
-    if m.agent.is_some() {
+    if member.agent.is_some() {
         // A handoff failed or was impossible (agent down, no steering).
-        shared.metrics.fallback(pool, &m.label());
+        shared.metrics.fallback(pool, &member.label());
     } else {
-        shared.metrics.proxied(pool, &m.label());
+        shared.metrics.proxied(pool, &member.label());
     }
     // A relay cannot know message boundaries: no Nagle wait on either side.
     let _ = client.set_nodelay(true);

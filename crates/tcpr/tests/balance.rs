@@ -358,7 +358,8 @@ fn served_again(kept: &mut Proc, what: &str) {
 /// after the kill would meet the front's stack, which resets the
 /// connection.
 fn handed_off_connections_outlive_the_balancer(datapath: &str) {
-    let mut bed = Bed::new(&format!("pin{}", &datapath[..1]), 150);
+    let net = if datapath == "bpf" { 150 } else { 160 };
+    let mut bed = Bed::new(&format!("pin{}", &datapath[..1]), net);
     bed.start_servers();
     bed.start_agents();
     let config = bed.config_text(true);
@@ -444,4 +445,101 @@ fn handed_off_connections_outlive_a_killed_or_stopped_balancer_bpf() {
 #[test]
 fn handed_off_connections_outlive_a_killed_or_stopped_balancer_nft() {
     handed_off_connections_outlive_the_balancer("nft");
+}
+
+/// A reload that shrinks a pool while a connection decided for a member
+/// the new config no longer has is in its handoff, which then rolls back
+/// (its agent stopped, then killed): the connection is proxied to the
+/// server of the member it was decided for, and the balancer goes on.
+/// Before, a connection named its member by its index in the pool as
+/// configured at the decision: looked up in the smaller pool (the
+/// fallback's, or a batch started after the reload), it panicked the
+/// relay or the agent's batching thread (the client was reset, and after
+/// two such panics the agent's queue had no thread left to serve it).
+#[test]
+fn a_reload_that_shrinks_a_pool_during_a_handoff_serves_the_connection() {
+    let mut bed = Bed::new("bshr", 161);
+    bed.start_servers();
+    bed.start_agents();
+    let one = bed.config_text(true);
+    // Pool b0 (IPv4 HTTP) with a first member whose server is down: once
+    // the health checks say so, connections go to the second (index 1),
+    // backend 0's.
+    const DOWN: &str = "127.0.0.1:1";
+    let two = one.replacen(
+        "name = \"b0\"\nmembers = [ ",
+        &format!("name = \"b0\"\nmembers = [ {{ server = {DOWN:?} }}, "),
+        1,
+    );
+    assert_ne!(one, two);
+    bed.start_balancer(&two, &["--handoff-timeout", "5"]);
+    wait_until("the member without a server is down", START, || {
+        bed.metrics().iter().any(|s| {
+            s.name == "tcpr_balance_member_up"
+                && s.labels.get("member").map(String::as_str) == Some(DOWN)
+                && s.value == 0.0
+        })
+    });
+    let agent = bed.agents[0][0].child.id().to_string();
+    let signal = |sig: &str| {
+        let out = std::process::Command::new("kill")
+            .args([sig, &agent])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "kill {sig} {agent}");
+    };
+    // The agent stopped, the handoff waits for its READY.
+    signal("-STOP");
+    let vip = bed.lab.vip(Family::V4).to_string();
+    let accepted = bed.metric("tcpr_balance_connections_total");
+    let request = bed
+        .lab
+        .client
+        .cmd("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-H",
+            "Host: a.example",
+            &format!("http://{vip}/who"),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the request is accepted", START, || {
+        bed.metric("tcpr_balance_connections_total") > accepted
+    });
+    std::fs::write(&bed.config, &one).unwrap();
+    bed.signal("-HUP");
+    bed.balancer
+        .as_mut()
+        .unwrap()
+        .expect("tcpr balance reloaded", START);
+    // Killed before its READY: the handoff rolls back and the connection
+    // is proxied, by the pool as it is now.
+    signal("-KILL");
+    let out = request.wait_with_output().unwrap();
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && body.starts_with("b0 "),
+        "{body} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(bed.metric("tcpr_balance_fallbacks_total"), 1.0);
+    // And the next connection is served.
+    assert!(bed
+        .get(Family::V4, false, "a.example", "/who")
+        .starts_with("b0 "));
+    let panics: f64 = bed
+        .metrics()
+        .iter()
+        .filter(|s| {
+            s.name == "tcpr_balance_failures_total"
+                && s.labels.get("reason").map(String::as_str) == Some("panic")
+        })
+        .map(|s| s.value)
+        .sum();
+    assert_eq!(panics, 0.0);
 }

@@ -266,3 +266,48 @@ fn status_prints_the_metrics_as_a_table() {
         .unwrap_or_else(|| panic!("{text}"));
     assert!(row.trim_end().ends_with(" 1"), "{row}");
 }
+
+/// SIGTERM under a steady stream of new connections (wrk, a connection
+/// per request): the listeners close at once and the balancer drains.
+/// Before, an accept loop looked at its stop flag only once its backlog
+/// had stayed empty for 200 ms, which steady load never allows: it went on
+/// accepting and never drained (a SIGHUP removing a busy listener blocked
+/// the signal thread the same way).
+#[test]
+fn sigterm_drains_under_a_steady_stream_of_new_connections() {
+    let mut bed = Bed::new("bterm", 162);
+    bed.start_servers();
+    let config = bed.config_text(false);
+    bed.start_balancer(&config, &["--no-steering"]);
+    let vip = bed.lab.vip(Family::V4).to_string();
+    let mut wrk = bed
+        .lab
+        .client
+        .cmd("wrk")
+        .args([
+            "-t1",
+            "-c8",
+            "-d60s",
+            "-H",
+            "Host: a.example",
+            "-H",
+            "Connection: close",
+            &format!("http://{vip}/who"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("connections stream in", START, || {
+        bed.metric("tcpr_balance_connections_total") >= 500.0
+    });
+    bed.signal("-TERM");
+    let balancer = bed.balancer.as_mut().unwrap();
+    balancer.expect("tcpr balance draining", START);
+    // Well before wrk's 60 s end.
+    balancer.expect("tcpr balance drained", Duration::from_secs(20));
+    let status = balancer.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let _ = wrk.kill();
+    let _ = wrk.wait();
+}
