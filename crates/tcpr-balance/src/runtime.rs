@@ -259,11 +259,15 @@ struct Bound {
     thread: JoinHandle<()>,
 }
 
-/// Runs the balancer until SIGTERM (or SIGINT) has drained it. Prints
-/// `tcpr balance listening on ADDR` per address, then `tcpr balance ready`.
-pub fn run(opts: Options) -> Result<(), StartError> {
-    // Blocked before any thread starts, so every thread inherits the mask
-    // and only `sigwait` below sees them.
+/// Blocks SIGHUP, SIGTERM and SIGINT in the calling thread, so that every
+/// thread it starts from now on inherits the mask and only [`run`]'s
+/// `sigwait` sees them. Call it before starting any thread of the
+/// balancer's (the steering datapath's sweeper is one): a thread started
+/// before took a signal that came while `run` was not waiting for one (a
+/// second SIGTERM, or a SIGHUP, during the drain), and its default action
+/// killed the process, resetting every proxied connection. `run` calls it
+/// too.
+pub fn block_signals() -> Result<SigSet, StartError> {
     let mut signals = SigSet::empty();
     for s in [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT] {
         signals.add(s);
@@ -272,6 +276,13 @@ pub fn run(opts: Options) -> Result<(), StartError> {
         what: "block signals",
         source: e.into(),
     })?;
+    Ok(signals)
+}
+
+/// Runs the balancer until SIGTERM (or SIGINT) has drained it. Prints
+/// `tcpr balance listening on ADDR` per address, then `tcpr balance ready`.
+pub fn run(opts: Options) -> Result<(), StartError> {
+    let signals = block_signals()?;
     let config = Config::load(&opts.config_path)?;
     let metrics_listen = config.metrics.as_ref().map(|m| m.listen);
     let metrics = Metrics::new();

@@ -98,14 +98,10 @@ pub fn hand_off_outgoing(
     opts: &MigrateOptions,
 ) -> Result<Vec<HandOff>, HandOffError> {
     let n = out.len();
-    let report = migrate(out, opts, &|_| {}).map_err(|r| HandOffError {
-        error: r.error,
-        conns: r
-            .conns
-            .into_iter()
-            .map(|c| (std::net::TcpStream::from(c.sock), c.blob))
-            .collect(),
-    })?;
+    let report = match migrate(out, opts, &|_| {}) {
+        Ok(report) => report,
+        Err(refused) => return without_the_unmovable(refused, opts),
+    };
     // `migrate` gives each input exactly one outcome, by its index.
     let mut results: Vec<(usize, HandOff)> = Vec::with_capacity(n);
     results.extend(report.moved.into_iter().map(|m| (m.index, HandOff::Moved)));
@@ -128,6 +124,77 @@ pub fn hand_off_outgoing(
     results.sort_by_key(|(index, _)| *index);
     debug_assert_eq!(results.len(), n);
     Ok(results.into_iter().map(|(_, r)| r).collect())
+}
+
+/// A batch refused whole because some of its connections cannot be handed
+/// off at all (a client that reset while it waited for its batch: its
+/// socket is closed, and every connection is checked before any freeze):
+/// the others go in a batch of their own, and those come back `Stayed`
+/// with why. Any other refusal (or one where none, or all, are unmovable)
+/// comes back whole, in the input order, as before.
+fn without_the_unmovable(
+    refused: Refused,
+    opts: &MigrateOptions,
+) -> Result<Vec<HandOff>, HandOffError> {
+    use std::os::fd::AsFd;
+    let unmovable: Vec<Option<String>> = refused
+        .conns
+        .iter()
+        .map(|c| {
+            tcpr_engine::inspect_socket(c.sock.as_fd())
+                .err()
+                .map(|e| e.to_string())
+        })
+        .collect();
+    let whole = |refused: Refused| HandOffError {
+        error: refused.error,
+        conns: refused
+            .conns
+            .into_iter()
+            .map(|c| (std::net::TcpStream::from(c.sock), c.blob))
+            .collect(),
+    };
+    let some = unmovable.iter().filter(|u| u.is_some()).count();
+    if some == 0 || some == unmovable.len() {
+        return Err(whole(refused));
+    }
+    let Refused { error, conns } = refused;
+    tracing::info!("a batch without its {some} connections that cannot move ({error})");
+    let (mut left, mut movable, mut movable_at) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, (c, why)) in conns.into_iter().zip(unmovable).enumerate() {
+        match why {
+            Some(why) => left.push((i, c, why)),
+            None => {
+                movable_at.push(i);
+                movable.push(c);
+            }
+        }
+    }
+    match hand_off_outgoing(movable, opts) {
+        Ok(handed) => {
+            let mut results: Vec<(usize, HandOff)> = movable_at.into_iter().zip(handed).collect();
+            results.extend(left.into_iter().map(|(i, c, why)| {
+                let why = format!("cannot hand it off: {why}");
+                (i, HandOff::Stayed(c.sock.into(), why))
+            }));
+            results.sort_by_key(|(i, _)| *i);
+            Ok(results.into_iter().map(|(_, r)| r).collect())
+        }
+        Err(e) => {
+            // Every stream back, in the input order.
+            let mut back: Vec<(usize, (std::net::TcpStream, Vec<u8>))> =
+                movable_at.into_iter().zip(e.conns).collect();
+            back.extend(
+                left.into_iter()
+                    .map(|(i, c, _)| (i, (std::net::TcpStream::from(c.sock), c.blob))),
+            );
+            back.sort_by_key(|(i, _)| *i);
+            Err(HandOffError {
+                error: e.error,
+                conns: back.into_iter().map(|(_, c)| c).collect(),
+            })
+        }
+    }
 }
 
 /// Connections handed to this process by other hosts (an agent running on

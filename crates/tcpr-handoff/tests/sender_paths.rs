@@ -269,3 +269,83 @@ fn a_huge_timeout_moves_a_connection() {
         echo_chunk(&mut d.stream).unwrap();
     });
 }
+
+/// A connection whose client reset it while it waited for its batch (its
+/// socket closed: no flow to hand off) does not refuse the batch: the
+/// others move, and it comes back `Stayed`, saying why. Before, the check
+/// of every connection before any freeze refused the whole batch: a
+/// balancer proxied every connection of it (up to 256, for one client
+/// that connects, sends a head and resets).
+#[test]
+fn a_reset_connection_stays_and_the_others_move() {
+    use std::os::fd::AsFd;
+    let (_lab, c, a, b) = hosts("sr", 101);
+    let agent: SocketAddr = "10.101.0.3:7072".parse().unwrap();
+    let vip: SocketAddr = "10.101.0.100:9200".parse().unwrap();
+    let incoming = b
+        .within(move || Ok(Incoming::bind(agent, auth(), vec![vip])?))
+        .unwrap();
+    let listener = a.within(|| Ok(TcpListener::bind(vip)?)).unwrap();
+    let (up, up_rx) = mpsc::channel();
+    let (reset, reset_rx) = mpsc::channel();
+    let (done, done_rx) = mpsc::channel();
+    std::thread::scope(|sc| {
+        let c = &c;
+        let client = sc.spawn(move || {
+            c.within(move || {
+                let mut socks: Vec<TcpStream> = (0..3)
+                    .map(|_| TcpStream::connect(vip))
+                    .collect::<Result<_, _>>()?;
+                up.send(()).unwrap();
+                reset_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+                let gone = socks.remove(1);
+                tcpr_host::sock::reset_on_close(gone.as_fd())?;
+                drop(gone);
+                done.send(()).unwrap();
+                Ok(socks)
+            })
+            .unwrap()
+        });
+        up_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let conns = accept(&listener, 3);
+        reset.send(()).unwrap();
+        done_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        // The RST has reached the middle connection's socket.
+        let mut probe = [0u8; 1];
+        let start = std::time::Instant::now();
+        while !matches!(conns[1].0.peek(&mut probe), Err(ref e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+        {
+            assert!(start.elapsed() < Duration::from_secs(10), "no RST");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let opts = MigrateOptions::new(agent, auth());
+        let mut opts = opts;
+        opts.switch = Switch::MoveAddress;
+        let r = a.within(|| Ok(hand_off(conns, &opts))).unwrap().unwrap();
+        assert!(matches!(r[0], HandOff::Moved), "{r:?}");
+        assert!(matches!(r[2], HandOff::Moved), "{r:?}");
+        let HandOff::Stayed(_, why) = &r[1] else {
+            panic!("the reset one stays: {r:?}");
+        };
+        assert!(why.starts_with("cannot hand it off"), "{why}");
+        let mut socks = client.join().unwrap();
+        let mut delivered: Vec<_> = (0..socks.len())
+            .map(|_| incoming.accept().expect("a connection arrives"))
+            .collect();
+        for (i, s) in socks.iter_mut().enumerate() {
+            let port = s.local_addr().unwrap().port();
+            let at = delivered
+                .iter()
+                .position(|d| d.stream.peer_addr().unwrap().port() == port)
+                .expect("its connection arrived");
+            let mut d = delivered.remove(at);
+            let sent = pattern(i as u8);
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            s.write_all(&sent).unwrap();
+            echo_chunk(&mut d.stream).unwrap();
+            let mut back = vec![0u8; CHUNK];
+            s.read_exact(&mut back).unwrap();
+            assert!(back == sent, "connection {i} echoed through its new home");
+        }
+    });
+}

@@ -105,6 +105,8 @@ pub fn run(args: BalanceArgs) -> Result<i32> {
         });
     }
     let config_path = args.config.clone().context("--config FILE is required")?;
+    // Before the steering datapath starts its sweeper thread.
+    runtime::block_signals()?;
     let steering = if args.no_steering {
         None
     } else {

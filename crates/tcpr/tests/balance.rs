@@ -543,3 +543,47 @@ fn a_reload_that_shrinks_a_pool_during_a_handoff_serves_the_connection() {
         .sum();
     assert_eq!(panics, 0.0);
 }
+
+/// A SIGHUP, or a second SIGTERM, while the balancer drains is not its
+/// end: it goes on draining (the head it waits for is answered) and exits
+/// with success. Before, the steering datapath's sweeper thread started
+/// before the signals were blocked; once the main thread had stopped
+/// waiting for signals (draining), the kernel gave such a signal to that
+/// thread, whose default action killed the process (exit 129 or 143) and
+/// reset every connection still in its hands.
+#[test]
+fn signals_during_the_drain_do_not_end_the_balancer() {
+    let mut bed = Bed::new("bsig", 163);
+    bed.start_servers();
+    bed.start_agents();
+    let config = bed.config_text(true);
+    let steering = bed.start_balancer_under(&[], &config, &["--steer-datapath", "bpf"]);
+    assert!(steering.is_some_and(|s| s.contains("bpf")));
+    let vip = bed.lab.vip(Family::V4).to_string();
+    let mut cmd = bed.lab.client.cmd("python3");
+    cmd.args([
+        &py("balance_client.py"),
+        "request",
+        &vip,
+        "80",
+        "GET /who HTTP/1.1\\r\\nHost: a.ex",
+        "--hold",
+        "1",
+    ]);
+    let mut slow = Proc::spawn(cmd, "slow client");
+    slow.expect("held", START);
+    bed.signal("-TERM");
+    bed.balancer
+        .as_mut()
+        .unwrap()
+        .expect("tcpr balance draining", START);
+    bed.signal("-HUP");
+    bed.signal("-TERM");
+    bed.signal("-INT");
+    slow.send("go");
+    assert_eq!(slow.expect("HTTP", START), "HTTP/1.1 408 Request Timeout");
+    let balancer = bed.balancer.as_mut().unwrap();
+    balancer.expect("tcpr balance drained", START);
+    let status = balancer.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+}

@@ -38,6 +38,13 @@ pub fn raw_os_error(e: &io::Error) -> Option<i32> {
     })
 }
 
+/// Makes the socket's close send a RST instead of a FIN (`SO_LINGER`
+/// on, 0 s): an abort, as a relay does to the side that did not fail, or
+/// a client that gives up.
+pub fn reset_on_close(fd: BorrowedFd<'_>) -> io::Result<()> {
+    super::splice::reset_on_close(fd)
+}
+
 /// Writes an `int` socket option.
 pub fn set_int(fd: BorrowedFd<'_>, level: i32, name: i32, val: i32) -> io::Result<()> {
     // SAFETY: `val` is a C int readable for `size_of::<i32>()` bytes during
