@@ -45,6 +45,6 @@ pub use sys::{bpf, sock};
 
 pub use announce::{announce, announce_ipv4, announce_ipv6, Announcement};
 pub use sys::{
-    enter_netns, memfd_with, pass_socket, raise_fd_limit, recv_with_fd, recv_with_fds,
-    send_with_fd, send_with_fds, thread_netns, unshare_netns, SCM_MAX_FD,
+    enter_netns, flock, memfd_with, pass_socket, raise_fd_limit, recv_with_fd, recv_with_fds,
+    send_with_fd, send_with_fds, thread_netns, unshare_netns, Flock, SCM_MAX_FD,
 };

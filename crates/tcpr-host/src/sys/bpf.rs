@@ -194,19 +194,8 @@ pub fn unmount(dir: &std::path::Path) -> io::Result<()> {
 
 /// Takes an exclusive `flock` on `fd` (a file or directory), waiting for
 /// it; released when every descriptor of that open file is closed.
-/// (`File::lock` does the same from Rust 1.89, above this project's
-/// minimum.)
 pub fn lock_exclusive(fd: BorrowedFd<'_>) -> io::Result<()> {
-    loop {
-        // SAFETY: plain syscall on a descriptor borrowed for the call.
-        if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX) } == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+    super::flock(fd, super::Flock::Exclusive).map(|_| ())
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns` (in

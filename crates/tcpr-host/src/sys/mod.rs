@@ -321,3 +321,40 @@ pub fn raise_fd_limit(want: u64) -> io::Result<u64> {
     syscall!(setrlimit(libc::RLIMIT_NOFILE, &r)).map_err(named("setrlimit"))?;
     Ok(r.rlim_cur)
 }
+
+/// How [`flock`] locks a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flock {
+    /// Shared with other holders of `Shared`; waits for an exclusive one.
+    Shared,
+    /// Alone; waits for every other holder.
+    Exclusive,
+    /// Alone, or not at all: answers `false` at once when another holds
+    /// it (a shared lock of the caller's is converted).
+    ExclusiveNow,
+}
+
+/// `flock(2)` on `fd`; `false` only for [`Flock::ExclusiveNow`] when
+/// another holds the lock. A lock lasts until every descriptor of that
+/// open file is closed (or the process ends, however it ends). Written
+/// here rather than with `File::lock` (Rust 1.89, above this project's
+/// minimum).
+pub fn flock(fd: BorrowedFd<'_>, how: Flock) -> io::Result<bool> {
+    let op = match how {
+        Flock::Shared => libc::LOCK_SH,
+        Flock::Exclusive => libc::LOCK_EX,
+        Flock::ExclusiveNow => libc::LOCK_EX | libc::LOCK_NB,
+    };
+    loop {
+        // SAFETY: plain syscall on a descriptor borrowed for the call.
+        if unsafe { libc::flock(fd.as_raw_fd(), op) } == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => {}
+            io::ErrorKind::WouldBlock if how == Flock::ExclusiveNow => return Ok(false),
+            _ => return Err(e),
+        }
+    }
+}
