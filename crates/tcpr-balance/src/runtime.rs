@@ -1055,9 +1055,6 @@ fn proxy(
     } else {
         shared.metrics.proxied(pool, &member.label());
     }
-    // A relay cannot know message boundaries: no Nagle wait on either side.
-    let _ = client.set_nodelay(true);
-    let _ = server.set_nodelay(true);
     if let Err(e) = tcpr_host::relay::relay(client, server) {
         tracing::debug!("relay ended: {e}");
     }

@@ -231,8 +231,9 @@ struct Pair {
 }
 
 impl Pair {
-    /// Non-blocking sockets and a pipe per direction; on failure the two
-    /// sockets come back untouched but for O_NONBLOCK.
+    /// Non-blocking sockets without Nagle and a pipe per direction; on
+    /// failure the two sockets come back untouched but for O_NONBLOCK and
+    /// TCP_NODELAY.
     fn new(
         socks: [TcpStream; 2],
         pipes: &mut PipePool,
@@ -248,6 +249,13 @@ impl Pair {
             };
             for s in &socks {
                 s.set_nonblocking(true)?;
+                // A relay cannot know message boundaries: what it writes
+                // goes at once. With Nagle on (a restored connection keeps
+                // the application's setting, off by default), a response
+                // written in two pieces waited for the client's delayed
+                // ACK: 40 ms at the end of most TLS responses through an
+                // agent's `--forward`.
+                s.set_nodelay(true)?;
             }
             Ok((up, down))
         })();
@@ -702,6 +710,18 @@ mod tests {
         let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (b, _) = l.accept().unwrap();
         (a, b)
+    }
+
+    /// Both sockets of a relayed pair send without Nagle: a response
+    /// written in pieces must not wait for the peer's delayed ACK.
+    #[test]
+    fn a_pair_relays_without_nagle() {
+        let ((a, _), (b, _)) = (pair(), pair());
+        assert!(!a.nodelay().unwrap() && !b.nodelay().unwrap());
+        let relayed = Pair::new([a, b], &mut PipePool::default())
+            .map_err(|(e, _)| e)
+            .unwrap();
+        assert!(relayed.socks.iter().all(|s| s.nodelay().unwrap()));
     }
 
     /// How a pair is relayed in a test: [`relay`] on a thread, or
