@@ -48,6 +48,14 @@ pub struct BalanceArgs {
     /// half-closed client still receiving); 0.01 to 3600.
     #[arg(long, default_value = "5", value_parser = linger)]
     steer_linger: Duration,
+    /// Seconds a steering entry stays after the last packet of a flow that
+    /// goes on (no FIN or RST from its client): a handed-off connection
+    /// whose client sends nothing for longer loses its steering, and its
+    /// next packet meets the front's stack (a reset). Keep it above the
+    /// longest silence of the served protocol (idle keep-alive, websockets
+    /// without pings); 1 to 86400.
+    #[arg(long, default_value = "3600", value_parser = idle)]
+    steer_idle: Duration,
     /// Where the BPF datapath pins its map and program link, so that the
     /// flows it steers outlive this process (killed, or stopped with
     /// SIGTERM) and the next `tcpr balance` on the interface takes them
@@ -124,6 +132,10 @@ fn linger(arg: &str) -> Result<Duration, String> {
     crate::bounds::seconds(arg, 0.01, 3600.0)
 }
 
+fn idle(arg: &str) -> Result<Duration, String> {
+    crate::bounds::seconds(arg, 1.0, 86_400.0)
+}
+
 /// The steering datapath on the VIPs' interface.
 fn open_steering(
     args: &BalanceArgs,
@@ -153,6 +165,7 @@ fn open_steering(
     let mut bpf_cfg = tcpr_steer::BpfConfig::new(&device);
     bpf_cfg.capacity = args.steer_capacity as usize;
     bpf_cfg.linger = args.steer_linger;
+    bpf_cfg.idle = args.steer_idle;
     bpf_cfg.pin_dir = args.steer_pin_dir.clone();
     if args.steer_datapath != Datapath::Nft {
         // A setting out of BPF's range is the user's to fix, not a reason
@@ -191,6 +204,7 @@ fn open_steering(
         let mut cfg = tcpr_steer::NftConfig::new(&device);
         cfg.capacity = args.steer_capacity as usize;
         cfg.linger = args.steer_linger;
+        cfg.idle = args.steer_idle;
         let s = tcpr_steer::NftSteering::install(cfg).with_context(context)?;
         let c = s.carried_over();
         if c.carried > 0 {

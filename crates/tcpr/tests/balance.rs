@@ -587,3 +587,32 @@ fn signals_during_the_drain_do_not_end_the_balancer() {
     let status = balancer.child.wait().unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// `--steer-idle`: a handed-off connection whose client sends nothing for
+/// longer loses its steering entry (the gauge says so); with the default
+/// (an hour) it would keep it.
+#[test]
+fn steer_idle_sets_how_long_a_silent_flow_keeps_its_entry() {
+    let mut bed = Bed::new("bidle", 164);
+    bed.start_servers();
+    bed.start_agents();
+    let config = bed.config_text(true);
+    bed.start_balancer(&config, &["--steer-datapath", "bpf", "--steer-idle", "1"]);
+    let vip = bed.lab.vip(Family::V4).to_string();
+    let mut cmd = bed.lab.client.cmd("python3");
+    cmd.args([
+        &py("balance_client.py"),
+        "keepalive",
+        &vip,
+        "80",
+        "a.example",
+    ]);
+    let mut kept = Proc::spawn(cmd, "keep-alive client");
+    kept.expect("connected", START);
+    served_again(&mut kept, "handed off");
+    assert_eq!(bed.metric("tcpr_balance_handoffs_total"), 1.0);
+    wait_until("the silent flow's entry goes", START, || {
+        bed.metric("tcpr_balance_flows_active") == 0.0
+    });
+    kept.kill();
+}
