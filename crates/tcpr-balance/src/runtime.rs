@@ -259,6 +259,38 @@ struct Bound {
     thread: JoinHandle<()>,
 }
 
+/// Checks the file at `path` as [`run`] would load it: the config, and the
+/// agents' credentials it names (key files read, a PSK long enough). What
+/// `tcpr balance --check` answers.
+pub fn check(path: &std::path::Path) -> Result<(), StartError> {
+    match Active::build(Config::load(path)?) {
+        Ok(_) => Ok(()),
+        // Named with the file, as the file's other errors are.
+        Err(StartError::Auth(message)) => Err(StartError::Config(config::ConfigError {
+            file: path.to_path_buf(),
+            position: None,
+            message: format!("[agents]: {message}"),
+        })),
+        Err(e) => Err(e),
+    }
+}
+
+/// [`check`], and that every address the balancer will listen on (the
+/// listeners' and the metrics') can be bound now. Run before anything
+/// that outlives a failed start, such as the steering datapath (which
+/// takes over a running balancer's flows): a balancer that cannot listen
+/// then fails having changed nothing. Each address is bound and closed at
+/// once, so a balancer that is still running is found (address in use).
+pub fn check_start(path: &std::path::Path) -> Result<(), StartError> {
+    let config = Config::load(path)?;
+    let metrics = config.metrics.as_ref().map(|m| m.listen);
+    let active = Active::build(config)?;
+    for addr in metrics.into_iter().chain(active.binds()) {
+        TcpListener::bind(addr).map_err(|source| StartError::Listen { addr, source })?;
+    }
+    Ok(())
+}
+
 /// Blocks SIGHUP, SIGTERM and SIGINT in the calling thread, so that every
 /// thread it starts from now on inherits the mask and only [`run`]'s
 /// `sigwait` sees them. Call it before starting any thread of the

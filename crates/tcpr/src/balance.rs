@@ -104,8 +104,8 @@ pub fn run(args: BalanceArgs) -> Result<i32> {
         return status(metrics).map(|()| 0);
     }
     if let Some(file) = args.check {
-        return Ok(match Config::load(&file) {
-            Ok(_) => 0,
+        return Ok(match runtime::check(&file) {
+            Ok(()) => 0,
             Err(e) => {
                 eprintln!("{e}");
                 1
@@ -115,6 +115,9 @@ pub fn run(args: BalanceArgs) -> Result<i32> {
     let config_path = args.config.clone().context("--config FILE is required")?;
     // Before the steering datapath starts its sweeper thread.
     runtime::block_signals()?;
+    // A balancer that cannot start changes nothing: in particular it does
+    // not take the steering over from one still running.
+    runtime::check_start(&config_path)?;
     let steering = if args.no_steering {
         None
     } else {

@@ -616,3 +616,63 @@ fn steer_idle_sets_how_long_a_silent_flow_keeps_its_entry() {
     });
     kept.kill();
 }
+
+/// A second balancer started while one runs (the same config: its
+/// addresses are in use) fails before it touches anything: it does not
+/// take the steering over (a datapath that took over, then ended with its
+/// failed start, left the flows in a map of its own that nothing swept),
+/// and the running one goes on serving its handed-off connection and
+/// leaves it to the kernel at its end, as if the second had never run.
+#[test]
+fn a_second_balancer_that_cannot_listen_changes_nothing() {
+    let mut bed = Bed::new("bdup", 165);
+    bed.start_servers();
+    bed.start_agents();
+    let config = bed.config_text(true);
+    let args = ["--steer-datapath", "bpf"];
+    bed.start_balancer(&config, &args);
+    let vip = bed.lab.vip(Family::V4).to_string();
+    let mut cmd = bed.lab.client.cmd("python3");
+    cmd.args([
+        &py("balance_client.py"),
+        "keepalive",
+        &vip,
+        "80",
+        "a.example",
+    ]);
+    let mut kept = Proc::spawn(cmd, "keep-alive client");
+    kept.expect("connected", START);
+    served_again(&mut kept, "handed off");
+    let second = bed
+        .lab
+        .front
+        .cmd(common::tcpr_bin())
+        .args(["balance", "--config", bed.config.to_str().unwrap()])
+        .arg("--steer-pin-dir")
+        .arg(bed.lab.pin_dir())
+        .args(args)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&second.stdout);
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{said}");
+    assert!(
+        err.contains("Address in use") || err.contains("in use"),
+        "{err}"
+    );
+    assert!(
+        !said.contains("took over") && !said.contains("steering"),
+        "{said}"
+    );
+    served_again(&mut kept, "after the second balancer failed");
+    bed.signal("-TERM");
+    let balancer = bed.balancer.as_mut().unwrap();
+    let left = balancer.expect("tcpr balance left", START);
+    assert!(
+        left.starts_with("tcpr balance left 1 steered flows"),
+        "{left}"
+    );
+    balancer.expect("tcpr balance drained", START);
+    served_again(&mut kept, "with no balancer running");
+    kept.kill();
+}

@@ -70,6 +70,29 @@ fn check_prints_file_line_col() {
         ],
     );
     assert_clean_failure(&out, &want);
+    // The agents' credentials are read as the balancer reads them: a key
+    // file that is missing, or too short, fails the check, naming the file.
+    let short = dir.join("short.psk");
+    std::fs::write(&short, "12345").unwrap();
+    for (psk, says) in [
+        (dir.join("missing.psk"), "cannot read the key file"),
+        (short, "at least 16"),
+    ] {
+        let keyed = dir.join("keyed.toml");
+        let text = std::fs::read_to_string(&good).unwrap();
+        std::fs::write(
+            &keyed,
+            format!("[agents]\npsk_file = {:?}\n\n{text}", psk.to_str().unwrap()),
+        )
+        .unwrap();
+        let out = tcpr(None, &["balance", "--check", keyed.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.starts_with(&format!("{}: [agents]: ", keyed.display())) && err.contains(says),
+            "{err}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
