@@ -182,15 +182,45 @@ fn auto_steers_with_bpf_or_else_nf_tables() {
         "-bpf,-sys_admin,-perfmon",
         "--",
     ];
-    let line = bed.start_balancer_under(&drop_bpf, &config, &[]).unwrap();
+    // (A long linger: its flows are still steered when the next starts.)
+    let line = bed
+        .start_balancer_under(&drop_bpf, &config, &["--steer-linger", "600"])
+        .unwrap();
     assert!(line.contains("nftables-netdev on eth0"), "{line}");
     assert_routes(&bed);
     assert_eq!(bed.metric("tcpr_balance_handoffs_total"), 8.0);
     assert_eq!(bed.metric("tcpr_balance_fallbacks_total"), 0.0);
-    // Killed, it leaves its nf_tables table; the next balancer, on BPF,
-    // removes it (else its hook would take every packet BPF passes on).
+    // Killed, it leaves its nf_tables table, which goes on steering its
+    // flows: the next balancer, on BPF, leaves it to them (BPF passes on
+    // what it does not steer)...
     drop(bed.balancer.take());
     assert!(nft_table(&bed), "a killed balancer's table stays");
+    let line = bed.start_balancer_under(&[], &config, &[]).unwrap();
+    assert!(line.contains("bpf-tcx on eth0"), "{line}");
+    assert!(
+        nft_table(&bed),
+        "the table steers the flows of the one before"
+    );
+    assert!(
+        bed.balancer_said
+            .iter()
+            .any(|l| l.starts_with("tcpr balance left the nf_tables steering table")),
+        "{:?}",
+        bed.balancer_said
+    );
+    // ... and once they have ended, the next start removes it (else its
+    // hook would take every packet BPF passes on).
+    drop(bed.balancer.take());
+    for map in ["flows4", "flows6"] {
+        let out = bed
+            .lab
+            .front
+            .cmd("nft")
+            .args(["flush", "map", "netdev", "tcpr_steer", map])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
     let line = bed.start_balancer_under(&[], &config, &[]).unwrap();
     assert!(line.contains("bpf-tcx on eth0"), "{line}");
     assert!(!nft_table(&bed), "the table of the balancer before is gone");
