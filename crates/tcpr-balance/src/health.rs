@@ -1,5 +1,7 @@
-//! Health of the pools' members: is each agent reachable (an authenticated
-//! handshake completes) and each server connectable (a TCP connection
+//! Health of the pools' members: does each agent take handoffs (an
+//! authenticated channel opens and the agent answers PING: a killed
+//! agent's stand-in completes the handshake, then closes on anything but
+//! a QUERY) and is each server connectable (a TCP connection
 //! opens)? Checked on an interval, all targets at once; a failed handoff
 //! or connect also marks its target down at once, until the next check
 //! finds it up again.
@@ -18,7 +20,8 @@ pub const CHECK_TIMEOUT: Duration = Duration::from_millis(800);
 /// What a member offers, as checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Target {
-    /// A handoff agent (an authenticated handshake must complete).
+    /// A handoff agent (an authenticated channel opens and PING is
+    /// answered).
     Agent(SocketAddr),
     /// A server the balancer proxies to (a TCP connection must open).
     Server(SocketAddr),
@@ -76,27 +79,8 @@ fn probe(target: Target, auth: Option<&Auth>) -> bool {
         // Without credentials no handoff is tried: the agent is not used.
         Target::Agent(_) if auth.is_none() => false,
         Target::Agent(addr) => {
-            let handshake = || -> Result<(), String> {
-                let tcp =
-                    TcpStream::connect_timeout(&addr, CHECK_TIMEOUT).map_err(|e| e.to_string())?;
-                tcp.set_read_timeout(Some(CHECK_TIMEOUT))
-                    .map_err(|e| e.to_string())?;
-                tcp.set_write_timeout(Some(CHECK_TIMEOUT))
-                    .map_err(|e| e.to_string())?;
-                let auth = auth.ok_or("no credentials")?;
-                let cfg = auth.client_config().map_err(|e| e.to_string())?;
-                let ch = auth
-                    .connect(cfg, addr.ip(), tcp)
-                    .map_err(|e| e.to_string())?;
-                // A clean end (close_notify), so the agent logs no broken
-                // channel once a second per balancer.
-                if let tcpr_handoff::auth::Channel::Client(mut s) = ch {
-                    s.conn.send_close_notify();
-                    let _ = std::io::Write::flush(&mut s);
-                }
-                Ok(())
-            };
-            match handshake() {
+            let Some(auth) = auth else { return false };
+            match tcpr_handoff::probe_agent(addr, auth, CHECK_TIMEOUT) {
                 Ok(()) => true,
                 Err(e) => {
                     tracing::debug!("agent {addr}: {e}");

@@ -979,7 +979,12 @@ fn hand_off_batch(shared: &Arc<Shared>, agent: SocketAddr, batch: Vec<Job>) {
             }
             HandOff::Stayed(stream, why) => {
                 tracing::warn!("handoff to {agent} rolled back: {why}");
-                if why.contains("cannot reach the agent") || why.contains("did not answer") {
+                // The agent is gone or stuck: down until a health check
+                // finds it answering PING again.
+                if why.contains("cannot reach the agent")
+                    || why.contains("did not answer")
+                    || why.contains("link to the agent lost")
+                {
                     shared.health.set(Target::Agent(agent), false);
                 }
                 shared.metrics.failure("rolled_back");

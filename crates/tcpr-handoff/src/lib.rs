@@ -35,7 +35,7 @@ pub use auth::Auth;
 pub use deliver::Delivered;
 pub use machine::Framing;
 pub use sender::{
-    migrate, MigrateOptions, Outgoing, Refused, Report, Switch, Timings, TrafficHook,
+    migrate, probe_agent, MigrateOptions, Outgoing, Refused, Report, Switch, Timings, TrafficHook,
 };
 
 /// Errors of a handoff as a whole (per-connection outcomes are in the

@@ -183,6 +183,23 @@ enum Attempt {
     DeadChannel(Vec<Outgoing>),
 }
 
+/// Whether an agent at `to` takes handoffs now: an authenticated channel
+/// opens (each step within `timeout`) and the agent answers PING with its
+/// PONG, as between batches. A balancer's health check: a killed agent's
+/// stand-in completes the handshake too (it answers a sender's QUERY),
+/// but closes the channel on anything else, so a handshake alone took it
+/// for the agent, and every connection meanwhile paid a handoff that
+/// rolled back before its fallback.
+pub fn probe_agent(to: SocketAddr, auth: &crate::Auth, timeout: Duration) -> Result<(), String> {
+    let mut opts = MigrateOptions::new(to, auth.clone());
+    opts.timeout = timeout;
+    let mut ch = channel::connect(&opts).map_err(|e| e.to_string())?;
+    channel::ping(&mut ch, &opts)?;
+    // A clean end (close_notify): the agent logs no broken channel.
+    ch.close(timeout);
+    Ok(())
+}
+
 /// Moves `conns` to the agent. Every connection ends moved, rolled back
 /// (thawed here, lock released, socket given back) or, only when the agent
 /// became unreachable after COMMIT, unknown (left frozen and locked until

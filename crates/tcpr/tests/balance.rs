@@ -706,3 +706,54 @@ fn a_second_balancer_that_cannot_listen_changes_nothing() {
     served_again(&mut kept, "with no balancer running");
     kept.kill();
 }
+
+/// A killed agent's stand-in answers a sender's QUERY for a while (10 s
+/// here), completing the TLS handshake like the agent; the health check
+/// asks for the agent's PONG too, so the agent is down from the next check
+/// on and its connections are proxied without a handoff that rolls back
+/// first. Before, the handshake alone passed: for the stand-in's 10 s every
+/// connection tried a handoff, lost the link, and was proxied only then
+/// (43-90 ms instead of about 2).
+#[test]
+fn a_killed_agent_is_down_though_its_stand_in_answers() {
+    let mut bed = Bed::new("bstand", 166);
+    bed.start_servers();
+    bed.start_agents();
+    let config = bed.config_text(true);
+    bed.start_balancer(&config, &["--steer-datapath", "bpf"]);
+    assert!(bed
+        .get(Family::V4, false, "a.example", "/who")
+        .starts_with("b0 "));
+    assert_eq!(bed.metric("tcpr_balance_handoffs_total"), 1.0);
+    let rolled_back = |bed: &Bed| {
+        bed.metrics()
+            .iter()
+            .filter(|s| {
+                s.name == "tcpr_balance_failures_total" && s.label("reason") == Some("rolled_back")
+            })
+            .map(|s| s.value)
+            .sum::<f64>()
+    };
+    // SIGKILL: no goodbye, its stand-in takes the listener.
+    bed.agents[0][0].kill();
+    let killed = std::time::Instant::now();
+    let mut straight = false;
+    // Well within the stand-in's 10 s.
+    while killed.elapsed() < std::time::Duration::from_secs(8) {
+        let before = rolled_back(&bed);
+        assert!(bed
+            .get(Family::V4, false, "a.example", "/who")
+            .starts_with("b0 "));
+        if rolled_back(&bed) == before {
+            straight = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        straight,
+        "every connection tried the stand-in first: {} rolled back",
+        rolled_back(&bed)
+    );
+    assert_eq!(bed.metric("tcpr_balance_handoffs_total"), 1.0);
+}

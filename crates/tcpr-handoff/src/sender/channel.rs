@@ -200,7 +200,7 @@ fn set_timeouts(tcp: &TcpStream, opts: &MigrateOptions) -> std::io::Result<()> {
 /// PING, and the PONG with the same nonce as the next message: the agent
 /// is there, holds this channel, and nothing of an earlier batch is left
 /// on it.
-fn ping(ch: &mut Channel, opts: &MigrateOptions) -> Result<(), String> {
+pub(super) fn ping(ch: &mut Channel, opts: &MigrateOptions) -> Result<(), String> {
     static NONCES: AtomicU64 = AtomicU64::new(1);
     let nonce = NONCES.fetch_add(1, Ordering::Relaxed);
     set_timeouts(ch.tcp(), opts).map_err(|e| e.to_string())?;
