@@ -20,7 +20,7 @@ use crate::{
 };
 use nix::sys::signal::{SigSet, Signal};
 use std::collections::{BTreeSet, HashMap};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
@@ -50,6 +50,9 @@ const BATCHING: Policy = Policy {
     max_in_flight: 2,
     overlap_min: 4,
 };
+/// Reads of 16 KiB a refusal makes at most to drop what the client sent
+/// (its head, up to `max_head_bytes`, and a little more).
+const REFUSE_DRAIN_READS: usize = 8;
 /// How long a fallback waits for a server's connection.
 const SERVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// TLS alert `unrecognized_name` (RFC 6066): no route for this SNI.
@@ -706,6 +709,21 @@ fn refuse(mut stream: TcpStream, protocol: Protocol, status: u16, alert: u8) {
         Protocol::Tcp => Ok(()),
     };
     let _ = stream.shutdown(Shutdown::Write);
+    // The head was only peeked: closed unread, the kernel would answer
+    // with a RST, which may reach the client before it read the answer
+    // (and some clients then drop it). What is in now is read and
+    // dropped, without waiting (this may run on an accept loop), so the
+    // close sends nothing more than the FIN above; bytes still on their
+    // way still draw a RST.
+    if stream.set_nonblocking(true).is_ok() {
+        let mut sink = [0u8; 16 * 1024];
+        for _ in 0..REFUSE_DRAIN_READS {
+            match stream.read(&mut sink) {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
+        }
+    }
 }
 
 /// A connection as its listener accepted it.

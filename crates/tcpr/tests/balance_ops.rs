@@ -145,6 +145,27 @@ fn bad_heads_are_answered_and_never_block_others() {
         raw(&bed, "BLAH\\r\\n\\r\\n", false),
         "HTTP/1.1 400 Bad Request"
     );
+    // A refusal's stream ends with a FIN: the unread head is dropped
+    // first, so its close sends no RST that could reach the client before
+    // it read the answer.
+    for (head, answer) in [
+        ("BLAH\\r\\n\\r\\n", "HTTP/1.1 400 Bad Request"),
+        (
+            "GET / HTTP/1.1\\r\\nHost: c.example\\r\\n\\r\\n",
+            "HTTP/1.1 404 Not Found",
+        ),
+    ] {
+        let vip = bed.lab.vip(Family::V4).to_string();
+        let out = client_py(&bed, &["request", &vip, "80", head, "--ending"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            text.lines().collect::<Vec<_>>(),
+            [answer, "end fin"],
+            "{text}"
+        );
+    }
     let huge = format!(
         "GET / HTTP/1.1\\r\\nHost: a.example\\r\\nX: {}\\r\\n\\r\\n",
         "y".repeat(20_000)
@@ -179,9 +200,10 @@ fn bad_heads_are_answered_and_never_block_others() {
             .sum::<f64>()
     };
     assert_eq!(failures("head_timeout"), 50.0);
-    assert_eq!(failures("head_malformed"), 1.0);
+    // (One each above, and one each of the refusals' endings.)
+    assert_eq!(failures("head_malformed"), 2.0);
     assert_eq!(failures("head_too_large"), 1.0);
-    assert_eq!(failures("no_route"), 1.0);
+    assert_eq!(failures("no_route"), 2.0);
     // An unknown SNI gets a TLS alert (curl reports the handshake failure).
     let out = bed.curl(&[
         "-k",
@@ -190,7 +212,7 @@ fn bad_heads_are_answered_and_never_block_others() {
         "https://c.example/who",
     ]);
     assert!(!out.status.success());
-    assert_eq!(failures("no_route"), 2.0);
+    assert_eq!(failures("no_route"), 3.0);
 }
 
 #[test]

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Raw clients for the balancer tests.
 
-request ADDR PORT TEXT [--split] [--hold N]
+request ADDR PORT TEXT [--split] [--hold N] [--ending]
     Sends TEXT (Python escapes allowed: \\r\\n), whole or one byte per
     segment (--split), and prints the first line of the answer (or
-    "closed" when the balancer closed without a byte). With --hold N,
+    "closed" when the balancer closed without a byte); with --ending, then
+    "end fin" or "end rst": how the stream ended. With --hold N,
     opens N such connections first, sends each TEXT, and prints "held"
     once all are open; then waits for a line on stdin before reading
     their answers (one line per connection).
@@ -45,6 +46,21 @@ def first_line(s):
     return data.split(b"\r\n")[0].split(b"\n")[0].decode("latin-1")
 
 
+def ending(s):
+    """How the answer's stream ended: "fin" (end of stream) or "rst" (a
+    reset: read as an error, or, once the end of stream was read, the
+    error it left on the socket; Linux reads the end first)."""
+    try:
+        while s.recv(4096):
+            pass
+    except OSError:
+        return "rst"
+    # A reset sent right behind the FIN (a close with unread data) has
+    # arrived by now on these links.
+    time.sleep(0.05)
+    return "rst" if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) else "fin"
+
+
 def send(s, text, split):
     if split:
         for i in range(len(text)):
@@ -73,6 +89,8 @@ def main():
         s = connect(addr, port)
         send(s, text, split)
         print(first_line(s), flush=True)
+        if "--ending" in sys.argv:
+            print("end", ending(s), flush=True)
     elif mode == "keepalive":
         addr, port, host = sys.argv[2], int(sys.argv[3]), sys.argv[4]
         s = connect(addr, port)
