@@ -434,6 +434,15 @@ impl BpfSteering {
         self.stop_sweeper();
         let link = lock(&self.link).take()?;
         let Some((pins, id)) = &self.pinned else {
+            // Said at the install too; said again where it costs.
+            if let Ok(n @ 1..) = self.sweep.run() {
+                eprintln!(
+                    "tcpr-steer: the {n} flows steered on {} end with this process (its \
+                     steering is not pinned): their next packets meet the front's stack, \
+                     which resets them",
+                    self.cfg.device
+                );
+            }
             return None;
         };
         let locked = match pins.lock() {
@@ -580,7 +589,13 @@ fn take_over(
     let pins = match netns_cookie().and_then(|c| Pins::open(&cfg.pin_dir, c, ifindex)) {
         Ok(p) => p,
         Err(e) => {
-            unpinned(format!("cannot pin in {} ({e})", cfg.pin_dir.display()));
+            unpinned(format!(
+                "cannot pin in {} ({e}; it must be a directory on a BPF file system \
+                 the host shares: under `ip netns exec`, /sys is the command's own, so \
+                 mount one elsewhere, `mount -t bpf bpf DIR`, and give --steer-pin-dir \
+                 DIR/tcpr)",
+                cfg.pin_dir.display()
+            ));
             return Ok((HeldLink::Own(link), None, CarriedOver::default()));
         }
     };
