@@ -279,17 +279,17 @@ pub fn check(path: &std::path::Path) -> Result<(), StartError> {
 }
 
 /// [`check`], and that every address the balancer will listen on (the
-/// listeners' and the metrics') can be bound now. Run before anything
-/// that outlives a failed start, such as the steering datapath (which
-/// takes over a running balancer's flows): a balancer that cannot listen
-/// then fails having changed nothing. Each address is bound and closed at
-/// once, so a balancer that is still running is found (address in use).
+/// listeners' and the metrics') can be bound now, as they will be (shared:
+/// see [`run`]). Run before anything that outlives a failed start, such as
+/// the steering datapath (which takes over a running balancer's flows): a
+/// balancer that cannot listen then fails having changed nothing. Each
+/// address is bound (not listened on) and closed at once.
 pub fn check_start(path: &std::path::Path) -> Result<(), StartError> {
     let config = Config::load(path)?;
     let metrics = config.metrics.as_ref().map(|m| m.listen);
     let active = Active::build(config)?;
     for addr in metrics.into_iter().chain(active.binds()) {
-        TcpListener::bind(addr).map_err(|source| StartError::Listen { addr, source })?;
+        tcpr_host::sock::bind_shared(addr).map_err(|source| StartError::Listen { addr, source })?;
     }
     Ok(())
 }
@@ -347,6 +347,7 @@ pub fn run(opts: Options) -> Result<(), StartError> {
             .map_err(|source| StartError::Listen { addr, source })?;
         println!("tcpr balance metrics on {bound}");
     }
+    migrate_requests();
     let mut listeners: HashMap<SocketAddr, Bound> = HashMap::new();
     for addr in shared.active().binds() {
         let b = listen(&shared, addr)?;
@@ -466,7 +467,11 @@ fn reload(
 }
 
 fn listen(shared: &Arc<Shared>, addr: SocketAddr) -> Result<Bound, StartError> {
-    let listener = TcpListener::bind(addr).map_err(|source| StartError::Listen { addr, source })?;
+    // Shared (SO_REUSEPORT): a new balancer listens beside the one it
+    // replaces, then that one is stopped; no connection finds the port
+    // closed in between (see `migrate_requests`).
+    let listener = tcpr_host::sock::listen_shared(addr)
+        .map_err(|source| StartError::Listen { addr, source })?;
     // A blocking accept that gives up after the wakeup (accept honours
     // SO_RCVTIMEO, answering EAGAIN): one syscall per connection, where a
     // non-blocking accept and a poll took three per wakeup.
@@ -512,6 +517,32 @@ fn listen(shared: &Arc<Shared>, addr: SocketAddr) -> Result<Bound, StartError> {
             source,
         })?;
     Ok(Bound { stop, thread })
+}
+
+/// `net.ipv4.tcp_migrate_req` (Linux 5.14, IPv4 and IPv6 alike): when a
+/// listener of a `SO_REUSEPORT` group closes, the connections in its
+/// queues (handshakes, and those established and not accepted yet) move
+/// to another listener of the group instead of being reset. A balancer
+/// stopped while its replacement listens beside it then loses none, even
+/// those that arrive between its last accept and its close. Set to 1 in
+/// the balancer's network namespace when it is 0 (a listener alone in its
+/// group is not concerned), and said.
+fn migrate_requests() {
+    const SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+    match std::fs::read_to_string(SYSCTL) {
+        Ok(v) if v.trim() == "0" => match std::fs::write(SYSCTL, "1") {
+            Ok(()) => println!(
+                "tcpr balance set net.ipv4.tcp_migrate_req to 1: a balancer that stops \
+                 hands the connections it has not accepted to the one listening beside it"
+            ),
+            Err(e) => tracing::warn!(
+                "cannot set {SYSCTL} ({e}): a balancer stopped beside its replacement \
+                 resets the connections it has not accepted"
+            ),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot read {SYSCTL} ({e})"),
+    }
 }
 
 /// Stops accept loops: each takes what is already in its backlog, then

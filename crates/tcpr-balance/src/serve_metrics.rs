@@ -2,7 +2,7 @@
 //! `tcpr balance status` reads it with.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +19,8 @@ pub fn serve(
     addr: SocketAddr,
     render: Arc<dyn Fn() -> String + Send + Sync>,
 ) -> io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
+    // Shared as the listeners are: a new balancer starts beside the old.
+    let listener = tcpr_host::sock::listen_shared(addr)?;
     let bound = listener.local_addr()?;
     std::thread::Builder::new()
         .name("metrics".into())

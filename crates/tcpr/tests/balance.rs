@@ -647,12 +647,13 @@ fn steer_idle_sets_how_long_a_silent_flow_keeps_its_entry() {
     kept.kill();
 }
 
-/// A second balancer started while one runs (the same config: its
-/// addresses are in use) fails before it touches anything: it does not
-/// take the steering over (a datapath that took over, then ended with its
-/// failed start, left the flows in a map of its own that nothing swept),
-/// and the running one goes on serving its handed-off connection and
-/// leaves it to the kernel at its end, as if the second had never run.
+/// A second balancer that cannot listen (one of its addresses is held by
+/// a socket that does not share it) fails before it touches anything: it
+/// does not take the steering over from the one running (a datapath that
+/// took over, then ended with its failed start, left the flows in a map of
+/// its own that nothing swept), and the running one goes on serving its
+/// handed-off connection and leaves it to the kernel at its end, as if the
+/// second had never run.
 #[test]
 fn a_second_balancer_that_cannot_listen_changes_nothing() {
     let mut bed = Bed::new("bdup", 165);
@@ -673,11 +674,31 @@ fn a_second_balancer_that_cannot_listen_changes_nothing() {
     let mut kept = Proc::spawn(cmd, "keep-alive client");
     kept.expect("connected", START);
     served_again(&mut kept, "handed off");
+    // Port 81 of the VIP, held without SO_REUSEPORT.
+    let mut hold = bed.lab.front.cmd("python3");
+    hold.args([
+        "-c",
+        &format!(
+            "import socket, sys\ns = socket.socket()\ns.bind(({vip:?}, 81))\ns.listen()\n\
+             print('held', flush=True)\nsys.stdin.readline()"
+        ),
+    ]);
+    let mut held = Proc::spawn(hold, "port holder");
+    held.expect("held", START);
+    let second_config = bed.dir.join("second.toml");
+    std::fs::write(
+        &second_config,
+        format!(
+            "{config}[[listener]]\nname = \"extra\"\nbind = [\"{vip}:81\"]\n\
+             protocol = \"http\"\ndefault_pool = \"b0\"\n"
+        ),
+    )
+    .unwrap();
     let second = bed
         .lab
         .front
         .cmd(common::tcpr_bin())
-        .args(["balance", "--config", bed.config.to_str().unwrap()])
+        .args(["balance", "--config", second_config.to_str().unwrap()])
         .arg("--steer-pin-dir")
         .arg(bed.lab.pin_dir())
         .args(args)
@@ -687,7 +708,7 @@ fn a_second_balancer_that_cannot_listen_changes_nothing() {
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(!second.status.success(), "{said}");
     assert!(
-        err.contains("Address in use") || err.contains("in use"),
+        err.contains(&format!("cannot listen on {vip}:81")) && err.contains("in use"),
         "{err}"
     );
     assert!(
@@ -705,6 +726,7 @@ fn a_second_balancer_that_cannot_listen_changes_nothing() {
     balancer.expect("tcpr balance drained", START);
     served_again(&mut kept, "with no balancer running");
     kept.kill();
+    held.kill();
 }
 
 /// A killed agent's stand-in answers a sender's QUERY for a while (10 s
@@ -756,4 +778,74 @@ fn a_killed_agent_is_down_though_its_stand_in_answers() {
         rolled_back(&bed)
     );
     assert_eq!(bed.metric("tcpr_balance_handoffs_total"), 1.0);
+}
+
+/// A balancer replaced without a gap: the new one starts beside the old
+/// (their listeners share the addresses: SO_REUSEPORT), takes the steering
+/// over, and the old one is stopped (SIGTERM) while clients keep opening
+/// connections (wrk, a connection per request): no request fails or is
+/// refused, and a connection handed off before the restart is served after
+/// it. Before, the new balancer could not listen while the old one did,
+/// so every restart refused connections between the two.
+#[test]
+fn a_balancer_is_replaced_under_load_without_a_failed_request() {
+    let mut bed = Bed::new("bswap", 167);
+    bed.start_servers();
+    bed.start_agents();
+    let config = bed.config_text(true);
+    let args = ["--steer-datapath", "bpf"];
+    bed.start_balancer(&config, &args);
+    let vip = bed.lab.vip(Family::V4).to_string();
+    let mut cmd = bed.lab.client.cmd("python3");
+    cmd.args([
+        &py("balance_client.py"),
+        "keepalive",
+        &vip,
+        "80",
+        "a.example",
+    ]);
+    let mut kept = Proc::spawn(cmd, "keep-alive client");
+    kept.expect("connected", START);
+    served_again(&mut kept, "handed off");
+    // Clients that count every failure (wrk counts each server's close as
+    // a read error, which hides a reset).
+    let load = bed
+        .lab
+        .client
+        .cmd("python3")
+        .args([
+            &py("balance_client.py"),
+            "loop",
+            &vip,
+            "80",
+            "a.example",
+            "6",
+            "6",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("connections stream in", START, || {
+        bed.metric("tcpr_balance_connections_total") >= 200.0
+    });
+    let mut old = bed.balancer.take().unwrap();
+    bed.start_balancer(&config, &args);
+    let stopped = std::process::Command::new("kill")
+        .args(["-TERM", &old.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    old.expect("tcpr balance drained", START);
+    assert!(old.child.wait().unwrap().success());
+    served_again(&mut kept, "after the old balancer stopped");
+    let out = load.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let counts: Vec<&str> = text.lines().next().unwrap_or("").split(' ').collect();
+    assert!(
+        matches!(counts[..], ["ok", ok, "failed", "0"] if ok.parse::<u32>().unwrap_or(0) > 100),
+        "{text}"
+    );
+    kept.kill();
 }

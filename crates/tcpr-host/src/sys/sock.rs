@@ -7,7 +7,7 @@
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 /// Adds the name of the failing operation to an error, keeping its kind
@@ -177,6 +177,36 @@ pub fn bind(fd: BorrowedFd<'_>, a: SocketAddr) -> io::Result<()> {
         len
     ))
     .map(drop)
+}
+
+/// A TCP listener on `a` that other processes of the same user may bind
+/// too (`SO_REUSEPORT`: the kernel spreads new connections over the
+/// group's listeners), with `SO_REUSEADDR` as `TcpListener::bind` sets it
+/// and the kernel's largest backlog (`somaxconn` caps it). What lets a
+/// new server start beside the one it replaces, so that no connection
+/// finds the port closed between them.
+pub fn listen_shared(a: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let fd = bind_shared(a)?;
+    // SAFETY: plain syscall on a descriptor we own.
+    syscall!(listen(fd.as_raw_fd(), libc::SOMAXCONN))?;
+    Ok(std::net::TcpListener::from(fd))
+}
+
+/// A TCP socket bound to `a` as [`listen_shared`] binds it, not listening
+/// (so it takes no connection): whether a shared listener could be opened
+/// there now (it fails where another socket holds the address without
+/// `SO_REUSEPORT`, or another user's does).
+pub fn bind_shared(a: SocketAddr) -> io::Result<OwnedFd> {
+    let domain = if a.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let fd = socket(domain, libc::SOCK_STREAM, 0)?;
+    set_int(fd.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    set_int(fd.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    bind(fd.as_fd(), a)?;
+    Ok(fd)
 }
 
 /// `connect(2)` to `a`.

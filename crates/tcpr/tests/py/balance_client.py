@@ -12,6 +12,11 @@ request ADDR PORT TEXT [--split] [--hold N] [--ending]
 keepalive ADDR PORT HOST
     One connection; per stdin line PATH, GET PATH (keep-alive) and print
     the body's first line; prints "connected" first.
+loop ADDR PORT HOST SECONDS THREADS
+    For SECONDS, THREADS threads each send GET /who with Host HOST over a
+    new connection after another (Connection: close) and read the whole
+    answer; prints "ok N failed M" (failed: any error, or not a 200 with
+    its whole body) and, for each failure, a line saying why.
 download ADDR PORT HOST PATH
     GET PATH with Host HOST over one connection; prints the body's length
     and SHA-256 ("LEN HEX").
@@ -91,6 +96,53 @@ def main():
         print(first_line(s), flush=True)
         if "--ending" in sys.argv:
             print("end", ending(s), flush=True)
+    elif mode == "loop":
+        addr, port, host = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+        seconds, threads = float(sys.argv[5]), int(sys.argv[6])
+        import threading
+
+        counts = {"ok": 0, "failed": 0}
+        whys = []
+        lock = threading.Lock()
+        end = time.monotonic() + seconds
+
+        def one():
+            s = connect(addr, port)
+            try:
+                s.sendall(f"GET /who HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+                data = b""
+                while True:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+            finally:
+                s.close()
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = [int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")]
+            if not head.startswith(b"HTTP/1.1 200") or not length or len(body) != length[0]:
+                raise ValueError(f"bad answer {data[:60]!r}")
+
+        def run():
+            while time.monotonic() < end:
+                try:
+                    one()
+                    key = "ok"
+                except Exception as e:  # noqa: BLE001 - every failure counts
+                    key = "failed"
+                    with lock:
+                        whys.append(repr(e))
+                with lock:
+                    counts[key] += 1
+
+        ts = [threading.Thread(target=run) for _ in range(threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        print(f"ok {counts['ok']} failed {counts['failed']}", flush=True)
+        for w in whys:
+            print(w, flush=True)
     elif mode == "keepalive":
         addr, port, host = sys.argv[2], int(sys.argv[3]), sys.argv[4]
         s = connect(addr, port)
