@@ -550,6 +550,35 @@ impl BpfSteering {
     }
 }
 
+/// Removes `keys` from `map` (absent ones are fine); the first failure.
+fn remove_all(map: &mut BpfHashMap<MapData, Key, Value>, keys: &[Key]) -> Result<(), SteerError> {
+    let mut first = None;
+    for key in keys {
+        match map.remove(key) {
+            Ok(()) => {}
+            Err(e) if map_errno(&e) == Some(libc::ENOENT) => {}
+            Err(e) => {
+                first.get_or_insert(kernel("flows map", e));
+            }
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+/// Removes `keys` from the map of the datapath pinned in `pins` now, if
+/// it is not the one whose link is `id` (see `unsteer_batch`).
+fn unsteer_in_newer(pins: &Pins, id: u32, keys: &[Key]) -> Result<(), SteerError> {
+    let locked = pins.lock().map_err(SteerError::Kernel)?;
+    let newer = match pins.pinned(&locked).map_err(SteerError::Kernel)? {
+        Some(p) if p.id != id => p,
+        _ => return Ok(()),
+    };
+    let data = pins.flows_of(newer.prog_id).map_err(SteerError::Kernel)?;
+    let mut map = BpfHashMap::<MapData, Key, Value>::try_from(aya::maps::Map::HashMap(data))
+        .map_err(|e| kernel("the newer datapath's flows map", e))?;
+    remove_all(&mut map, keys)
+}
+
 /// The calling thread's network namespace's cookie (unique in a boot).
 fn netns_cookie() -> std::io::Result<u64> {
     let sock = tcpr_host::sock::netlink_socket(libc::NETLINK_ROUTE)?;
@@ -769,14 +798,34 @@ impl Steering for BpfSteering {
     }
 
     fn unsteer(&self, client: SocketAddr, vip: SocketAddr) -> Result<(), SteerError> {
-        let Some((client, vip, _)) = on_wire(client, vip) else {
-            return Ok(());
-        };
-        match lock(&self.flows).remove(&flow_key(client, vip)) {
-            Ok(()) => Ok(()),
-            Err(e) if map_errno(&e) == Some(libc::ENOENT) => Ok(()),
-            Err(e) => Err(kernel("flows map", e)),
+        self.unsteer_batch(&[SteeredFlow {
+            client,
+            vip,
+            backend: vip.ip(),
+        }])
+    }
+
+    /// Removes each flow's entry, and, when another datapath took the
+    /// interface over since, from that one's map too: it copied this one's
+    /// entries (a batch's among them, steered before its COMMIT) and its
+    /// program runs first, so a flow rolled back here would go on reaching
+    /// the backend, which has no socket for it (a RST), while this
+    /// balancer relays it. The look at the pins is under their lock, as
+    /// the takeover's copy is: the entry goes from this map before, and
+    /// the copy either finds it gone or is found here.
+    fn unsteer_batch(&self, flows: &[SteeredFlow]) -> Result<(), SteerError> {
+        let keys: Vec<Key> = flows
+            .iter()
+            .filter_map(|f| on_wire(f.client, f.vip))
+            .map(|(client, vip, _)| flow_key(client, vip))
+            .collect();
+        let mut first = remove_all(&mut lock(&self.flows), &keys).err();
+        if let Some((pins, id)) = &self.pinned {
+            if let Err(e) = unsteer_in_newer(pins, *id, &keys) {
+                first.get_or_insert(e);
+            }
         }
+        first.map_or(Ok(()), Err)
     }
 
     /// The count of a sweep at most a [`sweep_period`] old (one runs now

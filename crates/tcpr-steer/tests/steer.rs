@@ -814,6 +814,41 @@ fn a_second_bpf_datapath_takes_over_and_passes_on_what_it_does_not_steer() {
     assert_eq!(second.close(false), None);
 }
 
+/// A batch steered by the first of two BPF datapaths (a balancer
+/// replaced under load), copied by the second at its takeover, then rolled
+/// back by the first (its agent refused): the first's unsteer removes the
+/// flow from the second's map too. Before, the second (whose program runs
+/// first) kept steering it to the backend, which has no socket for it,
+/// while the first relayed the connection: a RST.
+#[test]
+fn a_flow_rolled_back_after_a_takeover_is_steered_by_neither() {
+    let net = Net::new("s2r");
+    let first = net.steering(Kind::Bpf, |_| {});
+    let rolled = flow(
+        CLIENT4,
+        NEXT_PORT.fetch_add(1, Ordering::SeqCst),
+        VIP4,
+        BACKEND4,
+    );
+    let kept = flow(
+        CLIENT4,
+        NEXT_PORT.fetch_add(1, Ordering::SeqCst),
+        VIP4,
+        BACKEND4,
+    );
+    first.steer_batch(&[rolled, kept]).unwrap();
+    let second = net.steering(Kind::Bpf, |_| {});
+    assert!(second.is_steered(rolled.client, rolled.vip).unwrap());
+    first.unsteer_batch(&[rolled]).unwrap();
+    assert!(!first.is_steered(rolled.client, rolled.vip).unwrap());
+    assert!(
+        !second.is_steered(rolled.client, rolled.vip).unwrap(),
+        "the newer datapath still steers the flow rolled back"
+    );
+    assert!(second.is_steered(kept.client, kept.vip).unwrap());
+    assert_eq!(second.close(false), None);
+}
+
 /// A BPF datapath closed keeping its flows (a balancer's exit; a killed
 /// one leaves the same) leaves its program steering them from its pins,
 /// with no process holding it; the next datapath on the interface takes
