@@ -965,10 +965,22 @@ impl TrafficHook for SteerHook {
             .steer_batch(&self.steered(flows))
             .map_err(|e| e.to_string())
     }
+    /// Tried three times: a flow left steered after its rollback reaches a
+    /// backend that has no socket for it (see `hand_off_batch`).
     fn unswitch(&self, flows: &[tcpr_engine::Flow]) -> Result<(), String> {
-        self.steering
-            .unsteer_batch(&self.steered(flows))
-            .map_err(|e| e.to_string())
+        let steered = self.steered(flows);
+        let mut tried = 0;
+        loop {
+            match self.steering.unsteer_batch(&steered) {
+                Ok(()) => return Ok(()),
+                Err(e) if tried == 2 => return Err(e.to_string()),
+                Err(e) => {
+                    tracing::warn!("unsteering a rolled-back batch: {e}; trying again");
+                    tried += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
     }
 }
 
@@ -1024,6 +1036,16 @@ fn hand_off_batch(shared: &Arc<Shared>, agent: SocketAddr, batch: Vec<Job>) {
                 shared
                     .metrics
                     .handoff_ok(&pool, &label, decided.elapsed().as_secs_f64());
+                drop(busy);
+            }
+            HandOff::Stayed(stream, why) if why.contains(tcpr_handoff::UNSWITCH_FAILED) => {
+                // Its packets still go to the backend, which has no socket
+                // for it: relayed here it would hang, or answer garbage.
+                // Reset, the client learns at once.
+                tracing::error!("handoff to {agent} rolled back but still steered: {why}; reset");
+                shared.metrics.failure("unsteer");
+                let _ = tcpr_host::sock::reset_on_close(stream.as_fd());
+                drop(stream);
                 drop(busy);
             }
             HandOff::Stayed(stream, why) => {

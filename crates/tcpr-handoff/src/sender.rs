@@ -183,6 +183,12 @@ enum Attempt {
     DeadChannel(Vec<Outgoing>),
 }
 
+/// Said in the reason of a connection rolled back whose traffic switch
+/// could not be undone ([`TrafficHook::unswitch`] failed): its packets may
+/// still go to the agent's host, so it should not be served here as if
+/// nothing happened.
+pub const UNSWITCH_FAILED: &str = "could not undo the traffic switch";
+
 /// Whether an agent at `to` takes handoffs now: an authenticated channel
 /// opens (each step within `timeout`) and the agent answers PING with its
 /// PONG, as between batches. A balancer's health check: a killed agent's
@@ -757,8 +763,8 @@ impl Driver<'_> {
             }
             SenderAction::Unswitch => {
                 if let Err(e) = self.unswitch() {
-                    tracing::error!("could not undo the traffic switch: {e}");
-                    let why = format!("could not undo the traffic switch: {e}");
+                    tracing::error!("{UNSWITCH_FAILED}: {e}");
+                    let why = format!("{UNSWITCH_FAILED}: {e}");
                     for id in self.frozen.keys() {
                         self.trouble.insert(*id, why.clone());
                     }
