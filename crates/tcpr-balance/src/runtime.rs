@@ -191,8 +191,26 @@ struct InFlight {
     done: Condvar,
 }
 
-/// One unit of [`InFlight`] work; dropping it finishes it.
-struct Busy(Arc<Shared>);
+/// One unit of [`InFlight`] work; dropping it finishes it. Once its
+/// connection is decided for a member, it counts among that member's open
+/// connections (least-conn) until dropped too.
+struct Busy(Arc<Shared>, Option<Counted>);
+
+/// A connection counted open to a member of a pool, in the config it was
+/// decided under (`MemberId`s are that config's); dropping it closes it.
+struct Counted {
+    active: Arc<Active>,
+    pool: String,
+    id: MemberId,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if let Some(pool) = self.active.pools.get(&self.pool) {
+            pool.closed(self.id);
+        }
+    }
+}
 
 impl Busy {
     fn new(shared: &Arc<Shared>) -> Busy {
@@ -201,12 +219,30 @@ impl Busy {
             .count
             .lock()
             .unwrap_or_else(|e| e.into_inner()) += 1;
-        Busy(Arc::clone(shared))
+        Busy(Arc::clone(shared), None)
+    }
+
+    /// Counts the connection open to member `id` of `pool` in `active`,
+    /// for as long as the balancer holds it: while it waits for and goes
+    /// through its handoff, and while it is proxied (a handed-off
+    /// connection lives on at the backend, where the balancer does not see
+    /// it end).
+    fn count(&mut self, active: &Arc<Active>, pool: &str, id: MemberId) {
+        if let Some(p) = active.pools.get(pool) {
+            p.opened(id);
+            self.1 = Some(Counted {
+                active: Arc::clone(active),
+                pool: pool.to_string(),
+                id,
+            });
+        }
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
+        // The member's count first: the drain may end right after.
+        drop(self.1.take());
         let mut n = self
             .0
             .in_flight
@@ -850,6 +886,8 @@ fn serve(shared: &Arc<Shared>, accepted: Accepted, busy: Busy, head: Option<Head
         );
         return;
     };
+    let mut busy = busy;
+    busy.count(&active, pool_name, id);
     let member = pool.member(id);
     let agent = member
         .agent

@@ -356,3 +356,42 @@ fn sigterm_drains_under_a_steady_stream_of_new_connections() {
     let _ = wrk.kill();
     let _ = wrk.wait();
 }
+
+/// `balance = "least-conn"` counts the connections the balancer holds for
+/// each member (here proxied: no agents): while one kept-alive connection
+/// holds one member, every new connection goes to the other. Before, no
+/// connection was ever counted, and least-conn went round like
+/// round-robin.
+#[test]
+fn least_conn_sends_new_connections_to_the_member_with_fewer() {
+    let mut bed = Bed::new("blc", 168);
+    bed.start_servers();
+    let vip = bed.lab.vip(Family::V4);
+    let server = |i: usize| sock(bed.lab.backend_addr(Family::V4, i), SERVER_HTTP_PORT);
+    let config = format!(
+        "[metrics]\nlisten = {METRICS:?}\n\n[[listener]]\nname = \"web\"\nbind = [{:?}]\n\
+         protocol = \"http\"\ndefault_pool = \"both\"\n\n[[pool]]\nname = \"both\"\n\
+         balance = \"least-conn\"\nmembers = [ {{ server = {:?} }}, {{ server = {:?} }} ]\n",
+        sock(vip, HTTP_PORT),
+        server(0),
+        server(1)
+    );
+    bed.start_balancer(&config, &["--no-steering"]);
+    let mut kept = Proc::spawn(
+        client_py(&bed, &["keepalive", &vip.to_string(), "80", "a.example"]),
+        "keep-alive client",
+    );
+    kept.expect("connected", START);
+    kept.send("/who");
+    let held = kept.expect("body", START);
+    let held_by = held.split(' ').nth(2).expect("a server's name").to_string();
+    let other = if held_by == "b0" { "b1" } else { "b0" };
+    for _ in 0..6 {
+        let answer = bed.get(Family::V4, false, "a.example", "/who");
+        assert!(
+            answer.starts_with(&format!("{other} ")),
+            "{answer} (held: {held_by})"
+        );
+    }
+    kept.kill();
+}
