@@ -485,7 +485,7 @@ fn reload(
     let stopped: Vec<Bound> = gone.iter().filter_map(|a| listeners.remove(a)).collect();
     stop_all(stopped);
     for a in gone {
-        tracing::info!("stopped listening on {a}");
+        println!("tcpr balance stopped listening on {a}");
     }
     for a in binds {
         if listeners.contains_key(&a) {

@@ -391,14 +391,24 @@ fn exit_on_bad_arguments(e: clap::Error) -> ! {
     ) {
         e.exit()
     }
+    // The message's lines up to the usage, on one line: a missing
+    // argument's name is on the line after "were not provided:".
     let text = e.to_string();
-    let first = text
+    let said: Vec<&str> = text
         .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("bad arguments");
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect();
+    let said = said.join(" ");
+    let said = if said.is_empty() {
+        "bad arguments"
+    } else {
+        said.as_str()
+    };
     eprintln!(
         "tcpr: {} (tcpr --help)",
-        first.strip_prefix("error: ").unwrap_or(first)
+        said.strip_prefix("error: ").unwrap_or(said)
     );
     std::process::exit(e.exit_code())
 }

@@ -232,3 +232,20 @@ fn blobs_over_the_image_limit_are_refused() {
     assert!(!img.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A missing argument is named in the one-line error (clap puts the name
+/// on the line after "were not provided:", which the one line dropped),
+/// and `--steer-idle` is bounded like the other steering timeouts.
+#[test]
+fn a_missing_argument_is_named_and_steer_idle_is_bounded() {
+    assert_refused(&[
+        (
+            &["balance", "status"],
+            "were not provided: --metrics <METRICS>",
+        ),
+        (
+            &["balance", "--steer-idle", "0", "--config", "/nonexistent"],
+            "between 1 and 86400 seconds",
+        ),
+    ]);
+}
