@@ -482,10 +482,10 @@ impl BpfSteering {
 
     /// Copies into the map of the program `prog_id` (the datapath that
     /// took over, pinned in `pins`) the entries this one steered after the
-    /// takeover and that one does not have: those its program saw a
-    /// packet of since the takeover (the pin's time), or never swept yet.
-    /// The others are this one's copies of flows it handed over then,
-    /// which the newer one may have retired since. How many went in.
+    /// takeover and that one does not have: those not marked handed over
+    /// (the takeover marks what it copies, see `carry_over`). The marked
+    /// ones are this one's copies of flows it handed over then, which the
+    /// newer one may have retired since. How many went in.
     fn hand_to(&self, pins: &Pins, prog_id: u32) -> Option<usize> {
         let newer = match pins.flows_of(prog_id) {
             Ok(m) => m,
@@ -499,15 +499,11 @@ impl BpfSteering {
         };
         let mut newer =
             BpfHashMap::<MapData, Key, Value>::try_from(aya::maps::Map::HashMap(newer)).ok()?;
-        let since = pins.link_age().ok().and_then(|age| {
-            let age = u64::try_from(age.as_nanos()).ok()?;
-            tcpr_host::bpf::monotonic_ns().ok()?.checked_sub(age)
-        });
         let mine = lock(&self.flows);
-        let steered_since = mine.iter().filter_map(Result::ok).filter(|(_, value)| {
-            let seen = u64::from_ne_bytes(value[..8].try_into().expect("8 bytes"));
-            seen == 0 || since.is_none_or(|t| seen >= t)
-        });
+        let steered_since = mine
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, value)| value[HANDED_OVER] == 0);
         Some(copy_absent(steered_since, &mut newer).inserted)
     }
 
@@ -630,7 +626,7 @@ fn take_over(
     };
     let locked = pins.lock()?;
     pins.remove_stale(&locked);
-    let left = match pins.left(&locked, ifindex) {
+    let mut left = match pins.left(&locked, ifindex) {
         Ok(left) => left,
         Err(e) => {
             unpinned(format!(
@@ -641,8 +637,8 @@ fn take_over(
         }
     };
     let carried = left
-        .as_ref()
-        .map_or(CarriedOver::default(), |l| carry_over(&l.flows, flows));
+        .as_mut()
+        .map_or(CarriedOver::default(), |l| carry_over(&mut l.flows, flows));
     let flows_data = MapData::from_fd(flows_fd).map_err(|e| kernel("flows map", e))?;
     let (link, id) = pins.commit(&locked, link, &flows_data).map_err(|e| {
         kernel(
@@ -659,17 +655,35 @@ fn take_over(
 
 /// Copies the entries of `old` (an earlier datapath's map) into `flows`,
 /// those `flows` has already kept.
-fn carry_over(old: &aya::maps::Map, flows: &mut BpfHashMap<MapData, Key, Value>) -> CarriedOver {
-    let Ok(old) = BpfHashMap::<&MapData, Key, Value>::try_from(old) else {
+fn carry_over(
+    old: &mut aya::maps::Map,
+    flows: &mut BpfHashMap<MapData, Key, Value>,
+) -> CarriedOver {
+    let Ok(mut old) = BpfHashMap::<&mut MapData, Key, Value>::try_from(old) else {
         // Another layout (a tcpr of another version): nothing to carry.
         return CarriedOver::default();
     };
-    let c = copy_absent(old.iter().filter_map(Result::ok), flows);
+    let entries: Vec<(Key, Value)> = old.iter().filter_map(Result::ok).collect();
+    let c = copy_absent(entries.iter().copied(), flows);
+    // Each entry is marked handed over in the old map, so that the old
+    // datapath, at its end, hands back only what it steered since (its
+    // entries the new one may have retired stay out). The new program runs
+    // first from now on and takes these flows' packets: the old program no
+    // longer writes these entries (its sweeper may still stamp a first
+    // time, which this write can only undo).
+    for (key, mut value) in entries {
+        value[HANDED_OVER] = 1;
+        let _ = old.insert(key, value, BPF_EXIST);
+    }
     CarriedOver {
         carried: c.inserted + c.present,
         lost: c.refused,
     }
 }
+
+/// The byte of an entry's value (`flow_value.pad`, which the program
+/// never writes) that says a newer datapath copied it at its takeover.
+const HANDED_OVER: usize = 30;
 
 /// What [`copy_absent`] did with each entry.
 #[derive(Debug, Default)]

@@ -210,13 +210,6 @@ impl Pins {
         }
     }
 
-    /// How long ago the link pinned now was pinned (its takeover).
-    pub(crate) fn link_age(&self) -> io::Result<Duration> {
-        std::fs::metadata(self.dir.join(LINK))?
-            .modified()?
-            .elapsed()
-            .map_err(io::Error::other)
-    }
 
     /// Removes the pin (the program detaches once the last descriptor of
     /// its link closes) and the directory.

@@ -814,6 +814,38 @@ fn a_second_bpf_datapath_takes_over_and_passes_on_what_it_does_not_steer() {
     assert_eq!(second.close(false), None);
 }
 
+/// The hand-back at the older datapath's end gives back only what it
+/// steered after the takeover: an entry the newer one copied and has
+/// retired since stays retired, even one the older sweeper stamped after
+/// the takeover (its first sweep). Before, the hand-back chose by that
+/// stamp, and such an entry came back for the idle hour.
+#[test]
+fn the_hand_back_leaves_out_what_the_takeover_copied() {
+    let net = Net::new("s2h");
+    let cfg = net.bpf_config();
+    let copied = flow(CLIENT4, NEXT_PORT.fetch_add(1, Ordering::SeqCst), VIP4, BACKEND4);
+    let later = flow(CLIENT4, NEXT_PORT.fetch_add(1, Ordering::SeqCst), VIP4, BACKEND4);
+    let (first, second) = net
+        .front
+        .within(|| {
+            let first = BpfSteering::install(cfg.clone())?;
+            first.steer(&copied)?;
+            let second = BpfSteering::install(cfg.clone())?;
+            Ok((first, second))
+        })
+        .unwrap();
+    assert!(second.is_steered(copied.client, copied.vip).unwrap());
+    // The older sweeper's first look at the copied entry, after the
+    // takeover; then the newer one retires it (its flow ended).
+    first.sweep().unwrap();
+    second.unsteer(copied.client, copied.vip).unwrap();
+    first.steer(&later).unwrap();
+    assert_eq!(first.close(true), Some(1), "only the flow steered since");
+    assert!(!second.is_steered(copied.client, copied.vip).unwrap());
+    assert!(second.is_steered(later.client, later.vip).unwrap());
+    assert_eq!(second.close(false), None);
+}
+
 /// A batch steered by the first of two BPF datapaths (a balancer
 /// replaced under load), copied by the second at its takeover, then rolled
 /// back by the first (its agent refused): the first's unsteer removes the

@@ -198,19 +198,6 @@ pub fn lock_exclusive(fd: BorrowedFd<'_>) -> io::Result<()> {
     super::flock(fd, super::Flock::Exclusive).map(|_| ())
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns` (in
-/// the initial time namespace; a time namespace offsets it for userspace
-/// only).
-pub fn monotonic_ns() -> io::Result<u64> {
-    // SAFETY: a zeroed timespec is valid (plain integers).
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    // SAFETY: `ts` is writable for the call.
-    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
-}
-
 /// `bpf(cmd, attr, sizeof attr)`: the call's result, or its errno.
 ///
 /// # Safety
