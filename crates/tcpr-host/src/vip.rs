@@ -153,7 +153,19 @@ pub fn prepare(vips: &[IpAddr]) -> Result<Vips, Error> {
         for f in done.undo_with(true) {
             eprintln!("tcpr: {f}");
         }
-        return Err(e);
+        let Error::Record { path, source } = e else {
+            return Err(e);
+        };
+        // A record this agent cannot keep (a directory another user's
+        // agent made): it runs without, as where none can be made.
+        eprintln!(
+            "tcpr: cannot keep the record {} ({source}): this agent's end undoes what it \
+             did, even while another agent of the host serves the VIPs",
+            path.display()
+        );
+        let mut alone = Vips::default();
+        alone.prepare_alone(vips, lo)?;
+        return Ok(alone);
     }
     Ok(done)
 }
@@ -257,6 +269,11 @@ impl Vips {
                 let path = arp_path(name);
                 if let Some(before) = raise(&path, at_least)? {
                     raised.push(format!("{name} {}", before.trim()));
+                    // Undone by this guard until the record says it.
+                    self.raised.push(Raised {
+                        path: path.into(),
+                        before,
+                    });
                 }
             }
             // The first to raise records the values from before; later ones
@@ -265,6 +282,7 @@ impl Vips {
             if text.is_empty() && !raised.is_empty() {
                 write_record(&record, &(raised.join("\n") + "\n")).map_err(record_err)?;
             }
+            self.raised.clear();
             self.arp = Some(record);
         }
         for &ip in vips {
@@ -280,10 +298,14 @@ impl Vips {
                     ifindex: lo,
                     ifname: LOOPBACK.into(),
                 };
-                addr::add(&a).map_err(|source| Error::Address { ip, source })?;
-                let recorded = write_record(&record, ADDED);
+                // Recorded first: a VIP on lo that no record names would
+                // stay for good.
+                write_record(&record, ADDED).map_err(|source| Error::Record {
+                    path: path.clone(),
+                    source,
+                })?;
                 self.held.push((ip, record));
-                recorded.map_err(|source| Error::Record { path, source })?;
+                addr::add(&a).map_err(|source| Error::Address { ip, source })?;
             } else {
                 self.held.push((ip, record));
             }

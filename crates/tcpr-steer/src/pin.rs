@@ -210,7 +210,6 @@ impl Pins {
         }
     }
 
-
     /// Removes the pin (the program detaches once the last descriptor of
     /// its link closes) and the directory.
     pub(crate) fn remove(&self, _locked: &Locked) {

@@ -823,8 +823,18 @@ fn a_second_bpf_datapath_takes_over_and_passes_on_what_it_does_not_steer() {
 fn the_hand_back_leaves_out_what_the_takeover_copied() {
     let net = Net::new("s2h");
     let cfg = net.bpf_config();
-    let copied = flow(CLIENT4, NEXT_PORT.fetch_add(1, Ordering::SeqCst), VIP4, BACKEND4);
-    let later = flow(CLIENT4, NEXT_PORT.fetch_add(1, Ordering::SeqCst), VIP4, BACKEND4);
+    let copied = flow(
+        CLIENT4,
+        NEXT_PORT.fetch_add(1, Ordering::SeqCst),
+        VIP4,
+        BACKEND4,
+    );
+    let later = flow(
+        CLIENT4,
+        NEXT_PORT.fetch_add(1, Ordering::SeqCst),
+        VIP4,
+        BACKEND4,
+    );
     let (first, second) = net
         .front
         .within(|| {
