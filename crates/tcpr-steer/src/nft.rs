@@ -10,7 +10,8 @@
 //!                    → backend id (a mark)      flags dynamic,timeout; size CAP
 //!   set closing4/6 same key                       timeout LINGER; size CAP
 //!   map backends4/6  backend id → backend address (one per backend)
-//!   set owner        interface . token of the datapath that installed it
+//!   set owner        interface . token of each datapath running on it
+//!   set iface        the interface it steers on
 //!   chain ingress (hook ingress device DEV priority -500):
 //!     tcp: meta mark set KEY map @flows  goto steered    (one hash lookup)
 //!   chain steered:
@@ -47,16 +48,22 @@
 //! Restarts. The table is the kernel's, not the process's: a balancer
 //! stopped or killed leaves it forwarding the flows it steered (each
 //! entry still expires by itself), and the next datapath on the interface
-//! takes it over in one transaction that keeps the maps and sets with
-//! their elements and replaces every rule (then the IPv6 updates of
-//! `rule.rs`, a second transaction: in between, a packet of an IPv6 flow
-//! is forwarded without renewing its entry). It reads the backends' ids
-//! back, so that the entries it adds and those it took over agree. A
-//! table of another interface, or of a layout without the `owner` set, is
-//! replaced. The `owner` set says which datapath installed the table last:
-//! one that ends after another took over (two balancers running for a
-//! while) leaves the table to it, and one that ends with no flow steered
-//! deletes it.
+//! (its `iface`) takes it over in one transaction that keeps the maps and
+//! sets with their elements and replaces every rule (then the IPv6
+//! updates of `rule.rs`, a second transaction, tried three times: in
+//! between, a packet of an IPv6 flow is forwarded without renewing its
+//! entry, and an IPv6 SYN on a reused tuple does not clear it). It reads
+//! the backends' ids back, so that the entries it adds and those it took
+//! over agree. The `owner` set names every datapath running on the table
+//! (a token: its process id and a count); one that closes removes its
+//! own, and deletes the table only when no other live one is named and,
+//! keeping its flows, none is steered. Installs, closes and removals take
+//! a lock per namespace (`/run/tcpr/steer`), so that a close deciding to
+//! delete never crosses an install that joins. A table that cannot be
+//! read whole fails the start (replaced on a misread, it would end every
+//! flow it steers); one of another interface with a live owner is refused;
+//! one of another interface or an older layout with none is replaced, its
+//! flows counted as lost.
 //!
 //! The backend id goes through `meta mark` because a dynamic update must
 //! write a value to a map's element and nf_tables takes it from a register:
@@ -103,13 +110,25 @@ pub struct NftConfig {
 /// The table's default name.
 pub const DEFAULT_TABLE: &str = "tcpr_steer";
 
+/// What [`remove_table_if_unused`] left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeftTable {
+    /// The flows it steers.
+    pub flows: usize,
+    /// A balancer still runs on it.
+    pub in_use: bool,
+}
+
 /// Deletes the netdev table `table` of the calling thread's namespace (a
-/// datapath's that another datapath replaced) unless it still steers
-/// flows: they live on through it until they end, and their count is
-/// returned (0: deleted, or there was none).
-pub fn remove_table_if_unused(table: &str) -> Result<usize, SteerError> {
+/// datapath's that another datapath replaced) unless a balancer still
+/// runs on it or it still steers flows: they live on through it until
+/// they end. What it left (`None`: deleted, or there was none).
+pub fn remove_table_if_unused(table: &str) -> Result<Option<LeftTable>, SteerError> {
+    let cookie = tcpr_host::sock::netlink_socket(libc::NETLINK_ROUTE)
+        .and_then(|nl| tcpr_host::sock::netns_cookie(std::os::fd::AsFd::as_fd(&nl)));
+    let _changing = cookie.and_then(changes_lock).ok();
     if !nfnl::table_exists(None, Family::Netdev, table).map_err(nl_error)? {
-        return Ok(0);
+        return Ok(None);
     }
     let mut flows = 0;
     for set in ["flows4", "flows6"] {
@@ -120,8 +139,16 @@ pub fn remove_table_if_unused(table: &str) -> Result<usize, SteerError> {
             Err(e) => return Err(SteerError::Kernel(e)),
         }
     }
-    if flows > 0 {
-        return Ok(flows);
+    let in_use = match rule::elements(None, table, "owner") {
+        Ok(owners) => owners
+            .iter()
+            .filter_map(|(key, _)| Owner::from_key(key))
+            .any(|o| o.alive()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => false,
+        Err(e) => return Err(SteerError::Kernel(e)),
+    };
+    if flows > 0 || in_use {
+        return Ok(Some(LeftTable { flows, in_use }));
     }
     let out = Command::new("nft")
         .args(["delete", "table", "netdev", table])
@@ -141,7 +168,7 @@ pub fn remove_table_if_unused(table: &str) -> Result<usize, SteerError> {
             String::from_utf8_lossy(&out.stderr).trim()
         ))));
     }
-    Ok(0)
+    Ok(None)
 }
 
 fn nl_error(e: nfnl::NlError) -> SteerError {
@@ -207,7 +234,7 @@ impl NftConfig {
     /// (the flows steered, their backends, the closing ones), updating
     /// their size and timeouts, and replaces every rule: packets see the
     /// old rules or the new, never neither.
-    fn ruleset(&self, install: Install, owner: &str) -> String {
+    fn ruleset(&self, install: Install, owner: &str, dead: &[String]) -> String {
         let table = &self.table;
         let mut s = String::new();
         if install == Install::Replace {
@@ -218,10 +245,16 @@ impl NftConfig {
             for chain in CHAINS {
                 s += &format!("flush chain netdev {table} {chain}\n");
             }
-            s += &format!("flush set netdev {table} owner\n");
+            for d in dead {
+                s += &format!("delete element netdev {table} owner {{ {d} }}\n");
+            }
         }
         s += &self.rules();
         s += &format!("add element netdev {table} owner {{ {owner} }}\n");
+        s += &format!(
+            "add element netdev {table} iface {{ \"{}\" }}\n",
+            self.device
+        );
         s
     }
 
@@ -261,7 +294,7 @@ impl NftConfig {
         }
         // Who installed the table: its interface and a token of the
         // datapath (see `NftSteering::owner`).
-        s += "  set owner { type ifname . mark; }\n";
+        s += "  set owner { type ifname . mark; }\n  set iface { type ifname; }\n";
         for chain in CHAINS.iter().filter(|c| **c != "ingress") {
             s += &format!("  chain {chain} {{\n  }}\n");
         }
@@ -363,13 +396,12 @@ const CHAINS: [&str; 9] = [
 /// The table is not the process's: it outlives it (a balancer killed or
 /// stopped leaves it forwarding the flows it steered, whose entries expire
 /// by themselves), and the next datapath installed on the same interface
-/// takes it over with every entry ([`NftSteering::carried_over`]). The
-/// `owner` set names the interface and a token of the datapath that
-/// installed it last: one closed after another took over leaves the table
-/// to it. Dropped without [`Steering::close`] (a balancer that failed
-/// after its install, or any early exit), it leaves the table as a kill
-/// would: with the flows steered, its own and those of a balancer it took
-/// over from that may still be running.
+/// takes it over with every entry ([`NftSteering::carried_over`]). One
+/// closed while another runs on the table leaves it to that one. Dropped
+/// without [`Steering::close`] (a balancer that failed after its install,
+/// or any early exit), it leaves the table as a kill would: with the flows
+/// steered, its own and those of a balancer it took over from that may
+/// still be running.
 #[derive(Debug)]
 pub struct NftSteering {
     cfg: NftConfig,
@@ -434,29 +466,71 @@ impl NftSteering {
             carried: CarriedOver::default(),
             closed: AtomicBool::new(false),
         };
+        let _changing = s.lock_changes();
         let owner = s.owner_element();
-        let before = s.previous();
-        let kept = match &before {
-            Some(p) if p.device.as_deref() == Some(s.cfg.device.as_str()) => {
-                match s.nft(&s.cfg.ruleset(Install::Keep, &owner)) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        eprintln!(
-                            "tcpr-steer: cannot take over the table netdev {} in place, \
-                             replacing it: {e}",
-                            s.cfg.table
-                        );
-                        false
-                    }
+        // Read whole, or the start fails: a table misread as absent or
+        // foreign would be replaced, ending every flow it steers.
+        let before = s.previous()?;
+        let keep = match &before {
+            Some(p) if p.device.as_deref() == Some(s.cfg.device.as_str()) => true,
+            Some(p) => {
+                if let Some(o) = p.owners.iter().find(|o| o.alive()) {
+                    return Err(invalid(&format!(
+                        "the steering table netdev {} is in use by the balancer on {} \
+                         (process {}): one table per network namespace",
+                        s.cfg.table,
+                        o.device,
+                        o.pid()
+                    )));
                 }
+                false
             }
-            _ => false,
+            None => false,
         };
-        if !kept {
-            s.nft(&s.cfg.ruleset(Install::Replace, &owner))?;
+        let dead: Vec<String> = before
+            .iter()
+            .flat_map(|p| p.owners.iter())
+            .filter(|o| !o.alive())
+            .map(Owner::element)
+            .collect();
+        if keep {
+            s.nft(&s.cfg.ruleset(Install::Keep, &owner, &dead))?;
+        } else {
+            s.nft(&s.cfg.ruleset(Install::Replace, &owner, &[]))?;
         }
+        if let Err(e) = s.append_rules6() {
+            // Left as it was (kept: its flows go on, the IPv6 ones without
+            // their renewals until the next start), or removed (new: it
+            // steers nothing).
+            if keep {
+                let _ = s.nft(&format!(
+                    "delete element netdev {} owner {{ {owner} }}\n",
+                    s.cfg.table
+                ));
+            } else {
+                let _ = s.nft(&format!("delete table netdev {}\n", s.cfg.table));
+            }
+            s.closed.store(true, Ordering::SeqCst);
+            return Err(e);
+        }
+        if keep {
+            *lock(&s.backends) = Backends::with(s.read_backends()?);
+            s.carried = CarriedOver {
+                carried: s.active()?,
+                // Those that expired meanwhile are not lost.
+                lost: 0,
+            };
+        } else {
+            s.carried.lost = before.map_or(0, |p| p.flows);
+        }
+        Ok(s)
+    }
+
+    /// The IPv6 flow map's updates (`rule.rs`), tried three times: a
+    /// table without them does not renew its IPv6 entries.
+    fn append_rules6(&self) -> Result<(), SteerError> {
         let flow_rule = |chain, op| rule::FlowRule {
-            table: &s.cfg.table,
+            table: &self.cfg.table,
             chain,
             set: "flows6",
             op,
@@ -465,31 +539,51 @@ impl NftSteering {
             flow_rule(
                 "linger6",
                 rule::FlowOp::Renew {
-                    timeout: s.cfg.linger,
+                    timeout: self.cfg.linger,
                 },
             ),
             flow_rule(
                 "renew6",
                 rule::FlowOp::Renew {
-                    timeout: s.cfg.idle,
+                    timeout: self.cfg.idle,
                 },
             ),
             flow_rule("forget6", rule::FlowOp::Delete),
         ];
-        rule::append(s.netns.ns(), &rules6)?;
-        let flows_before = before.map_or(0, |p| p.flows);
-        if kept {
-            *lock(&s.backends) = Backends::with(s.read_backends()?);
-            let carried = s.active()?;
-            s.carried = CarriedOver {
-                carried,
-                // Those that expired meanwhile are not lost.
-                lost: 0,
-            };
-        } else {
-            s.carried.lost = flows_before;
+        let mut tried = 0;
+        loop {
+            match rule::append(self.netns.ns(), &rules6) {
+                Ok(()) => return Ok(()),
+                Err(e) if tried == 2 => return Err(SteerError::Kernel(e)),
+                Err(_) => {
+                    tried += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
         }
-        Ok(s)
+    }
+
+    /// Holds the lock under which datapaths of the namespace install,
+    /// close and remove the table (`/run/tcpr/steer`, by the namespace's
+    /// cookie; released when dropped): a close that finds no other owner
+    /// and deletes the table cannot cross an install that joins it. None
+    /// when it cannot be taken (said once).
+    fn lock_changes(&self) -> Option<std::fs::File> {
+        let cookie = tcpr_host::sock::netlink_socket_in(self.netns.ns(), libc::NETLINK_ROUTE)
+            .and_then(|nl| tcpr_host::sock::netns_cookie(std::os::fd::AsFd::as_fd(&nl)));
+        match cookie.and_then(changes_lock) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    eprintln!(
+                        "tcpr-steer: cannot lock {CHANGES_DIR} ({e}): two balancers that \
+                         start and stop at once may remove the steering table under each other"
+                    )
+                });
+                None
+            }
+        }
     }
 
     /// What it took over from the datapath before it on the interface:
@@ -499,44 +593,61 @@ impl NftSteering {
         self.carried
     }
 
-    /// The table already there: its interface (from its `owner` set:
-    /// none for a table of an older layout) and its flows.
-    fn previous(&self) -> Option<Previous> {
+    /// The table already there, read whole (an error when it cannot be):
+    /// its owners (none for a table of an older layout) and its flows.
+    fn previous(&self) -> Result<Option<Previous>, SteerError> {
         let table = &self.cfg.table;
         let ns = self.netns.ns();
-        let present = nfnl::table_exists(ns, Family::Netdev, table).unwrap_or(false);
-        if !present {
-            return None;
+        if !nfnl::table_exists(ns, Family::Netdev, table).map_err(nl_error)? {
+            return Ok(None);
         }
-        let flows = ["flows4", "flows6"]
-            .iter()
-            .map(|set| rule::count(ns, table, set).unwrap_or(0))
-            .sum();
-        let device = rule::elements(ns, table, "owner")
-            .ok()
-            .and_then(|owners| owners.into_iter().next())
-            .and_then(|(key, _)| owner_device(&key));
-        Some(Previous { device, flows })
+        let absent_is_empty = |r: std::io::Result<Vec<rule::DumpedElement>>| match r {
+            Ok(v) => Ok(v),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(Vec::new()),
+            Err(e) => Err(SteerError::Kernel(e)),
+        };
+        let mut flows = 0;
+        for set in ["flows4", "flows6"] {
+            match rule::count(ns, table, set) {
+                Ok(n) => flows += n,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(SteerError::Kernel(e)),
+            }
+        }
+        let owners = absent_is_empty(rule::elements(ns, table, "owner"))?
+            .into_iter()
+            .filter_map(|(key, _)| Owner::from_key(&key))
+            .collect();
+        let device = absent_is_empty(rule::elements(ns, table, "iface"))?
+            .into_iter()
+            .find_map(|(key, _)| ifname(&key));
+        Ok(Some(Previous {
+            device,
+            owners,
+            flows,
+        }))
     }
 
     /// The `owner` set's element for this datapath, in `nft` syntax.
     fn owner_element(&self) -> String {
-        format!("\"{}\" . {:#x}", self.cfg.device, self.token)
+        Owner {
+            device: self.cfg.device.clone(),
+            token: self.token,
+        }
+        .element()
     }
 
-    /// Whether the table is still this datapath's (no later one took it
-    /// over); `None` when there is no table (or no answer).
-    fn owned(&self) -> Option<bool> {
-        let set = SetRef {
-            family: Family::Netdev,
-            table: &self.cfg.table,
-            set: "owner",
-        };
-        let mut key = [0u8; IFNAMSIZ].to_vec();
-        key[..self.cfg.device.len()].copy_from_slice(self.cfg.device.as_bytes());
-        // A mark is in host order.
-        key.extend_from_slice(&self.token.to_ne_bytes());
-        nfnl::element_present(self.netns.ns(), set, &key).ok()
+    /// The other live datapaths named in the `owner` set (`None`: no table,
+    /// or no answer).
+    fn other_owners(&self) -> Option<usize> {
+        let owners = rule::elements(self.netns.ns(), &self.cfg.table, "owner").ok()?;
+        Some(
+            owners
+                .iter()
+                .filter_map(|(key, _)| Owner::from_key(key))
+                .filter(|o| o.token != self.token && o.alive())
+                .count(),
+        )
     }
 
     /// The backends the table's `backends` maps hold, with their ids.
@@ -842,12 +953,20 @@ impl Steering for NftSteering {
         if self.closed.swap(true, Ordering::SeqCst) {
             return None;
         }
-        match self.owned() {
+        let table = &self.cfg.table;
+        let _changing = self.lock_changes();
+        let Some(others) = self.other_owners() else {
             // Gone (deleted by someone), or unreadable: nothing to remove.
-            None => return None,
-            // Taken over: what it steered is in the table the other runs.
-            Some(false) => return Some(self.active().unwrap_or(usize::MAX)),
-            Some(true) => {}
+            return None;
+        };
+        let _ = self.nft(&format!(
+            "delete element netdev {table} owner {{ {} }}\n",
+            self.owner_element()
+        ));
+        if others > 0 {
+            // Another balancer runs on it: what this one steered stays in
+            // the table it runs.
+            return Some(self.active().unwrap_or(usize::MAX));
         }
         if keep_flows {
             match self.active() {
@@ -856,7 +975,6 @@ impl Steering for NftSteering {
                 Err(_) => return Some(usize::MAX),
             }
         }
-        let table = &self.cfg.table;
         if let Err(e) = self.nft(&format!("delete table netdev {table}\n")) {
             eprintln!("tcpr-steer: cannot delete the table netdev {table}: {e}");
         }
@@ -866,31 +984,81 @@ impl Steering for NftSteering {
 
 /// The table as a datapath found it at its install.
 struct Previous {
-    /// The interface of the datapath that installed it (`None`: an older
-    /// layout without an `owner` set).
+    /// Its interface (its `iface` set; `None`: an older layout).
     device: Option<String>,
+    /// The datapaths named in its `owner` set, live or killed.
+    owners: Vec<Owner>,
     /// Its steered flows.
     flows: usize,
+}
+
+/// One element of the `owner` set: a datapath that installed the table
+/// and has not closed (or was killed): its interface and its token.
+struct Owner {
+    device: String,
+    token: u32,
+}
+
+impl Owner {
+    /// From a key (`ifname . mark`, the mark in host order).
+    fn from_key(key: &[u8]) -> Option<Owner> {
+        let device = ifname(key)?;
+        let token = u32::from_ne_bytes(key.get(IFNAMSIZ..IFNAMSIZ + 4)?.try_into().ok()?);
+        Some(Owner { device, token })
+    }
+
+    /// In `nft` syntax.
+    fn element(&self) -> String {
+        format!("\"{}\" . {:#x}", self.device, self.token)
+    }
+
+    /// The process of the datapath.
+    fn pid(&self) -> u32 {
+        self.token >> TOKEN_INSTANCE_BITS
+    }
+
+    /// Whether its process lives (a killed balancer's element stays).
+    fn alive(&self) -> bool {
+        std::path::Path::new(&format!("/proc/{}", self.pid())).exists()
+    }
 }
 
 /// `IFNAMSIZ`: an `ifname` key's bytes.
 const IFNAMSIZ: usize = 16;
 
-/// The interface an `owner` key (`ifname . mark`) names.
-fn owner_device(key: &[u8]) -> Option<String> {
+/// The interface name at the start of a key (`ifname`, zero-padded).
+fn ifname(key: &[u8]) -> Option<String> {
     let name = key.get(..IFNAMSIZ)?;
     let end = name.iter().position(|b| *b == 0).unwrap_or(IFNAMSIZ);
     String::from_utf8(name[..end].to_vec()).ok()
 }
 
-/// A datapath's token in the `owner` set: differs from the one before it
-/// on the interface (the process id and the clock's nanoseconds; a clash
-/// would need both to repeat).
+/// A token's low bits count the datapaths of one process; the rest is its
+/// pid (below 2^22, the kernel's `PID_MAX_LIMIT`).
+const TOKEN_INSTANCE_BITS: u32 = 10;
+
+/// A datapath's token in the `owner` set: its process and a count of the
+/// process's datapaths.
 fn new_token() -> u32 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    std::process::id().rotate_left(16) ^ nanos
+    static INSTANCES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let instance = INSTANCES.fetch_add(1, Ordering::Relaxed) & ((1 << TOKEN_INSTANCE_BITS) - 1);
+    (std::process::id() << TOKEN_INSTANCE_BITS) | instance
+}
+
+/// Where the datapaths' lock files are.
+const CHANGES_DIR: &str = "/run/tcpr/steer";
+
+/// Takes the lock of the namespace `cookie`'s table changes (see
+/// `NftSteering::lock_changes`).
+fn changes_lock(cookie: u64) -> std::io::Result<std::fs::File> {
+    std::fs::create_dir_all(CHANGES_DIR)?;
+    let f = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(format!("{CHANGES_DIR}/nft-netns-{cookie:x}.lock"))?;
+    tcpr_host::flock(std::os::fd::AsFd::as_fd(&f), tcpr_host::Flock::Exclusive)?;
+    Ok(f)
 }
 
 #[cfg(test)]

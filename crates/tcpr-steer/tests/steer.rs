@@ -814,6 +814,30 @@ fn a_second_bpf_datapath_takes_over_and_passes_on_what_it_does_not_steer() {
     assert_eq!(second.close(false), None);
 }
 
+/// Two nf_tables datapaths on one interface, the newer closed first with
+/// nothing steered (a restart given up): the table stays for the older,
+/// which goes on steering into it; the older's close, the last, removes
+/// it. Before, the newer one deleted the table (it had taken the
+/// ownership over), and every later handoff of the older one was proxied.
+#[test]
+fn the_newer_nft_datapath_closed_first_leaves_the_table_to_the_older() {
+    let net = Net::new("s2o");
+    let first = net.steering(Kind::Nft, |_| {});
+    let second = net.steering(Kind::Nft, |_| {});
+    assert_eq!(second.close(false), Some(0), "left to the one running");
+    drop(second);
+    let later = flow(
+        CLIENT4,
+        NEXT_PORT.fetch_add(1, Ordering::SeqCst),
+        VIP4,
+        BACKEND4,
+    );
+    first.steer(&later).unwrap();
+    assert!(first.is_steered(later.client, later.vip).unwrap());
+    assert_eq!(first.close(false), None);
+    assert_eq!(sh(&net.front, "nft list ruleset").trim(), "");
+}
+
 /// The hand-back at the older datapath's end gives back only what it
 /// steered after the takeover: an entry the newer one copied and has
 /// retired since stays retired, even one the older sweeper stamped after

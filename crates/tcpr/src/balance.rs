@@ -194,11 +194,17 @@ fn open_steering(
         // forwarding the flows it steered (BPF passes on what it does not
         // steer), until they end; once it holds none it is removed.
         let left = tcpr_steer::nft::remove_table_if_unused(tcpr_steer::nft::DEFAULT_TABLE)?;
-        if left > 0 {
+        if let Some(left) = left {
+            let running = if left.in_use {
+                "; a balancer on nf_tables still runs on it"
+            } else {
+                ""
+            };
             println!(
-                "tcpr balance left the nf_tables steering table {} with the {left} flows \
-                 it steers (removed at a start once they have ended)",
-                tcpr_steer::nft::DEFAULT_TABLE
+                "tcpr balance left the nf_tables steering table {} with the {} flows \
+                 it steers{running} (removed at a start once they have ended)",
+                tcpr_steer::nft::DEFAULT_TABLE,
+                left.flows
             );
         }
         Ok::<_, tcpr_steer::SteerError>(s)
