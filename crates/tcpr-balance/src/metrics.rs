@@ -12,7 +12,8 @@
 //! | `tcpr_balance_proxied_total` | counter | pool, member | connections proxied from the start (member without agent) |
 //! | `tcpr_balance_failures_total` | counter | reason | connections not served as asked, by reason (`head_timeout`, `head_malformed`, `head_too_large`, and the runtime's own) |
 //! | `tcpr_balance_flows_active` | gauge | | steering entries now |
-//! | `tcpr_balance_member_up` | gauge | pool, member | 1 when the health check passes |
+//! | `tcpr_balance_member_up` | gauge | pool, member | 1 when the health check passes (its agent or its server) |
+//! | `tcpr_balance_agent_up` | gauge | agent | 1 when the agent takes handoffs (it answers PING; a member stays up on its server alone) |
 //! | `tcpr_balance_handoff_seconds` | histogram | pool | time from the decision to the committed handoff |
 
 use std::collections::BTreeMap;
@@ -43,6 +44,8 @@ pub mod names {
     pub const FLOWS_ACTIVE: &str = "tcpr_balance_flows_active";
     /// Gauge {pool, member}: 1 when healthy.
     pub const MEMBER_UP: &str = "tcpr_balance_member_up";
+    /// Gauge {agent}: 1 when the agent takes handoffs.
+    pub const AGENT_UP: &str = "tcpr_balance_agent_up";
     /// Histogram {pool}: handoff duration in seconds.
     pub const HANDOFF_SECONDS: &str = "tcpr_balance_handoff_seconds";
 }
@@ -99,6 +102,7 @@ struct Counters {
     fallbacks: BTreeMap<PoolMember, u64>,
     proxied: BTreeMap<PoolMember, u64>,
     member_up: BTreeMap<PoolMember, bool>,
+    agent_up: BTreeMap<String, bool>,
     failures: BTreeMap<String, u64>,
     handoff_seconds: BTreeMap<String, Histogram>,
 }
@@ -228,6 +232,11 @@ impl Metrics {
             .insert(PoolMember::new(pool, member), up);
     }
 
+    /// The agent at `agent` answered (`up`) its health check, or not.
+    pub fn set_agent_up(&self, agent: &str, up: bool) {
+        self.counters().agent_up.insert(agent.to_string(), up);
+    }
+
     /// Everything, in the Prometheus text format 0.0.4.
     pub fn render(&self) -> String {
         let counters = self.counters();
@@ -312,6 +321,20 @@ impl Metrics {
                 &mut text,
                 names::MEMBER_UP,
                 &labels,
+                f64::from(u8::from(*up)),
+            );
+        }
+        header(
+            &mut text,
+            names::AGENT_UP,
+            "1 when the agent takes handoffs (it answers an authenticated PING).",
+            "gauge",
+        );
+        for (agent, up) in &counters.agent_up {
+            sample(
+                &mut text,
+                names::AGENT_UP,
+                &[("agent", agent.as_str())],
                 f64::from(u8::from(*up)),
             );
         }

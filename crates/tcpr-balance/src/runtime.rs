@@ -1219,6 +1219,10 @@ fn start_health(shared: &Arc<Shared>) {
                     let up = m.agent.is_some_and(|a| s.health.is_up(Target::Agent(a)))
                         || m.server.is_some_and(|a| s.health.is_up(Target::Server(a)));
                     s.metrics.set_member_up(name, &m.label(), up);
+                    if let Some(a) = m.agent {
+                        let agent_up = active.auth.is_some() && s.health.is_up(Target::Agent(a));
+                        s.metrics.set_agent_up(&a.to_string(), agent_up);
+                    }
                 }
             }
             drop(active);
