@@ -369,6 +369,7 @@ pub fn run(opts: Options) -> Result<(), StartError> {
         agents: Mutex::new(HashMap::new()),
         unknown: Mutex::new(Vec::new()),
     });
+    let mut metrics_serving = None;
     if let Some(addr) = metrics_listen {
         let s = Arc::clone(&shared);
         let render = Arc::new(move || {
@@ -379,8 +380,9 @@ pub fn run(opts: Options) -> Result<(), StartError> {
             }
             s.metrics.render()
         });
-        let bound = crate::serve_metrics::serve(addr, render)
+        let (bound, serving) = crate::serve_metrics::serve(addr, render)
             .map_err(|source| StartError::Listen { addr, source })?;
+        metrics_serving = Some(serving);
         println!("tcpr balance metrics on {bound}");
     }
     migrate_requests();
@@ -410,6 +412,11 @@ pub fn run(opts: Options) -> Result<(), StartError> {
     println!("tcpr balance draining");
     let _ = io::stdout().flush();
     stop_all(listeners.drain().map(|(_, b)| b).collect());
+    // As its listeners: scrapes go to the balancer started beside it, if
+    // any, rather than alternate between the two for the whole drain.
+    if let Some(m) = &metrics_serving {
+        m.stop();
+    }
     let mut n = shared
         .in_flight
         .count

@@ -3,6 +3,7 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,20 +14,47 @@ const MAX_REQUEST_BYTES: u64 = 8 << 10;
 /// The Prometheus text exposition format's content type.
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+/// The metrics endpoint's listener, to stop it.
+pub struct Serving {
+    listener: std::os::fd::OwnedFd,
+    stopped: Arc<AtomicBool>,
+}
+
+impl Serving {
+    /// Stops taking scrapes (a balancer that drains: its replacement,
+    /// listening on the same address, answers them from now on).
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        let _ = tcpr_host::sock::stop_listening(std::os::fd::AsFd::as_fd(&self.listener));
+    }
+}
+
 /// Serves `render()` at `GET /metrics` on `addr`, each scrape on a thread
-/// of its own, until the process ends. Returns the bound address.
+/// of its own, until the process ends or [`Serving::stop`]. Returns the
+/// bound address.
 pub fn serve(
     addr: SocketAddr,
     render: Arc<dyn Fn() -> String + Send + Sync>,
-) -> io::Result<SocketAddr> {
+) -> io::Result<(SocketAddr, Serving)> {
     // Shared as the listeners are: a new balancer starts beside the old.
     let listener = tcpr_host::sock::listen_shared(addr)?;
     let bound = listener.local_addr()?;
+    let stopped = Arc::new(AtomicBool::new(false));
+    let serving = Serving {
+        listener: std::os::fd::OwnedFd::from(listener.try_clone()?),
+        stopped: Arc::clone(&stopped),
+    };
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
             for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
+                let Ok(conn) = conn else {
+                    // Stopped, its accept fails from now on (EINVAL).
+                    if stopped.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    continue;
+                };
                 let render = Arc::clone(&render);
                 let _ = std::thread::Builder::new()
                     .name("scrape".into())
@@ -37,7 +65,7 @@ pub fn serve(
                     });
             }
         })?;
-    Ok(bound)
+    Ok((bound, serving))
 }
 
 fn answer(conn: TcpStream, render: &dyn Fn() -> String) -> io::Result<()> {

@@ -826,7 +826,7 @@ fn a_balancer_is_replaced_under_load_without_a_failed_request() {
     served_again(&mut kept, "handed off");
     // Clients that count every failure (wrk counts each server's close as
     // a read error, which hides a reset).
-    let load = bed
+    let mut load = bed
         .lab
         .client
         .cmd("python3")
@@ -836,9 +836,10 @@ fn a_balancer_is_replaced_under_load_without_a_failed_request() {
             &vip,
             "80",
             "a.example",
-            "6",
+            "300",
             "6",
         ])
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -856,6 +857,13 @@ fn a_balancer_is_replaced_under_load_without_a_failed_request() {
     old.expect("tcpr balance drained", START);
     assert!(old.child.wait().unwrap().success());
     served_again(&mut kept, "after the old balancer stopped");
+    // The load goes on against the new one alone (its metrics now: the
+    // old one's endpoint closed with its listeners) before it stops.
+    let after = bed.metric("tcpr_balance_connections_total");
+    wait_until("the new balancer serves the load alone", START, || {
+        bed.metric("tcpr_balance_connections_total") >= after + 100.0
+    });
+    std::io::Write::write_all(load.stdin.as_mut().unwrap(), b"stop\n").unwrap();
     let out = load.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");

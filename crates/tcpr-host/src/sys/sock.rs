@@ -192,6 +192,14 @@ pub fn listen_shared(a: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(std::net::TcpListener::from(fd))
 }
 
+/// Stops a listening socket from listening (`shutdown(SHUT_RD)` on a
+/// listener: it leaves its `SO_REUSEPORT` group, and a thread blocked in
+/// its `accept` wakes with an error); the descriptor stays open.
+pub fn stop_listening(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain syscall on a borrowed descriptor.
+    syscall!(shutdown(fd.as_raw_fd(), libc::SHUT_RD)).map(drop)
+}
+
 /// A TCP socket bound to `a` as [`listen_shared`] binds it, not listening
 /// (so it takes no connection): whether a shared listener could be opened
 /// there now (it fails where another socket holds the address without

@@ -13,10 +13,11 @@ keepalive ADDR PORT HOST
     One connection; per stdin line PATH, GET PATH (keep-alive) and print
     the body's first line; prints "connected" first.
 loop ADDR PORT HOST SECONDS THREADS
-    For SECONDS, THREADS threads each send GET /who with Host HOST over a
-    new connection after another (Connection: close) and read the whole
-    answer; prints "ok N failed M" (failed: any error, or not a 200 with
-    its whole body) and, for each failure, a line saying why.
+    Until a line comes on stdin (SECONDS at most), THREADS threads each
+    send GET /who with Host HOST over a new connection after another
+    (Connection: close) and read the whole answer; prints "ok N failed M"
+    (failed: any error, or not a 200 with its whole body) and, for each
+    failure, a line saying why.
 download ADDR PORT HOST PATH
     GET PATH with Host HOST over one connection; prints the body's length
     and SHA-256 ("LEN HEX").
@@ -135,6 +136,12 @@ def main():
                 with lock:
                     counts[key] += 1
 
+        def stop_on_line():
+            nonlocal end
+            sys.stdin.readline()
+            end = time.monotonic()
+
+        threading.Thread(target=stop_on_line, daemon=True).start()
         ts = [threading.Thread(target=run) for _ in range(threads)]
         for t in ts:
             t.start()
