@@ -61,8 +61,10 @@ impl Health {
         }
     }
 
-    /// Checks every target at once (one thread each, all bounded by
-    /// [`CHECK_TIMEOUT`]) and records the results.
+    /// Checks every target at once (one thread each; each step of a check
+    /// bounded by [`CHECK_TIMEOUT`]: a server's connect; an agent's
+    /// connect, TLS handshake and PING, so up to three of them) and
+    /// records the results.
     pub fn check(&self, targets: &[Target], auth: Option<&Auth>) {
         std::thread::scope(|s| {
             for &t in targets {

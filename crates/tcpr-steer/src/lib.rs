@@ -63,7 +63,8 @@ pub enum SteerError {
 /// 3. `unsteer` removes an entry at once (a handoff rolled back);
 /// 4. [`Steering::close`] ends it, leaving the flows steered now to the
 ///    next datapath or not; dropping it without `close` is a crash's end
-///    (both leave the flows: BPF pinned, nf_tables its table).
+///    (it leaves the flows: BPF pinned, nf_tables its table; an unpinned
+///    BPF datapath's end with it).
 pub trait Steering: Send + Sync {
     /// Forwards `flow`'s packets to its backend from now on.
     fn steer(&self, flow: &SteeredFlow) -> Result<(), SteerError> {

@@ -227,13 +227,16 @@ impl NftConfig {
         check_timeouts(self.idle, self.linger)
     }
 
-    /// The table, sets and rules, in `nft` syntax, in one transaction, with
-    /// `owner` (this datapath's, see [`NftSteering`]) as the owner set's
-    /// one element. `Install::Replace` deletes a table of the same name
-    /// first; `Install::Keep` keeps its maps and sets with their elements
-    /// (the flows steered, their backends, the closing ones), updating
-    /// their size and timeouts, and replaces every rule: packets see the
-    /// old rules or the new, never neither.
+    /// The table, sets and rules, in `nft` syntax, in one transaction,
+    /// `owner` (this datapath's element) added to the owner set.
+    /// `Install::Replace` deletes a table of the same name first;
+    /// `Install::Keep` keeps its maps and sets with their elements (the
+    /// flows steered, their backends, the closing ones, the owners but the
+    /// `dead` ones), declares them again (a kernel that updates sets, as
+    /// 6.18 here does, takes a new size and timeouts; one that does not
+    /// refuses the transaction, and the start fails saying so), and
+    /// replaces every rule: packets see the old rules or the new, never
+    /// neither.
     fn ruleset(&self, install: Install, owner: &str, dead: &[String]) -> String {
         let table = &self.table;
         let mut s = String::new();
