@@ -497,7 +497,16 @@ impl NftSteering {
             .map(Owner::element)
             .collect();
         if keep {
-            s.nft(&s.cfg.ruleset(Install::Keep, &owner, &dead))?;
+            s.nft(&s.cfg.ruleset(Install::Keep, &owner, &dead))
+                .map_err(|e| {
+                    invalid(&format!(
+                        "cannot take over the steering table netdev {} in place ({e}); a \
+                         kernel that cannot change a set's size or timeouts refuses a new \
+                         --steer-capacity or --steer-linger: start with the running ones, or \
+                         stop every balancer and `nft delete table netdev {}`",
+                        s.cfg.table, s.cfg.table
+                    ))
+                })?;
         } else {
             s.nft(&s.cfg.ruleset(Install::Replace, &owner, &[]))?;
         }
