@@ -155,13 +155,7 @@ pub fn remove_table_if_unused(table: &str) -> Result<Option<LeftTable>, SteerErr
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .output()
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                invalid("the `nft` command is not installed (Debian package nftables)")
-            } else {
-                SteerError::Kernel(e)
-            }
-        })?;
+        .map_err(nft_missing)?;
     if !out.status.success() {
         return Err(SteerError::Kernel(std::io::Error::other(format!(
             "nft delete table netdev {table}: {}",
@@ -169,6 +163,15 @@ pub fn remove_table_if_unused(table: &str) -> Result<Option<LeftTable>, SteerErr
         ))));
     }
     Ok(None)
+}
+
+/// A failure to run `nft`: its absence said as such.
+fn nft_missing(e: std::io::Error) -> SteerError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        invalid("the `nft` command is not installed (Debian package nftables)")
+    } else {
+        SteerError::Kernel(e)
+    }
 }
 
 fn nl_error(e: nfnl::NlError) -> SteerError {
@@ -726,13 +729,7 @@ impl NftSteering {
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
-                .map_err(|e| {
-                    if e.kind() == std::io::ErrorKind::NotFound {
-                        invalid("the `nft` command is not installed (Debian package nftables)")
-                    } else {
-                        SteerError::Kernel(e)
-                    }
-                })?;
+                .map_err(nft_missing)?;
             let mut stdin = child.stdin.take().expect("piped");
             let written = stdin.write_all(script.as_bytes());
             drop(stdin);

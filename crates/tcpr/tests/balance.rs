@@ -371,6 +371,24 @@ fn said<'a>(bed: &'a Bed, prefix: &str) -> Option<&'a str> {
         .find_map(|l| l.strip_prefix(prefix))
 }
 
+/// A client's kept-alive connection to a.example on the IPv4 VIP, its
+/// first request answered (by backend 0: handed off, when agents are).
+fn kept_alive(bed: &Bed) -> Proc {
+    let vip = bed.lab.vip(Family::V4).to_string();
+    let mut cmd = bed.lab.client.cmd("python3");
+    cmd.args([
+        &py("balance_client.py"),
+        "keepalive",
+        &vip,
+        "80",
+        "a.example",
+    ]);
+    let mut kept = Proc::spawn(cmd, "keep-alive client");
+    kept.expect("connected", START);
+    served_again(&mut kept, "handed off");
+    kept
+}
+
 /// One more request on the kept-alive connection, answered by backend 0.
 fn served_again(kept: &mut Proc, what: &str) {
     kept.send("/who");
@@ -399,18 +417,7 @@ fn handed_off_connections_outlive_the_balancer(datapath: &str) {
     bed.start_balancer(&config, &args);
     let dir = said(&bed, "tcpr balance steering pinned at ").map(str::to_string);
     assert_eq!(dir.is_some(), datapath == "bpf", "pinned: {dir:?}");
-    let vip = bed.lab.vip(Family::V4).to_string();
-    let mut cmd = bed.lab.client.cmd("python3");
-    cmd.args([
-        &py("balance_client.py"),
-        "keepalive",
-        &vip,
-        "80",
-        "a.example",
-    ]);
-    let mut kept = Proc::spawn(cmd, "keep-alive client");
-    kept.expect("connected", START);
-    served_again(&mut kept, "handed off");
+    let mut kept = kept_alive(&bed);
     assert_eq!(bed.metric("tcpr_balance_handoffs_total"), 1.0);
 
     drop(bed.balancer.take());
@@ -628,18 +635,7 @@ fn steer_idle_sets_how_long_a_silent_flow_keeps_its_entry() {
     bed.start_agents();
     let config = bed.config_text(true);
     bed.start_balancer(&config, &["--steer-datapath", "bpf", "--steer-idle", "1"]);
-    let vip = bed.lab.vip(Family::V4).to_string();
-    let mut cmd = bed.lab.client.cmd("python3");
-    cmd.args([
-        &py("balance_client.py"),
-        "keepalive",
-        &vip,
-        "80",
-        "a.example",
-    ]);
-    let mut kept = Proc::spawn(cmd, "keep-alive client");
-    kept.expect("connected", START);
-    served_again(&mut kept, "handed off");
+    let mut kept = kept_alive(&bed);
     assert_eq!(bed.metric("tcpr_balance_handoffs_total"), 1.0);
     wait_until("the silent flow's entry goes", START, || {
         bed.metric("tcpr_balance_flows_active") == 0.0
@@ -663,17 +659,7 @@ fn a_second_balancer_that_cannot_listen_changes_nothing() {
     let args = ["--steer-datapath", "bpf"];
     bed.start_balancer(&config, &args);
     let vip = bed.lab.vip(Family::V4).to_string();
-    let mut cmd = bed.lab.client.cmd("python3");
-    cmd.args([
-        &py("balance_client.py"),
-        "keepalive",
-        &vip,
-        "80",
-        "a.example",
-    ]);
-    let mut kept = Proc::spawn(cmd, "keep-alive client");
-    kept.expect("connected", START);
-    served_again(&mut kept, "handed off");
+    let mut kept = kept_alive(&bed);
     // Port 81 of the VIP, held without SO_REUSEPORT.
     let mut hold = bed.lab.front.cmd("python3");
     hold.args([
@@ -813,17 +799,7 @@ fn a_balancer_is_replaced_under_load_without_a_failed_request() {
     let args = ["--steer-datapath", "bpf"];
     bed.start_balancer(&config, &args);
     let vip = bed.lab.vip(Family::V4).to_string();
-    let mut cmd = bed.lab.client.cmd("python3");
-    cmd.args([
-        &py("balance_client.py"),
-        "keepalive",
-        &vip,
-        "80",
-        "a.example",
-    ]);
-    let mut kept = Proc::spawn(cmd, "keep-alive client");
-    kept.expect("connected", START);
-    served_again(&mut kept, "handed off");
+    let mut kept = kept_alive(&bed);
     // Clients that count every failure (wrk counts each server's close as
     // a read error, which hides a reset).
     let mut load = bed
