@@ -665,6 +665,11 @@ fn carry_over(
     };
     let entries: Vec<(Key, Value)> = old.iter().filter_map(Result::ok).collect();
     let c = copy_absent(entries.iter().copied(), flows);
+    // Only what the new map holds now: an entry it refused (full) stays
+    // the old datapath's to hand back at its end, when room may be.
+    let entries = entries
+        .into_iter()
+        .filter(|(key, _)| flows.get(key, 0).is_ok());
     // Each entry is marked handed over in the old map, so that the old
     // datapath, at its end, hands back only what it steered since (its
     // entries the new one may have retired stay out). The new program runs

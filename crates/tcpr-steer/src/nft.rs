@@ -55,11 +55,15 @@
 //! entry, and an IPv6 SYN on a reused tuple does not clear it). It reads
 //! the backends' ids back, so that the entries it adds and those it took
 //! over agree. The `owner` set names every datapath running on the table
-//! (a token: its process id and a count); one that closes removes its
-//! own, and deletes the table only when no other live one is named and,
-//! keeping its flows, none is steered. Installs, closes and removals take
-//! a lock per namespace (`/run/tcpr/steer`), so that a close deciding to
-//! delete never crosses an install that joins. A table that cannot be
+//! (a token); one that closes removes its own, and deletes the table only
+//! when no other live one is named and, keeping its flows, none is
+//! steered. A datapath holds an abstract unix socket named by its token
+//! for its life: the name is scoped by the network namespace (as the
+//! table) and released when its process ends however it ends, so a token
+//! whose name can be bound is a dead one's (a pid would be another pid
+//! namespace's, or reused). Installs, closes and removals take the table's
+//! lock, another abstract name, so that a close deciding to delete never
+//! crosses an install that joins. A table that cannot be
 //! read whole fails the start (replaced on a misread, it would end every
 //! flow it steers); one of another interface with a live owner is refused;
 //! one of another interface or an older layout with none is replaced, its
@@ -124,9 +128,7 @@ pub struct LeftTable {
 /// runs on it or it still steers flows: they live on through it until
 /// they end. What it left (`None`: deleted, or there was none).
 pub fn remove_table_if_unused(table: &str) -> Result<Option<LeftTable>, SteerError> {
-    let cookie = tcpr_host::sock::netlink_socket(libc::NETLINK_ROUTE)
-        .and_then(|nl| tcpr_host::sock::netns_cookie(std::os::fd::AsFd::as_fd(&nl)));
-    let _changing = cookie.and_then(changes_lock).ok();
+    let _changing = lock_table(table);
     if !nfnl::table_exists(None, Family::Netdev, table).map_err(nl_error)? {
         return Ok(None);
     }
@@ -143,7 +145,7 @@ pub fn remove_table_if_unused(table: &str) -> Result<Option<LeftTable>, SteerErr
         Ok(owners) => owners
             .iter()
             .filter_map(|(key, _)| Owner::from_key(key))
-            .any(|o| o.alive()),
+            .any(|o| owner_alive(table, o.token)),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => false,
         Err(e) => return Err(SteerError::Kernel(e)),
     };
@@ -423,6 +425,9 @@ pub struct NftSteering {
     nl: Mutex<Option<nfnl::Socket>>,
     /// This datapath's token in the `owner` set.
     token: u32,
+    /// Bound to the token's abstract name while the datapath lives (see
+    /// `owner_alive`).
+    _alive: Option<std::os::unix::net::UnixDatagram>,
     /// What it took over at its install.
     carried: CarriedOver,
     /// Closed: a second close does nothing.
@@ -468,11 +473,13 @@ impl NftSteering {
             netns,
             backends: Mutex::new(Backends::with(HashMap::new())),
             nl: Mutex::new(None),
-            token: new_token(),
+            token: 0,
+            _alive: None,
             carried: CarriedOver::default(),
             closed: AtomicBool::new(false),
         };
-        let _changing = s.lock_changes();
+        let _changing = lock_table(&s.cfg.table);
+        (s.token, s._alive) = own_token(&s.cfg.table);
         let owner = s.owner_element();
         // Read whole, or the start fails: a table misread as absent or
         // foreign would be replaced, ending every flow it steers.
@@ -480,13 +487,11 @@ impl NftSteering {
         let keep = match &before {
             Some(p) if p.device.as_deref() == Some(s.cfg.device.as_str()) => true,
             Some(p) => {
-                if let Some(o) = p.owners.iter().find(|o| o.alive()) {
+                if let Some(o) = p.owners.iter().find(|o| owner_alive(&s.cfg.table, o.token)) {
                     return Err(invalid(&format!(
-                        "the steering table netdev {} is in use by the balancer on {} \
-                         (process {}): one table per network namespace",
-                        s.cfg.table,
-                        o.device,
-                        o.pid()
+                        "the steering table netdev {} is in use by a balancer on {}: one \
+                         table per network namespace",
+                        s.cfg.table, o.device
                     )));
                 }
                 false
@@ -496,7 +501,7 @@ impl NftSteering {
         let dead: Vec<String> = before
             .iter()
             .flat_map(|p| p.owners.iter())
-            .filter(|o| !o.alive())
+            .filter(|o| !owner_alive(&s.cfg.table, o.token))
             .map(Owner::element)
             .collect();
         if keep {
@@ -514,9 +519,11 @@ impl NftSteering {
             s.nft(&s.cfg.ruleset(Install::Replace, &owner, &[]))?;
         }
         if let Err(e) = s.append_rules6() {
-            // Left as it was (kept: its flows go on, the IPv6 ones without
-            // their renewals until the next start), or removed (new: it
-            // steers nothing).
+            // A new table is removed (it steers nothing). A kept one is
+            // left with its flows and its other owners, but without the
+            // IPv6 renewals this transaction flushed: its IPv6 flows then
+            // expire at the idle timeout, however busy, until a start
+            // succeeds. The start fails, saying so.
             if keep {
                 let _ = s.nft(&format!(
                     "delete element netdev {} owner {{ {owner} }}\n",
@@ -578,29 +585,6 @@ impl NftSteering {
         }
     }
 
-    /// Holds the lock under which datapaths of the namespace install,
-    /// close and remove the table (`/run/tcpr/steer`, by the namespace's
-    /// cookie; released when dropped): a close that finds no other owner
-    /// and deletes the table cannot cross an install that joins it. None
-    /// when it cannot be taken (said once).
-    fn lock_changes(&self) -> Option<std::fs::File> {
-        let cookie = tcpr_host::sock::netlink_socket_in(self.netns.ns(), libc::NETLINK_ROUTE)
-            .and_then(|nl| tcpr_host::sock::netns_cookie(std::os::fd::AsFd::as_fd(&nl)));
-        match cookie.and_then(changes_lock) {
-            Ok(f) => Some(f),
-            Err(e) => {
-                static SAID: std::sync::Once = std::sync::Once::new();
-                SAID.call_once(|| {
-                    eprintln!(
-                        "tcpr-steer: cannot lock {CHANGES_DIR} ({e}): two balancers that \
-                         start and stop at once may remove the steering table under each other"
-                    )
-                });
-                None
-            }
-        }
-    }
-
     /// What it took over from the datapath before it on the interface:
     /// every flow steered in the table it kept, or those of a table it
     /// had to replace, as lost.
@@ -652,6 +636,36 @@ impl NftSteering {
         .element()
     }
 
+    /// [`Steering::close`], in the table's namespace.
+    fn close_here(&self, keep_flows: bool) -> Option<usize> {
+        let table = &self.cfg.table;
+        let _changing = lock_table(table);
+        let Some(others) = self.other_owners() else {
+            // Gone (deleted by someone), or unreadable: nothing to remove.
+            return None;
+        };
+        let _ = self.nft(&format!(
+            "delete element netdev {table} owner {{ {} }}\n",
+            self.owner_element()
+        ));
+        if others > 0 {
+            // Another balancer runs on it: what this one steered stays in
+            // the table it runs.
+            return Some(self.active().unwrap_or(usize::MAX));
+        }
+        if keep_flows {
+            match self.active() {
+                Ok(0) => {}
+                Ok(n) => return Some(n),
+                Err(_) => return Some(usize::MAX),
+            }
+        }
+        if let Err(e) = self.nft(&format!("delete table netdev {table}\n")) {
+            eprintln!("tcpr-steer: cannot delete the table netdev {table}: {e}");
+        }
+        None
+    }
+
     /// The other live datapaths named in the `owner` set (`None`: no table,
     /// or no answer).
     fn other_owners(&self) -> Option<usize> {
@@ -660,7 +674,7 @@ impl NftSteering {
             owners
                 .iter()
                 .filter_map(|(key, _)| Owner::from_key(key))
-                .filter(|o| o.token != self.token && o.alive())
+                .filter(|o| o.token != self.token && owner_alive(&self.cfg.table, o.token))
                 .count(),
         )
     }
@@ -962,32 +976,11 @@ impl Steering for NftSteering {
         if self.closed.swap(true, Ordering::SeqCst) {
             return None;
         }
-        let table = &self.cfg.table;
-        let _changing = self.lock_changes();
-        let Some(others) = self.other_owners() else {
-            // Gone (deleted by someone), or unreadable: nothing to remove.
-            return None;
-        };
-        let _ = self.nft(&format!(
-            "delete element netdev {table} owner {{ {} }}\n",
-            self.owner_element()
-        ));
-        if others > 0 {
-            // Another balancer runs on it: what this one steered stays in
-            // the table it runs.
-            return Some(self.active().unwrap_or(usize::MAX));
-        }
-        if keep_flows {
-            match self.active() {
-                Ok(0) => {}
-                Ok(n) => return Some(n),
-                Err(_) => return Some(usize::MAX),
-            }
-        }
-        if let Err(e) = self.nft(&format!("delete table netdev {table}\n")) {
-            eprintln!("tcpr-steer: cannot delete the table netdev {table}: {e}");
-        }
-        None
+        // In the table's namespace: the lock and the owners' names are
+        // its abstract sockets.
+        self.netns
+            .within(|| Ok(self.close_here(keep_flows)))
+            .unwrap_or(None)
     }
 }
 
@@ -1020,16 +1013,6 @@ impl Owner {
     fn element(&self) -> String {
         format!("\"{}\" . {:#x}", self.device, self.token)
     }
-
-    /// The process of the datapath.
-    fn pid(&self) -> u32 {
-        self.token >> TOKEN_INSTANCE_BITS
-    }
-
-    /// Whether its process lives (a killed balancer's element stays).
-    fn alive(&self) -> bool {
-        std::path::Path::new(&format!("/proc/{}", self.pid())).exists()
-    }
 }
 
 /// `IFNAMSIZ`: an `ifname` key's bytes.
@@ -1042,32 +1025,92 @@ fn ifname(key: &[u8]) -> Option<String> {
     String::from_utf8(name[..end].to_vec()).ok()
 }
 
-/// A token's low bits count the datapaths of one process; the rest is its
-/// pid (below 2^22, the kernel's `PID_MAX_LIMIT`).
-const TOKEN_INSTANCE_BITS: u32 = 10;
-
-/// A datapath's token in the `owner` set: its process and a count of the
-/// process's datapaths.
-fn new_token() -> u32 {
-    static INSTANCES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let instance = INSTANCES.fetch_add(1, Ordering::Relaxed) & ((1 << TOKEN_INSTANCE_BITS) - 1);
-    (std::process::id() << TOKEN_INSTANCE_BITS) | instance
+/// The abstract unix socket name (scoped by the network namespace, gone
+/// with the process that bound it) of the table's `what`: its lock, or one
+/// of its owners.
+fn abstract_name(table: &str, what: &str) -> String {
+    format!("tcpr-steer/{table}/{what}")
 }
 
-/// Where the datapaths' lock files are.
-const CHANGES_DIR: &str = "/run/tcpr/steer";
+/// Binds the abstract name in the calling thread's namespace; `None` when
+/// another socket holds it.
+fn bind_abstract(name: &str) -> std::io::Result<Option<std::os::unix::net::UnixDatagram>> {
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+    match std::os::unix::net::UnixDatagram::bind_addr(&addr) {
+        Ok(sock) => Ok(Some(sock)),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Ok(None),
+        Err(e) => Err(e),
+    }
+}
 
-/// Takes the lock of the namespace `cookie`'s table changes (see
-/// `NftSteering::lock_changes`).
-fn changes_lock(cookie: u64) -> std::io::Result<std::fs::File> {
-    std::fs::create_dir_all(CHANGES_DIR)?;
-    let f = std::fs::File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(format!("{CHANGES_DIR}/nft-netns-{cookie:x}.lock"))?;
-    tcpr_host::flock(std::os::fd::AsFd::as_fd(&f), tcpr_host::Flock::Exclusive)?;
-    Ok(f)
+/// Whether the datapath with `token` still runs on `table` in the calling
+/// thread's namespace: its owner name is bound (a process's sockets go
+/// with it, killed or not; a pid would be another pid namespace's, or
+/// reused). A doubt counts as alive: nothing is removed on a doubt.
+fn owner_alive(table: &str, token: u32) -> bool {
+    !matches!(
+        bind_abstract(&abstract_name(table, &format!("owner-{token:08x}"))),
+        Ok(Some(_))
+    )
+}
+
+/// A token no live datapath of the namespace has, with the socket that
+/// holds its name for this datapath's life (`None`: the name could not be
+/// bound; then the token is still most likely unique).
+fn own_token(table: &str) -> (u32, Option<std::os::unix::net::UnixDatagram>) {
+    static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut token = std::process::id().rotate_left(13) ^ nanos;
+    for _ in 0..64 {
+        token = token.wrapping_add(
+            COUNT
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_mul(0x9e37_79b9)
+                | 1,
+        );
+        match bind_abstract(&abstract_name(table, &format!("owner-{token:08x}"))) {
+            Ok(Some(sock)) => return (token, Some(sock)),
+            Ok(None) => continue,
+            Err(_) => return (token, None),
+        }
+    }
+    (token, None)
+}
+
+/// How long a datapath waits for the table's lock before it goes on
+/// without it (a holder stuck that long is broken).
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// Takes the table's lock in the calling thread's namespace (an abstract
+/// socket name: scoped by the namespace, released when its holder ends),
+/// under which datapaths install, close and remove the table, so that a
+/// close that decides to delete never crosses an install that joins.
+/// Released when the socket is dropped; `None` when it could not be taken
+/// (said).
+fn lock_table(table: &str) -> Option<std::os::unix::net::UnixDatagram> {
+    let start = std::time::Instant::now();
+    loop {
+        match bind_abstract(&abstract_name(table, "lock")) {
+            Ok(Some(sock)) => return Some(sock),
+            Ok(None) if start.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(None) => {
+                eprintln!(
+                    "tcpr-steer: the lock of the steering table {table} was held for \
+                     {LOCK_WAIT:?}: going on without it"
+                );
+                return None;
+            }
+            Err(e) => {
+                eprintln!("tcpr-steer: cannot lock the steering table {table} ({e})");
+                return None;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
