@@ -391,7 +391,11 @@ fn soak(
         for amb in &step.ambient {
             s.ambient(amb, &mut peer, &hosts_for_loss)?;
         }
-        s.moves(&step, step_no)?;
+        let budget = match until {
+            Until::Elapsed(_) => None,
+            Until::Moves(m) => Some(m.saturating_sub(s.counts.attempted)),
+        };
+        s.moves(&step, step_no, budget)?;
         if step_no.is_multiple_of(STATS_EVERY_STEPS) {
             alive = s.look(&peer.stats()?, step_no);
         }
@@ -496,10 +500,16 @@ impl Soak {
     }
 
     /// The step's moves: one, or two at once (racing).
-    fn moves(&mut self, step: &Step, step_no: u64) -> Result<()> {
+    /// The step's moves, `budget` of them at most (`--moves`: a step of
+    /// racing moves at the end would otherwise overshoot it).
+    fn moves(&mut self, step: &Step, step_no: u64, budget: Option<u64>) -> Result<()> {
         let mut started = vec![];
         let mut targets = vec![];
+        let attempted_before = self.counts.attempted;
         for m in &step.moves {
+            if budget.is_some_and(|b| self.counts.attempted - attempted_before >= b) {
+                break;
+            }
             let c = &mut self.conns[m.conn];
             // A kill meant for one move's protocol step must not land at a
             // random moment of another's: a move racing a kill goes to the
