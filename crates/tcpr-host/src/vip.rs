@@ -374,6 +374,15 @@ impl Vips {
             None => None,
         };
         let last = |f: &File| crate::flock(f.as_fd(), crate::Flock::ExclusiveNow);
+        // A record its last holder clears is removed too, under the lock
+        // (an agent opens records only under it): `/run` keeps no file of
+        // a VIP no agent serves.
+        let can_remove = locked || changing.is_some();
+        let remove = |name: &str| {
+            if let (true, Some(dir)) = (can_remove, &self.records) {
+                let _ = std::fs::remove_file(dir.join(name));
+            }
+        };
         for (ip, record) in self.held.drain(..).rev() {
             match last(&record) {
                 Ok(true) => {}
@@ -398,6 +407,7 @@ impl Vips {
             if let Err(e) = write_record(&record, "") {
                 failed.push(format!("cannot clear the record of {ip}: {e}"));
             }
+            remove(&ip.to_string());
         }
         if let Some(record) = self.arp.take() {
             match last(&record) {
@@ -418,6 +428,7 @@ impl Vips {
                     if let Err(e) = write_record(&record, "") {
                         failed.push(format!("cannot clear the ARP record: {e}"));
                     }
+                    remove("arp");
                 }
                 Ok(false) => {}
                 Err(e) => failed.push(format!("cannot lock the ARP record: {e}")),

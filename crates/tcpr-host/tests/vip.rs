@@ -45,6 +45,15 @@ fn the_last_agent_out_undoes_the_vips_the_others_leave_them() {
         drop(second);
         assert!(!on_lo(V4) && !on_lo(V6), "the last one out removed them");
         assert_eq!(arp_ignore(), "0", "and put the ARP settings back");
+        // And their records: only the directory's lock stays.
+        let nl = tcpr_host::sock::netlink_socket(libc::NETLINK_ROUTE).unwrap();
+        let cookie = tcpr_host::sock::netns_cookie(std::os::fd::AsFd::as_fd(&nl)).unwrap();
+        let dir = format!("{}/netns-{cookie:x}", vip::STATE_DIR);
+        let left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, [".lock"], "{dir}");
 
         // A killed agent undoes nothing: the next one takes its VIPs over,
         // and its end undoes what the killed one did.
