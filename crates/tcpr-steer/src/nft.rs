@@ -132,23 +132,11 @@ pub fn remove_table_if_unused(table: &str) -> Result<Option<LeftTable>, SteerErr
     if !nfnl::table_exists(None, Family::Netdev, table).map_err(nl_error)? {
         return Ok(None);
     }
-    let mut flows = 0;
-    for set in ["flows4", "flows6"] {
-        match rule::count(None, table, set) {
-            Ok(n) => flows += n,
-            // An older layout, or a table of the same name not ours.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => return Err(SteerError::Kernel(e)),
-        }
-    }
-    let in_use = match rule::elements(None, table, "owner") {
-        Ok(owners) => owners
-            .iter()
-            .filter_map(|(key, _)| Owner::from_key(key))
-            .any(|o| owner_alive(table, o.token)),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => false,
-        Err(e) => return Err(SteerError::Kernel(e)),
-    };
+    let flows = table_flows(None, table)?;
+    let in_use = absent_is_empty(rule::elements(None, table, "owner"))?
+        .iter()
+        .filter_map(|(key, _)| Owner::from_key(key))
+        .any(|o| owner_alive(table, o.token));
     if flows > 0 || in_use {
         return Ok(Some(LeftTable { flows, in_use }));
     }
@@ -165,6 +153,32 @@ pub fn remove_table_if_unused(table: &str) -> Result<Option<LeftTable>, SteerErr
         ))));
     }
     Ok(None)
+}
+
+/// The flows steered in `table` (both families; a map that is absent, in
+/// an older layout or a table of the same name not ours, counts none).
+fn table_flows(ns: Option<std::os::fd::BorrowedFd<'_>>, table: &str) -> Result<usize, SteerError> {
+    let mut flows = 0;
+    for set in ["flows4", "flows6"] {
+        flows += match rule::count(ns, table, set) {
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => 0,
+            Err(e) => return Err(SteerError::Kernel(e)),
+        };
+    }
+    Ok(flows)
+}
+
+/// A set's elements as [`rule::elements`] reads them, none when the set
+/// is absent (an older layout).
+fn absent_is_empty(
+    read: std::io::Result<Vec<rule::DumpedElement>>,
+) -> Result<Vec<rule::DumpedElement>, SteerError> {
+    match read {
+        Ok(v) => Ok(v),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(Vec::new()),
+        Err(e) => Err(SteerError::Kernel(e)),
+    }
 }
 
 /// A failure to run `nft`: its absence said as such.
@@ -600,19 +614,7 @@ impl NftSteering {
         if !nfnl::table_exists(ns, Family::Netdev, table).map_err(nl_error)? {
             return Ok(None);
         }
-        let absent_is_empty = |r: std::io::Result<Vec<rule::DumpedElement>>| match r {
-            Ok(v) => Ok(v),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(Vec::new()),
-            Err(e) => Err(SteerError::Kernel(e)),
-        };
-        let mut flows = 0;
-        for set in ["flows4", "flows6"] {
-            match rule::count(ns, table, set) {
-                Ok(n) => flows += n,
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(e) => return Err(SteerError::Kernel(e)),
-            }
-        }
+        let flows = table_flows(ns, table)?;
         let owners = absent_is_empty(rule::elements(ns, table, "owner"))?
             .into_iter()
             .filter_map(|(key, _)| Owner::from_key(&key))
