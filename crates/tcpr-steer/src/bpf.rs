@@ -487,7 +487,7 @@ impl BpfSteering {
     /// ones are this one's copies of flows it handed over then, which the
     /// newer one may have retired since. How many went in.
     fn hand_to(&self, pins: &Pins, prog_id: u32) -> Option<usize> {
-        let newer = match pins.flows_of(prog_id) {
+        let mut newer = match flows_of(pins, prog_id) {
             Ok(m) => m,
             Err(e) => {
                 eprintln!(
@@ -497,8 +497,6 @@ impl BpfSteering {
                 return None;
             }
         };
-        let mut newer =
-            BpfHashMap::<MapData, Key, Value>::try_from(aya::maps::Map::HashMap(newer)).ok()?;
         let mine = lock(&self.flows);
         let steered_since = mine
             .iter()
@@ -569,10 +567,15 @@ fn unsteer_in_newer(pins: &Pins, id: u32, keys: &[Key]) -> Result<(), SteerError
         Some(p) if p.id != id => p,
         _ => return Ok(()),
     };
-    let data = pins.flows_of(newer.prog_id).map_err(SteerError::Kernel)?;
-    let mut map = BpfHashMap::<MapData, Key, Value>::try_from(aya::maps::Map::HashMap(data))
-        .map_err(|e| kernel("the newer datapath's flows map", e))?;
-    remove_all(&mut map, keys)
+    remove_all(&mut flows_of(pins, newer.prog_id)?, keys)
+}
+
+/// The flows map of the program `prog_id` (a datapath pinned in `pins`),
+/// as this datapath's layout.
+fn flows_of(pins: &Pins, prog_id: u32) -> Result<BpfHashMap<MapData, Key, Value>, SteerError> {
+    let data = pins.flows_of(prog_id).map_err(SteerError::Kernel)?;
+    BpfHashMap::<MapData, Key, Value>::try_from(aya::maps::Map::HashMap(data))
+        .map_err(|e| kernel("the newer datapath's flows map", e))
 }
 
 /// The calling thread's network namespace's cookie (unique in a boot).
