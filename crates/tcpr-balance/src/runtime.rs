@@ -75,6 +75,10 @@ pub struct Options {
     pub steering: Option<Arc<dyn Steering>>,
     /// Bound of every wait for an agent during a handoff.
     pub handoff_timeout: Duration,
+    /// How long SIGTERM's drain waits for the proxied connections (the
+    /// only work in flight without a bound of its own) before it resets
+    /// them; `None`: as long as they last.
+    pub drain_timeout: Option<Duration>,
 }
 
 /// Why the balancer could not start.
@@ -284,6 +288,8 @@ struct Shared {
     /// Connections whose handoff ended unknown: kept frozen here until
     /// their lock's lease ends (the agent may own them).
     unknown: Mutex<Vec<(Instant, TcpStream)>>,
+    /// Ends the relays of proxied connections when the drain times out.
+    cut: tcpr_host::relay::Cut,
 }
 
 impl Shared {
@@ -368,6 +374,10 @@ pub fn run(opts: Options) -> Result<(), StartError> {
         in_flight: InFlight::default(),
         agents: Mutex::new(HashMap::new()),
         unknown: Mutex::new(Vec::new()),
+        cut: tcpr_host::relay::Cut::new().map_err(|source| StartError::Kernel {
+            what: "create the drain's pipe",
+            source,
+        })?,
     });
     let mut metrics_serving = None;
     if let Some(addr) = metrics_listen {
@@ -417,19 +427,24 @@ pub fn run(opts: Options) -> Result<(), StartError> {
     if let Some(m) = &metrics_serving {
         m.stop();
     }
-    let mut n = shared
-        .in_flight
-        .count
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    while *n > 0 {
-        n = shared
+    if !drained_within(&shared, opts.drain_timeout) {
+        // Heads and handoffs end by their own timeouts; relays only when
+        // both their ends close.
+        let waiting = *shared
             .in_flight
-            .done
-            .wait(n)
+            .count
+            .lock()
             .unwrap_or_else(|e| e.into_inner());
+        let secs = opts.drain_timeout.unwrap_or_default().as_secs_f64();
+        tracing::warn!(
+            "the drain timed out after {secs} s (connections in flight: {waiting}): \
+             resetting the proxied ones"
+        );
+        println!("tcpr balance drain timed out: resetting the proxied connections left");
+        let _ = io::stdout().flush();
+        shared.cut.cut();
+        drained_within(&shared, None);
     }
-    drop(n);
     // The connections handed off live on at the backends: their flows stay
     // steered for the next balancer on the interface, where the datapath
     // can leave them to the kernel.
@@ -447,6 +462,39 @@ pub fn run(opts: Options) -> Result<(), StartError> {
     }
     println!("tcpr balance drained");
     Ok(())
+}
+
+/// Waits until no work is in flight, for `timeout` at most (`None`: for
+/// as long as it takes); whether none is.
+fn drained_within(shared: &Shared, timeout: Option<Duration>) -> bool {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut n = shared
+        .in_flight
+        .count
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    while *n > 0 {
+        n = match deadline {
+            None => shared
+                .in_flight
+                .done
+                .wait(n)
+                .unwrap_or_else(|e| e.into_inner()),
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return false;
+                }
+                shared
+                    .in_flight
+                    .done
+                    .wait_timeout(n, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+            }
+        };
+    }
+    true
 }
 
 /// Every member shows in the metrics from the start, with zero counts.
@@ -1208,8 +1256,13 @@ fn proxy(
     } else {
         shared.metrics.proxied(pool, &member.label());
     }
-    if let Err(e) = tcpr_host::relay::relay(client, server) {
-        tracing::debug!("relay ended: {e}");
+    match tcpr_host::relay::relay_until(client, server, &shared.cut) {
+        Ok(_) => {}
+        Err(e) if e.was_cut() => {
+            tracing::warn!("{pool}: a proxied connection reset by the drain's timeout");
+            shared.metrics.failure("drain_timeout");
+        }
+        Err(e) => tracing::debug!("relay ended: {e}"),
     }
     drop(busy);
 }

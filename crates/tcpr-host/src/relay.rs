@@ -37,17 +37,74 @@ pub struct Relayed {
     pub second_to_first: u64,
 }
 
-/// Why a relay ended early: one side failed, and the other was reset.
+/// Why a relay ended early: one side failed, and the other was reset; or
+/// it was cut ([`Cut`]), and both were.
 #[derive(Debug, thiserror::Error)]
-#[error("the {side} connection failed ({source}); the other one was reset")]
+#[error("{}", describe(.side, .source))]
 pub struct RelayError {
-    /// `"first"` or `"second"`: the side whose call failed.
+    /// `"first"` or `"second"`: the side whose call failed; [`CUT`]: the
+    /// relay was cut, both sides reset.
     pub side: &'static str,
     /// The failure.
     #[source]
     pub source: io::Error,
     /// What was carried until then.
     pub carried: Relayed,
+}
+
+/// [`RelayError::side`] of a relay ended by its [`Cut`].
+pub const CUT: &str = "both";
+
+fn describe(side: &str, source: &io::Error) -> String {
+    if side == CUT {
+        format!("the relay was cut short ({source}); both connections were reset")
+    } else {
+        format!("the {side} connection failed ({source}); the other one was reset")
+    }
+}
+
+impl RelayError {
+    /// Whether the relay ended because it was cut.
+    pub fn was_cut(&self) -> bool {
+        self.side == CUT
+    }
+}
+
+/// Ends every [`relay_until`] given it, at once and from any thread:
+/// [`Cut::cut`] closes the write end of a pipe whose read end each relay
+/// polls beside its sockets, so every one of them wakes (POLLHUP) with no
+/// list of relays kept and no write that could block. A cut relay resets
+/// both its connections: their peers must not read a clean end of stream
+/// (a FIN after part of a response looks like all of it).
+#[derive(Debug)]
+pub struct Cut {
+    read: std::os::fd::OwnedFd,
+    write: Mutex<Option<std::os::fd::OwnedFd>>,
+}
+
+impl Cut {
+    /// A cut not made yet.
+    pub fn new() -> io::Result<Cut> {
+        let p = splice::pipe()?;
+        Ok(Cut {
+            read: p.read,
+            write: Mutex::new(Some(p.write)),
+        })
+    }
+
+    /// Cuts every relay running with it, and every one started with it
+    /// from now on.
+    pub fn cut(&self) {
+        drop(self.write.lock().unwrap_or_else(|e| e.into_inner()).take());
+    }
+
+    /// Whether [`Cut::cut`] was called.
+    pub fn is_cut(&self) -> bool {
+        self.write
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+    }
 }
 
 /// A pipe with the capacity the kernel granted.
@@ -309,12 +366,40 @@ impl Pair {
     fn abort(&self, f: Failure) -> RelayError {
         abort(&self.socks, f, self.carried())
     }
+
+    /// Resets both sides (closed when the pair is dropped): the relay was
+    /// cut.
+    fn cut(&self) -> RelayError {
+        for s in &self.socks {
+            // Should SO_LINGER fail, that side's close sends a FIN.
+            let _ = splice::reset_on_close(s.as_fd());
+        }
+        RelayError {
+            side: CUT,
+            source: io::Error::new(io::ErrorKind::Interrupted, "told to stop"),
+            carried: self.carried(),
+        }
+    }
 }
 
 /// Relays between `first` and `second` until both have ended their
 /// streams (each half-close passed on as it comes), then closes both.
 /// When one side fails, the other is reset and the error says which.
 pub fn relay(first: TcpStream, second: TcpStream) -> Result<Relayed, RelayError> {
+    relay_inner(first, second, None)
+}
+
+/// [`relay`] that `cut` ends at once: both connections are then reset and
+/// the error says so ([`RelayError::was_cut`]).
+pub fn relay_until(first: TcpStream, second: TcpStream, cut: &Cut) -> Result<Relayed, RelayError> {
+    relay_inner(first, second, Some(cut))
+}
+
+fn relay_inner(
+    first: TcpStream,
+    second: TcpStream,
+    cut: Option<&Cut>,
+) -> Result<Relayed, RelayError> {
     let mut pair = match Pair::new([first, second], &mut PipePool::default()) {
         Ok(p) => p,
         Err((error, socks)) => {
@@ -346,10 +431,21 @@ pub fn relay(first: TcpStream, second: TcpStream) -> Result<Relayed, RelayError>
                 revents: 0,
             })
             .collect();
+        if let Some(c) = cut {
+            // Readable never (nothing is written), hung up once cut.
+            fds.push(libc::pollfd {
+                fd: c.read.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
         match splice::poll(&mut fds, -1) {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(error) => return Err(pair.abort(Failure { side: 0, error })),
+        }
+        if cut.is_some() && fds[2].revents != 0 {
+            return Err(pair.cut());
         }
         if fds.iter().any(|fd| fd.revents & libc::POLLERR != 0) {
             pair.check_errors()?;
@@ -828,6 +924,48 @@ mod tests {
             Err(io::ErrorKind::ConnectionReset),
             "the server sees a reset, not a clean end"
         );
+    }
+
+    /// A cut ends relays running and relays started after it: both of
+    /// each pair's connections read a reset (a FIN would look like a
+    /// complete answer), and the error says it was cut.
+    #[test]
+    fn a_cut_resets_both_sides_of_every_relay() {
+        let cut = Arc::new(Cut::new().unwrap());
+        let start = |cut: &Arc<Cut>| {
+            let (client, client_side) = pair();
+            let (server_side, server) = pair();
+            let cut = Arc::clone(cut);
+            let t = std::thread::spawn(move || relay_until(client_side, server_side, &cut));
+            (client, server, t)
+        };
+        let (mut client, mut server, running) = start(&cut);
+        client.write_all(b"hello").unwrap();
+        let mut five = [0u8; 5];
+        server.read_exact(&mut five).unwrap();
+        assert!(!cut.is_cut());
+        cut.cut();
+        assert!(cut.is_cut());
+        let late = start(&cut);
+        for (mut client, mut server, t) in [(client, server, running), late] {
+            let err = t.join().unwrap().unwrap_err();
+            assert!(err.was_cut(), "{err}");
+            assert!(err.to_string().contains("cut short"), "{err}");
+            for end in [&mut client, &mut server] {
+                let mut rest = Vec::new();
+                assert_eq!(
+                    end.read_to_end(&mut rest).map_err(|e| e.kind()),
+                    Err(io::ErrorKind::ConnectionReset)
+                );
+            }
+        }
+        // A relay without a cut still ends by its streams.
+        let (client, mut server, relay) = relayed(Via::Thread);
+        drop(client);
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).unwrap();
+        drop(server);
+        relay().unwrap();
     }
 
     /// Many pairs at once on two loops, each with its own bytes both

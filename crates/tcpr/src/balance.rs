@@ -23,6 +23,14 @@ pub struct BalanceArgs {
     /// (0.001 to 3600).
     #[arg(long, default_value = "2", value_parser = crate::bounds::step_timeout)]
     handoff_timeout: Duration,
+    /// Seconds SIGTERM's drain waits for proxied connections (fallbacks,
+    /// members without an agent) to end by themselves; then it resets
+    /// them (a reset, not a FIN: a cut answer must not look complete) and
+    /// exits. Default: wait as long as they last. Keep it below a service
+    /// manager's stop timeout (systemd's TimeoutStopSec, 90 s by default),
+    /// whose SIGKILL ends them with a FIN. 1 to 86400.
+    #[arg(long, value_parser = idle)]
+    drain_timeout: Option<Duration>,
     /// Steer no flow: proxy every connection (for comparison, or a front
     /// host without a steering datapath).
     #[arg(long)]
@@ -127,6 +135,7 @@ pub fn run(args: BalanceArgs) -> Result<i32> {
         config_path,
         steering,
         handoff_timeout: args.handoff_timeout,
+        drain_timeout: args.drain_timeout,
     })?;
     Ok(0)
 }

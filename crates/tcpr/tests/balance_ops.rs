@@ -357,6 +357,48 @@ fn sigterm_drains_under_a_steady_stream_of_new_connections() {
     let _ = wrk.wait();
 }
 
+/// `--drain-timeout`: a proxied connection still open when the drain's
+/// time is up is reset (its client reads a reset, not an end of stream
+/// that would pass for a whole answer), and the balancer exits. Before,
+/// a drain waited for every proxied connection however long it lasted: a
+/// service manager's SIGKILL ended it, and its relays with a FIN.
+#[test]
+fn drain_timeout_resets_the_proxied_connections_left() {
+    let mut bed = Bed::new("bdto", 169);
+    bed.start_servers();
+    let config = bed.config_text(false);
+    bed.start_balancer(&config, &["--no-steering", "--drain-timeout", "1"]);
+    let vip = bed.lab.vip(Family::V4).to_string();
+    // Kept alive by the server after its answer: the relay stays.
+    let mut kept = Proc::spawn(
+        client_py(
+            &bed,
+            &[
+                "request",
+                &vip,
+                "80",
+                "GET /who HTTP/1.1\\r\\nHost: a.example\\r\\n\\r\\n",
+                "--ending",
+            ],
+        ),
+        "kept-alive client",
+    );
+    assert_eq!(kept.expect("HTTP", START), "HTTP/1.1 200 OK");
+    let asked = std::time::Instant::now();
+    bed.signal("-TERM");
+    let balancer = bed.balancer.as_mut().unwrap();
+    balancer.expect("tcpr balance draining", START);
+    balancer.expect("tcpr balance drain timed out", START);
+    assert!(
+        asked.elapsed() >= Duration::from_secs(1),
+        "the drain waited its second first"
+    );
+    assert_eq!(kept.expect("end", START), "end rst");
+    balancer.expect("tcpr balance drained", START);
+    let status = balancer.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+}
+
 /// `balance = "least-conn"` counts the connections the balancer holds for
 /// each member (here proxied: no agents): while one kept-alive connection
 /// holds one member, every new connection goes to the other. Before, no
