@@ -235,7 +235,8 @@ fn blobs_over_the_image_limit_are_refused() {
 
 /// A missing argument is named in the one-line error (clap puts the name
 /// on the line after "were not provided:", which the one line dropped),
-/// and `--steer-idle` is bounded like the other steering timeouts.
+/// and `--steer-idle` and `--drain-timeout` are bounded like the other
+/// timeouts.
 #[test]
 fn a_missing_argument_is_named_and_steer_idle_is_bounded() {
     assert_refused(&[
@@ -245,6 +246,10 @@ fn a_missing_argument_is_named_and_steer_idle_is_bounded() {
         ),
         (
             &["balance", "--steer-idle", "0", "--config", "/nonexistent"],
+            "between 1 and 86400 seconds",
+        ),
+        (
+            &["balance", "--drain-timeout", "0", "--config", "/nonexistent"],
             "between 1 and 86400 seconds",
         ),
     ]);
