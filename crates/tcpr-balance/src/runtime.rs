@@ -1045,6 +1045,7 @@ impl SteerHook {
                 client: f.peer,
                 vip: f.local,
                 backend: self.backend,
+                client_next_seq: None,
             })
             .collect()
     }
@@ -1056,6 +1057,23 @@ impl TrafficHook for SteerHook {
     fn switch(&self, flows: &[tcpr_engine::Flow]) -> Result<(), String> {
         self.steering
             .steer_batch(&self.steered(flows))
+            .map_err(|e| e.to_string())
+    }
+    /// [`TrafficHook::switch`], each flow with its client's next sequence
+    /// number: from its first packet on, a FIN or RST out of sequence
+    /// (forged) does not end its steering (BPF).
+    fn switch_expecting(&self, flows: &[(tcpr_engine::Flow, Option<u32>)]) -> Result<(), String> {
+        let steered: Vec<SteeredFlow> = flows
+            .iter()
+            .map(|(f, seq)| SteeredFlow {
+                client: f.peer,
+                vip: f.local,
+                backend: self.backend,
+                client_next_seq: *seq,
+            })
+            .collect();
+        self.steering
+            .steer_batch(&steered)
             .map_err(|e| e.to_string())
     }
     /// Tried three times: a flow left steered after its rollback reaches a
@@ -1249,6 +1267,18 @@ fn proxy(
         refuse(client, protocol, HTTP_UNAVAILABLE, ALERT_INTERNAL_ERROR);
         return;
     };
+    // A client that reused the tuple of a flow still steered (BPF keeps a
+    // live flow's entry at a SYN, which could be forged): the front's
+    // handshake proved this connection the client's, so the old entry goes
+    // before it takes this one's later packets. A handed-off connection's
+    // steering replaces it instead.
+    if let (Some(st), Ok(peer), Ok(local)) =
+        (&shared.steering, client.peer_addr(), client.local_addr())
+    {
+        if let Err(e) = st.forget_reused(peer, local) {
+            tracing::warn!("cannot remove a stale steering entry of {peer}: {e}");
+        }
+    }
     tracing::debug!("proxying to {:?} ({why})", server.peer_addr());
     if member.agent.is_some() {
         // A handoff failed or was impossible (agent down, no steering).

@@ -135,6 +135,9 @@ struct Conn {
     accepted_from: Option<Arc<ListenerOptions>>,
     /// Input position.
     index: usize,
+    /// The sequence number the peer sends next, as its dump found it (for
+    /// a [`TrafficHook`] that checks the flow's packets against it).
+    peer_next_seq: Option<u32>,
 }
 
 struct Driver<'a> {
@@ -382,6 +385,7 @@ fn attempt(
                 blob: c.blob,
                 accepted_from: c.accepted_from,
                 index,
+                peer_next_seq: None,
             },
         );
     }
@@ -827,6 +831,7 @@ impl Driver<'_> {
         }
         .map_err(|e| e.to_string())?;
         if let Some(c) = self.conns.get_mut(&id) {
+            c.peer_next_seq = Some(img.recv_seq.0);
             img.app_blob = if self.unverified {
                 c.blob.clone()
             } else {

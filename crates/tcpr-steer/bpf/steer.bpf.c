@@ -7,6 +7,11 @@
 //
 // A packet this datapath does not steer goes on with TC_ACT_UNSPEC (tcx:
 // TCX_NEXT): the interface's other tc programs and filters still see it.
+//
+// A flow ends here only by packets in its sequence (a FIN or RST near the
+// client's sequence number, a SYN once it closed): anyone who knows a
+// flow's tuple could forge the others (see ARCHITECTURE.md, "The BPF
+// datapath").
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -32,15 +37,38 @@ struct flow_key {
 	__be16 vip_port;
 };
 
-// Must match `FlowValue` in bpf.rs: 32 bytes.
+// Must match `Value` in bpf.rs: 48 bytes (32 before the sequence
+// numbers; bpf.rs converts an entry of that layout at a takeover).
 struct flow_value {
 	__u64 last_seen_ns; // bpf_ktime_get_ns; 0: inserted, not yet swept
 	__u32 backend[4];   // the next hop; IPv4 in backend[0]
 	__u32 ifindex;      // the interface it leaves by
 	__u8 family;        // the backend's: 4 or 6
-	__u8 closing;       // the client sent its FIN or RST
-	__u16 pad;
+	__u8 closing;       // the client sent its FIN or RST (in sequence)
+	__u8 handed_over;   // written by userspace only (bpf.rs)
+	__u8 flags;         // SEQ_KNOWN, NEW_FLOW
+	__u32 next_seq;     // the client's: the end of the furthest segment
+	__u32 new_isn;      // NEW_FLOW: the SYN's sequence number
+	__u32 pad[2];
 };
+
+#define SEQ_KNOWN 1 // next_seq holds the client's sequence
+#define NEW_FLOW 2  // a SYN on the tuple: new_isn is its sequence
+
+// How far past the furthest segment seen a segment may start and still
+// move it on: well beyond what a receive window lets a client send past a
+// hole, so that a blind guess at it succeeds once in 256.
+#define ADVANCE_WINDOW (1u << 24)
+// How near the furthest segment seen a FIN or RST must start to end the
+// flow (the kernel itself takes a RST only at exactly the next sequence
+// number): room for segments lost before they reached this host.
+#define END_SLACK (1u << 16)
+// The sequence numbers after a new SYN on the tuple that are the new
+// flow's: its handshake and what it sends until the front's accept (a
+// client sends no more than the front's receive window before it is
+// acknowledged, and a handoff replaces the entry). A blind SYN takes a
+// live flow's packets once in 16,384 guesses.
+#define NEW_FLOW_WINDOW (1u << 18)
 
 // Preallocated (the default for a hash map): every entry exists from the
 // load on, so an insert never allocates and the table never resizes.
@@ -80,6 +108,11 @@ int steer(struct __sk_buff *skb)
 	void *end = (void *)(long)skb->data_end;
 	struct flow_key key = {};
 	struct tcphdr *tcp;
+	// The bytes after the TCP header's start (IP's length minus its
+	// header), 0 when IP says none (a BIG TCP aggregate).
+	__u32 l4_len;
+	// Where the TCP header starts in the packet.
+	__u32 l4_off;
 
 	// Headers split across pages (not from veth or common NICs): pulled
 	// into the linear part, or the flow's packet would reach the stack.
@@ -108,6 +141,9 @@ int steer(struct __sk_buff *skb)
 		if ((void *)(tcp + 1) > end)
 			return TC_ACT_UNSPEC;
 		key.family = 4;
+		l4_len = bpf_ntohs(ip->tot_len);
+		l4_len = l4_len > ihl ? l4_len - ihl : 0;
+		l4_off = sizeof(*eth) + ihl;
 		__builtin_memcpy(key.client, &ip->saddr, 4);
 		__builtin_memcpy(key.vip, &ip->daddr, 4);
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
@@ -120,6 +156,8 @@ int steer(struct __sk_buff *skb)
 		if ((void *)(tcp + 1) > end)
 			return TC_ACT_UNSPEC;
 		key.family = 6;
+		l4_len = bpf_ntohs(ip6->payload_len);
+		l4_off = sizeof(*eth) + sizeof(*ip6);
 		__builtin_memcpy(key.client, &ip6->saddr, 16);
 		__builtin_memcpy(key.vip, &ip6->daddr, 16);
 	} else {
@@ -131,14 +169,60 @@ int steer(struct __sk_buff *skb)
 	struct flow_value *v = bpf_map_lookup_elem(&flows, &key);
 	if (!v)
 		return TC_ACT_UNSPEC;
-	// A new connection reusing the tuple of a flow that ended (its entry
-	// still lingering): the entry goes, the front's stack takes the SYN.
+	__u32 seq = bpf_ntohl(tcp->seq);
+	// After a SYN on the tuple, the front's stack takes the new flow's
+	// packets: those in its sequence space.
+	if ((v->flags & NEW_FLOW) && seq - (v->new_isn + 1) < NEW_FLOW_WINDOW)
+		return TC_ACT_UNSPEC;
 	if (tcp->syn && !tcp->ack) {
-		bpf_map_delete_elem(&flows, &key);
+		// A new connection reusing the tuple of a flow that ended (its
+		// FIN or RST seen, in sequence; its entry still lingering): the
+		// entry goes, the front's stack takes the SYN.
+		if (v->closing) {
+			bpf_map_delete_elem(&flows, &key);
+			return TC_ACT_UNSPEC;
+		}
+		// A live flow's tuple: its client lost it (a reboot, its peer's
+		// RST), or someone who knows the tuple forged the SYN. Which, only
+		// the front's handshake can tell (the SYN-ACK goes to the client):
+		// the SYN and its sequence space go to the front's stack, and the
+		// live flow's packets, outside it, still go to the backend. A
+		// client that completes the handshake is accepted there, its
+		// handoff replaces this entry (a proxied one removes it); a
+		// forger's SYN-ACK meets the live flow's client, whose answer is
+		// the live flow's. Before, the SYN removed the entry: one forged
+		// SYN reset a live flow (its next packets met the front's stack).
+		v->new_isn = seq;
+		v->flags |= NEW_FLOW;
 		return TC_ACT_UNSPEC;
 	}
-	if (tcp->fin || tcp->rst)
-		v->closing = 1;
+	if (l4_len == 0) {
+		// BIG TCP: the length is the packet's (from the TCP header on).
+		l4_len = skb->len > l4_off ? skb->len - l4_off : 0;
+	}
+	__u32 doff = tcp->doff * 4;
+	__u32 len = l4_len > doff ? l4_len - doff : 0;
+	__u32 seg_end = seq + len + tcp->fin;
+	if (!(v->flags & SEQ_KNOWN)) {
+		// Only the kernel's clock and this packet to go by: an entry
+		// steered without the client's sequence learns it here.
+		v->next_seq = seg_end;
+		v->flags |= SEQ_KNOWN;
+		if (tcp->fin || tcp->rst)
+			v->closing = 1;
+	} else {
+		// Serial arithmetic: the distance from the furthest segment
+		// seen, either way.
+		__u32 ahead = seq - v->next_seq;
+		__u32 behind = v->next_seq - seq;
+		// A FIN or RST ends the flow only at its sequence (a forged one
+		// must guess it): the backend's stack checks it the same way, so
+		// one out of sequence ends nothing there either.
+		if ((tcp->fin || tcp->rst) && (ahead <= END_SLACK || behind <= END_SLACK))
+			v->closing = 1;
+		if (ahead <= ADVANCE_WINDOW && (__s32)(seg_end - v->next_seq) > 0)
+			v->next_seq = seg_end;
+	}
 	v->last_seen_ns = bpf_ktime_get_ns();
 
 	struct bpf_redir_neigh nh = {};

@@ -10,13 +10,17 @@
 //! map flows (hash, preallocated, max_entries = capacity, both families)
 //!   key:   family . client addr . VIP addr . client port . VIP port (40 bytes)
 //!   value: last packet (bpf_ktime_get_ns; 0 until the first sweep)
-//!          . backend address . ifindex . family . closing (32 bytes)
+//!          . backend address . ifindex . family . closing
+//!          . the client's next sequence number . a new flow's SYN's
+//!          (48 bytes)
 //! program steer (tc ingress), per packet:
 //!   not TCP over IPv4/IPv6, or no entry: on (TC_ACT_UNSPEC: the
 //!                    interface's other tc programs, then the stack)
-//!   SYN without ACK: delete the entry (a new flow reusing an ended
-//!                    flow's tuple), the stack takes it
-//!   FIN or RST: closing = 1
+//!   in the sequence space of a new flow's SYN: the stack takes it
+//!   SYN without ACK: closing: delete the entry (a new flow reusing an
+//!                    ended flow's tuple); live: note it (it may be
+//!                    forged: see ARCHITECTURE.md); the stack takes it
+//!   FIN or RST near the client's sequence: closing = 1
 //!   last packet = now; bpf_redirect_neigh(backend)
 //! program sweep (run by the balancer with BPF_PROG_TEST_RUN):
 //!   for each entry: gone once its flow has been silent for the linger
@@ -74,7 +78,13 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/st
 /// `struct flow_key` of steer.bpf.c.
 type Key = [u8; 40];
 /// `struct flow_value` of steer.bpf.c.
-type Value = [u8; 32];
+type Value = [u8; 48];
+/// `struct flow_value` before the sequence numbers (tcpr 0.1 to this
+/// change): its entries are its first 32 bytes, the rest zero (sequence
+/// unknown, learnt from the flow's next packet).
+type OldValue = [u8; 32];
+/// `flow_value.flags`: `next_seq` holds the client's sequence.
+const SEQ_KNOWN: u8 = 1;
 
 /// The packet `sweep` is run on: the kernel wants at least an Ethernet
 /// header; the program does not read it.
@@ -531,15 +541,19 @@ impl BpfSteering {
     }
 
     /// A new entry's value: its time 0 (the first sweep starts it), not
-    /// closing.
+    /// closing, with the client's next sequence number when known.
     fn value(&self, w: &WireFlow) -> Value {
-        let mut v = [0u8; 32];
+        let mut v = [0u8; 48];
         match w.backend {
             IpAddr::V4(a) => v[8..12].copy_from_slice(&a.octets()),
             IpAddr::V6(a) => v[8..24].copy_from_slice(&a.octets()),
         }
         v[24..28].copy_from_slice(&self.ifindex.to_ne_bytes());
         v[28] = if w.v4 { 4 } else { 6 };
+        if let Some(seq) = w.client_next_seq {
+            v[FLAGS] = SEQ_KNOWN;
+            v[32..36].copy_from_slice(&seq.to_ne_bytes());
+        }
         v
     }
 }
@@ -662,9 +676,9 @@ fn carry_over(
     old: &mut aya::maps::Map,
     flows: &mut BpfHashMap<MapData, Key, Value>,
 ) -> CarriedOver {
-    let Ok(mut old) = BpfHashMap::<&mut MapData, Key, Value>::try_from(old) else {
-        // Another layout (a tcpr of another version): nothing to carry.
-        return CarriedOver::default();
+    let mut old = match BpfHashMap::<&mut MapData, Key, Value>::try_from(&mut *old) {
+        Ok(m) => m,
+        Err(_) => return carry_over_old_layout(old, flows),
     };
     let entries: Vec<(Key, Value)> = old.iter().filter_map(Result::ok).collect();
     let c = copy_absent(entries.iter().copied(), flows);
@@ -689,9 +703,44 @@ fn carry_over(
     }
 }
 
-/// The byte of an entry's value (`flow_value.pad`, which the program
-/// never writes) that says a newer datapath copied it at its takeover.
+/// [`carry_over`] from a map of the layout before the sequence numbers
+/// (the tcpr before this one); any other layout: nothing to carry.
+fn carry_over_old_layout(
+    old: &mut aya::maps::Map,
+    flows: &mut BpfHashMap<MapData, Key, Value>,
+) -> CarriedOver {
+    let Ok(mut old) = BpfHashMap::<&mut MapData, Key, OldValue>::try_from(old) else {
+        return CarriedOver::default();
+    };
+    let entries: Vec<(Key, OldValue)> = old.iter().filter_map(Result::ok).collect();
+    let c = copy_absent(entries.iter().map(|(k, v)| (*k, widened(v))), flows);
+    for (key, mut value) in entries {
+        if flows.get(&key, 0).is_ok() {
+            value[HANDED_OVER] = 1;
+            let _ = old.insert(key, value, BPF_EXIST);
+        }
+    }
+    CarriedOver {
+        carried: c.inserted + c.present,
+        lost: c.refused,
+    }
+}
+
+/// An entry of the layout before the sequence numbers, in this one's:
+/// the sequence unknown (`flags` 0), learnt from the flow's next packet.
+fn widened(old: &OldValue) -> Value {
+    let mut v = [0u8; 48];
+    v[..32].copy_from_slice(old);
+    v[FLAGS] = 0;
+    v
+}
+
+/// The byte of an entry's value (`flow_value.handed_over`, which the
+/// program never writes) that says a newer datapath copied it at its
+/// takeover.
 const HANDED_OVER: usize = 30;
+/// `flow_value.flags` (the old layout's last pad byte, always 0 there).
+const FLAGS: usize = 31;
 
 /// What [`copy_absent`] did with each entry.
 #[derive(Debug, Default)]
@@ -824,6 +873,7 @@ impl Steering for BpfSteering {
             client,
             vip,
             backend: vip.ip(),
+            client_next_seq: None,
         }])
     }
 
@@ -848,6 +898,16 @@ impl Steering for BpfSteering {
             }
         }
         first.map_or(Ok(()), Err)
+    }
+
+    /// A look-up first: almost always absent (a client rarely reuses a
+    /// steered tuple), which costs no pin lock.
+    fn forget_reused(&self, client: SocketAddr, vip: SocketAddr) -> Result<(), SteerError> {
+        if self.is_steered(client, vip)? {
+            self.unsteer(client, vip)
+        } else {
+            Ok(())
+        }
     }
 
     /// The count of a sweep at most a [`sweep_period`] old (one runs now

@@ -122,6 +122,7 @@ pub(crate) struct WireFlow {
     pub(crate) vip: SocketAddr,
     pub(crate) v4: bool,
     pub(crate) backend: IpAddr,
+    pub(crate) client_next_seq: Option<u32>,
 }
 
 impl WireFlow {
@@ -145,6 +146,7 @@ impl WireFlow {
             vip,
             v4,
             backend,
+            client_next_seq: flow.client_next_seq,
         })
     }
 

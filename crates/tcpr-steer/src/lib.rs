@@ -22,6 +22,11 @@ pub struct SteeredFlow {
     /// The backend host's address on the front's link: the next hop the
     /// flow's packets are forwarded to, unchanged but for the L2 header.
     pub backend: IpAddr,
+    /// The sequence number the client sends next (what the front's
+    /// socket expected when it was frozen), when known: the BPF datapath
+    /// ends the flow only at a FIN or RST in sequence from the start;
+    /// unknown, it learns it from the flow's first packet.
+    pub client_next_seq: Option<u32>,
 }
 
 /// Why a steering call failed.
@@ -87,6 +92,16 @@ pub trait Steering: Send + Sync {
             }
         }
         first.map_or(Ok(()), Err)
+    }
+    /// Stops forwarding a flow whose tuple a new connection, accepted by
+    /// the front after its handshake, now uses (its client reused it):
+    /// the old entry, if any, must not take the new connection's later
+    /// packets. BPF keeps a live flow's entry at a SYN (one could be
+    /// forged) and passes only the new connection's sequence space to the
+    /// front's stack until this; nf_tables removes the entry at the SYN.
+    /// By default, [`Steering::unsteer`].
+    fn forget_reused(&self, client: SocketAddr, vip: SocketAddr) -> Result<(), SteerError> {
+        self.unsteer(client, vip)
     }
     /// The flows steered now (the `tcpr_balance_flows_active` gauge).
     fn active(&self) -> Result<usize, SteerError>;

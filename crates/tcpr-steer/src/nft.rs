@@ -930,11 +930,18 @@ impl Steering for NftSteering {
         committed
     }
 
+    /// Nothing to do: the new connection's SYN removed the entry (the
+    /// packet path cannot compare sequence numbers; see the module doc).
+    fn forget_reused(&self, _client: SocketAddr, _vip: SocketAddr) -> Result<(), SteerError> {
+        Ok(())
+    }
+
     fn unsteer(&self, client: SocketAddr, vip: SocketAddr) -> Result<(), SteerError> {
         self.unsteer_batch(&[SteeredFlow {
             client,
             vip,
             backend: vip.ip(),
+            client_next_seq: None,
         }])
     }
 

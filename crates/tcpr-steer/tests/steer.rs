@@ -68,7 +68,8 @@ print(json.dumps({"peer": peer[0], "peer_port": peer[1], "sent": n, "sha256": h.
 /// The client: connects from a fixed port to the VIP, asks for N bytes,
 /// reads them, then closes with a FIN or (`rst`) a RST, or (`eof`) with a
 /// FIN once the server's came (the server closed first), or (`half`) sends
-/// its FIN right after its request and then reads. With a seventh
+/// its FIN right after its request and then reads, or (`hold`) prints
+/// `read` and waits for a line on stdin before its FIN. With a seventh
 /// argument `pause` it prints `connected` once connected and waits for a
 /// line on stdin before sending its request.
 const CLIENT: &str = r#"
@@ -97,10 +98,42 @@ while got < n:
 if close == "eof":
     while s.recv(1 << 16):
         pass
+if close == "hold":
+    print("read", flush=True)
+    sys.stdin.readline()
 if close == "rst":
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 s.close()
 print(json.dumps({"got": got, "sha256": h.hexdigest()}), flush=True)
+"#;
+
+/// Forges, from the host it runs on, a SYN, a RST and a FIN (with ACK)
+/// with the tuple `SRC SPORT -> DST DPORT` and random sequence numbers,
+/// as someone who knows a flow's addresses and ports but not its
+/// sequence would (raw socket; the kernel adds the IP header). Prints
+/// `forged`.
+const FORGER: &str = r#"
+import random, socket, struct, sys
+src, sport, dst, dport = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+v6 = ":" in dst
+s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+if v6:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_CHECKSUM, 16)
+def checksum(b):
+    if len(b) % 2:
+        b += b"\0"
+    t = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while t >> 16:
+        t = (t & 0xFFFF) + (t >> 16)
+    return ~t & 0xFFFF
+for flags in (0x02, 0x04, 0x11):
+    ack = random.getrandbits(32) if flags & 0x10 else 0
+    h = struct.pack("!HHIIBBHHH", sport, dport, random.getrandbits(32), ack, 5 << 4, flags, 65535, 0, 0)
+    if not v6:
+        pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(h))
+        h = h[:16] + struct.pack("!H", checksum(pseudo + h)) + h[18:]
+    s.sendto(h, (dst, 0))
+print("forged", flush=True)
 "#;
 
 /// Which datapath a test runs on.
@@ -178,6 +211,7 @@ on_both!(
     a_half_closed_client_keeps_its_entry_while_the_server_sends,
     a_reused_tuple_reaches_the_front_not_the_old_backend_ipv4,
     a_reused_tuple_reaches_the_front_not_the_old_backend_ipv6,
+    a_new_connection_on_a_live_entrys_tuple_reaches_the_front,
     an_unsteered_flow_meets_the_front,
     idle_and_unsteered_entries_go,
     a_full_table_refuses_with_full,
@@ -439,6 +473,7 @@ fn flow(client: &str, sport: u16, vip: &str, backend: &str) -> SteeredFlow {
         client: sa(client, sport),
         vip: sa(vip, PORT),
         backend: backend.parse().unwrap(),
+        client_next_seq: None,
     }
 }
 
@@ -645,6 +680,123 @@ fn a_reused_tuple_reaches_the_front_not_the_old_backend_ipv4(kind: Kind) {
 
 fn a_reused_tuple_reaches_the_front_not_the_old_backend_ipv6(kind: Kind) {
     reused_tuple_reaches_the_front(kind, true);
+}
+
+/// A SYN, a RST and a FIN forged with a live steered flow's tuple (and
+/// sequence numbers guessed, not known) leave it steered and working: the
+/// SYN reaches the front's stack (whose SYN-ACK the flow's client answers
+/// for the live flow, which goes on to the backend), the RST and FIN do
+/// not end the entry, though the flow then stays silent for longer than
+/// the linger; the client's real FIN, in sequence, does. Before, the SYN
+/// removed the entry and the RST or FIN cut it to the linger: one forged
+/// packet reset the connection (its next packet met the front's stack).
+/// BPF only: nf_tables' packet path cannot compare sequence numbers.
+fn forged_packets_do_not_end_a_live_flow(v6: bool) {
+    let (net, steering, f, (client, vip, backend), sport) =
+        one_steered_flow(Kind::Bpf, if v6 { "fg6" } else { "fg4" }, v6);
+    const N: u64 = 1 << 20;
+    let server = serve(&net.backend, vip, "last");
+    let host_prefix = if v6 { 128 } else { 32 };
+    let route = format!("{vip}/{host_prefix}");
+    // The handshake with the backend, as after a handoff.
+    net.client
+        .ip(&["route", "replace", &route, "via", backend, "dev", "eth0"])
+        .unwrap();
+    let mut child = net
+        .client(client, sport, vip, N, "hold")
+        .arg("pause")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    let mut next_line = |want: &str| {
+        line.clear();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert_eq!(line.trim(), want);
+    };
+    next_line("connected");
+    net.client.ip(&["route", "del", &route]).unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, b"go\n").unwrap();
+    // The whole download through the front's datapath: the entry knows
+    // the client's sequence from its ACKs.
+    next_line("read");
+    let before = net.front_tcp_in();
+    let forged = net
+        .client
+        .cmd("python3")
+        .args([
+            "-c",
+            FORGER,
+            client,
+            &sport.to_string(),
+            vip,
+            &PORT.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&forged.stdout).trim(),
+        "forged",
+        "{}",
+        String::from_utf8_lossy(&forged.stderr)
+    );
+    wait_for(
+        "the forged SYN at the front",
+        Duration::from_secs(5),
+        || net.front_tcp_in() > before,
+    );
+    // Three lingers and more, the flow silent meanwhile.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        steering.is_steered(f.client, f.vip).unwrap(),
+        "the forged packets left the entry"
+    );
+    std::io::Write::write_all(&mut stdin, b"close\n").unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    let sent = json_line(&server.wait_with_output().unwrap().stdout);
+    assert_eq!(sent["sent"], N);
+    assert_eq!(
+        sent["end"], "fin",
+        "the client's FIN reached the backend: the flow lived on"
+    );
+    wait_for(
+        "the entry to go after the real FIN",
+        Duration::from_secs(10),
+        || !steering.is_steered(f.client, f.vip).unwrap(),
+    );
+}
+
+#[test]
+fn forged_packets_do_not_end_a_live_flow_ipv4() {
+    forged_packets_do_not_end_a_live_flow(false);
+}
+
+#[test]
+fn forged_packets_do_not_end_a_live_flow_ipv6() {
+    forged_packets_do_not_end_a_live_flow(true);
+}
+
+/// A client that reuses the tuple of a live entry (its old flow ended
+/// without a FIN or RST the front saw: the backend reset it, or the client
+/// rebooted) reaches the front's stack with its new connection, every
+/// byte of it, not the old flow's backend (no socket there: a RST);
+/// `forget_reused` (the balancer's, once it proxies such a connection)
+/// then removes the old entry.
+fn a_new_connection_on_a_live_entrys_tuple_reaches_the_front(kind: Kind) {
+    let (net, steering, f, (client, vip, _), sport) = one_steered_flow(kind, "nc", false);
+    let server = serve(&net.front, vip, "last");
+    let before = net.front_tcp_in();
+    const N: u64 = 1 << 20;
+    let out = net.client(client, sport, vip, N, "fin").output().unwrap();
+    let sent = downloaded(out, server, N, "the download from the front");
+    assert_eq!(sent["peer_port"], sport);
+    assert!(net.front_tcp_in() > before, "the front's stack took it");
+    steering.forget_reused(f.client, f.vip).unwrap();
+    assert!(!steering.is_steered(f.client, f.vip).unwrap());
 }
 
 /// Without an entry the same connection meets the front's stack: the

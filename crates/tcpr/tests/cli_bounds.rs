@@ -249,7 +249,13 @@ fn a_missing_argument_is_named_and_steer_idle_is_bounded() {
             "between 1 and 86400 seconds",
         ),
         (
-            &["balance", "--drain-timeout", "0", "--config", "/nonexistent"],
+            &[
+                "balance",
+                "--drain-timeout",
+                "0",
+                "--config",
+                "/nonexistent",
+            ],
             "between 1 and 86400 seconds",
         ),
     ]);

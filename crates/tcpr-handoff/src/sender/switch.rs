@@ -15,6 +15,14 @@ use tcpr_engine::Flow;
 pub trait TrafficHook: Send + Sync + std::fmt::Debug {
     /// Sends the flows' packets to the agent's host from now on.
     fn switch(&self, flows: &[Flow]) -> Result<(), String>;
+    /// [`TrafficHook::switch`] told, for each flow, the sequence number its
+    /// peer sends next (what the frozen socket expected), when its dump
+    /// read it: a datapath can then tell the peer's packets from forged
+    /// ones from the first. By default, `switch`.
+    fn switch_expecting(&self, flows: &[(Flow, Option<u32>)]) -> Result<(), String> {
+        let flows: Vec<Flow> = flows.iter().map(|(f, _)| *f).collect();
+        self.switch(&flows)
+    }
     /// Undoes [`TrafficHook::switch`] (flows never switched are fine).
     fn unswitch(&self, flows: &[Flow]) -> Result<(), String>;
 }
@@ -111,9 +119,14 @@ impl Driver<'_> {
             Switch::Nothing => Ok(None),
             Switch::Commands { switch, .. } => run_shell_command(switch).map(|()| None),
             Switch::Hook(hook) => {
-                let flows = self.wire_flows(ids);
-                hook.switch(&flows).map_err(SwitchError::Hook)?;
-                self.hooked = flows;
+                let expecting: Vec<(Flow, Option<u32>)> = ids
+                    .iter()
+                    .filter_map(|id| self.conns.get(id))
+                    .map(|c| (c.flow.wire(), c.peer_next_seq))
+                    .collect();
+                hook.switch_expecting(&expecting)
+                    .map_err(SwitchError::Hook)?;
+                self.hooked = expecting.into_iter().map(|(f, _)| f).collect();
                 Ok(None)
             }
             Switch::MoveAddress => {
@@ -159,13 +172,6 @@ impl Driver<'_> {
         }
         let ip = self.conns.values().next().map(|c| c.flow.wire().local.ip());
         self.found_ahead = Some(ip.and_then(|ip| tcpr_host::addr::find(ip).ok()));
-    }
-
-    fn wire_flows(&self, ids: &[ConnId]) -> Vec<Flow> {
-        ids.iter()
-            .filter_map(|id| self.conns.get(id))
-            .map(|c| c.flow.wire())
-            .collect()
     }
 
     pub(super) fn unswitch(&mut self) -> Result<(), SwitchError> {
