@@ -374,6 +374,29 @@ impl Frozen {
         Ok(sock)
     }
 
+    /// [`Frozen::thaw`] that gives the socket back even when repair mode
+    /// cannot be turned off: still frozen then, with the error, its lock
+    /// kept for its lease. For a caller that must give every handle back
+    /// in its place (a batch given up), where a handle missing would pair
+    /// the rest with the wrong connections.
+    pub fn thaw_or_give_back(mut self) -> Result<OwnedFd, (Error, OwnedFd)> {
+        let sock = self.sock.take().expect("present until consumed");
+        if let Some(l) = self.lock.take() {
+            if let Err(e) = l.release() {
+                tracing::warn!(
+                    "thawing {}: the lock stays until its lease ends: {e}",
+                    self.flow
+                );
+            }
+        }
+        match sys::set_repair_queue(sock.as_fd(), Queue::No)
+            .and_then(|()| sys::set_repair(sock.as_fd(), sys::REPAIR_OFF))
+        {
+            Ok(()) => Ok(sock),
+            Err(e) => Err((Error::kernel("turn off repair mode", e), sock)),
+        }
+    }
+
     /// Makes the connection vanish here without a FIN or RST: disconnects the
     /// socket in repair mode (also for other holders of the same socket).
     /// Returns the flow lock, which must stay until the flow's packets can no

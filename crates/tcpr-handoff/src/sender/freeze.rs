@@ -149,9 +149,15 @@ fn freeze_in_chunks(
         for slot in slots {
             match (slot.spare, slot.frozen) {
                 (Some(s), _) => back.push(s),
-                (None, Ok(f)) => match f.thaw() {
+                // Every handle back in its place, even one left frozen: a
+                // handle missing shifted the rest onto the wrong
+                // connections (the caller pairs them by position).
+                (None, Ok(f)) => match f.thaw_or_give_back() {
                     Ok(fd) => back.push(fd),
-                    Err(e) => tracing::error!("thaw failed while giving the batch up: {e}"),
+                    Err((e, fd)) => {
+                        tracing::error!("thaw failed while giving the batch up (left frozen): {e}");
+                        back.push(fd);
+                    }
                 },
                 (None, Err(_)) => {}
             }
