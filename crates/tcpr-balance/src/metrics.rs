@@ -237,6 +237,15 @@ impl Metrics {
         self.counters().agent_up.insert(agent.to_string(), up);
     }
 
+    /// Keeps the up gauges of the members (pool, member) and agents named
+    /// only: those a reload removed go (a counter stays, with its count).
+    pub fn retain_up(&self, members: &[(&str, String)], agents: &[String]) {
+        let mut c = self.counters();
+        c.member_up
+            .retain(|k, _| members.iter().any(|(p, m)| k.pool == *p && k.member == *m));
+        c.agent_up.retain(|a, _| agents.contains(a));
+    }
+
     /// Everything, in the Prometheus text format 0.0.4.
     pub fn render(&self) -> String {
         let counters = self.counters();
@@ -611,4 +620,40 @@ pub fn histogram_quantile(
         lower_count = *count;
     }
     Some(lower_bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The up gauges of members and agents a reload removed go; their
+    /// counters stay.
+    #[test]
+    fn retain_up_drops_the_gauges_of_what_is_gone() {
+        let m = Metrics::new();
+        m.register_member("red", "a");
+        m.set_member_up("red", "a", true);
+        m.set_member_up("red", "b", false);
+        m.set_agent_up("10.0.0.3:7700", true);
+        m.set_agent_up("10.0.0.4:7700", false);
+        m.retain_up(&[("red", "a".to_string())], &["10.0.0.3:7700".to_string()]);
+        let text = m.render();
+        assert!(
+            text.contains("tcpr_balance_member_up{pool=\"red\",member=\"a\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("member=\"b\"} "), "{text}");
+        assert!(
+            text.contains("tcpr_balance_agent_up{agent=\"10.0.0.3:7700\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("10.0.0.4:7700"), "{text}");
+        m.retain_up(&[], &[]);
+        let text = m.render();
+        assert!(!text.contains("tcpr_balance_member_up{"), "{text}");
+        assert!(
+            text.contains("tcpr_balance_handoffs_total{pool=\"red\",member=\"a\"} 0"),
+            "{text}"
+        );
+    }
 }

@@ -1304,17 +1304,23 @@ fn start_health(shared: &Arc<Shared>) {
         .spawn(move || loop {
             let active = s.active();
             s.health.check(&active.targets(), active.auth.as_ref());
+            let (mut members, mut agents) = (vec![], vec![]);
             for (name, pool) in &active.pools {
                 for (_, m) in pool.members() {
                     let up = m.agent.is_some_and(|a| s.health.is_up(Target::Agent(a)))
                         || m.server.is_some_and(|a| s.health.is_up(Target::Server(a)));
                     s.metrics.set_member_up(name, &m.label(), up);
+                    members.push((name.as_str(), m.label()));
                     if let Some(a) = m.agent {
                         let agent_up = active.auth.is_some() && s.health.is_up(Target::Agent(a));
                         s.metrics.set_agent_up(&a.to_string(), agent_up);
+                        agents.push(a.to_string());
                     }
                 }
             }
+            // A member or agent a reload removed is no longer said up or
+            // down (before, its last state stayed for the process's life).
+            s.metrics.retain_up(&members, &agents);
             drop(active);
             let now = Instant::now();
             s.unknown
