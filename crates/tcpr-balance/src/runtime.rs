@@ -70,6 +70,9 @@ const HTTP_UNAVAILABLE: u16 = 503;
 pub struct Options {
     /// The config file (read again on SIGHUP).
     pub config_path: PathBuf,
+    /// The config [`check_start`] read and checked: the one it runs with
+    /// (the file is read again only at a reload).
+    pub checked: Checked,
     /// The steering datapath; without one every connection is proxied (a
     /// handed-off flow whose packets still reach this host would stall).
     pub steering: Option<Arc<dyn Steering>>,
@@ -320,20 +323,32 @@ pub fn check(path: &std::path::Path) -> Result<(), StartError> {
     }
 }
 
+/// A config [`check_start`] read, built and found listenable: what
+/// [`run`] runs with, so that a file changed in between is not run
+/// unchecked.
+pub struct Checked(Active);
+
+impl Checked {
+    /// The config.
+    pub fn config(&self) -> &Config {
+        &self.0.config
+    }
+}
+
 /// [`check`], and that every address the balancer will listen on (the
 /// listeners' and the metrics') can be bound now, as they will be (shared:
 /// see [`run`]). Run before anything that outlives a failed start, such as
 /// the steering datapath (which takes over a running balancer's flows): a
 /// balancer that cannot listen then fails having changed nothing. Each
 /// address is bound (not listened on) and closed at once.
-pub fn check_start(path: &std::path::Path) -> Result<(), StartError> {
+pub fn check_start(path: &std::path::Path) -> Result<Checked, StartError> {
     let config = Config::load(path)?;
     let metrics = config.metrics.as_ref().map(|m| m.listen);
     let active = Active::build(config)?;
     for addr in metrics.into_iter().chain(active.binds()) {
         tcpr_host::sock::bind_shared(addr).map_err(|source| StartError::Listen { addr, source })?;
     }
-    Ok(())
+    Ok(Checked(active))
 }
 
 /// Blocks SIGHUP, SIGTERM and SIGINT in the calling thread, so that every
@@ -360,10 +375,9 @@ pub fn block_signals() -> Result<SigSet, StartError> {
 /// `tcpr balance listening on ADDR` per address, then `tcpr balance ready`.
 pub fn run(opts: Options) -> Result<(), StartError> {
     let signals = block_signals()?;
-    let config = Config::load(&opts.config_path)?;
-    let metrics_listen = config.metrics.as_ref().map(|m| m.listen);
+    let Checked(active) = opts.checked;
+    let metrics_listen = active.config.metrics.as_ref().map(|m| m.listen);
     let metrics = Metrics::new();
-    let active = Active::build(config)?;
     register_members(&metrics, &active);
     let shared = Arc::new(Shared {
         active: RwLock::new(Arc::new(active)),

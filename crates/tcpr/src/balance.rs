@@ -125,14 +125,15 @@ pub fn run(args: BalanceArgs) -> Result<i32> {
     runtime::block_signals()?;
     // A balancer that cannot start changes nothing: in particular it does
     // not take the steering over from one still running.
-    runtime::check_start(&config_path)?;
+    let checked = runtime::check_start(&config_path)?;
     let steering = if args.no_steering {
         None
     } else {
-        Some(open_steering(&args, &config_path)?)
+        Some(open_steering(&args, checked.config())?)
     };
     runtime::run(Options {
         config_path,
+        checked,
         steering,
         handoff_timeout: args.handoff_timeout,
         drain_timeout: args.drain_timeout,
@@ -149,14 +150,10 @@ fn idle(arg: &str) -> Result<Duration, String> {
 }
 
 /// The steering datapath on the VIPs' interface.
-fn open_steering(
-    args: &BalanceArgs,
-    config_path: &std::path::Path,
-) -> Result<Arc<dyn tcpr_steer::Steering>> {
+fn open_steering(args: &BalanceArgs, config: &Config) -> Result<Arc<dyn tcpr_steer::Steering>> {
     let device = match &args.steer_device {
         Some(d) => d.clone(),
         None => {
-            let config = Config::load(config_path)?;
             let first = config
                 .listeners
                 .iter()
