@@ -850,3 +850,61 @@ fn a_balancer_is_replaced_under_load_without_a_failed_request() {
     );
     kept.kill();
 }
+
+/// A SYN, a RST and a FIN forged with a handed-off connection's tuple (by
+/// a host that knows the client's address and port, not its sequence)
+/// leave its steering (BPF) and the connection: it is served again after
+/// three lingers of silence, and its entry goes only once its client
+/// closes. The entry knows the client's sequence from the handoff (the
+/// frozen socket's). Before, the SYN removed the entry, and the RST or FIN
+/// cut it to the linger: the connection's next request met the front's
+/// stack and was reset.
+#[test]
+fn forged_packets_leave_a_handed_off_connection_alone() {
+    let mut bed = Bed::new("bfrg", 170);
+    bed.start_servers();
+    bed.start_agents();
+    let config = bed.config_text(true);
+    let args = ["--steer-datapath", "bpf", "--steer-linger", "0.5"];
+    bed.start_balancer(&config, &args);
+    let mut kept = kept_alive(&bed);
+    assert_eq!(bed.metric("tcpr_balance_handoffs_total"), 1.0);
+    let vip = bed.lab.vip(Family::V4).to_string();
+    let ss = bed
+        .lab
+        .client
+        .cmd("ss")
+        .args(["-Htn", "state", "established", "dst", &vip])
+        .output()
+        .unwrap();
+    let ss = String::from_utf8_lossy(&ss.stdout);
+    let local = ss
+        .split_whitespace()
+        .find(|w| w.contains(':') && !w.starts_with(&vip))
+        .and_then(|w| w.rsplit_once(':'))
+        .unwrap_or_else(|| panic!("the client's connection in {ss:?}"));
+    let forger = format!(
+        "{}/../tcpr-steer/tests/forge.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let out = bed
+        .lab
+        .client
+        .cmd("python3")
+        .args([forger.as_str(), local.0, local.1, &vip, "80"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "forged",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(bed.metric("tcpr_balance_flows_active"), 1.0);
+    served_again(&mut kept, "after the forged packets");
+    kept.kill();
+    wait_until("the ended flow's entry goes", START, || {
+        bed.metric("tcpr_balance_flows_active") == 0.0
+    });
+}
