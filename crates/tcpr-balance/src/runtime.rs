@@ -293,6 +293,8 @@ struct Shared {
     unknown: Mutex<Vec<(Instant, TcpStream)>>,
     /// Ends the relays of proxied connections when the drain times out.
     cut: tcpr_host::relay::Cut,
+    /// The relays the cut reset (or that it kept from starting).
+    cut_relays: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -392,6 +394,7 @@ pub fn run(opts: Options) -> Result<(), StartError> {
             what: "create the drain's pipe",
             source,
         })?,
+        cut_relays: std::sync::atomic::AtomicUsize::new(0),
     });
     let mut metrics_serving = None;
     if let Some(addr) = metrics_listen {
@@ -458,6 +461,11 @@ pub fn run(opts: Options) -> Result<(), StartError> {
         let _ = io::stdout().flush();
         shared.cut.cut();
         drained_within(&shared, None);
+        // Counted as failures too, which no scrape sees now (the metrics
+        // endpoint closed with the listeners): said here.
+        let reset = shared.cut_relays.load(Ordering::Relaxed);
+        println!("tcpr balance reset {reset} proxied connections");
+        let _ = io::stdout().flush();
     }
     // The connections handed off live on at the backends: their flows stay
     // steered for the next balancer on the interface, where the datapath
@@ -690,6 +698,9 @@ fn accept_loop(
         }
         match listener.accept() {
             Ok((stream, peer)) => {
+                if !forget_reused(shared, &stream, peer, bind) {
+                    continue;
+                }
                 let busy = Busy::new(shared);
                 let accepted = Accepted {
                     stream,
@@ -731,6 +742,30 @@ fn accept_loop(
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
+        }
+    }
+}
+
+/// Removes the steering entry a just accepted connection's tuple may
+/// still have (see [`Steering::forget_reused`]): its client reused the
+/// tuple of a flow that lives on, as far as the front knows, and the
+/// entry would take the new connection's packets past the first 256 KiB
+/// (or past 10 s) to the old flow's backend. At the accept, before any
+/// wait: one map look-up (BPF; nothing for nf_tables, whose SYN removed
+/// it). Should the removal fail, the connection is reset (its later
+/// packets would meet a backend with no socket for them) and `false`
+/// returned.
+fn forget_reused(shared: &Shared, stream: &TcpStream, peer: SocketAddr, bind: SocketAddr) -> bool {
+    let Some(st) = &shared.steering else {
+        return true;
+    };
+    match st.forget_reused(peer, bind) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!("{bind}: cannot remove the stale steering entry of {peer} ({e}): reset");
+            shared.metrics.failure("steering");
+            let _ = tcpr_host::sock::reset_on_close(stream.as_fd());
+            false
         }
     }
 }
@@ -1059,7 +1094,7 @@ impl SteerHook {
                 client: f.peer,
                 vip: f.local,
                 backend: self.backend,
-                client_next_seq: None,
+                client_seq: None,
             })
             .collect()
     }
@@ -1076,14 +1111,20 @@ impl TrafficHook for SteerHook {
     /// [`TrafficHook::switch`], each flow with its client's next sequence
     /// number: from its first packet on, a FIN or RST out of sequence
     /// (forged) does not end its steering (BPF).
-    fn switch_expecting(&self, flows: &[(tcpr_engine::Flow, Option<u32>)]) -> Result<(), String> {
+    fn switch_expecting(
+        &self,
+        flows: &[(tcpr_engine::Flow, Option<tcpr_handoff::PeerSeq>)],
+    ) -> Result<(), String> {
         let steered: Vec<SteeredFlow> = flows
             .iter()
             .map(|(f, seq)| SteeredFlow {
                 client: f.peer,
                 vip: f.local,
                 backend: self.backend,
-                client_next_seq: *seq,
+                client_seq: seq.map(|s| tcpr_steer::ClientSeq {
+                    next: s.next,
+                    ack: s.ack,
+                }),
             })
             .collect();
         self.steering
@@ -1240,6 +1281,14 @@ fn proxy(
     why: &str,
     busy: Busy,
 ) {
+    if shared.cut.is_cut() {
+        // The drain timed out: no server is connected to only to reset
+        // the pair at once.
+        let _ = tcpr_host::sock::reset_on_close(client.as_fd());
+        shared.metrics.failure("drain_timeout");
+        shared.cut_relays.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
     let active = shared.active();
     // The member's server first, then the other servers of the pool as it
     // is now (a reload may have changed or removed it).
@@ -1281,18 +1330,6 @@ fn proxy(
         refuse(client, protocol, HTTP_UNAVAILABLE, ALERT_INTERNAL_ERROR);
         return;
     };
-    // A client that reused the tuple of a flow still steered (BPF keeps a
-    // live flow's entry at a SYN, which could be forged): the front's
-    // handshake proved this connection the client's, so the old entry goes
-    // before it takes this one's later packets. A handed-off connection's
-    // steering replaces it instead.
-    if let (Some(st), Ok(peer), Ok(local)) =
-        (&shared.steering, client.peer_addr(), client.local_addr())
-    {
-        if let Err(e) = st.forget_reused(peer, local) {
-            tracing::warn!("cannot remove a stale steering entry of {peer}: {e}");
-        }
-    }
     tracing::debug!("proxying to {:?} ({why})", server.peer_addr());
     if member.agent.is_some() {
         // A handoff failed or was impossible (agent down, no steering).
@@ -1303,8 +1340,9 @@ fn proxy(
     match tcpr_host::relay::relay_until(client, server, &shared.cut) {
         Ok(_) => {}
         Err(e) if e.was_cut() => {
-            tracing::warn!("{pool}: a proxied connection reset by the drain's timeout");
+            tracing::debug!("{pool}: a proxied connection reset by the drain's timeout");
             shared.metrics.failure("drain_timeout");
+            shared.cut_relays.fetch_add(1, Ordering::Relaxed);
         }
         Err(e) => tracing::debug!("relay ended: {e}"),
     }

@@ -375,10 +375,12 @@ impl Frozen {
     }
 
     /// [`Frozen::thaw`] that gives the socket back even when repair mode
-    /// cannot be turned off: still frozen then, with the error, its lock
-    /// kept for its lease. For a caller that must give every handle back
-    /// in its place (a batch given up), where a handle missing would pair
-    /// the rest with the wrong connections.
+    /// cannot be turned off: still frozen then, with the error (its lock
+    /// released first, as `thaw` does, so that the window probe's answer
+    /// gets through). For a caller that must give every handle back in its
+    /// place (a batch given up), where a handle missing would pair the
+    /// rest with the wrong connections. A socket still frozen serves no
+    /// one: reading it fails, and its close sends nothing.
     pub fn thaw_or_give_back(mut self) -> Result<OwnedFd, (Error, OwnedFd)> {
         let sock = self.sock.take().expect("present until consumed");
         if let Some(l) = self.lock.take() {

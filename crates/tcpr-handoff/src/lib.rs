@@ -35,8 +35,8 @@ pub use auth::Auth;
 pub use deliver::Delivered;
 pub use machine::Framing;
 pub use sender::{
-    migrate, probe_agent, MigrateOptions, Outgoing, Refused, Report, Switch, Timings, TrafficHook,
-    UNSWITCH_FAILED,
+    migrate, probe_agent, MigrateOptions, Outgoing, PeerSeq, Refused, Report, Switch, Timings,
+    TrafficHook, UNSWITCH_FAILED,
 };
 
 /// Errors of a handoff as a whole (per-connection outcomes are in the

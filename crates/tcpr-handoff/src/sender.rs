@@ -21,7 +21,7 @@ mod switch;
 pub use channel::{MAX_IDLE_AGE, MAX_IDLE_PER_AGENT};
 use freeze::freeze_with_spares;
 pub use report::{Moved, Progress, Refused, Report, RolledBack, Timings, Unknown};
-pub use switch::{Switch, SwitchError, TrafficHook};
+pub use switch::{PeerSeq, Switch, SwitchError, TrafficHook};
 
 /// One connection to move, with its application state
 /// ([`Outgoing::new`]).
@@ -135,9 +135,9 @@ struct Conn {
     accepted_from: Option<Arc<ListenerOptions>>,
     /// Input position.
     index: usize,
-    /// The sequence number the peer sends next, as its dump found it (for
-    /// a [`TrafficHook`] that checks the flow's packets against it).
-    peer_next_seq: Option<u32>,
+    /// Where the peer's sequence numbers stand, as its dump found them
+    /// (for a [`TrafficHook`] that checks the flow's packets against them).
+    peer_seq: Option<PeerSeq>,
 }
 
 struct Driver<'a> {
@@ -385,7 +385,7 @@ fn attempt(
                 blob: c.blob,
                 accepted_from: c.accepted_from,
                 index,
-                peer_next_seq: None,
+                peer_seq: None,
             },
         );
     }
@@ -831,7 +831,13 @@ impl Driver<'_> {
         }
         .map_err(|e| e.to_string())?;
         if let Some(c) = self.conns.get_mut(&id) {
-            c.peer_next_seq = Some(img.recv_seq.0);
+            c.peer_seq = Some(PeerSeq {
+                next: img.recv_seq.0,
+                ack: img
+                    .send_seq
+                    .back(u32::try_from(img.send_queue.len()).unwrap_or(u32::MAX))
+                    .0,
+            });
             img.app_blob = if self.unverified {
                 c.blob.clone()
             } else {

@@ -46,29 +46,48 @@ struct flow_value {
 	__u8 family;        // the backend's: 4 or 6
 	__u8 closing;       // the client sent its FIN or RST (in sequence)
 	__u8 handed_over;   // written by userspace only (bpf.rs)
-	__u8 flags;         // SEQ_KNOWN, NEW_FLOW
+	__u8 flags;         // SEQ_KNOWN, NEW_FLOW, ACK_KNOWN
 	__u32 next_seq;     // the client's: the end of the furthest segment
 	__u32 new_isn;      // NEW_FLOW: the SYN's sequence number
-	__u32 pad[2];
+	__u32 last_ack;     // the client's furthest acknowledgement
+	__u32 new_ms;       // NEW_FLOW: when the SYN came (ms, wrapping)
 };
 
 #define SEQ_KNOWN 1 // next_seq holds the client's sequence
 #define NEW_FLOW 2  // a SYN on the tuple: new_isn is its sequence
+#define ACK_KNOWN 4 // last_ack holds the client's acknowledgement
 
+// A packet of the flow's client is one whose acknowledgement is near the
+// furthest one seen: at most ACK_BEHIND before it (reordering), at most
+// ACK_AHEAD past it (what the server sent since the client's last
+// packet). Only such packets move the sequence on or end the flow: a
+// forger must guess both numbers.
+#define ACK_BEHIND (1u << 20)
+#define ACK_AHEAD (1u << 24)
 // How far past the furthest segment seen a segment may start and still
-// move it on: well beyond what a receive window lets a client send past a
-// hole, so that a blind guess at it succeeds once in 256.
-#define ADVANCE_WINDOW (1u << 24)
+// move it on: a client sends no further ahead than its receiver's window
+// past a hole this host did not see (beyond it, the sequence waits for
+// the retransmissions, and a FIN out of range leaves the entry to the
+// idle timeout). A forged segment moves it once in 1,024 guesses of the
+// sequence, 1 in 256 of those of the acknowledgement too.
+#define ADVANCE_WINDOW (1u << 22)
 // How near the furthest segment seen a FIN or RST must start to end the
 // flow (the kernel itself takes a RST only at exactly the next sequence
-// number): room for segments lost before they reached this host.
+// number): room for segments lost before they reached this host. Once in
+// 32,768 guesses (and 1 in 256 of the acknowledgement, when it has one).
 #define END_SLACK (1u << 16)
 // The sequence numbers after a new SYN on the tuple that are the new
 // flow's: its handshake and what it sends until the front's accept (a
 // client sends no more than the front's receive window before it is
-// acknowledged, and a handoff replaces the entry). A blind SYN takes a
-// live flow's packets once in 16,384 guesses.
+// acknowledged, and the balancer removes the old entry at the accept).
 #define NEW_FLOW_WINDOW (1u << 18)
+// How long a new flow's window holds at most: the balancer removes the
+// old entry at the accept, well within it.
+#define NEW_FLOW_MS 10000
+// A SYN whose window would hold the live flow's next sequence number, or
+// a number it reaches within this many bytes, opens no window: it would
+// take the live flow's packets.
+#define NEW_FLOW_CLEARANCE ADVANCE_WINDOW
 
 // Preallocated (the default for a hash map): every entry exists from the
 // load on, so an insert never allocates and the table never resizes.
@@ -109,7 +128,7 @@ int steer(struct __sk_buff *skb)
 	struct flow_key key = {};
 	struct tcphdr *tcp;
 	// The bytes after the TCP header's start (IP's length minus its
-	// header), 0 when IP says none (a BIG TCP aggregate).
+	// header), 0 when IP says none (an IPv4 BIG TCP aggregate).
 	__u32 l4_len;
 	// Where the TCP header starts in the packet.
 	__u32 l4_off;
@@ -170,10 +189,16 @@ int steer(struct __sk_buff *skb)
 	if (!v)
 		return TC_ACT_UNSPEC;
 	__u32 seq = bpf_ntohl(tcp->seq);
+	__u64 now = bpf_ktime_get_ns();
+	__u32 now_ms = (__u32)(now / 1000000);
 	// After a SYN on the tuple, the front's stack takes the new flow's
-	// packets: those in its sequence space.
-	if ((v->flags & NEW_FLOW) && seq - (v->new_isn + 1) < NEW_FLOW_WINDOW)
-		return TC_ACT_UNSPEC;
+	// packets (those in its sequence space) for a while.
+	if (v->flags & NEW_FLOW) {
+		if (now_ms - v->new_ms > NEW_FLOW_MS)
+			v->flags &= ~NEW_FLOW;
+		else if (seq - (v->new_isn + 1) < NEW_FLOW_WINDOW)
+			return TC_ACT_UNSPEC;
+	}
 	if (tcp->syn && !tcp->ack) {
 		// A new connection reusing the tuple of a flow that ended (its
 		// FIN or RST seen, in sequence; its entry still lingering): the
@@ -192,38 +217,68 @@ int steer(struct __sk_buff *skb)
 		// forger's SYN-ACK meets the live flow's client, whose answer is
 		// the live flow's. Before, the SYN removed the entry: one forged
 		// SYN reset a live flow (its next packets met the front's stack).
+		if (v->flags & SEQ_KNOWN) {
+			__u32 start = seq + 1;
+			// The live flow inside the window, or about to enter it.
+			if (v->next_seq - start < NEW_FLOW_WINDOW ||
+			    start - v->next_seq < NEW_FLOW_CLEARANCE)
+				return TC_ACT_UNSPEC;
+		}
 		v->new_isn = seq;
+		v->new_ms = now_ms;
 		v->flags |= NEW_FLOW;
 		return TC_ACT_UNSPEC;
 	}
 	if (l4_len == 0) {
-		// BIG TCP: the length is the packet's (from the TCP header on).
+		// IPv4 BIG TCP: the length is the packet's (from the TCP header
+		// on). IPv6 BIG TCP carries a hop-by-hop jumbo header, which the
+		// parse above does not follow: keep the front's gro_max_size at
+		// its default, 64 KiB, where no such aggregate is built.
 		l4_len = skb->len > l4_off ? skb->len - l4_off : 0;
 	}
 	__u32 doff = tcp->doff * 4;
 	__u32 len = l4_len > doff ? l4_len - doff : 0;
 	__u32 seg_end = seq + len + tcp->fin;
+	__u32 ack = bpf_ntohl(tcp->ack_seq);
+	// The client's own, as far as its acknowledgement shows (a RST
+	// without ACK has none to show).
+	int acked = 1;
+	if ((v->flags & ACK_KNOWN) && tcp->ack)
+		acked = v->last_ack - ack <= ACK_BEHIND || ack - v->last_ack <= ACK_AHEAD;
+	else if (v->flags & ACK_KNOWN)
+		acked = tcp->rst;
+	if (tcp->ack && acked) {
+		if (!(v->flags & ACK_KNOWN) || (__s32)(ack - v->last_ack) > 0)
+			v->last_ack = ack;
+		v->flags |= ACK_KNOWN;
+	}
 	if (!(v->flags & SEQ_KNOWN)) {
-		// Only the kernel's clock and this packet to go by: an entry
-		// steered without the client's sequence learns it here.
+		// Only this packet to go by: an entry steered without the
+		// client's sequence learns it here.
 		v->next_seq = seg_end;
 		v->flags |= SEQ_KNOWN;
 		if (tcp->fin || tcp->rst)
 			v->closing = 1;
-	} else {
+	} else if (acked) {
 		// Serial arithmetic: the distance from the furthest segment
 		// seen, either way.
 		__u32 ahead = seq - v->next_seq;
 		__u32 behind = v->next_seq - seq;
+		int in_sequence = ahead <= END_SLACK || behind <= END_SLACK;
 		// A FIN or RST ends the flow only at its sequence (a forged one
 		// must guess it): the backend's stack checks it the same way, so
 		// one out of sequence ends nothing there either.
-		if ((tcp->fin || tcp->rst) && (ahead <= END_SLACK || behind <= END_SLACK))
+		if ((tcp->fin || tcp->rst) && in_sequence)
 			v->closing = 1;
 		if (ahead <= ADVANCE_WINDOW && (__s32)(seg_end - v->next_seq) > 0)
 			v->next_seq = seg_end;
+		// The live flow's client is there: a new flow's window (a SYN
+		// forged, most likely: the client's answer to the front's SYN-ACK
+		// is this packet) closes.
+		if (in_sequence)
+			v->flags &= ~NEW_FLOW;
 	}
-	v->last_seen_ns = bpf_ktime_get_ns();
+	v->last_seen_ns = now;
 
 	struct bpf_redir_neigh nh = {};
 	if (v->family == 4) {

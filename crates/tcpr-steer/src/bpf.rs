@@ -85,6 +85,8 @@ type Value = [u8; 48];
 type OldValue = [u8; 32];
 /// `flow_value.flags`: `next_seq` holds the client's sequence.
 const SEQ_KNOWN: u8 = 1;
+/// `flow_value.flags`: `last_ack` holds the client's acknowledgement.
+const ACK_KNOWN: u8 = 4;
 
 /// The packet `sweep` is run on: the kernel wants at least an Ethernet
 /// header; the program does not read it.
@@ -162,7 +164,12 @@ pub struct BpfSteering {
     cfg: BpfConfig,
     netns: Netns,
     ifindex: u32,
-    flows: Mutex<BpfHashMap<MapData, Key, Value>>,
+    flows: Arc<Mutex<BpfHashMap<MapData, Key, Value>>>,
+    /// The datapath of the older layout this one took over from, held (its
+    /// program stays attached) so that what it steers after the takeover
+    /// is copied here at every sweep: its own hand-back cannot write into
+    /// this layout's map (see [`Older`]).
+    older: Arc<Mutex<Option<Older>>>,
     /// Backends found on the interface's link (checked once each).
     on_link: Mutex<HashSet<IpAddr>>,
     sweep: Arc<Sweep>,
@@ -374,20 +381,24 @@ impl BpfSteering {
                 .map_err(|e| kernel("steering link", e))?,
         )
         .map_err(|e| kernel("steering link", e))?;
-        let (link, pinned, carried) = take_over(&cfg, ifindex, link, flows_fd, &mut flows)?;
+        let (link, pinned, carried, older) = take_over(&cfg, ifindex, link, flows_fd, &mut flows)?;
         if carried.carried > 0 {
             // The count the gauge answers with counts them from now on.
             sweep.run().map_err(|e| kernel("sweep", e))?;
         }
+        let flows = Arc::new(Mutex::new(flows));
+        let older = Arc::new(Mutex::new(older));
         let (stop, stopped) = mpsc::channel::<()>();
         let period = sweep_period(cfg.idle, cfg.linger);
         let shared = Arc::clone(&sweep);
+        let (flows_too, older_too) = (Arc::clone(&flows), Arc::clone(&older));
         let sweeper = std::thread::Builder::new()
             .name("steer-sweep".into())
             .spawn(move || {
                 // Said once per kind of failure, not every period.
                 let mut said: Option<std::io::ErrorKind> = None;
                 while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(period) {
+                    follow_older(&older_too, &flows_too);
                     match shared.run() {
                         Ok(_) => said = None,
                         Err(e) if said != Some(e.kind()) => {
@@ -402,7 +413,8 @@ impl BpfSteering {
             cfg,
             netns,
             ifindex,
-            flows: Mutex::new(flows),
+            flows,
+            older,
             on_link: Mutex::new(HashSet::new()),
             sweep,
             stop: Mutex::new(Some(stop)),
@@ -442,6 +454,10 @@ impl BpfSteering {
     /// steered, its pin goes (if still its own) and the program detaches.
     fn finish(&self, keep: bool) -> Option<usize> {
         self.stop_sweeper();
+        // What the older datapath steered since the last sweep, then its
+        // program may detach (with its process gone, once this is closed).
+        follow_older(&self.older, &self.flows);
+        drop(lock(&self.older).take());
         let link = lock(&self.link).take()?;
         let Some((pins, id)) = &self.pinned else {
             // Said at the install too; said again where it costs.
@@ -550,9 +566,10 @@ impl BpfSteering {
         }
         v[24..28].copy_from_slice(&self.ifindex.to_ne_bytes());
         v[28] = if w.v4 { 4 } else { 6 };
-        if let Some(seq) = w.client_next_seq {
-            v[FLAGS] = SEQ_KNOWN;
-            v[32..36].copy_from_slice(&seq.to_ne_bytes());
+        if let Some(seq) = w.client_seq {
+            v[FLAGS] = SEQ_KNOWN | ACK_KNOWN;
+            v[32..36].copy_from_slice(&seq.next.to_ne_bytes());
+            v[40..44].copy_from_slice(&seq.ack.to_ne_bytes());
         }
         v
     }
@@ -620,7 +637,7 @@ fn take_over(
     link: FdLink,
     flows_fd: std::os::fd::OwnedFd,
     flows: &mut BpfHashMap<MapData, Key, Value>,
-) -> Result<(HeldLink, Option<(Pins, u32)>, CarriedOver), SteerError> {
+) -> Result<(HeldLink, Option<(Pins, u32)>, CarriedOver, Option<Older>), SteerError> {
     let unpinned = |why: String| {
         eprintln!(
             "tcpr-steer: {why}: the BPF datapath of {} is not pinned, and the flows it steers \
@@ -638,7 +655,7 @@ fn take_over(
                  DIR/tcpr)",
                 cfg.pin_dir.display()
             ));
-            return Ok((HeldLink::Own(link), None, CarriedOver::default()));
+            return Ok((HeldLink::Own(link), None, CarriedOver::default(), None));
         }
     };
     let locked = pins.lock()?;
@@ -650,12 +667,15 @@ fn take_over(
                 "cannot read what is pinned in {} ({e}); left as it is",
                 pins.dir().display()
             ));
-            return Ok((HeldLink::Own(link), None, CarriedOver::default()));
+            return Ok((HeldLink::Own(link), None, CarriedOver::default(), None));
         }
     };
     let carried = left
         .as_mut()
         .map_or(CarriedOver::default(), |l| carry_over(&mut l.flows, flows));
+    let older_layout = left
+        .as_mut()
+        .is_some_and(|l| BpfHashMap::<&mut MapData, Key, OldValue>::try_from(&mut l.flows).is_ok());
     let flows_data = MapData::from_fd(flows_fd).map_err(|e| kernel("flows map", e))?;
     let (link, id) = pins.commit(&locked, link, &flows_data).map_err(|e| {
         kernel(
@@ -664,10 +684,17 @@ fn take_over(
         )
     })?;
     // The old link's pin is replaced: closing it detaches the old program
-    // (unless its process is still running).
-    drop(left);
+    // (unless its process is still running). One of the older layout is
+    // held instead (see `Older`).
+    let older = match left {
+        Some(left) if older_layout => Some(Older {
+            left,
+            copied: vec![],
+        }),
+        _ => None,
+    };
     drop(locked);
-    Ok((HeldLink::Pinned(link), Some((pins, id)), carried))
+    Ok((HeldLink::Pinned(link), Some((pins, id)), carried, older))
 }
 
 /// Copies the entries of `old` (an earlier datapath's map) into `flows`,
@@ -709,8 +736,9 @@ fn carry_over_old_layout(
     old: &mut aya::maps::Map,
     flows: &mut BpfHashMap<MapData, Key, Value>,
 ) -> CarriedOver {
-    let Ok(mut old) = BpfHashMap::<&mut MapData, Key, OldValue>::try_from(old) else {
-        return CarriedOver::default();
+    let mut old = match BpfHashMap::<&mut MapData, Key, OldValue>::try_from(&mut *old) {
+        Ok(m) => m,
+        Err(_) => return unknown_layout(old),
     };
     let entries: Vec<(Key, OldValue)> = old.iter().filter_map(Result::ok).collect();
     let c = copy_absent(entries.iter().map(|(k, v)| (*k, widened(v))), flows);
@@ -723,6 +751,110 @@ fn carry_over_old_layout(
     CarriedOver {
         carried: c.inserted + c.present,
         lost: c.refused,
+    }
+}
+
+/// A map of a layout this tcpr does not know (a newer one's, after a
+/// downgrade): nothing can be carried, and each of its flows is reset
+/// once its program detaches. Counted as lost, and said.
+fn unknown_layout(old: &aya::maps::Map) -> CarriedOver {
+    let count = match old {
+        aya::maps::Map::HashMap(data) => tcpr_host::bpf::count_keys(data.fd().as_fd()),
+        _ => Err(std::io::Error::other("not a hash map")),
+    };
+    match count {
+        Ok(0) => CarriedOver::default(),
+        Ok(n) => {
+            eprintln!(
+                "tcpr-steer: the datapath before this one keeps its {n} flows in a map of a layout \
+                 this tcpr does not know (another version's): they cannot be carried over and are \
+                 reset once it detaches"
+            );
+            CarriedOver {
+                carried: 0,
+                lost: n,
+            }
+        }
+        Err(e) => {
+            eprintln!(
+                "tcpr-steer: the datapath before this one keeps its flows in a map of a layout this \
+                 tcpr does not know, which cannot be counted ({e}): they are reset once it detaches"
+            );
+            CarriedOver::default()
+        }
+    }
+}
+
+/// The datapath of the older layout (32-byte values) this one took over
+/// from: its link, held so that its program stays attached for as long as
+/// this datapath runs, and its map. Its process, still running during an
+/// overlapping restart, goes on steering new flows into that map, and at
+/// its end cannot hand them back (it would open this map with its own,
+/// smaller value size, which the kernel refuses); so this one copies the
+/// entries it did not copy yet (not marked handed over) at every sweep,
+/// and once more at its close, while the older program, attached through
+/// this handle, still steers them in between. Before, those flows were
+/// reset when the older balancer exited. An entry copied that goes from
+/// the older map soon after (its batch rolled back there: the older
+/// process cannot remove it here either) goes from this map too.
+struct Older {
+    left: crate::pin::Left,
+    /// The entries copied from it lately, and when.
+    copied: Vec<(Key, std::time::Instant)>,
+}
+
+/// How long after its copy an entry removed from the older map is taken
+/// for a rolled-back batch's, and removed here too: longer than any
+/// handoff's wait for its agent (`--handoff-timeout` allows an hour, but
+/// its default is 2 s), shorter than a handed-off flow's life there
+/// (the older program never sees its packets again, so its entry goes
+/// only at the idle timeout).
+const ROLLBACK_WINDOW: Duration = Duration::from_secs(30);
+
+/// Copies into `flows` what the older datapath steered since the last
+/// look, and removes what it unsteered since its copy (see [`Older`]).
+fn follow_older(older: &Mutex<Option<Older>>, flows: &Mutex<BpfHashMap<MapData, Key, Value>>) {
+    let mut older = lock(older);
+    let Some(o) = older.as_mut() else {
+        return;
+    };
+    let Ok(old) = BpfHashMap::<&MapData, Key, OldValue>::try_from(&o.left.flows) else {
+        return;
+    };
+    let mut flows = lock(flows);
+    o.copied.retain(|(key, at)| {
+        if at.elapsed() > ROLLBACK_WINDOW {
+            return false;
+        }
+        match old.get(key, 0) {
+            Err(MapError::KeyNotFound) => {
+                let _ = flows.remove(key);
+                false
+            }
+            _ => true,
+        }
+    });
+    let fresh: Vec<(Key, OldValue)> = old
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, v)| v[HANDED_OVER] == 0)
+        .collect();
+    if fresh.is_empty() {
+        return;
+    }
+    let now = std::time::Instant::now();
+    let Ok(mut old) = BpfHashMap::<&mut MapData, Key, OldValue>::try_from(&mut o.left.flows) else {
+        return;
+    };
+    for (key, mut value) in fresh {
+        match flows.insert(key, widened(&value), BPF_NOEXIST) {
+            Ok(()) => o.copied.push((key, now)),
+            // This one's own entry wins.
+            Err(e) if map_errno(&e) == Some(libc::EEXIST) => {}
+            Err(_) => continue,
+        }
+        value[HANDED_OVER] = 1;
+        let _ = old.insert(key, value, BPF_EXIST);
     }
 }
 
@@ -873,7 +1005,7 @@ impl Steering for BpfSteering {
             client,
             vip,
             backend: vip.ip(),
-            client_next_seq: None,
+            client_seq: None,
         }])
     }
 

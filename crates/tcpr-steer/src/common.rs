@@ -122,7 +122,7 @@ pub(crate) struct WireFlow {
     pub(crate) vip: SocketAddr,
     pub(crate) v4: bool,
     pub(crate) backend: IpAddr,
-    pub(crate) client_next_seq: Option<u32>,
+    pub(crate) client_seq: Option<crate::ClientSeq>,
 }
 
 impl WireFlow {
@@ -146,7 +146,7 @@ impl WireFlow {
             vip,
             v4,
             backend,
-            client_next_seq: flow.client_next_seq,
+            client_seq: flow.client_seq,
         })
     }
 

@@ -22,11 +22,21 @@ pub struct SteeredFlow {
     /// The backend host's address on the front's link: the next hop the
     /// flow's packets are forwarded to, unchanged but for the L2 header.
     pub backend: IpAddr,
-    /// The sequence number the client sends next (what the front's
-    /// socket expected when it was frozen), when known: the BPF datapath
-    /// ends the flow only at a FIN or RST in sequence from the start;
-    /// unknown, it learns it from the flow's first packet.
-    pub client_next_seq: Option<u32>,
+    /// Where the client's sequence numbers stand (what the front's socket
+    /// expected when it was frozen), when known: the BPF datapath ends the
+    /// flow only at a FIN or RST in sequence from the start; unknown, it
+    /// learns them from the flow's first packet.
+    pub client_seq: Option<ClientSeq>,
+}
+
+/// Where a client's sequence numbers stand at its handoff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientSeq {
+    /// The sequence number the client sends next.
+    pub next: u32,
+    /// The lowest acknowledgement number it may send now (the server's
+    /// oldest unacknowledged byte).
+    pub ack: u32,
 }
 
 /// Why a steering call failed.

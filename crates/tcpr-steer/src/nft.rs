@@ -941,7 +941,7 @@ impl Steering for NftSteering {
             client,
             vip,
             backend: vip.ip(),
-            client_next_seq: None,
+            client_seq: None,
         }])
     }
 

@@ -33,7 +33,9 @@ static NEXT_PORT: AtomicU16 = AtomicU16::new(41000);
 /// (FIN, or RST), and prints what it sent. With a third argument `first`
 /// it sends its FIN before reading the client's (an HTTP server honouring
 /// `Connection: close`): the TIME_WAIT is then its own, not the client's.
-/// With `slow` it sends in twenty pieces a tenth of a second apart.
+/// With `slow` it sends in twenty pieces a tenth of a second apart. With
+/// `sink` it sends nothing: it reads until the client's FIN (an upload),
+/// closes, and prints how much it got and its hash.
 const SERVER: &str = r#"
 import hashlib, json, os, socket, sys, time
 fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
@@ -43,6 +45,19 @@ l.bind((sys.argv[1], int(sys.argv[2])))
 l.listen(8)
 print("listening", flush=True)
 c, peer = l.accept()
+if len(sys.argv) > 3 and sys.argv[3] == "sink":
+    c.settimeout(60)
+    h = hashlib.sha256()
+    got = 0
+    while True:
+        b = c.recv(1 << 16)
+        if not b:
+            break
+        h.update(b)
+        got += len(b)
+    c.close()
+    print(json.dumps({"peer": peer[0], "peer_port": peer[1], "got": got, "sha256": h.hexdigest(), "end": "fin"}), flush=True)
+    sys.exit(0)
 f = c.makefile("rb")
 n = int(f.readline())
 h = hashlib.sha256()
@@ -69,11 +84,13 @@ print(json.dumps({"peer": peer[0], "peer_port": peer[1], "sent": n, "sha256": h.
 /// reads them, then closes with a FIN or (`rst`) a RST, or (`eof`) with a
 /// FIN once the server's came (the server closed first), or (`half`) sends
 /// its FIN right after its request and then reads, or (`hold`) prints
-/// `read` and waits for a line on stdin before its FIN. With a seventh
+/// `read` and waits for a line on stdin before its FIN; or (`upload`, to a
+/// `sink` server) sends N random bytes instead of a request, then its FIN,
+/// reads until the server's, and prints what it sent. With a seventh
 /// argument `pause` it prints `connected` once connected and waits for a
 /// line on stdin before sending its request.
 const CLIENT: &str = r#"
-import hashlib, json, socket, struct, sys
+import hashlib, json, os, socket, struct, sys
 src, sport, vip, port, n, close = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 fam = socket.AF_INET6 if ":" in vip else socket.AF_INET
 s = socket.socket(fam, socket.SOCK_STREAM)
@@ -84,6 +101,20 @@ s.connect((vip, port))
 if len(sys.argv) > 7 and sys.argv[7] == "pause":
     print("connected", flush=True)
     sys.stdin.readline()
+if close == "upload":
+    h = hashlib.sha256()
+    left = n
+    while left:
+        b = os.urandom(min(left, 1 << 16))
+        s.sendall(b)
+        h.update(b)
+        left -= len(b)
+    s.shutdown(socket.SHUT_WR)
+    while s.recv(1 << 16):
+        pass
+    s.close()
+    print(json.dumps({"sent": n, "sha256": h.hexdigest()}), flush=True)
+    sys.exit(0)
 s.sendall(b"%d\n" % n)
 if close == "half":
     s.shutdown(socket.SHUT_WR)
@@ -186,6 +217,7 @@ on_both!(
     a_steered_flow_reaches_the_backend_which_answers_directly_ipv6,
     an_entry_goes_after_the_clients_rst,
     a_half_closed_client_keeps_its_entry_while_the_server_sends,
+    an_upload_through_random_loss_arrives_whole_and_its_fin_ends_the_entry,
     a_reused_tuple_reaches_the_front_not_the_old_backend_ipv4,
     a_reused_tuple_reaches_the_front_not_the_old_backend_ipv6,
     a_new_connection_on_a_live_entrys_tuple_reaches_the_front,
@@ -322,6 +354,83 @@ impl Net {
         .unwrap()
     }
 
+    /// Drops `percent` % of the client's TCP packets to `vip` port 80, at
+    /// random, on the wire: in the switch, as they come in from the
+    /// client's port (`p1`, the lab's first host). Lost there, not on the
+    /// client (whose output hooks fail the send instead: its TCP mostly
+    /// sends the segment again at once, which leaves no hole), they reach
+    /// neither the front nor the backend, and the client's TCP must find
+    /// out and retransmit.
+    fn lose_on_the_way_to_the_front(&self, vip: &str, percent: u32) {
+        let ip = if vip.contains(':') { "ip6" } else { "ip" };
+        let script = format!(
+            "add table netdev loss
+add chain netdev loss in {{ type filter hook ingress device \"p1\" priority 0; policy accept; }}
+add rule netdev loss in {ip} daddr {vip} tcp dport {PORT} numgen random mod 100 < {percent} counter drop
+"
+        );
+        let mut nft = Command::new("ip")
+            .args(["netns", "exec", &self.switch(), "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(nft.stdin.as_mut().unwrap(), script.as_bytes()).unwrap();
+        let out = nft.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The packets [`Net::lose_on_the_way_to_the_front`] dropped so far.
+    fn lost_on_the_way_to_the_front(&self) -> u64 {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.switch(),
+                "nft",
+                "-j",
+                "list",
+                "table",
+                "netdev",
+                "loss",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let table: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        table["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|o| o.get("rule"))
+            .flat_map(|r| r["expr"].as_array().unwrap())
+            .filter_map(|e| e.get("counter"))
+            .map(|c| c["packets"].as_u64().unwrap())
+            .sum()
+    }
+
+    /// The switch's namespace: the lab's hosts' names end in their own
+    /// (`-c` for the client), the switch's in `-sw`.
+    fn switch(&self) -> String {
+        let prefix = self.client.netns.strip_suffix("-c").unwrap();
+        format!("{prefix}-sw")
+    }
+
+    /// A kernel counter (`nstat` name) in `host`'s namespace.
+    fn counter(host: &Host, name: &str) -> u64 {
+        let out = sh(host, &format!("nstat -asz {name}"));
+        out.lines()
+            .find_map(|l| {
+                let mut w = l.split_whitespace();
+                (w.next() == Some(name)).then(|| w.next().unwrap().parse().unwrap())
+            })
+            .unwrap_or_else(|| panic!("no {name} in {out}"))
+    }
+
     fn server(&self, vip: &str) -> std::process::Child {
         serve(&self.backend, vip, "last")
     }
@@ -374,6 +483,20 @@ fn handed_off_client(
     n: u64,
     close: &str,
 ) -> std::process::Output {
+    handed_off_client_then(net, src, sport, (vip, backend), n, close, || {})
+}
+
+/// [`handed_off_client`], running `once_connected` after the handshake
+/// (the route through the backend gone) and before the client goes on.
+fn handed_off_client_then(
+    net: &Net,
+    src: &str,
+    sport: u16,
+    (vip, backend): (&str, &str),
+    n: u64,
+    close: &str,
+    once_connected: impl FnOnce(),
+) -> std::process::Output {
     let host_prefix = if vip.contains(':') { 128 } else { 32 };
     let route = format!("{vip}/{host_prefix}");
     net.client
@@ -394,6 +517,7 @@ fn handed_off_client(
     .unwrap();
     net.client.ip(&["route", "del", &route]).unwrap();
     assert_eq!(line.trim(), "connected");
+    once_connected();
     std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"go\n").unwrap();
     child.wait_with_output().unwrap()
 }
@@ -450,7 +574,7 @@ fn flow(client: &str, sport: u16, vip: &str, backend: &str) -> SteeredFlow {
         client: sa(client, sport),
         vip: sa(vip, PORT),
         backend: backend.parse().unwrap(),
-        client_next_seq: None,
+        client_seq: None,
     }
 }
 
@@ -591,6 +715,84 @@ fn a_half_closed_client_keeps_its_entry_while_the_server_sends(kind: Kind) {
         wait_for("the entry to go", Duration::from_secs(20), || {
             !steering.is_steered(f.client, f.vip).unwrap()
         });
+        assert_eq!(steering.entries(), 0, "v6 {v6}");
+    }
+}
+
+/// A client uploads 64 MiB of random bytes to the backend through the
+/// front (IPv4, then IPv6), 2% of its packets (a segment each) lost at
+/// random in the switch on the way to the front: its TCP retransmits, and the front sees holes and segments
+/// out of order (the backend's out-of-order queue took some). Every byte
+/// arrives, in order (the hashes of what was sent and received), none of
+/// them at the front's stack; then the client's FIN, at a sequence number
+/// 64 MiB past the flow's first packet, ends the entry within a few
+/// seconds (a 300 ms linger; the idle timeout is an hour). On BPF that
+/// proves the entry's sequence tracking followed the flow through the
+/// loss: one that lost it (a segment past a hole not moving it on, say)
+/// takes the FIN for a forgery, out of sequence, and keeps the entry for
+/// the hour.
+fn an_upload_through_random_loss_arrives_whole_and_its_fin_ends_the_entry(kind: Kind) {
+    for v6 in [false, true] {
+        let (net, steering, f, (client, vip, backend), sport) =
+            one_steered_flow(kind, if v6 { "l6" } else { "l4" }, v6);
+        let server = serve(&net.backend, vip, "sink");
+        let in_before = net.front_tcp_in();
+        const N: u64 = 64 << 20;
+        let start = Instant::now();
+        // One segment a packet (no GSO aggregate of up to 64 KiB): a loss
+        // is a segment's, as on a real link, and the holes are many.
+        net.client
+            .ip(&["link", "set", "dev", "eth0", "gso_max_segs", "1"])
+            .unwrap();
+        // The loss once connected: the handshake (through the backend)
+        // goes without it.
+        let out = handed_off_client_then(&net, client, sport, (vip, backend), N, "upload", || {
+            net.lose_on_the_way_to_the_front(vip, 2)
+        });
+        let took = start.elapsed();
+        assert!(
+            out.status.success(),
+            "v6 {v6}: {:?} {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        let sent = json_line(&out.stdout);
+        let got = json_line(&server.wait_with_output().unwrap().stdout);
+        assert_eq!(sent["sent"], N, "v6 {v6}");
+        assert_eq!(got["got"], N, "v6 {v6}: every byte");
+        assert_eq!(
+            got["sha256"], sent["sha256"],
+            "v6 {v6}: every byte, in order"
+        );
+        assert_eq!(got["peer"], client, "v6 {v6}");
+        assert_eq!(got["peer_port"], sport, "v6 {v6}");
+        let lost = net.lost_on_the_way_to_the_front();
+        let retransmitted = Net::counter(&net.client, "TcpRetransSegs");
+        let out_of_order = Net::counter(&net.backend, "TcpExtTCPOFOQueue");
+        println!(
+            "{kind:?} v6 {v6}: {N} bytes in {took:?}; {lost} packets lost, \
+             {retransmitted} segments retransmitted, {out_of_order} queued out of order"
+        );
+        assert!(lost > 0, "v6 {v6}: nothing was lost");
+        assert!(
+            retransmitted > 0,
+            "v6 {v6}: the client retransmitted nothing"
+        );
+        assert!(
+            out_of_order > 0,
+            "v6 {v6}: no segment came out of order (no hole)"
+        );
+        assert_eq!(
+            net.front_tcp_in() - in_before,
+            0,
+            "v6 {v6}: the front's TCP stack received none of the flow's segments"
+        );
+        wait_for(
+            &format!("the entry to go after the client's FIN (v6 {v6})"),
+            Duration::from_secs(5),
+            || !steering.is_steered(f.client, f.vip).unwrap(),
+        );
         assert_eq!(steering.entries(), 0, "v6 {v6}");
     }
 }
@@ -1387,4 +1589,44 @@ fn a_batch_is_refused_whole(kind: Kind) {
     // fits goes in.
     steering.steer_batch(&beyond[..CAP - first.len()]).unwrap();
     assert_eq!(steering.entries(), CAP);
+}
+
+/// `tcpr_host::bpf::count_keys` counts a map's entries whatever its value
+/// layout (how a takeover counts the flows of a map of a layout it does
+/// not know, lost): here the pinned flows map of a datapath steering
+/// three flows, one of them IPv6.
+#[test]
+fn the_keys_of_a_pinned_flows_map_are_counted() {
+    let net = Net::new("ck");
+    let steering = net.steering(Kind::Bpf, |_| {});
+    for (client, sport, vip, backend) in [
+        (CLIENT4, 40101, VIP4, BACKEND4),
+        (CLIENT4, 40102, VIP4, BACKEND4),
+        (CLIENT6, 40103, VIP6, BACKEND6),
+    ] {
+        steering.steer(&flow(client, sport, vip, backend)).unwrap();
+    }
+    let dir = std::fs::read_dir(net.pins.pin_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir())
+        .expect("the datapath's pin directory");
+    let map = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("flows-"))
+        })
+        .expect("the pinned flows map");
+    let fd = tcpr_host::bpf::obj_get(&map).unwrap();
+    use std::os::fd::AsFd;
+    assert_eq!(tcpr_host::bpf::count_keys(fd.as_fd()).unwrap(), 3);
+    steering
+        .unsteer(
+            flow(CLIENT4, 40101, VIP4, BACKEND4).client,
+            flow(CLIENT4, 40101, VIP4, BACKEND4).vip,
+        )
+        .unwrap();
+    assert_eq!(tcpr_host::bpf::count_keys(fd.as_fd()).unwrap(), 2);
 }

@@ -394,6 +394,10 @@ fn drain_timeout_resets_the_proxied_connections_left() {
         "the drain waited its second first"
     );
     assert_eq!(kept.expect("end", START), "end rst");
+    assert_eq!(
+        balancer.expect("tcpr balance reset", START),
+        "tcpr balance reset 1 proxied connections"
+    );
     balancer.expect("tcpr balance drained", START);
     let status = balancer.child.wait().unwrap();
     assert!(status.success(), "{status}");

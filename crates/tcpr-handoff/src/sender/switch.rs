@@ -15,16 +15,26 @@ use tcpr_engine::Flow;
 pub trait TrafficHook: Send + Sync + std::fmt::Debug {
     /// Sends the flows' packets to the agent's host from now on.
     fn switch(&self, flows: &[Flow]) -> Result<(), String>;
-    /// [`TrafficHook::switch`] told, for each flow, the sequence number its
-    /// peer sends next (what the frozen socket expected), when its dump
-    /// read it: a datapath can then tell the peer's packets from forged
-    /// ones from the first. By default, `switch`.
-    fn switch_expecting(&self, flows: &[(Flow, Option<u32>)]) -> Result<(), String> {
+    /// [`TrafficHook::switch`] told, for each flow, where its peer's
+    /// sequence numbers stand (what the frozen socket expected), when its
+    /// dump read them: a datapath can then tell the peer's packets from
+    /// forged ones from the first. By default, `switch`.
+    fn switch_expecting(&self, flows: &[(Flow, Option<PeerSeq>)]) -> Result<(), String> {
         let flows: Vec<Flow> = flows.iter().map(|(f, _)| *f).collect();
         self.switch(&flows)
     }
     /// Undoes [`TrafficHook::switch`] (flows never switched are fine).
     fn unswitch(&self, flows: &[Flow]) -> Result<(), String>;
+}
+
+/// Where a frozen connection's peer's sequence numbers stand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerSeq {
+    /// The sequence number the peer sends next.
+    pub next: u32,
+    /// The lowest acknowledgement number it may send: the oldest byte of
+    /// ours it has not acknowledged.
+    pub ack: u32,
 }
 
 /// How the flows' packets reach the agent's host once committed.
@@ -119,10 +129,10 @@ impl Driver<'_> {
             Switch::Nothing => Ok(None),
             Switch::Commands { switch, .. } => run_shell_command(switch).map(|()| None),
             Switch::Hook(hook) => {
-                let expecting: Vec<(Flow, Option<u32>)> = ids
+                let expecting: Vec<(Flow, Option<PeerSeq>)> = ids
                     .iter()
                     .filter_map(|id| self.conns.get(id))
-                    .map(|c| (c.flow.wire(), c.peer_next_seq))
+                    .map(|c| (c.flow.wire(), c.peer_seq))
                     .collect();
                 hook.switch_expecting(&expecting)
                     .map_err(SwitchError::Hook)?;

@@ -10,6 +10,8 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 /// `BPF_PROG_TEST_RUN` (linux/bpf.h `enum bpf_cmd`).
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
+/// `BPF_MAP_GET_NEXT_KEY` (linux/bpf.h `enum bpf_cmd`).
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 /// `BPF_OBJ_GET_INFO_BY_FD` (linux/bpf.h `enum bpf_cmd`).
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 /// `BPF_LINK_TYPE_TCX` (linux/bpf.h `enum bpf_link_type`).
@@ -57,6 +59,72 @@ pub fn test_run(prog: BorrowedFd<'_>, packet: &[u8]) -> io::Result<u32> {
     // given) and writes only into `attr` (no output buffers are given).
     unsafe { sys_bpf(BPF_PROG_TEST_RUN, &mut attr) }?;
     Ok(attr.retval)
+}
+
+/// The map element member of linux/bpf.h's `union bpf_attr`
+/// (`BPF_MAP_GET_NEXT_KEY`: `key`, then `next_key`).
+#[repr(C)]
+#[derive(Default)]
+struct NextKeyAttr {
+    map_fd: u32,
+    pad: u32,
+    key: u64,
+    next_key: u64,
+    flags: u64,
+}
+
+/// linux/bpf.h's `struct bpf_map_info` up to `value_size`. The kernel
+/// writes at most `info_len` bytes.
+#[repr(C)]
+#[derive(Default)]
+struct MapInfo {
+    map_type: u32,
+    id: u32,
+    key_size: u32,
+    value_size: u32,
+}
+
+/// How many keys the map `map` holds, whatever its layout: aya walks only
+/// maps whose key and value types it is given, and a map of an unknown
+/// layout (another tcpr's) is counted, not read.
+pub fn count_keys(map: BorrowedFd<'_>) -> io::Result<usize> {
+    let map_fd = u32::try_from(map.as_raw_fd()).map_err(|_| io::Error::other("bad fd"))?;
+    let mut info = MapInfo::default();
+    let mut attr = InfoAttr {
+        bpf_fd: map_fd,
+        info_len: size_of::<MapInfo>() as u32,
+        info: &mut info as *mut MapInfo as u64,
+    };
+    // SAFETY: as in `tcx_link`: the kernel writes at most `info_len` bytes
+    // of plain integers into `info`, live for the call.
+    unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
+    // The kernel copies the map's whole key into the buffers: sized from
+    // what it said the key size is.
+    let size = info.key_size as usize;
+    let (mut key, mut next) = (vec![0u8; size.max(1)], vec![0u8; size.max(1)]);
+    let mut count = 0;
+    let mut first = true;
+    loop {
+        let mut attr = NextKeyAttr {
+            map_fd,
+            // Null for the first key.
+            key: if first { 0 } else { key.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+            ..NextKeyAttr::default()
+        };
+        // SAFETY: `attr` is a valid, zero-padded `bpf_attr` map element
+        // block of the size passed; `key` (when given) and `next` are live
+        // buffers of the map's key size (read above; a map's key size
+        // never changes), which the kernel reads and writes.
+        match unsafe { sys_bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) } {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(count),
+            Err(e) => return Err(e),
+        }
+        count += 1;
+        first = false;
+        std::mem::swap(&mut key, &mut next);
+    }
 }
 
 /// The `info` member of linux/bpf.h's `union bpf_attr`.
