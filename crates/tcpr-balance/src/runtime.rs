@@ -752,14 +752,23 @@ fn accept_loop(
 /// entry would take the new connection's packets past the first 256 KiB
 /// (or past 10 s) to the old flow's backend. At the accept, before any
 /// wait: one map look-up (BPF; nothing for nf_tables, whose SYN removed
-/// it). Should the removal fail, the connection is reset (its later
+/// it), and a `getsockname` on a wildcard listener. Should the removal fail, the connection is reset (its later
 /// packets would meet a backend with no socket for them) and `false`
 /// returned.
 fn forget_reused(shared: &Shared, stream: &TcpStream, peer: SocketAddr, bind: SocketAddr) -> bool {
     let Some(st) = &shared.steering else {
         return true;
     };
-    match st.forget_reused(peer, bind) {
+    // A wildcard listener's: the address the client connected to.
+    let vip = if bind.ip().is_unspecified() {
+        match stream.local_addr() {
+            Ok(a) => a,
+            Err(_) => return true,
+        }
+    } else {
+        bind
+    };
+    match st.forget_reused(peer, vip) {
         Ok(()) => true,
         Err(e) => {
             tracing::warn!("{bind}: cannot remove the stale steering entry of {peer} ({e}): reset");

@@ -240,42 +240,54 @@ int steer(struct __sk_buff *skb)
 	__u32 len = l4_len > doff ? l4_len - doff : 0;
 	__u32 seg_end = seq + len + tcp->fin;
 	__u32 ack = bpf_ntohl(tcp->ack_seq);
-	// The client's own, as far as its acknowledgement shows (a RST
-	// without ACK has none to show).
-	int acked = 1;
-	if ((v->flags & ACK_KNOWN) && tcp->ack)
-		acked = v->last_ack - ack <= ACK_BEHIND || ack - v->last_ack <= ACK_AHEAD;
-	else if (v->flags & ACK_KNOWN)
-		acked = tcp->rst;
-	if (tcp->ack && acked) {
-		if (!(v->flags & ACK_KNOWN) || (__s32)(ack - v->last_ack) > 0)
-			v->last_ack = ack;
-		v->flags |= ACK_KNOWN;
-	}
 	if (!(v->flags & SEQ_KNOWN)) {
 		// Only this packet to go by: an entry steered without the
 		// client's sequence learns it here.
 		v->next_seq = seg_end;
 		v->flags |= SEQ_KNOWN;
+		if (tcp->ack) {
+			v->last_ack = ack;
+			v->flags |= ACK_KNOWN;
+		}
 		if (tcp->fin || tcp->rst)
 			v->closing = 1;
-	} else if (acked) {
+	} else {
 		// Serial arithmetic: the distance from the furthest segment
 		// seen, either way.
 		__u32 ahead = seq - v->next_seq;
 		__u32 behind = v->next_seq - seq;
 		int in_sequence = ahead <= END_SLACK || behind <= END_SLACK;
+		// The client's own, as far as its acknowledgement shows: near
+		// the furthest one seen (unknown yet: any).
+		int acked = tcp->ack &&
+			    (!(v->flags & ACK_KNOWN) || v->last_ack - ack <= ACK_BEHIND ||
+			     ack - v->last_ack <= ACK_AHEAD);
+		// The acknowledgement moves on only with a packet in sequence:
+		// a forger who got one guess right cannot drag it, step by
+		// step, to a number it then knows. A packet at exactly the
+		// sequence (a guess right once in 2^32) re-anchors it: a client
+		// whose acknowledgements jumped further than ACK_AHEAD (a long
+		// loss of its ACKs) is followed again.
+		if (tcp->ack && ((in_sequence && acked) || seq == v->next_seq)) {
+			if (!acked || !(v->flags & ACK_KNOWN) || (__s32)(ack - v->last_ack) > 0)
+				v->last_ack = ack;
+			v->flags |= ACK_KNOWN;
+		}
 		// A FIN or RST ends the flow only at its sequence (a forged one
 		// must guess it): the backend's stack checks it the same way, so
-		// one out of sequence ends nothing there either.
-		if ((tcp->fin || tcp->rst) && in_sequence)
+		// one out of sequence ends nothing there either. A RST without
+		// ACK (the answer to a segment of a flow the client no longer
+		// has) shows no acknowledgement; it moves nothing on.
+		if ((tcp->fin || tcp->rst) && in_sequence && (acked || (tcp->rst && !tcp->ack)))
 			v->closing = 1;
-		if (ahead <= ADVANCE_WINDOW && (__s32)(seg_end - v->next_seq) > 0)
+		// Only a packet whose acknowledgement is the client's moves the
+		// sequence on.
+		if (acked && ahead <= ADVANCE_WINDOW && (__s32)(seg_end - v->next_seq) > 0)
 			v->next_seq = seg_end;
 		// The live flow's client is there: a new flow's window (a SYN
-		// forged, most likely: the client's answer to the front's SYN-ACK
-		// is this packet) closes.
-		if (in_sequence)
+		// forged, most likely: the client's answer to the front's
+		// SYN-ACK is this packet) closes.
+		if (in_sequence && acked)
 			v->flags &= ~NEW_FLOW;
 	}
 	v->last_seen_ns = now;

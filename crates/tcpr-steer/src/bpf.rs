@@ -11,16 +11,19 @@
 //!   key:   family . client addr . VIP addr . client port . VIP port (40 bytes)
 //!   value: last packet (bpf_ktime_get_ns; 0 until the first sweep)
 //!          . backend address . ifindex . family . closing
-//!          . the client's next sequence number . a new flow's SYN's
+//!          . the client's next sequence number and furthest
+//!          acknowledgement . a new flow's SYN's sequence and time
 //!          (48 bytes)
 //! program steer (tc ingress), per packet:
 //!   not TCP over IPv4/IPv6, or no entry: on (TC_ACT_UNSPEC: the
 //!                    interface's other tc programs, then the stack)
-//!   in the sequence space of a new flow's SYN: the stack takes it
+//!   in the sequence space of a new flow's SYN (256 KiB, 10 s): the
+//!                    stack takes it
 //!   SYN without ACK: closing: delete the entry (a new flow reusing an
 //!                    ended flow's tuple); live: note it (it may be
 //!                    forged: see ARCHITECTURE.md); the stack takes it
-//!   FIN or RST near the client's sequence: closing = 1
+//!   the client's (acknowledgement near the furthest): the sequence
+//!                    moves on; FIN or RST near it: closing = 1
 //!   last packet = now; bpf_redirect_neigh(backend)
 //! program sweep (run by the balancer with BPF_PROG_TEST_RUN):
 //!   for each entry: gone once its flow has been silent for the linger
@@ -687,10 +690,7 @@ fn take_over(
     // (unless its process is still running). One of the older layout is
     // held instead (see `Older`).
     let older = match left {
-        Some(left) if older_layout => Some(Older {
-            left,
-            copied: vec![],
-        }),
+        Some(left) if older_layout => Some(Older { left }),
         _ => None,
     };
     drop(locked);
@@ -794,67 +794,47 @@ fn unknown_layout(old: &aya::maps::Map) -> CarriedOver {
 /// entries it did not copy yet (not marked handed over) at every sweep,
 /// and once more at its close, while the older program, attached through
 /// this handle, still steers them in between. Before, those flows were
-/// reset when the older balancer exited. An entry copied that goes from
-/// the older map soon after (its batch rolled back there: the older
-/// process cannot remove it here either) goes from this map too.
+/// reset when the older balancer exited. Each entry copied (or carried
+/// at the takeover: marked) leaves the older map, which so stays small
+/// and nothing need sweep: the older program runs after this one, which
+/// steers those flows first. An entry the older datapath adds for a
+/// tuple this one steers is its handoff of a connection made later on
+/// that tuple (the client reused it): it replaces this one's. A batch the
+/// older process rolls back after its entries were copied is not undone
+/// here: that process resets those connections itself (its unsteer
+/// cannot reach this map).
 struct Older {
     left: crate::pin::Left,
-    /// The entries copied from it lately, and when.
-    copied: Vec<(Key, std::time::Instant)>,
 }
 
-/// How long after its copy an entry removed from the older map is taken
-/// for a rolled-back batch's, and removed here too: longer than any
-/// handoff's wait for its agent (`--handoff-timeout` allows an hour, but
-/// its default is 2 s), shorter than a handed-off flow's life there
-/// (the older program never sees its packets again, so its entry goes
-/// only at the idle timeout).
-const ROLLBACK_WINDOW: Duration = Duration::from_secs(30);
-
 /// Copies into `flows` what the older datapath steered since the last
-/// look, and removes what it unsteered since its copy (see [`Older`]).
+/// look, and takes out of its map what is copied (see [`Older`]).
 fn follow_older(older: &Mutex<Option<Older>>, flows: &Mutex<BpfHashMap<MapData, Key, Value>>) {
     let mut older = lock(older);
     let Some(o) = older.as_mut() else {
         return;
     };
-    let Ok(old) = BpfHashMap::<&MapData, Key, OldValue>::try_from(&o.left.flows) else {
-        return;
-    };
-    let mut flows = lock(flows);
-    o.copied.retain(|(key, at)| {
-        if at.elapsed() > ROLLBACK_WINDOW {
-            return false;
-        }
-        match old.get(key, 0) {
-            Err(MapError::KeyNotFound) => {
-                let _ = flows.remove(key);
-                false
-            }
-            _ => true,
-        }
-    });
-    let fresh: Vec<(Key, OldValue)> = old
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(_, v)| v[HANDED_OVER] == 0)
-        .collect();
-    if fresh.is_empty() {
-        return;
-    }
-    let now = std::time::Instant::now();
     let Ok(mut old) = BpfHashMap::<&mut MapData, Key, OldValue>::try_from(&mut o.left.flows) else {
         return;
     };
-    for (key, mut value) in fresh {
-        match flows.insert(key, widened(&value), BPF_NOEXIST) {
-            Ok(()) => o.copied.push((key, now)),
-            // This one's own entry wins.
-            Err(e) if map_errno(&e) == Some(libc::EEXIST) => {}
-            Err(_) => continue,
+    // Read without holding `flows`: the accepts and handoffs need it.
+    let entries: Vec<(Key, OldValue)> = old.iter().filter_map(Result::ok).collect();
+    if entries.is_empty() {
+        return;
+    }
+    let mut done = Vec::with_capacity(entries.len());
+    {
+        let mut flows = lock(flows);
+        for (key, value) in entries {
+            // Marked: carried at the takeover (this one's since).
+            if value[HANDED_OVER] != 0 || flows.insert(key, widened(&value), 0).is_ok() {
+                done.push(key);
+            }
+            // Refused (the map full): it stays the older program's.
         }
-        value[HANDED_OVER] = 1;
-        let _ = old.insert(key, value, BPF_EXIST);
+    }
+    for key in done {
+        let _ = old.remove(&key);
     }
 }
 

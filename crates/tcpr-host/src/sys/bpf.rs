@@ -73,7 +73,7 @@ struct NextKeyAttr {
     flags: u64,
 }
 
-/// linux/bpf.h's `struct bpf_map_info` up to `value_size`. The kernel
+/// linux/bpf.h's `struct bpf_map_info` up to `max_entries`. The kernel
 /// writes at most `info_len` bytes.
 #[repr(C)]
 #[derive(Default)]
@@ -82,11 +82,13 @@ struct MapInfo {
     id: u32,
     key_size: u32,
     value_size: u32,
+    max_entries: u32,
 }
 
 /// How many keys the map `map` holds, whatever its layout: aya walks only
 /// maps whose key and value types it is given, and a map of an unknown
-/// layout (another tcpr's) is counted, not read.
+/// layout (another tcpr's) is counted, not read. At most its capacity: a
+/// walk of a map that changes meanwhile may meet a key twice.
 pub fn count_keys(map: BorrowedFd<'_>) -> io::Result<usize> {
     let map_fd = u32::try_from(map.as_raw_fd()).map_err(|_| io::Error::other("bad fd"))?;
     let mut info = MapInfo::default();
@@ -122,6 +124,9 @@ pub fn count_keys(map: BorrowedFd<'_>) -> io::Result<usize> {
             Err(e) => return Err(e),
         }
         count += 1;
+        if count >= info.max_entries as usize {
+            return Ok(count);
+        }
         first = false;
         std::mem::swap(&mut key, &mut next);
     }
