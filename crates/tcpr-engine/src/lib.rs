@@ -352,26 +352,11 @@ impl Frozen {
     /// Rolls back: releases the lock and turns repair mode off (with a window
     /// probe); the connection carries on in place. Returns the socket.
     pub fn thaw(mut self) -> Result<OwnedFd, Error> {
-        let sock = self.sock.take().expect("present until consumed");
-        // Release first, so the window probe's answer gets through; but a
-        // failed release must not keep the socket frozen: the connection
-        // carries on and the lock expires with its lease.
-        if let Some(l) = self.lock.take() {
-            if let Err(e) = l.release() {
-                tracing::warn!(
-                    "thawing {}: the lock stays until its lease ends: {e}",
-                    self.flow
-                );
-            }
-        }
-        if let Err(e) = sys::set_repair_queue(sock.as_fd(), Queue::No)
-            .and_then(|()| sys::set_repair(sock.as_fd(), sys::REPAIR_OFF))
-        {
+        self.thaw_here().map_err(|(e, sock)| {
             // Put it back: Drop tries once more rather than closing it frozen.
             self.sock = Some(sock);
-            return Err(Error::kernel("turn off repair mode", e));
-        }
-        Ok(sock)
+            e
+        })
     }
 
     /// [`Frozen::thaw`] that gives the socket back even when repair mode
@@ -382,7 +367,15 @@ impl Frozen {
     /// rest with the wrong connections. A socket still frozen serves no
     /// one: reading it fails, and its close sends nothing.
     pub fn thaw_or_give_back(mut self) -> Result<OwnedFd, (Error, OwnedFd)> {
+        self.thaw_here()
+    }
+
+    /// Releases the lock, then turns repair mode off; the socket either way.
+    fn thaw_here(&mut self) -> Result<OwnedFd, (Error, OwnedFd)> {
         let sock = self.sock.take().expect("present until consumed");
+        // Release first, so the window probe's answer gets through; but a
+        // failed release must not keep the socket frozen: the connection
+        // carries on and the lock expires with its lease.
         if let Some(l) = self.lock.take() {
             if let Err(e) = l.release() {
                 tracing::warn!(

@@ -562,6 +562,18 @@ fn downloaded(
     sent
 }
 
+/// Fails the test, with the client's output, unless the client (IPv6 when
+/// `v6`) succeeded.
+fn succeeded(out: &std::process::Output, v6: bool) {
+    assert!(
+        out.status.success(),
+        "v6 {v6}: {:?} {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+}
+
 fn json_line(out: &[u8]) -> serde_json::Value {
     let text = String::from_utf8_lossy(out);
     serde_json::from_str(text.lines().last().unwrap_or(""))
@@ -692,13 +704,7 @@ fn a_half_closed_client_keeps_its_entry_while_the_server_sends(kind: Kind) {
         // 300 ms linger (the client's ACKs come at most ~0.1 s apart).
         const N: u64 = 8 << 20;
         let out = handed_off_client(&net, client, sport, (vip, backend), N, "half");
-        assert!(
-            out.status.success(),
-            "v6 {v6}: {:?} {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-        );
+        succeeded(&out, v6);
         let got = json_line(&out.stdout);
         let sent = json_line(&server.wait_with_output().unwrap().stdout);
         assert_eq!(got["got"], N, "v6 {v6}");
@@ -750,13 +756,7 @@ fn an_upload_through_random_loss_arrives_whole_and_its_fin_ends_the_entry(kind: 
             net.lose_on_the_way_to_the_front(vip, 2)
         });
         let took = start.elapsed();
-        assert!(
-            out.status.success(),
-            "v6 {v6}: {:?} {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-        );
+        succeeded(&out, v6);
         let sent = json_line(&out.stdout);
         let got = json_line(&server.wait_with_output().unwrap().stdout);
         assert_eq!(sent["sent"], N, "v6 {v6}");
