@@ -470,7 +470,9 @@ pub fn run(opts: Options) -> Result<(), StartError> {
     // The connections handed off live on at the backends: their flows stay
     // steered for the next balancer on the interface, where the datapath
     // can leave them to the kernel.
-    if let Some(n) = shared.steering.as_ref().and_then(|s| s.close(true)) {
+    // (None, or a hand-back of nothing to the balancer that took over: no
+    // line.)
+    if let Some(n @ 1..) = shared.steering.as_ref().and_then(|s| s.close(true)) {
         // usize::MAX: the last sweep failed, so the count is unknown.
         let n = if n == usize::MAX {
             "an unknown number of".to_string()
