@@ -212,10 +212,10 @@ int steer(struct __sk_buff *skb)
 		// the front's handshake can tell (the SYN-ACK goes to the client):
 		// the SYN and its sequence space go to the front's stack, and the
 		// live flow's packets, outside it, still go to the backend. A
-		// client that completes the handshake is accepted there, its
-		// handoff replaces this entry (a proxied one removes it); a
-		// forger's SYN-ACK meets the live flow's client, whose answer is
-		// the live flow's. Before, the SYN removed the entry: one forged
+		// client that completes the handshake is accepted there, and the
+		// balancer removes this entry at the accept; a forger's SYN-ACK
+		// meets the live flow's client, whose answer is the live flow's
+		// (in sequence: it closes the window). Before, the SYN removed the entry: one forged
 		// SYN reset a live flow (its next packets met the front's stack).
 		if (v->flags & SEQ_KNOWN) {
 			__u32 start = seq + 1;
