@@ -731,7 +731,8 @@ fn carry_over(
 }
 
 /// [`carry_over`] from a map of the layout before the sequence numbers
-/// (the tcpr before this one); any other layout: nothing to carry.
+/// (the tcpr before this one): its entries move, as they do from then on
+/// at every sweep (see [`Older`]); any other layout: nothing to carry.
 fn carry_over_old_layout(
     old: &mut aya::maps::Map,
     flows: &mut BpfHashMap<MapData, Key, Value>,
@@ -741,17 +742,28 @@ fn carry_over_old_layout(
         Err(_) => return unknown_layout(old),
     };
     let entries: Vec<(Key, OldValue)> = old.iter().filter_map(Result::ok).collect();
-    let c = copy_absent(entries.iter().map(|(k, v)| (*k, widened(v))), flows);
-    for (key, mut value) in entries {
-        if flows.get(&key, 0).is_ok() {
-            value[HANDED_OVER] = 1;
-            let _ = old.insert(key, value, BPF_EXIST);
+    move_older(&mut old, flows, entries)
+}
+
+/// Moves `entries` (read from `old`, a map of the older layout) into
+/// `flows`: each one inserted (an older entry for a tuple `flows` steers
+/// is the older datapath's later handoff on it, and replaces it) leaves
+/// `old`; one refused (the map full) stays the older program's.
+fn move_older(
+    old: &mut BpfHashMap<&mut MapData, Key, OldValue>,
+    flows: &mut BpfHashMap<MapData, Key, Value>,
+    entries: Vec<(Key, OldValue)>,
+) -> CarriedOver {
+    let mut moved = CarriedOver::default();
+    for (key, value) in entries {
+        if flows.insert(key, widened(&value), 0).is_ok() {
+            let _ = old.remove(&key);
+            moved.carried += 1;
+        } else {
+            moved.lost += 1;
         }
     }
-    CarriedOver {
-        carried: c.inserted + c.present,
-        lost: c.refused,
-    }
+    moved
 }
 
 /// A map of a layout this tcpr does not know (a newer one's, after a
@@ -794,8 +806,8 @@ fn unknown_layout(old: &aya::maps::Map) -> CarriedOver {
 /// entries it did not copy yet (not marked handed over) at every sweep,
 /// and once more at its close, while the older program, attached through
 /// this handle, still steers them in between. Before, those flows were
-/// reset when the older balancer exited. Each entry copied (or carried
-/// at the takeover: marked) leaves the older map, which so stays small
+/// reset when the older balancer exited. Each entry moved (at the
+/// takeover too) leaves the older map, which so stays small
 /// and nothing need sweep: the older program runs after this one, which
 /// steers those flows first. An entry the older datapath adds for a
 /// tuple this one steers is its handoff of a connection made later on
@@ -819,22 +831,8 @@ fn follow_older(older: &Mutex<Option<Older>>, flows: &Mutex<BpfHashMap<MapData, 
     };
     // Read without holding `flows`: the accepts and handoffs need it.
     let entries: Vec<(Key, OldValue)> = old.iter().filter_map(Result::ok).collect();
-    if entries.is_empty() {
-        return;
-    }
-    let mut done = Vec::with_capacity(entries.len());
-    {
-        let mut flows = lock(flows);
-        for (key, value) in entries {
-            // Marked: carried at the takeover (this one's since).
-            if value[HANDED_OVER] != 0 || flows.insert(key, widened(&value), 0).is_ok() {
-                done.push(key);
-            }
-            // Refused (the map full): it stays the older program's.
-        }
-    }
-    for key in done {
-        let _ = old.remove(&key);
+    if !entries.is_empty() {
+        move_older(&mut old, &mut lock(flows), entries);
     }
 }
 
@@ -978,15 +976,6 @@ impl Steering for BpfSteering {
             }
         }
         Ok(())
-    }
-
-    fn unsteer(&self, client: SocketAddr, vip: SocketAddr) -> Result<(), SteerError> {
-        self.unsteer_batch(&[SteeredFlow {
-            client,
-            vip,
-            backend: vip.ip(),
-            client_seq: None,
-        }])
     }
 
     /// Removes each flow's entry, and, when another datapath took the

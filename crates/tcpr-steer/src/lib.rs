@@ -86,7 +86,14 @@ pub trait Steering: Send + Sync {
         self.steer_batch(std::slice::from_ref(flow))
     }
     /// Stops forwarding the flow from `client` to `vip` (absent is fine).
-    fn unsteer(&self, client: SocketAddr, vip: SocketAddr) -> Result<(), SteerError>;
+    fn unsteer(&self, client: SocketAddr, vip: SocketAddr) -> Result<(), SteerError> {
+        self.unsteer_batch(&[SteeredFlow {
+            client,
+            vip,
+            backend: vip.ip(),
+            client_seq: None,
+        }])
+    }
     /// Steers all of `flows` or none: a handoff batch's flows switch
     /// together (nf_tables: one transaction; BPF: one by one, a refused
     /// one undoing the others).
@@ -94,15 +101,7 @@ pub trait Steering: Send + Sync {
     /// Stops forwarding each of `flows` (their `backend` is not read;
     /// absent ones are fine). Tries every flow; the first failure is
     /// returned.
-    fn unsteer_batch(&self, flows: &[SteeredFlow]) -> Result<(), SteerError> {
-        let mut first = None;
-        for f in flows {
-            if let Err(e) = self.unsteer(f.client, f.vip) {
-                first.get_or_insert(e);
-            }
-        }
-        first.map_or(Ok(()), Err)
-    }
+    fn unsteer_batch(&self, flows: &[SteeredFlow]) -> Result<(), SteerError>;
     /// Stops forwarding a flow whose tuple a new connection, accepted by
     /// the front after its handshake, now uses (its client reused it):
     /// the old entry, if any, must not take the new connection's later

@@ -936,15 +936,6 @@ impl Steering for NftSteering {
         Ok(())
     }
 
-    fn unsteer(&self, client: SocketAddr, vip: SocketAddr) -> Result<(), SteerError> {
-        self.unsteer_batch(&[SteeredFlow {
-            client,
-            vip,
-            backend: vip.ip(),
-            client_seq: None,
-        }])
-    }
-
     /// One transaction for the whole batch.
     fn unsteer_batch(&self, flows: &[SteeredFlow]) -> Result<(), SteerError> {
         let mut batch = Batch::new();
